@@ -1,0 +1,63 @@
+"""Label-free view retrieval and effective rank of a backbone on a validation split.
+
+Two augmented views of each of n validation slices (the training augmentation, own seed)
+are embedded by the backbone's class token; view 1 queries must retrieve their own view 2
+among all n keys. Chance is 1/n, so ratio = top1 * n measures how far above chance the
+features are (seed guide, "Label-free Validation").
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+import torch.nn.functional as F
+
+from dinox.data.augment import AugmentConfig, CTAugment
+from dinox.data.dataset import CTSliceDataset, pad_collate
+from dinox.eval.rank import effective_rank
+from dinox.eval.retrieval import spread_sample, view_retrieval
+
+
+@torch.no_grad()
+def embed_views(backbone, dataset, indices, augment, generator, device, autocast_dtype=None, batch_size=128):
+    """Class-token embeddings (float32, L2-normalised) of the two global views of each index."""
+    first, second = [], []
+    for start in range(0, len(indices), batch_size):
+        chunk = indices[start : start + batch_size]
+        stacks = pad_collate([dataset[i] for i in chunk]).to(device)
+        views = augment(stacks, generator)
+        for out, view in zip((first, second), views.global_views):
+            with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+                cls = backbone(view)["cls"]
+            out.append(F.normalize(cls.float(), dim=-1).cpu())
+    return torch.cat(first), torch.cat(second)
+
+
+def evaluate_backbone(
+    backbone,
+    dataset: CTSliceDataset,
+    augment_cfg: AugmentConfig,
+    *,
+    n: int,
+    seed: int,
+    device: torch.device,
+    autocast_dtype=None,
+    ks=(1, 5),
+    batch_size: int = 128,
+) -> dict:
+    """Retrieval metrics and effective rank; restores the backbone's training mode after."""
+    was_training = backbone.training
+    backbone.eval()
+    try:
+        indices = spread_sample(dataset.series_ranges(), n, seed)
+        augment = CTAugment(replace(augment_cfg, n_local=0))
+        generator = torch.Generator().manual_seed(seed)
+        queries, keys = embed_views(backbone, dataset, indices, augment, generator, device, autocast_dtype, batch_size)
+    finally:
+        backbone.train(was_training)
+    result = view_retrieval(queries, keys, ks=ks)
+    result["effective_rank"] = float(effective_rank(queries))
+    result["embedding_std"] = float(queries.std(dim=0).mean())
+    result["requested_n"] = n
+    result["series"] = len({dataset.locate(i)[0] for i in indices})
+    return result

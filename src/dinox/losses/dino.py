@@ -1,0 +1,144 @@
+"""DINO self-distillation loss (Caron et al. 2021) with the DINOv2 Sinkhorn option.
+
+The student is trained to match the teacher's output distribution across views:
+
+    L = 1/|P| sum_{(i, j) in P} 1/B sum_b H(t_j[b], s_i[b]),
+    H(t, s) = -sum_k t_k log softmax(s / tau_s)_k
+
+where t_j are teacher probabilities of global view j and s_i student logits of view i.
+P holds the cross-view pairs only: every student view i against every teacher global
+view j, except i == j (a global view is never its own target); local crops, which the
+teacher never sees, pair with all teacher globals.
+
+Collapse is avoided on the teacher side (Caron et al. 2021, section 3.1):
+- centring + sharpening: t = softmax((g_t - c) / tau_t), with the centre c an EMA of the
+  teacher's batch-mean logits, c <- m c + (1 - m) mean_b g_t[b] (the mean all-reduced over
+  ranks). Centring stops one prototype dominating; the low tau_t stops the uniform
+  solution that centring alone would favour.
+- or Sinkhorn-Knopp (Caron et al. 2020 SwAV; Oquab et al. 2024 DINOv2): 3 alternating
+  normalisations of the (K prototypes x N samples) matrix Q = exp(g_t / tau_t), rows to
+  equal prototype mass 1/K, columns to one distribution per sample.
+
+Everything runs in float32 with autocast off: softmax over 65536 prototypes at
+tau = 0.04 is not something to do in bfloat16.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from dinox.errors import UserError
+
+METHODS = ("centering", "sinkhorn")
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _world_size() -> int:
+    return dist.get_world_size() if _distributed() else 1
+
+
+def _all_reduce(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """In-place all-reduce over ranks when torch.distributed is initialised."""
+    if _distributed():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+    return t
+
+
+def _no_autocast(device: torch.device):
+    return torch.autocast(device_type=device.type, enabled=False)
+
+
+def entropy(probs: torch.Tensor) -> torch.Tensor:
+    """Mean Shannon entropy in nats of the distributions along the last dim
+    (ln(out_dim) for uniform outputs, 0 for one-hot); 0 log 0 = 0."""
+    p = probs.detach().float()
+    return -torch.special.xlogy(p, p).sum(dim=-1).mean()
+
+
+@torch.no_grad()
+def sinkhorn_knopp(teacher_logits: torch.Tensor, teacher_temp: float,
+                   n_iterations: int = 3) -> torch.Tensor:
+    """Sinkhorn-Knopp teacher targets (SwAV / DINOv2) for (N, K) logits; returns (N, K)
+    rows that sum to 1, with prototype mass pushed towards uniform over the global batch
+    (column sums all-reduced across ranks). Pass all teacher global views concatenated."""
+    logits = teacher_logits.detach().float()
+    with _no_autocast(logits.device):
+        shift = _all_reduce(logits.max().clone(), "max")
+        q = torch.exp((logits - shift) / teacher_temp).t()
+        k, n = q.shape[0], q.shape[1] * _world_size()
+        tiny = torch.finfo(q.dtype).tiny
+        q /= _all_reduce(q.sum())
+        for _ in range(n_iterations):
+            q /= _all_reduce(q.sum(dim=1, keepdim=True)).clamp_min(tiny)
+            q /= k
+            q /= q.sum(dim=0, keepdim=True).clamp_min(tiny)
+            q /= n
+        q *= n
+        return q.t()
+
+
+class DINOLoss(nn.Module):
+    def __init__(self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9):
+        super().__init__()
+        self.out_dim = out_dim
+        self.student_temp = student_temp
+        self.center_momentum = center_momentum
+        self.register_buffer("center", torch.zeros(1, out_dim))
+
+    @torch.no_grad()
+    def teacher_probs(self, teacher_logits: torch.Tensor, teacher_temp: float,
+                      method: str = "centering") -> torch.Tensor:
+        """Teacher targets for (..., out_dim) logits, same shape, no grad.
+        "centering": softmax((logits - center) / teacher_temp);
+        "sinkhorn": ``sinkhorn_knopp`` over all rows (pass every global view at once)."""
+        if method not in METHODS:
+            raise UserError(f"unknown teacher centring method {method!r}; use one of {METHODS}")
+        if teacher_temp <= 0:
+            raise UserError(f"--teacher-temp must be positive (got {teacher_temp})")
+        logits = teacher_logits.detach().float()
+        with _no_autocast(logits.device):
+            if method == "sinkhorn":
+                flat = logits.reshape(-1, logits.shape[-1])
+                return sinkhorn_knopp(flat, teacher_temp).reshape(logits.shape)
+            return F.softmax((logits - self.center) / teacher_temp, dim=-1)
+
+    def student_probs(self, student_logits: torch.Tensor) -> torch.Tensor:
+        """softmax(s / student_temp), detached: for logging the student's entropy."""
+        return F.softmax(student_logits.detach().float() / self.student_temp, dim=-1)
+
+    def forward(self, student_logits: list[torch.Tensor],
+                teacher_probs: list[torch.Tensor]) -> torch.Tensor:
+        """student_logits: V views of (B, K), the first ones being the global views in the
+        same order as teacher_probs (G views of (B, K)); returns the mean cross-view H."""
+        n_student, n_teacher = len(student_logits), len(teacher_probs)
+        if n_teacher == 0 or n_student < n_teacher:
+            raise ValueError(f"need the student's views to start with the {n_teacher} teacher "
+                             f"global views; got {n_student} student views")
+        device = student_logits[0].device
+        with _no_autocast(device):
+            log_p = torch.stack([F.log_softmax(s.float() / self.student_temp, dim=-1)
+                                 for s in student_logits])
+            targets = torch.stack([t.detach().float() for t in teacher_probs])
+            batch = log_p.shape[1]
+            # cross[i, j] = sum_b sum_k t_j[b, k] log_p_i[b, k]: one (V, B*K) x (B*K, G) matmul
+            cross = log_p.flatten(1) @ targets.flatten(1).t()
+            keep = torch.ones(n_student, n_teacher, dtype=torch.bool, device=device)
+            keep[:n_teacher].fill_diagonal_(False)
+            n_pairs = n_student * n_teacher - n_teacher
+            if n_pairs == 0:
+                raise ValueError("no cross-view pairs: give at least 2 global views, or locals")
+            return -cross[keep].sum() / (n_pairs * batch)
+
+    @torch.no_grad()
+    def update_center(self, teacher_logits: torch.Tensor) -> None:
+        """center <- m * center + (1 - m) * mean over the (global) batch of teacher logits."""
+        logits = teacher_logits.detach().float().reshape(-1, self.out_dim)
+        total = _all_reduce(logits.sum(dim=0, keepdim=True))
+        count = logits.shape[0] * _world_size()
+        m = self.center_momentum
+        self.center.mul_(m).add_(total / count, alpha=1 - m)

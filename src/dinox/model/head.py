@@ -1,0 +1,71 @@
+"""DINO projection head (Caron et al. 2021, "Emerging Properties in Self-Supervised Vision
+Transformers", section 3.1 and appendix).
+
+``x -> MLP (Linear-GELU x (nlayers-1), Linear to bottleneck) -> L2-normalise ->
+weight-normalised Linear(bottleneck, out_dim, bias=False)``. The weight-norm magnitude g
+is fixed to 1 and not trained ("norm_last_layer"), so each output logit is the cosine
+between the bottleneck feature and one of ``out_dim`` prototype directions: logits lie in
+[-1, 1] and the temperatures alone set the sharpness, which DINO found stabilises training.
+
+Output dimension (number of prototypes): DINO and DINOv2 use 65536 for ViT-S and larger
+(DINOv2: 65536 DINO prototypes; more prototypes keep helping up to this size at ImageNet
+scale), which is what the trainer defaults ``--out-dim`` to for the big presets. For tiny
+CPU runs it defaults to a few thousand: with a batch of 32 most of 65536 prototypes are
+never selected, the (256 x out_dim) last layer would outweigh a 2.7 M-parameter backbone,
+and the softmax over 65536 dominates CPU time. Note the DINO loss of a uniform student
+starts near ln(out_dim) (9.01 for 8192, 11.09 for 65536): the "entropy wall".
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.utils.parametrizations import weight_norm
+
+INIT_STD = 0.02
+
+
+class DINOHead(nn.Module):
+    """Projection head; ``last_layer`` is exposed so the trainer can drop its gradients
+    while it is frozen during the first iterations (``cancel_last_layer_grads``)."""
+
+    def __init__(self, in_dim: int, out_dim: int, hidden_dim: int = 2048,
+                 bottleneck_dim: int = 256, nlayers: int = 3, use_bn: bool = False):
+        super().__init__()
+        nlayers = max(nlayers, 1)
+        layers: list[nn.Module] = []
+        dims = [in_dim] + [hidden_dim] * (nlayers - 1)
+        for a, b in zip(dims[:-1], dims[1:]):
+            layers.append(nn.Linear(a, b))
+            if use_bn:
+                layers.append(nn.BatchNorm1d(b))
+            layers.append(nn.GELU())
+        layers.append(nn.Linear(dims[-1], bottleneck_dim))
+        self.mlp = nn.Sequential(*layers)
+        self.last_layer = weight_norm(nn.Linear(bottleneck_dim, out_dim, bias=False))
+        self.last_layer.parametrizations.weight.original0.requires_grad_(False)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """trunc_normal(0.02) Linear weights, zero biases, prototype norms g = 1."""
+        for m in self.mlp.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=INIT_STD)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.BatchNorm1d):
+                m.reset_parameters()
+        weight = self.last_layer.parametrizations.weight
+        nn.init.trunc_normal_(weight.original1, std=INIT_STD)
+        weight.original0.fill_(1.0)
+
+    def cancel_last_layer_grads(self) -> None:
+        """Drop the last layer's gradients (DINO freezes it for the first epoch)."""
+        for p in self.last_layer.parameters():
+            p.grad = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.mlp(x)
+        eps = 1e-6 if x.dtype == torch.float16 else 1e-12
+        x = F.normalize(x, dim=-1, p=2, eps=eps)
+        return self.last_layer(x)

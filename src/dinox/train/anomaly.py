@@ -1,0 +1,236 @@
+"""Training anomaly detection: loss spikes, feature collapse, non-finite loss.
+
+The guard only detects and describes; the trainer acts on what it returns:
+
+| kind         | severity | trainer action                                          |
+|--------------|----------|---------------------------------------------------------|
+| `loss_spike` | warning  | log and continue (halt if `halt_on_anomaly`)             |
+| `collapse`   | critical | log, save an emergency checkpoint (halt if `halt_on_anomaly`) |
+| `nonfinite`  | fatal    | save an emergency checkpoint, print diagnostics, halt    |
+
+Collapse is reported once per episode: after a collapse report the guard stays quiet
+about that signal until a later measurement of the same signal is healthy again. A run
+that sits collapsed for 10k steps therefore writes one emergency checkpoint, not 10k.
+The two signals (embedding std, effective rank) keep separate episodes, because they are
+usually measured at different cadences (every step vs every evaluation): a healthy rank at
+an evaluation must not re-arm a std that is still collapsed.
+
+A freshly initialised ViT with layer scale (init 1e-5) maps every image to almost the same
+class token (measured: std ~1e-5, effective rank ~1.0), which is indistinguishable from
+collapse. `collapse_grace_steps` covers that start: before that step a signal that has never
+been healthy is not reported; once healthy, a fall is reported at any step.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+AnomalyKind = Literal["loss_spike", "collapse", "nonfinite"]
+Severity = Literal["warning", "critical", "fatal"]
+
+_LEVELS = {"warning": logging.WARNING, "critical": logging.CRITICAL, "fatal": logging.CRITICAL}
+
+
+@dataclass
+class Anomaly:
+    kind: AnomalyKind
+    severity: Severity
+    step: int
+    message: str
+    context: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def level(self) -> int:
+        """The `logging` level to report this anomaly at."""
+        return _LEVELS[self.severity]
+
+    @property
+    def wants_checkpoint(self) -> bool:
+        """Whether the trainer should save an emergency checkpoint for post-mortem analysis."""
+        return self.severity in ("critical", "fatal")
+
+    def __str__(self) -> str:
+        return f"[{self.severity.upper()}] {self.kind}: {self.message}"
+
+
+def _finite(x: float | None) -> bool:
+    return x is not None and math.isfinite(x)
+
+
+def _fmt_history(values) -> str:
+    return "[" + ", ".join(f"{v:.4f}" for v in values) + "]"
+
+
+class AnomalyGuard:
+    """Checks each step's loss (and, when measured, embedding std / effective rank).
+
+    - loss spike: loss > `spike_factor` x mean of the previous `window` finite losses; needs
+      a full window, and is skipped while that mean is <= 0 (a ratio test is meaningless there).
+    - collapse: `emb_std < std_threshold`, or `erank < rank_floor`, or
+      `erank < rank_collapse_fraction` x the best erank seen so far; non-finite measurements
+      also count as collapse.
+    - non-finite: loss is NaN or +-Inf.
+    """
+
+    def __init__(self, spike_factor: float = 2.0, window: int = 10, std_threshold: float = 0.01,
+                 rank_collapse_fraction: float = 0.1, rank_floor: float = 1.5,
+                 halt_on_anomaly: bool = False, collapse_grace_steps: int = 0):
+        if window < 1 or spike_factor <= 1.0:
+            raise ValueError("AnomalyGuard needs window >= 1 and spike_factor > 1")
+        self.spike_factor = float(spike_factor)
+        self.window = int(window)
+        self.std_threshold = float(std_threshold)
+        self.rank_collapse_fraction = float(rank_collapse_fraction)
+        self.rank_floor = float(rank_floor)
+        self.halt_on_anomaly = bool(halt_on_anomaly)
+        self.collapse_grace_steps = int(collapse_grace_steps)
+        self._ever_healthy = {"std": False, "rank": False}
+        self.history: deque[float] = deque(maxlen=self.window)
+        self.best_erank: float | None = None
+        self._collapsed = {"std": False, "rank": False}
+        self.last_good_loss: float | None = None
+        self.last_good_step: int | None = None
+
+    @property
+    def collapse_active(self) -> bool:
+        """Inside a collapse episode (reported, not yet recovered)."""
+        return any(self._collapsed.values())
+
+    def check(self, step: int, loss: float | None, emb_std: float | None = None,
+              erank: float | None = None) -> list[Anomaly]:
+        """Anomalies at `step`. `loss=None` checks collapse only (e.g. after an evaluation)
+        and leaves the loss history untouched."""
+        found: list[Anomaly] = []
+        if loss is not None:
+            found += self._check_loss(step, float(loss))
+        collapse = self._check_collapse(step, emb_std, erank)
+        if collapse is not None:
+            found.append(collapse)
+        return found
+
+    def _check_loss(self, step: int, loss: float) -> list[Anomaly]:
+        if not math.isfinite(loss):
+            return [Anomaly(
+                "nonfinite", "fatal", step,
+                f"loss is {loss} at step {step}; last valid loss "
+                f"{self.last_good_loss} at step {self.last_good_step}",
+                {"loss": str(loss), "last_good_loss": self.last_good_loss,
+                 "last_good_step": self.last_good_step, "history": list(self.history)})]
+        spike = self._check_spike(step, loss)
+        self.history.append(loss)
+        self.last_good_loss, self.last_good_step = loss, int(step)
+        return [spike] if spike is not None else []
+
+    def _check_spike(self, step: int, loss: float) -> Anomaly | None:
+        if len(self.history) < self.window:
+            return None
+        mean = sum(self.history) / len(self.history)
+        if mean <= 0 or loss <= self.spike_factor * mean:
+            return None
+        history = list(self.history)
+        return Anomaly(
+            "loss_spike", "warning", step,
+            f"loss spike at step {step}: loss={loss:.4f} is {loss / mean:.2f}x the mean "
+            f"{mean:.4f} of the previous {len(history)} steps (threshold {self.spike_factor}x); "
+            f"history={_fmt_history(history)}",
+            {"loss": loss, "mean": mean, "ratio": loss / mean, "history": history})
+
+    def _check_collapse(self, step: int, emb_std: float | None, erank: float | None) -> Anomaly | None:
+        reasons: dict[str, str] = {}
+        if emb_std is not None:
+            emb_std = float(emb_std)
+            if not math.isfinite(emb_std) or emb_std < self.std_threshold:
+                reasons["std"] = f"embedding std {emb_std:.3g} < {self.std_threshold:g}"
+        best_before = self.best_erank
+        if erank is not None:
+            erank = float(erank)
+            if not math.isfinite(erank):
+                reasons["rank"] = f"effective rank is {erank}"
+            else:
+                if erank < self.rank_floor:
+                    reasons["rank"] = f"effective rank {erank:.3g} < floor {self.rank_floor:g}"
+                elif best_before is not None and erank < self.rank_collapse_fraction * best_before:
+                    reasons["rank"] = (f"effective rank {erank:.3g} < {self.rank_collapse_fraction:g} x "
+                                       f"best {best_before:.3g}")
+                self.best_erank = erank if best_before is None else max(best_before, erank)
+        new = False
+        for signal, measured in (("std", emb_std), ("rank", erank)):
+            if measured is None:
+                continue
+            if signal not in reasons:
+                self._collapsed[signal] = False
+                self._ever_healthy[signal] = True
+            elif self._ever_healthy[signal] or step >= self.collapse_grace_steps:
+                new |= not self._collapsed[signal]
+                self._collapsed[signal] = True
+            else:
+                del reasons[signal]
+        if not new:
+            return None
+        reasons = list(reasons.values())
+        return Anomaly(
+            "collapse", "critical", step,
+            f"feature collapse at step {step}: " + "; ".join(reasons)
+            + " (reported once until the features recover)",
+            {"emb_std": emb_std, "erank": erank, "best_erank": best_before, "reasons": reasons})
+
+    def should_halt(self, anomaly: Anomaly) -> bool:
+        """Fatal anomalies always halt; spikes and collapse only with `halt_on_anomaly`."""
+        if anomaly.severity == "fatal":
+            return True
+        return self.halt_on_anomaly
+
+    def state_dict(self) -> dict:
+        """Plain Python values only (safe for `torch.load(weights_only=True)`)."""
+        return {"history": list(self.history), "best_erank": self.best_erank,
+                "collapsed": dict(self._collapsed), "ever_healthy": dict(self._ever_healthy),
+                "last_good_loss": self.last_good_loss,
+                "last_good_step": self.last_good_step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.history = deque((float(x) for x in state.get("history", [])), maxlen=self.window)
+        self.best_erank = state.get("best_erank")
+        collapsed = state.get("collapsed", {})
+        self._collapsed = {k: bool(collapsed.get(k, False)) for k in ("std", "rank")}
+        healthy = state.get("ever_healthy", {})
+        self._ever_healthy = {k: bool(healthy.get(k, False)) for k in ("std", "rank")}
+        self.last_good_loss = state.get("last_good_loss")
+        self.last_good_step = state.get("last_good_step")
+
+
+def nonfinite_diagnostics(last_good_loss: float | None, lr: float | None, grad_norm: float | None,
+                          batch=None) -> str:
+    """Multi-line report printed when the loss goes non-finite (why the run halted).
+
+    `batch` is the input tensor of the failing step (any dtype/device), or None.
+    """
+    def num(x) -> str:
+        if x is None:
+            return "n/a"
+        x = float(x.item() if hasattr(x, "item") else x)
+        return f"{x:.6g}"
+
+    lines = ["non-finite loss: diagnostics",
+             f"  last valid loss: {num(last_good_loss)}",
+             f"  learning rate:   {num(lr)}",
+             f"  grad norm:       {num(grad_norm)}"]
+    if batch is None:
+        lines.append("  batch: n/a")
+        return "\n".join(lines)
+    try:
+        x = batch.detach().float()
+        finite = x.isfinite()
+        n_bad = int((~finite).sum().item())
+        vals = x[finite]
+        lines.append(f"  batch: shape={tuple(batch.shape)} dtype={batch.dtype} device={batch.device}")
+        if vals.numel():
+            std = vals.std().item() if vals.numel() > 1 else 0.0
+            lines.append(f"  batch stats (finite values): min={vals.min().item():.6g} "
+                         f"max={vals.max().item():.6g} mean={vals.mean().item():.6g} std={std:.6g}")
+        lines.append(f"  batch non-finite values: {n_bad} of {x.numel()}")
+    except Exception as e:  # diagnostics must never mask the original failure
+        lines.append(f"  batch: statistics unavailable ({type(e).__name__}: {e})")
+    return "\n".join(lines)

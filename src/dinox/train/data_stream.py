@@ -1,0 +1,66 @@
+"""A resumable, endless stream of training batches.
+
+The order of samples is a pure function of (seed, epoch, rank), and the stream's position
+is the number of samples this rank has consumed. Saving that one integer and rebuilding the
+loader from it reproduces the exact same batches after a resume, with any number of
+DataLoader workers (the dataset itself draws no random numbers; augmentation happens on the
+training device from a generator saved in the checkpoint).
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+
+class ResumableSampler(Sampler[int]):
+    """Endless epochs of seeded permutations, sharded by rank, starting at `start`."""
+
+    def __init__(self, size: int, seed: int, start: int = 0, rank: int = 0, world_size: int = 1):
+        if size < world_size:
+            raise ValueError(f"{size} samples cannot be shared among {world_size} ranks")
+        self.size = size
+        self.seed = seed
+        self.start = start
+        self.rank = rank
+        self.world_size = world_size
+        self.per_rank = size // world_size
+
+    def epoch_order(self, epoch: int) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        order = torch.randperm(self.size, generator=generator)
+        return order[self.rank :: self.world_size][: self.per_rank]
+
+    def __iter__(self) -> Iterator[int]:
+        epoch, offset = divmod(self.start, self.per_rank)
+        while True:
+            order = self.epoch_order(epoch).tolist()
+            yield from order[offset:]
+            epoch, offset = epoch + 1, 0
+
+
+def make_loader(
+    dataset: Dataset,
+    *,
+    batch_size: int,
+    seed: int,
+    consumed: int,
+    num_workers: int,
+    pin_memory: bool,
+    collate_fn,
+    rank: int = 0,
+    world_size: int = 1,
+) -> DataLoader:
+    sampler = ResumableSampler(len(dataset), seed, start=consumed, rank=rank, world_size=world_size)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        collate_fn=collate_fn,
+        drop_last=True,
+        persistent_workers=False,
+        prefetch_factor=4 if num_workers > 0 else None,
+    )

@@ -1,0 +1,188 @@
+"""`dinox inspect CKPT [CKPT...]`: is each checkpoint intact, and what is inside.
+
+Per file: integrity (and why not), size, step, model configuration, provenance, DINO
+centre statistics (a centre drifting far from zero, or a near-uniform teacher, shows up
+here), and the L2 norms of student / teacher / Gram-teacher weights per top-level module.
+Exit status 0 when every file is intact, 1 otherwise.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from dinox.train.checkpoint import CheckpointError, load_checkpoint, parse_checkpoint_name, verify_checkpoint
+
+_WEIGHT_SETS = ("student", "teacher", "gram_teacher")
+_MODEL_FIELD_PREFIXES = ("vit_", "head_", "out_dim", "img_size", "registers", "swiglu")
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.", "_fsdp_wrapped_module.")
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "inspect",
+        help="check checkpoints for damage and summarise their contents",
+        description="Verify each checkpoint (sha256 record or full load) and print its step, "
+                    "model config, provenance, DINO centre statistics and weight norms. "
+                    "Exits 1 if any file is damaged.",
+    )
+    parser.add_argument("checkpoints", nargs="+", metavar="CKPT", help="checkpoint .pth files")
+    parser.add_argument("--json", action="store_true", help="print one JSON object per file")
+    parser.set_defaults(func=run)
+    return parser
+
+
+def _module_name(key: str) -> str:
+    for prefix in _WRAPPER_PREFIXES:
+        while key.startswith(prefix):
+            key = key[len(prefix):]
+    return key.split(".", 1)[0]
+
+
+def weight_norms(state_dict: dict) -> dict:
+    """{"total": L2 over all floating tensors, "modules": {top-level name: L2}}."""
+    squares: dict[str, float] = {}
+    for key, value in state_dict.items():
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
+            module = _module_name(str(key))
+            squares[module] = squares.get(module, 0.0) + float(value.double().square().sum())
+    return {
+        "total": math.sqrt(sum(squares.values())),
+        "modules": {name: math.sqrt(sq) for name, sq in sorted(squares.items())},
+    }
+
+
+def centre_stats(center: torch.Tensor) -> dict:
+    c = center.detach().double().flatten()
+    return {
+        "out_dim": c.numel(),
+        "mean": float(c.mean()),
+        "std": float(c.std()) if c.numel() > 1 else 0.0,
+        "min": float(c.min()),
+        "max": float(c.max()),
+        "l2": float(c.norm()),
+    }
+
+
+def model_summary(state: dict) -> dict:
+    """The model configuration, wherever the trainer put it: ``config["model"]`` (nested
+    config), ``model["arch"]`` (shape fields) or the ``vit_*``/head fields of a flat config."""
+    config = state.get("config") if isinstance(state.get("config"), dict) else {}
+    summary: dict = {}
+    if isinstance(config.get("config"), str):
+        summary["preset"] = config["config"]
+    if isinstance(config.get("model"), dict):
+        summary.update(config["model"])
+    elif isinstance(state.get("model"), dict) and isinstance(state["model"].get("arch"), dict):
+        summary.update(state["model"]["arch"])
+    else:
+        summary.update({k: v for k, v in config.items() if k.startswith(_MODEL_FIELD_PREFIXES)})
+    return _jsonable(summary)
+
+
+def summarize(path) -> dict:
+    """Everything `inspect` reports about one file, as a JSON-ready dict."""
+    path = Path(path)
+    parsed = parse_checkpoint_name(path)
+    report: dict = {"path": str(path), "kind": parsed[1] if parsed else None}
+    report["size_bytes"] = path.stat().st_size if path.is_file() else None
+    intact, reason = verify_checkpoint(path)
+    report["intact"], report["reason"] = intact, reason
+    if not intact:
+        return report
+    try:
+        state = load_checkpoint(path, verify=False, mmap=True)
+    except CheckpointError as exc:
+        report["intact"], report["reason"] = False, str(exc)
+        return report
+    report["format"] = state.get("format")
+    report["format_version"] = state.get("format_version")
+    report["step"] = state.get("step", parsed[0] if parsed else None)
+    model = model_summary(state)
+    if model:
+        report["model"] = model
+    provenance = state.get("provenance")
+    if isinstance(provenance, dict):
+        report["provenance"] = {k: _jsonable(provenance.get(k))
+                                for k in ("git_commit", "data_manifest_hash") if k in provenance}
+    if isinstance(state.get("data"), dict):
+        report["data"] = _jsonable(state["data"])
+    center = state.get("dino_loss", {}).get("center") if isinstance(state.get("dino_loss"), dict) else None
+    if isinstance(center, torch.Tensor) and center.numel():
+        report["dino_center"] = centre_stats(center)
+    for name in _WEIGHT_SETS:
+        if isinstance(state.get(name), dict):
+            report[f"{name}_norms"] = weight_norms(state[name])
+    if isinstance(state.get("metrics"), dict):
+        report["metrics"] = _jsonable(state["metrics"])
+    return report
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, torch.Tensor):
+        return obj.tolist() if obj.numel() <= 16 else f"tensor{tuple(obj.shape)}"
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return str(obj)
+    if obj is None or isinstance(obj, (str, int, float, bool)):
+        return obj
+    return str(obj)
+
+
+def _size_text(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n} B"
+
+
+def _fields(d: dict) -> str:
+    return " ".join(f"{k}={v}" for k, v in d.items())
+
+
+def _row(label: str, text: str) -> str:
+    return f"  {label + ':':<14}{text}"
+
+
+def format_report(report: dict) -> str:
+    status = "intact" if report["intact"] else "DAMAGED"
+    lines = [report["path"],
+             _row("status", f"{status} ({report['reason']})"),
+             _row("size", _size_text(report["size_bytes"]))]
+    if not report["intact"]:
+        return "\n".join(lines)
+    fmt = report.get("format") or "unknown format"
+    lines.append(_row("step", f"{report.get('step')}  ({report.get('kind') or 'unnamed'}; "
+                              f"{fmt} v{report.get('format_version')})"))
+    for key, label in (("model", "model"), ("provenance", "provenance"), ("data", "data")):
+        if key in report:
+            lines.append(_row(label, _fields(report[key])))
+    if "dino_center" in report:
+        c = report["dino_center"]
+        lines.append(_row("DINO centre", f"out_dim={c['out_dim']} mean={c['mean']:.4g} "
+                          f"std={c['std']:.4g} min={c['min']:.4g} max={c['max']:.4g} l2={c['l2']:.4g}"))
+    for name in _WEIGHT_SETS:
+        norms = report.get(f"{name}_norms")
+        if norms:
+            parts = " ".join(f"{m}={v:.4g}" for m, v in norms["modules"].items())
+            lines.append(_row(f"{name} L2", f"total={norms['total']:.4g} {parts}".rstrip()))
+    if "metrics" in report:
+        lines.append(_row("metrics", _fields(report["metrics"])))
+    return "\n".join(lines)
+
+
+def run(args) -> int:
+    all_intact = True
+    for path in args.checkpoints:
+        report = summarize(path)
+        all_intact &= bool(report["intact"])
+        print(json.dumps(report) if args.json else format_report(report), flush=True)
+    return 0 if all_intact else 1

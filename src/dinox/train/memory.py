@@ -1,0 +1,281 @@
+"""Peak training memory of one DINO step, estimated from the architecture before allocating.
+
+The requirement "Custom configuration via CLI arguments" asks that a model be checked
+against the device's memory before training; this module does it from arithmetic alone
+(no model is built), so a ViT-Giant can be refused on a 24 GB card in milliseconds.
+
+What is counted (bytes; P = student backbone + head parameters):
+- weights: student and EMA teacher (backbone + head) and the frozen Gram teacher
+  (backbone only), all fp32.
+- gradients: fp32 for the student (kept across accumulation micro-batches).
+- optimizer: AdamW's two fp32 moments for the student.
+- activations: what the student's forward saves for backward, for every view, plus
+  what backward needs while it runs (below).
+- teacher_transient: the largest live set of a no-grad teacher forward; it runs before
+  the student's forward, so the peak holds the larger of it and the student's share.
+- head_logits: DINO head activations, student and teacher logits with the fp32 softmax
+  work of the loss, the Gram teacher's patch tokens and the Gram matrices.
+- overhead: 10 % of the rest for caching-allocator fragmentation and cuBLAS/cuDNN
+  workspaces, plus a fixed 0.75 GiB for the CUDA/HIP context.
+
+Activation accounting follows Korthikanti et al. 2022, "Reducing Activation Recomputation
+in Large Transformer Models" (arXiv:2205.05198), section 4.1: a transformer layer saves
+s*b*h*(34 + 5*a*s/h) bytes in 16-bit, s tokens, b batch, h width, a heads. With SDPA's
+flash / memory-efficient kernels the 5*a*s/h term (the s x s attention matrices) is not
+stored (only a per-head log-sum-exp), ViT blocks have no dropout masks, and the MLP width
+is a parameter, so per token and block this module counts, for a pre-norm block with
+LayerScale as in DINOv2:
+- 2 LayerNorm inputs on the residual stream, kept fp32 even under autocast because the
+  fp32 LayerScale and position embedding promote the residual to fp32: 2 x 4 x h bytes;
+- 8 x h elements in the compute dtype: qkv input (h), qkv output holding q, k, v (3h),
+  attention output = proj input (h, the flash output layout makes the reshape a view),
+  proj output kept by LayerScale (h), fc1 input (h), fc2 output kept by LayerScale (h);
+- 2 x m elements for a GELU MLP of width m (fc1 output, GELU output), 4 x m for SwiGLU
+  (the fused w12 output 2m, SiLU output, gated product);
+- the per-head fp32 log-sum-exp and LayerNorm mean/rstd (4 x a + 16 bytes).
+Those coefficients match, byte for byte, the tensors autograd saves for such a block
+(tests/test_memory.py measures them with saved_tensors_hooks, on CPU with bf16 autocast
+and the CPU flash SDPA kernel; the CUDA/ROCm kernels save the same q, k, v, out, lse).
+Where SDPA falls back to its math kernel (no flash/efficient kernel for the GPU) each
+block additionally keeps a x s x s attention probabilities, which this does not count.
+Under autocast the bf16 copies of the student's weights are saved as well (2 bytes x P).
+
+With gradient checkpointing (torch.utils.checkpoint per block) only each block's fp32
+input is kept, plus one block's full activations while it is recomputed. Either way
+backward holds gradient buffers of about one block's activations at a time.
+
+The seed guide quotes ~22 GB without and ~9 GB with checkpointing for ViT-Large at batch
+64 (bf16); counted this way (2 global views per image, a teacher and a Gram teacher beside
+the student, out_dim 8192) the figures are higher: about 45 GiB and 16 GiB. The states
+alone (weights of three models, gradients, AdamW) take 7 GiB, so ~9 GB cannot hold.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+GIB = 1024**3
+
+FP32 = 4
+RESIDUAL_BYTES = FP32
+CONTEXT_BYTES = int(0.75 * GIB)
+FRAGMENTATION = 0.10
+DINO_HEAD_HIDDEN = 2048
+DINO_HEAD_BOTTLENECK = 256
+
+
+def vit_param_count(*, patch_size: int, embed_dim: int, depth: int, mlp_hidden_dim: int,
+                    num_registers: int, img_size: int, in_chans: int = 3, swiglu: bool = False) -> int:
+    """Parameters of a standard pre-norm ViT with registers and LayerScale.
+
+    Patch embedding (conv p x p), class and register tokens, learned position embedding
+    for the (img/p)^2 patches, and per block two LayerNorms, qkv and proj with biases, the
+    MLP with biases (SwiGLU: a fused w12 of width 2m), two LayerScales; a final LayerNorm.
+    ViT-L/14 gives 303.6M, ViT-g/14 (1408, 40, mlp 6144; Zhai et al. 2022) 1011M.
+    """
+    d, m = embed_dim, mlp_hidden_dim
+    embed = in_chans * patch_size * patch_size * d + d
+    tokens = (1 + num_registers) * d
+    pos = (img_size // patch_size) ** 2 * d
+    attn = 3 * d * d + 3 * d + d * d + d
+    mlp = (d * 2 * m + 2 * m if swiglu else d * m + m) + m * d + d
+    block = 2 * 2 * d + attn + mlp + 2 * d
+    return embed + tokens + pos + depth * block + 2 * d
+
+
+def dino_head_param_count(in_dim: int, out_dim: int, hidden_dim: int = DINO_HEAD_HIDDEN,
+                          bottleneck_dim: int = DINO_HEAD_BOTTLENECK, nlayers: int = 3) -> int:
+    """Parameters of the DINO head (`dinox.model.head.DINOHead`): an MLP with biases to
+    the bottleneck, then a weight-normalised bias-free last layer (weight + gain)."""
+    dims = [in_dim] + [hidden_dim] * (nlayers - 1) + [bottleneck_dim]
+    mlp = sum(a * b + b for a, b in zip(dims[:-1], dims[1:]))
+    return mlp + bottleneck_dim * out_dim + out_dim
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    weights: int
+    gradients: int
+    optimizer: int
+    activations: int
+    teacher_transient: int
+    head_logits: int
+    overhead: int
+    total: int
+    inputs: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def as_dict(self) -> dict[str, int]:
+        """The byte counts, without the inputs."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "inputs"}
+
+
+def _tokens_per_view(size: int, patch_size: int, num_registers: int) -> int:
+    return (size // patch_size) ** 2 + 1 + num_registers
+
+
+def block_activation_bytes_per_token(*, embed_dim: int, num_heads: int, mlp_hidden_dim: int,
+                                     amp: bool, swiglu: bool = False) -> int:
+    """Bytes one transformer block saves for backward per token (see module docstring)."""
+    elem = 2 if amp else FP32
+    mlp_items = 4 if swiglu else 2
+    return (2 * RESIDUAL_BYTES * embed_dim + elem * (8 * embed_dim + mlp_items * mlp_hidden_dim)
+            + FP32 * num_heads + 4 * FP32)
+
+
+def estimate_training_memory(*, params_backbone: int, params_head: int, embed_dim: int, depth: int,
+                             num_heads: int, mlp_hidden_dim: int, patch_size: int, num_registers: int,
+                             batch_size: int, global_size: int, n_global: int = 2, local_size: int = 96,
+                             n_local: int = 0, amp: bool, grad_checkpoint: bool, out_dim: int,
+                             swiglu: bool = False, head_hidden_dim: int = DINO_HEAD_HIDDEN,
+                             head_bottleneck_dim: int = DINO_HEAD_BOTTLENECK,
+                             context_bytes: int = CONTEXT_BYTES) -> MemoryEstimate:
+    """Peak device memory of one training micro-step of `batch_size` images, in bytes.
+
+    `mlp_hidden_dim` is the width actually built: for SwiGLU the reduced width
+    (`dinox.model.vit.swiglu_hidden_dim`), not the nominal 4 x embed_dim.
+    """
+    inputs = dict(locals())
+    elem = 2 if amp else FP32
+    student_params = params_backbone + params_head
+    weights = FP32 * (2 * student_params + params_backbone)
+    gradients = FP32 * student_params
+    optimizer = 2 * FP32 * student_params
+
+    global_tokens = _tokens_per_view(global_size, patch_size, num_registers)
+    local_tokens = _tokens_per_view(local_size, patch_size, num_registers) if n_local else 0
+    student_tokens = batch_size * (n_global * global_tokens + n_local * local_tokens)
+    per_block = student_tokens * block_activation_bytes_per_token(
+        embed_dim=embed_dim, num_heads=num_heads, mlp_hidden_dim=mlp_hidden_dim, amp=amp, swiglu=swiglu)
+    if grad_checkpoint:
+        blocks = depth * student_tokens * RESIDUAL_BYTES * embed_dim + per_block
+    else:
+        blocks = depth * per_block
+    backward_buffers = per_block
+    images = batch_size * 3 * (n_global * global_size**2 + n_local * local_size**2) * (FP32 + (2 if amp else 0))
+    final_norm = student_tokens * 2 * RESIDUAL_BYTES * embed_dim
+    amp_weight_copies = 2 * student_params if amp else 0
+    activations = blocks + backward_buffers + images + final_norm + amp_weight_copies
+
+    teacher_tokens = batch_size * n_global * global_tokens
+    mlp_items = 4 if swiglu else 2
+    teacher_transient = teacher_tokens * (RESIDUAL_BYTES * embed_dim + elem * (embed_dim + mlp_items * mlp_hidden_dim))
+
+    student_rows = batch_size * (n_global + n_local)
+    teacher_rows = batch_size * n_global
+    head_acts = student_rows * (elem * (embed_dim + 4 * head_hidden_dim + 2 * head_bottleneck_dim)
+                                + FP32 * head_bottleneck_dim)
+    last_layer_weight = out_dim * head_bottleneck_dim * (2 * FP32 + (2 if amp else 0))
+    logits = student_rows * out_dim * (elem + 3 * FP32) + teacher_rows * out_dim * (elem + 2 * FP32)
+    patches = (global_size // patch_size) ** 2
+    gram = teacher_rows * (2 * patches * embed_dim * FP32 + 3 * patches * patches * FP32)
+    head_logits = head_acts + last_layer_weight + logits + gram
+
+    subtotal = weights + gradients + optimizer + max(teacher_transient, activations + head_logits)
+    overhead = int(FRAGMENTATION * subtotal) + context_bytes
+    return MemoryEstimate(
+        weights=weights, gradients=gradients, optimizer=optimizer, activations=activations,
+        teacher_transient=teacher_transient, head_logits=head_logits, overhead=overhead,
+        total=subtotal + overhead, inputs=inputs,
+    )
+
+
+def fits(estimate: MemoryEstimate, device_memory_bytes: int | None, headroom: float = 0.9) -> bool:
+    """Whether the estimate fits in `headroom` of the device (True when memory is unknown)."""
+    if not device_memory_bytes:
+        return True
+    return estimate.total <= headroom * device_memory_bytes
+
+
+def _reestimate(estimate: MemoryEstimate, **changes) -> MemoryEstimate:
+    return estimate_training_memory(**{**estimate.inputs, **changes})
+
+
+def _largest_fitting_batch(estimate: MemoryEstimate, device_memory_bytes: int, headroom: float,
+                           **changes) -> tuple[int, MemoryEstimate] | None:
+    batch = estimate.inputs["batch_size"] // 2
+    while batch >= 1:
+        candidate = _reestimate(estimate, batch_size=batch, **changes)
+        if fits(candidate, device_memory_bytes, headroom):
+            return batch, candidate
+        batch //= 2
+    return None
+
+
+def _gib(n: int) -> str:
+    return f"{n / GIB:.1f} GiB"
+
+
+def suggestions(estimate: MemoryEstimate, device_memory_bytes: int, *, accumulation_steps: int = 1,
+                headroom: float = 0.9) -> list[str]:
+    """Concrete ways to make a refused configuration fit; empty when it already fits.
+
+    Smaller micro-batches are found by halving, with accumulation raised so the effective
+    batch (batch_size x accumulation_steps) stays the same.
+    """
+    if fits(estimate, device_memory_bytes, headroom):
+        return []
+    usable = headroom * device_memory_bytes
+    inputs = estimate.inputs
+    batch = inputs["batch_size"]
+    effective = batch * accumulation_steps
+    out: list[str] = []
+
+    toggles = {"grad_checkpoint": "--grad-checkpoint", "amp": "--amp"}
+    for key, flag in toggles.items():
+        if not inputs[key]:
+            candidate = _reestimate(estimate, **{key: True})
+            verdict = "fits" if fits(candidate, device_memory_bytes, headroom) else "still too large"
+            out.append(f"enable {flag}: estimated {_gib(candidate.total)} ({verdict})")
+
+    off = [key for key in toggles if not inputs[key]]
+    for changes in ({}, {key: True for key in off}) if off else ({},):
+        found = _largest_fitting_batch(estimate, device_memory_bytes, headroom, **changes)
+        if found:
+            small, candidate = found
+            accumulation = -(-effective // small)
+            flags = " ".join(toggles[key] for key in changes)
+            out.append(
+                f"{flags + ' ' if flags else ''}--batch-size {small} --accumulation-steps {accumulation} "
+                f"(effective batch {small * accumulation}, was {effective}): estimated {_gib(candidate.total)}"
+            )
+            break
+
+    if inputs["n_local"]:
+        candidate = _reestimate(estimate, n_local=inputs["n_local"] // 2)
+        out.append(f"use fewer local crops (n_local {inputs['n_local']} -> {inputs['n_local'] // 2}): "
+                   f"estimated {_gib(candidate.total)}")
+
+    if not any("--batch-size" in line for line in out):
+        floor = _reestimate(estimate, batch_size=1, grad_checkpoint=True, amp=True)
+        states = estimate.weights + estimate.gradients + estimate.optimizer
+        out.append(
+            f"no batch size fits {_gib(int(usable))} usable: even --grad-checkpoint --amp --batch-size 1 "
+            f"--accumulation-steps {effective} needs {_gib(floor.total)} (weights, gradients and AdamW state "
+            f"alone {_gib(states)}); use a device with more memory (e.g. a 128 GB unified-memory APU or an "
+            f"80 GB GPU) or shard the model over several GPUs with torchrun"
+        )
+    return out
+
+
+def format_estimate(estimate: MemoryEstimate) -> str:
+    """A human-readable breakdown, one component a line."""
+    inputs = estimate.inputs
+    head = "estimated peak training memory"
+    if inputs:
+        head += (f" (batch {inputs['batch_size']}, {inputs['n_global']}x{inputs['global_size']}px"
+                 + (f" + {inputs['n_local']}x{inputs['local_size']}px" if inputs["n_local"] else "")
+                 + f", {'amp bf16' if inputs['amp'] else 'fp32'}"
+                 + f", grad checkpoint {'on' if inputs['grad_checkpoint'] else 'off'})")
+    rows = [
+        ("weights (student, teacher, Gram teacher; fp32)", estimate.weights),
+        ("gradients (fp32)", estimate.gradients),
+        ("AdamW moments (fp32)", estimate.optimizer),
+        ("student activations", estimate.activations),
+        ("head, logits, Gram matrices", estimate.head_logits),
+        ("teacher forward (before the student; larger one counts)", estimate.teacher_transient),
+        ("allocator overhead and device context", estimate.overhead),
+    ]
+    width = max(len(label) for label, _ in rows)
+    lines = [head + ":"]
+    lines += [f"  {label:<{width}}  {value / GIB:8.2f} GiB" for label, value in rows]
+    lines.append(f"  {'total':<{width}}  {estimate.total / GIB:8.2f} GiB")
+    return "\n".join(lines)

@@ -1,0 +1,174 @@
+"""Training metrics sinks: one JSON line per log call, TensorBoard scalars, a stdout line.
+
+`metrics.jsonl` is the durable record of a run: every call appends one line and flushes it,
+so a crash loses at most the line being written. A resumed run appends to the same file
+after `truncate_after(resume_step)` has dropped the lines the crashed run wrote past the
+checkpoint it resumes from, so every step appears once.
+
+JSON keys are the metric names as given (snake_case by convention: `loss`, `loss_dino`,
+`entropy_teacher`, `lr`). TensorBoard tags are `Prefix/Title_Case` (`Train/Loss_DINO`,
+`Train/Entropy_Teacher`); a name that already contains '/' is used as the tag unchanged.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+METRICS_FILE = "metrics.jsonl"
+
+# Words whose conventional spelling is not plain capitalisation.
+_TAG_WORDS = {"dino": "DINO", "koleo": "KoLeo", "ibot": "iBOT", "lr": "LR", "wd": "WD",
+              "gb": "GB", "rss": "RSS", "std": "Std"}
+
+
+def tensorboard_tag(name: str, prefix: str = "Train") -> str:
+    """`loss_dino` -> `Train/Loss_DINO`; names containing '/' are already tags."""
+    if "/" in name:
+        return name
+    words = [_TAG_WORDS.get(w.lower(), w[:1].upper() + w[1:]) for w in name.split("_")]
+    return f"{prefix}/{'_'.join(words)}"
+
+
+def _scalar(value: Any) -> Any:
+    """Plain Python value for JSON; tensors and numpy scalars become floats/ints."""
+    if hasattr(value, "item") and callable(value.item):
+        value = value.item()
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return value
+    if isinstance(value, int):
+        return value
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return str(value)
+    return value if math.isfinite(value) else None
+
+
+class MetricsLogger:
+    """Append-only JSONL + TensorBoard logger for one run directory.
+
+    Only the main process writes (`is_main=False` makes every method a no-op), so the
+    trainer can call it unconditionally under torchrun. `elapsed_offset` lets a resumed run
+    continue the `wall` clock of the run it resumes.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike, tensorboard: bool = True, is_main: bool = True,
+                 elapsed_offset: float = 0.0):
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / METRICS_FILE
+        self.is_main = is_main
+        self.tensorboard = tensorboard
+        self._start = time.monotonic() - float(elapsed_offset)
+        self._file = None
+        self._writer = None
+        if not is_main:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.path, "a", buffering=1, encoding="utf-8")
+        if tensorboard:
+            self._writer = self._open_writer(purge_step=None)
+
+    def _open_writer(self, purge_step: int | None):
+        from torch.utils.tensorboard import SummaryWriter
+
+        return SummaryWriter(log_dir=str(self.run_dir), purge_step=purge_step)
+
+    @property
+    def elapsed(self) -> float:
+        """Seconds since this logger started, plus `elapsed_offset`."""
+        return time.monotonic() - self._start
+
+    def log(self, step: int, metrics: Mapping[str, Any], prefix: str = "Train") -> dict:
+        """Write one record; returns it (non-finite values already replaced by None)."""
+        record = {"step": int(step), "time": round(time.time(), 3), "wall": round(self.elapsed, 3)}
+        for name, value in metrics.items():
+            record[name] = _scalar(value)
+        if not self.is_main:
+            return record
+        self._file.write(json.dumps(record, allow_nan=False) + "\n")
+        self._file.flush()
+        if self._writer is not None:
+            for name, value in record.items():
+                if name in ("step", "time", "wall") or isinstance(value, (bool, str)) or value is None:
+                    continue
+                self._writer.add_scalar(tensorboard_tag(name, prefix), value, global_step=int(step))
+            self._writer.flush()
+        return record
+
+    def truncate_after(self, step: int) -> int:
+        """Drop JSONL records with step > `step` (and unreadable lines); returns lines dropped.
+
+        TensorBoard events past `step` are hidden by reopening the writer with
+        `purge_step=step + 1`, TensorBoard's own mechanism for resumed runs.
+        """
+        if not self.is_main:
+            return 0
+        self._file.close()
+        kept, dropped = [], 0
+        with open(self.path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    keep = int(json.loads(line)["step"]) <= step
+                except (ValueError, KeyError, TypeError):
+                    keep = False
+                if keep:
+                    kept.append(line if line.endswith("\n") else line + "\n")
+                else:
+                    dropped += 1
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(kept)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+        self._file = open(self.path, "a", buffering=1, encoding="utf-8")
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = self._open_writer(purge_step=int(step) + 1)
+        return dropped
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            self._file = None
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    def __enter__(self) -> MetricsLogger:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def format_progress(step: int, metrics: Mapping[str, Any], extra: Iterable[str] = ()) -> str:
+    """The interval line, e.g. `step=   100 loss=3.4521 lr=1.2e-04 steps/s=1.23 samples/s=78.7 elapsed=81.3s`.
+
+    Reads `loss`, `lr`, `steps_per_s`, `samples_per_s` and `elapsed` from `metrics`, each
+    only if present; names in `extra` are appended as `name=value`.
+    """
+    def get(name):
+        value = _scalar(metrics[name]) if name in metrics else None
+        return float("nan") if value is None and name in metrics else value
+
+    parts = [f"step={int(step):6d}"]
+    for name, label, fmt in (("loss", "loss", "{:.4f}"), ("lr", "lr", "{:.1e}"),
+                             ("steps_per_s", "steps/s", "{:.2f}"),
+                             ("samples_per_s", "samples/s", "{:.1f}"),
+                             ("elapsed", "elapsed", "{:.1f}s")):
+        value = get(name)
+        if value is not None:
+            parts.append(f"{label}={fmt.format(value)}")
+    for name in extra:
+        value = get(name)
+        if value is not None:
+            parts.append(f"{name}={value:.4g}" if isinstance(value, float) else f"{name}={value}")
+    return " ".join(parts)

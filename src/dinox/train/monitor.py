@@ -1,0 +1,583 @@
+"""Watching a run: embedding statistics, heatmaps, the loss curve, and a health report.
+
+Everything here is read-only with respect to training: `write_monitor_outputs` puts the
+backbone in eval mode under `torch.no_grad()` and restores every submodule's training flag
+afterwards, and `health_report` never raises (a monitoring hiccup must not kill a two-week
+run).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import re
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from dinox.errors import UserError
+from dinox.train.anomaly import Anomaly, AnomalyGuard  # noqa: F401  (re-exported: docs/interfaces.md)
+from dinox.train.metrics import MetricsLogger  # noqa: F401
+
+log = logging.getLogger("dinox.monitor")
+
+GiB = 2**30
+LUNG_WINDOW = (-600.0, 1500.0)  # (level, width) in HU
+
+
+# ----------------------------------------------------------------------------- statistics
+
+def _effective_rank(embeddings: torch.Tensor, eps: float = 1e-7) -> float:
+    """RankMe (Garrido et al. 2023): exp of the entropy of the normalised singular values.
+
+    Same definition and conventions as dinox.eval.rank.effective_rank (uncentred, float64,
+    0.0 for an all-zero matrix, NaN for non-finite input).
+    """
+    x = embeddings.detach().to("cpu", torch.float64)
+    if not bool(torch.isfinite(x).all()):
+        return math.nan
+    s = torch.linalg.svdvals(x)
+    if float(s.sum()) == 0.0:
+        return 0.0
+    p = s / s.sum() + eps
+    return float(torch.exp(-(p * p.log()).sum()))
+
+
+def embedding_stats(embeddings: torch.Tensor) -> dict:
+    """Dispersion statistics of n embeddings (n, D) (or (..., D), flattened to rows).
+
+    `std` is the guide's collapse statistic: the mean over dimensions of the std across
+    samples of the L2-normalised embeddings (collapse -> 0; isotropic -> ~1/sqrt(D)).
+    `raw_std` is the same without normalisation. Stds are None for fewer than 2 samples.
+    """
+    x = embeddings.detach().reshape(-1, embeddings.shape[-1]).to("cpu", torch.float32)
+    n, d = x.shape
+    norms = x.norm(dim=-1)
+    enough = n >= 2
+    z = F.normalize(x, dim=-1)
+    return {
+        "n": n,
+        "dim": d,
+        "std": float(z.std(dim=0).mean()) if enough else None,
+        "raw_std": float(x.std(dim=0).mean()) if enough else None,
+        "mean_norm": float(norms.mean()) if n else None,
+        "effective_rank": _effective_rank(x) if n else None,
+    }
+
+
+def _clean(obj: Any) -> Any:
+    """JSON-safe copy: non-finite floats become None."""
+    if isinstance(obj, dict):
+        return {k: _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+# ----------------------------------------------------------------------------- heatmaps
+
+def window_hu(hu: torch.Tensor, level: float, width: float) -> torch.Tensor:
+    """HU -> [0, 1] under the window (level, width)."""
+    return ((hu.float() - (level - width / 2)) / width).clamp(0.0, 1.0)
+
+
+def window_normalize(hu: torch.Tensor, window: tuple[float, float] = LUNG_WINDOW) -> torch.Tensor:
+    """Default model-input preprocessing: window to [0, 1], then (y - 0.5) / 0.5."""
+    return (window_hu(hu, *window) - 0.5) / 0.5
+
+
+def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
+    for attr in ("_orig_mod", "module"):
+        while hasattr(module, attr) and isinstance(getattr(module, attr), torch.nn.Module):
+            module = getattr(module, attr)
+    return module
+
+
+def _resize_to_patches(hu: torch.Tensor, patch: int, img_size: int | None) -> torch.Tensor:
+    h, w = hu.shape[-2:]
+    def nearest(n):
+        return max(1, math.floor(n / patch + 0.5)) * patch
+
+    th, tw = (nearest(img_size), nearest(img_size)) if img_size is not None else (nearest(h), nearest(w))
+    if (th, tw) == (h, w):
+        return hu
+    return F.interpolate(hu, size=(th, tw), mode="bilinear", align_corners=False,
+                         antialias=th < h or tw < w)
+
+
+def _to_grid(values: torch.Tensor, gh: int, gw: int, size: tuple[int, int]) -> torch.Tensor:
+    """(B, N) patch values -> (B, H, W) bilinearly upsampled to the image."""
+    grid = values.float().reshape(-1, 1, gh, gw)
+    return F.interpolate(grid, size=size, mode="bilinear", align_corners=False)[:, 0]
+
+
+def _cls_attention(backbone, x: torch.Tensor, n_patches: int) -> torch.Tensor | None:
+    """Last-layer attention of the class token to the patch tokens, mean over heads (B, N)."""
+    if not hasattr(backbone, "last_attention"):
+        return None
+    try:
+        attn = backbone.last_attention(x)
+    except Exception as e:  # a heatmap panel is not worth failing the monitor for
+        log.warning("last_attention failed (%s: %s); CLS attention panel skipped", type(e).__name__, e)
+        return None
+    return attn[:, :, 0, -n_patches:].float().mean(dim=1)
+
+
+def _save_png(fig, path: Path) -> None:
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    os.replace(tmp, path)
+
+
+def _plot_heatmaps(slices, norm_maps, attn_maps, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = len(slices)
+    fig, axes = plt.subplots(rows, 3, figsize=(13.5, 4.2 * rows), squeeze=False)
+    for r in range(rows):
+        img = slices[r]
+        ax = axes[r]
+        ax[0].imshow(img, cmap="gray", vmin=0, vmax=1)
+        ax[0].set_title("input (centre slice)")
+        for a, hmap, title in ((ax[1], norm_maps[r], "patch-token L2 norm"),
+                               (ax[2], attn_maps[r] if attn_maps is not None else None,
+                                "last-layer CLS attention (mean over heads)")):
+            a.imshow(img, cmap="gray", vmin=0, vmax=1)
+            if hmap is None:
+                a.text(0.5, 0.5, "unavailable", ha="center", va="center", color="white",
+                       transform=a.transAxes)
+            else:
+                im = a.imshow(hmap, cmap="inferno", alpha=0.55)
+                fig.colorbar(im, ax=a, fraction=0.046, pad=0.04)
+            a.set_title(title)
+        for a in ax:
+            a.axis("off")
+    fig.tight_layout()
+    _save_png(fig, out / "heatmap.png")
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.imshow(slices[0], cmap="gray", vmin=0, vmax=1)
+    ax.axis("off")
+    _save_png(fig, out / "input.png")
+    plt.close(fig)
+
+
+class _EvalMode:
+    """eval() + no_grad for the duration; restores each submodule's own training flag."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.module = module
+
+    def __enter__(self):
+        self.flags = [(m, m.training) for m in self.module.modules()]
+        self.module.eval()
+        self.no_grad = torch.no_grad()
+        self.no_grad.__enter__()
+
+    def __exit__(self, *exc):
+        self.no_grad.__exit__(*exc)
+        for m, flag in self.flags:
+            m.training = flag
+
+
+@torch.no_grad()
+def _class_embeddings(backbone, batch: torch.Tensor, preprocess, patch: int,
+                      img_size: int | None, device, dtype, chunk: int = 32) -> torch.Tensor:
+    if batch.ndim == 2:
+        return batch.detach().float()
+    outs = []
+    for i in range(0, batch.shape[0], chunk):
+        x = _resize_to_patches(batch[i:i + chunk].to(device).float(), patch, img_size)
+        outs.append(backbone(preprocess(x).to(dtype))["cls"].float().cpu())
+    return torch.cat(outs)
+
+
+def write_monitor_outputs(backbone: torch.nn.Module, stack_hu: torch.Tensor, out_dir: str | os.PathLike,
+                          window: tuple[float, float] = LUNG_WINDOW, img_size: int | None = None,
+                          embeddings_batch: torch.Tensor | None = None,
+                          preprocess: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                          max_rows: int = 4, autocast_dtype: torch.dtype | None = None) -> dict:
+    """Write input.png, heatmap.png and stats.json for one stack (or a few) into `out_dir`.
+
+    stack_hu: (3, H, W) or (B, 3, H, W) raw HU (any dtype). It is resized to a multiple of
+    the patch size (to `img_size` square if given), then `preprocess` (default:
+    `window_normalize` with `window`) turns it into the model input; pass the training
+    preprocessing to see exactly what the model sees. `window` is also the display window.
+    embeddings_batch: optional (n, 3, H, W) raw-HU stacks whose class tokens are computed,
+    or precomputed (n, D) class embeddings; adds `cls_tokens` stats (the cross-image
+    collapse statistic) to stats.json.
+    autocast_dtype: run the forward passes under torch.autocast with this dtype (the
+    training precision; saves memory for large models); statistics are computed in float32.
+    Returns the stats dict written to stats.json.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model = _unwrap(backbone)
+    patch = int(model.patch_size)
+    if preprocess is None:
+        def preprocess(t, _w=tuple(window)):
+            return window_normalize(t, _w)
+    try:
+        param = next(model.parameters())
+        device, dtype = param.device, param.dtype
+    except StopIteration:
+        device, dtype = torch.device("cpu"), torch.float32
+    hu = stack_hu if stack_hu.ndim == 4 else stack_hu.unsqueeze(0)
+    if hu.ndim != 4 or hu.shape[1] != 3:
+        raise UserError(f"monitor input must be (3,H,W) or (B,3,H,W) HU stacks, got {tuple(stack_hu.shape)}")
+    hu = _resize_to_patches(hu.to(device).float(), patch, img_size)
+    h, w = hu.shape[-2:]
+    gh, gw = h // patch, w // patch
+
+    autocast = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
+                else contextlib.nullcontext())
+    with _EvalMode(model), autocast:
+        x = preprocess(hu).to(dtype)
+        tokens = model(x)
+        patches = tokens["patches"].float()
+        n = patches.shape[1]
+        if n != gh * gw:
+            raise ValueError(f"backbone returned {n} patch tokens, expected {gh}x{gw} for a {h}x{w} input")
+        norms = patches.norm(dim=-1)
+        attn = _cls_attention(model, x, n)
+        cls_stats = None
+        if embeddings_batch is not None:
+            cls_stats = embedding_stats(_class_embeddings(model, embeddings_batch, preprocess,
+                                                          patch, img_size, device, dtype))
+
+    rows = min(hu.shape[0], max_rows)
+    slices = window_hu(hu[:rows, 1], *window).cpu().numpy()
+    norm_maps = _to_grid(norms[:rows], gh, gw, (h, w)).cpu().numpy()
+    attn_maps = _to_grid(attn[:rows], gh, gw, (h, w)).cpu().numpy() if attn is not None else None
+    _plot_heatmaps(slices, norm_maps, attn_maps, out)
+
+    patch_stats = embedding_stats(patches)
+    stats = {
+        "std": patch_stats["std"],
+        "cls_std": cls_stats["std"] if cls_stats else None,
+        "patch_tokens": patch_stats,
+        "token_norm": {"min": float(norms.min()), "max": float(norms.max()), "mean": float(norms.mean())},
+        "input": {"shape": [int(s) for s in hu.shape], "patch_size": patch, "grid": [gh, gw],
+                  "window": {"level": float(window[0]), "width": float(window[1])}},
+    }
+    if cls_stats is not None:
+        stats["cls_tokens"] = cls_stats
+    if attn is not None:
+        a = attn / attn.sum(dim=-1, keepdim=True).clamp_min(1e-12)
+        entropy = -(a * a.clamp_min(1e-12).log()).sum(dim=-1).mean()
+        stats["cls_attention"] = {"entropy": float(entropy), "uniform_entropy": math.log(n),
+                                  "max": float(attn.max())}
+    stats = _clean(stats)
+    tmp = out / "stats.json.tmp"
+    tmp.write_text(json.dumps(stats, indent=2, allow_nan=False) + "\n")
+    os.replace(tmp, out / "stats.json")
+    return stats
+
+
+# ----------------------------------------------------------------------------- loss curve
+
+def read_metrics(metrics_jsonl: str | os.PathLike) -> dict[str, list[tuple[int, float]]]:
+    """{name: [(step, value), ...]} sorted by step, from a metrics.jsonl.
+
+    Skips unreadable lines (a crash can leave a partial last line), null/non-numeric
+    values; when a step appears twice (a resume without truncation) the later line wins.
+    """
+    path = Path(metrics_jsonl)
+    if not path.is_file():
+        raise UserError(f"metrics file not found: {path}; pass the run's metrics.jsonl")
+    series: dict[str, dict[int, float]] = {}
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+                step = int(rec["step"])
+            except (ValueError, KeyError, TypeError):
+                continue
+            for k, v in rec.items():
+                if k in ("step", "time") or isinstance(v, bool) or not isinstance(v, (int, float)):
+                    continue
+                if math.isfinite(v):
+                    series.setdefault(k, {})[step] = float(v)
+    return {k: sorted(d.items()) for k, d in series.items()}
+
+
+def plot_loss_curve(metrics_jsonl: str | os.PathLike, out_png: str | os.PathLike,
+                    out_dim: int | None = None) -> None:
+    """Total loss and each `loss*` term vs step, lr on a twin axis.
+
+    Terms that are always positive share a log-y panel; a term that reaches zero or below
+    (KoLeo can) goes to a second, linear panel underneath so it does not flatten the rest.
+    With `out_dim`, a dashed line marks the entropy wall ln(out_dim): a DINO loss parked
+    there means near-uniform outputs.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = read_metrics(metrics_jsonl)
+    losses = sorted((k for k in series if k.lower().startswith("loss")),
+                    key=lambda k: (k.lower() != "loss", k))
+    positive = [k for k in losses if min(v for _, v in series[k]) > 0]
+    signed = [k for k in losses if k not in positive]
+    if signed:
+        fig, (ax, ax_lin) = plt.subplots(2, 1, figsize=(10, 7.5), sharex=True,
+                                         gridspec_kw={"height_ratios": [3, 1]})
+    else:
+        fig, ax = plt.subplots(figsize=(10, 5.5))
+        ax_lin = None
+    colors = iter(plt.rcParams["axes.prop_cycle"].by_key()["color"])
+
+    def draw(axis, k):
+        steps, vals = zip(*series[k])
+        total = k.lower() == "loss"
+        axis.plot(steps, vals, label=k, linewidth=2.0 if total else 1.0,
+                  color="black" if total else next(colors))
+
+    for k in positive:
+        draw(ax, k)
+    if out_dim:
+        wall = math.log(out_dim)
+        ax.axhline(wall, linestyle="--", color="gray", linewidth=1.0,
+                   label=f"entropy wall ln({out_dim})={wall:.3f}")
+    if positive or out_dim:
+        ax.set_yscale("log")
+    if not losses:
+        ax.text(0.5, 0.5, "no loss values logged yet", ha="center", va="center", transform=ax.transAxes)
+    ax.set_ylabel("loss (log)")
+    ax.grid(True, which="both", alpha=0.3)
+    handles, labels = ax.get_legend_handles_labels()
+    if "lr" in series:
+        ax2 = ax.twinx()
+        steps, vals = zip(*series["lr"])
+        ax2.plot(steps, vals, color="tab:green", linestyle=":", linewidth=1.2, label="lr")
+        ax2.set_ylabel("learning rate", color="tab:green")
+        ax2.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
+        h2, l2 = ax2.get_legend_handles_labels()
+        handles, labels = handles + h2, labels + l2
+    if handles:
+        ax.legend(handles, labels, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=4,
+                  fontsize=8, frameon=False)
+    if ax_lin is not None:
+        for k in signed:
+            draw(ax_lin, k)
+        ax_lin.axhline(0.0, color="gray", linewidth=0.6)
+        ax_lin.set_ylabel("loss (linear)")
+        ax_lin.grid(True, alpha=0.3)
+        ax_lin.legend(loc="upper right", fontsize=8)
+    (ax_lin or ax).set_xlabel("step")
+    fig.suptitle(f"training loss ({Path(metrics_jsonl).parent.name})")
+    fig.tight_layout()
+    out = Path(out_png)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _save_png(fig, out)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- health
+
+def _is_gpu(device) -> bool:
+    try:
+        return torch.device(device).type == "cuda" and torch.cuda.is_available()
+    except Exception:
+        return False
+
+
+def _device_index(device) -> int:
+    d = torch.device(device)
+    return d.index if d.index is not None else torch.cuda.current_device()
+
+
+def device_memory_metrics(device) -> dict:
+    """{mem_allocated_gb, mem_reserved_gb, mem_peak_gb} (GiB) for a CUDA/ROCm device, else {}."""
+    if not _is_gpu(device):
+        return {}
+    try:
+        d = torch.device(device)
+        return {"mem_allocated_gb": torch.cuda.memory_allocated(d) / GiB,
+                "mem_reserved_gb": torch.cuda.memory_reserved(d) / GiB,
+                "mem_peak_gb": torch.cuda.max_memory_allocated(d) / GiB}
+    except Exception:
+        return {}
+
+
+def _rss_gb() -> float | None:
+    """Current resident set size; falls back to the peak RSS where /proc is absent."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024 / GiB
+    except OSError:
+        pass
+    try:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak / GiB if sys.platform == "darwin" else peak * 1024 / GiB
+    except Exception:
+        return None
+
+
+def _physical_gpu(index: int, env_vars=("CUDA_VISIBLE_DEVICES",)) -> str:
+    """The id the vendor tool knows for torch's device `index` (tools ignore *_VISIBLE_DEVICES)."""
+    for var in env_vars:
+        visible = [v.strip() for v in os.environ.get(var, "").split(",") if v.strip()]
+        if index < len(visible):
+            return visible[index]
+    return str(index)
+
+
+def _float(text) -> float | None:
+    try:
+        value = float(str(text).strip())
+    except (TypeError, ValueError):
+        m = re.search(r"-?\d+(?:\.\d+)?", str(text))
+        value = float(m.group()) if m else None
+    return value if value is not None and math.isfinite(value) else None
+
+
+def _run(cmd: list[str], timeout: float = 5.0) -> str | None:
+    try:
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return res.stdout if res.returncode == 0 else None
+
+
+def _pynvml(gpu: str) -> dict | None:
+    try:
+        import pynvml
+    except ImportError:
+        return None
+    try:
+        pynvml.nvmlInit()
+        try:
+            handle = (pynvml.nvmlDeviceGetHandleByIndex(int(gpu)) if gpu.isdigit()
+                      else pynvml.nvmlDeviceGetHandleByUUID(gpu))
+            temp = pynvml.nvmlDeviceGetTemperature(handle, pynvml.NVML_TEMPERATURE_GPU)
+            util = pynvml.nvmlDeviceGetUtilizationRates(handle).gpu
+            power = pynvml.nvmlDeviceGetPowerUsage(handle) / 1000.0
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:
+        return None
+    return {"gpu_temperature_c": float(temp), "gpu_utilization_pct": float(util),
+            "gpu_power_w": float(power), "source": "pynvml"}
+
+
+def _nvidia_smi(gpu: str) -> dict | None:
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        return None
+    out = _run([exe, f"--id={gpu}", "--query-gpu=temperature.gpu,utilization.gpu,power.draw",
+                "--format=csv,noheader,nounits"])
+    if not out or not out.strip():
+        return None
+    fields = [f.strip() for f in out.strip().splitlines()[0].split(",")]
+    if len(fields) < 3:
+        return None
+    values = [_float(f) for f in fields[:3]]
+    if all(v is None for v in values):
+        return None
+    return {"gpu_temperature_c": values[0], "gpu_utilization_pct": values[1],
+            "gpu_power_w": values[2], "source": "nvidia-smi"}
+
+
+def _pick(card: dict, *patterns: str) -> float | None:
+    """First value in a rocm-smi card dict whose key matches the patterns in priority order."""
+    for pattern in patterns:
+        for key, value in card.items():
+            if re.search(pattern, key, re.IGNORECASE):
+                v = _float(value)
+                if v is not None:
+                    return v
+    return None
+
+
+def _rocm_smi(gpu: str) -> dict | None:
+    exe = shutil.which("rocm-smi")
+    if exe is None:
+        return None
+    out = _run([exe, "--showtemp", "--showuse", "--showpower", "--json"])
+    try:
+        data = json.loads(out) if out else None
+    except ValueError:
+        data = None
+    if not isinstance(data, dict):
+        return None
+    cards = {k: v for k, v in data.items() if k.lower().startswith("card") and isinstance(v, dict)}
+    if not cards:
+        return None
+    card = cards.get(f"card{gpu}") or next(iter(cards.values()))
+    values = {"gpu_temperature_c": _pick(card, r"temperature.*edge", r"temperature"),
+              "gpu_utilization_pct": _pick(card, r"gpu use", r"busy"),
+              "gpu_power_w": _pick(card, r"power.*\(w\)", r"power")}
+    if all(v is None for v in values.values()):
+        return None
+    return {**values, "source": "rocm-smi"}
+
+
+def gpu_telemetry(index: int = 0) -> dict:
+    """Temperature (C), utilisation (%) and power (W) of GPU `index` (torch numbering).
+
+    Tries pynvml, then `nvidia-smi`, then `rocm-smi`; all fields None with
+    `source: "unavailable"` when none answers. Never raises.
+    """
+    try:
+        nv = _physical_gpu(index)
+        amd = _physical_gpu(index, ("HIP_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES", "CUDA_VISIBLE_DEVICES"))
+        for probe, gpu in ((_pynvml, nv), (_nvidia_smi, nv), (_rocm_smi, amd)):
+            result = probe(gpu)
+            if result is not None:
+                return result
+    except Exception as e:
+        log.debug("gpu telemetry failed: %s", e)
+    return {"gpu_temperature_c": None, "gpu_utilization_pct": None, "gpu_power_w": None,
+            "source": "unavailable"}
+
+
+def health_report(device, steps_per_s: float | None = None, samples_per_s: float | None = None) -> dict:
+    """Throughput, process memory, device memory and GPU telemetry. Never raises.
+
+    Device memory fields (GiB) and GPU telemetry are None unless `device` is a CUDA/ROCm
+    device; `mem_fraction` (reserved / total) is what an OOM watch should look at.
+    """
+    report: dict[str, Any] = {"time": time.time(), "device": str(device),
+                              "steps_per_s": steps_per_s, "samples_per_s": samples_per_s}
+    try:
+        report["rss_gb"] = _rss_gb()
+    except Exception:
+        report["rss_gb"] = None
+    mem = {"mem_allocated_gb": None, "mem_reserved_gb": None, "mem_peak_gb": None,
+           "mem_total_gb": None, "mem_fraction": None}
+    telemetry = {"gpu_temperature_c": None, "gpu_utilization_pct": None, "gpu_power_w": None,
+                 "source": "unavailable"}
+    try:
+        if _is_gpu(device):
+            mem.update(device_memory_metrics(device))
+            index = _device_index(device)
+            total = torch.cuda.get_device_properties(index).total_memory / GiB
+            mem["mem_total_gb"] = total
+            if mem["mem_reserved_gb"] is not None and total > 0:
+                mem["mem_fraction"] = mem["mem_reserved_gb"] / total
+            telemetry = gpu_telemetry(index)
+    except Exception as e:
+        log.debug("device health query failed: %s", e)
+    report.update(mem)
+    report.update(telemetry)
+    return _clean(report)

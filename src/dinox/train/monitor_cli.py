@@ -1,0 +1,43 @@
+"""`dinox monitor` / scripts/phase5_monitor.py: heatmaps and embedding statistics of a checkpoint."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("monitor", help="heatmap.png, input.png, stats.json of a checkpoint")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--data-root", help="processed root (default: the one the run trained on)")
+    p.add_argument("--index-csv")
+    p.add_argument("--split-manifest")
+    p.add_argument("--split", default="val", choices=["val", "train", "all"])
+    p.add_argument("--network", choices=["teacher", "student"], default="teacher")
+    p.add_argument("--device", default="auto", choices=["auto", "cuda", "rocm", "mps", "cpu"])
+    p.add_argument("--out", help="run folder to write monitor/step_%%08d/ into (default: the checkpoint's)")
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args) -> int:
+    import torch
+
+    from dinox.data.dataset import CTSliceDataset
+    from dinox.train.hardware import detect_device
+    from dinox.train.monitor_hook import run_monitor
+    from dinox.train.restore import load_for_inference
+
+    info, notes = detect_device(args.device)
+    for note in notes:
+        print(f"warning: {note}")
+    device = torch.device(info.torch_device)
+    backbone, cfg, meta = load_for_inference(args.checkpoint, device, which=args.network)
+    dataset = CTSliceDataset(
+        args.data_root or cfg.data_root, args.split,
+        args.split_manifest or cfg.split_manifest, args.index_csv or cfg.index_csv,
+    )
+    run_dir = Path(args.out) if args.out else Path(args.checkpoint).parent
+    out_dir = run_monitor(backbone, dataset, run_dir, meta.step, device, out_dim=cfg.out_dim)
+    for name in ("heatmap.png", "input.png", "stats.json"):
+        print(out_dir / name)
+    return 0

@@ -1,0 +1,53 @@
+"""The periodic monitor step: heatmaps + stats of fixed validation slices, the loss curve,
+and a health report, under <run>/monitor/step_%08d/."""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from dinox.data.dataset import pad_collate
+from dinox.eval.retrieval import spread_sample
+from dinox.train.monitor import health_report, plot_loss_curve, write_monitor_outputs
+
+log = logging.getLogger("dinox.monitor")
+
+MONITOR_SLICES = 4
+STATS_SAMPLES = 128
+
+
+def monitor_samples(dataset) -> list[int]:
+    """Fixed, deterministic picks: the middle slice of up to four series."""
+    picks = []
+    for _, indices in sorted(dataset.series_ranges().items())[:MONITOR_SLICES]:
+        picks.append(indices[len(indices) // 2])
+    return picks
+
+
+def run_monitor(backbone, dataset, run_dir: Path, step: int, device, *, out_dim=None, img_size=None,
+                steps_per_s=None, samples_per_s=None, autocast_dtype=None) -> Path:
+    out_dir = Path(run_dir) / "monitor" / f"step_{step:08d}"
+    stacks = pad_collate([dataset[i] for i in monitor_samples(dataset)])
+    stats_batch = pad_collate([dataset[i] for i in spread_sample(dataset.series_ranges(), STATS_SAMPLES, seed=0)])
+    stats = write_monitor_outputs(
+        backbone, stacks, out_dir, img_size=img_size, embeddings_batch=stats_batch, autocast_dtype=autocast_dtype
+    )
+    metrics_file = Path(run_dir) / "metrics.jsonl"
+    if metrics_file.exists():
+        plot_loss_curve(metrics_file, Path(run_dir) / "loss_curve.png", out_dim=out_dim)
+    health = health_report(device, steps_per_s=steps_per_s, samples_per_s=samples_per_s)
+    (out_dir / "health.json").write_text(json.dumps(health, indent=2, default=str) + "\n")
+    cls_stats = stats.get("cls_tokens", {})
+    log.info(
+        "monitor step %d: %s | cls std %s, effective rank %s | health %s",
+        step, out_dir,
+        _fmt(cls_stats.get("std")), _fmt(cls_stats.get("effective_rank")),
+        ", ".join(f"{k}={_fmt(v)}" for k, v in health.items() if isinstance(v, (int, float)) and v is not None),
+    )
+    return out_dir
+
+
+def _fmt(value) -> str:
+    return f"{value:.4g}" if isinstance(value, (int, float)) else str(value)

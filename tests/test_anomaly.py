@@ -1,0 +1,135 @@
+from __future__ import annotations
+
+
+import pytest
+import torch
+
+from dinox.train.anomaly import Anomaly, AnomalyGuard, nonfinite_diagnostics
+
+
+def feed(guard, losses, start=1):
+    found = []
+    for i, loss in enumerate(losses, start):
+        found += guard.check(i, loss)
+    return found
+
+
+def test_loss_spike_needs_full_window_and_reports_history():
+    guard = AnomalyGuard(spike_factor=2.0, window=10)
+    assert feed(guard, [1.0, 5.0]) == []  # window not full yet: no verdict
+    guard = AnomalyGuard(spike_factor=2.0, window=10)
+    assert feed(guard, [1.0] * 10) == []
+    assert guard.check(11, 1.99) == []
+    found = guard.check(12, 2.5)
+    assert len(found) == 1
+    spike = found[0]
+    assert (spike.kind, spike.severity, spike.step) == ("loss_spike", "warning", 12)
+    assert "step 12" in spike.message and "history=[1.0000" in spike.message and "1.9900" in spike.message
+    assert spike.context["history"][-1] == 1.99 and len(spike.context["history"]) == 10
+    assert not guard.should_halt(spike)
+    assert AnomalyGuard(halt_on_anomaly=True).should_halt(spike)
+
+
+def test_nonfinite_loss_is_fatal_and_kept_out_of_history():
+    guard = AnomalyGuard(window=3)
+    feed(guard, [2.0, 1.5])
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        (a,) = guard.check(3, bad)
+        assert (a.kind, a.severity) == ("nonfinite", "fatal")
+        assert a.wants_checkpoint and guard.should_halt(a)
+        assert "1.5" in a.message and "step 2" in a.message
+    assert list(guard.history) == [2.0, 1.5]
+    assert guard.last_good_loss == 1.5
+
+
+def test_collapse_by_std_reported_once_per_episode():
+    guard = AnomalyGuard(std_threshold=0.01)
+    assert guard.check(1, 5.0, emb_std=0.2) == []
+    (a,) = guard.check(2, 5.0, emb_std=0.001)
+    assert (a.kind, a.severity) == ("collapse", "critical") and a.wants_checkpoint
+    assert "0.001" in a.message and not guard.should_halt(a)
+    assert guard.check(3, 5.0, emb_std=0.0005) == []  # same episode
+    assert guard.check(4, 5.0) == []                  # nothing measured: state unchanged
+    assert guard.collapse_active
+    assert guard.check(5, 5.0, emb_std=0.05) == []    # recovered: re-armed
+    assert not guard.collapse_active
+    (b,) = guard.check(6, 5.0, emb_std=0.002)
+    assert b.kind == "collapse" and b.step == 6
+
+
+def test_std_and_rank_keep_separate_episodes_and_loss_none_skips_history():
+    guard = AnomalyGuard(std_threshold=0.01, window=3)
+    feed(guard, [2.0, 2.0, 2.0])
+    (a,) = guard.check(4, 2.0, emb_std=0.001)
+    assert guard.check(5, None, erank=50.0) == []     # a healthy eval rank does not re-arm std
+    assert list(guard.history) == [2.0, 2.0, 2.0]      # loss=None leaves the history alone
+    assert guard.check(6, 2.0, emb_std=0.001) == []
+    (b,) = guard.check(7, None, erank=1.0)             # a newly collapsing signal is reported
+    assert "effective rank 1" in b.message and "embedding std" not in b.message
+    assert guard.check(8, 2.0, emb_std=0.5) == [] and guard.collapse_active  # rank still collapsed
+    assert guard.check(9, None, erank=40.0) == [] and not guard.collapse_active
+
+
+def test_collapse_grace_covers_the_collapsed_looking_start_only():
+    guard = AnomalyGuard(std_threshold=0.01, collapse_grace_steps=100)
+    assert guard.check(1, 9.0, emb_std=1e-5, erank=1.0) == []  # fresh init looks collapsed
+    assert not guard.collapse_active
+    assert guard.check(50, 9.0, emb_std=0.2, erank=20.0) == []
+    (a,) = guard.check(60, 9.0, emb_std=0.001)                  # a fall after health: reported
+    assert "embedding std" in a.message
+    late = AnomalyGuard(std_threshold=0.01, collapse_grace_steps=100)
+    assert late.check(99, 9.0, emb_std=1e-5) == []
+    (b,) = late.check(100, 9.0, emb_std=1e-5)                   # never got off the ground
+    assert b.kind == "collapse" and b.step == 100
+
+
+def test_collapse_by_effective_rank_floor_and_fraction():
+    guard = AnomalyGuard(rank_floor=1.5, rank_collapse_fraction=0.1)
+    (a,) = guard.check(1, 5.0, erank=1.2)
+    assert "floor" in a.message
+    guard = AnomalyGuard(rank_floor=1.5, rank_collapse_fraction=0.1)
+    assert guard.check(1, 5.0, erank=40.0) == []
+    assert guard.check(2, 5.0, erank=20.0) == []
+    assert guard.best_erank == 40.0
+    (b,) = guard.check(3, 5.0, erank=3.9)
+    assert "best 40" in b.message and b.context["best_erank"] == 40.0
+    (c,) = AnomalyGuard().check(1, 5.0, emb_std=float("nan"))
+    assert c.kind == "collapse"
+
+
+def test_state_dict_round_trip_keeps_history_through_torch_save(tmp_path):
+    guard = AnomalyGuard(window=4)
+    feed(guard, [1.0, 1.0, 1.0, 1.0])
+    guard.check(5, 1.0, emb_std=0.001, erank=30.0)
+    path = tmp_path / "guard.pt"
+    torch.save({"guard": guard.state_dict()}, path)
+    state = torch.load(path, weights_only=True)["guard"]
+    resumed = AnomalyGuard(window=4)
+    resumed.load_state_dict(state)
+    assert resumed.collapse_active and resumed.best_erank == 30.0
+    (a,) = resumed.check(6, 3.0)  # history carried over: the first step after resume can spike
+    assert a.kind == "loss_spike"
+    fresh = AnomalyGuard(window=4)
+    assert fresh.check(6, 3.0) == []
+
+
+def test_nonfinite_diagnostics_formats_batch_statistics():
+    batch = torch.tensor([[-1024.0, 0.0, 1000.0, float("nan")], [float("inf"), 24.0, 0.0, 0.0]])
+    text = nonfinite_diagnostics(3.25, 1e-4, float("inf"), batch)
+    assert "last valid loss: 3.25" in text
+    assert "learning rate:   0.0001" in text
+    assert "grad norm:       inf" in text
+    assert "min=-1024 max=1000" in text
+    assert "non-finite values: 2 of 8" in text
+    int_batch = torch.zeros(2, 3, 4, 4, dtype=torch.int16)
+    assert "non-finite values: 0 of 96" in nonfinite_diagnostics(None, None, None, int_batch)
+    assert "last valid loss: n/a" in nonfinite_diagnostics(None, 1e-3, torch.tensor(2.0))
+
+
+def test_anomaly_str_and_level():
+    a = Anomaly("loss_spike", "warning", 3, "msg")
+    assert str(a) == "[WARNING] loss_spike: msg"
+    import logging
+    assert a.level == logging.WARNING and not a.wants_checkpoint
+    with pytest.raises(ValueError):
+        AnomalyGuard(window=0)

@@ -1,0 +1,257 @@
+"""DINO, Sinkhorn, KoLeo and Gram losses against float64 loop references."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from dinox.errors import UserError
+from dinox.losses.dino import DINOLoss, entropy, sinkhorn_knopp
+from dinox.losses.gram import gram_anchoring_loss, validate_gram_weight
+from dinox.losses.koleo import KoLeoLoss
+from dinox.model.head import DINOHead
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def ref_softmax(row, temp):
+    m = max(row)
+    e = [math.exp((v - m) / temp) for v in row]
+    s = sum(e)
+    return [v / s for v in e]
+
+
+def ref_log_softmax(row, temp):
+    m = max(v / temp for v in row)
+    lse = m + math.log(sum(math.exp(v / temp - m) for v in row))
+    return [v / temp - lse for v in row]
+
+
+def ref_dino_loss(student, teacher, student_temp):
+    """student: V lists of B rows; teacher: G lists of B probability rows."""
+    total, pairs = 0.0, 0
+    for i, s_view in enumerate(student):
+        for j, t_view in enumerate(teacher):
+            if i == j:
+                continue
+            for s_row, t_row in zip(s_view, t_view):
+                logp = ref_log_softmax(s_row, student_temp)
+                total += -sum(t * lp for t, lp in zip(t_row, logp)) / len(s_view)
+            pairs += 1
+    return total / pairs
+
+
+def random_views(n_views, batch=3, k=7, seed=0, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(batch, k, generator=g) * scale for _ in range(n_views)]
+
+
+# ---------------------------------------------------------------- DINO
+
+
+@pytest.mark.parametrize("n_local", [0, 2])
+def test_dino_loss_cross_view_pairs(n_local):
+    loss_fn = DINOLoss(out_dim=7, student_temp=0.1)
+    student = random_views(2 + n_local, seed=1)
+    teacher_logits = random_views(2, seed=2)
+    loss_fn.center.copy_(torch.randn(1, 7) * 0.1)
+    teacher = [loss_fn.teacher_probs(t, teacher_temp=0.04) for t in teacher_logits]
+    c = loss_fn.center[0].tolist()
+    ref_teacher = [[ref_softmax([v - cc for v, cc in zip(row, c)], 0.04) for row in t.tolist()]
+                   for t in teacher_logits]
+    for got, want in zip(teacher, ref_teacher):
+        np.testing.assert_allclose(got.numpy(), np.array(want), rtol=1e-5, atol=1e-7)
+    loss = loss_fn(student, teacher)
+    expected = ref_dino_loss([s.tolist() for s in student], ref_teacher, 0.1)
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_dino_loss_gradient_reaches_only_the_student():
+    """dL/ds_i[b] = sum over teachers j paired with i of (p_i[b] - t_j[b]) / (tau_s P B)."""
+    torch.manual_seed(0)
+    student_head = DINOHead(6, 9, hidden_dim=8, bottleneck_dim=4)
+    teacher_head = DINOHead(6, 9, hidden_dim=8, bottleneck_dim=4)
+    loss_fn = DINOLoss(out_dim=9, student_temp=0.1)
+    x = [torch.randn(4, 6) for _ in range(4)]
+    s_logits = [student_head(v) for v in x]
+    for s in s_logits:
+        s.retain_grad()
+    t_logits = [teacher_head(v) for v in x[:2]]
+    teacher = [loss_fn.teacher_probs(t, 0.05) for t in t_logits]
+    assert not any(t.requires_grad for t in teacher)
+    loss_fn(s_logits, teacher).backward()
+    assert all(p.grad is None for p in teacher_head.parameters())
+    assert student_head.mlp[0].weight.grad is not None
+    n_pairs, batch = 4 * 2 - 2, 4
+    for i, s in enumerate(s_logits):
+        p = torch.softmax(s.detach().double() / 0.1, dim=-1)
+        expected = sum(p - teacher[j].double() for j in range(2) if j != i) / (0.1 * n_pairs * batch)
+        torch.testing.assert_close(s.grad.double(), expected, rtol=1e-4, atol=1e-7)
+
+
+def test_dino_loss_detaches_teacher_inputs():
+    loss_fn = DINOLoss(out_dim=5)
+    teacher = [torch.softmax(torch.randn(2, 5), -1).requires_grad_() for _ in range(2)]
+    student = [torch.randn(2, 5, requires_grad=True) for _ in range(3)]
+    loss_fn(student, teacher).backward()
+    assert all(t.grad is None for t in teacher)
+    assert all(s.grad is not None for s in student)
+
+
+def test_center_ema():
+    loss_fn = DINOLoss(out_dim=4, center_momentum=0.9)
+    batches = [torch.randn(6, 4, dtype=torch.float64) for _ in range(3)]
+    center = [0.0] * 4
+    for b in batches:
+        loss_fn.update_center(b)
+        rows = b.tolist()
+        mean = [sum(r[k] for r in rows) / len(rows) for k in range(4)]
+        center = [0.9 * c + 0.1 * m for c, m in zip(center, mean)]
+    np.testing.assert_allclose(loss_fn.center[0].numpy(), center, rtol=1e-6, atol=1e-7)
+    assert "center" in loss_fn.state_dict()
+
+
+def ref_sinkhorn(logits, temp, iters=3):
+    q = np.exp(np.asarray(logits, dtype=np.float64) / temp).T  # K x N
+    k, n = q.shape
+    q = q / q.sum()
+    for _ in range(iters):
+        for r in range(k):
+            q[r] = q[r] / q[r].sum() / k
+        for c in range(n):
+            q[:, c] = q[:, c] / q[:, c].sum() / n
+    return (q * n).T
+
+
+def test_sinkhorn_matches_reference_and_balances_prototypes():
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(12, 5, generator=g) + torch.tensor([2.0, 0, 0, 0, -1.0])
+    probs = sinkhorn_knopp(logits, 0.5)
+    np.testing.assert_allclose(probs.numpy(), ref_sinkhorn(logits.numpy(), 0.5),
+                               rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(probs.sum(dim=1), torch.ones(12))
+    balanced = probs.sum(dim=0) / 12
+    plain = torch.softmax(logits / 0.5, dim=-1).sum(dim=0) / 12
+    assert (balanced - 0.2).abs().max() < 0.1 * (plain - 0.2).abs().max()
+    via_loss = DINOLoss(out_dim=5).teacher_probs(logits.reshape(2, 6, 5), 0.5, "sinkhorn")
+    torch.testing.assert_close(via_loss.reshape(12, 5), probs)
+
+
+def test_sinkhorn_is_stable_at_low_temperature():
+    logits = torch.tensor([[1.0, -1.0, 0.5], [-1.0, 1.0, 0.0], [0.9, 0.8, -1.0]]) * 3
+    probs = sinkhorn_knopp(logits, 0.04)
+    assert torch.isfinite(probs).all()
+    torch.testing.assert_close(probs.sum(dim=1), torch.ones(3))
+
+
+def test_teacher_probs_rejects_bad_arguments():
+    loss_fn = DINOLoss(out_dim=3)
+    with pytest.raises(UserError, match="centering.*sinkhorn"):
+        loss_fn.teacher_probs(torch.randn(2, 3), 0.04, method="softmax")
+    with pytest.raises(UserError, match="--teacher-temp must be positive"):
+        loss_fn.teacher_probs(torch.randn(2, 3), 0.0)
+
+
+def test_entropy():
+    k = 16
+    assert entropy(torch.full((3, k), 1 / k)).item() == pytest.approx(math.log(k), rel=1e-6)
+    assert entropy(torch.eye(k)).item() == 0.0
+    probs = torch.softmax(torch.randn(4, k, dtype=torch.float64), -1)
+    ref = sum(-sum(p * math.log(p) for p in row) for row in probs.tolist()) / 4
+    assert entropy(probs).item() == pytest.approx(ref, rel=1e-6)
+    s = torch.randn(4, k)
+    torch.testing.assert_close(DINOLoss(k, student_temp=0.2).student_probs(s),
+                               torch.softmax(s / 0.2, -1))
+
+
+# ---------------------------------------------------------------- KoLeo
+
+
+def ref_koleo(x, eps=1e-8):
+    rows = [np.asarray(r, dtype=np.float64) for r in x]
+    rows = [r / max(np.linalg.norm(r), eps) for r in rows]
+    total = 0.0
+    for i, a in enumerate(rows):
+        d = min(np.linalg.norm(a - b) for j, b in enumerate(rows) if j != i)
+        total += -math.log(d + eps)
+    return total / len(rows)
+
+
+def test_koleo_matches_reference():
+    x = torch.randn(9, 5, dtype=torch.float64)
+    assert KoLeoLoss()(x).item() == pytest.approx(ref_koleo(x.tolist()), rel=1e-6)
+    x32 = torch.randn(16, 8)
+    assert KoLeoLoss()(x32).item() == pytest.approx(ref_koleo(x32.tolist()), rel=1e-5)
+
+
+def test_koleo_spreads_points_and_survives_duplicates():
+    x = torch.randn(6, 4)
+    x[1] = x[0]
+    x.requires_grad_()
+    loss = KoLeoLoss()(x)
+    assert loss.item() == pytest.approx(ref_koleo(x.tolist()), rel=1e-5)
+    loss.backward()
+    assert torch.isfinite(x.grad).all()
+    spread = torch.randn(6, 4)
+    assert KoLeoLoss()(spread) < loss
+    assert KoLeoLoss()(torch.randn(1, 4, requires_grad=True)).item() == 0.0
+
+
+# ---------------------------------------------------------------- Gram
+
+
+def ref_gram_loss(student, teacher, remove_negative=False):
+    total = 0.0
+    for s_img, t_img in zip(student, teacher):
+        s = [np.asarray(r) / np.linalg.norm(r) for r in s_img]
+        t = [np.asarray(r) / np.linalg.norm(r) for r in t_img]
+        n = len(s)
+        sq = 0.0
+        for a in range(n):
+            for b in range(n):
+                gs, gt = float(s[a] @ s[b]), float(t[a] @ t[b])
+                if remove_negative:
+                    gs, gt = max(gs, 0.0), max(gt, 0.0)
+                sq += (gs - gt) ** 2
+        total += sq / (n * n)
+    return total / len(student)
+
+
+@pytest.mark.parametrize("remove_negative", [False, True])
+def test_gram_matches_reference(remove_negative):
+    student = torch.randn(3, 10, 6, dtype=torch.float64)
+    teacher = torch.randn(3, 10, 12, dtype=torch.float64)
+    loss = gram_anchoring_loss(student, teacher, remove_negative=remove_negative)
+    expected = ref_gram_loss(student.tolist(), teacher.tolist(), remove_negative)
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_gram_gradient_reaches_only_the_student():
+    torch.manual_seed(0)
+    student_proj = torch.nn.Linear(5, 8)
+    teacher_proj = torch.nn.Linear(5, 8)
+    x = torch.randn(2, 7, 5)
+    loss = gram_anchoring_loss(student_proj(x), teacher_proj(x))
+    assert loss.item() > 0
+    loss.backward()
+    assert all(p.grad is None for p in teacher_proj.parameters())
+    assert student_proj.weight.grad is not None and student_proj.weight.grad.abs().sum() > 0
+    same = gram_anchoring_loss(teacher_proj(x), teacher_proj(x) * 3.0)
+    assert same.item() == pytest.approx(0.0, abs=1e-10)
+    with pytest.raises(ValueError, match="same \\(B, N\\)"):
+        gram_anchoring_loss(torch.randn(2, 7, 4), torch.randn(2, 6, 4))
+
+
+@pytest.mark.parametrize("bad", [0, 0.0, -1.0, float("nan")])
+def test_gram_weight_cannot_be_disabled(bad):
+    with pytest.raises(UserError) as err:
+        validate_gram_weight(bad)
+    message = str(err.value)
+    assert "cannot be disabled" in message and "lung tissue" in message
+    assert "positive --gram-weight" in message and "\n" not in message
+    validate_gram_weight(0.5)
