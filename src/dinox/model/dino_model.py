@@ -41,6 +41,7 @@ def arch_from_config(cfg) -> ViTArch:
         mlp_hidden_dim=cfg.vit_mlp,
         swiglu=cfg.swiglu,
         num_registers=cfg.registers,
+        layerscale_init=cfg.layerscale if cfg.layerscale > 0 else None,
     )
 
 

@@ -84,7 +84,7 @@ def matching_flags(saved: dict) -> str:
     flags = (
         f"--config {saved.get('config', 'custom')} --vit-patch {saved['vit_patch']} --vit-dim {saved['vit_dim']} "
         f"--vit-depth {saved['vit_depth']} --vit-heads {saved['vit_heads']} --vit-mlp {saved['vit_mlp']} "
-        f"--out-dim {saved['out_dim']} --img-size {saved['img_size']}"
+        f"--out-dim {saved['out_dim']} --img-size {saved['img_size']} --layerscale {saved.get('layerscale', 1e-5)}"
     )
     if saved.get("swiglu"):
         flags += " --swiglu"

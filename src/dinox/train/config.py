@@ -27,6 +27,7 @@ BASE_RECIPE: dict[str, object] = {
     "head_bottleneck": 256,
     "head_layers": 3,
     "drop_path": 0.1,
+    "layerscale": 1e-5,
     "lr": 5e-4,  # the guide's advice for an effective batch of 256
     "min_lr": 1e-6,  # seed 004
     "warmup_steps": 2500,  # seed 004
@@ -88,6 +89,7 @@ class TrainConfig:
     vit_mlp: int = 768
     swiglu: bool = False
     registers: int = 4
+    layerscale: float = 1e-5
     drop_path: float = 0.0
     img_size: int = 64
     local_crops: int = 0
@@ -156,7 +158,7 @@ class TrainConfig:
 
     # Fields that define the learned model: a checkpoint only resumes with the same values.
     SHAPE_FIELDS = (
-        "vit_patch", "vit_dim", "vit_depth", "vit_heads", "vit_mlp", "swiglu", "registers",
+        "vit_patch", "vit_dim", "vit_depth", "vit_heads", "vit_mlp", "swiglu", "registers", "layerscale",
         "out_dim", "head_hidden", "head_bottleneck", "head_layers", "img_size",
     )
     # Fields a resume may change freely (logged).
@@ -211,6 +213,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--swiglu", action="store_true", default=None, help="SwiGLU MLP instead of GELU")
     g.add_argument("--registers", type=_nonneg_int, help="register tokens (default 4)")
     g.add_argument("--drop-path", type=float, help="stochastic depth rate")
+    g.add_argument("--layerscale", type=float, help="LayerScale init (1e-5 for big presets; 0 disables)")
     g.add_argument("--out-dim", type=_positive_int, help="DINO head prototypes (65536 for big presets, 1024 for vit-tiny)")
     g.add_argument("--head-hidden", type=_positive_int)
     g.add_argument("--head-bottleneck", type=_positive_int)

@@ -186,7 +186,7 @@ class Trainer:
             spike_factor=cfg.spike_factor,
             std_threshold=cfg.collapse_std,
             halt_on_anomaly=cfg.halt_on_anomaly,
-            collapse_grace_steps=cfg.warmup_steps,
+            collapse_grace_steps=max(cfg.warmup_steps, 100),
         )
         self.memory_watch = MemoryWatch(device_info, grad_checkpoint=cfg.grad_checkpoint, amp=cfg.amp)
         self.state = TrainState()

@@ -129,7 +129,7 @@ def collect_provenance(data_files: Iterable[str | os.PathLike], seed: int | None
         "data_manifest_hash": data_manifest_hash(files),
         "data_files": [str(p.resolve()) for p in files],
         "python": platform.python_version(),
-        "torch": torch.__version__,
+        "torch": str(torch.__version__),
         "numpy": numpy.__version__,
         "cuda": torch.version.cuda,
         "hip": getattr(torch.version, "hip", None),
