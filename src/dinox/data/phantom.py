@@ -15,7 +15,6 @@ averaged, which gives the partial-volume look of thick slices.
 """
 from __future__ import annotations
 
-from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -38,6 +37,7 @@ class Phantom:
     origin_xyz_mm: tuple[float, float, float]  # centre of voxel (z=0, row=0, col=0)
     spacing_zyx_mm: tuple[float, float, float]
     nodules: list[Nodule] = field(default_factory=list)
+    lung: np.ndarray | None = None           # (Z, S, S) visible lung fraction, for checks
 
 
 @dataclass(frozen=True)
@@ -51,10 +51,6 @@ class _Grid:
 def _soft(x: np.ndarray) -> np.ndarray:
     """Partial-volume ramp: x is the signed distance to an edge in voxels."""
     return np.clip(x + 0.5, 0.0, 1.0)
-
-
-def _unit(v: np.ndarray) -> np.ndarray:
-    return v / max(float(np.linalg.norm(v)), 1e-9)
 
 
 def _index_range(coords: np.ndarray, lo: float, hi: float) -> slice:
@@ -418,7 +414,7 @@ def make_phantom(rng: np.random.Generator, slices: int, size: int, noise: bool =
     layers = _Layers()
     rv = rng.uniform(14.0, 19.0)
     yv = yc + cav_y * rng.uniform(0.6, 0.7)
-    _add_spine(layers, grid, rng, xc, yv, rv, yc + by - fat - 4.0, height)
+    _add_spine(layers, grid, rng, xc, yv, rv, yc + by - fat - 4.0)
 
     heart_c = (xc + cav_x * rng.uniform(0.08, 0.2), yc - cav_y * rng.uniform(0.15, 0.3),
                height * rng.uniform(0.12, 0.24))
@@ -513,11 +509,10 @@ def make_phantom(rng: np.random.Generator, slices: int, size: int, noise: bool =
                                       float((c[0] - xs[0]) / dx)),
                       radius_mm=float(r), kind=kind) for c, r, kind in placed]
     return Phantom(hu=hu, origin_xyz_mm=(float(xs[0]), float(ys[0]), float(zs[0])),
-                   spacing_zyx_mm=(dz, dx, dx), nodules=nodules)
+                   spacing_zyx_mm=(dz, dx, dx), nodules=nodules, lung=lung_vis)
 
 
-def _add_spine(layers: _Layers, grid: _Grid, rng, xc: float, yv: float, rv: float,
-               y_max: float, height: float) -> None:
+def _add_spine(layers: _Layers, grid: _Grid, rng, xc: float, yv: float, rv: float, y_max: float) -> None:
     """Vertebral bodies (cortical shell, cancellous core), discs, and posterior elements,
     as three in-plane templates chosen per slice by the vertebral level."""
     X = grid.xs.astype(np.float32)[None, :]

@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, generate_uid
+from tqdm import tqdm
 
 from dinox.data.phantom import NODULE_TYPES, Phantom, make_phantom
 from dinox.errors import UserError
@@ -156,13 +158,12 @@ def generate_dataset(out, patients: int, slices: int, size: int, seed: int = 0,
         raise UserError(f"--out {out} is an existing file; give a folder")
     out.mkdir(parents=True, exist_ok=True)
     series = []
-    for i in range(patients):
+    for i in tqdm(range(patients), desc="synth", unit="patient", file=sys.stderr,
+                  disable=None if progress else True, leave=False):
         rng = np.random.default_rng(np.random.SeedSequence([seed, i]))
         signed = bool(rng.random() < 0.5)
         ph = make_phantom(rng, slices, size)
         series.append(write_series(out, seed, i, ph, signed))
-        if progress:
-            print(f"  {series[-1]['patient_id']}: {len(ph.nodules)} nodules", flush=True)
     labels = {"generator": "dinox synth", "seed": seed, "conventions": LABEL_CONVENTIONS,
               "series": series}
     tmp = out / ".labels.json.tmp"
@@ -176,7 +177,7 @@ def add_parser(subparsers) -> None:
         "synth", help="write synthetic chest-CT DICOM series (procedural phantoms)",
         description="Write procedural chest-CT phantoms as DICOM series plus labels.json.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--out", required=True, type=Path, help="output folder")
+    p.add_argument("--out", required=True, type=Path, default=argparse.SUPPRESS, help="output folder")
     p.add_argument("--patients", type=int, default=4, help="number of patients (one series each)")
     p.add_argument("--slices", type=int, default=64, help="slices per series")
     p.add_argument("--size", type=int, default=256, help="rows and columns per slice")
@@ -186,7 +187,7 @@ def add_parser(subparsers) -> None:
 
 def run(args) -> int:
     start = time.perf_counter()
-    labels = generate_dataset(args.out, args.patients, args.slices, args.size, args.seed)
+    labels = generate_dataset(args.out, args.patients, args.slices, args.size, args.seed, progress=True)
     elapsed = time.perf_counter() - start
     kinds = {k: 0 for k in NODULE_TYPES}
     for s in labels["series"]:

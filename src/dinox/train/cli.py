@@ -37,16 +37,15 @@ def setup_logging(run_dir: Path | None = None, is_main: bool = True) -> None:
     logger = logging.getLogger("dinox")
     logger.setLevel(logging.INFO if is_main else logging.WARNING)
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
-    if not any(getattr(h, "_dinox_console", False) for h in logger.handlers):
-        handler = logging.StreamHandler(sys.stdout)
-        handler.setFormatter(fmt)
-        handler._dinox_console = True
-        logger.addHandler(handler)
+    for h in list(logger.handlers):
+        if getattr(h, "_dinox_console", False) or (run_dir is not None and getattr(h, "_dinox_file", False)):
+            logger.removeHandler(h)
+            h.close()
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(fmt)
+    handler._dinox_console = True
+    logger.addHandler(handler)
     if run_dir is not None and is_main:
-        for h in list(logger.handlers):
-            if getattr(h, "_dinox_file", False):
-                logger.removeHandler(h)
-                h.close()
         file_handler = logging.FileHandler(run_dir / "train.log")
         file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         file_handler._dinox_file = True
@@ -246,6 +245,15 @@ def run(args: argparse.Namespace) -> int:
         return trainer.run()
     finally:
         dist.shutdown()
+        close_file_logging()
+
+
+def close_file_logging() -> None:
+    logger = logging.getLogger("dinox")
+    for h in list(logger.handlers):
+        if getattr(h, "_dinox_file", False):
+            logger.removeHandler(h)
+            h.close()
 
 
 def arch_from(cfg: TrainConfig):

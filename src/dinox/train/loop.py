@@ -191,6 +191,7 @@ class Trainer:
         self.memory_watch = MemoryWatch(device_info, grad_checkpoint=cfg.grad_checkpoint, amp=cfg.amp)
         self.state = TrainState()
         self.last_good_loss: float | None = None
+        self.last_grad_norm: float | None = None
         self.gram_snapshot_step = 0
         if resume_state is not None:
             self._load_state(resume_state)
@@ -468,6 +469,7 @@ class Trainer:
             metrics.update(steps_per_s=steps_per_s, samples_per_s=samples_per_s, elapsed=now - start_time)
             metrics.update(device_memory_metrics(self.device))
             self.last_good_loss = metrics["loss"]
+            self.last_grad_norm = metrics["grad_norm"]
 
             if step % cfg.log_every == 0 or step == cfg.max_steps:
                 self.metrics.log(step, metrics)
@@ -519,7 +521,7 @@ class Trainer:
             nonfinite_diagnostics(
                 last_good_loss=self.last_good_loss,
                 lr=result.metrics.get("lr", float("nan")),
-                grad_norm=result.metrics.get("grad_norm"),
+                grad_norm=self.last_grad_norm,
                 batch=result.batch,
             ),
             flush=True,

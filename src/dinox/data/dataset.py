@@ -1,0 +1,162 @@
+"""2.5D samples from the processed root: (3, H, W) int16 stacks of slices z-1, z, z+1.
+
+Volumes are memory-mapped lazily, per process: a DataLoader worker (forked or spawned)
+opens its own maps on first use and never inherits or pickles another process's. Only
+I/O happens here; windowing and augmentation run batched on the training device.
+"""
+from __future__ import annotations
+
+import json
+import os
+from bisect import bisect_right
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from dinox.data.layout import INDEX_FILE, default_manifest, read_index
+from dinox.errors import UserError
+
+AIR_HU = -1024
+MAX_OPEN_VOLUMES = 256   # memory maps kept open per process (each holds a file descriptor)
+
+
+class CTSliceDataset(Dataset):
+    """Every slice of every series in a split, as a (3, H, W) int16 tensor of raw HU.
+
+    `root` may be None when `index_csv` is given: the root is then the folder above
+    index_csv's folder (root/_index/index.csv)."""
+
+    def __init__(self, root, split: str = "train", split_manifest=None, index_csv=None,
+                 min_slices: int = 1):
+        if root is None and index_csv is None:
+            raise UserError("give the processed root or --index-csv")
+        self.root = Path(root) if root is not None else Path(index_csv).resolve().parent.parent
+        index_csv = Path(index_csv) if index_csv is not None else self.root / INDEX_FILE
+        if split not in ("train", "val", "all"):
+            raise UserError(f"split must be train, val or all, not {split!r}")
+        self.split = split
+        rows = self._load_index(index_csv)
+        if split == "all":
+            wanted = sorted(rows)
+        else:
+            manifest = Path(split_manifest) if split_manifest is not None else default_manifest(self.root)
+            wanted = self._load_manifest(manifest, split)
+            unknown = [s for s in wanted if s not in rows]
+            if unknown:
+                raise UserError(f"{len(unknown)} series of {manifest} are not in {index_csv} "
+                                f"(e.g. {unknown[0]}); re-run `dinox prep` so both match")
+        self.series_ids: list[str] = [s for s in wanted if int(rows[s]["num_slices"]) >= min_slices]
+        if not self.series_ids:
+            raise UserError(f"split {split!r} has no series with at least {min_slices} slices "
+                            f"(index {index_csv}); prepare more data or lower min_slices")
+        self.records = [rows[s] for s in self.series_ids]
+        self.paths = [self._volume_path(r) for r in self.records]
+        missing = [str(p) for p in self.paths if not p.is_file()]
+        if missing:
+            raise UserError(f"{len(missing)} volumes listed in {index_csv} are missing (e.g. {missing[0]}); "
+                            f"re-run `dinox prep`")
+        self.num_slices = [int(r["num_slices"]) for r in self.records]
+        self._starts = np.concatenate([[0], np.cumsum(self.num_slices)]).tolist()
+        self._maps: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._pid = os.getpid()
+
+    @staticmethod
+    def _load_index(index_csv: Path) -> dict[str, dict]:
+        if not index_csv.is_file():
+            raise UserError(f"index not found: {index_csv}; run `dinox prep` first")
+        try:
+            rows = read_index(index_csv)
+        except (OSError, ValueError) as exc:
+            raise UserError(f"unreadable index {index_csv}: {exc}; re-run `dinox prep`") from None
+        if not rows:
+            raise UserError(f"index {index_csv} lists no series; run `dinox prep` on CT data")
+        return {r["series_id"]: r for r in rows}
+
+    @staticmethod
+    def _load_manifest(manifest: Path, split: str) -> list[str]:
+        if not manifest.is_file():
+            raise UserError(f"split manifest not found: {manifest}; run `dinox prep` first")
+        try:
+            data = json.loads(manifest.read_text())
+            ids = data[split]
+        except (OSError, ValueError, KeyError, TypeError):
+            raise UserError(f"{manifest} is not a split manifest with a {split!r} list; "
+                            f"re-run `dinox prep`") from None
+        if not isinstance(ids, list):
+            raise UserError(f"{manifest}: {split!r} must be a list of series ids")
+        return [str(s) for s in ids]
+
+    def _volume_path(self, row: dict) -> Path:
+        p = Path(row["path"])
+        return p if p.is_absolute() else self.root / p
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_maps"] = OrderedDict()   # never pickle mapped volumes into workers
+        return state
+
+    def _volume(self, k: int) -> np.ndarray:
+        if self._pid != os.getpid():     # forked into a DataLoader worker: own maps
+            self._maps = OrderedDict()
+            self._pid = os.getpid()
+        vol = self._maps.get(k)
+        if vol is None:
+            vol = np.load(self.paths[k], mmap_mode="r")
+            if vol.ndim != 3:
+                raise ValueError(f"{self.paths[k]}: expected a (Z, H, W) volume, got shape {vol.shape}")
+            self._maps[k] = vol
+            if len(self._maps) > MAX_OPEN_VOLUMES:
+                self._maps.popitem(last=False)
+        else:
+            self._maps.move_to_end(k)
+        return vol
+
+    def __len__(self) -> int:
+        return self._starts[-1]
+
+    def _resolve(self, i: int) -> tuple[int, int]:
+        n = len(self)
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError(f"sample {i} out of range for {n} samples")
+        k = bisect_right(self._starts, i) - 1
+        return k, i - self._starts[k]
+
+    def __getitem__(self, i) -> torch.Tensor:
+        k, z = self._resolve(int(i))
+        vol = self._volume(k)
+        last = vol.shape[0] - 1
+        zs = (max(z - 1, 0), z, min(z + 1, last))
+        stack = np.stack([vol[j] for j in zs])
+        if stack.dtype != np.int16:
+            stack = stack.astype(np.int16)
+        return torch.from_numpy(stack)
+
+    def locate(self, i) -> tuple[str, int]:
+        """(series_id, z) of sample i."""
+        k, z = self._resolve(int(i))
+        return self.series_ids[k], z
+
+    def series_ranges(self) -> dict[str, range]:
+        """Sample indices belonging to each series."""
+        return {sid: range(self._starts[k], self._starts[k + 1]) for k, sid in enumerate(self.series_ids)}
+
+
+def pad_collate(batch: list[torch.Tensor]) -> torch.Tensor:
+    """Stack (3, H, W) samples into (B, 3, Hmax, Wmax), centring smaller ones on air (-1024)."""
+    if not batch:
+        raise ValueError("pad_collate got an empty batch")
+    h = max(t.shape[-2] for t in batch)
+    w = max(t.shape[-1] for t in batch)
+    if all(t.shape[-2:] == (h, w) for t in batch):
+        return torch.stack(batch)
+    out = torch.full((len(batch), batch[0].shape[0], h, w), AIR_HU, dtype=batch[0].dtype)
+    for b, t in enumerate(batch):
+        top, left = (h - t.shape[-2]) // 2, (w - t.shape[-1]) // 2
+        out[b, :, top:top + t.shape[-2], left:left + t.shape[-1]] = t
+    return out
+

@@ -1,0 +1,379 @@
+"""`dinox prep`: DICOM series and NIfTI volumes -> the processed data root.
+
+    <output>/volumes/<series_id>.npy    int16 HU (Z, H, W), ascending along the slice normal
+    <output>/_index/index.csv           one row per series (see dinox.data.layout)
+    <output>/_splits/val10_seed0.json   patient-level train/val split
+    <output>/prep_report.json           everything skipped, with reasons
+
+Each volume is written to a temporary file in the same folder, fsynced and renamed, so an
+interrupted prep never leaves a half-written volume. A re-run keeps the series whose volume
+exists and matches the index (unless --force) and rewrites the index and split over all
+series present.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import re
+import sys
+import time
+from collections import Counter, defaultdict
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from dinox.data import dicom_io, nifti_io
+from dinox.data.layout import (INDEX_FILE, REPORT_FILE, SPLITS_DIR, VOLUMES_DIR, atomic_write_text,
+                               read_index, split_name, write_index)
+from dinox.data.splits import patient_split
+from dinox.errors import UserError
+
+INDEX_FLUSH_S = 30.0
+
+
+@dataclass
+class Task:
+    """One series to turn into a volume: a planned DICOM series or a NIfTI file."""
+
+    series_id: str
+    patient_id: str
+    source: str
+    n_source_files: int
+    plan: dicom_io.SeriesPlan | None = None
+    nifti_path: str | None = None
+
+
+def safe_id(text: str) -> str:
+    """A file-system safe identifier (letters, digits, '.', '_', '-')."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._") or "unnamed"
+
+
+def save_volume(path: Path, vol: np.ndarray) -> None:
+    """np.save to a temporary file next to `path`, fsync, and rename it over `path`."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            np.save(f, vol, allow_pickle=False)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.6g}"
+
+
+def process_task(task: Task, root: str) -> dict:
+    """Read, convert and write one series. Runs in a worker process; returns a plain dict."""
+    dropped: list[tuple[str, str]] = []
+    try:
+        if task.plan is not None:
+            plan = task.plan
+            vol, positions = dicom_io.read_volume(plan)
+            dropped = plan.dropped
+            if vol.shape[0] < 2:
+                return {"status": "skipped", "task": task, "dropped": dropped,
+                        "reason": "fewer than 2 slices with readable pixel data"}
+            notes = plan.notes + dicom_io.spacing_notes(positions)
+            spacing = (float(np.median(np.diff(positions))),) + plan.spacing_yx
+        else:
+            try:
+                vol, spacing = nifti_io.read_nifti(task.nifti_path)
+            except ValueError as exc:
+                return {"status": "skipped", "task": task, "dropped": dropped, "reason": str(exc)}
+            notes = []
+            if vol.shape[0] < 2:
+                return {"status": "skipped", "task": task, "dropped": dropped,
+                        "reason": "single slice (not a volume)"}
+    except Exception as exc:
+        return {"status": "skipped", "task": task, "dropped": dropped,
+                "reason": f"unreadable ({type(exc).__name__}: {str(exc)[:120]})"}
+    rel = f"{VOLUMES_DIR}/{task.series_id}.npy"
+    save_volume(Path(root) / rel, vol)
+    row = {
+        "series_id": task.series_id, "patient_id": task.patient_id, "path": rel,
+        "num_slices": vol.shape[0], "rows": vol.shape[1], "cols": vol.shape[2],
+        "spacing_z": _fmt(spacing[0]), "spacing_y": _fmt(spacing[1]), "spacing_x": _fmt(spacing[2]),
+        "source": task.source, "modality": "CT", "n_source_files": task.n_source_files,
+        "notes": "; ".join(notes),
+    }
+    return {"status": "written", "task": task, "row": row, "notes": notes, "dropped": dropped}
+
+
+def _discover(inputs: list[Path], output: Path) -> tuple[list[str], list[str]]:
+    """(DICOM candidates, NIfTI files) under the inputs, skipping the output root."""
+    seen_dirs = {os.path.realpath(output)}
+    seen_files: set[str] = set()
+    dicom, nifti = [], []
+
+    def add(path: str) -> None:
+        real = os.path.realpath(path)
+        if real not in seen_files:          # overlapping inputs or links: each file once
+            seen_files.add(real)
+            (nifti if nifti_io.is_nifti(path) else dicom).append(path)
+
+    for inp in inputs:
+        if inp.is_file():
+            add(str(inp))
+            continue
+        for dirpath, dirnames, filenames in os.walk(inp, followlinks=True):
+            real = os.path.realpath(dirpath)
+            if real in seen_dirs:           # the output root, a link loop, or a repeated input
+                dirnames[:] = []
+                continue
+            seen_dirs.add(real)
+            dirnames.sort()
+            for name in sorted(filenames):
+                add(os.path.join(dirpath, name))
+    return dicom, nifti
+
+
+def _check_paths(inputs: list[Path], output: Path) -> None:
+    if output.exists() and not output.is_dir():
+        raise UserError(f"--output {output} is an existing file; give a folder (default data/processed)")
+    for inp in inputs:
+        if not inp.exists():
+            raise UserError(f"input not found: {inp}")
+        if inp.is_dir() and not any(files for _, _, files in os.walk(inp)):
+            raise UserError(f"input folder {inp} is empty; point --input at DICOM or NIfTI scans")
+
+
+def _nifti_tasks(paths: list[str]) -> list[Task]:
+    """Series id and patient id from the file name; files that share a name (e.g. every
+    patient folder holding ct.nii.gz) are told apart by their parent folder."""
+    stems = Counter(nifti_io.nifti_stem(p) for p in paths)
+    tasks, used = [], set()
+    for p in paths:
+        stem = nifti_io.nifti_stem(p)
+        patient = stem if stems[stem] == 1 else f"{Path(p).parent.name}_{stem}"
+        sid = safe_id(patient)
+        if sid in used:
+            sid = f"{sid}_{hashlib.sha1(os.path.realpath(p).encode()).hexdigest()[:8]}"
+        used.add(sid)
+        tasks.append(Task(series_id=sid, patient_id=patient, source=p, n_source_files=1, nifti_path=p))
+    return tasks
+
+
+def _map(fn, items, workers: int, desc: str, progress: bool, chunksize: int = 1):
+    """map() over a process pool (or inline for one worker) with a progress bar."""
+    bar = tqdm(total=len(items), desc=desc, unit="file" if chunksize > 1 else "series",
+               file=sys.stderr, disable=None if progress else True, leave=False)
+    try:
+        if workers <= 1 or len(items) <= 1:
+            for item in items:
+                yield fn(item)
+                bar.update()
+        else:
+            with ProcessPoolExecutor(max_workers=workers) as pool:
+                for result in pool.map(fn, items, chunksize=chunksize):
+                    yield result
+                    bar.update()
+    finally:
+        bar.close()
+
+
+def _volume_matches(root: Path, row: dict, n_source_files: int) -> bool:
+    try:
+        vol = np.load(root / row["path"], mmap_mode="r")
+        shape = (int(row["num_slices"]), int(row["rows"]), int(row["cols"]))
+        return (vol.dtype == np.int16 and vol.shape == shape
+                and str(row.get("n_source_files", "")) == str(n_source_files))
+    except Exception:
+        return False
+
+
+def _reason_key(reason: str) -> str:
+    return reason.split(" (", 1)[0].split(":", 1)[0]
+
+
+def prepare(inputs, output="data/processed", workers: int = 1, force: bool = False,
+            val_fraction: float = 0.1, split_seed: int = 0, progress: bool = True) -> dict:
+    """Build or update the processed root; returns the report (also written to prep_report.json)."""
+    start = time.perf_counter()
+    inputs = [Path(p) for p in inputs]
+    root = Path(output)
+    if workers < 1:
+        raise UserError("--workers must be at least 1")
+    if not 0.0 <= val_fraction < 1.0:
+        raise UserError("--val-fraction must be in [0, 1)")
+    _check_paths(inputs, root)
+
+    dicom_paths, nifti_paths = _discover(inputs, root)
+    files_skipped: list[dict] = []
+    by_series: dict[str, list[dicom_io.SliceHeader]] = defaultdict(list)
+    for path, header in zip(dicom_paths, _map(dicom_io.read_header, dicom_paths, workers,
+                                              "headers", progress, chunksize=64)):
+        if isinstance(header, str):
+            files_skipped.append({"path": path, "reason": header})
+        else:
+            by_series[header.series_uid].append(header)
+
+    tasks: list[Task] = []
+    series_skipped: list[dict] = []
+    for uid in sorted(by_series):
+        headers = by_series[uid]
+        sid = safe_id(uid)
+        try:
+            plan = dicom_io.plan_series(headers)
+        except dicom_io.SeriesSkipped as exc:
+            series_skipped.append({"series_id": sid, "patient_id": headers[0].patient_id,
+                                   "source": dicom_io.common_folder([h.path for h in headers]),
+                                   "n_files": len(headers), "reason": str(exc)})
+            continue
+        files_skipped.extend({"path": p, "reason": r, "series_id": sid} for p, r in plan.dropped)
+        plan.dropped = []
+        tasks.append(Task(series_id=sid, patient_id=plan.patient_id, source=plan.source,
+                          n_source_files=plan.n_source_files, plan=plan))
+    tasks.extend(_nifti_tasks(nifti_paths))
+
+    root.mkdir(parents=True, exist_ok=True)
+    report = {"inputs": [str(p) for p in inputs], "output": str(root),
+              "series_written": [], "series_kept": [], "series_skipped": series_skipped,
+              "files_skipped": files_skipped, "series_notes": {}}
+    if not tasks:
+        _finish_report(root, report, start)
+        reasons = Counter(_reason_key(s["reason"]) for s in series_skipped)
+        why = f"; {len(series_skipped)} series skipped, mostly: {reasons.most_common(1)[0][0]}" if reasons else ""
+        raise UserError(f"no usable CT series found in {', '.join(map(str, inputs))}{why} "
+                        f"(details in {root / REPORT_FILE})")
+
+    (root / VOLUMES_DIR).mkdir(parents=True, exist_ok=True)
+    for stale in (root / VOLUMES_DIR).glob(".*.tmp*"):
+        stale.unlink(missing_ok=True)
+    index_path = root / INDEX_FILE
+    old_rows = _read_old_index(index_path)
+    rows = {sid: row for sid, row in old_rows.items() if (root / row["path"]).is_file()}
+
+    todo = []
+    for task in tasks:
+        old = rows.get(task.series_id)
+        if not force and old is not None and _volume_matches(root, old, task.n_source_files):
+            report["series_kept"].append(task.series_id)
+        else:
+            rows.pop(task.series_id, None)
+            todo.append(task)
+
+    last_flush = time.monotonic()
+    completed = False
+    try:
+        for result in _map(_Worker(str(root)), todo, workers, "prep", progress):
+            task = result["task"]
+            files_skipped.extend({"path": p, "reason": r, "series_id": task.series_id}
+                                 for p, r in result["dropped"])
+            if result["status"] == "written":
+                rows[task.series_id] = result["row"]
+                report["series_written"].append(task.series_id)
+                if result["notes"]:
+                    report["series_notes"][task.series_id] = result["notes"]
+            else:
+                series_skipped.append({"series_id": task.series_id, "patient_id": task.patient_id,
+                                       "source": task.source, "n_files": task.n_source_files,
+                                       "reason": result["reason"]})
+            if time.monotonic() - last_flush > INDEX_FLUSH_S:
+                write_index(index_path, list(rows.values()))
+                last_flush = time.monotonic()
+        completed = True
+    finally:
+        if not completed:  # interrupted: keep what is done so a re-run can skip it
+            write_index(index_path, list(rows.values()))
+
+    write_index(index_path, list(rows.values()))
+    split = patient_split({sid: r["patient_id"] for sid, r in rows.items()}, val_fraction, split_seed)
+    split_file = Path(SPLITS_DIR) / split_name(val_fraction, split_seed)
+    atomic_write_text(root / split_file, json.dumps(split, indent=1) + "\n")
+    patients = {sid: r["patient_id"] for sid, r in rows.items()}
+    report["index"] = {"file": INDEX_FILE, "series": len(rows), "patients": len(set(patients.values()))}
+    report["split"] = {"file": split_file.as_posix(), "val_fraction": val_fraction, "seed": split_seed,
+                       "train_series": len(split["train"]), "val_series": len(split["val"]),
+                       "train_patients": len({patients[s] for s in split["train"]}),
+                       "val_patients": len({patients[s] for s in split["val"]})}
+    _finish_report(root, report, start)
+    return report
+
+
+class _Worker:
+    """Picklable callable binding the output root for process_task."""
+
+    def __init__(self, root: str) -> None:
+        self.root = root
+
+    def __call__(self, task: Task) -> dict:
+        return process_task(task, self.root)
+
+
+def _read_old_index(path: Path) -> dict[str, dict]:
+    if not path.is_file():
+        return {}
+    try:
+        return {row["series_id"]: row for row in read_index(path)}
+    except (OSError, ValueError) as exc:
+        print(f"warning: ignoring unreadable {path} ({exc}); all series will be rewritten", file=sys.stderr)
+        return {}
+
+
+def _finish_report(root: Path, report: dict, start: float) -> None:
+    report["elapsed_s"] = round(time.perf_counter() - start, 3)
+    report["counts"] = {
+        "series_written": len(report["series_written"]),
+        "series_kept": len(report["series_kept"]),
+        "series_skipped": len(report["series_skipped"]),
+        "files_skipped": len(report["files_skipped"]),
+    }
+    report["series_skipped_by_reason"] = dict(Counter(_reason_key(s["reason"]) for s in report["series_skipped"]))
+    report["files_skipped_by_reason"] = dict(Counter(_reason_key(f["reason"]) for f in report["files_skipped"]))
+    root.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(root / REPORT_FILE, json.dumps(report, indent=1, default=str) + "\n")
+
+
+def format_summary(report: dict) -> str:
+    c = report["counts"]
+    lines = [f"prep: {c['series_written']} series written, {c['series_kept']} already done, "
+             f"{c['series_skipped']} skipped; {c['files_skipped']} files skipped "
+             f"({report['elapsed_s']:.1f} s)"]
+    for title, key in (("skipped series", "series_skipped_by_reason"), ("skipped files", "files_skipped_by_reason")):
+        if report[key]:
+            parts = ", ".join(f"{n} {reason}" for reason, n in sorted(report[key].items(), key=lambda kv: -kv[1]))
+            lines.append(f"  {title}: {parts}")
+    if "index" in report:
+        s = report["split"]
+        lines.append(f"  index: {report['index']['series']} series, {report['index']['patients']} patient(s); "
+                     f"split {s['file']}: {s['train_series']} train / {s['val_series']} val series "
+                     f"({s['train_patients']} / {s['val_patients']} patients)")
+        if s["val_series"] == 0 and s["val_fraction"] > 0:
+            lines.append("  note: the validation split is empty (one patient only); add patients "
+                         "before running the label-free evaluation")
+    lines.append(f"  report: {Path(report['output']) / REPORT_FILE}")
+    return "\n".join(lines)
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "prep", help="convert DICOM/NIfTI CT scans into the processed data root",
+        description="Convert DICOM series and NIfTI volumes into int16 HU volumes, an index "
+                    "and a patient-level train/val split.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--input", nargs="+", required=True, type=Path, metavar="DIR",
+                   default=argparse.SUPPRESS,
+                   help="folders (searched recursively) or files with DICOM and/or NIfTI scans")
+    p.add_argument("--output", type=Path, default=Path("data/processed"), help="processed data root")
+    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
+                   help="parallel processes")
+    p.add_argument("--force", action="store_true", help="rewrite series that are already done")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="fraction of patients for validation")
+    p.add_argument("--split-seed", type=int, default=0, help="seed of the patient split")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    report = prepare(args.input, args.output, workers=args.workers, force=args.force,
+                     val_fraction=args.val_fraction, split_seed=args.split_seed)
+    print(format_summary(report))
+    return 0

@@ -1,0 +1,59 @@
+"""The processed data root: where volumes, the index and the splits live, and how the
+index is read and written. Shared by `dinox prep` (writer) and the dataset (reader)."""
+from __future__ import annotations
+
+import csv
+import io
+import os
+from pathlib import Path
+
+VOLUMES_DIR = "volumes"
+INDEX_FILE = "_index/index.csv"
+SPLITS_DIR = "_splits"
+REPORT_FILE = "prep_report.json"
+INDEX_COLUMNS = ["series_id", "patient_id", "path", "num_slices", "rows", "cols",
+                 "spacing_z", "spacing_y", "spacing_x"]
+EXTRA_COLUMNS = ["source", "modality", "n_source_files", "notes"]
+
+
+def split_name(val_fraction: float, seed: int) -> str:
+    """File name of a split manifest, e.g. val10_seed0.json for 10 % and seed 0."""
+    return f"val{round(100 * val_fraction)}_seed{seed}.json"
+
+
+def default_manifest(root) -> Path:
+    return Path(root) / SPLITS_DIR / split_name(0.1, 0)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write via a temporary file in the same folder, fsync, then rename over `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def read_index(path) -> list[dict[str, str]]:
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in INDEX_COLUMNS if c not in (reader.fieldnames or [])]
+        if missing:
+            raise ValueError(f"{path} lacks columns {', '.join(missing)}")
+        return list(reader)
+
+
+def write_index(path: Path, rows: list[dict]) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=INDEX_COLUMNS + EXTRA_COLUMNS, extrasaction="ignore",
+                            lineterminator="\n")
+    writer.writeheader()
+    for row in sorted(rows, key=lambda r: r["series_id"]):
+        writer.writerow(row)
+    atomic_write_text(path, buf.getvalue())

@@ -1,0 +1,26 @@
+"""Patient-level train/validation split."""
+from __future__ import annotations
+
+import hashlib
+
+
+def _rank(seed: int, patient_id: str) -> str:
+    return hashlib.sha256(f"{seed}:{patient_id}".encode()).hexdigest()
+
+
+def patient_split(series_patient: dict[str, str], val_fraction: float, seed: int) -> dict[str, list[str]]:
+    """{"train": [...], "val": [...]} series ids; all series of a patient land on one side.
+
+    Patients are ordered by a hash of (seed, patient id) and the first round(f * n) go to
+    validation (at least one, and at least one left for training, when f > 0 and there are
+    two or more patients). The assignment of a patient does not depend on the order of the
+    input, and adding patients moves few others."""
+    patients = sorted(set(series_patient.values()), key=lambda p: (_rank(seed, p), p))
+    n_val = round(val_fraction * len(patients))
+    if val_fraction > 0 and len(patients) >= 2:
+        n_val = min(max(n_val, 1), len(patients) - 1)
+    val_patients = set(patients[:n_val])
+    split = {"train": [], "val": []}
+    for sid in sorted(series_patient):
+        split["val" if series_patient[sid] in val_patients else "train"].append(sid)
+    return split

@@ -1,0 +1,161 @@
+from __future__ import annotations
+
+import csv
+import json
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from dinox.data.dataset import CTSliceDataset, pad_collate
+from dinox.data.ingest import prepare
+from dinox.data.synth import generate_dataset
+from dinox.errors import UserError
+
+COLUMNS = ["series_id", "patient_id", "path", "num_slices", "rows", "cols", "spacing_z", "spacing_y", "spacing_x"]
+
+
+def make_root(root: Path, shapes: dict[str, tuple[int, int, int]], val: list[str]) -> dict[str, np.ndarray]:
+    """A processed root written by hand (independent of `dinox prep`)."""
+    (root / "volumes").mkdir(parents=True)
+    (root / "_index").mkdir()
+    (root / "_splits").mkdir()
+    rng = np.random.default_rng(0)
+    vols = {}
+    with open(root / "_index" / "index.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(COLUMNS)
+        for sid, shape in shapes.items():
+            vols[sid] = rng.integers(-1024, 3071, shape).astype(np.int16)
+            np.save(root / "volumes" / f"{sid}.npy", vols[sid])
+            w.writerow([sid, f"pat-{sid}", f"volumes/{sid}.npy", *shape, 2.5, 0.7, 0.7])
+    split = {"train": [s for s in shapes if s not in val], "val": val}
+    (root / "_splits" / "val10_seed0.json").write_text(json.dumps(split))
+    return vols
+
+
+@pytest.fixture()
+def root(tmp_path):
+    vols = make_root(tmp_path, {"a": (4, 6, 5), "b": (1, 6, 5), "c": (3, 8, 8)}, val=["c"])
+    return tmp_path, vols
+
+
+def expected_stack(vol: np.ndarray, z: int) -> np.ndarray:
+    last = len(vol) - 1
+    return vol[[max(z - 1, 0), z, min(z + 1, last)]]
+
+
+def test_len_items_and_edges(root):
+    path, vols = root
+    ds = CTSliceDataset(path, split="train")
+    assert ds.series_ids == ["a", "b"]
+    assert len(ds) == 5
+    for i in range(len(ds)):
+        sid, z = ds.locate(i)
+        item = ds[i]
+        assert item.dtype == torch.int16 and item.shape == (3,) + vols[sid].shape[1:]
+        np.testing.assert_array_equal(item.numpy(), expected_stack(vols[sid], z))
+    np.testing.assert_array_equal(ds[0].numpy(), vols["a"][[0, 0, 1]])
+    np.testing.assert_array_equal(ds[3].numpy(), vols["a"][[2, 3, 3]])
+    np.testing.assert_array_equal(ds[4].numpy(), vols["b"][[0, 0, 0]])
+    np.testing.assert_array_equal(ds[-1].numpy(), ds[4].numpy())
+    with pytest.raises(IndexError):
+        ds[5]
+
+
+def test_split_selection_ranges_and_min_slices(root):
+    path, _ = root
+    assert CTSliceDataset(path, split="val").series_ids == ["c"]
+    all_ds = CTSliceDataset(path, split="all")
+    assert all_ds.series_ids == ["a", "b", "c"] and len(all_ds) == 8
+    assert all_ds.series_ranges() == {"a": range(0, 4), "b": range(4, 5), "c": range(5, 8)}
+    assert all_ds.locate(5) == ("c", 0)
+    assert CTSliceDataset(path, split="all", min_slices=2).series_ids == ["a", "c"]
+    explicit = CTSliceDataset(None, split="val", split_manifest=path / "_splits" / "val10_seed0.json",
+                              index_csv=path / "_index" / "index.csv")
+    assert explicit.series_ids == ["c"] and len(explicit) == 3
+
+
+def test_user_errors(root, tmp_path_factory):
+    path, _ = root
+    empty = tmp_path_factory.mktemp("empty")
+    with pytest.raises(UserError, match="dinox prep"):
+        CTSliceDataset(empty)
+    with pytest.raises(UserError, match="split manifest not found"):
+        CTSliceDataset(path, split_manifest=path / "nope.json")
+    with pytest.raises(UserError):
+        CTSliceDataset(path, split="test")
+    with pytest.raises(UserError, match="at least 5 slices"):
+        CTSliceDataset(path, split="all", min_slices=5)
+    (path / "volumes" / "c.npy").unlink()
+    with pytest.raises(UserError, match="missing"):
+        CTSliceDataset(path, split="val")
+    (path / "_splits" / "val10_seed0.json").write_text(json.dumps({"train": ["zz"], "val": []}))
+    with pytest.raises(UserError, match="not in"):
+        CTSliceDataset(path, split="train")
+
+
+def test_pickles_without_mapped_volumes(root):
+    path, vols = root
+    ds = CTSliceDataset(path, split="all")
+    ds[0], ds[6]
+    blob = pickle.dumps(ds)
+    assert len(blob) < 4000
+    clone = pickle.loads(blob)
+    np.testing.assert_array_equal(clone[6].numpy(), ds[6].numpy())
+
+
+def test_dataloader_workers(root):
+    path, vols = root
+    ds = CTSliceDataset(path, split="all")
+    ds[0]  # maps opened in the parent must not leak into the workers
+    loader = DataLoader(ds, batch_size=3, num_workers=2, collate_fn=pad_collate, shuffle=False)
+    batches = list(loader)
+    assert sum(b.shape[0] for b in batches) == len(ds)
+    assert batches[-1].shape[-2:] == (8, 8)
+    np.testing.assert_array_equal(batches[-1][-1].numpy(), expected_stack(vols["c"], 2))
+
+
+def test_pad_collate_centres_on_air():
+    small = torch.ones(3, 2, 4, dtype=torch.int16)
+    big = torch.full((3, 5, 6), 7, dtype=torch.int16)
+    out = pad_collate([small, big])
+    assert out.shape == (2, 3, 5, 6) and out.dtype == torch.int16
+    assert torch.equal(out[1], big)
+    expected = torch.full((3, 5, 6), -1024, dtype=torch.int16)
+    expected[:, 1:3, 1:5] = 1
+    assert torch.equal(out[0], expected)
+    same = pad_collate([big, big])
+    assert same.shape == (2, 3, 5, 6)
+    with pytest.raises(ValueError):
+        pad_collate([])
+
+
+def test_end_to_end_synth_prep_dataset(tmp_path):
+    labels = generate_dataset(tmp_path / "dicom", patients=3, slices=8, size=64, seed=5)
+    report = prepare([tmp_path / "dicom"], tmp_path / "processed", workers=1, progress=False)
+    assert len(report["series_written"]) == 3
+    assert report["files_skipped_by_reason"] == {"not a DICOM file": 1}      # labels.json
+    ds = CTSliceDataset(tmp_path / "processed", split="all")
+    assert len(ds) == 24 and set(ds.series_ids) == {s["series_uid"] for s in labels["series"]}
+    train = CTSliceDataset(tmp_path / "processed", split="train")
+    val = CTSliceDataset(tmp_path / "processed", split="val")
+    assert len(train) + len(val) == 24 and len(val) == 8
+    # prepared volume = DICOM HU, slice order = position order, clipped to the CT range
+    series = labels["series"][0]
+    files = sorted((tmp_path / "dicom" / series["series_dir"]).glob("*.dcm"))
+    hu = []
+    for f in files:
+        d = pydicom.dcmread(f)
+        hu.append(d.pixel_array * float(d.RescaleSlope) + float(d.RescaleIntercept))
+    hu = np.clip(np.stack(hu), -1024, 3071).astype(np.int16)
+    k = ds.series_ids.index(series["series_uid"])
+    start = ds.series_ranges()[series["series_uid"]].start
+    for z in range(8):
+        np.testing.assert_array_equal(ds[start + z].numpy(), expected_stack(hu, z))
+    assert ds.records[k]["num_slices"] == "8"
+    assert float(ds.records[k]["spacing_z"]) == pytest.approx(series["spacing_zyx_mm"][0])

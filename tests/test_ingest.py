@@ -1,0 +1,488 @@
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import encapsulate
+from pydicom.pixels import get_decoder
+from pydicom.uid import (CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGLossless,
+                         MRImageStorage, RLELossless, generate_uid)
+
+from dinox.cli import main
+from dinox.data import ingest
+from dinox.data.layout import INDEX_COLUMNS, split_name
+from dinox.data.splits import patient_split
+
+
+def write_slice(path: Path, stored: np.ndarray, *, series_uid: str, patient_id: str = "P1",
+                position=(0.0, 0.0, 0.0), orientation=(1, 0, 0, 0, 1, 0), slope: float = 1.0,
+                intercept: float = -1024.0, instance: int = 1, modality: str = "CT",
+                image_type=("ORIGINAL", "PRIMARY", "AXIAL"), spacing=(0.7, 0.8),
+                implicit: bool = False, transfer_syntax: str | None = None, bare: bool = False) -> Path:
+    """A minimal single-frame DICOM image written with pydicom, independent of dinox."""
+    signed = stored.dtype.kind == "i"
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    sop_class = CTImageStorage if modality == "CT" else MRImageStorage
+    ds.file_meta.MediaStorageSOPClassUID = sop_class
+    sop_uid = generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
+    ds.file_meta.TransferSyntaxUID = transfer_syntax or (ImplicitVRLittleEndian if implicit
+                                                         else ExplicitVRLittleEndian)
+    ds.SOPClassUID = sop_class
+    ds.SOPInstanceUID = sop_uid
+    ds.Modality = modality
+    ds.ImageType = list(image_type)
+    ds.PatientID = patient_id
+    ds.StudyInstanceUID = "1.2.3.4"
+    ds.SeriesInstanceUID = series_uid
+    ds.InstanceNumber = instance
+    ds.ImagePositionPatient = [f"{v:.6f}" for v in position]
+    ds.ImageOrientationPatient = [f"{v:.8f}" for v in orientation]
+    ds.PixelSpacing = list(spacing)
+    ds.SliceThickness = "1"
+    ds.Rows, ds.Columns = stored.shape
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated = ds.BitsStored = 16
+    ds.HighBit = 15
+    ds.PixelRepresentation = 1 if signed else 0
+    ds.RescaleSlope = f"{slope:g}"
+    ds.RescaleIntercept = f"{intercept:g}"
+    if transfer_syntax == JPEGLossless:
+        ds.PixelData = encapsulate([b"\xff\xd8\xff\xc3 not really a jpeg \xff\xd9"])
+    else:
+        ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian
+        ds.PixelData = stored.astype("<i2" if signed else "<u2").tobytes()
+        if transfer_syntax == RLELossless:
+            ds.compress(RLELossless, encoding_plugin="pydicom")
+    if bare:   # no preamble, no file meta: an old-style bare dataset
+        del ds.file_meta
+        pydicom.dcmwrite(path, ds, implicit_vr=True, little_endian=True)
+    else:
+        ds.save_as(path, enforce_file_format=True, implicit_vr=implicit, little_endian=True)
+    return path
+
+
+def write_series(folder: Path, hu: np.ndarray, series_uid: str, patient_id: str = "P1",
+                 dz: float = 2.5, **kw) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    return [write_slice(folder / f"{series_uid[-6:]}_{k:03d}.dcm", (hu[k] + 1024).astype(np.uint16),
+                        series_uid=series_uid, patient_id=patient_id, position=(-50.0, -60.0, k * dz),
+                        instance=k + 1, **kw) for k in range(len(hu))]
+
+
+def random_hu(rng, shape) -> np.ndarray:
+    return rng.integers(-1000, 2000, shape).astype(np.int16)
+
+
+def prep(inputs, out: Path, **kw) -> dict:
+    kw.setdefault("workers", 1)
+    kw.setdefault("progress", False)
+    return ingest.prepare([str(p) for p in inputs], str(out), **kw)
+
+
+def index_rows(out: Path) -> dict[str, dict]:
+    with open(out / "_index" / "index.csv", newline="") as f:
+        return {r["series_id"]: r for r in csv.DictReader(f)}
+
+
+def volume(out: Path, series_id: str) -> np.ndarray:
+    return np.load(out / "volumes" / f"{series_id}.npy")
+
+
+def test_shuffled_names_instances_and_per_slice_rescale_give_exact_hu(tmp_path):
+    rng = np.random.default_rng(0)
+    n, shape = 7, (10, 12)
+    hu = (rng.integers(-500, 1500, (n,) + shape) * 2).astype(np.int16)   # even: exact for slope 2
+    a = np.deg2rad(25.0)
+    row_dir = np.array([1.0, 0.0, 0.0])
+    col_dir = np.array([0.0, np.cos(a), -np.sin(a)])
+    normal = np.cross(row_dir, col_dir)
+    names = rng.permutation(n)
+    instances = rng.permutation(n) + 1
+    rescales = [(1, -1024), (2, -2048), (0.5, -1000), (1, 0), (2, -1024), (1, -3000), (0.5, -1024)]
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for k in range(n):
+        slope, intercept = rescales[k]
+        stored = ((hu[k].astype(np.float64) - intercept) / slope).astype(np.int32)
+        dtype = np.int16 if stored.min() < 0 or k % 2 else np.uint16
+        # in-plane offsets move the position's z around, so only the normal orders slices
+        position = (np.array([10.0, 20.0, 30.0]) + 1.25 * k * normal
+                    + rng.uniform(-40, 40) * col_dir + rng.uniform(-40, 40) * row_dir)
+        write_slice(folder / f"IM{names[k]:02d}", stored.astype(dtype), series_uid="1.2.3.1",
+                    position=tuple(position), orientation=tuple(row_dir) + tuple(col_dir),
+                    slope=slope, intercept=intercept, instance=int(instances[k]))
+    report = prep([folder], tmp_path / "out")
+    assert report["series_written"] == ["1.2.3.1"]
+    np.testing.assert_array_equal(volume(tmp_path / "out", "1.2.3.1"), hu)
+    row = index_rows(tmp_path / "out")["1.2.3.1"]
+    assert float(row["spacing_z"]) == pytest.approx(1.25)
+    assert (float(row["spacing_y"]), float(row["spacing_x"])) == (0.7, 0.8)
+    assert (int(row["num_slices"]), int(row["rows"]), int(row["cols"])) == (n, 10, 12)
+
+
+@pytest.mark.parametrize("signed", [False, True])
+@pytest.mark.parametrize("implicit", [False, True])
+def test_signed_unsigned_implicit_explicit(tmp_path, signed, implicit):
+    rng = np.random.default_rng(1)
+    hu = random_hu(rng, (3, 8, 8))
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for k in range(3):
+        stored = hu[k] if signed else (hu[k] + 1024).astype(np.uint16)
+        write_slice(folder / f"s{k}.dcm", stored, series_uid="1.9", position=(0, 0, float(k)),
+                    intercept=0 if signed else -1024, implicit=implicit, instance=k + 1)
+    meta = pydicom.dcmread(folder / "s0.dcm", stop_before_pixels=True).file_meta
+    assert meta.TransferSyntaxUID == (ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian)
+    prep([folder], tmp_path / "out")
+    np.testing.assert_array_equal(volume(tmp_path / "out", "1.9"), hu)
+
+
+def test_bare_dataset_without_preamble(tmp_path):
+    hu = random_hu(np.random.default_rng(14), (3, 5, 5))
+    files = write_series(tmp_path / "in", hu, "1.15", bare=True)
+    assert files[0].read_bytes()[128:132] != b"DICM"
+    prep([tmp_path / "in"], tmp_path / "out")
+    np.testing.assert_array_equal(volume(tmp_path / "out", "1.15"), hu)
+
+
+def test_values_clipped_to_ct_range(tmp_path):
+    hu = np.full((3, 4, 4), 100, np.int16)
+    hu[:, 0, 0] = -3024
+    hu[:, 1, 1] = 4000
+    hu[:, 2, 2] = -1100
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for k in range(3):
+        write_slice(folder / f"{k}.dcm", hu[k], series_uid="1.5", position=(0, 0, k), intercept=0)
+    prep([folder], tmp_path / "out")
+    vol = volume(tmp_path / "out", "1.5")
+    assert vol.dtype == np.int16
+    assert (vol[:, 0, 0] == -1024).all() and (vol[:, 1, 1] == 3071).all() and (vol[:, 2, 2] == -1024).all()
+    assert (vol[:, 3, 3] == 100).all()
+
+
+def test_skips_localizers_non_ct_single_slices_junk_and_truncated(tmp_path):
+    rng = np.random.default_rng(2)
+    folder = tmp_path / "in"
+    ct = write_series(folder, random_hu(rng, (4, 8, 8)), "1.1.1")
+    write_series(folder, random_hu(rng, (2, 8, 8)), "1.1.2", image_type=("ORIGINAL", "PRIMARY", "LOCALIZER"))
+    write_series(folder, random_hu(rng, (3, 8, 8)), "1.1.3", modality="MR")
+    write_series(folder, random_hu(rng, (1, 8, 8)), "1.1.4")
+    (folder / "notes.txt").write_text("not an image")
+    (folder / "random.bin").write_bytes(rng.bytes(3000))
+    good = ct[0].read_bytes()
+    (folder / "truncated_header.dcm").write_bytes(good[:200])
+    # a fifth slice of the CT series whose pixel data is cut short
+    extra = write_slice(folder / "cut.dcm", np.zeros((8, 8), np.uint16), series_uid="1.1.1",
+                        position=(-50.0, -60.0, 10.0), instance=5)
+    extra.write_bytes(extra.read_bytes()[:-60])
+
+    report = prep([folder], tmp_path / "out")
+    assert report["series_written"] == ["1.1.1"]
+    assert volume(tmp_path / "out", "1.1.1").shape == (4, 8, 8)
+    skipped = {s["series_id"]: s["reason"] for s in report["series_skipped"]}
+    assert "localizer" in skipped["1.1.2"]
+    assert "MR" in skipped["1.1.3"] and "not CT" in skipped["1.1.3"]
+    assert "single slice" in skipped["1.1.4"]
+    files = {Path(f["path"]).name: f["reason"] for f in report["files_skipped"]}
+    assert files["notes.txt"] == "not a DICOM file"
+    assert files["random.bin"] == "not a DICOM file"
+    assert "truncated_header.dcm" in files
+    assert files["cut.dcm"].startswith("unreadable pixel data")
+    on_disk = json.loads((tmp_path / "out" / "prep_report.json").read_text())
+    assert on_disk["counts"] == report["counts"]
+    assert on_disk["counts"]["series_skipped"] == 3
+    assert on_disk["files_skipped_by_reason"]["not a DICOM file"] == 2
+
+
+def test_series_in_one_folder_are_separated(tmp_path):
+    rng = np.random.default_rng(3)
+    folder = tmp_path / "mixed"
+    a, b = random_hu(rng, (3, 8, 8)), random_hu(rng, (5, 8, 8))
+    write_series(folder, a, "1.2.10", patient_id="A")
+    write_series(folder, b, "1.2.20", patient_id="B", dz=1.0)
+    # a file of series A in another folder still belongs to A
+    (tmp_path / "elsewhere").mkdir()
+    write_slice(tmp_path / "elsewhere" / "x.dcm", (a[0] + 1024).astype(np.uint16), series_uid="1.2.10",
+                patient_id="A",
+                position=(-50.0, -60.0, 7.5), instance=4)
+    report = prep([folder, tmp_path / "elsewhere"], tmp_path / "out")
+    assert sorted(report["series_written"]) == ["1.2.10", "1.2.20"]
+    np.testing.assert_array_equal(volume(tmp_path / "out", "1.2.10"), np.concatenate([a, a[:1]]))
+    np.testing.assert_array_equal(volume(tmp_path / "out", "1.2.20"), b)
+    rows = index_rows(tmp_path / "out")
+    assert rows["1.2.10"]["patient_id"] == "A" and rows["1.2.20"]["patient_id"] == "B"
+
+
+def test_overlapping_inputs_and_output_inside_input(tmp_path):
+    hu = random_hu(np.random.default_rng(15), (3, 4, 4))
+    write_series(tmp_path / "in" / "p1" / "s1", hu, "1.16")
+    out = tmp_path / "in" / "processed"
+    prep([tmp_path / "in", tmp_path / "in" / "p1"], out)
+    report = prep([tmp_path / "in", tmp_path / "in" / "p1"], out, force=True)
+    assert report["series_written"] == ["1.16"] and report["files_skipped"] == []
+    np.testing.assert_array_equal(volume(out, "1.16"), hu)
+
+
+def test_inconsistent_geometry_keeps_majority(tmp_path):
+    rng = np.random.default_rng(4)
+    folder = tmp_path / "in"
+    hu = random_hu(rng, (4, 8, 8))
+    write_series(folder, hu, "1.3")
+    write_slice(folder / "odd.dcm", np.zeros((6, 6), np.uint16), series_uid="1.3", position=(-50, -60, 10.0))
+    report = prep([folder], tmp_path / "out")
+    np.testing.assert_array_equal(volume(tmp_path / "out", "1.3"), hu)
+    files = {Path(f["path"]).name: f["reason"] for f in report["files_skipped"]}
+    assert "inconsistent geometry" in files["odd.dcm"]
+
+
+def test_duplicates_dropped_gaps_and_irregular_spacing_reported(tmp_path):
+    rng = np.random.default_rng(5)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    zs = [0.0, 1.0, 2.0, 2.0, 4.0, 5.0, 6.0]          # one duplicate, one gap
+    hu = random_hu(rng, (len(zs), 6, 6))
+    for k, z in enumerate(zs):
+        write_slice(folder / f"{k}.dcm", (hu[k] + 1024).astype(np.uint16), series_uid="1.4.1",
+                    position=(0, 0, z), instance=k + 1)
+    zs2 = [0.0, 1.0, 2.4, 3.4, 4.4]                    # irregular step, not a missing slice
+    hu2 = random_hu(rng, (len(zs2), 6, 6))
+    for k, z in enumerate(zs2):
+        write_slice(folder / f"b{k}.dcm", (hu2[k] + 1024).astype(np.uint16), series_uid="1.4.2",
+                    position=(0, 0, z), instance=k + 1, patient_id="P2")
+    report = prep([folder], tmp_path / "out")
+    vol = volume(tmp_path / "out", "1.4.1")
+    assert vol.shape[0] == 6
+    np.testing.assert_array_equal(vol[[0, 1, 3, 4, 5]], hu[[0, 1, 4, 5, 6]])
+    assert any(f["reason"] == "duplicate slice position" for f in report["files_skipped"])
+    rows = index_rows(tmp_path / "out")
+    assert float(rows["1.4.1"]["spacing_z"]) == 1.0
+    assert "gap" in " ".join(report["series_notes"]["1.4.1"])
+    assert "gap" in rows["1.4.1"]["notes"]
+    assert float(rows["1.4.2"]["spacing_z"]) == pytest.approx(1.0)
+    assert "irregular" in " ".join(report["series_notes"]["1.4.2"])
+
+
+def test_compressed_without_decoder_is_skipped_with_install_hint(tmp_path):
+    if get_decoder(JPEGLossless).is_available:
+        pytest.skip("a JPEG Lossless decoder is installed here")
+    rng = np.random.default_rng(6)
+    folder = tmp_path / "in"
+    write_series(folder, random_hu(rng, (3, 8, 8)), "1.6.1")
+    write_series(folder, random_hu(rng, (3, 8, 8)), "1.6.2", transfer_syntax=JPEGLossless)
+    report = prep([folder], tmp_path / "out")
+    assert report["series_written"] == ["1.6.1"]
+    (skip,) = report["series_skipped"]
+    assert skip["series_id"] == "1.6.2"
+    assert "pip install pylibjpeg pylibjpeg-libjpeg" in skip["reason"]
+    assert "gdcm" in skip["reason"]
+
+
+def test_compressed_with_decoder_is_decoded(tmp_path):
+    hu = random_hu(np.random.default_rng(16), (3, 8, 8))
+    files = write_series(tmp_path / "in", hu, "1.17", transfer_syntax=RLELossless)
+    assert pydicom.dcmread(files[0]).file_meta.TransferSyntaxUID == RLELossless
+    prep([tmp_path / "in"], tmp_path / "out")
+    np.testing.assert_array_equal(volume(tmp_path / "out", "1.17"), hu)
+
+
+def test_rerun_keeps_done_series_unless_forced(tmp_path):
+    rng = np.random.default_rng(7)
+    folder = tmp_path / "in"
+    write_series(folder, random_hu(rng, (3, 8, 8)), "1.7.1", patient_id="A")
+    write_series(folder, random_hu(rng, (3, 8, 8)), "1.7.2", patient_id="B")
+    out = tmp_path / "out"
+    first = prep([folder], out)
+    assert sorted(first["series_written"]) == ["1.7.1", "1.7.2"]
+    stamp = (out / "volumes" / "1.7.1.npy").stat().st_mtime_ns
+    second = prep([folder], out)
+    assert second["series_written"] == [] and sorted(second["series_kept"]) == ["1.7.1", "1.7.2"]
+    assert (out / "volumes" / "1.7.1.npy").stat().st_mtime_ns == stamp
+    (out / "volumes" / "1.7.2.npy").unlink()
+    third = prep([folder], out)
+    assert third["series_written"] == ["1.7.2"] and third["series_kept"] == ["1.7.1"]
+    forced = prep([folder], out, force=True)
+    assert sorted(forced["series_written"]) == ["1.7.1", "1.7.2"]
+    assert set(index_rows(out)) == {"1.7.1", "1.7.2"}
+
+
+def test_index_and_split_cover_series_from_earlier_runs(tmp_path):
+    rng = np.random.default_rng(8)
+    write_series(tmp_path / "a", random_hu(rng, (3, 8, 8)), "1.8.1", patient_id="A")
+    write_series(tmp_path / "b", random_hu(rng, (3, 8, 8)), "1.8.2", patient_id="B")
+    out = tmp_path / "out"
+    prep([tmp_path / "a"], out)
+    prep([tmp_path / "b"], out)
+    assert set(index_rows(out)) == {"1.8.1", "1.8.2"}
+    split = json.loads((out / "_splits" / "val10_seed0.json").read_text())
+    assert sorted(split["train"] + split["val"]) == ["1.8.1", "1.8.2"]
+
+
+def test_index_columns_and_split_file(tmp_path):
+    rng = np.random.default_rng(9)
+    for p in range(8):
+        write_series(tmp_path / "in" / f"p{p}", random_hu(rng, (2, 4, 4)), f"1.9.{p}", patient_id=f"P{p % 4}")
+    out = tmp_path / "out"
+    report = prep([tmp_path / "in"], out, val_fraction=0.25, split_seed=3)
+    header = (out / "_index" / "index.csv").read_text().splitlines()[0].split(",")
+    assert header[:len(INDEX_COLUMNS)] == INDEX_COLUMNS
+    for row in index_rows(out).values():
+        assert (out / row["path"]).is_file() and not Path(row["path"]).is_absolute()
+    split = json.loads((out / "_splits" / "val25_seed3.json").read_text())
+    assert report["split"]["file"] == "_splits/val25_seed3.json"
+    patients = {r["series_id"]: r["patient_id"] for r in index_rows(out).values()}
+    train_p = {patients[s] for s in split["train"]}
+    val_p = {patients[s] for s in split["val"]}
+    assert not train_p & val_p and len(val_p) == 1 and len(train_p) == 3
+
+
+def test_patient_split_properties():
+    series = {f"s{i}": f"p{i // 3}" for i in range(60)}          # 20 patients, 3 series each
+    split = patient_split(series, 0.1, 0)
+    assert split == patient_split(dict(reversed(list(series.items()))), 0.1, 0)
+    val_p = {series[s] for s in split["val"]}
+    assert len(val_p) == 2 and not val_p & {series[s] for s in split["train"]}
+    assert sorted(split["train"] + split["val"]) == sorted(series)
+    assert patient_split(series, 0.1, 1) != split
+    assert patient_split({"a": "p"}, 0.1, 0) == {"train": ["a"], "val": []}
+    assert patient_split({"a": "p", "b": "q"}, 0.1, 0)["val"] != []
+    assert split_name(0.1, 0) == "val10_seed0.json" and split_name(0.25, 3) == "val25_seed3.json"
+
+
+def test_workers_give_the_same_result(tmp_path):
+    rng = np.random.default_rng(10)
+    for p in range(3):
+        write_series(tmp_path / "in" / f"p{p}", random_hu(rng, (3, 8, 8)), f"1.10.{p}", patient_id=f"P{p}")
+    one = prep([tmp_path / "in"], tmp_path / "o1", workers=1)
+    two = prep([tmp_path / "in"], tmp_path / "o2", workers=2)
+    assert sorted(one["series_written"]) == sorted(two["series_written"])
+    assert (tmp_path / "o1/_index/index.csv").read_text() == (tmp_path / "o2/_index/index.csv").read_text()
+    for sid in one["series_written"]:
+        np.testing.assert_array_equal(volume(tmp_path / "o1", sid), volume(tmp_path / "o2", sid))
+
+
+def test_interrupted_write_leaves_no_partial_volume(tmp_path, monkeypatch):
+    target = tmp_path / "v.npy"
+
+    def dying_save(f, arr, allow_pickle=False):
+        f.write(b"\x93NUMPY partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ingest.np, "save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        ingest.save_volume(target, np.zeros((2, 2, 2), np.int16))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_stale_temp_files_are_removed(tmp_path):
+    rng = np.random.default_rng(11)
+    write_series(tmp_path / "in", random_hu(rng, (3, 4, 4)), "1.11")
+    out = tmp_path / "out"
+    (out / "volumes").mkdir(parents=True)
+    stale = out / "volumes" / ".1.11.npy.tmp12345"
+    stale.write_bytes(b"half")
+    prep([tmp_path / "in"], out)
+    assert not stale.exists()
+    assert sorted(p.name for p in (out / "volumes").iterdir()) == ["1.11.npy"]
+
+
+def _nifti(path: Path, data: np.ndarray, affine: np.ndarray) -> Path:
+    nib.save(nib.Nifti1Image(data, affine), str(path))
+    return path
+
+
+@pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
+def test_nifti_reoriented_to_zhw(tmp_path, suffix):
+    rng = np.random.default_rng(12)
+    vol = random_hu(rng, (5, 6, 7))                      # (Z, H, W) as a DICOM axial series
+    sz, sy, sx = 2.5, 0.8, 0.7
+    folder = tmp_path / "in"
+    folder.mkdir()
+    # LPS-like storage: i -> patient left, j -> posterior, k -> superior
+    lps = np.diag([-sx, -sy, sz, 1.0])
+    _nifti(folder / f"case_a{suffix}", np.ascontiguousarray(vol.transpose(2, 1, 0)), lps)
+    # permuted and flipped storage: i -> posterior rows, j -> slices top-down, k -> patient left
+    perm = np.array([[0, 0, -sx, 0], [-sy, 0, 0, 0], [0, -sz, 0, 0], [0, 0, 0, 1.0]])
+    _nifti(folder / f"case_b{suffix}", np.ascontiguousarray(vol[::-1].transpose(1, 0, 2)), perm)
+    out = tmp_path / "out"
+    report = prep([folder], out)
+    assert sorted(report["series_written"]) == ["case_a", "case_b"]
+    rows = index_rows(out)
+    for sid in ("case_a", "case_b"):
+        np.testing.assert_array_equal(volume(out, sid), vol)
+        assert rows[sid]["patient_id"] == sid
+        assert (float(rows[sid]["spacing_z"]), float(rows[sid]["spacing_y"]),
+                float(rows[sid]["spacing_x"])) == pytest.approx((sz, sy, sx))
+
+
+def test_nifti_mask_and_same_names_in_patient_folders(tmp_path):
+    rng = np.random.default_rng(13)
+    for p in ("p1", "p2"):
+        (tmp_path / "in" / p).mkdir(parents=True)
+        _nifti(tmp_path / "in" / p / "ct.nii.gz", random_hu(rng, (3, 4, 4)), np.eye(4))
+    _nifti(tmp_path / "in" / "p1" / "seg.nii.gz", np.ones((3, 4, 4), np.uint8), np.eye(4))
+    report = prep([tmp_path / "in"], tmp_path / "out")
+    assert sorted(report["series_written"]) == ["p1_ct", "p2_ct"]
+    (skip,) = report["series_skipped"]
+    assert skip["series_id"] == "seg" and "not look like CT" in skip["reason"]
+    rows = index_rows(tmp_path / "out")
+    assert rows["p1_ct"]["patient_id"] != rows["p2_ct"]["patient_id"]
+
+
+def _cli(capsys, *args) -> tuple[int, str]:
+    rc = main(["prep", *map(str, args), "--workers", "1"])
+    return rc, capsys.readouterr().err
+
+
+def _assert_user_error(rc: int, err: str, *words: str) -> None:
+    assert rc != 0
+    assert err.startswith("error:") and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+    for w in words:
+        assert w in err
+
+
+def test_cli_missing_input(tmp_path, capsys):
+    rc, err = _cli(capsys, "--input", tmp_path / "nope", "--output", tmp_path / "out")
+    _assert_user_error(rc, err, "not found")
+
+
+def test_cli_empty_input(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    rc, err = _cli(capsys, "--input", tmp_path / "empty", "--output", tmp_path / "out")
+    _assert_user_error(rc, err, "empty")
+
+
+def test_cli_no_ct_series(tmp_path, capsys):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "readme.txt").write_text("hello")
+    write_series(tmp_path / "in", random_hu(np.random.default_rng(0), (3, 4, 4)), "1.12", modality="MR")
+    rc, err = _cli(capsys, "--input", tmp_path / "in", "--output", tmp_path / "out")
+    _assert_user_error(rc, err, "no usable CT series")
+    report = json.loads((tmp_path / "out" / "prep_report.json").read_text())
+    assert report["counts"]["series_skipped"] == 1 and report["counts"]["files_skipped"] == 1
+
+
+def test_cli_output_is_a_file(tmp_path, capsys):
+    write_series(tmp_path / "in", random_hu(np.random.default_rng(0), (3, 4, 4)), "1.13")
+    (tmp_path / "out").write_text("x")
+    rc, err = _cli(capsys, "--input", tmp_path / "in", "--output", tmp_path / "out")
+    _assert_user_error(rc, err, "existing file")
+
+
+def test_cli_prints_summary(tmp_path, capsys):
+    write_series(tmp_path / "in", random_hu(np.random.default_rng(0), (3, 4, 4)), "1.14")
+    (tmp_path / "in" / "junk.txt").write_text("x")
+    rc = main(["prep", "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--workers", "1"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "1 series written" in out and "1 not a DICOM file" in out and "val10_seed0.json" in out

@@ -1,0 +1,198 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
+
+from dinox.cli import main
+from dinox.data.phantom import _Lung, _vessel_tree, make_phantom
+from dinox.data.synth import generate_dataset
+
+
+def _hu(ds) -> np.ndarray:
+    return ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+
+
+def _files(root: Path) -> list[Path]:
+    return sorted(root.glob("*/*/slice_*.dcm"))
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("synth")
+    return out, generate_dataset(out, patients=2, slices=6, size=48, seed=7)
+
+
+@pytest.fixture(scope="module")
+def chest() -> list:
+    """Noise-free phantoms of several patients at a resolution where anatomy is visible."""
+    return [make_phantom(np.random.default_rng(np.random.SeedSequence([3, i])), 40, 128, noise=False)
+            for i in range(6)]
+
+
+def test_layout_and_headers(tiny):
+    out, labels = tiny
+    files = _files(out)
+    assert len(files) == 2 * 6
+    assert (out / "labels.json").is_file()
+    sop_uids = set()
+    for series in labels["series"]:
+        series_files = sorted((out / series["series_dir"]).glob("slice_*.dcm"))
+        assert len(series_files) == 6
+        assert series["series_dir"] == f"{series['patient_id']}/{series['series_uid']}"
+        z_prev = None
+        for f in series_files:
+            ds = pydicom.dcmread(f)
+            assert ds.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+            assert ds.SOPClassUID == CTImageStorage
+            assert ds.Modality == "CT"
+            assert ds.PatientID == series["patient_id"]
+            assert ds.SeriesInstanceUID == series["series_uid"]
+            assert ds.StudyInstanceUID == series["study_uid"]
+            assert (ds.Rows, ds.Columns) == (48, 48)
+            assert [float(v) for v in ds.ImageOrientationPatient] == [1, 0, 0, 0, 1, 0]
+            assert ds.PixelRepresentation in (0, 1)
+            assert float(ds.SliceThickness) == pytest.approx(series["spacing_zyx_mm"][0], rel=1e-3)
+            z = float(ds.ImagePositionPatient[2])
+            if z_prev is not None:
+                assert z - z_prev == pytest.approx(series["spacing_zyx_mm"][0], abs=1e-3)
+            z_prev = z
+            sop_uids.add(ds.SOPInstanceUID)
+            hu = _hu(ds)
+            assert hu.min() >= -3024 and hu.max() <= 3071
+    assert len(sop_uids) == 12
+
+
+def test_labels_schema(tiny):
+    out, labels = tiny
+    on_disk = json.loads((out / "labels.json").read_text())
+    assert on_disk == labels
+    for series in labels["series"]:
+        assert {"patient_id", "series_uid", "nodules"} <= set(series)
+        for n in series["nodules"]:
+            assert set(n) == {"center_zyx_vox", "center_mm", "radius_mm", "type"}
+            assert n["type"] in ("solid", "part_solid", "ground_glass")
+            assert 1.5 <= n["radius_mm"] <= 12.5
+            z, y, x = n["center_zyx_vox"]
+            assert -0.5 <= z <= series["num_slices"] - 0.5
+            assert 0 <= y < series["rows"] and 0 <= x < series["cols"]
+
+
+def test_same_seed_same_bytes_other_seed_differs(tiny, tmp_path):
+    out, labels = tiny
+    again = generate_dataset(tmp_path / "a", patients=2, slices=6, size=48, seed=7)
+    assert again["series"] == labels["series"]
+    for f in _files(out):
+        g = tmp_path / "a" / f.relative_to(out)
+        assert pydicom.dcmread(f).PixelData == pydicom.dcmread(g).PixelData
+        assert f.read_bytes() == g.read_bytes()
+    other = generate_dataset(tmp_path / "b", patients=2, slices=6, size=48, seed=8)
+    assert {s["series_uid"] for s in other["series"]}.isdisjoint({s["series_uid"] for s in labels["series"]})
+    a = pydicom.dcmread(_files(out)[3]).pixel_array
+    b = pydicom.dcmread(_files(tmp_path / "b")[3]).pixel_array
+    assert not np.array_equal(a, b)
+
+
+def test_tissue_values(chest):
+    ph = chest[0]
+    hu = ph.hu
+    lung = ph.lung > 0.99
+    assert lung.mean() > 0.03
+    assert -900 < np.median(hu[lung]) < -780
+    assert (hu > 600).sum() > 100                      # cortical bone of spine and ribs
+    assert hu.min() >= -1001 and hu.max() <= 1300
+    # the scanner table (shell blurred at this resolution) lies below the body's fat
+    column = hu[len(hu) // 2, :, hu.shape[2] // 2]
+    table_row = np.flatnonzero(column > -600).max()
+    fat_rows = np.flatnonzero((column > -150) & (column < -50))
+    assert fat_rows.size and table_row > fat_rows.max()
+
+
+def test_lungs_change_along_z(chest):
+    for ph in chest:
+        area = (ph.lung > 0.5).sum(axis=(1, 2))
+        assert area.max() > 2.0 * max(area.min(), 1)
+
+
+def test_patients_differ(chest):
+    lung_fraction = [float((ph.lung > 0.5).mean()) for ph in chest]
+    assert max(lung_fraction) - min(lung_fraction) > 0.01
+    assert len({len(ph.nodules) for ph in chest}) >= 2
+    radii = [n.radius_mm for ph in chest for n in ph.nodules]
+    assert max(radii) > 2 * min(radii)
+
+
+def test_nodules_are_visible(chest):
+    checked = 0
+    for ph in chest:
+        dz, dy, _ = ph.spacing_zyx_mm
+        for n in ph.nodules:
+            if n.radius_mm < max(2 * dy, dz):
+                continue
+            z, y, x = (int(round(c)) for c in n.center_zyx_vox)
+            centre = ph.hu[z, y, x]
+            floor = -350 if n.kind == "solid" else -720
+            assert centre > floor, (n, centre)
+            checked += 1
+    assert checked >= 2
+
+
+def test_nodule_types_all_occur():
+    kinds = set()
+    for i in range(12):
+        ph = make_phantom(np.random.default_rng(np.random.SeedSequence([11, i])), 8, 48, noise=False)
+        kinds |= {n.kind for n in ph.nodules}
+    assert kinds == {"solid", "part_solid", "ground_glass"}
+
+
+def test_vessels_are_continuous_in_3d(chest):
+    ph = chest[1]
+    lung = ph.lung > 0.99
+    vessel = (ph.hu > -600) & lung
+    per_slice = vessel.sum(axis=(1, 2))
+    assert (per_slice > 0).sum() > 10
+    assert 0.003 < vessel.sum() / lung.sum() < 0.2
+
+    def overlap(a, b):
+        return (a & b).sum() / max((a | b).sum(), 1)
+
+    zs = [z for z in range(len(vessel) - 6) if per_slice[z] > 20 and per_slice[z + 6] > 20]
+    near = np.mean([overlap(vessel[z], vessel[z + 1]) for z in zs])
+    far = np.mean([overlap(vessel[z], vessel[z + 6]) for z in zs])
+    assert near > 1.5 * far
+
+
+def test_vessel_tree_is_connected_and_tapers():
+    lung = _Lung(side=1, cx=60.0, cy=0.0, ax=55.0, ay=80.0, height=240.0, dome=0.1, shoulder=0.45,
+                 eps=np.zeros(3), phase=np.zeros(3), twist=np.zeros(3), drift=0.0)
+    hilum = np.array([30.0, -5.0, 120.0])
+    segs = _vessel_tree(np.random.default_rng(0), lung, hilum, 4.0, budget=400)
+    assert 100 < len(segs) <= 400
+    ends = [hilum] + [b for _, b, _, _ in segs]
+    for a, b, r0, r1 in segs:
+        assert min(np.linalg.norm(a - e) for e in ends) < 1e-9
+        assert r1 < r0
+        assert lung.contains(b[None])[0]
+    zs = np.array([b[2] for _, b, _, _ in segs])
+    assert zs.max() - zs.min() > 100
+
+
+def test_cli_synth(tmp_path, capsys):
+    rc = main(["synth", "--out", str(tmp_path / "s"), "--patients", "1", "--slices", "4",
+               "--size", "32", "--seed", "1"])
+    assert rc == 0
+    assert "synth: 1 series" in capsys.readouterr().out
+    assert len(_files(tmp_path / "s")) == 4
+
+
+def test_cli_synth_bad_out(tmp_path, capsys):
+    target = tmp_path / "file"
+    target.write_text("x")
+    rc = main(["synth", "--out", str(target), "--patients", "1", "--slices", "4", "--size", "32"])
+    err = capsys.readouterr().err
+    assert rc != 0
+    assert err.startswith("error:") and "Traceback" not in err

@@ -1,0 +1,209 @@
+"""End-to-end trainer runs on a tiny model: step accounting, exact resume, signals, mismatch."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from _train_support import losses, only_run, processed_root, read_metrics, train_args  # noqa: F401
+from dinox.cli import main
+from dinox.train.checkpoint import load_checkpoint
+
+
+def final_weights(run_dir: Path) -> dict:
+    final = sorted(run_dir.glob("checkpoint_final_*.pth"))[-1]
+    return load_checkpoint(final)
+
+
+def assert_same_state(a: dict, b: dict) -> None:
+    for net in ("student", "teacher", "gram_teacher"):
+        assert a[net].keys() == b[net].keys()
+        for key in a[net]:
+            assert torch.equal(a[net][key], b[net][key]), f"{net}.{key} differs"
+    assert torch.equal(a["dino_loss"]["center"], b["dino_loss"]["center"])
+
+
+def test_steps_are_optimizer_steps_with_accumulation(processed_root, tmp_path):
+    out = tmp_path / "runs"
+    assert main(train_args(processed_root, out, "--max-steps", "3", "--accumulation-steps", "2",
+                           "--batch-size", "4", "--num-workers", "0")) == 0
+    run = only_run(out)
+    assert sorted(losses(run)) == [1, 2, 3]
+    state = final_weights(run)
+    assert state["step"] == 3
+    assert state["data"]["consumed"] == 3 * 2 * 4  # 3 optimizer steps x 2 micro-batches x 4 samples
+    assert {p.name for p in run.glob("checkpoint_*.pth")} == {"checkpoint_00000003.pth", "checkpoint_final_00000003.pth"}
+    config = json.loads((run / "config.json").read_text())
+    assert config["train"]["accumulation_steps"] == 2 and config["effective_batch"] == 8
+    assert config["provenance"]["data_manifest_hash"]
+    assert "git_commit" in config["provenance"]
+    assert (run / "train.log").read_text().count("effective 8") == 1
+
+
+@pytest.mark.parametrize("workers,accumulation", [(0, 1), (1, 2)])
+def test_resume_is_bitwise_exact(processed_root, tmp_path, workers, accumulation):
+    common = ("--batch-size", "4", "--accumulation-steps", str(accumulation), "--num-workers", str(workers),
+              "--ckpt-every", "2")
+    straight = tmp_path / "straight"
+    assert main(train_args(processed_root, straight, "--max-steps", "4", *common)) == 0
+    # The same 4-step run, stopped after step 2 and resumed: same schedule, same data order.
+    split = tmp_path / "split"
+    assert main(train_args(processed_root, split, "--max-steps", "4", *common)) == 0
+    run = only_run(split)
+    for path in run.glob("checkpoint_*0004.pth*"):
+        path.unlink()
+    (run / "checkpoint_final_00000004.pth").unlink(missing_ok=True)
+    assert main(train_args(processed_root, split, "--max-steps", "4", "--resume",
+                           str(run / "checkpoint_00000002.pth"), *common)) == 0
+    assert_same_state(final_weights(only_run(straight)), final_weights(run))
+    assert losses(only_run(straight)) == losses(run)
+
+
+def _spawn(args: list[str]) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.Popen([sys.executable, "-m", "dinox.cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, env=env, text=True)
+
+
+def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if proc.poll() is not None:
+            raise AssertionError(f"process ended early (rc={proc.returncode}):\n{proc.stdout.read()}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError("timed out")
+        time.sleep(0.01)
+
+
+def test_sigkill_after_checkpoint_then_resume_auto_is_exact(processed_root, tmp_path):
+    common = ("--batch-size", "8", "--num-workers", "1", "--ckpt-every", "2", "--max-steps", "10")
+    straight = tmp_path / "straight"
+    assert main(train_args(processed_root, straight, *common)) == 0
+
+    killed = tmp_path / "killed"
+    proc = _spawn(train_args(processed_root, killed, *common))
+    _wait_for(lambda: any(killed.glob("*/checkpoint_00000002.pth.sha256")), proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    run = only_run(killed)
+    assert not list(run.glob("checkpoint_final_*")), "the run finished before it could be killed"
+    assert main(train_args(processed_root, killed, *common, "--resume", "auto")) == 0
+    assert_same_state(final_weights(only_run(straight)), final_weights(run))
+    assert losses(only_run(straight)) == losses(run)
+
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 0), (signal.SIGINT, 130)])
+def test_signal_saves_and_resume_auto_continues(processed_root, tmp_path, sig, code):
+    out = tmp_path / "runs"
+    proc = _spawn(train_args(processed_root, out, "--batch-size", "4", "--num-workers", "0", "--ckpt-every", "1000"))
+    _wait_for(lambda: any(out.glob("*/metrics.jsonl")) and len(read_metrics(only_run(out))) >= 2, proc)
+    proc.send_signal(sig)
+    output, _ = proc.communicate(timeout=60)
+    assert proc.returncode == code, output
+    run = only_run(out)
+    saved = sorted(run.glob("checkpoint_0*.pth"))
+    assert len(saved) == 1, output
+    step = load_checkpoint(saved[0])["step"]
+    assert step >= 2
+    assert main(train_args(processed_root, out, "--batch-size", "4", "--num-workers", "0",
+                           "--max-steps", str(step + 1), "--resume", "auto")) == 0
+    assert max(losses(run)) == step + 1
+    assert load_checkpoint(run / f"checkpoint_final_{step + 1:08d}.pth")["step"] == step + 1
+
+
+def test_resume_with_other_model_shape_names_fields_and_flags(processed_root, tmp_path, capsys):
+    out = tmp_path / "runs"
+    assert main(train_args(processed_root, out, "--max-steps", "1", "--batch-size", "4")) == 0
+    args = train_args(processed_root, out, "--max-steps", "2", "--batch-size", "4", "--resume", "auto")
+    args[args.index("--vit-dim") + 1] = "96"
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "vit_dim: checkpoint 64, requested 96" in err
+    assert "--vit-dim 64" in err and "--config vit-tiny" in err
+    assert "Traceback" not in err
+
+
+def test_resume_logs_changed_free_settings(processed_root, tmp_path, capsys):
+    out = tmp_path / "runs"
+    assert main(train_args(processed_root, out, "--max-steps", "1", "--batch-size", "4")) == 0
+    capsys.readouterr()
+    assert main(train_args(processed_root, out, "--max-steps", "2", "--batch-size", "4",
+                           "--log-every", "2", "--resume", "auto")) == 0
+    printed = capsys.readouterr().out
+    assert "changed on resume: log_every: 1 -> 2" in printed
+    assert "changed on resume: max_steps: 1 -> 2" in printed
+
+
+def test_nonfinite_loss_halts_with_emergency_checkpoint(processed_root, tmp_path, monkeypatch, capsys):
+    from dinox.train import loop
+
+    original = loop.Trainer.micro_step
+
+    def poisoned(self, stacks, sched, accumulate):
+        if self.state.step == 2:
+            stacks = stacks.float() * float("nan")
+        return original(self, stacks, sched, accumulate)
+
+    monkeypatch.setattr(loop.Trainer, "micro_step", poisoned)
+    out = tmp_path / "runs"
+    assert main(train_args(processed_root, out, "--max-steps", "5", "--batch-size", "4")) == loop.EXIT_NONFINITE
+    printed = capsys.readouterr().out
+    assert "last valid loss" in printed and "grad norm" in printed and "batch non-finite values" in printed
+    run = only_run(out)
+    emergency = load_checkpoint(run / "checkpoint_emergency_00000002.pth")
+    assert emergency["step"] == 2  # the state before the bad update (step 3)
+    assert all(torch.isfinite(v).all() for v in emergency["student"].values() if v.is_floating_point())
+    assert not list(run.glob("checkpoint_final_*"))
+
+
+def test_loss_spike_warns_and_continues(processed_root, tmp_path, monkeypatch, capsys):
+    from dinox.train import loop
+
+    original = loop.Trainer.optimizer_step
+
+    def spiking(self, micro_batches, sched):
+        result = original(self, micro_batches, sched)
+        if self.state.step == 11:
+            result.metrics["loss"] *= 10
+        return result
+
+    monkeypatch.setattr(loop.Trainer, "optimizer_step", spiking)
+    out = tmp_path / "runs"
+    assert main(train_args(processed_root, out, "--max-steps", "13", "--batch-size", "4")) == 0
+    printed = capsys.readouterr().out
+    assert "loss spike at step 12" in printed
+    assert max(losses(only_run(out))) == 13
+
+
+def test_collapse_saves_emergency_checkpoint(processed_root, tmp_path, monkeypatch, capsys):
+    from dinox.train import loop
+
+    original = loop.Trainer.optimizer_step
+
+    def collapsing(self, micro_batches, sched):
+        result = original(self, micro_batches, sched)
+        result.metrics["embedding_std"] = 0.5 if self.state.step < 3 else 1e-5
+        return result
+
+    monkeypatch.setattr(loop.Trainer, "optimizer_step", collapsing)
+    out = tmp_path / "runs"
+    assert main(train_args(processed_root, out, "--max-steps", "5", "--batch-size", "4")) == 0
+    printed = capsys.readouterr().out
+    assert "collapse" in printed.lower()
+    assert (only_run(out) / "checkpoint_emergency_00000004.pth").exists()
+
+
+def test_missing_data_is_a_one_line_error(tmp_path, capsys):
+    code = main(["train", "--config", "vit-tiny", "--device", "cpu", "--max-steps", "1",
+                 "--data-root", str(tmp_path / "nowhere"), "--out", str(tmp_path / "runs")])
+    err = capsys.readouterr().err
+    assert code != 0
+    assert err.startswith("error: ") and err.count("\n") == 1
