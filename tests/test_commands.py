@@ -1,0 +1,216 @@
+"""The seed commands, planning (--dry-run), evaluation, monitoring and inspection end to end."""
+from __future__ import annotations
+
+import json
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from _train_support import losses, only_run, processed_root, train_args  # noqa: F401
+from dinox.cli import build_parser, main
+from dinox.train import checkpoint as ckpt
+
+REPO = Path(__file__).resolve().parent.parent
+
+# Every example command of the seed user guide (scripts/phase5_big_run.py ...).
+SEED_COMMANDS = [
+    "--config vit-large --max-steps 384 --num-workers 8 --batch-size 64 --accumulation-steps 4 --grad-checkpoint",
+    "--config vit-large --vit-patch 16 --img-size 512 --max-steps 384 --batch-size 16 --accumulation-steps 16 --grad-checkpoint",
+    "--config vit-giant --batch-size 128 --accumulation-steps 2 --grad-checkpoint",
+    "--config vit-large --resume auto",
+    "--config vit-large --resume data/runs/20260103_120000/checkpoint_00000384.pth",
+    "--config vit-large --max-steps 384",
+    "--config vit-giant --ckpt-keep-last 10",
+    "--config custom --vit-patch 16 --vit-dim 768 --vit-depth 12 --vit-heads 12",
+    "--config vit-large --device cuda --num-workers 4 --pin-memory false",
+    "--config vit-large --batch-size 64 --accumulation-steps 8 --grad-checkpoint",
+    "--config vit-large --batch-size 128 --grad-checkpoint",
+    "--config vit-large --amp",
+    "--config vit-large --ckpt-every 50",
+    "--config vit-large --monitor-every 1000",
+    "--config vit-large --batch-size 32 --accumulation-steps 8",
+    "--config vit-large --num-workers 16",
+]
+
+
+@pytest.mark.parametrize("command", SEED_COMMANDS)
+def test_seed_commands_parse_and_plan(command, capsys):
+    args = build_parser().parse_args(["train", *shlex.split(command)])
+    assert args.func is not None
+    if "--resume" in command:
+        return  # resuming needs a checkpoint; covered in test_train.py
+    code = main(["train", *shlex.split(command), "--dry-run", "--json", "--device-memory", "128"])
+    summary = json.loads(capsys.readouterr().out)
+    assert code in (0, 3)
+    assert summary["fits"] == (code == 0)
+    if "vit-large" in command and "--vit-patch" not in command:
+        assert 300e6 < summary["backbone_params"] < 310e6
+    if "vit-giant" in command:
+        assert summary["backbone_params"] > 1e9
+
+
+def test_dry_run_refuses_giant_without_checkpointing_on_24gb(capsys):
+    code = main(["train", "--config", "vit-giant", "--batch-size", "128", "--dry-run", "--device-memory", "24"])
+    out = capsys.readouterr().out
+    assert code == 3
+    assert "does NOT fit" in out and "--grad-checkpoint" in out
+
+
+def test_dry_run_large_with_checkpointing_and_amp_fits_24gb(capsys):
+    code = main(["train", "--config", "vit-large", "--batch-size", "64", "--accumulation-steps", "4",
+                 "--grad-checkpoint", "--amp", "--dry-run", "--device-memory", "24", "--json"])
+    summary = json.loads(capsys.readouterr().out)
+    assert code == 0 and summary["fits"]
+    assert summary["effective_batch"] == 256
+    assert summary["memory_estimate_gb"] < 24
+
+
+def test_invalid_shapes_are_rejected_with_the_fix(capsys):
+    assert main(["train", "--config", "vit-large", "--img-size", "512", "--dry-run"]) == 1
+    assert "--vit-patch 16" in capsys.readouterr().err
+    assert main(["train", "--config", "custom", "--vit-dim", "1000", "--vit-heads", "16",
+                 "--vit-patch", "14", "--vit-depth", "2", "--dry-run"]) == 1
+    assert "not divisible" in capsys.readouterr().err
+    assert main(["train", "--config", "vit-tiny", "--gram-weight", "0", "--dry-run"]) == 1
+    assert "Gram anchoring" in capsys.readouterr().err
+
+
+def test_seed_script_runs_from_any_folder(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "phase5_big_run.py"), "--config", "vit-tiny", "--dry-run"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "verdict: fits" in proc.stdout
+
+
+@pytest.fixture(scope="module")
+def trained_run(processed_root, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("runs")
+    assert main(train_args(processed_root, out, "--max-steps", "4", "--batch-size", "4", "--ckpt-every", "2",
+                           "--monitor-every", "4", "--eval-every", "4", "--eval-n", "16")) == 0
+    return only_run(out)
+
+
+def test_run_directory_holds_every_artifact(trained_run):
+    names = {p.name for p in trained_run.iterdir()}
+    assert {"config.json", "metrics.jsonl", "train.log", "loss_curve.png", "monitor",
+            "checkpoint_00000002.pth", "checkpoint_00000004.pth", "checkpoint_final_00000004.pth"} <= names
+    assert any(n.startswith("events.out.tfevents") for n in names)
+    step_dir = trained_run / "monitor" / "step_00000004"
+    assert {"heatmap.png", "input.png", "stats.json", "health.json"} <= {p.name for p in step_dir.iterdir()}
+    rows = [json.loads(line) for line in (trained_run / "metrics.jsonl").read_text().splitlines()]
+    train_row = next(r for r in rows if r.get("step") == 1 and "loss" in r)
+    for key in ("loss", "loss_dino", "loss_koleo", "loss_gram", "lr", "weight_decay", "teacher_momentum",
+                "teacher_temp", "Entropy_Teacher", "Entropy_Student", "embedding_std", "grad_norm",
+                "steps_per_s", "samples_per_s"):
+        assert key in train_row, key
+    assert any("Eval/Retrieval_Ratio" in r for r in rows if r["step"] == 0)
+    assert any("Eval/Effective_Rank" in r for r in rows if r["step"] == 4)
+
+
+def test_tensorboard_has_the_train_scalars(trained_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(trained_run))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"Train/Loss", "Train/Entropy_Teacher", "Train/Entropy_Student", "Eval/Retrieval_Ratio"} <= tags
+
+
+def test_eval_retrieval_command_writes_json_and_exit_code(trained_run, processed_root, tmp_path, capsys):
+    final = trained_run / "checkpoint_final_00000004.pth"
+    manifest = next((processed_root / "_splits").glob("*.json"))
+    args = ["eval", "retrieval", "--checkpoint", str(final), "--split-manifest", str(manifest),
+            "--index-csv", str(processed_root / "_index" / "index.csv"), "--n", "4096", "--device", "cpu",
+            "--out", str(tmp_path)]
+    code = main([*args, "--min-ratio", "0.0"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "fewer than --n 4096" in out
+    written = list(tmp_path.glob("view_retrieval_step4_N*.json"))
+    assert len(written) == 1
+    result = json.loads(written[0].read_text())
+    assert {"top1", "top5", "baseline", "ratio", "effective_rank", "n", "passed"} <= result.keys()
+    assert result["baseline"] == pytest.approx(1 / result["n"])
+    assert main([*args, "--min-ratio", "1e9"]) == 2
+
+
+def test_eval_script_exit_code_from_a_shell(trained_run, processed_root, tmp_path):
+    final = trained_run / "checkpoint_final_00000004.pth"
+    manifest = next((processed_root / "_splits").glob("*.json"))
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "phase5_view_retrieval_eval.py"), "--checkpoint", str(final),
+         "--split-manifest", str(manifest), "--index-csv", str(processed_root / "_index" / "index.csv"),
+         "--n", "32", "--min-ratio", "1e9", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "FAIL" in proc.stdout
+
+
+def test_monitor_command_writes_heatmaps(trained_run, processed_root, tmp_path):
+    final = trained_run / "checkpoint_final_00000004.pth"
+    assert main(["monitor", "--checkpoint", str(final), "--data-root", str(processed_root),
+                 "--split-manifest", str(next((processed_root / "_splits").glob("*.json"))),
+                 "--out", str(tmp_path), "--device", "cpu"]) == 0
+    step_dir = tmp_path / "monitor" / "step_00000004"
+    stats = json.loads((step_dir / "stats.json").read_text())
+    assert "std" in stats
+    assert (step_dir / "heatmap.png").stat().st_size > 1000
+
+
+def test_inspect_reports_intact_and_damaged(trained_run, tmp_path, capsys):
+    final = trained_run / "checkpoint_final_00000004.pth"
+    assert main(["inspect", str(final)]) == 0
+    out = capsys.readouterr().out
+    assert "step" in out and "intact" in out.lower()
+    damaged = tmp_path / "checkpoint_00000009.pth"
+    damaged.write_bytes(final.read_bytes()[: final.stat().st_size // 2])
+    assert main(["inspect", str(damaged)]) != 0
+
+
+def test_cross_hardware_resume_applies_new_preset_and_logs(trained_run, processed_root, tmp_path, capsys):
+    state = ckpt.load_checkpoint(trained_run / "checkpoint_final_00000004.pth")
+    state["hardware"].update(kind="cuda", name="NVIDIA GeForce RTX 4090", preset="rtx4090", torch_device="cuda:0")
+    moved = tmp_path / "runs" / "20260103_120000"
+    moved.mkdir(parents=True)
+    ckpt.save_checkpoint(moved / "checkpoint_00000004.pth", state)
+    code = main(train_args(processed_root, tmp_path / "runs", "--max-steps", "5", "--resume", "auto"))
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "hardware platform changed" in out and "rtx4090" in out
+    assert "hardware preset: cpu" in out
+    assert max(losses(moved)) == 5
+
+
+def test_full_disk_stops_cleanly_and_keeps_checkpoints(processed_root, tmp_path, monkeypatch, capsys):
+    import shutil
+    from collections import namedtuple
+
+    out = tmp_path / "runs"
+    assert main(train_args(processed_root, out, "--max-steps", "2", "--batch-size", "4", "--ckpt-every", "1")) == 0
+    run = only_run(out)
+    before = {p.name: p.read_bytes() for p in run.glob("checkpoint_*.pth")}
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
+    code = main(train_args(processed_root, out, "--max-steps", "4", "--batch-size", "4", "--ckpt-every", "1",
+                           "--resume", "auto"))
+    err = capsys.readouterr().err
+    assert code != 0
+    assert "disk space" in err and "Traceback" not in err
+    assert {p.name: p.read_bytes() for p in run.glob("checkpoint_*.pth")} == before
+    for path in run.glob("checkpoint_*.pth"):
+        assert ckpt.verify_checkpoint(path)[0]
+
+
+def test_amp_on_cpu_trains_in_bfloat16(processed_root, tmp_path):
+    out = tmp_path / "runs"
+    assert main(train_args(processed_root, out, "--max-steps", "2", "--batch-size", "4", "--amp")) == 0
+    log = (only_run(out) / "train.log").read_text()
+    assert "amp torch.bfloat16" in log
+    assert all(torch.isfinite(torch.tensor(v)) for v in losses(only_run(out)).values())
