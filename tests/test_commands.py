@@ -214,3 +214,19 @@ def test_amp_on_cpu_trains_in_bfloat16(processed_root, tmp_path):
     log = (only_run(out) / "train.log").read_text()
     assert "amp torch.bfloat16" in log
     assert all(torch.isfinite(torch.tensor(v)) for v in losses(only_run(out)).values())
+
+
+def test_torchrun_two_processes_on_cpu(processed_root, tmp_path):
+    """DDP over gloo: both ranks train, rank 0 alone writes the run folder."""
+    out = tmp_path / "runs"
+    args = train_args(processed_root, out, "--max-steps", "2", "--batch-size", "4", "--accumulation-steps", "2",
+                      "--num-workers", "0")[1:]
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         str(REPO / "scripts" / "phase5_big_run.py"), *args],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "x 2 device(s) = effective 16" in proc.stdout
+    run = only_run(out)
+    assert ckpt.load_checkpoint(run / "checkpoint_final_00000002.pth")["data"]["world_size"] == 2

@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 import torch
@@ -70,6 +71,9 @@ def test_resume_truncates_and_appends(tmp_path):
             logger.log(step, {"loss": float(step)})
     with open(tmp_path / "metrics.jsonl", "a") as f:
         f.write('{"step": 6, "loss": 1.')  # partial line of a crashed write
+    # TensorBoard orders event files by name (creation second, host, pid, a per-process counter);
+    # a real resume is a later process, so let the clock move on as it would.
+    time.sleep(1.1)
     with MetricsLogger(tmp_path, elapsed_offset=100.0) as logger:
         assert logger.truncate_after(3) == 3
         logger.log(4, {"loss": 40.0})

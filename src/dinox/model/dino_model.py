@@ -59,5 +59,6 @@ def build_dino_model(cfg, drop_path: float | None = None) -> DINOModel:
         hidden_dim=cfg.head_hidden,
         bottleneck_dim=cfg.head_bottleneck,
         nlayers=cfg.head_layers,
+        use_bn=getattr(cfg, "head_bn", False),
     )
     return DINOModel(backbone, head)

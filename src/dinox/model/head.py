@@ -38,7 +38,9 @@ class DINOHead(nn.Module):
         for a, b in zip(dims[:-1], dims[1:]):
             layers.append(nn.Linear(a, b))
             if use_bn:
-                layers.append(nn.BatchNorm1d(b))
+                # batch statistics always (train and eval): the teacher runs in eval mode
+                # and is an EMA of parameters only, so running stats would never be updated
+                layers.append(nn.BatchNorm1d(b, track_running_stats=False))
             layers.append(nn.GELU())
         layers.append(nn.Linear(dims[-1], bottleneck_dim))
         self.mlp = nn.Sequential(*layers)

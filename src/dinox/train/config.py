@@ -26,6 +26,7 @@ BASE_RECIPE: dict[str, object] = {
     "head_hidden": 2048,
     "head_bottleneck": 256,
     "head_layers": 3,
+    "head_bn": False,
     "drop_path": 0.1,
     "layerscale": 1e-5,
     "lr": 5e-4,  # the guide's advice for an effective batch of 256
@@ -61,6 +62,7 @@ RECIPES: dict[str, dict[str, object]] = {
         "head_hidden": 512,
         "head_bottleneck": 128,
         "drop_path": 0.0,
+        "layerscale": 0.1,  # 1e-5 makes every untrained class token identical (erank 1)
         "lr": 1e-3,
         "min_lr": 1e-5,
         "warmup_steps": 20,
@@ -101,6 +103,7 @@ class TrainConfig:
     head_hidden: int = 2048
     head_bottleneck: int = 256
     head_layers: int = 3
+    head_bn: bool = False
     max_steps: int | None = None
     batch_size: int = 32
     accumulation_steps: int = 1
@@ -218,6 +221,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--head-hidden", type=_positive_int)
     g.add_argument("--head-bottleneck", type=_positive_int)
     g.add_argument("--head-layers", type=_positive_int)
+    g.add_argument("--head-bn", type=_bool, metavar="true|false",
+                   help="BatchNorm (batch statistics) in the head MLP (DINO's use_bn; default off)")
 
     g = p.add_argument_group("views")
     g.add_argument("--img-size", type=_positive_int, help="global crop size in px (224; 64 for vit-tiny)")
