@@ -20,6 +20,7 @@ BASE_RECIPE: dict[str, object] = {
     "local_crops": 0,
     "local_size": 96,
     "global_scale_min": 0.5,
+    "distinct_windows": True,
     "local_scale_min": 0.1,
     "local_scale_max": 0.5,
     "out_dim": 65536,
@@ -97,6 +98,7 @@ class TrainConfig:
     local_crops: int = 0
     local_size: int = 32
     global_scale_min: float = 0.5
+    distinct_windows: bool = True
     local_scale_min: float = 0.1
     local_scale_max: float = 0.5
     out_dim: int = 1024
@@ -228,6 +230,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--img-size", type=_positive_int, help="global crop size in px (224; 64 for vit-tiny)")
     g.add_argument("--local-crops", type=_nonneg_int, help="local crops per sample")
     g.add_argument("--local-size", type=_positive_int, help="local crop size in px")
+    g.add_argument("--distinct-windows", type=_bool, metavar="true|false",
+                   help="draw the two global views' HU windows from different families (lung/mediastinal/bone/broad)")
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--max-steps", type=_positive_int, help="optimizer steps; omit to train until stopped")

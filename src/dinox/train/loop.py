@@ -49,6 +49,7 @@ def augment_config(cfg: TrainConfig) -> AugmentConfig:
         n_local=cfg.local_crops,
         global_scale=(cfg.global_scale_min, 1.0),
         local_scale=(cfg.local_scale_min, cfg.local_scale_max),
+        distinct_global_windows=cfg.distinct_windows,
     )
 
 
@@ -171,6 +172,8 @@ class Trainer:
         self.augment = CTAugment(augment_config(cfg))
         self.aug_generator = torch.Generator().manual_seed(cfg.seed * 7919 + dist.rank)
 
+        if cfg.compile:
+            self.student.backbone.compile()  # in place: state_dict keys stay the same
         self.model = dist.wrap(self.student, self.device)
         self.optimizer = torch.optim.AdamW(
             param_groups(self.student),
