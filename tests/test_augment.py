@@ -260,3 +260,14 @@ def test_config_accepts_lists_from_json():
     cfg = AugmentConfig(global_scale=[0.4, 1.0], window_families=[[-600, 1500], [50, 350]])
     assert cfg.global_scale == (0.4, 1.0) and cfg.window_families == ((-600.0, 1500.0), (50.0, 350.0))
     assert math.isclose(cfg.ratio[0], 0.75)
+
+
+def test_standardized_views_have_zero_mean_unit_std_per_image():
+    from dinox.data.augment import AugmentConfig, CTAugment
+
+    stacks = (torch.rand(4, 3, 48, 48) * 2000 - 1000).to(torch.int16)
+    views = CTAugment(AugmentConfig(global_size=32, standardize=True))(stacks, torch.Generator().manual_seed(0))
+    for view in views.global_views:
+        flat = view.flatten(1)
+        assert torch.allclose(flat.mean(1), torch.zeros(4), atol=1e-5)
+        assert torch.allclose(flat.std(1), torch.ones(4), atol=1e-3)

@@ -85,6 +85,7 @@ class AugmentConfig:
     blur_p: float = 0.0
     blur_sigma: tuple[float, float] = (0.1, 2.0)
     noise_std: float = 0.0
+    standardize: bool = False
 
     def __post_init__(self) -> None:
         pairs = ("global_scale", "local_scale", "ratio", "width_jitter", "blur_sigma")
@@ -192,6 +193,14 @@ def crop_grid(boxes: torch.Tensor, flip: torch.Tensor, size: int | tuple[int, in
     gy = axis(out_h, y0, y1, torch.ones_like(sign))
     b = boxes.shape[0]
     return torch.stack([gx.unsqueeze(1).expand(b, out_h, out_w), gy.unsqueeze(2).expand(b, out_h, out_w)], -1)
+
+
+def standardize_images(images: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """Zero mean, unit std per image (over channels and pixels): removes the global
+    brightness/contrast a window imposes, keeping the structure it shows."""
+    mean = images.mean(dim=(1, 2, 3), keepdim=True)
+    std = images.std(dim=(1, 2, 3), keepdim=True)
+    return (images - mean) / (std + eps)
 
 
 def crop_resize(
@@ -447,6 +456,8 @@ class CTAugment:
             box, flip, center, width = packed[v, :, :4], packed[v, :, 4], packed[v, :, 5], packed[v, :, 6]
             out = crop_resize(src, box, flip, size)
             out = apply_window(out, center, width, cfg.norm_mean, cfg.norm_std)
+            if cfg.standardize:
+                out = standardize_images(out)
             sigma = params["blur_sigma"][v]
             if bool((sigma > 0).any()):
                 out = gaussian_blur(out, sigma)

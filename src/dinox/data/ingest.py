@@ -28,7 +28,7 @@ import numpy as np
 from tqdm import tqdm
 
 from dinox.data import dicom_io, nifti_io
-from dinox.data.layout import (INDEX_FILE, REPORT_FILE, SPLITS_DIR, VOLUMES_DIR, atomic_write_text,
+from dinox.data.layout import (INDEX_FILE, REPORT_FILE, SPLITS_DIR, VOLUMES_DIR, atomic_write, atomic_write_text,
                                read_index, split_name, write_index)
 from dinox.data.splits import patient_split
 from dinox.errors import UserError
@@ -54,17 +54,8 @@ def safe_id(text: str) -> str:
 
 
 def save_volume(path: Path, vol: np.ndarray) -> None:
-    """np.save to a temporary file next to `path`, fsync, and rename it over `path`."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            np.save(f, vol, allow_pickle=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    """np.save through an atomic write (temporary file, fsync, rename)."""
+    atomic_write(path, lambda f: np.save(f, vol, allow_pickle=False))
 
 
 def _fmt(x: float) -> str:

@@ -6,6 +6,7 @@ import csv
 import io
 import os
 from pathlib import Path
+from typing import BinaryIO, Callable
 
 VOLUMES_DIR = "volumes"
 INDEX_FILE = "_index/index.csv"
@@ -25,19 +26,24 @@ def default_manifest(root) -> Path:
     return Path(root) / SPLITS_DIR / split_name(0.1, 0)
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write via a temporary file in the same folder, fsync, then rename over `path`."""
+def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
+    """Call `write` on a temporary file in the same folder, fsync, then rename over `path`,
+    so a killed process never leaves a half-written file under the final name."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        with open(tmp, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
+        with open(tmp, "wb") as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
 def read_index(path) -> list[dict[str, str]]:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from dinox.data.layout import atomic_write_text
 from dinox.errors import UserError
 from dinox.train.config import TrainConfig, add_train_arguments, build_config, explicit_values
 
@@ -349,6 +350,4 @@ def write_config_json(run_dir: Path, cfg, info, preset_name, plan, provenance) -
         "memory_estimate_gb": round(est.total / 1024**3, 3),
         "provenance": provenance,
     }
-    tmp = run_dir / ".config.json.tmp"
-    tmp.write_text(json.dumps(doc, indent=2, default=str) + "\n")
-    tmp.replace(run_dir / "config.json")
+    atomic_write_text(run_dir / "config.json", json.dumps(doc, indent=2, default=str) + "\n")

@@ -21,6 +21,7 @@ BASE_RECIPE: dict[str, object] = {
     "local_size": 96,
     "global_scale_min": 0.5,
     "distinct_windows": True,
+    "standardize_views": False,
     "local_scale_min": 0.1,
     "local_scale_max": 0.5,
     "out_dim": 65536,
@@ -99,6 +100,7 @@ class TrainConfig:
     local_size: int = 32
     global_scale_min: float = 0.5
     distinct_windows: bool = True
+    standardize_views: bool = False
     local_scale_min: float = 0.1
     local_scale_max: float = 0.5
     out_dim: int = 1024
@@ -232,6 +234,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--local-size", type=_positive_int, help="local crop size in px")
     g.add_argument("--distinct-windows", type=_bool, metavar="true|false",
                    help="draw the two global views' HU windows from different families (lung/mediastinal/bone/broad)")
+    g.add_argument("--standardize-views", type=_bool, metavar="true|false",
+                   help="zero-mean unit-std each view after windowing")
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--max-steps", type=_positive_int, help="optimizer steps; omit to train until stopped")

@@ -50,6 +50,7 @@ def augment_config(cfg: TrainConfig) -> AugmentConfig:
         global_scale=(cfg.global_scale_min, 1.0),
         local_scale=(cfg.local_scale_min, cfg.local_scale_max),
         distinct_global_windows=cfg.distinct_windows,
+        standardize=cfg.standardize_views,
     )
 
 
