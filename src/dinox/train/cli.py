@@ -73,10 +73,11 @@ def resolve_arch(args: argparse.Namespace):
 
 
 def shape_mismatch(saved: dict, cfg: TrainConfig) -> list[str]:
+    defaults = TrainConfig.__dataclass_fields__
     return [
-        f"{name}: checkpoint {saved.get(name)!r}, requested {getattr(cfg, name)!r}"
+        f"{name}: checkpoint {saved.get(name, defaults[name].default)!r}, requested {getattr(cfg, name)!r}"
         for name in TrainConfig.SHAPE_FIELDS
-        if saved.get(name) != getattr(cfg, name)
+        if saved.get(name, defaults[name].default) != getattr(cfg, name)
     ]
 
 
@@ -107,6 +108,12 @@ def merge_resumed(saved: dict, requested: TrainConfig, given: dict) -> tuple[Tra
         values[name] = getattr(requested, name)
     values.update({k: v for k, v in given.items() if k in known})
     merged = TrainConfig(**values)
+    if saved.get("max_steps") != merged.max_steps:
+        log.warning(
+            "--max-steps %s differs from the checkpoint's %s: the learning-rate, weight-decay and momentum "
+            "schedules are recomputed for the new length from the resumed step on",
+            merged.max_steps if merged.max_steps is not None else "(unlimited)", saved.get("max_steps"),
+        )
     changes = [
         f"{name}: {saved.get(name)!r} -> {getattr(merged, name)!r}"
         for name in sorted(known)

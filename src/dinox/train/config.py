@@ -165,7 +165,7 @@ class TrainConfig:
 
     # Fields that define the learned model: a checkpoint only resumes with the same values.
     SHAPE_FIELDS = (
-        "vit_patch", "vit_dim", "vit_depth", "vit_heads", "vit_mlp", "swiglu", "registers", "layerscale",
+        "vit_patch", "vit_dim", "vit_depth", "vit_heads", "vit_mlp", "swiglu", "registers", "layerscale", "head_bn",
         "out_dim", "head_hidden", "head_bottleneck", "head_layers", "img_size",
     )
     # Fields a resume may change freely (logged).
@@ -217,7 +217,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--vit-depth", type=_positive_int)
     g.add_argument("--vit-heads", type=_positive_int)
     g.add_argument("--vit-mlp", type=_positive_int, help="MLP hidden width (default 4 x dim; 6144 for vit-giant)")
-    g.add_argument("--swiglu", action="store_true", default=None, help="SwiGLU MLP instead of GELU")
+    g.add_argument("--swiglu", action=argparse.BooleanOptionalAction, default=None, help="SwiGLU MLP instead of GELU")
     g.add_argument("--registers", type=_nonneg_int, help="register tokens (default 4)")
     g.add_argument("--drop-path", type=float, help="stochastic depth rate")
     g.add_argument("--layerscale", type=float, help="LayerScale init (1e-5 for big presets; 0 disables)")
@@ -264,9 +264,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
 
     g = p.add_argument_group("hardware")
     g.add_argument("--device", choices=DEVICE_CHOICES, default=None, help="override detection (default auto)")
-    g.add_argument("--amp", action="store_true", default=None, help="bf16 autocast (fp16 + scaler where bf16 is missing)")
-    g.add_argument("--grad-checkpoint", action="store_true", default=None, help="per-block activation checkpointing")
-    g.add_argument("--compile", action="store_true", default=None, help="torch.compile the backbone")
+    g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (fp16 + scaler where bf16 is missing)")
+    g.add_argument("--grad-checkpoint", action=argparse.BooleanOptionalAction, default=None, help="per-block activation checkpointing")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the backbone")
     g.add_argument("--num-workers", type=_nonneg_int)
     g.add_argument("--pin-memory", type=_bool, metavar="true|false")
     g.add_argument("--device-memory", type=float, metavar="GB", help="plan for a device with this much memory")
@@ -287,7 +287,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--eval-n", type=_positive_int, help="validation samples per in-training check (512)")
     g.add_argument("--log-interval", type=float, help="seconds between progress lines (10)")
     g.add_argument("--log-every", type=_positive_int, help="steps between metrics.jsonl/TensorBoard rows (1)")
-    g.add_argument("--halt-on-anomaly", action="store_true", default=None, help="stop on a loss spike too")
+    g.add_argument("--halt-on-anomaly", action=argparse.BooleanOptionalAction, default=None, help="stop on a loss spike too")
     g.add_argument("--collapse-std", type=float, help="embedding std below which collapse is flagged (0.01)")
     g.add_argument("--spike-factor", type=float, help="loss above this x its 10-step mean is a spike (2.0)")
 
@@ -353,6 +353,15 @@ def build_config(
                 f"using 10% of it: {clamped} steps (set --warmup-steps to choose)"
             )
             cfg.warmup_steps = clamped
+    if cfg.max_steps is not None:
+        for name, limit, why in (
+            ("freeze_last_layer_steps", cfg.warmup_steps, "the warm-up"),
+            ("teacher_temp_warmup_steps", max(1, cfg.max_steps * 3 // 10), "30% of the run"),
+        ):
+            value = getattr(cfg, name)
+            if name not in given and value > limit:
+                notices.append(f"{name} {value} is too long for a {cfg.max_steps}-step run; using {why}: {limit}")
+                setattr(cfg, name, limit)
     validate(cfg)
     return cfg, notices
 
@@ -370,6 +379,8 @@ def validate(cfg: TrainConfig) -> None:
         raise UserError("--momentum and --momentum-end must lie in [0, 1] (typical 0.994 -> 1.0)")
     if cfg.teacher_temp <= 0 or cfg.student_temp <= 0 or cfg.teacher_temp_start <= 0:
         raise UserError("temperatures must be positive (typical: --teacher-temp 0.07 --student-temp 0.1)")
+    if cfg.spike_factor <= 1.0:
+        raise UserError(f"--spike-factor {cfg.spike_factor} must be above 1 (a spike is loss > factor x its recent mean)")
     if cfg.koleo_weight < 0:
         raise UserError(f"--koleo-weight {cfg.koleo_weight} must be >= 0")
     if not 0.0 < cfg.global_scale_min <= 1.0:

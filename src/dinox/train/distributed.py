@@ -37,8 +37,11 @@ class DistEnv:
 
     def init(self, device_type: str) -> None:
         if self.enabled and not dist.is_initialized():
-            backend = "nccl" if device_type == "cuda" else "gloo"
-            dist.init_process_group(backend=backend)
+            if device_type == "cuda":
+                torch.cuda.set_device(self.local_rank)
+                dist.init_process_group(backend="nccl", device_id=torch.device("cuda", self.local_rank))
+            else:
+                dist.init_process_group(backend="gloo")
 
     def wrap(self, model: nn.Module, device: torch.device) -> nn.Module:
         if not self.enabled:
@@ -51,6 +54,15 @@ class DistEnv:
         if self.enabled and hasattr(model, "no_sync"):
             return model.no_sync()
         return contextlib.nullcontext()
+
+    def any_true(self, flag: bool, device: torch.device) -> bool:
+        """True on every rank if it is true on any: keeps ranks stepping in lock-step when
+        one of them sees a signal, a non-finite loss or an anomaly that halts."""
+        if not self.enabled:
+            return flag
+        value = torch.tensor([1.0 if flag else 0.0], device=device)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return bool(value.item())
 
     def barrier(self) -> None:
         if self.enabled and dist.is_initialized():

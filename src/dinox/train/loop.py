@@ -154,7 +154,7 @@ class Trainer:
         self.notices = notices or []
         self.stop = StopRequest()
 
-        torch.manual_seed(cfg.seed + dist.rank)
+        torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         self.dataset = CTSliceDataset(cfg.data_root, "train", cfg.split_manifest, cfg.index_csv)
         self.val_dataset = self._maybe_val_dataset()
 
@@ -169,6 +169,7 @@ class Trainer:
             self.device
         )
         self.koleo = KoLeoLoss()
+        torch.manual_seed(cfg.seed + dist.rank)  # drop path differs per rank
         self.schedules = schedules_from(cfg)
         self.augment = CTAugment(augment_config(cfg))
         self.aug_generator = torch.Generator().manual_seed(cfg.seed * 7919 + dist.rank)
@@ -242,6 +243,7 @@ class Trainer:
             "aug_generator": self.aug_generator.get_state(),
             "data": {
                 "consumed": self.state.consumed,
+                "consumed_global": self.state.consumed * self.dist.world_size,
                 "seed": self.cfg.seed,
                 "rank": self.dist.rank,
                 "world_size": self.dist.world_size,
@@ -269,7 +271,18 @@ class Trainer:
         self.guard.load_state_dict(state.get("anomaly", {}))
         self.last_good_loss = state.get("last_good_loss")
         self.state.step = int(state["step"])
-        self.state.consumed = int(state["data"]["consumed"])
+        data = state["data"]
+        if int(data.get("world_size", 1)) == self.dist.world_size:
+            self.state.consumed = int(data["consumed"])
+        else:
+            self.state.consumed = int(data.get("consumed_global", data["consumed"])) // self.dist.world_size
+            log.warning("the number of processes changed (%s -> %d): the data order continues from the same "
+                        "global position, the run is not bitwise reproducible across this change",
+                        data.get("world_size", 1), self.dist.world_size)
+        if self.dist.world_size > 1:
+            # Only rank 0's RNG states are in the checkpoint: give every rank its own stream.
+            torch.manual_seed(self.cfg.seed * 1_000_003 + self.state.step * 101 + self.dist.rank)
+            self.aug_generator.manual_seed(self.cfg.seed * 7919 + self.state.step * 101 + self.dist.rank)
 
     def save(self, kind: str = "periodic") -> Path | None:
         """Save a checkpoint (rank 0 only); returns its path."""
@@ -326,7 +339,7 @@ class Trainer:
             loss_koleo = sum(self.koleo(c) for c in student_cls) / n_global
             loss_gram = gram_anchoring_loss(student_out["patches"].float(), gram_patches.float())
             loss = loss_dino + cfg.koleo_weight * loss_koleo + cfg.gram_weight * loss_gram
-            finite = bool(torch.isfinite(loss))
+            finite = not self.dist.any_true(not bool(torch.isfinite(loss)), self.device)
             if finite:
                 self.scaler.scale(loss / cfg.accumulation_steps).backward()
         if finite and cfg.centering == "centering":
@@ -485,27 +498,33 @@ class Trainer:
             if warning and self.dist.is_main:
                 log.warning(warning)
 
+            halt = saved_emergency = False
             for anomaly in self.guard.check(step, metrics["loss"], emb_std=metrics["embedding_std"]):
                 log_fn = log.critical if anomaly.severity != "warning" else log.warning
                 log_fn(anomaly.message)
                 if anomaly.kind == "collapse":
                     self.save("emergency")
-                if self.guard.should_halt(anomaly):
+                    saved_emergency = True
+                halt = halt or self.guard.should_halt(anomaly)
+            if self.dist.any_true(halt, self.device):
+                if not saved_emergency:
                     self.save("emergency")
-                    log.error("halting on anomaly (--halt-on-anomaly); resume with --resume auto")
-                    return 5
+                log.error("halting on anomaly (--halt-on-anomaly); resume with --resume auto")
+                return 5
 
             if cfg.eval_every and step % cfg.eval_every == 0:
-                self._evaluate()
+                self._guarded(self._evaluate)
             if cfg.monitor_every and step % cfg.monitor_every == 0:
-                self._monitor(steps_per_s, samples_per_s)
+                self._guarded(self._monitor, steps_per_s, samples_per_s)
             finished = cfg.max_steps is not None and step >= cfg.max_steps
             if finished:
                 break
-            if step % cfg.ckpt_every == 0:
+            periodic = step % cfg.ckpt_every == 0
+            if periodic:
                 self.save("periodic")
-            if self.stop.signum is not None:
-                self.save("periodic")
+            if self.dist.any_true(self.stop.signum is not None, self.device):
+                if not periodic:
+                    self.save("periodic")
                 log.info("stopped at step %d; continue with --resume auto", step)
                 return self.stop.exit_code
 
@@ -513,6 +532,14 @@ class Trainer:
         if self.dist.is_main:
             print(f"training finished at step {self.state.step}; final checkpoint: {final}", flush=True)
         return EXIT_OK
+
+    def _guarded(self, fn, *args) -> None:
+        """Evaluation and monitoring are side work: a failure there is logged, never fatal."""
+        try:
+            fn(*args)
+        except Exception as exc:  # noqa: BLE001 - keep a multi-day run alive
+            log.error("%s failed at step %d: %s: %s (training continues)",
+                      fn.__name__.strip("_"), self.state.step, type(exc).__name__, exc)
 
     def _halt_nonfinite(self, result: StepResult) -> int:
         """NaN/Inf loss: the bad update was never applied; save that state and stop."""
@@ -580,6 +607,7 @@ class Trainer:
             self.state.step,
             self.device,
             out_dim=self.cfg.out_dim,
+            img_size=self.cfg.img_size,
             steps_per_s=steps_per_s,
             samples_per_s=samples_per_s,
             autocast_dtype=self.autocast_dtype,

@@ -37,7 +37,7 @@ def run(args) -> int:
         args.split_manifest or cfg.split_manifest, args.index_csv or cfg.index_csv,
     )
     run_dir = Path(args.out) if args.out else Path(args.checkpoint).parent
-    out_dir = run_monitor(backbone, dataset, run_dir, meta.step, device, out_dim=cfg.out_dim)
+    out_dir = run_monitor(backbone, dataset, run_dir, meta.step, device, out_dim=cfg.out_dim, img_size=cfg.img_size)
     for name in ("heatmap.png", "input.png", "stats.json"):
         print(out_dir / name)
     return 0
