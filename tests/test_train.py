@@ -154,12 +154,17 @@ def test_nonfinite_loss_halts_with_emergency_checkpoint(processed_root, tmp_path
 
     monkeypatch.setattr(loop.Trainer, "micro_step", poisoned)
     out = tmp_path / "runs"
-    assert main(train_args(processed_root, out, "--max-steps", "5", "--batch-size", "4")) == loop.EXIT_NONFINITE
+    assert main(train_args(processed_root, out, "--max-steps", "5", "--batch-size", "4", "--accumulation-steps", "2",
+                           "--ckpt-every", "2")) == loop.EXIT_NONFINITE
     printed = capsys.readouterr().out
     assert "last valid loss" in printed and "grad norm" in printed and "batch non-finite values" in printed
     run = only_run(out)
     emergency = load_checkpoint(run / "checkpoint_emergency_00000002.pth")
     assert emergency["step"] == 2  # the state before the bad update (step 3)
+    periodic = load_checkpoint(run / "checkpoint_00000002.pth")  # --ckpt-every 2: saved right after step 2
+    assert emergency["data"]["consumed"] == periodic["data"]["consumed"] == 2 * 2 * 4
+    assert torch.equal(emergency["dino_loss"]["center"], periodic["dino_loss"]["center"])
+    assert torch.equal(emergency["aug_generator"], periodic["aug_generator"])
     assert all(torch.isfinite(v).all() for v in emergency["student"].values() if v.is_floating_point())
     assert not list(run.glob("checkpoint_final_*"))
 

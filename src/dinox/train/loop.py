@@ -366,12 +366,14 @@ class Trainer:
             if group.get("apply_wd"):
                 group["weight_decay"] = sched["weight_decay"]
         sums: dict[str, float] = {}
+        before = self._step_snapshot()
         for i in range(cfg.accumulation_steps):
             stacks = next(micro_batches)
             result = self.micro_step(stacks, sched, accumulate=i < cfg.accumulation_steps - 1)
             self.state.consumed += stacks.shape[0]
             if not result.finite:
                 self.optimizer.zero_grad(set_to_none=True)
+                self._restore_snapshot(before)
                 result.metrics.update(lr=sched["lr"])
                 return result
             for key, value in result.metrics.items():
@@ -392,6 +394,19 @@ class Trainer:
         self._update_teacher(sched["teacher_momentum"])
         sums.update(grad_norm=grad_norm, **sched)
         return StepResult(sums, True)
+
+    def _step_snapshot(self) -> tuple:
+        """What a step changes before its update: restored when the step is abandoned (NaN),
+        so the emergency checkpoint is exactly the state before the bad step."""
+        return (self.state.consumed, self.aug_generator.get_state(), ckpt.capture_rng_state(self.device),
+                self.dino_loss.center.clone())
+
+    def _restore_snapshot(self, snapshot: tuple) -> None:
+        consumed, generator_state, rng_state, center = snapshot
+        self.state.consumed = consumed
+        self.aug_generator.set_state(generator_state)
+        ckpt.restore_rng_state(rng_state, self.device)
+        self.dino_loss.center.copy_(center)
 
     @torch.no_grad()
     def _update_teacher(self, momentum: float) -> None:
