@@ -215,7 +215,6 @@ def run(args: argparse.Namespace) -> int:
     if not plan["fits"]:
         raise WontFit(won_t_fit_message(plan))
 
-    from dinox.train.checkpoint import new_run_dir
     from dinox.train.loop import Trainer
     from dinox.train.provenance import collect_provenance
 

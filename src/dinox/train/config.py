@@ -168,14 +168,6 @@ class TrainConfig:
         "vit_patch", "vit_dim", "vit_depth", "vit_heads", "vit_mlp", "swiglu", "registers", "layerscale", "head_bn",
         "out_dim", "head_hidden", "head_bottleneck", "head_layers", "img_size",
     )
-    # Fields a resume may change freely (logged).
-    FREE_ON_RESUME = (
-        "num_workers", "pin_memory", "device", "log_interval", "log_every", "max_steps",
-        "monitor_every", "eval_every", "eval_n", "ckpt_every", "ckpt_keep_last",
-        "ckpt_milestone_every", "resume", "out", "hardware_preset", "custom_values",
-        "halt_on_anomaly", "amp", "grad_checkpoint", "compile", "batch_size",
-        "accumulation_steps", "data_root", "index_csv", "split_manifest", "seed",
-    )
 
 
 def _bool(text: str) -> bool:

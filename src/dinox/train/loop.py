@@ -8,11 +8,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
-import math
-import os
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -24,7 +22,7 @@ from dinox.data.dataset import CTSliceDataset, pad_collate
 from dinox.losses.dino import DINOLoss, entropy
 from dinox.losses.gram import gram_anchoring_loss
 from dinox.losses.koleo import KoLeoLoss
-from dinox.model.dino_model import DINOModel, build_dino_model
+from dinox.model.dino_model import build_dino_model
 from dinox.train import checkpoint as ckpt
 from dinox.train.anomaly import AnomalyGuard, nonfinite_diagnostics
 from dinox.train.config import TrainConfig
@@ -131,7 +129,6 @@ class StepResult:
 class TrainState:
     step: int = 0
     consumed: int = 0
-    extra: dict = field(default_factory=dict)
 
 
 class Trainer:
@@ -225,7 +222,6 @@ class Trainer:
 
     # ---------------------------------------------------------------- state
     def state_dict(self) -> dict:
-        from dinox.train.hardware import match_preset
 
         return {
             "format": "dinox-checkpoint",
@@ -447,7 +443,6 @@ class Trainer:
         log.info("run directory: %s", self.run_dir)
 
     def run(self) -> int:
-        cfg = self.cfg
         self.log_header()
         self.stop.install()
         try:

@@ -6,7 +6,6 @@ import json
 import logging
 from pathlib import Path
 
-import torch
 
 from dinox.data.dataset import pad_collate
 from dinox.eval.retrieval import spread_sample
