@@ -249,7 +249,9 @@ def run(args: argparse.Namespace) -> int:
             write_config_json(run_dir, cfg, info, preset_name, plan, provenance)
         trainer = Trainer(cfg, info, run_dir, provenance, dist, resume_state=resume_state)
         resume_state = None
-        return trainer.run()
+        code = trainer.run()
+        trainer.release()
+        return code
     finally:
         dist.shutdown()
         close_file_logging()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import gc
 import logging
 import signal
 import time
@@ -441,6 +442,16 @@ class Trainer:
         log.info("Gram anchoring: weight %.3g, Gram teacher refreshed every %d steps (always on)",
                  cfg.gram_weight, cfg.gram_refresh_every)
         log.info("run directory: %s", self.run_dir)
+
+    def release(self) -> None:
+        """Drop the DDP wrapper while the process group is still alive.
+
+        Otherwise the wrapper's reducer can hold the last reference to the gloo group and
+        destroy it at garbage collection with the GIL held, joining a worker thread that
+        waits for the GIL: the rank hangs at exit (seen with torchrun on CPU)."""
+        self.dist.barrier()
+        self.model = None
+        gc.collect()
 
     def run(self) -> int:
         self.log_header()
