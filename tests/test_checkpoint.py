@@ -123,7 +123,7 @@ def test_save_fsyncs_file_and_directory(tmp_path, monkeypatch):
         real_fsync(fd)
 
     monkeypatch.setattr(os, "fsync", spy)
-    path = save(tmp_path, 1)
+    save(tmp_path, 1)
     assert any(s.endswith(".tmp") and "checkpoint_00000001.pth" in s for s in synced)
     assert str(tmp_path.resolve()) in synced
 
