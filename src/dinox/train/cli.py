@@ -122,15 +122,17 @@ def merge_resumed(saved: dict, requested: TrainConfig, given: dict) -> tuple[Tra
     return merged, changes
 
 
-def find_checkpoint(resume: str, out_root: Path) -> Path | None:
+def find_checkpoint(resume: str, out_root: Path) -> tuple[Path | None, bool]:
+    """The checkpoint to resume from, and whether its integrity was already verified
+    (`--resume auto` checks every candidate; a given path is checked when loaded)."""
     from dinox.train.checkpoint import find_resume_checkpoint
 
     if resume == "auto":
-        return find_resume_checkpoint(out_root)
+        return find_resume_checkpoint(out_root), True
     path = Path(resume)
     if not path.is_file():
         raise UserError(f"--resume {resume}: no such checkpoint file; use --resume auto or a path to a .pth file")
-    return path
+    return path, False
 
 
 def plan_memory(cfg: TrainConfig, device_memory: float | None, info) -> dict:
@@ -179,6 +181,7 @@ def plan_memory(cfg: TrainConfig, device_memory: float | None, info) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
+    from dinox.model.dino_model import arch_from_config
     from dinox.model.presets import validate_arch
     from dinox.train.distributed import DistEnv
     from dinox.train.hardware import apply_hardware_preset, detect_device, hardware_change_notice, match_preset
@@ -200,14 +203,14 @@ def run(args: argparse.Namespace) -> int:
     if args.resume and not args.dry_run:
         from dinox.train.checkpoint import load_checkpoint
 
-        path = find_checkpoint(args.resume, out_root)
+        path, verified = find_checkpoint(args.resume, out_root)
         if path is None:
             notices.append(f"--resume auto: no checkpoint under {out_root}; starting a new run")
         else:
-            resume_state = load_checkpoint(path, map_location="cpu")
+            resume_state = load_checkpoint(path, map_location="cpu", verify=not verified)
             cfg, changes = merge_resumed(resume_state["config"], cfg, explicit_values(args))
             cfg.resume = str(path)
-    validate_arch(arch_from(cfg), cfg.img_size)
+    validate_arch(arch_from_config(cfg), cfg.img_size)
 
     plan = plan_memory(cfg, args.device_memory, info)
     if args.dry_run:
@@ -220,9 +223,7 @@ def run(args: argparse.Namespace) -> int:
 
     dist.init(torch.device(info.torch_device).type)
     try:
-        run_dir = Path(resume_state_run_dir(cfg)) if resume_state is not None else None
-        if run_dir is None:
-            run_dir = broadcast_run_dir(dist, out_root)
+        run_dir = Path(cfg.resume).parent if resume_state is not None else broadcast_run_dir(dist, out_root)
         setup_logging(run_dir if dist.is_main else None, is_main=dist.is_main)
         for line in device_notes:
             log.warning(line)
@@ -263,16 +264,6 @@ def close_file_logging() -> None:
         if getattr(h, "_dinox_file", False):
             logger.removeHandler(h)
             h.close()
-
-
-def arch_from(cfg: TrainConfig):
-    from dinox.model.dino_model import arch_from_config
-
-    return arch_from_config(cfg)
-
-
-def resume_state_run_dir(cfg: TrainConfig) -> str:
-    return str(Path(cfg.resume).parent)
 
 
 def broadcast_run_dir(dist, out_root: Path) -> Path:
