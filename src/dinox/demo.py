@@ -10,13 +10,14 @@ import json
 import time
 from pathlib import Path
 
-DEMO_PATIENTS = 48
-DEMO_SLICES = 24
-DEMO_SIZE = 128
+DEMO_PATIENTS = 160
+DEMO_SLICES = 12
+DEMO_SIZE = 96
 DEMO_STEPS = 300
 DEMO_BATCH = 32
 DEMO_EVAL_N = 512
 DEMO_VAL_FRACTION = 0.25
+LEARNING_FACTOR = 3.0  # issue 5: the trained checkpoint must beat the untrained model 3x
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -75,10 +76,21 @@ def run(args) -> int:
     untrained = _eval_at_step0(run_dir / "metrics.jsonl")
     print(f"[demo] finished in {time.perf_counter() - started:.0f}s; run: {run_dir}")
     if untrained is not None:
-        print(f"[demo] untrained (step 0) retrieval ratio {untrained:.2f} at the same n")
+        final_ratio = _final_ratio(final)
+        print(f"[demo] untrained (step 0) retrieval ratio {untrained:.2f} at the same n and seed")
+        if code == 0 and final_ratio is not None and final_ratio < LEARNING_FACTOR * untrained:
+            print(f"[demo] FAIL: ratio {final_ratio:.2f} is below {LEARNING_FACTOR:g} x the untrained model's")
+            code = 2
     print(f"[demo] heatmaps: {run_dir / 'monitor'}; loss curve: {run_dir / 'loss_curve.png'}")
     print(f"[demo] TensorBoard: tensorboard --logdir {runs}")
     return code
+
+
+def _final_ratio(checkpoint: Path) -> float | None:
+    """The ratio in the JSON that `dinox eval retrieval` wrote beside the checkpoint."""
+    step = int(checkpoint.stem.rsplit("_", 1)[-1])
+    found = sorted(checkpoint.parent.glob(f"view_retrieval_step{step}_N*.json"))
+    return float(json.loads(found[-1].read_text())["ratio"]) if found else None
 
 
 def _eval_at_step0(metrics_file: Path) -> float | None:

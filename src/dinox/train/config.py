@@ -65,6 +65,13 @@ RECIPES: dict[str, dict[str, object]] = {
         "head_bottleneck": 128,
         "drop_path": 0.0,
         "layerscale": 0.1,  # 1e-5 makes every untrained class token identical (erank 1)
+        # What made the demo learn (docs/recipes.md): BN in the head (diverse teacher targets
+        # at initialisation), windows drawn independently (distinct families make the two
+        # views' untrained features anti-correlated), per-view standardisation, a flat sharp
+        # teacher temperature (a warm-up to 0.06 let the teacher drift to uniform).
+        "head_bn": True,
+        "distinct_windows": False,
+        "standardize_views": True,
         "lr": 1e-3,
         "min_lr": 1e-5,
         "warmup_steps": 20,
@@ -72,9 +79,9 @@ RECIPES: dict[str, dict[str, object]] = {
         "weight_decay_end": 0.1,
         "freeze_last_layer_steps": 10,
         "momentum": 0.98,
-        "teacher_temp": 0.06,
+        "teacher_temp": 0.04,
         "teacher_temp_start": 0.04,
-        "teacher_temp_warmup_steps": 50,
+        "teacher_temp_warmup_steps": 0,
         "gram_refresh_every": 100,
         "horizon": 2_000,
     },
