@@ -274,13 +274,16 @@ def _remove_stale_temps(directory: Path) -> None:
             _unlink_quietly(entry)
 
 
-def _unlink_quietly(path: Path) -> None:
+def _unlink_quietly(path: Path) -> bool:
+    """Delete ``path``; a missing file counts as deleted. False (with a warning) on other errors."""
     try:
         path.unlink()
     except FileNotFoundError:
         pass
     except OSError as exc:
         log.warning("could not delete %s: %s", path, exc)
+        return False
+    return True
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -590,12 +593,7 @@ def rotate_checkpoints(run_dir, keep_last: int, milestone_every: int = 0) -> lis
                 break
     deleted = []
     for path in doomed:
-        try:
-            path.unlink()
-        except FileNotFoundError:
-            pass
-        except OSError as exc:
-            log.warning("could not delete old checkpoint %s: %s", path, exc)
+        if not _unlink_quietly(path):
             continue
         _unlink_quietly(sidecar_path(path))
         deleted.append(path)
