@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from dinox.train.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint, verify_checkpoint
+from dinox.run.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint, verify_checkpoint
 
 MODELS = {"vit-tiny": 5.7e6, "vit-large": 304e6, "vit-giant": 1.1e9}
 COPIES = 5

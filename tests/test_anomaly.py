@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dinox.train.anomaly import Anomaly, AnomalyGuard, nonfinite_diagnostics
+from dinox.observe.anomaly import Anomaly, AnomalyGuard, nonfinite_diagnostics
 
 
 def feed(guard, losses, start=1):

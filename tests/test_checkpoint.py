@@ -23,8 +23,8 @@ import pytest
 import torch
 
 from dinox.cli import main as cli_main
-from dinox.train import checkpoint as ck
-from dinox.train.checkpoint import (
+from dinox.run import checkpoint as ck
+from dinox.run.checkpoint import (
     CheckpointError,
     capture_rng_state,
     checkpoint_path,
@@ -172,7 +172,7 @@ def test_save_refuses_unsafe_state_before_writing(tmp_path):
 
 CHILD = textwrap.dedent("""
     import itertools, sys, time, torch
-    from dinox.train import checkpoint as ck
+    from dinox.run import checkpoint as ck
     run_dir, start, pause_in = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 
     def pausing(original, ready=lambda *args: True):

@@ -12,7 +12,7 @@ import torch
 
 from _train_support import losses, only_run, processed_root, train_args  # noqa: F401
 from dinox.cli import build_parser, main
-from dinox.train import checkpoint as ckpt
+from dinox.run import checkpoint as ckpt
 
 REPO = Path(__file__).resolve().parent.parent
 

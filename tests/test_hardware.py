@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from dinox.errors import UserError
-from dinox.train import hardware
-from dinox.train.hardware import (
+from dinox.run import device as hardware
+from dinox.run.device import (
     GIB,
     HARDWARE_PRESETS,
     PRESET_KEYS,

@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dinox.train.memory import (
+from dinox.train.plan import (
     GIB,
     block_activation_bytes_per_token,
     dino_head_param_count,

@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from dinox.train.metrics import MetricsLogger, format_progress, tensorboard_tag
+from dinox.observe.metrics import MetricsLogger, format_progress, tensorboard_tag
 
 
 def read_lines(path):
@@ -87,7 +87,7 @@ def test_resume_truncates_and_appends(tmp_path):
 def test_records_survive_a_crash(tmp_path):
     code = textwrap.dedent(f"""
         import os
-        from dinox.train.metrics import MetricsLogger
+        from dinox.observe.metrics import MetricsLogger
         logger = MetricsLogger({str(tmp_path)!r}, tensorboard=False)
         logger.log(1, {{"loss": 2.0}})
         logger.log(2, {{"loss": 1.5}})

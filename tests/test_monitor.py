@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from dinox.train import monitor
-from dinox.train.monitor import (
+from dinox.observe import heatmaps as monitor
+from dinox.observe.heatmaps import (
     device_memory_metrics, embedding_stats, gpu_telemetry, health_report, plot_loss_curve,
     read_metrics, window_normalize, write_monitor_outputs,
 )

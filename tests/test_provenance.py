@@ -7,8 +7,8 @@ import subprocess
 
 import pytest
 
-from dinox.train import provenance
-from dinox.train.provenance import collect_provenance, data_manifest_hash, git_commit, is_dirty
+from dinox.run import provenance
+from dinox.run.provenance import collect_provenance, data_manifest_hash, git_commit, is_dirty
 
 needs_git = pytest.mark.skipif(shutil.which("git") is None, reason="git not installed")
 

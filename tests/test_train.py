@@ -14,7 +14,7 @@ import torch
 
 from _train_support import losses, only_run, processed_root, read_metrics, train_args  # noqa: F401
 from dinox.cli import main
-from dinox.train.checkpoint import load_checkpoint
+from dinox.run.checkpoint import load_checkpoint
 
 
 def final_weights(run_dir: Path) -> dict:

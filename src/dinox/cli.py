@@ -10,13 +10,13 @@ from dinox import __version__
 from dinox.errors import UserError
 
 COMMANDS = [
-    "dinox.data.synth",
-    "dinox.data.ingest",
-    "dinox.train.cli",
-    "dinox.eval.cli",
-    "dinox.train.monitor_cli",
-    "dinox.train.inspect",
-    "dinox.demo",
+    "dinox.commands.synth",
+    "dinox.commands.prep",
+    "dinox.commands.train",
+    "dinox.commands.eval",
+    "dinox.commands.monitor",
+    "dinox.commands.inspect",
+    "dinox.commands.demo",
 ]
 
 

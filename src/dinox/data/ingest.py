@@ -12,7 +12,6 @@ series present.
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -343,28 +342,3 @@ def format_summary(report: dict) -> str:
                          "before running the label-free evaluation")
     lines.append(f"  report: {Path(report['output']) / REPORT_FILE}")
     return "\n".join(lines)
-
-
-def add_parser(subparsers) -> None:
-    p = subparsers.add_parser(
-        "prep", help="convert DICOM/NIfTI CT scans into the processed data root",
-        description="Convert DICOM series and NIfTI volumes into int16 HU volumes, an index "
-                    "and a patient-level train/val split.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--input", nargs="+", required=True, type=Path, metavar="DIR",
-                   default=argparse.SUPPRESS,
-                   help="folders (searched recursively) or files with DICOM and/or NIfTI scans")
-    p.add_argument("--output", type=Path, default=Path("data/processed"), help="processed data root")
-    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
-                   help="parallel processes")
-    p.add_argument("--force", action="store_true", help="rewrite series that are already done")
-    p.add_argument("--val-fraction", type=float, default=0.1, help="fraction of patients for validation")
-    p.add_argument("--split-seed", type=int, default=0, help="seed of the patient split")
-    p.set_defaults(func=run)
-
-
-def run(args) -> int:
-    report = prepare(args.input, args.output, workers=args.workers, force=args.force,
-                     val_fraction=args.val_fraction, split_seed=args.split_seed)
-    print(format_summary(report))
-    return 0

@@ -11,10 +11,8 @@ the same seed gives byte-identical files.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -170,31 +168,3 @@ def generate_dataset(out, patients: int, slices: int, size: int, seed: int = 0,
     tmp.write_text(json.dumps(labels, indent=1))
     tmp.replace(out / "labels.json")
     return labels
-
-
-def add_parser(subparsers) -> None:
-    p = subparsers.add_parser(
-        "synth", help="write synthetic chest-CT DICOM series (procedural phantoms)",
-        description="Write procedural chest-CT phantoms as DICOM series plus labels.json.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--out", required=True, type=Path, default=argparse.SUPPRESS, help="output folder")
-    p.add_argument("--patients", type=int, default=4, help="number of patients (one series each)")
-    p.add_argument("--slices", type=int, default=64, help="slices per series")
-    p.add_argument("--size", type=int, default=256, help="rows and columns per slice")
-    p.add_argument("--seed", type=int, default=0, help="random seed; same seed, same files")
-    p.set_defaults(func=run)
-
-
-def run(args) -> int:
-    start = time.perf_counter()
-    labels = generate_dataset(args.out, args.patients, args.slices, args.size, args.seed, progress=True)
-    elapsed = time.perf_counter() - start
-    kinds = {k: 0 for k in NODULE_TYPES}
-    for s in labels["series"]:
-        for n in s["nodules"]:
-            kinds[n["type"]] += 1
-    counts = ", ".join(f"{v} {k.replace('_', '-')}" for k, v in kinds.items())
-    print(f"synth: {args.patients} series of {args.slices} x {args.size} x {args.size} written to "
-          f"{args.out} in {elapsed:.1f} s")
-    print(f"  nodules: {sum(kinds.values())} ({counts}); labels: {Path(args.out) / 'labels.json'}")
-    return 0

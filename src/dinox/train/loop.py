@@ -24,14 +24,14 @@ from dinox.losses.dino import DINOLoss, entropy
 from dinox.losses.gram import gram_anchoring_loss
 from dinox.losses.koleo import KoLeoLoss
 from dinox.model.dino_model import build_dino_model
-from dinox.train import checkpoint as ckpt
-from dinox.train.anomaly import AnomalyGuard, nonfinite_diagnostics
-from dinox.train.config import TrainConfig
+from dinox.run import checkpoint as ckpt
+from dinox.observe.anomaly import AnomalyGuard, nonfinite_diagnostics
+from dinox.config import TrainConfig
 from dinox.train.data_stream import make_loader
-from dinox.train.distributed import DistEnv
-from dinox.train.hardware import DeviceInfo, MemoryWatch
-from dinox.train.metrics import MetricsLogger, format_progress
-from dinox.train.monitor import device_memory_metrics
+from dinox.run.distributed import DistEnv
+from dinox.run.device import DeviceInfo, MemoryWatch
+from dinox.observe.metrics import MetricsLogger, format_progress
+from dinox.observe.heatmaps import device_memory_metrics
 from dinox.train.schedules import Schedules
 
 log = logging.getLogger("dinox.train")
@@ -617,7 +617,7 @@ class Trainer:
                 self.save("emergency")
 
     def _monitor(self, steps_per_s: float, samples_per_s: float) -> None:
-        from dinox.train.monitor_hook import run_monitor
+        from dinox.observe.monitor_hook import run_monitor
 
         if not self.dist.is_main:
             return

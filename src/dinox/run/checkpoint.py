@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from dinox.errors import UserError
-from dinox.train.rng import capture_rng_state, restore_rng_state
+from dinox.run.rng import capture_rng_state, restore_rng_state
 
 __all__ = [
     "CheckpointError",

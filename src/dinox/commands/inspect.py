@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from dinox.train.checkpoint import CheckpointError, load_checkpoint, parse_checkpoint_name, verify_checkpoint
+from dinox.run.checkpoint import CheckpointError, load_checkpoint, parse_checkpoint_name, verify_checkpoint
 
 _WEIGHT_SETS = ("student", "teacher", "gram_teacher")
 _MODEL_FIELD_PREFIXES = ("vit_", "head_", "out_dim", "img_size", "registers", "swiglu")

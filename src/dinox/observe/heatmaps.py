@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from dinox.errors import UserError
-from dinox.train.anomaly import Anomaly, AnomalyGuard  # noqa: F401  (re-exported: docs/interfaces.md)
-from dinox.train.metrics import MetricsLogger  # noqa: F401
+from dinox.observe.anomaly import Anomaly, AnomalyGuard  # noqa: F401  (re-exported: docs/interfaces.md)
+from dinox.observe.metrics import MetricsLogger  # noqa: F401
 
 log = logging.getLogger("dinox.monitor")
 

@@ -57,9 +57,9 @@ def run_retrieval(args) -> int:
 
     from dinox.data.dataset import CTSliceDataset
     from dinox.eval.runner import evaluate_backbone
-    from dinox.train.hardware import detect_device
+    from dinox.run.device import detect_device
     from dinox.train.loop import augment_config
-    from dinox.train.restore import load_for_inference
+    from dinox.eval.load import load_for_inference
 
     if args.n < 2:
         raise UserError(f"--n {args.n} is too small: retrieval needs at least 2 samples")

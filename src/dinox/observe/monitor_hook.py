@@ -9,7 +9,7 @@ from pathlib import Path
 
 from dinox.data.dataset import pad_collate
 from dinox.eval.retrieval import spread_sample
-from dinox.train.monitor import health_report, plot_loss_curve, write_monitor_outputs
+from dinox.observe.heatmaps import health_report, plot_loss_curve, write_monitor_outputs
 
 log = logging.getLogger("dinox.monitor")
 

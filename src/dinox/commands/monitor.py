@@ -23,9 +23,9 @@ def run(args) -> int:
     import torch
 
     from dinox.data.dataset import CTSliceDataset
-    from dinox.train.hardware import detect_device
-    from dinox.train.monitor_hook import run_monitor
-    from dinox.train.restore import load_for_inference
+    from dinox.run.device import detect_device
+    from dinox.observe.monitor_hook import run_monitor
+    from dinox.eval.load import load_for_inference
 
     info, notes = detect_device(args.device)
     for note in notes:

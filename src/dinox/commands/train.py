@@ -12,7 +12,7 @@ import torch
 
 from dinox.data.layout import atomic_write_text
 from dinox.errors import UserError
-from dinox.train.config import TrainConfig, add_train_arguments, build_config, explicit_values
+from dinox.config import TrainConfig, add_train_arguments, build_config, explicit_values
 
 log = logging.getLogger("dinox.train")
 
@@ -125,7 +125,7 @@ def merge_resumed(saved: dict, requested: TrainConfig, given: dict) -> tuple[Tra
 def find_checkpoint(resume: str, out_root: Path) -> tuple[Path | None, bool]:
     """The checkpoint to resume from, and whether its integrity was already verified
     (`--resume auto` checks every candidate; a given path is checked when loaded)."""
-    from dinox.train.checkpoint import find_resume_checkpoint
+    from dinox.run.checkpoint import find_resume_checkpoint
 
     if resume == "auto":
         return find_resume_checkpoint(out_root), True
@@ -139,7 +139,7 @@ def plan_memory(cfg: TrainConfig, device_memory: float | None, info) -> dict:
     """Build on the meta device, count parameters and estimate the training peak."""
     from dinox.model.dino_model import build_dino_model
     from dinox.model.vit import swiglu_hidden_dim
-    from dinox.train.memory import estimate_training_memory, fits, format_estimate, suggestions
+    from dinox.train.plan import estimate_training_memory, fits, format_estimate, suggestions
 
     with torch.device("meta"):
         model = build_dino_model(cfg)
@@ -183,8 +183,8 @@ def plan_memory(cfg: TrainConfig, device_memory: float | None, info) -> dict:
 def run(args: argparse.Namespace) -> int:
     from dinox.model.dino_model import arch_from_config
     from dinox.model.presets import validate_arch
-    from dinox.train.distributed import DistEnv
-    from dinox.train.hardware import apply_hardware_preset, detect_device, hardware_change_notice, match_preset
+    from dinox.run.distributed import DistEnv
+    from dinox.run.device import apply_hardware_preset, detect_device, hardware_change_notice, match_preset
 
     dist = DistEnv.from_environment()
     setup_logging(is_main=dist.is_main)
@@ -201,7 +201,7 @@ def run(args: argparse.Namespace) -> int:
     changes: list[str] = []
     out_root = Path(cfg.out)
     if args.resume and not args.dry_run:
-        from dinox.train.checkpoint import load_checkpoint
+        from dinox.run.checkpoint import load_checkpoint
 
         path, verified = find_checkpoint(args.resume, out_root)
         if path is None:
@@ -219,7 +219,7 @@ def run(args: argparse.Namespace) -> int:
         raise WontFit(won_t_fit_message(plan))
 
     from dinox.train.loop import Trainer
-    from dinox.train.provenance import collect_provenance
+    from dinox.run.provenance import collect_provenance
 
     dist.init(torch.device(info.torch_device).type)
     try:
@@ -267,7 +267,7 @@ def close_file_logging() -> None:
 
 
 def broadcast_run_dir(dist, out_root: Path) -> Path:
-    from dinox.train.checkpoint import new_run_dir
+    from dinox.run.checkpoint import new_run_dir
 
     name = [str(new_run_dir(out_root))] if dist.is_main else [None]
     if dist.enabled:

@@ -8,8 +8,8 @@ import torch
 
 from dinox.errors import UserError
 from dinox.model.dino_model import build_dino_model
-from dinox.train import checkpoint as ckpt
-from dinox.train.config import TrainConfig
+from dinox.run import checkpoint as ckpt
+from dinox.config import TrainConfig
 
 
 def config_from_state(state: dict) -> TrainConfig:
