@@ -58,7 +58,7 @@ def make_state(step: int = 1, n: int = 1000) -> dict:
                       "param_groups": [{"lr": 1e-3, "betas": (0.9, 0.999), "params": [0]}]},
         "scaler": None,
         "data": {"epoch": 0, "position": step * 8, "seed": 0},
-        "config": {"model": {"name": "vit-tiny", "patch_size": 16, "embed_dim": 192}},
+        "config": {"config": "vit-tiny", "vit_patch": 16, "vit_dim": 192},
         "provenance": {"git_commit": "a1b2c3d-dirty", "data_manifest_hash": "1234abcd"},
     }
 
@@ -482,7 +482,7 @@ def test_inspect_reports_and_exit_codes(tmp_path, capsys):
     good = save(tmp_path, 100)
     assert cli_main(["inspect", str(good)]) == 0
     out = capsys.readouterr().out
-    for expected in ("intact", "step:         100", "patch_size=16", "git_commit=a1b2c3d-dirty",
+    for expected in ("intact", "step:         100", "vit_patch=16", "git_commit=a1b2c3d-dirty",
                      "data_manifest_hash=1234abcd", "DINO centre:  out_dim=8 mean=3.5",
                      "student L2:", "head=8", "teacher L2:   total=2 backbone=2 head=0"):
         assert expected in out, expected

@@ -139,7 +139,7 @@ def test_end_to_end_synth_prep_dataset(tmp_path):
     labels = generate_dataset(tmp_path / "dicom", patients=3, slices=8, size=64, seed=5)
     report = prepare([tmp_path / "dicom"], tmp_path / "processed", workers=1, progress=False)
     assert len(report["series_written"]) == 3
-    assert report["files_skipped_by_reason"] == {"not a DICOM file": 1}      # labels.json
+    assert report["files_skipped_by_reason"] == {}      # labels.json and the XML are annotations, not skipped
     ds = CTSliceDataset(tmp_path / "processed", split="all")
     assert len(ds) == 24 and set(ds.series_ids) == {s["series_uid"] for s in labels["series"]}
     train = CTSliceDataset(tmp_path / "processed", split="train")

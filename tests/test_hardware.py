@@ -8,12 +8,12 @@ import torch
 
 from dinox.errors import UserError
 from dinox.run import device as hardware
+from dinox.observe.health import MemoryWatch
 from dinox.run.device import (
     GIB,
     HARDWARE_PRESETS,
     PRESET_KEYS,
     DeviceInfo,
-    MemoryWatch,
     apply_hardware_preset,
     detect_device,
     hardware_change_notice,

@@ -9,11 +9,11 @@ import pytest
 import torch
 import torch.nn as nn
 
-from dinox.observe import heatmaps as monitor
-from dinox.observe.heatmaps import (
-    device_memory_metrics, embedding_stats, gpu_telemetry, health_report, plot_loss_curve,
-    read_metrics, window_normalize, write_monitor_outputs,
-)
+from dinox.data.augment import AugmentConfig, fixed_window_input
+from dinox.eval.rank import embedding_stats
+from dinox.observe import health as monitor
+from dinox.observe.health import device_memory_metrics, gpu_telemetry, health_report
+from dinox.observe.heatmaps import plot_loss_curve, read_metrics, write_monitor_outputs
 
 
 class TinyCore(nn.Module):
@@ -79,9 +79,11 @@ def test_embedding_stats_separate_healthy_from_collapsed():
     assert math.isnan(embedding_stats(torch.full((8, 4), float("nan")))["effective_rank"])
 
 
-def test_window_normalize_matches_training_formula():
-    hu = torch.tensor([-1350.0, -600.0, 150.0, 3000.0])
-    assert window_normalize(hu, (-600, 1500)).tolist() == [-1.0, 0.0, 1.0, 1.0]
+def test_fixed_window_input_is_the_training_preprocessing():
+    hu = torch.tensor([-1350.0, -600.0, 150.0, 3000.0]).view(1, 1, 1, 4)
+    assert fixed_window_input(hu, AugmentConfig(), (-600, 1500)).flatten().tolist() == pytest.approx([-1.0, 0.0, 1.0, 1.0], abs=1e-6)
+    standardized = fixed_window_input(hu, AugmentConfig(standardize=True), (-600, 1500))
+    assert float(standardized.mean()) == pytest.approx(0.0, abs=1e-5)
 
 
 def test_write_monitor_outputs(tmp_path):

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -9,8 +10,9 @@ import pytest
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 
 from dinox.cli import main
+from dinox.data.annotations import parse_lidc_xml
 from dinox.data.phantom import _Lung, _vessel_tree, make_phantom
-from dinox.data.synth import generate_dataset
+from dinox.data.synth import generate_dataset, vessel_labels
 
 
 def _hu(ds) -> np.ndarray:
@@ -90,11 +92,48 @@ def test_same_seed_same_bytes_other_seed_differs(tiny, tmp_path):
         g = tmp_path / "a" / f.relative_to(out)
         assert pydicom.dcmread(f).PixelData == pydicom.dcmread(g).PixelData
         assert f.read_bytes() == g.read_bytes()
+    for name in ["labels.json"] + [s["annotation_xml"] for s in labels["series"]]:
+        assert (out / name).read_bytes() == (tmp_path / "a" / name).read_bytes()
     other = generate_dataset(tmp_path / "b", patients=2, slices=6, size=48, seed=8)
     assert {s["series_uid"] for s in other["series"]}.isdisjoint({s["series_uid"] for s in labels["series"]})
     a = pydicom.dcmread(_files(out)[3]).pixel_array
     b = pydicom.dcmread(_files(tmp_path / "b")[3]).pixel_array
     assert not np.array_equal(a, b)
+
+
+def test_pixels_pinned(tiny):
+    """Pins the phantom's pixel output: annotations, vessel records and the simulated readers
+    must not add, drop or reorder random draws of the phantom. The hash was computed on the
+    code before any of them existed; a deliberate change of the phantom updates it."""
+    out, _ = tiny
+    h = hashlib.sha256()
+    for f in _files(out):
+        h.update(pydicom.dcmread(f).pixel_array.astype("<i4").tobytes())
+    assert h.hexdigest() == "d8af244fa5f850d94a577ac70dc2ca71247262c07c68910634cc4ff203dba402"
+
+
+def test_labels_vessels_and_reader_xml(tiny):
+    out, labels = tiny
+    for series in labels["series"]:
+        vessels = series["vessels"]
+        assert len(vessels) > 50 and all(len(v) == 8 and v[6] >= v[7] > 0 for v in vessels)
+        read = parse_lidc_xml((out / series["annotation_xml"]).read_bytes())
+        assert (out / series["annotation_xml"]).parent == out / series["series_dir"]
+        assert read.series_uid == series["series_uid"] and read.problems == []
+        assert [s.reader for s in read.sessions] == ["reader1", "reader2", "reader3", "reader4"]
+        ids = {m.mark_id for s in read.sessions for m in s.marks if m.kind != "non_nodule"}
+        assert ids <= {f"Nodule {j + 1:03d}" for j in range(len(series["nodules"]))}
+
+
+def test_vessel_labels_lie_on_vessels(chest):
+    ph = chest[2]
+    v = np.array(vessel_labels(ph))
+    mid = np.rint((v[:, :3] + v[:, 3:6]) / 2.0).astype(int)
+    inside = np.all((mid >= 0) & (mid < np.array(ph.hu.shape)), axis=1) & (v[:, 6] >= 2.0)
+    assert inside.sum() > 30
+    on_vessel = ph.hu[tuple(mid[inside].T)] > -600
+    lung = ph.lung > 0.99
+    assert on_vessel.mean() > 0.9 and (ph.hu[lung] > -600).mean() < 0.2
 
 
 def test_tissue_values(chest):

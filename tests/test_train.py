@@ -145,14 +145,14 @@ def test_resume_logs_changed_free_settings(processed_root, tmp_path, capsys):
 def test_nonfinite_loss_halts_with_emergency_checkpoint(processed_root, tmp_path, monkeypatch, capsys):
     from dinox.train import loop
 
-    original = loop.Trainer.micro_step
+    original = loop.Trainer.train_step
 
-    def poisoned(self, stacks, sched, accumulate):
-        if self.state.step == 2:
-            stacks = stacks.float() * float("nan")
-        return original(self, stacks, sched, accumulate)
+    def poisoned(self, micro_batches, sched):
+        if self.progress.step == 2:
+            micro_batches = (stacks.float() * float("nan") for stacks in micro_batches)
+        return original(self, micro_batches, sched)
 
-    monkeypatch.setattr(loop.Trainer, "micro_step", poisoned)
+    monkeypatch.setattr(loop.Trainer, "train_step", poisoned)
     out = tmp_path / "runs"
     assert main(train_args(processed_root, out, "--max-steps", "5", "--batch-size", "4", "--accumulation-steps", "2",
                            "--ckpt-every", "2")) == loop.EXIT_NONFINITE
@@ -172,15 +172,15 @@ def test_nonfinite_loss_halts_with_emergency_checkpoint(processed_root, tmp_path
 def test_loss_spike_warns_and_continues(processed_root, tmp_path, monkeypatch, capsys):
     from dinox.train import loop
 
-    original = loop.Trainer.optimizer_step
+    original = loop.Trainer.train_step
 
     def spiking(self, micro_batches, sched):
         result = original(self, micro_batches, sched)
-        if self.state.step == 11:
+        if self.progress.step == 11:
             result.metrics["loss"] *= 10
         return result
 
-    monkeypatch.setattr(loop.Trainer, "optimizer_step", spiking)
+    monkeypatch.setattr(loop.Trainer, "train_step", spiking)
     out = tmp_path / "runs"
     assert main(train_args(processed_root, out, "--max-steps", "13", "--batch-size", "4")) == 0
     printed = capsys.readouterr().out
@@ -191,14 +191,14 @@ def test_loss_spike_warns_and_continues(processed_root, tmp_path, monkeypatch, c
 def test_collapse_saves_emergency_checkpoint(processed_root, tmp_path, monkeypatch, capsys):
     from dinox.train import loop
 
-    original = loop.Trainer.optimizer_step
+    original = loop.Trainer.train_step
 
     def collapsing(self, micro_batches, sched):
         result = original(self, micro_batches, sched)
-        result.metrics["embedding_std"] = 0.5 if self.state.step < 3 else 1e-5
+        result.metrics["embedding_std"] = 0.5 if self.progress.step < 3 else 1e-5
         return result
 
-    monkeypatch.setattr(loop.Trainer, "optimizer_step", collapsing)
+    monkeypatch.setattr(loop.Trainer, "train_step", collapsing)
     out = tmp_path / "runs"
     assert main(train_args(processed_root, out, "--max-steps", "5", "--batch-size", "4")) == 0
     printed = capsys.readouterr().out

@@ -58,7 +58,6 @@ def run_retrieval(args) -> int:
     from dinox.data.dataset import CTSliceDataset
     from dinox.eval.runner import evaluate_backbone
     from dinox.run.device import detect_device
-    from dinox.train.loop import augment_config
     from dinox.eval.load import load_for_inference
 
     if args.n < 2:
@@ -74,7 +73,7 @@ def run_retrieval(args) -> int:
     if available < args.n:
         print(f"note: the {args.split} split holds {available} samples, fewer than --n {args.n}; using all of them")
     result = evaluate_backbone(
-        backbone, dataset, augment_config(cfg), n=args.n, seed=args.seed, device=device, ks=tuple(args.topk),
+        backbone, dataset, cfg.views.to_augment(), n=args.n, seed=args.seed, device=device, ks=tuple(args.topk),
         batch_size=args.batch_size,
     )
     passed = result["ratio"] >= args.min_ratio

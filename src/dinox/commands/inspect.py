@@ -14,10 +14,12 @@ from pathlib import Path
 
 import torch
 
+from dinox.config import SHAPE_FIELDS, check_checkpoint_format
+from dinox.errors import UserError
+from dinox.observe.metrics import json_safe
 from dinox.run.checkpoint import CheckpointError, load_checkpoint, parse_checkpoint_name, verify_checkpoint
 
 _WEIGHT_SETS = ("student", "teacher", "gram_teacher")
-_MODEL_FIELD_PREFIXES = ("vit_", "head_", "out_dim", "img_size", "registers", "swiglu")
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.", "_fsdp_wrapped_module.")
 
 
@@ -68,19 +70,16 @@ def centre_stats(center: torch.Tensor) -> dict:
 
 
 def model_summary(state: dict) -> dict:
-    """The model configuration, wherever the trainer put it: ``config["model"]`` (nested
-    config), ``model["arch"]`` (shape fields) or the ``vit_*``/head fields of a flat config."""
-    config = state.get("config") if isinstance(state.get("config"), dict) else {}
-    summary: dict = {}
-    if isinstance(config.get("config"), str):
-        summary["preset"] = config["config"]
-    if isinstance(config.get("model"), dict):
-        summary.update(config["model"])
-    elif isinstance(state.get("model"), dict) and isinstance(state["model"].get("arch"), dict):
-        summary.update(state["model"]["arch"])
-    else:
-        summary.update({k: v for k, v in config.items() if k.startswith(_MODEL_FIELD_PREFIXES)})
-    return _jsonable(summary)
+    """The model preset and the shape fields recorded in the checkpoint's configuration
+    ({} if it has none); fields it does not record are left out, not defaulted."""
+    try:
+        check_checkpoint_format(state)
+    except UserError:
+        return {}
+    saved = state.get("config") if isinstance(state.get("config"), dict) else {}
+    summary = {"preset": saved["config"]} if isinstance(saved.get("config"), str) else {}
+    summary.update({k: saved[k] for k in SHAPE_FIELDS if k in saved})
+    return json_safe(summary)
 
 
 def summarize(path) -> dict:
@@ -106,10 +105,10 @@ def summarize(path) -> dict:
         report["model"] = model
     provenance = state.get("provenance")
     if isinstance(provenance, dict):
-        report["provenance"] = {k: _jsonable(provenance.get(k))
+        report["provenance"] = {k: json_safe(provenance.get(k))
                                 for k in ("git_commit", "data_manifest_hash") if k in provenance}
     if isinstance(state.get("data"), dict):
-        report["data"] = _jsonable(state["data"])
+        report["data"] = json_safe(state["data"])
     center = state.get("dino_loss", {}).get("center") if isinstance(state.get("dino_loss"), dict) else None
     if isinstance(center, torch.Tensor) and center.numel():
         report["dino_center"] = centre_stats(center)
@@ -117,22 +116,8 @@ def summarize(path) -> dict:
         if isinstance(state.get(name), dict):
             report[f"{name}_norms"] = weight_norms(state[name])
     if isinstance(state.get("metrics"), dict):
-        report["metrics"] = _jsonable(state["metrics"])
+        report["metrics"] = json_safe(state["metrics"])
     return report
-
-
-def _jsonable(obj):
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, torch.Tensor):
-        return obj.tolist() if obj.numel() <= 16 else f"tensor{tuple(obj.shape)}"
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return str(obj)
-    if obj is None or isinstance(obj, (str, int, float, bool)):
-        return obj
-    return str(obj)
 
 
 def _size_text(n: int | None) -> str:

@@ -33,11 +33,12 @@ def run(args) -> int:
     device = torch.device(info.torch_device)
     backbone, cfg, meta = load_for_inference(args.checkpoint, device, which=args.network)
     dataset = CTSliceDataset(
-        args.data_root or cfg.data_root, args.split,
-        args.split_manifest or cfg.split_manifest, args.index_csv or cfg.index_csv,
+        args.data_root or cfg.io.data_root, args.split,
+        args.split_manifest or cfg.io.split_manifest, args.index_csv or cfg.io.index_csv,
     )
     run_dir = Path(args.out) if args.out else Path(args.checkpoint).parent
-    out_dir = run_monitor(backbone, dataset, run_dir, meta.step, device, out_dim=cfg.out_dim, img_size=cfg.img_size)
+    out_dir = run_monitor(backbone, dataset, run_dir, meta.step, device, augment_cfg=cfg.views.to_augment(),
+                          out_dim=cfg.model.out_dim)
     for name in ("heatmap.png", "input.png", "stats.json"):
         print(out_dir / name)
     return 0

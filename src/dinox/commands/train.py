@@ -1,22 +1,23 @@
-"""`dinox train` (and scripts/phase5_big_run.py): resolve the run, plan memory, train."""
+"""`dinox train` (and scripts/phase5_big_run.py): flags -> config.resolve -> memory plan -> Trainer.
+
+This module is the only one that sees the train command's argparse Namespace: it turns the
+flags the user gave into a flat dict and hands it to `dinox.config.resolve`.
+"""
 from __future__ import annotations
 
 import argparse
 import json
 import logging
-import sys
-from dataclasses import replace
 from pathlib import Path
 
 import torch
 
+from dinox.config import DEVICE_CHOICES, FLAT_FIELDS, MODEL_CHOICES, SHAPE_FIELDS, RunConfig, resolve
 from dinox.data.layout import atomic_write_text
 from dinox.errors import UserError
-from dinox.config import TrainConfig, add_train_arguments, build_config, explicit_values
+from dinox.run.signals import EXIT_WONT_FIT
 
 log = logging.getLogger("dinox.train")
-
-EXIT_WONT_FIT = 3
 
 
 class WontFit(UserError):
@@ -34,92 +35,126 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return parser
 
 
-def setup_logging(run_dir: Path | None = None, is_main: bool = True) -> None:
-    logger = logging.getLogger("dinox")
-    logger.setLevel(logging.INFO if is_main else logging.WARNING)
-    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
-    for h in list(logger.handlers):
-        if getattr(h, "_dinox_console", False) or (run_dir is not None and getattr(h, "_dinox_file", False)):
-            logger.removeHandler(h)
-            h.close()
-    handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(fmt)
-    handler._dinox_console = True
-    logger.addHandler(handler)
-    if run_dir is not None and is_main:
-        file_handler = logging.FileHandler(run_dir / "train.log")
-        file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-        file_handler._dinox_file = True
-        logger.addHandler(file_handler)
-    logger.propagate = False
+def _bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("true", "1", "yes", "on"):
+        return True
+    if value in ("false", "0", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
-def resolve_arch(args: argparse.Namespace):
-    from dinox.model.presets import resolve_arch as preset_arch
+def _int_at_least(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected a number >= {minimum}, got {value}")
+        return value
 
-    arch = preset_arch(
-        args.config,
-        patch=args.vit_patch,
-        dim=args.vit_dim,
-        depth=args.vit_depth,
-        heads=args.vit_heads,
-        mlp_hidden_dim=args.vit_mlp,
-    )
-    if args.swiglu is not None:
-        arch = replace(arch, swiglu=args.swiglu)
-    if args.registers is not None:
-        arch = replace(arch, num_registers=args.registers)
-    return arch
+    return parse
 
 
-def shape_mismatch(saved: dict, cfg: TrainConfig) -> list[str]:
-    defaults = TrainConfig.__dataclass_fields__
-    return [
-        f"{name}: checkpoint {saved.get(name, defaults[name].default)!r}, requested {getattr(cfg, name)!r}"
-        for name in TrainConfig.SHAPE_FIELDS
-        if saved.get(name, defaults[name].default) != getattr(cfg, name)
-    ]
+_positive_int = _int_at_least(1)
+_nonneg_int = _int_at_least(0)
 
 
-def matching_flags(saved: dict) -> str:
-    flags = (
-        f"--config {saved.get('config', 'custom')} --vit-patch {saved['vit_patch']} --vit-dim {saved['vit_dim']} "
-        f"--vit-depth {saved['vit_depth']} --vit-heads {saved['vit_heads']} --vit-mlp {saved['vit_mlp']} "
-        f"--out-dim {saved['out_dim']} --img-size {saved['img_size']} --layerscale {saved.get('layerscale', 1e-5)}"
-    )
-    if saved.get("swiglu"):
-        flags += " --swiglu"
-    return flags
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    """All flags of `dinox train` / scripts/phase5_big_run.py (defaults None: see module doc)."""
+    g = p.add_argument_group("model")
+    g.add_argument("--config", choices=MODEL_CHOICES, default=None,
+                   help="model preset (default vit-tiny, or the checkpoint's on resume); the --vit-* flags "
+                        "override it; 'custom' needs all four")
+    g.add_argument("--vit-patch", type=_positive_int)
+    g.add_argument("--vit-dim", type=_positive_int)
+    g.add_argument("--vit-depth", type=_positive_int)
+    g.add_argument("--vit-heads", type=_positive_int)
+    g.add_argument("--vit-mlp", type=_positive_int, help="MLP hidden width (default 4 x dim; 6144 for vit-giant)")
+    g.add_argument("--swiglu", action=argparse.BooleanOptionalAction, default=None, help="SwiGLU MLP instead of GELU")
+    g.add_argument("--registers", type=_nonneg_int, help="register tokens (default 4)")
+    g.add_argument("--drop-path", type=float, help="stochastic depth rate")
+    g.add_argument("--layerscale", type=float, help="LayerScale init (1e-5 for big presets; 0 disables)")
+    g.add_argument("--out-dim", type=_positive_int, help="DINO head prototypes (65536 for big presets, 1024 for vit-tiny)")
+    g.add_argument("--head-hidden", type=_positive_int)
+    g.add_argument("--head-bottleneck", type=_positive_int)
+    g.add_argument("--head-layers", type=_positive_int)
+    g.add_argument("--head-bn", type=_bool, metavar="true|false",
+                   help="BatchNorm (batch statistics) in the head MLP (DINO's use_bn; default off)")
+
+    g = p.add_argument_group("views")
+    g.add_argument("--img-size", type=_positive_int, help="global crop size in px (224; 64 for vit-tiny)")
+    g.add_argument("--local-crops", type=_nonneg_int, help="local crops per sample")
+    g.add_argument("--local-size", type=_positive_int, help="local crop size in px")
+    g.add_argument("--distinct-windows", type=_bool, metavar="true|false",
+                   help="draw the two global views' HU windows from different families (lung/mediastinal/bone/broad)")
+    g.add_argument("--standardize-views", type=_bool, metavar="true|false",
+                   help="zero-mean unit-std each view after windowing")
+
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--max-steps", type=_positive_int, help="optimizer steps; omit to train until stopped")
+    g.add_argument("--batch-size", type=_positive_int, help="per-device micro-batch (default: hardware preset)")
+    g.add_argument("--accumulation-steps", type=_positive_int, help="micro-batches per optimizer step")
+    g.add_argument("--lr", type=float, help="peak learning rate (not scaled by batch)")
+    g.add_argument("--min-lr", type=float, help="final learning rate of the cosine (seed 004: 1e-6)")
+    g.add_argument("--warmup-steps", type=_nonneg_int, help="linear warm-up steps (seed 004: 2500)")
+    g.add_argument("--weight-decay", type=float)
+    g.add_argument("--weight-decay-end", type=float)
+    g.add_argument("--clip-grad", type=float, help="gradient norm clip (0 disables)")
+    g.add_argument("--freeze-last-layer-steps", type=_nonneg_int)
+    g.add_argument("--momentum", type=float, help="teacher EMA momentum at step 0 (cosine towards --momentum-end)")
+    g.add_argument("--momentum-end", type=float)
+    g.add_argument("--teacher-temp", type=float)
+    g.add_argument("--teacher-temp-start", type=float)
+    g.add_argument("--teacher-temp-warmup-steps", type=_nonneg_int)
+    g.add_argument("--student-temp", type=float)
+    g.add_argument("--centering", choices=["centering", "sinkhorn"])
+    g.add_argument("--center-momentum", type=float)
+    g.add_argument("--koleo-weight", type=float)
+    g.add_argument("--gram-weight", type=float, help="Gram anchoring weight (> 0; it cannot be disabled)")
+    g.add_argument("--gram-refresh-every", type=_positive_int, help="steps between Gram-teacher snapshots")
+    g.add_argument("--horizon", type=_positive_int, help="schedule span of an unlimited run")
+    g.add_argument("--seed", type=int)
+
+    g = p.add_argument_group("hardware")
+    g.add_argument("--device", choices=DEVICE_CHOICES, default=None, help="override detection (default auto)")
+    g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (fp16 + scaler where bf16 is missing)")
+    g.add_argument("--grad-checkpoint", action=argparse.BooleanOptionalAction, default=None, help="per-block activation checkpointing")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the backbone")
+    g.add_argument("--num-workers", type=_nonneg_int)
+    g.add_argument("--pin-memory", type=_bool, metavar="true|false")
+    g.add_argument("--device-memory", type=float, metavar="GB", help="plan for a device with this much memory")
+
+    g = p.add_argument_group("data and output")
+    g.add_argument("--data-root", help="processed root (default data/processed)")
+    g.add_argument("--index-csv", help="default <data-root>/_index/index.csv")
+    g.add_argument("--split-manifest", help="default <data-root>/_splits/val10_seed0.json")
+    g.add_argument("--out", help="runs root (default data/runs); each run gets YYYYMMDD_HHMMSS/")
+    g.add_argument("--resume", help="'auto' (newest good checkpoint under --out) or a checkpoint path")
+
+    g = p.add_argument_group("checkpoints, monitoring, validation")
+    g.add_argument("--ckpt-every", type=_positive_int, help="steps between checkpoints (100)")
+    g.add_argument("--ckpt-keep-last", type=_positive_int, help="periodic checkpoints kept (5)")
+    g.add_argument("--ckpt-milestone-every", type=_nonneg_int, help="keep every M-th step out of rotation")
+    g.add_argument("--monitor-every", type=_nonneg_int, help="steps between heatmaps/stats (1000; 0 off)")
+    g.add_argument("--eval-every", type=_nonneg_int, help="steps between retrieval + rank checks (0 off)")
+    g.add_argument("--eval-n", type=_positive_int, help="validation samples per in-training check (512)")
+    g.add_argument("--log-interval", type=float, help="seconds between progress lines (10)")
+    g.add_argument("--log-every", type=_positive_int, help="steps between metrics.jsonl/TensorBoard rows (1)")
+    g.add_argument("--halt-on-anomaly", action=argparse.BooleanOptionalAction, default=None, help="stop on a loss spike too")
+    g.add_argument("--collapse-std", type=float, help="embedding std below which collapse is flagged (0.01)")
+    g.add_argument("--spike-factor", type=float, help="loss above this x its 10-step mean is a spike (2.0)")
+
+    g = p.add_argument_group("planning")
+    g.add_argument("--dry-run", action="store_true", help="resolve, estimate memory on the meta device, exit (0 fits, 3 not)")
+    g.add_argument("--json", action="store_true", help="with --dry-run: print the summary as one JSON object")
 
 
-def merge_resumed(saved: dict, requested: TrainConfig, given: dict) -> tuple[TrainConfig, list[str]]:
-    """The checkpoint's settings, except hardware values and flags the user gave now."""
-    mismatch = shape_mismatch(saved, requested)
-    if mismatch:
-        raise UserError(
-            "the checkpoint's model differs from the one requested ("
-            + "; ".join(mismatch)
-            + f"). Resume with the checkpoint's shape: {matching_flags(saved)}"
-        )
-    known = set(TrainConfig.__dataclass_fields__)
-    values = {k: v for k, v in saved.items() if k in known}
-    for name in ("num_workers", "pin_memory", "batch_size", "accumulation_steps", "device", "hardware_preset",
-                 "custom_values", "max_steps", "out", "resume"):
-        values[name] = getattr(requested, name)
-    values.update({k: v for k, v in given.items() if k in known})
-    merged = TrainConfig(**values)
-    if saved.get("max_steps") != merged.max_steps:
-        log.warning(
-            "--max-steps %s differs from the checkpoint's %s: the learning-rate, weight-decay and momentum "
-            "schedules are recomputed for the new length from the resumed step on",
-            merged.max_steps if merged.max_steps is not None else "(unlimited)", saved.get("max_steps"),
-        )
-    changes = [
-        f"{name}: {saved.get(name)!r} -> {getattr(merged, name)!r}"
-        for name in sorted(known)
-        if name not in ("resume", "custom_values") and saved.get(name) != getattr(merged, name)
-    ]
-    return merged, changes
+def explicit_values(args: argparse.Namespace) -> dict[str, object]:
+    """The run settings the user actually gave (argparse defaults are None = not given;
+    --config always counts, it names the model)."""
+    return {name: getattr(args, name) for name in FLAT_FIELDS if getattr(args, name, None) is not None}
 
 
 def find_checkpoint(resume: str, out_root: Path) -> tuple[Path | None, bool]:
@@ -135,114 +170,63 @@ def find_checkpoint(resume: str, out_root: Path) -> tuple[Path | None, bool]:
     return path, False
 
 
-def plan_memory(cfg: TrainConfig, device_memory: float | None, info) -> dict:
-    """Build on the meta device, count parameters and estimate the training peak."""
-    from dinox.model.dino_model import build_dino_model
-    from dinox.model.vit import swiglu_hidden_dim
-    from dinox.train.plan import estimate_training_memory, fits, format_estimate, suggestions
-
-    with torch.device("meta"):
-        model = build_dino_model(cfg)
-    backbone_params = sum(p.numel() for p in model.backbone.parameters())
-    head_params = sum(p.numel() for p in model.head.parameters())
-    estimate = estimate_training_memory(
-        params_backbone=backbone_params,
-        params_head=head_params,
-        embed_dim=cfg.vit_dim,
-        depth=cfg.vit_depth,
-        num_heads=cfg.vit_heads,
-        mlp_hidden_dim=swiglu_hidden_dim(cfg.vit_mlp) if cfg.swiglu else cfg.vit_mlp,
-        patch_size=cfg.vit_patch,
-        num_registers=cfg.registers,
-        batch_size=cfg.batch_size,
-        global_size=cfg.img_size,
-        n_global=2,
-        local_size=cfg.local_size,
-        n_local=cfg.local_crops,
-        amp=cfg.amp,
-        grad_checkpoint=cfg.grad_checkpoint,
-        out_dim=cfg.out_dim,
-        swiglu=cfg.swiglu,
-        head_hidden_dim=cfg.head_hidden,
-        head_bottleneck_dim=cfg.head_bottleneck,
-    )
-    capacity = int(device_memory * 1024**3) if device_memory else info.total_memory_bytes
-    verdict = fits(estimate, capacity) if capacity else True
-    advice = [] if verdict else suggestions(estimate, capacity, accumulation_steps=cfg.accumulation_steps)
-    return {
-        "backbone_params": backbone_params,
-        "head_params": head_params,
-        "estimate": estimate,
-        "estimate_text": format_estimate(estimate),
-        "device_memory_bytes": capacity,
-        "fits": verdict,
-        "suggestions": advice,
-    }
-
-
 def run(args: argparse.Namespace) -> int:
-    from dinox.model.dino_model import arch_from_config
-    from dinox.model.presets import validate_arch
+    from dinox.run.device import detect_device, hardware_change_notice, match_preset
     from dinox.run.distributed import DistEnv
-    from dinox.run.device import apply_hardware_preset, detect_device, hardware_change_notice, match_preset
+    from dinox.run.logging import close_file_logging, setup_logging
+    from dinox.train.plan import plan_memory
 
     dist = DistEnv.from_environment()
     setup_logging(is_main=dist.is_main)
-    arch = resolve_arch(args)
     info, device_notes = detect_device(args.device or "auto", local_rank=dist.local_rank)
     preset_name = match_preset(info)
-    user_hw = {k: getattr(args, k) for k in ("num_workers", "pin_memory", "batch_size", "accumulation_steps")}
-    hardware, preset_lines = apply_hardware_preset(user_hw, preset_name)
-    cfg, notices = build_config(args, arch, hardware, preset_name)
-    if cfg.device == "auto":
-        cfg.device = info.kind
-
-    resume_state = None
-    changes: list[str] = []
-    out_root = Path(cfg.out)
+    given = explicit_values(args)
+    resume_state, saved = None, None
+    out_root = Path(args.out or RunConfig().io.out)
     if args.resume and not args.dry_run:
         from dinox.run.checkpoint import load_checkpoint
 
         path, verified = find_checkpoint(args.resume, out_root)
-        if path is None:
-            notices.append(f"--resume auto: no checkpoint under {out_root}; starting a new run")
-        else:
+        if path is not None:
             resume_state = load_checkpoint(path, map_location="cpu", verify=not verified)
-            cfg, changes = merge_resumed(resume_state["config"], cfg, explicit_values(args))
-            cfg.resume = str(path)
-    validate_arch(arch_from_config(cfg), cfg.img_size)
+            saved = resume_state.get("config")
+            if not isinstance(saved, dict):
+                raise UserError(f"{path} carries no dinox configuration; resume from a checkpoint of dinox train")
+            given["resume"] = str(path)
+    resolved = resolve(given, hardware_preset=preset_name, device_kind=info.kind, saved=saved)
+    cfg = resolved.cfg
+    if args.resume == "auto" and resume_state is None and not args.dry_run:
+        resolved.notices.append(f"--resume auto: no checkpoint under {out_root}; starting a new run")
 
-    plan = plan_memory(cfg, args.device_memory, info)
+    plan = plan_memory(cfg, args.device_memory, info.total_memory_bytes)
     if args.dry_run:
-        return report_dry_run(cfg, info, preset_name, preset_lines, plan, args.json)
+        return report_dry_run(cfg, info, preset_name, resolved.preset_lines, plan, args.json)
     if not plan["fits"]:
-        raise WontFit(won_t_fit_message(plan))
+        raise WontFit(wont_fit_message(plan))
 
-    from dinox.train.loop import Trainer
     from dinox.run.provenance import collect_provenance
+    from dinox.train.loop import Trainer
 
     dist.init(torch.device(info.torch_device).type)
     try:
-        run_dir = Path(cfg.resume).parent if resume_state is not None else broadcast_run_dir(dist, out_root)
+        run_dir = Path(cfg.io.resume).parent if resume_state is not None else new_run_dir_on_all_ranks(dist, out_root)
         setup_logging(run_dir if dist.is_main else None, is_main=dist.is_main)
         for line in device_notes:
             log.warning(line)
         log.info("device: %s '%s' (%s memory%s)", info.kind, info.name, _gb(info.total_memory_bytes),
                  ", unified" if info.unified_memory else "")
-        for line in preset_lines:
-            log.info(line)
-        for line in notices:
+        for line in [*resolved.preset_lines, *resolved.notices]:
             log.info(line)
         if resume_state is not None:
-            log.info("resuming from %s (step %d)", cfg.resume, int(resume_state["step"]))
-            for line in changes:
+            log.info("resuming from %s (step %d)", cfg.io.resume, int(resume_state["step"]))
+            for line in resolved.changes:
                 log.info("changed on resume: %s", line)
             notice = hardware_change_notice(resume_state.get("hardware", {}), info)
             if notice:
                 log.warning(notice)
         log.info("memory estimate: %s", plan["estimate_text"])
         data_files = [p for p in _data_files(cfg) if p.exists()]
-        provenance = collect_provenance(data_files, cfg.seed, info.torch_device)
+        provenance = collect_provenance(data_files, cfg.runtime.seed, info.torch_device)
         log.info("provenance: git %s, data manifest %s, torch %s, python %s",
                  provenance.get("git_commit"), provenance.get("data_manifest_hash"),
                  provenance.get("torch"), provenance.get("python"))
@@ -258,61 +242,48 @@ def run(args: argparse.Namespace) -> int:
         close_file_logging()
 
 
-def close_file_logging() -> None:
-    logger = logging.getLogger("dinox")
-    for h in list(logger.handlers):
-        if getattr(h, "_dinox_file", False):
-            logger.removeHandler(h)
-            h.close()
-
-
-def broadcast_run_dir(dist, out_root: Path) -> Path:
+def new_run_dir_on_all_ranks(dist, out_root: Path) -> Path:
+    """Rank 0 creates the run folder; every rank gets its name."""
     from dinox.run.checkpoint import new_run_dir
+    from dinox.run.distributed import broadcast_object
 
-    name = [str(new_run_dir(out_root))] if dist.is_main else [None]
-    if dist.enabled:
-        import torch.distributed as tdist
-
-        tdist.broadcast_object_list(name, src=0)
-    return Path(name[0])
+    return Path(broadcast_object(str(new_run_dir(out_root)) if dist.is_main else None))
 
 
-def _data_files(cfg: TrainConfig) -> list[Path]:
-    root = Path(cfg.data_root)
-    return [
-        Path(cfg.index_csv) if cfg.index_csv else root / "_index" / "index.csv",
-        Path(cfg.split_manifest) if cfg.split_manifest else root / "_splits" / "val10_seed0.json",
-    ]
+def _data_files(cfg: RunConfig) -> list[Path]:
+    from dinox.data.layout import INDEX_FILE, default_manifest
+
+    root = Path(cfg.io.data_root)
+    return [Path(cfg.io.index_csv) if cfg.io.index_csv else root / INDEX_FILE,
+            Path(cfg.io.split_manifest) if cfg.io.split_manifest else default_manifest(root)]
 
 
 def _gb(n: int | None) -> str:
     return f"{n / 1024**3:.1f} GB" if n else "unknown"
 
 
-def won_t_fit_message(plan: dict) -> str:
+def wont_fit_message(plan: dict) -> str:
     ways = "; ".join(plan["suggestions"]) or "use a smaller model"
-    return (
-        f"this run needs about {plan['estimate'].total / 1024**3:.1f} GB but the device has "
-        f"{_gb(plan['device_memory_bytes'])}; ways out: {ways}"
-    )
+    return (f"this run needs about {plan['estimate'].total / 1024**3:.1f} GB but the device has "
+            f"{_gb(plan['device_memory_bytes'])}; ways out: {ways}")
 
 
-def report_dry_run(cfg, info, preset_name, preset_lines, plan, as_json: bool) -> int:
-    est = plan["estimate"]
+def report_dry_run(cfg: RunConfig, info, preset_name, preset_lines, plan, as_json: bool) -> int:
+    est, o = plan["estimate"], cfg.optim
     summary = {
-        "config": cfg.config,
-        "arch": {k: getattr(cfg, k) for k in TrainConfig.SHAPE_FIELDS},
-        "img_size": cfg.img_size,
+        "config": cfg.model.preset,
+        "arch": {k: cfg.get(k) for k in SHAPE_FIELDS},
+        "img_size": cfg.views.img_size,
         "backbone_params": plan["backbone_params"],
         "head_params": plan["head_params"],
-        "batch_size": cfg.batch_size,
-        "accumulation_steps": cfg.accumulation_steps,
+        "batch_size": o.batch_size,
+        "accumulation_steps": o.accumulation_steps,
         "effective_batch": cfg.effective_batch,
-        "amp": cfg.amp,
-        "grad_checkpoint": cfg.grad_checkpoint,
+        "amp": cfg.runtime.amp,
+        "grad_checkpoint": cfg.runtime.grad_checkpoint,
         "device": info.to_dict(),
         "hardware_preset": preset_name,
-        "memory_estimate_bytes": est.as_dict() if hasattr(est, "as_dict") else vars(est),
+        "memory_estimate_bytes": est.as_dict(),
         "memory_estimate_gb": round(est.total / 1024**3, 2),
         "device_memory_gb": round(plan["device_memory_bytes"] / 1024**3, 2) if plan["device_memory_bytes"] else None,
         "fits": plan["fits"],
@@ -321,13 +292,13 @@ def report_dry_run(cfg, info, preset_name, preset_lines, plan, as_json: bool) ->
     if as_json:
         print(json.dumps(summary, default=str))
     else:
-        print(f"model {cfg.config}: backbone {plan['backbone_params'] / 1e6:.1f}M + head "
+        print(f"model {cfg.model.preset}: backbone {plan['backbone_params'] / 1e6:.1f}M + head "
               f"{plan['head_params'] / 1e6:.1f}M parameters (built on the meta device)")
         print(f"device: {info.kind} '{info.name}', preset {preset_name}")
         for line in preset_lines:
             print(f"  {line}")
-        print(f"batch {cfg.batch_size} x accumulation {cfg.accumulation_steps} = effective {cfg.effective_batch}; "
-              f"{cfg.img_size}px; amp {cfg.amp}; grad checkpoint {cfg.grad_checkpoint}")
+        print(f"batch {o.batch_size} x accumulation {o.accumulation_steps} = effective {cfg.effective_batch}; "
+              f"{cfg.views.img_size}px; amp {cfg.runtime.amp}; grad checkpoint {cfg.runtime.grad_checkpoint}")
         print(f"memory estimate: {plan['estimate_text']}")
         print(f"device memory: {_gb(plan['device_memory_bytes'])}")
         if plan["fits"]:
@@ -339,14 +310,14 @@ def report_dry_run(cfg, info, preset_name, preset_lines, plan, as_json: bool) ->
     return 0 if plan["fits"] else EXIT_WONT_FIT
 
 
-def write_config_json(run_dir: Path, cfg, info, preset_name, plan, provenance) -> None:
-    est = plan["estimate"]
+def write_config_json(run_dir: Path, cfg: RunConfig, info, preset_name, plan, provenance) -> None:
     doc = {
-        "train": cfg.to_dict(),
+        "train": cfg.to_flat(),
+        "sections": cfg.to_dict(),
         "effective_batch": cfg.effective_batch,
         "hardware": {**info.to_dict(), "preset": preset_name},
         "parameters": {"backbone": plan["backbone_params"], "head": plan["head_params"]},
-        "memory_estimate_gb": round(est.total / 1024**3, 3),
+        "memory_estimate_gb": round(plan["estimate"].total / 1024**3, 3),
         "provenance": provenance,
     }
     atomic_write_text(run_dir / "config.json", json.dumps(doc, indent=2, default=str) + "\n")

@@ -172,6 +172,28 @@ def apply_window(
     return out.clamp_(-mean / std, (1 - mean) / std)
 
 
+LUNG_WINDOW = (-600.0, 1500.0)  # (level, width) in HU: the display window of the monitor
+
+
+def window_unit(hu: torch.Tensor, level: float, width: float) -> torch.Tensor:
+    """HU -> [0, 1] under the window (level, width), for display."""
+    return ((hu.float() - (level - width / 2)) / width).clamp(0.0, 1.0)
+
+
+def fixed_window_input(hu: torch.Tensor, cfg: AugmentConfig | None = None,
+                       window: tuple[float, float] = LUNG_WINDOW) -> torch.Tensor:
+    """The training preprocessing of `cfg` (its normalisation, and per-image
+    standardisation when it trains with it) at one fixed window instead of a random one:
+    the input that shows what the model sees during training, without the randomness."""
+    cfg = cfg or AugmentConfig()
+    hu = hu.float()
+    batch = hu.shape[0]
+    center = torch.full((batch,), float(window[0]), device=hu.device)
+    width = torch.full((batch,), float(window[1]), device=hu.device)
+    out = apply_window(hu, center, width, cfg.norm_mean, cfg.norm_std)
+    return standardize_images(out) if cfg.standardize else out
+
+
 def crop_grid(boxes: torch.Tensor, flip: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
     """Sampling grid (B, h, w, 2) for ``grid_sample`` mapping each output onto its crop box.
 

@@ -3,35 +3,49 @@
 Files are grouped by SeriesInstanceUID wherever they lie. Within a series, slices are
 ordered by their position along the slice normal (the cross product of the two
 ImageOrientationPatient direction cosines), never by file name or InstanceNumber.
+
+A slice is one single-frame file or one frame of a multi-frame file (Enhanced CT, Legacy
+Converted Enhanced CT), whose geometry and rescale come from its per-frame functional
+groups, or from the shared ones where a frame has none. Both kinds go through the same
+ordering and checks, so a series may mix them.
 """
 from __future__ import annotations
 
 import os
 import re
-from collections import Counter
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
-from pydicom.pixels import apply_modality_lut, get_decoder
+from pydicom.pixels import apply_modality_lut, get_decoder, pixel_array
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 HU_MIN, HU_MAX = -1024, 3071
+# Rows or columns above this are taken as a corrupt header: CT slices are 512 or 1024 px a
+# side, and a bogus 65535 x 65535 would have prep allocate 8 GiB per slice.
+MAX_SLICE_SIZE = 4096
 _HEADER_TAGS = [
     "SOPClassUID", "Modality", "ImageType", "PatientID", "StudyInstanceUID", "SeriesInstanceUID",
     "SeriesDescription", "Rows", "Columns", "ImageOrientationPatient", "ImagePositionPatient",
-    "PixelSpacing", "SliceThickness", "InstanceNumber", "NumberOfFrames",
+    "PixelSpacing", "SliceThickness", "InstanceNumber", "NumberOfFrames", "BitsAllocated",
+    "SamplesPerPixel", "SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence",
 ]
 _PIP_NAMES = {"gdcm": "python-gdcm"}
+CODECS_HINT = 'pip install "dinox[codecs]"'
+
+SliceRef = tuple[str, int | None]   # (path, frame index; None for a single-frame file)
 
 
 @dataclass(frozen=True)
 class SliceHeader:
-    """What the series assembly needs from one file, read without its pixel data."""
+    """What the series assembly needs from one slice (a file, or one frame of a multi-frame
+    file), read without its pixel data."""
 
     path: str
+    frame: int | None                       # index into a multi-frame file; None: single-frame
     series_uid: str
     patient_id: str
     study_uid: str
@@ -45,16 +59,24 @@ class SliceHeader:
     pixel_spacing: tuple[float, float] | None
     instance_number: int | None
     transfer_syntax: str
-    frames: int
+    problem: str | None = None              # why the header alone rules this image out
+
+    @property
+    def ref(self) -> SliceRef:
+        return (self.path, self.frame)
+
+    @property
+    def label(self) -> str:
+        return slice_label(self.path, self.frame)
 
 
 @dataclass
 class SeriesPlan:
-    """A series ready to be read: files in slice order and what was dropped on the way."""
+    """A series ready to be read: slices in order and what was dropped on the way."""
 
     series_uid: str
     patient_id: str
-    files: list[str]                       # ascending along the slice normal
+    slices: list[SliceRef]                 # ascending along the slice normal
     positions: list[float]                 # along the normal, mm
     rows: int
     cols: int
@@ -63,7 +85,12 @@ class SeriesPlan:
     source: str                            # common folder of the files
     n_source_files: int                    # files of this series seen by the scan
     notes: list[str] = field(default_factory=list)
-    dropped: list[tuple[str, str]] = field(default_factory=list)   # (path, reason)
+    dropped: list[tuple[str, str]] = field(default_factory=list)   # (slice label, reason)
+
+
+def slice_label(path: str, frame: int | None) -> str:
+    """How a slice is named in the report: the path, plus the 1-based frame number."""
+    return path if frame is None else f"{path} [frame {frame + 1}]"
 
 
 class SeriesSkipped(Exception):
@@ -94,8 +121,9 @@ def _looks_like_dicom(path: str) -> bool:
     return len(head) >= 8 and int.from_bytes(head[:2], "little") in (0x0002, 0x0008)
 
 
-def read_header(path: str) -> SliceHeader | str:
-    """The header of one file, or the reason it is not a usable DICOM image."""
+def read_headers(path: str) -> list[SliceHeader] | str:
+    """The slice headers of one file (one per frame of a multi-frame file), or the reason
+    it is not a usable DICOM image."""
     try:
         if not _looks_like_dicom(path):
             return "not a DICOM file"
@@ -105,37 +133,99 @@ def read_header(path: str) -> SliceHeader | str:
             ds = pydicom.dcmread(path, stop_before_pixels=True, force=True, specific_tags=_HEADER_TAGS)
             if "SOPClassUID" not in ds and "SeriesInstanceUID" not in ds:
                 return "not a DICOM file"
-        series_uid = _text(ds, "SeriesInstanceUID")
-        if not series_uid:
+        if not _text(ds, "SeriesInstanceUID"):
             return "no SeriesInstanceUID"
         if "Rows" not in ds or "Columns" not in ds:
             return "not an image (no Rows/Columns)"
-        meta = getattr(ds, "file_meta", None)
-        ts = _text(meta, "TransferSyntaxUID") if meta is not None else ""
-        instance = ds.get("InstanceNumber")
-        spacing = _floats(ds, "PixelSpacing", 2)
-        image_type = ds.get("ImageType") or ()
-        if isinstance(image_type, str):
-            image_type = image_type.split("\\")
-        return SliceHeader(
-            path=path,
-            series_uid=series_uid,
-            patient_id=_text(ds, "PatientID"),
-            study_uid=_text(ds, "StudyInstanceUID"),
-            modality=_text(ds, "Modality").upper(),
-            image_type=tuple(str(t).strip().upper() for t in image_type),
-            description=_text(ds, "SeriesDescription"),
-            rows=int(ds.Rows),
-            cols=int(ds.Columns),
-            orientation=_floats(ds, "ImageOrientationPatient", 6),
-            position=_floats(ds, "ImagePositionPatient", 3),
-            pixel_spacing=spacing,
-            instance_number=int(instance) if instance not in (None, "") else None,
-            transfer_syntax=ts or "1.2.840.10008.1.2",
-            frames=int(ds.get("NumberOfFrames") or 1),
-        )
+        return _slice_headers(path, ds)
     except Exception as exc:  # any parser failure means the file cannot be used
         return f"unreadable header ({type(exc).__name__})"
+
+
+def _slice_headers(path: str, ds) -> list[SliceHeader]:
+    meta = getattr(ds, "file_meta", None)
+    ts = (_text(meta, "TransferSyntaxUID") if meta is not None else "") or "1.2.840.10008.1.2"
+    instance = ds.get("InstanceNumber")
+    image_type = ds.get("ImageType") or ()
+    if isinstance(image_type, str):
+        image_type = image_type.split("\\")
+    common = dict(
+        path=path,
+        series_uid=_text(ds, "SeriesInstanceUID"),
+        patient_id=_text(ds, "PatientID"),
+        study_uid=_text(ds, "StudyInstanceUID"),
+        modality=_text(ds, "Modality").upper(),
+        image_type=tuple(str(t).strip().upper() for t in image_type),
+        description=_text(ds, "SeriesDescription"),
+        rows=int(ds.Rows),
+        cols=int(ds.Columns),
+        instance_number=int(instance) if instance not in (None, "") else None,
+        transfer_syntax=ts,
+    )
+    frames = int(ds.get("NumberOfFrames") or 1)
+    enhanced = "PerFrameFunctionalGroupsSequence" in ds or "SharedFunctionalGroupsSequence" in ds
+    problem = _size_problem(path, ds, ts, frames) or _frames_problem(ds, frames, enhanced)
+    if problem or not enhanced:
+        return [SliceHeader(**common, frame=None, orientation=_floats(ds, "ImageOrientationPatient", 6),
+                            position=_floats(ds, "ImagePositionPatient", 3),
+                            pixel_spacing=_floats(ds, "PixelSpacing", 2), problem=problem)]
+    return [SliceHeader(**common, frame=i,
+                        orientation=_frame_floats(ds, i, "PlaneOrientationSequence", "ImageOrientationPatient", 6),
+                        position=_frame_floats(ds, i, "PlanePositionSequence", "ImagePositionPatient", 3),
+                        pixel_spacing=_frame_floats(ds, i, "PixelMeasuresSequence", "PixelSpacing", 2))
+            for i in range(frames)]
+
+
+def _size_problem(path: str, ds, transfer_syntax: str, frames: int) -> str | None:
+    """A declared image size that is implausible, or that the file is too short to hold.
+
+    Checked on the header so that a corrupt one never makes prep allocate for it."""
+    rows, cols = int(ds.Rows), int(ds.Columns)
+    if not (0 < rows <= MAX_SLICE_SIZE and 0 < cols <= MAX_SLICE_SIZE):
+        return f"slice size {rows}x{cols} outside 1..{MAX_SLICE_SIZE} pixels per side (corrupt header?)"
+    if frames < 1:
+        return f"invalid NumberOfFrames {frames}"
+    try:
+        uid = UID(transfer_syntax)
+        native = not (uid.is_encapsulated or uid.is_deflated)
+    except ValueError:        # not a known transfer syntax; the decoder check reports it
+        native = False
+    if not native:            # compressed: its length says nothing about the image size
+        return None
+    bits = int(ds.get("BitsAllocated") or 16)
+    samples = int(ds.get("SamplesPerPixel") or 1)
+    needed = (rows * cols * frames * samples * bits + 7) // 8
+    size = os.path.getsize(path)
+    if size < needed:
+        return (f"pixel data truncated: file is {size} bytes, its header declares {frames} x {rows}x{cols} "
+                f"x {bits}-bit pixels ({needed} bytes)")
+    return None
+
+
+def _frames_problem(ds, frames: int, enhanced: bool) -> str | None:
+    if frames > 1 and not enhanced:
+        return "multi-frame image without functional groups (no per-frame positions)"
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
+    if enhanced and per_frame is not None and len(per_frame) != frames:
+        return f"NumberOfFrames is {frames} but there are {len(per_frame)} per-frame functional groups"
+    return None
+
+
+def _functional_item(ds, frame: int, macro: str):
+    """The item of a functional group macro (e.g. PlanePositionSequence) that applies to
+    one frame: its own per-frame item, else the shared one, else None."""
+    for groups, index in (("PerFrameFunctionalGroupsSequence", frame), ("SharedFunctionalGroupsSequence", 0)):
+        seq = ds.get(groups)
+        if seq is not None and index < len(seq):
+            item = seq[index].get(macro)
+            if item:
+                return item[0]
+    return None
+
+
+def _frame_floats(ds, frame: int, macro: str, name: str, n: int) -> tuple[float, ...] | None:
+    item = _functional_item(ds, frame, macro)
+    return _floats(item if item is not None else ds, name, n)
 
 
 def decoder_problem(transfer_syntax: str) -> str | None:
@@ -158,9 +248,12 @@ def decoder_problem(transfer_syntax: str) -> str | None:
         if names:
             options.append("pip install " + " ".join(names))
     options.sort(key=lambda o: "gdcm" in o)   # the pure-pip pylibjpeg route first
-    hint = options[0] if options else "install a pydicom pixel-data plugin"
-    if len(options) > 1:
-        hint += f" (or {options[1]})"
+    if any(o.startswith("pip install pylibjpeg") for o in options):   # the codecs extra has it
+        hint = f"{CODECS_HINT} (or: {'; or '.join(options[:2])})"
+    elif options:
+        hint = options[0] + (f" (or {options[1]})" if len(options) > 1 else "")
+    else:
+        hint = "install a pydicom pixel-data plugin"
     return f"compressed pixel data ({uid.name}) and no decoder installed: {hint}"
 
 
@@ -180,13 +273,26 @@ def _geometry_key(h: SliceHeader) -> tuple:
     return (h.rows, h.cols, orient, spacing)
 
 
+def _unusable(h: SliceHeader) -> str | None:
+    """Why one slice cannot be part of a CT volume, or None."""
+    if h.problem:
+        return h.problem
+    if "LOCALIZER" in h.image_type:
+        return "localizer/scout image"
+    if h.modality != "CT":
+        return f"modality {h.modality or 'missing'} (not CT)"
+    if h.orientation is None or h.position is None:
+        return "no ImagePositionPatient/ImageOrientationPatient"
+    return None
+
+
 def plan_series(headers: list[SliceHeader]) -> SeriesPlan:
-    """Filter, check and order the files of one SeriesInstanceUID.
+    """Filter, check and order the slices of one SeriesInstanceUID.
 
     Raises SeriesSkipped when nothing usable remains."""
     first = headers[0]
     patient_id = first.patient_id or f"study-{first.study_uid or first.series_uid}"
-    n_files = len(headers)
+    paths = sorted({h.path for h in headers})
     modalities = Counter(h.modality for h in headers)
     modality = modalities.most_common(1)[0][0]
     if modality != "CT":
@@ -196,14 +302,9 @@ def plan_series(headers: list[SliceHeader]) -> SeriesPlan:
 
     images = []
     for h in headers:
-        if "LOCALIZER" in h.image_type:
-            dropped.append((h.path, "localizer/scout image"))
-        elif h.modality != "CT":
-            dropped.append((h.path, f"modality {h.modality or 'missing'} (not CT)"))
-        elif h.frames > 1:
-            dropped.append((h.path, "multi-frame image (enhanced CT) not supported"))
-        elif h.orientation is None or h.position is None:
-            dropped.append((h.path, "no ImagePositionPatient/ImageOrientationPatient"))
+        reason = _unusable(h)
+        if reason:
+            dropped.append((h.label, reason))
         else:
             images.append(h)
     if not images:
@@ -216,9 +317,9 @@ def plan_series(headers: list[SliceHeader]) -> SeriesPlan:
         kept = [h for h in images if _geometry_key(h) == majority]
         for h in images:
             if _geometry_key(h) != majority:
-                dropped.append((h.path, f"inconsistent geometry ({h.rows}x{h.cols}, orientation or "
-                                        f"pixel spacing differs from the majority)"))
-        notes.append(f"{len(images) - len(kept)} files with minority geometry dropped")
+                dropped.append((h.label, f"inconsistent geometry ({h.rows}x{h.cols}, orientation or "
+                                         f"pixel spacing differs from the majority)"))
+        notes.append(f"{len(images) - len(kept)} slices with minority geometry dropped")
         images = kept
 
     ori = np.asarray(images[0].orientation, np.float64)
@@ -227,7 +328,8 @@ def plan_series(headers: list[SliceHeader]) -> SeriesPlan:
         raise SeriesSkipped("degenerate ImageOrientationPatient")
     normal /= np.linalg.norm(normal)
     pos = np.array([float(np.dot(h.position, normal)) for h in images])
-    order = sorted(range(len(images)), key=lambda i: (pos[i], images[i].instance_number or 0, images[i].path))
+    order = sorted(range(len(images)), key=lambda i: (pos[i], images[i].instance_number or 0,
+                                                      images[i].path, images[i].frame or 0))
     images = [images[i] for i in order]
     pos = pos[order]
 
@@ -237,14 +339,14 @@ def plan_series(headers: list[SliceHeader]) -> SeriesPlan:
         tol = max(1e-3, 0.05 * float(np.median(positive)))
         keep = np.concatenate([[True], steps > tol])
         for h in (h for h, k in zip(images, keep) if not k):
-            dropped.append((h.path, "duplicate slice position"))
+            dropped.append((h.label, "duplicate slice position"))
         if not keep.all():
             notes.append(f"{int((~keep).sum())} duplicate slice positions dropped")
         images = [h for h, k in zip(images, keep) if k]
         pos = pos[keep]
     elif len(images) > 1:
         for h in images[1:]:
-            dropped.append((h.path, "duplicate slice position"))
+            dropped.append((h.label, "duplicate slice position"))
         notes.append(f"{len(images) - 1} duplicate slice positions dropped")
         images, pos = images[:1], pos[:1]
 
@@ -262,14 +364,14 @@ def plan_series(headers: list[SliceHeader]) -> SeriesPlan:
     return SeriesPlan(
         series_uid=first.series_uid,
         patient_id=patient_id,
-        files=[h.path for h in images],
+        slices=[h.ref for h in images],
         positions=[float(p) for p in pos],
         rows=images[0].rows,
         cols=images[0].cols,
         spacing_yx=(float(spacing[0]), float(spacing[1])),
         transfer_syntax=images[0].transfer_syntax,
-        source=common_folder([h.path for h in headers]),
-        n_source_files=n_files,
+        source=common_folder(paths),
+        n_source_files=len(paths),
         notes=notes,
         dropped=dropped,
     )
@@ -295,15 +397,22 @@ def spacing_notes(positions) -> list[str]:
     return notes
 
 
-def slice_hu(path: str, rows: int, cols: int) -> np.ndarray:
-    """One slice in HU (int16, clipped), with its own rescale slope/intercept applied."""
-    ds = pydicom.dcmread(path, force=True)   # read_header already vetted the file
+def read_dataset(path: str):
+    """The whole dataset of a file that read_headers vetted, ready for pixel decoding."""
+    ds = pydicom.dcmread(path, force=True)
     if "TransferSyntaxUID" not in ds.file_meta:  # bare dataset without file meta
         ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian if ds.original_encoding[0] else ExplicitVRLittleEndian
-    stored = ds.pixel_array
+    return ds
+
+
+def slice_hu(ds, frame: int | None, rows: int, cols: int) -> np.ndarray:
+    """One slice in HU (int16, clipped): the file's image, or one frame of it, with its own
+    rescale slope/intercept (a frame's from its PixelValueTransformationSequence)."""
+    stored = pixel_array(ds, index=frame)
     if stored.shape != (rows, cols):
         raise ValueError(f"pixel array shape {stored.shape} != {(rows, cols)}")
-    hu = np.asarray(apply_modality_lut(stored, ds), dtype=np.float64)
+    item = None if frame is None else _functional_item(ds, frame, "PixelValueTransformationSequence")
+    hu = np.asarray(apply_modality_lut(stored, ds if item is None else item), dtype=np.float64)
     padding = ds.get("PixelPaddingValue")
     if padding is not None:
         limit = ds.get("PixelPaddingRangeLimit")
@@ -315,19 +424,32 @@ def slice_hu(path: str, rows: int, cols: int) -> np.ndarray:
     return np.clip(np.rint(hu), HU_MIN, HU_MAX).astype(np.int16)
 
 
+def _unreadable(exc: Exception) -> str:
+    return f"unreadable pixel data ({type(exc).__name__}: {str(exc)[:80]})"
+
+
 def read_volume(plan: SeriesPlan) -> tuple[np.ndarray, list[float]]:
     """(Z, H, W) int16 HU volume of a planned series and the positions of its slices.
 
-    Files whose pixel data cannot be read are dropped (recorded in plan.dropped)."""
-    vol = np.empty((len(plan.files), plan.rows, plan.cols), np.int16)
-    kept_pos = []
-    n = 0
-    for path, position in zip(plan.files, plan.positions):
+    Each file is read once, however many of its frames the series uses. Slices whose pixel
+    data cannot be read are dropped (recorded in plan.dropped)."""
+    vol = np.empty((len(plan.slices), plan.rows, plan.cols), np.int16)
+    ok = np.zeros(len(plan.slices), bool)
+    by_file: dict[str, list[tuple[int, int | None]]] = defaultdict(list)
+    for k, (path, frame) in enumerate(plan.slices):
+        by_file[path].append((k, frame))
+    for path, wanted in by_file.items():
         try:
-            vol[n] = slice_hu(path, plan.rows, plan.cols)
-        except Exception as exc:  # truncated or corrupt pixel data
-            plan.dropped.append((path, f"unreadable pixel data ({type(exc).__name__}: {str(exc)[:80]})"))
+            ds = read_dataset(path)
+        except Exception as exc:  # truncated or corrupt file
+            plan.dropped.extend((slice_label(path, frame), _unreadable(exc)) for _, frame in wanted)
             continue
-        kept_pos.append(position)
-        n += 1
-    return vol[:n], kept_pos
+        for k, frame in wanted:
+            try:
+                vol[k] = slice_hu(ds, frame, plan.rows, plan.cols)
+                ok[k] = True
+            except Exception as exc:  # truncated or corrupt pixel data
+                plan.dropped.append((slice_label(path, frame), _unreadable(exc)))
+        del ds   # a multi-frame file's pixel data can be large: free it before the next file
+    positions = [p for p, good in zip(plan.positions, ok) if good]
+    return (vol if ok.all() else vol[ok]), positions

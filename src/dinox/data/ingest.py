@@ -4,6 +4,8 @@
     <output>/_index/index.csv           one row per series (see dinox.data.layout)
     <output>/_splits/val10_seed0.json   patient-level train/val split
     <output>/prep_report.json           everything skipped, with reasons
+    <output>/_labels/nodules.csv        nodule marks from LIDC XML and synth labels.json
+                                        (see dinox.data.annotations)
 
 Each volume is written to a temporary file in the same folder, fsynced and renamed, so an
 interrupted prep never leaves a half-written volume. A re-run keeps the series whose volume
@@ -26,7 +28,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from dinox.data import dicom_io, nifti_io
+from dinox.data import annotations, dicom_io, nifti_io
 from dinox.data.layout import (INDEX_FILE, REPORT_FILE, SPLITS_DIR, VOLUMES_DIR, atomic_write, atomic_write_text,
                                read_index, split_name, write_index)
 from dinox.data.splits import patient_split
@@ -50,6 +52,24 @@ class Task:
 def safe_id(text: str) -> str:
     """A file-system safe identifier (letters, digits, '.', '_', '-')."""
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._") or "unnamed"
+
+
+def _short_hash(text: str) -> str:
+    return hashlib.sha1(text.encode()).hexdigest()[:8]
+
+
+def dicom_series_id(series_uid: str) -> str:
+    """The series id (and volume file name) of a DICOM series.
+
+    A UID that already is a safe, lower-case name (as every conformant UID, digits and
+    dots, is) is its own id. Any other gets a hash of the full UID appended to its
+    sanitised form, because sanitising can map two UIDs to one name, and so can a
+    case-insensitive file system. The id depends on the UID alone, so a re-run over other
+    inputs never renames a series."""
+    sid = safe_id(series_uid)
+    if sid == series_uid and sid == sid.lower():
+        return sid
+    return f"{sid}_{_short_hash(series_uid)}"
 
 
 def save_volume(path: Path, vol: np.ndarray) -> None:
@@ -136,18 +156,20 @@ def _check_paths(inputs: list[Path], output: Path) -> None:
             raise UserError(f"input folder {inp} is empty; point --input at DICOM or NIfTI scans")
 
 
-def _nifti_tasks(paths: list[str]) -> list[Task]:
+def _nifti_tasks(paths: list[str], taken: set[str]) -> list[Task]:
     """Series id and patient id from the file name; files that share a name (e.g. every
-    patient folder holding ct.nii.gz) are told apart by their parent folder."""
+    patient folder holding ct.nii.gz) are told apart by their parent folder. An id that is
+    already taken (`taken`: lower-case ids, as a case-insensitive file system sees them,
+    DICOM series' included) gets a hash of the file's path appended."""
     stems = Counter(nifti_io.nifti_stem(p) for p in paths)
-    tasks, used = [], set()
+    tasks, used = [], set(taken)
     for p in paths:
         stem = nifti_io.nifti_stem(p)
         patient = stem if stems[stem] == 1 else f"{Path(p).parent.name}_{stem}"
         sid = safe_id(patient)
-        if sid in used:
-            sid = f"{sid}_{hashlib.sha1(os.path.realpath(p).encode()).hexdigest()[:8]}"
-        used.add(sid)
+        if sid.lower() in used:
+            sid = f"{sid}_{_short_hash(os.path.realpath(p))}"
+        used.add(sid.lower())
         tasks.append(Task(series_id=sid, patient_id=patient, source=p, n_source_files=1, nifti_path=p))
     return tasks
 
@@ -184,6 +206,11 @@ def _reason_key(reason: str) -> str:
     return reason.split(" (", 1)[0].split(":", 1)[0]
 
 
+def _top_reason(series_skipped: list[dict]) -> str | None:
+    reasons = Counter(_reason_key(s["reason"]) for s in series_skipped)
+    return reasons.most_common(1)[0][0] if reasons else None
+
+
 def prepare(inputs, output="data/processed", workers: int = 1, force: bool = False,
             val_fraction: float = 0.1, split_seed: int = 0, progress: bool = True) -> dict:
     """Build or update the processed root; returns the report (also written to prep_report.json)."""
@@ -199,30 +226,31 @@ def prepare(inputs, output="data/processed", workers: int = 1, force: bool = Fal
     dicom_paths, nifti_paths = _discover(inputs, root)
     files_skipped: list[dict] = []
     by_series: dict[str, list[dicom_io.SliceHeader]] = defaultdict(list)
-    for path, header in zip(dicom_paths, _map(dicom_io.read_header, dicom_paths, workers,
-                                              "headers", progress, chunksize=64)):
-        if isinstance(header, str):
-            files_skipped.append({"path": path, "reason": header})
+    for path, headers in zip(dicom_paths, _map(dicom_io.read_headers, dicom_paths, workers,
+                                               "headers", progress, chunksize=64)):
+        if isinstance(headers, str):
+            files_skipped.append({"path": path, "reason": headers})
         else:
-            by_series[header.series_uid].append(header)
+            by_series[headers[0].series_uid].extend(headers)
 
     tasks: list[Task] = []
     series_skipped: list[dict] = []
     for uid in sorted(by_series):
         headers = by_series[uid]
-        sid = safe_id(uid)
+        sid = dicom_series_id(uid)
         try:
             plan = dicom_io.plan_series(headers)
         except dicom_io.SeriesSkipped as exc:
+            paths = sorted({h.path for h in headers})
             series_skipped.append({"series_id": sid, "patient_id": headers[0].patient_id,
-                                   "source": dicom_io.common_folder([h.path for h in headers]),
-                                   "n_files": len(headers), "reason": str(exc)})
+                                   "source": dicom_io.common_folder(paths),
+                                   "n_files": len(paths), "reason": str(exc)})
             continue
         files_skipped.extend({"path": p, "reason": r, "series_id": sid} for p, r in plan.dropped)
         plan.dropped = []
         tasks.append(Task(series_id=sid, patient_id=plan.patient_id, source=plan.source,
                           n_source_files=plan.n_source_files, plan=plan))
-    tasks.extend(_nifti_tasks(nifti_paths))
+    tasks.extend(_nifti_tasks(nifti_paths, {t.series_id.lower() for t in tasks}))
 
     root.mkdir(parents=True, exist_ok=True)
     report = {"inputs": [str(p) for p in inputs], "output": str(root),
@@ -230,8 +258,8 @@ def prepare(inputs, output="data/processed", workers: int = 1, force: bool = Fal
               "files_skipped": files_skipped, "series_notes": {}}
     if not tasks:
         _finish_report(root, report, start)
-        reasons = Counter(_reason_key(s["reason"]) for s in series_skipped)
-        why = f"; {len(series_skipped)} series skipped, mostly: {reasons.most_common(1)[0][0]}" if reasons else ""
+        top = _top_reason(series_skipped)
+        why = f"; {len(series_skipped)} series skipped, mostly: {top}" if top else ""
         raise UserError(f"no usable CT series found in {', '.join(map(str, inputs))}{why} "
                         f"(details in {root / REPORT_FILE})")
 
@@ -252,6 +280,7 @@ def prepare(inputs, output="data/processed", workers: int = 1, force: bool = Fal
             todo.append(task)
 
     last_flush = time.monotonic()
+    n_planned_skips = len(series_skipped)
     completed = False
     try:
         for result in _map(_Worker(str(root)), todo, workers, "prep", progress):
@@ -274,6 +303,13 @@ def prepare(inputs, output="data/processed", workers: int = 1, force: bool = Fal
     finally:
         if not completed:  # interrupted: keep what is done so a re-run can skip it
             write_index(index_path, list(rows.values()))
+    if not report["series_written"] and not report["series_kept"]:
+        # every series failed while being read: an index and split of nothing (or of
+        # earlier runs only) would let the user go on to train on nothing
+        _finish_report(root, report, start)
+        raise UserError(f"no volume written: all {len(todo)} series failed, mostly with "
+                        f"'{_top_reason(series_skipped[n_planned_skips:])}'; fix or remove those scans and run prep "
+                        f"again (details in {root / REPORT_FILE})")
 
     write_index(index_path, list(rows.values()))
     split = patient_split({sid: r["patient_id"] for sid, r in rows.items()}, val_fraction, split_seed)
@@ -285,6 +321,7 @@ def prepare(inputs, output="data/processed", workers: int = 1, force: bool = Fal
                        "train_series": len(split["train"]), "val_series": len(split["val"]),
                        "train_patients": len({patients[s] for s in split["train"]}),
                        "val_patients": len({patients[s] for s in split["val"]})}
+    report["annotations"] = annotations.update_table(root, inputs, tasks, rows, files_skipped)
     _finish_report(root, report, start)
     return report
 

@@ -31,6 +31,16 @@ class Nodule:
     kind: str                                   # one of NODULE_TYPES
 
 
+@dataclass(frozen=True)
+class Vessel:
+    """One drawn segment of a lung vessel tree: a tapered cylinder from a to b."""
+
+    a_xyz_mm: tuple[float, float, float]        # patient coordinates (LPS)
+    b_xyz_mm: tuple[float, float, float]
+    r0_mm: float                                # radius at a
+    r1_mm: float                                # radius at b
+
+
 @dataclass
 class Phantom:
     hu: np.ndarray                           # (Z, S, S) float32, slice 0 is the most inferior
@@ -38,6 +48,7 @@ class Phantom:
     spacing_zyx_mm: tuple[float, float, float]
     nodules: list[Nodule] = field(default_factory=list)
     lung: np.ndarray | None = None           # (Z, S, S) visible lung fraction, for checks
+    vessels: list[Vessel] = field(default_factory=list)  # lung vessel segments that touch the volume
 
 
 @dataclass(frozen=True)
@@ -470,12 +481,15 @@ def make_phantom(rng: np.random.Generator, slices: int, size: int, noise: bool =
     fine = np.zeros((slices * n_sub, size, size), np.float32)
     roots = [(lung, hilum + offset) for lung, hilum in zip(lungs, hila)
              for offset in ((0.0, 0.0, 0.0), (0.0, -12.0, -15.0), (0.0, 5.0, 35.0))]
+    vessels = []
     for lung, root in roots:
         for a, b, r0, r1 in _vessel_tree(rng, lung, root, rng.uniform(3.0, 4.5), budget=650):
             cap = _capsule(fine_grid, a, b, r0, r1)
             if cap:
                 sub = fine[cap[0]]
                 np.maximum(sub, cap[1] * rel["vessel"], out=sub)
+                # recorded for labels only: no random draws, so the pixels stay as they are
+                vessels.append(Vessel(tuple(map(float, a)), tuple(map(float, b)), float(r0), float(r1)))
     placed = _place_nodules(rng, lung_vis, grid, dz)
     for center, radius, kind in placed:
         _draw_nodule(fine, fine_grid, center, radius, kind, rel, rng)
@@ -509,7 +523,7 @@ def make_phantom(rng: np.random.Generator, slices: int, size: int, noise: bool =
                                       float((c[0] - xs[0]) / dx)),
                       radius_mm=float(r), kind=kind) for c, r, kind in placed]
     return Phantom(hu=hu, origin_xyz_mm=(float(xs[0]), float(ys[0]), float(zs[0])),
-                   spacing_zyx_mm=(dz, dx, dx), nodules=nodules, lung=lung_vis)
+                   spacing_zyx_mm=(dz, dx, dx), nodules=nodules, lung=lung_vis, vessels=vessels)
 
 
 def _add_spine(layers: _Layers, grid: _Grid, rng, xc: float, yv: float, rv: float, y_max: float) -> None:

@@ -6,12 +6,21 @@ nodules of every series. Half of the patients (chosen by the seed) are stored li
 scanners do, as signed values with intercept 0 and -3024 outside the reconstruction circle,
 the other half as unsigned values with intercept -1024.
 
+Beside each series' slices lies annotations.xml: LIDC-IDRI style reads of four simulated
+radiologists (dinox.data.annotations has the schema). Each reader's outlines follow the
+nodules of labels.json with small, reader-specific differences in size, centre and shape;
+readers miss nodules (small ones more often), call some nodules under 3 mm (marked by a
+point only, as LIDC does) and mark a few vessel ends as non-nodules, so a consensus over
+readers decides what counts as a nodule, as it does for LIDC-IDRI.
+
 Everything is derived from --seed (numpy Generator per patient, UIDs hashed from the seed):
-the same seed gives byte-identical files.
+the same seed gives byte-identical files. The readers draw from their own Generator, so
+the images are the same with or without them.
 """
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -20,6 +29,8 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, generate_uid
 from tqdm import tqdm
 
+from dinox.data.annotations import (CHARACTERISTICS, SMALL_NODULE_MM, TEXTURE_OF_TYPE, Mark, ReadingSession, Roi,
+                                    synth_nodule_id, to_lidc_xml)
 from dinox.data.phantom import NODULE_TYPES, Phantom, make_phantom
 from dinox.errors import UserError
 
@@ -30,7 +41,18 @@ LABEL_CONVENTIONS = {
     "center_mm": "(x, y, z) in DICOM patient coordinates (LPS), millimetres",
     "radius_mm": "nominal radius; the drawn nodule is slightly elliptical and lobulated",
     "type": " | ".join(NODULE_TYPES),
+    "annotation_xml": "LIDC-IDRI style XML of four simulated readers beside the slices, relative "
+                      "to this file's folder",
+    "vessels": "lung vessel segments drawn in the volume, [z0, y0, x0, z1, y1, x1, r0_mm, r1_mm]: "
+               "both ends as fractional (slice, row, column) indices like center_zyx_vox, radii in "
+               "mm; the vessels are the union of these tapered cylinders (ends may lie outside "
+               "the volume)",
 }
+N_READERS = 4                # LIDC-IDRI: four radiologists read every scan
+READS_XML = "annotations.xml"
+# Spawn key of the readers' Generator: a stream of its own next to the phantom's
+# SeedSequence([seed, index]), whose draws therefore do not move.
+READER_STREAM = (1,)
 
 
 def _uid(seed: int, *parts: object) -> str:
@@ -110,6 +132,7 @@ def write_series(out: Path, seed: int, index: int, ph: Phantom, signed: bool) ->
     ds = _series_template(seed, index, patient_id, study_uid, series_uid, ph, signed, intercept)
     x0, y0, z0 = ph.origin_xyz_mm
     dz = ph.spacing_zyx_mm[0]
+    sop_uids, zs = [], []
     for k in range(stored.shape[0]):
         sop_uid = _uid(seed, patient_id, "image", k)
         z = z0 + k * dz
@@ -120,7 +143,9 @@ def write_series(out: Path, seed: int, index: int, ph: Phantom, signed: bool) ->
         ds.SliceLocation = f"{z:.4f}"
         ds.PixelData = stored[k].tobytes()
         ds.save_as(series_dir / f"slice_{k:04d}.dcm", enforce_file_format=True)
-    return {
+        sop_uids.append(sop_uid)
+        zs.append(float(ds.ImagePositionPatient[2]))   # as written, so XML and DICOM agree
+    entry = {
         "patient_id": patient_id,
         "study_uid": study_uid,
         "series_uid": series_uid,
@@ -138,7 +163,140 @@ def write_series(out: Path, seed: int, index: int, ph: Phantom, signed: bool) ->
             }
             for n in ph.nodules
         ],
+        "annotation_xml": (series_dir / READS_XML).relative_to(out).as_posix(),
+        "vessels": vessel_labels(ph),
     }
+    rng = np.random.default_rng(np.random.SeedSequence([seed, index], spawn_key=READER_STREAM))
+    reads = simulated_reads(entry, sop_uids, zs, rng)
+    (series_dir / READS_XML).write_text(to_lidc_xml(reads, series_uid, study_uid), encoding="utf-8")
+    return entry
+
+
+def vessel_labels(ph: Phantom) -> list[list[float]]:
+    """The phantom's lung vessel segments in voxel indices (see LABEL_CONVENTIONS)."""
+    x0, y0, z0 = ph.origin_xyz_mm
+    dz, dy, dx = ph.spacing_zyx_mm
+
+    def zyx(p) -> list[float]:
+        return [round((p[2] - z0) / dz, 2), round((p[1] - y0) / dy, 2), round((p[0] - x0) / dx, 2)]
+
+    return [zyx(v.a_xyz_mm) + zyx(v.b_xyz_mm) + [round(v.r0_mm, 2), round(v.r1_mm, 2)] for v in ph.vessels]
+
+
+def _miss_probability(diameter_mm: float) -> float:
+    """LIDC readers disagreed most on small nodules; a 3 mm one is missed by 40 %, 15 mm by 5 %."""
+    return float(np.clip(0.49 - 0.03 * diameter_mm, 0.05, 0.4))
+
+
+def _outline(cy: float, cx: float, ry: float, rx: float, ellipticity: float, angle: float,
+             shape: tuple[int, int]) -> tuple[tuple[int, int], ...]:
+    """A closed chain of (x, y) pixels around an ellipse, sampled twice per pixel of arc so
+    that consecutive pixels touch."""
+    n = max(8, math.ceil(4.0 * math.pi * max(ry, rx)))
+    t = np.linspace(0.0, 2.0 * np.pi, n, endpoint=False)
+    u, v = (1.0 + ellipticity) * np.cos(t), (1.0 - ellipticity) * np.sin(t)
+    x = cx + rx * (u * math.cos(angle) - v * math.sin(angle))
+    y = cy + ry * (u * math.sin(angle) + v * math.cos(angle))
+    pts = np.stack([np.clip(np.rint(x), 0, shape[1] - 1), np.clip(np.rint(y), 0, shape[0] - 1)], 1).astype(int)
+    pts = pts[np.any(pts != np.roll(pts, 1, axis=0), axis=1)]
+    return tuple(map(tuple, np.concatenate([pts, pts[:1]]).tolist()))
+
+
+def _ratings(nodule: dict, noise: np.ndarray) -> dict[str, int]:
+    """LIDC characteristics a reader would give, from the nodule's size and type, each
+    moved by the reader's noise (-1, 0, +1); soft-tissue interior and no calcification are
+    kept, as for most LIDC nodules."""
+    d, kind = 2.0 * nodule["radius_mm"], nodule["type"]
+    base = {"subtlety": 2 if kind == "ground_glass" or d < 6.0 else 4, "internalStructure": 1,
+            "calcification": 6, "sphericity": 4, "margin": {"solid": 4, "part_solid": 3}.get(kind, 2),
+            "lobulation": 2, "spiculation": 1, "texture": TEXTURE_OF_TYPE[kind],
+            "malignancy": 1 + int(np.searchsorted([4.0, 8.0, 15.0, 22.0], d))}
+    top = {"internalStructure": 4, "calcification": 6}
+    fixed = ("internalStructure", "calcification")
+    return {k: int(np.clip(base[k] + (0 if k in fixed else int(noise[i])), 1, top.get(k, 5)))
+            for i, k in enumerate(CHARACTERISTICS)}
+
+
+def _read_nodule(j: int, nodule: dict, entry: dict, sop_uids: list[str], zs: list[float],
+                 rng: np.random.Generator) -> Mark | None:
+    """One reader's mark of labels nodule j, or None when the reader misses it. The same
+    number of draws every time, so one reader's choice never shifts another's."""
+    u, g = rng.random(2), rng.standard_normal(4)
+    noise = rng.choice(3, size=len(CHARACTERISTICS), p=[0.2, 0.6, 0.2]) - 1
+    if u[0] < _miss_probability(2.0 * nodule["radius_mm"]):
+        return None
+    dz, dy, dx = entry["spacing_zyx_mm"]
+    shape = (entry["rows"], entry["cols"])
+    cz, cy, cx = nodule["center_zyx_vox"]
+    cy, cx = cy + 0.3 * g[1], cx + 0.3 * g[2]
+    radius = nodule["radius_mm"] * math.exp(0.1 * g[0])
+    if 2.0 * radius < SMALL_NODULE_MM:   # LIDC: a point at the centre, no characteristics
+        k = int(np.clip(round(cz), 0, len(zs) - 1))
+        point = (int(np.clip(round(cx), 0, shape[1] - 1)), int(np.clip(round(cy), 0, shape[0] - 1)))
+        return Mark("small_nodule", synth_nodule_id(j), (Roi(zs[k], sop_uids[k], (point,)),))
+    rois = []
+    for k in range(len(zs)):
+        off = (k - cz) * dz
+        if abs(off) >= radius:           # the slice plane misses the nodule
+            continue
+        half = math.sqrt(radius * radius - off * off)
+        # LIDC outlines run just outside the nodule: half a pixel beyond its edge, and at
+        # least a pixel from the centre, so that a nodule under a pixel across is outlined
+        # (a single point would make it a nodule under 3 mm)
+        ry, rx = max(half / dy + 0.5, 1.0), max(half / dx + 0.5, 1.0)
+        rois.append(Roi(zs[k], sop_uids[k], _outline(cy, cx, ry, rx, 0.05 * g[3], math.pi * u[1], shape)))
+    if not rois:
+        return None
+    return Mark("nodule", synth_nodule_id(j), tuple(rois), _ratings(nodule, noise))
+
+
+def _vessel_ends(entry: dict) -> list[tuple[int, int, int]]:
+    """(slice, row, column) of thick vessel ends in the volume and clear of nodules: what
+    LIDC readers often marked as non-nodules."""
+    dz, dy, _ = entry["spacing_zyx_mm"]
+    ends = []
+    for seg in entry["vessels"]:
+        k, i, j = (round(c) for c in seg[3:6])
+        if seg[6] < 1.5 or not (0 <= k < entry["num_slices"] and 0 <= i < entry["rows"] and 0 <= j < entry["cols"]):
+            continue
+        clear = all(math.hypot((k - n["center_zyx_vox"][0]) * dz,
+                               math.hypot(i - n["center_zyx_vox"][1], j - n["center_zyx_vox"][2]) * dy)
+                    > n["radius_mm"] + 5.0 for n in entry["nodules"])
+        if clear:
+            ends.append((k, i, j))
+    return ends
+
+
+def simulated_reads(entry: dict, sop_uids: list[str], zs: list[float],
+                    rng: np.random.Generator) -> list[ReadingSession]:
+    """Four LIDC-style reading sessions of one series from its labels.json entry."""
+    sessions = [ReadingSession(reader=f"reader{r + 1}") for r in range(N_READERS)]
+    for j, nodule in enumerate(entry["nodules"]):
+        for session in sessions:
+            mark = _read_nodule(j, nodule, entry, sop_uids, zs, rng)
+            if mark is not None:
+                session.marks.append(mark)
+    ends = _vessel_ends(entry)
+    for session in sessions:
+        count = min(int(rng.integers(0, 3)), len(ends))
+        picks = sorted(rng.choice(len(ends), size=count, replace=False)) if count else []
+        for m, p in enumerate(picks):
+            k, i, j = ends[p]
+            session.marks.append(Mark("non_nodule", f"Non-nodule {m + 1:03d}",
+                                      (Roi(zs[k], sop_uids[k], ((j, i),)),)))
+    return sessions
+
+
+def _json(obj, level: int = 0) -> str:
+    """JSON with one indent per level like json.dumps(indent=1), but lists of plain values
+    on one line: labels.json holds thousands of vessel segments per series."""
+    pad, end = " " * (level + 1), "\n" + " " * level
+    if isinstance(obj, dict) and obj:
+        items = [f"{pad}{json.dumps(k)}: {_json(v, level + 1)}" for k, v in obj.items()]
+        return "{\n" + ",\n".join(items) + end + "}"
+    if isinstance(obj, list) and any(isinstance(v, (dict, list)) for v in obj):
+        return "[\n" + ",\n".join(pad + _json(v, level + 1) for v in obj) + end + "]"
+    return json.dumps(obj)
 
 
 def generate_dataset(out, patients: int, slices: int, size: int, seed: int = 0,
@@ -165,6 +323,6 @@ def generate_dataset(out, patients: int, slices: int, size: int, seed: int = 0,
     labels = {"generator": "dinox synth", "seed": seed, "conventions": LABEL_CONVENTIONS,
               "series": series}
     tmp = out / ".labels.json.tmp"
-    tmp.write_text(json.dumps(labels, indent=1))
+    tmp.write_text(_json(labels) + "\n")
     tmp.replace(out / "labels.json")
     return labels

@@ -1,4 +1,4 @@
-"""Rebuild a trained model from a checkpoint for evaluation and monitoring."""
+"""Load a trained backbone from a checkpoint for inference (eval, monitor, inspect, export)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,29 +6,26 @@ from types import SimpleNamespace
 
 import torch
 
+from dinox.config import config_from_checkpoint
 from dinox.errors import UserError
 from dinox.model.dino_model import build_dino_model
-from dinox.run import checkpoint as ckpt
-from dinox.config import TrainConfig
+from dinox.run import checkpoint as store
 
-
-def config_from_state(state: dict) -> TrainConfig:
-    saved = state.get("config")
-    if not isinstance(saved, dict):
-        raise UserError("this checkpoint carries no dinox configuration; was it written by dinox train?")
-    known = {f for f in TrainConfig.__dataclass_fields__}
-    return TrainConfig(**{k: v for k, v in saved.items() if k in known})
+NETWORKS = ("teacher", "student")
 
 
 def load_for_inference(path: str | Path, device: torch.device, which: str = "teacher"):
-    """(backbone in eval mode on `device`, config, checkpoint state) of `which` network."""
+    """(backbone in eval mode on `device`, RunConfig, SimpleNamespace(step, raw)) of the
+    `which` network ("teacher" or "student") of a dinox checkpoint."""
     path = Path(path)
+    if which not in NETWORKS:
+        raise UserError(f"--network {which!r}: choose one of {', '.join(NETWORKS)}")
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist; list a run's checkpoints with ls data/runs/*/")
-    state = ckpt.load_checkpoint(path, map_location="cpu")
-    cfg = config_from_state(state)
+    state = store.load_checkpoint(path, map_location="cpu")
+    cfg = config_from_checkpoint(state)
     with torch.device("cpu"):
-        model = build_dino_model(cfg, drop_path=0.0)
+        model = build_dino_model(cfg.model, img_size=cfg.views.img_size, drop_path=0.0)
     model.load_state_dict(state[which])
     backbone = model.backbone.to(device).eval()
     backbone.grad_checkpoint = False

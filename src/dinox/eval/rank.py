@@ -33,19 +33,36 @@ def effective_rank(embeddings: torch.Tensor, eps: float = 1e-7, center: bool = F
     return float(torch.exp(-(p * p.log()).sum()))
 
 
-def embedding_std(embeddings: torch.Tensor) -> float:
-    """Mean over dimensions of the (unbiased) std across samples of L2-normalised embeddings.
+def normalized_std(embeddings: torch.Tensor) -> torch.Tensor:
+    """The user guide's collapse statistic as a 0-d tensor on the input's device (no host
+    synchronisation): the mean over dimensions of the (unbiased) std across samples of the
+    L2-normalised rows. About 1/sqrt(D) for embeddings spread over the sphere, near 0 when
+    every sample maps to the same direction; NaN for fewer than 2 rows."""
+    return F.normalize(embeddings.detach(), dim=-1).std(dim=0).mean()
 
-    The user guide's collapse statistic: about 1/sqrt(D) for embeddings spread over the
-    sphere, near 0 when every sample maps to the same direction. Needs n >= 2.
-    """
+
+def embedding_std(embeddings: torch.Tensor) -> float:
+    """`normalized_std` of an (n >= 2, D) matrix, computed in float64."""
     if embeddings.dim() != 2 or embeddings.shape[0] < 2:
         raise ValueError(f"embeddings must be (n >= 2, D), got {tuple(embeddings.shape)}")
-    z = F.normalize(embeddings.detach().to(torch.float64), dim=1)
-    return float(z.std(0).mean())
+    return float(normalized_std(embeddings.to(torch.float64)))
 
 
 def embedding_stats(embeddings: torch.Tensor) -> dict:
-    """{"n", "dim", "erank", "emb_std"} for logging and the anomaly guard."""
-    n, d = embeddings.shape
-    return {"n": n, "dim": d, "erank": effective_rank(embeddings), "emb_std": embedding_std(embeddings)}
+    """Dispersion statistics of n embeddings (n, D) (or (..., D), flattened to rows), as
+    written to the monitor's stats.json.
+
+    `std` is `normalized_std` (collapse -> 0); `raw_std` the same without normalisation;
+    `effective_rank` is RankMe. Stds are None for fewer than 2 samples.
+    """
+    x = embeddings.detach().reshape(-1, embeddings.shape[-1]).to("cpu", torch.float32)
+    n, d = x.shape
+    enough = n >= 2
+    return {
+        "n": n,
+        "dim": d,
+        "std": float(normalized_std(x)) if enough else None,
+        "raw_std": float(x.std(dim=0).mean()) if enough else None,
+        "mean_norm": float(x.norm(dim=-1).mean()) if n else None,
+        "effective_rank": effective_rank(x) if n else None,
+    }

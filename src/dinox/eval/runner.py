@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from dinox.data.augment import AugmentConfig, CTAugment
 from dinox.data.dataset import CTSliceDataset, pad_collate
-from dinox.eval.rank import effective_rank
+from dinox.eval.rank import effective_rank, embedding_std
 from dinox.eval.retrieval import spread_sample, view_retrieval
 
 
@@ -57,7 +57,7 @@ def evaluate_backbone(
         backbone.train(was_training)
     result = view_retrieval(queries, keys, ks=ks)
     result["effective_rank"] = float(effective_rank(queries))
-    result["embedding_std"] = float(queries.std(dim=0).mean())
+    result["embedding_std"] = embedding_std(queries)
     result["requested_n"] = n
     result["series"] = len({dataset.locate(i)[0] for i in indices})
     return result

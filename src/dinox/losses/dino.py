@@ -25,28 +25,13 @@ tau = 0.04 is not something to do in bfloat16.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
 from dinox.errors import UserError
+from dinox.run.distributed import all_reduce_, world_size
 
 METHODS = ("centering", "sinkhorn")
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def _world_size() -> int:
-    return dist.get_world_size() if _distributed() else 1
-
-
-def _all_reduce(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
-    """In-place all-reduce over ranks when torch.distributed is initialised."""
-    if _distributed():
-        dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
-    return t
 
 
 def _no_autocast(device: torch.device):
@@ -68,13 +53,13 @@ def sinkhorn_knopp(teacher_logits: torch.Tensor, teacher_temp: float,
     (column sums all-reduced across ranks). Pass all teacher global views concatenated."""
     logits = teacher_logits.detach().float()
     with _no_autocast(logits.device):
-        shift = _all_reduce(logits.max().clone(), "max")
+        shift = all_reduce_(logits.max().clone(), "max")
         q = torch.exp((logits - shift) / teacher_temp).t()
-        k, n = q.shape[0], q.shape[1] * _world_size()
+        k, n = q.shape[0], q.shape[1] * world_size()
         tiny = torch.finfo(q.dtype).tiny
-        q /= _all_reduce(q.sum())
+        q /= all_reduce_(q.sum())
         for _ in range(n_iterations):
-            q /= _all_reduce(q.sum(dim=1, keepdim=True)).clamp_min(tiny)
+            q /= all_reduce_(q.sum(dim=1, keepdim=True)).clamp_min(tiny)
             q /= k
             q /= q.sum(dim=0, keepdim=True).clamp_min(tiny)
             q /= n
@@ -89,6 +74,8 @@ class DINOLoss(nn.Module):
         self.student_temp = student_temp
         self.center_momentum = center_momentum
         self.register_buffer("center", torch.zeros(1, out_dim))
+        self._pending: torch.Tensor | None = None
+        self._pending_rows = 0
 
     @torch.no_grad()
     def teacher_probs(self, teacher_logits: torch.Tensor, teacher_temp: float,
@@ -137,8 +124,34 @@ class DINOLoss(nn.Module):
     @torch.no_grad()
     def update_center(self, teacher_logits: torch.Tensor) -> None:
         """center <- m * center + (1 - m) * mean over the (global) batch of teacher logits."""
+        self.accumulate_center(teacher_logits)
+        self.apply_center_update()
+
+    @torch.no_grad()
+    def accumulate_center(self, teacher_logits: torch.Tensor) -> None:
+        """Add one micro-batch's teacher logits to the mean of the current optimizer step.
+
+        The centre moves once per optimizer step (as in DINO, where a step is one batch),
+        from the mean over all its micro-batches, so its time constant in steps does not
+        depend on --accumulation-steps."""
         logits = teacher_logits.detach().float().reshape(-1, self.out_dim)
-        total = _all_reduce(logits.sum(dim=0, keepdim=True))
-        count = logits.shape[0] * _world_size()
+        total = logits.sum(dim=0, keepdim=True)
+        if self._pending is None:
+            self._pending, self._pending_rows = total, logits.shape[0]
+        else:
+            self._pending.add_(total)
+            self._pending_rows += logits.shape[0]
+
+    @torch.no_grad()
+    def apply_center_update(self) -> None:
+        """Move the centre towards the step's mean teacher logits (all-reduced over ranks)."""
+        if self._pending is None:
+            return
+        total = all_reduce_(self._pending)
+        count = self._pending_rows * world_size()
         m = self.center_momentum
         self.center.mul_(m).add_(total / count, alpha=1 - m)
+        self.discard_center_update()
+
+    def discard_center_update(self) -> None:
+        self._pending, self._pending_rows = None, 0

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from dinox.model.head import DINOHead
-from dinox.model.vit import ViTArch, VisionTransformer
+from dinox.model.vit import VisionTransformer
 
 
 class DINOModel(nn.Module):
@@ -32,33 +32,23 @@ class DINOModel(nn.Module):
         return result
 
 
-def arch_from_config(cfg) -> ViTArch:
-    return ViTArch(
-        patch_size=cfg.vit_patch,
-        embed_dim=cfg.vit_dim,
-        depth=cfg.vit_depth,
-        num_heads=cfg.vit_heads,
-        mlp_hidden_dim=cfg.vit_mlp,
-        swiglu=cfg.swiglu,
-        num_registers=cfg.registers,
-        layerscale_init=cfg.layerscale if cfg.layerscale > 0 else None,
-    )
-
-
-def build_dino_model(cfg, drop_path: float | None = None) -> DINOModel:
-    """Build on the current default device (use `with torch.device("meta")` to plan)."""
+def build_dino_model(model, *, img_size: int, grad_checkpoint: bool = False,
+                     drop_path: float | None = None) -> DINOModel:
+    """Backbone + head from the run's model section (`dinox.config.ModelConfig`: its
+    `arch()` and head fields), on the current default device (`with torch.device("meta")`
+    to plan). `drop_path` overrides the section's rate (the teacher uses 0)."""
     backbone = VisionTransformer(
-        arch_from_config(cfg),
-        img_size=cfg.img_size,
-        drop_path_rate=cfg.drop_path if drop_path is None else drop_path,
-        grad_checkpoint=cfg.grad_checkpoint,
+        model.arch(),
+        img_size=img_size,
+        drop_path_rate=model.drop_path if drop_path is None else drop_path,
+        grad_checkpoint=grad_checkpoint,
     )
     head = DINOHead(
-        cfg.vit_dim,
-        cfg.out_dim,
-        hidden_dim=cfg.head_hidden,
-        bottleneck_dim=cfg.head_bottleneck,
-        nlayers=cfg.head_layers,
-        use_bn=getattr(cfg, "head_bn", False),
+        model.vit_dim,
+        model.out_dim,
+        hidden_dim=model.head_hidden,
+        bottleneck_dim=model.head_bottleneck,
+        nlayers=model.head_layers,
+        use_bn=model.head_bn,
     )
     return DINOModel(backbone, head)

@@ -201,6 +201,19 @@ class AnomalyGuard:
         self.last_good_step = state.get("last_good_step")
 
 
+def respond(guard: AnomalyGuard, anomalies: list[Anomaly], logger) -> tuple[bool, bool]:
+    """The policy of what anomalies trigger: log each at its level; returns
+    (save an emergency checkpoint, halt). A collapse always gets a checkpoint for the
+    post-mortem; halting follows `guard.should_halt` (fatal always, others with
+    --halt-on-anomaly), and a halt saves a checkpoint too."""
+    checkpoint = halt = False
+    for anomaly in anomalies:
+        logger.log(anomaly.level, anomaly.message)
+        checkpoint = checkpoint or anomaly.kind == "collapse"
+        halt = halt or guard.should_halt(anomaly)
+    return checkpoint, halt
+
+
 def nonfinite_diagnostics(last_good_loss: float | None, lr: float | None, grad_norm: float | None,
                           batch=None) -> str:
     """Multi-line report printed when the loss goes non-finite (why the run halted).

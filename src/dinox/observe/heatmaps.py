@@ -12,91 +12,20 @@ import json
 import logging
 import math
 import os
-import re
-import resource
-import shutil
-import subprocess
-import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from dinox.data.augment import LUNG_WINDOW, AugmentConfig, fixed_window_input, window_unit
 from dinox.errors import UserError
-from dinox.observe.anomaly import Anomaly, AnomalyGuard  # noqa: F401  (re-exported: docs/interfaces.md)
-from dinox.observe.metrics import MetricsLogger  # noqa: F401
+from dinox.eval.rank import embedding_stats
+from dinox.observe.metrics import json_safe
 
 log = logging.getLogger("dinox.monitor")
 
-GiB = 2**30
-LUNG_WINDOW = (-600.0, 1500.0)  # (level, width) in HU
-
-
-# ----------------------------------------------------------------------------- statistics
-
-def _effective_rank(embeddings: torch.Tensor, eps: float = 1e-7) -> float:
-    """RankMe (Garrido et al. 2023): exp of the entropy of the normalised singular values.
-
-    Same definition and conventions as dinox.eval.rank.effective_rank (uncentred, float64,
-    0.0 for an all-zero matrix, NaN for non-finite input).
-    """
-    x = embeddings.detach().to("cpu", torch.float64)
-    if not bool(torch.isfinite(x).all()):
-        return math.nan
-    s = torch.linalg.svdvals(x)
-    if float(s.sum()) == 0.0:
-        return 0.0
-    p = s / s.sum() + eps
-    return float(torch.exp(-(p * p.log()).sum()))
-
-
-def embedding_stats(embeddings: torch.Tensor) -> dict:
-    """Dispersion statistics of n embeddings (n, D) (or (..., D), flattened to rows).
-
-    `std` is the guide's collapse statistic: the mean over dimensions of the std across
-    samples of the L2-normalised embeddings (collapse -> 0; isotropic -> ~1/sqrt(D)).
-    `raw_std` is the same without normalisation. Stds are None for fewer than 2 samples.
-    """
-    x = embeddings.detach().reshape(-1, embeddings.shape[-1]).to("cpu", torch.float32)
-    n, d = x.shape
-    norms = x.norm(dim=-1)
-    enough = n >= 2
-    z = F.normalize(x, dim=-1)
-    return {
-        "n": n,
-        "dim": d,
-        "std": float(z.std(dim=0).mean()) if enough else None,
-        "raw_std": float(x.std(dim=0).mean()) if enough else None,
-        "mean_norm": float(norms.mean()) if n else None,
-        "effective_rank": _effective_rank(x) if n else None,
-    }
-
-
-def _clean(obj: Any) -> Any:
-    """JSON-safe copy: non-finite floats become None."""
-    if isinstance(obj, dict):
-        return {k: _clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
-
-
 # ----------------------------------------------------------------------------- heatmaps
-
-def window_hu(hu: torch.Tensor, level: float, width: float) -> torch.Tensor:
-    """HU -> [0, 1] under the window (level, width)."""
-    return ((hu.float() - (level - width / 2)) / width).clamp(0.0, 1.0)
-
-
-def window_normalize(hu: torch.Tensor, window: tuple[float, float] = LUNG_WINDOW) -> torch.Tensor:
-    """Default model-input preprocessing: window to [0, 1], then (y - 0.5) / 0.5."""
-    return (window_hu(hu, *window) - 0.5) / 0.5
-
 
 def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
     for attr in ("_orig_mod", "module"):
@@ -210,15 +139,16 @@ def _class_embeddings(backbone, batch: torch.Tensor, preprocess, patch: int,
 
 def write_monitor_outputs(backbone: torch.nn.Module, stack_hu: torch.Tensor, out_dir: str | os.PathLike,
                           window: tuple[float, float] = LUNG_WINDOW, img_size: int | None = None,
+                          augment_cfg: AugmentConfig | None = None,
                           embeddings_batch: torch.Tensor | None = None,
                           preprocess: Callable[[torch.Tensor], torch.Tensor] | None = None,
                           max_rows: int = 4, autocast_dtype: torch.dtype | None = None) -> dict:
     """Write input.png, heatmap.png and stats.json for one stack (or a few) into `out_dir`.
 
     stack_hu: (3, H, W) or (B, 3, H, W) raw HU (any dtype). It is resized to a multiple of
-    the patch size (to `img_size` square if given), then `preprocess` (default:
-    `window_normalize` with `window`) turns it into the model input; pass the training
-    preprocessing to see exactly what the model sees. `window` is also the display window.
+    the patch size (to `img_size` square if given), then `preprocess` turns it into the
+    model input (default: `fixed_window_input` with the run's `augment_cfg`, i.e. the
+    training preprocessing at the fixed `window`). `window` is also the display window.
     embeddings_batch: optional (n, 3, H, W) raw-HU stacks whose class tokens are computed,
     or precomputed (n, D) class embeddings; adds `cls_tokens` stats (the cross-image
     collapse statistic) to stats.json.
@@ -232,7 +162,7 @@ def write_monitor_outputs(backbone: torch.nn.Module, stack_hu: torch.Tensor, out
     patch = int(model.patch_size)
     if preprocess is None:
         def preprocess(t, _w=tuple(window)):
-            return window_normalize(t, _w)
+            return fixed_window_input(t, augment_cfg, _w)
     try:
         param = next(model.parameters())
         device, dtype = param.device, param.dtype
@@ -262,7 +192,7 @@ def write_monitor_outputs(backbone: torch.nn.Module, stack_hu: torch.Tensor, out
                                                           patch, img_size, device, dtype))
 
     rows = min(hu.shape[0], max_rows)
-    slices = window_hu(hu[:rows, 1], *window).cpu().numpy()
+    slices = window_unit(hu[:rows, 1], *window).cpu().numpy()
     norm_maps = _to_grid(norms[:rows], gh, gw, (h, w)).cpu().numpy()
     attn_maps = _to_grid(attn[:rows], gh, gw, (h, w)).cpu().numpy() if attn is not None else None
     _plot_heatmaps(slices, norm_maps, attn_maps, out)
@@ -283,7 +213,7 @@ def write_monitor_outputs(backbone: torch.nn.Module, stack_hu: torch.Tensor, out
         entropy = -(a * a.clamp_min(1e-12).log()).sum(dim=-1).mean()
         stats["cls_attention"] = {"entropy": float(entropy), "uniform_entropy": math.log(n),
                                   "max": float(attn.max())}
-    stats = _clean(stats)
+    stats = json_safe(stats)
     tmp = out / "stats.json.tmp"
     tmp.write_text(json.dumps(stats, indent=2, allow_nan=False) + "\n")
     os.replace(tmp, out / "stats.json")
@@ -388,196 +318,3 @@ def plot_loss_curve(metrics_jsonl: str | os.PathLike, out_png: str | os.PathLike
     out.parent.mkdir(parents=True, exist_ok=True)
     _save_png(fig, out)
     plt.close(fig)
-
-
-# ----------------------------------------------------------------------------- health
-
-def _is_gpu(device) -> bool:
-    try:
-        return torch.device(device).type == "cuda" and torch.cuda.is_available()
-    except Exception:
-        return False
-
-
-def _device_index(device) -> int:
-    d = torch.device(device)
-    return d.index if d.index is not None else torch.cuda.current_device()
-
-
-def device_memory_metrics(device) -> dict:
-    """{mem_allocated_gb, mem_reserved_gb, mem_peak_gb} (GiB) for a CUDA/ROCm device, else {}."""
-    if not _is_gpu(device):
-        return {}
-    try:
-        d = torch.device(device)
-        return {"mem_allocated_gb": torch.cuda.memory_allocated(d) / GiB,
-                "mem_reserved_gb": torch.cuda.memory_reserved(d) / GiB,
-                "mem_peak_gb": torch.cuda.max_memory_allocated(d) / GiB}
-    except Exception:
-        return {}
-
-
-def _rss_gb() -> float | None:
-    """Current resident set size; falls back to the peak RSS where /proc is absent."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024 / GiB
-    except OSError:
-        pass
-    try:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return peak / GiB if sys.platform == "darwin" else peak * 1024 / GiB
-    except Exception:
-        return None
-
-
-def _physical_gpu(index: int, env_vars=("CUDA_VISIBLE_DEVICES",)) -> str:
-    """The id the vendor tool knows for torch's device `index` (tools ignore *_VISIBLE_DEVICES)."""
-    for var in env_vars:
-        visible = [v.strip() for v in os.environ.get(var, "").split(",") if v.strip()]
-        if index < len(visible):
-            return visible[index]
-    return str(index)
-
-
-def _float(text) -> float | None:
-    try:
-        value = float(str(text).strip())
-    except (TypeError, ValueError):
-        m = re.search(r"-?\d+(?:\.\d+)?", str(text))
-        value = float(m.group()) if m else None
-    return value if value is not None and math.isfinite(value) else None
-
-
-def _run(cmd: list[str], timeout: float = 5.0) -> str | None:
-    try:
-        res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return res.stdout if res.returncode == 0 else None
-
-
-def _pynvml(gpu: str) -> dict | None:
-    try:
-        import pynvml
-    except ImportError:
-        return None
-    try:
-        pynvml.nvmlInit()
-        try:
-            handle = (pynvml.nvmlDeviceGetHandleByIndex(int(gpu)) if gpu.isdigit()
-                      else pynvml.nvmlDeviceGetHandleByUUID(gpu))
-            temp = pynvml.nvmlDeviceGetTemperature(handle, pynvml.NVML_TEMPERATURE_GPU)
-            util = pynvml.nvmlDeviceGetUtilizationRates(handle).gpu
-            power = pynvml.nvmlDeviceGetPowerUsage(handle) / 1000.0
-        finally:
-            pynvml.nvmlShutdown()
-    except Exception:
-        return None
-    return {"gpu_temperature_c": float(temp), "gpu_utilization_pct": float(util),
-            "gpu_power_w": float(power), "source": "pynvml"}
-
-
-def _nvidia_smi(gpu: str) -> dict | None:
-    exe = shutil.which("nvidia-smi")
-    if exe is None:
-        return None
-    out = _run([exe, f"--id={gpu}", "--query-gpu=temperature.gpu,utilization.gpu,power.draw",
-                "--format=csv,noheader,nounits"])
-    if not out or not out.strip():
-        return None
-    fields = [f.strip() for f in out.strip().splitlines()[0].split(",")]
-    if len(fields) < 3:
-        return None
-    values = [_float(f) for f in fields[:3]]
-    if all(v is None for v in values):
-        return None
-    return {"gpu_temperature_c": values[0], "gpu_utilization_pct": values[1],
-            "gpu_power_w": values[2], "source": "nvidia-smi"}
-
-
-def _pick(card: dict, *patterns: str) -> float | None:
-    """First value in a rocm-smi card dict whose key matches the patterns in priority order."""
-    for pattern in patterns:
-        for key, value in card.items():
-            if re.search(pattern, key, re.IGNORECASE):
-                v = _float(value)
-                if v is not None:
-                    return v
-    return None
-
-
-def _rocm_smi(gpu: str) -> dict | None:
-    exe = shutil.which("rocm-smi")
-    if exe is None:
-        return None
-    out = _run([exe, "--showtemp", "--showuse", "--showpower", "--json"])
-    try:
-        data = json.loads(out) if out else None
-    except ValueError:
-        data = None
-    if not isinstance(data, dict):
-        return None
-    cards = {k: v for k, v in data.items() if k.lower().startswith("card") and isinstance(v, dict)}
-    if not cards:
-        return None
-    card = cards.get(f"card{gpu}") or next(iter(cards.values()))
-    values = {"gpu_temperature_c": _pick(card, r"temperature.*edge", r"temperature"),
-              "gpu_utilization_pct": _pick(card, r"gpu use", r"busy"),
-              "gpu_power_w": _pick(card, r"power.*\(w\)", r"power")}
-    if all(v is None for v in values.values()):
-        return None
-    return {**values, "source": "rocm-smi"}
-
-
-def gpu_telemetry(index: int = 0) -> dict:
-    """Temperature (C), utilisation (%) and power (W) of GPU `index` (torch numbering).
-
-    Tries pynvml, then `nvidia-smi`, then `rocm-smi`; all fields None with
-    `source: "unavailable"` when none answers. Never raises.
-    """
-    try:
-        nv = _physical_gpu(index)
-        amd = _physical_gpu(index, ("HIP_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES", "CUDA_VISIBLE_DEVICES"))
-        for probe, gpu in ((_pynvml, nv), (_nvidia_smi, nv), (_rocm_smi, amd)):
-            result = probe(gpu)
-            if result is not None:
-                return result
-    except Exception as e:
-        log.debug("gpu telemetry failed: %s", e)
-    return {"gpu_temperature_c": None, "gpu_utilization_pct": None, "gpu_power_w": None,
-            "source": "unavailable"}
-
-
-def health_report(device, steps_per_s: float | None = None, samples_per_s: float | None = None) -> dict:
-    """Throughput, process memory, device memory and GPU telemetry. Never raises.
-
-    Device memory fields (GiB) and GPU telemetry are None unless `device` is a CUDA/ROCm
-    device; `mem_fraction` (reserved / total) is what an OOM watch should look at.
-    """
-    report: dict[str, Any] = {"time": time.time(), "device": str(device),
-                              "steps_per_s": steps_per_s, "samples_per_s": samples_per_s}
-    try:
-        report["rss_gb"] = _rss_gb()
-    except Exception:
-        report["rss_gb"] = None
-    mem = {"mem_allocated_gb": None, "mem_reserved_gb": None, "mem_peak_gb": None,
-           "mem_total_gb": None, "mem_fraction": None}
-    telemetry = {"gpu_temperature_c": None, "gpu_utilization_pct": None, "gpu_power_w": None,
-                 "source": "unavailable"}
-    try:
-        if _is_gpu(device):
-            mem.update(device_memory_metrics(device))
-            index = _device_index(device)
-            total = torch.cuda.get_device_properties(index).total_memory / GiB
-            mem["mem_total_gb"] = total
-            if mem["mem_reserved_gb"] is not None and total > 0:
-                mem["mem_fraction"] = mem["mem_reserved_gb"] / total
-            telemetry = gpu_telemetry(index)
-    except Exception as e:
-        log.debug("device health query failed: %s", e)
-    report.update(mem)
-    report.update(telemetry)
-    return _clean(report)

@@ -34,18 +34,24 @@ def tensorboard_tag(name: str, prefix: str = "Train") -> str:
     return f"{prefix}/{'_'.join(words)}"
 
 
-def _scalar(value: Any) -> Any:
-    """Plain Python value for JSON; tensors and numpy scalars become floats/ints."""
-    if hasattr(value, "item") and callable(value.item):
-        value = value.item()
-    if isinstance(value, bool) or value is None or isinstance(value, str):
-        return value
-    if isinstance(value, int):
-        return value
+def json_safe(obj: Any) -> Any:
+    """A JSON-ready copy of `obj`: dicts and sequences recursively, 0-d tensors and numpy
+    scalars as numbers, small tensors (<= 16 values) as lists, larger ones by shape,
+    non-finite floats as None (JSON has no NaN), anything else as its string."""
+    if isinstance(obj, dict):
+        return {str(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if hasattr(obj, "numel") and callable(obj.numel) and obj.numel() != 1:
+        return json_safe(obj.tolist()) if obj.numel() <= 16 else f"tensor{tuple(obj.shape)}"
+    if hasattr(obj, "item") and callable(obj.item):
+        obj = obj.item()
+    if obj is None or isinstance(obj, (bool, str, int)):
+        return obj
     try:
-        value = float(value)
+        value = float(obj)
     except (TypeError, ValueError):
-        return str(value)
+        return str(obj)
     return value if math.isfinite(value) else None
 
 
@@ -87,7 +93,7 @@ class MetricsLogger:
         """Write one record; returns it (non-finite values already replaced by None)."""
         record = {"step": int(step), "time": round(time.time(), 3), "wall": round(self.elapsed, 3)}
         for name, value in metrics.items():
-            record[name] = _scalar(value)
+            record[name] = json_safe(value)
         if not self.is_main:
             return record
         self._file.write(json.dumps(record, allow_nan=False) + "\n")
@@ -156,7 +162,7 @@ def format_progress(step: int, metrics: Mapping[str, Any], extra: Iterable[str] 
     only if present; names in `extra` are appended as `name=value`.
     """
     def get(name):
-        value = _scalar(metrics[name]) if name in metrics else None
+        value = json_safe(metrics[name]) if name in metrics else None
         return float("nan") if value is None and name in metrics else value
 
     parts = [f"step={int(step):6d}"]

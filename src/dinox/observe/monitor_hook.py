@@ -6,10 +6,10 @@ import json
 import logging
 from pathlib import Path
 
-
 from dinox.data.dataset import pad_collate
 from dinox.eval.retrieval import spread_sample
-from dinox.observe.heatmaps import health_report, plot_loss_curve, write_monitor_outputs
+from dinox.observe.health import health_report
+from dinox.observe.heatmaps import plot_loss_curve, write_monitor_outputs
 
 log = logging.getLogger("dinox.monitor")
 
@@ -25,13 +25,15 @@ def monitor_samples(dataset) -> list[int]:
     return picks
 
 
-def run_monitor(backbone, dataset, run_dir: Path, step: int, device, *, out_dim=None, img_size=None,
+def run_monitor(backbone, dataset, run_dir: Path, step: int, device, *, augment_cfg, out_dim=None,
                 steps_per_s=None, samples_per_s=None, autocast_dtype=None) -> Path:
+    """Monitor outputs with the run's own preprocessing (`augment_cfg`, an AugmentConfig)."""
     out_dir = Path(run_dir) / "monitor" / f"step_{step:08d}"
     stacks = pad_collate([dataset[i] for i in monitor_samples(dataset)])
     stats_batch = pad_collate([dataset[i] for i in spread_sample(dataset.series_ranges(), STATS_SAMPLES, seed=0)])
     stats = write_monitor_outputs(
-        backbone, stacks, out_dir, img_size=img_size, embeddings_batch=stats_batch, autocast_dtype=autocast_dtype
+        backbone, stacks, out_dir, img_size=augment_cfg.global_size, augment_cfg=augment_cfg,
+        embeddings_batch=stats_batch, autocast_dtype=autocast_dtype,
     )
     metrics_file = Path(run_dir) / "metrics.jsonl"
     if metrics_file.exists():

@@ -1,7 +1,8 @@
-"""torchrun / DDP: one process per device, rank 0 writes files.
+"""torchrun / DDP: one process per device, rank 0 writes files; every collective of dinox.
 
 `torchrun --nproc_per_node=N -m dinox.cli train ...` (or the seed script) sets RANK,
-WORLD_SIZE and LOCAL_RANK; without them the run is a single process.
+WORLD_SIZE and LOCAL_RANK; without them the run is a single process. The module-level
+functions are no-ops (identity) in a single process, so the losses call them unconditionally.
 """
 from __future__ import annotations
 
@@ -12,6 +13,30 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
+
+
+def initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def world_size() -> int:
+    return dist.get_world_size() if initialized() else 1
+
+
+def all_reduce_(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """In-place all-reduce ("sum" or "max") over ranks; returns `t`."""
+    if initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+    return t
+
+
+def broadcast_object(obj, src: int = 0):
+    """`obj` of rank `src` on every rank (a picklable Python value)."""
+    if not initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
 
 
 @dataclass
@@ -60,9 +85,7 @@ class DistEnv:
         one of them sees a signal, a non-finite loss or an anomaly that halts."""
         if not self.enabled:
             return flag
-        value = torch.tensor([1.0 if flag else 0.0], device=device)
-        dist.all_reduce(value, op=dist.ReduceOp.MAX)
-        return bool(value.item())
+        return bool(all_reduce_(torch.tensor([1.0 if flag else 0.0], device=device), "max").item())
 
     def barrier(self) -> None:
         if self.enabled and dist.is_initialized():

@@ -63,4 +63,7 @@ def make_loader(
         drop_last=True,
         persistent_workers=False,
         prefetch_factor=4 if num_workers > 0 else None,
+        # Its own generator: starting an iterator draws the workers' base seed from it, and
+        # drawing from the global torch RNG instead would shift drop path on a resumed run.
+        generator=torch.Generator().manual_seed(seed * 7 + rank),
     )

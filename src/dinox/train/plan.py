@@ -279,3 +279,38 @@ def format_estimate(estimate: MemoryEstimate) -> str:
     lines += [f"  {label:<{width}}  {value / GIB:8.2f} GiB" for label, value in rows]
     lines.append(f"  {'total':<{width}}  {estimate.total / GIB:8.2f} GiB")
     return "\n".join(lines)
+
+
+def plan_memory(cfg, device_memory_gb: float | None, device_total_bytes: int | None) -> dict:
+    """Build the run's networks on the meta device, count parameters and estimate the
+    training peak against `device_memory_gb` (or the detected device's memory)."""
+    import torch
+
+    from dinox.model.dino_model import build_dino_model
+    from dinox.model.vit import swiglu_hidden_dim
+
+    m, v, o = cfg.model, cfg.views, cfg.optim
+    with torch.device("meta"):
+        model = build_dino_model(m, img_size=v.img_size)
+    backbone_params = sum(p.numel() for p in model.backbone.parameters())
+    head_params = sum(p.numel() for p in model.head.parameters())
+    estimate = estimate_training_memory(
+        params_backbone=backbone_params, params_head=head_params, embed_dim=m.vit_dim, depth=m.vit_depth,
+        num_heads=m.vit_heads, mlp_hidden_dim=swiglu_hidden_dim(m.vit_mlp) if m.swiglu else m.vit_mlp,
+        patch_size=m.vit_patch, num_registers=m.registers, batch_size=o.batch_size, global_size=v.img_size,
+        n_global=2, local_size=v.local_size, n_local=v.local_crops, amp=cfg.runtime.amp,
+        grad_checkpoint=cfg.runtime.grad_checkpoint, out_dim=m.out_dim, swiglu=m.swiglu,
+        head_hidden_dim=m.head_hidden, head_bottleneck_dim=m.head_bottleneck,
+    )
+    capacity = int(device_memory_gb * 1024**3) if device_memory_gb else device_total_bytes
+    verdict = fits(estimate, capacity) if capacity else True
+    advice = [] if verdict else suggestions(estimate, capacity, accumulation_steps=o.accumulation_steps)
+    return {
+        "backbone_params": backbone_params,
+        "head_params": head_params,
+        "estimate": estimate,
+        "estimate_text": format_estimate(estimate),
+        "device_memory_bytes": capacity,
+        "fits": verdict,
+        "suggestions": advice,
+    }

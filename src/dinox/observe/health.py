@@ -1,0 +1,286 @@
+"""Health of the machine a run is on: device memory, GPU telemetry, a health report, and
+the memory watch that warns before the device runs out.
+
+Nothing here raises into the training loop: a monitoring hiccup must not kill a long run.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from typing import Any
+
+import torch
+
+from dinox.observe.metrics import json_safe
+from dinox.run.device import GIB, DeviceInfo
+
+log = logging.getLogger("dinox.monitor")
+
+
+
+# ----------------------------------------------------------------------------- health
+
+def _is_gpu(device) -> bool:
+    try:
+        return torch.device(device).type == "cuda" and torch.cuda.is_available()
+    except Exception:
+        return False
+
+
+def _device_index(device) -> int:
+    d = torch.device(device)
+    return d.index if d.index is not None else torch.cuda.current_device()
+
+
+def device_memory_metrics(device) -> dict:
+    """{mem_allocated_gb, mem_reserved_gb, mem_peak_gb} (GiB) for a CUDA/ROCm device, else {}."""
+    if not _is_gpu(device):
+        return {}
+    try:
+        return _allocator_memory(torch.device(device))
+    except Exception:
+        return {}
+
+
+def _allocator_memory(device: torch.device) -> dict:
+    """The caching allocator's figures in GiB: the one reading of device memory."""
+    return {"mem_allocated_gb": torch.cuda.memory_allocated(device) / GIB,
+            "mem_reserved_gb": torch.cuda.memory_reserved(device) / GIB,
+            "mem_peak_gb": torch.cuda.max_memory_allocated(device) / GIB}
+
+
+def _rss_gb() -> float | None:
+    """Current resident set size; falls back to the peak RSS where /proc is absent."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024 / GIB
+    except OSError:
+        pass
+    try:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak / GIB if sys.platform == "darwin" else peak * 1024 / GIB
+    except Exception:
+        return None
+
+
+def _physical_gpu(index: int, env_vars=("CUDA_VISIBLE_DEVICES",)) -> str:
+    """The id the vendor tool knows for torch's device `index` (tools ignore *_VISIBLE_DEVICES)."""
+    for var in env_vars:
+        visible = [v.strip() for v in os.environ.get(var, "").split(",") if v.strip()]
+        if index < len(visible):
+            return visible[index]
+    return str(index)
+
+
+def _float(text) -> float | None:
+    try:
+        value = float(str(text).strip())
+    except (TypeError, ValueError):
+        m = re.search(r"-?\d+(?:\.\d+)?", str(text))
+        value = float(m.group()) if m else None
+    return value if value is not None and math.isfinite(value) else None
+
+
+def _run(cmd: list[str], timeout: float = 5.0) -> str | None:
+    try:
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return res.stdout if res.returncode == 0 else None
+
+
+def _pynvml(gpu: str) -> dict | None:
+    try:
+        import pynvml
+    except ImportError:
+        return None
+    try:
+        pynvml.nvmlInit()
+        try:
+            handle = (pynvml.nvmlDeviceGetHandleByIndex(int(gpu)) if gpu.isdigit()
+                      else pynvml.nvmlDeviceGetHandleByUUID(gpu))
+            temp = pynvml.nvmlDeviceGetTemperature(handle, pynvml.NVML_TEMPERATURE_GPU)
+            util = pynvml.nvmlDeviceGetUtilizationRates(handle).gpu
+            power = pynvml.nvmlDeviceGetPowerUsage(handle) / 1000.0
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:
+        return None
+    return {"gpu_temperature_c": float(temp), "gpu_utilization_pct": float(util),
+            "gpu_power_w": float(power), "source": "pynvml"}
+
+
+def _nvidia_smi(gpu: str) -> dict | None:
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        return None
+    out = _run([exe, f"--id={gpu}", "--query-gpu=temperature.gpu,utilization.gpu,power.draw",
+                "--format=csv,noheader,nounits"])
+    if not out or not out.strip():
+        return None
+    fields = [f.strip() for f in out.strip().splitlines()[0].split(",")]
+    if len(fields) < 3:
+        return None
+    values = [_float(f) for f in fields[:3]]
+    if all(v is None for v in values):
+        return None
+    return {"gpu_temperature_c": values[0], "gpu_utilization_pct": values[1],
+            "gpu_power_w": values[2], "source": "nvidia-smi"}
+
+
+def _pick(card: dict, *patterns: str) -> float | None:
+    """First value in a rocm-smi card dict whose key matches the patterns in priority order."""
+    for pattern in patterns:
+        for key, value in card.items():
+            if re.search(pattern, key, re.IGNORECASE):
+                v = _float(value)
+                if v is not None:
+                    return v
+    return None
+
+
+def _rocm_smi(gpu: str) -> dict | None:
+    exe = shutil.which("rocm-smi")
+    if exe is None:
+        return None
+    out = _run([exe, "--showtemp", "--showuse", "--showpower", "--json"])
+    try:
+        data = json.loads(out) if out else None
+    except ValueError:
+        data = None
+    if not isinstance(data, dict):
+        return None
+    cards = {k: v for k, v in data.items() if k.lower().startswith("card") and isinstance(v, dict)}
+    if not cards:
+        return None
+    card = cards.get(f"card{gpu}") or next(iter(cards.values()))
+    values = {"gpu_temperature_c": _pick(card, r"temperature.*edge", r"temperature"),
+              "gpu_utilization_pct": _pick(card, r"gpu use", r"busy"),
+              "gpu_power_w": _pick(card, r"power.*\(w\)", r"power")}
+    if all(v is None for v in values.values()):
+        return None
+    return {**values, "source": "rocm-smi"}
+
+
+def gpu_telemetry(index: int = 0) -> dict:
+    """Temperature (C), utilisation (%) and power (W) of GPU `index` (torch numbering).
+
+    Tries pynvml, then `nvidia-smi`, then `rocm-smi`; all fields None with
+    `source: "unavailable"` when none answers. Never raises.
+    """
+    try:
+        nv = _physical_gpu(index)
+        amd = _physical_gpu(index, ("HIP_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES", "CUDA_VISIBLE_DEVICES"))
+        for probe, gpu in ((_pynvml, nv), (_nvidia_smi, nv), (_rocm_smi, amd)):
+            result = probe(gpu)
+            if result is not None:
+                return result
+    except Exception as e:
+        log.debug("gpu telemetry failed: %s", e)
+    return {"gpu_temperature_c": None, "gpu_utilization_pct": None, "gpu_power_w": None,
+            "source": "unavailable"}
+
+
+def health_report(device, steps_per_s: float | None = None, samples_per_s: float | None = None) -> dict:
+    """Throughput, process memory, device memory and GPU telemetry. Never raises.
+
+    Device memory fields (GIB) and GPU telemetry are None unless `device` is a CUDA/ROCm
+    device; `mem_fraction` (reserved / total) is what an OOM watch should look at.
+    """
+    report: dict[str, Any] = {"time": time.time(), "device": str(device),
+                              "steps_per_s": steps_per_s, "samples_per_s": samples_per_s}
+    try:
+        report["rss_gb"] = _rss_gb()
+    except Exception:
+        report["rss_gb"] = None
+    mem = {"mem_allocated_gb": None, "mem_reserved_gb": None, "mem_peak_gb": None,
+           "mem_total_gb": None, "mem_fraction": None}
+    telemetry = {"gpu_temperature_c": None, "gpu_utilization_pct": None, "gpu_power_w": None,
+                 "source": "unavailable"}
+    try:
+        if _is_gpu(device):
+            mem.update(device_memory_metrics(device))
+            index = _device_index(device)
+            total = torch.cuda.get_device_properties(index).total_memory / GIB
+            mem["mem_total_gb"] = total
+            if mem["mem_reserved_gb"] is not None and total > 0:
+                mem["mem_fraction"] = mem["mem_reserved_gb"] / total
+            telemetry = gpu_telemetry(index)
+    except Exception as e:
+        log.debug("device health query failed: %s", e)
+    report.update(mem)
+    report.update(telemetry)
+    return json_safe(report)
+
+
+class MemoryWatch:
+    """Warns once each time device memory use crosses `warn_fraction` of the total.
+
+    Use is the larger of the caching allocator's reserved bytes and the peak allocated
+    bytes (torch.cuda.memory_reserved / max_memory_allocated). Only CUDA and ROCm keep
+    these statistics; on other devices `check()` returns None. The warning re-arms once
+    use drops below the fraction again (e.g. after torch.cuda.reset_peak_memory_stats).
+    """
+
+    def __init__(self, device_info: DeviceInfo, warn_fraction: float = 0.9, *,
+                 grad_checkpoint: bool | None = None, amp: bool | None = None):
+        if not 0.0 < warn_fraction <= 1.0:
+            raise ValueError(f"warn_fraction must be in (0, 1], got {warn_fraction}")
+        self.device_info = device_info
+        self.warn_fraction = warn_fraction
+        self.grad_checkpoint = grad_checkpoint
+        self.amp = amp
+        self._above = False
+
+    @property
+    def active(self) -> bool:
+        return self.device_info.kind in ("cuda", "rocm") and bool(self.device_info.total_memory_bytes)
+
+    def snapshot(self) -> dict[str, float] | None:
+        """`device_memory_metrics` plus mem_fraction (of the device total), or None where
+        the device keeps no allocator statistics."""
+        if not self.active:
+            return None
+        device = torch.device(self.device_info.torch_device)
+        try:
+            stats = _allocator_memory(device)
+        except Exception:
+            return None
+        total = self.device_info.total_memory_bytes / GIB
+        return {**stats, "mem_fraction": max(stats["mem_reserved_gb"], stats["mem_peak_gb"]) / total}
+
+    def check(self) -> str | None:
+        stats = self.snapshot()
+        if stats is None:
+            return None
+        fraction = stats["mem_fraction"]
+        if fraction < self.warn_fraction:
+            self._above = False
+            return None
+        if self._above:
+            return None
+        self._above = True
+        total_gib = self.device_info.total_memory_bytes / GIB
+        return (
+            f"device memory at {fraction:.0%} of {total_gib:.1f} GiB on {self.device_info.name} "
+            f"(reserved {stats['mem_reserved_gb']:.1f} GiB, peak allocated {stats['mem_peak_gb']:.1f} GiB); "
+            f"to avoid running out of memory: {'; '.join(self._mitigations())}"
+        )
+
+    def _mitigations(self) -> list[str]:
+        steps = ["reduce --batch-size and raise --accumulation-steps to keep the effective batch"]
+        if not self.grad_checkpoint:
+            steps.append("enable --grad-checkpoint")
+        if not self.amp:
+            steps.append("enable --amp (bf16 mixed precision)")
+        return steps

@@ -1,0 +1,36 @@
+"""Log set-up of a run: the console on every rank (warnings only off rank 0), train.log in
+the run folder on rank 0."""
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+_FORMAT = "%(asctime)s %(levelname)s %(message)s"
+
+
+def setup_logging(run_dir: Path | None = None, is_main: bool = True) -> None:
+    logger = logging.getLogger("dinox")
+    logger.setLevel(logging.INFO if is_main else logging.WARNING)
+    for h in list(logger.handlers):
+        if getattr(h, "_dinox_console", False) or (run_dir is not None and getattr(h, "_dinox_file", False)):
+            logger.removeHandler(h)
+            h.close()
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter(_FORMAT, "%H:%M:%S"))
+    handler._dinox_console = True
+    logger.addHandler(handler)
+    if run_dir is not None and is_main:
+        file_handler = logging.FileHandler(run_dir / "train.log")
+        file_handler.setFormatter(logging.Formatter(_FORMAT))
+        file_handler._dinox_file = True
+        logger.addHandler(file_handler)
+    logger.propagate = False
+
+
+def close_file_logging() -> None:
+    logger = logging.getLogger("dinox")
+    for h in list(logger.handlers):
+        if getattr(h, "_dinox_file", False):
+            logger.removeHandler(h)
+            h.close()

@@ -1,0 +1,142 @@
+"""Optimisation: parameter groups, AdamW, the grad scaler, autocast, and the schedules.
+
+Every schedule (learning rate, weight decay, teacher momentum, teacher temperature) is a
+pure function of the optimizer step, so a resumed run recomputes the exact value from the
+saved step alone.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from dinox.config import RunConfig
+
+
+def warmup_cosine(step: int, base: float, final: float, warmup_steps: int, total_steps: int | None) -> float:
+    """Linear warm-up then cosine decay (seed 004).
+
+    For t < W: base * t / W.  For t >= W: final + 0.5 (base - final)(1 + cos(pi (t - W) / (T - W))).
+    With no total (an unlimited run) the cosine is undefined: warm-up, then constant `base`.
+    Past T the value stays at `final`.
+    """
+    if warmup_steps > 0 and step < warmup_steps:
+        return base * step / warmup_steps
+    if total_steps is None:
+        return base
+    if total_steps <= warmup_steps or step >= total_steps:
+        return final
+    progress = (step - warmup_steps) / (total_steps - warmup_steps)
+    return final + 0.5 * (base - final) * (1.0 + math.cos(math.pi * progress))
+
+
+def cosine(step: int, start: float, end: float, horizon: int) -> float:
+    """Cosine ramp from `start` (step 0) to `end` (step >= horizon)."""
+    if horizon <= 0 or step >= horizon:
+        return end
+    return end + 0.5 * (start - end) * (1.0 + math.cos(math.pi * step / horizon))
+
+
+def linear_warmup(step: int, start: float, end: float, warmup_steps: int) -> float:
+    """Linear ramp from `start` to `end` over `warmup_steps`, then constant `end`."""
+    if warmup_steps <= 0 or step >= warmup_steps:
+        return end
+    return start + (end - start) * step / warmup_steps
+
+
+@dataclass(frozen=True)
+class Schedules:
+    """All schedule settings of a run; `at(step)` gives the values for that optimizer step.
+
+    Weight decay and teacher momentum follow DINO (Caron et al. 2021): cosine from their
+    start to their end value over the run (momentum towards 1.0); for an unlimited run over
+    `horizon` steps, after which they hold.
+    """
+
+    lr: float
+    min_lr: float
+    warmup_steps: int
+    max_steps: int | None
+    weight_decay: float
+    weight_decay_end: float
+    momentum: float
+    momentum_end: float
+    teacher_temp: float
+    teacher_temp_start: float
+    teacher_temp_warmup_steps: int
+    horizon: int
+
+    @classmethod
+    def from_config(cls, cfg: RunConfig) -> "Schedules":
+        o, s = cfg.optim, cfg.ssl
+        return cls(
+            lr=o.lr, min_lr=o.min_lr, warmup_steps=o.warmup_steps, max_steps=o.max_steps,
+            weight_decay=o.weight_decay, weight_decay_end=o.weight_decay_end,
+            momentum=s.momentum, momentum_end=s.momentum_end,
+            teacher_temp=s.teacher_temp, teacher_temp_start=s.teacher_temp_start,
+            teacher_temp_warmup_steps=s.teacher_temp_warmup_steps, horizon=o.horizon,
+        )
+
+    @property
+    def span(self) -> int:
+        return self.max_steps if self.max_steps is not None else self.horizon
+
+    def at(self, step: int) -> dict[str, float]:
+        return {
+            "lr": warmup_cosine(step, self.lr, self.min_lr, self.warmup_steps, self.max_steps),
+            "weight_decay": cosine(step, self.weight_decay, self.weight_decay_end, self.span),
+            "teacher_momentum": cosine(step, self.momentum, self.momentum_end, self.span),
+            "teacher_temp": linear_warmup(
+                step, self.teacher_temp_start, self.teacher_temp, self.teacher_temp_warmup_steps
+            ),
+        }
+
+
+def param_groups(model: nn.Module) -> list[dict]:
+    """AdamW groups: no weight decay on biases, norms, tokens and position embeddings."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.ndim <= 1 or name.endswith(("cls_token", "pos_embed", "register_tokens")) or "token" in name:
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [
+        {"params": decay, "apply_wd": True},
+        {"params": no_decay, "apply_wd": False, "weight_decay": 0.0},
+    ]
+
+
+def build_optimizer(model: nn.Module, fused: bool = False) -> torch.optim.AdamW:
+    """AdamW (betas 0.9, 0.999); lr and weight decay are set each step by `apply_schedule`."""
+    return torch.optim.AdamW(param_groups(model), lr=0.0, betas=(0.9, 0.999), **({"fused": True} if fused else {}))
+
+
+def apply_schedule(optimizer: torch.optim.Optimizer, sched: dict[str, float]) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = sched["lr"]
+        if group.get("apply_wd"):
+            group["weight_decay"] = sched["weight_decay"]
+
+
+def autocast_dtype(amp: bool, device: torch.device, bf16_supported: bool) -> torch.dtype | None:
+    """bf16 where the device has it (and always on the CPU), fp16 (with a scaler) elsewhere."""
+    if not amp:
+        return None
+    if device.type == "cpu" or bf16_supported:
+        return torch.bfloat16
+    return torch.float16
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None:
+        return torch.autocast(device.type, enabled=False)
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def build_scaler(device: torch.device, dtype: torch.dtype | None) -> torch.amp.GradScaler:
+    """Loss scaling is only needed (and only enabled) for fp16."""
+    return torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)

@@ -1,0 +1,160 @@
+"""Prep defects: series ids that collide as file names, a run in which every series fails,
+and headers that declare more pixels than the file holds or than a CT slice can have."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+
+from dinox.data import dicom_io
+from dinox.errors import UserError
+
+from test_ingest import index_rows, prep, random_hu, write_series, write_slice
+
+pytestmark = pytest.mark.filterwarnings("ignore:Invalid value for VR UI")
+
+
+def _volumes_by_source(out: Path) -> dict[str, np.ndarray]:
+    """Each index row's volume keyed by the folder the series came from."""
+    return {Path(r["source"]).name: np.load(out / r["path"]) for r in index_rows(out).values()}
+
+
+@pytest.mark.parametrize("uid_a, uid_b", [
+    ("1.2.826.0.1.7", "1.2.826.0.1.7."),      # sanitising strips the trailing dot
+    ("CT/series 7", "CT series 7"),           # both sanitise to CT_series_7
+    ("1.2.abc.7", "1.2.ABC.7"),               # one file on a case-insensitive file system
+])
+def test_series_ids_that_sanitise_alike_get_their_own_volumes(tmp_path, uid_a, uid_b):
+    rng = np.random.default_rng(0)
+    a, b = random_hu(rng, (3, 6, 6)), random_hu(rng, (4, 6, 6))
+    write_series(tmp_path / "in" / "a", a, uid_a, patient_id="A")
+    write_series(tmp_path / "in" / "b", b, uid_b, patient_id="B")
+    out = tmp_path / "out"
+    report = prep([tmp_path / "in"], out)
+    assert len(report["series_written"]) == 2
+    ids = report["series_written"]
+    assert len({sid.lower() for sid in ids}) == 2
+    assert set(index_rows(out)) == set(ids)
+    assert len(list((out / "volumes").glob("*.npy"))) == 2
+    vols = _volumes_by_source(out)
+    np.testing.assert_array_equal(vols["a"], a)
+    np.testing.assert_array_equal(vols["b"], b)
+    again = prep([tmp_path / "in"], out)
+    assert again["series_written"] == [] and sorted(again["series_kept"]) == sorted(ids)
+    assert set(index_rows(out)) == set(ids)
+
+
+def test_series_id_depends_on_its_uid_alone(tmp_path):
+    """A re-run with the colliding series added keeps the first series' id (and volume)."""
+    rng = np.random.default_rng(1)
+    a, b = random_hu(rng, (3, 4, 4)), random_hu(rng, (3, 4, 4))
+    write_series(tmp_path / "a", a, "img scan 9", patient_id="A")
+    write_series(tmp_path / "b", b, "img/scan 9", patient_id="B")
+    out = tmp_path / "out"
+    (first,) = prep([tmp_path / "a"], out)["series_written"]
+    second = prep([tmp_path / "a", tmp_path / "b"], out)
+    assert second["series_kept"] == [first] and len(second["series_written"]) == 1
+    assert len(index_rows(out)) == 2
+    vols = _volumes_by_source(out)
+    np.testing.assert_array_equal(vols["a"], a)
+    np.testing.assert_array_equal(vols["b"], b)
+
+
+def test_nifti_named_like_a_dicom_series_gets_its_own_volume(tmp_path):
+    rng = np.random.default_rng(2)
+    dcm, nii = random_hu(rng, (3, 4, 4)), random_hu(rng, (3, 4, 4))
+    write_series(tmp_path / "in" / "dicom", dcm, "1.2.3.9", patient_id="A")
+    (tmp_path / "in" / "nifti").mkdir()
+    nib.save(nib.Nifti1Image(np.ascontiguousarray(nii.transpose(2, 1, 0)), np.diag([-1.0, -1.0, 1.0, 1.0])),
+             str(tmp_path / "in" / "nifti" / "1.2.3.9.nii.gz"))
+    out = tmp_path / "out"
+    report = prep([tmp_path / "in"], out)
+    assert len(report["series_written"]) == 2 and "1.2.3.9" in report["series_written"]
+    assert len(index_rows(out)) == 2
+    np.testing.assert_array_equal(np.load(out / "volumes" / "1.2.3.9.npy"), dcm)
+    (other,) = set(report["series_written"]) - {"1.2.3.9"}
+    assert np.load(out / "volumes" / f"{other}.npy").shape == nii.shape
+
+
+def _unreadable_series(folder: Path, uid: str, patient: str) -> None:
+    """A series whose headers are fine but whose pixel data is cut short in every file."""
+    for f in write_series(folder, random_hu(np.random.default_rng(3), (3, 8, 8)), uid, patient_id=patient):
+        f.write_bytes(f.read_bytes()[:-60])
+
+
+def test_every_series_failing_is_an_error_not_an_empty_index(tmp_path):
+    _unreadable_series(tmp_path / "in" / "a", "1.2.70.1", "A")
+    _unreadable_series(tmp_path / "in" / "b", "1.2.70.2", "B")
+    out = tmp_path / "out"
+    with pytest.raises(UserError) as err:
+        prep([tmp_path / "in"], out)
+    message = str(err.value)
+    assert "\n" not in message
+    assert "no volume written" in message and "2 series" in message
+    assert "run prep again" in message and "prep_report.json" in message
+    assert "readable pixel data" in message
+    report = json.loads((out / "prep_report.json").read_text())
+    assert report["counts"]["series_written"] == 0 and report["counts"]["series_skipped"] == 2
+    assert not (out / "_index").exists() and not (out / "_splits").exists()
+
+
+def test_failing_series_next_to_volumes_of_earlier_runs_is_also_an_error(tmp_path):
+    write_series(tmp_path / "good", random_hu(np.random.default_rng(4), (3, 4, 4)), "1.2.71.1")
+    out = tmp_path / "out"
+    prep([tmp_path / "good"], out)
+    _unreadable_series(tmp_path / "bad", "1.2.71.2", "B")
+    with pytest.raises(UserError, match="no volume written"):
+        prep([tmp_path / "bad"], out)
+    assert set(index_rows(out)) == {"1.2.71.1"}          # the earlier index is left as it was
+
+
+def _declared_size_series(folder: Path, uid: str, rows: int, cols: int) -> None:
+    """Three slices whose header declares rows x cols but that hold 8 x 8 pixels."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for k in range(3):
+        path = write_slice(folder / f"{k}.dcm", np.zeros((8, 8), np.uint16), series_uid=uid,
+                           position=(0, 0, float(k)), instance=k + 1)
+        ds = pydicom.dcmread(path)
+        ds.Rows, ds.Columns = rows, cols
+        ds.save_as(path, enforce_file_format=True)
+
+
+def test_huge_declared_slice_size_is_skipped_before_allocating(tmp_path, monkeypatch):
+    write_series(tmp_path / "in" / "good", random_hu(np.random.default_rng(5), (3, 4, 4)), "1.2.72.1")
+    _declared_size_series(tmp_path / "in" / "huge", "1.2.72.2", 65535, 65535)
+    read = []
+    real_read = dicom_io.read_volume
+    monkeypatch.setattr(dicom_io, "read_volume", lambda plan: read.append(plan.series_uid) or real_read(plan))
+    report = prep([tmp_path / "in"], tmp_path / "out")
+    assert report["series_written"] == ["1.2.72.1"]
+    (skip,) = report["series_skipped"]
+    assert skip["series_id"] == "1.2.72.2"
+    assert "65535x65535" in skip["reason"] and str(dicom_io.MAX_SLICE_SIZE) in skip["reason"]
+    assert read == ["1.2.72.1"]           # the volume of the huge one was never allocated
+    on_disk = json.loads((tmp_path / "out" / "prep_report.json").read_text())
+    assert on_disk["series_skipped"][0]["reason"] == skip["reason"]
+
+
+def test_pixel_data_shorter_than_declared_is_skipped(tmp_path):
+    write_series(tmp_path / "in" / "good", random_hu(np.random.default_rng(6), (3, 4, 4)), "1.2.73.1")
+    _declared_size_series(tmp_path / "in" / "short", "1.2.73.2", 2048, 2048)
+    report = prep([tmp_path / "in"], tmp_path / "out")
+    assert report["series_written"] == ["1.2.73.1"]
+    (skip,) = report["series_skipped"]
+    assert skip["series_id"] == "1.2.73.2" and skip["reason"].startswith("pixel data truncated")
+    assert "2048x2048" in skip["reason"]
+
+
+def test_cli_every_series_failing_exits_non_zero_with_one_line(tmp_path, capsys):
+    from dinox.cli import main
+
+    _unreadable_series(tmp_path / "in", "1.2.74.1", "A")
+    rc = main(["prep", "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--workers", "1"])
+    captured = capsys.readouterr()
+    assert rc != 0
+    assert captured.err.startswith("error: no volume written") and len(captured.err.strip().splitlines()) == 1
+    assert "one patient only" not in captured.out + captured.err
