@@ -178,3 +178,39 @@ def format_progress(step: int, metrics: Mapping[str, Any], extra: Iterable[str] 
         if value is not None:
             parts.append(f"{name}={value:.4g}" if isinstance(value, float) else f"{name}={value}")
     return " ".join(parts)
+
+
+class Throughput:
+    """Steps and samples per second over windows of >= 1 s (or 50 steps)."""
+
+    def __init__(self, start: float, samples_per_step: int):
+        self.start, self.window_start, self.window_steps = start, start, 0
+        self.samples_per_step = samples_per_step
+        self.steps_per_s = self.samples_per_s = 0.0
+
+    def update(self, now: float, first_step_of_run: bool) -> dict[str, float]:
+        self.window_steps += 1
+        if now - self.window_start >= 1.0 or self.window_steps >= 50:
+            self.steps_per_s = self.window_steps / (now - self.window_start)
+            self.window_start, self.window_steps = now, 0
+        elif first_step_of_run:
+            self.steps_per_s = 1.0 / max(now - self.start, 1e-9)
+        self.samples_per_s = self.steps_per_s * self.samples_per_step
+        return {"steps_per_s": self.steps_per_s, "samples_per_s": self.samples_per_s}
+
+
+def run_header(cfg, *, world_size: int, samples: int, params: tuple[int, int], autocast_dtype) -> list[str]:
+    """The lines that open a run's log: model, batch, schedule and views, Gram anchoring."""
+    m, v, o = cfg.model, cfg.views, cfg.optim
+    steps = o.max_steps if o.max_steps is not None else "until stopped"
+    return [
+        f"model {m.preset}: patch {m.vit_patch} dim {m.vit_dim} depth {m.vit_depth} heads {m.vit_heads} "
+        f"mlp {m.vit_mlp} | backbone {params[0] / 1e6:.2f}M + head {params[1] / 1e6:.2f}M parameters",
+        f"batch: per-device {o.batch_size} x accumulation {o.accumulation_steps} x {world_size} device(s) = "
+        f"effective {cfg.effective_batch * world_size} | {samples} training samples",
+        f"steps: {steps} | lr {o.lr:.2e} -> {o.min_lr:.2e}, warm-up {o.warmup_steps} | views: 2 x {v.img_size}px "
+        f"global + {v.local_crops} x {v.local_size}px local | amp {autocast_dtype or 'off (fp32)'} | "
+        f"grad checkpoint {cfg.runtime.grad_checkpoint}",
+        f"Gram anchoring: weight {cfg.ssl.gram_weight:.3g}, Gram teacher refreshed every "
+        f"{cfg.ssl.gram_refresh_every} steps (always on)",
+    ]

@@ -1,5 +1,6 @@
-"""The periodic monitor step: heatmaps + stats of fixed validation slices, the loss curve,
-and a health report, under <run>/monitor/step_%08d/."""
+"""The periodic side work of a run: the monitor step (heatmaps + stats of fixed validation
+slices, the loss curve and a health report, under <run>/monitor/step_%08d/) and the
+in-training view-retrieval check."""
 from __future__ import annotations
 
 import json
@@ -52,3 +53,17 @@ def run_monitor(backbone, dataset, run_dir: Path, step: int, device, *, augment_
 
 def _fmt(value) -> str:
     return f"{value:.4g}" if isinstance(value, (int, float)) else str(value)
+
+
+def run_retrieval(backbone, dataset, augment_cfg, *, n: int, step: int, device, autocast_dtype, metrics) -> dict:
+    """View retrieval + effective rank of `backbone` (seed 1234), logged as Eval/* and printed."""
+    from dinox.eval.runner import evaluate_backbone
+
+    result = evaluate_backbone(backbone, dataset, augment_cfg, n=n, seed=1234, device=device,
+                               autocast_dtype=autocast_dtype)
+    metrics.log(step, {"Eval/Retrieval_Top1": result["top1"], "Eval/Retrieval_Top5": result.get("top5"),
+                       "Eval/Retrieval_Ratio": result["ratio"], "Eval/Effective_Rank": result["effective_rank"],
+                       "Eval/N": result["n"]})
+    print(f"eval step={step} retrieval top1={result['top1']:.4f} ratio={result['ratio']:.2f} "
+          f"(n={result['n']}) effective_rank={result['effective_rank']:.1f}", flush=True)
+    return result

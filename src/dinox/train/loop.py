@@ -22,15 +22,14 @@ from dinox.data.augment import CTAugment
 from dinox.data.dataset import CTSliceDataset, pad_collate
 from dinox.observe.anomaly import AnomalyGuard, nonfinite_diagnostics, respond
 from dinox.observe.health import MemoryWatch, device_memory_metrics
-from dinox.observe.metrics import MetricsLogger, format_progress
-from dinox.run import checkpoint as store
+from dinox.observe.metrics import MetricsLogger, Throughput, format_progress, run_header
 from dinox.run.device import DeviceInfo
 from dinox.run.distributed import DistEnv, all_reduce_, broadcast_object
 from dinox.run.signals import EXIT_ANOMALY, EXIT_NONFINITE, EXIT_OK, StopRequest
 from dinox.train.data_stream import make_loader
 from dinox.train.optim import Schedules, apply_schedule, autocast, autocast_dtype, build_optimizer, build_scaler
 from dinox.train.ssl import METRIC_NAMES, DINOSSL
-from dinox.train.state import Components, Placement, Progress, capture_step, pack, restore_step, unpack
+from dinox.train.state import Checkpointer, Components, Placement, Progress, capture_step, restore_step, unpack
 
 log = logging.getLogger("dinox.train")
 
@@ -75,6 +74,8 @@ class Trainer:
         self.where = Placement(dist.rank, dist.world_size, self.device, len(self.dataset))
         if resume_state is not None:
             unpack(resume_state, self.parts, cfg, self.where)
+        self.checkpointer = Checkpointer(run_dir, cfg, self.where, provenance=provenance, is_main=dist.is_main,
+                                         hardware={**device_info.to_dict(), "preset": cfg.runtime.hardware_preset})
         self.metrics = MetricsLogger(run_dir, tensorboard=True, is_main=dist.is_main)
         if resume_state is not None and dist.is_main:
             self.metrics.truncate_after(self.progress.step)
@@ -96,31 +97,8 @@ class Trainer:
     def _autocast(self):
         return autocast(self.device, self.autocast_dtype)
 
-    # ---------------------------------------------------------------- checkpoints
     def save(self, kind: str = "periodic") -> Path | None:
-        """Save a checkpoint (rank 0 only); returns its path."""
-        if not self.dist.is_main:
-            return None
-        io = self.cfg.io
-        path = store.checkpoint_path(self.run_dir, self.progress.step, kind)
-        start = time.perf_counter()
-        state = pack(self.parts, self.cfg, self.where, provenance=self.provenance,
-                     hardware={**self.device_info.to_dict(), "preset": self.cfg.runtime.hardware_preset})
-        size = store.save_checkpoint(path, state)
-        log.info("saved %s (%.1f MB, %.2fs)", path, size / 1e6, time.perf_counter() - start)
-        if kind == "periodic":
-            for old in store.rotate_checkpoints(self.run_dir, io.ckpt_keep_last, io.ckpt_milestone_every):
-                log.info("rotated out %s", old.name)
-        return path
-
-    def save_final(self) -> Path | None:
-        path = self.save("periodic")
-        if path is None:
-            return None
-        final = store.checkpoint_path(self.run_dir, self.progress.step, "final")
-        store.link_or_copy(path, final)
-        log.info("final checkpoint %s", final)
-        return final
+        return self.checkpointer.save(self.parts, kind)
 
     # ---------------------------------------------------------------- one step
     def train_step(self, micro_batches, sched: dict[str, float]) -> StepResult:
@@ -178,19 +156,9 @@ class Trainer:
 
     # ---------------------------------------------------------------- the loop
     def log_header(self) -> None:
-        cfg, m, v, o = self.cfg, self.cfg.model, self.cfg.views, self.cfg.optim
-        backbone, head = self.ssl.parameter_counts()
-        log.info("model %s: patch %d dim %d depth %d heads %d mlp %d | backbone %.2fM + head %.2fM parameters",
-                 m.preset, m.vit_patch, m.vit_dim, m.vit_depth, m.vit_heads, m.vit_mlp, backbone / 1e6, head / 1e6)
-        log.info("batch: per-device %d x accumulation %d x %d device(s) = effective %d | %d training samples",
-                 o.batch_size, o.accumulation_steps, self.dist.world_size,
-                 cfg.effective_batch * self.dist.world_size, len(self.dataset))
-        log.info("steps: %s | lr %.2e -> %.2e, warm-up %d | views: 2 x %dpx global + %d x %dpx local | amp %s | "
-                 "grad checkpoint %s", o.max_steps if o.max_steps is not None else "until stopped", o.lr, o.min_lr,
-                 o.warmup_steps, v.img_size, v.local_crops, v.local_size, self.autocast_dtype or "off (fp32)",
-                 cfg.runtime.grad_checkpoint)
-        log.info("Gram anchoring: weight %.3g, Gram teacher refreshed every %d steps (always on)",
-                 cfg.ssl.gram_weight, cfg.ssl.gram_refresh_every)
+        for line in run_header(self.cfg, world_size=self.dist.world_size, samples=len(self.dataset),
+                               params=self.ssl.parameter_counts(), autocast_dtype=self.autocast_dtype):
+            log.info(line)
         log.info("run directory: %s", self.run_dir)
 
     def release(self) -> None:
@@ -269,7 +237,7 @@ class Trainer:
                 log.info("stopped at step %d; continue with --resume auto", step)
                 return self.stop.exit_code
 
-        final = self.save_final()
+        final = self.checkpointer.save_final(self.parts)
         if dist.is_main:
             print(f"training finished at step {self.progress.step}; final checkpoint: {final}", flush=True)
         return EXIT_OK
@@ -310,18 +278,11 @@ class Trainer:
                 self.save("emergency")
 
     def _retrieval(self) -> dict:
-        from dinox.eval.runner import evaluate_backbone
+        from dinox.observe.monitor_hook import run_retrieval
 
-        result = evaluate_backbone(self.ssl.teacher.backbone, self.val_dataset, self.cfg.views.to_augment(),
-                                   n=self.cfg.watch.eval_n, seed=1234, device=self.device,
-                                   autocast_dtype=self.autocast_dtype)
-        step = self.progress.step
-        self.metrics.log(step, {"Eval/Retrieval_Top1": result["top1"], "Eval/Retrieval_Top5": result.get("top5"),
-                                "Eval/Retrieval_Ratio": result["ratio"], "Eval/Effective_Rank": result["effective_rank"],
-                                "Eval/N": result["n"]})
-        print(f"eval step={step} retrieval top1={result['top1']:.4f} ratio={result['ratio']:.2f} "
-              f"(n={result['n']}) effective_rank={result['effective_rank']:.1f}", flush=True)
-        return result
+        return run_retrieval(self.ssl.teacher.backbone, self.val_dataset, self.cfg.views.to_augment(),
+                             n=self.cfg.watch.eval_n, step=self.progress.step, device=self.device,
+                             autocast_dtype=self.autocast_dtype, metrics=self.metrics)
 
     def _monitor(self, steps_per_s: float, samples_per_s: float) -> None:
         from dinox.observe.monitor_hook import run_monitor
@@ -331,22 +292,3 @@ class Trainer:
         run_monitor(self.ssl.teacher.backbone, self.val_dataset or self.dataset, self.run_dir, self.progress.step,
                     self.device, augment_cfg=self.cfg.views.to_augment(), out_dim=self.cfg.model.out_dim,
                     steps_per_s=steps_per_s, samples_per_s=samples_per_s, autocast_dtype=self.autocast_dtype)
-
-
-class Throughput:
-    """Steps and samples per second over windows of >= 1 s (or 50 steps)."""
-
-    def __init__(self, start: float, samples_per_step: int):
-        self.start, self.window_start, self.window_steps = start, start, 0
-        self.samples_per_step = samples_per_step
-        self.steps_per_s = self.samples_per_s = 0.0
-
-    def update(self, now: float, first_step_of_run: bool) -> dict[str, float]:
-        self.window_steps += 1
-        if now - self.window_start >= 1.0 or self.window_steps >= 50:
-            self.steps_per_s = self.window_steps / (now - self.window_start)
-            self.window_start, self.window_steps = now, 0
-        elif first_step_of_run:
-            self.steps_per_s = 1.0 / max(now - self.start, 1e-9)
-        self.samples_per_s = self.steps_per_s * self.samples_per_step
-        return {"steps_per_s": self.steps_per_s, "samples_per_s": self.samples_per_s}

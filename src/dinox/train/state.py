@@ -19,12 +19,15 @@ Everything is a tensor or a plain Python value, so it loads with weights_only=Tr
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from dinox.config import CHECKPOINT_FORMAT, CHECKPOINT_FORMAT_VERSION, RunConfig, check_checkpoint_format
 from dinox.observe.anomaly import AnomalyGuard
+from dinox.run import checkpoint as store
 from dinox.run.rng import capture_rng_state, restore_rng_state
 from dinox.train.optim import Schedules
 from dinox.train.ssl import DINOSSL
@@ -138,3 +141,38 @@ def restore_step(c: Components, snapshot: tuple, device: torch.device) -> None:
     consumed, rng = snapshot
     c.progress.consumed = consumed
     restore_rng_state(rng, device, {AUGMENT_GENERATOR: c.aug_generator})
+
+
+class Checkpointer:
+    """Writes the run's checkpoints into its folder (rank 0 only): periodic ones rotated,
+    emergency and final ones kept."""
+
+    def __init__(self, run_dir: Path, cfg: RunConfig, where: Placement, *, provenance: dict, hardware: dict,
+                 is_main: bool):
+        self.run_dir, self.cfg, self.where = run_dir, cfg, where
+        self.provenance, self.hardware, self.is_main = provenance, hardware, is_main
+
+    def save(self, c: Components, kind: str = "periodic") -> Path | None:
+        """Save a checkpoint of kind periodic / emergency; returns its path (None off rank 0)."""
+        if not self.is_main:
+            return None
+        path = store.checkpoint_path(self.run_dir, c.progress.step, kind)
+        start = time.perf_counter()
+        size = store.save_checkpoint(path, pack(c, self.cfg, self.where, provenance=self.provenance,
+                                                hardware=self.hardware))
+        log.info("saved %s (%.1f MB, %.2fs)", path, size / 1e6, time.perf_counter() - start)
+        if kind == "periodic":
+            io = self.cfg.io
+            for old in store.rotate_checkpoints(self.run_dir, io.ckpt_keep_last, io.ckpt_milestone_every):
+                log.info("rotated out %s", old.name)
+        return path
+
+    def save_final(self, c: Components) -> Path | None:
+        """A periodic checkpoint of the last step, linked as checkpoint_final_*."""
+        path = self.save(c, "periodic")
+        if path is None:
+            return None
+        final = store.checkpoint_path(self.run_dir, c.progress.step, "final")
+        store.link_or_copy(path, final)
+        log.info("final checkpoint %s", final)
+        return final

@@ -1,0 +1,120 @@
+"""dinox.config: the precedence of resolve(), resume rules, validation, the flat form."""
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from dinox.config import (BASE_RECIPE, RECIPES, SHAPE_FIELDS, RunConfig, check_checkpoint_format,
+                          config_from_checkpoint, resolve)
+from dinox.errors import UserError
+from dinox.run.device import HARDWARE_PRESETS
+
+
+def tiny(**given):
+    return resolve({"config": "vit-tiny", **given}, hardware_preset="cpu", device_kind="cpu")
+
+
+def test_recipe_overrides_defaults():
+    assert RunConfig().optim.lr == 5e-4
+    cfg = tiny().cfg
+    assert cfg.optim.lr == RECIPES["vit-tiny"]["lr"] == 1e-3
+    assert cfg.model.head_bn is True and cfg.views.img_size == 64
+    big = resolve({"config": "vit-large"}, hardware_preset="cpu").cfg
+    assert big.model.out_dim == BASE_RECIPE["out_dim"] and big.model.vit_dim == 1024
+
+
+def test_hardware_preset_overrides_defaults_and_recipe_and_flags_override_it():
+    h100 = HARDWARE_PRESETS["h100"]
+    cfg = resolve({"config": "vit-large"}, hardware_preset="h100").cfg
+    assert (cfg.optim.batch_size, cfg.optim.accumulation_steps) == (h100["batch_size"], h100["accumulation_steps"])
+    assert cfg.runtime.hardware_preset == "h100" and cfg.runtime.custom_values == []
+    resolved = resolve({"config": "vit-large", "batch_size": 16}, hardware_preset="h100")
+    assert resolved.cfg.optim.batch_size == 16 and resolved.cfg.runtime.custom_values == ["batch_size"]
+    assert any("custom optimizations active: batch_size=16" in line for line in resolved.preset_lines)
+
+
+def test_explicit_flags_override_the_recipe():
+    cfg = tiny(lr=2e-3, local_crops=0, head_bn=False).cfg
+    assert (cfg.optim.lr, cfg.views.local_crops, cfg.model.head_bn) == (2e-3, 0, False)
+
+
+def test_auto_device_becomes_the_detected_kind():
+    assert tiny().cfg.runtime.device == "cpu"
+    assert tiny(device="cuda").cfg.runtime.device == "cuda"
+
+
+def test_checkpoint_overrides_recipe_and_flags_override_checkpoint():
+    saved = tiny(lr=2e-3, koleo_weight=0.3, max_steps=100).cfg.to_flat()
+    resumed = resolve({}, hardware_preset="cpu", saved=saved)
+    assert resumed.cfg.optim.lr == 2e-3 and resumed.cfg.ssl.koleo_weight == 0.3
+    assert resumed.changes == [] or all("resume" not in c for c in resumed.changes)
+    flagged = resolve({"lr": 3e-3, "max_steps": 100}, hardware_preset="cpu", saved=saved)
+    assert flagged.cfg.optim.lr == 3e-3
+    assert "lr: 0.002 -> 0.003" in flagged.changes
+
+
+def test_resume_takes_this_machines_hardware_values():
+    saved = resolve({"config": "vit-large"}, hardware_preset="rtx4090").cfg.to_flat()
+    assert (saved["batch_size"], saved["accumulation_steps"], saved["num_workers"]) == (64, 4, 8)
+    moved = resolve({}, hardware_preset="h100", device_kind="cuda", saved=saved).cfg
+    assert (moved.optim.batch_size, moved.optim.accumulation_steps) == (128, 2)
+    assert moved.runtime.hardware_preset == "h100"
+    assert moved.effective_batch == 256 == saved["batch_size"] * saved["accumulation_steps"]
+
+
+def test_resume_keeps_the_checkpoints_shape():
+    saved = resolve({"config": "vit-small", "img_size": 98}, hardware_preset="cpu").cfg.to_flat()
+    # No --config on resume: the checkpoint's model, not vit-tiny's.
+    resumed = resolve({}, hardware_preset="cpu", saved=saved).cfg
+    assert resumed.shape() == {k: saved[k] for k in SHAPE_FIELDS}
+    assert resumed.model.preset == "vit-small"
+    # A shape flag that disagrees names the field and the flags that would match.
+    with pytest.raises(UserError) as err:
+        resolve({"vit_dim": 64}, hardware_preset="cpu", saved=saved)
+    assert "vit_dim: checkpoint 384, requested 64" in str(err.value)
+    assert "--config vit-small" in str(err.value) and "--img-size 98" in str(err.value)
+    with pytest.raises(UserError):
+        resolve({"config": "vit-tiny"}, hardware_preset="cpu", saved=saved)
+
+
+def test_resume_announces_a_new_run_length():
+    saved = tiny(max_steps=100).cfg.to_flat()
+    resumed = resolve({"max_steps": 200}, hardware_preset="cpu", saved=saved)
+    assert resumed.cfg.optim.max_steps == 200
+    assert any("--max-steps 200 differs" in n for n in resumed.notices)
+
+
+def test_short_runs_shorten_recipe_warmups_but_never_given_values():
+    resolved = tiny(max_steps=10)
+    assert resolved.cfg.optim.warmup_steps == 1  # 20 > 10 steps: 10% of the run
+    assert any("warm-up 20 steps is longer" in n for n in resolved.notices)
+    kept = tiny(max_steps=10, warmup_steps=15)
+    assert kept.cfg.optim.warmup_steps == 15
+
+
+@pytest.mark.parametrize("name,value", [
+    ("lr", math.nan), ("lr", math.inf), ("teacher_temp", math.nan), ("weight_decay", -0.1),
+    ("clip_grad", -1.0), ("drop_path", 2.0), ("lr", 0.0), ("gram_weight", 0.0), ("center_momentum", 1.5),
+])
+def test_invalid_settings_are_one_line_errors(name, value):
+    with pytest.raises(UserError) as err:
+        tiny(**{name: value})
+    assert "\n" not in str(err.value) and "--" in str(err.value)
+
+
+def test_flat_form_round_trips_and_keeps_format_1_names():
+    cfg = tiny(lr=7e-4, eval_every=5).cfg
+    flat = cfg.to_flat()
+    assert flat["config"] == "vit-tiny" and flat["lr"] == 7e-4 and flat["eval_every"] == 5
+    assert RunConfig.from_flat(flat) == cfg
+    # A format-1 checkpoint's config (flat, with a key this version does not know) loads.
+    state = {"format": "dinox-checkpoint", "format_version": 1, "config": {**flat, "retired_setting": 1}}
+    assert config_from_checkpoint(state) == cfg
+
+
+def test_checkpoint_format_is_checked():
+    with pytest.raises(UserError, match="newer"):
+        check_checkpoint_format({"format": "dinox-checkpoint", "format_version": 99})
+    with pytest.raises(UserError, match="not a dinox checkpoint"):
+        check_checkpoint_format({"format": "something-else", "format_version": 1})
