@@ -118,3 +118,16 @@ def test_checkpoint_format_is_checked():
         check_checkpoint_format({"format": "dinox-checkpoint", "format_version": 99})
     with pytest.raises(UserError, match="not a dinox checkpoint"):
         check_checkpoint_format({"format": "something-else", "format_version": 1})
+
+
+def test_warmups_follow_the_official_linspace():
+    """DINOv2's warm-up is np.linspace(start, end, W): the last warm-up step runs at the full value."""
+    import numpy as np
+
+    from dinox.train.optim import linear_warmup, warmup_cosine
+
+    lr = [warmup_cosine(t, 1e-3, 1e-6, 20, 100) for t in range(20)]
+    assert np.allclose(lr, np.linspace(0.0, 1e-3, 20))
+    assert warmup_cosine(20, 1e-3, 1e-6, 20, 100) == 1e-3  # the cosine starts at the peak
+    temps = [linear_warmup(t, 0.04, 0.07, 30) for t in range(30)]
+    assert np.allclose(temps, np.linspace(0.04, 0.07, 30)) and linear_warmup(30, 0.04, 0.07, 30) == 0.07

@@ -15,7 +15,8 @@ def expected_backbone_params(arch: ViTArch, img_size: int, in_chans: int = 3) ->
     d, p = arch.embed_dim, arch.patch_size
     n_patches = (img_size // p) ** 2
     embed = in_chans * p * p * d + d
-    tokens = d + arch.num_registers * d + n_patches * d
+    # RoPE models (the dinov3-* presets) learn no position embedding
+    tokens = d + arch.num_registers * d + (0 if arch.rope else n_patches * d)
     attn = (d * 3 * d + (3 * d if arch.qkv_bias else 0)) + (d * d + d)
     if arch.swiglu:
         h = swiglu_hidden_dim(arch.mlp_dim)

@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from dinox.errors import UserError
 from dinox.model.head import DINOHead
@@ -326,3 +327,138 @@ def test_head_batchnorm_and_single_layer():
     assert head(torch.randn(4, 8)).shape == (4, 10)
     one = DINOHead(8, 10, bottleneck_dim=4, nlayers=1)
     assert [type(m) for m in one.mlp] == [nn.Linear]
+
+
+# ---------------------------------------------------------------- RoPE (DINOv3 layout)
+
+ROPE = ViTArch(patch_size=8, embed_dim=32, depth=2, num_heads=2, num_registers=3, layerscale_init=0.5,
+               rope=True, mask_k_bias=True, ln_eps=1e-5)
+
+
+def test_default_layout_keeps_its_state_dict_keys():
+    model = build()
+    block = ["norm1.weight", "norm1.bias", "attn.qkv.weight", "attn.qkv.bias", "attn.proj.weight",
+             "attn.proj.bias", "norm2.weight", "norm2.bias", "mlp.fc1.weight", "mlp.fc1.bias",
+             "mlp.fc2.weight", "mlp.fc2.bias", "ls1.gamma", "ls2.gamma"]
+    expected = ["cls_token", "register_tokens", "pos_embed", "patch_embed.weight", "patch_embed.bias",
+                *(f"blocks.{i}.{k}" for i in range(2) for k in block), "norm.weight", "norm.bias"]
+    assert sorted(model.state_dict()) == sorted(expected)
+    assert all(isinstance(m, nn.LayerNorm) and m.eps == 1e-6 for m in (model.norm, model.blocks[0].norm1))
+    rope = build(ROPE)
+    assert sorted(rope.state_dict()) == sorted(k for k in expected if k != "pos_embed")
+    assert rope.pos_embed is None and rope.norm.eps == 1e-5
+
+
+def ref_rotate(t, gh, gw, base=100.0):
+    """Rotate the patch rows of t (T, head_dim), float64, written out per channel: channel c
+    of the first half pairs with c + head_dim/2; the first quarter of each half turns with the
+    row coordinate, the second with the column coordinate (DINOv3's axial RoPE)."""
+    t = t.clone()
+    n, hd = gh * gw, t.shape[-1]
+    prefix = t.shape[0] - n
+    quarter = hd // 4
+    out = t.clone()
+    for p in range(n):
+        i, j = divmod(p, gw)
+        y, x = (i + 0.5) / gh * 2 - 1, (j + 0.5) / gw * 2 - 1
+        for c in range(hd // 2):
+            coord = y if c < quarter else x
+            period = base ** (4 * (c % quarter) / hd)
+            a = 2 * math.pi * coord / period
+            u, v = t[prefix + p, c], t[prefix + p, c + hd // 2]
+            out[prefix + p, c] = u * math.cos(a) - v * math.sin(a)
+            out[prefix + p, c + hd // 2] = v * math.cos(a) + u * math.sin(a)
+    return out
+
+
+def ref_rope_forward(model, img):
+    arch = model.arch
+    b, d, heads = img.shape[0], arch.embed_dim, arch.num_heads
+    hd = d // heads
+    gh, gw = img.shape[-2] // arch.patch_size, img.shape[-1] // arch.patch_size
+    x = torch.cat([model.cls_token.expand(b, -1, -1), model.register_tokens.expand(b, -1, -1),
+                   ref_tokens(model, img)], dim=1)
+    eps = arch.ln_eps
+    for blk in model.blocks:
+        h = ref_layernorm(x, blk.norm1.weight, blk.norm1.bias, eps)
+        bias = blk.attn.qkv.bias.clone()
+        bias[d:2 * d] = 0  # mask_k_bias
+        qkv = h @ blk.attn.qkv.weight.T + bias
+        att = torch.zeros_like(h)
+        for bi in range(b):
+            for hh in range(heads):
+                sl = slice(hh * hd, (hh + 1) * hd)
+                q = ref_rotate(qkv[bi, :, sl], gh, gw)
+                k = ref_rotate(qkv[bi, :, d:2 * d][:, sl], gh, gw)
+                v = qkv[bi, :, 2 * d:][:, sl]
+                logits = q @ k.T / math.sqrt(hd)
+                att[bi, :, sl] = logits.softmax(-1) @ v
+        x = x + blk.ls1.gamma * (att @ blk.attn.proj.weight.T + blk.attn.proj.bias)
+        h = ref_layernorm(x, blk.norm2.weight, blk.norm2.bias, eps)
+        x = x + blk.ls2.gamma * ref_mlp(h, blk.mlp, arch.swiglu)
+    return ref_layernorm(x, model.norm.weight, model.norm.bias, eps)
+
+
+@pytest.mark.parametrize("size", [(32, 32), (24, 40)])
+def test_rope_forward_matches_reference(size):
+    model = build(ROPE).double().eval()
+    with torch.no_grad():
+        for blk in model.blocks:  # a key bias the mask must hide
+            blk.attn.qkv.bias.normal_()
+    img = torch.randn(2, 3, *size, dtype=torch.float64)
+    with torch.no_grad():
+        out = model(img)
+        ref = ref_rope_forward(model, img)
+    r = ROPE.num_registers
+    torch.testing.assert_close(out["cls"], ref[:, 0])
+    torch.testing.assert_close(out["registers"], ref[:, 1:1 + r])
+    torch.testing.assert_close(out["patches"], ref[:, 1 + r:])
+    att = model.last_attention(img)
+    torch.testing.assert_close(att.sum(-1), torch.ones(att.shape[:-1], dtype=att.dtype))
+
+
+def test_key_bias_matters_only_with_rope_and_unmasked():
+    img = torch.randn(2, 3, 32, 32)
+
+    def delta(arch):
+        model = build(arch).eval()
+        with torch.no_grad():
+            before = model(img)["patches"]
+            for blk in model.blocks:
+                blk.attn.qkv.bias[arch.embed_dim:2 * arch.embed_dim] = 1.0
+            return (model(img)["patches"] - before).abs().max().item()
+
+    assert delta(ROPE) == 0.0  # masked
+    assert delta(ViTArch(**{**ROPE.__dict__, "mask_k_bias": False})) > 1e-3
+    assert delta(SMALL) < 1e-5  # without RoPE a key bias shifts a softmax row uniformly
+
+
+def test_rope_grad_checkpoint_same_gradients():
+    img = torch.randn(2, 3, 32, 32)
+    grads = []
+    for use_ckpt in (False, True):
+        model = build(ROPE, grad_checkpoint=use_ckpt).train()
+        model(img)["patches"].sin().sum().backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-4, atol=1e-6)
+    # the masked key bias receives no gradient
+    assert torch.all(grads[0]["blocks.0.attn.qkv.bias"][32:64] == 0)
+
+
+def test_rope_needs_head_width_divisible_by_4():
+    with pytest.raises(UserError, match="divisible by 4"):
+        VisionTransformer(ViTArch(patch_size=8, embed_dim=30, depth=1, num_heads=5, rope=True), img_size=16)
+
+
+def test_resample_offset_convention_is_dinov2s():
+    from dinox.model.vit import resample_pos_embed
+
+    pos = torch.randn(1, 16, 8)
+    grid = pos.reshape(1, 4, 4, 8).permute(0, 3, 1, 2)
+    # dinov2: scale_factor = (n + 0.1) / g instead of the size
+    ref = F.interpolate(grid, scale_factor=(6.1 / 4, 6.1 / 4), mode="bicubic", antialias=False)
+    out = resample_pos_embed(pos, (4, 4), (6, 6), offset=0.1)
+    torch.testing.assert_close(out, ref.permute(0, 2, 3, 1).reshape(1, 36, 8))
+    plain = resample_pos_embed(pos, (4, 4), (6, 6))
+    assert not torch.allclose(out, plain)

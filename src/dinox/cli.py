@@ -17,6 +17,7 @@ COMMANDS = [
     "dinox.commands.monitor",
     "dinox.commands.inspect",
     "dinox.commands.demo",
+    "dinox.commands.export",
 ]
 
 

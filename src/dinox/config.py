@@ -23,11 +23,11 @@ from dataclasses import asdict, dataclass, field, fields
 
 from dinox.data.augment import AugmentConfig
 from dinox.errors import UserError
-from dinox.model.presets import resolve_arch, validate_arch
+from dinox.model.presets import PRESETS, resolve_arch, validate_arch
 from dinox.model.vit import ViTArch
 from dinox.run.device import PRESET_KEYS, apply_hardware_preset
 
-MODEL_CHOICES = ["vit-tiny", "vit-small", "vit-base", "vit-large", "vit-giant", "custom"]
+MODEL_CHOICES = [*PRESETS, "custom"]
 DEVICE_CHOICES = ["auto", "cuda", "rocm", "mps", "cpu"]
 CHECKPOINT_FORMAT = "dinox-checkpoint"
 CHECKPOINT_FORMAT_VERSION = 1
@@ -46,12 +46,17 @@ class ModelConfig:
     swiglu: bool = False
     registers: int = 4
     layerscale: float = 1e-5
+    rope: bool = False  # DINOv3 layout: rotary positions (base `rope_base`), a masked key bias
+    rope_base: float = 100.0
+    mask_k_bias: bool = False
+    ln_eps: float = 1e-6
     drop_path: float = 0.0
     out_dim: int = 1024
     head_hidden: int = 2048
     head_bottleneck: int = 256
     head_layers: int = 3
     head_bn: bool = False
+    ibot_head: bool = False  # set by resolve() from ssl.ibot_weight > 0
 
     def arch(self) -> ViTArch:
         return ViTArch(
@@ -63,6 +68,10 @@ class ModelConfig:
             swiglu=self.swiglu,
             num_registers=self.registers,
             layerscale_init=self.layerscale if self.layerscale > 0 else None,
+            rope=self.rope,
+            rope_base=self.rope_base,
+            mask_k_bias=self.mask_k_bias,
+            ln_eps=self.ln_eps,
         )
 
 
@@ -105,6 +114,7 @@ class OptimConfig:
     weight_decay_end: float = 0.2
     clip_grad: float = 3.0
     freeze_last_layer_steps: int = 0
+    freeze_backbone_steps: int = 0  # warm start: only the heads learn for the first steps
     horizon: int = 100_000
 
 
@@ -121,8 +131,19 @@ class SSLConfig:
     centering: str = "centering"
     center_momentum: float = 0.9
     koleo_weight: float = 0.1
+    ibot_weight: float = 0.0  # 0: no iBOT (checkpoints written before iBOT existed)
+    ibot_mask_ratio_min: float = 0.1
+    ibot_mask_ratio_max: float = 0.5
+    ibot_mask_probability: float = 0.5
     gram_weight: float = 1.0
     gram_refresh_every: int = 1000
+    gram_start_step: int = 0  # first frozen Gram snapshot; before it the Gram teacher follows the EMA teacher
+
+    def masking(self):
+        from dinox.data.masking import MaskingConfig
+
+        return MaskingConfig(ratio_range=(self.ibot_mask_ratio_min, self.ibot_mask_ratio_max),
+                             sample_probability=self.ibot_mask_probability)
 
 
 @dataclass
@@ -147,6 +168,7 @@ class IOConfig:
     data_root: str = "data/processed"
     index_csv: str | None = None
     split_manifest: str | None = None
+    init_from: str | None = None  # pretrained backbone weights (DINOv2 / DINOv3 / transformers / dinox)
     out: str = "data/runs"
     resume: str | None = None
     ckpt_every: int = 100
@@ -180,7 +202,8 @@ FLAT_FIELDS: dict[str, tuple[str, str]] = {
 # Fields that define the learned model: a checkpoint only resumes with the same values.
 SHAPE_FIELDS = (
     "vit_patch", "vit_dim", "vit_depth", "vit_heads", "vit_mlp", "swiglu", "registers", "layerscale", "head_bn",
-    "out_dim", "head_hidden", "head_bottleneck", "head_layers", "img_size",
+    "out_dim", "head_hidden", "head_bottleneck", "head_layers", "img_size", "ibot_head", "rope", "rope_base",
+    "mask_k_bias", "ln_eps",
 )
 # What belongs to this launch rather than to the run: never taken from a checkpoint.
 LAUNCH_KEYS = (*PRESET_KEYS, "device", "hardware_preset", "custom_values", "max_steps", "out", "resume")
@@ -229,15 +252,19 @@ class RunConfig:
 
 
 BASE_RECIPE: dict[str, object] = {
-    # Recipe of the big presets (DINO / DINOv2 values unless noted).
+    # Recipe of the big presets (DINOv2 / DINOv3 values unless noted).
     "img_size": 224,
-    "local_crops": 0,
+    # DINOv2: 8 local crops of 96 px (98 for patch 14) at scale (0.05, 0.32), globals at (0.32, 1).
+    # 6 keeps the seed's ViT-Large validation run (batch 64 x 4, grad checkpoint, bf16) within
+    # a 24 GB card by the memory plan (21.1 of 21.6 usable GiB; 8 needs 22.6); pass
+    # --local-crops 8 where memory allows.
+    "local_crops": 6,
     "local_size": 96,
-    "global_scale_min": 0.5,
+    "global_scale_min": 0.32,
     "distinct_windows": True,
     "standardize_views": False,
-    "local_scale_min": 0.1,
-    "local_scale_max": 0.5,
+    "local_scale_min": 0.05,
+    "local_scale_max": 0.32,
     "out_dim": 65536,
     "head_hidden": 2048,
     "head_bottleneck": 256,
@@ -261,8 +288,10 @@ BASE_RECIPE: dict[str, object] = {
     "centering": "centering",
     "center_momentum": 0.9,
     "koleo_weight": 0.1,
+    "ibot_weight": 1.0,  # DINOv2: iBOT on, masks of 10-50 % of the patches on half of the global views
     "gram_weight": 1.0,
     "gram_refresh_every": 1000,
+    "gram_start_step": 2500,  # the first frozen Gram snapshot at the end of the warm-up (docs/recipes.md)
     "horizon": 100_000,
 }
 
@@ -297,9 +326,29 @@ RECIPES: dict[str, dict[str, object]] = {
         "teacher_temp_start": 0.04,
         "teacher_temp_warmup_steps": 0,
         "gram_refresh_every": 100,
+        "gram_start_step": 20,
         "horizon": 2_000,
     },
 }
+
+
+# Starting from pretrained weights (--init-from): the heads are new, the backbone is not.
+# The backbone stays frozen while the freshly initialised DINO/iBOT heads learn (the
+# official DINOv3 recipe for continued pretraining: train the new heads with the backbone
+# frozen, then continue at a low constant learning rate); dinox's numbers: a tenth of the
+# run (at most 1250 steps, DINO's last-layer freeze) and a constant 1e-4 after it.
+WARM_START_RECIPE: dict[str, object] = {"lr": 1e-4, "min_lr": 1e-4, "freeze_backbone_fraction": 0.1,
+                                        "freeze_backbone_max": 1250}
+
+
+def warm_start_values(max_steps: int | None, given: dict) -> dict[str, object]:
+    """The warm-start settings for a run of `max_steps`, except those the user gave."""
+    steps = max_steps or WARM_START_RECIPE["freeze_backbone_max"] * 10
+    freeze = min(int(WARM_START_RECIPE["freeze_backbone_max"]), max(1, int(steps * WARM_START_RECIPE[
+        "freeze_backbone_fraction"])))
+    values = {"lr": WARM_START_RECIPE["lr"], "min_lr": WARM_START_RECIPE["min_lr"],
+              "freeze_backbone_steps": freeze, "warmup_steps": freeze}
+    return {k: v for k, v in values.items() if k not in given}
 
 
 def recipe_for(preset: str) -> dict[str, object]:
@@ -325,7 +374,8 @@ def _arch_values(preset: str, given: dict) -> dict[str, object]:
     values = {
         "vit_patch": arch.patch_size, "vit_dim": arch.embed_dim, "vit_depth": arch.depth,
         "vit_heads": arch.num_heads, "vit_mlp": arch.mlp_hidden_dim or 4 * arch.embed_dim,
-        "swiglu": arch.swiglu, "registers": arch.num_registers,
+        "swiglu": arch.swiglu, "registers": arch.num_registers, "rope": arch.rope, "rope_base": arch.rope_base,
+        "mask_k_bias": arch.mask_k_bias, "ln_eps": arch.ln_eps,
     }
     return values
 
@@ -363,11 +413,22 @@ def resolve(
     changes: list[str] = []
     if saved is not None:
         requested = {**values, **given}
+        requested["ibot_head"] = float(given.get("ibot_weight", saved.get("ibot_weight", 0.0))) > 0
         _check_shape(saved, requested)
         values.update({k: v for k, v in saved.items() if k in FLAT_FIELDS and k not in LAUNCH_KEYS})
     values.update(given)
+    if saved is None and values.get("init_from"):
+        warm = warm_start_values(values.get("max_steps"), given)
+        values.update(warm)
+        if warm:
+            notices.append("warm start from " + str(values["init_from"]) + ": " + ", ".join(
+                f"{k}={v}" for k, v in warm.items()) + " (docs/recipes.md; flags override)")
     if values.get("device") in (None, "auto") and device_kind:
         values["device"] = device_kind
+    values["ibot_head"] = float(values.get("ibot_weight") or 0.0) > 0
+    patch = int(values["vit_patch"])
+    if "local_size" not in given and int(values["local_size"]) % patch:  # 96 px -> 98 for patch 14, as DINOv2
+        values["local_size"] = max(patch, round(int(values["local_size"]) / patch) * patch)
     cfg = RunConfig.from_flat(values)
     if saved is None:
         notices += _fit_to_run_length(cfg, given)
@@ -400,7 +461,8 @@ def matching_flags(saved: dict) -> str:
         f"--vit-depth {saved['vit_depth']} --vit-heads {saved['vit_heads']} --vit-mlp {saved['vit_mlp']} "
         f"--out-dim {saved['out_dim']} --img-size {saved['img_size']} --layerscale {saved.get('layerscale', 1e-5)}"
     )
-    return flags + (" --swiglu" if saved.get("swiglu") else "")
+    flags += " --swiglu" if saved.get("swiglu") else ""
+    return flags + ("" if saved.get("ibot_head") else " --ibot-weight 0")
 
 
 def _changes(saved: dict, cfg: RunConfig) -> list[str]:
@@ -453,6 +515,8 @@ def validate(cfg: RunConfig) -> None:
         raise UserError(f"--min-lr {o.min_lr} must lie between 0 and --lr {o.lr}")
     if o.weight_decay < 0 or o.weight_decay_end < 0:
         raise UserError("--weight-decay and --weight-decay-end must be >= 0 (typical 0.04 -> 0.2)")
+    if o.freeze_backbone_steps < 0:
+        raise UserError("--freeze-backbone-steps must be >= 0")
     if o.clip_grad < 0:
         raise UserError(f"--clip-grad {o.clip_grad} must be >= 0 (0 turns clipping off)")
     if not 0.0 <= m.drop_path < 1.0:
@@ -465,8 +529,14 @@ def validate(cfg: RunConfig) -> None:
         raise UserError(f"--center-momentum {s.center_momentum} must lie in [0, 1) (typical 0.9)")
     if w.spike_factor <= 1.0:
         raise UserError(f"--spike-factor {w.spike_factor} must be above 1 (a spike is loss > factor x its recent mean)")
-    if s.koleo_weight < 0:
-        raise UserError(f"--koleo-weight {s.koleo_weight} must be >= 0")
+    if s.koleo_weight < 0 or s.ibot_weight < 0:
+        raise UserError("--koleo-weight and --ibot-weight must be >= 0 (0 turns the term off)")
+    if not 0.0 <= s.ibot_mask_ratio_min <= s.ibot_mask_ratio_max < 1.0:
+        raise UserError("--ibot-mask-ratio must be two numbers 0 <= min <= max < 1 (DINOv2: 0.1 0.5)")
+    if not 0.0 <= s.ibot_mask_probability <= 1.0:
+        raise UserError("--ibot-mask-probability must lie in [0, 1] (DINOv2: 0.5)")
+    if s.gram_start_step < 0:
+        raise UserError("--gram-start-step must be >= 0")
     if not 0.0 < v.global_scale_min <= 1.0:
         raise UserError("the global crop scale minimum must lie in (0, 1]")
     if v.local_crops and v.local_size % m.vit_patch:

@@ -1,7 +1,11 @@
-"""`dinox demo`: the whole pipeline on built-in synthetic chest CT, on a CPU, in minutes.
+"""`dinox demo`: the whole pipeline on built-in synthetic CT, on a CPU, in minutes.
 
 synth (DICOM) -> prep (processed root) -> train vit-tiny -> label-free view retrieval of
 the final checkpoint, compared with the same model untrained (step 0).
+
+`--family head` or `--family limb` runs it on another phantom family (dinox synth
+--family), by default under data/demo_<family>, so that no family's data mixes with the
+chest demo's in data/demo.
 """
 from __future__ import annotations
 
@@ -9,6 +13,9 @@ import argparse
 import json
 import time
 from pathlib import Path
+
+from dinox.data.synth import FAMILIES
+from dinox.errors import UserError
 
 DEMO_PATIENTS = 160
 DEMO_SLICES = 12
@@ -22,7 +29,10 @@ LEARNING_FACTOR = 3.0  # issue 5: the trained checkpoint must beat the untrained
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("demo", help="synthetic CT -> prep -> train vit-tiny -> validate (CPU, minutes)")
-    p.add_argument("--root", default="data/demo", help="where the demo writes everything (data/demo)")
+    p.add_argument("--family", choices=list(FAMILIES), default="chest",
+                   help="phantom family to synthesise (chest, head or limb; see dinox synth)")
+    p.add_argument("--root", default=None,
+                   help="where the demo writes everything (data/demo; data/demo_<family> for head and limb)")
     p.add_argument("--patients", type=int, default=DEMO_PATIENTS)
     p.add_argument("--slices", type=int, default=DEMO_SLICES)
     p.add_argument("--size", type=int, default=DEMO_SIZE)
@@ -38,16 +48,21 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def run(args) -> int:
     from dinox.cli import main as dinox_main
 
-    root = Path(args.root)
+    family = getattr(args, "family", "chest")
+    root = Path(args.root if args.root is not None else default_root(family))
     dicom, processed, runs = root / "dicom", root / "processed", root / "runs"
     started = time.perf_counter()
 
     if not (dicom / "labels.json").exists():
-        print(f"[demo] 1/4 synthesising {args.patients} chest-CT series -> {dicom}", flush=True)
-        _check(dinox_main(["synth", "--out", str(dicom), "--patients", str(args.patients),
+        print(f"[demo] 1/4 synthesising {args.patients} {family}-CT series -> {dicom}", flush=True)
+        _check(dinox_main(["synth", "--out", str(dicom), "--family", family, "--patients", str(args.patients),
                            "--slices", str(args.slices), "--size", str(args.size), "--seed", str(args.seed)]))
     else:
-        print(f"[demo] 1/4 synthetic DICOM already in {dicom}", flush=True)
+        found = _labels_family(dicom / "labels.json")
+        if found != family:
+            raise UserError(f"{dicom} holds {found} phantoms, not {family}; give --root another folder "
+                            f"(the default for --family {family} is {default_root(family)})")
+        print(f"[demo] 1/4 synthetic {family} DICOM already in {dicom}", flush=True)
 
     print(f"[demo] 2/4 preparing the processed root -> {processed}", flush=True)
     _check(dinox_main(["prep", "--input", str(dicom), "--output", str(processed),
@@ -84,6 +99,20 @@ def run(args) -> int:
     print(f"[demo] heatmaps: {run_dir / 'monitor'}; loss curve: {run_dir / 'loss_curve.png'}")
     print(f"[demo] TensorBoard: tensorboard --logdir {runs}")
     return code
+
+
+def default_root(family: str) -> str:
+    """data/demo for chest (as before the families), data/demo_<family> for the others."""
+    return "data/demo" if family == "chest" else f"data/demo_{family}"
+
+
+def _labels_family(labels_file: Path) -> str:
+    """The family of an existing synth dataset; labels.json written before the families
+    existed has none and is chest."""
+    try:
+        return str(json.loads(labels_file.read_text()).get("family", "chest"))
+    except (OSError, ValueError, AttributeError):
+        return "unknown"
 
 
 def _final_ratio(checkpoint: Path) -> float | None:

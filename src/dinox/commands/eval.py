@@ -1,10 +1,19 @@
-"""`dinox eval retrieval`: label-free view retrieval + effective rank of a checkpoint.
+"""`dinox eval retrieval` (label-free view retrieval + effective rank) and `dinox eval probe`
+(labelled validation: frozen-feature linear probes for nodules) of a checkpoint.
 
-Exit codes: 0 pass (ratio >= --min-ratio), 2 fail, 1 bad input.
+Exit codes: 0 pass (retrieval: ratio >= --min-ratio; probe: AUROC >= --min-auroc on
+slice_nodule and patch_nodule), 2 fail, 1 bad input.
+
+Result files carry what changes the result in their name (issue 16, defect 14), so that
+runs on other splits or seeds never overwrite each other: the defaults give the plain
+name (view_retrieval_step{step}_N{n}.json, probe_step{step}.json); otherwise the split
+and seed follow, e.g. probe_step{step}_val_seed1.json, plus the network when it is the
+student and a short hash of the processed root when it is not the one the run trained on.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 from pathlib import Path
 
@@ -13,6 +22,8 @@ from dinox.errors import UserError
 EXIT_PASS = 0
 EXIT_FAIL = 2
 DEFAULT_MIN_RATIO = 3.0  # the seed guide's first proof of semantic learning (run nano_aug_test)
+RETRIEVAL_DEFAULTS = {"split": "val", "seed": 1234}
+PROBE_DEFAULTS = {"split": "auto", "seed": 0}
 
 
 def add_retrieval_arguments(p: argparse.ArgumentParser) -> None:
@@ -20,24 +31,59 @@ def add_retrieval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split-manifest", help="split JSON (default <data-root>/_splits/val10_seed0.json)")
     p.add_argument("--index-csv", help="index CSV (default <data-root>/_index/index.csv)")
     p.add_argument("--data-root", help="processed root (default: the folder above the index CSV's _index/)")
-    p.add_argument("--split", default="val", choices=["val", "train", "all"], help="which side of the split (val)")
+    p.add_argument("--split", default=RETRIEVAL_DEFAULTS["split"], choices=["val", "train", "all"],
+                   help="which side of the split (val)")
     p.add_argument("--n", type=int, default=4096, help="validation samples (all of them if the split has fewer)")
     p.add_argument("--topk", type=int, nargs="+", default=[1, 5], help="k values to report (default 1 5)")
     p.add_argument("--min-ratio", type=float, default=DEFAULT_MIN_RATIO,
                    help=f"pass threshold on top1 / (1/n) (default {DEFAULT_MIN_RATIO})")
-    p.add_argument("--seed", type=int, default=1234, help="seed of the sample draw and the views")
+    p.add_argument("--seed", type=int, default=RETRIEVAL_DEFAULTS["seed"], help="seed of the sample draw and the views")
     p.add_argument("--network", choices=["teacher", "student"], default="teacher")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "rocm", "mps", "cpu"])
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--out", help="folder for the JSON (default: beside the checkpoint)")
 
 
+def add_probe_arguments(p: argparse.ArgumentParser) -> None:
+    from dinox.eval import probe
+
+    p.add_argument("--checkpoint", required=True, help="a dinox checkpoint (.pth)")
+    p.add_argument("--data-root", help="processed root with _labels/nodules.csv (default: the run's data root)")
+    p.add_argument("--split-manifest", help="split JSON whose val series are the test side (default: the "
+                                            "run's own manifest, else <data-root>/_splits/val10_seed0.json)")
+    p.add_argument("--split", default=PROBE_DEFAULTS["split"], choices=["auto", "val", "patients"],
+                   help="test side: the manifest's val split (val), a seeded patient split of the labelled "
+                        "series (patients), or val when it holds nodules, else patients (auto)")
+    p.add_argument("--test-fraction", type=float, default=probe.DEFAULT_TEST_FRACTION,
+                   help=f"share of patients tested with --split patients (default {probe.DEFAULT_TEST_FRACTION})")
+    p.add_argument("--min-auroc", type=float, default=probe.DEFAULT_MIN_AUROC,
+                   help=f"pass line on slice_nodule and patch_nodule (default {probe.DEFAULT_MIN_AUROC})")
+    p.add_argument("--min-readers", type=int, default=probe.MIN_READERS,
+                   help=f"readers who must mark a nodule for it to count (default {probe.MIN_READERS} of LIDC's 4)")
+    p.add_argument("--network", choices=["teacher", "student"], default="teacher")
+    p.add_argument("--seed", type=int, default=PROBE_DEFAULTS["seed"],
+                   help="seed of the patient split, the patch draw and the bootstrap")
+    p.add_argument("--device", default="auto", choices=["auto", "cuda", "rocm", "mps", "cpu"])
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--max-slices", type=int, default=probe.DEFAULT_MAX_SLICES,
+                   help=f"slices embedded at most (positives first; default {probe.DEFAULT_MAX_SLICES})")
+    p.add_argument("--bootstrap", type=int, default=probe.BOOTSTRAP, help=f"resamples (default {probe.BOOTSTRAP})")
+    p.add_argument("--labels-json", help="dinox synth's labels.json for vessel labels (default: the one the "
+                                         "table's synthetic rows came from)")
+    p.add_argument("--no-baselines", action="store_true", help="skip the untrained-network and pixel baselines")
+    p.add_argument("--out", help="folder for the JSON (default: beside the checkpoint)")
+
+
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    parser = subparsers.add_parser("eval", help="label-free validation of a checkpoint")
+    parser = subparsers.add_parser("eval", help="validation of a checkpoint (label-free retrieval, labelled probes)")
     sub = parser.add_subparsers(dest="eval_command", metavar="EVAL")
     retrieval = sub.add_parser("retrieval", help="view retrieval (top-1/top-k vs chance) and effective rank")
     add_retrieval_arguments(retrieval)
     retrieval.set_defaults(func=run_retrieval)
+    probe = sub.add_parser("probe", help="linear probes of frozen features on nodule labels (AUROC with "
+                                         "bootstrap intervals, untrained and pixel baselines)")
+    add_probe_arguments(probe)
+    probe.set_defaults(func=run_probe)
     parser.set_defaults(func=lambda args: parser.print_help() or 1)
     return parser
 
@@ -52,16 +98,70 @@ def resolve_data_paths(data_root, index_csv, split_manifest) -> tuple[Path, Path
     return Path(data_root), Path(index_csv) if index_csv else None, Path(split_manifest) if split_manifest else None
 
 
+def output_dir(out, checkpoint) -> Path:
+    """The folder for a result file: --out, made if missing, else the checkpoint's folder."""
+    folder = Path(out) if out else Path(checkpoint).parent
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"--out {folder} is an existing file; give a folder for the result JSON")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create the output folder {folder} ({exc.strerror or exc}); "
+                        f"give another --out") from None
+    return folder
+
+
+def _same_path(a, b) -> bool:
+    try:
+        return Path(a).resolve() == Path(b).resolve()
+    except (OSError, RuntimeError, TypeError):
+        return False
+
+
+def result_name(stem: str, *, split: str, seed: int, defaults: dict, network: str = "teacher",
+                manifest=None, root=None, trained_root=None, trained_manifest=None) -> str:
+    """`stem`.json for the default split and seed, else `stem`_{split}_seed{seed}.json; a
+    manifest other than the root's default and the run's own joins the split as
+    split-{manifest stem}, the student adds _student, a root other than the run's own adds
+    _root{hash8}."""
+    from dinox.data.layout import default_manifest
+
+    tags = []
+    custom_manifest = (manifest is not None and root is not None and not _same_path(manifest, default_manifest(root))
+                       and not (trained_manifest and _same_path(manifest, trained_manifest)))
+    if split != defaults["split"] or seed != defaults["seed"] or custom_manifest:
+        tags.append(f"{split}-{Path(manifest).stem}" if custom_manifest else split)
+        tags.append(f"seed{seed}")
+    if network != "teacher":
+        tags.append(network)
+    if root is not None and trained_root is not None and not _same_path(root, trained_root):
+        tags.append("root" + hashlib.sha256(str(Path(root).resolve()).encode()).hexdigest()[:8])
+    return "_".join([stem, *tags]) + ".json"
+
+
+def _write_json(path: Path, result: dict) -> None:
+    try:
+        path.write_text(json.dumps(result, indent=2) + "\n")
+    except OSError as exc:
+        raise UserError(f"cannot write {path} ({exc.strerror or exc}); give another --out") from None
+
+
 def run_retrieval(args) -> int:
     import torch
 
     from dinox.data.dataset import CTSliceDataset
+    from dinox.eval.load import load_for_inference
     from dinox.eval.runner import evaluate_backbone
     from dinox.run.device import detect_device
-    from dinox.eval.load import load_for_inference
 
     if args.n < 2:
         raise UserError(f"--n {args.n} is too small: retrieval needs at least 2 samples")
+    bad_k = [k for k in args.topk if k < 1]
+    if bad_k:
+        raise UserError(f"--topk {bad_k[0]}: k counts the nearest keys, give values of at least 1 (e.g. --topk 1 5)")
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size {args.batch_size}: give at least 1 (e.g. 128)")
+    out_dir = output_dir(args.out, args.checkpoint)   # before the work: a bad --out fails fast
     info, notes = detect_device(args.device)
     for note in notes:
         print(f"warning: {note}")
@@ -70,29 +170,109 @@ def run_retrieval(args) -> int:
     root, index_csv, manifest = resolve_data_paths(args.data_root, args.index_csv, args.split_manifest)
     dataset = CTSliceDataset(root, args.split, manifest, index_csv)
     available = len(dataset)
+    n = min(args.n, available)
     if available < args.n:
         print(f"note: the {args.split} split holds {available} samples, fewer than --n {args.n}; using all of them")
+    if n < 2:
+        raise UserError(f"the {args.split} split holds {available} sample(s); retrieval needs at least 2")
+    ks = sorted({k for k in args.topk if k <= n})
+    dropped = sorted({k for k in args.topk if k > n})
+    if dropped:
+        # top-k with k >= n is 1 by definition: reporting it would only look like a result
+        print(f"note: --topk {' '.join(map(str, dropped))} exceeds the {n} samples evaluated; left out")
     result = evaluate_backbone(
-        backbone, dataset, cfg.views.to_augment(), n=args.n, seed=args.seed, device=device, ks=tuple(args.topk),
-        batch_size=args.batch_size,
+        backbone, dataset, cfg.views.to_augment(), n=n, seed=args.seed, device=device, ks=tuple(ks or [1]),
+        batch_size=args.batch_size, progress=True,
     )
     passed = result["ratio"] >= args.min_ratio
     result.update(
         step=meta.step,
         checkpoint=str(args.checkpoint),
         split=args.split,
+        split_manifest=str(manifest) if manifest else None,
+        data_root=str(root),
+        seed=args.seed,
         min_ratio=args.min_ratio,
         passed=passed,
         network=args.network,
     )
-    out_dir = Path(args.out) if args.out else Path(args.checkpoint).parent
-    out_dir.mkdir(parents=True, exist_ok=True)
-    out_path = out_dir / f"view_retrieval_step{meta.step}_N{result['n']}.json"
-    out_path.write_text(json.dumps(result, indent=2) + "\n")
-    tops = " ".join(f"top{k}={result[f'top{k}']:.4f}" for k in args.topk)
+    name = result_name(f"view_retrieval_step{meta.step}_N{result['n']}", split=args.split, seed=args.seed,
+                       defaults=RETRIEVAL_DEFAULTS, network=args.network, manifest=manifest, root=root,
+                       trained_root=cfg.io.data_root, trained_manifest=cfg.io.split_manifest)
+    out_path = out_dir / name
+    _write_json(out_path, result)
+    tops = " ".join(f"top{k}={result[f'top{k}']:.4f}" for k in sorted({1, *ks}))
     print(
         f"view retrieval step={meta.step} n={result['n']} ({result['series']} series) {tops} "
         f"baseline={result['baseline']:.6f} ratio={result['ratio']:.2f} effective_rank={result['effective_rank']:.1f}"
     )
     print(f"{'PASS' if passed else 'FAIL'}: ratio {result['ratio']:.2f} {'>=' if passed else '<'} {args.min_ratio} -> {out_path}")
+    return EXIT_PASS if passed else EXIT_FAIL
+
+
+def _print_table(result: dict) -> None:
+    for name, t in result["tasks"].items():
+        ci = t["ci95"] or [float("nan")] * 2
+        base = "  ".join(f"{k} {v['auroc']:.3f} (delta {v['delta']:+.3f})" for k, v in t["baselines"].items())
+        print(f"  {name:28s} AUROC {t['auroc']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]  n_train={t['n_train']} "
+              f"n_test={t['n_test']} ({t['n_test_patients']} patients)  {base}")
+    for name, why in result["skipped"].items():
+        print(f"  {name:28s} skipped: {why}")
+
+
+def run_probe(args) -> int:
+    import torch
+
+    from dinox.eval import probe
+    from dinox.eval.load import load_for_inference
+    from dinox.run.device import detect_device
+
+    for flag, value, low in (("--batch-size", args.batch_size, 1), ("--max-slices", args.max_slices, 2),
+                             ("--bootstrap", args.bootstrap, 1), ("--min-readers", args.min_readers, 1)):
+        if value < low:
+            raise UserError(f"{flag} {value}: give at least {low}")
+    if not 0.0 < args.test_fraction < 1.0:
+        raise UserError(f"--test-fraction {args.test_fraction}: give a fraction between 0 and 1 (e.g. 0.3)")
+    if not 0.0 <= args.min_auroc <= 1.0:
+        raise UserError(f"--min-auroc {args.min_auroc}: an AUROC lies between 0 and 1 (e.g. 0.7)")
+    out_dir = output_dir(args.out, args.checkpoint)
+    info, notes = detect_device(args.device)
+    for note in notes:
+        print(f"warning: {note}")
+    device = torch.device(info.torch_device)
+    backbone, cfg, meta = load_for_inference(args.checkpoint, device, which=args.network)
+    root = Path(args.data_root) if args.data_root else Path(cfg.io.data_root)
+    if not root.is_dir():
+        raise UserError(f"processed root {root} not found; give --data-root (the folder `dinox prep` wrote)")
+    manifest = Path(args.split_manifest) if args.split_manifest else None
+    if manifest is not None and not manifest.is_file():
+        raise UserError(f"split manifest {manifest} not found; give an existing --split-manifest")
+    own = Path(cfg.io.split_manifest) if cfg.io.split_manifest else None
+    if manifest is None and own is not None and own.is_file() and _same_path(root, cfg.io.data_root):
+        manifest = own   # the run's own split: its val patients never trained the checkpoint
+    result = probe.probe_backbone(
+        backbone, cfg, root, split_manifest=manifest, split=args.split, seed=args.seed, device=device,
+        batch_size=args.batch_size, max_slices=args.max_slices, n_boot=args.bootstrap, min_readers=args.min_readers,
+        test_fraction=args.test_fraction, labels_json=args.labels_json, baselines=not args.no_baselines,
+        progress=True,
+    )
+    passed, line = probe.verdict(result, args.min_auroc)
+    gate_missing = any(t not in result["tasks"] for t in probe.GATE_TASKS)
+    result.update(step=meta.step, checkpoint=str(args.checkpoint), network=args.network, data_root=str(root),
+                  split_manifest=str(manifest) if manifest else None, min_auroc=args.min_auroc,
+                  gate_tasks=list(probe.GATE_TASKS), passed=passed, verdict=line)
+    name = result_name(f"probe_step{meta.step}", split=args.split, seed=args.seed, defaults=PROBE_DEFAULTS,
+                       network=args.network, manifest=manifest, root=root, trained_root=cfg.io.data_root,
+                       trained_manifest=cfg.io.split_manifest)
+    out_path = out_dir / name
+    _write_json(out_path, result)
+    print(f"probe step={meta.step} ({args.network}) split={result['split']['mode']}: "
+          f"{result['split']['train_patients']} train / {result['split']['test_patients']} test patients; "
+          f"{result['labels']['rule']}")
+    for note in result["notes"]:
+        print(f"note: {note}")
+    _print_table(result)
+    if gate_missing:
+        raise UserError(f"{line}; the labels allow no such probe -> {out_path}")
+    print(f"{line} -> {out_path}")
     return EXIT_PASS if passed else EXIT_FAIL

@@ -1,8 +1,10 @@
 """`dinox inspect CKPT [CKPT...]`: is each checkpoint intact, and what is inside.
 
-Per file: integrity (and why not), size, step, model configuration, provenance, DINO
-centre statistics (a centre drifting far from zero, or a near-uniform teacher, shows up
-here), and the L2 norms of student / teacher / Gram-teacher weights per top-level module.
+Per file: integrity (and why not: a sha256 record that does not match, a file that does
+not load, required entries missing, a non-finite or implausibly large tensor), size, step,
+model configuration, provenance, DINO centre statistics (a centre drifting far from zero,
+or a near-uniform teacher, shows up here), and the L2 norms of student / teacher /
+Gram-teacher weights per top-level module.
 Exit status 0 when every file is intact, 1 otherwise.
 """
 from __future__ import annotations
@@ -20,6 +22,9 @@ from dinox.observe.metrics import json_safe
 from dinox.run.checkpoint import CheckpointError, load_checkpoint, parse_checkpoint_name, verify_checkpoint
 
 _WEIGHT_SETS = ("student", "teacher", "gram_teacher")
+# Without these a file is no usable dinox checkpoint, not even for evaluation (eval reads
+# the teacher and the configuration); resuming needs more (commands/train.py RESUME_KEYS).
+REQUIRED_KEYS = ("format", "format_version", "step", "student", "teacher", "config")
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.", "_fsdp_wrapped_module.")
 
 
@@ -88,7 +93,7 @@ def summarize(path) -> dict:
     parsed = parse_checkpoint_name(path)
     report: dict = {"path": str(path), "kind": parsed[1] if parsed else None}
     report["size_bytes"] = path.stat().st_size if path.is_file() else None
-    intact, reason = verify_checkpoint(path)
+    intact, reason = verify_checkpoint(path, REQUIRED_KEYS)
     report["intact"], report["reason"] = intact, reason
     if not intact:
         return report

@@ -5,16 +5,20 @@ import argparse
 import time
 from pathlib import Path
 
-from dinox.data.phantom import NODULE_TYPES
-from dinox.data.synth import generate_dataset
+from dinox.data.synth import FAMILIES, generate_dataset
+
+FINDINGS_NAME = {"chest": "nodules", "head": "haemorrhages", "limb": "findings"}
 
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
-        "synth", help="write synthetic chest-CT DICOM series (procedural phantoms)",
-        description="Write procedural chest-CT phantoms as DICOM series plus labels.json.",
+        "synth", help="write synthetic CT DICOM series (procedural chest, head or limb phantoms)",
+        description="Write procedural CT phantoms as DICOM series plus labels.json.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", required=True, type=Path, default=argparse.SUPPRESS, help="output folder")
+    p.add_argument("--family", choices=list(FAMILIES), default="chest",
+                   help="phantom family: chest (lungs, nodules), head (brain, skull; haemorrhages) or "
+                        "limb (thigh, leg or forearm; bone lesions, soft-tissue masses, implants)")
     p.add_argument("--patients", type=int, default=4, help="number of patients (one series each)")
     p.add_argument("--slices", type=int, default=64, help="slices per series")
     p.add_argument("--size", type=int, default=256, help="rows and columns per slice")
@@ -23,15 +27,17 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> int:
+    family = getattr(args, "family", "chest")
     start = time.perf_counter()
-    labels = generate_dataset(args.out, args.patients, args.slices, args.size, args.seed, progress=True)
+    labels = generate_dataset(args.out, args.patients, args.slices, args.size, args.seed, progress=True,
+                              family=family)
     elapsed = time.perf_counter() - start
-    kinds = {k: 0 for k in NODULE_TYPES}
+    kinds = {k: 0 for k in FAMILIES[family].finding_types}
     for s in labels["series"]:
         for n in s["nodules"]:
             kinds[n["type"]] += 1
     counts = ", ".join(f"{v} {k.replace('_', '-')}" for k, v in kinds.items())
-    print(f"synth: {args.patients} series of {args.slices} x {args.size} x {args.size} written to "
+    print(f"synth: {args.patients} series of {args.slices} x {args.size} x {args.size} ({family}) written to "
           f"{args.out} in {elapsed:.1f} s")
-    print(f"  nodules: {sum(kinds.values())} ({counts}); labels: {Path(args.out) / 'labels.json'}")
+    print(f"  {FINDINGS_NAME[family]}: {sum(kinds.values())} ({counts}); labels: {Path(args.out) / 'labels.json'}")
     return 0

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -87,6 +88,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--img-size", type=_positive_int, help="global crop size in px (224; 64 for vit-tiny)")
     g.add_argument("--local-crops", type=_nonneg_int, help="local crops per sample")
     g.add_argument("--local-size", type=_positive_int, help="local crop size in px")
+    g.add_argument("--global-scale-min", type=float, help="smallest area fraction of a global crop (DINOv2: 0.32)")
+    g.add_argument("--local-scale", type=float, nargs=2, metavar=("MIN", "MAX"),
+                   help="area fraction range of the local crops (DINOv2: 0.05 0.32)")
     g.add_argument("--distinct-windows", type=_bool, metavar="true|false",
                    help="draw the two global views' HU windows from different families (lung/mediastinal/bone/broad)")
     g.add_argument("--standardize-views", type=_bool, metavar="true|false",
@@ -103,6 +107,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--weight-decay-end", type=float)
     g.add_argument("--clip-grad", type=float, help="gradient norm clip (0 disables)")
     g.add_argument("--freeze-last-layer-steps", type=_nonneg_int)
+    g.add_argument("--freeze-backbone-steps", type=_nonneg_int,
+                   help="steps during which only the heads learn (default with --init-from: 10%% of the run)")
     g.add_argument("--momentum", type=float, help="teacher EMA momentum at step 0 (cosine towards --momentum-end)")
     g.add_argument("--momentum-end", type=float)
     g.add_argument("--teacher-temp", type=float)
@@ -111,9 +117,17 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--student-temp", type=float)
     g.add_argument("--centering", choices=["centering", "sinkhorn"])
     g.add_argument("--center-momentum", type=float)
-    g.add_argument("--koleo-weight", type=float)
+    g.add_argument("--koleo-weight", type=float, help="KoLeo weight (applied to the sum over the global views)")
+    g.add_argument("--ibot-weight", type=float, help="iBOT masked-patch loss weight (0 turns iBOT off; DINOv2: 1.0)")
+    g.add_argument("--ibot-mask-ratio", type=float, nargs=2, metavar=("MIN", "MAX"),
+                   help="range of the fraction of patches masked per masked image (DINOv2: 0.1 0.5)")
+    g.add_argument("--ibot-mask-probability", type=float,
+                   help="fraction of the global-view images that are masked (DINOv2: 0.5)")
     g.add_argument("--gram-weight", type=float, help="Gram anchoring weight (> 0; it cannot be disabled)")
     g.add_argument("--gram-refresh-every", type=_positive_int, help="steps between Gram-teacher snapshots")
+    g.add_argument("--gram-start-step", type=_nonneg_int,
+                   help="first frozen Gram snapshot; before it the Gram teacher follows the EMA teacher and the "
+                        "Gram weight ramps in (0: snapshots from step 0)")
     g.add_argument("--horizon", type=_positive_int, help="schedule span of an unlimited run")
     g.add_argument("--seed", type=int)
 
@@ -128,6 +142,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
 
     g = p.add_argument_group("data and output")
     g.add_argument("--data-root", help="processed root (default data/processed)")
+    g.add_argument("--init-from", metavar="PATH",
+                   help="start the backbone from pretrained weights: a DINOv2/DINOv3 .pth, a transformers folder, "
+                        "a dinox checkpoint or export; selects the warm-start recipe (docs/recipes.md)")
     g.add_argument("--index-csv", help="default <data-root>/_index/index.csv")
     g.add_argument("--split-manifest", help="default <data-root>/_splits/val10_seed0.json")
     g.add_argument("--out", help="runs root (default data/runs); each run gets YYYYMMDD_HHMMSS/")
@@ -154,7 +171,28 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
 def explicit_values(args: argparse.Namespace) -> dict[str, object]:
     """The run settings the user actually gave (argparse defaults are None = not given;
     --config always counts, it names the model)."""
-    return {name: getattr(args, name) for name in FLAT_FIELDS if getattr(args, name, None) is not None}
+    given = {name: getattr(args, name) for name in FLAT_FIELDS if getattr(args, name, None) is not None}
+    for flag, (low, high) in (("ibot_mask_ratio", ("ibot_mask_ratio_min", "ibot_mask_ratio_max")),
+                              ("local_scale", ("local_scale_min", "local_scale_max"))):
+        if getattr(args, flag, None) is not None:
+            given[low], given[high] = getattr(args, flag)
+    return given
+
+
+# What dinox.train.state.unpack reads: a checkpoint lacking one of these cannot resume.
+RESUME_KEYS = ("format", "format_version", "step", "student", "teacher", "gram_teacher", "dino_loss",
+               "optimizer", "rng", "aug_generator", "data", "config")
+
+
+@dataclass
+class ResumeSource:
+    """The checkpoint a launch continues, and where the continuation is written."""
+
+    path: Path
+    state: dict           # the full checkpoint (a dry run maps it); emptied once the trainer holds it
+    step: int
+    in_place: bool        # continue its run folder; else a new folder under --out
+    snapshot: tuple = ()  # the run folder's checkpoints when chosen (in place only)
 
 
 def find_checkpoint(resume: str, out_root: Path) -> tuple[Path | None, bool]:
@@ -163,39 +201,123 @@ def find_checkpoint(resume: str, out_root: Path) -> tuple[Path | None, bool]:
     from dinox.run.checkpoint import find_resume_checkpoint
 
     if resume == "auto":
-        return find_resume_checkpoint(out_root), True
+        return find_resume_checkpoint(out_root, RESUME_KEYS), True
     path = Path(resume)
     if not path.is_file():
         raise UserError(f"--resume {resume}: no such checkpoint file; use --resume auto or a path to a .pth file")
     return path, False
 
 
+def _checkpoint_snapshot(run_dir: Path) -> tuple:
+    from dinox.run.checkpoint import list_checkpoints
+
+    snapshot = []
+    for path in list_checkpoints(run_dir):
+        try:
+            st = path.stat()
+        except OSError:
+            continue
+        snapshot.append((path.name, st.st_size, st.st_mtime_ns))
+    return tuple(snapshot)
+
+
+def continues_in_place(path: Path, out_root: Path) -> bool:
+    """Whether `--resume PATH` continues PATH's own run folder: only when that folder is a run
+    folder directly under --out and PATH is its newest checkpoint. Otherwise continuing there
+    would rotate away the newer checkpoints, truncate the metrics past PATH's step and
+    overwrite the final checkpoint, or write a run into a backup folder."""
+    from dinox.run.checkpoint import is_run_dir_name, list_checkpoints, parse_checkpoint_name
+
+    run = path.resolve().parent
+    parsed = parse_checkpoint_name(path)
+    if parsed is None or run.parent != out_root.resolve() or not is_run_dir_name(run.name):
+        return False
+    newest = max(parse_checkpoint_name(p)[0] for p in list_checkpoints(run))
+    return parsed[0] >= newest
+
+
+def open_resume(resume: str, out_root: Path, *, planning: bool) -> ResumeSource | None:
+    """Find and load the checkpoint of `--resume` (None: `auto` found nothing). `planning`
+    (a dry run) maps it instead of reading it: only its configuration is needed."""
+    from dinox.config import check_checkpoint_format
+    from dinox.run.checkpoint import load_checkpoint
+
+    path, verified = find_checkpoint(resume, out_root)
+    if path is None:
+        return None
+    if planning:
+        state = load_checkpoint(path, map_location="cpu", verify=False, mmap=True)
+    else:
+        state = load_checkpoint(path, map_location="cpu", verify=not verified, required=RESUME_KEYS)
+    check_checkpoint_format(state)
+    if not isinstance(state.get("config"), dict):
+        raise UserError(f"{path} carries no dinox configuration; resume from a checkpoint of dinox train")
+    in_place = resume == "auto" or continues_in_place(path, out_root)
+    return ResumeSource(path, state, int(state.get("step", 0)), in_place,
+                        _checkpoint_snapshot(path.parent) if in_place else ())
+
+
+def checkpoint_tensor_bytes(plan: dict) -> int:
+    """Tensor bytes of one checkpoint of the planned model: student and EMA teacher
+    (backbone + head), the Gram teacher (a backbone) and AdamW's two moments of the
+    student, all fp32. RNG states, the centre and the configuration are small beside it."""
+    backbone, head = int(plan["backbone_params"]), int(plan["head_params"])
+    student = backbone + head
+    return 4 * (student + student + backbone + 2 * student)
+
+
+def check_disk_space(plan: dict, target: Path, keep_last: int, existing: int = 0) -> str | None:
+    """Refuse a run whose first checkpoint cannot fit (found out at start-up, not hours in);
+    a warning (returned) when the rotation's checkpoints will not all fit. `existing`:
+    periodic checkpoints already in the folder (a run continued in place), whose space is
+    taken already."""
+    from dinox.run.checkpoint import free_space, space_needed
+
+    size = checkpoint_tensor_bytes(plan)
+    need, free = space_needed(size), free_space(target)
+    if free < need:
+        raise UserError(
+            f"not enough disk space for one checkpoint: this model's checkpoint takes about {_size(size)} "
+            f"(student, EMA teacher, Gram teacher and AdamW moments in fp32) and {_size(free)} are free at "
+            f"{target}; free space there or give --out a folder on a disk with room")
+    room = free // need
+    # Rotation writes the new checkpoint before it deletes the oldest: keep_last + 1 at a time.
+    if room < max(0, keep_last - existing) + 1:
+        return (f"the disk at {target} has room for about {room} more checkpoints of {_size(size)}, but "
+                f"--ckpt-keep-last {keep_last} keeps {keep_last} and a save needs one more: the run will stop "
+                f"with a full disk; lower --ckpt-keep-last to {max(1, existing + room - 1)} or free space")
+    return None
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+
+
 def run(args: argparse.Namespace) -> int:
-    from dinox.run.device import detect_device, hardware_change_notice, match_preset
+    from dinox.run.checkpoint import parse_checkpoint_name
+    from dinox.run.device import detect_device, match_preset
     from dinox.run.distributed import DistEnv
     from dinox.run.logging import close_file_logging, setup_logging
     from dinox.train.plan import plan_memory
 
+    if args.json and not args.dry_run:
+        raise UserError("--json only changes what --dry-run prints; add --dry-run, or drop --json to train")
+    out_root = Path(args.out or RunConfig().io.out)
+    if not args.dry_run and out_root.exists() and not out_root.is_dir():
+        raise UserError(f"--out {out_root} is a file, not a folder; give a folder for the runs "
+                        f"(it is created when missing)")
     dist = DistEnv.from_environment()
     setup_logging(is_main=dist.is_main)
     info, device_notes = detect_device(args.device or "auto", local_rank=dist.local_rank)
     preset_name = match_preset(info)
     given = explicit_values(args)
-    resume_state, saved = None, None
-    out_root = Path(args.out or RunConfig().io.out)
-    if args.resume and not args.dry_run:
-        from dinox.run.checkpoint import load_checkpoint
-
-        path, verified = find_checkpoint(args.resume, out_root)
-        if path is not None:
-            resume_state = load_checkpoint(path, map_location="cpu", verify=not verified)
-            saved = resume_state.get("config")
-            if not isinstance(saved, dict):
-                raise UserError(f"{path} carries no dinox configuration; resume from a checkpoint of dinox train")
-            given["resume"] = str(path)
-    resolved = resolve(given, hardware_preset=preset_name, device_kind=info.kind, saved=saved)
+    source = open_resume(args.resume, out_root, planning=args.dry_run) if args.resume else None
+    if source is not None:
+        given["resume"] = str(source.path)
+    resolved = resolve(given, hardware_preset=preset_name, device_kind=info.kind,
+                       saved=source.state["config"] if source is not None else None)
     cfg = resolved.cfg
-    if args.resume == "auto" and resume_state is None and not args.dry_run:
+    if args.resume == "auto" and source is None and not args.dry_run:
         resolved.notices.append(f"--resume auto: no checkpoint under {out_root}; starting a new run")
 
     plan = plan_memory(cfg, args.device_memory, info.total_memory_bytes)
@@ -203,51 +325,190 @@ def run(args: argparse.Namespace) -> int:
         return report_dry_run(cfg, info, preset_name, resolved.preset_lines, plan, args.json)
     if not plan["fits"]:
         raise WontFit(wont_fit_message(plan))
-
-    from dinox.run.provenance import collect_provenance
-    from dinox.train.loop import Trainer
+    in_place = source is not None and source.in_place
+    target = source.path.parent if in_place else out_root
+    existing = sum(parse_checkpoint_name(name)[1] == "periodic" for name, *_ in source.snapshot) if in_place else 0
+    space_warning = check_disk_space(plan, target, cfg.io.ckpt_keep_last, existing) if dist.is_main else None
 
     dist.init(torch.device(info.torch_device).type)
     try:
-        run_dir = Path(cfg.io.resume).parent if resume_state is not None else new_run_dir_on_all_ranks(dist, out_root)
-        setup_logging(run_dir if dist.is_main else None, is_main=dist.is_main)
-        for line in device_notes:
-            log.warning(line)
-        log.info("device: %s '%s' (%s memory%s)", info.kind, info.name, _gb(info.total_memory_bytes),
-                 ", unified" if info.unified_memory else "")
-        for line in [*resolved.preset_lines, *resolved.notices]:
-            log.info(line)
-        if resume_state is not None:
-            log.info("resuming from %s (step %d)", cfg.io.resume, int(resume_state["step"]))
-            for line in resolved.changes:
-                log.info("changed on resume: %s", line)
-            notice = hardware_change_notice(resume_state.get("hardware", {}), info)
-            if notice:
-                log.warning(notice)
-        log.info("memory estimate: %s", plan["estimate_text"])
-        data_files = [p for p in _data_files(cfg) if p.exists()]
-        provenance = collect_provenance(data_files, cfg.runtime.seed, info.torch_device)
-        log.info("provenance: git %s, data manifest %s, torch %s, python %s",
-                 provenance.get("git_commit"), provenance.get("data_manifest_hash"),
-                 provenance.get("torch"), provenance.get("python"))
-        if dist.is_main:
-            write_config_json(run_dir, cfg, info, preset_name, plan, provenance)
-        trainer = Trainer(cfg, info, run_dir, provenance, dist, resume_state=resume_state)
-        resume_state = None
-        code = trainer.run()
-        trainer.release()
-        return code
+        run_dir, lock, created = prepare_run_dir(dist, out_root, source)
+        try:
+            return _train(cfg, info, preset_name, resolved, plan, dist, run_dir, source, device_notes,
+                          space_warning)
+        except BaseException:
+            if created and dist.is_main:
+                close_file_logging()
+                remove_failed_start(run_dir, source)
+            raise
+        finally:
+            if lock is not None:
+                lock.release()
     finally:
         dist.shutdown()
         close_file_logging()
 
 
-def new_run_dir_on_all_ranks(dist, out_root: Path) -> Path:
-    """Rank 0 creates the run folder; every rank gets its name."""
-    from dinox.run.checkpoint import new_run_dir
+def _train(cfg, info, preset_name, resolved, plan, dist, run_dir: Path, source: ResumeSource | None,
+           device_notes, space_warning) -> int:
+    from dinox.run.device import hardware_change_notice
+    from dinox.run.logging import setup_logging
+    from dinox.run.provenance import collect_provenance
+    from dinox.train.loop import Trainer
+
+    setup_logging(run_dir if dist.is_main else None, is_main=dist.is_main)
+    for line in device_notes:
+        log.warning(line)
+    log.info("device: %s '%s' (%s memory%s)", info.kind, info.name, _gb(info.total_memory_bytes),
+             ", unified" if info.unified_memory else "")
+    for line in [*resolved.preset_lines, *resolved.notices]:
+        log.info(line)
+    if space_warning:
+        log.warning(space_warning)
+    state = source.state if source is not None else None
+    if source is not None:
+        log.info("resuming from %s (step %d)", source.path, source.step)
+        if not source.in_place:
+            log.info("%s is not the newest checkpoint of a run under %s: continuing in the new run folder %s; "
+                     "the source run is left as it is", source.path, cfg.io.out, run_dir)
+        for line in resolved.changes:
+            log.info("changed on resume: %s", line)
+        notice = hardware_change_notice(state.get("hardware", {}), info)
+        if notice:
+            log.warning(notice)
+    log.info("memory estimate: %s", plan["estimate_text"])
+    data_files = [p for p in _data_files(cfg) if p.exists()]
+    provenance = collect_provenance(data_files, cfg.runtime.seed, info.torch_device)
+    log.info("provenance: git %s, data manifest %s, torch %s, python %s",
+             provenance.get("git_commit"), provenance.get("data_manifest_hash"),
+             provenance.get("torch"), provenance.get("python"))
+    if source is not None:
+        saved = state.get("provenance") if isinstance(state.get("provenance"), dict) else {}
+        before, now = saved.get("data_manifest_hash"), provenance.get("data_manifest_hash")
+        if before and now and before != now:
+            log.warning("the data manifest differs from the checkpoint's (checkpoint %s, now %s): the processed "
+                        "root was re-prepped or the split changed, so this run continues on other data than it "
+                        "started with; resume on the data root it was trained on to keep the run reproducible",
+                        before, now)
+        if source.in_place:
+            if saved.get("resumed_from"):  # a branch keeps naming its origin when continued
+                provenance["resumed_from"] = saved["resumed_from"]
+        else:
+            provenance["resumed_from"] = resumed_from(source)
+    trainer = Trainer(cfg, info, run_dir, provenance, dist, resume_state=state)
+    state = None
+    if source is not None:
+        source.state = {}  # the trainer holds the weights now; keep one copy in memory
+    if dist.is_main:  # after the trainer accepted data and checkpoint: a failed start keeps the old file
+        write_config_json(run_dir, cfg, info, preset_name, plan, provenance)
+    code = trainer.run()
+    trainer.release()
+    return code
+
+
+def resumed_from(source: ResumeSource) -> dict:
+    """Where a branch started: the source run folder, checkpoint, step and the checkpoint's sha256."""
+    from dinox.run.checkpoint import file_sha256
+
+    path = source.path.resolve()
+    return {"run": str(path.parent), "checkpoint": str(path), "step": source.step, "sha256": file_sha256(path)}
+
+
+def prepare_run_dir(dist, out_root: Path, source: ResumeSource | None):
+    """(run folder, lock, created by this launch). Rank 0 decides and locks; every rank gets
+    the folder, or the same one-line error."""
     from dinox.run.distributed import broadcast_object
 
-    return Path(broadcast_object(str(new_run_dir(out_root)) if dist.is_main else None))
+    run_dir = lock = error = None
+    created = False
+    if dist.is_main:
+        try:
+            run_dir, lock, created = _claim_run_dir(out_root, source)
+        except UserError as exc:
+            error = exc
+    outcome = broadcast_object((str(run_dir) if run_dir else None, str(error) if error else None))
+    if error is not None:
+        raise error
+    if outcome[1] is not None:
+        raise UserError(outcome[1])
+    return Path(outcome[0]), lock, created
+
+
+def _claim_run_dir(out_root: Path, source: ResumeSource | None):
+    from dinox.run.checkpoint import lock_run_dir, new_run_dir
+
+    if source is not None and source.in_place:
+        run_dir = source.path.parent
+        lock = lock_run_dir(run_dir)
+        if _checkpoint_snapshot(run_dir) != source.snapshot:
+            lock.release()
+            raise UserError(f"run folder {run_dir} changed while this launch was starting (another process "
+                            f"saved a checkpoint there); run the command again to continue from the newest one")
+        return run_dir, lock, False
+    run_dir, lock = new_run_dir(out_root), None
+    try:
+        lock = lock_run_dir(run_dir)
+        if source is not None:
+            copy_metrics_until(source.path.parent, run_dir, source.step)
+    except BaseException:
+        remove_failed_start(run_dir, source)
+        if lock is not None:
+            lock.release()
+        raise
+    return run_dir, lock, True
+
+
+def copy_metrics_until(source_run: Path, run_dir: Path, step: int) -> int:
+    """Copy the source run's metrics.jsonl rows up to `step` into a branch's new folder, so
+    the branch's record covers its whole history; returns the rows copied."""
+    from dinox.observe.metrics import METRICS_FILE
+
+    src = source_run / METRICS_FILE
+    if not src.is_file():
+        return 0
+    kept = []
+    with open(src, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            try:
+                keep = int(json.loads(line)["step"]) <= step
+            except (ValueError, KeyError, TypeError):
+                keep = False
+            if keep:
+                kept.append(line if line.endswith("\n") else line + "\n")
+    if kept:
+        atomic_write_text(run_dir / METRICS_FILE, "".join(kept))
+    return len(kept)
+
+
+def remove_failed_start(run_dir: Path, source: ResumeSource | None) -> None:
+    """Delete a run folder made by this launch when the run never got going: no checkpoint
+    and no metrics row of its own (a branch's copied rows do not count). Anything else in
+    it, or a run that trained a while, is kept."""
+    import shutil
+
+    from dinox.observe.metrics import METRICS_FILE
+    from dinox.run.checkpoint import LOCK_NAME, list_checkpoints
+
+    if not run_dir.is_dir() or list_checkpoints(run_dir):
+        return
+    step = source.step if source is not None else 0
+    metrics = run_dir / METRICS_FILE
+    try:
+        rows = metrics.read_text(encoding="utf-8", errors="replace").splitlines() if metrics.exists() else []
+    except OSError:
+        return
+    for line in rows:
+        try:
+            if int(json.loads(line)["step"]) > step:
+                return
+        except (ValueError, KeyError, TypeError):
+            continue
+    expected = {"config.json", "train.log", METRICS_FILE, LOCK_NAME}
+    for entry in run_dir.iterdir():
+        if entry.name not in expected and not entry.name.startswith(("events.out.tfevents.", f".{LOCK_NAME}.")):
+            return
+    shutil.rmtree(run_dir, ignore_errors=True)
+    log.info("removed %s: the run stopped before its first step", run_dir)
 
 
 def _data_files(cfg: RunConfig) -> list[Path]:

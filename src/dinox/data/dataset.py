@@ -3,6 +3,10 @@
 Volumes are memory-mapped lazily, per process: a DataLoader worker (forked or spawned)
 opens its own maps on first use and never inherits or pickles another process's. Only
 I/O happens here; windowing and augmentation run batched on the training device.
+
+Construction checks everything a run would otherwise trip over hours in: index paths
+confined to the root, whole-number slice counts, every volume's header (readable, not
+truncated, as many slices as the index says) and a split without train/val overlap.
 """
 from __future__ import annotations
 
@@ -16,7 +20,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from dinox.data.layout import INDEX_FILE, default_manifest, read_index
+from dinox.data.layout import INDEX_FILE, confined_path, default_manifest, read_index
+from dinox.data.splits import split_overlap
 from dinox.errors import UserError
 
 AIR_HU = -1024
@@ -38,7 +43,8 @@ class CTSliceDataset(Dataset):
         if split not in ("train", "val", "all"):
             raise UserError(f"split must be train, val or all, not {split!r}")
         self.split = split
-        rows = self._load_index(index_csv)
+        rows, self._lines = self._load_index(index_csv)
+        self._index_csv = index_csv
         if split == "all":
             wanted = sorted(rows)
         else:
@@ -48,32 +54,37 @@ class CTSliceDataset(Dataset):
             if unknown:
                 raise UserError(f"{len(unknown)} series of {manifest} are not in {index_csv} "
                                 f"(e.g. {unknown[0]}); re-run `dinox prep` so both match")
-        self.series_ids: list[str] = [s for s in wanted if int(rows[s]["num_slices"]) >= min_slices]
+        counts = {s: self._whole_number(rows[s], "num_slices") for s in wanted}
+        self.series_ids: list[str] = [s for s in wanted if counts[s] >= min_slices]
         if not self.series_ids:
             raise UserError(f"split {split!r} has no series with at least {min_slices} slices "
-                            f"(index {index_csv}); prepare more data or lower min_slices")
+                            f"(index {index_csv}); prepare more CT series")
         self.records = [rows[s] for s in self.series_ids]
         self.paths = [self._volume_path(r) for r in self.records]
         missing = [str(p) for p in self.paths if not p.is_file()]
         if missing:
             raise UserError(f"{len(missing)} volumes listed in {index_csv} are missing (e.g. {missing[0]}); "
                             f"re-run `dinox prep`")
-        self.num_slices = [int(r["num_slices"]) for r in self.records]
+        self.num_slices = [counts[s] for s in self.series_ids]
+        for k in range(len(self.paths)):
+            self._check_volume(k)
         self._starts = np.concatenate([[0], np.cumsum(self.num_slices)]).tolist()
         self._maps: OrderedDict[int, np.ndarray] = OrderedDict()
         self._pid = os.getpid()
 
     @staticmethod
-    def _load_index(index_csv: Path) -> dict[str, dict]:
+    def _load_index(index_csv: Path) -> tuple[dict[str, dict], dict[str, int]]:
+        """The index rows by series id, and each row's line number in the file (for messages)."""
         if not index_csv.is_file():
             raise UserError(f"index not found: {index_csv}; run `dinox prep` first")
         try:
             rows = read_index(index_csv)
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, UnicodeDecodeError) as exc:
             raise UserError(f"unreadable index {index_csv}: {exc}; re-run `dinox prep`") from None
         if not rows:
             raise UserError(f"index {index_csv} lists no series; run `dinox prep` on CT data")
-        return {r["series_id"]: r for r in rows}
+        # Line 1 is the header; a series listed twice keeps its last row, as the dict does.
+        return {r["series_id"]: r for r in rows}, {r["series_id"]: i + 2 for i, r in enumerate(rows)}
 
     @staticmethod
     def _load_manifest(manifest: Path, split: str) -> list[str]:
@@ -87,11 +98,59 @@ class CTSliceDataset(Dataset):
                             f"re-run `dinox prep`") from None
         if not isinstance(ids, list):
             raise UserError(f"{manifest}: {split!r} must be a list of series ids")
+        both = split_overlap(data)
+        if both:
+            raise UserError(f"{manifest} lists {len(both)} series in both train and val (e.g. {both[0]}): "
+                            f"validation would score training data; re-run `dinox prep` to rewrite the split "
+                            f"or remove them from one side")
         return [str(s) for s in ids]
 
+    def _row_name(self, row: dict) -> str:
+        sid = row.get("series_id")
+        return f"{self._index_csv} line {self._lines.get(sid, '?')} (series {sid})"
+
+    def _whole_number(self, row: dict, column: str) -> int:
+        value = row.get(column)
+        try:
+            number = int(str(value).strip())
+        except (TypeError, ValueError):
+            number = -1
+        if number < 0:
+            raise UserError(f"{self._row_name(row)}: {column} {value!r} is not a whole number; the index is "
+                            f"damaged: re-run `dinox prep --force` on this root")
+        return number
+
     def _volume_path(self, row: dict) -> Path:
-        p = Path(row["path"])
-        return p if p.is_absolute() else self.root / p
+        try:
+            return confined_path(self.root, row["path"])
+        except ValueError as exc:
+            raise UserError(f"{self._row_name(row)}: {exc}; index paths must lie inside the processed root "
+                            f"{self.root}: re-run `dinox prep` to rewrite the index") from None
+
+    def _check_volume(self, k: int) -> None:
+        """The volume's .npy header against its index row, before any training: a damaged
+        file found mid-run would stop the run at the same sample on every resume.
+
+        Memory-mapping reads only the header, and fails when the file is shorter than the
+        header says (truncated)."""
+        path, row = self.paths[k], self.records[k]
+        fix = f"re-run `dinox prep --force` to rewrite it (or drop series {row['series_id']} from the index)"
+        try:
+            vol = np.load(path, mmap_mode="r")
+        except (OSError, ValueError, EOFError) as exc:
+            detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            if "greater than file size" in detail or isinstance(exc, EOFError):
+                detail = "truncated: the file is shorter than its header says"
+            elif "pickled" in detail:
+                detail = "no .npy header"
+            raise UserError(f"volume {path} is damaged or not a .npy array ({detail}); {fix}") from None
+        shape = tuple(getattr(vol, "shape", ()))
+        del vol
+        if len(shape) != 3:
+            raise UserError(f"volume {path} has shape {shape}, not (slices, rows, cols); {fix}")
+        if shape[0] != self.num_slices[k]:
+            raise UserError(f"volume {path} holds {shape[0]} slices but {self._row_name(row)} says "
+                            f"num_slices {self.num_slices[k]}; {fix}")
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()

@@ -1,5 +1,6 @@
 """The processed data root: where volumes, the index and the splits live, and how the
-index is read and written. Shared by `dinox prep` (writer) and the dataset (reader)."""
+index is read and written. Shared by `dinox prep` (writer) and the dataset (reader).
+Index paths are relative to the root and never leave it (`confined_path`)."""
 from __future__ import annotations
 
 import csv
@@ -44,6 +45,25 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
 
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def confined_path(root, relative: str) -> Path:
+    """`root / relative` for an index path, which must stay inside the root.
+
+    Raises ValueError (saying why) for an empty or absolute path, or one whose `..` parts
+    leave the root: an index must never make training read arbitrary files. The check is
+    on the text, so a volumes folder that is a symlink to another disk still works."""
+    text = str(relative).strip()
+    if not text:
+        raise ValueError("the path is empty")
+    if os.path.isabs(text) or text.startswith(("/", "\\")):
+        raise ValueError(f"the path {text!r} is absolute")
+    normal = os.path.normpath(text)
+    if normal == ".":
+        raise ValueError(f"the path {text!r} names the root itself, not a volume")
+    if normal == ".." or normal.startswith(".." + os.sep):
+        raise ValueError(f"the path {text!r} leaves the processed root")
+    return Path(root) / normal
 
 
 def read_index(path) -> list[dict[str, str]]:

@@ -24,3 +24,12 @@ def patient_split(series_patient: dict[str, str], val_fraction: float, seed: int
     for sid in sorted(series_patient):
         split["val" if series_patient[sid] in val_patients else "train"].append(sid)
     return split
+
+
+def split_overlap(split: dict) -> list[str]:
+    """Series ids listed in both "train" and "val" of a split manifest, sorted (validation
+    on them would score what the model trained on)."""
+    train, val = split.get("train"), split.get("val")
+    if not isinstance(train, list) or not isinstance(val, list):
+        return []
+    return sorted({str(s) for s in train} & {str(s) for s in val})

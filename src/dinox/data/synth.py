@@ -1,8 +1,15 @@
-"""`dinox synth`: procedural chest-CT phantoms written as real DICOM CT series.
+"""`dinox synth`: procedural CT phantoms written as real DICOM CT series.
+
+Three families (`--family`), structurally different so that a recipe tuned on one can be
+checked on another: chest (dinox.data.phantom, the default: lungs, vessels, nodules), head
+(dinox.data.phantom_head: skull, brain, sinuses, orbits; haemorrhages as findings) and
+limb (dinox.data.phantom_limb: thigh, leg or forearm, muscles, long bones, vessels, metal
+implants; bone lesions and soft-tissue masses as findings).
 
 Layout: <out>/<patient_id>/<series_uid>/slice_XXXX.dcm (CT Image Storage, explicit VR little
 endian, 16-bit stored values with RescaleSlope/Intercept), plus <out>/labels.json with the
-nodules of every series. Half of the patients (chosen by the seed) are stored like some
+nodules (or, for head and limb, the findings, recorded the same way) and the family of
+every series. Half of the patients (chosen by the seed) are stored like some
 scanners do, as signed values with intercept 0 and -3024 outside the reconstruction circle,
 the other half as unsigned values with intercept -1024.
 
@@ -11,10 +18,16 @@ radiologists (dinox.data.annotations has the schema). Each reader's outlines fol
 nodules of labels.json with small, reader-specific differences in size, centre and shape;
 readers miss nodules (small ones more often), call some nodules under 3 mm (marked by a
 point only, as LIDC does) and mark a few vessel ends as non-nodules, so a consensus over
-readers decides what counts as a nodule, as it does for LIDC-IDRI.
+readers decides what counts as a nodule, as it does for LIDC-IDRI. Only chest series get
+the XML: the reader model (miss rates by nodule size, LIDC characteristics such as texture
+and malignancy, vessel ends marked as non-nodules) describes lung-nodule reads and has no
+counterpart for haemorrhages or bone lesions; their ground truth reaches
+_labels/nodules.csv through labels.json alone.
 
-Everything is derived from --seed (numpy Generator per patient, UIDs hashed from the seed):
-the same seed gives byte-identical files. The readers draw from their own Generator, so
+Everything is derived from --seed (numpy Generator per patient, UIDs hashed from the seed
+and the patient ID, which names the family for head and limb): the same seed gives
+byte-identical files, and the chest family's files are those it gave before the other
+families existed. The readers draw from their own Generator, so
 the images are the same with or without them.
 """
 from __future__ import annotations
@@ -22,6 +35,8 @@ from __future__ import annotations
 import json
 import math
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -32,9 +47,12 @@ from tqdm import tqdm
 from dinox.data.annotations import (CHARACTERISTICS, SMALL_NODULE_MM, TEXTURE_OF_TYPE, Mark, ReadingSession, Roi,
                                     synth_nodule_id, to_lidc_xml)
 from dinox.data.phantom import NODULE_TYPES, Phantom, make_phantom
+from dinox.data.phantom_head import HAEMORRHAGE_TYPES, make_head_phantom
+from dinox.data.phantom_limb import LIMB_FINDING_TYPES, make_limb_phantom
 from dinox.errors import UserError
 
 PADDING_HU = -3024
+FAMILY_CONVENTION = "chest | head | limb: the phantom family (dinox synth --family)"
 LABEL_CONVENTIONS = {
     "center_zyx_vox": "fractional (slice, row, column) index; slice 0 is the most inferior, "
                       "i.e. the order of a prepared volume",
@@ -47,7 +65,51 @@ LABEL_CONVENTIONS = {
                "both ends as fractional (slice, row, column) indices like center_zyx_vox, radii in "
                "mm; the vessels are the union of these tapered cylinders (ends may lie outside "
                "the volume)",
+    "family": FAMILY_CONVENTION,
 }
+_FINDING_CONVENTIONS = {
+    "center_zyx_vox": LABEL_CONVENTIONS["center_zyx_vox"],
+    "center_mm": LABEL_CONVENTIONS["center_mm"],
+    "radius_mm": "nominal radius; for a subdural haematoma half its thickness at the centre",
+    "hu": "HU the finding was drawn with at its centre, before blur, artefacts and noise",
+    "extent_mm": "subdural haematoma only: distance from the centre at which the crescent thins to nothing",
+    "vessels": "limb only: vessel segments, as for the chest's lung vessels: [z0, y0, x0, z1, y1, x1, r0_mm, "
+               "r1_mm] in fractional (slice, row, column) indices and mm",
+    "anatomy": "per-patient facts of the phantom (head: tilt in degrees yaw, pitch, roll, ventricle scale, "
+               "atrophy; limb: site, laterality, implant, contrast, bones)",
+    "family": FAMILY_CONVENTION,
+}
+
+
+@dataclass(frozen=True)
+class Family:
+    """How one phantom family is made and described in the DICOM headers and labels."""
+
+    make: Callable[[np.random.Generator, int, int], Phantom]
+    finding_types: tuple[str, ...]
+    study: str                      # StudyDescription
+    window: tuple[str, str]         # WindowCenter, WindowWidth for a first display
+    position: str                   # PatientPosition
+    stream: tuple[int, ...]         # appended to [seed, index] in the patient's SeedSequence
+    reads: bool                     # LIDC-style reader XML beside the series
+
+
+FAMILIES = {
+    # chest keeps its SeedSequence([seed, index]) and headers: its files must not change
+    "chest": Family(make_phantom, NODULE_TYPES, "CHEST (synthetic)", ("-600", "1500"), "FFS", (), True),
+    "head": Family(make_head_phantom, HAEMORRHAGE_TYPES, "HEAD (synthetic)", ("40", "80"), "HFS", (1,), False),
+    "limb": Family(make_limb_phantom, LIMB_FINDING_TYPES, "EXTREMITY (synthetic)", ("50", "400"), "FFS", (2,),
+                   False),
+}
+
+
+def family_conventions(family: str) -> dict:
+    """labels.json's "conventions" for a dataset of one family."""
+    if family == "chest":
+        return LABEL_CONVENTIONS
+    return {**_FINDING_CONVENTIONS, "type": " | ".join(FAMILIES[family].finding_types)}
+
+
 N_READERS = 4                # LIDC-IDRI: four radiologists read every scan
 READS_XML = "annotations.xml"
 # Spawn key of the readers' Generator: a stream of its own next to the phantom's
@@ -74,8 +136,14 @@ def _stored_values(ph: Phantom, signed: bool) -> tuple[np.ndarray, float]:
     return (hu + 1024).astype("<u2"), -1024.0
 
 
+def _family_of(ph: Phantom) -> str:
+    return getattr(ph, "family", "chest")
+
+
 def _series_template(seed: int, index: int, patient_id: str, study_uid: str, series_uid: str,
                      ph: Phantom, signed: bool, intercept: float) -> Dataset:
+    family = _family_of(ph)
+    spec = FAMILIES[family]
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
     ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
@@ -90,16 +158,17 @@ def _series_template(seed: int, index: int, patient_id: str, study_uid: str, ser
     ds.AccessionNumber = ""
     ds.Modality = "CT"
     ds.Manufacturer = "dinox synthetic phantom"
-    ds.StudyDescription = "CHEST (synthetic)"
-    ds.SeriesDescription = f"phantom seed {seed} patient {index}"
+    ds.StudyDescription = spec.study
+    ds.SeriesDescription = f"phantom seed {seed} patient {index}" if family == "chest" \
+        else f"{family} phantom seed {seed} patient {index}"
     ds.PatientName = patient_id
     ds.PatientID = patient_id
     ds.PatientBirthDate = ""
     ds.PatientSex = "O"
-    ds.BodyPartExamined = "CHEST"
+    ds.BodyPartExamined = getattr(ph, "body_part", "CHEST")
     ds.SliceThickness = f"{dz:.4g}"
     ds.KVP = "120"
-    ds.PatientPosition = "FFS"
+    ds.PatientPosition = spec.position
     ds.StudyInstanceUID = study_uid
     ds.SeriesInstanceUID = series_uid
     ds.FrameOfReferenceUID = _uid(seed, patient_id, "frame")
@@ -114,16 +183,24 @@ def _series_template(seed: int, index: int, patient_id: str, study_uid: str, ser
     ds.BitsStored = 16 if signed else 12
     ds.HighBit = ds.BitsStored - 1
     ds.PixelRepresentation = 1 if signed else 0
-    ds.WindowCenter, ds.WindowWidth = "-600", "1500"
+    ds.WindowCenter, ds.WindowWidth = spec.window
     ds.RescaleIntercept = f"{intercept:g}"
     ds.RescaleSlope = "1"
     ds.RescaleType = "HU"
     return ds
 
 
+def patient_id_of(seed: int, index: int, family: str = "chest") -> str:
+    """SYNTH<seed>-<index> for chest (as before the families); the family's name in the
+    others' IDs keeps their patient IDs and UIDs apart when datasets of several families
+    share a seed (and a processed root)."""
+    return f"SYNTH{seed}-{index:04d}" if family == "chest" else f"SYNTH{seed}-{family.upper()}-{index:04d}"
+
+
 def write_series(out: Path, seed: int, index: int, ph: Phantom, signed: bool) -> dict:
     """Write one phantom as a DICOM series; returns its labels.json entry."""
-    patient_id = f"SYNTH{seed}-{index:04d}"
+    family = _family_of(ph)
+    patient_id = patient_id_of(seed, index, family)
     study_uid = _uid(seed, patient_id, "study")
     series_uid = _uid(seed, patient_id, "series")
     series_dir = out / patient_id / series_uid
@@ -150,26 +227,38 @@ def write_series(out: Path, seed: int, index: int, ph: Phantom, signed: bool) ->
         "study_uid": study_uid,
         "series_uid": series_uid,
         "series_dir": series_dir.relative_to(out).as_posix(),
+        "family": family,
         "num_slices": int(stored.shape[0]),
         "rows": int(stored.shape[1]),
         "cols": int(stored.shape[2]),
         "spacing_zyx_mm": [float(s) for s in ph.spacing_zyx_mm],
-        "nodules": [
-            {
-                "center_zyx_vox": [round(c, 3) for c in n.center_zyx_vox],
-                "center_mm": [round(c, 3) for c in n.center_xyz_mm],
-                "radius_mm": round(n.radius_mm, 3),
-                "type": n.kind,
-            }
-            for n in ph.nodules
-        ],
-        "annotation_xml": (series_dir / READS_XML).relative_to(out).as_posix(),
-        "vessels": vessel_labels(ph),
+        "nodules": [_finding_label(n) for n in ph.nodules],
     }
+    if not FAMILIES[family].reads:
+        entry["vessels"] = vessel_labels(ph)
+        entry["anatomy"] = getattr(ph, "anatomy", {})
+        return entry
+    entry["annotation_xml"] = (series_dir / READS_XML).relative_to(out).as_posix()
+    entry["vessels"] = vessel_labels(ph)
     rng = np.random.default_rng(np.random.SeedSequence([seed, index], spawn_key=READER_STREAM))
     reads = simulated_reads(entry, sop_uids, zs, rng)
     (series_dir / READS_XML).write_text(to_lidc_xml(reads, series_uid, study_uid), encoding="utf-8")
     return entry
+
+
+def _finding_label(n) -> dict:
+    """A nodule's labels.json record; a head or limb Finding adds its HU (and extent)."""
+    label = {
+        "center_zyx_vox": [round(c, 3) for c in n.center_zyx_vox],
+        "center_mm": [round(c, 3) for c in n.center_xyz_mm],
+        "radius_mm": round(n.radius_mm, 3),
+        "type": n.kind,
+    }
+    if hasattr(n, "hu"):
+        label["hu"] = round(float(n.hu), 1)
+        if n.extent_mm is not None:
+            label["extent_mm"] = round(float(n.extent_mm), 3)
+    return label
 
 
 def vessel_labels(ph: Phantom) -> list[list[float]]:
@@ -300,10 +389,13 @@ def _json(obj, level: int = 0) -> str:
 
 
 def generate_dataset(out, patients: int, slices: int, size: int, seed: int = 0,
-                     progress: bool = False) -> dict:
-    """Write `patients` synthetic chest-CT series under `out` and return the labels
-    (also written to <out>/labels.json)."""
+                     progress: bool = False, family: str = "chest") -> dict:
+    """Write `patients` synthetic CT series of one phantom family under `out` and return
+    the labels (also written to <out>/labels.json)."""
     out = Path(out)
+    if family not in FAMILIES:
+        raise UserError(f"--family must be one of {', '.join(FAMILIES)}, not {family!r}")
+    spec = FAMILIES[family]
     if patients < 1:
         raise UserError("--patients must be at least 1")
     if slices < 3:
@@ -316,12 +408,12 @@ def generate_dataset(out, patients: int, slices: int, size: int, seed: int = 0,
     series = []
     for i in tqdm(range(patients), desc="synth", unit="patient", file=sys.stderr,
                   disable=None if progress else True, leave=False):
-        rng = np.random.default_rng(np.random.SeedSequence([seed, i]))
+        rng = np.random.default_rng(np.random.SeedSequence([seed, i, *spec.stream]))
         signed = bool(rng.random() < 0.5)
-        ph = make_phantom(rng, slices, size)
+        ph = spec.make(rng, slices, size)
         series.append(write_series(out, seed, i, ph, signed))
-    labels = {"generator": "dinox synth", "seed": seed, "conventions": LABEL_CONVENTIONS,
-              "series": series}
+    labels = {"generator": "dinox synth", "seed": seed, "family": family,
+              "conventions": family_conventions(family), "series": series}
     tmp = out / ".labels.json.tmp"
     tmp.write_text(_json(labels) + "\n")
     tmp.replace(out / "labels.json")

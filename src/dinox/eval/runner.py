@@ -7,6 +7,7 @@ features are (seed guide, "Label-free Validation").
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import replace
 
 import torch
@@ -19,9 +20,15 @@ from dinox.eval.retrieval import spread_sample, view_retrieval
 
 
 @torch.no_grad()
-def embed_views(backbone, dataset, indices, augment, generator, device, autocast_dtype=None, batch_size=128):
-    """Class-token embeddings (float32, L2-normalised) of the two global views of each index."""
+def embed_views(backbone, dataset, indices, augment, generator, device, autocast_dtype=None, batch_size=128,
+                progress=False):
+    """Class-token embeddings (float32, L2-normalised) of the two global views of each index.
+    `progress` shows a bar on stderr (a terminal only; off inside training)."""
+    from tqdm import tqdm
+
     first, second = [], []
+    bar = tqdm(total=len(indices), desc="retrieval: embedding", unit="slice", file=sys.stderr,
+               disable=None if progress else True, leave=False)
     for start in range(0, len(indices), batch_size):
         chunk = indices[start : start + batch_size]
         stacks = pad_collate([dataset[i] for i in chunk]).to(device)
@@ -30,6 +37,8 @@ def embed_views(backbone, dataset, indices, augment, generator, device, autocast
             with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
                 cls = backbone(view)["cls"]
             out.append(F.normalize(cls.float(), dim=-1).cpu())
+        bar.update(len(chunk))
+    bar.close()
     return torch.cat(first), torch.cat(second)
 
 
@@ -44,6 +53,7 @@ def evaluate_backbone(
     autocast_dtype=None,
     ks=(1, 5),
     batch_size: int = 128,
+    progress: bool = False,
 ) -> dict:
     """Retrieval metrics and effective rank; restores the backbone's training mode after."""
     was_training = backbone.training
@@ -52,7 +62,8 @@ def evaluate_backbone(
         indices = spread_sample(dataset.series_ranges(), n, seed)
         augment = CTAugment(replace(augment_cfg, n_local=0))
         generator = torch.Generator().manual_seed(seed)
-        queries, keys = embed_views(backbone, dataset, indices, augment, generator, device, autocast_dtype, batch_size)
+        queries, keys = embed_views(backbone, dataset, indices, augment, generator, device, autocast_dtype, batch_size,
+                                   progress)
     finally:
         backbone.train(was_training)
     result = view_retrieval(queries, keys, ks=ks)

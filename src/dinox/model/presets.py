@@ -1,21 +1,36 @@
 """Named backbone presets, CLI overrides (``--vit-*``) and architecture validation.
 
-Backbone parameter counts (no head) at ``--img-size 224`` (the position embeddings grow
-with the grid), from ``benchmarks/bench_model.py``:
+Backbone parameter counts (no head) at ``--img-size 224`` (the learned position
+embeddings grow with the grid; the RoPE presets have none), from
+``benchmarks/bench_model.py``:
 
-=========== ===== ===== ===== ===== ====== =========
-name        patch dim   depth heads mlp    params
-=========== ===== ===== ===== ===== ====== =========
-vit-tiny    8     192   6     3     768    2.9 M
-vit-small   14    384   12    6     1536   21.6 M
-vit-base    14    768   12    12    3072   85.7 M
-vit-large   14    1024  24    16    4096   303.2 M
-vit-giant   14    1408  40    16    6144   1011.3 M
-=========== ===== ===== ===== ===== ====== =========
+================= ===== ===== ===== ===== ====== ====== ==== =========
+name              patch dim   depth heads mlp    ffn    pos  params
+================= ===== ===== ===== ===== ====== ====== ==== =========
+vit-tiny          8     192   6     3     768    GELU   abs  2.9 M
+vit-small         14    384   12    6     1536   GELU   abs  21.6 M
+vit-base          14    768   12    12    3072   GELU   abs  85.7 M
+vit-large         14    1024  24    16    4096   GELU   abs  303.2 M
+vit-giant         14    1408  40    16    6144   GELU   abs  1011.3 M
+vit-giant2        14    1536  40    24    6144   SwiGLU abs  1134.8 M
+dinov3-vits16     16    384   12    6     1536   GELU   RoPE 21.6 M
+dinov3-vits16plus 16    384   12    6     2304   SwiGLU RoPE 28.7 M
+dinov3-vitb16     16    768   12    12    3072   GELU   RoPE 85.7 M
+dinov3-vitl16     16    1024  24    16    4096   GELU   RoPE 303.2 M
+dinov3-vith16plus 16    1280  32    20    7680   SwiGLU RoPE 840.6 M
+================= ===== ===== ===== ===== ====== ====== ==== =========
 
 ``vit-tiny`` is for CPU smoke runs on 32-96 px crops (patch 8 gives a 4x4 to 12x12 grid).
 ``vit-giant`` is ViT-g/14 of Zhai et al. 2022 ("Scaling Vision Transformers"): width 1408
 with MLP 6144; with the usual MLP ratio 4 (5632) it would have only ~0.95 B parameters.
+``vit-giant2`` is DINOv2's ViT-g/14 (``vit_giant2`` in dinov2/models/vision_transformer.py:
+width 1536, 24 heads of 64, SwiGLU of hidden width 4096), the shape of the released
+``dinov2_vitg14`` weights. ``vit-small`` .. ``vit-large`` are DINOv2's ViT-S/B/L/14.
+The released DINOv2 files without ``_reg`` have no register tokens: use ``--registers 0``.
+
+The ``dinov3-*`` presets are the shapes of the released DINOv3 ViTs (dinov3/hub/backbones.py):
+patch 16, RoPE (base 100), 4 register ("storage") tokens, the key bias masked to zero,
+LayerNorm eps 1e-5, LayerScale; the "plus" models use SwiGLU with an MLP ratio of 6.
 """
 from __future__ import annotations
 
@@ -23,6 +38,14 @@ import dataclasses
 
 from dinox.errors import UserError
 from dinox.model.vit import ViTArch, check_patch_multiple
+
+def _dinov3(dim: int, depth: int, heads: int, ffn_ratio: int, swiglu: bool = False) -> ViTArch:
+    """The shape of a released DINOv3 ViT (dinov3/hub/backbones.py)."""
+    return ViTArch(patch_size=16, embed_dim=dim, depth=depth, num_heads=heads,
+                   mlp_hidden_dim=ffn_ratio * dim, swiglu=swiglu, num_registers=4,
+                   layerscale_init=1e-5, rope=True, rope_base=100.0, mask_k_bias=True,
+                   ln_eps=1e-5)
+
 
 PRESETS: dict[str, ViTArch] = {
     "vit-tiny": ViTArch(patch_size=8, embed_dim=192, depth=6, num_heads=3),
@@ -32,6 +55,13 @@ PRESETS: dict[str, ViTArch] = {
                          mlp_hidden_dim=4096),
     "vit-giant": ViTArch(patch_size=14, embed_dim=1408, depth=40, num_heads=16,
                          mlp_hidden_dim=6144),
+    "vit-giant2": ViTArch(patch_size=14, embed_dim=1536, depth=40, num_heads=24,
+                          mlp_hidden_dim=6144, swiglu=True),
+    "dinov3-vits16": _dinov3(384, 12, 6, 4),
+    "dinov3-vits16plus": _dinov3(384, 12, 6, 6, swiglu=True),
+    "dinov3-vitb16": _dinov3(768, 12, 12, 4),
+    "dinov3-vitl16": _dinov3(1024, 24, 16, 4),
+    "dinov3-vith16plus": _dinov3(1280, 32, 20, 6, swiglu=True),
 }
 
 CUSTOM = "custom"
@@ -90,6 +120,9 @@ def validate_arch(arch: ViTArch, img_size: int | None = None) -> None:
             raise UserError(f"{flag} must be a positive integer (got {value})")
     if arch.num_registers < 0:
         raise UserError(f"the number of register tokens must be >= 0 (got {arch.num_registers})")
+    if arch.rope and (arch.embed_dim % arch.num_heads == 0) and arch.head_dim % 4:
+        raise UserError(f"RoPE needs a head width divisible by 4 (--vit-dim {arch.embed_dim} / "
+                        f"--vit-heads {arch.num_heads} = {arch.head_dim}); use heads of 64 channels")
     if arch.layerscale_init is not None and arch.layerscale_init <= 0:
         raise UserError(f"layerscale init must be positive or None (got {arch.layerscale_init})")
     if arch.embed_dim % arch.num_heads:

@@ -28,7 +28,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-AnomalyKind = Literal["loss_spike", "collapse", "nonfinite"]
+AnomalyKind = Literal["loss_spike", "collapse", "nonfinite", "entropy_wall"]
 Severity = Literal["warning", "critical", "fatal"]
 
 _LEVELS = {"warning": logging.WARNING, "critical": logging.CRITICAL, "fatal": logging.CRITICAL}
@@ -77,7 +77,8 @@ class AnomalyGuard:
 
     def __init__(self, spike_factor: float = 2.0, window: int = 10, std_threshold: float = 0.01,
                  rank_collapse_fraction: float = 0.1, rank_floor: float = 1.5,
-                 halt_on_anomaly: bool = False, collapse_grace_steps: int = 0):
+                 halt_on_anomaly: bool = False, collapse_grace_steps: int = 0,
+                 entropy_wall: "EntropyWall | None" = None):
         if window < 1 or spike_factor <= 1.0:
             raise ValueError("AnomalyGuard needs window >= 1 and spike_factor > 1")
         self.spike_factor = float(spike_factor)
@@ -93,6 +94,7 @@ class AnomalyGuard:
         self._collapsed = {"std": False, "rank": False}
         self.last_good_loss: float | None = None
         self.last_good_step: int | None = None
+        self.entropy_wall = entropy_wall
 
     @property
     def collapse_active(self) -> bool:
@@ -177,6 +179,12 @@ class AnomalyGuard:
             + " (reported once until the features recover)",
             {"emb_std": emb_std, "erank": erank, "best_erank": best_before, "reasons": reasons})
 
+    def check_entropy(self, step: int, teacher_entropy: float | None) -> Anomaly | None:
+        """The entropy wall (see `EntropyWall`), when this guard has one."""
+        if self.entropy_wall is None or teacher_entropy is None:
+            return None
+        return self.entropy_wall.check(step, float(teacher_entropy))
+
     def should_halt(self, anomaly: Anomaly) -> bool:
         """Fatal anomalies always halt; spikes and collapse only with `halt_on_anomaly`."""
         if anomaly.severity == "fatal":
@@ -188,7 +196,8 @@ class AnomalyGuard:
         return {"history": list(self.history), "best_erank": self.best_erank,
                 "collapsed": dict(self._collapsed), "ever_healthy": dict(self._ever_healthy),
                 "last_good_loss": self.last_good_loss,
-                "last_good_step": self.last_good_step}
+                "last_good_step": self.last_good_step,
+                "entropy_wall": self.entropy_wall.state_dict() if self.entropy_wall is not None else None}
 
     def load_state_dict(self, state: dict) -> None:
         self.history = deque((float(x) for x in state.get("history", [])), maxlen=self.window)
@@ -199,17 +208,81 @@ class AnomalyGuard:
         self._ever_healthy = {k: bool(healthy.get(k, False)) for k in ("std", "rank")}
         self.last_good_loss = state.get("last_good_loss")
         self.last_good_step = state.get("last_good_step")
+        if self.entropy_wall is not None and state.get("entropy_wall"):
+            self.entropy_wall.load_state_dict(state["entropy_wall"])
+
+
+class EntropyWall:
+    """The DINO failure where nothing is learned: the teacher's targets stay near uniform,
+    entropy ln(out_dim) (the "entropy wall"), so the student is asked to predict nothing.
+
+    Critical when the teacher entropy stays within `margin` (fraction) of ln(out_dim) for
+    `window` consecutive steps at or after `start_step` (the end of the warm-ups); reported
+    once per episode, with `advice` (what to try, for the run's own settings)."""
+
+    def __init__(self, out_dim: int, start_step: int, window: int = 50, margin: float = 0.02,
+                 advice: str = ""):
+        self.wall = math.log(out_dim)
+        self.start_step, self.window, self.margin, self.advice = int(start_step), int(window), float(margin), advice
+        self.run = 0
+        self.reported = False
+
+    def check(self, step: int, teacher_entropy: float) -> Anomaly | None:
+        if step < self.start_step:
+            return None
+        if not (math.isfinite(teacher_entropy) and teacher_entropy >= (1.0 - self.margin) * self.wall):
+            self.run, self.reported = 0, False
+            return None
+        self.run += 1
+        if self.run < self.window or self.reported:
+            return None
+        self.reported = True
+        return Anomaly(
+            "entropy_wall", "critical", step,
+            f"the teacher's entropy has stayed at {teacher_entropy:.3f}, within {self.margin:.0%} of the wall "
+            f"ln(out_dim) = {self.wall:.3f}, for {self.run} steps after the warm-up: the targets are near uniform "
+            f"and nothing is being learned. Try: {self.advice or 'see the user guide, Troubleshooting'}",
+            {"teacher_entropy": teacher_entropy, "wall": self.wall, "steps": self.run})
+
+    def state_dict(self) -> dict:
+        return {"run": self.run, "reported": self.reported}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.run, self.reported = int(state.get("run", 0)), bool(state.get("reported", False))
+
+
+def entropy_wall_advice(cfg) -> str:
+    """What to try against a teacher stuck at the entropy wall, for a RunConfig's settings
+    (the user guide's troubleshooting advice made concrete)."""
+    m, s, o, v = cfg.model, cfg.ssl, cfg.optim, cfg.views
+    tips = []
+    if s.teacher_temp > 0.04:
+        tips.append(f"a sharper teacher (--teacher-temp 0.04, now {s.teacher_temp:g})")
+    if s.centering == "centering":
+        tips.append("--centering sinkhorn (DINOv3's choice; it cannot settle on uniform targets)")
+    if not m.head_bn and cfg.effective_batch <= 64:
+        tips.append("--head-bn true (diverse targets at initialisation for small batches)")
+    if o.lr > 5e-4:
+        tips.append(f"a lower --lr (now {o.lr:g})")
+    if m.out_dim > 64 * cfg.effective_batch:
+        tips.append(f"fewer prototypes (--out-dim {max(256, 16 * cfg.effective_batch)}, now {m.out_dim})")
+    if v.local_crops == 0:
+        tips.append("local crops (--local-crops 8)")
+    if s.ibot_weight == 0:
+        tips.append("iBOT (--ibot-weight 1.0: many patch targets per image)")
+    tips.append("resume from the emergency checkpoint with the changed flags (--resume PATH)")
+    return "; ".join(tips)
 
 
 def respond(guard: AnomalyGuard, anomalies: list[Anomaly], logger) -> tuple[bool, bool]:
     """The policy of what anomalies trigger: log each at its level; returns
     (save an emergency checkpoint, halt). A collapse always gets a checkpoint for the
-    post-mortem; halting follows `guard.should_halt` (fatal always, others with
+    post-mortem (so does the entropy wall: every critical anomaly); halting follows `guard.should_halt` (fatal always, others with
     --halt-on-anomaly), and a halt saves a checkpoint too."""
     checkpoint = halt = False
     for anomaly in anomalies:
         logger.log(anomaly.level, anomaly.message)
-        checkpoint = checkpoint or anomaly.kind == "collapse"
+        checkpoint = checkpoint or anomaly.wants_checkpoint
         halt = halt or guard.should_halt(anomaly)
     return checkpoint, halt
 

@@ -155,11 +155,20 @@ class MetricsLogger:
         self.close()
 
 
-def format_progress(step: int, metrics: Mapping[str, Any], extra: Iterable[str] = ()) -> str:
+def format_eta(seconds: float) -> str:
+    """`HhMMm`, e.g. 0h07m, 12h30m, 180h00m (minutes rounded up, so 0h00m means done)."""
+    minutes = max(0, math.ceil(seconds / 60.0))
+    return f"{minutes // 60}h{minutes % 60:02d}m"
+
+
+def format_progress(step: int, metrics: Mapping[str, Any], extra: Iterable[str] = (),
+                    max_steps: int | None = None) -> str:
     """The interval line, e.g. `step=   100 loss=3.4521 lr=1.2e-04 steps/s=1.23 samples/s=78.7 elapsed=81.3s`.
 
     Reads `loss`, `lr`, `steps_per_s`, `samples_per_s` and `elapsed` from `metrics`, each
-    only if present; names in `extra` are appended as `name=value`.
+    only if present; names in `extra` are appended as `name=value`. With `max_steps`, the
+    time left at the current `steps_per_s` comes last, as ` eta=HhMMm` (left out while the
+    rate is unknown).
     """
     def get(name):
         value = json_safe(metrics[name]) if name in metrics else None
@@ -177,6 +186,10 @@ def format_progress(step: int, metrics: Mapping[str, Any], extra: Iterable[str] 
         value = get(name)
         if value is not None:
             parts.append(f"{name}={value:.4g}" if isinstance(value, float) else f"{name}={value}")
+    if max_steps is not None:
+        rate = get("steps_per_s")
+        if isinstance(rate, (int, float)) and math.isfinite(rate) and rate > 0:
+            parts.append(f"eta={format_eta(max(0, int(max_steps) - int(step)) / rate)}")
     return " ".join(parts)
 
 

@@ -7,13 +7,21 @@ Layout of a run directory::
         checkpoint_final_%08d.pth            end of training (never rotated)
         checkpoint_emergency_%08d.pth        anomaly / interruption (never rotated)
         <checkpoint name>.sha256             integrity record, JSON {"sha256", "size"}
+        train.lock                           while a process trains there: its pid, host, start
 
 Saving writes to a hidden temporary file (``.<name>.<host>.<pid>.tmp``) in the same
 directory, fsyncs it, renames it over the final name and fsyncs the directory, so a final
 name only ever holds a complete file. The sha256 of the bytes written is computed while
-writing and stored in the sidecar afterwards (also atomically). A checkpoint whose sidecar
-is missing (crash between the two renames, or a file copied without it) is verified by a
-full `torch.load` instead; that catches truncation but not flipped bits inside tensors.
+writing and stored in the sidecar afterwards (also atomically). Verification then checks
+what the bytes hold: every floating tensor finite and of a plausible magnitude (flipped
+exponent bits turn a weight into 1e36), and, where the caller names them, the required
+top-level entries. A checkpoint whose sidecar is missing (crash between the two renames,
+or a file copied without it) gets these content checks after a full `torch.load`; only
+damage that keeps values finite and small goes unnoticed then.
+
+`lock_run_dir` gives one process at a time a run folder (a lock file under a POSIX record
+lock, which the kernel drops when its process dies; where a filesystem has no record locks,
+the file alone, stale when its process id is dead).
 
 Everything is loaded with ``weights_only=True``: a file that carries pickled code is refused
 before anything in it runs.
@@ -25,11 +33,13 @@ import hashlib
 import itertools
 import json
 import logging
+import math
 import os
 import pickle
 import re
 import shutil
 import socket
+import time
 from collections import OrderedDict
 from datetime import datetime
 from pathlib import Path
@@ -42,22 +52,31 @@ from dinox.errors import UserError
 from dinox.run.rng import capture_rng_state, restore_rng_state
 
 __all__ = [
-    "CheckpointError",
     "KINDS",
+    "CheckpointError",
+    "RunLock",
+    "RunLockedError",
     "capture_rng_state",
     "checkpoint_path",
-        "estimate_checkpoint_bytes",
+    "checkpoint_saved_time",
+    "content_problem",
+    "estimate_checkpoint_bytes",
+    "file_sha256",
     "find_resume_checkpoint",
+    "free_space",
+    "is_run_dir_name",
+    "link_or_copy",
     "list_checkpoints",
     "list_run_dirs",
-    "link_or_copy",
     "load_checkpoint",
+    "lock_run_dir",
     "new_run_dir",
     "parse_checkpoint_name",
     "restore_rng_state",
     "rotate_checkpoints",
     "save_checkpoint",
     "sidecar_path",
+    "space_needed",
     "to_safe",
     "verify_checkpoint",
 ]
@@ -68,13 +87,17 @@ KINDS = ("periodic", "final", "emergency")
 _PREFIX = {"periodic": "checkpoint_", "final": "checkpoint_final_", "emergency": "checkpoint_emergency_"}
 _NAME_RE = re.compile(r"^checkpoint_(?:(final|emergency)_)?(\d{8,})\.pth$")
 _RUN_RE = re.compile(r"^(\d{8}_\d{6})(?:_(\d+))?$")
-_TEMP_RE = re.compile(r"^\.checkpoint_.*\.(?P<host>[^.]*)\.(?P<pid>\d+)\.tmp$")
+_TEMP_RE = re.compile(r"^\.(?:checkpoint_.*|train\.lock)\.(?P<host>[^.]*)\.(?P<pid>\d+)\.tmp$")
 # At equal step: a final checkpoint is the cleanest state, an emergency one the least usual.
 _RESUME_RANK = {"emergency": 0, "periodic": 1, "final": 2}
 SIDECAR_SUFFIX = ".sha256"
 _CHUNK = 16 << 20
 _SPACE_MARGIN_FRACTION = 0.02
 _SPACE_MARGIN_BYTES = 64 << 20
+# No weight, moment, centre or loss scale of a training run comes near this; flipped
+# exponent bits in an fp32 value easily do (a weight of 2e36).
+IMPLAUSIBLE_MAGNITUDE = 1e30
+LOCK_NAME = "train.lock"
 
 
 class CheckpointError(UserError):
@@ -88,7 +111,14 @@ def new_run_dir(out_root, now: datetime | None = None) -> Path:
     within the same second gets ``_1``, ``_2``, ... (mkdir is the lock, so concurrent
     starts never share a directory)."""
     root = Path(out_root)
-    root.mkdir(parents=True, exist_ok=True)
+    if root.exists() and not root.is_dir():
+        raise UserError(f"--out {root} is a file, not a folder; give a folder for the runs "
+                        f"(it is created when missing)")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create the runs folder {root} ({exc.strerror or exc}); "
+                        f"give an --out on a writable disk") from None
     stamp = (now or datetime.now()).strftime("%Y%m%d_%H%M%S")
     for suffix in itertools.count():
         candidate = root / (stamp if suffix == 0 else f"{stamp}_{suffix}")
@@ -96,8 +126,16 @@ def new_run_dir(out_root, now: datetime | None = None) -> Path:
             candidate.mkdir()
         except FileExistsError:
             continue
+        except OSError as exc:
+            raise UserError(f"cannot create a run folder in {root} ({exc.strerror or exc}); "
+                            f"give an --out on a writable disk") from None
         return candidate
     raise AssertionError("unreachable")
+
+
+def is_run_dir_name(name: str) -> bool:
+    """Whether `name` is a run folder name made by `new_run_dir`."""
+    return _RUN_RE.match(name) is not None
 
 
 def list_run_dirs(out_root) -> list[Path]:
@@ -300,14 +338,33 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def space_needed(tensor_bytes: int) -> int:
+    """Free bytes a save of `tensor_bytes` of tensor storage asks for: the file plus a margin
+    for pickle framing and the filesystem."""
+    return int(tensor_bytes * (1 + _SPACE_MARGIN_FRACTION)) + _SPACE_MARGIN_BYTES
+
+
+def free_space(path) -> int:
+    """Free bytes on the filesystem that holds `path` (or its nearest existing parent, for a
+    folder not created yet)."""
+    path = Path(path).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
 def _gb(n: float) -> str:
     return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e9:.3g} GB"
 
 
 def _no_space_error(path: Path, need: int, free: int) -> CheckpointError:
+    # Fewer kept checkpoints only help when older periodic ones take the space.
+    rotating = [p for p in list_checkpoints(path.parent) if parse_checkpoint_name(p)[1] == "periodic"]
+    advice = ("free space or lower --ckpt-keep-last" if rotating
+              else "free space there or give --out a folder on a disk with room")
     return CheckpointError(
         f"not enough disk space to save {path.name}: need {_gb(need)}, {_gb(free)} free at "
-        f"{path.parent}; free space or lower --ckpt-keep-last")
+        f"{path.parent}; {advice}")
 
 
 def _is_no_space(exc: BaseException | None) -> bool:
@@ -349,7 +406,7 @@ def save_checkpoint(path, state: dict) -> int:
     directory.mkdir(parents=True, exist_ok=True)
     safe = to_safe(state)
     _remove_stale_temps(directory)
-    need = int(estimate_checkpoint_bytes(safe) * (1 + _SPACE_MARGIN_FRACTION)) + _SPACE_MARGIN_BYTES
+    need = space_needed(estimate_checkpoint_bytes(safe))
     free = shutil.disk_usage(directory).free
     if free < need:
         raise _no_space_error(path, need, free)
@@ -407,6 +464,11 @@ def link_or_copy(src, dst) -> Path:
 
 
 # ----------------------------------------------------------------------------- verifying
+
+def file_sha256(path) -> str:
+    """Hex sha256 of a file's bytes (read in chunks)."""
+    return _sha256_file(Path(path))
+
 
 def _sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
@@ -470,8 +532,52 @@ def _torch_load(path: Path, map_location, mmap: bool):
         raise
 
 
-def verify_checkpoint(path) -> tuple[bool, str]:
-    """(intact, reason). Uses the sha256 sidecar when present, else a full (mmap) load."""
+def _tensor_problem(t: torch.Tensor, where: str) -> str | None:
+    if not t.is_floating_point() or t.numel() == 0 or t.device.type == "meta":
+        return None
+    try:
+        lo, hi = torch.aminmax(t.detach())
+    except RuntimeError:  # a dtype without an aminmax kernel on this device
+        lo, hi = torch.aminmax(t.detach().float())
+    lo, hi = float(lo), float(hi)  # NaN propagates into both
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        return f"non-finite value (NaN or Inf) in {where}"
+    extreme = hi if hi >= -lo else lo
+    if abs(extreme) > IMPLAUSIBLE_MAGNITUDE:
+        return (f"implausible value {extreme:.3g} in {where} (damaged bytes: no trained weight or "
+                f"optimizer moment is that large)")
+    return None
+
+
+def content_problem(state: Any, required: tuple[str, ...] | list[str] = ()) -> str | None:
+    """None when `state` holds what a checkpoint may hold, else the first reason it does not:
+    a required top-level entry missing, or a floating tensor anywhere that is non-finite or
+    larger than `IMPLAUSIBLE_MAGNITUDE` in magnitude.
+
+    This is what can be checked without a checksum record; with one it still matters, since
+    a run that produced NaN weights saves them with a valid record."""
+    if not isinstance(state, dict):
+        return f"holds a {type(state).__name__}, not a checkpoint dictionary"
+    missing = [key for key in required if key not in state]
+    if missing:
+        return f"lacks the entries {', '.join(missing)} (incomplete, or not a training checkpoint)"
+    stack: list[tuple[Any, str]] = [(state[key], str(key)) for key in reversed(list(state))]
+    while stack:
+        obj, where = stack.pop()
+        if isinstance(obj, torch.Tensor):
+            problem = _tensor_problem(obj, where)
+            if problem:
+                return problem
+        elif isinstance(obj, dict):
+            stack.extend((v, f"{where}[{k!r}]") for k, v in reversed(list(obj.items())))
+        elif isinstance(obj, (list, tuple)):
+            stack.extend((v, f"{where}[{i}]") for i, v in reversed(list(enumerate(obj))))
+    return None
+
+
+def verify_checkpoint(path, required: tuple[str, ...] | list[str] = ()) -> tuple[bool, str]:
+    """(intact, reason). The sha256 record when present (else a full mmap load shows whether
+    the file loads), then the content checks of `content_problem` in either case."""
     path = Path(path)
     if not path.is_file():
         return False, "no such file"
@@ -482,18 +588,27 @@ def verify_checkpoint(path) -> tuple[bool, str]:
         problem = _check_record(path, record) or _unsafe_globals_problem(path)
         if problem:
             return False, problem
-        return True, "sha256 and size match the record written at save time"
-    note = f"{record}; " if isinstance(record, str) else ""
+        note, how = "", "sha256 and size match the record written at save time"
+    else:
+        note = f"{record}; " if isinstance(record, str) else ""
+        how = ("loads with weights_only=True (no checksum record; tensors checked for non-finite "
+               "and implausible values only)")
     try:
-        _torch_load(path, "cpu", mmap=True)
+        state = _torch_load(path, "cpu", mmap=True)
     except (MemoryError, KeyboardInterrupt):
         raise
     except Exception as exc:
         if _is_weights_only_refusal(exc):
             return False, (f"{note}contains non-weights objects ({_refusal_detail(exc)}); "
                            f"it will not be loaded")
+        if isinstance(record, dict):
+            return False, f"not loadable although its checksum matches ({_first_line(exc)})"
         return False, f"{note}not loadable ({_first_line(exc)})"
-    return True, f"{note}loads with weights_only=True (no checksum record, tensor bytes unchecked)"
+    problem = content_problem(state, required)
+    del state
+    if problem:
+        return False, f"{note}{problem}"
+    return True, f"{note}{how}"
 
 
 def _unsafe_globals_problem(path: Path) -> str | None:
@@ -521,10 +636,13 @@ def _earlier_hint(path: Path) -> str:
     return "; resume from an earlier checkpoint"
 
 
-def load_checkpoint(path, map_location="cpu", *, verify: bool = True, mmap: bool = False) -> dict:
+def load_checkpoint(path, map_location="cpu", *, verify: bool = True, mmap: bool = False,
+                    required: tuple[str, ...] | list[str] = ()) -> dict:
     """Verify `path` against its integrity record (when present) and load it with
-    ``weights_only=True``. `mmap=True` maps tensor data instead of reading it (inspection
-    of huge files). Raises CheckpointError for missing, damaged or unsafe files."""
+    ``weights_only=True``; with `verify`, the loaded state must also pass `content_problem`
+    (the `required` entries, finite and plausible tensors). `mmap=True` maps tensor data
+    instead of reading it (inspection of huge files). Raises CheckpointError for missing,
+    damaged or unsafe files."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} not found")
@@ -556,6 +674,10 @@ def load_checkpoint(path, map_location="cpu", *, verify: bool = True, mmap: bool
                               f"({_first_line(exc)}){_earlier_hint(path)}") from exc
     if not isinstance(state, dict):
         raise CheckpointError(f"{path} holds a {type(state).__name__}, not a checkpoint dictionary")
+    if verify:
+        problem = content_problem(state, required)
+        if problem:
+            raise CheckpointError(f"checkpoint {path} is damaged: {problem}{_earlier_hint(path)}")
     return state
 
 
@@ -607,20 +729,43 @@ def rotate_checkpoints(run_dir, keep_last: int, milestone_every: int = 0) -> lis
     return deleted
 
 
-def find_resume_checkpoint(out_root) -> Path | None:
-    """The newest intact checkpoint of the newest run under `out_root` that has one.
+def checkpoint_saved_time(path) -> float:
+    """When a checkpoint was saved: its file's modification time (the atomic rename keeps
+    the time the bytes were written); -inf when it cannot be read."""
+    try:
+        return Path(path).stat().st_mtime
+    except OSError:
+        return float("-inf")
 
-    Newest = highest step; at equal step final > periodic > emergency. Emergency
-    checkpoints are candidates: they hold the state before the anomalous update (or at an
-    interruption), so they resume exactly. Damaged checkpoints are skipped with a warning
-    and the search falls back to older checkpoints, then to older runs.
+
+def _runs_by_last_save(out_root) -> list[Path]:
+    """Run folders, the one saved into most recently first.
+
+    Folder names are local start times: after a time-zone or clock change, or for a branch
+    started from an old checkpoint, they do not say which run holds the latest work; the
+    checkpoints' own save times do. Equal times fall back to the name order."""
+    runs = list_run_dirs(out_root)
+    last = {run: max((checkpoint_saved_time(p) for p in list_checkpoints(run)), default=float("-inf"))
+            for run in runs}
+    order = {run: i for i, run in enumerate(runs)}
+    return sorted(runs, key=lambda run: (last[run], order[run]), reverse=True)
+
+
+def find_resume_checkpoint(out_root, required: tuple[str, ...] | list[str] = ()) -> Path | None:
+    """The newest intact checkpoint of the run under `out_root` saved into last.
+
+    Within a run, newest = highest step; at equal step final > periodic > emergency.
+    Emergency checkpoints are candidates: they hold the state before the anomalous update
+    (or at an interruption), so they resume exactly, unless they fail the content checks
+    (non-finite weights, `required` entries). Damaged checkpoints are skipped with a warning
+    and the search falls back to older checkpoints, then to other runs.
     """
-    for run in reversed(list_run_dirs(out_root)):
+    for run in _runs_by_last_save(out_root):
         checkpoints = list_checkpoints(run)
         if not checkpoints:
             continue
         for path in reversed(checkpoints):
-            intact, reason = verify_checkpoint(path)
+            intact, reason = verify_checkpoint(path, required)
             if intact:
                 if parse_checkpoint_name(path)[1] == "emergency":
                     log.warning("resuming from emergency checkpoint %s (saved after an anomaly "
@@ -629,3 +774,227 @@ def find_resume_checkpoint(out_root) -> Path | None:
             log.warning("skipping damaged checkpoint %s: %s", path, reason)
         log.warning("run %s has no intact checkpoint; looking at older runs", run)
     return None
+
+
+# ----------------------------------------------------------------------------- run folder lock
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: the lock file alone, judged by its process id
+    fcntl = None
+
+
+class RunLockedError(UserError):
+    """Another live process holds the run folder."""
+
+
+# The run folders this process holds. A POSIX record lock is dropped as soon as its process
+# closes ANY descriptor of the file, so this process must never open a lock file it holds:
+# asking for one of these again is answered from here.
+_HELD: dict[str, RunLock] = {}
+
+
+def _lockf(fd: int) -> bool:
+    """Take an exclusive POSIX record lock without waiting: True when taken, False when
+    this filesystem has none; BlockingIOError when another process holds it.
+
+    Record locks (not flock) because they are not inherited by fork: DataLoader workers
+    outlive a SIGKILLed trainer by seconds and must not keep its folder locked."""
+    if fcntl is None:
+        return False
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno in (errno.EAGAIN, errno.EACCES):
+            raise BlockingIOError(exc.errno, exc.strerror) from None
+        return False  # ENOLCK, EOPNOTSUPP, EINVAL, EBADF: some network filesystems
+    return True
+
+
+class RunLock:
+    """This process's hold on a run folder: a lock file naming the holder (pid, host, start),
+    locked for the process's lifetime so that a killed holder frees it by itself.
+    `release()` deletes it; also a context manager."""
+
+    def __init__(self, path: Path, fd: int, holder: dict):
+        self.path, self.holder = path, holder
+        self._fd: int | None = fd
+        self._inode = os.fstat(fd).st_ino
+        self._pid = os.getpid()
+        _HELD[_lock_key(path)] = self
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None and os.getpid() == self._pid
+
+    def release(self) -> None:
+        if not self.held:  # released already, or a forked child's copy
+            return
+        if _HELD.get(_lock_key(self.path)) is self:
+            del _HELD[_lock_key(self.path)]
+        try:
+            if os.stat(self.path).st_ino == self._inode:  # only our own file, never a successor's
+                os.unlink(self.path)
+        except OSError:
+            pass
+        os.close(self._fd)
+        self._fd = None
+
+    def __enter__(self) -> RunLock:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def _lock_key(path: Path) -> str:
+    return os.path.abspath(path)
+
+
+def _locked_message(run_dir: Path, path: Path, holder: dict) -> str:
+    return (f"run folder {run_dir} is in use by pid {holder.get('pid', '?')} on host "
+            f"{holder.get('host', '?')} (since {holder.get('since', '?')}); wait for that run to end or stop "
+            f"it, or train into another --out; if that process no longer exists, delete {path}")
+
+
+def _read_holder(fd: int) -> dict:
+    try:
+        os.lseek(fd, 0, os.SEEK_SET)
+        data = json.loads(os.read(fd, 4096).decode("utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _create_lock(path: Path, holder: dict) -> RunLock | None:
+    """Create the lock file with its content in one step (a hard link to a finished, already
+    locked temporary file, so the name never shows an empty or unlocked file); None when it
+    exists already."""
+    content = (json.dumps(holder) + "\n").encode("utf-8")
+    tmp = _temp_path(path)
+    fd: int | None = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.write(fd, content)
+        _lockf(fd)  # a fresh inode: nobody else can hold it
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return None
+        except OSError:  # no hard links on this filesystem: create exclusively, then write
+            os.close(fd)
+            fd = None
+            return _create_lock_exclusive(path, content, holder)
+        lock, fd = RunLock(path, fd, holder), None
+        return lock
+    finally:
+        if fd is not None:
+            os.close(fd)
+        _unlink_quietly(tmp)
+
+
+def _create_lock_exclusive(path: Path, content: bytes, holder: dict) -> RunLock | None:
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        return None
+    try:
+        _lockf(fd)
+        os.write(fd, content)
+        return RunLock(path, fd, holder)
+    except BaseException:
+        os.close(fd)
+        _unlink_quietly(path)
+        raise
+
+
+def _remove_stale_lock(path: Path, inode: int) -> None:
+    """Delete the lock file `path` if it is still the one (inode) judged stale: moved aside
+    first, so that a fresh lock created meanwhile by another process is put back, not lost."""
+    aside = path.with_name(f".{path.name}.{_host_tag()}.{os.getpid()}.stale")
+    try:
+        os.replace(path, aside)
+    except FileNotFoundError:
+        return
+    try:
+        if os.stat(aside).st_ino != inode:
+            try:
+                os.link(aside, path)
+            except OSError:
+                pass
+    finally:
+        _unlink_quietly(aside)
+
+
+def _probe_lock(path: Path) -> tuple[str, dict]:
+    """("held", holder) when a live process holds the existing lock file `path`; ("gone",
+    holder) when it is absent, was replaced meanwhile, or was stale and has been removed.
+
+    Stale: nobody holds its record lock (its process died: the kernel dropped the lock),
+    or, on a filesystem without record locks, its process id is dead on this host."""
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except FileNotFoundError:
+        return "gone", {}
+    except PermissionError:
+        fd = os.open(path, os.O_RDONLY)  # cannot be locked: judged by its process id
+    try:
+        holder = _read_holder(fd)
+        try:
+            lock = "free" if _lockf(fd) else "unsupported"
+        except BlockingIOError:
+            lock = "held"
+        inode = os.fstat(fd).st_ino
+        try:
+            if os.stat(path).st_ino != inode:
+                return "gone", holder
+        except FileNotFoundError:
+            return "gone", holder
+        if lock == "held":
+            return "held", holder
+        if lock == "unsupported":
+            pid = holder.get("pid")
+            dead = (holder.get("host") == socket.gethostname() and isinstance(pid, int)
+                    and pid != os.getpid() and not _pid_alive(pid))
+            if not dead:
+                return "held", holder
+        elif not holder and time.time() - os.fstat(fd).st_mtime < 5:
+            return "held", holder  # created without hard links, content not written yet
+        log.info("removing stale lock %s of pid %s on %s (that process is gone)",
+                 path, holder.get("pid", "?"), holder.get("host", "?"))
+    finally:
+        os.close(fd)
+    _remove_stale_lock(path, inode)
+    return "gone", holder
+
+
+def lock_run_dir(run_dir) -> RunLock:
+    """Hold `run_dir` for this process, or raise RunLockedError naming the live holder.
+
+    Two processes continuing one folder would overwrite each other's checkpoints, metrics
+    and config.json. The lock is a file `train.lock` in the folder, record-locked while held
+    (the kernel frees the lock when the holder dies, even by SIGKILL) and deleted on release;
+    where a filesystem has no record locks, a lock file whose process id is dead on this host
+    counts as stale. A lock taken on another host is only ever released by its holder (or
+    by hand)."""
+    run_dir = Path(run_dir)
+    path = run_dir / LOCK_NAME
+    mine = _HELD.get(_lock_key(path))
+    if mine is not None and mine.held:
+        raise RunLockedError(_locked_message(run_dir, path, mine.holder))
+    holder = {"pid": os.getpid(), "host": socket.gethostname(),
+              "since": datetime.now().astimezone().isoformat(timespec="seconds")}
+    try:
+        _remove_stale_temps(run_dir)
+        for _ in range(20):
+            lock = _create_lock(path, holder)
+            if lock is not None:
+                return lock
+            status, other = _probe_lock(path)
+            if status == "held":
+                raise RunLockedError(_locked_message(run_dir, path, other))
+            time.sleep(0.05)
+    except OSError as exc:
+        raise CheckpointError(f"cannot lock the run folder {run_dir} ({exc.strerror or exc}); "
+                              f"check that it is writable") from None
+    raise RunLockedError(f"could not lock the run folder {run_dir}: its lock file {path} keeps changing; "
+                         f"check for other processes training there")

@@ -49,6 +49,18 @@ def _set_numpy_state(state: dict) -> None:
     )
 
 
+def seed_all(seed: int) -> None:
+    """Seed Python's `random`, NumPy's global RNG and torch (CPU and accelerators).
+
+    Every run seeds all of them, not only the ones it uses: their states are in each
+    checkpoint, and an unseeded Python or NumPy RNG would start from fresh OS entropy in
+    every process, so an uninterrupted run and a resumed one would end with different
+    states (and a later continuation would diverge)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
 def capture_rng_state(device, generators: dict[str, torch.Generator] | None = None) -> dict:
     """Python `random`, numpy's legacy global RNG, torch CPU, and the accelerator RNGs
     (all CUDA/ROCm devices when `device` is cuda, the MPS generator when it is mps).

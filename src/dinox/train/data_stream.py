@@ -8,10 +8,13 @@ training device from a generator saved in the checkpoint).
 """
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
+
+log = logging.getLogger("dinox.train")
 
 
 class ResumableSampler(Sampler[int]):
@@ -67,3 +70,19 @@ def make_loader(
         # drawing from the global torch RNG instead would shift drop path on a resumed run.
         generator=torch.Generator().manual_seed(seed * 7 + rank),
     )
+
+
+def validation_dataset(cfg, train_dataset):
+    """The validation split for in-training eval and monitoring (None when neither runs);
+    the training split when there is none, since an empty validation split must not stop
+    a run."""
+    from dinox.data.dataset import CTSliceDataset
+
+    watch, io = cfg.watch, cfg.io
+    if not (watch.eval_every or watch.monitor_every):
+        return None
+    try:
+        return CTSliceDataset(io.data_root, "val", io.split_manifest, io.index_csv)
+    except Exception as exc:  # noqa: BLE001
+        log.warning("no validation data for monitoring/eval (%s); using the training split", exc)
+        return train_dataset

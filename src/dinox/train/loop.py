@@ -20,13 +20,14 @@ import torch
 from dinox.config import RunConfig
 from dinox.data.augment import CTAugment
 from dinox.data.dataset import CTSliceDataset, pad_collate
-from dinox.observe.anomaly import AnomalyGuard, nonfinite_diagnostics, respond
+from dinox.observe.anomaly import AnomalyGuard, EntropyWall, entropy_wall_advice, nonfinite_diagnostics, respond
 from dinox.observe.health import MemoryWatch, device_memory_metrics
 from dinox.observe.metrics import MetricsLogger, Throughput, format_progress, run_header
 from dinox.run.device import DeviceInfo
 from dinox.run.distributed import DistEnv, all_reduce_, broadcast_object
+from dinox.run.rng import seed_all
 from dinox.run.signals import EXIT_ANOMALY, EXIT_NONFINITE, EXIT_OK, StopRequest
-from dinox.train.data_stream import make_loader
+from dinox.train.data_stream import make_loader, validation_dataset
 from dinox.train.optim import Schedules, apply_schedule, autocast, autocast_dtype, build_optimizer, build_scaler
 from dinox.train.ssl import METRIC_NAMES, DINOSSL
 from dinox.train.state import Checkpointer, Components, Placement, Progress, capture_step, restore_step, unpack
@@ -46,14 +47,16 @@ class Trainer:
     def __init__(self, cfg: RunConfig, device_info: DeviceInfo, run_dir: Path, provenance: dict, dist: DistEnv,
                  resume_state: dict | None = None):
         self.cfg, self.device_info, self.run_dir, self.provenance, self.dist = cfg, device_info, run_dir, provenance, dist
-        self.device = torch.device(device_info.torch_device)
-        self.stop = StopRequest()
+        self.device, self.stop = torch.device(device_info.torch_device), StopRequest()
         seed, io = cfg.runtime.seed, cfg.io
 
-        torch.manual_seed(seed)  # the same initial weights on every rank
+        seed_all(seed)  # the same initial weights on every rank
         self.dataset = CTSliceDataset(io.data_root, "train", io.split_manifest, io.index_csv)
-        self.val_dataset = self._maybe_val_dataset()
-        self.ssl = DINOSSL(cfg, self.device)
+        self.val_dataset = validation_dataset(cfg, self.dataset)
+        self.ssl = DINOSSL(cfg, self.device, initialise=resume_state is None)
+        report = self.ssl.init_report or (resume_state or {}).get("provenance", {}).get("init_from")
+        if report is not None:  # the weights' origin stays on record through resumes
+            provenance["init_from"] = report
         torch.manual_seed(seed + dist.rank)  # drop path differs per rank
         self.schedules = Schedules.from_config(cfg)
         self.augment = CTAugment(cfg.views.to_augment())
@@ -65,9 +68,12 @@ class Trainer:
         self.autocast_dtype = autocast_dtype(cfg.runtime.amp, self.device, device_info.bf16_supported)
         self.scaler = build_scaler(self.device, self.autocast_dtype)
         watch = cfg.watch
+        warmed_up = max(cfg.optim.warmup_steps, cfg.ssl.teacher_temp_warmup_steps)
+        wall = EntropyWall(cfg.model.out_dim, start_step=warmed_up, advice=entropy_wall_advice(cfg),
+                           window=min(100, max(20, (cfg.optim.max_steps or 1000) // 10)))
         guard = AnomalyGuard(spike_factor=watch.spike_factor, std_threshold=watch.collapse_std,
                              halt_on_anomaly=watch.halt_on_anomaly,
-                             collapse_grace_steps=max(cfg.optim.warmup_steps, 100))
+                             collapse_grace_steps=max(cfg.optim.warmup_steps, 100), entropy_wall=wall)
         self.memory_watch = MemoryWatch(device_info, grad_checkpoint=cfg.runtime.grad_checkpoint, amp=cfg.runtime.amp)
         self.parts = Components(Progress(), self.ssl, self.optimizer, self.scaler,
                                 torch.Generator().manual_seed(seed * 7919 + dist.rank), guard)
@@ -80,19 +86,7 @@ class Trainer:
         if resume_state is not None and dist.is_main:
             self.metrics.truncate_after(self.progress.step)
 
-    @property
-    def progress(self) -> Progress:
-        return self.parts.progress
-
-    def _maybe_val_dataset(self) -> CTSliceDataset | None:
-        watch, io = self.cfg.watch, self.cfg.io
-        if not (watch.eval_every or watch.monitor_every):
-            return None
-        try:
-            return CTSliceDataset(io.data_root, "val", io.split_manifest, io.index_csv)
-        except Exception as exc:  # an empty validation split must not stop training
-            log.warning("no validation data for monitoring/eval (%s); using the training split", exc)
-            return self.dataset
+    progress = property(lambda self: self.parts.progress, doc="Steps done and samples consumed.")
 
     def _autocast(self):
         return autocast(self.device, self.autocast_dtype)
@@ -116,15 +110,19 @@ class Trainer:
         for i in range(accumulation):
             stacks = next(micro_batches).to(self.device, non_blocking=True)
             views = self.augment(stacks, self.parts.aug_generator)
+            masks = ssl.draw_masks(2 * stacks.shape[0], self.parts.aug_generator, self.device)
             sync = self.dist.no_sync(self.model) if i < accumulation - 1 else contextlib.nullcontext()
             with sync:
-                values = ssl.forward_backward(views, sched, autocast=self._autocast, backward=backward)
+                values = ssl.forward_backward(views, sched, autocast=self._autocast, backward=backward, masks=masks,
+                                              step=self.progress.step)
             self.progress.consumed += stacks.shape[0]
             inputs.append(stacks)
             bad |= ~torch.isfinite(values["loss"])
             vector = torch.stack([values[name].float() for name in METRIC_NAMES]) / accumulation
             sums = vector if sums is None else sums + vector
 
+        if self.progress.step < optim.freeze_backbone_steps:
+            ssl.freeze_backbone_grads()
         self.scaler.unscale_(self.optimizer)
         params = [p for p in ssl.student.parameters() if p.grad is not None]
         if optim.clip_grad > 0:
@@ -147,7 +145,7 @@ class Trainer:
             restore_step(self.parts, before, self.device)
             return StepResult({**metrics, "lr": sched["lr"]}, False, stop_requested, torch.cat(inputs))
         if self.progress.step < optim.freeze_last_layer_steps:
-            ssl.student.head.cancel_last_layer_grads()
+            ssl.cancel_last_layer_grads()
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
@@ -162,11 +160,8 @@ class Trainer:
         log.info("run directory: %s", self.run_dir)
 
     def release(self) -> None:
-        """Drop the DDP wrapper while the process group is still alive.
-
-        Otherwise the wrapper's reducer can hold the last reference to the gloo group and
-        destroy it at garbage collection with the GIL held, joining a worker thread that
-        waits for the GIL: the rank hangs at exit (seen with torchrun on CPU)."""
+        """Drop the DDP wrapper while the process group lives: its reducer may otherwise destroy
+        the gloo group at garbage collection with the GIL held, and the rank hangs at exit."""
         self.dist.barrier()
         self.model = self.ssl.student_call = None
         gc.collect()
@@ -210,13 +205,15 @@ class Trainer:
                 self.metrics.log(step, metrics)
             if dist.is_main and (step - first_step <= 3 or now - last_line >= w.log_interval
                                  or step == o.max_steps or result.stop_requested):
-                print(format_progress(step, metrics), flush=True)
+                print(format_progress(step, metrics, max_steps=o.max_steps), flush=True)
                 last_line = now
             warning = self.memory_watch.check()
             if warning and dist.is_main:
                 log.warning(warning)
-            anomalies = self.parts.guard.check(step, metrics["loss"], emb_std=metrics["embedding_std"])
-            wants_checkpoint, halt = respond(self.parts.guard, anomalies, log)
+            guard = self.parts.guard
+            anomalies = guard.check(step, metrics["loss"], emb_std=metrics["embedding_std"])
+            anomalies += [a for a in [guard.check_entropy(step, metrics["Entropy_Teacher"])] if a is not None]
+            wants_checkpoint, halt = respond(guard, anomalies, log)
             if wants_checkpoint or halt:
                 self.save("emergency")
             if halt:

@@ -15,15 +15,24 @@ from torch import nn
 from dinox.config import RunConfig
 
 
-def warmup_cosine(step: int, base: float, final: float, warmup_steps: int, total_steps: int | None) -> float:
-    """Linear warm-up then cosine decay (seed 004).
+def _ramp(step: int, start: float, end: float, warmup_steps: int) -> float:
+    """The warm-up value at step t < W: linearly spaced from `start` at t = 0 to `end` at
+    t = W - 1, like DINOv2's np.linspace(start, end, W) (so the last warm-up step already
+    runs at the full value)."""
+    if warmup_steps <= 1:
+        return start
+    return start + (end - start) * step / (warmup_steps - 1)
 
-    For t < W: base * t / W.  For t >= W: final + 0.5 (base - final)(1 + cos(pi (t - W) / (T - W))).
+
+def warmup_cosine(step: int, base: float, final: float, warmup_steps: int, total_steps: int | None) -> float:
+    """Linear warm-up then cosine decay (the warm-up research; DINOv2's CosineScheduler).
+
+    For t < W: base * t / (W - 1).  For t >= W: final + 0.5 (base - final)(1 + cos(pi (t - W) / (T - W))).
     With no total (an unlimited run) the cosine is undefined: warm-up, then constant `base`.
     Past T the value stays at `final`.
     """
     if warmup_steps > 0 and step < warmup_steps:
-        return base * step / warmup_steps
+        return _ramp(step, 0.0, base, warmup_steps)
     if total_steps is None:
         return base
     if total_steps <= warmup_steps or step >= total_steps:
@@ -40,10 +49,10 @@ def cosine(step: int, start: float, end: float, horizon: int) -> float:
 
 
 def linear_warmup(step: int, start: float, end: float, warmup_steps: int) -> float:
-    """Linear ramp from `start` to `end` over `warmup_steps`, then constant `end`."""
+    """Linear ramp from `start` (step 0) to `end` (step W - 1), then constant `end`."""
     if warmup_steps <= 0 or step >= warmup_steps:
         return end
-    return start + (end - start) * step / warmup_steps
+    return _ramp(step, start, end, warmup_steps)
 
 
 @dataclass(frozen=True)

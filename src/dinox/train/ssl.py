@@ -1,14 +1,22 @@
 """The self-supervised method of one micro-batch: student, EMA teacher, Gram teacher, losses.
 
-    total = L_DINO + w_koleo * L_KoLeo + w_gram * L_Gram
+    total = L_DINO + w_koleo * L_KoLeo + w_ibot * L_iBOT + w_gram(t) * L_Gram
 
 - L_DINO (Caron et al. 2021): the student's views (global and local) predict the teacher's
   centred, sharpened distribution of the other global views (`dinox.losses.dino`).
 - L_KoLeo (Sablayrolles et al. 2019; DINOv2): spreads the student's class tokens of each
-  global view over the sphere (`dinox.losses.koleo`).
+  global view over the sphere, summed over the global views as in DINOv2
+  (`dinox.losses.koleo`).
+- L_iBOT (Zhou et al. 2022; DINOv2): at block-masked patch positions of the student's
+  global views, the student's iBOT head predicts the teacher's (unmasked) patch
+  distribution (`dinox.losses.ibot`, masks from `dinox.data.masking`). The masked student
+  views also feed the DINO, KoLeo and Gram terms, as in the official recipe.
 - L_Gram (DINOv3, Simeoni et al. 2025): keeps the student's patch-similarity (Gram) matrix
-  of the global views close to that of the Gram teacher, a frozen snapshot of the EMA
-  teacher refreshed every `gram_refresh_every` steps (`dinox.losses.gram`). Always on.
+  of the global views close to that of the Gram teacher (`dinox.losses.gram`). Always on.
+  The Gram teacher follows the EMA teacher step by step until `gram_start_step`, while the
+  weight ramps linearly in; from then on it is a frozen snapshot of the EMA teacher,
+  refreshed every `gram_refresh_every` steps. `gram_start_step` = 0 anchors from step 0
+  to snapshots only.
 
 The teacher is an exponential moving average of the student (`update_teacher`); it never
 receives gradients. Nothing here knows about processes, checkpoints or logging: the loop
@@ -17,31 +25,44 @@ wraps `student_call` for DDP and owns the cadence.
 from __future__ import annotations
 
 import copy
+import logging
 
 import torch
 from torch import nn
 
 from dinox.config import RunConfig
 from dinox.data.augment import Views
+from dinox.data.masking import batch_masks
 from dinox.eval.rank import normalized_std
 from dinox.losses.dino import DINOLoss, entropy
 from dinox.losses.gram import gram_anchoring_loss
+from dinox.losses.ibot import IBOTLoss
 from dinox.losses.koleo import KoLeoLoss
 from dinox.model.dino_model import DINOModel, build_dino_model
 
+log = logging.getLogger("dinox.train")
+
 # The per-micro-batch figures `forward_backward` returns, in this order.
-METRIC_NAMES = ("loss", "loss_dino", "loss_koleo", "loss_gram", "Entropy_Teacher", "Entropy_Student",
-                "embedding_std")
+METRIC_NAMES = ("loss", "loss_dino", "loss_koleo", "loss_ibot", "loss_gram", "gram_weight", "Entropy_Teacher",
+                "Entropy_Student", "embedding_std")
 
 
 class DINOSSL:
     """Owns the three networks and the losses of a DINOv3-style run."""
 
-    def __init__(self, cfg: RunConfig, device: torch.device):
+    def __init__(self, cfg: RunConfig, device: torch.device, *, initialise: bool = True):
+        """`initialise`: load --init-from weights into the backbone (not when the weights
+        come from a checkpoint next)."""
         model, views, ssl = cfg.model, cfg.views, cfg.ssl
         self.ssl = ssl
         grad_ckpt = cfg.runtime.grad_checkpoint
         self.student: DINOModel = build_dino_model(model, img_size=views.img_size, grad_checkpoint=grad_ckpt)
+        self.init_report: dict | None = None
+        if initialise and cfg.io.init_from:
+            from dinox.model.weights import init_backbone_from
+
+            self.init_report = init_backbone_from(cfg.io.init_from, self.student.backbone)
+            log.info("backbone initialised from %s", self.init_report)
         self.teacher: DINOModel = build_dino_model(model, img_size=views.img_size, grad_checkpoint=grad_ckpt,
                                                    drop_path=0.0)
         self.student.to(device)
@@ -55,39 +76,65 @@ class DINOSSL:
         self.dino_loss = DINOLoss(model.out_dim, student_temp=ssl.student_temp,
                                   center_momentum=ssl.center_momentum).to(device)
         self.koleo = KoLeoLoss()
+        self.ibot_loss = (IBOTLoss(model.out_dim, student_temp=ssl.student_temp, center_momentum=ssl.center_momentum)
+                          .to(device) if self.student.has_ibot else None)
+        self.masking = ssl.masking()
         self.student_call: nn.Module = self.student  # the loop replaces it by its DDP wrapper
 
-    def forward_backward(self, views: Views, sched: dict[str, float], *, autocast, backward) -> dict:
+    def gram_weight(self, step: int) -> float:
+        """The Gram weight at `step`: ramped in linearly until the first frozen snapshot."""
+        start = self.ssl.gram_start_step
+        return self.ssl.gram_weight * (min(1.0, (step + 1) / start) if start > 0 else 1.0)
+
+    def draw_masks(self, n_images: int, generator: torch.Generator, device: torch.device) -> torch.Tensor | None:
+        """iBOT masks for the student's global views (None without iBOT)."""
+        if self.ibot_loss is None:
+            return None
+        grid = self.student.backbone.grid_size
+        return batch_masks(n_images, grid, grid, generator, self.masking).to(device, non_blocking=True)
+
+    def forward_backward(self, views: Views, sched: dict[str, float], *, autocast, backward,
+                         masks: torch.Tensor | None = None, step: int = 0) -> dict:
         """Losses of one micro-batch; calls `backward(loss)` and returns detached 0-d metric
         tensors named as METRIC_NAMES (no host synchronisation: the caller checks finiteness
-        once per step). The step's teacher logits are added to the pending centre update."""
+        once per step). The teacher logits are added to the step's pending centre updates."""
         ssl = self.ssl
         n_global = len(views.global_views)
         global_batch = torch.cat(views.global_views)
         local_batch = torch.cat(views.local_views) if views.local_views else None
+        zero = global_batch.new_zeros(())
 
         with torch.no_grad(), autocast():
             teacher_out = self.teacher(global_batch)
             gram_patches = self.gram_teacher(global_batch)["patches"]
+            teacher_ibot = self.teacher.ibot_head(teacher_out["patches"][masks]) if masks is not None else None
         teacher_logits = teacher_out["logits"].float()
         teacher_probs = self.dino_loss.teacher_probs(teacher_logits, sched["teacher_temp"], method=ssl.centering)
 
         with autocast():
-            student_out = self.student_call(global_batch, local_batch)
+            student_out = self.student_call(global_batch, local_batch, masks=masks)
         student_logits = list(student_out["logits"].float().chunk(n_global))
         if local_batch is not None:
             student_logits += list(student_out["local_logits"].float().chunk(len(views.local_views)))
         loss_dino = self.dino_loss(student_logits, list(teacher_probs.chunk(n_global)))
-        student_cls = student_out["cls"].float().chunk(n_global)
-        loss_koleo = sum(self.koleo(c) for c in student_cls) / n_global
+        loss_koleo = sum(self.koleo(c) for c in student_out["cls"].float().chunk(n_global))
+        loss_ibot = zero
+        if masks is not None:
+            ibot_targets = self.ibot_loss.teacher_probs(teacher_ibot.float(), sched["teacher_temp"],
+                                                        method=ssl.centering)
+            loss_ibot = self.ibot_loss(student_out["ibot_logits"].float(), ibot_targets, masks)
         loss_gram = gram_anchoring_loss(student_out["patches"].float(), gram_patches.float())
-        loss = loss_dino + ssl.koleo_weight * loss_koleo + ssl.gram_weight * loss_gram
+        gram_weight = self.gram_weight(step)
+        loss = (loss_dino + ssl.koleo_weight * loss_koleo + ssl.ibot_weight * loss_ibot
+                + gram_weight * loss_gram)
         backward(loss)
         if ssl.centering == "centering":
             self.dino_loss.accumulate_center(teacher_logits)
+            if masks is not None:
+                self.ibot_loss.accumulate_center(teacher_ibot.float())
 
         with torch.no_grad():
-            values = (loss, loss_dino, loss_koleo, loss_gram, entropy(teacher_probs),
+            values = (loss, loss_dino, loss_koleo, loss_ibot, loss_gram, zero + gram_weight, entropy(teacher_probs),
                       entropy(self.dino_loss.student_probs(student_logits[0])),
                       normalized_std(teacher_out["cls"].float()))
         return {name: v.detach() for name, v in zip(METRIC_NAMES, values)}
@@ -99,20 +146,40 @@ class DINOSSL:
         student = [p.detach() for p in self.student.parameters()]
         torch._foreach_lerp_(teacher, student, 1.0 - momentum)
 
+    def _centres(self) -> list[DINOLoss]:
+        return [self.dino_loss] + ([self.ibot_loss] if self.ibot_loss is not None else [])
+
     def finish_step(self, momentum: float) -> None:
-        """After the optimizer step: the teacher EMA and the step's centre update."""
+        """After the optimizer step: the teacher EMA and the step's centre updates."""
         self.update_teacher(momentum)
-        self.dino_loss.apply_center_update()
+        for loss in self._centres():
+            loss.apply_center_update()
 
     def abandon_step(self) -> None:
-        """A step that is not applied (non-finite) leaves no trace in the centre."""
-        self.dino_loss.discard_center_update()
+        """A step that is not applied (non-finite) leaves no trace in the centres."""
+        for loss in self._centres():
+            loss.discard_center_update()
 
     def maybe_refresh_gram_teacher(self, step: int) -> None:
-        """Gram teacher = frozen snapshot of the EMA teacher, refreshed every K steps (DINOv3)."""
-        if step - self.gram_snapshot_step >= self.ssl.gram_refresh_every:
+        """Before `gram_start_step` the Gram teacher is the current EMA teacher; from then on
+        a frozen snapshot of it, refreshed every `gram_refresh_every` steps (DINOv3)."""
+        following = step < self.ssl.gram_start_step
+        due = step - self.gram_snapshot_step >= self.ssl.gram_refresh_every or step == self.ssl.gram_start_step
+        if following or (due and step != self.gram_snapshot_step):
             self.gram_teacher.load_state_dict(self.teacher.backbone.state_dict())
             self.gram_snapshot_step = step
+
+    def freeze_backbone_grads(self) -> None:
+        """Warm start: the backbone's gradients are dropped, so AdamW leaves it untouched
+        (no update, no weight decay, no moments) while the new heads learn."""
+        for p in self.student.backbone.parameters():
+            p.grad = None
+
+    def cancel_last_layer_grads(self) -> None:
+        """The heads' prototype layers stay frozen for the first steps (DINO)."""
+        self.student.head.cancel_last_layer_grads()
+        if self.student.has_ibot:
+            self.student.ibot_head.cancel_last_layer_grads()
 
     def parameter_counts(self) -> tuple[int, int]:
         """(backbone, head) parameters of the student."""

@@ -5,7 +5,7 @@ A checkpoint (format "dinox-checkpoint", version `CHECKPOINT_FORMAT_VERSION`) ho
     step, schedules            the optimizer step and the schedule values at it
     student, teacher,          the three networks' state dicts, the Gram snapshot's step
       gram_teacher, gram_snapshot_step
-    dino_loss                  the DINO centre
+    dino_loss, ibot_loss       the DINO centre; the iBOT centre (None without iBOT)
     optimizer, scaler          AdamW moments; the fp16 loss scale (None when unused)
     rng, aug_generator         Python/NumPy/torch/accelerator RNGs and the augmentation generator
     data                       the position in the data order (per rank and global)
@@ -79,6 +79,7 @@ def pack(c: Components, cfg: RunConfig, where: Placement, *, provenance: dict, h
         "gram_teacher": c.ssl.gram_teacher.state_dict(),
         "gram_snapshot_step": c.ssl.gram_snapshot_step,
         "dino_loss": c.ssl.dino_loss.state_dict(),
+        "ibot_loss": c.ssl.ibot_loss.state_dict() if c.ssl.ibot_loss is not None else None,
         "optimizer": c.optimizer.state_dict(),
         "scaler": c.scaler.state_dict() if c.scaler.is_enabled() else None,
         "schedules": {"step": step, **Schedules.from_config(cfg).at(step)},
@@ -108,6 +109,8 @@ def unpack(state: dict, c: Components, cfg: RunConfig, where: Placement) -> None
     c.ssl.gram_teacher.load_state_dict(state["gram_teacher"])
     c.ssl.gram_snapshot_step = int(state.get("gram_snapshot_step", 0))
     c.ssl.dino_loss.load_state_dict(state["dino_loss"])
+    if c.ssl.ibot_loss is not None:
+        c.ssl.ibot_loss.load_state_dict(state["ibot_loss"])
     c.optimizer.load_state_dict(state["optimizer"])
     if state.get("scaler") and c.scaler.is_enabled():
         c.scaler.load_state_dict(state["scaler"])

@@ -1,0 +1,111 @@
+#!/usr/bin/env python3
+"""Check a recipe on a synthetic family it was (or was not) tuned on: synth -> prep -> train
+-> label-free retrieval of the untrained (step 0) and the final model, as JSON lines.
+
+    python benchmarks/recipe_check.py --family chest --seeds 0 1 2 --tag default
+    python benchmarks/recipe_check.py --family head --seeds 0 --tag no-ibot -- --ibot-weight 0
+
+Everything after `--` is passed to `dinox train` (it overrides the recipe). The data and
+budget default to the demo's (160 patients x 12 slices x 96 px, 300 steps, batch 32,
+n = 512 requested); results are appended to benchmarks/results/recipe_check.jsonl.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+from dinox.cli import main as dinox
+from dinox.commands.demo import DEMO_BATCH, DEMO_EVAL_N, DEMO_PATIENTS, DEMO_SIZE, DEMO_SLICES, DEMO_STEPS
+
+RESULTS = Path(__file__).resolve().parent / "results" / "recipe_check.jsonl"
+
+
+def data_root(base: Path, family: str, seed: int, patients: int, slices: int, size: int) -> Path:
+    """Synthesise and prepare once per (family, seed, size); reused by later checks."""
+    root = base / f"{family}_s{seed}_{patients}x{slices}x{size}"
+    if not (root / "processed" / "_index" / "index.csv").exists():
+        family_flag = [] if family == "chest" else ["--family", family]
+        assert dinox(["synth", "--out", str(root / "dicom"), "--patients", str(patients), "--slices", str(slices),
+                      "--size", str(size), "--seed", str(seed), *family_flag]) == 0
+        assert dinox(["prep", "--input", str(root / "dicom"), "--output", str(root / "processed"),
+                      "--val-fraction", "0.25"]) == 0
+    return root
+
+
+def read_eval(run: Path) -> dict[int, dict]:
+    rows = {}
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        if "Eval/Retrieval_Ratio" in row:
+            rows[row["step"]] = row
+    return rows
+
+
+def last_train_row(run: Path) -> dict:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if "loss_dino" in r][-1]
+
+
+def check(args, seed: int, train_flags: list[str]) -> dict:
+    root = data_root(Path(args.work), args.family, seed, args.patients, args.slices, args.size)
+    processed = root / "processed"
+    runs = root / "runs" / args.tag
+    start = time.perf_counter()
+    code = dinox(["train", "--config", args.config, "--device", "cpu", "--max-steps", str(args.steps),
+                  "--batch-size", str(args.batch_size), "--num-workers", "1", "--data-root", str(processed),
+                  "--split-manifest", str(processed / "_splits" / "val25_seed0.json"), "--out", str(runs),
+                  "--ckpt-every", str(args.steps), "--monitor-every", "0", "--eval-every", str(args.steps),
+                  "--eval-n", str(args.eval_n), "--log-interval", "60", "--seed", str(seed), *train_flags])
+    run = sorted(p for p in runs.iterdir() if p.is_dir())[-1]
+    evals = read_eval(run)
+    last = last_train_row(run)
+    config = json.loads((run / "config.json").read_text())["train"]
+    first, final = evals.get(0, {}), evals.get(args.steps, {})
+    ratio0, ratio = first.get("Eval/Retrieval_Ratio"), final.get("Eval/Retrieval_Ratio")
+    return {
+        "tag": args.tag, "family": args.family, "seed": seed, "config": args.config, "steps": args.steps,
+        "flags": train_flags, "exit": code, "seconds": round(time.perf_counter() - start),
+        "n": final.get("Eval/N"), "ratio0": ratio0, "ratio": ratio,
+        "x_untrained": (ratio / ratio0) if ratio0 and ratio is not None else None,
+        "top1": final.get("Eval/Retrieval_Top1"), "top5": final.get("Eval/Retrieval_Top5"),
+        "erank0": first.get("Eval/Effective_Rank"), "erank": final.get("Eval/Effective_Rank"),
+        "loss_dino": last.get("loss_dino"), "wall": math.log(config["out_dim"]),
+        "below_wall": math.log(config["out_dim"]) - last.get("loss_dino", math.nan),
+        "entropy_teacher": last.get("Entropy_Teacher"), "run": str(run),
+    }
+
+
+def main() -> int:
+    argv = sys.argv[1:]
+    train_flags = argv[argv.index("--") + 1:] if "--" in argv else []
+    argv = argv[:argv.index("--")] if "--" in argv else argv
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--family", default="chest")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--tag", default="default")
+    p.add_argument("--config", default="vit-tiny")
+    p.add_argument("--steps", type=int, default=DEMO_STEPS)
+    p.add_argument("--batch-size", type=int, default=DEMO_BATCH)
+    p.add_argument("--eval-n", type=int, default=DEMO_EVAL_N)
+    p.add_argument("--patients", type=int, default=DEMO_PATIENTS)
+    p.add_argument("--slices", type=int, default=DEMO_SLICES)
+    p.add_argument("--size", type=int, default=DEMO_SIZE)
+    p.add_argument("--work", default="data/recipe_check")
+    args = p.parse_args(argv)
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    for seed in args.seeds:
+        result = check(args, seed, train_flags)
+        with RESULTS.open("a") as f:
+            f.write(json.dumps(result) + "\n")
+        print("RESULT " + json.dumps({k: result[k] for k in ("tag", "family", "seed", "ratio0", "ratio",
+                                                              "x_untrained", "top1", "below_wall", "seconds")}),
+              flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,279 @@
+"""`dinox export CHECKPOINT --format FORMAT --out DIR [--network teacher|student]`: the
+trained backbone of a dinox checkpoint, for the tools people load models with.
+
+Formats (``dinox.model.weights`` writes the layouts):
+
+``hf``           config.json + model.safetensors that ``transformers.AutoModel.from_pretrained(DIR)``
+                 loads strictly: ``Dinov2WithRegistersModel`` for learned position embeddings
+                 (``Dinov2Model`` without registers), ``DINOv3ViTModel`` for RoPE; the DINO head
+                 in dino_head.safetensors (and an iBOT head in ibot_head.safetensors), their
+                 DINOHead arguments in the metadata
+``safetensors``  backbone.safetensors: dinox's own state dict, the architecture in its metadata
+``dinov2-hub``   backbone.pth in the official DINOv2 key layout (learned positions), and
+                 backbone.json with what that layout does not record (heads, LayerNorm eps)
+``dinov3-hub``   backbone.pth (+ backbone.json) in the official DINOv3 key layout (RoPE)
+
+Every format also gets ct_preprocessing.json (the HU windows and the normalisation the model
+was trained with, from the checkpoint's configuration) and a model card README.md with the
+provenance: checkpoint sha256 and step, git commit, data manifest hash, and the figures of any
+``view_retrieval_step*.json`` that ``dinox eval retrieval`` left beside the checkpoint.
+``dinox.load_backbone(DIR)`` reads the hf and safetensors folders back.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from dinox import __version__
+from dinox.data.augment import LUNG_WINDOW, WINDOW_FAMILY_NAMES, AugmentConfig
+from dinox.errors import UserError
+from dinox.eval.load import NETWORKS, load_for_inference
+from dinox.model import weights
+
+FORMATS = ("hf", "safetensors", "dinov2-hub", "dinov3-hub")
+PREPROCESSING = "ct_preprocessing.json"
+HEAD_FILE = "dino_head.safetensors"
+IBOT_HEAD_FILE = "ibot_head.safetensors"
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "export",
+        help="write a checkpoint's backbone for transformers, as safetensors or as a torch-hub file",
+        description="Export the teacher (or student) backbone of a dinox checkpoint: a transformers "
+                    "folder (--format hf), a safetensors state dict, or a .pth in the official "
+                    "DINOv2 / DINOv3 key layout; with the CT preprocessing and a model card.",
+    )
+    parser.add_argument("checkpoint", metavar="CHECKPOINT", help="a dinox checkpoint_*.pth")
+    parser.add_argument("--format", choices=FORMATS, default="hf", help="what to write (default hf)")
+    parser.add_argument("--out", required=True, metavar="DIR", help="output folder (created; must be empty)")
+    parser.add_argument("--network", choices=NETWORKS, default="teacher",
+                        help="which network's backbone (default teacher, the EMA one DINO evaluates)")
+    parser.add_argument("--overwrite", action="store_true", help="write into a non-empty --out folder")
+    parser.set_defaults(func=run)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    written = export_checkpoint(args.checkpoint, args.format, args.out, network=args.network,
+                                overwrite=args.overwrite)
+    for path in written:
+        print(path)
+    return 0
+
+
+def export_checkpoint(checkpoint: str | Path, fmt: str, out: str | Path, *, network: str = "teacher",
+                      overwrite: bool = False) -> list[Path]:
+    """Write the export of ``checkpoint`` into the folder ``out``; returns the files written."""
+    if fmt not in FORMATS:
+        raise UserError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
+    checkpoint, out = Path(checkpoint), Path(out)
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not overwrite)):
+        raise UserError(f"--out {out} exists and is not an empty folder; pick a new folder or pass --overwrite")
+    backbone, cfg, meta = load_for_inference(checkpoint, torch.device("cpu"), which=network)
+    # refuse impossible layouts before anything is written
+    if fmt == "dinov2-hub" and backbone.arch.rope:
+        weights.dinov2_hub_state(backbone)
+    if fmt == "dinov3-hub" and not backbone.arch.rope:
+        weights.dinov3_hub_state(backbone)
+    out.mkdir(parents=True, exist_ok=True)
+    info = {
+        "checkpoint": checkpoint.name, "checkpoint_sha256": weights.file_sha256(checkpoint),
+        "step": meta.step, "network": network, "dinox_version": __version__,
+        "provenance": meta.raw.get("provenance") or {},
+        "retrieval": _retrieval_figures(checkpoint),
+    }
+    preprocessing = ct_preprocessing(cfg.views.to_augment(), cfg.views.img_size, backbone.patch_size)
+    net = meta.raw[network]
+    # an iBOT run trains the mask token: the official and transformers layouts keep it in
+    # the backbone (embeddings.mask_token), so it goes there instead of the initial zeros
+    extras = {"mask_token": net["mask_token"]} if isinstance(net.get("mask_token"), torch.Tensor) else None
+    written = []
+    if fmt == "hf":
+        written += weights.write_hf_folder(out, backbone, extras)
+        for prefix, file in (("head.", HEAD_FILE), ("ibot_head.", IBOT_HEAD_FILE)):
+            head = {k[len(prefix):]: v for k, v in net.items() if k.startswith(prefix)}
+            if head:
+                written.append(weights.write_safetensors(out / file, head, head_metadata(head)))
+    elif fmt == "safetensors":
+        written.append(weights.write_backbone_safetensors(
+            out / "backbone.safetensors", backbone, extras, metadata={"step": str(meta.step), "network": network}))
+    else:
+        state = (weights.dinov2_hub_state if fmt == "dinov2-hub" else weights.dinov3_hub_state)(backbone, extras)
+        path = out / "backbone.pth"
+        torch.save(state, path)
+        # heads and LayerNorm eps are not in the official key layouts: dinox reads them here
+        side = path.with_suffix(".json")
+        side.write_text(json.dumps(weights.hub_sidecar(backbone), indent=2) + "\n")
+        written += [path, side]
+    path = out / PREPROCESSING
+    path.write_text(json.dumps(preprocessing, indent=2) + "\n")
+    written.append(path)
+    path = out / "README.md"
+    path.write_text(model_card(fmt, backbone, preprocessing, info))
+    written.append(path)
+    return written
+
+
+def head_metadata(head: dict[str, torch.Tensor]) -> dict[str, str]:
+    """The DINOHead constructor arguments, read off the tensors (so that any head of the
+    checkpoint, DINO or iBOT, can be rebuilt): Linear weights are the 2-D ``mlp.*`` tensors,
+    BatchNorm layers the 1-D ``mlp.*.weight`` ones."""
+    linears = sorted((int(k.split(".")[1]), v) for k, v in head.items()
+                     if k.startswith("mlp.") and k.endswith(".weight") and v.ndim == 2)
+    use_bn = any(k.startswith("mlp.") and k.endswith(".weight") and v.ndim == 1 for k, v in head.items())
+    first, last = linears[0][1], linears[-1][1]
+    out_dim = head["last_layer.parametrizations.weight.original1"].shape[0]
+    return {"format": "pt", "class": "dinox.model.head.DINOHead", "in_dim": str(first.shape[1]),
+            "out_dim": str(out_dim), "hidden_dim": str(first.shape[0] if len(linears) > 1 else 2048),
+            "bottleneck_dim": str(last.shape[0]), "nlayers": str(len(linears)), "use_bn": str(use_bn),
+            "weight_norm": "last_layer weight = original0 * original1 / ||original1|| per row (original0 fixed to 1)"}
+
+
+def _retrieval_figures(checkpoint: Path) -> list[dict]:
+    """The results `dinox eval retrieval` wrote beside the checkpoint (any step)."""
+    rows = []
+    for file in sorted(checkpoint.parent.glob("view_retrieval_step*.json")):
+        try:
+            data = json.loads(file.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(data, dict):
+            keep = ("step", "n", "split", "network", "top1", "top5", "ratio", "baseline", "effective_rank")
+            rows.append({"file": file.name, **{k: data[k] for k in keep if k in data}})
+    return rows
+
+
+def ct_preprocessing(aug: AugmentConfig, img_size: int, patch_size: int) -> dict:
+    """The input the model was trained on (dinox.data.augment), as a JSON-able description."""
+    default = AugmentConfig().window_families
+    named = aug.window_families == default
+    families = [{"name": WINDOW_FAMILY_NAMES[i] if named else f"window_{i}", "level_hu": c, "width_hu": w}
+                for i, (c, w) in enumerate(aug.window_families)]
+    return {
+        "description": "CT preprocessing of the dinox run that trained this backbone (dinox.data.augment)",
+        "input": {
+            "layout": "(B, 3, H, W) float32",
+            "channels": ["slice z-1", "slice z", "slice z+1"],
+            "source": "int16 Hounsfield units clipped to [-1024, 3071], slices ascending along the normal",
+            "edges": "the first and last slice repeat the border slice",
+        },
+        "image_size": img_size,
+        "patch_size": patch_size,
+        "window": "y = clamp((hu - (level - width / 2)) / width, 0, 1)",
+        "normalisation": {"formula": "x = (y - mean) / std", "mean": aug.norm_mean, "std": aug.norm_std},
+        "standardize_per_image": aug.standardize,
+        "standardize_formula": "x = (x - mean(x)) / (std(x) + 1e-5) over channels and pixels of each image"
+                               if aug.standardize else None,
+        "training_windows": {
+            "families": families,
+            "center_jitter": aug.center_jitter,
+            "width_jitter": list(aug.width_jitter),
+            "rule": "level = L + W * U(-center_jitter, center_jitter), width = W * exp(U(log a, log b)) "
+                    "for (a, b) = width_jitter; each view draws a family uniformly",
+            "distinct_global_windows": aug.distinct_global_windows,
+        },
+        "inference_window": {"name": "lung", "level_hu": LUNG_WINDOW[0], "width_hu": LUNG_WINDOW[1],
+                             "note": "one fixed window with the same normalisation, as dinox's monitor "
+                                     "feeds it (dinox.data.augment.fixed_window_input); any family above "
+                                     "is in the training distribution"},
+    }
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "-" if value is None else str(value)
+
+
+def model_card(fmt: str, backbone, preprocessing: dict, info: dict) -> str:
+    """README.md: what the model is, what it eats, how to load it, where it came from."""
+    arch = backbone.arch
+    prov = info["provenance"]
+    hf_class = weights.hf_config(arch, backbone.img_size, backbone.in_chans)["architectures"][0]
+    windows = ", ".join(f"{f['name']} L{f['level_hu']:g}/W{f['width_hu']:g}"
+                        for f in preprocessing["training_windows"]["families"])
+    norm = preprocessing["normalisation"]
+    r = arch.num_registers
+    lines = [
+        "---",
+        "library_name: transformers" if fmt == "hf" else "library_name: dinox",
+        "pipeline_tag: image-feature-extraction",
+        "tags: [dinox, computed-tomography, self-supervised, dino, vision-transformer]",
+        "---",
+        "",
+        f"# dinox CT backbone ({info['network']}, step {info['step']})",
+        "",
+        "A Vision Transformer pretrained with dinox (DINOv3-style self-distillation with Gram "
+        "anchoring) on 2.5D CT slices. It is a feature extractor: the DINO head is not part of "
+        "the backbone" + (f" (it is in `{HEAD_FILE}`)." if fmt == "hf" else "."),
+        "",
+        "## Architecture",
+        "",
+        f"`{weights.describe(arch)}`; trained at {backbone.img_size} px "
+        f"({backbone.grid_size}x{backbone.grid_size} patches). Output tokens: "
+        f"`[class, {r} register{'s' if r != 1 else ''}, patches row-major]`, final LayerNorm applied.",
+        "",
+        "## Input",
+        "",
+        f"Three adjacent slices (z-1, z, z+1) in Hounsfield units as the 3 channels, windowed "
+        f"`{preprocessing['window']}`, then `{norm['formula']}` with mean {norm['mean']:g}, std "
+        f"{norm['std']:g}" + (", then standardised per image" if preprocessing["standardize_per_image"] else "")
+        + f". Training drew the window from: {windows} (jittered). For inference use one fixed window, "
+        f"e.g. lung L{LUNG_WINDOW[0]:g}/W{LUNG_WINDOW[1]:g}. Everything is in `{PREPROCESSING}`.",
+        "",
+        "## Use",
+        "",
+        "```python",
+    ]
+    if fmt == "hf":
+        lines += [
+            "from transformers import AutoModel",
+            f"model = AutoModel.from_pretrained(FOLDER).eval()   # {hf_class}",
+            "out = model(pixel_values=x)                           # x: (B, 3, H, W) as above",
+            "cls, tokens = out.pooler_output, out.last_hidden_state",
+        ]
+    elif fmt == "safetensors":
+        lines += ["import dinox", "backbone = dinox.load_backbone(FOLDER)   # or FOLDER/backbone.safetensors",
+                  "out = backbone(x)   # {'cls', 'registers', 'patches'}"]
+    else:
+        repo = "dinov2" if fmt == "dinov2-hub" else "dinov3"
+        lines += [f"# the official {repo} DinoVisionTransformer of this shape, then:",
+                  "model.load_state_dict(torch.load(FOLDER + '/backbone.pth', weights_only=True))",
+                  "# or: dinox.load_backbone(FOLDER + '/backbone.pth')"]
+    lines += [
+        "```",
+        "",
+        "Inputs of another size work (multiples of the patch size): "
+        + ("RoPE adapts to any grid." if arch.rope else
+           "the position embeddings are resampled bicubically; transformers' Dinov2WithRegistersModel "
+           "antialiases when it does, dinox does not, so away from the training size the two differ "
+           "slightly (at the training size they agree)."),
+        "",
+        "## Provenance",
+        "",
+        f"- checkpoint: `{info['checkpoint']}` (sha256 `{info['checkpoint_sha256']}`), step {info['step']}, "
+        f"{info['network']} network",
+        f"- code: dinox {info['dinox_version']}, git commit `{prov.get('git_commit', 'unknown')}`",
+        f"- data manifest hash: `{prov.get('data_manifest_hash', 'unknown')}`",
+    ]
+    for key in ("torch", "device_name", "seed", "started_at", "init_from"):
+        if prov.get(key) is not None:
+            lines.append(f"- {key}: {_fmt(prov[key]) if not isinstance(prov[key], dict) else json.dumps(prov[key])}")
+    lines += ["", "## Evaluation", ""]
+    if info["retrieval"]:
+        lines += ["Label-free view retrieval (`dinox eval retrieval`: two augmented views of n validation "
+                  "slices, top-k of view 1 among all view 2; ratio = top1 x n, chance = 1):", "",
+                  "| file | step | split | n | top1 | top5 | ratio | effective rank |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for row in info["retrieval"]:
+            lines.append("| " + " | ".join(_fmt(row.get(k)) for k in
+                                            ("file", "step", "split", "n", "top1", "top5", "ratio", "effective_rank")) + " |")
+    else:
+        lines.append("No `view_retrieval_step*.json` beside the checkpoint: run `dinox eval retrieval` on it.")
+    lines += ["", "## Architecture record", "", "```json", json.dumps(asdict(arch), indent=2), "```", ""]
+    return "\n".join(lines)

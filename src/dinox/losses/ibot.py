@@ -1,0 +1,39 @@
+"""iBOT masked-patch loss (Zhou et al. 2022, "iBOT: Image BERT Pre-Training with Online
+Tokenizer"), wired as in DINOv2 / DINOv3.
+
+The student sees its global views with a fraction of the patch tokens replaced by a learned
+mask token; at every masked position it predicts, through its iBOT head, the teacher's
+distribution for the same patch of the unmasked view:
+
+    L_iBOT = -1/G sum_{images g} 1/m_g sum_{masked patches j of g} sum_k t_gj,k log softmax(s_gj / tau_s)_k
+
+with G the number of global-view images in the batch (masked or not) and m_g the number of
+masked patches of image g, so every masked image weighs the same whatever its mask size.
+The teacher targets t are centred and sharpened like the class-token targets (their own
+EMA centre, or Sinkhorn-Knopp over all masked patches): `teacher_probs`, `accumulate_center`
+and `apply_center_update` are those of `DINOLoss`.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from dinox.losses.dino import DINOLoss
+
+
+class IBOTLoss(DINOLoss):
+    """Cross-entropy between teacher and student patch distributions at masked positions."""
+
+    def forward(self, student_logits: torch.Tensor, teacher_probs: torch.Tensor,  # type: ignore[override]
+                masks: torch.Tensor) -> torch.Tensor:
+        """student_logits, teacher_probs: (M, K) for the M masked patches in the row-major
+        order of `masks` (G, N) bool; returns the loss above (0 when nothing is masked)."""
+        if student_logits.shape != teacher_probs.shape or student_logits.shape[0] != int(masks.sum()):
+            raise ValueError(f"need (M, K) student logits and teacher targets for the M = {int(masks.sum())} "
+                             f"masked patches, got {tuple(student_logits.shape)} and {tuple(teacher_probs.shape)}")
+        with torch.autocast(device_type=student_logits.device.type, enabled=False):
+            log_p = F.log_softmax(student_logits.float() / self.student_temp, dim=-1)
+            per_patch = (teacher_probs.detach().float() * log_p).sum(dim=-1)
+            per_image = masks.sum(dim=-1, keepdim=True).clamp_min(1).float()
+            weights = (1.0 / per_image).expand_as(masks)[masks]
+            return -(per_patch * weights).sum() / masks.shape[0]

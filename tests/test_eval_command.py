@@ -1,0 +1,93 @@
+"""`dinox eval retrieval`: plain mistakes give one-line errors, result names carry split and
+seed (issue 16, defects 12-14)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from _train_support import only_run, processed_root, train_args  # noqa: F401
+from dinox.cli import main
+
+
+@pytest.fixture(scope="module")
+def checkpoint(processed_root, tmp_path_factory) -> Path:  # noqa: F811
+    out = tmp_path_factory.mktemp("eval_runs")
+    assert main(train_args(processed_root, out, "--max-steps", "2", "--batch-size", "4")) == 0
+    return next(only_run(out).glob("checkpoint_final_*.pth"))
+
+
+def _args(checkpoint, root, out, *extra):
+    manifest = next((root / "_splits").glob("*.json"))
+    return ["eval", "retrieval", "--checkpoint", str(checkpoint), "--split-manifest", str(manifest),
+            "--index-csv", str(root / "_index" / "index.csv"), "--device", "cpu", "--n", "16",
+            "--min-ratio", "0", "--out", str(out), *extra]
+
+
+def _one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "Traceback" not in err and len(err.splitlines()) == 1, err
+    return err
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--topk", "0"], "--topk 0"),
+    (["--topk", "1", "-3"], "--topk -3"),
+    (["--batch-size", "0"], "--batch-size 0"),
+])
+def test_nonsense_numbers_are_one_line_errors(checkpoint, processed_root, tmp_path, capsys, extra, message):  # noqa: F811
+    assert main(_args(checkpoint, processed_root, tmp_path, *extra)) == 1
+    assert message in _one_line_error(capsys)
+    assert not list(tmp_path.glob("*.json"))
+
+
+def test_out_naming_an_existing_file_is_a_one_line_error(checkpoint, processed_root, tmp_path, capsys):  # noqa: F811
+    target = tmp_path / "results.json"
+    target.write_text("{}")
+    assert main(_args(checkpoint, processed_root, target)) == 1
+    assert "existing file" in _one_line_error(capsys)
+    assert target.read_text() == "{}"
+
+
+def test_out_below_a_file_is_a_one_line_error(checkpoint, processed_root, tmp_path, capsys):  # noqa: F811
+    target = tmp_path / "a_file"
+    target.write_text("x")
+    assert main(_args(checkpoint, processed_root, target / "sub")) == 1
+    assert "--out" in _one_line_error(capsys)
+
+
+def test_topk_larger_than_n_is_left_out_with_a_note(checkpoint, processed_root, tmp_path, capsys):  # noqa: F811
+    assert main(_args(checkpoint, processed_root, tmp_path, "--topk", "1", "5", "100000")) == 0
+    out = capsys.readouterr().out
+    assert "--topk 100000 exceeds" in out
+    (path,) = tmp_path.glob("view_retrieval_*.json")
+    result = json.loads(path.read_text())
+    assert "top100000" not in result and "top5" in result
+
+
+def test_result_names_carry_split_and_seed(checkpoint, processed_root, tmp_path, capsys):  # noqa: F811
+    assert main(_args(checkpoint, processed_root, tmp_path)) == 0
+    assert main(_args(checkpoint, processed_root, tmp_path, "--seed", "7")) == 0
+    assert main(_args(checkpoint, processed_root, tmp_path, "--split", "train")) == 0
+    names = sorted(p.name for p in tmp_path.glob("view_retrieval_*.json"))
+    assert len(names) == 3, names                     # nothing overwritten
+    default = [n for n in names if n.endswith("_N16.json")]
+    assert len(default) == 1 and default[0].startswith("view_retrieval_step2_")
+    assert any(n.endswith("_N16_val_seed7.json") for n in names)
+    assert any(n.endswith("_N16_train_seed1234.json") for n in names)
+
+
+def test_result_name_rule():
+    from dinox.commands.eval import PROBE_DEFAULTS, result_name
+
+    assert result_name("probe_step5", split="auto", seed=0, defaults=PROBE_DEFAULTS) == "probe_step5.json"
+    assert result_name("probe_step5", split="val", seed=1, defaults=PROBE_DEFAULTS) == "probe_step5_val_seed1.json"
+    assert result_name("probe_step5", split="auto", seed=0, defaults=PROBE_DEFAULTS,
+                       network="student") == "probe_step5_student.json"
+    named = result_name("probe_step5", split="auto", seed=0, defaults=PROBE_DEFAULTS, root="/a/processed",
+                        trained_root="/b/processed")
+    assert named.startswith("probe_step5_root") and len(named) == len("probe_step5_root12345678.json")
+    custom = result_name("probe_step5", split="val", seed=0, defaults=PROBE_DEFAULTS, manifest="/a/p/_splits/v25.json",
+                         root="/a/p")
+    assert custom == "probe_step5_val-v25_seed0.json"

@@ -1,0 +1,154 @@
+"""iBOT: the masked-patch loss against a hand computation, the block-mask generator's
+statistics, KoLeo's weighting over the global views, the entropy-wall guard."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from _train_support import only_run, processed_root, train_args  # noqa: F401
+from dinox.cli import main
+from dinox.data.masking import MaskingConfig, batch_masks, block_mask
+from dinox.losses.ibot import IBOTLoss
+from dinox.losses.koleo import KoLeoLoss
+from dinox.observe.anomaly import AnomalyGuard, EntropyWall
+from dinox.run.checkpoint import load_checkpoint
+
+
+def test_ibot_loss_matches_a_hand_computation():
+    temp = 0.1
+    masks = torch.tensor([[True, False, True], [False, False, False], [False, True, False]])
+    student = torch.tensor([[1.0, 0.0, -1.0], [0.5, 0.5, 0.0], [-0.2, 0.3, 0.1]])  # the 3 masked patches
+    teacher = torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8], [1 / 3, 1 / 3, 1 / 3]])
+
+    def cross_entropy(t, s):
+        z = [math.exp(v / temp) for v in s]
+        return -sum(ti * math.log(zi / sum(z)) for ti, zi in zip(t, z))
+
+    rows = [cross_entropy(teacher[i].tolist(), student[i].tolist()) for i in range(3)]
+    # image 0 has 2 masked patches, image 2 has 1, image 1 none; divide by the 3 images
+    expected = ((rows[0] + rows[1]) / 2 + rows[2] / 1) / 3
+    got = IBOTLoss(3, student_temp=temp)(student, teacher, masks)
+    assert float(got) == pytest.approx(expected, rel=1e-6)
+    with pytest.raises(ValueError):
+        IBOTLoss(3)(student[:2], teacher[:2], masks)
+
+
+def test_ibot_targets_are_centred_and_sharpened_like_dino():
+    loss = IBOTLoss(4, center_momentum=0.5)
+    logits = torch.tensor([[2.0, 0.0, 0.0, 0.0], [0.0, 2.0, 0.0, 0.0]])
+    loss.accumulate_center(logits)
+    loss.apply_center_update()
+    assert torch.allclose(loss.center, torch.tensor([[0.5, 0.5, 0.0, 0.0]]))
+    probs = loss.teacher_probs(logits, 0.04)
+    assert torch.allclose(probs.sum(-1), torch.ones(2)) and probs[0].argmax() == 0
+
+
+def test_block_masks_have_the_requested_ratios_and_shapes():
+    g = torch.Generator().manual_seed(0)
+    cfg = MaskingConfig()
+    masks = batch_masks(256, 8, 8, g, cfg)
+    assert masks.shape == (256, 64) and masks.dtype == torch.bool
+    counts = masks.sum(-1)
+    assert int((counts > 0).sum()) == 128  # half of the images are masked
+    ratios = counts[counts > 0].float() / 64
+    assert 0.05 <= float(ratios.min()) and float(ratios.max()) <= 0.5 + 1e-6
+    assert 0.2 <= float(ratios.mean()) <= 0.35  # spread over (0.1, 0.5), blocks fill slightly under
+    # masks are unions of rectangles: a masked patch has a masked 4-neighbour (no isolated pixels)
+    grid = masks.view(256, 8, 8)
+    padded = torch.nn.functional.pad(grid.float(), (1, 1, 1, 1))
+    neighbours = padded[:, :-2, 1:-1] + padded[:, 2:, 1:-1] + padded[:, 1:-1, :-2] + padded[:, 1:-1, 2:]
+    isolated = grid & (neighbours.view_as(grid) == 0)
+    assert float(isolated.sum()) / float(grid.sum()) < 0.02
+    # deterministic from the generator
+    again = batch_masks(256, 8, 8, torch.Generator().manual_seed(0), cfg)
+    assert torch.equal(masks, again)
+    assert int(block_mask(4, 4, 6, torch.Generator().manual_seed(1)).sum()) <= 6
+
+
+def test_masking_edge_cases():
+    g = torch.Generator().manual_seed(0)
+    assert batch_masks(4, 2, 2, g, MaskingConfig(sample_probability=0.0)).sum() == 0
+    tiny = batch_masks(1, 2, 2, g)  # one image of 4 patches still gets 2 masked patches for the head
+    assert int(tiny.sum()) >= 2
+    with pytest.raises(ValueError):
+        batch_masks(4, 4, 4, g, MaskingConfig(ratio_range=(0.6, 0.2)))
+
+
+def test_koleo_is_summed_over_the_global_views():
+    from dinox.config import resolve
+    from dinox.data.augment import CTAugment
+    from dinox.train.optim import autocast
+    from dinox.train.ssl import DINOSSL
+
+    cfg = resolve({"config": "vit-tiny", "vit_depth": 1, "vit_dim": 32, "vit_heads": 2, "vit_mlp": 64,
+                   "img_size": 16, "local_crops": 0, "out_dim": 16, "head_hidden": 16, "head_bottleneck": 8},
+                  hardware_preset="cpu", device_kind="cpu").cfg
+    torch.manual_seed(0)
+    ssl = DINOSSL(cfg, torch.device("cpu"))
+    stacks = torch.randint(-1000, 1000, (6, 3, 24, 24), generator=torch.Generator().manual_seed(1))
+    views = CTAugment(cfg.views.to_augment())(stacks.to(torch.int16), torch.Generator().manual_seed(2))
+    seen = {}
+
+    def backward(loss):
+        seen["loss"] = loss
+
+    values = ssl.forward_backward(views, {"teacher_temp": 0.04}, autocast=lambda: autocast(torch.device("cpu"), None),
+                                  backward=backward)
+    with torch.no_grad():
+        cls = ssl.student(torch.cat(views.global_views))["cls"].chunk(2)
+    koleo = KoLeoLoss()
+    assert float(values["loss_koleo"]) == pytest.approx(float(koleo(cls[0]) + koleo(cls[1])), rel=1e-5)
+    expected = (values["loss_dino"] + cfg.ssl.koleo_weight * values["loss_koleo"]
+                + cfg.ssl.gram_weight * values["loss_gram"])
+    assert float(seen["loss"].detach()) == pytest.approx(float(expected), rel=1e-6)
+
+
+def test_entropy_wall_guard_fires_once_after_the_warmup():
+    wall = EntropyWall(out_dim=64, start_step=10, window=5, advice="lower --teacher-temp")
+    guard = AnomalyGuard(entropy_wall=wall)
+    uniform = math.log(64)
+    fired = [guard.check_entropy(step, uniform) for step in range(20)]
+    hits = [a for a in fired if a is not None]
+    assert len(hits) == 1 and hits[0].kind == "entropy_wall" and hits[0].step == 14
+    assert hits[0].wants_checkpoint and "lower --teacher-temp" in hits[0].message
+    assert guard.check_entropy(20, 0.9 * uniform) is None  # away from the wall: re-armed
+    state = guard.state_dict()
+    other = AnomalyGuard(entropy_wall=EntropyWall(64, 10, 5))
+    other.load_state_dict(state)
+    assert other.entropy_wall.state_dict() == wall.state_dict()
+
+
+def test_injected_uniform_teacher_raises_the_entropy_wall(processed_root, tmp_path, monkeypatch, capsys):
+    from dinox.losses.dino import DINOLoss
+
+    def uniform(self, teacher_logits, teacher_temp, method="centering"):
+        return torch.full_like(teacher_logits.float(), 1.0 / teacher_logits.shape[-1])
+
+    monkeypatch.setattr(DINOLoss, "teacher_probs", uniform)
+    out = tmp_path / "runs"
+    assert main(train_args(processed_root, out, "--max-steps", "30", "--batch-size", "4",
+                           "--ckpt-every", "100")) == 0
+    printed = capsys.readouterr().out
+    assert "ln(out_dim)" in printed and "Try:" in printed
+    assert list(only_run(out).glob("checkpoint_emergency_*.pth"))
+
+
+def test_resume_is_exact_with_ibot(processed_root, tmp_path):
+    from test_train import assert_same_state, final_weights
+
+    common = ("--batch-size", "4", "--ibot-weight", "1.0", "--drop-path", "0.1", "--local-crops", "2",
+              "--local-size", "16", "--ckpt-every", "3", "--max-steps", "6", "--gram-start-step", "2")
+    straight = tmp_path / "straight"
+    assert main(train_args(processed_root, straight, *common)) == 0
+    state = load_checkpoint(sorted(only_run(straight).glob("checkpoint_final_*.pth"))[-1])
+    assert state["ibot_loss"] is not None and "mask_token" in state["student"]
+    assert any(k.startswith("ibot_head.") for k in state["teacher"])
+    split = tmp_path / "split"
+    assert main(train_args(processed_root, split, *common)) == 0
+    run = only_run(split)
+    for path in run.glob("checkpoint_*0006.pth*"):
+        path.unlink()
+    assert main(train_args(processed_root, split, *common, "--resume", "auto")) == 0
+    assert_same_state(final_weights(only_run(straight)), final_weights(run))

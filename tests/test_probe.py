@@ -1,0 +1,359 @@
+"""`dinox eval probe` (issue 13): labelled validation by linear probes on frozen features."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from _train_support import TINY_MODEL, only_run
+from dinox.cli import main
+from dinox.data.annotations import NODULES_TABLE, write_table
+from dinox.errors import UserError
+from dinox.eval import probe
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+# ----------------------------------------------------------------------------- AUROC and bootstrap
+
+def test_auroc_matches_scikit_learn_with_ties_and_weights():
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 300)
+    scores = np.round(rng.standard_normal(300) + y, 1)   # rounding makes ties
+    assert probe.auroc(scores, y) == pytest.approx(roc_auc_score(y, scores))
+    w = rng.integers(0, 3, (4, 300)).astype(float)
+    for row, got in zip(w, probe.auroc(scores, y, w)):
+        assert got == pytest.approx(roc_auc_score(y, scores, sample_weight=row))
+    assert np.isnan(probe.auroc(scores, np.zeros(300)))
+
+
+def test_bootstrap_interval_of_a_separable_problem_is_one():
+    y = np.array([0, 1] * 20)
+    groups = np.repeat(np.arange(10), 4)          # 10 test patients
+    weights, unit = probe.bootstrap_weights(groups, 500, seed=0)
+    assert unit == "test patients"
+    point, ci, _ = probe.score_with_ci(lambda w: probe.auroc(y.astype(float), y, w), weights)
+    assert point == 1.0 and ci == [1.0, 1.0]
+
+
+def test_bootstrap_interval_of_random_scores_covers_one_half():
+    """Scores independent of the labels: AUROC about 0.5, and the 95 % interval covers 0.5
+    in most draws (percentile intervals of an AUROC cover a little less than nominal:
+    91 % measured over 300 such draws)."""
+    rng = np.random.default_rng(1)
+    groups = np.repeat(np.arange(40), 10)
+    points, covered = [], 0
+    for draw in range(40):
+        y = rng.integers(0, 2, 400)
+        scores = rng.standard_normal(400)
+        weights, _ = probe.bootstrap_weights(groups, 200, seed=draw)
+        point, ci, _ = probe.score_with_ci(lambda w, s=scores, t=y: probe.auroc(s, t, w), weights)
+        points.append(point)
+        covered += ci[0] <= 0.5 <= ci[1]
+        assert ci[1] - ci[0] < 0.25
+    assert abs(np.mean(points) - 0.5) < 0.02
+    assert covered >= 32          # >= 80 % of 40
+
+
+def test_bootstrap_resamples_samples_when_patients_are_few():
+    weights, unit = probe.bootstrap_weights(np.array(["a"] * 5 + ["b"] * 5), 50, seed=0)
+    assert unit == "test samples" and weights.shape == (50, 10)
+    assert (weights.sum(1) == 10).all()
+
+
+def test_patient_bootstrap_moves_a_patients_samples_together():
+    groups = np.array(["a", "a", "b", "b", "c", "c", "d", "d", "e", "e"])
+    weights, unit = probe.bootstrap_weights(groups, 100, seed=0)
+    assert unit == "test patients"
+    assert (weights[:, 0::2] == weights[:, 1::2]).all()
+
+
+def test_macro_auroc_perfect_and_one_vs_rest():
+    y = np.array([0, 1, 2] * 5)
+    proba = np.eye(3)[y]
+    assert probe.macro_auroc(proba, y, [0, 1, 2]) == 1.0
+    assert probe.macro_auroc(proba[:, ::-1], y, [0, 1, 2]) < 1.0
+
+
+def test_probe_refuses_a_patient_on_both_sides():
+    x = np.random.default_rng(0).standard_normal((8, 3))
+    y = np.array([0, 1] * 4)
+    with pytest.raises(UserError, match="both the training and the test side"):
+        probe.fit_probe(x, y, np.array(list("aabbccdd")), x, np.array(list("dddeeeff")[:8]))
+
+
+def test_probe_fits_a_separable_problem():
+    rng = np.random.default_rng(0)
+    y = np.array([0, 1] * 30)
+    x = rng.standard_normal((60, 4)) + 3.0 * y[:, None]
+    groups = np.repeat(np.arange(6), 10)
+    proba, c, classes = probe.fit_probe(x[:40], y[:40], groups[:40], x[40:], groups[40:])
+    assert classes == [0, 1] and c in probe.CS
+    assert probe.auroc(proba[:, 1], y[40:]) > 0.95
+
+
+# ----------------------------------------------------------------------------- labels
+
+SERIES = "1.2.3"
+
+
+def _row(reader, slice_index, box, source="lidc-xml", kind="nodule", nodule_id="N1", **extra):
+    r0, c0, r1, c1 = box
+    return {"series_id": SERIES, "patient_id": "P1", "source": source, "reader": reader, "kind": kind,
+            "nodule_id": nodule_id, "slice_index": slice_index, "row0": r0, "col0": c0, "row1": r1, "col1": c1,
+            "center_row": (r0 + r1) / 2, "center_col": (c0 + c1) / 2, **extra}
+
+
+def _labelled_root(tmp_path, rows) -> Path:
+    (tmp_path / NODULES_TABLE).parent.mkdir(parents=True, exist_ok=True)
+    write_table(tmp_path / NODULES_TABLE, rows)
+    return tmp_path
+
+
+def test_a_nodule_counts_where_two_of_four_readers_marked_it(tmp_path):
+    rows = [
+        # slice 3: readers 1 and 2 outline the same nodule (overlapping boxes): consensus
+        _row("reader1", 3, (10, 10, 14, 14), texture=5, malignancy=4),
+        _row("reader2", 3, (11, 11, 15, 15), nodule_id="other id", texture=5, malignancy=3),
+        # slice 7: one reader only: no consensus, ambiguous
+        _row("reader3", 7, (30, 30, 33, 33)),
+        # non-nodules and the other readers' marks elsewhere never make a nodule
+        _row("reader4", 10, (5, 5, 5, 5), kind="non_nodule"),
+    ]
+    labels = probe.load_labels(_labelled_root(tmp_path, rows))
+    assert "2 readers" in labels.rule
+    assert [probe.slice_label(labels, SERIES, z, 12) for z in range(12)] == \
+        [0, 0, None, 1, None, 0, None, None, None, 0, 0, 0]
+    (region,) = labels.regions[(SERIES, 3)]
+    assert (region["row0"], region["col0"], region["row1"], region["col1"]) == (11, 11, 14, 14)
+    assert region["texture"] == 5 and region["malignancy"] == 4   # the readers' median, rounded half up
+    strict = probe.load_labels(tmp_path, min_readers=3)
+    assert probe.slice_label(strict, SERIES, 3, 12) is None
+
+
+def test_synthetic_truth_is_used_only_without_reader_rows(tmp_path):
+    rows = [_row("truth", 4, (20, 20, 24, 24), source="synth", texture=1)]
+    labels = probe.load_labels(_labelled_root(tmp_path, rows))
+    assert probe.slice_label(labels, SERIES, 4, 8) == 1
+    assert labels.regions[(SERIES, 4)][0]["texture"] == 1
+    assert any("ground truth" in n for n in labels.notes)
+
+
+def test_missing_labels_are_a_user_error(tmp_path):
+    with pytest.raises(UserError, match="dinox prep"):
+        probe.load_labels(tmp_path)
+
+
+# ----------------------------------------------------------------------------- geometry
+
+def test_every_consensus_box_has_a_nodule_cell():
+    shape, grid = (96, 96), 8                      # 12-px cells
+    for box in [(0, 0, 0, 0), (11, 11, 12, 12), (40, 50, 44, 53), (10, 10, 60, 60)]:
+        cells = probe.nodule_cells(box, shape, grid)
+        ci, cj = int((box[0] + box[2] + 1) / 2 * grid / 96), int((box[1] + box[3] + 1) / 2 * grid / 96)
+        assert cells[ci, cj]
+    big = probe.nodule_cells((12, 12, 47, 47), shape, grid)   # 3x3 cells fully covered
+    assert big[1:4, 1:4].all() and big.sum() == 9
+    assert probe.cell_overlap((0, 0, 95, 95), shape, grid).sum() == 96 * 96
+
+
+def test_lung_mask_excludes_the_air_around_the_body():
+    hu = np.full((40, 40), -1000.0)
+    hu[5:35, 5:35] = 40.0                           # body
+    hu[10:30, 10:18] = -850.0                       # a lung inside it
+    lung = probe.lung_mask(hu)
+    assert lung[10:30, 10:18].all() and lung.sum() == 20 * 8
+
+
+def test_vessel_cells_follow_the_segment_through_the_slice():
+    seg = np.array([[0.0, 10.0, 10.0, 8.0, 10.0, 50.0, 1.5, 1.5]])  # z 0 -> 8, x 10 -> 50
+    pts = probe.vessel_points(seg)
+    cells = probe.vessel_cells(pts, 4, (64, 64), 8)
+    assert cells.sum() >= 1 and cells[1].any() and not cells[4:].any()
+    thin = seg.copy()
+    thin[0, 6:] = 0.3
+    assert len(probe.vessel_points(thin)) == 0
+
+
+# ----------------------------------------------------------------------------- split
+
+def _labels_for(series_patients: dict, positives: list[str]) -> probe.ProbeLabels:
+    regions = {(s, 1): [{"row0": 0, "col0": 0, "row1": 1, "col1": 1}] for s in positives}
+    return probe.ProbeLabels(regions=regions, marks={}, series=set(series_patients),
+                             patient_of=dict(series_patients), vessels={}, rule="test")
+
+
+def test_patient_split_keeps_patients_on_one_side():
+    series = {f"s{k}": f"p{k // 2}" for k in range(20)}          # two series per patient
+    labels = _labels_for(series, list(series))
+    for seed in range(5):
+        split = probe.choose_split(labels, series, mode="patients", seed=seed)
+        assert split.mode == "patients"
+        assert not set(split.patients("train")) & set(split.patients("test"))
+        assert sorted(split.train + split.test) == sorted(series)
+
+
+def test_a_manifest_with_a_patient_on_both_sides_is_refused(tmp_path):
+    series = {"s0": "p0", "s1": "p0", "s2": "p1", "s3": "p2"}
+    manifest = tmp_path / "m.json"
+    manifest.write_text(json.dumps({"train": ["s0", "s2"], "val": ["s1", "s3"]}))
+    with pytest.raises(UserError, match="both the training and the test side"):
+        probe.choose_split(_labels_for(series, list(series)), series, mode="auto", manifest=manifest)
+
+
+def test_auto_uses_the_manifest_val_split_when_it_holds_nodules(tmp_path):
+    series = {f"s{k}": f"p{k}" for k in range(6)}
+    manifest = tmp_path / "m.json"
+    manifest.write_text(json.dumps({"train": ["s0", "s1", "s2", "s3"], "val": ["s4", "s5"]}))
+    split = probe.choose_split(_labels_for(series, ["s1", "s4"]), series, manifest=manifest)
+    assert split.mode == "manifest-val" and split.test == ["s4", "s5"]
+    fallback = probe.choose_split(_labels_for(series, ["s1", "s2"]), series, manifest=manifest)
+    assert fallback.mode == "patients" and fallback.notes
+    with pytest.raises(UserError, match="--split patients"):
+        probe.choose_split(_labels_for(series, ["s1", "s2"]), series, mode="val", manifest=manifest)
+
+
+# ----------------------------------------------------------------------------- untrained baseline
+
+def test_untrained_network_is_the_trainers_step0_weights(labelled, tmp_path):
+    """One step at a learning rate of 1e-30 leaves the trainer's initial weights in the
+    checkpoint (the teacher's EMA of an unchanged student is unchanged): the baseline,
+    rebuilt from the configuration alone, must equal them bit for bit."""
+    from dinox.eval.load import load_for_inference
+
+    root, _ = labelled
+    manifest = next((root / "_splits").glob("*.json"))
+    assert main(["train", *TINY_MODEL, "--data-root", str(root), "--split-manifest", str(manifest),
+                 "--out", str(tmp_path), "--max-steps", "1", "--batch-size", "4", "--lr", "1e-30",
+                 "--min-lr", "1e-30", "--seed", "11"]) == 0
+    ckpt = next(only_run(tmp_path).glob("checkpoint_final_*.pth"))
+    teacher, cfg, _ = load_for_inference(ckpt, torch.device("cpu"))
+    before = torch.get_rng_state()
+    ours = probe.untrained_backbone(cfg, torch.device("cpu")).state_dict()
+    assert torch.equal(before, torch.get_rng_state())          # the caller's RNG is left alone
+    theirs = teacher.state_dict()
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+# ----------------------------------------------------------------------------- end to end
+
+@pytest.fixture(scope="module")
+def labelled(tmp_path_factory):
+    """A synthetic root (10 patients, four simulated readers) and a 2-step tiny checkpoint.
+    With this seed the patient split of --seed 0 leaves every task probeable, that of
+    --seed 1 leaves the test side without a patch-level negative (used below)."""
+    from dinox.data.ingest import prepare
+    from dinox.data.synth import generate_dataset
+
+    base = tmp_path_factory.mktemp("probe")
+    generate_dataset(base / "dicom", patients=10, slices=8, size=64, seed=4)
+    prepare([base / "dicom"], base / "processed", val_fraction=0.25, progress=False)
+    root = base / "processed"
+    manifest = next((root / "_splits").glob("*.json"))
+    assert main(["train", *TINY_MODEL, "--data-root", str(root), "--split-manifest", str(manifest),
+                 "--out", str(base / "runs"), "--max-steps", "2", "--batch-size", "4"]) == 0
+    ckpt = next(only_run(base / "runs").glob("checkpoint_final_*.pth"))
+    return root, ckpt
+
+
+def _probe_args(root, ckpt, out, *extra):
+    return ["eval", "probe", "--checkpoint", str(ckpt), "--data-root", str(root), "--device", "cpu",
+            "--out", str(out), "--bootstrap", "100", "--split", "patients", *extra]
+
+
+@pytest.fixture(scope="module")
+def probe_run(labelled, tmp_path_factory):
+    root, ckpt = labelled
+    out = tmp_path_factory.mktemp("probe_out")
+    code = main(_probe_args(root, ckpt, out, "--min-auroc", "0"))
+    return code, out
+
+
+def test_probe_writes_the_json_and_passes_at_zero(probe_run, capsys):
+    code, out = probe_run
+    assert code == 0
+    (path,) = out.glob("probe_step*.json")
+    assert path.name == "probe_step2_patients_seed0.json"   # --split patients is not the default
+    result = json.loads(path.read_text())
+    assert {"slice_nodule", "slice_nodule_cls_meanpatch", "patch_nodule"} <= result["tasks"].keys()
+    for task in result["tasks"].values():
+        assert 0.0 <= task["auroc"] <= 1.0
+        lo, hi = task["ci95"]
+        assert 0.0 <= lo <= hi <= 1.0
+        assert task["n_train"] > 0 and task["n_test"] > 0
+        assert {"untrained", "pixels"} <= task["baselines"].keys()
+        for base in task["baselines"].values():
+            assert 0.0 <= base["auroc"] <= 1.0 and "delta_ci95" in base
+    assert set(result["tasks"]) | set(result["skipped"]) >= {"patch_nodule_vs_vessel", "nodule_type",
+                                                              "nodule_malignancy"}
+    assert result["passed"] is True and result["verdict"].startswith("PASS")
+    assert result["split"]["mode"] == "patients"
+
+
+def test_probe_split_has_no_patient_on_both_sides(probe_run):
+    _, out = probe_run
+    result = json.loads(next(out.glob("probe_step*.json")).read_text())
+    train, test = result["split"]["train_patient_ids"], result["split"]["test_patient_ids"]
+    assert train and test and not set(train) & set(test)
+
+
+def test_probe_exit_code_follows_the_pass_line(labelled, tmp_path, capsys):
+    root, ckpt = labelled
+    code = main(_probe_args(root, ckpt, tmp_path, "--min-auroc", "1.0", "--no-baselines"))
+    result = json.loads((tmp_path / "probe_step2_patients_seed0.json").read_text())
+    perfect = all(result["tasks"][t]["auroc"] >= 1.0 for t in probe.GATE_TASKS)
+    assert code == (0 if perfect else 2)
+    assert result["tasks"]["slice_nodule"]["baselines"] == {}
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith("PASS" if perfect else "FAIL") and "slice_nodule" in line
+
+
+def test_a_gate_task_the_labels_cannot_probe_is_bad_input(labelled, tmp_path, capsys):
+    root, ckpt = labelled
+    assert main(_probe_args(root, ckpt, tmp_path, "--seed", "1", "--no-baselines")) == 1
+    err = capsys.readouterr().err.strip()
+    assert "patch_nodule could not be probed" in err and len(err.splitlines()) == 1
+    result = json.loads((tmp_path / "probe_step2_patients_seed1.json").read_text())
+    assert "patch_nodule" in result["skipped"] and result["passed"] is False
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--batch-size", "0"], "--batch-size 0"),
+    (["--min-auroc", "1.5"], "between 0 and 1"),
+    (["--test-fraction", "1"], "--test-fraction"),
+    (["--split-manifest", "/nonexistent/m.json"], "not found"),
+])
+def test_probe_bad_input_is_one_line(labelled, tmp_path, capsys, extra, message):
+    root, ckpt = labelled
+    assert main(_probe_args(root, ckpt, tmp_path, *extra)) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and message in err and len(err.splitlines()) == 1
+
+
+def test_probe_out_naming_a_file_is_one_line(labelled, tmp_path, capsys):
+    root, ckpt = labelled
+    target = tmp_path / "a_file"
+    target.write_text("x")
+    assert main(_probe_args(root, ckpt, target)) == 1
+    err = capsys.readouterr().err.strip()
+    assert "existing file" in err and len(err.splitlines()) == 1
+
+
+def test_probe_script_without_labels_exits_1_from_a_shell(labelled, tmp_path):
+    root, ckpt = labelled
+    bare = tmp_path / "bare"
+    (bare / "_index").mkdir(parents=True)
+    (bare / "_index" / "index.csv").write_text((root / "_index" / "index.csv").read_text())
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "phase6_probe_eval.py"), "--checkpoint", str(ckpt),
+                           "--data-root", str(bare), "--device", "cpu", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 1, proc.stderr
+    assert "no nodule labels" in proc.stderr and "Traceback" not in proc.stderr

@@ -1,0 +1,442 @@
+"""Defects found by trying to break a run (issue 16): branching from an older checkpoint,
+choosing the run to resume, the run-folder lock, checkpoints without their sha256 record,
+hostile or damaged processed roots, disk space, plain command-line mistakes, a changed data
+manifest and the ETA of the progress line."""
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import os
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from _train_support import losses, only_run, processed_root, read_metrics, train_args  # noqa: F401
+from dinox.cli import main
+from dinox.data.dataset import CTSliceDataset
+from dinox.errors import UserError
+from dinox.observe.metrics import format_progress
+from dinox.run import checkpoint as ck
+from dinox.run.checkpoint import (
+    checkpoint_path,
+    find_resume_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+    sidecar_path,
+    verify_checkpoint,
+)
+from test_train import _spawn, _wait_for, assert_same_state, final_weights
+
+FAST = ("--batch-size", "4", "--num-workers", "0", "--ckpt-every", "2")
+
+
+def folder_digest(folder: Path) -> dict[str, str]:
+    """Every file under `folder` by relative path -> sha256 of its bytes."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def run_dirs(out: Path) -> list[Path]:
+    return sorted(p for p in out.iterdir() if p.is_dir()) if out.is_dir() else []
+
+
+def one_line_error(capsys) -> str:
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
+def inspect_state(step: int, weight: torch.Tensor | None = None) -> dict:
+    """A small checkpoint with the entries `dinox inspect` requires."""
+    w = weight if weight is not None else torch.full((4, 4), 0.5)
+    return {"format": "dinox-checkpoint", "format_version": 1, "step": step,
+            "student": {"backbone.w": w.clone()}, "teacher": {"backbone.w": w.clone()},
+            "config": {"config": "vit-tiny"}}
+
+
+# ----------------------------------------------------------------------------- 1. branching
+
+def test_resume_from_older_checkpoint_starts_a_new_run_and_leaves_the_source_untouched(processed_root, tmp_path):
+    out = tmp_path / "runs"
+    assert main(train_args(processed_root, out, "--max-steps", "4", *FAST)) == 0
+    source = only_run(out)
+    before = folder_digest(source)
+    older = source / "checkpoint_00000002.pth"
+    older_sha = hashlib.sha256(older.read_bytes()).hexdigest()
+
+    assert main(train_args(processed_root, out, "--max-steps", "4", *FAST, "--resume", str(older))) == 0
+    assert folder_digest(source) == before  # not a byte of the source run changed
+    branch = next(p for p in run_dirs(out) if p != source)
+    expected = {"run": str(source.resolve()), "step": 2, "sha256": older_sha}
+    config = json.loads((branch / "config.json").read_text())
+    recorded = config["provenance"]["resumed_from"]
+    assert {k: recorded[k] for k in expected} == expected
+    final = final_weights(branch)
+    assert {k: final["provenance"]["resumed_from"][k] for k in expected} == expected
+    # The branch's record is complete: the source's rows up to the step, then its own.
+    assert sorted(losses(branch)) == [1, 2, 3, 4]
+    assert [r for r in read_metrics(branch) if r["step"] <= 2] == [r for r in read_metrics(source) if r["step"] <= 2]
+    # Same schedule, same data from step 2: the branch ends where the source ended.
+    assert_same_state(final_weights(source), final)
+
+    # --resume auto continues the run saved into last (the branch), in place.
+    assert main(train_args(processed_root, out, "--max-steps", "6", *FAST, "--resume", "auto")) == 0
+    assert len(run_dirs(out)) == 2
+    assert (branch / "checkpoint_final_00000006.pth").is_file()
+    assert sorted(losses(branch)) == [1, 2, 3, 4, 5, 6]
+    assert load_checkpoint(branch / "checkpoint_final_00000006.pth")["provenance"]["resumed_from"]["step"] == 2
+    assert folder_digest(source) == before
+
+
+def test_resume_from_a_backup_folder_writes_under_out(processed_root, tmp_path):
+    out = tmp_path / "runs"
+    assert main(train_args(processed_root, out, "--max-steps", "2", *FAST)) == 0
+    backup = tmp_path / "backup"
+    backup.mkdir()
+    run = only_run(out)
+    for name in ("checkpoint_00000002.pth", "checkpoint_00000002.pth.sha256", "checkpoint_final_00000002.pth"):
+        shutil.copy2(run / name, backup / name)
+    before = folder_digest(backup)
+    elsewhere = tmp_path / "runs2"
+    assert main(train_args(processed_root, elsewhere, "--max-steps", "4", *FAST, "--ckpt-keep-last", "1",
+                           "--resume", str(backup / "checkpoint_00000002.pth"))) == 0
+    assert folder_digest(backup) == before
+    branch = only_run(elsewhere)
+    assert (branch / "checkpoint_final_00000004.pth").is_file()
+    recorded = json.loads((branch / "config.json").read_text())["provenance"]["resumed_from"]
+    assert recorded["run"] == str(backup.resolve()) and recorded["step"] == 2
+
+
+# ----------------------------------------------------------------------------- 2. which run
+
+def _tiny_checkpoint(run: Path, step: int, saved_at: float) -> Path:
+    path = checkpoint_path(run, step)
+    save_checkpoint(path, {"step": step, "w": torch.ones(3)})
+    os.utime(path, (saved_at, saved_at))
+    return path
+
+
+def test_resume_auto_chooses_the_run_saved_into_last_not_the_newest_name(tmp_path):
+    now = time.time()
+    # After a time-zone change the newer run got the earlier-sorting name.
+    older_work = tmp_path / "20260102_090000"
+    newer_work = tmp_path / "20260102_080000"
+    _tiny_checkpoint(older_work, 500, now - 7200)
+    latest = _tiny_checkpoint(newer_work, 40, now - 60)
+    assert find_resume_checkpoint(tmp_path) == latest
+    assert ck._runs_by_last_save(tmp_path) == [newer_work, older_work]
+
+
+# ----------------------------------------------------------------------------- 3. the lock
+
+def _hold_lock(run: Path) -> subprocess.Popen:
+    code = ("import sys, time; from dinox.run import checkpoint; "
+            f"lock = checkpoint.lock_run_dir({str(run)!r}); print('locked', flush=True); time.sleep(120)")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "locked"
+    return proc
+
+
+def test_second_process_on_a_run_folder_is_refused_naming_the_holder(processed_root, tmp_path, capsys):
+    out = tmp_path / "runs"
+    assert main(train_args(processed_root, out, "--max-steps", "2", *FAST)) == 0
+    run = only_run(out)
+    assert not (run / ck.LOCK_NAME).exists()  # released at the end of the run
+    before = folder_digest(run)
+    holder = _hold_lock(run)
+    try:
+        capsys.readouterr()
+        assert main(train_args(processed_root, out, "--max-steps", "4", *FAST, "--resume", "auto")) == 1
+        err = one_line_error(capsys)
+        assert f"pid {holder.pid}" in err and socket.gethostname() in err and "in use" in err
+        assert str(run / ck.LOCK_NAME) in err
+        assert folder_digest(run) == {**before, ck.LOCK_NAME: folder_digest(run)[ck.LOCK_NAME]}
+    finally:
+        holder.kill()
+        holder.wait()
+    # The killed holder's lock is stale: the next launch takes it over and continues.
+    assert main(train_args(processed_root, out, "--max-steps", "4", *FAST, "--resume", "auto")) == 0
+    assert (run / "checkpoint_final_00000004.pth").is_file()
+    assert not (run / ck.LOCK_NAME).exists()
+
+
+def test_a_training_process_holds_its_folder(processed_root, tmp_path, capsys):
+    out = tmp_path / "runs"
+    proc = _spawn(train_args(processed_root, out, "--batch-size", "4", "--num-workers", "0", "--ckpt-every", "1",
+                             "--ckpt-keep-last", "100000", "--max-steps", "100000"))  # nothing rotated away
+    try:
+        _wait_for(lambda: any(out.glob("*/checkpoint_00000001.pth.sha256")), proc)
+        capsys.readouterr()
+        # --max-steps 1: without the lock this launch would finish at once, beside the running one
+        assert main(train_args(processed_root, out, "--max-steps", "1", *FAST, "--resume", "auto")) == 1
+        assert f"pid {proc.pid}" in one_line_error(capsys)
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_stale_lock_of_a_dead_process_is_taken_over(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    lock_file = tmp_path / ck.LOCK_NAME
+    lock_file.write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname(), "since": "then"}))
+    with ck.lock_run_dir(tmp_path) as lock:
+        assert json.loads(lock_file.read_text())["pid"] == os.getpid() == lock.holder["pid"]
+        with pytest.raises(ck.RunLockedError, match=f"pid {os.getpid()}"):
+            ck.lock_run_dir(tmp_path)
+    assert not lock_file.exists()
+
+
+# ----------------------------------------------------------------------------- 4. no record
+
+def _flip_exponent_bit(path: Path, value: float) -> None:
+    """Flip the top exponent bit of the first float32 `value` stored in `path`."""
+    data = bytearray(path.read_bytes())
+    at = data.find(struct.pack("<f", value))
+    assert at >= 0
+    data[at + 3] ^= 0x40
+    path.write_bytes(bytes(data))
+
+
+def test_checkpoint_without_record_is_still_checked_for_damage(tmp_path, capsys):
+    weight = torch.full((64,), 0.5)
+    weight[17] = 0.3141
+    path = checkpoint_path(tmp_path, 3)
+    save_checkpoint(path, inspect_state(3, weight))
+    sidecar_path(path).unlink()  # copied with `cp checkpoint_*.pth`
+    assert verify_checkpoint(path)[0]
+    _flip_exponent_bit(path, 0.3141)
+    ok, reason = verify_checkpoint(path)
+    assert not ok and "implausible value 1.07e+38 in" in reason and "['backbone.w']" in reason
+    assert main(["inspect", str(path)]) == 1
+    assert "DAMAGED" in capsys.readouterr().out
+    with pytest.raises(ck.CheckpointError, match="implausible value"):
+        load_checkpoint(path)
+
+    incomplete = checkpoint_path(tmp_path, 4)
+    state = inspect_state(4)
+    del state["teacher"]
+    save_checkpoint(incomplete, state)
+    sidecar_path(incomplete).unlink()
+    assert main(["inspect", "--json", str(incomplete)]) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert not report["intact"] and "lacks the entries teacher" in report["reason"]
+
+
+def test_emergency_checkpoint_with_nonfinite_weights_is_never_resumed(tmp_path, capsys, caplog):
+    run = tmp_path / "20260101_000000"
+    good = checkpoint_path(run, 4)
+    save_checkpoint(good, inspect_state(4))
+    poisoned = checkpoint_path(run, 6, "emergency")
+    save_checkpoint(poisoned, inspect_state(6, torch.full((4, 4), float("nan"))))
+    assert verify_checkpoint(poisoned)[0] is False  # the sha256 record matches, the weights are NaN
+    with caplog.at_level(logging.WARNING, logger="dinox.checkpoint"):
+        assert find_resume_checkpoint(tmp_path) == good
+    assert "non-finite" in caplog.text
+    assert main(["inspect", str(poisoned)]) == 1
+    out = capsys.readouterr().out
+    assert "DAMAGED" in out and "non-finite value (NaN or Inf) in student['backbone.w']" in out
+
+
+def test_resume_path_to_nonfinite_checkpoint_is_a_one_line_error(processed_root, tmp_path, capsys):
+    out = tmp_path / "runs"
+    assert main(train_args(processed_root, out, "--max-steps", "2", *FAST)) == 0
+    run = only_run(out)
+    state = load_checkpoint(run / "checkpoint_00000002.pth")
+    name = next(iter(state["student"]))
+    state["student"][name] = state["student"][name].clone().fill_(float("inf"))
+    bad = checkpoint_path(tmp_path / "elsewhere", 2, "emergency")
+    save_checkpoint(bad, state)
+    capsys.readouterr()
+    assert main(train_args(processed_root, out, "--max-steps", "4", *FAST, "--resume", str(bad))) == 1
+    assert "non-finite" in one_line_error(capsys)
+    assert run_dirs(out) == [run]
+
+
+# ----------------------------------------------------------------------------- 5, 6, 9. data
+
+def copy_root(processed_root: Path, tmp_path: Path) -> Path:
+    root = tmp_path / "processed"
+    shutil.copytree(processed_root, root)
+    return root
+
+
+def rewrite_index(root: Path, edit) -> list[dict]:
+    index = root / "_index" / "index.csv"
+    with open(index, newline="") as f:
+        reader = csv.DictReader(f)
+        fields, rows = reader.fieldnames, list(reader)
+    edit(rows)
+    with open(index, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+    return rows
+
+
+def manifest_of(root: Path) -> Path:
+    return next((root / "_splits").glob("*.json"))
+
+
+def train_ids(root: Path) -> list[str]:
+    return json.loads(manifest_of(root).read_text())["train"]
+
+
+@pytest.mark.parametrize("bad_path", ["/etc/hostname", "../outside.npy", "volumes/../../outside.npy"])
+def test_index_paths_are_confined_to_the_root(processed_root, tmp_path, bad_path):
+    root = copy_root(processed_root, tmp_path)
+    (tmp_path / "outside.npy").write_bytes((root / "volumes" / f"{train_ids(root)[0]}.npy").read_bytes())
+    victim = train_ids(root)[0]
+
+    def point_outside(rows):
+        next(r for r in rows if r["series_id"] == victim)["path"] = bad_path
+
+    rows = rewrite_index(root, point_outside)
+    line = 2 + [r["series_id"] for r in rows].index(victim)
+    with pytest.raises(UserError) as info:
+        CTSliceDataset(root, "train", manifest_of(root))
+    message = str(info.value)
+    assert f"line {line} (series {victim})" in message and "\n" not in message
+    assert "absolute" in message or "leaves the processed root" in message
+
+
+def _truncate(root: Path, sid: str) -> None:
+    volume = root / "volumes" / f"{sid}.npy"
+    volume.write_bytes(volume.read_bytes()[:-100])
+
+
+def _set_slices(value: str):
+    def edit(root: Path, sid: str) -> None:
+        def change(rows):
+            next(r for r in rows if r["series_id"] == sid)["num_slices"] = value
+        rewrite_index(root, change)
+    return edit
+
+
+@pytest.mark.parametrize("damage,expected", [
+    (_truncate, "truncated"),
+    (_set_slices("eight"), "is not a whole number"),
+    (_set_slices("5"), "holds 8 slices but"),    # fewer than the volume: data would be dropped
+    (_set_slices("11"), "holds 8 slices but"),   # more: an index error hours into the run
+])
+def test_damaged_volume_is_named_before_training(processed_root, tmp_path, capsys, damage, expected):
+    root = copy_root(processed_root, tmp_path)
+    sid = train_ids(root)[0]
+    damage(root, sid)
+    with pytest.raises(UserError, match=expected) as info:
+        CTSliceDataset(root, "train", manifest_of(root))
+    assert sid in str(info.value) and "dinox prep --force" in str(info.value)
+    out = tmp_path / "runs"
+    capsys.readouterr()
+    assert main(train_args(root, out, "--max-steps", "2", *FAST)) == 1
+    err = one_line_error(capsys)
+    assert expected in err and sid in err
+    assert run_dirs(out) == []  # a failed start leaves no half-made run folder
+
+
+def test_overlapping_split_is_refused(processed_root, tmp_path):
+    root = copy_root(processed_root, tmp_path)
+    manifest = manifest_of(root)
+    split = json.loads(manifest.read_text())
+    split["val"].append(split["train"][0])
+    manifest.write_text(json.dumps(split))
+    for part in ("train", "val"):
+        with pytest.raises(UserError, match=f"in both train and val .e.g. {split['train'][0]}") as info:
+            CTSliceDataset(root, part, manifest)
+        assert "\n" not in str(info.value)
+
+
+# ----------------------------------------------------------------------------- 7. disk space
+
+def test_disk_space_for_one_checkpoint_is_checked_at_start(processed_root, tmp_path, monkeypatch, capsys):
+    real = shutil.disk_usage
+
+    def nearly_full(path):
+        usage = real(path)
+        return type(usage)(usage.total, usage.total - 10_000_000, 10_000_000)  # 10 MB free
+
+    monkeypatch.setattr(ck.shutil, "disk_usage", nearly_full)
+    out = tmp_path / "runs"
+    assert main(train_args(processed_root, out, "--max-steps", "2", *FAST)) == 1
+    err = one_line_error(capsys)
+    assert "one checkpoint" in err and "--out" in err and "--ckpt-keep-last" not in err
+    assert run_dirs(out) == []
+
+
+def test_disk_space_warning_when_the_rotation_will_not_fit(tmp_path, monkeypatch):
+    from dinox.commands.train import check_disk_space, checkpoint_tensor_bytes
+
+    plan = {"backbone_params": 100_000_000, "head_params": 10_000_000}
+    need = ck.space_needed(checkpoint_tensor_bytes(plan))
+    assert checkpoint_tensor_bytes(plan) == 4 * (5 * 100_000_000 + 4 * 10_000_000)
+    monkeypatch.setattr(ck, "free_space", lambda path: 3 * need + 1)
+    assert check_disk_space(plan, tmp_path, keep_last=2) is None
+    warning = check_disk_space(plan, tmp_path, keep_last=5)
+    assert "room for about 3 more checkpoints" in warning and "lower --ckpt-keep-last to 2" in warning
+    assert check_disk_space(plan, tmp_path, keep_last=5, existing=4) is None  # continued in place
+
+
+# ----------------------------------------------------------------------------- 8. mistakes
+
+def test_out_naming_a_file_is_a_one_line_error(processed_root, tmp_path, capsys):
+    afile = tmp_path / "runs.txt"
+    afile.write_text("not a folder")
+    assert main(train_args(processed_root, afile, "--max-steps", "1", *FAST)) == 1
+    assert "is a file, not a folder" in one_line_error(capsys)
+    assert afile.read_text() == "not a folder"
+
+
+def test_json_without_dry_run_is_an_error(processed_root, tmp_path, capsys):
+    out = tmp_path / "runs"
+    assert main(train_args(processed_root, out, "--max-steps", "1", "--json")) == 1
+    assert "--dry-run" in one_line_error(capsys)
+    assert not out.exists()
+
+
+def test_dry_run_with_resume_plans_the_checkpoints_model(processed_root, tmp_path, capsys):
+    out = tmp_path / "runs"
+    assert main(train_args(processed_root, out, "--max-steps", "1", *FAST)) == 0
+    before = folder_digest(only_run(out))
+    capsys.readouterr()
+    assert main(["train", "--device", "cpu", "--out", str(out), "--resume", "auto", "--dry-run", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["arch"]["vit_dim"] == 64 and summary["arch"]["vit_depth"] == 2  # not vit-tiny's 192 x 6
+    assert folder_digest(only_run(out)) == before
+
+
+# ----------------------------------------------------------------------------- 10. manifest
+
+def test_resume_on_a_reprepped_root_warns_with_both_hashes(processed_root, tmp_path, capsys):
+    root = copy_root(processed_root, tmp_path)
+    out = tmp_path / "runs"
+    assert main(train_args(root, out, "--max-steps", "2", *FAST)) == 0
+    old = load_checkpoint(only_run(out) / "checkpoint_final_00000002.pth")["provenance"]["data_manifest_hash"]
+    manifest = manifest_of(root)
+    manifest.write_text(json.dumps(json.loads(manifest.read_text()), indent=4))  # same split, other bytes
+    capsys.readouterr()
+    assert main(train_args(root, out, "--max-steps", "3", *FAST, "--resume", "auto")) == 0
+    new = load_checkpoint(only_run(out) / "checkpoint_final_00000003.pth")["provenance"]["data_manifest_hash"]
+    assert old != new
+    warning = [line for line in capsys.readouterr().out.splitlines() if "data manifest differs" in line]
+    assert len(warning) == 1 and "WARNING" in warning[0] and old in warning[0] and new in warning[0]
+
+
+# ----------------------------------------------------------------------------- 11. ETA
+
+def test_progress_line_ends_with_an_eta_when_max_steps_is_set():
+    metrics = {"loss": 3.45213, "lr": 1.2e-4, "steps_per_s": 2.0, "samples_per_s": 78.71, "elapsed": 81.29}
+    line = format_progress(100, metrics, max_steps=7300)
+    assert line == "step=   100 loss=3.4521 lr=1.2e-04 steps/s=2.00 samples/s=78.7 elapsed=81.3s eta=1h00m"
+    assert format_progress(100, metrics, extra=["loss"], max_steps=100).endswith("loss=3.452 eta=0h00m")
+    assert format_progress(10, {**metrics, "steps_per_s": 0.01}, max_steps=100_000).endswith("eta=2777h30m")
+    assert "eta" not in format_progress(100, metrics)  # unlimited run
+    assert "eta" not in format_progress(1, {"loss": 1.0}, max_steps=10)  # rate not known yet

@@ -1,0 +1,461 @@
+"""Weight import / export (dinox.model.weights, dinox export, dinox.load_backbone) against
+transformers models with random weights, official-layout files written here, and bad inputs.
+
+No download: every source model is built in the test from a small config and saved."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from _train_support import only_run, processed_root, train_args  # noqa: F401
+import dinox
+from dinox.cli import main
+from dinox.errors import UserError
+from dinox.model import weights
+from dinox.model.head import DINOHead
+from dinox.model.vit import ViTArch, VisionTransformer
+
+transformers = pytest.importorskip("transformers")
+safetensors_torch = pytest.importorskip("safetensors.torch")
+
+TOL = 1e-5
+DIM, DEPTH, HEADS, PATCH, IMG = 64, 2, 4, 8, 32
+# errors at a grid other than the native one, collected for the report (pytest -s prints them)
+OTHER_GRID: dict[str, float] = {}
+
+CASES = {
+    # name: (config class, model class, config kwargs, dinox arch of the same shape)
+    "dinov2": ("Dinov2Config", "Dinov2Model", {},
+               dict(num_registers=0)),
+    "dinov2-swiglu": ("Dinov2Config", "Dinov2Model", {"use_swiglu_ffn": True},
+                      dict(num_registers=0, swiglu=True)),
+    "dinov2-registers": ("Dinov2WithRegistersConfig", "Dinov2WithRegistersModel", {"num_register_tokens": 4},
+                         dict(num_registers=4)),
+    "dinov3": ("DINOv3ViTConfig", "DINOv3ViTModel", {"num_register_tokens": 4, "intermediate_size": 4 * DIM},
+               dict(num_registers=4, rope=True, mask_k_bias=True, ln_eps=1e-5)),
+    "dinov3-swiglu": ("DINOv3ViTConfig", "DINOv3ViTModel",
+                      {"num_register_tokens": 4, "intermediate_size": 96, "use_gated_mlp": True,
+                       "hidden_act": "silu"},
+                      dict(num_registers=4, rope=True, mask_k_bias=True, ln_eps=1e-5, swiglu=True,
+                           mlp_hidden_dim=144)),
+}
+
+
+def dinox_arch(case: str) -> ViTArch:
+    return ViTArch(patch_size=PATCH, embed_dim=DIM, depth=DEPTH, num_heads=HEADS, **CASES[case][3])
+
+
+def random_hf(case: str, seed: int = 0):
+    cfg_cls, model_cls, kwargs, _ = CASES[case]
+    config = getattr(transformers, cfg_cls)(hidden_size=DIM, num_hidden_layers=DEPTH, num_attention_heads=HEADS,
+                                            image_size=IMG, patch_size=PATCH, **kwargs)
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_cls)(config)
+    with torch.no_grad():  # every tensor random (LayerNorm, LayerScale and mask token too)
+        for p in model.parameters():
+            p.normal_(0.0, 0.2)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def hf_folders(tmp_path_factory) -> dict[str, tuple[object, Path]]:
+    base = tmp_path_factory.mktemp("hf")
+    out = {}
+    for case in CASES:
+        model = random_hf(case)
+        model.save_pretrained(base / case)
+        out[case] = (model, base / case)
+    return out
+
+
+def tokens(out: dict) -> torch.Tensor:
+    return torch.cat([out["cls"][:, None], out["registers"], out["patches"]], dim=1)
+
+
+def hf_tokens(model, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(pixel_values=x).last_hidden_state
+
+
+def dinox_tokens(backbone, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return tokens(backbone.eval()(x))
+
+
+# ----------------------------------------------------------------------------- transformers -> dinox
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_transformers_folder_imports_and_matches(case, hf_folders):
+    model, folder = hf_folders[case]
+    backbone = VisionTransformer(dinox_arch(case), img_size=IMG)
+    report = weights.load_pretrained(folder, backbone).as_dict()
+    assert report["kind"].startswith("hf-") and len(report["sha256"]) == 64
+    x = torch.randn(3, 3, IMG, IMG)
+    ref, mine = hf_tokens(model, x), dinox_tokens(backbone, x)
+    r = backbone.num_registers
+    assert mine.shape == ref.shape == (3, 1 + r + (IMG // PATCH) ** 2, DIM)
+    # class token, registers and patch tokens, each to 1e-5
+    assert (mine[:, 0] - ref[:, 0]).abs().max() <= TOL
+    if r:
+        assert (mine[:, 1:1 + r] - ref[:, 1:1 + r]).abs().max() <= TOL
+    assert (mine[:, 1 + r:] - ref[:, 1 + r:]).abs().max() <= TOL
+
+    # another grid (48 px = 6x6 patches): imported at that grid, positions resampled once with
+    # the source's convention, and the native-grid import run there with dinox's own one
+    x48 = torch.randn(2, 3, 48, 48)
+    ref48 = hf_tokens(model, x48)
+    at48 = VisionTransformer(dinox_arch(case), img_size=48)
+    report48 = weights.load_pretrained(folder, at48).as_dict()
+    err_import = float((dinox_tokens(at48, x48) - ref48).abs().max())
+    err_runtime = float((dinox_tokens(backbone, x48) - ref48).abs().max())
+    exported = dinox.load_backbone(folder)  # keeps the source's convention for any grid
+    err_loaded = float((dinox_tokens(exported, x48) - ref48).abs().max())
+    OTHER_GRID[case] = err_runtime
+    print(f"\n[{case}] native max|err| {float((mine - ref).abs().max()):.2e}; 48 px: imported at 48 "
+          f"{err_import:.2e}, load_backbone {err_loaded:.2e}, dinox's own resampling {err_runtime:.2e} "
+          f"({report48['position_embedding']})")
+    assert err_import <= TOL and err_loaded <= TOL
+    if case != "dinov2-registers":  # the others resample exactly as dinox does (or use RoPE)
+        assert err_runtime <= TOL
+
+
+@pytest.mark.parametrize("case", ["dinov2-swiglu", "dinov3"])
+def test_transformers_in_memory_names_are_read_too(case, hf_folders, tmp_path):
+    """transformers 5 renames the saved layout in memory (q_proj, gate_proj, model.layer.N);
+    a folder written from such a state dict imports the same."""
+    model, folder = hf_folders[case]
+    (tmp_path / "config.json").write_text((folder / "config.json").read_text())
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    safetensors_torch.save_file(state, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    x = torch.randn(2, 3, IMG, IMG)
+    assert (dinox_tokens(dinox.load_backbone(tmp_path), x) - hf_tokens(model, x)).abs().max() <= TOL
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_import_then_export_reproduces_every_tensor(case, hf_folders):
+    model, folder = hf_folders[case]
+    original = safetensors_torch.load_file(str(folder / "model.safetensors"))
+    backbone = VisionTransformer(dinox_arch(case), img_size=IMG)
+    report = weights.load_pretrained(folder, backbone)
+    exported = weights.hf_state(backbone, report.source.extras)
+    assert sorted(exported) == sorted(original)
+    different = [k for k in original if not torch.equal(exported[k], original[k])]
+    assert not different
+    config = json.loads((folder / "config.json").read_text())
+    mine = weights.hf_config(backbone.arch, IMG)
+    for key in ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "patch_size",
+                "image_size", "layer_norm_eps", "num_register_tokens", "intermediate_size", "use_gated_mlp",
+                "use_swiglu_ffn", "key_bias", "rope_theta"):
+        if key in config:
+            assert mine.get(key) == config[key], key
+
+
+def _load_strict(folder: Path):
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("transformers")
+    logger.addHandler(handler)
+    try:
+        model, info = transformers.AutoModel.from_pretrained(str(folder), output_loading_info=True)
+    finally:
+        logger.removeHandler(handler)
+    assert not any(info.get(k) for k in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs")), info
+    noisy = [r.getMessage() for r in records if r.levelno >= logging.WARNING
+             and any(w in r.getMessage() for w in ("not used", "newly initialized", "not initialized", "MISSING"))]
+    assert not noisy, noisy
+    return model.eval()
+
+
+@pytest.mark.parametrize("arch", [
+    ViTArch(patch_size=8, embed_dim=64, depth=2, num_heads=4, num_registers=0, layerscale_init=None),
+    ViTArch(patch_size=8, embed_dim=64, depth=2, num_heads=4, num_registers=2, swiglu=True, qkv_bias=False),
+    ViTArch(patch_size=8, embed_dim=64, depth=2, num_heads=4, num_registers=4, rope=True, mask_k_bias=True,
+            ln_eps=1e-5, swiglu=True),
+    ViTArch(patch_size=8, embed_dim=64, depth=2, num_heads=4, num_registers=0, rope=True, mask_k_bias=False),
+], ids=["dinov2-no-layerscale", "registers-swiglu-no-qkv-bias", "rope-swiglu", "rope-key-bias"])
+def test_dinox_backbone_exports_to_transformers(arch, tmp_path):
+    torch.manual_seed(1)
+    backbone = VisionTransformer(arch, img_size=IMG)
+    with torch.no_grad():
+        for p in backbone.parameters():
+            p.normal_(0.0, 0.2)
+    weights.write_hf_folder(tmp_path, backbone)
+    model = _load_strict(tmp_path)
+    x = torch.randn(2, 3, IMG, IMG)
+    assert (dinox_tokens(backbone, x) - hf_tokens(model, x)).abs().max() <= TOL
+    back = dinox.load_backbone(tmp_path)
+    assert back.arch.rope == arch.rope and back.num_registers == arch.num_registers
+    assert (dinox_tokens(back, x) - dinox_tokens(backbone, x)).abs().max() <= TOL
+
+
+# ----------------------------------------------------------------------------- official layouts
+
+def hub_dinov2_from_hf(sd: dict, depth: int) -> dict:
+    """The torch-hub DINOv2 key layout (dinov2/models/vision_transformer.py), written out here."""
+    out = {"cls_token": sd["embeddings.cls_token"], "pos_embed": sd["embeddings.position_embeddings"],
+           "mask_token": sd["embeddings.mask_token"],
+           "patch_embed.proj.weight": sd["embeddings.patch_embeddings.projection.weight"],
+           "patch_embed.proj.bias": sd["embeddings.patch_embeddings.projection.bias"],
+           "norm.weight": sd["layernorm.weight"], "norm.bias": sd["layernorm.bias"]}
+    if "embeddings.register_tokens" in sd:
+        out["register_tokens"] = sd["embeddings.register_tokens"]
+    for i in range(depth):
+        h, b = f"encoder.layer.{i}.", f"blocks.{i}."
+        a = h + "attention.attention."
+        out[b + "attn.qkv.weight"] = torch.cat([sd[a + n + ".weight"] for n in ("query", "key", "value")])
+        out[b + "attn.qkv.bias"] = torch.cat([sd[a + n + ".bias"] for n in ("query", "key", "value")])
+        out[b + "attn.proj.weight"] = sd[h + "attention.output.dense.weight"]
+        out[b + "attn.proj.bias"] = sd[h + "attention.output.dense.bias"]
+        for n in ("norm1", "norm2"):
+            out[b + n + ".weight"], out[b + n + ".bias"] = sd[h + n + ".weight"], sd[h + n + ".bias"]
+        out[b + "ls1.gamma"], out[b + "ls2.gamma"] = sd[h + "layer_scale1.lambda1"], sd[h + "layer_scale2.lambda1"]
+        for n in ("fc1", "fc2"):
+            out[b + f"mlp.{n}.weight"], out[b + f"mlp.{n}.bias"] = sd[h + f"mlp.{n}.weight"], sd[h + f"mlp.{n}.bias"]
+    return {k: v.clone() for k, v in out.items()}
+
+
+def hub_dinov3_from_hf(sd: dict, depth: int, dim: int, heads: int, gated: bool) -> dict:
+    """The DINOv3 key layout (dinov3/models/vision_transformer.py, layers/attention.py)."""
+    head_dim = dim // heads
+    out = {"cls_token": sd["embeddings.cls_token"], "storage_tokens": sd["embeddings.register_tokens"],
+           "mask_token": sd["embeddings.mask_token"].reshape(1, dim),
+           "patch_embed.proj.weight": sd["embeddings.patch_embeddings.weight"],
+           "patch_embed.proj.bias": sd["embeddings.patch_embeddings.bias"],
+           "rope_embed.periods": 100.0 ** (2 * torch.arange(head_dim // 4, dtype=torch.float32) / (head_dim // 2)),
+           "norm.weight": sd["norm.weight"], "norm.bias": sd["norm.bias"]}
+    for i in range(depth):
+        h, b = f"layer.{i}.", f"blocks.{i}."
+        a = h + "attention."
+        out[b + "attn.qkv.weight"] = torch.cat([sd[a + n + "_proj.weight"] for n in "qkv"])
+        q_bias = sd[a + "q_proj.bias"]
+        out[b + "attn.qkv.bias"] = torch.cat([q_bias, torch.full_like(q_bias, 3.0), sd[a + "v_proj.bias"]])
+        out[b + "attn.qkv.bias_mask"] = torch.cat([torch.ones(dim), torch.zeros(dim), torch.ones(dim)])
+        out[b + "attn.proj.weight"], out[b + "attn.proj.bias"] = sd[a + "o_proj.weight"], sd[a + "o_proj.bias"]
+        for n in ("norm1", "norm2"):
+            out[b + n + ".weight"], out[b + n + ".bias"] = sd[h + n + ".weight"], sd[h + n + ".bias"]
+        out[b + "ls1.gamma"], out[b + "ls2.gamma"] = sd[h + "layer_scale1.lambda1"], sd[h + "layer_scale2.lambda1"]
+        m = h + "mlp."
+        names = {"w1": "gate_proj", "w2": "up_proj", "w3": "down_proj"} if gated else {"fc1": "up_proj", "fc2": "down_proj"}
+        for mine, theirs in names.items():
+            out[b + f"mlp.{mine}.weight"], out[b + f"mlp.{mine}.bias"] = sd[m + theirs + ".weight"], sd[m + theirs + ".bias"]
+    return {k: v.clone() for k, v in out.items()}
+
+
+@pytest.mark.parametrize("case", ["dinov2", "dinov2-registers"])
+def test_torch_hub_dinov2_file_imports_and_matches(case, hf_folders, tmp_path):
+    model, folder = hf_folders[case]
+    hub = hub_dinov2_from_hf(safetensors_torch.load_file(str(folder / "model.safetensors")), DEPTH)
+    path = tmp_path / "dinov2_vitx14_pretrain.pth"
+    torch.save(hub, path)
+    assert weights.detect_source(path) == weights.DINOV2_HUB
+    backbone = VisionTransformer(dinox_arch(case), img_size=IMG)
+    report = weights.load_pretrained(path, backbone).as_dict()
+    assert report["sha256"] == weights.file_sha256(path) and report["not_used"] == ["cls_pos_embed", "cls_token", "mask_token"]
+    x = torch.randn(2, 3, IMG, IMG)
+    assert (dinox_tokens(backbone, x) - hf_tokens(model, x)).abs().max() <= TOL
+    # and back to the official layout, bit for bit
+    extras = weights.read_weights(path, heads=HEADS).extras
+    again = weights.dinov2_hub_state(backbone, extras)
+    assert sorted(again) == sorted(hub) and all(torch.equal(again[k], hub[k]) for k in hub)
+
+
+@pytest.mark.parametrize("case", ["dinov3", "dinov3-swiglu"])
+def test_dinov3_file_imports_and_matches(case, hf_folders, tmp_path):
+    model, folder = hf_folders[case]
+    arch = dinox_arch(case)
+    hub = hub_dinov3_from_hf(safetensors_torch.load_file(str(folder / "model.safetensors")), DEPTH, DIM, HEADS,
+                             arch.swiglu)
+    path = tmp_path / "dinov3_vitx16_pretrain.pth"
+    torch.save(hub, path)
+    assert weights.detect_source(path) == weights.DINOV3_HUB
+    backbone = VisionTransformer(arch, img_size=IMG)
+    report = weights.load_pretrained(path, backbone).as_dict()
+    assert "rope_embed.periods" in report["checked"]
+    x = torch.randn(2, 3, 48, 48)  # RoPE: any grid
+    # the key bias of the file is 3.0 everywhere: masked, as in DINOv3, it changes nothing
+    assert (dinox_tokens(backbone, x) - hf_tokens(model, x)).abs().max() <= TOL
+    again = weights.dinov3_hub_state(backbone, weights.read_weights(path).extras)
+    assert sorted(again) == sorted(hub) and all(torch.equal(again[k], hub[k]) for k in hub)
+
+
+# ----------------------------------------------------------------------------- dinox checkpoint -> export
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(processed_root, tmp_path_factory) -> Path:  # noqa: F811
+    out = tmp_path_factory.mktemp("runs")
+    assert main(train_args(processed_root, out, "--max-steps", "2", "--batch-size", "4", "--ckpt-every", "2")) == 0
+    run = only_run(out)
+    (run / "view_retrieval_step2_N16.json").write_text(json.dumps(
+        {"step": 2, "n": 16, "split": "val", "top1": 0.25, "top5": 0.5, "ratio": 4.0, "effective_rank": 7.5}))
+    return next(run.glob("checkpoint_final_*.pth"))
+
+
+def test_checkpoint_exports_to_transformers_strictly(tiny_checkpoint, tmp_path):
+    out = tmp_path / "hf"
+    assert main(["export", str(tiny_checkpoint), "--format", "hf", "--out", str(out)]) == 0
+    assert {"config.json", "model.safetensors", "dino_head.safetensors", "ct_preprocessing.json",
+            "README.md"} <= {p.name for p in out.iterdir()}
+    model = _load_strict(out)
+    backbone = dinox.load_backbone(tiny_checkpoint)  # the teacher
+    x = torch.randn(2, 3, 32, 32)
+    assert (dinox_tokens(backbone, x) - hf_tokens(model, x)).abs().max() <= TOL
+    assert (dinox_tokens(dinox.load_backbone(out), x) - dinox_tokens(backbone, x)).abs().max() <= TOL
+
+    state = torch.load(tiny_checkpoint, weights_only=True)
+    card = (out / "README.md").read_text()
+    prov = state["provenance"]
+    for text in (prov["git_commit"], prov["data_manifest_hash"], "step 2", "view_retrieval_step2_N16.json",
+                 "| 4 |", weights.file_sha256(tiny_checkpoint)):
+        assert str(text) in card, text
+    pre = json.loads((out / "ct_preprocessing.json").read_text())
+    assert pre["image_size"] == 32 and pre["normalisation"]["mean"] == 0.5
+    assert [f["name"] for f in pre["training_windows"]["families"]] == ["lung", "mediastinal", "bone", "broad"]
+    assert pre["standardize_per_image"] is bool(state["config"]["standardize_views"])
+
+    head_state, meta = weights.read_safetensors(out / "dino_head.safetensors")
+    head = DINOHead(int(meta["in_dim"]), int(meta["out_dim"]), hidden_dim=int(meta["hidden_dim"]),
+                    bottleneck_dim=int(meta["bottleneck_dim"]), nlayers=int(meta["nlayers"]),
+                    use_bn=meta["use_bn"] == "True")
+    head.load_state_dict(head_state)
+    flat = state["config"]
+    assert (int(meta["out_dim"]), int(meta["hidden_dim"]), int(meta["bottleneck_dim"])) == (
+        flat["out_dim"], flat["head_hidden"], flat["head_bottleneck"])
+    expected = {k[5:]: v for k, v in state["teacher"].items() if k.startswith("head.")}
+    assert all(torch.equal(head.state_dict()[k], v) for k, v in expected.items())
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "dinov2-hub"])
+def test_checkpoint_exports_as_state_dicts(fmt, tiny_checkpoint, tmp_path):
+    out = tmp_path / fmt
+    assert main(["export", str(tiny_checkpoint), "--format", fmt, "--out", str(out), "--network", "student"]) == 0
+    student = dinox.load_backbone(tiny_checkpoint, network="student")
+    file = out / ("backbone.safetensors" if fmt == "safetensors" else "backbone.pth")
+    again = dinox.load_backbone(out if fmt == "safetensors" else file)
+    assert not again.training
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(dinox_tokens(again, x), dinox_tokens(student, x))
+    if fmt == "safetensors":  # the file is plain safetensors: the reference library reads it
+        plain = safetensors_torch.load_file(str(file))
+        assert all(torch.equal(plain[k], v) for k, v in student.state_dict().items())
+
+
+def test_export_refuses_a_layout_the_model_cannot_have(tiny_checkpoint, tmp_path, capsys):
+    out = tmp_path / "v3"
+    assert main(["export", str(tiny_checkpoint), "--format", "dinov3-hub", "--out", str(out)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "--format dinov2-hub" in err and "\n" not in err
+    assert not out.exists()
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("x")
+    assert main(["export", str(tiny_checkpoint), "--out", str(tmp_path / "full")]) == 1
+    assert "not an empty folder" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- bad inputs
+
+def one_line_error(fn, match: str) -> str:
+    with pytest.raises(UserError, match=match) as info:
+        fn()
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+class _Payload:
+    """Unpickling this calls os.system: a checkpoint with code in it."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_pickle_with_code_is_refused_and_not_run(tmp_path, capsys):
+    marker = tmp_path / "code_ran"
+    path = tmp_path / "evil.pth"
+    torch.save({"cls_token": torch.zeros(1, 1, 8), "payload": _Payload(marker)}, path)
+    backbone = VisionTransformer(dinox_arch("dinov2"), img_size=IMG)
+    one_line_error(lambda: weights.load_pretrained(path, backbone), "pickled code")
+    one_line_error(lambda: dinox.load_backbone(path), "pickled code")
+    assert main(["export", str(path), "--out", str(tmp_path / "out")]) != 0
+    assert "error: " in capsys.readouterr().err
+    assert not marker.exists()
+
+
+def test_non_checkpoints_and_folders_without_config(tmp_path):
+    backbone = VisionTransformer(dinox_arch("dinov2"), img_size=IMG)
+    text = tmp_path / "notes.pth"
+    text.write_text("these are not weights\n")
+    one_line_error(lambda: weights.load_pretrained(text, backbone), "not a PyTorch checkpoint")
+    empty = tmp_path / "empty.pth"
+    empty.write_bytes(b"")
+    one_line_error(lambda: weights.load_pretrained(empty, backbone), "not a PyTorch checkpoint")
+    listing = tmp_path / "list.pth"
+    torch.save([torch.zeros(2)], listing)
+    one_line_error(lambda: weights.load_pretrained(listing, backbone), "not a backbone state dict")
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(b"\0" * 16)
+    one_line_error(lambda: weights.load_pretrained(folder, backbone), "no config.json")
+    one_line_error(lambda: weights.load_pretrained(tmp_path / "missing", backbone), "does not exist")
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes((10**9).to_bytes(8, "little") + b"{}")
+    one_line_error(lambda: weights.read_safetensors(broken), "not a valid safetensors file")
+    other = tmp_path / "vit"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({"model_type": "vit"}))
+    one_line_error(lambda: weights.load_pretrained(other, backbone), "model_type 'vit'")
+
+
+def test_mismatched_shapes_name_both_and_load_nothing(hf_folders):
+    _, folder = hf_folders["dinov2-registers"]
+    wrong = VisionTransformer(ViTArch(patch_size=8, embed_dim=64, depth=2, num_heads=2, num_registers=0),
+                              img_size=IMG)
+    before = {k: v.clone() for k, v in wrong.state_dict().items()}
+    msg = one_line_error(lambda: weights.load_pretrained(folder, wrong), "requested architecture")
+    assert "heads 4 vs 2" in msg and "registers 4 vs 0" in msg and "--registers 4" in msg
+    assert all(torch.equal(before[k], v) for k, v in wrong.state_dict().items())
+    _, folder3 = hf_folders["dinov3"]
+    msg = one_line_error(lambda: weights.load_pretrained(folder3, wrong), "requested architecture")
+    assert "positions RoPE base 100 vs learned" in msg
+
+
+def test_every_tensor_must_be_consumed(hf_folders, tmp_path):
+    _, folder = hf_folders["dinov2"]
+    hub = hub_dinov2_from_hf(safetensors_torch.load_file(str(folder / "model.safetensors")), DEPTH)
+    backbone = VisionTransformer(dinox_arch("dinov2"), img_size=IMG)
+    before = {k: v.clone() for k, v in backbone.state_dict().items()}
+    extra = tmp_path / "extra.pth"
+    torch.save({**hub, "head.weight": torch.zeros(3, 3)}, extra)
+    one_line_error(lambda: weights.load_pretrained(extra, backbone), "head.weight.*nothing was loaded")
+    missing = tmp_path / "missing.pth"
+    torch.save({k: v for k, v in hub.items() if k != "blocks.1.norm2.bias"}, missing)
+    one_line_error(lambda: weights.load_pretrained(missing, backbone), "blocks.1.norm2.bias")
+    assert all(torch.equal(before[k], v) for k, v in backbone.state_dict().items())
+
+
+def test_init_backbone_from_reports_for_provenance(hf_folders):
+    _, folder = hf_folders["dinov2"]
+    backbone = VisionTransformer(dinox_arch("dinov2"), img_size=64)
+    report = weights.init_backbone_from(folder, backbone)
+    json.dumps(report)  # JSON-safe
+    assert report["kind"] == weights.HF_DINOV2 and report["position_embedding"].startswith("resampled 4x4 -> 8x8")
+    assert set(report["files"]) == {"config.json", "model.safetensors"}
+
+
+def test_safetensors_writer_matches_the_reference_library(tmp_path):
+    tensors = {"a": torch.randn(3, 5), "b": torch.arange(7, dtype=torch.int64), "c": torch.randn(4).bfloat16(),
+               "d": torch.zeros(1, 0, 8), "e": torch.tensor([True, False]), "f": torch.randn(2, 3).half()}
+    path = weights.write_safetensors(tmp_path / "t.safetensors", tensors, {"note": "x"})
+    theirs = safetensors_torch.load_file(str(path))
+    assert sorted(theirs) == sorted(tensors) and all(torch.equal(theirs[k], v) for k, v in tensors.items())
+    safetensors_torch.save_file(tensors, str(tmp_path / "ref.safetensors"), metadata={"note": "y"})
+    mine, meta = weights.read_safetensors(tmp_path / "ref.safetensors")
+    assert meta == {"note": "y"} and all(torch.equal(mine[k], v) for k, v in tensors.items())
