@@ -255,3 +255,24 @@ def test_gram_weight_cannot_be_disabled(bad):
     assert "cannot be disabled" in message and "lung tissue" in message
     assert "positive --gram-weight" in message and "\n" not in message
     validate_gram_weight(0.5)
+
+
+def test_centre_moves_once_per_step_whatever_the_accumulation():
+    """Accumulation 4 x batch 64 and accumulation 1 x batch 256 give the same centre: the
+    centre moves once per optimizer step from the mean over all the step's micro-batches."""
+    from dinox.losses.dino import DINOLoss
+
+    g = torch.Generator().manual_seed(0)
+    steps = [torch.randn(256, 32, generator=g) for _ in range(3)]
+    accumulated, whole = DINOLoss(32, center_momentum=0.9), DINOLoss(32, center_momentum=0.9)
+    for logits in steps:
+        for chunk in logits.chunk(4):
+            accumulated.accumulate_center(chunk)
+        accumulated.apply_center_update()
+        whole.update_center(logits)
+    assert torch.allclose(accumulated.center, whole.center, atol=1e-6)
+    per_micro_batch = DINOLoss(32, center_momentum=0.9)  # the old behaviour: 4 updates a step
+    for logits in steps:
+        for chunk in logits.chunk(4):
+            per_micro_batch.update_center(chunk)
+    assert not torch.allclose(per_micro_batch.center, whole.center, atol=1e-3)

@@ -357,3 +357,18 @@ def test_probe_script_without_labels_exits_1_from_a_shell(labelled, tmp_path):
                           capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 1, proc.stderr
     assert "no nodule labels" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_probe_every_logs_eval_probe_rows_during_training(labelled, tmp_path):
+    """--probe-every: the nodule probes run in training and land in metrics.jsonl."""
+    import json
+
+    root, _ = labelled
+    manifest = next((root / "_splits").glob("*.json"))
+    out = tmp_path / "runs"
+    assert main(["train", *TINY_MODEL, "--data-root", str(root), "--split-manifest", str(manifest),
+                 "--out", str(out), "--max-steps", "2", "--batch-size", "4", "--probe-every", "2"]) == 0
+    rows = [json.loads(line) for line in (only_run(out) / "metrics.jsonl").read_text().splitlines()]
+    probes = [r for r in rows if "Eval/Probe_slice_nodule" in r]
+    assert probes and probes[0]["step"] == 2
+    assert 0.0 <= probes[0]["Eval/Probe_slice_nodule"] <= 1.0

@@ -373,7 +373,7 @@ def test_disk_space_for_one_checkpoint_is_checked_at_start(processed_root, tmp_p
 
 
 def test_disk_space_warning_when_the_rotation_will_not_fit(tmp_path, monkeypatch):
-    from dinox.commands.train import check_disk_space, checkpoint_tensor_bytes
+    from dinox.train.runs import check_disk_space, checkpoint_tensor_bytes
 
     plan = {"backbone_params": 100_000_000, "head_params": 10_000_000}
     need = ck.space_needed(checkpoint_tensor_bytes(plan))

@@ -41,6 +41,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--eval-n", type=int, default=DEMO_EVAL_N)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-workers", type=int, default=1)
+    p.add_argument("--probe", action=argparse.BooleanOptionalAction, default=True,
+                   help="run the labelled nodule probes on the final checkpoint (about a minute)")
     p.set_defaults(func=run)
     return p
 
@@ -88,6 +90,8 @@ def run(args) -> int:
         "eval", "retrieval", "--checkpoint", str(final), "--split-manifest", str(manifest),
         "--index-csv", str(processed / "_index" / "index.csv"), "--n", str(args.eval_n), "--device", "cpu",
     ])
+    if args.probe:
+        _probe(dinox_main, final, processed, manifest)
     untrained = _eval_at_step0(run_dir / "metrics.jsonl")
     print(f"[demo] finished in {time.perf_counter() - started:.0f}s; run: {run_dir}")
     if untrained is not None:
@@ -99,6 +103,26 @@ def run(args) -> int:
     print(f"[demo] heatmaps: {run_dir / 'monitor'}; loss curve: {run_dir / 'loss_curve.png'}")
     print(f"[demo] TensorBoard: tensorboard --logdir {runs}")
     return code
+
+
+def _probe(dinox_main, final: Path, processed: Path, manifest: Path) -> None:
+    """The labelled nodule probes of the final checkpoint beside its baselines (reported,
+    not yet a pass/fail criterion of the demo)."""
+    print(f"[demo] nodule probes (frozen features, patient-level split) of {final.name}", flush=True)
+    code = dinox_main(["eval", "probe", "--checkpoint", str(final), "--data-root", str(processed),
+                       "--split-manifest", str(manifest), "--device", "cpu", "--max-slices", "384",
+                       "--bootstrap", "200", "--min-auroc", "0"])
+    found = sorted(final.parent.glob("probe_step*.json"))
+    if code not in (0, 2) or not found:
+        print("[demo] probes: not available for this data")
+        return
+    tasks = json.loads(found[-1].read_text())["tasks"]
+    for name in ("slice_nodule", "patch_nodule", "patch_nodule_vs_vessel"):
+        if name in tasks:
+            task, base = tasks[name], tasks[name].get("baselines", {})
+            print(f"[demo] probe {name}: AUROC {task['auroc']:.3f} {task.get('ci95')} | untrained "
+                  f"{base.get('untrained', {}).get('auroc', float('nan')):.3f} | pixels "
+                  f"{base.get('pixels', {}).get('auroc', float('nan')):.3f}")
 
 
 def default_root(family: str) -> str:

@@ -8,15 +8,29 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from dinox.config import DEVICE_CHOICES, FLAT_FIELDS, MODEL_CHOICES, SHAPE_FIELDS, RunConfig, resolve
+from dinox.config import (
+    DEVICE_CHOICES,
+    FLAT_FIELDS,
+    MODEL_CHOICES,
+    SHAPE_FIELDS,
+    RunConfig,
+    resolve,
+)
 from dinox.data.layout import atomic_write_text
 from dinox.errors import UserError
 from dinox.run.signals import EXIT_WONT_FIT
+from dinox.train.runs import (
+    ResumeSource,
+    check_disk_space,
+    open_resume,
+    prepare_run_dir,
+    remove_failed_start,
+    resumed_from,
+)
 
 log = logging.getLogger("dinox.train")
 
@@ -157,6 +171,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--monitor-every", type=_nonneg_int, help="steps between heatmaps/stats (1000; 0 off)")
     g.add_argument("--eval-every", type=_nonneg_int, help="steps between retrieval + rank checks (0 off)")
     g.add_argument("--eval-n", type=_positive_int, help="validation samples per in-training check (512)")
+    g.add_argument("--probe-every", type=_nonneg_int,
+                   help="steps between frozen-feature nodule probes (Eval/Probe_*; needs labels; 0 off)")
     g.add_argument("--log-interval", type=float, help="seconds between progress lines (10)")
     g.add_argument("--log-every", type=_positive_int, help="steps between metrics.jsonl/TensorBoard rows (1)")
     g.add_argument("--halt-on-anomaly", action=argparse.BooleanOptionalAction, default=None, help="stop on a loss spike too")
@@ -177,120 +193,6 @@ def explicit_values(args: argparse.Namespace) -> dict[str, object]:
         if getattr(args, flag, None) is not None:
             given[low], given[high] = getattr(args, flag)
     return given
-
-
-# What dinox.train.state.unpack reads: a checkpoint lacking one of these cannot resume.
-RESUME_KEYS = ("format", "format_version", "step", "student", "teacher", "gram_teacher", "dino_loss",
-               "optimizer", "rng", "aug_generator", "data", "config")
-
-
-@dataclass
-class ResumeSource:
-    """The checkpoint a launch continues, and where the continuation is written."""
-
-    path: Path
-    state: dict           # the full checkpoint (a dry run maps it); emptied once the trainer holds it
-    step: int
-    in_place: bool        # continue its run folder; else a new folder under --out
-    snapshot: tuple = ()  # the run folder's checkpoints when chosen (in place only)
-
-
-def find_checkpoint(resume: str, out_root: Path) -> tuple[Path | None, bool]:
-    """The checkpoint to resume from, and whether its integrity was already verified
-    (`--resume auto` checks every candidate; a given path is checked when loaded)."""
-    from dinox.run.checkpoint import find_resume_checkpoint
-
-    if resume == "auto":
-        return find_resume_checkpoint(out_root, RESUME_KEYS), True
-    path = Path(resume)
-    if not path.is_file():
-        raise UserError(f"--resume {resume}: no such checkpoint file; use --resume auto or a path to a .pth file")
-    return path, False
-
-
-def _checkpoint_snapshot(run_dir: Path) -> tuple:
-    from dinox.run.checkpoint import list_checkpoints
-
-    snapshot = []
-    for path in list_checkpoints(run_dir):
-        try:
-            st = path.stat()
-        except OSError:
-            continue
-        snapshot.append((path.name, st.st_size, st.st_mtime_ns))
-    return tuple(snapshot)
-
-
-def continues_in_place(path: Path, out_root: Path) -> bool:
-    """Whether `--resume PATH` continues PATH's own run folder: only when that folder is a run
-    folder directly under --out and PATH is its newest checkpoint. Otherwise continuing there
-    would rotate away the newer checkpoints, truncate the metrics past PATH's step and
-    overwrite the final checkpoint, or write a run into a backup folder."""
-    from dinox.run.checkpoint import is_run_dir_name, list_checkpoints, parse_checkpoint_name
-
-    run = path.resolve().parent
-    parsed = parse_checkpoint_name(path)
-    if parsed is None or run.parent != out_root.resolve() or not is_run_dir_name(run.name):
-        return False
-    newest = max(parse_checkpoint_name(p)[0] for p in list_checkpoints(run))
-    return parsed[0] >= newest
-
-
-def open_resume(resume: str, out_root: Path, *, planning: bool) -> ResumeSource | None:
-    """Find and load the checkpoint of `--resume` (None: `auto` found nothing). `planning`
-    (a dry run) maps it instead of reading it: only its configuration is needed."""
-    from dinox.config import check_checkpoint_format
-    from dinox.run.checkpoint import load_checkpoint
-
-    path, verified = find_checkpoint(resume, out_root)
-    if path is None:
-        return None
-    if planning:
-        state = load_checkpoint(path, map_location="cpu", verify=False, mmap=True)
-    else:
-        state = load_checkpoint(path, map_location="cpu", verify=not verified, required=RESUME_KEYS)
-    check_checkpoint_format(state)
-    if not isinstance(state.get("config"), dict):
-        raise UserError(f"{path} carries no dinox configuration; resume from a checkpoint of dinox train")
-    in_place = resume == "auto" or continues_in_place(path, out_root)
-    return ResumeSource(path, state, int(state.get("step", 0)), in_place,
-                        _checkpoint_snapshot(path.parent) if in_place else ())
-
-
-def checkpoint_tensor_bytes(plan: dict) -> int:
-    """Tensor bytes of one checkpoint of the planned model: student and EMA teacher
-    (backbone + head), the Gram teacher (a backbone) and AdamW's two moments of the
-    student, all fp32. RNG states, the centre and the configuration are small beside it."""
-    backbone, head = int(plan["backbone_params"]), int(plan["head_params"])
-    student = backbone + head
-    return 4 * (student + student + backbone + 2 * student)
-
-
-def check_disk_space(plan: dict, target: Path, keep_last: int, existing: int = 0) -> str | None:
-    """Refuse a run whose first checkpoint cannot fit (found out at start-up, not hours in);
-    a warning (returned) when the rotation's checkpoints will not all fit. `existing`:
-    periodic checkpoints already in the folder (a run continued in place), whose space is
-    taken already."""
-    from dinox.run.checkpoint import free_space, space_needed
-
-    size = checkpoint_tensor_bytes(plan)
-    need, free = space_needed(size), free_space(target)
-    if free < need:
-        raise UserError(
-            f"not enough disk space for one checkpoint: this model's checkpoint takes about {_size(size)} "
-            f"(student, EMA teacher, Gram teacher and AdamW moments in fp32) and {_size(free)} are free at "
-            f"{target}; free space there or give --out a folder on a disk with room")
-    room = free // need
-    # Rotation writes the new checkpoint before it deletes the oldest: keep_last + 1 at a time.
-    if room < max(0, keep_last - existing) + 1:
-        return (f"the disk at {target} has room for about {room} more checkpoints of {_size(size)}, but "
-                f"--ckpt-keep-last {keep_last} keeps {keep_last} and a save needs one more: the run will stop "
-                f"with a full disk; lower --ckpt-keep-last to {max(1, existing + room - 1)} or free space")
-    return None
-
-
-def _size(n: int) -> str:
-    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -404,111 +306,6 @@ def _train(cfg, info, preset_name, resolved, plan, dist, run_dir: Path, source: 
     code = trainer.run()
     trainer.release()
     return code
-
-
-def resumed_from(source: ResumeSource) -> dict:
-    """Where a branch started: the source run folder, checkpoint, step and the checkpoint's sha256."""
-    from dinox.run.checkpoint import file_sha256
-
-    path = source.path.resolve()
-    return {"run": str(path.parent), "checkpoint": str(path), "step": source.step, "sha256": file_sha256(path)}
-
-
-def prepare_run_dir(dist, out_root: Path, source: ResumeSource | None):
-    """(run folder, lock, created by this launch). Rank 0 decides and locks; every rank gets
-    the folder, or the same one-line error."""
-    from dinox.run.distributed import broadcast_object
-
-    run_dir = lock = error = None
-    created = False
-    if dist.is_main:
-        try:
-            run_dir, lock, created = _claim_run_dir(out_root, source)
-        except UserError as exc:
-            error = exc
-    outcome = broadcast_object((str(run_dir) if run_dir else None, str(error) if error else None))
-    if error is not None:
-        raise error
-    if outcome[1] is not None:
-        raise UserError(outcome[1])
-    return Path(outcome[0]), lock, created
-
-
-def _claim_run_dir(out_root: Path, source: ResumeSource | None):
-    from dinox.run.checkpoint import lock_run_dir, new_run_dir
-
-    if source is not None and source.in_place:
-        run_dir = source.path.parent
-        lock = lock_run_dir(run_dir)
-        if _checkpoint_snapshot(run_dir) != source.snapshot:
-            lock.release()
-            raise UserError(f"run folder {run_dir} changed while this launch was starting (another process "
-                            f"saved a checkpoint there); run the command again to continue from the newest one")
-        return run_dir, lock, False
-    run_dir, lock = new_run_dir(out_root), None
-    try:
-        lock = lock_run_dir(run_dir)
-        if source is not None:
-            copy_metrics_until(source.path.parent, run_dir, source.step)
-    except BaseException:
-        remove_failed_start(run_dir, source)
-        if lock is not None:
-            lock.release()
-        raise
-    return run_dir, lock, True
-
-
-def copy_metrics_until(source_run: Path, run_dir: Path, step: int) -> int:
-    """Copy the source run's metrics.jsonl rows up to `step` into a branch's new folder, so
-    the branch's record covers its whole history; returns the rows copied."""
-    from dinox.observe.metrics import METRICS_FILE
-
-    src = source_run / METRICS_FILE
-    if not src.is_file():
-        return 0
-    kept = []
-    with open(src, encoding="utf-8", errors="replace") as f:
-        for line in f:
-            try:
-                keep = int(json.loads(line)["step"]) <= step
-            except (ValueError, KeyError, TypeError):
-                keep = False
-            if keep:
-                kept.append(line if line.endswith("\n") else line + "\n")
-    if kept:
-        atomic_write_text(run_dir / METRICS_FILE, "".join(kept))
-    return len(kept)
-
-
-def remove_failed_start(run_dir: Path, source: ResumeSource | None) -> None:
-    """Delete a run folder made by this launch when the run never got going: no checkpoint
-    and no metrics row of its own (a branch's copied rows do not count). Anything else in
-    it, or a run that trained a while, is kept."""
-    import shutil
-
-    from dinox.observe.metrics import METRICS_FILE
-    from dinox.run.checkpoint import LOCK_NAME, list_checkpoints
-
-    if not run_dir.is_dir() or list_checkpoints(run_dir):
-        return
-    step = source.step if source is not None else 0
-    metrics = run_dir / METRICS_FILE
-    try:
-        rows = metrics.read_text(encoding="utf-8", errors="replace").splitlines() if metrics.exists() else []
-    except OSError:
-        return
-    for line in rows:
-        try:
-            if int(json.loads(line)["step"]) > step:
-                return
-        except (ValueError, KeyError, TypeError):
-            continue
-    expected = {"config.json", "train.log", METRICS_FILE, LOCK_NAME}
-    for entry in run_dir.iterdir():
-        if entry.name not in expected and not entry.name.startswith(("events.out.tfevents.", f".{LOCK_NAME}.")):
-            return
-    shutil.rmtree(run_dir, ignore_errors=True)
-    log.info("removed %s: the run stopped before its first step", run_dir)
 
 
 def _data_files(cfg: RunConfig) -> list[Path]:

@@ -67,3 +67,21 @@ def run_retrieval(backbone, dataset, augment_cfg, *, n: int, step: int, device, 
     print(f"eval step={step} retrieval top1={result['top1']:.4f} ratio={result['ratio']:.2f} "
           f"(n={result['n']}) effective_rank={result['effective_rank']:.1f}", flush=True)
     return result
+
+
+def run_probe(backbone, cfg, *, step: int, device, metrics) -> dict | None:
+    """The labelled nodule probes of `backbone` (no baselines: they do not change during a
+    run), logged as Eval/Probe_<task>; None (with a warning) when the root has no labels."""
+    from dinox.errors import UserError
+    from dinox.eval.probe import probe_backbone
+
+    try:
+        result = probe_backbone(backbone, cfg, cfg.io.data_root, split_manifest=cfg.io.split_manifest,
+                                seed=cfg.runtime.seed, device=device, baselines=False, max_slices=1024, n_boot=200)
+    except UserError as exc:
+        log.warning("nodule probe skipped at step %d: %s", step, exc)
+        return None
+    scores = {f"Eval/Probe_{name}": task["auroc"] for name, task in result["tasks"].items()}
+    metrics.log(step, scores)
+    print(f"probe step={step} " + " ".join(f"{k.split('/', 1)[1]}={v:.3f}" for k, v in scores.items()), flush=True)
+    return result

@@ -221,6 +221,8 @@ class Trainer:
                 return EXIT_ANOMALY
             if w.eval_every and step % w.eval_every == 0:
                 self._evaluate()
+            if w.probe_every and step % w.probe_every == 0 and dist.is_main:
+                self._guarded(self._probe)
             if w.monitor_every and step % w.monitor_every == 0:
                 self._guarded(self._monitor, throughput.steps_per_s, throughput.samples_per_s)
             if o.max_steps is not None and step >= o.max_steps:
@@ -280,6 +282,12 @@ class Trainer:
         return run_retrieval(self.ssl.teacher.backbone, self.val_dataset, self.cfg.views.to_augment(),
                              n=self.cfg.watch.eval_n, step=self.progress.step, device=self.device,
                              autocast_dtype=self.autocast_dtype, metrics=self.metrics)
+
+    def _probe(self) -> None:
+        from dinox.observe.monitor_hook import run_probe
+
+        run_probe(self.ssl.teacher.backbone, self.cfg, step=self.progress.step, device=self.device,
+                  metrics=self.metrics)
 
     def _monitor(self, steps_per_s: float, samples_per_s: float) -> None:
         from dinox.observe.monitor_hook import run_monitor
