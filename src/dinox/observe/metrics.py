@@ -55,6 +55,23 @@ def json_safe(obj: Any) -> Any:
     return value if math.isfinite(value) else None
 
 
+def lines_until(path: str | os.PathLike, step: int, errors: str = "strict") -> tuple[list[str], int]:
+    """(the JSONL lines of `path` with step <= `step`, each ending in a newline; the number of
+    other lines, unreadable ones included)."""
+    kept, dropped = [], 0
+    with open(path, encoding="utf-8", errors=errors) as f:
+        for line in f:
+            try:
+                keep = int(json.loads(line)["step"]) <= step
+            except (ValueError, KeyError, TypeError):
+                keep = False
+            if keep:
+                kept.append(line if line.endswith("\n") else line + "\n")
+            else:
+                dropped += 1
+    return kept, dropped
+
+
 class MetricsLogger:
     """Append-only JSONL + TensorBoard logger for one run directory.
 
@@ -115,17 +132,7 @@ class MetricsLogger:
         if not self.is_main:
             return 0
         self._file.close()
-        kept, dropped = [], 0
-        with open(self.path, encoding="utf-8") as f:
-            for line in f:
-                try:
-                    keep = int(json.loads(line)["step"]) <= step
-                except (ValueError, KeyError, TypeError):
-                    keep = False
-                if keep:
-                    kept.append(line if line.endswith("\n") else line + "\n")
-                else:
-                    dropped += 1
+        kept, dropped = lines_until(self.path, step)
         tmp = self.path.with_suffix(".jsonl.tmp")
         with open(tmp, "w", encoding="utf-8") as f:
             f.writelines(kept)

@@ -194,20 +194,12 @@ def _claim_run_dir(out_root: Path, source: ResumeSource | None):
 def copy_metrics_until(source_run: Path, run_dir: Path, step: int) -> int:
     """Copy the source run's metrics.jsonl rows up to `step` into a branch's new folder, so
     the branch's record covers its whole history; returns the rows copied."""
-    from dinox.observe.metrics import METRICS_FILE
+    from dinox.observe.metrics import METRICS_FILE, lines_until
 
     src = source_run / METRICS_FILE
     if not src.is_file():
         return 0
-    kept = []
-    with open(src, encoding="utf-8", errors="replace") as f:
-        for line in f:
-            try:
-                keep = int(json.loads(line)["step"]) <= step
-            except (ValueError, KeyError, TypeError):
-                keep = False
-            if keep:
-                kept.append(line if line.endswith("\n") else line + "\n")
+    kept, _ = lines_until(src, step, errors="replace")
     if kept:
         atomic_write_text(run_dir / METRICS_FILE, "".join(kept))
     return len(kept)
