@@ -154,6 +154,8 @@ class RuntimeConfig:
     amp: bool = False
     grad_checkpoint: bool = False
     compile: bool = False
+    # Under torchrun: "ddp" replicates the networks on every rank, "fsdp" shards them (FSDP2).
+    parallel: str = "ddp"
     num_workers: int = 0
     pin_memory: bool = False
     seed: int = 0
@@ -207,7 +209,8 @@ SHAPE_FIELDS = (
     "mask_k_bias", "ln_eps",
 )
 # What belongs to this launch rather than to the run: never taken from a checkpoint.
-LAUNCH_KEYS = (*PRESET_KEYS, "device", "hardware_preset", "custom_values", "max_steps", "out", "resume")
+LAUNCH_KEYS = (*PRESET_KEYS, "device", "parallel", "hardware_preset", "custom_values", "max_steps", "out", "resume")
+PARALLEL_CHOICES = ("ddp", "fsdp")
 
 
 @dataclass
@@ -513,6 +516,8 @@ def validate(cfg: RunConfig) -> None:
             raise UserError(f"{_flag(name)} {value} is not a finite number; give a finite value")
     m, v, o, s, w = cfg.model, cfg.views, cfg.optim, cfg.ssl, cfg.watch
     validate_gram_weight(s.gram_weight)
+    if cfg.runtime.parallel not in PARALLEL_CHOICES:
+        raise UserError(f"--parallel {cfg.runtime.parallel!r}: choose one of {', '.join(PARALLEL_CHOICES)}")
     if o.lr <= 0:
         raise UserError(f"--lr {o.lr} must be positive (try 5e-4 for an effective batch of 256)")
     if o.min_lr < 0 or o.min_lr > o.lr:
@@ -577,7 +582,7 @@ def with_values(cfg: RunConfig, **flat) -> RunConfig:
 
 __all__ = [
     "BASE_RECIPE", "CHECKPOINT_FORMAT", "CHECKPOINT_FORMAT_VERSION", "DEVICE_CHOICES", "FLAT_FIELDS",
-    "IOConfig", "LAUNCH_KEYS", "MODEL_CHOICES", "ModelConfig", "OptimConfig", "RECIPES", "RunConfig",
+    "IOConfig", "LAUNCH_KEYS", "MODEL_CHOICES", "ModelConfig", "OptimConfig", "PARALLEL_CHOICES", "RECIPES", "RunConfig",
     "Resolved", "RuntimeConfig", "SECTIONS", "SHAPE_FIELDS", "SSLConfig", "ViewsConfig", "WatchConfig",
     "check_checkpoint_format", "config_from_checkpoint", "recipe_for", "resolve", "validate", "with_values",
 ]

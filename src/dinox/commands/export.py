@@ -33,6 +33,7 @@ from dinox.data.augment import LUNG_WINDOW, WINDOW_FAMILY_NAMES, AugmentConfig
 from dinox.errors import UserError
 from dinox.eval.load import NETWORKS, load_for_inference
 from dinox.model import weights
+from dinox.run import checkpoint as store
 
 FORMATS = ("hf", "safetensors", "dinov2-hub", "dinov3-hub")
 PREPROCESSING = "ct_preprocessing.json"
@@ -82,7 +83,7 @@ def export_checkpoint(checkpoint: str | Path, fmt: str, out: str | Path, *, netw
         weights.dinov3_hub_state(backbone)
     out.mkdir(parents=True, exist_ok=True)
     info = {
-        "checkpoint": checkpoint.name, "checkpoint_sha256": weights.file_sha256(checkpoint),
+        "checkpoint": checkpoint.name, "checkpoint_sha256": store.file_sha256(checkpoint),
         "step": meta.step, "network": network, "dinox_version": __version__,
         "provenance": meta.raw.get("provenance") or {},
         "retrieval": _retrieval_figures(checkpoint),

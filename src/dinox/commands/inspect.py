@@ -92,7 +92,10 @@ def summarize(path) -> dict:
     path = Path(path)
     parsed = parse_checkpoint_name(path)
     report: dict = {"path": str(path), "kind": parsed[1] if parsed else None}
-    report["size_bytes"] = path.stat().st_size if path.is_file() else None
+    if path.is_dir():
+        report["size_bytes"] = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
+    else:
+        report["size_bytes"] = path.stat().st_size if path.is_file() else None
     intact, reason = verify_checkpoint(path, REQUIRED_KEYS)
     report["intact"], report["reason"] = intact, reason
     if not intact:

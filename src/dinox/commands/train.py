@@ -16,6 +16,7 @@ from dinox.config import (
     DEVICE_CHOICES,
     FLAT_FIELDS,
     MODEL_CHOICES,
+    PARALLEL_CHOICES,
     SHAPE_FIELDS,
     RunConfig,
     resolve,
@@ -150,6 +151,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (fp16 + scaler where bf16 is missing)")
     g.add_argument("--grad-checkpoint", action=argparse.BooleanOptionalAction, default=None, help="per-block activation checkpointing")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the backbone")
+    g.add_argument("--parallel", choices=PARALLEL_CHOICES, default=None,
+                   help="under torchrun: ddp (default; whole copies on every rank) or fsdp (FSDP2: student, teacher "
+                        "and Gram teacher sharded over the ranks, sharded DCP checkpoints)")
     g.add_argument("--num-workers", type=_nonneg_int)
     g.add_argument("--pin-memory", type=_bool, metavar="true|false")
     g.add_argument("--device-memory", type=float, metavar="GB", help="plan for a device with this much memory")
@@ -182,6 +186,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("planning")
     g.add_argument("--dry-run", action="store_true", help="resolve, estimate memory on the meta device, exit (0 fits, 3 not)")
     g.add_argument("--json", action="store_true", help="with --dry-run: print the summary as one JSON object")
+    g.add_argument("--world-size", "--nproc", dest="world_size", type=_positive_int, default=None,
+                   help="with --dry-run: plan for this many ranks (per-rank memory with --parallel fsdp); "
+                        "default: this launch's (WORLD_SIZE under torchrun, else 1)")
 
 
 def explicit_values(args: argparse.Namespace) -> dict[str, object]:
@@ -204,6 +211,9 @@ def run(args: argparse.Namespace) -> int:
 
     if args.json and not args.dry_run:
         raise UserError("--json only changes what --dry-run prints; add --dry-run, or drop --json to train")
+    if args.world_size is not None and not args.dry_run:
+        raise UserError("--world-size only plans (with --dry-run); a run's world size is the number of processes "
+                        "torchrun starts (--nnodes x --nproc-per-node)")
     out_root = Path(args.out or RunConfig().io.out)
     if not args.dry_run and out_root.exists() and not out_root.is_dir():
         raise UserError(f"--out {out_root} is a file, not a folder; give a folder for the runs "
@@ -222,7 +232,11 @@ def run(args: argparse.Namespace) -> int:
     if args.resume == "auto" and source is None and not args.dry_run:
         resolved.notices.append(f"--resume auto: no checkpoint under {out_root}; starting a new run")
 
-    plan = plan_memory(cfg, args.device_memory, info.total_memory_bytes)
+    plan = plan_memory(cfg, args.device_memory, info.total_memory_bytes,
+                       world_size=args.world_size or dist.world_size)
+    if cfg.runtime.parallel == "fsdp" and not args.dry_run and not dist.enabled:
+        resolved.notices.append("--parallel fsdp in a single process: nothing to shard over, training unsharded "
+                                "(launch with torchrun --nproc-per-node N to shard)")
     if args.dry_run:
         return report_dry_run(cfg, info, preset_name, resolved.preset_lines, plan, args.json)
     if not plan["fits"]:
@@ -339,6 +353,8 @@ def report_dry_run(cfg: RunConfig, info, preset_name, preset_lines, plan, as_jso
         "effective_batch": cfg.effective_batch,
         "amp": cfg.runtime.amp,
         "grad_checkpoint": cfg.runtime.grad_checkpoint,
+        "parallel": cfg.runtime.parallel,
+        "world_size": plan["world_size"],
         "device": info.to_dict(),
         "hardware_preset": preset_name,
         "memory_estimate_bytes": est.as_dict(),
@@ -355,8 +371,10 @@ def report_dry_run(cfg: RunConfig, info, preset_name, preset_lines, plan, as_jso
         print(f"device: {info.kind} '{info.name}', preset {preset_name}")
         for line in preset_lines:
             print(f"  {line}")
-        print(f"batch {o.batch_size} x accumulation {o.accumulation_steps} = effective {cfg.effective_batch}; "
-              f"{cfg.views.img_size}px; amp {cfg.runtime.amp}; grad checkpoint {cfg.runtime.grad_checkpoint}")
+        print(f"batch {o.batch_size} x accumulation {o.accumulation_steps} = effective {cfg.effective_batch} per "
+              f"rank; {cfg.views.img_size}px; amp {cfg.runtime.amp}; grad checkpoint {cfg.runtime.grad_checkpoint}")
+        if plan["world_size"] > 1:
+            print(f"parallel: FSDP2 over {plan['world_size']} ranks (memory below is per rank)")
         print(f"memory estimate: {plan['estimate_text']}")
         print(f"device memory: {_gb(plan['device_memory_bytes'])}")
         if plan["fits"]:

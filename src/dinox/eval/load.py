@@ -20,7 +20,7 @@ def load_for_inference(path: str | Path, device: torch.device, which: str = "tea
     path = Path(path)
     if which not in NETWORKS:
         raise UserError(f"--network {which!r}: choose one of {', '.join(NETWORKS)}")
-    if not path.is_file():
+    if not store.is_checkpoint_path(path):
         raise UserError(f"checkpoint {path} does not exist; list a run's checkpoints with ls data/runs/*/")
     state = store.load_checkpoint(path, map_location="cpu")
     cfg = config_from_checkpoint(state)

@@ -55,7 +55,9 @@ def sinkhorn_knopp(teacher_logits: torch.Tensor, teacher_temp: float,
     with _no_autocast(logits.device):
         shift = all_reduce_(logits.max().clone(), "max")
         q = torch.exp((logits - shift) / teacher_temp).t()
-        k, n = q.shape[0], q.shape[1] * world_size()
+        # rows over all ranks (iBOT masks a different number of patches on each rank)
+        k = q.shape[0]
+        n = all_reduce_(q.new_tensor(float(q.shape[1]))) if world_size() > 1 else q.shape[1]
         tiny = torch.finfo(q.dtype).tiny
         q /= all_reduce_(q.sum())
         for _ in range(n_iterations):
@@ -144,11 +146,15 @@ class DINOLoss(nn.Module):
 
     @torch.no_grad()
     def apply_center_update(self) -> None:
-        """Move the centre towards the step's mean teacher logits (all-reduced over ranks)."""
+        """Move the centre towards the step's mean teacher logits (all-reduced over ranks).
+        The row count travels with the sums: ranks may hold different numbers of rows (iBOT
+        masks a different number of patches on each), and every rank must reach the same
+        centre."""
         if self._pending is None:
             return
-        total = all_reduce_(self._pending)
-        count = self._pending_rows * world_size()
+        packed = torch.cat([self._pending.reshape(-1), self._pending.new_tensor([float(self._pending_rows)])])
+        packed = all_reduce_(packed)
+        total, count = packed[:-1].reshape_as(self._pending), packed[-1]
         m = self.center_momentum
         self.center.mul_(m).add_(total / count, alpha=1 - m)
         self.discard_center_update()

@@ -333,6 +333,8 @@ def _is_dinox_checkpoint(obj) -> bool:
 def detect_source(path: str | os.PathLike) -> str:
     """The kind of weights at ``path`` (one of the module's source names), or UserError."""
     path = Path(path)
+    if path.is_dir() and path.suffix == ".dcp" and (path / "manifest.json").is_file():
+        return DINOX_CHECKPOINT  # a sharded (DCP) dinox checkpoint
     if path.is_dir():
         if (path / "config.json").is_file():
             return _hf_kind(_read_config(path), path)

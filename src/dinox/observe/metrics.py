@@ -219,10 +219,19 @@ class Throughput:
         return {"steps_per_s": self.steps_per_s, "samples_per_s": self.samples_per_s}
 
 
-def run_header(cfg, *, world_size: int, samples: int, params: tuple[int, int], autocast_dtype) -> list[str]:
-    """The lines that open a run's log: model, batch, schedule and views, Gram anchoring."""
+def run_header(cfg, *, world_size: int, samples: int, params: tuple[int, int], autocast_dtype,
+               sharding: list[str] | None = None) -> list[str]:
+    """The lines that open a run's log: model, batch, schedule and views, how the processes
+    share the model, Gram anchoring."""
     m, v, o = cfg.model, cfg.views, cfg.optim
     steps = o.max_steps if o.max_steps is not None else "until stopped"
+    if sharding:
+        parallel = [f"parallel: FSDP2 over {world_size} ranks: " + line for line in sharding]
+    elif world_size > 1:
+        parallel = [f"parallel: DDP over {world_size} ranks: every rank holds whole copies of the student, "
+                    f"teacher, Gram teacher and AdamW state"]
+    else:
+        parallel = []
     return [
         f"model {m.preset}: patch {m.vit_patch} dim {m.vit_dim} depth {m.vit_depth} heads {m.vit_heads} "
         f"mlp {m.vit_mlp} | backbone {params[0] / 1e6:.2f}M + head {params[1] / 1e6:.2f}M parameters",
@@ -231,6 +240,7 @@ def run_header(cfg, *, world_size: int, samples: int, params: tuple[int, int], a
         f"steps: {steps} | lr {o.lr:.2e} -> {o.min_lr:.2e}, warm-up {o.warmup_steps} | views: 2 x {v.img_size}px "
         f"global + {v.local_crops} x {v.local_size}px local | amp {autocast_dtype or 'off (fp32)'} | "
         f"grad checkpoint {cfg.runtime.grad_checkpoint}",
+        *parallel,
         f"Gram anchoring: weight {cfg.ssl.gram_weight:.3g}, Gram teacher refreshed every "
         f"{cfg.ssl.gram_refresh_every} steps (always on)",
     ]

@@ -7,6 +7,7 @@ Layout of a run directory::
         checkpoint_final_%08d.pth            end of training (never rotated)
         checkpoint_emergency_%08d.pth        anomaly / interruption (never rotated)
         <checkpoint name>.sha256             integrity record, JSON {"sha256", "size"}
+        checkpoint_[final_|emergency_]%08d.dcp/   the same, sharded (FSDP runs; dinox.run.sharded)
         train.lock                           while a process trains there: its pid, host, start
 
 Saving writes to a hidden temporary file (``.<name>.<host>.<pid>.tmp``) in the same
@@ -49,6 +50,7 @@ import numpy as np
 import torch
 
 from dinox.errors import UserError
+from dinox.run import sharded as sharded_store
 from dinox.run.rng import capture_rng_state, restore_rng_state
 
 __all__ = [
@@ -64,6 +66,7 @@ __all__ = [
     "file_sha256",
     "find_resume_checkpoint",
     "free_space",
+    "is_checkpoint_path",
     "is_run_dir_name",
     "link_or_copy",
     "list_checkpoints",
@@ -75,6 +78,8 @@ __all__ = [
     "restore_rng_state",
     "rotate_checkpoints",
     "save_checkpoint",
+    "save_sharded_checkpoint",
+    "load_sharded_into",
     "sidecar_path",
     "space_needed",
     "to_safe",
@@ -85,7 +90,7 @@ log = logging.getLogger("dinox.checkpoint")
 
 KINDS = ("periodic", "final", "emergency")
 _PREFIX = {"periodic": "checkpoint_", "final": "checkpoint_final_", "emergency": "checkpoint_emergency_"}
-_NAME_RE = re.compile(r"^checkpoint_(?:(final|emergency)_)?(\d{8,})\.pth$")
+_NAME_RE = re.compile(r"^checkpoint_(?:(final|emergency)_)?(\d{8,})\.(?:pth|dcp)$")
 _RUN_RE = re.compile(r"^(\d{8}_\d{6})(?:_(\d+))?$")
 _TEMP_RE = re.compile(r"^\.(?:checkpoint_.*|train\.lock)\.(?P<host>[^.]*)\.(?P<pid>\d+)\.tmp$")
 # At equal step: a final checkpoint is the cleanest state, an emergency one the least usual.
@@ -151,12 +156,13 @@ def list_run_dirs(out_root) -> list[Path]:
     return [entry for _, _, entry in sorted(runs)]
 
 
-def checkpoint_path(run_dir, step: int, kind: str = "periodic") -> Path:
+def checkpoint_path(run_dir, step: int, kind: str = "periodic", *, sharded: bool = False) -> Path:
+    """The file (or, `sharded`, the DCP directory) name of a checkpoint."""
     if kind not in _PREFIX:
         raise ValueError(f"checkpoint kind must be one of {KINDS}, got {kind!r}")
     if int(step) < 0:
         raise ValueError(f"checkpoint step must be >= 0, got {step}")
-    return Path(run_dir) / f"{_PREFIX[kind]}{int(step):08d}.pth"
+    return Path(run_dir) / f"{_PREFIX[kind]}{int(step):08d}{sharded_store.SUFFIX if sharded else '.pth'}"
 
 
 def parse_checkpoint_name(path) -> tuple[int, str] | None:
@@ -177,7 +183,8 @@ def list_checkpoints(run_dir) -> list[Path]:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         return []
-    found = [p for p in run_dir.iterdir() if parse_checkpoint_name(p) and p.is_file()]
+    found = [p for p in run_dir.iterdir()
+             if parse_checkpoint_name(p) and (p.is_dir() if sharded_store.is_sharded(p) else p.is_file())]
     return sorted(found, key=_resume_order)
 
 
@@ -309,7 +316,10 @@ def _remove_stale_temps(directory: Path) -> None:
         pid = int(match.group("pid"))
         if pid != os.getpid() and not _pid_alive(pid):
             log.info("removing %s left by an interrupted save", entry)
-            _unlink_quietly(entry)
+            if entry.is_dir():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                _unlink_quietly(entry)
 
 
 def _unlink_quietly(path: Path) -> bool:
@@ -440,11 +450,67 @@ def save_checkpoint(path, state: dict) -> int:
     return size
 
 
+def save_sharded_checkpoint(path, tensors: dict, meta: dict, *, rank: int, gather, barrier, broadcast) -> int:
+    """Collective: write a sharded (DCP) checkpoint directory at `path`, atomically (see
+    `dinox.run.sharded`). `tensors` holds this rank's (sharded) state dicts, `meta` the rest
+    (used on rank 0). Returns the bytes written (0 off rank 0)."""
+    from dinox.run.distributed import local
+
+    path = Path(path)
+    tmp = None
+    shard_bytes = gather(sum(local(t).nbytes for t in _tensors_in(tensors)))
+    if rank == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temps(path.parent)
+        need = space_needed(sum(shard_bytes))
+        free = shutil.disk_usage(path.parent).free
+        tmp = str(_temp_path(path)) if free >= need else None
+        if tmp is None:
+            broadcast(None)
+            raise _no_space_error(path, need, free)
+    tmp = broadcast(tmp)
+    if tmp is None:
+        raise CheckpointError(f"not enough disk space for the checkpoint {path} (see rank 0's log)")
+
+    def save_meta(file: Path, obj: dict) -> None:
+        with open(file, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+
+    try:
+        return sharded_store.write(path, Path(tmp), tensors, to_safe(meta) if rank == 0 else {}, rank=rank,
+                                   save_meta=save_meta, gather=gather, barrier=barrier)
+    except BaseException:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _tensors_in(obj):
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _tensors_in(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _tensors_in(v)
+
+
+def load_sharded_into(path, template: dict) -> None:
+    """Fill `template` (state dicts of live, possibly sharded modules) from a sharded checkpoint."""
+    sharded_store.load_into(Path(path), template)
+
+
 def link_or_copy(src, dst) -> Path:
     """Give checkpoint `src` a second name `dst` (e.g. the final copy of the last periodic
     checkpoint): a hard link when the filesystem allows, else a copy; atomic either way."""
     src, dst = Path(src), Path(dst)
     tmp = _temp_path(dst)
+    if src.is_dir():
+        sharded_store.link_dir(src, dst, tmp)
+        return dst
     _unlink_quietly(tmp)
     try:
         os.link(src, tmp)
@@ -466,8 +532,10 @@ def link_or_copy(src, dst) -> Path:
 # ----------------------------------------------------------------------------- verifying
 
 def file_sha256(path) -> str:
-    """Hex sha256 of a file's bytes (read in chunks)."""
-    return _sha256_file(Path(path))
+    """Hex sha256 of a file's bytes (read in chunks); of a sharded checkpoint, its manifest's
+    (which records every file's sha256)."""
+    path = Path(path)
+    return _sha256_file(path / sharded_store.MANIFEST if path.is_dir() else path)
 
 
 def _sha256_file(path: Path) -> str:
@@ -579,6 +647,8 @@ def verify_checkpoint(path, required: tuple[str, ...] | list[str] = ()) -> tuple
     """(intact, reason). The sha256 record when present (else a full mmap load shows whether
     the file loads), then the content checks of `content_problem` in either case."""
     path = Path(path)
+    if path.is_dir() and sharded_store.is_sharded(path):
+        return _verify_sharded(path, required)
     if not path.is_file():
         return False, "no such file"
     if path.stat().st_size == 0:
@@ -611,6 +681,60 @@ def verify_checkpoint(path, required: tuple[str, ...] | list[str] = ()) -> tuple
     return True, f"{note}{how}"
 
 
+def _verify_sharded(path: Path, required, *, hashes: bool = True) -> tuple[bool, str]:
+    manifest = sharded_store.read_manifest(path)
+    if isinstance(manifest, str):
+        return False, manifest
+    problem = sharded_store.check_files(path, manifest, hashes=hashes)
+    if problem:
+        return False, problem
+    try:
+        meta = _torch_load(path / sharded_store.META, "cpu", mmap=True)
+    except Exception as exc:  # noqa: BLE001 - reported as the reason
+        if _is_weights_only_refusal(exc):
+            return False, f"contains non-weights objects ({_refusal_detail(exc)}); it will not be loaded"
+        return False, f"{sharded_store.META} not loadable ({_first_line(exc)})"
+    entries = set(manifest.get("entries", []))
+    problem = content_problem(meta, [key for key in required if key not in entries])
+    if problem:
+        return False, problem
+    return True, (f"sharded checkpoint of {manifest.get('world_size', '?')} ranks: every file's sha256 and size "
+                  f"match the manifest written at save time")
+
+
+def _load_sharded(path: Path, *, verify: bool, tensors: bool, required) -> dict:
+    if verify:
+        intact, reason = _verify_sharded(path, required)
+        if not intact:
+            raise CheckpointError(f"checkpoint {path} is damaged: {reason}{_earlier_hint(path)}")
+    try:
+        state = _torch_load(path / sharded_store.META, "cpu", mmap=False)
+        if tensors:
+            state.update(sharded_store.load_full(path))
+            if "optimizer" in state:  # DCP keys AdamW's state by parameter name
+                state["optimizer_by_name"] = True
+    except (MemoryError, KeyboardInterrupt):
+        raise
+    except Exception as exc:
+        if _is_weights_only_refusal(exc):
+            raise CheckpointError(f"{path} contains non-weights objects ({_refusal_detail(exc)}) and will not "
+                                  f"be loaded") from None
+        raise CheckpointError(f"checkpoint {path} is damaged or not a checkpoint "
+                              f"({_first_line(exc)}){_earlier_hint(path)}") from exc
+    state["sharded_path"] = str(path)
+    if verify and tensors:
+        problem = content_problem(state, required)
+        if problem:
+            raise CheckpointError(f"checkpoint {path} is damaged: {problem}{_earlier_hint(path)}")
+    return state
+
+
+def is_checkpoint_path(path) -> bool:
+    """A checkpoint file, or a sharded checkpoint directory."""
+    path = Path(path)
+    return path.is_dir() if sharded_store.is_sharded(path) else path.is_file()
+
+
 def _unsafe_globals_problem(path: Path) -> str | None:
     """Static scan of the pickle (nothing runs, tensor data unread): the sha256 record
     proves the bytes are unchanged, not that a trusted program wrote them."""
@@ -637,13 +761,20 @@ def _earlier_hint(path: Path) -> str:
 
 
 def load_checkpoint(path, map_location="cpu", *, verify: bool = True, mmap: bool = False,
-                    required: tuple[str, ...] | list[str] = ()) -> dict:
+                    required: tuple[str, ...] | list[str] = (), tensors: bool = True) -> dict:
     """Verify `path` against its integrity record (when present) and load it with
     ``weights_only=True``; with `verify`, the loaded state must also pass `content_problem`
     (the `required` entries, finite and plausible tensors). `mmap=True` maps tensor data
     instead of reading it (inspection of huge files). Raises CheckpointError for missing,
-    damaged or unsafe files."""
+    damaged or unsafe files.
+
+    A sharded (DCP) checkpoint loads whole in this process, the same dict as a file's plus
+    "sharded_path" (AdamW's state then keyed by parameter name, marked "optimizer_by_name");
+    `tensors=False` reads everything but the DCP entries (resuming reshards them into the
+    live modules instead)."""
     path = Path(path)
+    if path.is_dir() and sharded_store.is_sharded(path):
+        return _load_sharded(path, verify=verify, tensors=tensors, required=required)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} not found")
     checksum_ok = False
@@ -685,6 +816,9 @@ def load_checkpoint(path, map_location="cpu", *, verify: bool = True, mmap: bool
 
 def _looks_intact(path: Path) -> bool:
     """Cheap check (no hashing): the sidecar exists and the size matches."""
+    if path.is_dir():
+        manifest = sharded_store.read_manifest(path)
+        return isinstance(manifest, dict) and sharded_store.check_files(path, manifest, hashes=False) is None
     record = _read_sidecar(path)
     try:
         return isinstance(record, dict) and path.stat().st_size == record["size"]
@@ -715,7 +849,10 @@ def rotate_checkpoints(run_dir, keep_last: int, milestone_every: int = 0) -> lis
                 break
     deleted = []
     for path in doomed:
-        if not _unlink_quietly(path):
+        if path.is_dir():
+            if not sharded_store.remove_dir(path, _temp_path(path)):
+                continue
+        elif not _unlink_quietly(path):
             continue
         _unlink_quietly(sidecar_path(path))
         deleted.append(path)
@@ -732,8 +869,9 @@ def rotate_checkpoints(run_dir, keep_last: int, milestone_every: int = 0) -> lis
 def checkpoint_saved_time(path) -> float:
     """When a checkpoint was saved: its file's modification time (the atomic rename keeps
     the time the bytes were written); -inf when it cannot be read."""
+    path = Path(path)
     try:
-        return Path(path).stat().st_mtime
+        return (path / sharded_store.MANIFEST if path.is_dir() else path).stat().st_mtime
     except OSError:
         return float("-inf")
 

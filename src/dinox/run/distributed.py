@@ -1,8 +1,14 @@
-"""torchrun / DDP: one process per device, rank 0 writes files; every collective of dinox.
+"""torchrun / DDP / FSDP2: one process per device, rank 0 writes files; every collective of dinox.
 
 `torchrun --nproc_per_node=N -m dinox.cli train ...` (or the seed script) sets RANK,
 WORLD_SIZE and LOCAL_RANK; without them the run is a single process. The module-level
 functions are no-ops (identity) in a single process, so the losses call them unconditionally.
+
+Two ways to use several processes: DDP (`DistEnv.wrap`) keeps a whole copy of every network
+and AdamW state on each rank and all-reduces gradients; FSDP2 (`fully_shard_units`, PyTorch's
+`fully_shard`) splits each parameter along its first dimension over the ranks, all-gathers a
+unit (a transformer block, a head) just before it runs and frees it after, and
+reduce-scatters the gradients, so each rank holds 1/N of the weights, gradients and moments.
 """
 from __future__ import annotations
 
@@ -28,6 +34,60 @@ def all_reduce_(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
     if initialized():
         dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
     return t
+
+
+def gather_object(obj) -> list:
+    """Every rank's `obj` as a list on rank 0 (`[obj]` in a single process; [] off rank 0)."""
+    if not initialized():
+        return [obj]
+    out = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(obj, out, dst=0)
+    return out if out is not None else []
+
+
+def barrier() -> None:
+    if initialized():
+        dist.barrier()
+
+
+def is_sharded(t: torch.Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of an FSDP2 parameter (the tensor itself when not sharded)."""
+    return t.to_local() if is_sharded(t) else t
+
+
+def whole(t: torch.Tensor) -> torch.Tensor:
+    """The full value of a (possibly sharded or partial) tensor on every rank."""
+    return t.full_tensor() if is_sharded(t) else t
+
+
+def fully_shard_units(root: nn.Module, units: list[nn.Module], *, param_dtype: torch.dtype | None = None) -> None:
+    """FSDP2: shard each of `units` (all-gathered one at a time while it runs), then `root`
+    (its remaining parameters). With `param_dtype` the gathered parameters are cast to it
+    and gradients reduced in fp32 (`MixedPrecisionPolicy`); the shards stay fp32."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    policy = (MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if param_dtype
+              else MixedPrecisionPolicy())
+    for unit in units:
+        fully_shard(unit, mp_policy=policy)
+    # The root too is resharded after its forward (FSDP2 keeps a root whole by default): a
+    # teacher has no backward to reshard it, and its EMA update works on the shards.
+    fully_shard(root, mp_policy=policy, reshard_after_forward=True)
+
+
+@contextlib.contextmanager
+def _gradient_sync_off(model: nn.Module):
+    model.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
 
 
 def broadcast_object(obj, src: int = 0):
@@ -75,9 +135,12 @@ class DistEnv:
         return nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
     def no_sync(self, model: nn.Module):
-        """Skip the gradient all-reduce on all but the last micro-batch of a step."""
+        """Skip the gradient all-reduce (DDP) or reduce-scatter (FSDP2) on all but the last
+        micro-batch of a step: gradients accumulate locally and are reduced once."""
         if self.enabled and hasattr(model, "no_sync"):
             return model.no_sync()
+        if self.enabled and hasattr(model, "set_requires_gradient_sync"):
+            return _gradient_sync_off(model)
         return contextlib.nullcontext()
 
     def any_true(self, flag: bool, device: torch.device) -> bool:

@@ -24,11 +24,13 @@ from dinox.observe.anomaly import AnomalyGuard, EntropyWall, entropy_wall_advice
 from dinox.observe.health import MemoryWatch, device_memory_metrics
 from dinox.observe.metrics import MetricsLogger, Throughput, format_progress, run_header
 from dinox.run.device import DeviceInfo
-from dinox.run.distributed import DistEnv, all_reduce_, broadcast_object
+from dinox.run.distributed import DistEnv, all_reduce_
 from dinox.run.rng import seed_all
 from dinox.run.signals import EXIT_ANOMALY, EXIT_NONFINITE, EXIT_OK, StopRequest
+from dinox.train.checks import InTrainingChecks
 from dinox.train.data_stream import make_loader, validation_dataset
-from dinox.train.optim import Schedules, apply_schedule, autocast, autocast_dtype, build_optimizer, build_scaler
+from dinox.train.optim import (Schedules, apply_schedule, autocast, autocast_dtype, build_optimizer, build_scaler,
+                               clip_gradients)
 from dinox.train.ssl import METRIC_NAMES, DINOSSL
 from dinox.train.state import Checkpointer, Components, Placement, Progress, capture_step, restore_step, unpack
 
@@ -60,12 +62,15 @@ class Trainer:
         torch.manual_seed(seed + dist.rank)  # drop path differs per rank
         self.schedules = Schedules.from_config(cfg)
         self.augment = CTAugment(cfg.views.to_augment())
+        self.autocast_dtype = autocast_dtype(cfg.runtime.amp, self.device, device_info.bf16_supported)
+        sharded = cfg.runtime.parallel == "fsdp" and dist.enabled
+        if sharded:
+            self.sharding = self.ssl.shard(self.autocast_dtype)
         if cfg.runtime.compile:
             self.ssl.student.backbone.compile()  # in place: state_dict keys stay the same
-        self.model = dist.wrap(self.ssl.student, self.device)
+        self.model = self.ssl.student if sharded else dist.wrap(self.ssl.student, self.device)
         self.ssl.student_call = self.model
         self.optimizer = build_optimizer(self.ssl.student, fused=device_info.fused_adamw)
-        self.autocast_dtype = autocast_dtype(cfg.runtime.amp, self.device, device_info.bf16_supported)
         self.scaler = build_scaler(self.device, self.autocast_dtype)
         watch = cfg.watch
         warmed_up = max(cfg.optim.warmup_steps, cfg.ssl.teacher_temp_warmup_steps)
@@ -81,7 +86,9 @@ class Trainer:
         if resume_state is not None:
             unpack(resume_state, self.parts, cfg, self.where)
         self.checkpointer = Checkpointer(run_dir, cfg, self.where, provenance=provenance, is_main=dist.is_main,
-                                         hardware={**device_info.to_dict(), "preset": cfg.runtime.hardware_preset})
+                                         hardware={**device_info.to_dict(), "preset": cfg.runtime.hardware_preset},
+                                         sharded=sharded)
+        self.checks = InTrainingChecks(self)
         self.metrics = MetricsLogger(run_dir, tensorboard=True, is_main=dist.is_main)
         if resume_state is not None and dist.is_main:
             self.metrics.truncate_after(self.progress.step)
@@ -124,11 +131,7 @@ class Trainer:
         if self.progress.step < optim.freeze_backbone_steps:
             ssl.freeze_backbone_grads()
         self.scaler.unscale_(self.optimizer)
-        params = [p for p in ssl.student.parameters() if p.grad is not None]
-        if optim.clip_grad > 0:
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, optim.clip_grad)
-        else:
-            grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))
+        grad_norm = clip_gradients([p for p in ssl.student.parameters() if p.grad is not None], optim.clip_grad)
         if not self.scaler.is_enabled():  # with fp16 the scaler skips non-finite gradients itself
             bad |= ~torch.isfinite(grad_norm)
         stop = torch.tensor(float(self.stop.signum is not None), device=self.device)
@@ -155,7 +158,8 @@ class Trainer:
     # ---------------------------------------------------------------- the loop
     def log_header(self) -> None:
         for line in run_header(self.cfg, world_size=self.dist.world_size, samples=len(self.dataset),
-                               params=self.ssl.parameter_counts(), autocast_dtype=self.autocast_dtype):
+                               params=self.ssl.parameter_counts(), autocast_dtype=self.autocast_dtype,
+                               sharding=getattr(self, "sharding", None)):
             log.info(line)
         log.info("run directory: %s", self.run_dir)
 
@@ -186,8 +190,8 @@ class Trainer:
         last_line -= w.log_interval
         throughput = Throughput(start, cfg.effective_batch * dist.world_size)
         first_step = self.progress.step
-        if w.eval_every and self.progress.step == 0:
-            self._evaluate()
+        if self.progress.step == 0:
+            self.checks.run(0, start=True)
 
         while o.max_steps is None or self.progress.step < o.max_steps:
             sched = self.schedules.at(self.progress.step)
@@ -219,12 +223,7 @@ class Trainer:
             if halt:
                 log.error("halting on anomaly (--halt-on-anomaly); resume with --resume auto")
                 return EXIT_ANOMALY
-            if w.eval_every and step % w.eval_every == 0:
-                self._evaluate()
-            if w.probe_every and step % w.probe_every == 0 and dist.is_main:
-                self._guarded(self._probe)
-            if w.monitor_every and step % w.monitor_every == 0:
-                self._guarded(self._monitor, throughput.steps_per_s, throughput.samples_per_s)
+            self.checks.run(step, throughput)
             if o.max_steps is not None and step >= o.max_steps:
                 break
             periodic = step % cfg.io.ckpt_every == 0
@@ -241,16 +240,6 @@ class Trainer:
             print(f"training finished at step {self.progress.step}; final checkpoint: {final}", flush=True)
         return EXIT_OK
 
-    def _guarded(self, fn, *args):
-        """Evaluation and monitoring are side work: a failure there is logged, never fatal
-        (returns None then)."""
-        try:
-            return fn(*args)
-        except Exception as exc:  # noqa: BLE001 - keep a multi-day run alive
-            log.error("%s failed at step %d: %s: %s (training continues)",
-                      fn.__name__.strip("_"), self.progress.step, type(exc).__name__, exc)
-            return None
-
     def _halt_nonfinite(self, result: StepResult) -> int:
         """NaN/Inf loss: the bad update was never applied; save that state and stop."""
         step = self.progress.step + 1
@@ -263,37 +252,3 @@ class Trainer:
         log.critical("non-finite loss at step %d: training halted; emergency checkpoint (state before the bad "
                      "update): %s", step, path)
         return EXIT_NONFINITE
-
-    def _evaluate(self) -> None:
-        """View retrieval on rank 0; every rank then sees its effective rank (the collapse
-        guard must take the same decisions on every rank)."""
-        result = self._guarded(self._retrieval) if self.dist.is_main and self.val_dataset is not None else None
-        erank = broadcast_object(result["effective_rank"] if result else None)
-        if erank is None:
-            return
-        for anomaly in self.parts.guard.check(self.progress.step, None, erank=erank):
-            if anomaly.kind == "collapse":
-                log.critical(anomaly.message)
-                self.save("emergency")
-
-    def _retrieval(self) -> dict:
-        from dinox.observe.monitor_hook import run_retrieval
-
-        return run_retrieval(self.ssl.teacher.backbone, self.val_dataset, self.cfg.views.to_augment(),
-                             n=self.cfg.watch.eval_n, step=self.progress.step, device=self.device,
-                             autocast_dtype=self.autocast_dtype, metrics=self.metrics)
-
-    def _probe(self) -> None:
-        from dinox.observe.monitor_hook import run_probe
-
-        run_probe(self.ssl.teacher.backbone, self.cfg, step=self.progress.step, device=self.device,
-                  metrics=self.metrics)
-
-    def _monitor(self, steps_per_s: float, samples_per_s: float) -> None:
-        from dinox.observe.monitor_hook import run_monitor
-
-        if not self.dist.is_main:
-            return
-        run_monitor(self.ssl.teacher.backbone, self.val_dataset or self.dataset, self.run_dir, self.progress.step,
-                    self.device, augment_cfg=self.cfg.views.to_augment(), out_dim=self.cfg.model.out_dim,
-                    steps_per_s=steps_per_s, samples_per_s=samples_per_s, autocast_dtype=self.autocast_dtype)

@@ -131,6 +131,20 @@ def apply_schedule(optimizer: torch.optim.Optimizer, sched: dict[str, float]) ->
             group["weight_decay"] = sched["weight_decay"]
 
 
+def clip_gradients(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """The global L2 norm of the gradients (a plain 0-d tensor, the same on every rank), after
+    scaling them down to `max_norm` when it is above it (0: no clipping). FSDP2's sharded
+    gradients are DTensors: the norm is reduced over their shards."""
+    from dinox.run.distributed import whole
+
+    grads = [p.grad for p in params]
+    if max_norm > 0:
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    else:
+        norm = torch.nn.utils.get_total_norm(grads)
+    return whole(norm)
+
+
 def autocast_dtype(amp: bool, device: torch.device, bf16_supported: bool) -> torch.dtype | None:
     """bf16 where the device has it (and always on the CPU), fp16 (with a scaler) elsewhere."""
     if not amp:

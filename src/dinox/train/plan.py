@@ -44,6 +44,14 @@ With gradient checkpointing (torch.utils.checkpoint per block) only each block's
 input is kept, plus one block's full activations while it is recomputed. Either way
 backward holds gradient buffers of about one block's activations at a time.
 
+Sharded with FSDP2 over W ranks (`shard_world`), each rank keeps 1/W of the weights,
+gradients and AdamW moments; on top of that it holds, while a unit runs, the unit's whole
+parameters (and during backward its whole gradients before they are reduce-scattered),
+two units at a time with FSDP2's prefetch of the next one: `sharding_transient` counts
+2 x the largest unit's parameters in the gathered dtype plus its fp32 gradients. Under
+autocast the gathered parameters are already 16-bit (MixedPrecisionPolicy), so no extra
+bf16 weight copies are saved. Activations are per rank and do not shrink with W.
+
 The seed guide quotes ~22 GB without and ~9 GB with checkpointing for ViT-Large at batch
 64 (bf16); counted this way (2 global views per image, a teacher and a Gram teacher beside
 the student, out_dim 8192) the figures are higher: about 45 GiB and 16 GiB. The states
@@ -96,6 +104,7 @@ class MemoryEstimate:
     weights: int
     gradients: int
     optimizer: int
+    sharding_transient: int
     activations: int
     teacher_transient: int
     head_logits: int
@@ -127,8 +136,10 @@ def estimate_training_memory(*, params_backbone: int, params_head: int, embed_di
                              n_local: int = 0, amp: bool, grad_checkpoint: bool, out_dim: int,
                              swiglu: bool = False, head_hidden_dim: int = DINO_HEAD_HIDDEN,
                              head_bottleneck_dim: int = DINO_HEAD_BOTTLENECK,
-                             context_bytes: int = CONTEXT_BYTES) -> MemoryEstimate:
-    """Peak device memory of one training micro-step of `batch_size` images, in bytes.
+                             context_bytes: int = CONTEXT_BYTES, shard_world: int = 1,
+                             largest_unit_params: int = 0, ibot_rows: int = 0) -> MemoryEstimate:
+    """Peak device memory of one training micro-step of `batch_size` images, in bytes, on one
+    rank (`shard_world` > 1: FSDP2 over that many ranks, see the module docstring).
 
     `mlp_hidden_dim` is the width actually built: for SwiGLU the reduced width
     (`dinox.model.vit.swiglu_hidden_dim`), not the nominal 4 x embed_dim.
@@ -136,9 +147,11 @@ def estimate_training_memory(*, params_backbone: int, params_head: int, embed_di
     inputs = dict(locals())
     elem = 2 if amp else FP32
     student_params = params_backbone + params_head
-    weights = FP32 * (2 * student_params + params_backbone)
-    gradients = FP32 * student_params
-    optimizer = 2 * FP32 * student_params
+    shards = max(1, int(shard_world))
+    weights = -(-FP32 * (2 * student_params + params_backbone) // shards)
+    gradients = -(-FP32 * student_params // shards)
+    optimizer = -(-2 * FP32 * student_params // shards)
+    sharding_transient = largest_unit_params * (2 * elem + FP32) if shards > 1 else 0
 
     global_tokens = _tokens_per_view(global_size, patch_size, num_registers)
     local_tokens = _tokens_per_view(local_size, patch_size, num_registers) if n_local else 0
@@ -152,7 +165,7 @@ def estimate_training_memory(*, params_backbone: int, params_head: int, embed_di
     backward_buffers = per_block
     images = batch_size * 3 * (n_global * global_size**2 + n_local * local_size**2) * (FP32 + (2 if amp else 0))
     final_norm = student_tokens * 2 * RESIDUAL_BYTES * embed_dim
-    amp_weight_copies = 2 * student_params if amp else 0
+    amp_weight_copies = 2 * student_params if amp and shards == 1 else 0
     activations = blocks + backward_buffers + images + final_norm + amp_weight_copies
 
     teacher_tokens = batch_size * n_global * global_tokens
@@ -165,14 +178,18 @@ def estimate_training_memory(*, params_backbone: int, params_head: int, embed_di
                                 + FP32 * head_bottleneck_dim)
     last_layer_weight = out_dim * head_bottleneck_dim * (2 * FP32 + (2 if amp else 0))
     logits = student_rows * out_dim * (elem + 3 * FP32) + teacher_rows * out_dim * (elem + 2 * FP32)
+    # iBOT: student and teacher head outputs at the masked patches (`ibot_rows` of them).
+    logits += ibot_rows * (out_dim * (2 * elem + 5 * FP32) + 2 * (4 * head_hidden_dim + head_bottleneck_dim) * elem)
     patches = (global_size // patch_size) ** 2
     gram = teacher_rows * (2 * patches * embed_dim * FP32 + 3 * patches * patches * FP32)
     head_logits = head_acts + last_layer_weight + logits + gram
 
-    subtotal = weights + gradients + optimizer + max(teacher_transient, activations + head_logits)
+    subtotal = (weights + gradients + optimizer + sharding_transient
+                + max(teacher_transient, activations + head_logits))
     overhead = int(FRAGMENTATION * subtotal) + context_bytes
     return MemoryEstimate(
-        weights=weights, gradients=gradients, optimizer=optimizer, activations=activations,
+        weights=weights, gradients=gradients, optimizer=optimizer, sharding_transient=sharding_transient,
+        activations=activations,
         teacher_transient=teacher_transient, head_logits=head_logits, overhead=overhead,
         total=subtotal + overhead, inputs=inputs,
     )
@@ -244,7 +261,12 @@ def suggestions(estimate: MemoryEstimate, device_memory_bytes: int, *, accumulat
         out.append(f"use fewer local crops (n_local {inputs['n_local']} -> {inputs['n_local'] // 2}): "
                    f"estimated {_gib(candidate.total)}")
 
-    if not any("--batch-size" in line for line in out):
+    world = fsdp_world_that_fits(estimate, device_memory_bytes, headroom)
+    if world is not None and world > inputs["shard_world"]:
+        candidate = _reestimate(estimate, shard_world=world)
+        out.insert(0, f"shard with FSDP2 over {world} devices: torchrun --nproc-per-node {world} ... --parallel fsdp "
+                      f"(per-rank estimate {_gib(candidate.total)}; several nodes: docs/phase5_big_run.md)")
+    if not any("--batch-size" in line for line in out) and world is None:
         floor = _reestimate(estimate, batch_size=1, grad_checkpoint=True, amp=True)
         states = estimate.weights + estimate.gradients + estimate.optimizer
         out.append(
@@ -256,10 +278,27 @@ def suggestions(estimate: MemoryEstimate, device_memory_bytes: int, *, accumulat
     return out
 
 
+def fsdp_world_that_fits(estimate: MemoryEstimate, device_memory_bytes: int, headroom: float = 0.9,
+                         largest: int = 1024) -> int | None:
+    """The smallest power-of-two FSDP2 world size (>= 2) at which the same per-rank batch and
+    settings fit each device; None when even `largest` ranks do not (activations per rank)."""
+    unit = estimate.inputs.get("largest_unit_params", 0)
+    if not unit:
+        return None
+    world = 2
+    while world <= largest:
+        if fits(_reestimate(estimate, shard_world=world), device_memory_bytes, headroom):
+            return world
+        world *= 2
+    return None
+
+
 def format_estimate(estimate: MemoryEstimate) -> str:
     """A human-readable breakdown, one component a line."""
     inputs = estimate.inputs
     head = "estimated peak training memory"
+    if inputs and inputs.get("shard_world", 1) > 1:
+        head += f" per rank of {inputs['shard_world']} (FSDP2)"
     if inputs:
         head += (f" (batch {inputs['batch_size']}, {inputs['n_global']}x{inputs['global_size']}px"
                  + (f" + {inputs['n_local']}x{inputs['local_size']}px" if inputs["n_local"] else "")
@@ -269,6 +308,8 @@ def format_estimate(estimate: MemoryEstimate) -> str:
         ("weights (student, teacher, Gram teacher; fp32)", estimate.weights),
         ("gradients (fp32)", estimate.gradients),
         ("AdamW moments (fp32)", estimate.optimizer),
+        *([("FSDP2 gathered units (2 in flight) and their gradients", estimate.sharding_transient)]
+          if estimate.sharding_transient else []),
         ("student activations", estimate.activations),
         ("head, logits, Gram matrices", estimate.head_logits),
         ("teacher forward (before the student; larger one counts)", estimate.teacher_transient),
@@ -281,9 +322,19 @@ def format_estimate(estimate: MemoryEstimate) -> str:
     return "\n".join(lines)
 
 
-def plan_memory(cfg, device_memory_gb: float | None, device_total_bytes: int | None) -> dict:
+def _expected_masked_patches(cfg) -> int:
+    """Masked patch tokens per micro-batch: images x masked fraction of images x mean ratio."""
+    s = cfg.ssl
+    patches = (cfg.views.img_size // cfg.model.vit_patch) ** 2
+    mean_ratio = (s.ibot_mask_ratio_min + s.ibot_mask_ratio_max) / 2
+    return int(round(cfg.optim.batch_size * 2 * s.ibot_mask_probability * mean_ratio * patches))
+
+
+def plan_memory(cfg, device_memory_gb: float | None, device_total_bytes: int | None, *,
+                world_size: int = 1) -> dict:
     """Build the run's networks on the meta device, count parameters and estimate the
-    training peak against `device_memory_gb` (or the detected device's memory)."""
+    training peak against `device_memory_gb` (or the detected device's memory), per rank of
+    `world_size` when the run is sharded (`--parallel fsdp`)."""
     import torch
 
     from dinox.model.dino_model import build_dino_model
@@ -293,7 +344,11 @@ def plan_memory(cfg, device_memory_gb: float | None, device_total_bytes: int | N
     with torch.device("meta"):
         model = build_dino_model(m, img_size=v.img_size)
     backbone_params = sum(p.numel() for p in model.backbone.parameters())
-    head_params = sum(p.numel() for p in model.head.parameters())
+    heads = [model.head] + ([model.ibot_head] if model.has_ibot else [])
+    head_params = sum(p.numel() for head in heads for p in head.parameters())
+    units = [*model.backbone.blocks, *heads]
+    largest_unit = max(sum(p.numel() for p in unit.parameters()) for unit in units)
+    sharded_world = world_size if cfg.runtime.parallel == "fsdp" else 1
     estimate = estimate_training_memory(
         params_backbone=backbone_params, params_head=head_params, embed_dim=m.vit_dim, depth=m.vit_depth,
         num_heads=m.vit_heads, mlp_hidden_dim=swiglu_hidden_dim(m.vit_mlp) if m.swiglu else m.vit_mlp,
@@ -301,6 +356,8 @@ def plan_memory(cfg, device_memory_gb: float | None, device_total_bytes: int | N
         n_global=2, local_size=v.local_size, n_local=v.local_crops, amp=cfg.runtime.amp,
         grad_checkpoint=cfg.runtime.grad_checkpoint, out_dim=m.out_dim, swiglu=m.swiglu,
         head_hidden_dim=m.head_hidden, head_bottleneck_dim=m.head_bottleneck,
+        shard_world=sharded_world, largest_unit_params=largest_unit,
+        ibot_rows=_expected_masked_patches(cfg) if model.has_ibot else 0,
     )
     capacity = int(device_memory_gb * 1024**3) if device_memory_gb else device_total_bytes
     verdict = fits(estimate, capacity) if capacity else True
@@ -311,6 +368,7 @@ def plan_memory(cfg, device_memory_gb: float | None, device_total_bytes: int | N
         "estimate": estimate,
         "estimate_text": format_estimate(estimate),
         "device_memory_bytes": capacity,
+        "world_size": sharded_world,
         "fits": verdict,
         "suggestions": advice,
     }

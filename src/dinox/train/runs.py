@@ -44,9 +44,12 @@ def find_checkpoint(resume: str, out_root: Path) -> tuple[Path | None, bool]:
 
     if resume == "auto":
         return find_resume_checkpoint(out_root, RESUME_KEYS), True
+    from dinox.run.checkpoint import is_checkpoint_path
+
     path = Path(resume)
-    if not path.is_file():
-        raise UserError(f"--resume {resume}: no such checkpoint file; use --resume auto or a path to a .pth file")
+    if not is_checkpoint_path(path):
+        raise UserError(f"--resume {resume}: no such checkpoint; use --resume auto or a path to a .pth file "
+                        f"(or a sharded checkpoint's .dcp folder)")
     return path, False
 
 
@@ -91,10 +94,12 @@ def open_resume(resume: str, out_root: Path, *, planning: bool) -> ResumeSource 
     path, verified = find_checkpoint(resume, out_root)
     if path is None:
         return None
+    # A sharded checkpoint's tensors are read later, straight into the live (sharded) modules.
     if planning:
-        state = load_checkpoint(path, map_location="cpu", verify=False, mmap=True)
+        state = load_checkpoint(path, map_location="cpu", verify=False, mmap=True, tensors=False)
     else:
-        state = load_checkpoint(path, map_location="cpu", verify=not verified, required=RESUME_KEYS)
+        state = load_checkpoint(path, map_location="cpu", verify=not verified, required=RESUME_KEYS,
+                                tensors=False)
     check_checkpoint_format(state)
     if not isinstance(state.get("config"), dict):
         raise UserError(f"{path} carries no dinox configuration; resume from a checkpoint of dinox train")

@@ -19,8 +19,9 @@
   to snapshots only.
 
 The teacher is an exponential moving average of the student (`update_teacher`); it never
-receives gradients. Nothing here knows about processes, checkpoints or logging: the loop
-wraps `student_call` for DDP and owns the cadence.
+receives gradients. Under FSDP2 (`shard`) the three networks are sharded alike, so the EMA
+and the Gram snapshot work on each rank's shards alone. Nothing here knows about
+checkpoints or logging: the loop wraps `student_call` for DDP and owns the cadence.
 """
 from __future__ import annotations
 
@@ -39,6 +40,7 @@ from dinox.losses.gram import gram_anchoring_loss
 from dinox.losses.ibot import IBOTLoss
 from dinox.losses.koleo import KoLeoLoss
 from dinox.model.dino_model import DINOModel, build_dino_model
+from dinox.run.distributed import fully_shard_units, local
 
 log = logging.getLogger("dinox.train")
 
@@ -80,6 +82,49 @@ class DINOSSL:
                           .to(device) if self.student.has_ibot else None)
         self.masking = ssl.masking()
         self.student_call: nn.Module = self.student  # the loop replaces it by its DDP wrapper
+        self.model_cfg, self.img_size, self.sharded = model, views.img_size, False
+
+    def shard(self, param_dtype: torch.dtype | None) -> list[str]:
+        """FSDP2 over the process group: every transformer block and each head is a unit,
+        the rest (patch embedding, tokens, final norm) the root's, for the student, the EMA
+        teacher and the Gram teacher alike. Returns the plan, for the log."""
+        for net in (self.student, self.teacher):
+            fully_shard_units(net, self._units(net), param_dtype=param_dtype)
+        fully_shard_units(self.gram_teacher, list(self.gram_teacher.blocks), param_dtype=param_dtype)
+        self.sharded = True
+        units, blocks = len(self._units(self.student)), len(self.student.backbone.blocks)
+        nets = (self.student, self.teacher, self.gram_teacher)
+        held = sum(local(p).numel() for net in nets for p in net.parameters())
+        total = sum(p.numel() for net in nets for p in net.parameters())
+        trained = sum(local(p).numel() for p in self.student.parameters())
+        return [f"{units} units ({blocks} blocks, {units - blocks} heads) + the root per network, student, EMA "
+                f"teacher and Gram teacher sharded alike along each parameter's first dimension"
+                + (f"; parameters gathered in {str(param_dtype).replace('torch.', '')}, gradients reduced in "
+                   f"float32" if param_dtype else ""),
+                f"rank 0 holds {held / 1e6:.2f}M of the {total / 1e6:.2f}M network parameters "
+                f"({4 * held / 1e9:.2f} GB fp32) and gradients and AdamW moments for its {trained / 1e6:.2f}M "
+                f"student shard ({12 * trained / 1e9:.2f} GB); a unit is whole only while it runs"]
+
+    @staticmethod
+    def _units(net: DINOModel) -> list[nn.Module]:
+        return [*net.backbone.blocks, net.head] + ([net.ibot_head] if net.has_ibot else [])
+
+    def inference_backbone(self, on_this_rank: bool) -> nn.Module | None:
+        """The EMA teacher's backbone for evaluation and monitoring on one rank. Sharded, a
+        whole copy is gathered (a collective: every rank calls this; the copy exists only
+        where `on_this_rank`); otherwise the live module itself."""
+        if not self.sharded:
+            return self.teacher.backbone
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(self.teacher, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if not on_this_rank:
+            return None
+        device = self.dino_loss.center.device
+        with torch.device("cpu"):
+            copy_ = build_dino_model(self.model_cfg, img_size=self.img_size, drop_path=0.0)
+        copy_.load_state_dict(full)
+        return copy_.backbone.to(device).eval().requires_grad_(False)
 
     def gram_weight(self, step: int) -> float:
         """The Gram weight at `step`: ramped in linearly until the first frozen snapshot."""
@@ -142,8 +187,8 @@ class DINOSSL:
     @torch.no_grad()
     def update_teacher(self, momentum: float) -> None:
         """EMA: teacher <- m * teacher + (1 - m) * student (Caron et al. 2021, eq. 2)."""
-        teacher = list(self.teacher.parameters())
-        student = [p.detach() for p in self.student.parameters()]
+        teacher = [local(p) for p in self.teacher.parameters()]
+        student = [local(p.detach()) for p in self.student.parameters()]
         torch._foreach_lerp_(teacher, student, 1.0 - momentum)
 
     def _centres(self) -> list[DINOLoss]:
@@ -166,7 +211,10 @@ class DINOSSL:
         following = step < self.ssl.gram_start_step
         due = step - self.gram_snapshot_step >= self.ssl.gram_refresh_every or step == self.ssl.gram_start_step
         if following or (due and step != self.gram_snapshot_step):
-            self.gram_teacher.load_state_dict(self.teacher.backbone.state_dict())
+            with torch.no_grad():
+                for target, source in zip([*self.gram_teacher.parameters(), *self.gram_teacher.buffers()],
+                                          [*self.teacher.backbone.parameters(), *self.teacher.backbone.buffers()]):
+                    local(target).copy_(local(source))
             self.gram_snapshot_step = step
 
     def freeze_backbone_grads(self) -> None:

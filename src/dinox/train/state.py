@@ -9,12 +9,20 @@ A checkpoint (format "dinox-checkpoint", version `CHECKPOINT_FORMAT_VERSION`) ho
     optimizer, scaler          AdamW moments; the fp16 loss scale (None when unused)
     rng, aug_generator         Python/NumPy/torch/accelerator RNGs and the augmentation generator
     data                       the position in the data order (per rank and global)
+    ranks                      every rank's RNGs, generator and data position (list by rank), so
+                               that a multi-process run resumes exactly on the same world size
     anomaly                    the anomaly guard's history
     config                     the flat run configuration (`RunConfig.to_flat`)
     model                      {"arch": the shape fields}
     provenance, hardware       where and from what the run was made
 
 Everything is a tensor or a plain Python value, so it loads with weights_only=True.
+
+A run sharded with FSDP2 saves the same content as a DCP directory (`dinox.run.sharded`):
+`SHARDED_ENTRIES` through DCP, each rank writing its shards (AdamW's state keyed by
+parameter name, as `get_optimizer_state_dict` gives it), the rest in its meta file. Either
+format resumes into either kind of run: DCP reshards a directory onto any number of ranks
+(or whole tensors in one process), and a single file is distributed to the shards.
 """
 from __future__ import annotations
 
@@ -28,6 +36,7 @@ import torch
 from dinox.config import CHECKPOINT_FORMAT, CHECKPOINT_FORMAT_VERSION, RunConfig, check_checkpoint_format
 from dinox.observe.anomaly import AnomalyGuard
 from dinox.run import checkpoint as store
+from dinox.run.distributed import barrier, broadcast_object, gather_object
 from dinox.run.rng import capture_rng_state, restore_rng_state
 from dinox.train.optim import Schedules
 from dinox.train.ssl import DINOSSL
@@ -35,6 +44,8 @@ from dinox.train.ssl import DINOSSL
 log = logging.getLogger("dinox.train")
 
 AUGMENT_GENERATOR = "augment"
+# The entries a sharded checkpoint writes through DCP.
+SHARDED_ENTRIES = ("student", "teacher", "gram_teacher", "optimizer", "dino_loss", "ibot_loss")
 
 
 @dataclass
@@ -67,20 +78,38 @@ class Placement:
     samples: int  # training samples in the dataset (for the epoch count)
 
 
-def pack(c: Components, cfg: RunConfig, where: Placement, *, provenance: dict, hardware: dict) -> dict:
-    """The checkpoint dict of the run's current state."""
+def rank_state(c: Components, where: Placement) -> dict:
+    """What differs between ranks: RNG streams, the augmentation generator, the data position."""
+    return {"rank": where.rank, "rng": capture_rng_state(where.device), "aug_generator": c.aug_generator.get_state(),
+            "consumed": c.progress.consumed}
+
+
+def _networks(c: Components, *, by_name: bool) -> dict:
+    """The state dicts of the networks, centres and optimizer (`by_name`: AdamW keyed by
+    parameter name, as DCP needs to reshard it)."""
+    ssl = c.ssl
+    if by_name:
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+        nets = {name: get_model_state_dict(getattr(ssl, name)) for name in ("student", "teacher", "gram_teacher")}
+        optimizer = get_optimizer_state_dict(ssl.student, c.optimizer)
+    else:
+        nets = {name: getattr(ssl, name).state_dict() for name in ("student", "teacher", "gram_teacher")}
+        optimizer = c.optimizer.state_dict()
+    return {**nets, "optimizer": optimizer, "dino_loss": ssl.dino_loss.state_dict(),
+            "ibot_loss": ssl.ibot_loss.state_dict() if ssl.ibot_loss is not None else None}
+
+
+def pack(c: Components, cfg: RunConfig, where: Placement, *, provenance: dict, hardware: dict,
+         ranks: list | None = None, sharded: bool = False) -> dict:
+    """The checkpoint dict of the run's current state (`ranks`: every rank's `rank_state`)."""
     step = c.progress.step
     return {
         "format": CHECKPOINT_FORMAT,
         "format_version": CHECKPOINT_FORMAT_VERSION,
         "step": step,
-        "student": c.ssl.student.state_dict(),
-        "teacher": c.ssl.teacher.state_dict(),
-        "gram_teacher": c.ssl.gram_teacher.state_dict(),
+        **_networks(c, by_name=sharded),
         "gram_snapshot_step": c.ssl.gram_snapshot_step,
-        "dino_loss": c.ssl.dino_loss.state_dict(),
-        "ibot_loss": c.ssl.ibot_loss.state_dict() if c.ssl.ibot_loss is not None else None,
-        "optimizer": c.optimizer.state_dict(),
         "scaler": c.scaler.state_dict() if c.scaler.is_enabled() else None,
         "schedules": {"step": step, **Schedules.from_config(cfg).at(step)},
         "rng": capture_rng_state(where.device),
@@ -93,6 +122,7 @@ def pack(c: Components, cfg: RunConfig, where: Placement, *, provenance: dict, h
             "world_size": where.world_size,
             "epoch": c.progress.consumed // max(1, where.samples // where.world_size),
         },
+        "ranks": ranks or [],
         "anomaly": c.guard.state_dict(),
         "config": cfg.to_flat(),
         "model": {"arch": cfg.shape()},
@@ -101,17 +131,54 @@ def pack(c: Components, cfg: RunConfig, where: Placement, *, provenance: dict, h
     }
 
 
+def _by_name(optimizer_state: dict, c: Components) -> dict:
+    """A torch optimizer state dict (parameters by position) keyed by parameter name instead."""
+    names = {id(p): n for n, p in c.ssl.student.named_parameters()}
+    order = [names[id(p)] for group in c.optimizer.param_groups for p in group["params"]]
+    saved = [i for group in optimizer_state["param_groups"] for i in group["params"]]
+    fqn = dict(zip(saved, order))
+    return {"state": {fqn[i]: v for i, v in optimizer_state["state"].items()},
+            "param_groups": [{**g, "params": [fqn[i] for i in g["params"]]} for g in optimizer_state["param_groups"]]}
+
+
+def _load_networks(state: dict, c: Components) -> None:
+    """The networks, centres and AdamW state from a file's dict or a DCP directory, into
+    plain or FSDP2-sharded modules."""
+    ssl, nets = c.ssl, ("student", "teacher", "gram_teacher")
+    sharded_source = "student" not in state and state.get("sharded_path")
+    if not ssl.sharded and not sharded_source:
+        for name in nets:
+            getattr(ssl, name).load_state_dict(state[name])
+        c.optimizer.load_state_dict(state["optimizer"])
+        entries = state
+    else:
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        if sharded_source:
+            entries = _networks(c, by_name=True)
+            entries = {k: v for k, v in entries.items() if v is not None}
+            store.load_sharded_into(state["sharded_path"], entries)
+            options = StateDictOptions()
+        else:  # a single file into shards
+            entries = {**state, "optimizer": _by_name(state["optimizer"], c)}
+            options = StateDictOptions(full_state_dict=True)
+        for name in nets:
+            set_model_state_dict(getattr(ssl, name), entries[name], options=options)
+        set_optimizer_state_dict(ssl.student, c.optimizer, entries["optimizer"], options=options)
+    ssl.dino_loss.load_state_dict(entries["dino_loss"])
+    if ssl.ibot_loss is not None:
+        ssl.ibot_loss.load_state_dict(entries["ibot_loss"])
+
+
 def unpack(state: dict, c: Components, cfg: RunConfig, where: Placement) -> None:
     """Restore every component from a checkpoint dict (format checked)."""
     check_checkpoint_format(state)
-    c.ssl.student.load_state_dict(state["student"])
-    c.ssl.teacher.load_state_dict(state["teacher"])
-    c.ssl.gram_teacher.load_state_dict(state["gram_teacher"])
+    _load_networks(state, c)
     c.ssl.gram_snapshot_step = int(state.get("gram_snapshot_step", 0))
-    c.ssl.dino_loss.load_state_dict(state["dino_loss"])
-    if c.ssl.ibot_loss is not None:
-        c.ssl.ibot_loss.load_state_dict(state["ibot_loss"])
-    c.optimizer.load_state_dict(state["optimizer"])
     if state.get("scaler") and c.scaler.is_enabled():
         c.scaler.load_state_dict(state["scaler"])
     c.aug_generator.set_state(state["aug_generator"])
@@ -120,6 +187,13 @@ def unpack(state: dict, c: Components, cfg: RunConfig, where: Placement) -> None
     c.progress.step = int(state["step"])
     data = state["data"]
     saved_world = int(data.get("world_size", 1))
+    ranks = state.get("ranks") or []
+    if saved_world == where.world_size and len(ranks) == where.world_size:
+        own = ranks[where.rank]  # every rank continues its own streams: bitwise
+        c.progress.consumed = int(own["consumed"])
+        c.aug_generator.set_state(own["aug_generator"])
+        restore_rng_state(own["rng"], where.device)
+        return
     if saved_world == where.world_size:
         c.progress.consumed = int(data["consumed"])
     else:
@@ -151,18 +225,29 @@ class Checkpointer:
     emergency and final ones kept."""
 
     def __init__(self, run_dir: Path, cfg: RunConfig, where: Placement, *, provenance: dict, hardware: dict,
-                 is_main: bool):
+                 is_main: bool, sharded: bool = False):
         self.run_dir, self.cfg, self.where = run_dir, cfg, where
-        self.provenance, self.hardware, self.is_main = provenance, hardware, is_main
+        self.provenance, self.hardware, self.is_main, self.sharded = provenance, hardware, is_main, sharded
 
     def save(self, c: Components, kind: str = "periodic") -> Path | None:
-        """Save a checkpoint of kind periodic / emergency; returns its path (None off rank 0)."""
-        if not self.is_main:
+        """Save a checkpoint of kind periodic / emergency; returns its path (None off rank 0).
+        Every rank calls it (their RNG states are gathered; sharded, each writes its shards)."""
+        ranks = gather_object(rank_state(c, self.where))
+        if not self.is_main and not self.sharded:
             return None
-        path = store.checkpoint_path(self.run_dir, c.progress.step, kind)
+        path = store.checkpoint_path(self.run_dir, c.progress.step, kind, sharded=self.sharded)
         start = time.perf_counter()
-        size = store.save_checkpoint(path, pack(c, self.cfg, self.where, provenance=self.provenance,
-                                                hardware=self.hardware))
+        state = pack(c, self.cfg, self.where, provenance=self.provenance, hardware=self.hardware, ranks=ranks,
+                     sharded=self.sharded)
+        if self.sharded:
+            tensors = {k: state.pop(k) for k in SHARDED_ENTRIES if state.get(k) is not None}
+            state.pop("ibot_loss", None)
+            size = store.save_sharded_checkpoint(path, tensors, state, rank=self.where.rank, gather=gather_object,
+                                                 barrier=barrier, broadcast=broadcast_object)
+            if not self.is_main:
+                return None
+        else:
+            size = store.save_checkpoint(path, state)
         log.info("saved %s (%.1f MB, %.2fs)", path, size / 1e6, time.perf_counter() - start)
         if kind == "periodic":
             io = self.cfg.io
@@ -175,7 +260,7 @@ class Checkpointer:
         path = self.save(c, "periodic")
         if path is None:
             return None
-        final = store.checkpoint_path(self.run_dir, c.progress.step, "final")
+        final = store.checkpoint_path(self.run_dir, c.progress.step, "final", sharded=self.sharded)
         store.link_or_copy(path, final)
         log.info("final checkpoint %s", final)
         return final

@@ -1,0 +1,268 @@
+"""FSDP2 sharding and sharded (DCP) checkpoints, with 2 CPU processes over gloo.
+
+FSDP must compute what DDP computes; a sharded run killed after a checkpoint resumes
+bitwise on the same number of processes and with the same weights on one process; a
+kill during a sharded save never leaves a directory under a final name.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from _train_support import TINY_MODEL, only_run, processed_root  # noqa: F401
+from dinox.cli import main
+from dinox.run import checkpoint as ckpt
+
+REPO = Path(__file__).resolve().parents[1]
+# Drop path, local crops and accumulation on; no BatchNorm in the head: the bias before a BN
+# layer has an exactly zero gradient, so AdamW turns the rounding noise of any two
+# reduction orders into lr-sized updates and the runs could not agree on it.
+COMMON = ("--batch-size", "4", "--accumulation-steps", "2", "--local-crops", "2", "--local-size", "16",
+          "--drop-path", "0.1", "--head-bn", "false", "--num-workers", "0", "--ckpt-every", "2",
+          "--ckpt-keep-last", "2")
+
+
+def _args(root: Path, out: Path, *extra: str) -> list[str]:
+    manifest = next((root / "_splits").glob("*.json"))
+    return [*TINY_MODEL, "--data-root", str(root), "--split-manifest", str(manifest), "--out", str(out), *COMMON,
+            *extra]
+
+
+def _torchrun(args: list[str]) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    return subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         str(REPO / "scripts" / "phase5_big_run.py"), *args],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True, env=env)
+
+
+def _finish(proc: subprocess.Popen, timeout: float = 240) -> str:
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise AssertionError("torchrun did not finish in time (a rank hung)")
+    assert proc.returncode == 0, out[-3000:]
+    return out
+
+
+def _descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def _kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL torchrun's workers (in their own process groups) and torchrun itself."""
+    for pid in [*_descendants(proc.pid), proc.pid]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.communicate()
+
+
+def _losses(run: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def _final(run: Path) -> dict:
+    final = [p for p in ckpt.list_checkpoints(run) if ckpt.parse_checkpoint_name(p)[1] == "final"][-1]
+    return ckpt.load_checkpoint(final)
+
+
+def _max_difference(a: dict, b: dict) -> float:
+    return max((a[k].double() - b[k].double()).abs().max().item() for k in b if b[k].is_floating_point())
+
+
+def test_fsdp_computes_what_ddp_computes(processed_root, tmp_path):
+    runs = {}
+    for parallel in ("ddp", "fsdp"):
+        out = tmp_path / parallel
+        log = _finish(_torchrun(_args(processed_root, out, "--max-steps", "6", "--parallel", parallel)))
+        runs[parallel] = only_run(out)
+        if parallel == "fsdp":
+            assert "parallel: FSDP2 over 2 ranks" in log and "rank 0 holds" in log
+    ddp, fsdp = runs["ddp"], runs["fsdp"]
+    la, lb = _losses(ddp), _losses(fsdp)
+    assert sorted(la) == sorted(lb) == list(range(1, 7))
+    assert all(abs(la[s] - lb[s]) <= 1e-5 * abs(la[s]) for s in la), (la, lb)
+    a, b = _final(ddp), _final(fsdp)
+    for net in ("student", "teacher"):
+        assert _max_difference(a[net], b[net]) <= 1e-5, net
+    # sharded checkpoints, rotated like files: the newest 2 periodic ones and the final
+    names = sorted(p.name for p in ckpt.list_checkpoints(fsdp))
+    assert names == ["checkpoint_00000004.dcp", "checkpoint_00000006.dcp", "checkpoint_final_00000006.dcp"]
+    assert all(ckpt.verify_checkpoint(p)[0] for p in ckpt.list_checkpoints(fsdp))
+    assert b["data"]["world_size"] == 2 and len(b["ranks"]) == 2
+
+
+@pytest.mark.parametrize("parallel", ["fsdp", "ddp"])
+def test_run_killed_resumes_bitwise_on_two_and_exactly_on_one_process(processed_root, tmp_path, parallel):
+    """Every rank's RNG streams and data position are in the checkpoint (sharded or not)."""
+    steps = ("--max-steps", "8", "--parallel", parallel)
+    straight = tmp_path / "straight"
+    _finish(_torchrun(_args(processed_root, straight, *steps)))
+
+    killed = tmp_path / "killed"
+    proc = _torchrun(_args(processed_root, killed, *steps))
+    deadline = time.monotonic() + 180
+    while not [p for p in killed.glob("*/checkpoint_00000002.*") if p.suffix in (".dcp", ".sha256")]:
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        assert time.monotonic() < deadline, "no checkpoint within 180 s"
+        time.sleep(0.005)
+    _kill_tree(proc)
+    run = only_run(killed)
+    assert not list(run.glob("checkpoint_final_*")), "the run finished before it could be killed"
+    saved = [p for p in ckpt.list_checkpoints(run)]
+    step = ckpt.parse_checkpoint_name(saved[-1])[0]
+    one = tmp_path / "one"
+    shutil.copytree(killed, one)
+
+    # the same two processes: bitwise equal to the uninterrupted run
+    _finish(_torchrun(_args(processed_root, killed, *steps, "--resume", "auto")))
+    a, b = _final(only_run(straight)), _final(run)
+    flat_a, flat_b = _leaves(a), _leaves(b)
+    keys = {k for k in flat_a if not k.startswith(("provenance.", "config.resume", "config.out", "sharded_path"))}
+    assert keys == {k for k in flat_b if not k.startswith(("provenance.", "config.resume", "config.out",
+                                                            "sharded_path"))}
+    different = [k for k in sorted(keys) if not (torch.equal(flat_a[k], flat_b[k]) if isinstance(flat_a[k], torch.Tensor)
+                                                 else flat_a[k] == flat_b[k])]
+    assert not different, different[:8]
+    assert _losses(only_run(straight)) == _losses(run)
+
+    # one process: the same step and weights, the world-size change logged, and it trains on
+    source = ckpt.load_checkpoint(sorted(ckpt.list_checkpoints(only_run(one)))[-1])
+    manifest = next((processed_root / "_splits").glob("*.json"))
+    one_args = ["train", *TINY_MODEL, "--data-root", str(processed_root), "--split-manifest", str(manifest),
+                "--out", str(one), *COMMON, "--parallel", "fsdp", "--resume", "auto"]  # fsdp: noted, unsharded
+    assert main([*one_args, "--max-steps", str(step)]) == 0
+    resumed = _final(only_run(one))
+    assert resumed["step"] == step
+    for net in ("student", "teacher", "gram_teacher"):
+        assert _max_difference(source[net], resumed[net]) <= 1e-6, net
+    log = (only_run(one) / "train.log").read_text()
+    assert f"(step {step})" in log and "the number of processes changed (2 -> 1)" in log
+    assert "--parallel fsdp in a single process" in log
+    assert main([*one_args, "--max-steps", "8"]) == 0
+    assert ckpt.parse_checkpoint_name(sorted(only_run(one).glob("checkpoint_final_*.pth"))[-1])[0] == 8
+
+
+def _leaves(obj, prefix: str = "") -> dict:
+    if isinstance(obj, dict):
+        return {k2: v2 for key, value in obj.items() for k2, v2 in _leaves(value, f"{prefix}{key}.").items()}
+    if isinstance(obj, (list, tuple)):
+        return {k2: v2 for i, value in enumerate(obj) for k2, v2 in _leaves(value, f"{prefix}{i}.").items()}
+    return {prefix.rstrip("."): obj}
+
+
+_CRASHING_SAVE = r"""
+import os, sys, torch
+from pathlib import Path
+from dinox.run import checkpoint as ckpt, sharded
+where = sys.argv[2]
+if where == "during-dcp":
+    import torch.distributed.checkpoint as dcp
+    real = dcp.save
+    def save(state, **kwargs):
+        real(state, **kwargs)
+        os._exit(9)  # shards written, nothing else
+    dcp.save = save
+else:
+    sharded.replace_dir = lambda src, dst: os._exit(9)  # manifest written, not yet renamed
+one = lambda x: [x]
+ckpt.save_sharded_checkpoint(Path(sys.argv[1]), {"student": {"w": torch.ones(4)}}, {"step": 4},
+                             rank=0, gather=one, barrier=lambda: None, broadcast=lambda x: x)
+"""
+
+
+@pytest.mark.parametrize("where", ["during-dcp", "before-rename"])
+def test_kill_during_a_sharded_save_leaves_no_final_name(tmp_path, where):
+    run = tmp_path / "20260101_000000"
+    run.mkdir()
+    older = ckpt.checkpoint_path(run, 2, sharded=True)
+    one = lambda x: [x]  # noqa: E731
+    ckpt.save_sharded_checkpoint(older, {"student": {"w": torch.zeros(4)}}, {"step": 2}, rank=0, gather=one,
+                                 barrier=lambda: None, broadcast=lambda x: x)
+    target = ckpt.checkpoint_path(run, 4, sharded=True)
+    proc = subprocess.run([sys.executable, "-c", _CRASHING_SAVE, str(target), where], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 9, proc.stderr[-2000:]
+    assert not target.exists()
+    assert [p.name for p in ckpt.list_checkpoints(run)] == [older.name]
+    assert any(p.name.endswith(".tmp") for p in run.iterdir())  # the debris is hidden
+    assert ckpt.find_resume_checkpoint(tmp_path) == older
+    # the next save removes the dead process's debris
+    ckpt.save_sharded_checkpoint(target, {"student": {"w": torch.ones(4)}}, {"step": 4}, rank=0, gather=one,
+                                 barrier=lambda: None, broadcast=lambda x: x)
+    assert sorted(p.name for p in run.iterdir()) == [older.name, target.name]
+    assert ckpt.verify_checkpoint(target)[0]
+
+
+def test_damaged_shard_is_detected_and_skipped(tmp_path):
+    run = tmp_path / "20260101_000000"
+    run.mkdir()
+    one = lambda x: [x]  # noqa: E731
+    paths = []
+    for step in (2, 4):
+        path = ckpt.checkpoint_path(run, step, sharded=True)
+        ckpt.save_sharded_checkpoint(path, {"student": {"w": torch.full((64,), float(step))}}, {"step": step},
+                                     rank=0, gather=one, barrier=lambda: None, broadcast=lambda x: x)
+        paths.append(path)
+    shard = next(paths[1].glob("__0_*.distcp"))
+    data = bytearray(shard.read_bytes())
+    data[-5] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    intact, reason = ckpt.verify_checkpoint(paths[1])
+    assert not intact and "sha256" in reason
+    assert ckpt.find_resume_checkpoint(tmp_path) == paths[0]
+    with pytest.raises(ckpt.CheckpointError, match="damaged"):
+        ckpt.load_checkpoint(paths[1])
+    assert float(ckpt.load_checkpoint(paths[0])["student"]["w"][0]) == 2.0
+
+
+def test_dry_run_plans_fsdp_per_rank_and_proposes_a_world_size(capsys):
+    flags = ["train", "--config", "vit-giant", "--parallel", "fsdp", "--dry-run", "--device-memory", "24",
+             "--batch-size", "16", "--grad-checkpoint", "--amp", "--json"]
+    assert main([*flags, "--world-size", "4"]) == 0
+    fits = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert fits["fits"] and fits["world_size"] == 4 and fits["memory_estimate_gb"] < 0.9 * 24
+    assert main([*flags, "--world-size", "1"]) == 3
+    refused = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert not refused["fits"]
+    proposal = [s for s in refused["suggestions"] if "FSDP2 over" in s]
+    assert proposal, refused["suggestions"]
+    world = int(proposal[0].split("FSDP2 over ")[1].split()[0])
+    assert main([*flags, "--world-size", str(world)]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["fits"]
+    assert main([*flags, "--world-size", str(world // 2)]) == 3  # the smallest that fits
+
+
+def test_world_size_outside_a_dry_run_is_a_one_line_error(processed_root, tmp_path, capsys):
+    manifest = next((processed_root / "_splits").glob("*.json"))
+    code = main(["train", *TINY_MODEL, "--data-root", str(processed_root), "--split-manifest", str(manifest),
+                 "--out", str(tmp_path), "--world-size", "4"])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "--world-size only plans" in err and "Traceback" not in err
