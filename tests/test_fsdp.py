@@ -100,7 +100,8 @@ def test_fsdp_computes_what_ddp_computes(processed_root, tmp_path):
     runs = {}
     for parallel in ("ddp", "fsdp"):
         out = tmp_path / parallel
-        log = _finish(_torchrun(_args(processed_root, out, "--max-steps", "6", "--parallel", parallel)))
+        log = _finish(_torchrun(_args(processed_root, out, "--max-steps", "6", "--parallel", parallel,
+                                      "--eval-every", "3", "--eval-n", "16")))
         runs[parallel] = only_run(out)
         if parallel == "fsdp":
             assert "parallel: FSDP2 over 2 ranks" in log and "rank 0 holds" in log
@@ -116,6 +117,11 @@ def test_fsdp_computes_what_ddp_computes(processed_root, tmp_path):
     assert names == ["checkpoint_00000004.dcp", "checkpoint_00000006.dcp", "checkpoint_final_00000006.dcp"]
     assert all(ckpt.verify_checkpoint(p)[0] for p in ckpt.list_checkpoints(fsdp))
     assert b["data"]["world_size"] == 2 and len(b["ranks"]) == 2
+    # in-training retrieval sees the same teacher (gathered whole from its shards under FSDP)
+    evals = [{r["step"]: r["Eval/Effective_Rank"] for r in map(json.loads, (run / "metrics.jsonl").read_text()
+              .splitlines()) if "Eval/Effective_Rank" in r} for run in (ddp, fsdp)]
+    assert sorted(evals[1]) == [0, 3, 6]
+    assert all(abs(evals[0][k] - evals[1][k]) < 1e-3 for k in evals[0])
 
 
 @pytest.mark.parametrize("parallel", ["fsdp", "ddp"])
@@ -266,3 +272,27 @@ def test_world_size_outside_a_dry_run_is_a_one_line_error(processed_root, tmp_pa
     assert code == 1
     err = capsys.readouterr().err
     assert "--world-size only plans" in err and "Traceback" not in err
+
+
+def test_two_nodes_by_c10d_rendezvous_without_slurm(processed_root, tmp_path):
+    """`torchrun --nnodes 2 --rdzv-backend c10d`: two launchers on one machine stand in for
+    two nodes of one process each."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "runs"
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    nodes = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+         "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "dinox-test",
+         str(REPO / "scripts" / "phase5_big_run.py"), *_args(processed_root, out, "--max-steps", "2",
+                                                              "--parallel", "fsdp")],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True, env=env)
+        for _ in range(2)]
+    logs = [_finish(node) for node in nodes]
+    assert any("parallel: FSDP2 over 2 ranks" in log for log in logs)
+    run = only_run(out)
+    assert [p.name for p in ckpt.list_checkpoints(run)] == ["checkpoint_00000002.dcp", "checkpoint_final_00000002.dcp"]
+    assert _final(run)["data"]["world_size"] == 2

@@ -121,7 +121,8 @@ class DINOSSL:
         if not on_this_rank:
             return None
         device = self.dino_loss.center.device
-        with torch.device("cpu"):
+        # its initialisation must not draw from the run's RNG (drop path would shift)
+        with torch.random.fork_rng(devices=[]), torch.device("cpu"):
             copy_ = build_dino_model(self.model_cfg, img_size=self.img_size, drop_path=0.0)
         copy_.load_state_dict(full)
         return copy_.backbone.to(device).eval().requires_grad_(False)
