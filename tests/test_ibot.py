@@ -152,3 +152,47 @@ def test_resume_is_exact_with_ibot(processed_root, tmp_path):
         path.unlink()
     assert main(train_args(processed_root, split, *common, "--resume", "auto")) == 0
     assert_same_state(final_weights(only_run(straight)), final_weights(run))
+
+
+def test_chunked_head_loss_equals_the_whole_computation():
+    """The iBOT head computes the per-patch loss in chunks, recomputing each chunk's logits in
+    backward: the same values and gradients as one pass over all rows."""
+    from dinox.model.head import DINOHead
+
+    torch.manual_seed(0)
+    head = DINOHead(16, 64, hidden_dim=32, bottleneck_dim=8)
+    loss_fn = IBOTLoss(64, student_temp=0.1)
+    x = torch.randn(37, 16)
+    targets = torch.softmax(torch.randn(37, 64), dim=-1)
+    whole = head(x, targets, loss_fn.row_cross_entropy)
+    grads_whole = torch.autograd.grad(whole.sum(), [p for p in head.parameters() if p.requires_grad], allow_unused=True)
+    chunked = head(x, targets, loss_fn.row_cross_entropy, chunk_rows=5)
+    grads_chunked = torch.autograd.grad(chunked.sum(), [p for p in head.parameters() if p.requires_grad], allow_unused=True)
+    torch.testing.assert_close(chunked, whole)
+    reference = loss_fn.row_cross_entropy(head(x), targets)
+    torch.testing.assert_close(whole, reference)
+    for a, b in zip(grads_whole, grads_chunked):
+        if a is not None:  # summed over chunks in another order
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
+
+
+def test_chunked_teacher_targets_and_centre_equal_the_whole_computation(monkeypatch):
+    import dinox.losses.ibot as ibot
+    from dinox.model.head import DINOHead
+
+    torch.manual_seed(1)
+    head = DINOHead(16, 64, hidden_dim=32, bottleneck_dim=8)
+    tokens = torch.randn(23, 16)
+    whole, chunked = IBOTLoss(64), IBOTLoss(64)
+    whole.center.normal_()
+    chunked.center.copy_(whole.center)
+    with torch.no_grad():
+        logits = head(tokens)
+    expected = whole.teacher_probs(logits, 0.05)
+    whole.accumulate_center(logits)
+    whole.apply_center_update()
+    monkeypatch.setattr(ibot, "CHUNK_ELEMENTS", 64 * 4)  # 4 rows per chunk
+    got = chunked.chunked_targets(head, tokens, 0.05, autocast=lambda: torch.autocast("cpu", enabled=False))
+    torch.testing.assert_close(got, expected)
+    chunked.apply_center_update()
+    torch.testing.assert_close(chunked.center, whole.center)

@@ -259,9 +259,8 @@ BASE_RECIPE: dict[str, object] = {
     # Recipe of the big presets (DINOv2 / DINOv3 values unless noted).
     "img_size": 224,
     # DINOv2: 8 local crops of 96 px (98 for patch 14) at scale (0.05, 0.32), globals at (0.32, 1).
-    # 6 keeps the seed's ViT-Large validation run (batch 64 x 4, grad checkpoint, bf16) within
-    # a 24 GB card by the memory plan (21.1 of 21.6 usable GiB; 8 needs 22.6); pass
-    # --local-crops 8 where memory allows.
+    # 6 here; the seed's ViT-Large run on a 24 GB card needs --batch-size 32 --accumulation-steps 8
+    # with iBOT on (docs/recipes.md); pass --local-crops 8 where memory allows.
     "local_crops": 6,
     "local_size": 96,
     "global_scale_min": 0.32,
@@ -495,6 +494,8 @@ def _fit_to_run_length(cfg: RunConfig, given: dict) -> list[str]:
     for owner, name, limit, why in (
         (optim, "freeze_last_layer_steps", optim.warmup_steps, "the warm-up"),
         (ssl, "teacher_temp_warmup_steps", max(1, optim.max_steps * 3 // 10), "30% of the run"),
+        # the Gram policy: the first frozen snapshot at the end of the warm-up (docs/recipes.md)
+        (ssl, "gram_start_step", optim.warmup_steps, "the warm-up"),
     ):
         value = getattr(owner, name)
         if name not in given and value > limit:

@@ -14,7 +14,9 @@ class DINOModel(nn.Module):
     Views of one size are concatenated along the batch and go through in one pass. With an
     iBOT head, `masks` (G, N) bool replaces the masked patch embeddings of the global views
     by the learned `mask_token` (before the position embedding is added, as in DINOv2) and
-    the iBOT head's logits of the masked patch tokens are returned as "ibot_logits".
+    the iBOT head's logits of the masked patch tokens are returned as "ibot_logits", or, given
+    the teacher's `ibot_targets` and a `row_loss`, the per-patch loss as "ibot_rows" (computed
+    in chunks by the head: see `DINOHead.forward`).
     """
 
     def __init__(self, backbone: VisionTransformer, head: DINOHead, ibot_head: DINOHead | None = None):
@@ -30,14 +32,17 @@ class DINOModel(nn.Module):
         return hasattr(self, "ibot_head")
 
     def forward(self, global_views: torch.Tensor, local_views: torch.Tensor | None = None,
-                masks: torch.Tensor | None = None) -> dict:
+                masks: torch.Tensor | None = None, ibot_targets: torch.Tensor | None = None,
+                row_loss=None, chunk_rows: int | None = None) -> dict:
         out = self.backbone(global_views) if masks is None else self._masked_backbone(global_views, masks)
         result = {
             "cls": out["cls"],
             "patches": out["patches"],
             "logits": self.head(out["cls"]),
         }
-        if masks is not None:
+        if masks is not None and ibot_targets is not None:
+            result["ibot_rows"] = self.ibot_head(out["patches"][masks], ibot_targets, row_loss, chunk_rows)
+        elif masks is not None:
             result["ibot_logits"] = self.ibot_head(out["patches"][masks])
         if local_views is not None:
             local = self.backbone(local_views)

@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.parametrizations import weight_norm
+from torch.utils.checkpoint import checkpoint
 
 INIT_STD = 0.02
 
@@ -66,8 +67,23 @@ class DINOHead(nn.Module):
         for p in self.last_layer.parameters():
             p.grad = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None, row_loss=None,
+                chunk_rows: int | None = None) -> torch.Tensor:
+        """The logits (rows, out_dim); with `targets` (rows, out_dim) and `row_loss(logits,
+        targets) -> (rows,)`, that per-row loss instead, computed `chunk_rows` rows at a time
+        with the logits recomputed in backward (torch.utils.checkpoint): a chunk's logits are
+        the only (rows x out_dim) activations alive, where thousands of masked patches times
+        65536 prototypes would otherwise hold gigabytes. Inside this module's own forward so
+        that FSDP gathers its parameters once and DDP sees one use."""
         x = self.mlp(x)
         eps = 1e-6 if x.dtype == torch.float16 else 1e-12
         x = F.normalize(x, dim=-1, p=2, eps=eps)
-        return self.last_layer(x)
+        if targets is None:
+            return self.last_layer(x)
+        step = chunk_rows or x.shape[0] or 1
+        if x.shape[0] <= step:
+            return row_loss(self.last_layer(x), targets)
+        def chunk_loss(z, t):
+            return row_loss(self.last_layer(z), t)
+        return torch.cat([checkpoint(chunk_loss, x[i:i + step], targets[i:i + step], use_reentrant=False)
+                          for i in range(0, x.shape[0], step)])

@@ -69,6 +69,7 @@ CONTEXT_BYTES = int(0.75 * GIB)
 FRAGMENTATION = 0.10
 DINO_HEAD_HIDDEN = 2048
 DINO_HEAD_BOTTLENECK = 256
+IBOT_CHUNK_ELEMENTS = 1 << 24  # dinox.losses.ibot.CHUNK_ELEMENTS (plan.py imports no losses)
 
 
 def vit_param_count(*, patch_size: int, embed_dim: int, depth: int, mlp_hidden_dim: int,
@@ -178,8 +179,12 @@ def estimate_training_memory(*, params_backbone: int, params_head: int, embed_di
                                 + FP32 * head_bottleneck_dim)
     last_layer_weight = out_dim * head_bottleneck_dim * (2 * FP32 + (2 if amp else 0))
     logits = student_rows * out_dim * (elem + 3 * FP32) + teacher_rows * out_dim * (elem + 2 * FP32)
-    # iBOT: student and teacher head outputs at the masked patches (`ibot_rows` of them).
-    logits += ibot_rows * (out_dim * (2 * elem + 5 * FP32) + 2 * (4 * head_hidden_dim + head_bottleneck_dim) * elem)
+    # iBOT at the `ibot_rows` masked patches: the teacher's fp32 targets for all of them, the
+    # head MLP activations, and one chunk's logits with their softmax work (the heads run
+    # `dinox.losses.ibot.chunk_rows` rows at a time, the student's recomputed in backward).
+    chunk = min(ibot_rows, max(1, IBOT_CHUNK_ELEMENTS // out_dim))
+    logits += (ibot_rows * (out_dim * FP32 + 2 * (4 * head_hidden_dim + head_bottleneck_dim) * elem)
+               + chunk * out_dim * (2 * elem + 5 * FP32))
     patches = (global_size // patch_size) ** 2
     gram = teacher_rows * (2 * patches * embed_dim * FP32 + 3 * patches * patches * FP32)
     head_logits = head_acts + last_layer_weight + logits + gram

@@ -37,7 +37,7 @@ from dinox.data.masking import batch_masks
 from dinox.eval.rank import normalized_std
 from dinox.losses.dino import DINOLoss, entropy
 from dinox.losses.gram import gram_anchoring_loss
-from dinox.losses.ibot import IBOTLoss
+from dinox.losses.ibot import IBOTLoss, chunk_rows
 from dinox.losses.koleo import KoLeoLoss
 from dinox.model.dino_model import DINOModel, build_dino_model
 from dinox.run.distributed import fully_shard_units, local
@@ -153,12 +153,15 @@ class DINOSSL:
         with torch.no_grad(), autocast():
             teacher_out = self.teacher(global_batch)
             gram_patches = self.gram_teacher(global_batch)["patches"]
-            teacher_ibot = self.teacher.ibot_head(teacher_out["patches"][masks]) if masks is not None else None
         teacher_logits = teacher_out["logits"].float()
         teacher_probs = self.dino_loss.teacher_probs(teacher_logits, sched["teacher_temp"], method=ssl.centering)
+        ibot = {}
+        if masks is not None:
+            ibot = {"ibot_targets": self._ibot_targets(teacher_out["patches"][masks], sched, autocast),
+                    "row_loss": self.ibot_loss.row_cross_entropy, "chunk_rows": chunk_rows(self.ibot_loss.out_dim)}
 
         with autocast():
-            student_out = self.student_call(global_batch, local_batch, masks=masks)
+            student_out = self.student_call(global_batch, local_batch, masks=masks, **ibot)
         student_logits = list(student_out["logits"].float().chunk(n_global))
         if local_batch is not None:
             student_logits += list(student_out["local_logits"].float().chunk(len(views.local_views)))
@@ -166,9 +169,7 @@ class DINOSSL:
         loss_koleo = sum(self.koleo(c) for c in student_out["cls"].float().chunk(n_global))
         loss_ibot = zero
         if masks is not None:
-            ibot_targets = self.ibot_loss.teacher_probs(teacher_ibot.float(), sched["teacher_temp"],
-                                                        method=ssl.centering)
-            loss_ibot = self.ibot_loss(student_out["ibot_logits"].float(), ibot_targets, masks)
+            loss_ibot = self.ibot_loss.from_rows(student_out["ibot_rows"], masks)
         loss_gram = gram_anchoring_loss(student_out["patches"].float(), gram_patches.float())
         gram_weight = self.gram_weight(step)
         loss = (loss_dino + ssl.koleo_weight * loss_koleo + ssl.ibot_weight * loss_ibot
@@ -176,14 +177,22 @@ class DINOSSL:
         backward(loss)
         if ssl.centering == "centering":
             self.dino_loss.accumulate_center(teacher_logits)
-            if masks is not None:
-                self.ibot_loss.accumulate_center(teacher_ibot.float())
 
         with torch.no_grad():
             values = (loss, loss_dino, loss_koleo, loss_ibot, loss_gram, zero + gram_weight, entropy(teacher_probs),
                       entropy(self.dino_loss.student_probs(student_logits[0])),
                       normalized_std(teacher_out["cls"].float()))
         return {name: v.detach() for name, v in zip(METRIC_NAMES, values)}
+
+    @torch.no_grad()
+    def _ibot_targets(self, tokens: torch.Tensor, sched: dict, autocast) -> torch.Tensor:
+        """The teacher's iBOT targets at the masked patches: with the EMA centre in chunks
+        (which also feed the centre's update), with Sinkhorn-Knopp over all of them at once."""
+        if self.ssl.centering == "centering":
+            return self.ibot_loss.chunked_targets(self.teacher.ibot_head, tokens, sched["teacher_temp"], autocast)
+        with autocast():
+            logits = self.teacher.ibot_head(tokens)
+        return self.ibot_loss.teacher_probs(logits.float(), sched["teacher_temp"], method="sinkhorn")
 
     @torch.no_grad()
     def update_teacher(self, momentum: float) -> None:
