@@ -3,6 +3,7 @@ and headers that declare more pixels than the file holds or than a CT slice can 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import nibabel as nib
@@ -158,3 +159,63 @@ def test_cli_every_series_failing_exits_non_zero_with_one_line(tmp_path, capsys)
     assert rc != 0
     assert captured.err.startswith("error: no volume written") and len(captured.err.strip().splitlines()) == 1
     assert "one patient only" not in captured.out + captured.err
+
+
+def test_oblique_nifti_is_written_with_a_note(tmp_path):
+    """A volume whose axes are rotated 15 degrees about z is laid out along the nearest axes
+    (no resampling) and the report says so; an axis-aligned one gets no note."""
+    rng = np.random.default_rng(0)
+    data = rng.integers(-1000, 1000, (32, 32, 6)).astype(np.int16)
+    angle = np.radians(15.0)
+    rotated = np.diag([0.7, 0.7, 2.5, 1.0])
+    rotated[:2, :2] = 0.7 * np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+    (tmp_path / "in").mkdir()
+    nib.save(nib.Nifti1Image(data, rotated), tmp_path / "in" / "oblique.nii.gz")
+    nib.save(nib.Nifti1Image(data, np.diag([0.7, 0.7, 2.5, 1.0])), tmp_path / "in" / "straight.nii.gz")
+    report = prep([tmp_path / "in"], tmp_path / "out")
+    assert sorted(report["series_written"]) == ["oblique", "straight"]
+    note = report["series_notes"].get("oblique", "")
+    notes = note if isinstance(note, str) else "; ".join(note)
+    assert "oblique volume" in notes and "15.0 degrees" in notes
+    assert "straight" not in report["series_notes"]
+
+
+def test_prep_onto_a_read_only_output_is_a_one_line_error(tmp_path, monkeypatch, capsys):
+    import errno
+
+    from dinox.cli import main
+
+    write_series(tmp_path / "in" / "s1", random_hu(np.random.default_rng(1), (4, 32, 32)), "1.2.3.4.1")
+    real = Path.write_bytes
+
+    def read_only(self, data):
+        if self.name.startswith(".write_test"):
+            raise OSError(errno.EROFS, "Read-only file system", str(self))
+        return real(self, data)
+
+    monkeypatch.setattr(Path, "write_bytes", read_only)
+    rc = main(["prep", "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--workers", "1"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "Traceback" not in err
+    assert err.startswith("error: cannot write the processed root") and "Read-only file system" in err
+
+
+def test_old_index_rows_outside_the_root_are_dropped_and_rewritten(tmp_path):
+    import csv
+
+    write_series(tmp_path / "in" / "s1", random_hu(np.random.default_rng(2), (4, 32, 32)), "1.2.3.4.2")
+    out = tmp_path / "out"
+    prep([tmp_path / "in"], out)
+    outside = tmp_path / "secret.npy"
+    np.save(outside, np.zeros((4, 32, 32), np.int16))
+    index = out / "_index" / "index.csv"
+    rows = list(csv.DictReader(index.open()))
+    original = rows[0]["path"]
+    rows[0]["path"] = os.path.relpath(outside, out)  # ../secret.npy: outside the root
+    with index.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    report = prep([tmp_path / "in"], out)
+    assert report["series_kept"] == [] and len(report["series_written"]) == 1
+    assert list(csv.DictReader(index.open()))[0]["path"] == original

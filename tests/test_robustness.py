@@ -440,3 +440,28 @@ def test_progress_line_ends_with_an_eta_when_max_steps_is_set():
     assert format_progress(10, {**metrics, "steps_per_s": 0.01}, max_steps=100_000).endswith("eta=2777h30m")
     assert "eta" not in format_progress(100, metrics)  # unlimited run
     assert "eta" not in format_progress(1, {"loss": 1.0}, max_steps=10)  # rate not known yet
+
+
+def test_damaged_checkpoints_skipped_by_resume_are_set_aside(processed_root, tmp_path, capsys):
+    """--resume auto skips a damaged newest checkpoint; once it holds the run folder it moves
+    that file aside (kept, renamed .damaged), so later listings, rotation and inspect of the
+    run no longer report it."""
+    out = tmp_path / "runs"
+    assert main(train_args(processed_root, out, "--max-steps", "4", "--ckpt-every", "2", "--ckpt-keep-last", "5",
+                           *FAST)) == 0
+    run = only_run(out)
+    final = run / "checkpoint_final_00000004.pth"
+    periodic = run / "checkpoint_00000004.pth"
+    periodic.unlink()  # the final is a hard link of it: damage the final alone
+    shutil.copyfile(final, periodic)
+    data = bytearray(final.read_bytes())
+    final.write_bytes(bytes(data[: len(data) // 2]))  # truncated
+    periodic.unlink()
+    (run / "checkpoint_00000004.pth.sha256").unlink()
+    assert main(train_args(processed_root, out, "--max-steps", "6", "--ckpt-every", "2", "--resume", "auto",
+                           *FAST)) == 0
+    names = {p.name for p in run.iterdir()}
+    assert "checkpoint_final_00000004.pth" not in names and "checkpoint_final_00000004.pth.damaged" in names
+    captured = capsys.readouterr()
+    assert "set aside damaged checkpoint checkpoint_final_00000004.pth" in captured.out + captured.err
+    assert all(verify_checkpoint(p)[0] for p in ck.list_checkpoints(run))

@@ -259,9 +259,11 @@ BASE_RECIPE: dict[str, object] = {
     # Recipe of the big presets (DINOv2 / DINOv3 values unless noted).
     "img_size": 224,
     # DINOv2: 8 local crops of 96 px (98 for patch 14) at scale (0.05, 0.32), globals at (0.32, 1).
-    # 6 here; the seed's ViT-Large run on a 24 GB card needs --batch-size 32 --accumulation-steps 8
-    # with iBOT on (docs/recipes.md); pass --local-crops 8 where memory allows.
-    "local_crops": 6,
+    # 2 here: with iBOT, the seed's ViT-Large validation run (batch 64 x 4, --grad-checkpoint
+    # --amp) fits a 24 GB card by the memory plan only so (20.6 GiB of 21.6 usable; 4 locals
+    # need 22.1, 6 need 23.6). Pass --local-crops 8 where memory allows (the APU, 80 GB
+    # GPUs, FSDP): docs/recipes.md.
+    "local_crops": 2,
     "local_size": 96,
     "global_scale_min": 0.32,
     "distinct_windows": True,

@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from dinox.data import annotations, dicom_io, nifti_io
 from dinox.data.layout import (INDEX_FILE, REPORT_FILE, SPLITS_DIR, VOLUMES_DIR, atomic_write, atomic_write_text,
-                               read_index, split_name, write_index)
+                               confined_path, read_index, split_name, write_index)
 from dinox.data.splits import patient_split
 from dinox.errors import UserError
 
@@ -99,7 +99,7 @@ def process_task(task: Task, root: str) -> dict:
                 vol, spacing = nifti_io.read_nifti(task.nifti_path)
             except ValueError as exc:
                 return {"status": "skipped", "task": task, "dropped": dropped, "reason": str(exc)}
-            notes = []
+            notes = nifti_io.orientation_notes(task.nifti_path)
             if vol.shape[0] < 2:
                 return {"status": "skipped", "task": task, "dropped": dropped,
                         "reason": "single slice (not a volume)"}
@@ -192,9 +192,34 @@ def _map(fn, items, workers: int, desc: str, progress: bool, chunksize: int = 1)
         bar.close()
 
 
-def _volume_matches(root: Path, row: dict, n_source_files: int) -> bool:
+def _writable(root: Path) -> None:
+    """Create the processed root and prove it can be written, before any work is done."""
     try:
-        vol = np.load(root / row["path"], mmap_mode="r")
+        root.mkdir(parents=True, exist_ok=True)
+        probe = root / f".write_test.{os.getpid()}.tmp"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise UserError(f"cannot write the processed root {root} ({exc.strerror or exc}); give --output a "
+                        f"folder on a writable disk") from None
+
+
+def _kept_volume(root: Path, row: dict) -> Path | None:
+    """The volume of an earlier index row, if it exists inside the root (a row naming a path
+    outside it, hand-edited or forged, is dropped and its series rewritten)."""
+    try:
+        path = confined_path(root, row.get("path", ""))
+    except ValueError:
+        return None
+    return path if path.is_file() else None
+
+
+def _volume_matches(root: Path, row: dict, n_source_files: int) -> bool:
+    path = _kept_volume(root, row)
+    if path is None:
+        return False
+    try:
+        vol = np.load(path, mmap_mode="r")
         shape = (int(row["num_slices"]), int(row["rows"]), int(row["cols"]))
         return (vol.dtype == np.int16 and vol.shape == shape
                 and str(row.get("n_source_files", "")) == str(n_source_files))
@@ -252,7 +277,7 @@ def prepare(inputs, output="data/processed", workers: int = 1, force: bool = Fal
                           n_source_files=plan.n_source_files, plan=plan))
     tasks.extend(_nifti_tasks(nifti_paths, {t.series_id.lower() for t in tasks}))
 
-    root.mkdir(parents=True, exist_ok=True)
+    _writable(root)
     report = {"inputs": [str(p) for p in inputs], "output": str(root),
               "series_written": [], "series_kept": [], "series_skipped": series_skipped,
               "files_skipped": files_skipped, "series_notes": {}}
@@ -268,7 +293,7 @@ def prepare(inputs, output="data/processed", workers: int = 1, force: bool = Fal
         stale.unlink(missing_ok=True)
     index_path = root / INDEX_FILE
     old_rows = _read_old_index(index_path)
-    rows = {sid: row for sid, row in old_rows.items() if (root / row["path"]).is_file()}
+    rows = {sid: row for sid, row in old_rows.items() if _kept_volume(root, row) is not None}
 
     todo = []
     for task in tasks:

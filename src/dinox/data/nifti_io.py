@@ -21,6 +21,27 @@ def nifti_stem(path) -> str:
     return re.sub(r"\.nii(\.gz)?$", "", name, flags=re.IGNORECASE)
 
 
+# Beyond this angle between a volume's axes and the patient axes, prep notes the obliquity.
+OBLIQUE_NOTE_DEGREES = 1.0
+
+
+def obliquity_degrees(affine: np.ndarray) -> float:
+    """The largest angle between a voxel axis of `affine` and its nearest patient axis."""
+    axes = np.asarray(affine, dtype=float)[:3, :3]
+    norms = np.linalg.norm(axes, axis=0)
+    cosines = np.abs(axes / np.where(norms > 0, norms, 1.0)).max(axis=0)
+    return float(np.degrees(np.arccos(np.clip(cosines, -1.0, 1.0))).max())
+
+
+def orientation_notes(path) -> list[str]:
+    """Notes for prep_report.json about how the volume at `path` was laid out."""
+    angle = obliquity_degrees(nib.load(str(path)).affine)
+    if angle <= OBLIQUE_NOTE_DEGREES:
+        return []
+    return [f"oblique volume: its axes are up to {angle:.1f} degrees off the patient axes; laid out along the "
+            f"nearest axes without resampling (slices are the acquired planes, not true axial planes)"]
+
+
 def read_nifti(path) -> tuple[np.ndarray, tuple[float, float, float]]:
     """(Z, H, W) int16 HU volume and (spacing_z, spacing_y, spacing_x) in mm.
 

@@ -79,6 +79,7 @@ __all__ = [
     "rotate_checkpoints",
     "save_checkpoint",
     "save_sharded_checkpoint",
+    "set_aside_damaged_after",
     "load_sharded_into",
     "sidecar_path",
     "space_needed",
@@ -912,6 +913,37 @@ def find_resume_checkpoint(out_root, required: tuple[str, ...] | list[str] = ())
             log.warning("skipping damaged checkpoint %s: %s", path, reason)
         log.warning("run %s has no intact checkpoint; looking at older runs", run)
     return None
+
+
+def set_aside_damaged_after(chosen) -> list[Path]:
+    """Rename the damaged checkpoints newer than `chosen` in its run folder (those `--resume
+    auto` skipped) to ``<name>.damaged``: kept for inspection, but no longer listed, rotated,
+    resumed or reported as the run's checkpoints. Call with the run folder locked. Returns
+    the new paths."""
+    chosen = Path(chosen)
+    names = [p.name for p in list_checkpoints(chosen.parent)]
+    if chosen.name not in names:
+        return []
+    moved = []
+    for name in names[names.index(chosen.name) + 1:]:
+        path = chosen.parent / name
+        intact, reason = verify_checkpoint(path)
+        if intact:
+            continue
+        target = path.with_name(path.name + ".damaged")
+        try:
+            os.replace(path, target)
+            if sidecar_path(path).exists():
+                os.replace(sidecar_path(path), target.with_name(target.name + SIDECAR_SUFFIX))
+        except OSError as exc:
+            log.warning("could not set aside damaged checkpoint %s: %s", path, exc)
+            continue
+        log.warning("set aside damaged checkpoint %s as %s (%s); delete it once inspected", path.name,
+                    target.name, reason)
+        moved.append(target)
+    if moved:
+        _fsync_dir(chosen.parent)
+    return moved
 
 
 # ----------------------------------------------------------------------------- run folder lock

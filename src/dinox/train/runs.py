@@ -173,7 +173,7 @@ def prepare_run_dir(dist, out_root: Path, source: ResumeSource | None):
 
 
 def _claim_run_dir(out_root: Path, source: ResumeSource | None):
-    from dinox.run.checkpoint import lock_run_dir, new_run_dir
+    from dinox.run.checkpoint import lock_run_dir, new_run_dir, set_aside_damaged_after
 
     if source is not None and source.in_place:
         run_dir = source.path.parent
@@ -182,6 +182,7 @@ def _claim_run_dir(out_root: Path, source: ResumeSource | None):
             lock.release()
             raise UserError(f"run folder {run_dir} changed while this launch was starting (another process "
                             f"saved a checkpoint there); run the command again to continue from the newest one")
+        set_aside_damaged_after(source.path)
         return run_dir, lock, False
     run_dir, lock = new_run_dir(out_root), None
     try:
