@@ -83,11 +83,15 @@ def fully_shard_units(root: nn.Module, units: list[nn.Module], *, param_dtype: t
 
 @contextlib.contextmanager
 def _gradient_sync_off(model: nn.Module):
+    """FSDP2 between micro-batches: no reduce-scatter, and the gathered parameters kept for
+    the next micro-batch instead of resharded and gathered again."""
     model.set_requires_gradient_sync(False)
+    model.set_reshard_after_backward(False)
     try:
         yield
     finally:
         model.set_requires_gradient_sync(True)
+        model.set_reshard_after_backward(True)
 
 
 def broadcast_object(obj, src: int = 0):
