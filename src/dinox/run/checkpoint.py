@@ -97,7 +97,6 @@ _TEMP_RE = re.compile(r"^\.(?:checkpoint_.*|train\.lock)\.(?P<host>[^.]*)\.(?P<p
 # At equal step: a final checkpoint is the cleanest state, an emergency one the least usual.
 _RESUME_RANK = {"emergency": 0, "periodic": 1, "final": 2}
 SIDECAR_SUFFIX = ".sha256"
-_CHUNK = 16 << 20
 _SPACE_MARGIN_FRACTION = 0.02
 _SPACE_MARGIN_BYTES = 64 << 20
 # No weight, moment, centre or loss scale of a training run comes near this; flipped
@@ -335,18 +334,7 @@ def _unlink_quietly(path: Path) -> bool:
     return True
 
 
-def _fsync_dir(directory: Path) -> None:
-    """Make renames/unlinks in `directory` durable (best effort: some filesystems refuse)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+_fsync_dir = sharded_store.fsync_path  # renames and unlinks in a directory made durable
 
 
 def space_needed(tensor_bytes: int) -> int:
@@ -539,14 +527,7 @@ def file_sha256(path) -> str:
     return _sha256_file(path / sharded_store.MANIFEST if path.is_dir() else path)
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    buffer = bytearray(_CHUNK)
-    view = memoryview(buffer)
-    with open(path, "rb", buffering=0) as f:
-        while n := f.readinto(buffer):
-            digest.update(view[:n])
-    return digest.hexdigest()
+_sha256_file = sharded_store.sha256_file
 
 
 def _read_sidecar(path: Path) -> dict | str | None:

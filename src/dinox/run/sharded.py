@@ -40,14 +40,19 @@ def is_sharded(path) -> bool:
 
 
 def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
+    """Hex sha256 of a file's bytes, read in 16 MiB chunks into one buffer."""
+    digest = hashlib.sha256()
+    buffer = bytearray(_CHUNK)
+    view = memoryview(buffer)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buffer):
+            digest.update(view[:n])
+    return digest.hexdigest()
 
 
-def _fsync(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """Make a file's bytes, or a directory's renames and unlinks, durable (best effort: some
+    filesystems refuse)."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -64,7 +69,7 @@ def _records(directory: Path, names) -> dict[str, dict]:
     out = {}
     for name in names:
         path = directory / name
-        _fsync(path)
+        fsync_path(path)
         out[name] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
     return out
 
@@ -98,7 +103,7 @@ def write(path: Path, tmp: Path, tensors: dict, meta: dict, *, rank: int, save_m
         json.dump(manifest, f, indent=1)
         f.flush()
         os.fsync(f.fileno())
-    _fsync(tmp)
+    fsync_path(tmp)
     replace_dir(tmp, path)
     return sum(r["size"] for r in files.values())
 
@@ -111,7 +116,7 @@ def replace_dir(src: Path, dst: Path) -> None:
         aside = dst.with_name(f".{dst.name}.replaced.{os.getpid()}.tmp")
         os.replace(dst, aside)
     os.replace(src, dst)
-    _fsync(dst.parent)
+    fsync_path(dst.parent)
     if aside is not None:
         shutil.rmtree(aside, ignore_errors=True)
 
@@ -139,7 +144,7 @@ def link_dir(src: Path, dst: Path, tmp: Path) -> None:
             os.link(entry, tmp / entry.name)
         except OSError:
             shutil.copyfile(entry, tmp / entry.name)
-    _fsync(tmp)
+    fsync_path(tmp)
     replace_dir(tmp, dst)
 
 
@@ -194,4 +199,4 @@ def tensor_entries(path: Path) -> list[str]:
 
 
 __all__ = ["MANIFEST", "META", "SUFFIX", "check_files", "is_sharded", "link_dir", "load_full", "load_into",
-           "read_manifest", "remove_dir", "replace_dir", "sha256_file", "tensor_entries", "write"]
+           "fsync_path", "read_manifest", "remove_dir", "replace_dir", "sha256_file", "tensor_entries", "write"]
