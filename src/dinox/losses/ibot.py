@@ -18,14 +18,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from dinox.losses.dino import DINOLoss
+
 # Rows of (rows x out_dim) logits per chunk: 2^24 elements (64 MB in fp32) at a time.
 CHUNK_ELEMENTS = 1 << 24
 
 
 def chunk_rows(out_dim: int) -> int:
     return max(1, CHUNK_ELEMENTS // out_dim)
-
-from dinox.losses.dino import DINOLoss
 
 
 class IBOTLoss(DINOLoss):

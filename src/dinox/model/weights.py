@@ -68,6 +68,7 @@ from dinox.errors import UserError
 from dinox.model.presets import PRESETS
 from dinox.model.vit import (ViTArch, VisionTransformer, resample_pos_embed, rope_periods,
                              swiglu_hidden_dim)
+from dinox.run import sharded as sharded_store
 
 log = logging.getLogger("dinox.weights")
 
@@ -333,7 +334,7 @@ def _is_dinox_checkpoint(obj) -> bool:
 def detect_source(path: str | os.PathLike) -> str:
     """The kind of weights at ``path`` (one of the module's source names), or UserError."""
     path = Path(path)
-    if path.is_dir() and path.suffix == ".dcp" and (path / "manifest.json").is_file():
+    if path.is_dir() and sharded_store.is_sharded(path) and (path / sharded_store.MANIFEST).is_file():
         return DINOX_CHECKPOINT  # a sharded (DCP) dinox checkpoint
     if path.is_dir():
         if (path / "config.json").is_file():

@@ -51,6 +51,7 @@ import torch
 
 from dinox.errors import UserError
 from dinox.run import sharded as sharded_store
+from dinox.run.distributed import local
 from dinox.run.rng import capture_rng_state, restore_rng_state
 
 __all__ = [
@@ -239,14 +240,15 @@ def to_safe(obj: Any, _where: str = "state") -> Any:
 
 
 def estimate_checkpoint_bytes(state: Any) -> int:
-    """Bytes of tensor storage `torch.save` will write (shared storages counted once)."""
+    """Bytes of tensor storage `torch.save` will write (shared storages counted once); of an
+    FSDP2 shard (DTensor), this rank's part."""
     seen: set[tuple[str, int, int]] = set()
     total = 0
     stack = [state]
     while stack:
         obj = stack.pop()
         if isinstance(obj, torch.Tensor):
-            storage = obj.untyped_storage()
+            storage = local(obj).untyped_storage()
             key = (str(obj.device), storage.data_ptr(), storage.nbytes())
             if key not in seen:
                 seen.add(key)
@@ -443,11 +445,9 @@ def save_sharded_checkpoint(path, tensors: dict, meta: dict, *, rank: int, gathe
     """Collective: write a sharded (DCP) checkpoint directory at `path`, atomically (see
     `dinox.run.sharded`). `tensors` holds this rank's (sharded) state dicts, `meta` the rest
     (used on rank 0). Returns the bytes written (0 off rank 0)."""
-    from dinox.run.distributed import local
-
     path = Path(path)
     tmp = None
-    shard_bytes = gather(sum(local(t).nbytes for t in _tensors_in(tensors)))
+    shard_bytes = gather(estimate_checkpoint_bytes(tensors))
     if rank == 0:
         path.parent.mkdir(parents=True, exist_ok=True)
         _remove_stale_temps(path.parent)
@@ -474,17 +474,6 @@ def save_sharded_checkpoint(path, tensors: dict, meta: dict, *, rank: int, gathe
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         raise
-
-
-def _tensors_in(obj):
-    if isinstance(obj, torch.Tensor):
-        yield obj
-    elif isinstance(obj, dict):
-        for v in obj.values():
-            yield from _tensors_in(v)
-    elif isinstance(obj, (list, tuple)):
-        for v in obj:
-            yield from _tensors_in(v)
 
 
 def load_sharded_into(path, template: dict) -> None:
@@ -693,8 +682,6 @@ def _load_sharded(path: Path, *, verify: bool, tensors: bool, required) -> dict:
         state = _torch_load(path / sharded_store.META, "cpu", mmap=False)
         if tensors:
             state.update(sharded_store.load_full(path))
-            if "optimizer" in state:  # DCP keys AdamW's state by parameter name
-                state["optimizer_by_name"] = True
     except (MemoryError, KeyboardInterrupt):
         raise
     except Exception as exc:
@@ -751,7 +738,7 @@ def load_checkpoint(path, map_location="cpu", *, verify: bool = True, mmap: bool
     damaged or unsafe files.
 
     A sharded (DCP) checkpoint loads whole in this process, the same dict as a file's plus
-    "sharded_path" (AdamW's state then keyed by parameter name, marked "optimizer_by_name");
+    "sharded_path" (AdamW's state then keyed by parameter name);
     `tensors=False` reads everything but the DCP entries (resuming reshards them into the
     live modules instead)."""
     path = Path(path)

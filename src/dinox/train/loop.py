@@ -64,8 +64,7 @@ class Trainer:
         self.augment = CTAugment(cfg.views.to_augment())
         self.autocast_dtype = autocast_dtype(cfg.runtime.amp, self.device, device_info.bf16_supported)
         sharded = cfg.runtime.parallel == "fsdp" and dist.enabled
-        if sharded:
-            self.sharding = self.ssl.shard(self.autocast_dtype)
+        self.sharding = self.ssl.shard(self.autocast_dtype) if sharded else None
         if cfg.runtime.compile:
             self.ssl.student.backbone.compile()  # in place: state_dict keys stay the same
         self.model = self.ssl.student if sharded else dist.wrap(self.ssl.student, self.device)
@@ -159,7 +158,7 @@ class Trainer:
     def log_header(self) -> None:
         for line in run_header(self.cfg, world_size=self.dist.world_size, samples=len(self.dataset),
                                params=self.ssl.parameter_counts(), autocast_dtype=self.autocast_dtype,
-                               sharding=getattr(self, "sharding", None)):
+                               sharding=self.sharding):
             log.info(line)
         log.info("run directory: %s", self.run_dir)
 

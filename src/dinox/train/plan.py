@@ -61,6 +61,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 
+from dinox.losses.ibot import chunk_rows
+
 GIB = 1024**3
 
 FP32 = 4
@@ -69,7 +71,6 @@ CONTEXT_BYTES = int(0.75 * GIB)
 FRAGMENTATION = 0.10
 DINO_HEAD_HIDDEN = 2048
 DINO_HEAD_BOTTLENECK = 256
-IBOT_CHUNK_ELEMENTS = 1 << 24  # dinox.losses.ibot.CHUNK_ELEMENTS (plan.py imports no losses)
 
 
 def vit_param_count(*, patch_size: int, embed_dim: int, depth: int, mlp_hidden_dim: int,
@@ -182,7 +183,7 @@ def estimate_training_memory(*, params_backbone: int, params_head: int, embed_di
     # iBOT at the `ibot_rows` masked patches: the teacher's fp32 targets for all of them, the
     # head MLP activations, and one chunk's logits with their softmax work (the heads run
     # `dinox.losses.ibot.chunk_rows` rows at a time, the student's recomputed in backward).
-    chunk = min(ibot_rows, max(1, IBOT_CHUNK_ELEMENTS // out_dim))
+    chunk = min(ibot_rows, chunk_rows(out_dim))
     logits += (ibot_rows * (out_dim * FP32 + 2 * (4 * head_hidden_dim + head_bottleneck_dim) * elem)
                + chunk * out_dim * (2 * elem + 5 * FP32))
     patches = (global_size // patch_size) ** 2

@@ -181,18 +181,16 @@ def unpack(state: dict, c: Components, cfg: RunConfig, where: Placement) -> None
     c.ssl.gram_snapshot_step = int(state.get("gram_snapshot_step", 0))
     if state.get("scaler") and c.scaler.is_enabled():
         c.scaler.load_state_dict(state["scaler"])
-    c.aug_generator.set_state(state["aug_generator"])
-    restore_rng_state(state["rng"], where.device)
     c.guard.load_state_dict(state.get("anomaly", {}))
     c.progress.step = int(state["step"])
     data = state["data"]
     saved_world = int(data.get("world_size", 1))
     ranks = state.get("ranks") or []
-    if saved_world == where.world_size and len(ranks) == where.world_size:
-        own = ranks[where.rank]  # every rank continues its own streams: bitwise
+    own = ranks[where.rank] if saved_world == where.world_size and len(ranks) == where.world_size else state
+    c.aug_generator.set_state(own["aug_generator"])
+    restore_rng_state(own["rng"], where.device)
+    if own is not state:  # every rank continues its own streams: bitwise
         c.progress.consumed = int(own["consumed"])
-        c.aug_generator.set_state(own["aug_generator"])
-        restore_rng_state(own["rng"], where.device)
         return
     if saved_world == where.world_size:
         c.progress.consumed = int(data["consumed"])
