@@ -325,7 +325,21 @@ def test_a_gate_task_the_labels_cannot_probe_is_bad_input(labelled, tmp_path, ca
     assert "patch_nodule" in result["skipped"] and result["passed"] is False
 
 
+def test_probe_at_another_input_size_has_a_finer_grid_and_its_own_json(labelled, tmp_path):
+    root, ckpt = labelled
+    trained = json.loads((ckpt.parent / "config.json").read_text())
+    size = 2 * int(trained["train"]["img_size"])
+    patch = int(trained["train"]["vit_patch"])
+    assert main(_probe_args(root, ckpt, tmp_path, "--min-auroc", "0", "--no-baselines", "--size", str(size))) == 0
+    (path,) = tmp_path.glob("probe_step*.json")
+    assert path.name == f"probe_step2_patients_seed0_size{size}.json"
+    result = json.loads(path.read_text())
+    assert result["probe"]["size"] == size and result["probe"]["grid"] == size // patch
+    assert result["tasks"]["patch_nodule"]["n_train"] > 0
+
+
 @pytest.mark.parametrize("extra, message", [
+    (["--size", "60"], "multiple of the model's patch size"),
     (["--batch-size", "0"], "--batch-size 0"),
     (["--min-auroc", "1.5"], "between 0 and 1"),
     (["--test-fraction", "1"], "--test-fraction"),

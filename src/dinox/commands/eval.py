@@ -71,6 +71,9 @@ def add_probe_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--labels-json", help="dinox synth's labels.json for vessel labels (default: the one the "
                                          "table's synthetic rows came from)")
     p.add_argument("--no-baselines", action="store_true", help="skip the untrained-network and pixel baselines")
+    p.add_argument("--size", type=int, default=None,
+                   help="input size in pixels the slices are resized to (a multiple of the patch; default: the "
+                        "run's training size). Larger gives smaller patch cells for the patch-level probes")
     p.add_argument("--out", help="folder for the JSON (default: beside the checkpoint)")
 
 
@@ -119,11 +122,12 @@ def _same_path(a, b) -> bool:
 
 
 def result_name(stem: str, *, split: str, seed: int, defaults: dict, network: str = "teacher",
-                manifest=None, root=None, trained_root=None, trained_manifest=None) -> str:
+                manifest=None, root=None, trained_root=None, trained_manifest=None, size: int | None = None,
+                trained_size: int | None = None) -> str:
     """`stem`.json for the default split and seed, else `stem`_{split}_seed{seed}.json; a
     manifest other than the root's default and the run's own joins the split as
     split-{manifest stem}, the student adds _student, a root other than the run's own adds
-    _root{hash8}."""
+    _root{hash8}, an input size other than the training size _size{size}."""
     from dinox.data.layout import default_manifest
 
     tags = []
@@ -136,6 +140,8 @@ def result_name(stem: str, *, split: str, seed: int, defaults: dict, network: st
         tags.append(network)
     if root is not None and trained_root is not None and not _same_path(root, trained_root):
         tags.append("root" + hashlib.sha256(str(Path(root).resolve()).encode()).hexdigest()[:8])
+    if size is not None and size != trained_size:
+        tags.append(f"size{size}")
     return "_".join([stem, *tags]) + ".json"
 
 
@@ -254,7 +260,7 @@ def run_probe(args) -> int:
         backbone, cfg, root, split_manifest=manifest, split=args.split, seed=args.seed, device=device,
         batch_size=args.batch_size, max_slices=args.max_slices, n_boot=args.bootstrap, min_readers=args.min_readers,
         test_fraction=args.test_fraction, labels_json=args.labels_json, baselines=not args.no_baselines,
-        progress=True,
+        progress=True, size=args.size,
     )
     passed, line = probe.verdict(result, args.min_auroc)
     gate_missing = any(t not in result["tasks"] for t in probe.GATE_TASKS)
@@ -263,7 +269,7 @@ def run_probe(args) -> int:
                   gate_tasks=list(probe.GATE_TASKS), passed=passed, verdict=line)
     name = result_name(f"probe_step{meta.step}", split=args.split, seed=args.seed, defaults=PROBE_DEFAULTS,
                        network=args.network, manifest=manifest, root=root, trained_root=cfg.io.data_root,
-                       trained_manifest=cfg.io.split_manifest)
+                       trained_manifest=cfg.io.split_manifest, size=args.size, trained_size=cfg.views.img_size)
     out_path = out_dir / name
     _write_json(out_path, result)
     print(f"probe step={meta.step} ({args.network}) split={result['split']['mode']}: "

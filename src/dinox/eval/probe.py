@@ -16,7 +16,8 @@ Labels (all documented in docs/phase5_big_run.md, "Labelled validation (probes)"
 - **Slice** (a 2.5D stack z-1, z, z+1): positive when slice z holds a consensus region;
   negative when no reader (nor the synthetic truth) marked any nodule, of any size, on
   any of the three slices; anything else is ambiguous and left out.
-- **Patch** (a cell of the ViT's patch grid at the training input size): a nodule patch
+- **Patch** (a cell of the ViT's patch grid at the probe's input size: the training size
+  unless `size` says otherwise; a larger size gives smaller cells, see `probe_size`): a nodule patch
   overlaps a consensus box by at least half of the smaller of the two (box or cell), or
   holds the box centre, so every region has one; it is a `patch_nodule` positive when at
   least half of it is lung or nodule. "Other lung" patches are at least half lung (lung =
@@ -469,13 +470,13 @@ def _pool_pixels(x: torch.Tensor, size: int) -> torch.Tensor:
 
 @torch.no_grad()
 def embed(networks: dict, dataset: CTSliceDataset, data: ProbeData, labels: ProbeLabels, cfg, *, device,
-          batch_size: int = 64, seed: int = 0, progress: bool = False) -> None:
+          batch_size: int = 64, seed: int = 0, progress: bool = False, size: int | None = None) -> None:
     """One pass over the selected slices: plans the patches of each slice and fills
     data.features[name] (cls, mean patch token, tokens of the planned patches, float32)
     for every network, and data.pixels (the normalised input of the same slices/patches)."""
     from tqdm import tqdm
 
-    size = cfg.views.img_size
+    size = probe_size(cfg, size)
     patch = cfg.model.vit_patch
     grid = size // patch
     rnd = random.Random(seed)
@@ -768,11 +769,25 @@ def untrained_backbone(cfg, device: torch.device):
     return backbone
 
 
+def probe_size(cfg, size: int | None) -> int:
+    """The probe's input size: the training size by default. A ViT takes any multiple of its
+    patch (the position embeddings are interpolated), and a larger input gives smaller patch
+    cells: nodules of a few millimetres cover a few pixels of a CT slice resized to 64-224 px,
+    so a patch-level probe may need the slices nearer their stored resolution."""
+    size = cfg.views.img_size if size is None else int(size)
+    patch = cfg.model.vit_patch
+    if size < patch or size % patch:
+        raise UserError(f"--size {size}: give a multiple of the model's patch size {patch} (e.g. "
+                        f"{max(patch, round(size / patch) * patch)}; the run trained at {cfg.views.img_size})")
+    return size
+
+
 def probe_backbone(backbone, cfg, root, *, split_manifest=None, split: str = "auto", seed: int = 0,
                    device: torch.device | None = None, batch_size: int = 64, max_slices: int = DEFAULT_MAX_SLICES,
                    n_boot: int = BOOTSTRAP, min_readers: int = MIN_READERS,
                    test_fraction: float = DEFAULT_TEST_FRACTION,
-                   labels_json=None, baselines: bool = True, untrained=None, progress: bool = False) -> dict:
+                   labels_json=None, baselines: bool = True, untrained=None, progress: bool = False,
+                   size: int | None = None) -> dict:
     """Probe a frozen backbone on the labelled processed `root`.
 
     Returns {"tasks": {name: {"auroc", "ci95", "n_train", "n_test", ..., "baselines":
@@ -788,6 +803,7 @@ def probe_backbone(backbone, cfg, root, *, split_manifest=None, split: str = "au
         raise UserError(f"--max-slices {max_slices}: give at least 2")
     if n_boot < 1:
         raise UserError(f"--bootstrap {n_boot}: give at least 1 resample")
+    size = probe_size(cfg, size)
     device = device or next(backbone.parameters()).device
     root = Path(root)
     labels = load_labels(root, min_readers, labels_json)
@@ -804,7 +820,7 @@ def probe_backbone(backbone, cfg, root, *, split_manifest=None, split: str = "au
         for net in networks.values():
             net.eval()
         embed(networks, dataset, data, labels, cfg, device=device, batch_size=batch_size, seed=seed,
-              progress=progress)
+              progress=progress, size=size)
     finally:
         for name, net in networks.items():
             net.train(was_training[name])
@@ -832,7 +848,8 @@ def probe_backbone(backbone, cfg, root, *, split_manifest=None, split: str = "au
                               f"{MIN_BOOTSTRAP_PATIENTS} patients, see each task's bootstrap_unit)"},
         "probe": {"model": "StandardScaler + LogisticRegression (L2, class_weight balanced)", "C_grid": list(CS),
                   "cv": f"GroupKFold({CV_FOLDS}) by patient on the training side", "input": "lung window "
-                  f"{LUNG_WINDOW}, resized to {cfg.views.img_size} px"},
+                  f"{LUNG_WINDOW}, resized to {size} px", "size": size,
+                  "grid": size // cfg.model.vit_patch, "training_size": cfg.views.img_size},
         "notes": labels.notes + probe_split.notes,
     }
 
