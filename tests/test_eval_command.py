@@ -78,6 +78,19 @@ def test_result_names_carry_split_and_seed(checkpoint, processed_root, tmp_path,
     assert any(n.endswith("_N16_train_seed1234.json") for n in names)
 
 
+def test_diagnostic_views_get_their_own_result_and_the_same_series_figure(checkpoint, processed_root, tmp_path,  # noqa: F811
+                                                                         capsys):
+    assert main(_args(checkpoint, processed_root, tmp_path)) == 0
+    assert main(_args(checkpoint, processed_root, tmp_path, "--views", "uncropped")) == 0
+    assert "(views uncropped)" in capsys.readouterr().out
+    train = json.loads(next(tmp_path.glob("view_retrieval_*_N16.json")).read_text())
+    whole = json.loads(next(tmp_path.glob("view_retrieval_*_N16_uncropped.json")).read_text())
+    assert train["views"] == "train" and whole["views"] == "uncropped"
+    for result in (train, whole):
+        # an exact hit is also a same-series hit
+        assert result["top1"] <= result["top1_same_series"] <= 1.0
+
+
 def test_result_name_rule():
     from dinox.commands.eval import PROBE_DEFAULTS, result_name
 

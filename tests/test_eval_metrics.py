@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from dinox.eval.rank import embedding_std, effective_rank
-from dinox.eval.retrieval import correct_key_ranks, spread_sample, view_retrieval
+from dinox.eval.retrieval import correct_key_ranks, nearest_keys, spread_sample, view_retrieval
 
 
 def brute_force_topk(queries: torch.Tensor, keys: torch.Tensor, k: int) -> float:
@@ -36,6 +36,31 @@ def test_view_retrieval_matches_brute_force(dtype):
     assert result["n"] == n
     assert result["baseline"] == pytest.approx(1 / n)
     assert result["ratio"] == pytest.approx(result["top1"] * n)
+
+
+def test_nearest_keys_match_a_python_loop():
+    g = torch.Generator().manual_seed(2)
+    q, k = torch.randn(30, 6, generator=g), 3.0 * torch.randn(40, 6, generator=g)
+    expected = []
+    for i in range(len(q)):
+        sims = [float(q[i] @ k[j] / (q[i].norm() * k[j].norm())) for j in range(len(k))]
+        expected.append(max(range(len(k)), key=lambda j: sims[j]))
+    assert nearest_keys(q, k, chunk_size=7).tolist() == expected
+
+
+def test_uncropped_views_show_the_whole_slice():
+    from dinox.data.augment import LUNG_WINDOW, AugmentConfig
+    from dinox.eval.runner import view_augment
+
+    train = AugmentConfig(global_size=32, n_local=4, global_scale=(0.4, 1.0))
+    assert view_augment(train, "train").global_scale == (0.4, 1.0) and view_augment(train).n_local == 0
+    whole = view_augment(train, "uncropped")
+    assert whole.global_scale == (1.0, 1.0) and whole.ratio == (1.0, 1.0)
+    assert whole.window_families == train.window_families
+    lung = view_augment(train, "uncropped-lung")
+    assert lung.window_families == (LUNG_WINDOW,) and lung.global_scale == (1.0, 1.0)
+    with pytest.raises(ValueError):
+        view_augment(train, "cropped")
 
 
 def test_chunking_does_not_change_ranks():

@@ -38,6 +38,10 @@ def add_retrieval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-ratio", type=float, default=DEFAULT_MIN_RATIO,
                    help=f"pass threshold on top1 / (1/n) (default {DEFAULT_MIN_RATIO})")
     p.add_argument("--seed", type=int, default=RETRIEVAL_DEFAULTS["seed"], help="seed of the sample draw and the views")
+    p.add_argument("--views", default="train", choices=["train", "uncropped", "uncropped-lung"],
+                   help="what the two views differ by: the run's augmentation (train, the measure), its windows "
+                        "and flips on the whole slice (uncropped), or the lung window on the whole slice "
+                        "(uncropped-lung); a diagnosis of which invariance is missing")
     p.add_argument("--network", choices=["teacher", "student"], default="teacher")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "rocm", "mps", "cpu"])
     p.add_argument("--batch-size", type=int, default=128)
@@ -123,11 +127,12 @@ def _same_path(a, b) -> bool:
 
 def result_name(stem: str, *, split: str, seed: int, defaults: dict, network: str = "teacher",
                 manifest=None, root=None, trained_root=None, trained_manifest=None, size: int | None = None,
-                trained_size: int | None = None) -> str:
+                trained_size: int | None = None, views: str = "train") -> str:
     """`stem`.json for the default split and seed, else `stem`_{split}_seed{seed}.json; a
     manifest other than the root's default and the run's own joins the split as
     split-{manifest stem}, the student adds _student, a root other than the run's own adds
-    _root{hash8}, an input size other than the training size _size{size}."""
+    _root{hash8}, an input size other than the training size _size{size}, diagnostic views
+    _{views}."""
     from dinox.data.layout import default_manifest
 
     tags = []
@@ -142,6 +147,8 @@ def result_name(stem: str, *, split: str, seed: int, defaults: dict, network: st
         tags.append("root" + hashlib.sha256(str(Path(root).resolve()).encode()).hexdigest()[:8])
     if size is not None and size != trained_size:
         tags.append(f"size{size}")
+    if views != "train":
+        tags.append(views)
     return "_".join([stem, *tags]) + ".json"
 
 
@@ -188,7 +195,7 @@ def run_retrieval(args) -> int:
         print(f"note: --topk {' '.join(map(str, dropped))} exceeds the {n} samples evaluated; left out")
     result = evaluate_backbone(
         backbone, dataset, cfg.views.to_augment(), n=n, seed=args.seed, device=device, ks=tuple(ks or [1]),
-        batch_size=args.batch_size, progress=True,
+        batch_size=args.batch_size, progress=True, views=args.views,
     )
     passed = result["ratio"] >= args.min_ratio
     result.update(
@@ -204,13 +211,14 @@ def run_retrieval(args) -> int:
     )
     name = result_name(f"view_retrieval_step{meta.step}_N{result['n']}", split=args.split, seed=args.seed,
                        defaults=RETRIEVAL_DEFAULTS, network=args.network, manifest=manifest, root=root,
-                       trained_root=cfg.io.data_root, trained_manifest=cfg.io.split_manifest)
+                       trained_root=cfg.io.data_root, trained_manifest=cfg.io.split_manifest, views=args.views)
     out_path = out_dir / name
     _write_json(out_path, result)
     tops = " ".join(f"top{k}={result[f'top{k}']:.4f}" for k in sorted({1, *ks}))
     print(
         f"view retrieval step={meta.step} n={result['n']} ({result['series']} series) {tops} "
-        f"baseline={result['baseline']:.6f} ratio={result['ratio']:.2f} effective_rank={result['effective_rank']:.1f}"
+        f"baseline={result['baseline']:.6f} ratio={result['ratio']:.2f} effective_rank={result['effective_rank']:.1f} "
+        f"same-series top1={result['top1_same_series']:.4f}" + ("" if args.views == "train" else f" (views {args.views})")
     )
     print(f"{'PASS' if passed else 'FAIL'}: ratio {result['ratio']:.2f} {'>=' if passed else '<'} {args.min_ratio} -> {out_path}")
     return EXIT_PASS if passed else EXIT_FAIL

@@ -49,6 +49,18 @@ def correct_key_ranks(queries: torch.Tensor, keys: torch.Tensor, chunk_size: int
     return ranks
 
 
+def nearest_keys(queries: torch.Tensor, keys: torch.Tensor, chunk_size: int | None = None) -> torch.Tensor:
+    """Index of each query's most cosine-similar key, shape (n,), in chunks as
+    ``correct_key_ranks`` (a tie goes to the lowest index)."""
+    if queries.dim() != 2 or queries.shape[1] != keys.shape[1]:
+        raise ValueError(f"queries and keys must be (n, D) and (m, D), got {tuple(queries.shape)} and "
+                         f"{tuple(keys.shape)}")
+    q = F.normalize(queries.float(), dim=1)
+    k = F.normalize(keys.float().to(q.device), dim=1)
+    step = chunk_size or max(1, _DEFAULT_CHUNK_ELEMENTS // max(k.shape[0], 1))
+    return torch.cat([(q[i:i + step] @ k.T).argmax(1) for i in range(0, q.shape[0], step)])
+
+
 def view_retrieval(
     queries: torch.Tensor, keys: torch.Tensor, ks: Sequence[int] = (1, 5), chunk_size: int | None = None
 ) -> dict:

@@ -4,6 +4,14 @@ Two augmented views of each of n validation slices (the training augmentation, o
 are embedded by the backbone's class token; view 1 queries must retrieve their own view 2
 among all n keys. Chance is 1/n, so ratio = top1 * n measures how far above chance the
 features are (seed guide, "Label-free Validation").
+
+`views` chooses what the two views differ by, to tell which invariance a model lacks:
+"train" (the default and the pass/fail measure) is the run's own global-view
+augmentation; "uncropped" keeps its HU windows and flips but shows the whole slice (no
+random resized crop); "uncropped-lung" shows the whole slice to both views in the lung
+window family (with the run's window jitter and flips). A model that scores far higher uncropped than with its training views
+has learnt window invariance but not crop invariance; compare each with the untrained
+network, which already scores well uncropped (its two views are nearly the same image).
 """
 from __future__ import annotations
 
@@ -13,10 +21,10 @@ from dataclasses import replace
 import torch
 import torch.nn.functional as F
 
-from dinox.data.augment import AugmentConfig, CTAugment
+from dinox.data.augment import LUNG_WINDOW, AugmentConfig, CTAugment
 from dinox.data.dataset import CTSliceDataset, pad_collate
 from dinox.eval.rank import effective_rank, embedding_std
-from dinox.eval.retrieval import spread_sample, view_retrieval
+from dinox.eval.retrieval import nearest_keys, spread_sample, view_retrieval
 
 
 @torch.no_grad()
@@ -42,6 +50,22 @@ def embed_views(backbone, dataset, indices, augment, generator, device, autocast
     return torch.cat(first), torch.cat(second)
 
 
+VIEWS = ("train", "uncropped", "uncropped-lung")
+
+
+def view_augment(augment_cfg: AugmentConfig, views: str = "train") -> AugmentConfig:
+    """The two global views' augmentation for `views` (see the module docstring)."""
+    if views not in VIEWS:
+        raise ValueError(f"views must be one of {VIEWS}, got {views!r}")
+    cfg = replace(augment_cfg, n_local=0)
+    if views == "train":
+        return cfg
+    whole = replace(cfg, global_scale=(1.0, 1.0), ratio=(1.0, 1.0))
+    if views == "uncropped":
+        return whole
+    return replace(whole, window_families=(LUNG_WINDOW,), distinct_global_windows=False)
+
+
 def evaluate_backbone(
     backbone,
     dataset: CTSliceDataset,
@@ -54,13 +78,19 @@ def evaluate_backbone(
     ks=(1, 5),
     batch_size: int = 128,
     progress: bool = False,
+    views: str = "train",
 ) -> dict:
-    """Retrieval metrics and effective rank; restores the backbone's training mode after."""
+    """Retrieval metrics and effective rank; restores the backbone's training mode after.
+
+    Also `top1_same_series`: the share of queries whose nearest key is a view of any slice
+    of their own series (the exact slice included), i.e. how often the features at least
+    find the patient; with 12 near-identical neighbouring slices per series, it tells a
+    model that knows the patient but not the slice from one that knows neither."""
     was_training = backbone.training
     backbone.eval()
     try:
         indices = spread_sample(dataset.series_ranges(), n, seed)
-        augment = CTAugment(replace(augment_cfg, n_local=0))
+        augment = CTAugment(view_augment(augment_cfg, views))
         generator = torch.Generator().manual_seed(seed)
         queries, keys = embed_views(backbone, dataset, indices, augment, generator, device, autocast_dtype, batch_size,
                                    progress)
@@ -70,5 +100,9 @@ def evaluate_backbone(
     result["effective_rank"] = float(effective_rank(queries))
     result["embedding_std"] = embedding_std(queries)
     result["requested_n"] = n
-    result["series"] = len({dataset.locate(i)[0] for i in indices})
+    series = [dataset.locate(i)[0] for i in indices]
+    result["series"] = len(set(series))
+    top = nearest_keys(queries, keys).tolist()
+    result["top1_same_series"] = sum(series[t] == series[i] for i, t in enumerate(top)) / len(indices)
+    result["views"] = views
     return result
