@@ -20,7 +20,7 @@ from dinox.errors import UserError
 DEMO_PATIENTS = 160
 DEMO_SLICES = 12
 DEMO_SIZE = 96
-DEMO_STEPS = 240  # the retrieval barely moves after 150 steps; 240 keeps the demo under 8 minutes
+DEMO_STEPS = 200  # the retrieval barely moves after 150 steps; 200 keeps the demo under 8 minutes
 DEMO_BATCH = 32
 DEMO_EVAL_N = 512
 DEMO_VAL_FRACTION = 0.25
