@@ -92,7 +92,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--registers", type=_nonneg_int, help="register tokens (default 4)")
     g.add_argument("--drop-path", type=float, help="stochastic depth rate")
     g.add_argument("--layerscale", type=float, help="LayerScale init (1e-5 for big presets; 0 disables)")
-    g.add_argument("--out-dim", type=_positive_int, help="DINO head prototypes (65536 for big presets, 4096 for vit-tiny)")
+    g.add_argument("--out-dim", type=_positive_int, help="DINO head prototypes (65536 for big presets, 1024 for vit-tiny)")
     g.add_argument("--head-hidden", type=_positive_int)
     g.add_argument("--head-bottleneck", type=_positive_int)
     g.add_argument("--head-layers", type=_positive_int)
