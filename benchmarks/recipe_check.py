@@ -6,7 +6,7 @@
     python benchmarks/recipe_check.py --family head --seeds 0 --tag no-ibot -- --ibot-weight 0
 
 Everything after `--` is passed to `dinox train` (it overrides the recipe). The data and
-budget default to the demo's (160 patients x 12 slices x 96 px, 300 steps, batch 32,
+budget default to the demo's (160 patients x 12 slices x 96 px, its steps (DEMO_STEPS), batch 32,
 n = 512 requested); results are appended to benchmarks/results/recipe_check.jsonl.
 """
 from __future__ import annotations
