@@ -27,6 +27,8 @@ PROBE_DEFAULTS = {"split": "auto", "seed": 0}
 
 
 def add_retrieval_arguments(p: argparse.ArgumentParser) -> None:
+    from dinox.eval.runner import VIEWS
+
     p.add_argument("--checkpoint", required=True, help="a dinox checkpoint (.pth)")
     p.add_argument("--split-manifest", help="split JSON (default <data-root>/_splits/val10_seed0.json)")
     p.add_argument("--index-csv", help="index CSV (default <data-root>/_index/index.csv)")
@@ -38,7 +40,7 @@ def add_retrieval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-ratio", type=float, default=DEFAULT_MIN_RATIO,
                    help=f"pass threshold on top1 / (1/n) (default {DEFAULT_MIN_RATIO})")
     p.add_argument("--seed", type=int, default=RETRIEVAL_DEFAULTS["seed"], help="seed of the sample draw and the views")
-    p.add_argument("--views", default="train", choices=["train", "uncropped", "uncropped-lung"],
+    p.add_argument("--views", default="train", choices=list(VIEWS),
                    help="what the two views differ by: the run's augmentation (train, the measure), its windows "
                         "and flips on the whole slice (uncropped), or the lung window on the whole slice "
                         "(uncropped-lung); a diagnosis of which invariance is missing")

@@ -469,14 +469,14 @@ def _pool_pixels(x: torch.Tensor, size: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def embed(networks: dict, dataset: CTSliceDataset, data: ProbeData, labels: ProbeLabels, cfg, *, device,
-          batch_size: int = 64, seed: int = 0, progress: bool = False, size: int | None = None) -> None:
-    """One pass over the selected slices: plans the patches of each slice and fills
-    data.features[name] (cls, mean patch token, tokens of the planned patches, float32)
-    for every network, and data.pixels (the normalised input of the same slices/patches)."""
+def embed(networks: dict, dataset: CTSliceDataset, data: ProbeData, labels: ProbeLabels, cfg, *, device, size: int,
+          batch_size: int = 64, seed: int = 0, progress: bool = False) -> None:
+    """One pass over the selected slices at input `size` (see `probe_size`): plans the
+    patches of each slice and fills data.features[name] (cls, mean patch token, tokens of
+    the planned patches, float32) for every network, and data.pixels (the normalised input
+    of the same slices/patches)."""
     from tqdm import tqdm
 
-    size = probe_size(cfg, size)
     patch = cfg.model.vit_patch
     grid = size // patch
     rnd = random.Random(seed)
@@ -819,8 +819,8 @@ def probe_backbone(backbone, cfg, root, *, split_manifest=None, split: str = "au
     try:
         for net in networks.values():
             net.eval()
-        embed(networks, dataset, data, labels, cfg, device=device, batch_size=batch_size, seed=seed,
-              progress=progress, size=size)
+        embed(networks, dataset, data, labels, cfg, device=device, size=size, batch_size=batch_size, seed=seed,
+              progress=progress)
     finally:
         for name, net in networks.items():
             net.train(was_training[name])
