@@ -35,6 +35,7 @@ def _one_line_error(capsys) -> str:
     (["--topk", "0"], "--topk 0"),
     (["--topk", "1", "-3"], "--topk -3"),
     (["--batch-size", "0"], "--batch-size 0"),
+    (["--draws", "0"], "--draws 0"),
 ])
 def test_nonsense_numbers_are_one_line_errors(checkpoint, processed_root, tmp_path, capsys, extra, message):  # noqa: F811
     assert main(_args(checkpoint, processed_root, tmp_path, *extra)) == 1
@@ -89,6 +90,21 @@ def test_diagnostic_views_get_their_own_result_and_the_same_series_figure(checkp
     for result in (train, whole):
         # an exact hit is also a same-series hit
         assert result["top1"] <= result["top1_same_series"] <= 1.0
+
+
+def test_draws_average_the_single_draws(checkpoint, processed_root, tmp_path, capsys):  # noqa: F811
+    singles = []
+    for seed in (1234, 1235, 1236):
+        assert main(_args(checkpoint, processed_root, tmp_path / str(seed), "--seed", str(seed))) == 0
+        singles.append(json.loads(next((tmp_path / str(seed)).glob("view_retrieval_*.json")).read_text()))
+    assert main(_args(checkpoint, processed_root, tmp_path, "--draws", "3")) == 0
+    assert "mean of 3 draws" in capsys.readouterr().out
+    (path,) = tmp_path.glob("view_retrieval_*_draws3.json")
+    result = json.loads(path.read_text())
+    assert result["draw_count"] == 3 and [d["seed"] for d in result["draws"]] == [1234, 1235, 1236]
+    for key in ("top1", "top5", "ratio", "mean_rank", "top1_same_series"):
+        assert result[key] == pytest.approx(sum(s[key] for s in singles) / 3), key
+    assert [d["ratio"] for d in result["draws"]] == [s["ratio"] for s in singles]
 
 
 def test_result_name_rule():

@@ -40,6 +40,9 @@ def add_retrieval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-ratio", type=float, default=DEFAULT_MIN_RATIO,
                    help=f"pass threshold on top1 / (1/n) (default {DEFAULT_MIN_RATIO})")
     p.add_argument("--seed", type=int, default=RETRIEVAL_DEFAULTS["seed"], help="seed of the sample draw and the views")
+    p.add_argument("--draws", type=int, default=1,
+                   help="independent draws of the views (seeds --seed, --seed + 1, ...), the figures averaged: one "
+                        "draw at a few per cent top-1 is noisy, so compare checkpoints on 4 or more (default 1)")
     p.add_argument("--views", default="train", choices=list(VIEWS),
                    help="what the two views differ by: the run's augmentation (train, the measure), its windows "
                         "and flips on the whole slice (uncropped), or the lung window on the whole slice "
@@ -166,7 +169,7 @@ def run_retrieval(args) -> int:
 
     from dinox.data.dataset import CTSliceDataset
     from dinox.eval.load import load_for_inference
-    from dinox.eval.runner import evaluate_backbone
+    from dinox.eval.runner import evaluate_draws
     from dinox.run.device import detect_device
 
     if args.n < 2:
@@ -176,6 +179,8 @@ def run_retrieval(args) -> int:
         raise UserError(f"--topk {bad_k[0]}: k counts the nearest keys, give values of at least 1 (e.g. --topk 1 5)")
     if args.batch_size < 1:
         raise UserError(f"--batch-size {args.batch_size}: give at least 1 (e.g. 128)")
+    if args.draws < 1:
+        raise UserError(f"--draws {args.draws}: give at least 1 (e.g. 4)")
     out_dir = output_dir(args.out, args.checkpoint)   # before the work: a bad --out fails fast
     info, notes = detect_device(args.device)
     for note in notes:
@@ -195,9 +200,9 @@ def run_retrieval(args) -> int:
     if dropped:
         # top-k with k >= n is 1 by definition: reporting it would only look like a result
         print(f"note: --topk {' '.join(map(str, dropped))} exceeds the {n} samples evaluated; left out")
-    result = evaluate_backbone(
-        backbone, dataset, cfg.views.to_augment(), n=n, seed=args.seed, device=device, ks=tuple(ks or [1]),
-        batch_size=args.batch_size, progress=True, views=args.views,
+    result = evaluate_draws(
+        backbone, dataset, cfg.views.to_augment(), draws=args.draws, n=n, seed=args.seed, device=device,
+        ks=tuple(ks or [1]), batch_size=args.batch_size, progress=True, views=args.views,
     )
     passed = result["ratio"] >= args.min_ratio
     result.update(
@@ -207,6 +212,7 @@ def run_retrieval(args) -> int:
         split_manifest=str(manifest) if manifest else None,
         data_root=str(root),
         seed=args.seed,
+        draw_count=args.draws,
         min_ratio=args.min_ratio,
         passed=passed,
         network=args.network,
@@ -214,6 +220,8 @@ def run_retrieval(args) -> int:
     name = result_name(f"view_retrieval_step{meta.step}_N{result['n']}", split=args.split, seed=args.seed,
                        defaults=RETRIEVAL_DEFAULTS, network=args.network, manifest=manifest, root=root,
                        trained_root=cfg.io.data_root, trained_manifest=cfg.io.split_manifest, views=args.views)
+    if args.draws > 1:
+        name = name.removesuffix(".json") + f"_draws{args.draws}.json"
     out_path = out_dir / name
     _write_json(out_path, result)
     tops = " ".join(f"top{k}={result[f'top{k}']:.4f}" for k in sorted({1, *ks}))
@@ -221,6 +229,8 @@ def run_retrieval(args) -> int:
         f"view retrieval step={meta.step} n={result['n']} ({result['series']} series) {tops} "
         f"baseline={result['baseline']:.6f} ratio={result['ratio']:.2f} effective_rank={result['effective_rank']:.1f} "
         f"same-series top1={result['top1_same_series']:.4f}" + ("" if args.views == "train" else f" (views {args.views})")
+        + (f"; mean of {args.draws} draws, ratios " + " ".join(f"{d['ratio']:g}" for d in result["draws"])
+           if args.draws > 1 else "")
     )
     print(f"{'PASS' if passed else 'FAIL'}: ratio {result['ratio']:.2f} {'>=' if passed else '<'} {args.min_ratio} -> {out_path}")
     return EXIT_PASS if passed else EXIT_FAIL

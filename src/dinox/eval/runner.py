@@ -106,3 +106,27 @@ def evaluate_backbone(
     result["top1_same_series"] = sum(series[t] == series[i] for i, t in enumerate(top)) / len(indices)
     result["views"] = views
     return result
+
+
+DRAW_AVERAGED = ("ratio", "mean_rank", "effective_rank", "embedding_std", "top1_same_series")
+
+
+def evaluate_draws(backbone, dataset: CTSliceDataset, augment_cfg: AugmentConfig, *, draws: int, seed: int,
+                   **kwargs) -> dict:
+    """`evaluate_backbone` over `draws` independent draws of the views (seeds `seed`,
+    `seed` + 1, ...), the figures averaged. One draw is a noisy measure at a few per cent
+    top-1: the 480 queries are a binomial sample, and on the demo data two draws of the same
+    checkpoint differ by up to 12 hits (docs/recipes.md), so recipes and checkpoints are
+    compared on the mean. `draws` holds each draw's top-1, ratio and mean rank."""
+    if draws < 1:
+        raise ValueError(f"draws must be >= 1, got {draws}")
+    results = [evaluate_backbone(backbone, dataset, augment_cfg, seed=seed + d, **kwargs) for d in range(draws)]
+    if draws == 1:
+        return results[0]
+    merged = dict(results[0])
+    for key in [k for k in merged if k.startswith("top") and k[3:].isdigit()] + list(DRAW_AVERAGED):
+        merged[key] = sum(r[key] for r in results) / draws
+    merged["draws"] = [{"seed": seed + d, "top1": r["top1"], "ratio": r["ratio"], "mean_rank": r["mean_rank"]}
+                       for d, r in enumerate(results)]
+    return merged
+
