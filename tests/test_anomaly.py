@@ -133,3 +133,16 @@ def test_anomaly_str_and_level():
     assert a.level == logging.WARNING and not a.wants_checkpoint
     with pytest.raises(ValueError):
         AnomalyGuard(window=0)
+
+
+def test_a_start_hovering_at_the_collapse_line_is_not_a_fall_after_health():
+    # the vit-tiny start: embedding std 0.007-0.010 around the 0.01 line (issue 12's runs)
+    guard = AnomalyGuard(std_threshold=0.01, collapse_grace_steps=100)
+    for step, std in enumerate([0.0101, 0.0099, 0.0105, 0.0073, 0.0094, 0.0150], start=1):
+        assert guard.check(step, 9.0, emb_std=std) == [], step
+    assert guard.check(50, 9.0, emb_std=0.03) == []            # clearly healthy: the grace ends
+    (a,) = guard.check(51, 9.0, emb_std=0.005)
+    assert a.kind == "collapse"
+    assert guard.check(52, 9.0, emb_std=0.012) == []           # back over the line, not past the margin
+    assert guard.check(53, 9.0, emb_std=0.004) == []           # so still the same episode
+    assert guard.check(54, 9.0, emb_std=0.05) == [] and not guard.collapse_active

@@ -19,6 +19,13 @@ A freshly initialised ViT with layer scale (init 1e-5) maps every image to almos
 class token (measured: std ~1e-5, effective rank ~1.0), which is indistinguishable from
 collapse. `collapse_grace_steps` covers that start: before that step a signal that has never
 been healthy is not reported; once healthy, a fall is reported at any step.
+
+"Healthy" has a margin (`HEALTHY_MARGIN`): a reading ends the grace, or an episode, only
+at twice the collapse line or more. The vit-tiny start (layer scale 0.1) sits at an
+embedding std of 0.007-0.010 against the 0.01 line, and one reading of 0.0101 at step 1
+must not make the next of 0.0099 a "collapse after health" (it did, on every demo-sized
+run, with an emergency checkpoint at step 3-8); in the same way a collapsed run hovering
+at the line is one episode, not one report per crossing.
 """
 from __future__ import annotations
 
@@ -30,6 +37,8 @@ from typing import Any, Literal
 
 AnomalyKind = Literal["loss_spike", "collapse", "nonfinite", "entropy_wall"]
 Severity = Literal["warning", "critical", "fatal"]
+
+HEALTHY_MARGIN = 2.0   # a healthy reading is at >= this multiple of the collapse line
 
 _LEVELS = {"warning": logging.WARNING, "critical": logging.CRITICAL, "fatal": logging.CRITICAL}
 
@@ -142,10 +151,12 @@ class AnomalyGuard:
 
     def _check_collapse(self, step: int, emb_std: float | None, erank: float | None) -> Anomaly | None:
         reasons: dict[str, str] = {}
+        healthy: dict[str, bool] = {}
         if emb_std is not None:
             emb_std = float(emb_std)
             if not math.isfinite(emb_std) or emb_std < self.std_threshold:
                 reasons["std"] = f"embedding std {emb_std:.3g} < {self.std_threshold:g}"
+            healthy["std"] = math.isfinite(emb_std) and emb_std >= HEALTHY_MARGIN * self.std_threshold
         best_before = self.best_erank
         if erank is not None:
             erank = float(erank)
@@ -157,14 +168,17 @@ class AnomalyGuard:
                 elif best_before is not None and erank < self.rank_collapse_fraction * best_before:
                     reasons["rank"] = (f"effective rank {erank:.3g} < {self.rank_collapse_fraction:g} x "
                                        f"best {best_before:.3g}")
+                healthy["rank"] = erank >= HEALTHY_MARGIN * max(
+                    self.rank_floor, self.rank_collapse_fraction * (best_before or 0.0))
                 self.best_erank = erank if best_before is None else max(best_before, erank)
         new = False
         for signal, measured in (("std", emb_std), ("rank", erank)):
             if measured is None:
                 continue
             if signal not in reasons:
-                self._collapsed[signal] = False
-                self._ever_healthy[signal] = True
+                if healthy.get(signal):   # between the line and the margin: no change of state
+                    self._collapsed[signal] = False
+                    self._ever_healthy[signal] = True
             elif self._ever_healthy[signal] or step >= self.collapse_grace_steps:
                 new |= not self._collapsed[signal]
                 self._collapsed[signal] = True
