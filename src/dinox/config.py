@@ -311,8 +311,8 @@ RECIPES: dict[str, dict[str, object]] = {
         # At 64 px a crop of a third of the slice leaves too little for two views to share:
         # (0.32, 1) measured ratio 4 -> 11 on the demo data, (0.5, 1) 3 -> 15 (docs/recipes.md).
         "global_scale_min": 0.5,
-        # sized to ~1,500 training slices; 4096 won two 150-step runs but lost all three paired
-        # checks at the demo's budget (docs/recipes.md)
+        # sized to ~1,500 training slices; 4096 ties on 4 view draws and lost all three paired
+        # checks at the demo's budget, 256 and 16384 are worse (docs/recipes.md)
         "out_dim": 1024,
         "head_hidden": 512,
         "head_bottleneck": 128,
