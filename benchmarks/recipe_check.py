@@ -12,7 +12,7 @@ n = 512 requested); results are appended to benchmarks/results/recipe_check.json
 A single retrieval draw is noisy: at ~3 % top-1 of 480, two draws of views of the same
 checkpoint differ by up to 12 hits (the 4096-prototype run scored 20, 8, 10 and 13 on four
 draws). So besides the training-time eval (`ratio0`, `ratio`), the final and the untrained
-network are scored on `--draws` view draws (seeds 1234, 1, 2, ...), and `hits_mean`,
+network are scored on `--draws` view draws (seeds 1234, 1235, ...), and `hits_mean`,
 `hits0_mean`, `x_untrained_mean` and the mean rank of the right key are recorded: compare
 recipes on those.
 """
@@ -72,11 +72,11 @@ def draws(run: Path, n: int, count: int) -> dict:
     root = Path(cfg.io.data_root)
     dataset = CTSliceDataset(root, "val", cfg.io.split_manifest, root / INDEX_FILE)
     out = {}
-    for key, net in (("hits", final), ("hits0", untrained_backbone(cfg, device))):
+    for suffix, net in (("", final), ("0", untrained_backbone(cfg, device))):   # "0": the step-0 network
         scored = evaluate_draws(net, dataset, cfg.views.to_augment(), draws=count, seed=1234, n=n, device=device)
-        out[f"{key}_draws"] = [d["ratio"] for d in scored.get("draws", [scored])]
-        out[f"{key}_mean"] = scored["ratio"]
-        out[f"mean_rank{key[4:]}"] = scored["mean_rank"]
+        out[f"hits{suffix}_draws"] = [d["ratio"] for d in scored.get("draws", [scored])]
+        out[f"hits{suffix}_mean"] = scored["ratio"]
+        out[f"mean_rank{suffix}"] = scored["mean_rank"]
     out["x_untrained_mean"] = out["hits_mean"] / out["hits0_mean"] if out["hits0_mean"] else None
     return out
 

@@ -132,12 +132,12 @@ def _same_path(a, b) -> bool:
 
 def result_name(stem: str, *, split: str, seed: int, defaults: dict, network: str = "teacher",
                 manifest=None, root=None, trained_root=None, trained_manifest=None, size: int | None = None,
-                trained_size: int | None = None, views: str = "train") -> str:
+                trained_size: int | None = None, views: str = "train", draws: int = 1) -> str:
     """`stem`.json for the default split and seed, else `stem`_{split}_seed{seed}.json; a
     manifest other than the root's default and the run's own joins the split as
     split-{manifest stem}, the student adds _student, a root other than the run's own adds
     _root{hash8}, an input size other than the training size _size{size}, diagnostic views
-    _{views}."""
+    _{views}, a mean over several view draws _draws{draws}."""
     from dinox.data.layout import default_manifest
 
     tags = []
@@ -154,6 +154,8 @@ def result_name(stem: str, *, split: str, seed: int, defaults: dict, network: st
         tags.append(f"size{size}")
     if views != "train":
         tags.append(views)
+    if draws != 1:
+        tags.append(f"draws{draws}")
     return "_".join([stem, *tags]) + ".json"
 
 
@@ -219,9 +221,8 @@ def run_retrieval(args) -> int:
     )
     name = result_name(f"view_retrieval_step{meta.step}_N{result['n']}", split=args.split, seed=args.seed,
                        defaults=RETRIEVAL_DEFAULTS, network=args.network, manifest=manifest, root=root,
-                       trained_root=cfg.io.data_root, trained_manifest=cfg.io.split_manifest, views=args.views)
-    if args.draws > 1:
-        name = name.removesuffix(".json") + f"_draws{args.draws}.json"
+                       trained_root=cfg.io.data_root, trained_manifest=cfg.io.split_manifest, views=args.views,
+                       draws=args.draws)
     out_path = out_dir / name
     _write_json(out_path, result)
     tops = " ".join(f"top{k}={result[f'top{k}']:.4f}" for k in sorted({1, *ks}))

@@ -129,4 +129,3 @@ def evaluate_draws(backbone, dataset: CTSliceDataset, augment_cfg: AugmentConfig
     merged["draws"] = [{"seed": seed + d, "top1": r["top1"], "ratio": r["ratio"], "mean_rank": r["mean_rank"]}
                        for d, r in enumerate(results)]
     return merged
-
