@@ -83,7 +83,8 @@ def test_koleo_is_summed_over_the_global_views():
     from dinox.train.ssl import DINOSSL
 
     cfg = resolve({"config": "vit-tiny", "vit_depth": 1, "vit_dim": 32, "vit_heads": 2, "vit_mlp": 64,
-                   "img_size": 16, "local_crops": 0, "out_dim": 16, "head_hidden": 16, "head_bottleneck": 8},
+                   "img_size": 16, "local_crops": 0, "out_dim": 16, "head_hidden": 16, "head_bottleneck": 8,
+                   "koleo_weight": 0.1},  # DINOv2's weight: the tiny recipe's own is small
                   hardware_preset="cpu", device_kind="cpu").cfg
     torch.manual_seed(0)
     ssl = DINOSSL(cfg, torch.device("cpu"))
