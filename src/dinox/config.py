@@ -333,9 +333,9 @@ RECIPES: dict[str, dict[str, object]] = {
         "freeze_last_layer_steps": 10,
         "momentum": 0.98,
         # KoLeo at a thirtieth of DINOv2's 0.1: with BN in the head the DINO term does not
-        # see the class tokens' geometry, so KoLeo alone shapes it and at 0.1 spreads the
-        # tokens along the views' window and crop, which halved the retrieval; 0.003 keeps
-        # them above the collapse line (docs/recipes.md, "KoLeo and the head's BN").
+        # see the class tokens' shared shift and scale, so KoLeo alone sets their spread; at
+        # 0.1 it spread them along the views' window and crop and halved the retrieval, at
+        # 0.003 they stay near the collapse line (docs/recipes.md, "KoLeo and the head's BN").
         "koleo_weight": 0.003,
         "teacher_temp": 0.04,
         "teacher_temp_start": 0.04,
