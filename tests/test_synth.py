@@ -85,8 +85,9 @@ def test_labels_schema(tiny):
 
 
 def test_same_seed_same_bytes_other_seed_differs(tiny, tmp_path):
+    """Also across worker counts: `tiny` was written inline, this copy by two processes."""
     out, labels = tiny
-    again = generate_dataset(tmp_path / "a", patients=2, slices=6, size=48, seed=7)
+    again = generate_dataset(tmp_path / "a", patients=2, slices=6, size=48, seed=7, workers=2)
     assert again["series"] == labels["series"]
     for f in _files(out):
         g = tmp_path / "a" / f.relative_to(out)
@@ -235,3 +236,10 @@ def test_cli_synth_bad_out(tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc != 0
     assert err.startswith("error:") and "Traceback" not in err
+
+
+def test_cli_synth_bad_workers(tmp_path, capsys):
+    rc = main(["synth", "--out", str(tmp_path / "s"), "--patients", "1", "--slices", "4", "--size", "32",
+               "--workers", "0"])
+    err = capsys.readouterr().err
+    assert rc != 0 and "--workers" in err and "Traceback" not in err

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from pathlib import Path
 
@@ -23,6 +24,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--slices", type=int, default=64, help="slices per series")
     p.add_argument("--size", type=int, default=256, help="rows and columns per slice")
     p.add_argument("--seed", type=int, default=0, help="random seed; same seed, same files")
+    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
+                   help="parallel processes (the files do not depend on it)")
     p.set_defaults(func=run)
 
 
@@ -30,7 +33,7 @@ def run(args) -> int:
     family = getattr(args, "family", "chest")
     start = time.perf_counter()
     labels = generate_dataset(args.out, args.patients, args.slices, args.size, args.seed, progress=True,
-                              family=family)
+                              family=family, workers=getattr(args, "workers", 1))
     elapsed = time.perf_counter() - start
     kinds = {k: 0 for k in FAMILIES[family].finding_types}
     for s in labels["series"]:

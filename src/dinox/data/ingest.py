@@ -21,14 +21,13 @@ import re
 import sys
 import time
 from collections import Counter, defaultdict
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from dinox.data import annotations, dicom_io, nifti_io
+from dinox.data.parallel import process_map
 from dinox.data.layout import (INDEX_FILE, REPORT_FILE, SPLITS_DIR, VOLUMES_DIR, atomic_write, atomic_write_text,
                                confined_path, read_index, split_name, write_index)
 from dinox.data.splits import patient_split
@@ -174,24 +173,6 @@ def _nifti_tasks(paths: list[str], taken: set[str]) -> list[Task]:
     return tasks
 
 
-def _map(fn, items, workers: int, desc: str, progress: bool, chunksize: int = 1):
-    """map() over a process pool (or inline for one worker) with a progress bar."""
-    bar = tqdm(total=len(items), desc=desc, unit="file" if chunksize > 1 else "series",
-               file=sys.stderr, disable=None if progress else True, leave=False)
-    try:
-        if workers <= 1 or len(items) <= 1:
-            for item in items:
-                yield fn(item)
-                bar.update()
-        else:
-            with ProcessPoolExecutor(max_workers=workers) as pool:
-                for result in pool.map(fn, items, chunksize=chunksize):
-                    yield result
-                    bar.update()
-    finally:
-        bar.close()
-
-
 def _writable(root: Path) -> None:
     """Create the processed root and prove it can be written, before any work is done."""
     try:
@@ -251,8 +232,8 @@ def prepare(inputs, output="data/processed", workers: int = 1, force: bool = Fal
     dicom_paths, nifti_paths = _discover(inputs, root)
     files_skipped: list[dict] = []
     by_series: dict[str, list[dicom_io.SliceHeader]] = defaultdict(list)
-    for path, headers in zip(dicom_paths, _map(dicom_io.read_headers, dicom_paths, workers,
-                                               "headers", progress, chunksize=64)):
+    for path, headers in zip(dicom_paths, process_map(dicom_io.read_headers, dicom_paths, workers,
+                                               "headers", progress, unit="file", chunksize=64)):
         if isinstance(headers, str):
             files_skipped.append({"path": path, "reason": headers})
         else:
@@ -308,7 +289,7 @@ def prepare(inputs, output="data/processed", workers: int = 1, force: bool = Fal
     n_planned_skips = len(series_skipped)
     completed = False
     try:
-        for result in _map(_Worker(str(root)), todo, workers, "prep", progress):
+        for result in process_map(_Worker(str(root)), todo, workers, "prep", progress):
             task = result["task"]
             files_skipped.extend({"path": p, "reason": r, "series_id": task.series_id}
                                  for p, r in result["dropped"])

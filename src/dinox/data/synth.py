@@ -42,10 +42,10 @@ from pathlib import Path
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, generate_uid
-from tqdm import tqdm
 
 from dinox.data.annotations import (CHARACTERISTICS, SMALL_NODULE_MM, TEXTURE_OF_TYPE, Mark, ReadingSession, Roi,
                                     synth_nodule_id, to_lidc_xml)
+from dinox.data.parallel import process_map
 from dinox.data.phantom import NODULE_TYPES, Phantom, make_phantom
 from dinox.data.phantom_head import HAEMORRHAGE_TYPES, make_head_phantom
 from dinox.data.phantom_limb import LIMB_FINDING_TYPES, make_limb_phantom
@@ -388,30 +388,45 @@ def _json(obj, level: int = 0) -> str:
     return json.dumps(obj)
 
 
+@dataclass(frozen=True)
+class _SeriesWriter:
+    """Writes patient i's series (picklable, for a process pool): every patient draws from
+    its own seeded stream, so the files do not depend on the number of workers."""
+
+    out: str
+    seed: int
+    family: str
+    slices: int
+    size: int
+
+    def __call__(self, i: int) -> dict:
+        spec = FAMILIES[self.family]
+        rng = np.random.default_rng(np.random.SeedSequence([self.seed, i, *spec.stream]))
+        signed = bool(rng.random() < 0.5)
+        ph = spec.make(rng, self.slices, self.size)
+        return write_series(Path(self.out), self.seed, i, ph, signed)
+
+
 def generate_dataset(out, patients: int, slices: int, size: int, seed: int = 0,
-                     progress: bool = False, family: str = "chest") -> dict:
-    """Write `patients` synthetic CT series of one phantom family under `out` and return
-    the labels (also written to <out>/labels.json)."""
+                     progress: bool = False, family: str = "chest", workers: int = 1) -> dict:
+    """Write `patients` synthetic CT series of one phantom family under `out` with
+    `workers` processes and return the labels (also written to <out>/labels.json)."""
     out = Path(out)
     if family not in FAMILIES:
         raise UserError(f"--family must be one of {', '.join(FAMILIES)}, not {family!r}")
-    spec = FAMILIES[family]
     if patients < 1:
         raise UserError("--patients must be at least 1")
     if slices < 3:
         raise UserError("--slices must be at least 3 (a sample stacks slices z-1, z, z+1)")
     if not 32 <= size <= 2048:
         raise UserError("--size must be between 32 and 2048 pixels")
+    if workers < 1:
+        raise UserError(f"--workers {workers}: give at least 1")
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is an existing file; give a folder")
     out.mkdir(parents=True, exist_ok=True)
-    series = []
-    for i in tqdm(range(patients), desc="synth", unit="patient", file=sys.stderr,
-                  disable=None if progress else True, leave=False):
-        rng = np.random.default_rng(np.random.SeedSequence([seed, i, *spec.stream]))
-        signed = bool(rng.random() < 0.5)
-        ph = spec.make(rng, slices, size)
-        series.append(write_series(out, seed, i, ph, signed))
+    writer = _SeriesWriter(str(out), seed, family, slices, size)
+    series = list(process_map(writer, range(patients), workers, "synth", progress, unit="patient"))
     labels = {"generator": "dinox synth", "seed": seed, "family": family,
               "conventions": family_conventions(family), "series": series}
     tmp = out / ".labels.json.tmp"
