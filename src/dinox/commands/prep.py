@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 from dinox.data.ingest import format_summary, prepare
+from dinox.data.parallel import DEFAULT_WORKERS
 
 
 def add_parser(subparsers) -> None:
@@ -18,7 +18,7 @@ def add_parser(subparsers) -> None:
                    default=argparse.SUPPRESS,
                    help="folders (searched recursively) or files with DICOM and/or NIfTI scans")
     p.add_argument("--output", type=Path, default=Path("data/processed"), help="processed data root")
-    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
+    p.add_argument("--workers", type=int, default=DEFAULT_WORKERS,
                    help="parallel processes")
     p.add_argument("--force", action="store_true", help="rewrite series that are already done")
     p.add_argument("--val-fraction", type=float, default=0.1, help="fraction of patients for validation")

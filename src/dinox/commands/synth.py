@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 import argparse
-import os
 import time
 from pathlib import Path
 
+from dinox.data.parallel import DEFAULT_WORKERS
 from dinox.data.synth import FAMILIES, generate_dataset
 
 FINDINGS_NAME = {"chest": "nodules", "head": "haemorrhages", "limb": "findings"}
@@ -24,7 +24,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--slices", type=int, default=64, help="slices per series")
     p.add_argument("--size", type=int, default=256, help="rows and columns per slice")
     p.add_argument("--seed", type=int, default=0, help="random seed; same seed, same files")
-    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
+    p.add_argument("--workers", type=int, default=DEFAULT_WORKERS,
                    help="parallel processes (the files do not depend on it)")
     p.set_defaults(func=run)
 

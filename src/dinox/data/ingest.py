@@ -27,9 +27,9 @@ from pathlib import Path
 import numpy as np
 
 from dinox.data import annotations, dicom_io, nifti_io
-from dinox.data.parallel import process_map
 from dinox.data.layout import (INDEX_FILE, REPORT_FILE, SPLITS_DIR, VOLUMES_DIR, atomic_write, atomic_write_text,
                                confined_path, read_index, split_name, write_index)
+from dinox.data.parallel import process_map
 from dinox.data.splits import patient_split
 from dinox.errors import UserError
 
@@ -233,7 +233,7 @@ def prepare(inputs, output="data/processed", workers: int = 1, force: bool = Fal
     files_skipped: list[dict] = []
     by_series: dict[str, list[dicom_io.SliceHeader]] = defaultdict(list)
     for path, headers in zip(dicom_paths, process_map(dicom_io.read_headers, dicom_paths, workers,
-                                               "headers", progress, unit="file", chunksize=64)):
+                                                      "headers", progress, unit="file", chunksize=64)):
         if isinstance(headers, str):
             files_skipped.append({"path": path, "reason": headers})
         else:

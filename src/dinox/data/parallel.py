@@ -5,10 +5,14 @@ file I/O, so processes (not threads) are what use more than one core.
 """
 from __future__ import annotations
 
+import os
 import sys
 from concurrent.futures import ProcessPoolExecutor
 
 from tqdm import tqdm
+
+# the default of `--workers` (synth, prep): the cores, at most 4 (both are also disk-bound)
+DEFAULT_WORKERS = min(4, os.cpu_count() or 1)
 
 
 def process_map(fn, items, workers: int, desc: str, progress: bool, *, unit: str = "series", chunksize: int = 1):
