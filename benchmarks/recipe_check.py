@@ -58,7 +58,9 @@ def last_train_row(run: Path) -> dict:
 
 
 def draws(run: Path, n: int, count: int) -> dict:
-    """Retrieval of the final and the untrained network, each the mean of `count` view draws."""
+    """Retrieval of the final teacher, the final student and the untrained network, each the
+    mean of `count` view draws (the teacher is the measure; the student shows how far the EMA
+    teacher lags behind it)."""
     import torch
 
     from dinox.data.dataset import CTSliceDataset
@@ -71,8 +73,10 @@ def draws(run: Path, n: int, count: int) -> dict:
     final, cfg, _ = load_for_inference(sorted(run.glob("checkpoint_final_*.pth"))[-1], device)
     root = Path(cfg.io.data_root)
     dataset = CTSliceDataset(root, "val", cfg.io.split_manifest, root / INDEX_FILE)
+    student, _, _ = load_for_inference(sorted(run.glob("checkpoint_final_*.pth"))[-1], device, which="student")
     out = {}
-    for suffix, net in (("", final), ("0", untrained_backbone(cfg, device))):   # "0": the step-0 network
+    for suffix, net in (("", final), ("_student", student),
+                        ("0", untrained_backbone(cfg, device))):   # "0": the step-0 network
         scored = evaluate_draws(net, dataset, cfg.views.to_augment(), draws=count, seed=1234, n=n, device=device)
         out[f"hits{suffix}_draws"] = [d["ratio"] for d in scored.get("draws", [scored])]
         out[f"hits{suffix}_mean"] = scored["ratio"]
@@ -136,7 +140,7 @@ def main() -> int:
         with RESULTS.open("a") as f:
             f.write(json.dumps(result) + "\n")
         print("RESULT " + json.dumps({k: result[k] for k in ("tag", "family", "seed", "ratio0", "ratio",
-                                                              "x_untrained", "hits_mean", "hits0_mean",
+                                                              "x_untrained", "hits_mean", "hits_student_mean", "hits0_mean",
                                                               "x_untrained_mean", "below_wall", "seconds")
                                            if k in result}),
               flush=True)

@@ -93,6 +93,69 @@ def test_short_runs_shorten_recipe_warmups_but_never_given_values():
     assert kept.cfg.optim.warmup_steps == 15
 
 
+def test_ema_final_weights_against_a_hand_computed_and_a_simulated_teacher():
+    import torch
+
+    from dinox.run.schedules import cosine, ema_final_weights
+
+    # two steps at m = 0.5: teacher = 0.25 init + 0.25 student_1 + 0.5 student_2
+    mix = ema_final_weights(lambda t: 0.5, 2)
+    assert mix.untrained == pytest.approx(0.25)
+    assert mix.lag == pytest.approx(1 - (0.25 * 1 + 0.5 * 2) / 2)
+    # against the EMA itself: a teacher over one-hot "students" holds each one's weight
+    steps = 37
+    schedule = [cosine(t, 0.9, 1.0, steps) for t in range(steps)]
+    teacher = torch.zeros(steps + 1, dtype=torch.float64)
+    teacher[0] = 1.0  # the untrained network
+    for t, m in enumerate(schedule):
+        student = torch.zeros_like(teacher)
+        student[t + 1] = 1.0
+        teacher.lerp_(student, 1.0 - m)
+    mix = ema_final_weights(lambda t: schedule[t], steps)
+    assert mix.untrained == pytest.approx(teacher[0].item())
+    centre = (teacher * torch.arange(steps + 1)).sum().item() / steps
+    assert mix.lag == pytest.approx(1 - centre)
+
+
+def test_short_runs_hold_the_teacher_momentum_flat_but_never_given_values():
+    from dinox.run.schedules import MAX_TEACHER_LAG, ema_final_weights
+    from dinox.train.optim import Schedules
+
+    def momenta(resolved, steps):
+        sched = Schedules.from_config(resolved.cfg)
+        return [sched.at(t)["teacher_momentum"] for t in range(steps)]
+
+    demo = tiny(max_steps=220)
+    assert set(momenta(demo, 220)) == {RECIPES["vit-tiny"]["momentum"]}
+    assert any("11% untrained and 62% of the run behind" in n for n in demo.notices)
+    # the recipe's values stay the run's settings, so a longer resume can refit them
+    assert (demo.cfg.ssl.momentum, demo.cfg.ssl.momentum_end) == (0.98, 1.0) and demo.cfg.ssl.fit_momentum
+    # the seeds' ViT-Large validation run: a flat momentum low enough for the bound
+    big = resolve({"config": "vit-large", "max_steps": 384}, hardware_preset="cpu")
+    flat = set(momenta(big, 384))
+    assert len(flat) == 1 and flat.pop() < BASE_RECIPE["momentum"]
+    lag = ema_final_weights(lambda t: momenta(big, 384)[t], 384).lag
+    assert MAX_TEACHER_LAG - 0.01 < lag <= MAX_TEACHER_LAG
+    # a long or unlimited run keeps the official schedule
+    for steps in (100_000, None):
+        long = resolve({"config": "vit-large", "max_steps": steps}, hardware_preset="cpu")
+        sched = Schedules.from_config(long.cfg)
+        assert (sched.momentum, sched.momentum_end) == (BASE_RECIPE["momentum"], BASE_RECIPE["momentum_end"])
+        assert not any("teacher momentum" in n for n in long.notices)
+    # a given momentum is never changed, and the choice survives a resume
+    for given in ({"momentum_end": 1.0}, {"momentum": 0.98}):
+        kept = tiny(max_steps=220, **given)
+        assert momenta(kept, 220)[-1] > 0.9999 and not kept.cfg.ssl.fit_momentum
+        assert not any("teacher momentum" in n for n in kept.notices)
+        resumed = resolve({"resume": "x.pth", "max_steps": 220}, hardware_preset="cpu", device_kind="cpu",
+                          saved=kept.cfg.to_flat())
+        assert momenta(resumed, 220)[-1] > 0.9999
+    # a 384-step run resumed without a step budget returns to the recipe's schedule
+    resumed = resolve({"resume": "x.pth"}, hardware_preset="cpu", device_kind="cpu", saved=big.cfg.to_flat())
+    sched = Schedules.from_config(resumed.cfg)
+    assert (sched.momentum, sched.momentum_end) == (BASE_RECIPE["momentum"], BASE_RECIPE["momentum_end"])
+
+
 @pytest.mark.parametrize("name,value", [
     ("lr", math.nan), ("lr", math.inf), ("teacher_temp", math.nan), ("weight_decay", -0.1),
     ("clip_grad", -1.0), ("drop_path", 2.0), ("lr", 0.0), ("gram_weight", 0.0), ("center_momentum", 1.5),
@@ -124,7 +187,7 @@ def test_warmups_follow_the_official_linspace():
     """DINOv2's warm-up is np.linspace(start, end, W): the last warm-up step runs at the full value."""
     import numpy as np
 
-    from dinox.train.optim import linear_warmup, warmup_cosine
+    from dinox.run.schedules import linear_warmup, warmup_cosine
 
     lr = [warmup_cosine(t, 1e-3, 1e-6, 20, 100) for t in range(20)]
     assert np.allclose(lr, np.linspace(0.0, 1e-3, 20))

@@ -26,6 +26,7 @@ from dinox.errors import UserError
 from dinox.model.presets import PRESETS, resolve_arch, validate_arch
 from dinox.model.vit import ViTArch
 from dinox.run.device import PRESET_KEYS, apply_hardware_preset
+from dinox.run.schedules import fit_teacher_momentum
 
 MODEL_CHOICES = [*PRESETS, "custom"]
 DEVICE_CHOICES = ["auto", "cuda", "rocm", "mps", "cpu"]
@@ -124,6 +125,9 @@ class SSLConfig:
 
     momentum: float = 0.994
     momentum_end: float = 1.0
+    # fit the momentum to a short run (`dinox.run.schedules.fit_teacher_momentum`); off
+    # where --momentum or --momentum-end is given
+    fit_momentum: bool = True
     teacher_temp: float = 0.07
     teacher_temp_start: float = 0.04
     teacher_temp_warmup_steps: int = 0
@@ -331,6 +335,8 @@ RECIPES: dict[str, dict[str, object]] = {
         "weight_decay": 0.04,
         "weight_decay_end": 0.1,
         "freeze_last_layer_steps": 10,
+        # held flat on the demo's 220 steps by fit_teacher_momentum (a cosine to 1.0 would
+        # leave the final teacher 11 % untrained; docs/recipes.md, "The teacher's lag")
         "momentum": 0.98,
         # KoLeo at a thirtieth of DINOv2's 0.1: with BN in the head the DINO term does not
         # see the class tokens' shared shift and scale, so KoLeo alone sets their spread; at
@@ -441,6 +447,8 @@ def resolve(
     if values.get("device") in (None, "auto") and device_kind:
         values["device"] = device_kind
     values["ibot_head"] = float(values.get("ibot_weight") or 0.0) > 0
+    if "momentum" in given or "momentum_end" in given:
+        values["fit_momentum"] = False
     patch = int(values["vit_patch"])
     if "local_size" not in given and int(values["local_size"]) % patch:  # 96 px -> 98 for patch 14, as DINOv2
         values["local_size"] = max(patch, round(int(values["local_size"]) / patch) * patch)
@@ -454,6 +462,7 @@ def resolve(
                 f"--max-steps {cfg.optim.max_steps if cfg.optim.max_steps is not None else '(unlimited)'} differs "
                 f"from the checkpoint's {saved.get('max_steps')}: the learning-rate, weight-decay and momentum "
                 "schedules are recomputed for the new length from the resumed step on")
+    notices += _teacher_fit_notice(cfg)
     validate(cfg)
     return Resolved(cfg, notices, changes, preset_lines)
 
@@ -511,6 +520,18 @@ def _fit_to_run_length(cfg: RunConfig, given: dict) -> list[str]:
             notices.append(f"{name} {value} is too long for a {optim.max_steps}-step run; using {why}: {limit}")
             setattr(owner, name, limit)
     return notices
+
+
+def _teacher_fit_notice(cfg: RunConfig) -> list[str]:
+    """What the run's length does to the teacher momentum (`Schedules` applies it)."""
+    s = cfg.ssl
+    fit = fit_teacher_momentum(s.momentum, s.momentum_end, cfg.optim.max_steps) if s.fit_momentum else None
+    if fit is None:
+        return []
+    return [f"teacher momentum {s.momentum:g} -> {s.momentum_end:g} over {cfg.optim.max_steps} steps would leave "
+            f"the final teacher {fit.planned.untrained:.0%} untrained and {fit.planned.lag:.0%} of the run behind "
+            f"the student; holding it flat at {fit.momentum:g} ({fit.fitted.untrained:.0%} untrained, "
+            f"{fit.fitted.lag:.0%} behind; set --momentum/--momentum-end to choose)"]
 
 
 def _flag(name: str) -> str:

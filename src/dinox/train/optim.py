@@ -13,46 +13,7 @@ import torch
 from torch import nn
 
 from dinox.config import RunConfig
-
-
-def _ramp(step: int, start: float, end: float, warmup_steps: int) -> float:
-    """The warm-up value at step t < W: linearly spaced from `start` at t = 0 to `end` at
-    t = W - 1, like DINOv2's np.linspace(start, end, W) (so the last warm-up step already
-    runs at the full value)."""
-    if warmup_steps <= 1:
-        return start
-    return start + (end - start) * step / (warmup_steps - 1)
-
-
-def warmup_cosine(step: int, base: float, final: float, warmup_steps: int, total_steps: int | None) -> float:
-    """Linear warm-up then cosine decay (the warm-up research; DINOv2's CosineScheduler).
-
-    For t < W: base * t / (W - 1).  For t >= W: final + 0.5 (base - final)(1 + cos(pi (t - W) / (T - W))).
-    With no total (an unlimited run) the cosine is undefined: warm-up, then constant `base`.
-    Past T the value stays at `final`.
-    """
-    if warmup_steps > 0 and step < warmup_steps:
-        return _ramp(step, 0.0, base, warmup_steps)
-    if total_steps is None:
-        return base
-    if total_steps <= warmup_steps or step >= total_steps:
-        return final
-    progress = (step - warmup_steps) / (total_steps - warmup_steps)
-    return final + 0.5 * (base - final) * (1.0 + math.cos(math.pi * progress))
-
-
-def cosine(step: int, start: float, end: float, horizon: int) -> float:
-    """Cosine ramp from `start` (step 0) to `end` (step >= horizon)."""
-    if horizon <= 0 or step >= horizon:
-        return end
-    return end + 0.5 * (start - end) * (1.0 + math.cos(math.pi * step / horizon))
-
-
-def linear_warmup(step: int, start: float, end: float, warmup_steps: int) -> float:
-    """Linear ramp from `start` (step 0) to `end` (step W - 1), then constant `end`."""
-    if warmup_steps <= 0 or step >= warmup_steps:
-        return end
-    return _ramp(step, start, end, warmup_steps)
+from dinox.run.schedules import cosine, fit_teacher_momentum, linear_warmup, warmup_cosine
 
 
 @dataclass(frozen=True)
@@ -61,7 +22,9 @@ class Schedules:
 
     Weight decay and teacher momentum follow DINO (Caron et al. 2021): cosine from their
     start to their end value over the run (momentum towards 1.0); for an unlimited run over
-    `horizon` steps, after which they hold.
+    `horizon` steps, after which they hold. On a short run the momentum is held flat where
+    the cosine would leave the final teacher lagging (`fit_teacher_momentum`; recomputed
+    from the recipe's values when a resume changes the run's length).
     """
 
     lr: float
@@ -80,10 +43,14 @@ class Schedules:
     @classmethod
     def from_config(cls, cfg: RunConfig) -> "Schedules":
         o, s = cfg.optim, cfg.ssl
+        momentum, momentum_end = s.momentum, s.momentum_end
+        fit = fit_teacher_momentum(momentum, momentum_end, o.max_steps) if s.fit_momentum else None
+        if fit is not None:
+            momentum = momentum_end = fit.momentum
         return cls(
             lr=o.lr, min_lr=o.min_lr, warmup_steps=o.warmup_steps, max_steps=o.max_steps,
             weight_decay=o.weight_decay, weight_decay_end=o.weight_decay_end,
-            momentum=s.momentum, momentum_end=s.momentum_end,
+            momentum=momentum, momentum_end=momentum_end,
             teacher_temp=s.teacher_temp, teacher_temp_start=s.teacher_temp_start,
             teacher_temp_warmup_steps=s.teacher_temp_warmup_steps, horizon=o.horizon,
         )
