@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import lru_cache
 
 
 def _ramp(step: int, start: float, end: float, warmup_steps: int) -> float:
@@ -95,6 +96,7 @@ class TeacherFit:
     fitted: EMAMix
 
 
+@lru_cache(maxsize=64)  # resolve() and Schedules both ask; a long run costs one pass per step
 def fit_teacher_momentum(start: float, end: float, steps: int | None) -> TeacherFit | None:
     """None where the cosine `start` -> `end` over `steps` keeps the final teacher within
     MAX_TEACHER_LAG of the student (always for an unlimited run); otherwise the momentum held

@@ -6,7 +6,6 @@ saved step alone.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
