@@ -70,10 +70,11 @@ def draws(run: Path, n: int, count: int) -> dict:
     from dinox.eval.runner import evaluate_draws
 
     device = torch.device("cpu")
-    final, cfg, _ = load_for_inference(sorted(run.glob("checkpoint_final_*.pth"))[-1], device)
+    checkpoint = sorted(run.glob("checkpoint_final_*.pth"))[-1]
+    final, cfg, _ = load_for_inference(checkpoint, device)
+    student, _, _ = load_for_inference(checkpoint, device, which="student")
     root = Path(cfg.io.data_root)
     dataset = CTSliceDataset(root, "val", cfg.io.split_manifest, root / INDEX_FILE)
-    student, _, _ = load_for_inference(sorted(run.glob("checkpoint_final_*.pth"))[-1], device, which="student")
     out = {}
     for suffix, net in (("", final), ("_student", student),
                         ("0", untrained_backbone(cfg, device))):   # "0": the step-0 network
@@ -140,7 +141,8 @@ def main() -> int:
         with RESULTS.open("a") as f:
             f.write(json.dumps(result) + "\n")
         print("RESULT " + json.dumps({k: result[k] for k in ("tag", "family", "seed", "ratio0", "ratio",
-                                                              "x_untrained", "hits_mean", "hits_student_mean", "hits0_mean",
+                                                              "x_untrained", "hits_mean", "hits_student_mean",
+                                                              "hits0_mean",
                                                               "x_untrained_mean", "below_wall", "seconds")
                                            if k in result}),
               flush=True)
