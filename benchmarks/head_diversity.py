@@ -1,0 +1,89 @@
+#!/usr/bin/env python3
+"""Why is a run's teacher at the entropy wall? How far apart its class tokens, its DINO
+head's bottleneck outputs and its prototype logits lie across slices.
+
+    python benchmarks/head_diversity.py data/runs/<RUN>/checkpoint_final_00000300.pth [--slices 64]
+
+The DINO target of a slice is softmax((logits - centre) / T): the centre removes what all
+slices share, so a target can only be as far from uniform as the logits of different
+slices are apart. This embeds `--slices` validation slices (spread over the split, the
+deterministic lung-window input of the probes) through the chosen network and prints:
+
+- the mean pairwise cosine of the class tokens and of the head's bottleneck outputs
+  (1.0: every slice the same);
+- the spread of each prototype's logit across the slices (std, averaged over prototypes),
+  beside the temperature it is divided by;
+- the entropy of the batch-centred targets at the run's final and starting teacher
+  temperatures, against ln(out_dim).
+
+Diagnosis only; the run's own Entropy_Teacher metric is the measure the guard watches.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from dinox.config import config_from_checkpoint
+from dinox.data.dataset import CTSliceDataset
+from dinox.data.layout import INDEX_FILE
+from dinox.eval.probe import model_input
+from dinox.model.dino_model import build_dino_model
+from dinox.run import checkpoint as store
+
+
+def mean_pairwise_cosine(x: torch.Tensor) -> float:
+    x = F.normalize(x.float(), dim=-1)
+    n = x.shape[0]
+    return float(((x @ x.T).sum() - n) / (n * n - n))
+
+
+def centred_entropy(logits: torch.Tensor, temp: float) -> float:
+    """Mean entropy (nats) of softmax((logits - batch mean) / temp): the EMA centre at rest."""
+    p = F.softmax((logits - logits.mean(0, keepdim=True)) / temp, dim=-1)
+    return float(-(p * p.clamp_min(1e-30).log()).sum(-1).mean())
+
+
+@torch.no_grad()
+def diversity(checkpoint: Path, slices: int, which: str) -> dict:
+    state = store.load_checkpoint(checkpoint, map_location="cpu")
+    cfg = config_from_checkpoint(state)
+    model = build_dino_model(cfg.model, img_size=cfg.views.img_size, drop_path=0.0)
+    model.load_state_dict(state[which])
+    model.eval()
+    root = Path(cfg.io.data_root)
+    dataset = CTSliceDataset(root, "val", cfg.io.split_manifest, root / INDEX_FILE)
+    picks = torch.linspace(0, len(dataset) - 1, min(slices, len(dataset))).long().tolist()
+    x = torch.cat([model_input(dataset[i][None], cfg, cfg.views.img_size) for i in picks])
+    cls = model.backbone(x)["cls"]
+    bottleneck = model.head.mlp(cls)
+    logits = model.head.last_layer(F.normalize(bottleneck, dim=-1))
+    s = cfg.ssl
+    return {
+        "checkpoint": str(checkpoint), "network": which, "step": int(state.get("step", 0)), "slices": len(picks),
+        "cls_pairwise_cos": round(mean_pairwise_cosine(cls), 5),
+        "bottleneck_pairwise_cos": round(mean_pairwise_cosine(bottleneck), 5),
+        "logit_std_across_slices": float(f"{(logits - logits.mean(0)).std(0).mean():.3g}"),
+        "teacher_temps": [s.teacher_temp_start, s.teacher_temp],
+        "entropy_at_temps": [round(centred_entropy(logits, t), 3) for t in (s.teacher_temp_start, s.teacher_temp)],
+        "wall": round(math.log(logits.shape[1]), 3),
+    }
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("checkpoint", type=Path)
+    p.add_argument("--slices", type=int, default=64)
+    p.add_argument("--network", choices=("teacher", "student"), default="teacher")
+    args = p.parse_args()
+    torch.set_num_threads(max(1, torch.get_num_threads() // 2))  # leave a core to a running job
+    print(json.dumps(diversity(args.checkpoint, args.slices, args.network)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
