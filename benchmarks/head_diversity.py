@@ -67,7 +67,7 @@ def diversity(checkpoint: Path, slices: int, which: str) -> dict:
         "checkpoint": str(checkpoint), "network": which, "step": int(state.get("step", 0)), "slices": len(picks),
         "cls_pairwise_cos": round(mean_pairwise_cosine(cls), 5),
         "bottleneck_pairwise_cos": round(mean_pairwise_cosine(bottleneck), 5),
-        "logit_std_across_slices": float(f"{(logits - logits.mean(0)).std(0).mean():.3g}"),
+        "logit_std_across_slices": float(f"{logits.std(0).mean():.3g}"),
         "teacher_temps": [s.teacher_temp_start, s.teacher_temp],
         "entropy_at_temps": [round(centred_entropy(logits, t), 3) for t in (s.teacher_temp_start, s.teacher_temp)],
         "wall": round(math.log(logits.shape[1]), 3),

@@ -26,7 +26,7 @@ from dinox.errors import UserError
 from dinox.model.presets import PRESETS, resolve_arch, validate_arch
 from dinox.model.vit import ViTArch
 from dinox.run.device import PRESET_KEYS, apply_hardware_preset
-from dinox.run.schedules import fit_teacher_momentum
+from dinox.run.schedules import TeacherFit, fit_teacher_momentum
 
 MODEL_CHOICES = [*PRESETS, "custom"]
 DEVICE_CHOICES = ["auto", "cuda", "rocm", "mps", "cpu"]
@@ -522,10 +522,17 @@ def _fit_to_run_length(cfg: RunConfig, given: dict) -> list[str]:
     return notices
 
 
-def _teacher_fit_notice(cfg: RunConfig) -> list[str]:
-    """What the run's length does to the teacher momentum (`Schedules` applies it)."""
+def teacher_momentum_fit(cfg: RunConfig) -> TeacherFit | None:
+    """The run-length fit of the teacher momentum that applies to this run (None: the
+    recipe's or the user's schedule as given). `Schedules` applies it; resolve() reports it."""
     s = cfg.ssl
-    fit = fit_teacher_momentum(s.momentum, s.momentum_end, cfg.optim.max_steps) if s.fit_momentum else None
+    return fit_teacher_momentum(s.momentum, s.momentum_end, cfg.optim.max_steps) if s.fit_momentum else None
+
+
+def _teacher_fit_notice(cfg: RunConfig) -> list[str]:
+    """What the run's length does to the teacher momentum."""
+    s = cfg.ssl
+    fit = teacher_momentum_fit(cfg)
     if fit is None:
         return []
     return [f"teacher momentum {s.momentum:g} -> {s.momentum_end:g} over {cfg.optim.max_steps} steps would leave "

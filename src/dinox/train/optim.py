@@ -11,8 +11,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from dinox.config import RunConfig
-from dinox.run.schedules import cosine, fit_teacher_momentum, linear_warmup, warmup_cosine
+from dinox.config import RunConfig, teacher_momentum_fit
+from dinox.run.schedules import cosine, linear_warmup, warmup_cosine
 
 
 @dataclass(frozen=True)
@@ -22,7 +22,7 @@ class Schedules:
     Weight decay and teacher momentum follow DINO (Caron et al. 2021): cosine from their
     start to their end value over the run (momentum towards 1.0); for an unlimited run over
     `horizon` steps, after which they hold. On a short run the momentum is held flat where
-    the cosine would leave the final teacher lagging (`fit_teacher_momentum`; recomputed
+    the cosine would leave the final teacher lagging (`teacher_momentum_fit`; recomputed
     from the recipe's values when a resume changes the run's length).
     """
 
@@ -43,7 +43,7 @@ class Schedules:
     def from_config(cls, cfg: RunConfig) -> "Schedules":
         o, s = cfg.optim, cfg.ssl
         momentum, momentum_end = s.momentum, s.momentum_end
-        fit = fit_teacher_momentum(momentum, momentum_end, o.max_steps) if s.fit_momentum else None
+        fit = teacher_momentum_fit(cfg)
         if fit is not None:
             momentum = momentum_end = fit.momentum
         return cls(
