@@ -14,7 +14,10 @@ deterministic lung-window input of the probes) through the chosen network and pr
 - the spread of each prototype's logit across the slices (std, averaged over prototypes),
   beside the temperature it is divided by;
 - the entropy of the batch-centred targets at the run's final and starting teacher
-  temperatures, against ln(out_dim).
+  temperatures, against ln(out_dim);
+- with iBOT, the same for every patch token through the iBOT head, and the share of the
+  iBOT logits' variance that lies between slices (the rest is between the patches of a
+  slice).
 
 Diagnosis only; the run's own Entropy_Teacher metric is the measure the guard watches.
 """
@@ -59,10 +62,15 @@ def diversity(checkpoint: Path, slices: int, which: str) -> dict:
     dataset = CTSliceDataset(root, "val", cfg.io.split_manifest, root / INDEX_FILE)
     picks = torch.linspace(0, len(dataset) - 1, min(slices, len(dataset))).long().tolist()
     x = torch.cat([model_input(dataset[i][None], cfg, cfg.views.img_size) for i in picks])
-    cls = model.backbone(x)["cls"]
+    out = model.backbone(x)
+    cls = out["cls"]
     bottleneck = model.head.mlp(cls)
     logits = model.head.last_layer(F.normalize(bottleneck, dim=-1))
     s = cfg.ssl
+    temps = (s.teacher_temp_start, s.teacher_temp)
+    patch = {}
+    if model.has_ibot:
+        patch = _patch_figures(out["patches"], model.ibot_head, temps)
     return {
         "checkpoint": str(checkpoint), "network": which, "step": int(state.get("step", 0)), "slices": len(picks),
         "cls_pairwise_cos": round(mean_pairwise_cosine(cls), 5),
@@ -71,6 +79,27 @@ def diversity(checkpoint: Path, slices: int, which: str) -> dict:
         "teacher_temps": [s.teacher_temp_start, s.teacher_temp],
         "entropy_at_temps": [round(centred_entropy(logits, t), 3) for t in (s.teacher_temp_start, s.teacher_temp)],
         "wall": round(math.log(logits.shape[1]), 3),
+        **patch,
+    }
+
+
+def _patch_figures(patches: torch.Tensor, head, temps) -> dict:
+    """The same figures for the patch tokens through the iBOT head (every patch of every
+    slice, as the teacher targets all masked patches of a batch), plus how much of the
+    logits' spread lies between slices rather than between the patches of one slice."""
+    b, n, d = patches.shape
+    tokens = patches.reshape(b * n, d)
+    bottleneck = head.mlp(tokens)
+    logits = head.last_layer(F.normalize(bottleneck, dim=-1))
+    per_slice = logits.reshape(b, n, -1)
+    total = logits.var(0).mean()
+    between = per_slice.mean(1).var(0).mean()
+    return {
+        "patch_pairwise_cos": round(mean_pairwise_cosine(tokens[torch.randperm(b * n)[:2048]]), 5),
+        "ibot_bottleneck_pairwise_cos": round(mean_pairwise_cosine(bottleneck[torch.randperm(b * n)[:2048]]), 5),
+        "ibot_logit_std_across_patches": float(f"{logits.std(0).mean():.3g}"),
+        "ibot_logit_var_between_slices": round(float(between / total), 3),
+        "ibot_entropy_at_temps": [round(centred_entropy(logits, t), 3) for t in temps],
     }
 
 
