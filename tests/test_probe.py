@@ -284,7 +284,7 @@ def test_probe_writes_the_json_and_passes_at_zero(probe_run, capsys):
     assert path.name == "probe_step2_patients_seed0.json"   # --split patients is not the default
     result = json.loads(path.read_text())
     assert {"slice_nodule", "slice_nodule_cls_meanpatch", "patch_nodule"} <= result["tasks"].keys()
-    for task in result["tasks"].values():
+    for name, task in result["tasks"].items():
         assert 0.0 <= task["auroc"] <= 1.0
         lo, hi = task["ci95"]
         assert 0.0 <= lo <= hi <= 1.0
@@ -292,6 +292,13 @@ def test_probe_writes_the_json_and_passes_at_zero(probe_run, capsys):
         assert {"untrained", "pixels"} <= task["baselines"].keys()
         for base in task["baselines"].values():
             assert 0.0 <= base["auroc"] <= 1.0 and "delta_ci95" in base
+        # the hand-feature reference: patch tasks only, and outside the baselines (no verdict)
+        if name.startswith("patch_"):
+            ref = task["references"]["hand_features"]
+            assert 0.0 <= ref["auroc"] <= 1.0 and ref["dim"] == len(probe.HAND_FEATURES)
+            assert ref["delta"] == pytest.approx(task["auroc"] - ref["auroc"], abs=1e-3)
+        else:
+            assert "references" not in task
     assert set(result["tasks"]) | set(result["skipped"]) >= {"patch_nodule_vs_vessel", "nodule_type",
                                                               "nodule_malignancy"}
     assert result["passed"] is True and result["verdict"].startswith("PASS")
@@ -386,3 +393,22 @@ def test_probe_every_logs_eval_probe_rows_during_training(labelled, tmp_path):
     probes = [r for r in rows if "Eval/Probe_slice_nodule" in r]
     assert probes and probes[0]["step"] == 2
     assert 0.0 <= probes[0]["Eval/Probe_slice_nodule"] <= 1.0
+
+
+def test_hand_features_against_a_hand_computed_cell():
+    """A 3x3 bright blob on the centre slice only, in cell (0, 1) of a 16 px input with
+    8 px patches: each feature of that cell against numpy, and the blob filter and the
+    z-contrast peak in that cell."""
+    x = torch.zeros(1, 3, 16, 16)
+    x[:, 1, 2:5, 10:13] = 1.0
+    f = probe.hand_features(x, 8)
+    assert f.shape == (1, 4, len(probe.HAND_FEATURES))
+    cell = x[0, 1, 0:8, 8:16].numpy()
+    mean, mx, std, blob, zc = f[0, 1].tolist()
+    assert mean == pytest.approx(cell.mean()) and mx == pytest.approx(1.0)
+    assert std == pytest.approx(cell.std(ddof=1), rel=1e-5)
+    assert zc == pytest.approx(1.0)                     # |1 - (0 + 0) / 2| at the blob
+    assert blob > 0 and blob == pytest.approx(f[0, :, 3].max().item())
+    assert f[0, 2, 4] == 0.0 and f[0, 2, 0] == 0.0      # an empty cell
+    kernel = probe._blob_kernel(probe.BLOB_SIGMA)
+    assert kernel.sum().item() == pytest.approx(0.0, abs=1e-5) and kernel[0, 0, 3, 3] > 0   # zero-sum, positive centre

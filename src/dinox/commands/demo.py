@@ -120,9 +120,11 @@ def _probe(dinox_main, final: Path, processed: Path, manifest: Path) -> None:
     for name in ("slice_nodule", "patch_nodule", "patch_nodule_vs_vessel"):
         if name in tasks:
             task, base = tasks[name], tasks[name].get("baselines", {})
+            hand = task.get("references", {}).get("hand_features")
             print(f"[demo] probe {name}: AUROC {task['auroc']:.3f} {task.get('ci95')} | untrained "
                   f"{base.get('untrained', {}).get('auroc', float('nan')):.3f} | pixels "
-                  f"{base.get('pixels', {}).get('auroc', float('nan')):.3f}")
+                  f"{base.get('pixels', {}).get('auroc', float('nan')):.3f}"
+                  + (f" | hand features (what the pixels allow) {hand['auroc']:.3f}" if hand else ""))
 
 
 def default_root(family: str) -> str:

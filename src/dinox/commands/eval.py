@@ -79,7 +79,7 @@ def add_probe_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bootstrap", type=int, default=probe.BOOTSTRAP, help=f"resamples (default {probe.BOOTSTRAP})")
     p.add_argument("--labels-json", help="dinox synth's labels.json for vessel labels (default: the one the "
                                          "table's synthetic rows came from)")
-    p.add_argument("--no-baselines", action="store_true", help="skip the untrained-network and pixel baselines")
+    p.add_argument("--no-baselines", action="store_true", help="skip the untrained-network and pixel baselines (and the patch tasks' hand-feature reference)")
     p.add_argument("--size", type=int, default=None,
                    help="input size in pixels the slices are resized to (a multiple of the patch; default: the "
                         "run's training size). Larger gives smaller patch cells for the patch-level probes")
@@ -240,7 +240,8 @@ def run_retrieval(args) -> int:
 def _print_table(result: dict) -> None:
     for name, t in result["tasks"].items():
         ci = t["ci95"] or [float("nan")] * 2
-        base = "  ".join(f"{k} {v['auroc']:.3f} (delta {v['delta']:+.3f})" for k, v in t["baselines"].items())
+        base = "  ".join(f"{k} {v['auroc']:.3f} (delta {v['delta']:+.3f})"
+                         for k, v in (*t["baselines"].items(), *t.get("references", {}).items()))
         print(f"  {name:28s} AUROC {t['auroc']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]  n_train={t['n_train']} "
               f"n_test={t['n_test']} ({t['n_test_patients']} patients)  {base}")
     for name, why in result["skipped"].items():

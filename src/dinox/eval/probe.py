@@ -80,6 +80,9 @@ LUNG_PATCHES_PER_SLICE = 4         # other-lung negatives drawn per slice
 VESSEL_PATCHES_PER_SLICE = 4
 SLICE_PIXELS = 16                  # pixel baseline of a slice: the input pooled to 3x16x16
 PATCH_PIXELS = 8                   # ... of a patch: its pixels, pooled to at most 3x8x8
+# the patch tasks' reference: local features a blob detector would use (see hand_features)
+HAND_FEATURES = ("mean", "max", "std", "blob", "z_contrast")
+BLOB_SIGMA = 1.0                   # pixels of the probe input: bright blobs of ~3 px
 NODULE_KINDS = ("nodule", "small_nodule")
 TEXTURE_CLASSES = {1: "non_solid", 2: "non_solid", 3: "part_solid", 4: "solid", 5: "solid"}
 MALIGNANCY_CLASSES = {1: "low", 2: "low", 3: "indeterminate", 4: "high", 5: "high"}
@@ -468,6 +471,36 @@ def _pool_pixels(x: torch.Tensor, size: int) -> torch.Tensor:
     return (F.adaptive_avg_pool2d(x, size) if x.shape[-1] > size else x).flatten(1)
 
 
+def _blob_kernel(sigma: float) -> torch.Tensor:
+    """(1, 1, k, k) negative Laplacian of Gaussian, zero-sum: positive on bright blobs of
+    radius ~sigma * sqrt(2)."""
+    r = int(math.ceil(3 * sigma))
+    t = torch.arange(-r, r + 1, dtype=torch.float32)
+    d2 = t[:, None] ** 2 + t[None, :] ** 2
+    k = -(d2 - 2 * sigma ** 2) / sigma ** 4 * torch.exp(-d2 / (2 * sigma ** 2))
+    return (k - k.mean())[None, None]
+
+
+def hand_features(x: torch.Tensor, patch: int) -> torch.Tensor:
+    """(B, grid*grid, 5) local features of each patch cell of a (B, 3, S, S) 2.5D input,
+    named by HAND_FEATURES: the centre slice's mean, max and std, the max of a blob filter
+    (negative LoG, BLOB_SIGMA px) and the max of |centre - mean of the neighbour slices| (a
+    nodule ends within a few slices, a vessel runs on). The reference of the patch tasks:
+    what a linear probe on raw pixels cannot read (a blob of a few pixels lands anywhere in
+    its cell) and a local detector can."""
+    centre = x[:, 1:2].float()
+    kernel = _blob_kernel(BLOB_SIGMA).to(x.device)
+    pad = kernel.shape[-1] // 2
+    blob = F.conv2d(F.pad(centre, (pad,) * 4, mode="replicate"), kernel)
+    z_contrast = (centre - 0.5 * (x[:, 0:1] + x[:, 2:3]).float()).abs()
+
+    def cells(a: torch.Tensor) -> torch.Tensor:   # (B, 1, S, S) -> (B, cells, patch * patch)
+        return F.unfold(a, patch, stride=patch).transpose(1, 2)
+
+    c = cells(centre)
+    return torch.stack([c.mean(-1), c.amax(-1), c.std(-1), cells(blob).amax(-1), cells(z_contrast).amax(-1)], -1)
+
+
 @torch.no_grad()
 def embed(networks: dict, dataset: CTSliceDataset, data: ProbeData, labels: ProbeLabels, cfg, *, device, size: int,
           batch_size: int = 64, seed: int = 0, progress: bool = False) -> None:
@@ -482,7 +515,7 @@ def embed(networks: dict, dataset: CTSliceDataset, data: ProbeData, labels: Prob
     rnd = random.Random(seed)
     vessel_pts = {sid: vessel_points(segs) for sid, segs in labels.vessels.items()}
     feats = {name: {"cls": [], "mean": [], "tokens": []} for name in networks}
-    pix_slice, pix_patch = [], []
+    pix_slice, pix_patch, hand = [], [], []
     bar = tqdm(total=len(data.slices), desc="probe: embedding", unit="slice", file=sys.stderr,
                disable=None if progress else True, leave=False)
     try:
@@ -502,6 +535,7 @@ def embed(networks: dict, dataset: CTSliceDataset, data: ProbeData, labels: Prob
                 cells = x.reshape(x.shape[0], 3, grid, patch, grid, patch).permute(0, 2, 4, 1, 3, 5)
                 cells = cells.reshape(x.shape[0], grid * grid, 3, patch, patch)
                 pix_patch.append(_pool_pixels(cells[b_of.to(device), c_of.to(device)], PATCH_PIXELS).cpu())
+                hand.append(hand_features(x, patch)[b_of.to(device), c_of.to(device)].cpu())
             for name, net in networks.items():
                 out = net(x)
                 tokens = out["patches"].float()
@@ -520,7 +554,8 @@ def embed(networks: dict, dataset: CTSliceDataset, data: ProbeData, labels: Prob
         d = f["cls"][0].shape[-1] if f["cls"] else 0
         data.features[name] = {k: cat(v, d) for k, v in f.items()}
     data.pixels = {"slice": cat(pix_slice, 3 * SLICE_PIXELS ** 2),
-                   "patch": cat(pix_patch, 3 * min(patch, PATCH_PIXELS) ** 2)}
+                   "patch": cat(pix_patch, 3 * min(patch, PATCH_PIXELS) ** 2),
+                   "hand": cat(hand, len(HAND_FEATURES))}
 
 
 # --------------------------------------------------------------------------- AUROC, bootstrap
@@ -698,13 +733,16 @@ def build_tasks(data: ProbeData) -> tuple[list[Task], dict[str, str]]:
 
 
 def task_matrix(data: ProbeData, task: Task, source: str) -> np.ndarray:
-    """Features of a task's samples from one source: a network's name or "pixels"."""
+    """Features of a task's samples from one source: a network's name, "pixels" or "hand"
+    (the hand features of patch cells, `hand_features`)."""
+    if source == "hand" and task.level == "slice":
+        raise ValueError("the hand features describe patch cells, not slices")
     if task.level == "region":
         cells = data.region_patch_rows()
-        tokens = data.pixels["patch"] if source == "pixels" else data.features[source]["tokens"]
+        tokens = data.pixels[_PIXEL_SOURCES[source]] if source in _PIXEL_SOURCES else data.features[source]["tokens"]
         return np.stack([tokens[cells[k]].mean(0) for k in task.rows])
-    if source == "pixels":
-        return data.pixels[task.level][task.rows]
+    if source in _PIXEL_SOURCES:
+        return data.pixels["hand" if source == "hand" else task.level][task.rows]
     f = data.features[source]
     if task.feature == "cls":
         return f["cls"][task.rows]
@@ -713,8 +751,15 @@ def task_matrix(data: ProbeData, task: Task, source: str) -> np.ndarray:
     return f["tokens"][task.rows]
 
 
-def run_task(data: ProbeData, task: Task, sources: list[str], *, n_boot: int, seed: int) -> dict:
-    """Fit the probe of one task on every source and score it with a shared bootstrap."""
+_PIXEL_SOURCES = {"pixels": "patch", "hand": "hand"}   # source -> data.pixels key of a patch cell
+REFERENCE_NAMES = {"hand": "hand_features"}
+
+
+def run_task(data: ProbeData, task: Task, sources: list[str], *, n_boot: int, seed: int,
+             references: tuple[str, ...] = ()) -> dict:
+    """Fit the probe of one task on every source and score it with a shared bootstrap.
+    sources[0] is the checkpoint, the others its baselines; `references` are scored the
+    same way and reported apart (not part of any verdict)."""
     tr, te = task.side == "train", task.side == "test"
     y_tr, y_te = task.y[tr], task.y[te]
     for where, y in (("training", y_tr), ("test", y_te)):
@@ -730,7 +775,7 @@ def run_task(data: ProbeData, task: Task, sources: list[str], *, n_boot: int, se
         entry["classes"] = {name: {"train": int((y_tr == c).sum()), "test": int((y_te == c).sum())}
                             for c, name in task.class_names.items()}
     results, boots = {}, {}
-    for source in sources:
+    for source in (*sources, *references):
         x = task_matrix(data, task, source)
         proba, c, classes = fit_probe(x[tr], y_tr, task.groups[tr], x[te], task.groups[te], seed)
         if task.class_names is None:
@@ -742,14 +787,15 @@ def run_task(data: ProbeData, task: Task, sources: list[str], *, n_boot: int, se
         boots[source] = boot
     main, *others = sources
     entry.update(results[main])
-    entry["baselines"] = {}
-    for source in others:
-        name = "pixels" if source == "pixels" else source
+    def against(source: str) -> dict:
         base = dict(results[source])
-        diff = boots[main] - boots[source]
         base["delta"] = round(entry["auroc"] - base["auroc"], 4)
-        base["delta_ci95"] = _interval(diff)
-        entry["baselines"][name] = base
+        base["delta_ci95"] = _interval(boots[main] - boots[source])
+        return base
+
+    entry["baselines"] = {source: against(source) for source in others}
+    if references:
+        entry["references"] = {REFERENCE_NAMES[source]: against(source) for source in references}
     entry["bootstrap_unit"] = unit
     return entry
 
@@ -791,10 +837,11 @@ def probe_backbone(backbone, cfg, root, *, split_manifest=None, split: str = "au
     """Probe a frozen backbone on the labelled processed `root`.
 
     Returns {"tasks": {name: {"auroc", "ci95", "n_train", "n_test", ..., "baselines":
-    {"untrained": {...}, "pixels": {...}}}}, "skipped": {name: why}, "split": {...},
-    "labels": {...}, "bootstrap": {...}, "notes": [...]}. `baselines=False` skips the
-    untrained network and the pixels (e.g. a periodic check in training, where they do
-    not change); `untrained` may pass a ready step-0 backbone. The backbone's training
+    {"untrained": {...}, "pixels": {...}}, and for the patch tasks "references":
+    {"hand_features": {...}}}}, "skipped": {name: why}, "split": {...}, "labels": {...},
+    "bootstrap": {...}, "notes": [...]}. `baselines=False` skips the untrained network,
+    the pixels and the references (e.g. a periodic check in training, where they do not
+    change); `untrained` may pass a ready step-0 backbone. The backbone's training
     mode is restored afterwards. Raises UserError for labels or splits that cannot be
     probed."""
     if batch_size < 1:
@@ -828,8 +875,9 @@ def probe_backbone(backbone, cfg, root, *, split_manifest=None, split: str = "au
     sources = ["checkpoint", "untrained", "pixels"] if baselines else ["checkpoint"]
     out_tasks = {}
     for task in tasks:
+        references = ("hand",) if baselines and task.level == "patch" else ()
         try:
-            out_tasks[task.name] = run_task(data, task, sources, n_boot=n_boot, seed=seed)
+            out_tasks[task.name] = run_task(data, task, sources, n_boot=n_boot, seed=seed, references=references)
         except ValueError as exc:
             skipped[task.name] = str(exc)
     return {
@@ -849,7 +897,9 @@ def probe_backbone(backbone, cfg, root, *, split_manifest=None, split: str = "au
         "probe": {"model": "StandardScaler + LogisticRegression (L2, class_weight balanced)", "C_grid": list(CS),
                   "cv": f"GroupKFold({CV_FOLDS}) by patient on the training side", "input": "lung window "
                   f"{LUNG_WINDOW}, resized to {size} px", "size": size,
-                  "grid": size // cfg.model.vit_patch, "training_size": cfg.views.img_size},
+                  "grid": size // cfg.model.vit_patch, "training_size": cfg.views.img_size,
+                  "hand_features": f"per patch cell: {', '.join(HAND_FEATURES)} (blob: negative LoG, sigma "
+                                   f"{BLOB_SIGMA:g} px; z_contrast: |centre - mean of the neighbour slices|)"},
         "notes": labels.notes + probe_split.notes,
     }
 
