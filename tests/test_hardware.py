@@ -120,7 +120,7 @@ def test_cpu_info_reads_the_machine(monkeypatch):
     info, notices = detect_device()
     assert (info.kind, info.torch_device, info.count) == ("cpu", "cpu", 1)
     assert info.name and info.total_memory_bytes and info.total_memory_bytes > 64 * 1024**2
-    assert info.bf16_supported and not info.unified_memory
+    assert info.bf16_supported == hardware.cpu_native_bf16() and not info.unified_memory
     assert notices == []
     forced, notices = detect_device("cpu")
     assert forced.kind == "cpu" and notices == []
@@ -258,3 +258,21 @@ def test_memory_watch_is_silent_on_cpu():
                       unified_memory=False, bf16_supported=True, fused_adamw=False, count=1)
     watch = MemoryWatch(info)
     assert watch.check() is None and watch.snapshot() is None
+
+
+def test_cpu_bf16_follows_the_kernels_and_emulated_amp_is_flagged(monkeypatch):
+    """A CPU without AVX512-BF16 or AMX reports no bf16, and --amp there gets the warning
+    (bf16 is still used: the user asked for it)."""
+    from dinox.train.optim import autocast_dtype, autocast_notice
+
+    no_gpu(monkeypatch)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    info, _ = detect_device("cpu")
+    assert not info.bf16_supported and "no bf16" in info.summary()
+    cpu = torch.device("cpu")
+    assert autocast_dtype(True, cpu, info.bf16_supported) == torch.bfloat16
+    assert "drop --amp" in autocast_notice(True, cpu, info.bf16_supported)
+    assert autocast_notice(False, cpu, False) is None and autocast_notice(True, cpu, True) is None
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
+    assert detect_device("cpu")[0].bf16_supported

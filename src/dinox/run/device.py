@@ -171,10 +171,25 @@ def _cpu_info() -> DeviceInfo:
         name=cpu_name(),
         total_memory_bytes=system_memory_bytes(),
         unified_memory=False,
-        bf16_supported=True,
+        bf16_supported=cpu_native_bf16(),
         fused_adamw=False,
         count=1,
     )
+
+
+def cpu_native_bf16() -> bool:
+    """Whether this CPU computes bf16 matrix products natively (AVX512-BF16 or AMX), as
+    PyTorch's CPU kernels see it. Without it bf16 autocast still works, emulated, and is
+    usually slower than fp32."""
+    cpu = getattr(torch, "cpu", None)
+    for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        check = getattr(cpu, probe, None)
+        try:
+            if check is not None and check():
+                return True
+        except RuntimeError:
+            continue
+    return False
 
 
 def cpu_name() -> str:

@@ -29,8 +29,8 @@ from dinox.run.rng import seed_all
 from dinox.run.signals import EXIT_ANOMALY, EXIT_NONFINITE, EXIT_OK, StopRequest
 from dinox.train.checks import InTrainingChecks
 from dinox.train.data_stream import make_loader, validation_dataset
-from dinox.train.optim import (Schedules, apply_schedule, autocast, autocast_dtype, build_optimizer, build_scaler,
-                               clip_gradients)
+from dinox.train.optim import (Schedules, apply_schedule, autocast, autocast_dtype, autocast_notice, build_optimizer,
+                               build_scaler, clip_gradients)
 from dinox.train.ssl import METRIC_NAMES, DINOSSL
 from dinox.train.state import Checkpointer, Components, Placement, Progress, capture_step, restore_step, unpack
 
@@ -63,6 +63,9 @@ class Trainer:
         self.schedules = Schedules.from_config(cfg)
         self.augment = CTAugment(cfg.views.to_augment())
         self.autocast_dtype = autocast_dtype(cfg.runtime.amp, self.device, device_info.bf16_supported)
+        slow_amp = autocast_notice(cfg.runtime.amp, self.device, device_info.bf16_supported)
+        if slow_amp and dist.is_main:
+            log.warning(slow_amp)
         sharded = cfg.runtime.parallel == "fsdp" and dist.enabled
         self.sharding = self.ssl.shard(self.autocast_dtype) if sharded else None
         if cfg.runtime.compile:
