@@ -76,8 +76,8 @@ def diversity(checkpoint: Path, slices: int, which: str) -> dict:
         "cls_pairwise_cos": round(mean_pairwise_cosine(cls), 5),
         "bottleneck_pairwise_cos": round(mean_pairwise_cosine(bottleneck), 5),
         "logit_std_across_slices": float(f"{logits.std(0).mean():.3g}"),
-        "teacher_temps": [s.teacher_temp_start, s.teacher_temp],
-        "entropy_at_temps": [round(centred_entropy(logits, t), 3) for t in (s.teacher_temp_start, s.teacher_temp)],
+        "teacher_temps": list(temps),
+        "entropy_at_temps": [round(centred_entropy(logits, t), 3) for t in temps],
         "wall": round(math.log(logits.shape[1]), 3),
         **patch,
     }
@@ -94,9 +94,10 @@ def _patch_figures(patches: torch.Tensor, head, temps) -> dict:
     per_slice = logits.reshape(b, n, -1)
     total = logits.var(0).mean()
     between = per_slice.mean(1).var(0).mean()
+    sample = torch.randperm(b * n, generator=torch.Generator().manual_seed(0))[:2048]   # the same patches for both
     return {
-        "patch_pairwise_cos": round(mean_pairwise_cosine(tokens[torch.randperm(b * n)[:2048]]), 5),
-        "ibot_bottleneck_pairwise_cos": round(mean_pairwise_cosine(bottleneck[torch.randperm(b * n)[:2048]]), 5),
+        "patch_pairwise_cos": round(mean_pairwise_cosine(tokens[sample]), 5),
+        "ibot_bottleneck_pairwise_cos": round(mean_pairwise_cosine(bottleneck[sample]), 5),
         "ibot_logit_std_across_patches": float(f"{logits.std(0).mean():.3g}"),
         "ibot_logit_var_between_slices": round(float(between / total), 3),
         "ibot_entropy_at_temps": [round(centred_entropy(logits, t), 3) for t in temps],

@@ -79,7 +79,8 @@ def add_probe_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bootstrap", type=int, default=probe.BOOTSTRAP, help=f"resamples (default {probe.BOOTSTRAP})")
     p.add_argument("--labels-json", help="dinox synth's labels.json for vessel labels (default: the one the "
                                          "table's synthetic rows came from)")
-    p.add_argument("--no-baselines", action="store_true", help="skip the untrained-network and pixel baselines (and the patch tasks' hand-feature reference)")
+    p.add_argument("--no-baselines", action="store_true",
+                   help="skip the untrained-network and pixel baselines (and the patch tasks' hand-feature reference)")
     p.add_argument("--size", type=int, default=None,
                    help="input size in pixels the slices are resized to (a multiple of the patch; default: the "
                         "run's training size). Larger gives smaller patch cells for the patch-level probes")

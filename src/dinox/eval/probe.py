@@ -471,6 +471,14 @@ def _pool_pixels(x: torch.Tensor, size: int) -> torch.Tensor:
     return (F.adaptive_avg_pool2d(x, size) if x.shape[-1] > size else x).flatten(1)
 
 
+def patch_cells(x: torch.Tensor, patch: int) -> torch.Tensor:
+    """(B, C, S, S) -> (B, grid*grid, C, patch, patch): the pixels of each patch cell, in the
+    row-major cell order of the ViT's patch tokens."""
+    b, c, h, w = x.shape
+    cells = x.reshape(b, c, h // patch, patch, w // patch, patch).permute(0, 2, 4, 1, 3, 5)
+    return cells.reshape(b, (h // patch) * (w // patch), c, patch, patch)
+
+
 def _blob_kernel(sigma: float) -> torch.Tensor:
     """(1, 1, k, k) negative Laplacian of Gaussian, zero-sum: positive on bright blobs of
     radius ~sigma * sqrt(2)."""
@@ -495,7 +503,7 @@ def hand_features(x: torch.Tensor, patch: int) -> torch.Tensor:
     z_contrast = (centre - 0.5 * (x[:, 0:1] + x[:, 2:3]).float()).abs()
 
     def cells(a: torch.Tensor) -> torch.Tensor:   # (B, 1, S, S) -> (B, cells, patch * patch)
-        return F.unfold(a, patch, stride=patch).transpose(1, 2)
+        return patch_cells(a, patch).flatten(2)
 
     c = cells(centre)
     return torch.stack([c.mean(-1), c.amax(-1), c.std(-1), cells(blob).amax(-1), cells(z_contrast).amax(-1)], -1)
@@ -527,22 +535,20 @@ def embed(networks: dict, dataset: CTSliceDataset, data: ProbeData, labels: Prob
                 plan_patches(data, p, stack[1].numpy().astype(np.float32), labels, grid,
                              vessel_pts.get(data.slices[p].series_id), rnd)
             planned = data.patches[first_patch:]
-            b_of = torch.tensor([q.slice_pos - start for q in planned], dtype=torch.long)
-            c_of = torch.tensor([q.cell for q in planned], dtype=torch.long)
+            b_of = torch.tensor([q.slice_pos - start for q in planned], dtype=torch.long, device=device)
+            c_of = torch.tensor([q.cell for q in planned], dtype=torch.long, device=device)
             x = torch.cat([model_input(s[None], cfg, size) for s in raw]).to(device)
             pix_slice.append(_pool_pixels(x, SLICE_PIXELS).cpu())
             if planned:
-                cells = x.reshape(x.shape[0], 3, grid, patch, grid, patch).permute(0, 2, 4, 1, 3, 5)
-                cells = cells.reshape(x.shape[0], grid * grid, 3, patch, patch)
-                pix_patch.append(_pool_pixels(cells[b_of.to(device), c_of.to(device)], PATCH_PIXELS).cpu())
-                hand.append(hand_features(x, patch)[b_of.to(device), c_of.to(device)].cpu())
+                pix_patch.append(_pool_pixels(patch_cells(x, patch)[b_of, c_of], PATCH_PIXELS).cpu())
+                hand.append(hand_features(x, patch)[b_of, c_of].cpu())
             for name, net in networks.items():
                 out = net(x)
                 tokens = out["patches"].float()
                 feats[name]["cls"].append(out["cls"].float().cpu())
                 feats[name]["mean"].append(tokens.mean(1).cpu())
                 if planned:
-                    feats[name]["tokens"].append(tokens[b_of.to(device), c_of.to(device)].cpu())
+                    feats[name]["tokens"].append(tokens[b_of, c_of].cpu())
             bar.update(len(chunk))
     finally:
         bar.close()
@@ -735,23 +741,25 @@ def build_tasks(data: ProbeData) -> tuple[list[Task], dict[str, str]]:
 def task_matrix(data: ProbeData, task: Task, source: str) -> np.ndarray:
     """Features of a task's samples from one source: a network's name, "pixels" or "hand"
     (the hand features of patch cells, `hand_features`)."""
-    if source == "hand" and task.level == "slice":
-        raise ValueError("the hand features describe patch cells, not slices")
+    if task.level == "slice":
+        if source == "hand":
+            raise ValueError("the hand features describe patch cells, not slices")
+        if source == "pixels":
+            return data.pixels["slice"][task.rows]
+        f = data.features[source]
+        if task.feature == "cls":
+            return f["cls"][task.rows]
+        return np.concatenate([f["cls"][task.rows], f["mean"][task.rows]], 1)
+    if source in ("pixels", "hand"):
+        per_cell = data.pixels["patch" if source == "pixels" else "hand"]
+    else:
+        per_cell = data.features[source]["tokens"]
     if task.level == "region":
         cells = data.region_patch_rows()
-        tokens = data.pixels[_PIXEL_SOURCES[source]] if source in _PIXEL_SOURCES else data.features[source]["tokens"]
-        return np.stack([tokens[cells[k]].mean(0) for k in task.rows])
-    if source in _PIXEL_SOURCES:
-        return data.pixels["hand" if source == "hand" else task.level][task.rows]
-    f = data.features[source]
-    if task.feature == "cls":
-        return f["cls"][task.rows]
-    if task.feature == "cls_mean":
-        return np.concatenate([f["cls"][task.rows], f["mean"][task.rows]], 1)
-    return f["tokens"][task.rows]
+        return np.stack([per_cell[cells[k]].mean(0) for k in task.rows])
+    return per_cell[task.rows]
 
 
-_PIXEL_SOURCES = {"pixels": "patch", "hand": "hand"}   # source -> data.pixels key of a patch cell
 REFERENCE_NAMES = {"hand": "hand_features"}
 
 
