@@ -9,7 +9,7 @@ import torch
 
 from dinox.errors import UserError
 from dinox.losses.dino import DINOLoss, entropy, sinkhorn_knopp
-from dinox.losses.gram import gram_anchoring_loss, validate_gram_weight
+from dinox.losses.gram import gram_anchoring_loss, resize_patch_grid, validate_gram_weight
 from dinox.losses.koleo import KoLeoLoss
 from dinox.model.head import DINOHead
 
@@ -245,6 +245,27 @@ def test_gram_gradient_reaches_only_the_student():
     assert same.item() == pytest.approx(0.0, abs=1e-10)
     with pytest.raises(ValueError, match="same \\(B, N\\)"):
         gram_anchoring_loss(torch.randn(2, 7, 4), torch.randn(2, 6, 4))
+
+
+def test_high_resolution_gram_grid_is_resized_bicubically():
+    """A 4x4 map of two row blocks [a, a, b, b] (constant along the columns) -> 2x2. Bicubic
+    (Keys, A = -0.75) at half-pixel centres weighs the taps -0.09375, 0.59375, 0.59375,
+    -0.09375 (the border tap repeats the edge), so a row of the result is
+    1.09375 a - 0.09375 b and the other 1.09375 b - 0.09375 a, in every channel."""
+    a, b = 1.0, 3.0
+    rows = torch.tensor([a, a, b, b], dtype=torch.float64)
+    maps = torch.stack([rows[:, None].expand(4, 4), 2 * rows[:, None].expand(4, 4)])   # two channels
+    patches = maps.reshape(2, 16).T[None]                                               # (1, 16, 2)
+    out = resize_patch_grid(patches, 2)
+    assert out.shape == (1, 4, 2)
+    top, bottom = 1.09375 * a - 0.09375 * b, 1.09375 * b - 0.09375 * a
+    expected = torch.tensor([top, top, bottom, bottom], dtype=torch.float64)
+    assert torch.allclose(out[0, :, 0], expected, atol=1e-6)
+    assert torch.allclose(out[0, :, 1], 2 * expected, atol=1e-6)
+    same = torch.randn(2, 9, 5)
+    assert resize_patch_grid(same, 3) is same
+    with pytest.raises(ValueError, match="square grid"):
+        resize_patch_grid(torch.randn(1, 12, 3), 2)
 
 
 @pytest.mark.parametrize("bad", [0, 0.0, -1.0, float("nan")])

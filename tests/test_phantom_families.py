@@ -258,3 +258,28 @@ def test_demo_family_roots_and_mismatch(tmp_path, capsys):
     rc = main(["demo", "--family", "head", "--root", str(tmp_path)])   # data of the chest demo
     err = capsys.readouterr().err
     assert rc != 0 and err.startswith("error:") and "chest" in err and Path(tmp_path).name in err
+
+
+@pytest.mark.parametrize("native,flag,expected", [(True, None, "--amp"), (False, None, "--no-amp"),
+                                                  (False, True, "--amp"), (True, False, "--no-amp")])
+def test_demo_trains_in_bf16_exactly_where_the_cpu_has_it(tmp_path, monkeypatch, native, flag, expected):
+    import argparse
+
+    import dinox.cli
+    import dinox.run.device
+    from dinox.commands import demo
+
+    calls = []
+
+    def fake_main(argv):
+        calls.append(argv)
+        return 1 if argv[0] == "train" else 0      # stop the demo at its training step
+
+    monkeypatch.setattr(dinox.cli, "main", fake_main)
+    monkeypatch.setattr(dinox.run.device, "cpu_native_bf16", lambda: native)
+    args = argparse.Namespace(family="chest", root=str(tmp_path), patients=2, slices=4, size=32, steps=3,
+                              batch_size=2, eval_n=8, seed=0, num_workers=0, probe=False, amp=flag)
+    with pytest.raises(SystemExit):
+        demo.run(args)
+    train = [a for a in calls if a[0] == "train"]
+    assert len(train) == 1 and expected in train[0] and ({"--amp", "--no-amp"} - {expected}).isdisjoint(train[0])

@@ -104,3 +104,22 @@ def test_world_size_change_keeps_the_global_data_position():
     other = components(cfg, seed=0)
     unpack(state, other, cfg, Placement(0, 4, DEVICE, 40))
     assert other.progress.consumed == 6
+
+
+def test_high_resolution_gram_teacher_sees_the_views_enlarged():
+    """--gram-teacher-scale 2: the Gram teacher runs on the global views at twice their size
+    and its patch grid comes back to the student's, so the Gram term stays defined."""
+    from dinox.config import with_values
+
+    cfg = with_values(small_config(), gram_teacher_scale=2)
+    c = components(cfg, seed=0)
+    seen = []
+    c.ssl.gram_teacher.register_forward_hook(lambda module, args, out: seen.append(args[0].shape[-1]))
+    stacks = torch.randint(-1000, 1000, (4, 3, 24, 24), generator=torch.Generator().manual_seed(1)).to(torch.int16)
+    views = CTAugment(cfg.views.to_augment())(stacks, c.aug_generator)
+    values = c.ssl.forward_backward(views, {"teacher_temp": 0.04}, autocast=lambda: autocast(DEVICE, None),
+                                    backward=lambda loss: loss.backward())
+    assert seen == [2 * cfg.views.img_size]
+    assert torch.isfinite(values["loss_gram"]) and values["loss_gram"] > 0
+    with pytest.raises(UserError, match="--gram-teacher-scale"):
+        resolve({"config": "vit-tiny", "gram_teacher_scale": 0}, hardware_preset="cpu", device_kind="cpu")

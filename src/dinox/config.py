@@ -142,6 +142,9 @@ class SSLConfig:
     gram_weight: float = 1.0
     gram_refresh_every: int = 1000
     gram_start_step: int = 0  # first frozen Gram snapshot; before it the Gram teacher follows the EMA teacher
+    # the Gram teacher sees the global views at this many times their size, its patch grid
+    # brought back to the student's bicubically (DINOv3's high-resolution Gram teacher)
+    gram_teacher_scale: int = 1
 
     def masking(self):
         from dinox.data.masking import MaskingConfig
@@ -584,6 +587,9 @@ def validate(cfg: RunConfig) -> None:
         raise UserError("--ibot-mask-probability must lie in [0, 1] (DINOv2: 0.5)")
     if s.gram_start_step < 0:
         raise UserError("--gram-start-step must be >= 0")
+    if s.gram_teacher_scale < 1:
+        raise UserError(f"--gram-teacher-scale {s.gram_teacher_scale} must be an integer >= 1 "
+                        "(1: the student's resolution; DINOv3's high-resolution Gram teacher uses 2)")
     if not 0.0 < v.global_scale_min <= 1.0:
         raise UserError("the global crop scale minimum must lie in (0, 1]")
     if v.local_crops and v.local_size % m.vit_patch:

@@ -143,6 +143,10 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--gram-start-step", type=_nonneg_int,
                    help="first frozen Gram snapshot; before it the Gram teacher follows the EMA teacher and the "
                         "Gram weight ramps in (0: snapshots from step 0)")
+    g.add_argument("--gram-teacher-scale", type=_positive_int,
+                   help="the Gram teacher sees the global views this many times larger and its patch features "
+                        "are resized back to the student's grid (DINOv3's high-resolution Gram teacher: 2; "
+                        "costs a teacher forward at scale^2 the tokens)")
     g.add_argument("--horizon", type=_positive_int, help="schedule span of an unlimited run")
     g.add_argument("--seed", type=int)
 

@@ -242,5 +242,7 @@ def run_header(cfg, *, world_size: int, samples: int, params: tuple[int, int], a
         f"grad checkpoint {cfg.runtime.grad_checkpoint}",
         *parallel,
         f"Gram anchoring: weight {cfg.ssl.gram_weight:.3g}, Gram teacher refreshed every "
-        f"{cfg.ssl.gram_refresh_every} steps (always on)",
+        f"{cfg.ssl.gram_refresh_every} steps"
+        + (f", sees the global views at {cfg.ssl.gram_teacher_scale}x ({v.img_size * cfg.ssl.gram_teacher_scale}px)"
+           if cfg.ssl.gram_teacher_scale > 1 else "") + " (always on)",
     ]

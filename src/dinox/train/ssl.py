@@ -16,7 +16,9 @@
   The Gram teacher follows the EMA teacher step by step until `gram_start_step`, while the
   weight ramps linearly in; from then on it is a frozen snapshot of the EMA teacher,
   refreshed every `gram_refresh_every` steps. `gram_start_step` = 0 anchors from step 0
-  to snapshots only.
+  to snapshots only. At `gram_teacher_scale` > 1 the Gram teacher sees the global views
+  enlarged and its patch grid is resized back to the student's (DINOv3's high-resolution
+  Gram teacher).
 
 The teacher is an exponential moving average of the student (`update_teacher`); it never
 receives gradients. Under FSDP2 (`shard`) the three networks are sharded alike, so the EMA
@@ -29,6 +31,7 @@ import copy
 import logging
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from dinox.config import RunConfig
@@ -36,7 +39,7 @@ from dinox.data.augment import Views
 from dinox.data.masking import batch_masks
 from dinox.eval.rank import normalized_std
 from dinox.losses.dino import DINOLoss, entropy
-from dinox.losses.gram import gram_anchoring_loss
+from dinox.losses.gram import gram_anchoring_loss, resize_patch_grid
 from dinox.losses.ibot import IBOTLoss, chunk_rows
 from dinox.losses.koleo import KoLeoLoss
 from dinox.model.dino_model import DINOModel, build_dino_model
@@ -152,7 +155,7 @@ class DINOSSL:
 
         with torch.no_grad(), autocast():
             teacher_out = self.teacher(global_batch)
-            gram_patches = self.gram_teacher(global_batch)["patches"]
+            gram_patches = self._gram_targets(global_batch)
         teacher_logits = teacher_out["logits"].float()
         teacher_probs = self.dino_loss.teacher_probs(teacher_logits, sched["teacher_temp"], method=ssl.centering)
         ibot = {}
@@ -183,6 +186,17 @@ class DINOSSL:
                       entropy(self.dino_loss.student_probs(student_logits[0])),
                       normalized_std(teacher_out["cls"].float()))
         return {name: v.detach() for name, v in zip(METRIC_NAMES, values)}
+
+    def _gram_targets(self, global_batch: torch.Tensor) -> torch.Tensor:
+        """The Gram teacher's patch features of the global views on the student's grid; at
+        `gram_teacher_scale` > 1 it sees the views enlarged (bicubic) and its grid is brought
+        back (DINOv3's high-resolution Gram teacher)."""
+        scale = self.ssl.gram_teacher_scale
+        if scale == 1:
+            return self.gram_teacher(global_batch)["patches"]
+        size = global_batch.shape[-1] * scale
+        enlarged = F.interpolate(global_batch, size=(size, size), mode="bicubic", align_corners=False)
+        return resize_patch_grid(self.gram_teacher(enlarged)["patches"], self.student.backbone.grid_size)
 
     @torch.no_grad()
     def _ibot_targets(self, tokens: torch.Tensor, sched: dict, autocast) -> torch.Tensor:
