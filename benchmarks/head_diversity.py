@@ -17,7 +17,12 @@ deterministic lung-window input of the probes) through the chosen network and pr
   temperatures, against ln(out_dim);
 - with iBOT, the same for every patch token through the iBOT head, and the share of the
   iBOT logits' variance that lies between slices (the rest is between the patches of a
-  slice).
+  slice);
+- how far training moved the patch tokens: their linear CKA (Kornblith et al. 2019) with
+  the same run's untrained network on the same input, over all patches and with each grid
+  position's mean removed (1.0: the same geometry), and the share of a patch token the
+  blocks add (||x_L - x_0|| / ||x_L|| before the final norm; at LayerScale 0.1 the rest is
+  the patch and position embedding).
 
 Diagnosis only; the run's own Entropy_Teacher metric is the measure the guard watches.
 """
@@ -34,7 +39,7 @@ import torch.nn.functional as F
 from dinox.config import config_from_checkpoint
 from dinox.data.dataset import CTSliceDataset
 from dinox.data.layout import INDEX_FILE
-from dinox.eval.probe import model_input
+from dinox.eval.probe import model_input, untrained_backbone
 from dinox.model.dino_model import build_dino_model
 from dinox.run import checkpoint as store
 
@@ -71,6 +76,7 @@ def diversity(checkpoint: Path, slices: int, which: str) -> dict:
     patch = {}
     if model.has_ibot:
         patch = _patch_figures(out["patches"], model.ibot_head, temps)
+    movement = _patch_movement(model.backbone, untrained_backbone(cfg, torch.device("cpu")), x)
     return {
         "checkpoint": str(checkpoint), "network": which, "step": int(state.get("step", 0)), "slices": len(picks),
         "cls_pairwise_cos": round(mean_pairwise_cosine(cls), 5),
@@ -80,6 +86,41 @@ def diversity(checkpoint: Path, slices: int, which: str) -> dict:
         "entropy_at_temps": [round(centred_entropy(logits, t), 3) for t in temps],
         "wall": round(math.log(logits.shape[1]), 3),
         **patch,
+        **movement,
+    }
+
+
+def linear_cka(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Linear centred kernel alignment of two (n, d) feature sets of the same n inputs."""
+    a, b = a.double() - a.double().mean(0), b.double() - b.double().mean(0)
+    return float((a.T @ b).norm() ** 2 / ((a.T @ a).norm() * (b.T @ b).norm()))
+
+
+def _patch_movement(trained, untrained, x: torch.Tensor) -> dict:
+    """Patch tokens of the trained and the untrained network on the same input: CKA over all
+    patches, CKA of the content (each grid position's mean over the slices removed), and
+    each network's share of a token that its blocks add."""
+    tokens, block_share = {}, {}
+    for name, net in (("trained", trained), ("untrained", untrained)):
+        seen = {}
+        hooks = [net.blocks[0].register_forward_pre_hook(lambda m, a: seen.__setitem__("first", a[0])),
+                 net.norm.register_forward_pre_hook(lambda m, a: seen.__setitem__("last", a[0]))]
+        try:
+            patches = net(x)["patches"]
+        finally:
+            for hook in hooks:
+                hook.remove()
+        n = patches.shape[1]
+        first, last = seen["first"][:, -n:], seen["last"][:, -n:]
+        block_share[name] = round(float(((last - first).norm(dim=-1) / last.norm(dim=-1)).mean()), 3)
+        tokens[name] = patches
+    t, u = tokens["trained"], tokens["untrained"]
+    return {
+        "patch_cka_to_untrained": round(linear_cka(t.flatten(0, 1), u.flatten(0, 1)), 4),
+        "patch_content_cka_to_untrained": round(linear_cka((t - t.mean(0)).flatten(0, 1),
+                                                           (u - u.mean(0)).flatten(0, 1)), 4),
+        "patch_block_share": block_share["trained"],
+        "patch_block_share_untrained": block_share["untrained"],
     }
 
 
