@@ -207,3 +207,16 @@ def test_as_dict_has_byte_fields_only():
     e = estimate("vit-tiny", 32, 64, amp=False, ckpt=False)
     d = e.as_dict()
     assert "inputs" not in d and d["total"] == e.total and all(isinstance(v, int) for v in d.values())
+
+
+def test_high_resolution_gram_teacher_counts_its_enlarged_forward():
+    """--gram-teacher-scale 2: the Gram teacher's no-grad forward runs on 4x the patches; its
+    transient is the teacher's per-token cost on those tokens plus the enlarged image."""
+    base = estimate("vit-large", 64, 224, amp=True, ckpt=True)
+    hr = estimate("vit-large", 64, 224, amp=True, ckpt=True, gram_teacher_scale=2)
+    a = ARCHS["vit-large"]
+    per_token = base.teacher_transient // (64 * 2 * ((224 // a["patch_size"]) ** 2 + 1 + 4))
+    tokens = 64 * 2 * ((448 // a["patch_size"]) ** 2 + 1 + 4)
+    assert hr.teacher_transient == tokens * per_token + 64 * 2 * 3 * 448 ** 2 * 4
+    assert hr.teacher_transient > 3.5 * base.teacher_transient
+    assert (hr.activations, hr.head_logits, hr.weights) == (base.activations, base.head_logits, base.weights)

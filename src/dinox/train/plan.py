@@ -139,7 +139,8 @@ def estimate_training_memory(*, params_backbone: int, params_head: int, embed_di
                              swiglu: bool = False, head_hidden_dim: int = DINO_HEAD_HIDDEN,
                              head_bottleneck_dim: int = DINO_HEAD_BOTTLENECK,
                              context_bytes: int = CONTEXT_BYTES, shard_world: int = 1,
-                             largest_unit_params: int = 0, ibot_rows: int = 0) -> MemoryEstimate:
+                             largest_unit_params: int = 0, ibot_rows: int = 0,
+                             gram_teacher_scale: int = 1) -> MemoryEstimate:
     """Peak device memory of one training micro-step of `batch_size` images, in bytes, on one
     rank (`shard_world` > 1: FSDP2 over that many ranks, see the module docstring).
 
@@ -172,7 +173,15 @@ def estimate_training_memory(*, params_backbone: int, params_head: int, embed_di
 
     teacher_tokens = batch_size * n_global * global_tokens
     mlp_items = 4 if swiglu else 2
-    teacher_transient = teacher_tokens * (RESIDUAL_BYTES * embed_dim + elem * (embed_dim + mlp_items * mlp_hidden_dim))
+    per_token = RESIDUAL_BYTES * embed_dim + elem * (embed_dim + mlp_items * mlp_hidden_dim)
+    teacher_transient = teacher_tokens * per_token
+    if gram_teacher_scale > 1:
+        # the high-resolution Gram teacher's no-grad forward runs after the teacher's, on the
+        # enlarged views (scale^2 the patches) and their image
+        big = global_size * gram_teacher_scale
+        gram_tokens = batch_size * n_global * _tokens_per_view(big, patch_size, num_registers)
+        teacher_transient = max(teacher_transient,
+                                gram_tokens * per_token + batch_size * n_global * 3 * big**2 * FP32)
 
     student_rows = batch_size * (n_global + n_local)
     teacher_rows = batch_size * n_global
@@ -364,6 +373,7 @@ def plan_memory(cfg, device_memory_gb: float | None, device_total_bytes: int | N
         head_hidden_dim=m.head_hidden, head_bottleneck_dim=m.head_bottleneck,
         shard_world=sharded_world, largest_unit_params=largest_unit,
         ibot_rows=_expected_masked_patches(cfg) if model.has_ibot else 0,
+        gram_teacher_scale=cfg.ssl.gram_teacher_scale,
     )
     capacity = int(device_memory_gb * 1024**3) if device_memory_gb else device_total_bytes
     verdict = fits(estimate, capacity) if capacity else True
