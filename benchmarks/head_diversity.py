@@ -67,7 +67,7 @@ def diversity(checkpoint: Path, slices: int, which: str) -> dict:
     dataset = CTSliceDataset(root, "val", cfg.io.split_manifest, root / INDEX_FILE)
     picks = torch.linspace(0, len(dataset) - 1, min(slices, len(dataset))).long().tolist()
     x = torch.cat([model_input(dataset[i][None], cfg, cfg.views.img_size) for i in picks])
-    out = model.backbone(x)
+    out, block_share = _forward_with_block_share(model.backbone, x)
     cls = out["cls"]
     bottleneck = model.head.mlp(cls)
     logits = model.head.last_layer(F.normalize(bottleneck, dim=-1))
@@ -76,7 +76,8 @@ def diversity(checkpoint: Path, slices: int, which: str) -> dict:
     patch = {}
     if model.has_ibot:
         patch = _patch_figures(out["patches"], model.ibot_head, temps)
-    movement = _patch_movement(model.backbone, untrained_backbone(cfg, torch.device("cpu")), x)
+    untrained, untrained_share = _forward_with_block_share(untrained_backbone(cfg, torch.device("cpu")), x)
+    movement = _patch_movement(out["patches"], untrained["patches"])
     return {
         "checkpoint": str(checkpoint), "network": which, "step": int(state.get("step", 0)), "slices": len(picks),
         "cls_pairwise_cos": round(mean_pairwise_cosine(cls), 5),
@@ -87,6 +88,8 @@ def diversity(checkpoint: Path, slices: int, which: str) -> dict:
         "wall": round(math.log(logits.shape[1]), 3),
         **patch,
         **movement,
+        "patch_block_share": block_share,
+        "patch_block_share_untrained": untrained_share,
     }
 
 
@@ -96,31 +99,31 @@ def linear_cka(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.T @ b).norm() ** 2 / ((a.T @ a).norm() * (b.T @ b).norm()))
 
 
-def _patch_movement(trained, untrained, x: torch.Tensor) -> dict:
-    """Patch tokens of the trained and the untrained network on the same input: CKA over all
-    patches, CKA of the content (each grid position's mean over the slices removed), and
-    each network's share of a token that its blocks add."""
-    tokens, block_share = {}, {}
-    for name, net in (("trained", trained), ("untrained", untrained)):
-        seen = {}
-        hooks = [net.blocks[0].register_forward_pre_hook(lambda m, a: seen.__setitem__("first", a[0])),
-                 net.norm.register_forward_pre_hook(lambda m, a: seen.__setitem__("last", a[0]))]
-        try:
-            patches = net(x)["patches"]
-        finally:
-            for hook in hooks:
-                hook.remove()
-        n = patches.shape[1]
-        first, last = seen["first"][:, -n:], seen["last"][:, -n:]
-        block_share[name] = round(float(((last - first).norm(dim=-1) / last.norm(dim=-1)).mean()), 3)
-        tokens[name] = patches
-    t, u = tokens["trained"], tokens["untrained"]
+def _forward_with_block_share(net, x: torch.Tensor) -> tuple[dict, float]:
+    """The backbone's outputs on `x`, and the mean share of a patch token that its blocks
+    add: ||x_L - x_0|| / ||x_L||, before the final norm."""
+    seen = {}
+    hooks = [net.blocks[0].register_forward_pre_hook(lambda m, a: seen.__setitem__("first", a[0])),
+             net.norm.register_forward_pre_hook(lambda m, a: seen.__setitem__("last", a[0]))]
+    try:
+        out = net(x)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    n = out["patches"].shape[1]
+    first, last = seen["first"][:, -n:], seen["last"][:, -n:]
+    return out, round(float(((last - first).norm(dim=-1) / last.norm(dim=-1)).mean()), 3)
+
+
+def _patch_movement(trained: torch.Tensor, untrained: torch.Tensor) -> dict:
+    """Linear CKA of the (B, N, D) patch tokens of the trained and the untrained network on
+    the same input: over all patches, and of the content (each grid position's mean over
+    the slices removed)."""
+    t, u = trained, untrained
     return {
         "patch_cka_to_untrained": round(linear_cka(t.flatten(0, 1), u.flatten(0, 1)), 4),
         "patch_content_cka_to_untrained": round(linear_cka((t - t.mean(0)).flatten(0, 1),
                                                            (u - u.mean(0)).flatten(0, 1)), 4),
-        "patch_block_share": block_share["trained"],
-        "patch_block_share_untrained": block_share["untrained"],
     }
 
 

@@ -9,7 +9,8 @@ import torch
 
 from dinox.errors import UserError
 from dinox.losses.dino import DINOLoss, entropy, sinkhorn_knopp
-from dinox.losses.gram import gram_anchoring_loss, resize_patch_grid, validate_gram_weight
+from dinox.losses.gram import gram_anchoring_loss, validate_gram_weight
+from dinox.model.vit import resample_token_grid
 from dinox.losses.koleo import KoLeoLoss
 from dinox.model.head import DINOHead
 
@@ -248,24 +249,26 @@ def test_gram_gradient_reaches_only_the_student():
 
 
 def test_high_resolution_gram_grid_is_resized_bicubically():
-    """A 4x4 map of two row blocks [a, a, b, b] (constant along the columns) -> 2x2. Bicubic
-    (Keys, A = -0.75) at half-pixel centres weighs the taps -0.09375, 0.59375, 0.59375,
-    -0.09375 (the border tap repeats the edge), so a row of the result is
-    1.09375 a - 0.09375 b and the other 1.09375 b - 0.09375 a, in every channel."""
+    """The Gram teacher's enlarged feature map comes back with `resample_token_grid`. A 4x4
+    map of two row blocks [a, a, b, b] (constant along the columns) -> 2x2: bicubic (Keys,
+    A = -0.75) at half-pixel centres weighs the taps -0.09375, 0.59375, 0.59375, -0.09375
+    (the border tap repeats the edge), so a row of the result is 1.09375 a - 0.09375 b and
+    the other 1.09375 b - 0.09375 a, in every channel and every image of the batch."""
     a, b = 1.0, 3.0
     rows = torch.tensor([a, a, b, b], dtype=torch.float64)
     maps = torch.stack([rows[:, None].expand(4, 4), 2 * rows[:, None].expand(4, 4)])   # two channels
-    patches = maps.reshape(2, 16).T[None]                                               # (1, 16, 2)
-    out = resize_patch_grid(patches, 2)
-    assert out.shape == (1, 4, 2)
+    patches = maps.reshape(2, 16).T[None].repeat(3, 1, 1)                              # (3, 16, 2)
+    out = resample_token_grid(patches, (4, 4), (2, 2))
+    assert out.shape == (3, 4, 2) and out.dtype == patches.dtype
     top, bottom = 1.09375 * a - 0.09375 * b, 1.09375 * b - 0.09375 * a
     expected = torch.tensor([top, top, bottom, bottom], dtype=torch.float64)
-    assert torch.allclose(out[0, :, 0], expected, atol=1e-6)
-    assert torch.allclose(out[0, :, 1], 2 * expected, atol=1e-6)
+    for image in out:
+        assert torch.allclose(image[:, 0], expected, atol=1e-6)
+        assert torch.allclose(image[:, 1], 2 * expected, atol=1e-6)
     same = torch.randn(2, 9, 5)
-    assert resize_patch_grid(same, 3) is same
-    with pytest.raises(ValueError, match="square grid"):
-        resize_patch_grid(torch.randn(1, 12, 3), 2)
+    assert torch.allclose(resample_token_grid(same, (3, 3), (3, 3)), same, atol=1e-6)
+    with pytest.raises(ValueError, match="3x3 grid"):
+        resample_token_grid(torch.randn(1, 12, 3), (3, 3), (2, 2))
 
 
 @pytest.mark.parametrize("bad", [0, 0.0, -1.0, float("nan")])

@@ -452,13 +452,13 @@ def test_rope_needs_head_width_divisible_by_4():
 
 
 def test_resample_offset_convention_is_dinov2s():
-    from dinox.model.vit import resample_pos_embed
+    from dinox.model.vit import resample_token_grid
 
     pos = torch.randn(1, 16, 8)
     grid = pos.reshape(1, 4, 4, 8).permute(0, 3, 1, 2)
     # dinov2: scale_factor = (n + 0.1) / g instead of the size
     ref = F.interpolate(grid, scale_factor=(6.1 / 4, 6.1 / 4), mode="bicubic", antialias=False)
-    out = resample_pos_embed(pos, (4, 4), (6, 6), offset=0.1)
+    out = resample_token_grid(pos, (4, 4), (6, 6), offset=0.1)
     torch.testing.assert_close(out, ref.permute(0, 2, 3, 1).reshape(1, 36, 8))
-    plain = resample_pos_embed(pos, (4, 4), (6, 6))
+    plain = resample_token_grid(pos, (4, 4), (6, 6))
     assert not torch.allclose(out, plain)

@@ -27,23 +27,6 @@ def patch_gram(patches: torch.Tensor) -> torch.Tensor:
     return x @ x.transpose(-1, -2)
 
 
-def resize_patch_grid(patches: torch.Tensor, grid: int) -> torch.Tensor:
-    """(B, G*G, D) patch features on a square G x G grid -> (B, grid*grid, D), bicubically.
-
-    DINOv3's high-resolution Gram teacher (section 4.3) runs on the global crops at twice
-    the student's resolution and brings its feature map back to the student's grid by
-    bicubic interpolation, which gives smoother, better localised similarity targets."""
-    b, n, d = patches.shape
-    side = math.isqrt(n)
-    if side * side != n:
-        raise ValueError(f"{n} patch tokens do not form a square grid")
-    if side == grid:
-        return patches
-    maps = patches.transpose(1, 2).reshape(b, d, side, side).float()
-    maps = F.interpolate(maps, size=(grid, grid), mode="bicubic", align_corners=False)
-    return maps.flatten(2).transpose(1, 2).to(patches.dtype)
-
-
 def gram_anchoring_loss(student_patches: torch.Tensor, teacher_patches: torch.Tensor,
                         remove_negative: bool = False) -> torch.Tensor:
     """Mean over images of the mean squared difference of the per-image Gram matrices.

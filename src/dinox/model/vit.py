@@ -147,12 +147,14 @@ def apply_rope(t: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torc
     return torch.cat([head, rotated.to(t.dtype)], dim=-2)
 
 
-def resample_pos_embed(pos: torch.Tensor, grid: tuple[int, int], new_grid: tuple[int, int], *,
-                       offset: float = 0.0, antialias: bool = False) -> torch.Tensor:
-    """(1, gh*gw, D) patch position embeddings on ``grid`` -> (1, nh*nw, D) on ``new_grid``,
-    bicubic (PyTorch's, half-pixel centres), computed in float32, returned in ``pos``'s dtype.
+def resample_token_grid(pos: torch.Tensor, grid: tuple[int, int], new_grid: tuple[int, int], *,
+                        offset: float = 0.0, antialias: bool = False) -> torch.Tensor:
+    """(B, gh*gw, D) tokens on ``grid`` -> (B, nh*nw, D) on ``new_grid``, bicubic (PyTorch's,
+    half-pixel centres), computed in float32, returned in ``pos``'s dtype. Patch position
+    embeddings (B = 1) when a model runs at another grid; patch features when DINOv3's
+    high-resolution Gram teacher brings its feature map back to the student's grid.
 
-    The conventions differ between the models that learned such grids, and a model's
+    For position embeddings the conventions differ between the models that learned such grids, and a model's
     outputs at a new grid only match its source when the source's convention is used:
 
     - dinox, transformers ``Dinov2Model``: target size, no antialiasing;
@@ -164,8 +166,10 @@ def resample_pos_embed(pos: torch.Tensor, grid: tuple[int, int], new_grid: tuple
       slightly (a work-around inherited from DINO; dinov2/models/vision_transformer.py).
     """
     (gh, gw), (nh, nw) = grid, new_grid
-    d = pos.shape[-1]
-    x = pos.float().reshape(1, gh, gw, d).permute(0, 3, 1, 2)
+    b, n, d = pos.shape
+    if n != gh * gw:
+        raise ValueError(f"{n} tokens do not form the {gh}x{gw} grid")
+    x = pos.float().reshape(b, gh, gw, d).permute(0, 3, 1, 2)
     if offset:
         x = F.interpolate(x, scale_factor=((nh + offset) / gh, (nw + offset) / gw),
                           mode="bicubic", antialias=antialias)
@@ -174,7 +178,7 @@ def resample_pos_embed(pos: torch.Tensor, grid: tuple[int, int], new_grid: tuple
                           antialias=antialias)
     if tuple(x.shape[-2:]) != (nh, nw):  # the offset form rounds down the scaled size
         raise ValueError(f"resampling {grid} -> {new_grid} gave {tuple(x.shape[-2:])}")
-    return x.permute(0, 2, 3, 1).reshape(1, nh * nw, d).to(pos.dtype)
+    return x.permute(0, 2, 3, 1).reshape(b, nh * nw, d).to(pos.dtype)
 
 
 class LayerScale(nn.Module):
@@ -343,7 +347,7 @@ class VisionTransformer(nn.Module):
             self.norm = nn.LayerNorm(d, eps=arch.ln_eps)
         # How a learned position grid is resampled to another grid: dinox's own convention
         # (bicubic to the target size, no antialiasing) unless a model loaded for inference
-        # keeps its source's (dinox.model.weights.load_exported; see resample_pos_embed).
+        # keeps its source's (dinox.model.weights.load_exported; see resample_token_grid).
         # Not state: a training run always uses dinox's.
         self.pos_interp_offset = 0.0
         self.pos_interp_antialias = False
@@ -370,9 +374,9 @@ class VisionTransformer(nn.Module):
         pos = self.pos_embed
         if (gh, gw) == (self.grid_size, self.grid_size):
             return pos
-        return resample_pos_embed(pos, (self.grid_size, self.grid_size), (gh, gw),
-                                  offset=self.pos_interp_offset,
-                                  antialias=self.pos_interp_antialias)
+        return resample_token_grid(pos, (self.grid_size, self.grid_size), (gh, gw),
+                                   offset=self.pos_interp_offset,
+                                   antialias=self.pos_interp_antialias)
 
     def _check_input(self, x: torch.Tensor) -> None:
         if x.ndim != 4 or x.shape[1] != self.in_chans:

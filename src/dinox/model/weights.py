@@ -33,7 +33,7 @@ exports bit for bit what was imported:
   uses) is not used.
 
 Position embeddings trained on another grid are resampled once, at import, with the
-source's own convention (``dinox.model.vit.resample_pos_embed``): transformers' Dinov2Model
+source's own convention (``dinox.model.vit.resample_token_grid``): transformers' Dinov2Model
 bicubic to the size, Dinov2WithRegistersModel and the torch-hub ``_reg`` models
 additionally antialiased, the torch-hub models without registers with DINOv2's
 ``interpolate_offset`` of 0.1 (transformers 5.x modeling_dinov2*.py, dinov2/hub/backbones.py).
@@ -66,7 +66,7 @@ import torch
 
 from dinox.errors import UserError
 from dinox.model.presets import PRESETS
-from dinox.model.vit import (ViTArch, VisionTransformer, resample_pos_embed, rope_periods,
+from dinox.model.vit import (ViTArch, VisionTransformer, resample_token_grid, rope_periods,
                              swiglu_hidden_dim)
 from dinox.run import sharded as sharded_store
 
@@ -923,8 +923,8 @@ def apply_weights(src: Imported, backbone: VisionTransformer) -> ImportReport:
         new = (backbone.grid_size, backbone.grid_size)
         if src.grid != new:
             offset, antialias = src.interp
-            state["pos_embed"] = resample_pos_embed(state["pos_embed"], src.grid, new, offset=offset,
-                                                    antialias=antialias)
+            state["pos_embed"] = resample_token_grid(state["pos_embed"], src.grid, new, offset=offset,
+                                                     antialias=antialias)
             position = (f"resampled {src.grid[0]}x{src.grid[1]} -> {new[0]}x{new[1]} (bicubic"
                         f"{', antialiased' if antialias else ''}{f', offset {offset:g}' if offset else ''},"
                         f" the source's convention)")

@@ -39,10 +39,11 @@ from dinox.data.augment import Views
 from dinox.data.masking import batch_masks
 from dinox.eval.rank import normalized_std
 from dinox.losses.dino import DINOLoss, entropy
-from dinox.losses.gram import gram_anchoring_loss, resize_patch_grid
+from dinox.losses.gram import gram_anchoring_loss
 from dinox.losses.ibot import IBOTLoss, chunk_rows
 from dinox.losses.koleo import KoLeoLoss
 from dinox.model.dino_model import DINOModel, build_dino_model
+from dinox.model.vit import resample_token_grid
 from dinox.run.distributed import fully_shard_units, local
 
 log = logging.getLogger("dinox.train")
@@ -196,7 +197,9 @@ class DINOSSL:
             return self.gram_teacher(global_batch)["patches"]
         size = global_batch.shape[-1] * scale
         enlarged = F.interpolate(global_batch, size=(size, size), mode="bicubic", align_corners=False)
-        return resize_patch_grid(self.gram_teacher(enlarged)["patches"], self.student.backbone.grid_size)
+        grid = self.student.backbone.grid_size
+        # DINOv3 (section 4.3) brings the enlarged feature map back bicubically, no antialias
+        return resample_token_grid(self.gram_teacher(enlarged)["patches"], (grid * scale,) * 2, (grid,) * 2)
 
     @torch.no_grad()
     def _ibot_targets(self, tokens: torch.Tensor, sched: dict, autocast) -> torch.Tensor:
