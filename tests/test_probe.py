@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -172,6 +173,27 @@ def test_lung_mask_excludes_the_air_around_the_body():
     assert lung[10:30, 10:18].all() and lung.sum() == 20 * 8
 
 
+def test_patch_classes_need_the_same_share_of_lung():
+    """A cell that is 40 % chest wall is neither an other-lung negative nor, with a nodule
+    in it, a patch_nodule positive; one of pure lung is either (MIN_LUNG_FRACTION 0.8)."""
+    hu = np.full((32, 32), -1000.0)
+    hu[:, :] = 40.0                                  # body filling the image...
+    hu[2:30, 2:30] = -850.0                          # ...around a lung, 8-px cells on a 4x4 grid
+    hu[8:16, 8:11] = 40.0                            # cell (1, 1): 3 of 8 columns wall
+    assert abs(probe.lung_mask(hu)[8:16, 8:16].mean() - 5 / 8) < 1e-9
+    labels = probe.ProbeLabels(regions={("s", 0): [{"row0": 10, "col0": 12, "row1": 11, "col1": 13},
+                                                   {"row0": 18, "col0": 20, "row1": 19, "col1": 21}]},
+                               marks={("s", 0): [(10, 12, 11, 13), (18, 20, 19, 21)]}, series={"s"},
+                               patient_of={"s": "p"}, vessels={}, rule="test")
+    data = probe.ProbeData(slices=[probe.SliceRecord(0, "s", "p", 0, "train", 1)])
+    probe.plan_patches(data, 0, hu, labels, 4, None, random.Random(0))
+    by_cell = {p.cell: p for p in data.patches}
+    assert by_cell[5].nodule and not by_cell[5].in_lung          # 5/8 lung + a 2x2 nodule < 0.8
+    assert by_cell[10].nodule and by_cell[10].in_lung            # pure lung around its nodule
+    negatives = {p.cell for p in data.patches if p.lung}
+    assert negatives and 5 not in negatives and negatives <= {6, 9}   # the clean pure-lung cells
+
+
 def test_vessel_cells_follow_the_segment_through_the_slice():
     seg = np.array([[0.0, 10.0, 10.0, 8.0, 10.0, 50.0, 1.5, 1.5]])  # z 0 -> 8, x 10 -> 50
     pts = probe.vessel_points(seg)
@@ -247,9 +269,10 @@ def test_untrained_network_is_the_trainers_step0_weights(labelled, tmp_path):
 
 @pytest.fixture(scope="module")
 def labelled(tmp_path_factory):
-    """A synthetic root (10 patients, four simulated readers) and a 2-step tiny checkpoint.
-    With this seed the patient split of --seed 0 leaves every task probeable, that of
-    --seed 1 leaves the test side without a patch-level negative (used below)."""
+    """A synthetic root (10 patients, four simulated readers) and a 2-step tiny checkpoint,
+    trained at 64 px so that the probe's default grid (8x8 on these 64 px slices) has
+    cells of 80 % lung (MIN_LUNG_FRACTION); with this seed the patient split of --seed 0
+    leaves every task probeable."""
     from dinox.data.ingest import prepare
     from dinox.data.synth import generate_dataset
 
@@ -259,7 +282,7 @@ def labelled(tmp_path_factory):
     root = base / "processed"
     manifest = next((root / "_splits").glob("*.json"))
     assert main(["train", *TINY_MODEL, "--data-root", str(root), "--split-manifest", str(manifest),
-                 "--out", str(base / "runs"), "--max-steps", "2", "--batch-size", "4"]) == 0
+                 "--out", str(base / "runs"), "--max-steps", "2", "--batch-size", "4", "--img-size", "64"]) == 0
     ckpt = next(only_run(base / "runs").glob("checkpoint_final_*.pth"))
     return root, ckpt
 
@@ -324,11 +347,12 @@ def test_probe_exit_code_follows_the_pass_line(labelled, tmp_path, capsys):
 
 
 def test_a_gate_task_the_labels_cannot_probe_is_bad_input(labelled, tmp_path, capsys):
+    """On a 4x4 grid of these 64 px slices no cell is 80 % lung: no patch_nodule samples."""
     root, ckpt = labelled
-    assert main(_probe_args(root, ckpt, tmp_path, "--seed", "1", "--no-baselines")) == 1
+    assert main(_probe_args(root, ckpt, tmp_path, "--size", "32", "--no-baselines")) == 1
     err = capsys.readouterr().err.strip()
     assert "patch_nodule could not be probed" in err and len(err.splitlines()) == 1
-    result = json.loads((tmp_path / "probe_step2_patients_seed1.json").read_text())
+    result = json.loads((tmp_path / "probe_step2_patients_seed0_size32.json").read_text())
     assert "patch_nodule" in result["skipped"] and result["passed"] is False
 
 
