@@ -174,10 +174,9 @@ def test_lung_mask_excludes_the_air_around_the_body():
 
 
 def test_patch_classes_need_the_same_share_of_lung():
-    """A cell that is 40 % chest wall is neither an other-lung negative nor, with a nodule
+    """A cell that is 3/8 chest wall is neither an other-lung negative nor, with a nodule
     in it, a patch_nodule positive; one of pure lung is either (MIN_LUNG_FRACTION 0.8)."""
-    hu = np.full((32, 32), -1000.0)
-    hu[:, :] = 40.0                                  # body filling the image...
+    hu = np.full((32, 32), 40.0)                     # body filling the image...
     hu[2:30, 2:30] = -850.0                          # ...around a lung, 8-px cells on a 4x4 grid
     hu[8:16, 8:11] = 40.0                            # cell (1, 1): 3 of 8 columns wall
     assert abs(probe.lung_mask(hu)[8:16, 8:16].mean() - 5 / 8) < 1e-9
@@ -326,6 +325,7 @@ def test_probe_writes_the_json_and_passes_at_zero(probe_run, capsys):
                                                               "nodule_malignancy"}
     assert result["passed"] is True and result["verdict"].startswith("PASS")
     assert result["split"]["mode"] == "patients"
+    assert result["probe"]["min_lung_fraction"] == probe.MIN_LUNG_FRACTION
 
 
 def test_probe_split_has_no_patient_on_both_sides(probe_run):

@@ -913,6 +913,7 @@ def probe_backbone(backbone, cfg, root, *, split_manifest=None, split: str = "au
                   "cv": f"GroupKFold({CV_FOLDS}) by patient on the training side", "input": "lung window "
                   f"{LUNG_WINDOW}, resized to {size} px", "size": size,
                   "grid": size // cfg.model.vit_patch, "training_size": cfg.views.img_size,
+                  "min_lung_fraction": MIN_LUNG_FRACTION,
                   "hand_features": f"per patch cell: {', '.join(HAND_FEATURES)} (blob: negative LoG, sigma "
                                    f"{BLOB_SIGMA:g} px; z_contrast: |centre - mean of the neighbour slices|)"},
         "notes": labels.notes + probe_split.notes,
