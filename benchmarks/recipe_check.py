@@ -101,7 +101,7 @@ def probes(run: Path) -> dict:
 
     from dinox.errors import UserError
     from dinox.eval.load import load_for_inference
-    from dinox.eval.probe import MIN_LUNG_FRACTION, probe_backbone
+    from dinox.eval.probe import probe_backbone
 
     device = torch.device("cpu")
     checkpoint = sorted(run.glob("checkpoint_final_*.pth"))[-1]
@@ -112,7 +112,7 @@ def probes(run: Path) -> dict:
                                 max_slices=PROBE_SLICES, n_boot=PROBE_BOOTSTRAP)
     except UserError as exc:
         return {"probe_skipped": str(exc)}
-    out = {"probe_min_lung_fraction": MIN_LUNG_FRACTION}
+    out = {"probe_min_lung_fraction": result["probe"]["min_lung_fraction"]}
     for name in ("slice_nodule", "patch_nodule"):
         task = result["tasks"].get(name)
         if task is None:
