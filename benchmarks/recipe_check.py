@@ -64,7 +64,7 @@ def last_train_row(run: Path) -> dict:
     return [r for r in rows if "loss_dino" in r][-1]
 
 
-def draws(run: Path, n: int, count: int) -> dict:
+def draws(run: Path, n: int, count: int, device_name: str = "cpu") -> dict:
     """Retrieval of the final teacher, the final student and the untrained network, each the
     mean of `count` view draws (the teacher is the measure; the student shows how far the EMA
     teacher lags behind it)."""
@@ -76,7 +76,7 @@ def draws(run: Path, n: int, count: int) -> dict:
     from dinox.eval.probe import untrained_backbone
     from dinox.eval.runner import evaluate_draws
 
-    device = torch.device("cpu")
+    device = torch.device(device_name)
     checkpoint = sorted(run.glob("checkpoint_final_*.pth"))[-1]
     final, cfg, _ = load_for_inference(checkpoint, device)
     student, _, _ = load_for_inference(checkpoint, device, which="student")
@@ -93,7 +93,7 @@ def draws(run: Path, n: int, count: int) -> dict:
     return out
 
 
-def probes(run: Path) -> dict:
+def probes(run: Path, device_name: str = "cpu") -> dict:
     """The labelled nodule probes (`dinox eval probe`) of the final teacher on every slice of
     the family's data (more slices than the demo's 384: the intervals are ~half as wide),
     with their baselines; `probe_skipped` where the family has no nodule labels."""
@@ -103,7 +103,7 @@ def probes(run: Path) -> dict:
     from dinox.eval.load import load_for_inference
     from dinox.eval.probe import probe_backbone
 
-    device = torch.device("cpu")
+    device = torch.device(device_name)
     checkpoint = sorted(run.glob("checkpoint_final_*.pth"))[-1]
     final, cfg, _ = load_for_inference(checkpoint, device)
     root = Path(cfg.io.data_root)
@@ -131,8 +131,8 @@ def check(args, seed: int, train_flags: list[str]) -> dict:
     processed = root / "processed"
     runs = root / "runs" / args.tag
     start = time.perf_counter()
-    code = dinox(["train", "--config", args.config, "--device", "cpu", "--max-steps", str(args.steps),
-                  "--batch-size", str(args.batch_size), "--num-workers", "1", "--data-root", str(processed),
+    code = dinox(["train", "--config", args.config, "--device", args.device, "--max-steps", str(args.steps),
+                  "--batch-size", str(args.batch_size), "--num-workers", str(args.num_workers), "--data-root", str(processed),
                   "--split-manifest", str(processed / "_splits" / "val25_seed0.json"), "--out", str(runs),
                   "--ckpt-every", str(args.steps), "--monitor-every", "0", "--eval-every", str(args.steps),
                   "--eval-n", str(args.eval_n), "--log-interval", "60", "--seed", str(seed), *train_flags])
@@ -144,7 +144,7 @@ def check(args, seed: int, train_flags: list[str]) -> dict:
     ratio0, ratio = first.get("Eval/Retrieval_Ratio"), final.get("Eval/Retrieval_Ratio")
     return {
         "tag": args.tag, "family": args.family, "seed": seed, "config": args.config, "steps": args.steps,
-        "flags": train_flags, "exit": code, "seconds": round(time.perf_counter() - start),
+        "device": args.device, "flags": train_flags, "exit": code, "seconds": round(time.perf_counter() - start),
         "n": final.get("Eval/N"), "ratio0": ratio0, "ratio": ratio,
         "x_untrained": (ratio / ratio0) if ratio0 and ratio is not None else None,
         "top1": final.get("Eval/Retrieval_Top1"), "top5": final.get("Eval/Retrieval_Top5"),
@@ -152,8 +152,8 @@ def check(args, seed: int, train_flags: list[str]) -> dict:
         "loss_dino": last.get("loss_dino"), "wall": math.log(config["out_dim"]),
         "below_wall": math.log(config["out_dim"]) - last.get("loss_dino", math.nan),
         "entropy_teacher": last.get("Entropy_Teacher"), "run": str(run),
-        **(draws(run, args.eval_n, args.draws) if args.draws and code == 0 else {}),
-        **(probes(run) if args.probe and code == 0 else {}),
+        **(draws(run, args.eval_n, args.draws, args.device) if args.draws and code == 0 else {}),
+        **(probes(run, args.device) if args.probe and code == 0 else {}),
     }
 
 
@@ -173,16 +173,19 @@ def main() -> int:
     p.add_argument("--slices", type=int, default=DEMO_SLICES)
     p.add_argument("--size", type=int, default=DEMO_SIZE)
     p.add_argument("--work", default="data/recipe_check")
+    p.add_argument("--device", default="cpu", help="where to train and score (cpu, cuda)")
+    p.add_argument("--num-workers", type=int, default=1)
+    p.add_argument("--results", type=Path, default=RESULTS, help="the JSON-lines file results are appended to")
     p.add_argument("--draws", type=int, default=4, help="view draws to score the final and untrained network on "
                    "(0: only the training-time eval)")
     p.add_argument("--probe", action=argparse.BooleanOptionalAction, default=True,
                    help="the labelled nodule probes of the final teacher on every slice (~40 s; families "
                         "without nodule labels record why they were skipped)")
     args = p.parse_args(argv)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    args.results.parent.mkdir(parents=True, exist_ok=True)
     for seed in args.seeds:
         result = check(args, seed, train_flags)
-        with RESULTS.open("a") as f:
+        with args.results.open("a") as f:
             f.write(json.dumps(result) + "\n")
         print("RESULT " + json.dumps({k: result[k] for k in ("tag", "family", "seed", "ratio0", "ratio",
                                                               "x_untrained", "hits_mean", "hits_student_mean",

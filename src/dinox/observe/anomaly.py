@@ -267,25 +267,43 @@ class EntropyWall:
 
 def entropy_wall_advice(cfg) -> str:
     """What to try against a teacher stuck at the entropy wall, for a RunConfig's settings
-    (the user guide's troubleshooting advice made concrete)."""
+    (the user guide's troubleshooting advice made concrete), the measured levers first.
+
+    On the scaled-down big-preset recipe (docs/recipes.md, "Taking the learning combination
+    apart") the teacher left the wall only with LayerScale 0.1 (the untrained class tokens
+    then differ), BN in the head, views that share their intensity statistics and a flat
+    teacher temperature of 0.04 together, at prototypes sized to the batch, and stayed at or
+    near it without any one of the four; Sinkhorn-Knopp did not move it.
+    """
     m, s, o, v = cfg.model, cfg.ssl, cfg.optim, cfg.views
-    tips = []
-    if s.teacher_temp > 0.04:
-        tips.append(f"a sharper teacher (--teacher-temp 0.04, now {s.teacher_temp:g})")
-    if s.centering == "centering":
-        tips.append("--centering sinkhorn (DINOv3's choice; it cannot settle on uniform targets)")
+    new_model = []  # these change the model's shape: a resume refuses them
+    if 0 < m.layerscale < 0.01:
+        new_model.append(f"--layerscale 0.1 (now {m.layerscale:g}: every untrained class token is then the same, "
+                         "and AdamW opens the LayerScale gains by at most about the learning rate per step)")
     if not m.head_bn and cfg.effective_batch <= 64:
-        tips.append("--head-bn true (diverse targets at initialisation for small batches)")
-    if o.lr > 5e-4:
-        tips.append(f"a lower --lr (now {o.lr:g})")
+        new_model.append("--head-bn true (diverse targets at initialisation for small batches)")
+    resumable = []
+    if v.distinct_windows or not v.standardize_views:
+        resumable.append("views that share their intensity statistics (--distinct-windows false "
+                         "--standardize-views true)")
     if m.out_dim > 64 * cfg.effective_batch:
-        tips.append(f"fewer prototypes (--out-dim {max(256, 16 * cfg.effective_batch)}, now {m.out_dim})")
+        new_model.append(f"fewer prototypes (--out-dim {max(256, 16 * cfg.effective_batch)}, now {m.out_dim})")
+    if s.teacher_temp > 0.04:
+        resumable.append(f"a sharper teacher (--teacher-temp 0.04, now {s.teacher_temp:g})")
+    if s.centering == "centering":
+        resumable.append("--centering sinkhorn (DINOv3's choice; it cannot settle on uniform targets)")
+    if o.lr > 5e-4:
+        resumable.append(f"a lower --lr (now {o.lr:g})")
     if v.local_crops == 0:
-        tips.append("local crops (--local-crops 8)")
+        resumable.append("local crops (--local-crops 8)")
     if s.ibot_weight == 0:
-        tips.append("iBOT (--ibot-weight 1.0: many patch targets per image)")
-    tips.append("resume from the emergency checkpoint with the changed flags (--resume PATH)")
-    return "; ".join(tips)
+        new_model.append("iBOT (--ibot-weight 1.0: many patch targets per image)")
+    tips = []
+    if new_model:
+        tips.append("; ".join(new_model) + " (these change the model: start a new run with them)")
+    if resumable:
+        tips.append("; ".join(resumable) + " (these can resume from the emergency checkpoint: --resume PATH)")
+    return "; ".join(tips) or "see the user guide, Troubleshooting"
 
 
 def respond(guard: AnomalyGuard, anomalies: list[Anomaly], logger) -> tuple[bool, bool]:
