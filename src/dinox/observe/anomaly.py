@@ -273,21 +273,24 @@ def entropy_wall_advice(cfg) -> str:
     apart") the teacher left the wall only with LayerScale 0.1 (the untrained class tokens
     then differ), BN in the head, views that share their intensity statistics and a flat
     teacher temperature of 0.04 together, at prototypes sized to the batch, and stayed at or
-    near it without any one of the four; Sinkhorn-Knopp did not move it.
+    near it without any one of the four; Sinkhorn-Knopp alone did not move it (it stays among
+    the later tips as DINOv3's choice at scale).
     """
     m, s, o, v = cfg.model, cfg.ssl, cfg.optim, cfg.views
-    new_model = []  # these change the model's shape: a resume refuses them
+    new_model = []  # these change the model's shape, which a resume refuses
     if 0 < m.layerscale < 0.01:
         new_model.append(f"--layerscale 0.1 (now {m.layerscale:g}: every untrained class token is then the same, "
                          "and AdamW opens the LayerScale gains by at most about the learning rate per step)")
     if not m.head_bn and cfg.effective_batch <= 64:
         new_model.append("--head-bn true (diverse targets at initialisation for small batches)")
+    if m.out_dim > 64 * cfg.effective_batch:
+        new_model.append(f"fewer prototypes (--out-dim {max(256, 16 * cfg.effective_batch)}, now {m.out_dim})")
+    if s.ibot_weight == 0:
+        new_model.append("iBOT (--ibot-weight 1.0: many patch targets per image)")
     resumable = []
     if v.distinct_windows or not v.standardize_views:
         resumable.append("views that share their intensity statistics (--distinct-windows false "
                          "--standardize-views true)")
-    if m.out_dim > 64 * cfg.effective_batch:
-        new_model.append(f"fewer prototypes (--out-dim {max(256, 16 * cfg.effective_batch)}, now {m.out_dim})")
     if s.teacher_temp > 0.04:
         resumable.append(f"a sharper teacher (--teacher-temp 0.04, now {s.teacher_temp:g})")
     if s.centering == "centering":
@@ -296,8 +299,6 @@ def entropy_wall_advice(cfg) -> str:
         resumable.append(f"a lower --lr (now {o.lr:g})")
     if v.local_crops == 0:
         resumable.append("local crops (--local-crops 8)")
-    if s.ibot_weight == 0:
-        new_model.append("iBOT (--ibot-weight 1.0: many patch targets per image)")
     tips = []
     if new_model:
         tips.append("; ".join(new_model) + " (these change the model: start a new run with them)")
