@@ -64,21 +64,28 @@ def last_train_row(run: Path) -> dict:
     return [r for r in rows if "loss_dino" in r][-1]
 
 
-def draws(run: Path, n: int, count: int, device_name: str = "cpu") -> dict:
+def final_teacher(run: Path, device_name: str):
+    """The run's final checkpoint, its teacher backbone and its config, on the device."""
+    import torch
+
+    from dinox.eval.load import load_for_inference
+
+    device = torch.device(device_name)
+    checkpoint = sorted(run.glob("checkpoint_final_*.pth"))[-1]
+    final, cfg, _ = load_for_inference(checkpoint, device)
+    return checkpoint, final, cfg, device
+
+
+def draws(checkpoint: Path, final, cfg, device, n: int, count: int) -> dict:
     """Retrieval of the final teacher, the final student and the untrained network, each the
     mean of `count` view draws (the teacher is the measure; the student shows how far the EMA
     teacher lags behind it)."""
-    import torch
-
     from dinox.data.dataset import CTSliceDataset
     from dinox.data.layout import INDEX_FILE
     from dinox.eval.load import load_for_inference
     from dinox.eval.probe import untrained_backbone
     from dinox.eval.runner import evaluate_draws
 
-    device = torch.device(device_name)
-    checkpoint = sorted(run.glob("checkpoint_final_*.pth"))[-1]
-    final, cfg, _ = load_for_inference(checkpoint, device)
     student, _, _ = load_for_inference(checkpoint, device, which="student")
     root = Path(cfg.io.data_root)
     dataset = CTSliceDataset(root, "val", cfg.io.split_manifest, root / INDEX_FILE)
@@ -93,19 +100,13 @@ def draws(run: Path, n: int, count: int, device_name: str = "cpu") -> dict:
     return out
 
 
-def probes(run: Path, device_name: str = "cpu") -> dict:
+def probes(final, cfg, device) -> dict:
     """The labelled nodule probes (`dinox eval probe`) of the final teacher on every slice of
     the family's data (more slices than the demo's 384: the intervals are ~half as wide),
     with their baselines; `probe_skipped` where the family has no nodule labels."""
-    import torch
-
     from dinox.errors import UserError
-    from dinox.eval.load import load_for_inference
     from dinox.eval.probe import probe_backbone
 
-    device = torch.device(device_name)
-    checkpoint = sorted(run.glob("checkpoint_final_*.pth"))[-1]
-    final, cfg, _ = load_for_inference(checkpoint, device)
     root = Path(cfg.io.data_root)
     try:
         result = probe_backbone(final, cfg, root, split_manifest=cfg.io.split_manifest, device=device,
@@ -132,7 +133,8 @@ def check(args, seed: int, train_flags: list[str]) -> dict:
     runs = root / "runs" / args.tag
     start = time.perf_counter()
     code = dinox(["train", "--config", args.config, "--device", args.device, "--max-steps", str(args.steps),
-                  "--batch-size", str(args.batch_size), "--num-workers", str(args.num_workers), "--data-root", str(processed),
+                  "--batch-size", str(args.batch_size), "--num-workers", str(args.num_workers),
+                  "--data-root", str(processed),
                   "--split-manifest", str(processed / "_splits" / "val25_seed0.json"), "--out", str(runs),
                   "--ckpt-every", str(args.steps), "--monitor-every", "0", "--eval-every", str(args.steps),
                   "--eval-n", str(args.eval_n), "--log-interval", "60", "--seed", str(seed), *train_flags])
@@ -142,9 +144,17 @@ def check(args, seed: int, train_flags: list[str]) -> dict:
     config = json.loads((run / "config.json").read_text())["train"]
     first, final = evals.get(0, {}), evals.get(args.steps, {})
     ratio0, ratio = first.get("Eval/Retrieval_Ratio"), final.get("Eval/Retrieval_Ratio")
+    seconds = round(time.perf_counter() - start)   # training and its evals, not the scoring below
+    scored = {}
+    if code == 0 and (args.draws or args.probe):
+        checkpoint, teacher, cfg, device = final_teacher(run, args.device)
+        if args.draws:
+            scored.update(draws(checkpoint, teacher, cfg, device, args.eval_n, args.draws))
+        if args.probe:
+            scored.update(probes(teacher, cfg, device))
     return {
         "tag": args.tag, "family": args.family, "seed": seed, "config": args.config, "steps": args.steps,
-        "device": args.device, "flags": train_flags, "exit": code, "seconds": round(time.perf_counter() - start),
+        "device": args.device, "flags": train_flags, "exit": code, "seconds": seconds,
         "n": final.get("Eval/N"), "ratio0": ratio0, "ratio": ratio,
         "x_untrained": (ratio / ratio0) if ratio0 and ratio is not None else None,
         "top1": final.get("Eval/Retrieval_Top1"), "top5": final.get("Eval/Retrieval_Top5"),
@@ -152,8 +162,7 @@ def check(args, seed: int, train_flags: list[str]) -> dict:
         "loss_dino": last.get("loss_dino"), "wall": math.log(config["out_dim"]),
         "below_wall": math.log(config["out_dim"]) - last.get("loss_dino", math.nan),
         "entropy_teacher": last.get("Entropy_Teacher"), "run": str(run),
-        **(draws(run, args.eval_n, args.draws, args.device) if args.draws and code == 0 else {}),
-        **(probes(run, args.device) if args.probe and code == 0 else {}),
+        **scored,
     }
 
 

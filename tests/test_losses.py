@@ -10,9 +10,9 @@ import torch
 from dinox.errors import UserError
 from dinox.losses.dino import DINOLoss, entropy, sinkhorn_knopp
 from dinox.losses.gram import gram_anchoring_loss, validate_gram_weight
-from dinox.model.vit import resample_token_grid
 from dinox.losses.koleo import KoLeoLoss
 from dinox.model.head import DINOHead
+from dinox.model.vit import resample_token_grid
 
 
 @pytest.fixture(autouse=True)

@@ -147,15 +147,16 @@ def apply_rope(t: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torc
     return torch.cat([head, rotated.to(t.dtype)], dim=-2)
 
 
-def resample_token_grid(pos: torch.Tensor, grid: tuple[int, int], new_grid: tuple[int, int], *,
+def resample_token_grid(tokens: torch.Tensor, grid: tuple[int, int], new_grid: tuple[int, int], *,
                         offset: float = 0.0, antialias: bool = False) -> torch.Tensor:
     """(B, gh*gw, D) tokens on ``grid`` -> (B, nh*nw, D) on ``new_grid``, bicubic (PyTorch's,
-    half-pixel centres), computed in float32, returned in ``pos``'s dtype. Patch position
+    half-pixel centres), computed in float32, returned in ``tokens``' dtype. Patch position
     embeddings (B = 1) when a model runs at another grid; patch features when DINOv3's
     high-resolution Gram teacher brings its feature map back to the student's grid.
 
-    For position embeddings the conventions differ between the models that learned such grids, and a model's
-    outputs at a new grid only match its source when the source's convention is used:
+    For position embeddings the conventions differ between the models that learned such
+    grids, and a model's outputs at a new grid only match its source when the source's
+    convention is used:
 
     - dinox, transformers ``Dinov2Model``: target size, no antialiasing;
     - transformers ``Dinov2WithRegistersModel``, torch-hub DINOv2 ``_reg`` models: target
@@ -166,10 +167,10 @@ def resample_token_grid(pos: torch.Tensor, grid: tuple[int, int], new_grid: tupl
       slightly (a work-around inherited from DINO; dinov2/models/vision_transformer.py).
     """
     (gh, gw), (nh, nw) = grid, new_grid
-    b, n, d = pos.shape
+    b, n, d = tokens.shape
     if n != gh * gw:
         raise ValueError(f"{n} tokens do not form the {gh}x{gw} grid")
-    x = pos.float().reshape(b, gh, gw, d).permute(0, 3, 1, 2)
+    x = tokens.float().reshape(b, gh, gw, d).permute(0, 3, 1, 2)
     if offset:
         x = F.interpolate(x, scale_factor=((nh + offset) / gh, (nw + offset) / gw),
                           mode="bicubic", antialias=antialias)
@@ -178,7 +179,7 @@ def resample_token_grid(pos: torch.Tensor, grid: tuple[int, int], new_grid: tupl
                           antialias=antialias)
     if tuple(x.shape[-2:]) != (nh, nw):  # the offset form rounds down the scaled size
         raise ValueError(f"resampling {grid} -> {new_grid} gave {tuple(x.shape[-2:])}")
-    return x.permute(0, 2, 3, 1).reshape(b, nh * nw, d).to(pos.dtype)
+    return x.permute(0, 2, 3, 1).reshape(b, nh * nw, d).to(tokens.dtype)
 
 
 class LayerScale(nn.Module):

@@ -304,7 +304,7 @@ def entropy_wall_advice(cfg) -> str:
         tips.append("; ".join(new_model) + " (these change the model: start a new run with them)")
     if resumable:
         tips.append("; ".join(resumable) + " (these can resume from the emergency checkpoint: --resume PATH)")
-    return "; ".join(tips) or "see the user guide, Troubleshooting"
+    return "; ".join(tips)  # empty: EntropyWall points to the user guide instead
 
 
 def respond(guard: AnomalyGuard, anomalies: list[Anomaly], logger) -> tuple[bool, bool]:
