@@ -511,11 +511,12 @@ def test_inspect_reads_flat_trainer_config(tmp_path, capsys):
 def test_check_checkpoint_script(tmp_path, monkeypatch, capsys):
     good = save(tmp_path, 1, n=10)
     monkeypatch.setattr(sys, "argv", ["check_checkpoint.py", str(good), str(tmp_path / "nope.pth")])
+    monkeypatch.syspath_prepend(str(REPO / "scripts"))  # what `python scripts/x.py` does
     with pytest.raises(SystemExit) as exit_info:
         runpy.run_path(str(REPO / "scripts" / "check_checkpoint.py"), run_name="__main__")
     assert exit_info.value.code == 1
     out = capsys.readouterr().out
-    assert "intact" in out and "DAMAGED (no such file)" in out
+    assert "intact" in out and "MISSING (no such file)" in out
 
 
 def test_check_checkpoint_script_runs_uninstalled_from_checkout(tmp_path):

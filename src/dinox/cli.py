@@ -21,8 +21,29 @@ COMMANDS = [
 ]
 
 
+class DinoxArgumentParser(argparse.ArgumentParser):
+    """argparse with a one-line error: the message and where the flags are listed, instead of
+    the whole usage block (train's runs to ~55 lines and buries the line that matters). It
+    exits 1, dinox's code for bad input, not argparse's 2, which the eval commands use for a
+    failed check. Subcommands' parsers are of this class too (argparse builds them with the
+    parent's type)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(1, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def _leaf_parsers(parser: argparse.ArgumentParser):
+    """Every parser under `parser` that has no subcommands of its own."""
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not subs:
+        yield parser
+    for action in subs:
+        for child in dict.fromkeys(action.choices.values()):
+            yield from _leaf_parsers(child)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = DinoxArgumentParser(
         prog="dinox",
         description="DINOv3-style self-supervised pretraining of Vision Transformers on CT.",
     )
@@ -36,12 +57,32 @@ def build_parser() -> argparse.ArgumentParser:
                 raise
             continue
         module.add_parser(sub)
+    for leaf in _leaf_parsers(parser):
+        leaf.set_defaults(_parser=leaf)
     return parser
+
+
+def _os_error_line(exc: OSError) -> str:
+    """One line for a file-system failure (read-only disk, no permission, a file where a
+    folder is needed, disk full), naming the path and what to do."""
+    where = f" {exc.filename}" if exc.filename else ""
+    if exc.filename2:
+        where += f" -> {exc.filename2}"
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    return (f"cannot read or write{where}: {reason}; check that the path exists, is the kind "
+            "expected (file or folder) and is writable, or give another one")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args, extra = parser.parse_known_args(argv)
+        if extra:
+            # report unknown flags with the usage of the subcommand they were given to, not the
+            # top-level one (what argparse does, and what the seed scripts' shims showed)
+            getattr(args, "_parser", parser).error(f"unrecognized arguments: {' '.join(extra)}")
+    except SystemExit as exc:  # a refused flag (1), --help or --version (0): a code, as for any other end
+        return exc.code if isinstance(exc.code, int) else 1
     if not getattr(args, "func", None):
         parser.print_help()
         return 1
@@ -50,6 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except OSError as exc:
+        print(f"error: {_os_error_line(exc)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

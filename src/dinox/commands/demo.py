@@ -14,6 +14,7 @@ import json
 import time
 from pathlib import Path
 
+from dinox.commands.argtypes import int_at_least, nonneg_int, positive_int
 from dinox.data.synth import FAMILIES
 from dinox.errors import UserError
 
@@ -33,14 +34,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="phantom family to synthesise (chest, head or limb; see dinox synth)")
     p.add_argument("--root", default=None,
                    help="where the demo writes everything (data/demo; data/demo_<family> for head and limb)")
-    p.add_argument("--patients", type=int, default=DEMO_PATIENTS)
-    p.add_argument("--slices", type=int, default=DEMO_SLICES)
-    p.add_argument("--size", type=int, default=DEMO_SIZE)
-    p.add_argument("--steps", type=int, default=DEMO_STEPS)
-    p.add_argument("--batch-size", type=int, default=DEMO_BATCH)
-    p.add_argument("--eval-n", type=int, default=DEMO_EVAL_N)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num-workers", type=int, default=1)
+    p.add_argument("--patients", type=positive_int, default=DEMO_PATIENTS)
+    p.add_argument("--slices", type=int_at_least(3), default=DEMO_SLICES)
+    p.add_argument("--size", type=positive_int, default=DEMO_SIZE)
+    p.add_argument("--steps", type=positive_int, default=DEMO_STEPS)
+    p.add_argument("--batch-size", type=positive_int, default=DEMO_BATCH)
+    p.add_argument("--eval-n", type=positive_int, default=DEMO_EVAL_N)
+    p.add_argument("--seed", type=nonneg_int, default=0)
+    p.add_argument("--num-workers", type=nonneg_int, default=1)
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16 autocast in training (default: on where the CPU computes bf16 natively, "
                         "AVX512-BF16 or AMX, where it trains ~25 %% faster; off elsewhere, where it is emulated)")

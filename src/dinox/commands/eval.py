@@ -17,6 +17,7 @@ import hashlib
 import json
 from pathlib import Path
 
+from dinox.commands.argtypes import nonneg_int, positive_int
 from dinox.errors import UserError
 
 EXIT_PASS = 0
@@ -35,12 +36,12 @@ def add_retrieval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-root", help="processed root (default: the folder above the index CSV's _index/)")
     p.add_argument("--split", default=RETRIEVAL_DEFAULTS["split"], choices=["val", "train", "all"],
                    help="which side of the split (val)")
-    p.add_argument("--n", type=int, default=4096, help="validation samples (all of them if the split has fewer)")
-    p.add_argument("--topk", type=int, nargs="+", default=[1, 5], help="k values to report (default 1 5)")
+    p.add_argument("--n", type=positive_int, default=4096, help="validation samples (all of them if the split has fewer)")
+    p.add_argument("--topk", type=positive_int, nargs="+", default=[1, 5], help="k values to report (default 1 5)")
     p.add_argument("--min-ratio", type=float, default=DEFAULT_MIN_RATIO,
                    help=f"pass threshold on top1 / (1/n) (default {DEFAULT_MIN_RATIO})")
-    p.add_argument("--seed", type=int, default=RETRIEVAL_DEFAULTS["seed"], help="seed of the sample draw and the views")
-    p.add_argument("--draws", type=int, default=1,
+    p.add_argument("--seed", type=nonneg_int, default=RETRIEVAL_DEFAULTS["seed"], help="seed of the sample draw and the views")
+    p.add_argument("--draws", type=positive_int, default=1,
                    help="independent draws of the views (seeds --seed, --seed + 1, ...), the figures averaged: one "
                         "draw at a few per cent top-1 is noisy, so compare checkpoints on 4 or more (default 1)")
     p.add_argument("--views", default="train", choices=list(VIEWS),
@@ -49,7 +50,7 @@ def add_retrieval_arguments(p: argparse.ArgumentParser) -> None:
                         "(uncropped-lung); a diagnosis of which invariance is missing")
     p.add_argument("--network", choices=["teacher", "student"], default="teacher")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "rocm", "mps", "cpu"])
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--batch-size", type=positive_int, default=128)
     p.add_argument("--out", help="folder for the JSON (default: beside the checkpoint)")
 
 
@@ -67,21 +68,21 @@ def add_probe_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"share of patients tested with --split patients (default {probe.DEFAULT_TEST_FRACTION})")
     p.add_argument("--min-auroc", type=float, default=probe.DEFAULT_MIN_AUROC,
                    help=f"pass line on slice_nodule and patch_nodule (default {probe.DEFAULT_MIN_AUROC})")
-    p.add_argument("--min-readers", type=int, default=probe.MIN_READERS,
+    p.add_argument("--min-readers", type=positive_int, default=probe.MIN_READERS,
                    help=f"readers who must mark a nodule for it to count (default {probe.MIN_READERS} of LIDC's 4)")
     p.add_argument("--network", choices=["teacher", "student"], default="teacher")
-    p.add_argument("--seed", type=int, default=PROBE_DEFAULTS["seed"],
+    p.add_argument("--seed", type=nonneg_int, default=PROBE_DEFAULTS["seed"],
                    help="seed of the patient split, the patch draw and the bootstrap")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "rocm", "mps", "cpu"])
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--max-slices", type=int, default=probe.DEFAULT_MAX_SLICES,
+    p.add_argument("--batch-size", type=positive_int, default=64)
+    p.add_argument("--max-slices", type=positive_int, default=probe.DEFAULT_MAX_SLICES,
                    help=f"slices embedded at most (positives first; default {probe.DEFAULT_MAX_SLICES})")
-    p.add_argument("--bootstrap", type=int, default=probe.BOOTSTRAP, help=f"resamples (default {probe.BOOTSTRAP})")
+    p.add_argument("--bootstrap", type=positive_int, default=probe.BOOTSTRAP, help=f"resamples (default {probe.BOOTSTRAP})")
     p.add_argument("--labels-json", help="dinox synth's labels.json for vessel labels (default: the one the "
                                          "table's synthetic rows came from)")
     p.add_argument("--no-baselines", action="store_true",
                    help="skip the untrained-network and pixel baselines (and the patch tasks' hand-feature reference)")
-    p.add_argument("--size", type=int, default=None,
+    p.add_argument("--size", type=positive_int, default=None,
                    help="input size in pixels the slices are resized to (a multiple of the patch; default: the "
                         "run's training size). Larger gives smaller patch cells for the patch-level probes")
     p.add_argument("--out", help="folder for the JSON (default: beside the checkpoint)")
@@ -160,11 +161,26 @@ def result_name(stem: str, *, split: str, seed: int, defaults: dict, network: st
     return "_".join([stem, *tags]) + ".json"
 
 
-def _write_json(path: Path, result: dict) -> None:
+def _write_result(out_dir: Path, name: str, result: dict) -> Path:
+    """Write `result` as out_dir/name and return the path. A file of that name written for
+    another checkpoint (several runs evaluated into one --out at the same step) is kept: the
+    new result gets a short hash of its checkpoint's path in its name instead."""
+    path = out_dir / name
+    mine = str(Path(result["checkpoint"]).resolve())
+    try:
+        theirs = json.loads(path.read_text()).get("checkpoint") if path.is_file() else None
+    except (OSError, ValueError, AttributeError):
+        theirs = None
+    if theirs is not None and str(Path(theirs).resolve()) != mine:
+        tag = hashlib.sha256(mine.encode()).hexdigest()[:8]
+        path = path.with_name(f"{path.stem}_ckpt{tag}{path.suffix}")
+        print(f"note: {out_dir / name} holds the result of another checkpoint ({theirs}); kept, this one "
+              f"goes to {path.name}")
     try:
         path.write_text(json.dumps(result, indent=2) + "\n")
     except OSError as exc:
         raise UserError(f"cannot write {path} ({exc.strerror or exc}); give another --out") from None
+    return path
 
 
 def run_retrieval(args) -> int:
@@ -224,8 +240,7 @@ def run_retrieval(args) -> int:
                        defaults=RETRIEVAL_DEFAULTS, network=args.network, manifest=manifest, root=root,
                        trained_root=cfg.io.data_root, trained_manifest=cfg.io.split_manifest, views=args.views,
                        draws=args.draws)
-    out_path = out_dir / name
-    _write_json(out_path, result)
+    out_path = _write_result(out_dir, name, result)
     tops = " ".join(f"top{k}={result[f'top{k}']:.4f}" for k in sorted({1, *ks}))
     print(
         f"view retrieval step={meta.step} n={result['n']} ({result['series']} series) {tops} "
@@ -293,8 +308,7 @@ def run_probe(args) -> int:
     name = result_name(f"probe_step{meta.step}", split=args.split, seed=args.seed, defaults=PROBE_DEFAULTS,
                        network=args.network, manifest=manifest, root=root, trained_root=cfg.io.data_root,
                        trained_manifest=cfg.io.split_manifest, size=args.size, trained_size=cfg.views.img_size)
-    out_path = out_dir / name
-    _write_json(out_path, result)
+    out_path = _write_result(out_dir, name, result)
     print(f"probe step={meta.step} ({args.network}) split={result['split']['mode']}: "
           f"{result['split']['train_patients']} train / {result['split']['test_patients']} test patients; "
           f"{result['labels']['rule']}")

@@ -39,6 +39,10 @@ FORMATS = ("hf", "safetensors", "dinov2-hub", "dinov3-hub")
 PREPROCESSING = "ct_preprocessing.json"
 HEAD_FILE = "dino_head.safetensors"
 IBOT_HEAD_FILE = "ibot_head.safetensors"
+# every file some export format writes: --overwrite removes these (and only these) first, so
+# that a folder never holds one export's weights beside another's README and preprocessing
+EXPORT_FILES = ("config.json", "model.safetensors", HEAD_FILE, IBOT_HEAD_FILE, "backbone.safetensors",
+                "backbone.pth", "backbone.json", PREPROCESSING, "README.md")
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -54,7 +58,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder (created; must be empty)")
     parser.add_argument("--network", choices=NETWORKS, default="teacher",
                         help="which network's backbone (default teacher, the EMA one DINO evaluates)")
-    parser.add_argument("--overwrite", action="store_true", help="write into a non-empty --out folder")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="write into a non-empty --out folder, replacing the files of an earlier export there "
+                             "(other files are left alone)")
     parser.set_defaults(func=run)
     return parser
 
@@ -73,7 +79,9 @@ def export_checkpoint(checkpoint: str | Path, fmt: str, out: str | Path, *, netw
     if fmt not in FORMATS:
         raise UserError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
     checkpoint, out = Path(checkpoint), Path(out)
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not overwrite)):
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; give a folder (new, empty, or an earlier export with --overwrite)")
+    if out.exists() and any(out.iterdir()) and not overwrite:
         raise UserError(f"--out {out} exists and is not an empty folder; pick a new folder or pass --overwrite")
     backbone, cfg, meta = load_for_inference(checkpoint, torch.device("cpu"), which=network)
     # refuse impossible layouts before anything is written
@@ -82,6 +90,8 @@ def export_checkpoint(checkpoint: str | Path, fmt: str, out: str | Path, *, netw
     if fmt == "dinov3-hub" and not backbone.arch.rope:
         weights.dinov3_hub_state(backbone)
     out.mkdir(parents=True, exist_ok=True)
+    for name in EXPORT_FILES:
+        (out / name).unlink(missing_ok=True)
     info = {
         "checkpoint": checkpoint.name, "checkpoint_sha256": store.file_sha256(checkpoint),
         "step": meta.step, "network": network, "dinox_version": __version__,

@@ -19,7 +19,8 @@ import torch
 from dinox.config import SHAPE_FIELDS, check_checkpoint_format
 from dinox.errors import UserError
 from dinox.observe.metrics import json_safe
-from dinox.run.checkpoint import CheckpointError, load_checkpoint, parse_checkpoint_name, verify_checkpoint
+from dinox.run.checkpoint import (CheckpointError, load_checkpoint, not_a_checkpoint, parse_checkpoint_name,
+                                  verify_checkpoint)
 
 _WEIGHT_SETS = ("student", "teacher", "gram_teacher")
 # Without these a file is no usable dinox checkpoint, not even for evaluation (eval reads
@@ -96,6 +97,10 @@ def summarize(path) -> dict:
         report["size_bytes"] = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
     else:
         report["size_bytes"] = path.stat().st_size if path.is_file() else None
+    other = not_a_checkpoint(path) if path.exists() else None
+    if other:  # not damage: a missing path, a folder, an export
+        report["intact"], report["reason"], report["not_a_checkpoint"] = False, other, True
+        return report
     intact, reason = verify_checkpoint(path, REQUIRED_KEYS)
     report["intact"], report["reason"] = intact, reason
     if not intact:
@@ -146,7 +151,8 @@ def _row(label: str, text: str) -> str:
 
 
 def format_report(report: dict) -> str:
-    status = "intact" if report["intact"] else "DAMAGED"
+    status = ("intact" if report["intact"] else "MISSING" if report["reason"] == "no such file"
+              else "NOT A CHECKPOINT" if report.get("not_a_checkpoint") else "DAMAGED")
     lines = [report["path"],
              _row("status", f"{status} ({report['reason']})"),
              _row("size", _size_text(report["size_bytes"]))]

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from dinox.commands.argtypes import nonneg_int, path, positive_int
 from dinox.data.ingest import format_summary, prepare
 from dinox.data.parallel import DEFAULT_WORKERS
 
@@ -14,15 +15,15 @@ def add_parser(subparsers) -> None:
         description="Convert DICOM series and NIfTI volumes into int16 HU volumes, an index "
                     "and a patient-level train/val split.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--input", nargs="+", required=True, type=Path, metavar="DIR",
+    p.add_argument("--input", nargs="+", required=True, type=path, metavar="DIR",
                    default=argparse.SUPPRESS,
                    help="folders (searched recursively) or files with DICOM and/or NIfTI scans")
-    p.add_argument("--output", type=Path, default=Path("data/processed"), help="processed data root")
-    p.add_argument("--workers", type=int, default=DEFAULT_WORKERS,
+    p.add_argument("--output", type=path, default=Path("data/processed"), help="processed data root")
+    p.add_argument("--workers", type=positive_int, default=DEFAULT_WORKERS,
                    help="parallel processes")
     p.add_argument("--force", action="store_true", help="rewrite series that are already done")
     p.add_argument("--val-fraction", type=float, default=0.1, help="fraction of patients for validation")
-    p.add_argument("--split-seed", type=int, default=0, help="seed of the patient split")
+    p.add_argument("--split-seed", type=nonneg_int, default=0, help="seed of the patient split")
     p.set_defaults(func=run)
 
 

@@ -5,6 +5,7 @@ import argparse
 import time
 from pathlib import Path
 
+from dinox.commands.argtypes import int_at_least, nonneg_int, path, positive_int
 from dinox.data.parallel import DEFAULT_WORKERS
 from dinox.data.synth import FAMILIES, generate_dataset
 
@@ -16,15 +17,15 @@ def add_parser(subparsers) -> None:
         "synth", help="write synthetic CT DICOM series (procedural chest, head or limb phantoms)",
         description="Write procedural CT phantoms as DICOM series plus labels.json.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--out", required=True, type=Path, default=argparse.SUPPRESS, help="output folder")
+    p.add_argument("--out", required=True, type=path, default=argparse.SUPPRESS, help="output folder")
     p.add_argument("--family", choices=list(FAMILIES), default="chest",
                    help="phantom family: chest (lungs, nodules), head (brain, skull; haemorrhages) or "
                         "limb (thigh, leg or forearm; bone lesions, soft-tissue masses, implants)")
-    p.add_argument("--patients", type=int, default=4, help="number of patients (one series each)")
-    p.add_argument("--slices", type=int, default=64, help="slices per series")
-    p.add_argument("--size", type=int, default=256, help="rows and columns per slice")
-    p.add_argument("--seed", type=int, default=0, help="random seed; same seed, same files")
-    p.add_argument("--workers", type=int, default=DEFAULT_WORKERS,
+    p.add_argument("--patients", type=positive_int, default=4, help="number of patients (one series each)")
+    p.add_argument("--slices", type=int_at_least(3), default=64, help="slices per series")
+    p.add_argument("--size", type=positive_int, default=256, help="rows and columns per slice")
+    p.add_argument("--seed", type=nonneg_int, default=0, help="random seed; same seed, same files")
+    p.add_argument("--workers", type=positive_int, default=DEFAULT_WORKERS,
                    help="parallel processes (the files do not depend on it)")
     p.set_defaults(func=run)
 

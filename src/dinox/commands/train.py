@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 from pathlib import Path
 
 import torch
@@ -21,6 +22,7 @@ from dinox.config import (
     RunConfig,
     resolve,
 )
+from dinox.commands.argtypes import boolean, nonneg_int, positive_int
 from dinox.data.layout import atomic_write_text
 from dinox.errors import UserError
 from dinox.run.signals import EXIT_WONT_FIT
@@ -51,84 +53,58 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return parser
 
 
-def _bool(text: str) -> bool:
-    value = text.strip().lower()
-    if value in ("true", "1", "yes", "on"):
-        return True
-    if value in ("false", "0", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-
-
-def _int_at_least(minimum: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"expected a number >= {minimum}, got {value}")
-        return value
-
-    return parse
-
-
-_positive_int = _int_at_least(1)
-_nonneg_int = _int_at_least(0)
-
-
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
     """All flags of `dinox train` / scripts/phase5_big_run.py (defaults None: see module doc)."""
     g = p.add_argument_group("model")
     g.add_argument("--config", choices=MODEL_CHOICES, default=None,
                    help="model preset (default vit-tiny, or the checkpoint's on resume); the --vit-* flags "
                         "override it; 'custom' needs all four")
-    g.add_argument("--vit-patch", type=_positive_int)
-    g.add_argument("--vit-dim", type=_positive_int)
-    g.add_argument("--vit-depth", type=_positive_int)
-    g.add_argument("--vit-heads", type=_positive_int)
-    g.add_argument("--vit-mlp", type=_positive_int, help="MLP hidden width (default 4 x dim; 6144 for vit-giant)")
+    g.add_argument("--vit-patch", type=positive_int)
+    g.add_argument("--vit-dim", type=positive_int)
+    g.add_argument("--vit-depth", type=positive_int)
+    g.add_argument("--vit-heads", type=positive_int)
+    g.add_argument("--vit-mlp", type=positive_int, help="MLP hidden width (default 4 x dim; 6144 for vit-giant)")
     g.add_argument("--swiglu", action=argparse.BooleanOptionalAction, default=None, help="SwiGLU MLP instead of GELU")
-    g.add_argument("--registers", type=_nonneg_int, help="register tokens (default 4)")
+    g.add_argument("--registers", type=nonneg_int, help="register tokens (default 4)")
     g.add_argument("--drop-path", type=float, help="stochastic depth rate")
     g.add_argument("--layerscale", type=float, help="LayerScale init (1e-5 for big presets; 0 disables)")
-    g.add_argument("--out-dim", type=_positive_int, help="DINO head prototypes (65536 for big presets, 1024 for vit-tiny)")
-    g.add_argument("--head-hidden", type=_positive_int)
-    g.add_argument("--head-bottleneck", type=_positive_int)
-    g.add_argument("--head-layers", type=_positive_int)
-    g.add_argument("--head-bn", type=_bool, metavar="true|false",
+    g.add_argument("--out-dim", type=positive_int, help="DINO head prototypes (65536 for big presets, 1024 for vit-tiny)")
+    g.add_argument("--head-hidden", type=positive_int)
+    g.add_argument("--head-bottleneck", type=positive_int)
+    g.add_argument("--head-layers", type=positive_int)
+    g.add_argument("--head-bn", type=boolean, metavar="true|false",
                    help="BatchNorm (batch statistics) in the head MLP (DINO's use_bn; default off)")
 
     g = p.add_argument_group("views")
-    g.add_argument("--img-size", type=_positive_int, help="global crop size in px (224; 64 for vit-tiny)")
-    g.add_argument("--local-crops", type=_nonneg_int, help="local crops per sample")
-    g.add_argument("--local-size", type=_positive_int, help="local crop size in px")
+    g.add_argument("--img-size", type=positive_int, help="global crop size in px (224; 64 for vit-tiny)")
+    g.add_argument("--local-crops", type=nonneg_int, help="local crops per sample")
+    g.add_argument("--local-size", type=positive_int, help="local crop size in px")
     g.add_argument("--global-scale-min", type=float, help="smallest area fraction of a global crop (DINOv2: 0.32)")
     g.add_argument("--local-scale", type=float, nargs=2, metavar=("MIN", "MAX"),
                    help="area fraction range of the local crops (DINOv2: 0.05 0.32)")
-    g.add_argument("--distinct-windows", type=_bool, metavar="true|false",
+    g.add_argument("--distinct-windows", type=boolean, metavar="true|false",
                    help="draw the two global views' HU windows from different families (lung/mediastinal/bone/broad)")
-    g.add_argument("--standardize-views", type=_bool, metavar="true|false",
+    g.add_argument("--standardize-views", type=boolean, metavar="true|false",
                    help="zero-mean unit-std each view after windowing")
 
     g = p.add_argument_group("optimisation")
-    g.add_argument("--max-steps", type=_positive_int, help="optimizer steps; omit to train until stopped")
-    g.add_argument("--batch-size", type=_positive_int, help="per-device micro-batch (default: hardware preset)")
-    g.add_argument("--accumulation-steps", type=_positive_int, help="micro-batches per optimizer step")
+    g.add_argument("--max-steps", type=positive_int, help="optimizer steps; omit to train until stopped")
+    g.add_argument("--batch-size", type=positive_int, help="per-device micro-batch (default: hardware preset)")
+    g.add_argument("--accumulation-steps", type=positive_int, help="micro-batches per optimizer step")
     g.add_argument("--lr", type=float, help="peak learning rate (not scaled by batch)")
     g.add_argument("--min-lr", type=float, help="final learning rate of the cosine (seed 004: 1e-6)")
-    g.add_argument("--warmup-steps", type=_nonneg_int, help="linear warm-up steps (seed 004: 2500)")
+    g.add_argument("--warmup-steps", type=nonneg_int, help="linear warm-up steps (seed 004: 2500)")
     g.add_argument("--weight-decay", type=float)
     g.add_argument("--weight-decay-end", type=float)
     g.add_argument("--clip-grad", type=float, help="gradient norm clip (0 disables)")
-    g.add_argument("--freeze-last-layer-steps", type=_nonneg_int)
-    g.add_argument("--freeze-backbone-steps", type=_nonneg_int,
+    g.add_argument("--freeze-last-layer-steps", type=nonneg_int)
+    g.add_argument("--freeze-backbone-steps", type=nonneg_int,
                    help="steps during which only the heads learn (default with --init-from: 10%% of the run)")
     g.add_argument("--momentum", type=float, help="teacher EMA momentum at step 0 (cosine towards --momentum-end)")
     g.add_argument("--momentum-end", type=float)
     g.add_argument("--teacher-temp", type=float)
     g.add_argument("--teacher-temp-start", type=float)
-    g.add_argument("--teacher-temp-warmup-steps", type=_nonneg_int)
+    g.add_argument("--teacher-temp-warmup-steps", type=nonneg_int)
     g.add_argument("--student-temp", type=float)
     g.add_argument("--centering", choices=["centering", "sinkhorn"])
     g.add_argument("--center-momentum", type=float)
@@ -139,16 +115,16 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ibot-mask-probability", type=float,
                    help="fraction of the global-view images that are masked (DINOv2: 0.5)")
     g.add_argument("--gram-weight", type=float, help="Gram anchoring weight (> 0; it cannot be disabled)")
-    g.add_argument("--gram-refresh-every", type=_positive_int, help="steps between Gram-teacher snapshots")
-    g.add_argument("--gram-start-step", type=_nonneg_int,
+    g.add_argument("--gram-refresh-every", type=positive_int, help="steps between Gram-teacher snapshots")
+    g.add_argument("--gram-start-step", type=nonneg_int,
                    help="first frozen Gram snapshot; before it the Gram teacher follows the EMA teacher and the "
                         "Gram weight ramps in (0: snapshots from step 0)")
-    g.add_argument("--gram-teacher-scale", type=_positive_int,
+    g.add_argument("--gram-teacher-scale", type=positive_int,
                    help="the Gram teacher sees the global views this many times larger and its patch features "
                         "are resized back to the student's grid (DINOv3's high-resolution Gram teacher: 2; "
                         "costs a teacher forward at scale^2 the tokens)")
-    g.add_argument("--horizon", type=_positive_int, help="schedule span of an unlimited run")
-    g.add_argument("--seed", type=int)
+    g.add_argument("--horizon", type=positive_int, help="schedule span of an unlimited run")
+    g.add_argument("--seed", type=nonneg_int)
 
     g = p.add_argument_group("hardware")
     g.add_argument("--device", choices=DEVICE_CHOICES, default=None, help="override detection (default auto)")
@@ -158,31 +134,32 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--parallel", choices=PARALLEL_CHOICES, default=None,
                    help="under torchrun: ddp (default; whole copies on every rank) or fsdp (FSDP2: student, teacher "
                         "and Gram teacher sharded over the ranks, sharded DCP checkpoints)")
-    g.add_argument("--num-workers", type=_nonneg_int)
-    g.add_argument("--pin-memory", type=_bool, metavar="true|false")
+    g.add_argument("--num-workers", type=nonneg_int)
+    g.add_argument("--pin-memory", type=boolean, metavar="true|false")
     g.add_argument("--device-memory", type=float, metavar="GB", help="plan for a device with this much memory")
 
     g = p.add_argument_group("data and output")
     g.add_argument("--data-root", help="processed root (default data/processed)")
     g.add_argument("--init-from", metavar="PATH",
                    help="start the backbone from pretrained weights: a DINOv2/DINOv3 .pth, a transformers folder, "
-                        "a dinox checkpoint or export; selects the warm-start recipe (docs/recipes.md)")
+                        "a dinox export (`dinox export`; a training checkpoint is continued with --resume); "
+                        "selects the warm-start recipe (docs/recipes.md)")
     g.add_argument("--index-csv", help="default <data-root>/_index/index.csv")
     g.add_argument("--split-manifest", help="default <data-root>/_splits/val10_seed0.json")
     g.add_argument("--out", help="runs root (default data/runs); each run gets YYYYMMDD_HHMMSS/")
     g.add_argument("--resume", help="'auto' (newest good checkpoint under --out) or a checkpoint path")
 
     g = p.add_argument_group("checkpoints, monitoring, validation")
-    g.add_argument("--ckpt-every", type=_positive_int, help="steps between checkpoints (100)")
-    g.add_argument("--ckpt-keep-last", type=_positive_int, help="periodic checkpoints kept (5)")
-    g.add_argument("--ckpt-milestone-every", type=_nonneg_int, help="keep every M-th step out of rotation")
-    g.add_argument("--monitor-every", type=_nonneg_int, help="steps between heatmaps/stats (1000; 0 off)")
-    g.add_argument("--eval-every", type=_nonneg_int, help="steps between retrieval + rank checks (0 off)")
-    g.add_argument("--eval-n", type=_positive_int, help="validation samples per in-training check (512)")
-    g.add_argument("--probe-every", type=_nonneg_int,
+    g.add_argument("--ckpt-every", type=positive_int, help="steps between checkpoints (100)")
+    g.add_argument("--ckpt-keep-last", type=positive_int, help="periodic checkpoints kept (5)")
+    g.add_argument("--ckpt-milestone-every", type=nonneg_int, help="keep every M-th step out of rotation")
+    g.add_argument("--monitor-every", type=nonneg_int, help="steps between heatmaps/stats (1000; 0 off)")
+    g.add_argument("--eval-every", type=nonneg_int, help="steps between retrieval + rank checks (0 off)")
+    g.add_argument("--eval-n", type=positive_int, help="validation samples per in-training check (512)")
+    g.add_argument("--probe-every", type=nonneg_int,
                    help="steps between frozen-feature nodule probes (Eval/Probe_*; needs labels; 0 off)")
     g.add_argument("--log-interval", type=float, help="seconds between progress lines (10)")
-    g.add_argument("--log-every", type=_positive_int, help="steps between metrics.jsonl/TensorBoard rows (1)")
+    g.add_argument("--log-every", type=positive_int, help="steps between metrics.jsonl/TensorBoard rows (1)")
     g.add_argument("--halt-on-anomaly", action=argparse.BooleanOptionalAction, default=None, help="stop on a loss spike too")
     g.add_argument("--collapse-std", type=float, help="embedding std below which collapse is flagged (0.01)")
     g.add_argument("--spike-factor", type=float, help="loss above this x its 10-step mean is a spike (2.0)")
@@ -190,7 +167,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("planning")
     g.add_argument("--dry-run", action="store_true", help="resolve, estimate memory on the meta device, exit (0 fits, 3 not)")
     g.add_argument("--json", action="store_true", help="with --dry-run: print the summary as one JSON object")
-    g.add_argument("--world-size", "--nproc", dest="world_size", type=_positive_int, default=None,
+    g.add_argument("--world-size", "--nproc", dest="world_size", type=positive_int, default=None,
                    help="with --dry-run: plan for this many ranks (per-rank memory with --parallel fsdp); "
                         "default: this launch's (WORLD_SIZE under torchrun, else 1)")
 
@@ -233,6 +210,15 @@ def run(args: argparse.Namespace) -> int:
     resolved = resolve(given, hardware_preset=preset_name, device_kind=info.kind,
                        saved=source.state["config"] if source is not None else None)
     cfg = resolved.cfg
+    saved_init = source.state["config"].get("init_from") if source is not None else None
+    if source is not None and given.get("init_from") and str(given["init_from"]) != str(saved_init):
+        # the same --init-from as the run began with is fine (a requeue repeats its command line)
+        raise UserError(f"--init-from {given['init_from']} would be ignored: --resume continues {source.path} with "
+                        f"its own weights (begun from {saved_init or 'scratch'}); drop --init-from, or start a new "
+                        "run without --resume")
+    if source is not None and cfg.optim.max_steps is not None and source.step > cfg.optim.max_steps:
+        raise UserError(f"{source.path} is at step {source.step}, past --max-steps {cfg.optim.max_steps}: nothing "
+                        f"to train; give a --max-steps above {source.step} to train on")
     if args.resume == "auto" and source is None and not args.dry_run:
         resolved.notices.append(f"--resume auto: no checkpoint under {out_root}; starting a new run")
 
@@ -242,7 +228,7 @@ def run(args: argparse.Namespace) -> int:
         resolved.notices.append("--parallel fsdp in a single process: nothing to shard over, training unsharded "
                                 "(launch with torchrun --nproc-per-node N to shard)")
     if args.dry_run:
-        return report_dry_run(cfg, info, preset_name, resolved.preset_lines, plan, args.json)
+        return report_dry_run(cfg, info, preset_name, resolved.preset_lines, plan, args.json, device_notes)
     if not plan["fits"]:
         raise WontFit(wont_fit_message(plan))
     in_place = source is not None and source.in_place
@@ -344,8 +330,13 @@ def wont_fit_message(plan: dict) -> str:
             f"{_gb(plan['device_memory_bytes'])}; ways out: {ways}")
 
 
-def report_dry_run(cfg: RunConfig, info, preset_name, preset_lines, plan, as_json: bool) -> int:
+def report_dry_run(cfg: RunConfig, info, preset_name, preset_lines, plan, as_json: bool,
+                   device_notes: list[str] = ()) -> int:
+    """Print the plan. `device_notes` (a requested --device that is missing, and what is
+    planned for instead) go to stderr as warnings, and into the JSON as "device_notices"."""
     est, o = plan["estimate"], cfg.optim
+    for line in device_notes:
+        print(f"warning: {line} (plan for a card that is not here with --device-memory)", file=sys.stderr)
     summary = {
         "config": cfg.model.preset,
         "arch": {k: cfg.get(k) for k in SHAPE_FIELDS},
@@ -366,6 +357,7 @@ def report_dry_run(cfg: RunConfig, info, preset_name, preset_lines, plan, as_jso
         "device_memory_gb": round(plan["device_memory_bytes"] / 1024**3, 2) if plan["device_memory_bytes"] else None,
         "fits": plan["fits"],
         "suggestions": plan["suggestions"],
+        "device_notices": list(device_notes),
     }
     if as_json:
         print(json.dumps(summary, default=str))

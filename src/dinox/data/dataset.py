@@ -54,6 +54,9 @@ class CTSliceDataset(Dataset):
             if unknown:
                 raise UserError(f"{len(unknown)} series of {manifest} are not in {index_csv} "
                                 f"(e.g. {unknown[0]}); re-run `dinox prep` so both match")
+        if not wanted:
+            raise UserError(f"{manifest} lists no {split} series; re-run `dinox prep` with a --val-fraction that "
+                            f"leaves at least one patient on each side")
         counts = {s: self._whole_number(rows[s], "num_slices") for s in wanted}
         self.series_ids: list[str] = [s for s in wanted if counts[s] >= min_slices]
         if not self.series_ids:
@@ -89,6 +92,11 @@ class CTSliceDataset(Dataset):
     @staticmethod
     def _load_manifest(manifest: Path, split: str) -> list[str]:
         if not manifest.is_file():
+            others = sorted(p.name for p in manifest.parent.glob("*.json")) if manifest.parent.is_dir() else []
+            if others:
+                raise UserError(f"split manifest not found: {manifest}; the root has {', '.join(others)}: pass "
+                                f"--split-manifest {manifest.parent / others[0]} (or re-run `dinox prep` with "
+                                f"the --val-fraction and --split-seed wanted)")
             raise UserError(f"split manifest not found: {manifest}; run `dinox prep` first")
         try:
             data = json.loads(manifest.read_text())

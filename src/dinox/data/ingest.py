@@ -95,10 +95,10 @@ def process_task(task: Task, root: str) -> dict:
             spacing = (float(np.median(np.diff(positions))),) + plan.spacing_yx
         else:
             try:
-                vol, spacing = nifti_io.read_nifti(task.nifti_path)
+                vol, spacing, notes = nifti_io.read_nifti(task.nifti_path)
             except ValueError as exc:
                 return {"status": "skipped", "task": task, "dropped": dropped, "reason": str(exc)}
-            notes = nifti_io.orientation_notes(task.nifti_path)
+            notes = nifti_io.orientation_notes(task.nifti_path) + notes
             if vol.shape[0] < 2:
                 return {"status": "skipped", "task": task, "dropped": dropped,
                         "reason": "single slice (not a volume)"}
@@ -155,14 +155,27 @@ def _check_paths(inputs: list[Path], output: Path) -> None:
             raise UserError(f"input folder {inp} is empty; point --input at DICOM or NIfTI scans")
 
 
-def _nifti_tasks(paths: list[str], taken: set[str]) -> list[Task]:
+def _nifti_tasks(paths: list[str], taken: set[str], old_rows: dict[str, dict]) -> list[Task]:
     """Series id and patient id from the file name; files that share a name (e.g. every
-    patient folder holding ct.nii.gz) are told apart by their parent folder. An id that is
-    already taken (`taken`: lower-case ids, as a case-insensitive file system sees them,
-    DICOM series' included) gets a hash of the file's path appended."""
+    patient folder holding ct.nii.gz) are told apart by their parent folder. A file the
+    processed root already holds (`old_rows`, matched by its real path) keeps the ids it was
+    given, whatever else this run reads: a re-run over other inputs neither indexes it twice
+    nor leaves it out. The stems of other files already in the root count as shared, and an id
+    that is already taken (`taken`: lower-case ids, as a case-insensitive file system sees
+    them, DICOM series' included) gets a hash of the file's path appended."""
+    known = {os.path.realpath(row["source"]): row for row in old_rows.values()
+             if nifti_io.is_nifti(row.get("source", ""))}
     stems = Counter(nifti_io.nifti_stem(p) for p in paths)
-    tasks, used = [], set(taken)
+    stems.update(nifti_io.nifti_stem(source) for source in known
+                 if source not in {os.path.realpath(p) for p in paths})
+    used = set(taken) | {sid.lower() for sid in old_rows}
+    tasks = []
     for p in paths:
+        old = known.get(os.path.realpath(p))
+        if old is not None:
+            tasks.append(Task(series_id=old["series_id"], patient_id=old["patient_id"], source=p,
+                              n_source_files=1, nifti_path=p))
+            continue
         stem = nifti_io.nifti_stem(p)
         patient = stem if stems[stem] == 1 else f"{Path(p).parent.name}_{stem}"
         sid = safe_id(patient)
@@ -256,7 +269,9 @@ def prepare(inputs, output="data/processed", workers: int = 1, force: bool = Fal
         plan.dropped = []
         tasks.append(Task(series_id=sid, patient_id=plan.patient_id, source=plan.source,
                           n_source_files=plan.n_source_files, plan=plan))
-    tasks.extend(_nifti_tasks(nifti_paths, {t.series_id.lower() for t in tasks}))
+    index_path = root / INDEX_FILE
+    old_rows = _read_old_index(index_path)
+    tasks.extend(_nifti_tasks(nifti_paths, {t.series_id.lower() for t in tasks}, old_rows))
 
     _writable(root)
     report = {"inputs": [str(p) for p in inputs], "output": str(root),
@@ -272,8 +287,6 @@ def prepare(inputs, output="data/processed", workers: int = 1, force: bool = Fal
     (root / VOLUMES_DIR).mkdir(parents=True, exist_ok=True)
     for stale in (root / VOLUMES_DIR).glob(".*.tmp*"):
         stale.unlink(missing_ok=True)
-    index_path = root / INDEX_FILE
-    old_rows = _read_old_index(index_path)
     rows = {sid: row for sid, row in old_rows.items() if _kept_volume(root, row) is not None}
 
     todo = []

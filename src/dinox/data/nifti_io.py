@@ -42,8 +42,24 @@ def orientation_notes(path) -> list[str]:
             f"nearest axes without resampling (slices are the acquired planes, not true axial planes)"]
 
 
-def read_nifti(path) -> tuple[np.ndarray, tuple[float, float, float]]:
-    """(Z, H, W) int16 HU volume and (spacing_z, spacing_y, spacing_x) in mm.
+def fill_non_finite(vol: np.ndarray) -> tuple[np.ndarray, int, float]:
+    """The volume with NaN or infinite voxels (resampling tools write NaN outside the field of
+    view) set to air, HU_MIN; their count; and the lowest finite value. Left in, a NaN makes
+    every min/max test false (so the HU check would pass anything) and becomes an arbitrary
+    integer in the int16 volume. Raises ValueError when no voxel is finite."""
+    if not np.issubdtype(vol.dtype, np.floating):
+        return vol, 0, float(vol.min())
+    finite = np.isfinite(vol)
+    bad = int(finite.size - np.count_nonzero(finite))
+    if bad == finite.size:
+        raise ValueError("no finite voxel (every value is NaN or infinite)")
+    lowest = float(np.min(vol, initial=np.inf, where=finite))
+    return (np.where(finite, vol, HU_MIN) if bad else vol), bad, lowest
+
+
+def read_nifti(path) -> tuple[np.ndarray, tuple[float, float, float], list[str]]:
+    """(Z, H, W) int16 HU volume, (spacing_z, spacing_y, spacing_x) in mm, and notes for
+    prep_report.json (NaN voxels filled).
 
     The image is brought to the closest canonical (RAS+) orientation, then laid out like a
     DICOM axial series: z ascending (inferior to superior), rows anterior to posterior,
@@ -57,9 +73,11 @@ def read_nifti(path) -> tuple[np.ndarray, tuple[float, float, float]]:
     canon = nib.as_closest_canonical(img)
     data = np.asarray(canon.dataobj)
     vol = data.transpose(2, 1, 0)[:, ::-1, ::-1]
-    lowest = float(vol.min())
+    vol, bad, lowest = fill_non_finite(vol)
+    notes = [f"{bad} NaN or infinite voxels ({100 * bad / vol.size:.2g} % of the volume) set to {HU_MIN} HU "
+             f"(air), as outside the field of view"] if bad else []
     if lowest > -500:
         raise ValueError(f"values do not look like CT in HU (minimum {lowest:g}; a mask or MR?)")
     zx, zy, zz = (float(z) for z in canon.header.get_zooms()[:3])
     vol = np.clip(np.rint(vol), HU_MIN, HU_MAX).astype(np.int16)
-    return np.ascontiguousarray(vol), (zz, zy, zx)
+    return np.ascontiguousarray(vol), (zz, zy, zx), notes

@@ -406,6 +406,28 @@ class _SeriesWriter:
         return write_series(Path(self.out), self.seed, i, ph, signed)
 
 
+def _refuse_other_dataset(out: Path, patients: int, slices: int, size: int, seed: int, family: str) -> None:
+    """Writing into a folder that holds another dataset would mix two datasets under one
+    labels.json that lists only the second: refuse anything but an empty folder or the same
+    dataset again (same seed, family, patients and shape: the same files)."""
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    what = "other files"
+    try:
+        old = json.loads((out / "labels.json").read_text())
+        series = old["series"]
+        same = (old.get("seed") == seed and old.get("family", "chest") == family and len(series) == patients
+                and all((e["num_slices"], e["rows"]) == (slices, size) for e in series))
+        if same:
+            return
+        what = (f"another synthetic dataset ({len(series)} {old.get('family', 'chest')} series, seed "
+                f"{old.get('seed')})")
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    raise UserError(f"--out {out} already holds {what}; give an empty or new folder (writing into it "
+                    "would mix two datasets)")
+
+
 def generate_dataset(out, patients: int, slices: int, size: int, seed: int = 0,
                      progress: bool = False, family: str = "chest", workers: int = 1) -> dict:
     """Write `patients` synthetic CT series of one phantom family under `out` with
@@ -423,6 +445,7 @@ def generate_dataset(out, patients: int, slices: int, size: int, seed: int = 0,
         raise UserError(f"--workers {workers}: give at least 1")
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is an existing file; give a folder")
+    _refuse_other_dataset(out, patients, slices, size, seed, family)
     out.mkdir(parents=True, exist_ok=True)
     writer = _SeriesWriter(str(out), seed, family, slices, size)
     series = list(process_map(writer, range(patients), workers, "synth", progress, unit="patient"))

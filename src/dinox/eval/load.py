@@ -20,8 +20,11 @@ def load_for_inference(path: str | Path, device: torch.device, which: str = "tea
     path = Path(path)
     if which not in NETWORKS:
         raise UserError(f"--network {which!r}: choose one of {', '.join(NETWORKS)}")
-    if not store.is_checkpoint_path(path):
+    problem = store.not_a_checkpoint(path)
+    if problem == "does not exist":
         raise UserError(f"checkpoint {path} does not exist; list a run's checkpoints with ls data/runs/*/")
+    if problem:
+        raise UserError(f"checkpoint {path} {problem}")
     state = store.load_checkpoint(path, map_location="cpu")
     cfg = config_from_checkpoint(state)
     with torch.device("cpu"):

@@ -168,11 +168,16 @@ def load_labels(root: Path, min_readers: int = MIN_READERS, labels_json=None) ->
         raise UserError(f"unreadable label table {path} ({exc}); re-run `dinox prep`") from None
     notes = []
     if any(r["source"] == "lidc-xml" for r in rows):
+        readers = defaultdict(set)
+        for r in rows:
+            if r["source"] == "lidc-xml":
+                readers[r["series_id"]].add(r["reader"])
+        most = max(len(v) for v in readers.values())
+        if min_readers > most:
+            raise UserError(f"--min-readers {min_readers}: no series has more than {most} readers (LIDC has 4), so "
+                            f"no nodule could reach consensus; give at most {most}")
         found = consensus(rows, min_readers=min_readers)
-        n_readers = len({(r["series_id"], r["reader"]) for r in rows if r["source"] == "lidc-xml"})
         rule = f"nodule where >= {min_readers} readers marked it (consensus of reader outlines)"
-        if n_readers and min_readers > 4:
-            notes.append(f"--min-readers {min_readers} is more than LIDC's 4 readers")
     else:
         found = consensus(rows, min_readers=1, sources=("synth",))
         rule = "nodule of the synthetic ground truth (the table has no reader rows)"
@@ -191,6 +196,9 @@ def load_labels(root: Path, min_readers: int = MIN_READERS, labels_json=None) ->
         try:
             labels = json.loads(vf.read_text())
         except (OSError, ValueError) as exc:
+            if labels_json is not None:
+                raise UserError(f"--labels-json {vf} is not readable JSON ({type(exc).__name__}); give the "
+                                "labels.json `dinox synth` wrote") from None
             notes.append(f"vessel labels {vf} unreadable ({type(exc).__name__}); "
                          f"nodule-vs-vessel skipped for its series")
             continue

@@ -68,6 +68,7 @@ __all__ = [
     "find_resume_checkpoint",
     "free_space",
     "is_checkpoint_path",
+    "not_a_checkpoint",
     "is_run_dir_name",
     "link_or_copy",
     "list_checkpoints",
@@ -620,8 +621,10 @@ def verify_checkpoint(path, required: tuple[str, ...] | list[str] = ()) -> tuple
     path = Path(path)
     if path.is_dir() and sharded_store.is_sharded(path):
         return _verify_sharded(path, required)
-    if not path.is_file():
+    if not path.exists():
         return False, "no such file"
+    if not path.is_file() or _is_export_file(path):
+        return False, not_a_checkpoint(path) or "not a file"
     if path.stat().st_size == 0:
         return False, "empty file (0 bytes)"
     record = _read_sidecar(path)
@@ -696,6 +699,34 @@ def _load_sharded(path: Path, *, verify: bool, tensors: bool, required) -> dict:
         if problem:
             raise CheckpointError(f"checkpoint {path} is damaged: {problem}{_earlier_hint(path)}")
     return state
+
+
+EXPORT_MARKERS = ("model.safetensors", "backbone.safetensors", "backbone.pth", "ct_preprocessing.json")
+
+
+def not_a_checkpoint(path) -> str | None:
+    """None for a checkpoint file or a sharded checkpoint folder; else what `path` is
+    instead, phrased to follow the path in a message ("... is a folder of ...")."""
+    path = Path(path)
+    if is_checkpoint_path(path) and not _is_export_file(path):
+        return None
+    if not path.exists():
+        return "does not exist"
+    if _is_export_file(path) or (path.is_dir() and any((path / m).is_file() for m in EXPORT_MARKERS)):
+        return ("is an export of `dinox export` (backbone weights only), not a training checkpoint; load it "
+                "with --init-from or transformers, and give the checkpoint_*.pth it came from here")
+    if path.is_dir():
+        inside = sorted(path.glob("checkpoint_*.pth")) + sorted(path.glob("*/checkpoint_*.pth"))
+        hint = f" such as {inside[-1]}" if inside else " (checkpoint_*.pth in a run folder)"
+        return f"is a folder, not a checkpoint; give a checkpoint file{hint}"
+    return "is not a checkpoint file"
+
+
+def _is_export_file(path: Path) -> bool:
+    """A weights file that `dinox export` writes (safetensors, or a hub backbone.pth with its
+    .json sidecar), which holds a backbone, not a training state."""
+    return path.is_file() and (path.suffix == ".safetensors"
+                               or (path.name == "backbone.pth" and path.with_suffix(".json").is_file()))
 
 
 def is_checkpoint_path(path) -> bool:

@@ -44,12 +44,15 @@ def find_checkpoint(resume: str, out_root: Path) -> tuple[Path | None, bool]:
 
     if resume == "auto":
         return find_resume_checkpoint(out_root, RESUME_KEYS), True
-    from dinox.run.checkpoint import is_checkpoint_path
+    from dinox.run.checkpoint import not_a_checkpoint
 
     path = Path(resume)
-    if not is_checkpoint_path(path):
+    problem = not_a_checkpoint(path)
+    if problem == "does not exist":
         raise UserError(f"--resume {resume}: no such checkpoint; use --resume auto or a path to a .pth file "
                         f"(or a sharded checkpoint's .dcp folder)")
+    if problem:
+        raise UserError(f"--resume {resume} {problem}")
     return path, False
 
 

@@ -1,0 +1,228 @@
+"""Plain mistakes a user makes at the command line, each answered with one line that says
+what to do (or, where the input is usable, a correct result): found by trying every
+subcommand with wrong paths, wrong kinds of files, out-of-range numbers and re-runs."""
+from __future__ import annotations
+
+import json
+import runpy
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from _train_support import processed_root, train_args  # noqa: F401
+from dinox.cli import main
+from dinox.data.layout import read_index
+
+REPO = Path(__file__).resolve().parent.parent
+SMALL_SYNTH = ["--patients", "1", "--slices", "4", "--size", "32", "--workers", "1"]
+
+
+def one_line_error(capsys) -> str:
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
+def test_a_file_system_failure_is_one_line_naming_the_path(tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    assert main(["synth", "--out", str(blocker / "sub"), *SMALL_SYNTH]) == 1
+    err = one_line_error(capsys)
+    assert err.startswith("error: cannot read or write") and str(blocker / "sub") in err
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["synth", "--out", "x", "--seed", "-5"], "--seed"),
+    (["synth", "--out", "", "--patients", "1"], "--out"),
+    (["demo", "--steps", "0"], "--steps"),
+    (["eval", "probe", "--checkpoint", "c", "--data-root", "r", "--seed", "-1"], "--seed"),
+    (["train", "--batch-size", "0"], "--batch-size"),
+])
+def test_a_bad_flag_value_is_refused_in_one_line_before_any_work(argv, flag, capsys):
+    assert main(argv) == 1
+    err = one_line_error(capsys)
+    assert err.startswith(f"error: dinox {argv[0]}") and flag in err and f"(see dinox {argv[0]}" in err
+
+
+def test_an_unknown_flag_is_reported_with_the_subcommand_it_was_given_to(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["phase5_view_retrieval_eval.py", "--checkpoint", "c", "--bogus", "1"])
+    monkeypatch.syspath_prepend(str(REPO / "scripts"))  # what `python scripts/x.py` does
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(str(REPO / "scripts" / "phase5_view_retrieval_eval.py"), run_name="__main__")
+    assert exit_info.value.code == 1
+    err = one_line_error(capsys)
+    assert err.startswith("error: dinox eval retrieval: unrecognized arguments: --bogus 1")
+
+
+def test_synth_refuses_to_mix_two_datasets_but_repeats_the_same_one(tmp_path, capsys):
+    out = tmp_path / "dicom"
+    assert main(["synth", "--out", str(out), *SMALL_SYNTH]) == 0
+    assert main(["synth", "--out", str(out), *SMALL_SYNTH]) == 0      # the same files again
+    capsys.readouterr()
+    assert main(["synth", "--out", str(out), *SMALL_SYNTH, "--seed", "1"]) == 1
+    assert "already holds another synthetic dataset (1 chest series, seed 0)" in one_line_error(capsys)
+    assert len(json.loads((out / "labels.json").read_text())["series"]) == 1
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    assert main(["synth", "--out", str(other), *SMALL_SYNTH]) == 1
+    assert "already holds other files" in one_line_error(capsys)
+
+
+def _ct(path: Path, nan: bool = False, low: float = -1000.0) -> Path:
+    data = np.linspace(low, 1000.0, 4 * 16 * 16, dtype=np.float32).reshape(16, 16, 4)
+    if nan:
+        data[0, 0, :] = np.nan
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(data, np.diag([0.7, 0.7, 2.5, 1.0])), str(path))
+    return path
+
+
+def test_nan_voxels_are_air_and_reported_and_do_not_defeat_the_hu_check(tmp_path, capsys):
+    _ct(tmp_path / "ok" / "scan.nii.gz", nan=True)
+    assert main(["prep", "--input", str(tmp_path / "ok"), "--output", str(tmp_path / "p1"), "--workers", "1"]) == 0
+    report = json.loads((tmp_path / "p1" / "prep_report.json").read_text())
+    assert any("4 NaN or infinite voxels" in n for n in report["series_notes"]["scan"])
+    vol = np.load(tmp_path / "p1" / "volumes" / "scan.npy")
+    assert vol.min() == -1024 and vol.max() == 1000
+    # values 0..1000 are no CT in HU: one NaN must not make the scan pass as one
+    _ct(tmp_path / "mask" / "mask.nii.gz", nan=True, low=0.0)
+    assert main(["prep", "--input", str(tmp_path / "mask"), "--output", str(tmp_path / "p2"), "--workers", "1"]) == 1
+    assert "do not look like CT in HU" in one_line_error(capsys)
+
+
+def test_same_named_nifti_files_prepared_in_turn_are_all_indexed_once(tmp_path):
+    for patient in ("pat1", "pat2"):
+        _ct(tmp_path / "in" / patient / "image.nii.gz")
+    root = tmp_path / "processed"
+    prep = ["prep", "--output", str(root), "--workers", "1", "--input"]
+    assert main([*prep, str(tmp_path / "in" / "pat1")]) == 0
+    assert main([*prep, str(tmp_path / "in" / "pat2")]) == 0       # not "already done" under pat1's id
+    assert main([*prep, str(tmp_path / "in")]) == 0                # pat1 keeps its id: no second copy
+    rows = read_index(root / "_index" / "index.csv")
+    sources = sorted(Path(r["source"]).parent.name for r in rows)
+    assert sources == ["pat1", "pat2"]
+    assert len({r["patient_id"] for r in rows}) == 2
+    split = json.loads(next((root / "_splits").glob("*.json")).read_text())
+    assert not set(split["train"]) & set(split["val"])
+
+
+@pytest.fixture(scope="module")
+def one_step_checkpoint(processed_root, tmp_path_factory) -> Path:  # noqa: F811
+    out = tmp_path_factory.mktemp("runs")
+    assert main(train_args(processed_root, out, "--batch-size", "4", "--num-workers", "0", "--max-steps", "2")) == 0
+    return next(out.glob("*/checkpoint_final_*.pth"))
+
+
+def test_export_overwrite_replaces_an_earlier_export_and_a_file_is_named_as_such(one_step_checkpoint, tmp_path,
+                                                                                capsys):
+    out = tmp_path / "export"
+    assert main(["export", str(one_step_checkpoint), "--out", str(out)]) == 0
+    (out / "mine.txt").write_text("kept")
+    assert main(["export", str(one_step_checkpoint), "--out", str(out), "--format", "safetensors",
+                 "--overwrite"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "backbone.safetensors", "ct_preprocessing.json",
+                                                     "mine.txt"]
+    capsys.readouterr()
+    assert main(["export", str(one_step_checkpoint), "--out", str(out / "mine.txt"), "--overwrite"]) == 1
+    assert "is a file; give a folder" in one_line_error(capsys)
+
+
+def test_a_folder_or_an_export_given_as_checkpoint_says_what_it_is(one_step_checkpoint, tmp_path, capsys):
+    export = tmp_path / "export"
+    assert main(["export", str(one_step_checkpoint), "--out", str(export)]) == 0
+    capsys.readouterr()
+    assert main(["eval", "retrieval", "--checkpoint", str(export)]) == 1
+    assert "is an export of `dinox export`" in one_line_error(capsys)
+    assert main(["train", "--resume", str(one_step_checkpoint.parent.parent)]) == 1
+    assert f"such as {one_step_checkpoint}" in one_line_error(capsys)
+    assert main(["inspect", str(export / "model.safetensors"), str(tmp_path / "gone.pth")]) == 1
+    out = capsys.readouterr().out
+    assert "NOT A CHECKPOINT (is an export" in out and "MISSING (no such file)" in out and "DAMAGED" not in out
+
+
+def test_resume_past_max_steps_or_with_another_init_is_refused(one_step_checkpoint, processed_root, tmp_path,
+                                                                capsys):  # noqa: F811
+    base = train_args(processed_root, tmp_path / "runs", "--batch-size", "4", "--num-workers", "0",
+                      "--resume", str(one_step_checkpoint))
+    assert main([*base, "--max-steps", "1"]) == 1
+    assert "is at step 2, past --max-steps 1" in one_line_error(capsys)
+    assert main([*base, "--init-from", str(one_step_checkpoint)]) == 1
+    assert "--init-from" in one_line_error(capsys)
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_eval_results_of_two_checkpoints_in_one_out_folder_are_both_kept(tmp_path, capsys):
+    from dinox.commands.eval import _write_result
+
+    first = _write_result(tmp_path, "view_retrieval_step3_N4.json", {"checkpoint": "runs/a/c.pth", "ratio": 1})
+    again = _write_result(tmp_path, "view_retrieval_step3_N4.json", {"checkpoint": "runs/a/c.pth", "ratio": 2})
+    other = _write_result(tmp_path, "view_retrieval_step3_N4.json", {"checkpoint": "runs/b/c.pth", "ratio": 3})
+    assert first == again and other != first and "holds the result of another checkpoint" in capsys.readouterr().out
+    assert json.loads(first.read_text())["ratio"] == 2 and json.loads(other.read_text())["ratio"] == 3
+
+
+def test_view_settings_that_cannot_work_are_refused(processed_root, tmp_path, capsys):  # noqa: F811
+    argv = train_args(processed_root, tmp_path / "runs", "--local-crops", "2", "--dry-run")
+    assert main([*argv, "--local-size", "64"]) == 1            # globals are 32 px here
+    assert "larger than the global views" in one_line_error(capsys)
+    assert main([*argv, "--local-size", "16", "--local-scale", "0.4", "0.1"]) == 1
+    assert "0 < min <= max <= 1" in one_line_error(capsys)
+
+
+def test_a_missing_default_split_names_the_manifests_the_root_has(processed_root, tmp_path, capsys):  # noqa: F811
+    argv = [a for a in train_args(processed_root, tmp_path / "runs", "--max-steps", "1")]
+    i = argv.index("--split-manifest")
+    del argv[i:i + 2]
+    (name,) = [p.name for p in (processed_root / "_splits").glob("*.json")]
+    if name == "val10_seed0.json":
+        pytest.skip("the fixture's split is the default one")
+    assert main(argv) == 1
+    assert f"the root has {name}: pass --split-manifest" in one_line_error(capsys)
+
+
+def test_dry_run_on_a_missing_device_warns(processed_root, tmp_path, capsys):  # noqa: F811
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    argv = train_args(processed_root, tmp_path / "runs", "--dry-run")
+    argv[argv.index("--device") + 1] = "cuda"
+    assert main(argv) == 0
+    assert "warning: requested --device cuda but no CUDA device is available" in capsys.readouterr().err
+
+
+def test_an_explicit_labels_json_that_is_not_json_is_an_error(tmp_path):
+    from dinox.data.annotations import NODULES_TABLE, write_table
+    from dinox.errors import UserError
+    from dinox.eval import probe
+
+    row = {"series_id": "S", "patient_id": "P", "source": "synth", "reader": "truth", "kind": "nodule",
+           "nodule_id": "N", "slice_index": 1, "row0": 1, "col0": 1, "row1": 2, "col1": 2, "center_row": 1.5,
+           "center_col": 1.5}
+    (tmp_path / NODULES_TABLE).parent.mkdir(parents=True)
+    write_table(tmp_path / NODULES_TABLE, [row])
+    bad = tmp_path / "labels.json"
+    bad.write_text("not json")
+    with pytest.raises(UserError, match="not readable JSON"):
+        probe.load_labels(tmp_path, labels_json=bad)
+    lidc = [{**row, "source": "lidc-xml", "reader": f"r{k}"} for k in range(4)]
+    write_table(tmp_path / NODULES_TABLE, lidc)
+    with pytest.raises(UserError, match="no series has more than 4 readers"):
+        probe.load_labels(tmp_path, min_readers=9)
+
+
+def test_the_seed_scripts_name_a_missing_dependency_in_one_line(monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(REPO / "scripts"))
+    import _shim
+    import dinox.cli
+
+    def missing(argv):
+        raise ModuleNotFoundError("No module named 'tqdm'", name="tqdm")
+
+    monkeypatch.setattr(dinox.cli, "main", missing)
+    assert _shim.dinox_main(["inspect"]) == 1
+    assert "needs the Python package 'tqdm'" in one_line_error(capsys)
