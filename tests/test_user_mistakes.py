@@ -65,6 +65,8 @@ def test_synth_refuses_to_mix_two_datasets_but_repeats_the_same_one(tmp_path, ca
     assert main(["synth", "--out", str(out), *SMALL_SYNTH, "--seed", "1"]) == 1
     assert "already holds another synthetic dataset (1 chest series, seed 0)" in one_line_error(capsys)
     assert len(json.loads((out / "labels.json").read_text())["series"]) == 1
+    (out / "labels.json").unlink()                                   # as if interrupted before the labels
+    assert main(["synth", "--out", str(out), *SMALL_SYNTH]) == 0
     other = tmp_path / "other"
     other.mkdir()
     (other / "notes.txt").write_text("mine")

@@ -409,9 +409,13 @@ class _SeriesWriter:
 def _refuse_other_dataset(out: Path, patients: int, slices: int, size: int, seed: int, family: str) -> None:
     """Writing into a folder that holds another dataset would mix two datasets under one
     labels.json that lists only the second: refuse anything but an empty folder or the same
-    dataset again (same seed, family, patients and shape: the same files)."""
+    dataset again (same seed, family, patients and shape: the same files), finished or
+    interrupted before its labels.json."""
     if not out.is_dir() or not any(out.iterdir()):
         return
+    ours = {patient_id_of(seed, i, family) for i in range(patients)} | {".labels.json.tmp"}
+    if not (out / "labels.json").exists() and all(p.name in ours for p in out.iterdir()):
+        return  # an interrupted run of this very dataset: the same files are written again
     what = "other files"
     try:
         old = json.loads((out / "labels.json").read_text())
