@@ -165,13 +165,13 @@ def _nifti_tasks(paths: list[str], taken: set[str], old_rows: dict[str, dict]) -
     them, DICOM series' included) gets a hash of the file's path appended."""
     known = {os.path.realpath(row["source"]): row for row in old_rows.values()
              if nifti_io.is_nifti(row.get("source", ""))}
+    real = [os.path.realpath(p) for p in paths]
     stems = Counter(nifti_io.nifti_stem(p) for p in paths)
-    stems.update(nifti_io.nifti_stem(source) for source in known
-                 if source not in {os.path.realpath(p) for p in paths})
+    stems.update(nifti_io.nifti_stem(source) for source in known.keys() - set(real))
     used = set(taken) | {sid.lower() for sid in old_rows}
     tasks = []
-    for p in paths:
-        old = known.get(os.path.realpath(p))
+    for p, p_real in zip(paths, real):
+        old = known.get(p_real)
         if old is not None:
             tasks.append(Task(series_id=old["series_id"], patient_id=old["patient_id"], source=p,
                               n_source_files=1, nifti_path=p))
@@ -180,7 +180,7 @@ def _nifti_tasks(paths: list[str], taken: set[str], old_rows: dict[str, dict]) -
         patient = stem if stems[stem] == 1 else f"{Path(p).parent.name}_{stem}"
         sid = safe_id(patient)
         if sid.lower() in used:
-            sid = f"{sid}_{_short_hash(os.path.realpath(p))}"
+            sid = f"{sid}_{_short_hash(p_real)}"
         used.add(sid.lower())
         tasks.append(Task(series_id=sid, patient_id=patient, source=p, n_source_files=1, nifti_path=p))
     return tasks
