@@ -193,13 +193,6 @@ def run_retrieval(args) -> int:
 
     if args.n < 2:
         raise UserError(f"--n {args.n} is too small: retrieval needs at least 2 samples")
-    bad_k = [k for k in args.topk if k < 1]
-    if bad_k:
-        raise UserError(f"--topk {bad_k[0]}: k counts the nearest keys, give values of at least 1 (e.g. --topk 1 5)")
-    if args.batch_size < 1:
-        raise UserError(f"--batch-size {args.batch_size}: give at least 1 (e.g. 128)")
-    if args.draws < 1:
-        raise UserError(f"--draws {args.draws}: give at least 1 (e.g. 4)")
     out_dir = output_dir(args.out, args.checkpoint)   # before the work: a bad --out fails fast
     info, notes = detect_device(args.device)
     for note in notes:

@@ -20,9 +20,9 @@ def load_for_inference(path: str | Path, device: torch.device, which: str = "tea
     path = Path(path)
     if which not in NETWORKS:
         raise UserError(f"--network {which!r}: choose one of {', '.join(NETWORKS)}")
-    problem = store.not_a_checkpoint(path)
-    if problem == "does not exist":
+    if not path.exists():
         raise UserError(f"checkpoint {path} does not exist; list a run's checkpoints with ls data/runs/*/")
+    problem = store.not_a_checkpoint(path)
     if problem:
         raise UserError(f"checkpoint {path} {problem}")
     state = store.load_checkpoint(path, map_location="cpu")

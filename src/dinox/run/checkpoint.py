@@ -623,8 +623,9 @@ def verify_checkpoint(path, required: tuple[str, ...] | list[str] = ()) -> tuple
         return _verify_sharded(path, required)
     if not path.exists():
         return False, "no such file"
-    if not path.is_file() or _is_export_file(path):
-        return False, not_a_checkpoint(path) or "not a file"
+    problem = not_a_checkpoint(path)
+    if problem:
+        return False, problem
     if path.stat().st_size == 0:
         return False, "empty file (0 bytes)"
     record = _read_sidecar(path)
@@ -706,15 +707,16 @@ EXPORT_MARKERS = ("model.safetensors", "backbone.safetensors", "backbone.pth", "
 
 def not_a_checkpoint(path) -> str | None:
     """None for a checkpoint file or a sharded checkpoint folder; else what `path` is
-    instead, phrased to follow the path in a message ("... is a folder of ...")."""
+    instead, phrased to follow the path in a message ("... is a folder, not ..."). Decided
+    by names alone, so the check costs nothing before a checkpoint of many GB is read."""
     path = Path(path)
-    if is_checkpoint_path(path) and not _is_export_file(path):
-        return None
     if not path.exists():
         return "does not exist"
     if _is_export_file(path) or (path.is_dir() and any((path / m).is_file() for m in EXPORT_MARKERS)):
         return ("is an export of `dinox export` (backbone weights only), not a training checkpoint; load it "
                 "with --init-from or transformers, and give the checkpoint_*.pth it came from here")
+    if is_checkpoint_path(path):
+        return None
     if path.is_dir():
         inside = sorted(path.glob("checkpoint_*.pth")) + sorted(path.glob("*/checkpoint_*.pth"))
         hint = f" such as {inside[-1]}" if inside else " (checkpoint_*.pth in a run folder)"

@@ -47,10 +47,10 @@ def find_checkpoint(resume: str, out_root: Path) -> tuple[Path | None, bool]:
     from dinox.run.checkpoint import not_a_checkpoint
 
     path = Path(resume)
-    problem = not_a_checkpoint(path)
-    if problem == "does not exist":
+    if not path.exists():
         raise UserError(f"--resume {resume}: no such checkpoint; use --resume auto or a path to a .pth file "
                         f"(or a sharded checkpoint's .dcp folder)")
+    problem = not_a_checkpoint(path)
     if problem:
         raise UserError(f"--resume {resume} {problem}")
     return path, False
