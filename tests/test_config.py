@@ -6,7 +6,7 @@ import math
 import pytest
 
 from dinox.config import (BASE_RECIPE, RECIPES, SHAPE_FIELDS, RunConfig, check_checkpoint_format,
-                          config_from_checkpoint, resolve)
+                          config_from_checkpoint, prototypes_for_batch, resolve)
 from dinox.errors import UserError
 from dinox.run.device import HARDWARE_PRESETS
 
@@ -21,7 +21,46 @@ def test_recipe_overrides_defaults():
     assert cfg.optim.lr == RECIPES["vit-tiny"]["lr"] == 1e-3
     assert cfg.model.head_bn is True and cfg.views.img_size == 64
     big = resolve({"config": "vit-large"}, hardware_preset="cpu").cfg
-    assert big.model.out_dim == BASE_RECIPE["out_dim"] and big.model.vit_dim == 1024
+    assert big.model.vit_dim == 1024 and big.model.layerscale == BASE_RECIPE["layerscale"]
+
+
+@pytest.mark.parametrize("batch, expected", [(1, 1024), (32, 1024), (33, 2048), (256, 8192), (2048, 65536),
+                                             (4096, 65536)])
+def test_prototypes_for_batch(batch, expected):
+    """32 per image, a power of two, floored at 1024 and capped by the recipe."""
+    assert prototypes_for_batch(batch, 65536) == expected
+    assert prototypes_for_batch(batch, 4096) == min(expected, 4096)
+
+
+def test_prototypes_follow_the_global_batch_unless_given_and_survive_a_resume():
+    # the seeds' ViT-Large validation run on a 24 GB card: 64 x 4 = 256 images per step
+    card = resolve({"config": "vit-large"}, hardware_preset="rtx4090")
+    assert card.cfg.effective_batch == 256 and card.cfg.model.out_dim == 8192
+    assert any("prototypes: 8192 for a global batch of 256" in n for n in card.notices)
+    # eight such processes under torchrun share a step: 2048 images, the recipe's cap
+    cluster = resolve({"config": "vit-large"}, hardware_preset="rtx4090", world_size=8)
+    assert cluster.cfg.model.out_dim == BASE_RECIPE["out_dim"]
+    assert not any("prototypes" in n for n in cluster.notices)
+    given = resolve({"config": "vit-large", "out_dim": 65536}, hardware_preset="rtx4090")
+    assert given.cfg.model.out_dim == 65536 and not any("prototypes" in n for n in given.notices)
+    # a resume on another machine, with or without --config, keeps the checkpoint's head
+    saved = card.cfg.to_flat()
+    for flags in ({}, {"config": "vit-large"}):
+        moved = resolve(flags, hardware_preset="h100", device_kind="cuda", saved=saved, world_size=8)
+        assert moved.cfg.model.out_dim == 8192
+
+
+def test_resume_keeps_the_shape_an_earlier_recipe_gave_the_checkpoint():
+    """The seeds requeue with `--config vit-large --resume auto`: a checkpoint written under
+    DINOv2's recipe values (before the big recipe changed) resumes with its own model."""
+    old = {**resolve({"config": "vit-large"}, hardware_preset="rtx4090").cfg.to_flat(),
+           "layerscale": 1e-5, "head_bn": False, "out_dim": 65536, "img_size": 512, "vit_patch": 16}
+    resumed = resolve({"config": "vit-large", "vit_patch": 16}, hardware_preset="rtx4090", saved=old).cfg
+    assert (resumed.model.layerscale, resumed.model.head_bn, resumed.model.out_dim, resumed.views.img_size) == (
+        1e-5, False, 65536, 512)
+    # a shape flag given on the resume is still checked against the checkpoint
+    with pytest.raises(UserError, match="layerscale: checkpoint 1e-05, requested 0.1"):
+        resolve({"config": "vit-large", "vit_patch": 16, "layerscale": 0.1}, hardware_preset="rtx4090", saved=old)
 
 
 def test_hardware_preset_overrides_defaults_and_recipe_and_flags_override_it():

@@ -125,22 +125,24 @@ def test_entropy_wall_advice_leads_with_the_measured_levers_and_says_what_a_resu
     from dinox.config import resolve
     from dinox.observe.anomaly import entropy_wall_advice
 
-    # The big presets' recipe scaled down to a CPU batch: the settings that kept it at the wall
-    base = resolve({"config": "custom", "vit_patch": 16, "vit_dim": 192, "vit_depth": 6, "vit_heads": 3,
-                    "batch_size": 32}, hardware_preset="cpu", device_kind="cpu").cfg
-    advice = entropy_wall_advice(base)
+    # DINOv2's settings on a CPU batch: what kept the scaled-down big recipe at the wall
+    dinov2 = resolve({"config": "custom", "vit_patch": 16, "vit_dim": 192, "vit_depth": 6, "vit_heads": 3,
+                      "batch_size": 32, "layerscale": 1e-5, "head_bn": False, "out_dim": 65536,
+                      "distinct_windows": True, "standardize_views": False}, hardware_preset="cpu",
+                     device_kind="cpu").cfg
+    advice = entropy_wall_advice(dinov2)
     model_part, resume_part = advice.split(" (these change the model: start a new run with them); ")
-    for lever in ("--layerscale 0.1", "--head-bn true", "--out-dim 512"):
+    for lever in ("--layerscale 0.1", "--head-bn true", "--out-dim 1024"):
         assert lever in model_part
     assert model_part.index("--layerscale") < model_part.index("--head-bn") < model_part.index("--out-dim")
     assert resume_part.startswith("views that share their intensity statistics (--distinct-windows false "
                                   "--standardize-views true)")
     assert resume_part.endswith("(these can resume from the emergency checkpoint: --resume PATH)")
-    # The tiny recipe already has every lever of the model: only what a resume accepts is left
-    tiny = resolve({"config": "vit-tiny"}, hardware_preset="cpu", device_kind="cpu").cfg
-    advice = entropy_wall_advice(tiny)
-    assert "start a new run" not in advice and "--layerscale" not in advice and "--distinct-windows" not in advice
-    assert "--centering sinkhorn" in advice
+    # The recipes already have every lever of the model: only what a resume accepts is left
+    for preset in ({"config": "vit-tiny"}, {"config": "vit-large", "batch_size": 32}):
+        advice = entropy_wall_advice(resolve(preset, hardware_preset="cpu", device_kind="cpu").cfg)
+        assert "start a new run" not in advice and "--layerscale" not in advice and "--distinct-windows" not in advice
+        assert "--centering sinkhorn" in advice
 
 
 def test_injected_uniform_teacher_raises_the_entropy_wall(processed_root, tmp_path, monkeypatch, capsys):

@@ -263,27 +263,42 @@ class RunConfig:
 
 
 BASE_RECIPE: dict[str, object] = {
-    # Recipe of the big presets (DINOv2 / DINOv3 values unless noted).
+    # Recipe of the big presets: DINOv2 / DINOv3 wiring and optimiser, with the settings that
+    # a run of hundreds of steps at a batch of tens to hundreds needs to leave the entropy
+    # wall (docs/recipes.md, "The big presets' recipe"): the seeds' ViT-Large validation run is
+    # 384 steps at an effective batch of 256, where DINOv2's 100k+ steps at 1024+ are not.
     "img_size": 224,
     # DINOv2: 8 local crops of 96 px (98 for patch 14) at scale (0.05, 0.32), globals at (0.32, 1).
     # 2 here: with iBOT, the seed's ViT-Large validation run (batch 64 x 4, --grad-checkpoint
-    # --amp) fits a 24 GB card by the memory plan only so (20.6 GiB of 21.6 usable; 4 locals
-    # need 22.1, 6 need 23.6). Pass --local-crops 8 where memory allows (the APU, 80 GB
-    # GPUs, FSDP): docs/recipes.md.
+    # --amp) fits a 24 GB card by the memory plan (docs/recipes.md). Pass --local-crops 8 where
+    # memory allows (the APU, 80 GB GPUs, FSDP).
     "local_crops": 2,
     "local_size": 96,
     "global_scale_min": 0.32,
-    "distinct_windows": True,
-    "standardize_views": False,
+    # Views that share their intensity statistics: windows drawn independently and each view
+    # standardised (distinct window families made the two views' untrained features
+    # anti-correlated; without this the scaled-down recipe stays near the wall).
+    "distinct_windows": False,
+    "standardize_views": True,
     "local_scale_min": 0.05,
     "local_scale_max": 0.32,
+    # The cap: DINO / DINOv2 train 65536 prototypes at a batch of 1024. A run's own count is
+    # fitted to its global batch (`prototypes_for_batch`, PROTOTYPES_PER_IMAGE per image):
+    # 65536 prototypes over a batch of 32 give each almost no samples, and the teacher sits
+    # at the entropy wall (docs/recipes.md).
     "out_dim": 65536,
     "head_hidden": 2048,
     "head_bottleneck": 256,
     "head_layers": 3,
-    "head_bn": False,
+    # BN after the head's first layer: it standardises the class tokens over the batch, so
+    # the teacher's targets differ between images from the first step (DINO's
+    # `use_bn_in_head`); without it the scaled-down recipe stays near the wall.
+    "head_bn": True,
     "drop_path": 0.1,
-    "layerscale": 1e-5,
+    # 0.1, not DINOv2's 1e-5: at 1e-5 every untrained class token is the same, and AdamW
+    # opens the gains by at most about the learning rate per step, so a run whose learning
+    # rates sum to ~0.1 (the validation run) keeps them near 0.01 and the teacher at the wall.
+    "layerscale": 0.1,
     "lr": 5e-4,  # the user guide's advice for an effective batch of 256
     "min_lr": 1e-6,  # the warm-up research: cosine to 1e-6
     "warmup_steps": 2500,  # the warm-up research: 2500 steps
@@ -293,13 +308,18 @@ BASE_RECIPE: dict[str, object] = {
     "freeze_last_layer_steps": 1250,
     "momentum": 0.994,
     "momentum_end": 1.0,
-    "teacher_temp": 0.07,
+    # DINO's default: a flat 0.04 (DINOv2 warms up to 0.07, which kept the scaled-down
+    # recipe's DINO term at the wall).
+    "teacher_temp": 0.04,
     "teacher_temp_start": 0.04,
-    "teacher_temp_warmup_steps": 3000,
+    "teacher_temp_warmup_steps": 0,
     "student_temp": 0.1,
     "centering": "centering",
     "center_momentum": 0.9,
-    "koleo_weight": 0.1,
+    # A thirtieth of DINOv2's 0.1: with BN in the head, KoLeo alone sets how far apart the
+    # class tokens lie, and at 0.1 it spreads them along the views' nuisance (docs/recipes.md,
+    # "KoLeo and the head's BN").
+    "koleo_weight": 0.003,
     "ibot_weight": 1.0,  # DINOv2: iBOT on, masks of 10-50 % of the patches on half of the global views
     "gram_weight": 1.0,
     "gram_refresh_every": 1000,
@@ -307,7 +327,22 @@ BASE_RECIPE: dict[str, object] = {
     "horizon": 100_000,
 }
 
-# Short CPU runs (the demo, the tests): see docs/recipes.md for why each value differs.
+# Prototypes per image of the global batch for a recipe that does not fix its own count:
+# half of DINO's 65536 at a batch of 1024; at a batch of 32 it gives the 1024 that the tiny
+# recipe's sweep and the scaled-down big recipe measured (docs/recipes.md).
+PROTOTYPES_PER_IMAGE = 32
+MIN_PROTOTYPES = 1024
+
+
+def prototypes_for_batch(global_batch: int, cap: int) -> int:
+    """DINO prototypes for a global batch: PROTOTYPES_PER_IMAGE per image, rounded up to a
+    power of two, between MIN_PROTOTYPES and the recipe's `cap`."""
+    wanted = 1 << max(0, math.ceil(math.log2(max(1, PROTOTYPES_PER_IMAGE * global_batch))))
+    return int(min(cap, max(MIN_PROTOTYPES, wanted)))
+
+
+# Short CPU runs (the demo, the tests): what differs from BASE_RECIPE at 64 px and a few
+# hundred steps; see docs/recipes.md for why each value differs.
 RECIPES: dict[str, dict[str, object]] = {
     "vit-tiny": {
         "img_size": 64,
@@ -318,37 +353,17 @@ RECIPES: dict[str, dict[str, object]] = {
         # At 64 px a crop of a third of the slice leaves too little for two views to share:
         # (0.32, 1) measured ratio 4 -> 11 on the demo data, (0.5, 1) 3 -> 15 (docs/recipes.md).
         "global_scale_min": 0.5,
-        # sized to ~1,500 training slices; 4096 ties on 4 view draws and lost all three paired
-        # checks at the demo's budget, 256 and 16384 are worse (docs/recipes.md)
-        "out_dim": 1024,
         "head_hidden": 512,
         "head_bottleneck": 128,
         "drop_path": 0.0,
-        "layerscale": 0.1,  # 1e-5 makes every untrained class token identical (erank 1)
-        # What made the demo learn (docs/recipes.md): BN in the head (diverse teacher targets
-        # at initialisation), windows drawn independently (distinct families make the two
-        # views' untrained features anti-correlated), per-view standardisation, a flat sharp
-        # teacher temperature (a warm-up to 0.06 let the teacher drift to uniform).
-        "head_bn": True,
-        "distinct_windows": False,
-        "standardize_views": True,
         "lr": 1e-3,
         "min_lr": 1e-5,
         "warmup_steps": 20,
-        "weight_decay": 0.04,
         "weight_decay_end": 0.1,
         "freeze_last_layer_steps": 10,
         # held flat on the demo's 220 steps by fit_teacher_momentum (a cosine to 1.0 would
         # leave the final teacher 11 % untrained; docs/recipes.md, "The teacher's lag")
         "momentum": 0.98,
-        # KoLeo at a thirtieth of DINOv2's 0.1: with BN in the head the DINO term does not
-        # see the class tokens' shared shift and scale, so KoLeo alone sets their spread; at
-        # 0.1 it spread them along the views' window and crop and halved the retrieval, at
-        # 0.003 they stay near the collapse line (docs/recipes.md, "KoLeo and the head's BN").
-        "koleo_weight": 0.003,
-        "teacher_temp": 0.04,
-        "teacher_temp_start": 0.04,
-        "teacher_temp_warmup_steps": 0,
         "gram_refresh_every": 100,
         "gram_start_step": 20,
         "horizon": 2_000,
@@ -410,12 +425,14 @@ def resolve(
     hardware_preset: str,
     device_kind: str | None = None,
     saved: dict | None = None,
+    world_size: int = 1,
 ) -> Resolved:
     """The ONE place where a run's settings are decided.
 
     `given`: the flags the user gave (flat names, only those given; "config" names the
     model preset). `hardware_preset`: the preset matched to this machine. `device_kind`:
     what "auto" became. `saved`: the flat config of the checkpoint being resumed.
+    `world_size`: the processes that share each optimizer step (the global batch).
     """
     unknown = set(given) - set(FLAT_FIELDS)
     if unknown:
@@ -436,6 +453,11 @@ def resolve(
     notices: list[str] = []
     changes: list[str] = []
     if saved is not None:
+        # The recipe's part of the model's shape is the checkpoint's on resume: the prototypes
+        # were fitted to the batch the run began with, and the recipe may have changed since.
+        # The preset's architecture and the flags given are still checked against it.
+        values.update({k: saved[k] for k in SHAPE_FIELDS if k in saved and k in recipe_for(preset)
+                       and k not in given})
         requested = {**values, **given}
         requested["ibot_head"] = float(given.get("ibot_weight", saved.get("ibot_weight", 0.0))) > 0
         _check_shape(saved, requested)
@@ -457,6 +479,7 @@ def resolve(
         values["local_size"] = max(patch, round(int(values["local_size"]) / patch) * patch)
     cfg = RunConfig.from_flat(values)
     if saved is None:
+        notices += _fit_prototypes_to_batch(cfg, given, world_size)
         notices += _fit_to_run_length(cfg, given)
     else:
         changes = _changes(saved, cfg)
@@ -496,6 +519,19 @@ def _changes(saved: dict, cfg: RunConfig) -> list[str]:
     flat = cfg.to_flat()
     return [f"{name}: {saved.get(name)!r} -> {flat[name]!r}" for name in sorted(flat)
             if name not in ("resume", "custom_values") and saved.get(name) != flat[name]]
+
+
+def _fit_prototypes_to_batch(cfg: RunConfig, given: dict, world_size: int) -> list[str]:
+    """The recipe's prototype count is a cap: a new run takes PROTOTYPES_PER_IMAGE per image
+    of its global batch (never a value the user gave; a resume keeps the checkpoint's)."""
+    if "out_dim" in given:
+        return []
+    global_batch, cap = cfg.effective_batch * max(1, world_size), cfg.model.out_dim
+    cfg.model.out_dim = prototypes_for_batch(global_batch, cap)
+    if cfg.model.out_dim == cap:
+        return []
+    return [f"prototypes: {cfg.model.out_dim} for a global batch of {global_batch} ({PROTOTYPES_PER_IMAGE} per "
+            f"image, at most {cap}; set --out-dim to choose)"]
 
 
 def _fit_to_run_length(cfg: RunConfig, given: dict) -> list[str]:
@@ -632,7 +668,8 @@ def with_values(cfg: RunConfig, **flat) -> RunConfig:
 
 __all__ = [
     "BASE_RECIPE", "CHECKPOINT_FORMAT", "CHECKPOINT_FORMAT_VERSION", "DEVICE_CHOICES", "FLAT_FIELDS",
-    "IOConfig", "LAUNCH_KEYS", "MODEL_CHOICES", "ModelConfig", "OptimConfig", "PARALLEL_CHOICES", "RECIPES", "RunConfig",
-    "Resolved", "RuntimeConfig", "SECTIONS", "SHAPE_FIELDS", "SSLConfig", "ViewsConfig", "WatchConfig",
-    "check_checkpoint_format", "config_from_checkpoint", "recipe_for", "resolve", "validate", "with_values",
+    "IOConfig", "LAUNCH_KEYS", "MODEL_CHOICES", "ModelConfig", "OptimConfig", "PARALLEL_CHOICES",
+    "PROTOTYPES_PER_IMAGE", "RECIPES", "RunConfig", "Resolved", "RuntimeConfig", "SECTIONS", "SHAPE_FIELDS",
+    "SSLConfig", "ViewsConfig", "WatchConfig", "check_checkpoint_format", "config_from_checkpoint",
+    "prototypes_for_batch", "recipe_for", "resolve", "validate", "with_values",
 ]

@@ -67,13 +67,14 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--swiglu", action=argparse.BooleanOptionalAction, default=None, help="SwiGLU MLP instead of GELU")
     g.add_argument("--registers", type=nonneg_int, help="register tokens (default 4)")
     g.add_argument("--drop-path", type=float, help="stochastic depth rate")
-    g.add_argument("--layerscale", type=float, help="LayerScale init (1e-5 for big presets; 0 disables)")
-    g.add_argument("--out-dim", type=positive_int, help="DINO head prototypes (65536 for big presets, 1024 for vit-tiny)")
+    g.add_argument("--layerscale", type=float, help="LayerScale init (default 0.1; DINOv2: 1e-5; 0 disables)")
+    g.add_argument("--out-dim", type=positive_int,
+                   help="DINO head prototypes (default: 32 per image of the global batch, 1024 to 65536)")
     g.add_argument("--head-hidden", type=positive_int)
     g.add_argument("--head-bottleneck", type=positive_int)
     g.add_argument("--head-layers", type=positive_int)
     g.add_argument("--head-bn", type=boolean, metavar="true|false",
-                   help="BatchNorm (batch statistics) in the head MLP (DINO's use_bn; default off)")
+                   help="BatchNorm (batch statistics) in the head MLP (DINO's use_bn; default on, DINOv2: off)")
 
     g = p.add_argument_group("views")
     g.add_argument("--img-size", type=positive_int, help="global crop size in px (224; 64 for vit-tiny)")
@@ -83,9 +84,10 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--local-scale", type=float, nargs=2, metavar=("MIN", "MAX"),
                    help="area fraction range of the local crops (DINOv2: 0.05 0.32)")
     g.add_argument("--distinct-windows", type=boolean, metavar="true|false",
-                   help="draw the two global views' HU windows from different families (lung/mediastinal/bone/broad)")
+                   help="draw the two global views' HU windows from different families (lung/mediastinal/bone/broad; "
+                        "default false: drawn independently)")
     g.add_argument("--standardize-views", type=boolean, metavar="true|false",
-                   help="zero-mean unit-std each view after windowing")
+                   help="zero-mean unit-std each view after windowing (default true)")
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--max-steps", type=positive_int, help="optimizer steps; omit to train until stopped")
@@ -108,7 +110,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--student-temp", type=float)
     g.add_argument("--centering", choices=["centering", "sinkhorn"])
     g.add_argument("--center-momentum", type=float)
-    g.add_argument("--koleo-weight", type=float, help="KoLeo weight (applied to the sum over the global views)")
+    g.add_argument("--koleo-weight", type=float, help="KoLeo weight on the sum over the global views (default 0.003; DINOv2: 0.1)")
     g.add_argument("--ibot-weight", type=float, help="iBOT masked-patch loss weight (0 turns iBOT off; DINOv2: 1.0)")
     g.add_argument("--ibot-mask-ratio", type=float, nargs=2, metavar=("MIN", "MAX"),
                    help="range of the fraction of patches masked per masked image (DINOv2: 0.1 0.5)")
@@ -208,7 +210,8 @@ def run(args: argparse.Namespace) -> int:
     if source is not None:
         given["resume"] = str(source.path)
     resolved = resolve(given, hardware_preset=preset_name, device_kind=info.kind,
-                       saved=source.state["config"] if source is not None else None)
+                       saved=source.state["config"] if source is not None else None,
+                       world_size=args.world_size or dist.world_size)
     cfg = resolved.cfg
     saved_init = source.state["config"].get("init_from") if source is not None else None
     if source is not None and given.get("init_from") and str(given["init_from"]) != str(saved_init):

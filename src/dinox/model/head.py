@@ -7,12 +7,12 @@ is fixed to 1 and not trained ("norm_last_layer"), so each output logit is the c
 between the bottleneck feature and one of ``out_dim`` prototype directions: logits lie in
 [-1, 1] and the temperatures alone set the sharpness, which DINO found stabilises training.
 
-Output dimension (number of prototypes): DINO and DINOv2 use 65536 for ViT-S and larger
-(DINOv2: 65536 DINO prototypes; more prototypes keep helping up to this size at ImageNet
-scale), which is what the trainer defaults ``--out-dim`` to for the big presets. For tiny
-CPU runs it defaults to a few thousand: with a batch of 32 most of 65536 prototypes are
-never selected, the (256 x out_dim) last layer would outweigh a 2.7 M-parameter backbone,
-and the softmax over 65536 dominates CPU time. Note the DINO loss of a uniform student
+Output dimension (number of prototypes): DINO and DINOv2 use 65536 for ViT-S and larger at
+batches of 1024+ (more prototypes keep helping up to this size at ImageNet scale). The
+trainer fits the count to the run's global batch (``dinox.config.prototypes_for_batch``: 32
+per image, 1024 to 65536): with a batch of 32 most of 65536 prototypes are never selected,
+the teacher's targets stay uniform, the (256 x out_dim) last layer would outweigh a small
+backbone, and the softmax over 65536 dominates CPU time. Note the DINO loss of a uniform student
 starts near ln(out_dim) (9.01 for 8192, 11.09 for 65536): the "entropy wall".
 """
 from __future__ import annotations

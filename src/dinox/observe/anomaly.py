@@ -35,6 +35,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from dinox.config import prototypes_for_batch
+
 AnomalyKind = Literal["loss_spike", "collapse", "nonfinite", "entropy_wall"]
 Severity = Literal["warning", "critical", "fatal"]
 
@@ -283,8 +285,9 @@ def entropy_wall_advice(cfg) -> str:
                          "and AdamW opens the LayerScale gains by at most about the learning rate per step)")
     if not m.head_bn and cfg.effective_batch <= 64:
         new_model.append("--head-bn true (diverse targets at initialisation for small batches)")
-    if m.out_dim > 64 * cfg.effective_batch:
-        new_model.append(f"fewer prototypes (--out-dim {max(256, 16 * cfg.effective_batch)}, now {m.out_dim})")
+    fitted = prototypes_for_batch(cfg.effective_batch, m.out_dim)
+    if fitted < m.out_dim:
+        new_model.append(f"fewer prototypes (--out-dim {fitted}, now {m.out_dim})")
     if s.ibot_weight == 0:
         new_model.append("iBOT (--ibot-weight 1.0: many patch targets per image)")
     resumable = []
