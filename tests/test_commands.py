@@ -67,6 +67,13 @@ def test_dry_run_large_with_checkpointing_and_amp_fits_24gb(capsys):
     assert code == 0 and summary["fits"]
     assert summary["effective_batch"] == 256
     assert summary["memory_estimate_gb"] < 24
+    # the recipe's fits are part of the plan: prototypes for 256 images, the compressed warm-up
+    assert summary["arch"]["out_dim"] == 8192
+    assert any(n.startswith("prototypes: 8192 for a global batch of 256") for n in summary["notices"])
+    # eight such ranks share each step: 2048 images, DINO's 65536
+    main(["train", "--config", "vit-large", "--batch-size", "64", "--accumulation-steps", "4", "--grad-checkpoint",
+          "--amp", "--parallel", "fsdp", "--world-size", "8", "--dry-run", "--device-memory", "24", "--json"])
+    assert json.loads(capsys.readouterr().out)["arch"]["out_dim"] == 65536
 
 
 def test_invalid_shapes_are_rejected_with_the_fix(capsys):

@@ -231,7 +231,8 @@ def run(args: argparse.Namespace) -> int:
         resolved.notices.append("--parallel fsdp in a single process: nothing to shard over, training unsharded "
                                 "(launch with torchrun --nproc-per-node N to shard)")
     if args.dry_run:
-        return report_dry_run(cfg, info, preset_name, resolved.preset_lines, plan, args.json, device_notes)
+        return report_dry_run(cfg, info, preset_name, resolved.preset_lines, plan, args.json, device_notes,
+                              resolved.notices)
     if not plan["fits"]:
         raise WontFit(wont_fit_message(plan))
     in_place = source is not None and source.in_place
@@ -334,9 +335,11 @@ def wont_fit_message(plan: dict) -> str:
 
 
 def report_dry_run(cfg: RunConfig, info, preset_name, preset_lines, plan, as_json: bool,
-                   device_notes: list[str] = ()) -> int:
+                   device_notes: list[str] = (), notices: list[str] = ()) -> int:
     """Print the plan. `device_notes` (a requested --device that is missing, and what is
-    planned for instead) go to stderr as warnings, and into the JSON as "device_notices"."""
+    planned for instead) go to stderr as warnings, and into the JSON as "device_notices";
+    `notices` (what resolve() fitted to the run: prototypes, warm-ups, teacher momentum) are
+    printed as notes, and into the JSON as "notices"."""
     est, o = plan["estimate"], cfg.optim
     for line in device_notes:
         print(f"warning: {line} (plan for a card that is not here with --device-memory)", file=sys.stderr)
@@ -361,12 +364,16 @@ def report_dry_run(cfg: RunConfig, info, preset_name, preset_lines, plan, as_jso
         "fits": plan["fits"],
         "suggestions": plan["suggestions"],
         "device_notices": list(device_notes),
+        "notices": list(notices),
     }
     if as_json:
         print(json.dumps(summary, default=str))
     else:
         print(f"model {cfg.model.preset}: backbone {plan['backbone_params'] / 1e6:.1f}M + head "
-              f"{plan['head_params'] / 1e6:.1f}M parameters (built on the meta device)")
+              f"{plan['head_params'] / 1e6:.1f}M parameters, {cfg.model.out_dim} prototypes "
+              "(built on the meta device)")
+        for line in notices:
+            print(f"  note: {line}")
         print(f"device: {info.kind} '{info.name}', preset {preset_name}")
         for line in preset_lines:
             print(f"  {line}")
