@@ -327,9 +327,9 @@ BASE_RECIPE: dict[str, object] = {
     "horizon": 100_000,
 }
 
-# Prototypes per image of the global batch for a recipe that does not fix its own count:
-# half of DINO's 65536 at a batch of 1024; at a batch of 32 it gives the 1024 that the tiny
-# recipe's sweep and the scaled-down big recipe measured (docs/recipes.md).
+# Prototypes per image of the global batch, for every run not given --out-dim: half of DINO's
+# 65536 at a batch of 1024; at a batch of 32 it gives the 1024 that the tiny recipe's sweep
+# and the scaled-down big recipe measured (docs/recipes.md).
 PROTOTYPES_PER_IMAGE = 32
 MIN_PROTOTYPES = 1024
 
