@@ -110,7 +110,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--student-temp", type=float)
     g.add_argument("--centering", choices=["centering", "sinkhorn"])
     g.add_argument("--center-momentum", type=float)
-    g.add_argument("--koleo-weight", type=float, help="KoLeo weight on the sum over the global views (default 0.003; DINOv2: 0.1)")
+    g.add_argument("--koleo-weight", type=float,
+                   help="KoLeo weight on the sum over the global views (default 0.003; DINOv2: 0.1)")
     g.add_argument("--ibot-weight", type=float, help="iBOT masked-patch loss weight (0 turns iBOT off; DINOv2: 1.0)")
     g.add_argument("--ibot-mask-ratio", type=float, nargs=2, metavar=("MIN", "MAX"),
                    help="range of the fraction of patches masked per masked image (DINOv2: 0.1 0.5)")
@@ -209,9 +210,9 @@ def run(args: argparse.Namespace) -> int:
     source = open_resume(args.resume, out_root, planning=args.dry_run) if args.resume else None
     if source is not None:
         given["resume"] = str(source.path)
+    world_size = args.world_size or dist.world_size
     resolved = resolve(given, hardware_preset=preset_name, device_kind=info.kind,
-                       saved=source.state["config"] if source is not None else None,
-                       world_size=args.world_size or dist.world_size)
+                       saved=source.state["config"] if source is not None else None, world_size=world_size)
     cfg = resolved.cfg
     saved_init = source.state["config"].get("init_from") if source is not None else None
     if source is not None and given.get("init_from") and str(given["init_from"]) != str(saved_init):
@@ -225,8 +226,7 @@ def run(args: argparse.Namespace) -> int:
     if args.resume == "auto" and source is None and not args.dry_run:
         resolved.notices.append(f"--resume auto: no checkpoint under {out_root}; starting a new run")
 
-    plan = plan_memory(cfg, args.device_memory, info.total_memory_bytes,
-                       world_size=args.world_size or dist.world_size)
+    plan = plan_memory(cfg, args.device_memory, info.total_memory_bytes, world_size=world_size)
     if cfg.runtime.parallel == "fsdp" and not args.dry_run and not dist.enabled:
         resolved.notices.append("--parallel fsdp in a single process: nothing to shard over, training unsharded "
                                 "(launch with torchrun --nproc-per-node N to shard)")
