@@ -138,6 +138,8 @@ def test_entropy_wall_advice_leads_with_the_measured_levers_and_says_what_a_resu
     assert resume_part.startswith("views that share their intensity statistics (--distinct-windows false "
                                   "--standardize-views true)")
     assert resume_part.endswith("(these can resume from the emergency checkpoint: --resume PATH)")
+    # The count follows the global batch, as resolve()'s: 65536 is right for 64 ranks of 32
+    assert "--out-dim" not in entropy_wall_advice(dinov2, world_size=64)
     # The recipes already have every lever of the model: only what a resume accepts is left
     for preset in ({"config": "vit-tiny"}, {"config": "vit-large", "batch_size": 32}):
         advice = entropy_wall_advice(resolve(preset, hardware_preset="cpu", device_kind="cpu").cfg)

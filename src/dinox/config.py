@@ -439,8 +439,8 @@ def resolve(
         raise ValueError(f"not run settings: {sorted(unknown)}")
     resume_shape = saved is not None and "config" not in given
     preset = str(given.get("config") or (saved.get("config") if resume_shape else None) or "vit-tiny")
-    values: dict[str, object] = {}
-    values.update(recipe_for(preset))
+    recipe = recipe_for(preset)
+    values: dict[str, object] = dict(recipe)
     if resume_shape:  # no --config on resume: the checkpoint's model, with any --vit-* flag given
         values.update({k: saved[k] for k in SHAPE_FIELDS if k in saved})
         values.update({k: v for k, v in given.items() if k in SHAPE_FIELDS})
@@ -456,8 +456,7 @@ def resolve(
         # The recipe's part of the model's shape is the checkpoint's on resume: the prototypes
         # were fitted to the batch the run began with, and the recipe may have changed since.
         # The preset's architecture and the flags given are still checked against it.
-        values.update({k: saved[k] for k in SHAPE_FIELDS if k in saved and k in recipe_for(preset)
-                       and k not in given})
+        values.update({k: saved[k] for k in SHAPE_FIELDS if k in saved and k in recipe and k not in given})
         requested = {**values, **given}
         requested["ibot_head"] = float(given.get("ibot_weight", saved.get("ibot_weight", 0.0))) > 0
         _check_shape(saved, requested)

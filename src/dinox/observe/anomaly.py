@@ -267,7 +267,7 @@ class EntropyWall:
         self.run, self.reported = int(state.get("run", 0)), bool(state.get("reported", False))
 
 
-def entropy_wall_advice(cfg) -> str:
+def entropy_wall_advice(cfg, world_size: int = 1) -> str:
     """What to try against a teacher stuck at the entropy wall, for a RunConfig's settings
     (the user guide's troubleshooting advice made concrete), the measured levers first.
 
@@ -285,7 +285,7 @@ def entropy_wall_advice(cfg) -> str:
                          "and AdamW opens the LayerScale gains by at most about the learning rate per step)")
     if not m.head_bn and cfg.effective_batch <= 64:
         new_model.append("--head-bn true (diverse targets at initialisation for small batches)")
-    fitted = prototypes_for_batch(cfg.effective_batch, m.out_dim)
+    fitted = prototypes_for_batch(cfg.effective_batch * world_size, m.out_dim)  # the rule resolve() applies
     if fitted < m.out_dim:
         new_model.append(f"fewer prototypes (--out-dim {fitted}, now {m.out_dim})")
     if s.ibot_weight == 0:

@@ -76,7 +76,7 @@ class Trainer:
         self.scaler = build_scaler(self.device, self.autocast_dtype)
         watch = cfg.watch
         warmed_up = max(cfg.optim.warmup_steps, cfg.ssl.teacher_temp_warmup_steps)
-        wall = EntropyWall(cfg.model.out_dim, start_step=warmed_up, advice=entropy_wall_advice(cfg),
+        wall = EntropyWall(cfg.model.out_dim, start_step=warmed_up, advice=entropy_wall_advice(cfg, dist.world_size),
                            window=min(100, max(20, (cfg.optim.max_steps or 1000) // 10)))
         guard = AnomalyGuard(spike_factor=watch.spike_factor, std_threshold=watch.collapse_std,
                              halt_on_anomaly=watch.halt_on_anomaly,
