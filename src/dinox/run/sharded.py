@@ -181,7 +181,11 @@ def load_into(path: Path, template: dict) -> None:
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
 
-    dcp.load(template, checkpoint_id=str(path), no_dist=not dist.is_initialized())
+    single = not dist.is_initialized()
+    with warnings.catch_warnings():
+        if single:  # a run resumed on one process: loading it all here is the intent, not a slip
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+        dcp.load(template, checkpoint_id=str(path), no_dist=single)
 
 
 def load_full(path: Path) -> dict:
