@@ -129,7 +129,9 @@ def _probe(dinox_main, final: Path, processed: Path, manifest: Path) -> None:
         if name in tasks:
             task, base = tasks[name], tasks[name].get("baselines", {})
             hand = task.get("references", {}).get("hand_features")
-            print(f"[demo] probe {name}: AUROC {task['auroc']:.3f} {task.get('ci95')} | untrained "
+            ci = task.get("ci95")
+            interval = f"[{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "(no interval)"
+            print(f"[demo] probe {name}: AUROC {task['auroc']:.3f} {interval} | untrained "
                   f"{base.get('untrained', {}).get('auroc', float('nan')):.3f} | pixels "
                   f"{base.get('pixels', {}).get('auroc', float('nan')):.3f}"
                   + (f" | hand features (what the pixels allow) {hand['auroc']:.3f}" if hand else ""))
