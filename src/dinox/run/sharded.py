@@ -18,6 +18,7 @@ written by N ranks loads on M ranks, or into a plain module in a single process.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -182,9 +183,7 @@ def load_into(path: Path, template: dict) -> None:
     import torch.distributed.checkpoint as dcp
 
     single = not dist.is_initialized()
-    with warnings.catch_warnings():
-        if single:  # a run resumed on one process: loading it all here is the intent, not a slip
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+    with _single_process_intended() if single else contextlib.nullcontext():
         dcp.load(template, checkpoint_id=str(path), no_dist=single)
 
 
@@ -192,9 +191,18 @@ def load_full(path: Path) -> dict:
     """Every DCP entry as whole tensors in this process (eval, inspect, export: M = 1)."""
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
 
-    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
-        warnings.simplefilter("ignore", UserWarning)
+    with _single_process_intended():
         return _load_state_dict_from_keys(checkpoint_id=str(path))
+
+
+@contextlib.contextmanager
+def _single_process_intended():
+    """Silence DCP's "torch.distributed is ... uninitialized, assuming the intent is to load in
+    a single process": loading a sharded checkpoint whole into this one process is the intent."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process",
+                                category=UserWarning)
+        yield
 
 
 def tensor_entries(path: Path) -> list[str]:
