@@ -7,6 +7,7 @@ import torch
 from dinox.config import resolve
 from dinox.data.augment import CTAugment
 from dinox.errors import UserError
+from dinox.losses.gram import gram_anchoring_loss
 from dinox.observe.anomaly import AnomalyGuard
 from dinox.run import checkpoint as store
 from dinox.train.optim import autocast, build_optimizer, build_scaler
@@ -123,3 +124,40 @@ def test_high_resolution_gram_teacher_sees_the_views_enlarged():
     assert torch.isfinite(values["loss_gram"]) and values["loss_gram"] > 0
     with pytest.raises(UserError, match="--gram-teacher-scale"):
         resolve({"config": "vit-tiny", "gram_teacher_scale": 0}, hardware_preset="cpu", device_kind="cpu")
+
+
+def test_gram_teacher_forward_is_skipped_only_while_it_holds_the_teachers_weights():
+    """While the Gram teacher is a fresh copy of the EMA teacher (the warm-up, each refresh
+    step) its features are the teacher's own and its forward is skipped; the Gram loss is
+    bitwise the one its own forward gives. After an EMA update it runs again."""
+    from dinox.config import with_values
+
+    cfg = with_values(small_config(), gram_start_step=3, gram_refresh_every=2)
+    c = components(cfg, seed=0)
+    calls = []
+    c.ssl.gram_teacher.register_forward_hook(lambda module, args, out: calls.append(1))
+    stacks = torch.randint(-1000, 1000, (4, 3, 24, 24), generator=torch.Generator().manual_seed(1)).to(torch.int16)
+    augment = CTAugment(cfg.views.to_augment())
+
+    ran = []
+    for step in range(6):
+        views = augment(stacks, torch.Generator().manual_seed(step))
+        c.ssl.maybe_refresh_gram_teacher(step)
+        before = len(calls)
+        values = c.ssl.forward_backward(views, {"teacher_temp": 0.04}, autocast=lambda: autocast(DEVICE, None),
+                                        backward=lambda loss: loss.backward(), step=step)
+        ran.append(len(calls) > before)
+        with torch.no_grad():  # the Gram term with the Gram teacher's own forward
+            globals_ = torch.cat(views.global_views)
+            direct = c.ssl.gram_teacher(globals_)["patches"]
+            expected = gram_anchoring_loss(c.ssl.student(globals_)["patches"], direct)
+            if not ran[-1]:
+                assert torch.equal(direct, c.ssl.teacher(globals_)["patches"])
+        assert torch.allclose(values["loss_gram"], expected, rtol=1e-6, atol=0)
+        c.optimizer.step()
+        c.optimizer.zero_grad()
+        c.ssl.finish_step(0.9)
+    # following until the start step (0-2), a snapshot at 3, frozen at 4, refreshed at 5
+    assert ran == [False, False, False, False, True, False]
+    c.ssl.finish_step(0.9)
+    assert not c.ssl.gram_is_teacher

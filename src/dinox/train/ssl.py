@@ -79,6 +79,9 @@ class DINOSSL:
             module.requires_grad_(False)
             module.eval()
         self.gram_snapshot_step = 0
+        # True while the Gram teacher holds exactly the EMA teacher's current weights (a copy
+        # taken since the last EMA update): its patch features are then the teacher's own.
+        self.gram_is_teacher = True
         self.dino_loss = DINOLoss(model.out_dim, student_temp=ssl.student_temp,
                                   center_momentum=ssl.center_momentum).to(device)
         self.koleo = KoLeoLoss()
@@ -156,7 +159,7 @@ class DINOSSL:
 
         with torch.no_grad(), autocast():
             teacher_out = self.teacher(global_batch)
-            gram_patches = self._gram_targets(global_batch)
+            gram_patches = self._gram_targets(global_batch, teacher_out["patches"])
         teacher_logits = teacher_out["logits"].float()
         teacher_probs = self.dino_loss.teacher_probs(teacher_logits, sched["teacher_temp"], method=ssl.centering)
         ibot = {}
@@ -188,12 +191,17 @@ class DINOSSL:
                       normalized_std(teacher_out["cls"].float()))
         return {name: v.detach() for name, v in zip(METRIC_NAMES, values)}
 
-    def _gram_targets(self, global_batch: torch.Tensor) -> torch.Tensor:
+    def _gram_targets(self, global_batch: torch.Tensor, teacher_patches: torch.Tensor) -> torch.Tensor:
         """The Gram teacher's patch features of the global views on the student's grid; at
         `gram_teacher_scale` > 1 it sees the views enlarged (bicubic) and its grid is brought
-        back (DINOv3's high-resolution Gram teacher)."""
+        back (DINOv3's high-resolution Gram teacher). While the Gram teacher is a copy of
+        the EMA teacher's current weights (every step of the warm-up, and each refresh
+        step) its features are `teacher_patches`, the same computation on the same input,
+        so its forward is skipped."""
         scale = self.ssl.gram_teacher_scale
         if scale == 1:
+            if self.gram_is_teacher:
+                return teacher_patches
             return self.gram_teacher(global_batch)["patches"]
         size = global_batch.shape[-1] * scale
         enlarged = F.interpolate(global_batch, size=(size, size), mode="bicubic", align_corners=False)
@@ -217,6 +225,7 @@ class DINOSSL:
         teacher = [local(p) for p in self.teacher.parameters()]
         student = [local(p.detach()) for p in self.student.parameters()]
         torch._foreach_lerp_(teacher, student, 1.0 - momentum)
+        self.gram_is_teacher = False
 
     def _centres(self) -> list[DINOLoss]:
         return [self.dino_loss] + ([self.ibot_loss] if self.ibot_loss is not None else [])
@@ -243,6 +252,7 @@ class DINOSSL:
                                           [*self.teacher.backbone.parameters(), *self.teacher.backbone.buffers()]):
                     local(target).copy_(local(source))
             self.gram_snapshot_step = step
+            self.gram_is_teacher = True
 
     def freeze_backbone_grads(self) -> None:
         """Warm start: the backbone's gradients are dropped, so AdamW leaves it untouched

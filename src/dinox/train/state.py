@@ -179,6 +179,7 @@ def unpack(state: dict, c: Components, cfg: RunConfig, where: Placement) -> None
     check_checkpoint_format(state)
     _load_networks(state, c)
     c.ssl.gram_snapshot_step = int(state.get("gram_snapshot_step", 0))
+    c.ssl.gram_is_teacher = False  # loaded separately; the loop's next refresh decides
     if state.get("scaler") and c.scaler.is_enabled():
         c.scaler.load_state_dict(state["scaler"])
     c.guard.load_state_dict(state.get("anomaly", {}))
