@@ -110,10 +110,10 @@ def test_resume_is_exact_with_drop_path_local_crops_and_accumulation(processed_r
     assert losses(only_run(straight)) == losses(run)
 
 
-def _spawn(args: list[str]) -> subprocess.Popen:
+def _spawn(args: list[str], new_group: bool = False) -> subprocess.Popen:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     return subprocess.Popen([sys.executable, "-m", "dinox.cli", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, env=env, text=True)
+                            stderr=subprocess.STDOUT, env=env, text=True, start_new_session=new_group)
 
 
 def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 120.0) -> None:
@@ -144,12 +144,18 @@ def test_sigkill_after_checkpoint_then_resume_auto_is_exact(processed_root, tmp_
     assert losses(only_run(straight)) == losses(run)
 
 
-@pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 0), (signal.SIGINT, 130)])
-def test_signal_saves_and_resume_auto_continues(processed_root, tmp_path, sig, code):
+@pytest.mark.parametrize("sig,code,workers", [(signal.SIGTERM, 0, 0), (signal.SIGINT, 130, 0), (signal.SIGTERM, 0, 1)])
+def test_signal_saves_and_resume_auto_continues(processed_root, tmp_path, sig, code, workers):
+    """With a DataLoader worker the signal goes to the whole process group, as `timeout`,
+    `kill -- -PGID` and schedulers send it: the worker must not die before the save."""
     out = tmp_path / "runs"
-    proc = _spawn(train_args(processed_root, out, "--batch-size", "4", "--num-workers", "0", "--ckpt-every", "1000"))
+    proc = _spawn(train_args(processed_root, out, "--batch-size", "4", "--num-workers", str(workers),
+                             "--ckpt-every", "1000"), new_group=workers > 0)
     _wait_for(lambda: any(out.glob("*/metrics.jsonl")) and len(read_metrics(only_run(out))) >= 2, proc)
-    proc.send_signal(sig)
+    if workers:
+        os.killpg(proc.pid, sig)
+    else:
+        proc.send_signal(sig)
     output, _ = proc.communicate(timeout=60)
     assert proc.returncode == code, output
     run = only_run(out)
