@@ -283,3 +283,18 @@ def test_demo_trains_in_bf16_exactly_where_the_cpu_has_it(tmp_path, monkeypatch,
         demo.run(args)
     train = [a for a in calls if a[0] == "train"]
     assert len(train) == 1 and expected in train[0] and ({"--amp", "--no-amp"} - {expected}).isdisjoint(train[0])
+
+
+def test_demo_does_not_reuse_data_made_with_other_settings(tmp_path, capsys):
+    """An existing root synthesised with other --patients/--slices/--size/--seed is refused
+    (the demo would silently train on the old data), and one patient cannot be split."""
+    series = [{"num_slices": 3, "rows": 32, "cols": 32}] * 2
+    (tmp_path / "dicom").mkdir()
+    (tmp_path / "dicom" / "labels.json").write_text(json.dumps({"generator": "dinox synth", "seed": 0,
+                                                                "family": "chest", "series": series}))
+    rc = main(["demo", "--root", str(tmp_path), "--patients", "3", "--slices", "3", "--size", "48"])
+    err = capsys.readouterr().err
+    assert rc == 1 and err.count("\n") == 1
+    assert "--patients 2 (asked 3)" in err and "--size 32 (asked 48)" in err and "--slices" not in err
+    assert main(["demo", "--patients", "1", "--root", str(tmp_path / "one")]) != 0
+    assert ">= 2" in capsys.readouterr().err and not (tmp_path / "one").exists()

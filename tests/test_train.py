@@ -169,6 +169,22 @@ def test_signal_saves_and_resume_auto_continues(processed_root, tmp_path, sig, c
     assert load_checkpoint(run / f"checkpoint_final_{step + 1:08d}.pth")["step"] == step + 1
 
 
+def test_demo_with_a_loader_worker_exits_when_done(tmp_path):
+    """The DataLoader worker leaves the process group (so a group-wide stop signal spares
+    it), and a worker still alive at exit must not keep the process waiting: the demo (one
+    training step, its worker never shut down by the loop) ends promptly."""
+    proc = subprocess.Popen([sys.executable, "-m", "dinox.cli", "demo", "--patients", "2", "--slices", "3",
+                             "--size", "32", "--steps", "1", "--eval-n", "4", "--num-workers", "1", "--no-probe",
+                             "--root", str(tmp_path / "demo")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    try:
+        output, _ = proc.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise AssertionError("the demo did not exit after its last step") from None
+    assert "[demo] TensorBoard" in output and proc.returncode in (0, 2), output
+
+
 def test_resume_with_other_model_shape_names_fields_and_flags(processed_root, tmp_path, capsys):
     out = tmp_path / "runs"
     assert main(train_args(processed_root, out, "--max-steps", "1", "--batch-size", "4")) == 0

@@ -34,7 +34,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="phantom family to synthesise (chest, head or limb; see dinox synth)")
     p.add_argument("--root", default=None,
                    help="where the demo writes everything (data/demo; data/demo_<family> for head and limb)")
-    p.add_argument("--patients", type=positive_int, default=DEMO_PATIENTS)
+    p.add_argument("--patients", type=int_at_least(2), default=DEMO_PATIENTS,
+                   help="synthetic patients (at least 2: the validation split needs one of its own)")
     p.add_argument("--slices", type=int_at_least(3), default=DEMO_SLICES)
     p.add_argument("--size", type=positive_int, default=DEMO_SIZE)
     p.add_argument("--steps", type=positive_int, default=DEMO_STEPS)
@@ -64,10 +65,16 @@ def run(args) -> int:
         _check(dinox_main(["synth", "--out", str(dicom), "--family", family, "--patients", str(args.patients),
                            "--slices", str(args.slices), "--size", str(args.size), "--seed", str(args.seed)]))
     else:
-        found = _labels_family(dicom / "labels.json")
-        if found != family:
-            raise UserError(f"{dicom} holds {found} phantoms, not {family}; give --root another folder "
+        found = _existing_synth(dicom / "labels.json")
+        if found["family"] != family:
+            raise UserError(f"{dicom} holds {found['family']} phantoms, not {family}; give --root another folder "
                             f"(the default for --family {family} is {default_root(family)})")
+        asked = {"patients": args.patients, "slices": args.slices, "size": args.size, "seed": args.seed}
+        differ = [f"--{k} {found[k]} (asked {v})" for k, v in asked.items() if found.get(k) is not None
+                  and found[k] != v]
+        if differ:
+            raise UserError(f"{dicom} was synthesised with {', '.join(differ)}; give --root another folder, "
+                            f"or delete {root} to synthesise it anew")
         print(f"[demo] 1/4 synthetic {family} DICOM already in {dicom}", flush=True)
 
     print(f"[demo] 2/4 preparing the processed root -> {processed}", flush=True)
@@ -152,13 +159,18 @@ def default_root(family: str) -> str:
     return "data/demo" if family == "chest" else f"data/demo_{family}"
 
 
-def _labels_family(labels_file: Path) -> str:
-    """The family of an existing synth dataset; labels.json written before the families
-    existed has none and is chest."""
+def _existing_synth(labels_file: Path) -> dict:
+    """What an existing synth dataset was made with (family, patients, slices, size, seed;
+    None where labels.json does not say). labels.json written before the families existed
+    has none and is chest."""
     try:
-        return str(json.loads(labels_file.read_text()).get("family", "chest"))
-    except (OSError, ValueError, AttributeError):
-        return "unknown"
+        labels = json.loads(labels_file.read_text())
+        series = labels.get("series") or []
+        first = series[0] if series else {}
+        return {"family": str(labels.get("family", "chest")), "patients": len(series) or None,
+                "slices": first.get("num_slices"), "size": first.get("rows"), "seed": labels.get("seed")}
+    except (OSError, ValueError, AttributeError, TypeError, IndexError):
+        return {"family": "unknown"}
 
 
 def _final_ratio(checkpoint: Path) -> float | None:

@@ -9,7 +9,7 @@ training device from a generator saved in the checkpoint).
 from __future__ import annotations
 
 import logging
-import signal
+import os
 from collections.abc import Iterator
 
 import torch
@@ -44,13 +44,13 @@ class ResumableSampler(Sampler[int]):
             epoch, offset = epoch + 1, 0
 
 
-def _worker_ignores_stop_signals(worker_id: int) -> None:
-    """A stop signal sent to the whole process group (`timeout`, `kill -- -PGID`, many
-    schedulers) also reaches the DataLoader workers; the default SIGTERM would kill them and
-    the loader would fail the main process mid-step, before it saves. The main process alone
-    decides (it finishes the step, saves, and shuts its workers down); torch's workers
-    already leave SIGINT to it."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+def _worker_leaves_process_group(worker_id: int) -> None:
+    """A stop signal sent to the whole process group (`timeout`, `kill -- -PGID`) would
+    also kill the DataLoader workers, and the loader would then fail the main process
+    mid-step, before it saves. In a group of its own a worker hears only its parent, which
+    finishes the step, saves, and shuts it down (or terminates it at exit); a worker whose
+    parent dies exits by itself (torch's worker watchdog)."""
+    os.setpgrp()
 
 
 def make_loader(
@@ -76,7 +76,7 @@ def make_loader(
         drop_last=True,
         persistent_workers=False,
         prefetch_factor=4 if num_workers > 0 else None,
-        worker_init_fn=_worker_ignores_stop_signals if num_workers > 0 else None,
+        worker_init_fn=_worker_leaves_process_group if num_workers > 0 else None,
         # Its own generator: starting an iterator draws the workers' base seed from it, and
         # drawing from the global torch RNG instead would shift drop path on a resumed run.
         generator=torch.Generator().manual_seed(seed * 7 + rank),
