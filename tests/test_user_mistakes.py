@@ -40,6 +40,12 @@ def test_a_file_system_failure_is_one_line_naming_the_path(tmp_path, capsys):
     (["demo", "--steps", "0"], "--steps"),
     (["eval", "probe", "--checkpoint", "c", "--data-root", "r", "--seed", "-1"], "--seed"),
     (["train", "--batch-size", "0"], "--batch-size"),
+    (["train", "--collapse-std", "-1"], "--collapse-std"),
+    (["train", "--device-memory", "-5"], "--device-memory"),
+    (["train", "--device-memory", "inf"], "--device-memory"),
+    (["eval", "retrieval", "--checkpoint", "c", "--min-ratio", "nan"], "--min-ratio"),
+    (["eval", "retrieval", "--checkpoint", "c", "--min-ratio", "-1"], "--min-ratio"),
+    (["demo", "--patients", "1"], "--patients"),
 ])
 def test_a_bad_flag_value_is_refused_in_one_line_before_any_work(argv, flag, capsys):
     assert main(argv) == 1

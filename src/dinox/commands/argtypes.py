@@ -3,6 +3,7 @@ before any work starts (not minutes later, deep inside a step)."""
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 
@@ -30,6 +31,21 @@ def int_at_least(minimum: int):
 
 positive_int = int_at_least(1)
 nonneg_int = int_at_least(0)
+
+
+def float_at_least(minimum: float, *, inclusive: bool = True):
+    """A finite number >= `minimum` (> when not `inclusive`); nan and inf are refused."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(value) or value < minimum or (value == minimum and not inclusive):
+            raise argparse.ArgumentTypeError(f"expected a finite number {'>=' if inclusive else '>'} {minimum:g}, "
+                                             f"got {text}")
+        return value
+
+    return parse
 
 
 def path(text: str) -> Path:

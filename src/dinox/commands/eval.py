@@ -17,7 +17,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from dinox.commands.argtypes import nonneg_int, positive_int
+from dinox.commands.argtypes import float_at_least, nonneg_int, positive_int
 from dinox.errors import UserError
 
 EXIT_PASS = 0
@@ -38,7 +38,7 @@ def add_retrieval_arguments(p: argparse.ArgumentParser) -> None:
                    help="which side of the split (val)")
     p.add_argument("--n", type=positive_int, default=4096, help="validation samples (all of them if the split has fewer)")
     p.add_argument("--topk", type=positive_int, nargs="+", default=[1, 5], help="k values to report (default 1 5)")
-    p.add_argument("--min-ratio", type=float, default=DEFAULT_MIN_RATIO,
+    p.add_argument("--min-ratio", type=float_at_least(0), default=DEFAULT_MIN_RATIO,
                    help=f"pass threshold on top1 / (1/n) (default {DEFAULT_MIN_RATIO})")
     p.add_argument("--seed", type=nonneg_int, default=RETRIEVAL_DEFAULTS["seed"], help="seed of the sample draw and the views")
     p.add_argument("--draws", type=positive_int, default=1,

@@ -22,7 +22,7 @@ from dinox.config import (
     RunConfig,
     resolve,
 )
-from dinox.commands.argtypes import boolean, nonneg_int, positive_int
+from dinox.commands.argtypes import boolean, float_at_least, nonneg_int, positive_int
 from dinox.data.layout import atomic_write_text
 from dinox.errors import UserError
 from dinox.run.signals import EXIT_WONT_FIT
@@ -139,7 +139,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                         "and Gram teacher sharded over the ranks, sharded DCP checkpoints)")
     g.add_argument("--num-workers", type=nonneg_int)
     g.add_argument("--pin-memory", type=boolean, metavar="true|false")
-    g.add_argument("--device-memory", type=float, metavar="GB", help="plan for a device with this much memory")
+    g.add_argument("--device-memory", type=float_at_least(0, inclusive=False), metavar="GB", help="plan for a device with this much memory")
 
     g = p.add_argument_group("data and output")
     g.add_argument("--data-root", help="processed root (default data/processed)")
@@ -164,7 +164,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--log-interval", type=float, help="seconds between progress lines (10)")
     g.add_argument("--log-every", type=positive_int, help="steps between metrics.jsonl/TensorBoard rows (1)")
     g.add_argument("--halt-on-anomaly", action=argparse.BooleanOptionalAction, default=None, help="stop on a loss spike too")
-    g.add_argument("--collapse-std", type=float, help="embedding std below which collapse is flagged (0.01)")
+    g.add_argument("--collapse-std", type=float_at_least(0, inclusive=False), help="embedding std below which collapse is flagged (0.01)")
     g.add_argument("--spike-factor", type=float, help="loss above this x its 10-step mean is a spike (2.0)")
 
     g = p.add_argument_group("planning")
