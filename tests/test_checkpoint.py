@@ -23,6 +23,8 @@ import pytest
 import torch
 
 from dinox.cli import main as cli_main
+from dinox.errors import UserError
+from dinox.model.weights import safe_torch_load
 from dinox.run import checkpoint as ck
 from dinox.run.checkpoint import (
     CheckpointError,
@@ -274,8 +276,9 @@ def test_truncated_and_flipped_files_are_detected(tmp_path):
     # without the sidecar a truncated file still fails, through the full load
     sidecar_path(truncated).unlink()
     ok, reason = verify_checkpoint(truncated)
-    assert not ok and "not loadable" in reason
-    with pytest.raises(CheckpointError, match=r"checkpoint_00000002\.pth is damaged or not a checkpoint"):
+    assert not ok and "truncated: its zip directory is missing" in reason
+    with pytest.raises(CheckpointError, match=r"checkpoint_00000002\.pth is truncated.*earlier checkpoint.*"
+                                              r"checkpoint_00000001"):
         load_checkpoint(truncated)
     sidecar_path(good).unlink()
     ok, reason = verify_checkpoint(good)
@@ -287,6 +290,21 @@ def test_truncated_and_flipped_files_are_detected(tmp_path):
     assert verify_checkpoint(tmp_path / "missing.pth") == (False, "no such file")
     with pytest.raises(CheckpointError, match="not found"):
         load_checkpoint(tmp_path / "missing.pth")
+
+
+@pytest.mark.parametrize("content, says", [
+    (b"step,loss\n1,6.9\n", r"is a text file \('step,loss'\.\.\.\), not a PyTorch file"),
+    (b"\x00\x01\x02\x03binary", r"is not a PyTorch file \(it starts with b'\\x00"),
+    (b"", r"is empty \(0 bytes\)"),
+])
+def test_a_file_that_is_no_torch_save_says_what_it_is(tmp_path, content, says):
+    """torch's own reason for a text file is "KeyError: 101"; the message says what the bytes are."""
+    path = checkpoint_path(tmp_path, 7)
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError, match=says):
+        load_checkpoint(path)
+    with pytest.raises(UserError, match=says):
+        safe_torch_load(path)
 
 
 def test_find_resume_skips_damaged_with_warning_and_falls_back(tmp_path, caplog):

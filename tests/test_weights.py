@@ -393,10 +393,10 @@ def test_non_checkpoints_and_folders_without_config(tmp_path):
     backbone = VisionTransformer(dinox_arch("dinov2"), img_size=IMG)
     text = tmp_path / "notes.pth"
     text.write_text("these are not weights\n")
-    one_line_error(lambda: weights.load_pretrained(text, backbone), "not a PyTorch checkpoint")
+    one_line_error(lambda: weights.load_pretrained(text, backbone), "is a text file .*not a PyTorch file")
     empty = tmp_path / "empty.pth"
     empty.write_bytes(b"")
-    one_line_error(lambda: weights.load_pretrained(empty, backbone), "not a PyTorch checkpoint")
+    one_line_error(lambda: weights.load_pretrained(empty, backbone), r"is empty \(0 bytes\)")
     listing = tmp_path / "list.pth"
     torch.save([torch.zeros(2)], listing)
     one_line_error(lambda: weights.load_pretrained(listing, backbone), "not a backbone state dict")

@@ -55,7 +55,6 @@ import json
 import logging
 import math
 import os
-import pickle
 import re
 import struct
 import sys
@@ -69,6 +68,8 @@ from dinox.model.presets import PRESETS
 from dinox.model.vit import (ViTArch, VisionTransformer, resample_token_grid, rope_periods,
                              swiglu_hidden_dim)
 from dinox.run import sharded as sharded_store
+from dinox.run.torch_file import (NotATorchFile, first_line, is_weights_only_refusal, load_weights_only,
+                                  refusal_detail)
 
 log = logging.getLogger("dinox.weights")
 
@@ -206,36 +207,20 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0][:160] if text else ''}".rstrip(": ")
-
-
 def safe_torch_load(path: Path):
     """``torch.load(weights_only=True)`` (memory-mapped when the format allows), with
     one-line UserErrors for a pickle that carries code or a file that is no checkpoint."""
     try:
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as exc:
-            if "mmap" not in str(exc):
-                raise
-            return torch.load(path, map_location="cpu", weights_only=True)
+        return load_weights_only(path, mmap=True)
     except (MemoryError, KeyboardInterrupt):
         raise
-    except pickle.UnpicklingError as exc:
-        # the weights-only unpickler names the global it refused ("GLOBAL posix.system"); a
-        # file that is no pickle at all fails on its first bytes ("Unsupported operand")
-        refused = [ln.strip() for ln in str(exc).splitlines() if "GLOBAL" in ln]
-        if refused:
-            raise UserError(f"{path} holds pickled code or objects besides tensors ({refused[0]}); it "
+    except Exception as exc:  # torch raises KeyError, EOFError, RuntimeError... for non-checkpoints
+        if is_weights_only_refusal(exc):
+            raise UserError(f"{path} holds pickled code or objects besides tensors ({refusal_detail(exc)}); it "
                             f"was not loaded: use weights saved as a plain state dict by a source you "
                             f"trust") from None
-        detail = [ln.strip() for ln in str(exc).splitlines() if "Unsupported" in ln]
-        raise UserError(f"{path} is not a PyTorch checkpoint "
-                        f"({detail[0] if detail else _first_line(exc)})") from None
-    except Exception as exc:  # torch raises KeyError, EOFError, RuntimeError... for non-checkpoints
-        raise UserError(f"{path} is not a PyTorch checkpoint ({_first_line(exc)})") from None
+        what = str(exc) if isinstance(exc, NotATorchFile) else f"is not a PyTorch checkpoint ({first_line(exc)})"
+        raise UserError(f"{path} {what}") from None
 
 
 def _tensor_dict(obj, path: Path) -> dict[str, torch.Tensor]:
@@ -381,7 +366,7 @@ def _safetensors_header(path: Path) -> tuple[dict, dict, int]:
         try:
             header = json.loads(f.read(n))
         except ValueError as exc:
-            raise UserError(f"{bad} ({_first_line(exc)})") from None
+            raise UserError(f"{bad} ({first_line(exc)})") from None
     if not isinstance(header, dict):
         raise UserError(f"{bad} (header is no JSON object)")
     meta = header.pop("__metadata__", None) or {}
@@ -404,7 +389,7 @@ def _read_config(folder: Path) -> dict:
     try:
         config = json.loads((folder / "config.json").read_text())
     except (OSError, ValueError) as exc:
-        raise UserError(f"{folder / 'config.json'} is not readable JSON ({_first_line(exc)})") from None
+        raise UserError(f"{folder / 'config.json'} is not readable JSON ({first_line(exc)})") from None
     if not isinstance(config, dict):
         raise UserError(f"{folder / 'config.json'} is not a JSON object")
     return config
@@ -615,7 +600,7 @@ def _hf_tensors(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
             index = json.loads((folder / "model.safetensors.index.json").read_text())
             names = sorted(set(index["weight_map"].values()))
         except (OSError, ValueError, KeyError, AttributeError) as exc:
-            raise UserError(f"{folder}/model.safetensors.index.json is not a shard index ({_first_line(exc)})") from None
+            raise UserError(f"{folder}/model.safetensors.index.json is not a shard index ({first_line(exc)})") from None
     elif (folder / "pytorch_model.bin").is_file():
         names = ["pytorch_model.bin"]
     else:
@@ -805,7 +790,7 @@ def _dinox_safetensors(path: Path) -> Imported:
         arch_dict = json.loads(meta["arch"])
         img_size, in_chans = int(meta["img_size"]), int(meta.get("in_chans", 3))
     except (KeyError, ValueError, TypeError) as exc:
-        raise UserError(f"{path}: dinox metadata unreadable ({_first_line(exc)})") from None
+        raise UserError(f"{path}: dinox metadata unreadable ({first_line(exc)})") from None
     arch = _arch_from_dict(arch_dict, path)
     grid = None if arch.rope else (img_size // arch.patch_size,) * 2
     extras = {k[len("extra."):]: tensors.pop(k) for k in [k for k in tensors if k.startswith("extra.")]}
@@ -883,7 +868,7 @@ def _arch_from_dict(arch_dict, where: Path) -> ViTArch:
     try:
         return ViTArch(**arch_dict)
     except TypeError as exc:
-        raise UserError(f"{where}: architecture record unreadable ({_first_line(exc)})") from None
+        raise UserError(f"{where}: architecture record unreadable ({first_line(exc)})") from None
 
 
 # ----------------------------------------------------------------------------- loading

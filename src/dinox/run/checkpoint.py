@@ -36,7 +36,6 @@ import json
 import logging
 import math
 import os
-import pickle
 import re
 import shutil
 import socket
@@ -53,6 +52,8 @@ from dinox.errors import UserError
 from dinox.run import sharded as sharded_store
 from dinox.run.distributed import local
 from dinox.run.rng import capture_rng_state, restore_rng_state
+from dinox.run.torch_file import (NotATorchFile, first_line, is_weights_only_refusal, load_weights_only,
+                                  refusal_detail)
 
 __all__ = [
     "KINDS",
@@ -546,32 +547,6 @@ def _check_record(path: Path, record: dict) -> str | None:
     return None
 
 
-def _is_weights_only_refusal(exc: BaseException) -> bool:
-    return isinstance(exc, pickle.UnpicklingError) and "weights only" in str(exc).lower()
-
-
-def _refusal_detail(exc: BaseException) -> str:
-    lines = [ln.strip() for ln in str(exc).splitlines() if "GLOBAL" in ln or "Unsupported" in ln]
-    return lines[0] if lines else "unsupported pickled object"
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    first = lines[0] if lines else ""
-    if len(first) > 120 and ". " in first:  # torch appends paragraphs of advice
-        first = first.split(". ", 1)[0]
-    return f"{type(exc).__name__}: {first}".rstrip(": ")
-
-
-def _torch_load(path: Path, map_location, mmap: bool):
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
-    except RuntimeError as exc:
-        if mmap and "mmap" in str(exc):  # legacy (non-zip) format cannot be mapped
-            return torch.load(path, map_location=map_location, weights_only=True)
-        raise
-
-
 def _tensor_problem(t: torch.Tensor, where: str) -> str | None:
     if not t.is_floating_point() or t.numel() == 0 or t.device.type == "meta":
         return None
@@ -639,16 +614,16 @@ def verify_checkpoint(path, required: tuple[str, ...] | list[str] = ()) -> tuple
         how = ("loads with weights_only=True (no checksum record; tensors checked for non-finite "
                "and implausible values only)")
     try:
-        state = _torch_load(path, "cpu", mmap=True)
+        state = load_weights_only(path, "cpu", mmap=True)
     except (MemoryError, KeyboardInterrupt):
         raise
     except Exception as exc:
-        if _is_weights_only_refusal(exc):
-            return False, (f"{note}contains non-weights objects ({_refusal_detail(exc)}); "
+        if is_weights_only_refusal(exc):
+            return False, (f"{note}contains non-weights objects ({refusal_detail(exc)}); "
                            f"it will not be loaded")
         if isinstance(record, dict):
-            return False, f"not loadable although its checksum matches ({_first_line(exc)})"
-        return False, f"{note}not loadable ({_first_line(exc)})"
+            return False, f"not loadable although its checksum matches ({first_line(exc)})"
+        return False, f"{note}{_unloadable(path, exc)}"
     problem = content_problem(state, required)
     del state
     if problem:
@@ -664,11 +639,11 @@ def _verify_sharded(path: Path, required, *, hashes: bool = True) -> tuple[bool,
     if problem:
         return False, problem
     try:
-        meta = _torch_load(path / sharded_store.META, "cpu", mmap=True)
+        meta = load_weights_only(path / sharded_store.META, "cpu", mmap=True)
     except Exception as exc:  # noqa: BLE001 - reported as the reason
-        if _is_weights_only_refusal(exc):
-            return False, f"contains non-weights objects ({_refusal_detail(exc)}); it will not be loaded"
-        return False, f"{sharded_store.META} not loadable ({_first_line(exc)})"
+        if is_weights_only_refusal(exc):
+            return False, f"contains non-weights objects ({refusal_detail(exc)}); it will not be loaded"
+        return False, f"{sharded_store.META} not loadable ({first_line(exc)})"
     entries = set(manifest.get("entries", []))
     problem = content_problem(meta, [key for key in required if key not in entries])
     if problem:
@@ -683,17 +658,17 @@ def _load_sharded(path: Path, *, verify: bool, tensors: bool, required) -> dict:
         if not intact:
             raise CheckpointError(f"checkpoint {path} is damaged: {reason}{_earlier_hint(path)}")
     try:
-        state = _torch_load(path / sharded_store.META, "cpu", mmap=False)
+        state = load_weights_only(path / sharded_store.META, "cpu", mmap=False)
         if tensors:
             state.update(sharded_store.load_full(path))
     except (MemoryError, KeyboardInterrupt):
         raise
     except Exception as exc:
-        if _is_weights_only_refusal(exc):
-            raise CheckpointError(f"{path} contains non-weights objects ({_refusal_detail(exc)}) and will not "
+        if is_weights_only_refusal(exc):
+            raise CheckpointError(f"{path} contains non-weights objects ({refusal_detail(exc)}) and will not "
                                   f"be loaded") from None
         raise CheckpointError(f"checkpoint {path} is damaged or not a checkpoint "
-                              f"({_first_line(exc)}){_earlier_hint(path)}") from exc
+                              f"({first_line(exc)}){_earlier_hint(path)}") from exc
     state["sharded_path"] = str(path)
     if verify and tensors:
         problem = content_problem(state, required)
@@ -752,14 +727,22 @@ def _unsafe_globals_problem(path: Path) -> str | None:
     return None
 
 
+def _unloadable(path: Path, exc: BaseException) -> str:
+    """Why a checkpoint file failed to load, phrased to follow its path: what its bytes say
+    it is when they are not a torch.save file, else torch's own reason."""
+    if isinstance(exc, NotATorchFile):
+        return str(exc)
+    return f"is damaged or not a checkpoint ({first_line(exc)})"
+
+
 def _earlier_hint(path: Path) -> str:
     parsed = parse_checkpoint_name(path)
     others = [p for p in list_checkpoints(path.parent) if p.name != path.name]
     if parsed:
         others = [p for p in others if parse_checkpoint_name(p)[0] <= parsed[0]]
     if others:
-        return f"; resume from an earlier checkpoint, e.g. --resume {others[-1]}"
-    return "; resume from an earlier checkpoint"
+        return f"; use an earlier checkpoint of the run instead, e.g. {others[-1]}"
+    return "; use an earlier checkpoint of the run instead, or a copy of this one"
 
 
 def load_checkpoint(path, map_location="cpu", *, verify: bool = True, mmap: bool = False,
@@ -790,21 +773,20 @@ def load_checkpoint(path, map_location="cpu", *, verify: bool = True, mmap: bool
         elif isinstance(record, str):
             log.warning("%s; verifying %s by loading it", record, path)
     try:
-        state = _torch_load(path, map_location, mmap)
+        state = load_weights_only(path, map_location, mmap)
     except (MemoryError, KeyboardInterrupt):
         raise
     except Exception as exc:
-        if _is_weights_only_refusal(exc):
+        if is_weights_only_refusal(exc):
             raise CheckpointError(
-                f"{path} contains non-weights objects ({_refusal_detail(exc)}) and will not be "
+                f"{path} contains non-weights objects ({refusal_detail(exc)}) and will not be "
                 f"loaded; only load checkpoints written by dinox or another trusted tool") from None
         if isinstance(exc, torch.OutOfMemoryError):
             raise
         if checksum_ok:
             raise CheckpointError(f"could not load {path} although its checksum matches: "
-                                  f"{_first_line(exc)}") from exc
-        raise CheckpointError(f"checkpoint {path} is damaged or not a checkpoint "
-                              f"({_first_line(exc)}){_earlier_hint(path)}") from exc
+                                  f"{first_line(exc)}") from exc
+        raise CheckpointError(f"checkpoint {path} {_unloadable(path, exc)}{_earlier_hint(path)}") from exc
     if not isinstance(state, dict):
         raise CheckpointError(f"{path} holds a {type(state).__name__}, not a checkpoint dictionary")
     if verify:
