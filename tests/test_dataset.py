@@ -99,6 +99,39 @@ def test_user_errors(root, tmp_path_factory):
         CTSliceDataset(path, split="train")
 
 
+@pytest.mark.parametrize("split, says", [
+    ({"train": ["a", "b"], "val": "c"}, r"'val' must be a list of series ids, not a str"),
+    ({"train": ["a", "b", "a"], "val": ["c"]}, r"lists series a more than once in 'train'"),
+    ({"train": ["a", "b"], "val": ["b", "c"]}, r"lists 1 series in both train and val \(e\.g\. b\)"),
+])
+def test_a_manifest_is_checked_as_a_whole_whichever_side_is_read(root, split, says):
+    path, _ = root
+    (path / "_splits" / "val10_seed0.json").write_text(json.dumps(split))
+    for side in ("train", "val"):
+        with pytest.raises(UserError, match=says):
+            CTSliceDataset(path, split=side)
+    assert len(CTSliceDataset(path, split="all")) == 8   # no manifest read
+
+
+def test_a_patient_on_both_sides_of_the_manifest_is_refused(root):
+    """Series a (train) and c (val) of one patient: validation would score that patient."""
+    path, _ = root
+    index = path / "_index" / "index.csv"
+    index.write_text(index.read_text().replace("pat-c", "pat-a"))
+    for side in ("train", "val"):
+        with pytest.raises(UserError, match=r"puts 1 patient\(s\) on both train and val \(e\.g\. patient pat-a"):
+            CTSliceDataset(path, split=side)
+    index.write_text(index.read_text().replace(",pat-a,volumes/c", ",,volumes/c"))   # unknown patient
+    assert CTSliceDataset(path, split="val").series_ids == ["c"]
+
+
+def test_a_folder_given_as_manifest_names_the_file_to_give(root):
+    path, _ = root
+    for folder in (path, path / "_splits"):
+        with pytest.raises(UserError, match=r"is a folder; give a split JSON file, e\.g\. .*_splits/val10_seed0\.json"):
+            CTSliceDataset(path, split_manifest=folder)
+
+
 def test_pickles_without_mapped_volumes(root):
     path, vols = root
     ds = CTSliceDataset(path, split="all")

@@ -109,6 +109,44 @@ def test_draws_average_the_single_draws(checkpoint, processed_root, tmp_path, ca
     assert [d["ratio"] for d in result["draws"]] == [s["ratio"] for s in singles]
 
 
+def test_without_data_flags_the_run_s_own_root_and_split_are_scored(checkpoint, processed_root, tmp_path,  # noqa: F811
+                                                                      capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)    # no data/processed here: the root comes from the checkpoint
+    args = ["eval", "retrieval", "--checkpoint", str(checkpoint), "--device", "cpu", "--n", "16",
+            "--min-ratio", "0", "--out", str(tmp_path)]
+    assert main(args) == 0
+    (path,) = tmp_path.glob("view_retrieval_*.json")
+    result = json.loads(path.read_text())
+    own = next((processed_root / "_splits").glob("*.json"))
+    assert own.name != "val10_seed0.json"      # the run's own split, not the root's default name
+    assert Path(result["data_root"]) == processed_root and Path(result["split_manifest"]) == own
+    assert path.name.endswith("_N16.json")
+
+
+def test_run_data_paths_takes_the_run_s_index_and_split_only_on_its_own_root(tmp_path):
+    from types import SimpleNamespace
+
+    from dinox.errors import UserError
+    from dinox.eval.load import run_data_paths
+
+    own, other = tmp_path / "own", tmp_path / "other"
+    (own / "_splits").mkdir(parents=True)
+    (other / "_index").mkdir(parents=True)
+    manifest = own / "_splits" / "val20_seed1.json"
+    manifest.write_text("{}")
+    cfg = SimpleNamespace(io=SimpleNamespace(data_root=str(own), index_csv=str(own / "idx.csv"),
+                                             split_manifest=str(manifest)))
+    assert run_data_paths(cfg) == (own, own / "idx.csv", manifest)
+    assert run_data_paths(cfg, data_root=other) == (other, None, None)
+    assert run_data_paths(cfg, index_csv=other / "_index" / "index.csv") == (other, other / "_index" / "index.csv", None)
+    assert run_data_paths(cfg, data_root=other, split_manifest="m.json") == (other, None, Path("m.json"))
+    manifest.unlink()           # the run's split is gone: the root's default applies
+    assert run_data_paths(cfg)[2] is None
+    with pytest.raises(UserError, match=r"the run's data root .*gone not found; give --data-root"):
+        run_data_paths(SimpleNamespace(io=SimpleNamespace(data_root=str(tmp_path / "gone"), index_csv=None,
+                                                          split_manifest=None)))
+
+
 def test_result_name_rule():
     from dinox.commands.eval import PROBE_DEFAULTS, result_name
 

@@ -219,3 +219,17 @@ def test_old_index_rows_outside_the_root_are_dropped_and_rewritten(tmp_path):
     report = prep([tmp_path / "in"], out)
     assert report["series_kept"] == [] and len(report["series_written"]) == 1
     assert list(csv.DictReader(index.open()))[0]["path"] == original
+
+
+def test_output_equal_to_input_is_refused_before_anything_is_written(tmp_path, capsys):
+    """The walk skips the output root, so the same folder on both sides found no CT and wrote
+    prep_report.json into the DICOM folder."""
+    from dinox.cli import main
+
+    write_series(tmp_path / "in" / "s1", random_hu(np.random.default_rng(1), (4, 32, 32)), "1.2.3.4.1")
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    rc = main(["prep", "--input", str(tmp_path / "in"), "--output", str(tmp_path / "in") + "/", "--workers", "1"])
+    err = capsys.readouterr().err
+    assert rc == 1 and len(err.strip().splitlines()) == 1
+    assert "is also the --output folder" in err and f"--output {tmp_path / 'processed'}" in err
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before

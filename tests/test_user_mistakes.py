@@ -217,6 +217,16 @@ def test_an_explicit_labels_json_that_is_not_json_is_an_error(tmp_path):
     bad.write_text("not json")
     with pytest.raises(UserError, match="not readable JSON"):
         probe.load_labels(tmp_path, labels_json=bad)
+    segment = [0, 1, 1, 2, 2, 2, 1.0, 1.0]
+    for content, says in (([1, 2], 'no "series" list'),
+                          ({"series": [["S"]]}, "series entry 0 is not an object"),
+                          ({"series": [{"series_uid": "S", "vessels": [[1, 2, 3]]}]}, "not segments of 8 numbers"),
+                          ({"series": [{"series_uid": "OTHER", "vessels": [segment]}]}, "none of the label table")):
+        bad.write_text(json.dumps(content))
+        with pytest.raises(UserError, match=says):
+            probe.load_labels(tmp_path, labels_json=bad)
+    bad.write_text(json.dumps({"series": [{"series_uid": "S", "vessels": [segment]}]}))
+    assert probe.load_labels(tmp_path, labels_json=bad).vessels["S"].shape == (1, 8)
     lidc = [{**row, "source": "lidc-xml", "reader": f"r{k}"} for k in range(4)]
     write_table(tmp_path / NODULES_TABLE, lidc)
     with pytest.raises(UserError, match="no series has more than 4 readers"):

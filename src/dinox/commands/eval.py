@@ -31,9 +31,11 @@ def add_retrieval_arguments(p: argparse.ArgumentParser) -> None:
     from dinox.eval.runner import VIEWS
 
     p.add_argument("--checkpoint", required=True, help="a dinox checkpoint (.pth)")
-    p.add_argument("--split-manifest", help="split JSON (default <data-root>/_splits/val10_seed0.json)")
-    p.add_argument("--index-csv", help="index CSV (default <data-root>/_index/index.csv)")
-    p.add_argument("--data-root", help="processed root (default: the folder above the index CSV's _index/)")
+    p.add_argument("--split-manifest", help="split JSON (default: the run's own on its root, else "
+                                            "<data-root>/_splits/val10_seed0.json)")
+    p.add_argument("--index-csv", help="index CSV (default: the run's own on its root, else <data-root>/_index/index.csv)")
+    p.add_argument("--data-root", help="processed root (default: the folder above --index-csv's _index/ when given, "
+                                       "else the run's data root)")
     p.add_argument("--split", default=RETRIEVAL_DEFAULTS["split"], choices=["val", "train", "all"],
                    help="which side of the split (val)")
     p.add_argument("--n", type=positive_int, default=4096, help="validation samples (all of them if the split has fewer)")
@@ -102,16 +104,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return parser
 
 
-def resolve_data_paths(data_root, index_csv, split_manifest) -> tuple[Path, Path | None, Path | None]:
-    if data_root is None:
-        if index_csv is None:
-            data_root = "data/processed"
-        else:
-            index_path = Path(index_csv)
-            data_root = index_path.parent.parent if index_path.parent.name == "_index" else index_path.parent
-    return Path(data_root), Path(index_csv) if index_csv else None, Path(split_manifest) if split_manifest else None
-
-
 def output_dir(out, checkpoint) -> Path:
     """The folder for a result file: --out, made if missing, else the checkpoint's folder."""
     folder = Path(out) if out else Path(checkpoint).parent
@@ -125,13 +117,6 @@ def output_dir(out, checkpoint) -> Path:
     return folder
 
 
-def _same_path(a, b) -> bool:
-    try:
-        return Path(a).resolve() == Path(b).resolve()
-    except (OSError, RuntimeError, TypeError):
-        return False
-
-
 def result_name(stem: str, *, split: str, seed: int, defaults: dict, network: str = "teacher",
                 manifest=None, root=None, trained_root=None, trained_manifest=None, size: int | None = None,
                 trained_size: int | None = None, views: str = "train", draws: int = 1) -> str:
@@ -140,17 +125,17 @@ def result_name(stem: str, *, split: str, seed: int, defaults: dict, network: st
     split-{manifest stem}, the student adds _student, a root other than the run's own adds
     _root{hash8}, an input size other than the training size _size{size}, diagnostic views
     _{views}, a mean over several view draws _draws{draws}."""
-    from dinox.data.layout import default_manifest
+    from dinox.data.layout import default_manifest, same_path
 
     tags = []
-    custom_manifest = (manifest is not None and root is not None and not _same_path(manifest, default_manifest(root))
-                       and not (trained_manifest and _same_path(manifest, trained_manifest)))
+    custom_manifest = (manifest is not None and root is not None and not same_path(manifest, default_manifest(root))
+                       and not (trained_manifest and same_path(manifest, trained_manifest)))
     if split != defaults["split"] or seed != defaults["seed"] or custom_manifest:
         tags.append(f"{split}-{Path(manifest).stem}" if custom_manifest else split)
         tags.append(f"seed{seed}")
     if network != "teacher":
         tags.append(network)
-    if root is not None and trained_root is not None and not _same_path(root, trained_root):
+    if root is not None and trained_root is not None and not same_path(root, trained_root):
         tags.append("root" + hashlib.sha256(str(Path(root).resolve()).encode()).hexdigest()[:8])
     if size is not None and size != trained_size:
         tags.append(f"size{size}")
@@ -187,7 +172,7 @@ def run_retrieval(args) -> int:
     import torch
 
     from dinox.data.dataset import CTSliceDataset
-    from dinox.eval.load import load_for_inference
+    from dinox.eval.load import load_for_inference, run_data_paths
     from dinox.eval.runner import evaluate_draws
     from dinox.run.device import detect_device
 
@@ -199,7 +184,7 @@ def run_retrieval(args) -> int:
         print(f"warning: {note}")
     device = torch.device(info.torch_device)
     backbone, cfg, meta = load_for_inference(args.checkpoint, device, which=args.network)
-    root, index_csv, manifest = resolve_data_paths(args.data_root, args.index_csv, args.split_manifest)
+    root, index_csv, manifest = run_data_paths(cfg, args.data_root, args.index_csv, args.split_manifest)
     dataset = CTSliceDataset(root, args.split, manifest, index_csv)
     available = len(dataset)
     n = min(args.n, available)
@@ -261,7 +246,7 @@ def run_probe(args) -> int:
     import torch
 
     from dinox.eval import probe
-    from dinox.eval.load import load_for_inference
+    from dinox.eval.load import load_for_inference, run_data_paths
     from dinox.run.device import detect_device
 
     for flag, value, low in (("--batch-size", args.batch_size, 1), ("--max-slices", args.max_slices, 2),
@@ -278,15 +263,10 @@ def run_probe(args) -> int:
         print(f"warning: {note}")
     device = torch.device(info.torch_device)
     backbone, cfg, meta = load_for_inference(args.checkpoint, device, which=args.network)
-    root = Path(args.data_root) if args.data_root else Path(cfg.io.data_root)
-    if not root.is_dir():
-        raise UserError(f"processed root {root} not found; give --data-root (the folder `dinox prep` wrote)")
-    manifest = Path(args.split_manifest) if args.split_manifest else None
+    root, _, manifest = run_data_paths(cfg, args.data_root, None, args.split_manifest)
     if manifest is not None and not manifest.is_file():
-        raise UserError(f"split manifest {manifest} not found; give an existing --split-manifest")
-    own = Path(cfg.io.split_manifest) if cfg.io.split_manifest else None
-    if manifest is None and own is not None and own.is_file() and _same_path(root, cfg.io.data_root):
-        manifest = own   # the run's own split: its val patients never trained the checkpoint
+        what = "a folder; give a split JSON file" if manifest.is_dir() else "not found; give an existing --split-manifest"
+        raise UserError(f"split manifest {manifest} is {what}")
     result = probe.probe_backbone(
         backbone, cfg, root, split_manifest=manifest, split=args.split, seed=args.seed, device=device,
         batch_size=args.batch_size, max_slices=args.max_slices, n_boot=args.bootstrap, min_readers=args.min_readers,

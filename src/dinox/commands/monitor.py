@@ -9,8 +9,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("monitor", help="heatmap.png, input.png, stats.json of a checkpoint")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--data-root", help="processed root (default: the one the run trained on)")
-    p.add_argument("--index-csv")
-    p.add_argument("--split-manifest")
+    p.add_argument("--index-csv", help="index CSV (default: the run's own on its root, else <data-root>/_index/index.csv)")
+    p.add_argument("--split-manifest", help="split JSON (default: the run's own on its root, else "
+                                            "<data-root>/_splits/val10_seed0.json)")
     p.add_argument("--split", default="val", choices=["val", "train", "all"])
     p.add_argument("--network", choices=["teacher", "student"], default="teacher")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "rocm", "mps", "cpu"])
@@ -25,17 +26,15 @@ def run(args) -> int:
     from dinox.data.dataset import CTSliceDataset
     from dinox.run.device import detect_device
     from dinox.observe.monitor_hook import run_monitor
-    from dinox.eval.load import load_for_inference
+    from dinox.eval.load import load_for_inference, run_data_paths
 
     info, notes = detect_device(args.device)
     for note in notes:
         print(f"warning: {note}")
     device = torch.device(info.torch_device)
     backbone, cfg, meta = load_for_inference(args.checkpoint, device, which=args.network)
-    dataset = CTSliceDataset(
-        args.data_root or cfg.io.data_root, args.split,
-        args.split_manifest or cfg.io.split_manifest, args.index_csv or cfg.io.index_csv,
-    )
+    root, index_csv, manifest = run_data_paths(cfg, args.data_root, args.index_csv, args.split_manifest)
+    dataset = CTSliceDataset(root, args.split, manifest, index_csv)
     run_dir = Path(args.out) if args.out else Path(args.checkpoint).parent
     out_dir = run_monitor(backbone, dataset, run_dir, meta.step, device, augment_cfg=cfg.views.to_augment(),
                           out_dim=cfg.model.out_dim)

@@ -153,6 +153,9 @@ def _check_paths(inputs: list[Path], output: Path) -> None:
             raise UserError(f"input not found: {inp}")
         if inp.is_dir() and not any(files for _, _, files in os.walk(inp)):
             raise UserError(f"input folder {inp} is empty; point --input at DICOM or NIfTI scans")
+        if inp.is_dir() and os.path.realpath(inp) == os.path.realpath(output):
+            raise UserError(f"--input {inp} is also the --output folder: the processed root is never read as "
+                            f"input; write it elsewhere, e.g. --output {inp.parent / 'processed'}")
 
 
 def _nifti_tasks(paths: list[str], taken: set[str], old_rows: dict[str, dict]) -> list[Task]:

@@ -27,6 +27,14 @@ def default_manifest(root) -> Path:
     return Path(root) / SPLITS_DIR / split_name(0.1, 0)
 
 
+def same_path(a, b) -> bool:
+    """Whether two paths name the same file or folder (after resolving links and `..`)."""
+    try:
+        return Path(a).resolve() == Path(b).resolve()
+    except (OSError, RuntimeError, TypeError):
+        return False
+
+
 def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
     """Call `write` on a temporary file in the same folder, fsync, then rename over `path`,
     so a killed process never leaves a half-written file under the final name."""

@@ -33,3 +33,16 @@ def split_overlap(split: dict) -> list[str]:
     if not isinstance(train, list) or not isinstance(val, list):
         return []
     return sorted({str(s) for s in train} & {str(s) for s in val})
+
+
+def patient_overlap(split: dict, patient_of: dict[str, str]) -> list[str]:
+    """Patients with series on both sides of a split manifest, sorted; series not in
+    `patient_of` or with an empty patient id are not counted."""
+    train, val = split.get("train"), split.get("val")
+    if not isinstance(train, list) or not isinstance(val, list):
+        return []
+
+    def patients(ids):
+        return {patient_of.get(str(s)) or None for s in ids} - {None}
+
+    return sorted(patients(train) & patients(val))

@@ -1,4 +1,5 @@
-"""Load a trained backbone from a checkpoint for inference (eval, monitor, inspect, export)."""
+"""Load a trained backbone from a checkpoint for inference (eval, monitor, inspect, export),
+and find the processed data its evaluations read."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,6 +8,7 @@ from types import SimpleNamespace
 import torch
 
 from dinox.config import config_from_checkpoint
+from dinox.data.layout import same_path
 from dinox.errors import UserError
 from dinox.model.dino_model import build_dino_model
 from dinox.run import checkpoint as store
@@ -33,3 +35,31 @@ def load_for_inference(path: str | Path, device: torch.device, which: str = "tea
     backbone = model.backbone.to(device).eval()
     backbone.grad_checkpoint = False
     return backbone, cfg, SimpleNamespace(step=int(state.get("step", 0)), raw=state)
+
+
+def run_data_paths(cfg, data_root=None, index_csv=None, split_manifest=None) -> tuple[Path, Path | None, Path | None]:
+    """(processed root, index CSV or None, split manifest or None) that an evaluation of a
+    run's checkpoint reads: what was given, and the run's own for what was not, so that an
+    evaluation without data flags scores the run's own validation patients. Given only an
+    index CSV, the root is the folder above its _index/. The run's index and manifest apply
+    only on the run's own root (elsewhere None: the root's defaults), and its manifest only
+    while the file exists."""
+    own_root = Path(cfg.io.data_root)
+    if data_root is not None:
+        root = Path(data_root)
+    elif index_csv is not None:
+        index_path = Path(index_csv)
+        root = index_path.parent.parent if index_path.parent.name == "_index" else index_path.parent
+    else:
+        root = own_root
+    on_own_root = same_path(root, own_root)
+    index = Path(index_csv) if index_csv else None
+    if index is None and on_own_root and cfg.io.index_csv:
+        index = Path(cfg.io.index_csv)
+    manifest = Path(split_manifest) if split_manifest else None
+    if manifest is None and on_own_root and cfg.io.split_manifest and Path(cfg.io.split_manifest).is_file():
+        manifest = Path(cfg.io.split_manifest)
+    if not root.is_dir() and index is None:
+        whose = "the run's data root " if data_root is None else "processed root "
+        raise UserError(f"{whose}{root} not found; give --data-root (the folder `dinox prep` wrote)")
+    return root, index, manifest

@@ -154,6 +154,29 @@ def _vessel_files(rows: list[dict], labels_json) -> list[Path]:
     return sorted({Path(r["file"]) for r in rows if r["source"] == "synth" and r["file"]})
 
 
+def _vessel_segments(path: Path) -> dict[str, np.ndarray] | str:
+    """{series uid: (K, 8) vessel segments} of a `dinox synth` labels.json, or why the file
+    is not one (phrased to follow "the file:")."""
+    try:
+        labels = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        return f"not readable JSON ({type(exc).__name__})"
+    if not isinstance(labels, dict) or not isinstance(labels.get("series"), list):
+        return "no \"series\" list, so not a labels.json of `dinox synth`"
+    vessels = {}
+    for k, entry in enumerate(labels["series"]):
+        if not isinstance(entry, dict) or "series_uid" not in entry:
+            return f"series entry {k} is not an object with a series_uid"
+        segs = entry.get("vessels")
+        if not segs:
+            continue
+        try:
+            vessels[str(entry["series_uid"])] = np.asarray(segs, np.float64).reshape(-1, 8)
+        except (TypeError, ValueError):
+            return f"the vessels of series {entry['series_uid']} are not segments of 8 numbers"
+    return vessels
+
+
 def load_labels(root: Path, min_readers: int = MIN_READERS, labels_json=None) -> ProbeLabels:
     """Consensus regions, every nodule mark, and the vessel segments where labels.json is at hand."""
     if min_readers < 1:
@@ -193,19 +216,17 @@ def load_labels(root: Path, min_readers: int = MIN_READERS, labels_json=None) ->
                 tuple(int(float(r[k])) for k in ("row0", "col0", "row1", "col1")))
     vessels = {}
     for vf in _vessel_files(rows, labels_json):
-        try:
-            labels = json.loads(vf.read_text())
-        except (OSError, ValueError) as exc:
+        found_here = _vessel_segments(vf)
+        if isinstance(found_here, dict) and found_here and labels_json is not None and not found_here.keys() & {
+                r["series_id"] for r in rows}:
+            found_here = "it has vessel segments for none of the label table's series"
+        if isinstance(found_here, str):
             if labels_json is not None:
-                raise UserError(f"--labels-json {vf} is not readable JSON ({type(exc).__name__}); give the "
-                                "labels.json `dinox synth` wrote") from None
-            notes.append(f"vessel labels {vf} unreadable ({type(exc).__name__}); "
-                         f"nodule-vs-vessel skipped for its series")
+                raise UserError(f"--labels-json {vf}: {found_here}; give the labels.json `dinox synth` wrote "
+                                f"for this root")
+            notes.append(f"vessel labels {vf} unusable ({found_here}); nodule-vs-vessel skipped for its series")
             continue
-        for entry in labels.get("series", []) if isinstance(labels, dict) else []:
-            segs = entry.get("vessels")
-            if segs:
-                vessels[str(entry.get("series_uid"))] = np.asarray(segs, np.float64).reshape(-1, 8)
+        vessels.update(found_here)
     return ProbeLabels(regions=dict(regions), marks=dict(marks), series={r["series_id"] for r in rows},
                        patient_of={r["series_id"]: r["patient_id"] for r in rows}, vessels=vessels,
                        rule=rule, notes=notes)
