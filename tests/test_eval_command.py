@@ -142,7 +142,7 @@ def test_run_data_paths_takes_the_run_s_index_and_split_only_on_its_own_root(tmp
     assert run_data_paths(cfg, data_root=other, split_manifest="m.json") == (other, None, Path("m.json"))
     manifest.unlink()           # the run's split is gone: the root's default applies
     assert run_data_paths(cfg)[2] is None
-    with pytest.raises(UserError, match=r"the run's data root .*gone not found; give --data-root"):
+    with pytest.raises(UserError, match=r"the run's data root .*gone not found here; give --data-root"):
         run_data_paths(SimpleNamespace(io=SimpleNamespace(data_root=str(tmp_path / "gone"), index_csv=None,
                                                           split_manifest=None)))
 

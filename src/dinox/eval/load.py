@@ -60,6 +60,9 @@ def run_data_paths(cfg, data_root=None, index_csv=None, split_manifest=None) -> 
     if manifest is None and on_own_root and cfg.io.split_manifest and Path(cfg.io.split_manifest).is_file():
         manifest = Path(cfg.io.split_manifest)
     if not root.is_dir() and index is None:
-        whose = "the run's data root " if data_root is None else "processed root "
-        raise UserError(f"{whose}{root} not found; give --data-root (the folder `dinox prep` wrote)")
+        if data_root is None and index_csv is None:
+            where = "" if root.is_absolute() else ", relative to the folder the run was started in"
+            raise UserError(f"the run's data root {root} not found here{where}; give --data-root (the folder "
+                            f"`dinox prep` wrote)")
+        raise UserError(f"processed root {root} not found; give --data-root (the folder `dinox prep` wrote)")
     return root, index, manifest
