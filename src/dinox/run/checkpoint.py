@@ -643,6 +643,8 @@ def _verify_sharded(path: Path, required, *, hashes: bool = True) -> tuple[bool,
     except Exception as exc:  # noqa: BLE001 - reported as the reason
         if is_weights_only_refusal(exc):
             return False, f"contains non-weights objects ({refusal_detail(exc)}); it will not be loaded"
+        if isinstance(exc, NotATorchFile):
+            return False, f"{sharded_store.META} {exc}"
         return False, f"{sharded_store.META} not loadable ({first_line(exc)})"
     entries = set(manifest.get("entries", []))
     problem = content_problem(meta, [key for key in required if key not in entries])
@@ -667,8 +669,8 @@ def _load_sharded(path: Path, *, verify: bool, tensors: bool, required) -> dict:
         if is_weights_only_refusal(exc):
             raise CheckpointError(f"{path} contains non-weights objects ({refusal_detail(exc)}) and will not "
                                   f"be loaded") from None
-        raise CheckpointError(f"checkpoint {path} is damaged or not a checkpoint "
-                              f"({first_line(exc)}){_earlier_hint(path)}") from exc
+        what = f"{sharded_store.META} {exc}" if isinstance(exc, NotATorchFile) else _unloadable(path, exc)
+        raise CheckpointError(f"checkpoint {path} {what}{_earlier_hint(path)}") from exc
     state["sharded_path"] = str(path)
     if verify and tensors:
         problem = content_problem(state, required)
