@@ -140,11 +140,35 @@ def test_run_data_paths_takes_the_run_s_index_and_split_only_on_its_own_root(tmp
     assert run_data_paths(cfg, data_root=other) == (other, None, None)
     assert run_data_paths(cfg, index_csv=other / "_index" / "index.csv") == (other, other / "_index" / "index.csv", None)
     assert run_data_paths(cfg, data_root=other, split_manifest="m.json") == (other, None, Path("m.json"))
-    manifest.unlink()           # the run's split is gone: the root's default applies
-    assert run_data_paths(cfg)[2] is None
+    with pytest.raises(UserError, match=r"--index-csv .*x\.csv is not in a processed root's _index/ folder"):
+        run_data_paths(cfg, index_csv=tmp_path / "x.csv")
+    manifest.unlink()           # the run's split is gone: the root's default may hold its training patients
+    with pytest.raises(UserError, match=r"the run's split manifest .*val20_seed1\.json is gone; give --split-manifest"):
+        run_data_paths(cfg)
+    assert run_data_paths(cfg, split_manifest=own / "m.json")[2] == own / "m.json"
     with pytest.raises(UserError, match=r"the run's data root .*gone not found here; give --data-root"):
         run_data_paths(SimpleNamespace(io=SimpleNamespace(data_root=str(tmp_path / "gone"), index_csv=None,
                                                           split_manifest=None)))
+
+
+def test_a_relative_data_root_is_the_one_the_run_recorded_not_a_namesake_here(tmp_path, monkeypatch):
+    """A run trained with --data-root proc, evaluated from a folder that has its own proc:
+    the provenance's absolute paths decide, not the current folder."""
+    from types import SimpleNamespace
+
+    from dinox.eval.load import run_data_paths
+
+    trained = tmp_path / "trained" / "proc"
+    (trained / "_index").mkdir(parents=True)
+    (trained / "_splits").mkdir()
+    (trained / "_splits" / "val10_seed0.json").write_text("{}")
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "proc" / "_index").mkdir(parents=True)
+    monkeypatch.chdir(elsewhere)
+    cfg = SimpleNamespace(io=SimpleNamespace(data_root="proc", index_csv=None, split_manifest="proc/_splits/val10_seed0.json"))
+    provenance = {"data_files": [str(trained / "_index" / "index.csv"), str(trained / "_splits" / "val10_seed0.json")]}
+    assert run_data_paths(cfg, provenance=provenance) == (trained, None, trained / "_splits" / "val10_seed0.json")
+    assert run_data_paths(cfg, data_root="proc", provenance=provenance) == (Path("proc"), None, None)
 
 
 def test_result_name_rule():

@@ -172,7 +172,7 @@ def run_retrieval(args) -> int:
     import torch
 
     from dinox.data.dataset import CTSliceDataset
-    from dinox.eval.load import load_for_inference, run_data_paths
+    from dinox.eval.load import load_for_inference, own_data_paths, run_data_paths
     from dinox.eval.runner import evaluate_draws
     from dinox.run.device import detect_device
 
@@ -184,7 +184,9 @@ def run_retrieval(args) -> int:
         print(f"warning: {note}")
     device = torch.device(info.torch_device)
     backbone, cfg, meta = load_for_inference(args.checkpoint, device, which=args.network)
-    root, index_csv, manifest = run_data_paths(cfg, args.data_root, args.index_csv, args.split_manifest)
+    provenance = meta.raw.get("provenance")
+    root, index_csv, manifest = run_data_paths(cfg, args.data_root, args.index_csv, args.split_manifest, provenance)
+    trained_root, trained_manifest = own_data_paths(cfg, provenance)
     dataset = CTSliceDataset(root, args.split, manifest, index_csv)
     available = len(dataset)
     n = min(args.n, available)
@@ -216,7 +218,7 @@ def run_retrieval(args) -> int:
     )
     name = result_name(f"view_retrieval_step{meta.step}_N{result['n']}", split=args.split, seed=args.seed,
                        defaults=RETRIEVAL_DEFAULTS, network=args.network, manifest=manifest, root=root,
-                       trained_root=cfg.io.data_root, trained_manifest=cfg.io.split_manifest, views=args.views,
+                       trained_root=trained_root, trained_manifest=trained_manifest, views=args.views,
                        draws=args.draws)
     out_path = _write_result(out_dir, name, result)
     tops = " ".join(f"top{k}={result[f'top{k}']:.4f}" for k in sorted({1, *ks}))
@@ -246,7 +248,7 @@ def run_probe(args) -> int:
     import torch
 
     from dinox.eval import probe
-    from dinox.eval.load import load_for_inference, run_data_paths
+    from dinox.eval.load import load_for_inference, own_data_paths, run_data_paths
     from dinox.run.device import detect_device
 
     for flag, value, low in (("--batch-size", args.batch_size, 1), ("--max-slices", args.max_slices, 2),
@@ -263,7 +265,9 @@ def run_probe(args) -> int:
         print(f"warning: {note}")
     device = torch.device(info.torch_device)
     backbone, cfg, meta = load_for_inference(args.checkpoint, device, which=args.network)
-    root, _, manifest = run_data_paths(cfg, args.data_root, None, args.split_manifest)
+    provenance = meta.raw.get("provenance")
+    root, _, manifest = run_data_paths(cfg, args.data_root, None, args.split_manifest, provenance)
+    trained_root, trained_manifest = own_data_paths(cfg, provenance)
     if manifest is not None and not manifest.is_file():
         what = "a folder; give a split JSON file" if manifest.is_dir() else "not found; give an existing --split-manifest"
         raise UserError(f"split manifest {manifest} is {what}")
@@ -279,8 +283,8 @@ def run_probe(args) -> int:
                   split_manifest=str(manifest) if manifest else None, min_auroc=args.min_auroc,
                   gate_tasks=list(probe.GATE_TASKS), passed=passed, verdict=line)
     name = result_name(f"probe_step{meta.step}", split=args.split, seed=args.seed, defaults=PROBE_DEFAULTS,
-                       network=args.network, manifest=manifest, root=root, trained_root=cfg.io.data_root,
-                       trained_manifest=cfg.io.split_manifest, size=args.size, trained_size=cfg.views.img_size)
+                       network=args.network, manifest=manifest, root=root, trained_root=trained_root,
+                       trained_manifest=trained_manifest, size=args.size, trained_size=cfg.views.img_size)
     out_path = _write_result(out_dir, name, result)
     print(f"probe step={meta.step} ({args.network}) split={result['split']['mode']}: "
           f"{result['split']['train_patients']} train / {result['split']['test_patients']} test patients; "

@@ -33,7 +33,8 @@ def run(args) -> int:
         print(f"warning: {note}")
     device = torch.device(info.torch_device)
     backbone, cfg, meta = load_for_inference(args.checkpoint, device, which=args.network)
-    root, index_csv, manifest = run_data_paths(cfg, args.data_root, args.index_csv, args.split_manifest)
+    root, index_csv, manifest = run_data_paths(cfg, args.data_root, args.index_csv, args.split_manifest,
+                                               meta.raw.get("provenance"))
     dataset = CTSliceDataset(root, args.split, manifest, index_csv)
     run_dir = Path(args.out) if args.out else Path(args.checkpoint).parent
     out_dir = run_monitor(backbone, dataset, run_dir, meta.step, device, augment_cfg=cfg.views.to_augment(),

@@ -37,28 +37,60 @@ def load_for_inference(path: str | Path, device: torch.device, which: str = "tea
     return backbone, cfg, SimpleNamespace(step=int(state.get("step", 0)), raw=state)
 
 
-def run_data_paths(cfg, data_root=None, index_csv=None, split_manifest=None) -> tuple[Path, Path | None, Path | None]:
+def _recorded_files(provenance) -> list[Path]:
+    files = (provenance or {}).get("data_files") if isinstance(provenance, dict) else None
+    return [Path(f) for f in files] if isinstance(files, list) and len(files) == 2 else []
+
+
+def own_data_paths(cfg, provenance: dict | None = None) -> tuple[Path, Path | None]:
+    """(processed root, split manifest or None) the run trained on: absolute as its
+    provenance recorded them where it did, else as the config holds them."""
+    recorded = _recorded_files(provenance)
+    own_root = Path(cfg.io.data_root)
+    own_manifest = Path(cfg.io.split_manifest) if cfg.io.split_manifest else None
+    if recorded:
+        if not cfg.io.index_csv and recorded[0].parent.name == "_index":
+            own_root = recorded[0].parent.parent
+        if own_manifest is not None:
+            own_manifest = recorded[1]
+    return own_root, own_manifest
+
+
+def run_data_paths(cfg, data_root=None, index_csv=None, split_manifest=None,
+                   provenance: dict | None = None) -> tuple[Path, Path | None, Path | None]:
     """(processed root, index CSV or None, split manifest or None) that an evaluation of a
     run's checkpoint reads: what was given, and the run's own for what was not, so that an
     evaluation without data flags scores the run's own validation patients. Given only an
     index CSV, the root is the folder above its _index/. The run's index and manifest apply
-    only on the run's own root (elsewhere None: the root's defaults), and its manifest only
-    while the file exists."""
-    own_root = Path(cfg.io.data_root)
+    only on the run's own root (elsewhere None: the root's defaults).
+
+    The run's own paths are the absolute ones its `provenance` recorded at the start (the
+    config keeps them as typed, perhaps relative to a folder the evaluation is not run
+    from, where a path of the same name may hold other data). A manifest the run named
+    that is gone is an error, not a fall-back to the root's default split, which may put
+    the run's training patients on the validation side."""
+    recorded = _recorded_files(provenance)
+    own_root, own_manifest = own_data_paths(cfg, provenance)
     if data_root is not None:
         root = Path(data_root)
     elif index_csv is not None:
         index_path = Path(index_csv)
-        root = index_path.parent.parent if index_path.parent.name == "_index" else index_path.parent
+        if index_path.parent.name != "_index":
+            raise UserError(f"--index-csv {index_path} is not in a processed root's _index/ folder, so the "
+                            f"root its volume paths start from is unknown; give --data-root too")
+        root = index_path.parent.parent
     else:
         root = own_root
     on_own_root = same_path(root, own_root)
     index = Path(index_csv) if index_csv else None
     if index is None and on_own_root and cfg.io.index_csv:
-        index = Path(cfg.io.index_csv)
+        index = Path(recorded[0]) if recorded else Path(cfg.io.index_csv)
     manifest = Path(split_manifest) if split_manifest else None
-    if manifest is None and on_own_root and cfg.io.split_manifest and Path(cfg.io.split_manifest).is_file():
-        manifest = Path(cfg.io.split_manifest)
+    if manifest is None and on_own_root and own_manifest is not None:
+        if not own_manifest.is_file():
+            raise UserError(f"the run's split manifest {own_manifest} is gone; give --split-manifest (the "
+                            f"root's default split may hold the run's training patients on its val side)")
+        manifest = own_manifest
     if not root.is_dir() and index is None:
         if data_root is None and index_csv is None:
             where = "" if root.is_absolute() else ", relative to the folder the run was started in"
