@@ -125,6 +125,25 @@ def test_a_patient_on_both_sides_of_the_manifest_is_refused(root):
     assert CTSliceDataset(path, split="val").series_ids == ["c"]
 
 
+def test_a_manifest_s_json_problem_is_named_and_a_bom_is_accepted(root):
+    path, _ = root
+    manifest = path / "_splits" / "val10_seed0.json"
+    text = manifest.read_text()
+    manifest.write_bytes(b"\xef\xbb\xbf" + text.encode())          # as Windows editors save UTF-8
+    assert CTSliceDataset(path, split="val").series_ids == ["c"]
+    manifest.write_text(text[:-3])
+    with pytest.raises(UserError, match=r"is not valid JSON \(.* at line 1 column \d+\); fix it, or re-run"):
+        CTSliceDataset(path, split="val")
+    manifest.write_bytes(text.encode("utf-16"))
+    with pytest.raises(UserError, match="is not UTF-8 text"):
+        CTSliceDataset(path, split="val")
+    manifest.unlink()
+    (path / "prep_report.json").write_text("{}")
+    (path / "_splits" / "val20_seed0.json").write_text(text)
+    with pytest.raises(UserError, match=r"the folder has val20_seed0\.json: pass --split-manifest"):
+        CTSliceDataset(path, split="val")
+
+
 def test_a_folder_given_as_manifest_names_the_file_to_give(root):
     path, _ = root
     for folder in (path, path / "_splits"):

@@ -225,7 +225,22 @@ def test_a_manifest_with_a_patient_on_both_sides_is_refused(tmp_path):
     series = {"s0": "p0", "s1": "p0", "s2": "p1", "s3": "p2"}
     manifest = tmp_path / "m.json"
     manifest.write_text(json.dumps({"train": ["s0", "s2"], "val": ["s1", "s3"]}))
-    with pytest.raises(UserError, match="both the training and the test side"):
+    with pytest.raises(UserError, match=r"puts 1 patient\(s\) on both train and val \(e\.g\. patient p0"):
+        probe.choose_split(_labels_for(series, list(series)), series, mode="auto", manifest=manifest)
+
+
+@pytest.mark.parametrize("content, says", [
+    ({"train": ["s0", "zz"], "val": ["s3"]}, r"1 series of .*m\.json \(train\) are not in the index"),
+    ({"train": ["s0", "s0"], "val": ["s3"]}, r"lists series s0 more than once"),
+    ({"train": [[1]], "val": ["s3"]}, r"'train' must be a list of series ids, not a list with entries that are not ids"),
+    ({"train": ["s0"]}, r'needs both a "train" and a "val" list'),
+])
+def test_the_probe_reads_a_manifest_as_strictly_as_training(tmp_path, content, says):
+    """A manifest of another root, or a damaged one, used to fall back to a seeded split."""
+    series = {"s0": "p0", "s1": "p1", "s2": "p2", "s3": "p3"}
+    manifest = tmp_path / "m.json"
+    manifest.write_text(json.dumps(content))
+    with pytest.raises(UserError, match=says):
         probe.choose_split(_labels_for(series, list(series)), series, mode="auto", manifest=manifest)
 
 

@@ -189,7 +189,7 @@ def test_a_missing_default_split_names_the_manifests_the_root_has(processed_root
     if name == "val10_seed0.json":
         pytest.skip("the fixture's split is the default one")
     assert main(argv) == 1
-    assert f"the root has {name}: pass --split-manifest" in one_line_error(capsys)
+    assert f"the folder has {name}: pass --split-manifest" in one_line_error(capsys)
 
 
 def test_dry_run_on_a_missing_device_warns(processed_root, tmp_path, capsys):  # noqa: F811

@@ -13,15 +13,15 @@ from __future__ import annotations
 import json
 import os
 from bisect import bisect_right
-from collections import Counter, OrderedDict
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from dinox.data.layout import INDEX_FILE, REPORT_FILE, SPLITS_DIR, confined_path, default_manifest, read_index
-from dinox.data.splits import patient_overlap, split_overlap
+from dinox.data.layout import INDEX_FILE, confined_path, default_manifest, read_index
+from dinox.data.splits import read_split_manifest
 from dinox.errors import UserError
 
 AIR_HU = -1024
@@ -49,11 +49,9 @@ class CTSliceDataset(Dataset):
             wanted = sorted(rows)
         else:
             manifest = Path(split_manifest) if split_manifest is not None else default_manifest(self.root)
-            wanted = self._load_manifest(manifest, split, rows)
-            unknown = [s for s in wanted if s not in rows]
-            if unknown:
-                raise UserError(f"{len(unknown)} series of {manifest} are not in {index_csv} "
-                                f"(e.g. {unknown[0]}); re-run `dinox prep` so both match")
+            sides = read_split_manifest(manifest, {sid: row.get("patient_id", "") for sid, row in rows.items()},
+                                        index_csv, need=split)
+            wanted = sides[split]
         if not wanted:
             raise UserError(f"{manifest} lists no {split} series; re-run `dinox prep` with a --val-fraction that "
                             f"leaves at least one patient on each side")
@@ -88,56 +86,6 @@ class CTSliceDataset(Dataset):
             raise UserError(f"index {index_csv} lists no series; run `dinox prep` on CT data")
         # Line 1 is the header; a series listed twice keeps its last row, as the dict does.
         return {r["series_id"]: r for r in rows}, {r["series_id"]: i + 2 for i, r in enumerate(rows)}
-
-    @staticmethod
-    def _load_manifest(manifest: Path, split: str, rows: dict[str, dict]) -> list[str]:
-        """The `split` series of a split manifest, after checking the manifest as a whole: each
-        side present is a list without repeats, and no series or patient (index.csv's
-        patient_id) is on both sides, since validation on them would score training data."""
-        if manifest.is_dir():
-            inside = (sorted(manifest.glob(f"{SPLITS_DIR}/*.json"))
-                      or sorted(p for p in manifest.glob("*.json") if p.name != REPORT_FILE))
-            raise UserError(f"split manifest {manifest} is a folder; give a split JSON file"
-                            + (f", e.g. {inside[0]}" if inside else f" (`dinox prep` writes them under "
-                                                                      f"<root>/{SPLITS_DIR}/)"))
-        if not manifest.is_file():
-            others = sorted(p.name for p in manifest.parent.glob("*.json")) if manifest.parent.is_dir() else []
-            if others:
-                raise UserError(f"split manifest not found: {manifest}; the root has {', '.join(others)}: pass "
-                                f"--split-manifest {manifest.parent / others[0]} (or re-run `dinox prep` with "
-                                f"the --val-fraction and --split-seed wanted)")
-            raise UserError(f"split manifest not found: {manifest}; run `dinox prep` first")
-        try:
-            data = json.loads(manifest.read_text())
-            data[split]
-        except (OSError, ValueError, KeyError, TypeError):
-            raise UserError(f"{manifest} is not a split manifest with a {split!r} list; "
-                            f"re-run `dinox prep`") from None
-        sides = {}
-        for side in ("train", "val"):
-            if side not in data:
-                continue
-            ids = data[side]
-            if not isinstance(ids, list):
-                raise UserError(f"{manifest}: {side!r} must be a list of series ids, not a "
-                                f"{type(ids).__name__}; re-run `dinox prep` to rewrite the split")
-            ids = [str(s) for s in ids]
-            repeated = sorted(s for s, n in Counter(ids).items() if n > 1)
-            if repeated:
-                raise UserError(f"{manifest} lists series {repeated[0]} more than once in {side!r} "
-                                f"({len(repeated)} repeated); list each series once")
-            sides[side] = ids
-        both = split_overlap(sides)
-        if both:
-            raise UserError(f"{manifest} lists {len(both)} series in both train and val (e.g. {both[0]}): "
-                            f"validation would score training data; re-run `dinox prep` to rewrite the split "
-                            f"or remove them from one side")
-        shared = patient_overlap(sides, {sid: row.get("patient_id", "") for sid, row in rows.items()})
-        if shared:
-            raise UserError(f"{manifest} puts {len(shared)} patient(s) on both train and val (e.g. patient "
-                            f"{shared[0]}, by the index's patient_id): validation would score a patient the "
-                            f"model trained on; re-run `dinox prep` to split by patient")
-        return sides[split]
 
     def _row_name(self, row: dict) -> str:
         sid = row.get("series_id")

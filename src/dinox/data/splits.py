@@ -1,7 +1,14 @@
-"""Patient-level train/validation split."""
+"""Patient-level train/validation split: making one (`patient_split`) and reading one that
+`dinox prep` or a user wrote (`read_split_manifest`), checked as a whole."""
 from __future__ import annotations
 
 import hashlib
+import json
+from collections import Counter
+from pathlib import Path
+
+from dinox.data.layout import REPORT_FILE, SPLITS_DIR
+from dinox.errors import UserError
 
 
 def _rank(seed: int, patient_id: str) -> str:
@@ -46,3 +53,80 @@ def patient_overlap(split: dict, patient_of: dict[str, str]) -> list[str]:
         return {patient_of.get(str(s)) or None for s in ids} - {None}
 
     return sorted(patients(train) & patients(val))
+
+
+def _manifest_files(folder: Path) -> list[Path]:
+    """Split manifests in `folder` or its _splits/ (never the prep report)."""
+    if not folder.is_dir():
+        return []
+    return (sorted(folder.glob(f"{SPLITS_DIR}/*.json"))
+            or sorted(p for p in folder.glob("*.json") if p.name != REPORT_FILE))
+
+
+def read_split_manifest(manifest, patient_of: dict[str, str], index_csv=None,
+                        need: str | None = None) -> dict[str, list[str]]:
+    """The sides ("train", "val") of the split manifest at `manifest`, checked as a whole
+    against the index's series (`patient_of`: series id -> patient id; `index_csv` names the
+    index in messages): each side present is a list of series ids of the index without
+    repeats, and no series or patient is on both sides (validation on them would score
+    training data). `need` names a side that must be present. Raises UserError saying what
+    is wrong and what to do."""
+    manifest = Path(manifest)
+    if manifest.is_dir():
+        inside = _manifest_files(manifest)
+        raise UserError(f"split manifest {manifest} is a folder; give a split JSON file"
+                        + (f", e.g. {inside[0]}" if inside else f" (`dinox prep` writes them under "
+                                                                  f"<root>/{SPLITS_DIR}/)"))
+    if not manifest.is_file():
+        others = _manifest_files(manifest.parent)
+        if others:
+            raise UserError(f"split manifest not found: {manifest}; the folder has {', '.join(p.name for p in others)}: "
+                            f"pass --split-manifest {others[0]} (or re-run `dinox prep` with the --val-fraction "
+                            f"and --split-seed wanted)")
+        raise UserError(f"split manifest not found: {manifest}; run `dinox prep` first")
+    fix = "fix it, or re-run `dinox prep` to write the split again"
+    try:
+        data = json.loads(manifest.read_text(encoding="utf-8-sig"))   # -sig: a BOM from a Windows editor
+    except UnicodeDecodeError:
+        raise UserError(f"split manifest {manifest} is not UTF-8 text; save it as UTF-8 JSON, or {fix}") from None
+    except json.JSONDecodeError as exc:
+        raise UserError(f"split manifest {manifest} is not valid JSON ({exc.msg} at line {exc.lineno} column "
+                        f"{exc.colno}); {fix}") from None
+    except OSError as exc:
+        raise UserError(f"cannot read split manifest {manifest} ({exc.strerror or exc})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"split manifest {manifest} holds a JSON {type(data).__name__}, not an object with "
+                        f'"train" and "val" lists of series ids; {fix}')
+    if need is not None and need not in data:
+        raise UserError(f'split manifest {manifest} has no "{need}" list (keys: {", ".join(map(str, data)) or "none"}); '
+                        f"{fix}")
+    sides = {}
+    for side in ("train", "val"):
+        if side not in data:
+            continue
+        ids = data[side]
+        if not isinstance(ids, list) or not all(isinstance(s, (str, int)) and not isinstance(s, bool) for s in ids):
+            what = type(ids).__name__ if not isinstance(ids, list) else "list with entries that are not ids"
+            raise UserError(f"split manifest {manifest}: {side!r} must be a list of series ids, not a {what}; {fix}")
+        ids = [str(s) for s in ids]
+        repeated = sorted(s for s, n in Counter(ids).items() if n > 1)
+        if repeated:
+            raise UserError(f"split manifest {manifest} lists series {repeated[0]} more than once in {side!r} "
+                            f"({len(repeated)} repeated); list each series once")
+        unknown = [s for s in ids if s not in patient_of]
+        if unknown:
+            raise UserError(f"{len(unknown)} series of {manifest} ({side}) are not in the index"
+                            f"{f' {index_csv}' if index_csv else ''} (e.g. {unknown[0]}); re-run `dinox prep` so "
+                            f"both match, or give the manifest of this root")
+        sides[side] = ids
+    both = split_overlap(sides)
+    if both:
+        raise UserError(f"{manifest} lists {len(both)} series in both train and val (e.g. {both[0]}): "
+                        f"validation would score training data; re-run `dinox prep` to rewrite the split "
+                        f"or remove them from one side")
+    shared = patient_overlap(sides, patient_of)
+    if shared:
+        raise UserError(f"{manifest} puts {len(shared)} patient(s) on both train and val (e.g. patient "
+                        f"{shared[0]}, by the index's patient_id): validation would score a patient the "
+                        f"model trained on; re-run `dinox prep` to split by patient")
+    return sides

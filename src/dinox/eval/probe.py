@@ -61,7 +61,7 @@ from dinox.data.annotations import NODULES_TABLE, consensus, read_table
 from dinox.data.augment import LUNG_WINDOW, fixed_window_input
 from dinox.data.dataset import CTSliceDataset
 from dinox.data.layout import INDEX_FILE, default_manifest
-from dinox.data.splits import patient_split
+from dinox.data.splits import patient_split, read_split_manifest
 from dinox.errors import UserError
 from dinox.model.dino_model import build_dino_model
 
@@ -290,15 +290,12 @@ def choose_split(labels: ProbeLabels, index_patient: dict[str, str], *, mode: st
     notes = []
     path = Path(manifest) if manifest is not None else (default_manifest(root) if root is not None else None)
     if mode in ("auto", "val") and path is not None and path.is_file():
-        try:
-            data = json.loads(path.read_text())
-            sides = {k: [str(s) for s in data[k]] for k in ("train", "val")}
-        except (OSError, ValueError, KeyError, TypeError):
-            raise UserError(f"{path} is not a split manifest with train and val lists; re-run `dinox prep`") from None
+        sides = read_split_manifest(path, index_patient)
+        if "train" not in sides or "val" not in sides:
+            raise UserError(f'split manifest {path} needs both a "train" and a "val" list for the probe; give '
+                            f"one that has both, or use --split patients")
         train = sorted(s for s in sides["train"] if s in patient_of)
         test = sorted(s for s in sides["val"] if s in patient_of)
-        check_patient_disjoint({patient_of[s] for s in train}, {patient_of[s] for s in test},
-                               f"split manifest {path}")
         if _has_positive(train, labels) and _has_positive(test, labels):
             left = len(patient_of) - len(train) - len(test)
             if left:
