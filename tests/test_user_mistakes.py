@@ -221,12 +221,15 @@ def test_an_explicit_labels_json_that_is_not_json_is_an_error(tmp_path):
     for content, says in (([1, 2], 'no "series" list'),
                           ({"series": [["S"]]}, "series entry 0 is not an object"),
                           ({"series": [{"series_uid": "S", "vessels": [[1, 2, 3]]}]}, "not segments of 8 numbers"),
-                          ({"series": [{"series_uid": "OTHER", "vessels": [segment]}]}, "none of the label table")):
+                          ({"series": [{"series_uid": "OTHER", "vessels": [segment]}]}, "none of the label table"),
+                          ({"series": [{"series_uid": "OTHER"}]}, "none of the label table")):
         bad.write_text(json.dumps(content))
         with pytest.raises(UserError, match=says):
             probe.load_labels(tmp_path, labels_json=bad)
     bad.write_text(json.dumps({"series": [{"series_uid": "S", "vessels": [segment]}]}))
     assert probe.load_labels(tmp_path, labels_json=bad).vessels["S"].shape == (1, 8)
+    with pytest.raises(UserError, match=r"is a folder; give the labels\.json file `dinox synth` wrote \(.*labels\.json\)"):
+        probe.load_labels(tmp_path, labels_json=tmp_path)
     lidc = [{**row, "source": "lidc-xml", "reader": f"r{k}"} for k in range(4)]
     write_table(tmp_path / NODULES_TABLE, lidc)
     with pytest.raises(UserError, match="no series has more than 4 readers"):

@@ -147,6 +147,10 @@ def _characterise(regions: dict, rows: list[dict]) -> None:
 def _vessel_files(rows: list[dict], labels_json) -> list[Path]:
     if labels_json is not None:
         path = Path(labels_json)
+        if path.is_dir():
+            inside = path / "labels.json"
+            raise UserError(f"--labels-json {path} is a folder; give the labels.json file `dinox synth` wrote"
+                            + (f" ({inside})" if inside.is_file() else ""))
         if not path.is_file():
             raise UserError(f"--labels-json {path} does not exist; give the labels.json `dinox synth` wrote")
         return [path]
@@ -154,9 +158,9 @@ def _vessel_files(rows: list[dict], labels_json) -> list[Path]:
     return sorted({Path(r["file"]) for r in rows if r["source"] == "synth" and r["file"]})
 
 
-def _vessel_segments(path: Path) -> dict[str, np.ndarray] | str:
-    """{series uid: (K, 8) vessel segments} of a `dinox synth` labels.json, or why the file
-    is not one (phrased to follow "the file:")."""
+def _vessel_segments(path: Path) -> tuple[dict[str, np.ndarray], set[str]] | str:
+    """({series uid: (K, 8) vessel segments}, every series uid) of a `dinox synth`
+    labels.json, or why the file is not one (phrased to follow "the file:")."""
     try:
         labels = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
@@ -174,7 +178,7 @@ def _vessel_segments(path: Path) -> dict[str, np.ndarray] | str:
             vessels[str(entry["series_uid"])] = np.asarray(segs, np.float64).reshape(-1, 8)
         except (TypeError, ValueError):
             return f"the vessels of series {entry['series_uid']} are not segments of 8 numbers"
-    return vessels
+    return vessels, {str(entry["series_uid"]) for entry in labels["series"]}
 
 
 def load_labels(root: Path, min_readers: int = MIN_READERS, labels_json=None) -> ProbeLabels:
@@ -217,9 +221,11 @@ def load_labels(root: Path, min_readers: int = MIN_READERS, labels_json=None) ->
     vessels = {}
     for vf in _vessel_files(rows, labels_json):
         found_here = _vessel_segments(vf)
-        if isinstance(found_here, dict) and found_here and labels_json is not None and not found_here.keys() & {
+        if labels_json is not None and isinstance(found_here, tuple) and not found_here[1] & {
                 r["series_id"] for r in rows}:
-            found_here = "it has vessel segments for none of the label table's series"
+            found_here = "it describes none of the label table's series (the labels of another root?)"
+        if isinstance(found_here, tuple):
+            found_here = found_here[0]
         if isinstance(found_here, str):
             if labels_json is not None:
                 raise UserError(f"--labels-json {vf}: {found_here}; give the labels.json `dinox synth` wrote "
@@ -712,7 +718,7 @@ class Task:
     class_names: dict | None = None
 
 
-def build_tasks(data: ProbeData) -> tuple[list[Task], dict[str, str]]:
+def build_tasks(data: ProbeData, vessel_labels: bool = False) -> tuple[list[Task], dict[str, str]]:
     """The probe tasks the labels allow, and why any other was skipped."""
     tasks, skipped = [], {}
     sl = data.slices
@@ -744,7 +750,10 @@ def build_tasks(data: ProbeData) -> tuple[list[Task], dict[str, str]]:
         patch_task("patch_nodule_vs_vessel", "nodule patch vs lung patch crossed by a labelled vessel",
                    lambda p: p.nodule and p.in_lung, lambda p: p.vessel and not p.nodule)
     else:
-        skipped["patch_nodule_vs_vessel"] = "no vessel labels (dinox synth's labels.json) for these series"
+        skipped["patch_nodule_vs_vessel"] = (
+            f"no lung patch of the probed slices is crossed by a labelled vessel at least {VESSEL_MIN_RADIUS_MM} mm "
+            f"in radius at this input size" if vessel_labels else
+            "no vessel labels (dinox synth's labels.json) for these series")
     for name, key, mapping in (("nodule_type", "texture", TEXTURE_CLASSES),
                                ("nodule_malignancy", "malignancy", MALIGNANCY_CLASSES)):
         names = sorted(set(mapping.values()))
@@ -912,7 +921,7 @@ def probe_backbone(backbone, cfg, root, *, split_manifest=None, split: str = "au
     finally:
         for name, net in networks.items():
             net.train(was_training[name])
-    tasks, skipped = build_tasks(data)
+    tasks, skipped = build_tasks(data, vessel_labels=bool(labels.vessels))
     sources = ["checkpoint", "untrained", "pixels"] if baselines else ["checkpoint"]
     out_tasks = {}
     for task in tasks:
