@@ -7,6 +7,7 @@ import hashlib
 import json
 import logging
 import os
+import pickle
 import random
 import runpy
 import signal
@@ -296,15 +297,27 @@ def test_truncated_and_flipped_files_are_detected(tmp_path):
     (b"step,loss\n1,6.9\n", r"is a text file \('step,loss'\.\.\.\), not a PyTorch file"),
     (b"\x00\x01\x02\x03binary", r"is not a PyTorch file \(it starts with b'\\x00"),
     (b"", r"is empty \(0 bytes\)"),
+    (pickle.dumps([1, 2], protocol=4), r"is a plain Python pickle, not a PyTorch file"),
 ])
-def test_a_file_that_is_no_torch_save_says_what_it_is(tmp_path, content, says):
+def test_a_file_that_is_no_torch_save_says_what_it_is(tmp_path, content, says, recwarn):
     """torch's own reason for a text file is "KeyError: 101"; the message says what the bytes are."""
     path = checkpoint_path(tmp_path, 7)
     path.write_bytes(content)
-    with pytest.raises(CheckpointError, match=says):
+    with pytest.raises(CheckpointError, match=says + r".*; use an earlier checkpoint of the run instead, or a copy"):
         load_checkpoint(path)
+    other = tmp_path / "notes.pth"          # not named like a run's checkpoint: no advice about the run
+    other.write_bytes(content)
+    with pytest.raises(CheckpointError, match=says + r"[^;]*$"):
+        load_checkpoint(other)
     with pytest.raises(UserError, match=says):
         safe_torch_load(path)
+    assert not [w for w in recwarn if "pickle protocol" in str(w.message)]   # torch's internals stay quiet
+
+
+def test_the_legacy_torch_save_format_still_loads(tmp_path):
+    path = tmp_path / "legacy.pt"
+    torch.save({"w": torch.ones(2)}, path, _use_new_zipfile_serialization=False)
+    assert torch.equal(safe_torch_load(path)["w"], torch.ones(2))
 
 
 def test_find_resume_skips_damaged_with_warning_and_falls_back(tmp_path, caplog):

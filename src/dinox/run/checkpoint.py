@@ -738,10 +738,13 @@ def _unloadable(path: Path, exc: BaseException) -> str:
 
 
 def _earlier_hint(path: Path) -> str:
+    """For a damaged file of a run (named like its checkpoints), the advice to use an
+    earlier checkpoint of that run; for any other file, nothing."""
     parsed = parse_checkpoint_name(path)
-    others = [p for p in list_checkpoints(path.parent) if p.name != path.name]
-    if parsed:
-        others = [p for p in others if parse_checkpoint_name(p)[0] <= parsed[0]]
+    if parsed is None:
+        return ""
+    others = [p for p in list_checkpoints(path.parent)
+              if p.name != path.name and parse_checkpoint_name(p)[0] <= parsed[0]]
     if others:
         return f"; use an earlier checkpoint of the run instead, e.g. {others[-1]}"
     return "; use an earlier checkpoint of the run instead, or a copy of this one"

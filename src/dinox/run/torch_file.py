@@ -8,13 +8,16 @@ paragraph about zip archives)."""
 from __future__ import annotations
 
 import pickle
+import warnings
 import zipfile
 from pathlib import Path
 
 import torch
 
 ZIP_MAGIC = b"PK\x03\x04"   # torch.save's format since PyTorch 1.6
-PICKLE_PROTO = 0x80         # the legacy format: a bare pickle, protocol 2 or later
+# the legacy format (before 1.6, or _use_new_zipfile_serialization=False): a protocol-2
+# pickle that opens with torch's magic number 0x1950a86a20f9469cfc6c as a 10-byte LONG1
+LEGACY_MAGIC = b"\x80\x02\x8a\x0a" + (0x1950A86A20F9469CFC6C).to_bytes(10, "little")
 
 
 class NotATorchFile(ValueError):
@@ -28,12 +31,16 @@ def load_weights_only(path, map_location="cpu", mmap: bool = False):
     Raises NotATorchFile when loading fails on a file whose bytes are no torch.save file
     (torch's own error then misleads: a binary file reads as a refused pickle)."""
     try:
-        try:
-            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
-        except RuntimeError as exc:
-            if mmap and "mmap" in str(exc):
-                return torch.load(path, map_location=map_location, weights_only=True)
-            raise
+        # torch warns about pickle protocols and the like of files it then refuses anyway;
+        # the refusal, with its reason, is what the caller reports
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            try:
+                return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+            except RuntimeError as exc:
+                if mmap and "mmap" in str(exc):
+                    return torch.load(path, map_location=map_location, weights_only=True)
+                raise
     except (MemoryError, KeyboardInterrupt):
         raise
     except Exception as exc:
@@ -80,8 +87,10 @@ def header_problem(path) -> str | None:
         if not zipfile.is_zipfile(path):
             return "is truncated: its zip directory is missing (an interrupted save or copy)"
         return None
-    if head[0] == PICKLE_PROTO:
+    if head.startswith(LEGACY_MAGIC):
         return None
+    if head[0] == 0x80:
+        return "is a plain Python pickle, not a PyTorch file (torch.save writes a zip archive)"
     if all(32 <= b < 127 or b in (9, 10, 13) for b in head):
         return f"is a text file ({head[:24].decode('ascii').splitlines()[0]!r}...), not a PyTorch file"
     return f"is not a PyTorch file (it starts with {head[:8]!r}, neither a zip nor a pickle header)"
