@@ -356,6 +356,10 @@ def test_patient_split_properties():
     assert patient_split({"a": "p"}, 0.1, 0) == {"train": ["a"], "val": []}
     assert patient_split({"a": "p", "b": "q"}, 0.1, 0)["val"] != []
     assert split_name(0.1, 0) == "val10_seed0.json" and split_name(0.25, 3) == "val25_seed3.json"
+    assert split_name(0.07, 0) == "val7_seed0.json" and split_name(0.0, 0) == "val0_seed0.json"
+    # fractions that used to round to one name get their own
+    assert [split_name(f, 0) for f in (0.001, 0.124, 0.125)] == ["val0.1_seed0.json", "val12.4_seed0.json",
+                                                                 "val12.5_seed0.json"]
 
 
 def test_workers_give_the_same_result(tmp_path):

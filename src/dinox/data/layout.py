@@ -19,8 +19,12 @@ EXTRA_COLUMNS = ["source", "modality", "n_source_files", "notes"]
 
 
 def split_name(val_fraction: float, seed: int) -> str:
-    """File name of a split manifest, e.g. val10_seed0.json for 10 % and seed 0."""
-    return f"val{round(100 * val_fraction)}_seed{seed}.json"
+    """File name of a split manifest, e.g. val10_seed0.json for 10 % and seed 0; a share
+    that is no whole per cent keeps its decimals (val12.5_seed0.json), so that two
+    fractions never write one file."""
+    percent = round(100 * val_fraction, 6)
+    text = str(int(percent)) if percent == int(percent) else f"{percent:g}"
+    return f"val{text}_seed{seed}.json"
 
 
 def default_manifest(root) -> Path:
