@@ -169,6 +169,14 @@ def test_monitor_command_writes_heatmaps(trained_run, processed_root, tmp_path):
     stats = json.loads((step_dir / "stats.json").read_text())
     assert "std" in stats
     assert (step_dir / "heatmap.png").stat().st_size > 1000
+    assert json.loads((step_dir / "inputs.json").read_text())["network"] == "teacher"
+    # another split or network goes beside training's own outputs, never over them
+    before = (step_dir / "stats.json").read_bytes()
+    assert main(["monitor", "--checkpoint", str(final), "--split", "train", "--network", "student",
+                 "--out", str(tmp_path), "--device", "cpu"]) == 0
+    assert (step_dir / "stats.json").read_bytes() == before
+    other = tmp_path / "monitor" / "step_00000004_train_student"
+    assert json.loads((other / "inputs.json").read_text())["split"] == "train"
 
 
 def test_inspect_reports_intact_and_damaged(trained_run, tmp_path, capsys):

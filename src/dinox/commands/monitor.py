@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 from pathlib import Path
 
 
@@ -33,12 +35,35 @@ def run(args) -> int:
         print(f"warning: {note}")
     device = torch.device(info.torch_device)
     backbone, cfg, meta = load_for_inference(args.checkpoint, device, which=args.network)
-    root, index_csv, manifest = run_data_paths(cfg, args.data_root, args.index_csv, args.split_manifest,
-                                               meta.raw.get("provenance"))
+    provenance = meta.raw.get("provenance")
+    root, index_csv, manifest = run_data_paths(cfg, args.data_root, args.index_csv, args.split_manifest, provenance)
     dataset = CTSliceDataset(root, args.split, manifest, index_csv)
     run_dir = Path(args.out) if args.out else Path(args.checkpoint).parent
     out_dir = run_monitor(backbone, dataset, run_dir, meta.step, device, augment_cfg=cfg.views.to_augment(),
-                          out_dim=cfg.model.out_dim)
+                          out_dim=cfg.model.out_dim, tags=_tags(args, cfg, provenance, root, manifest))
+    (out_dir / "inputs.json").write_text(json.dumps({
+        "checkpoint": str(args.checkpoint), "network": args.network, "split": args.split,
+        "data_root": str(root), "split_manifest": str(manifest) if manifest else None,
+        "index_csv": str(index_csv) if index_csv else None}, indent=2) + "\n")
     for name in ("heatmap.png", "input.png", "stats.json"):
         print(out_dir / name)
     return 0
+
+
+def _tags(args, cfg, provenance, root, manifest) -> list[str]:
+    """What differs from the monitor training writes (the run's own root and split, its val
+    side, the teacher), for the output folder's name."""
+    from dinox.data.layout import default_manifest, same_path
+    from dinox.eval.load import own_data_paths
+
+    own_root, own_manifest = own_data_paths(cfg, provenance)
+    tags = []
+    if args.split != "val":
+        tags.append(args.split)
+    if args.network != "teacher":
+        tags.append(args.network)
+    if not same_path(root, own_root):
+        tags.append("root" + hashlib.sha256(str(Path(root).resolve()).encode()).hexdigest()[:8])
+    elif manifest is not None and not same_path(manifest, own_manifest or default_manifest(root)):
+        tags.append(f"split-{Path(manifest).stem}")
+    return tags

@@ -26,10 +26,16 @@ def monitor_samples(dataset) -> list[int]:
     return picks
 
 
+def monitor_folder_name(step: int, tags=()) -> str:
+    """monitor/step_{step:08d}, plus what sets the outputs apart from training's own (another
+    split, network or root), so that they never overwrite those."""
+    return "_".join([f"step_{step:08d}", *tags])
+
+
 def run_monitor(backbone, dataset, run_dir: Path, step: int, device, *, augment_cfg, out_dim=None,
-                steps_per_s=None, samples_per_s=None, autocast_dtype=None) -> Path:
+                steps_per_s=None, samples_per_s=None, autocast_dtype=None, tags=()) -> Path:
     """Monitor outputs with the run's own preprocessing (`augment_cfg`, an AugmentConfig)."""
-    out_dir = Path(run_dir) / "monitor" / f"step_{step:08d}"
+    out_dir = Path(run_dir) / "monitor" / monitor_folder_name(step, tags)
     stacks = pad_collate([dataset[i] for i in monitor_samples(dataset)])
     stats_batch = pad_collate([dataset[i] for i in spread_sample(dataset.series_ranges(), STATS_SAMPLES, seed=0)])
     stats = write_monitor_outputs(
