@@ -278,3 +278,20 @@ def test_missing_data_is_a_one_line_error(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code != 0
     assert err.startswith("error: ") and err.count("\n") == 1
+
+
+def test_eval_without_a_validation_split_says_it_scores_the_training_split(processed_root, tmp_path, capsys):  # noqa: F811
+    """A manifest with no val series (prep --val-fraction 0) runs; its in-training eval is
+    marked as scoring slices the run trains on, in the printed line and in metrics.jsonl."""
+    manifest = next((processed_root / "_splits").glob("*.json"))
+    split = json.loads(manifest.read_text())
+    everything = tmp_path / "all_train.json"
+    everything.write_text(json.dumps({"train": split["train"] + split["val"], "val": []}))
+    argv = train_args(processed_root, tmp_path / "runs", "--max-steps", "2", "--batch-size", "4",
+                      "--eval-every", "2", "--eval-n", "16")
+    argv[argv.index("--split-manifest") + 1] = str(everything)
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "(on the training split: the run has no validation split)" in out
+    rows = [r for r in read_metrics(only_run(tmp_path / "runs")) if "Eval/Retrieval_Ratio" in r]
+    assert rows and all(r.get("Eval/On_Training_Split") == 1.0 for r in rows)

@@ -61,17 +61,24 @@ def _fmt(value) -> str:
     return f"{value:.4g}" if isinstance(value, (int, float)) else str(value)
 
 
-def run_retrieval(backbone, dataset, augment_cfg, *, n: int, step: int, device, autocast_dtype, metrics) -> dict:
-    """View retrieval + effective rank of `backbone` (seed 1234), logged as Eval/* and printed."""
+def run_retrieval(backbone, dataset, augment_cfg, *, n: int, step: int, device, autocast_dtype, metrics,
+                  on_training_split: bool = False) -> dict:
+    """View retrieval + effective rank of `backbone` (seed 1234), logged as Eval/* and printed.
+    `on_training_split`: the run has no validation split, so these figures score slices it
+    trains on; the printed line says so and Eval/On_Training_Split is logged as 1."""
     from dinox.eval.runner import evaluate_backbone
 
     result = evaluate_backbone(backbone, dataset, augment_cfg, n=n, seed=1234, device=device,
                                autocast_dtype=autocast_dtype)
-    metrics.log(step, {"Eval/Retrieval_Top1": result["top1"], "Eval/Retrieval_Top5": result.get("top5"),
-                       "Eval/Retrieval_Ratio": result["ratio"], "Eval/Effective_Rank": result["effective_rank"],
-                       "Eval/N": result["n"]})
+    logged = {"Eval/Retrieval_Top1": result["top1"], "Eval/Retrieval_Top5": result.get("top5"),
+              "Eval/Retrieval_Ratio": result["ratio"], "Eval/Effective_Rank": result["effective_rank"],
+              "Eval/N": result["n"]}
+    if on_training_split:
+        logged["Eval/On_Training_Split"] = 1.0
+    metrics.log(step, logged)
     print(f"eval step={step} retrieval top1={result['top1']:.4f} ratio={result['ratio']:.2f} "
-          f"(n={result['n']}) effective_rank={result['effective_rank']:.1f}", flush=True)
+          f"(n={result['n']}) effective_rank={result['effective_rank']:.1f}"
+          + (" (on the training split: the run has no validation split)" if on_training_split else ""), flush=True)
     return result
 
 

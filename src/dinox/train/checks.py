@@ -67,7 +67,8 @@ class InTrainingChecks:
 
         t = self.t
         return run_retrieval(backbone, t.val_dataset, t.cfg.views.to_augment(), n=t.cfg.watch.eval_n, step=step,
-                             device=t.device, autocast_dtype=t.autocast_dtype, metrics=t.metrics)
+                             device=t.device, autocast_dtype=t.autocast_dtype, metrics=t.metrics,
+                             on_training_split=t.val_dataset is t.dataset)
 
     def _probe(self, backbone, step: int) -> None:
         from dinox.observe.monitor_hook import run_probe
