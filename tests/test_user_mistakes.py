@@ -247,3 +247,18 @@ def test_the_seed_scripts_name_a_missing_dependency_in_one_line(monkeypatch, cap
     monkeypatch.setattr(dinox.cli, "main", missing)
     assert _shim.dinox_main(["inspect"]) == 1
     assert "needs the Python package 'tqdm'" in one_line_error(capsys)
+
+
+def test_an_index_csv_without_data_root_gives_its_own_root_or_asks_for_one(processed_root, tmp_path, capsys):  # noqa: F811
+    """The index's volume paths are relative to the root above its _index/: train used
+    data/processed instead, and failed on a manifest there."""
+    argv = train_args(processed_root, tmp_path / "runs", "--dry-run")
+    i = argv.index("--data-root")
+    del argv[i:i + 2]
+    loose = tmp_path / "myindex.csv"
+    loose.write_text((processed_root / "_index" / "index.csv").read_text())
+    assert main([*argv, "--index-csv", str(loose)]) == 1
+    assert "is not in a processed root's _index/ folder" in one_line_error(capsys)
+    from dinox.data.layout import root_of_index
+
+    assert root_of_index(processed_root / "_index" / "index.csv") == processed_root

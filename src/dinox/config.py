@@ -22,6 +22,7 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 
 from dinox.data.augment import AugmentConfig
+from dinox.data.layout import root_of_index
 from dinox.errors import UserError
 from dinox.model.presets import PRESETS, resolve_arch, validate_arch
 from dinox.model.vit import ViTArch
@@ -462,6 +463,8 @@ def resolve(
         _check_shape(saved, requested)
         values.update({k: v for k, v in saved.items() if k in FLAT_FIELDS and k not in LAUNCH_KEYS})
     values.update(given)
+    if given.get("index_csv") and not given.get("data_root"):
+        values["data_root"] = str(root_of_index(given["index_csv"]))
     if saved is None and values.get("init_from"):
         warm = warm_start_values(values.get("max_steps"), given)
         values.update(warm)

@@ -9,6 +9,8 @@ import os
 from pathlib import Path
 from typing import BinaryIO, Callable
 
+from dinox.errors import UserError
+
 VOLUMES_DIR = "volumes"
 INDEX_FILE = "_index/index.csv"
 SPLITS_DIR = "_splits"
@@ -29,6 +31,16 @@ def split_name(val_fraction: float, seed: int) -> str:
 
 def default_manifest(root) -> Path:
     return Path(root) / SPLITS_DIR / split_name(0.1, 0)
+
+
+def root_of_index(index_csv) -> Path:
+    """The processed root of an index CSV given without a root: the folder above its _index/
+    (the index's volume paths are relative to the root, so no other folder will do)."""
+    index = Path(index_csv)
+    if index.parent.name != Path(INDEX_FILE).parent.name:
+        raise UserError(f"--index-csv {index} is not in a processed root's _index/ folder, so the root its "
+                        f"volume paths start from is unknown; give --data-root too")
+    return index.parent.parent
 
 
 def same_path(a, b) -> bool:

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import torch
 
 from dinox.config import config_from_checkpoint
-from dinox.data.layout import same_path
+from dinox.data.layout import root_of_index, same_path
 from dinox.errors import UserError
 from dinox.model.dino_model import build_dino_model
 from dinox.run import checkpoint as store
@@ -74,11 +74,7 @@ def run_data_paths(cfg, data_root=None, index_csv=None, split_manifest=None,
     if data_root is not None:
         root = Path(data_root)
     elif index_csv is not None:
-        index_path = Path(index_csv)
-        if index_path.parent.name != "_index":
-            raise UserError(f"--index-csv {index_path} is not in a processed root's _index/ folder, so the "
-                            f"root its volume paths start from is unknown; give --data-root too")
-        root = index_path.parent.parent
+        root = root_of_index(index_csv)
     else:
         root = own_root
     on_own_root = same_path(root, own_root)
