@@ -144,12 +144,17 @@ def test_a_folder_or_an_export_given_as_checkpoint_says_what_it_is(one_step_chec
     assert main(["export", str(one_step_checkpoint), "--out", str(export)]) == 0
     capsys.readouterr()
     assert main(["eval", "retrieval", "--checkpoint", str(export)]) == 1
-    assert "is an export of `dinox export`" in one_line_error(capsys)
+    assert "is a weights file (backbone weights, as `dinox export` writes), not a training checkpoint" \
+        in one_line_error(capsys)
+    renamed = tmp_path / "checkpoint_00000001.pth"        # a safetensors file under a checkpoint's name
+    renamed.write_bytes((export / "model.safetensors").read_bytes())
+    assert main(["eval", "retrieval", "--checkpoint", str(renamed)]) == 1
+    assert "is a safetensors file, not a PyTorch file" in one_line_error(capsys)
     assert main(["train", "--resume", str(one_step_checkpoint.parent.parent)]) == 1
     assert f"such as {one_step_checkpoint}" in one_line_error(capsys)
     assert main(["inspect", str(export / "model.safetensors"), str(tmp_path / "gone.pth")]) == 1
     out = capsys.readouterr().out
-    assert "NOT A CHECKPOINT (is an export" in out and "MISSING (no such file)" in out and "DAMAGED" not in out
+    assert "NOT A CHECKPOINT (is a weights file" in out and "MISSING (no such file)" in out and "DAMAGED" not in out
 
 
 def test_resume_past_max_steps_or_with_another_init_is_refused(one_step_checkpoint, processed_root, tmp_path,

@@ -690,8 +690,9 @@ def not_a_checkpoint(path) -> str | None:
     if not path.exists():
         return "does not exist"
     if _is_export_file(path) or (path.is_dir() and any((path / m).is_file() for m in EXPORT_MARKERS)):
-        return ("is an export of `dinox export` (backbone weights only), not a training checkpoint; load it "
-                "with --init-from or transformers, and give the checkpoint_*.pth it came from here")
+        return ("is a weights file (backbone weights, as `dinox export` writes), not a training checkpoint; give "
+                "a checkpoint_*.pth that `dinox train` wrote (weights that record their architecture start a "
+                "run with --init-from)")
     if is_checkpoint_path(path):
         return None
     if path.is_dir():

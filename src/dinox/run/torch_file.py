@@ -87,6 +87,8 @@ def header_problem(path) -> str | None:
         if not zipfile.is_zipfile(path):
             return "is truncated: its zip directory is missing (an interrupted save or copy)"
         return None
+    if len(head) > 9 and head[8:10] == b'{"':   # a little-endian header length, then JSON
+        return "is a safetensors file, not a PyTorch file (its name ends otherwise; load it as .safetensors)"
     if head.startswith(LEGACY_MAGIC):
         return None
     if head[0] == 0x80:
