@@ -117,6 +117,11 @@ def output_dir(out, checkpoint) -> Path:
     return folder
 
 
+def root_tag(root) -> str:
+    """root{hash8}: names a processed root other than the run's own in a result's name."""
+    return "root" + hashlib.sha256(str(Path(root).resolve()).encode()).hexdigest()[:8]
+
+
 def result_name(stem: str, *, split: str, seed: int, defaults: dict, network: str = "teacher",
                 manifest=None, root=None, trained_root=None, trained_manifest=None, size: int | None = None,
                 trained_size: int | None = None, views: str = "train", draws: int = 1) -> str:
@@ -136,7 +141,7 @@ def result_name(stem: str, *, split: str, seed: int, defaults: dict, network: st
     if network != "teacher":
         tags.append(network)
     if root is not None and trained_root is not None and not same_path(root, trained_root):
-        tags.append("root" + hashlib.sha256(str(Path(root).resolve()).encode()).hexdigest()[:8])
+        tags.append(root_tag(root))
     if size is not None and size != trained_size:
         tags.append(f"size{size}")
     if views != "train":
@@ -186,7 +191,7 @@ def run_retrieval(args) -> int:
     backbone, cfg, meta = load_for_inference(args.checkpoint, device, which=args.network)
     provenance = meta.raw.get("provenance")
     root, index_csv, manifest = run_data_paths(cfg, args.data_root, args.index_csv, args.split_manifest, provenance)
-    trained_root, trained_manifest = own_data_paths(cfg, provenance)
+    trained_root, _, trained_manifest = own_data_paths(cfg, provenance)
     dataset = CTSliceDataset(root, args.split, manifest, index_csv)
     available = len(dataset)
     n = min(args.n, available)
@@ -267,7 +272,7 @@ def run_probe(args) -> int:
     backbone, cfg, meta = load_for_inference(args.checkpoint, device, which=args.network)
     provenance = meta.raw.get("provenance")
     root, _, manifest = run_data_paths(cfg, args.data_root, None, args.split_manifest, provenance)
-    trained_root, trained_manifest = own_data_paths(cfg, provenance)
+    trained_root, _, trained_manifest = own_data_paths(cfg, provenance)
     if manifest is not None and not manifest.is_file():
         what = "a folder; give a split JSON file" if manifest.is_dir() else "not found; give an existing --split-manifest"
         raise UserError(f"split manifest {manifest} is {what}")

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 from pathlib import Path
 
@@ -53,17 +52,18 @@ def run(args) -> int:
 def _tags(args, cfg, provenance, root, manifest) -> list[str]:
     """What differs from the monitor training writes (the run's own root and split, its val
     side, the teacher), for the output folder's name."""
+    from dinox.commands.eval import root_tag
     from dinox.data.layout import default_manifest, same_path
     from dinox.eval.load import own_data_paths
 
-    own_root, own_manifest = own_data_paths(cfg, provenance)
+    own_root, _, own_manifest = own_data_paths(cfg, provenance)
     tags = []
     if args.split != "val":
         tags.append(args.split)
     if args.network != "teacher":
         tags.append(args.network)
     if not same_path(root, own_root):
-        tags.append("root" + hashlib.sha256(str(Path(root).resolve()).encode()).hexdigest()[:8])
+        tags.append(root_tag(root))
     elif manifest is not None and not same_path(manifest, own_manifest or default_manifest(root)):
         tags.append(f"split-{Path(manifest).stem}")
     return tags

@@ -10,7 +10,6 @@ truncated, as many slices as the index says) and a split without train/val overl
 """
 from __future__ import annotations
 
-import json
 import os
 from bisect import bisect_right
 from collections import OrderedDict

@@ -37,23 +37,21 @@ def load_for_inference(path: str | Path, device: torch.device, which: str = "tea
     return backbone, cfg, SimpleNamespace(step=int(state.get("step", 0)), raw=state)
 
 
-def _recorded_files(provenance) -> list[Path]:
+def own_data_paths(cfg, provenance: dict | None = None) -> tuple[Path, Path | None, Path | None]:
+    """(processed root, index CSV or None, split manifest or None) the run trained on:
+    absolute as its provenance recorded them where it did, else as the config holds them;
+    None where the run used its root's default."""
     files = (provenance or {}).get("data_files") if isinstance(provenance, dict) else None
-    return [Path(f) for f in files] if isinstance(files, list) and len(files) == 2 else []
-
-
-def own_data_paths(cfg, provenance: dict | None = None) -> tuple[Path, Path | None]:
-    """(processed root, split manifest or None) the run trained on: absolute as its
-    provenance recorded them where it did, else as the config holds them."""
-    recorded = _recorded_files(provenance)
+    recorded = [Path(f) for f in files] if isinstance(files, list) and len(files) == 2 else []
     own_root = Path(cfg.io.data_root)
+    own_index = Path(cfg.io.index_csv) if cfg.io.index_csv else None
     own_manifest = Path(cfg.io.split_manifest) if cfg.io.split_manifest else None
     if recorded:
-        if not cfg.io.index_csv and recorded[0].parent.name == "_index":
+        if own_index is None and recorded[0].parent.name == "_index":
             own_root = recorded[0].parent.parent
-        if own_manifest is not None:
-            own_manifest = recorded[1]
-    return own_root, own_manifest
+        own_index = recorded[0] if own_index is not None else None
+        own_manifest = recorded[1] if own_manifest is not None else None
+    return own_root, own_index, own_manifest
 
 
 def run_data_paths(cfg, data_root=None, index_csv=None, split_manifest=None,
@@ -69,8 +67,7 @@ def run_data_paths(cfg, data_root=None, index_csv=None, split_manifest=None,
     from, where a path of the same name may hold other data). A manifest the run named
     that is gone is an error, not a fall-back to the root's default split, which may put
     the run's training patients on the validation side."""
-    recorded = _recorded_files(provenance)
-    own_root, own_manifest = own_data_paths(cfg, provenance)
+    own_root, own_index, own_manifest = own_data_paths(cfg, provenance)
     if data_root is not None:
         root = Path(data_root)
     elif index_csv is not None:
@@ -79,8 +76,8 @@ def run_data_paths(cfg, data_root=None, index_csv=None, split_manifest=None,
         root = own_root
     on_own_root = same_path(root, own_root)
     index = Path(index_csv) if index_csv else None
-    if index is None and on_own_root and cfg.io.index_csv:
-        index = Path(recorded[0]) if recorded else Path(cfg.io.index_csv)
+    if index is None and on_own_root:
+        index = own_index
     manifest = Path(split_manifest) if split_manifest else None
     if manifest is None and on_own_root and own_manifest is not None:
         if not own_manifest.is_file():
