@@ -166,7 +166,8 @@ def test_resume_is_exact_with_ibot(processed_root, tmp_path):
     from test_train import assert_same_state, final_weights
 
     common = ("--batch-size", "4", "--ibot-weight", "1.0", "--drop-path", "0.1", "--local-crops", "2",
-              "--local-size", "16", "--ckpt-every", "3", "--max-steps", "6", "--gram-start-step", "2")
+              "--local-size", "16", "--ckpt-every", "3", "--max-steps", "6", "--gram-start-step", "2",
+              "--gram-refresh-every", "100")
     straight = tmp_path / "straight"
     assert main(train_args(processed_root, straight, *common)) == 0
     state = load_checkpoint(sorted(only_run(straight).glob("checkpoint_final_*.pth"))[-1])

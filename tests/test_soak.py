@@ -24,10 +24,11 @@ from test_train import _spawn, assert_same_state, final_weights
 KILLS = 20
 STEPS = 60
 CKPT_EVERY = 3
-# The big presets' settings that draw from the global RNG: drop path and local crops.
+# The big presets' settings that draw from the global RNG (drop path, local crops), and frozen
+# Gram snapshots refreshed out of step with the checkpoints.
 COMMON = ("--batch-size", "4", "--num-workers", "0", "--drop-path", "0.1", "--local-crops", "2",
           "--local-size", "16", "--ckpt-every", str(CKPT_EVERY), "--ckpt-keep-last", "2",
-          "--max-steps", str(STEPS))
+          "--max-steps", str(STEPS), "--gram-refresh-every", "5")
 _STEP_RE = re.compile(r"^step=\s*(\d+) ")
 _RUN_RE = re.compile(r"run directory: (\S+)")
 

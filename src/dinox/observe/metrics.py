@@ -219,6 +219,20 @@ class Throughput:
         return {"steps_per_s": self.steps_per_s, "samples_per_s": self.samples_per_s}
 
 
+def _gram_line(cfg, img_size: int) -> str:
+    """The run's Gram anchoring policy in one line (always on)."""
+    s = cfg.ssl
+    if s.gram_refresh_every == 1:
+        teacher = "the Gram teacher is the EMA teacher, copied every step"
+        if s.gram_teacher_scale == 1:
+            teacher += " (no forward of its own)"
+    else:
+        teacher = f"Gram teacher refreshed every {s.gram_refresh_every} steps"
+    if s.gram_teacher_scale > 1:
+        teacher += f", sees the global views at {s.gram_teacher_scale}x ({img_size * s.gram_teacher_scale}px)"
+    return f"Gram anchoring: weight {s.gram_weight:.3g}, {teacher} (always on)"
+
+
 def run_header(cfg, *, world_size: int, samples: int, params: tuple[int, int], autocast_dtype,
                sharding: list[str] | None = None) -> list[str]:
     """The lines that open a run's log: model, batch, schedule and views, how the processes
@@ -241,8 +255,5 @@ def run_header(cfg, *, world_size: int, samples: int, params: tuple[int, int], a
         f"global + {v.local_crops} x {v.local_size}px local | amp {autocast_dtype or 'off (fp32)'} | "
         f"grad checkpoint {cfg.runtime.grad_checkpoint}",
         *parallel,
-        f"Gram anchoring: weight {cfg.ssl.gram_weight:.3g}, Gram teacher refreshed every "
-        f"{cfg.ssl.gram_refresh_every} steps"
-        + (f", sees the global views at {cfg.ssl.gram_teacher_scale}x ({v.img_size * cfg.ssl.gram_teacher_scale}px)"
-           if cfg.ssl.gram_teacher_scale > 1 else "") + " (always on)",
+        _gram_line(cfg, v.img_size),
     ]

@@ -16,7 +16,8 @@
   The Gram teacher follows the EMA teacher step by step until `gram_start_step`, while the
   weight ramps linearly in; from then on it is a frozen snapshot of the EMA teacher,
   refreshed every `gram_refresh_every` steps. `gram_start_step` = 0 anchors from step 0
-  to snapshots only. At `gram_teacher_scale` > 1 the Gram teacher sees the global views
+  to snapshots only; `gram_refresh_every` = 1 keeps the Gram teacher equal to the EMA
+  teacher throughout (the tiny recipe), so its forward is never run. At `gram_teacher_scale` > 1 the Gram teacher sees the global views
   enlarged and its patch grid is resized back to the student's (DINOv3's high-resolution
   Gram teacher).
 
