@@ -126,13 +126,17 @@ def test_high_resolution_gram_teacher_sees_the_views_enlarged():
         resolve({"config": "vit-tiny", "gram_teacher_scale": 0}, hardware_preset="cpu", device_kind="cpu")
 
 
-def test_gram_teacher_forward_is_skipped_only_while_it_holds_the_teachers_weights():
+@pytest.mark.parametrize("start,every,runs", [
+    (3, 2, [False, False, False, False, True, False]),  # following (0-2), snapshot 3, frozen 4, refreshed 5
+    (2, 1, [False] * 6),                                 # the tiny recipe: the EMA teacher every step
+])
+def test_gram_teacher_forward_is_skipped_only_while_it_holds_the_teachers_weights(start, every, runs):
     """While the Gram teacher is a fresh copy of the EMA teacher (the warm-up, each refresh
     step) its features are the teacher's own and its forward is skipped; the Gram loss is
     bitwise the one its own forward gives. After an EMA update it runs again."""
     from dinox.config import with_values
 
-    cfg = with_values(small_config(), gram_start_step=3, gram_refresh_every=2)
+    cfg = with_values(small_config(), gram_start_step=start, gram_refresh_every=every)
     c = components(cfg, seed=0)
     calls = []
     c.ssl.gram_teacher.register_forward_hook(lambda module, args, out: calls.append(1))
@@ -157,35 +161,12 @@ def test_gram_teacher_forward_is_skipped_only_while_it_holds_the_teachers_weight
         c.optimizer.step()
         c.optimizer.zero_grad()
         c.ssl.finish_step(0.9)
-    # following until the start step (0-2), a snapshot at 3, frozen at 4, refreshed at 5
-    assert ran == [False, False, False, False, True, False]
+    assert ran == runs
     c.ssl.finish_step(0.9)
     assert not c.ssl.gram_is_teacher
 
 
-def test_gram_teacher_refreshed_every_step_is_the_ema_teacher_and_never_runs():
-    """The tiny recipe's policy (`gram_refresh_every` 1): a copy of the EMA teacher before
-    every step, so its forward never runs and the Gram term is the one against the teacher's
-    own patch features, bitwise."""
-    from dinox.config import with_values
-
-    assert resolve({"config": "vit-tiny"}, hardware_preset="cpu", device_kind="cpu").cfg.ssl.gram_refresh_every == 1
-    cfg = with_values(small_config(), gram_start_step=2, gram_refresh_every=1)
-    c = components(cfg, seed=0)
-    calls = []
-    c.ssl.gram_teacher.register_forward_hook(lambda module, args, out: calls.append(1))
-    stacks = torch.randint(-1000, 1000, (4, 3, 24, 24), generator=torch.Generator().manual_seed(1)).to(torch.int16)
-    augment = CTAugment(cfg.views.to_augment())
-    for step in range(5):
-        views = augment(stacks, torch.Generator().manual_seed(step))
-        c.ssl.maybe_refresh_gram_teacher(step)
-        values = c.ssl.forward_backward(views, {"teacher_temp": 0.04}, autocast=lambda: autocast(DEVICE, None),
-                                        backward=lambda loss: loss.backward(), step=step)
-        with torch.no_grad():
-            globals_ = torch.cat(views.global_views)
-            expected = gram_anchoring_loss(c.ssl.student(globals_)["patches"], c.ssl.teacher(globals_)["patches"])
-        assert torch.allclose(values["loss_gram"], expected, rtol=1e-6, atol=0)
-        c.optimizer.step()
-        c.optimizer.zero_grad()
-        c.ssl.finish_step(0.9)
-    assert calls == []
+def test_tiny_recipe_gram_teacher_is_the_ema_teacher_and_base_snapshots():
+    tiny = resolve({"config": "vit-tiny"}, hardware_preset="cpu", device_kind="cpu").cfg.ssl
+    base = resolve({"config": "vit-small"}, hardware_preset="cpu", device_kind="cpu").cfg.ssl
+    assert (tiny.gram_refresh_every, base.gram_refresh_every) == (1, 1000)
