@@ -367,8 +367,8 @@ RECIPES: dict[str, dict[str, object]] = {
         "momentum": 0.98,
         # The Gram teacher is the EMA teacher itself (a copy every step, so no forward of its
         # own): at the flat 0.98 it lags the student by ~50 steps, as far as snapshots every
-        # 100 steps do on average, and it scored the same on nine family-seeds at 14 % less
-        # compute per step (docs/recipes.md, "The Gram teacher of a short run").
+        # 100 steps do on average, and it scored the same on nine family-seeds at 19 % less
+        # time per step (docs/recipes.md, "The Gram teacher of a short run").
         "gram_refresh_every": 1,
         "gram_start_step": 20,
         "horizon": 2_000,

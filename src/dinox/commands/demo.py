@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from dinox.commands.argtypes import int_at_least, nonneg_int, positive_int
+from dinox.data.layout import INDEX_FILE
 from dinox.data.synth import FAMILIES
 from dinox.errors import UserError
 
@@ -101,7 +102,7 @@ def run(args) -> int:
     print(f"[demo] 4/4 label-free view retrieval of {final.name}", flush=True)
     code = dinox_main([
         "eval", "retrieval", "--checkpoint", str(final), "--split-manifest", str(manifest),
-        "--index-csv", str(processed / "_index" / "index.csv"), "--n", str(args.eval_n), "--device", "cpu",
+        "--index-csv", str(processed / INDEX_FILE), "--n", str(args.eval_n), "--device", "cpu",
     ])
     if args.probe:
         _probe(dinox_main, final, processed, manifest)

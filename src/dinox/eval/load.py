@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import torch
 
 from dinox.config import config_from_checkpoint
-from dinox.data.layout import root_of_index, same_path
+from dinox.data.layout import INDEX_FILE, root_of_index, same_path
 from dinox.errors import UserError
 from dinox.model.dino_model import build_dino_model
 from dinox.run import checkpoint as store
@@ -47,7 +47,7 @@ def own_data_paths(cfg, provenance: dict | None = None) -> tuple[Path, Path | No
     own_index = Path(cfg.io.index_csv) if cfg.io.index_csv else None
     own_manifest = Path(cfg.io.split_manifest) if cfg.io.split_manifest else None
     if recorded:
-        if own_index is None and recorded[0].parent.name == "_index":
+        if own_index is None and recorded[0].parent.name == Path(INDEX_FILE).parent.name:
             own_root = recorded[0].parent.parent
         own_index = recorded[0] if own_index is not None else None
         own_manifest = recorded[1] if own_manifest is not None else None
