@@ -342,3 +342,26 @@ def test_rows_of_series_from_earlier_runs_are_kept(synth_prep, tmp_path):
     new = [r for r in rows if r["patient_id"] == "SYNTH3-0000"]
     assert new and report["annotations"]["rows"] == len(rows) == len(before) + len(new)
     assert [r for r in rows if r["patient_id"] != "SYNTH3-0000"] == before
+
+
+@pytest.mark.parametrize("damage, said", [
+    (lambda text: text[:text.rindex(",Nodule")], "line 3 has fewer fields"),      # cut short mid-row
+    (lambda text: text.replace(",7,1.5,", ",x,1.5,", 1), "line 2: slice_index 'x' is not a number"),
+])
+def test_a_damaged_label_table_is_refused_naming_the_line(tmp_path, damage, said):
+    from dinox.data.annotations import write_table
+    from dinox.errors import UserError
+    from dinox.eval import probe
+
+    row = {c: "" for c in NODULE_COLUMNS}
+    row.update(series_id="1.2.3", patient_id="P1", source="lidc-xml", reader="r1", kind="nodule",
+               nodule_id="Nodule 001", slice_index=7, z_mm=1.5, row0=1, col0=2, row1=3, col1=4, texture=5)
+    path = tmp_path / NODULES_TABLE
+    path.parent.mkdir(parents=True)
+    write_table(path, [row, {**row, "reader": "r2"}])
+    assert len(read_table(path)) == 2
+    path.write_text(damage(path.read_text()))
+    with pytest.raises(ValueError, match=said):
+        read_table(path)
+    with pytest.raises(UserError, match="unreadable label table"):   # not a traceback in `dinox eval probe`
+        probe.load_labels(tmp_path)

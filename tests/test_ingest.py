@@ -327,6 +327,24 @@ def test_index_and_split_cover_series_from_earlier_runs(tmp_path):
     assert sorted(split["train"] + split["val"]) == ["1.8.1", "1.8.2"]
 
 
+
+def test_a_rerun_with_another_split_rewrites_the_earlier_splits_over_the_new_series(tmp_path):
+    """The default val10_seed0.json of a first prep, left as it was by a second prep with
+    --val-fraction 0.3 that added a patient, would train on part of the data without a word."""
+    rng = np.random.default_rng(8)
+    for p in "ABC":
+        write_series(tmp_path / p, random_hu(rng, (3, 8, 8)), f"1.8.{ord(p)}", patient_id=p)
+    out = tmp_path / "out"
+    prep([tmp_path / "A", tmp_path / "B"], out)
+    (out / "_splits" / "mine.json").write_text('{"train": ["1.8.65"], "val": []}')   # a user's own: kept
+    report = prep([tmp_path / "A", tmp_path / "B", tmp_path / "C"], out, val_fraction=0.3)
+    assert report["split"]["refreshed"] == ["val10_seed0.json"]
+    patients = {sid: r["patient_id"] for sid, r in index_rows(out).items()}
+    for fraction in (0.1, 0.3):
+        assert json.loads((out / "_splits" / split_name(fraction, 0)).read_text()) == patient_split(
+            patients, fraction, 0)
+    assert json.loads((out / "_splits" / "mine.json").read_text()) == {"train": ["1.8.65"], "val": []}
+
 def test_index_columns_and_split_file(tmp_path):
     rng = np.random.default_rng(9)
     for p in range(8):

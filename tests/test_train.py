@@ -296,3 +296,19 @@ def test_eval_without_a_validation_split_says_it_scores_the_training_split(proce
     assert "(on the training split: the run has no validation split)" in out
     rows = [r for r in read_metrics(only_run(tmp_path / "runs")) if "Eval/Retrieval_Ratio" in r]
     assert rows and all(r.get("Eval/On_Training_Split") == 1.0 for r in rows)
+
+
+def test_a_batch_larger_than_the_training_data_is_refused_before_any_step(processed_root, tmp_path, capsys):
+    """The endless stream would fill each batch with repeats of the same slices, silently;
+    the run is refused in one line naming the most that fits, and leaves no run folder."""
+    from dinox.data.dataset import CTSliceDataset
+
+    manifest = next((processed_root / "_splits").glob("*.json"))
+    slices = len(CTSliceDataset(processed_root, "train", manifest))
+    out = tmp_path / "runs"
+    code = main(train_args(processed_root, out, "--max-steps", "1", "--batch-size", str(slices + 1)))
+    err = capsys.readouterr().err
+    assert code == 1 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert f"--batch-size {slices + 1} is more than the {slices} training slices" in err
+    assert f"give --batch-size {slices} or less" in err
+    assert not out.exists() or not any(out.iterdir())

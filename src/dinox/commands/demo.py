@@ -40,7 +40,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--slices", type=int_at_least(3), default=DEMO_SLICES)
     p.add_argument("--size", type=positive_int, default=DEMO_SIZE)
     p.add_argument("--steps", type=positive_int, default=DEMO_STEPS)
-    p.add_argument("--batch-size", type=positive_int, default=DEMO_BATCH)
+    p.add_argument("--batch-size", type=positive_int, default=None,
+                   help=f"default {DEMO_BATCH}, or the number of training slices where the data has fewer")
     p.add_argument("--eval-n", type=positive_int, default=DEMO_EVAL_N)
     p.add_argument("--seed", type=nonneg_int, default=0)
     p.add_argument("--num-workers", type=nonneg_int, default=1)
@@ -83,12 +84,13 @@ def run(args) -> int:
                        "--val-fraction", str(DEMO_VAL_FRACTION)]))
     manifest = processed / "_splits" / f"val{round(100 * DEMO_VAL_FRACTION)}_seed0.json"
 
+    batch_size = args.batch_size if args.batch_size is not None else _demo_batch(processed, manifest)
     amp = demo_amp(getattr(args, "amp", None))
     print(f"[demo] 3/4 training vit-tiny for {args.steps} steps on the CPU"
           f"{' with bf16 autocast' if amp else ''} -> {runs}/", flush=True)
     code = dinox_main([
         "train", "--config", "vit-tiny", "--device", "cpu", "--max-steps", str(args.steps),
-        "--batch-size", str(args.batch_size), "--accumulation-steps", "1",
+        "--batch-size", str(batch_size), "--accumulation-steps", "1",
         "--num-workers", str(args.num_workers), "--pin-memory", "false",
         "--data-root", str(processed), "--split-manifest", str(manifest), "--out", str(runs),
         "--ckpt-every", str(max(1, args.steps // 3)), "--monitor-every", str(args.steps),
@@ -117,6 +119,18 @@ def run(args) -> int:
     print(f"[demo] heatmaps: {run_dir / 'monitor'}; loss curve: {run_dir / 'loss_curve.png'}")
     print(f"[demo] TensorBoard: tensorboard --logdir {runs}")
     return code
+
+
+def _demo_batch(processed: Path, manifest: Path) -> int:
+    """DEMO_BATCH, or all training slices where a small demo (--patients, --slices) has fewer:
+    training refuses a batch larger than its data (every batch would repeat slices)."""
+    from dinox.data.dataset import CTSliceDataset
+
+    slices = len(CTSliceDataset(processed, "train", manifest))
+    if slices < DEMO_BATCH:
+        print(f"[demo] note: {slices} training slices, fewer than the batch of {DEMO_BATCH}; training with a "
+              f"batch of {slices}", flush=True)
+    return min(DEMO_BATCH, slices)
 
 
 def _probe(dinox_main, final: Path, processed: Path, manifest: Path) -> None:

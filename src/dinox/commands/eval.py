@@ -117,11 +117,6 @@ def output_dir(out, checkpoint) -> Path:
     return folder
 
 
-def root_tag(root) -> str:
-    """root{hash8}: names a processed root other than the run's own in a result's name."""
-    return "root" + hashlib.sha256(str(Path(root).resolve()).encode()).hexdigest()[:8]
-
-
 def result_name(stem: str, *, split: str, seed: int, defaults: dict, network: str = "teacher",
                 manifest=None, root=None, trained_root=None, trained_manifest=None, size: int | None = None,
                 trained_size: int | None = None, views: str = "train", draws: int = 1) -> str:
@@ -130,7 +125,7 @@ def result_name(stem: str, *, split: str, seed: int, defaults: dict, network: st
     split-{manifest stem}, the student adds _student, a root other than the run's own adds
     _root{hash8}, an input size other than the training size _size{size}, diagnostic views
     _{views}, a mean over several view draws _draws{draws}."""
-    from dinox.data.layout import default_manifest, same_path
+    from dinox.data.layout import default_manifest, root_tag, same_path
 
     tags = []
     custom_manifest = (manifest is not None and root is not None and not same_path(manifest, default_manifest(root))

@@ -52,8 +52,7 @@ def run(args) -> int:
 def _tags(args, cfg, provenance, root, manifest) -> list[str]:
     """What differs from the monitor training writes (the run's own root and split, its val
     side, the teacher), for the output folder's name."""
-    from dinox.commands.eval import root_tag
-    from dinox.data.layout import default_manifest, same_path
+    from dinox.data.layout import default_manifest, root_tag, same_path
     from dinox.eval.load import own_data_paths
 
     own_root, _, own_manifest = own_data_paths(cfg, provenance)

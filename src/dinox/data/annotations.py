@@ -543,13 +543,37 @@ def write_table(path: Path, rows: list[dict]) -> None:
     atomic_write_text(path, buf.getvalue())
 
 
+BOX_COLUMNS = ("slice_index", "row0", "col0", "row1", "col1")   # whole numbers in every row
+RATING_COLUMNS = tuple(CHARACTERISTICS.values())                 # numbers where given
+
+
 def read_table(path) -> list[dict[str, str]]:
+    """The rows of a nodule table, checked: every row has the header's fields and numbers
+    where the readers of the table compute with them. Raises ValueError naming the line of a
+    truncated or damaged row."""
     with open(path, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
         missing = [c for c in NODULE_COLUMNS if c not in (reader.fieldnames or [])]
         if missing:
             raise ValueError(f"{path} lacks columns {', '.join(missing)}")
-        return list(reader)
+        rows = []
+        for row in reader:
+            if None in row or None in row.values():
+                raise ValueError(f"line {reader.line_num} has {'more' if None in row else 'fewer'} fields "
+                                 f"than its header (a truncated or damaged table)")
+            for column in BOX_COLUMNS + RATING_COLUMNS:
+                value = row[column].strip()
+                if column in RATING_COLUMNS and value in ("", "nan"):
+                    continue
+                try:
+                    ok = math.isfinite(float(value))
+                except ValueError:
+                    ok = False
+                if not ok:
+                    raise ValueError(f"line {reader.line_num}: {column} {row[column]!r} is not a number "
+                                     f"(a damaged table)")
+            rows.append(row)
+        return rows
 
 
 # --- prep: find, parse and tie annotation files to prepared series -------------------------------

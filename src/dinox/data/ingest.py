@@ -337,12 +337,13 @@ def prepare(inputs, output="data/processed", workers: int = 1, force: bool = Fal
     split = patient_split({sid: r["patient_id"] for sid, r in rows.items()}, val_fraction, split_seed)
     split_file = Path(SPLITS_DIR) / split_name(val_fraction, split_seed)
     atomic_write_text(root / split_file, json.dumps(split, indent=1) + "\n")
+    refreshed = _refresh_other_splits(root, rows, split_file)
     patients = {sid: r["patient_id"] for sid, r in rows.items()}
     report["index"] = {"file": INDEX_FILE, "series": len(rows), "patients": len(set(patients.values()))}
     report["split"] = {"file": split_file.as_posix(), "val_fraction": val_fraction, "seed": split_seed,
                        "train_series": len(split["train"]), "val_series": len(split["val"]),
                        "train_patients": len({patients[s] for s in split["train"]}),
-                       "val_patients": len({patients[s] for s in split["val"]})}
+                       "val_patients": len({patients[s] for s in split["val"]}), "refreshed": refreshed}
     report["annotations"] = annotations.update_table(root, inputs, tasks, rows, files_skipped)
     _finish_report(root, report, start)
     return report
@@ -382,6 +383,35 @@ def _finish_report(root: Path, report: dict, start: float) -> None:
     atomic_write_text(root / REPORT_FILE, json.dumps(report, indent=1, default=str) + "\n")
 
 
+_SPLIT_NAME = re.compile(r"val(\d+(?:\.\d+)?)_seed(\d+)\.json")
+
+
+def _refresh_other_splits(root: Path, rows: dict, written: Path) -> list[str]:
+    """Rewrite the other split manifests an earlier prep wrote on this root (other
+    --val-fraction or --split-seed) over the series now indexed: left as they were, they
+    would leave out the series this prep added, and a run given one of them (the default
+    val10_seed0.json, say) would train and validate on part of the data without a word.
+    Returns the names of those that changed."""
+    changed = []
+    patient_of = {sid: r["patient_id"] for sid, r in rows.items()}
+    for path in sorted((root / SPLITS_DIR).glob("val*_seed*.json")):
+        found = _SPLIT_NAME.fullmatch(path.name)
+        if path.name == written.name or not found:
+            continue
+        fraction, seed = float(found.group(1)) / 100, int(found.group(2))
+        if not 0 <= fraction < 1 or split_name(fraction, seed) != path.name:
+            continue   # not a name prep writes: a user's own manifest, left alone
+        text = json.dumps(patient_split(patient_of, fraction, seed), indent=1) + "\n"
+        try:
+            if path.read_text(encoding="utf-8") == text:
+                continue
+        except (OSError, UnicodeDecodeError):
+            pass
+        atomic_write_text(path, text)
+        changed.append(path.name)
+    return changed
+
+
 def format_summary(report: dict) -> str:
     c = report["counts"]
     lines = [f"prep: {c['series_written']} series written, {c['series_kept']} already done, "
@@ -396,6 +426,9 @@ def format_summary(report: dict) -> str:
         lines.append(f"  index: {report['index']['series']} series, {report['index']['patients']} patient(s); "
                      f"split {s['file']}: {s['train_series']} train / {s['val_series']} val series "
                      f"({s['train_patients']} / {s['val_patients']} patients)")
+        if s.get("refreshed"):
+            lines.append(f"  also rewritten over the same series: {', '.join(s['refreshed'])} "
+                         f"(split manifests of earlier preps)")
         if s["val_series"] == 0 and s["val_fraction"] > 0:
             lines.append("  note: the validation split is empty (one patient only); add patients "
                          "before running the label-free evaluation")

@@ -4,6 +4,7 @@ Index paths are relative to the root and never leave it (`confined_path`)."""
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import os
 from pathlib import Path
@@ -49,6 +50,12 @@ def same_path(a, b) -> bool:
         return Path(a).resolve() == Path(b).resolve()
     except (OSError, RuntimeError, TypeError):
         return False
+
+
+def root_tag(root) -> str:
+    """root{hash8}: names a processed root other than a run's own in the name of a result
+    or an output folder."""
+    return "root" + hashlib.sha256(str(Path(root).resolve()).encode()).hexdigest()[:8]
 
 
 def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:

@@ -15,6 +15,8 @@ from collections.abc import Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from dinox.errors import UserError
+
 log = logging.getLogger("dinox.train")
 
 
@@ -42,6 +44,23 @@ class ResumableSampler(Sampler[int]):
             order = self.epoch_order(epoch).tolist()
             yield from order[offset:]
             epoch, offset = epoch + 1, 0
+
+
+def check_batch_fits(samples: int, batch_size: int, world_size: int = 1, root=None) -> None:
+    """Refuse a per-device batch larger than a rank's share of the training samples: the
+    endless stream would fill every batch with repeats of the same slices (and KoLeo would
+    push a slice's copies apart), silently."""
+    per_rank = samples // world_size
+    if batch_size <= per_rank:
+        return
+    of = f" of {root}" if root is not None else ""
+    if per_rank < 1:
+        raise UserError(f"the {samples} training slices{of} cannot be shared among {world_size} ranks; "
+                        f"launch at most {samples} processes, or prepare more series")
+    share = f" per rank ({samples} over {world_size})" if world_size > 1 else ""
+    raise UserError(f"--batch-size {batch_size} is more than the {per_rank} training slices{share}{of}: every batch "
+                    f"would repeat slices; give --batch-size {per_rank} or less (with --accumulation-steps for a "
+                    f"larger effective batch), or prepare more series")
 
 
 def _worker_leaves_process_group(worker_id: int) -> None:

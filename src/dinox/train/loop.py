@@ -28,7 +28,7 @@ from dinox.run.distributed import DistEnv, all_reduce_
 from dinox.run.rng import seed_all
 from dinox.run.signals import EXIT_ANOMALY, EXIT_NONFINITE, EXIT_OK, StopRequest
 from dinox.train.checks import InTrainingChecks
-from dinox.train.data_stream import make_loader, validation_dataset
+from dinox.train.data_stream import check_batch_fits, make_loader, validation_dataset
 from dinox.train.optim import (Schedules, apply_schedule, autocast, autocast_dtype, autocast_notice, build_optimizer,
                                build_scaler, clip_gradients)
 from dinox.train.ssl import METRIC_NAMES, DINOSSL
@@ -54,6 +54,7 @@ class Trainer:
 
         seed_all(seed)  # the same initial weights on every rank
         self.dataset = CTSliceDataset(io.data_root, "train", io.split_manifest, io.index_csv)
+        check_batch_fits(len(self.dataset), cfg.optim.batch_size, dist.world_size, io.data_root)
         self.val_dataset = validation_dataset(cfg, self.dataset)
         self.ssl = DINOSSL(cfg, self.device, initialise=resume_state is None)
         report = self.ssl.init_report or (resume_state or {}).get("provenance", {}).get("init_from")
