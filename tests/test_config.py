@@ -200,6 +200,7 @@ def test_short_runs_hold_the_teacher_momentum_flat_but_never_given_values():
 @pytest.mark.parametrize("name,value", [
     ("lr", math.nan), ("lr", math.inf), ("teacher_temp", math.nan), ("weight_decay", -0.1),
     ("clip_grad", -1.0), ("drop_path", 2.0), ("lr", 0.0), ("gram_weight", 0.0), ("center_momentum", 1.5),
+    ("dino_local_weight", -0.5), ("dino_local_weight", math.nan),
 ])
 def test_invalid_settings_are_one_line_errors(name, value):
     with pytest.raises(UserError) as err:

@@ -33,17 +33,19 @@ def ref_log_softmax(row, temp):
     return [v / temp - lse for v in row]
 
 
-def ref_dino_loss(student, teacher, student_temp):
-    """student: V lists of B rows; teacher: G lists of B probability rows."""
-    total, pairs = 0.0, 0
+def ref_dino_loss(student, teacher, student_temp, local_weight=1.0):
+    """student: V lists of B rows; teacher: G lists of B probability rows; a pair whose
+    student view is a local one (i >= G) counts local_weight."""
+    total, pairs = 0.0, 0.0
     for i, s_view in enumerate(student):
         for j, t_view in enumerate(teacher):
             if i == j:
                 continue
+            w = local_weight if i >= len(teacher) else 1.0
             for s_row, t_row in zip(s_view, t_view):
                 logp = ref_log_softmax(s_row, student_temp)
-                total += -sum(t * lp for t, lp in zip(t_row, logp)) / len(s_view)
-            pairs += 1
+                total += -w * sum(t * lp for t, lp in zip(t_row, logp)) / len(s_view)
+            pairs += w
     return total / pairs
 
 
@@ -70,6 +72,23 @@ def test_dino_loss_cross_view_pairs(n_local):
     loss = loss_fn(student, teacher)
     expected = ref_dino_loss([s.tolist() for s in student], ref_teacher, 0.1)
     assert loss.item() == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("local_weight", [0.5, 0.0, 2.0])
+def test_dino_local_pairs_are_weighted(local_weight):
+    """DINOv3's reweight_dino_local_loss, as a weighted mean over the pairs: 2 global views
+    give 2 global pairs, 3 locals 6 local pairs, each local pair counting local_weight."""
+    loss_fn = DINOLoss(out_dim=7, student_temp=0.1)
+    student = random_views(5, seed=3)
+    teacher = [torch.softmax(t / 0.04, dim=-1) for t in random_views(2, seed=4)]
+    loss = loss_fn(student, teacher, local_weight=local_weight)
+    expected = ref_dino_loss([s.tolist() for s in student], [t.tolist() for t in teacher], 0.1,
+                             local_weight=local_weight)
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    if local_weight != 1.0:
+        assert loss.item() != pytest.approx(loss_fn(student, teacher).item(), rel=1e-3)
+    with pytest.raises(ValueError, match="weighted 0"):
+        loss_fn(student[:1] + student[2:], teacher[:1], local_weight=0.0)
 
 
 def test_dino_loss_gradient_reaches_only_the_student():

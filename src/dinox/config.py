@@ -136,6 +136,9 @@ class SSLConfig:
     centering: str = "centering"
     center_momentum: float = 0.9
     koleo_weight: float = 0.1
+    # DINOv3's `reweight_dino_local_loss`: the local crops' DINO pairs count this much
+    # against the global pairs' 1 (its 7B Gram-anchoring phase ends at 0.5)
+    dino_local_weight: float = 1.0
     ibot_weight: float = 0.0  # 0: no iBOT (checkpoints written before iBOT existed)
     ibot_mask_ratio_min: float = 0.1
     ibot_mask_ratio_max: float = 0.5
@@ -623,6 +626,9 @@ def validate(cfg: RunConfig) -> None:
         raise UserError(f"--spike-factor {w.spike_factor} must be above 1 (a spike is loss > factor x its recent mean)")
     if s.koleo_weight < 0 or s.ibot_weight < 0:
         raise UserError("--koleo-weight and --ibot-weight must be >= 0 (0 turns the term off)")
+    if s.dino_local_weight < 0:
+        raise UserError(f"--dino-local-weight {s.dino_local_weight} must be >= 0 (1: every DINO pair alike; "
+                        f"DINOv3's last phase: 0.5)")
     if not 0.0 <= s.ibot_mask_ratio_min <= s.ibot_mask_ratio_max < 1.0:
         raise UserError("--ibot-mask-ratio must be two numbers 0 <= min <= max < 1 (DINOv2: 0.1 0.5)")
     if not 0.0 <= s.ibot_mask_probability <= 1.0:

@@ -112,6 +112,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--center-momentum", type=float)
     g.add_argument("--koleo-weight", type=float,
                    help="KoLeo weight on the sum over the global views (default 0.003; DINOv2: 0.1)")
+    g.add_argument("--dino-local-weight", type=float,
+                   help="weight of the local crops' DINO pairs against the global pairs' 1 (DINOv3's "
+                        "reweight_dino_local_loss; default 1)")
     g.add_argument("--ibot-weight", type=float, help="iBOT masked-patch loss weight (0 turns iBOT off; DINOv2: 1.0)")
     g.add_argument("--ibot-mask-ratio", type=float, nargs=2, metavar=("MIN", "MAX"),
                    help="range of the fraction of patches masked per masked image (DINOv2: 0.1 0.5)")

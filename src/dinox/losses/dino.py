@@ -101,9 +101,13 @@ class DINOLoss(nn.Module):
         return F.softmax(student_logits.detach().float() / self.student_temp, dim=-1)
 
     def forward(self, student_logits: list[torch.Tensor],
-                teacher_probs: list[torch.Tensor]) -> torch.Tensor:
+                teacher_probs: list[torch.Tensor], local_weight: float = 1.0) -> torch.Tensor:
         """student_logits: V views of (B, K), the first ones being the global views in the
-        same order as teacher_probs (G views of (B, K)); returns the mean cross-view H."""
+        same order as teacher_probs (G views of (B, K)); returns the mean cross-view H over
+        the G(G-1) global and (V-G)G local pairs, the local ones weighted by `local_weight`
+        (DINOv3's reweight_dino_local_loss; 1 is DINO's plain mean over the pairs). It is a
+        weighted mean, so that it stays a cross-entropy comparable with ln(K) (the entropy
+        wall); DINOv3 divides by the unweighted count, i.e. the same term times a constant."""
         n_student, n_teacher = len(student_logits), len(teacher_probs)
         if n_teacher == 0 or n_student < n_teacher:
             raise ValueError(f"need the student's views to start with the {n_teacher} teacher "
@@ -116,12 +120,16 @@ class DINOLoss(nn.Module):
             batch = log_p.shape[1]
             # cross[i, j] = sum_b sum_k t_j[b, k] log_p_i[b, k]: one (V, B*K) x (B*K, G) matmul
             cross = log_p.flatten(1) @ targets.flatten(1).t()
-            keep = torch.ones(n_student, n_teacher, dtype=torch.bool, device=device)
-            keep[:n_teacher].fill_diagonal_(False)
-            n_pairs = n_student * n_teacher - n_teacher
-            if n_pairs == 0:
+            weight = torch.ones(n_student, n_teacher, device=device)
+            weight[:n_teacher].fill_diagonal_(0.0)
+            weight[n_teacher:] = local_weight
+            n_global_pairs, n_local_pairs = n_teacher * (n_teacher - 1), (n_student - n_teacher) * n_teacher
+            if n_global_pairs + n_local_pairs == 0:
                 raise ValueError("no cross-view pairs: give at least 2 global views, or locals")
-            return -cross[keep].sum() / (n_pairs * batch)
+            total = n_global_pairs + local_weight * n_local_pairs
+            if total <= 0:
+                raise ValueError("the only cross-view pairs are local ones, weighted 0: give a local weight > 0")
+            return -(cross * weight).sum() / (total * batch)
 
     @torch.no_grad()
     def update_center(self, teacher_logits: torch.Tensor) -> None:

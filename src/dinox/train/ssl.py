@@ -173,7 +173,8 @@ class DINOSSL:
         student_logits = list(student_out["logits"].float().chunk(n_global))
         if local_batch is not None:
             student_logits += list(student_out["local_logits"].float().chunk(len(views.local_views)))
-        loss_dino = self.dino_loss(student_logits, list(teacher_probs.chunk(n_global)))
+        loss_dino = self.dino_loss(student_logits, list(teacher_probs.chunk(n_global)),
+                                   local_weight=ssl.dino_local_weight)
         loss_koleo = sum(self.koleo(c) for c in student_out["cls"].float().chunk(n_global))
         loss_ibot = zero
         if masks is not None:
