@@ -73,3 +73,17 @@ def test_init_from_with_another_shape_is_a_one_line_error(processed_root, tmp_pa
     err = capsys.readouterr().err
     assert code != 0 and err.startswith("error: ") and err.count("\n") == 1
     assert file_sha256(folder / "model.safetensors")
+
+
+def test_dry_run_checks_the_init_from_weights(processed_root, tmp_path, capsys):
+    """A dry run reads --init-from and checks its shape as training would, without a backbone."""
+    folder, _ = pretrained_folder(tmp_path)
+    out = tmp_path / "runs"
+    assert main(train_args(processed_root, out, "--dry-run", "--init-from", str(folder))) == 0
+    assert f"--init-from {folder}:" in capsys.readouterr().out
+    for bad, extra in ((tmp_path / "missing.pth", ()), (folder, ("--vit-dim", "96", "--vit-heads", "3",
+                                                                  "--vit-mlp", "192"))):
+        code = main(train_args(processed_root, out, "--dry-run", "--init-from", str(bad), *extra))
+        err = capsys.readouterr().err
+        assert code == 1 and err.startswith("error: ") and err.count("\n") == 1, err
+    assert not out.exists()

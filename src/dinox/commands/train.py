@@ -233,6 +233,11 @@ def run(args: argparse.Namespace) -> int:
     if cfg.runtime.parallel == "fsdp" and not args.dry_run and not dist.enabled:
         resolved.notices.append("--parallel fsdp in a single process: nothing to shard over, training unsharded "
                                 "(launch with torchrun --nproc-per-node N to shard)")
+    if args.dry_run and cfg.io.init_from and source is None:
+        from dinox.model.weights import check_init_source
+
+        src = check_init_source(cfg.io.init_from, cfg.model.arch())
+        resolved.notices.append(f"--init-from {cfg.io.init_from}: {src.kind} weights of the requested shape")
     if args.dry_run:
         return report_dry_run(cfg, info, preset_name, resolved.preset_lines, plan, args.json, device_notes,
                               resolved.notices)

@@ -937,6 +937,15 @@ def load_pretrained(path: str | os.PathLike, backbone: VisionTransformer) -> Imp
     return apply_weights(src, backbone)
 
 
+def check_init_source(path: str | os.PathLike, arch: ViTArch) -> Imported:
+    """What ``--init-from`` would load, read and checked against ``arch`` without building a
+    backbone (a dry run plans for a machine that may not hold one): UserError for a file
+    that is missing, of an unknown kind, or of another shape."""
+    src = read_weights(path, heads=arch.num_heads, prefer_mlp=arch.mlp_dim)
+    check_arch(src, arch)
+    return src
+
+
 def init_backbone_from(path: str | os.PathLike, backbone: VisionTransformer) -> dict:
     """The trainer's ``--init-from``: load released / exported weights into ``backbone`` (the
     student's; copy it to the teacher afterwards) and return the JSON-safe report for the
