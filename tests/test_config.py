@@ -223,6 +223,8 @@ def test_checkpoint_format_is_checked():
         check_checkpoint_format({"format": "dinox-checkpoint", "format_version": 99})
     with pytest.raises(UserError, match="not a dinox checkpoint"):
         check_checkpoint_format({"format": "something-else", "format_version": 1})
+    with pytest.raises(UserError, match=r"^other\.pth is not a dinox checkpoint"):
+        check_checkpoint_format({"format": None}, "other.pth")
 
 
 def test_warmups_follow_the_official_linspace():

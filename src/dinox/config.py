@@ -654,22 +654,27 @@ def validate(cfg: RunConfig) -> None:
     validate_arch(m.arch(), v.img_size)
 
 
-def config_from_checkpoint(state: dict) -> RunConfig:
-    """The RunConfig a checkpoint was trained with (format checked)."""
-    check_checkpoint_format(state)
+def config_from_checkpoint(state: dict, path=None) -> RunConfig:
+    """The RunConfig a checkpoint was trained with (format checked); `path` names the file
+    in the errors."""
+    check_checkpoint_format(state, path)
     saved = state.get("config")
     if not isinstance(saved, dict):
-        raise UserError("this checkpoint carries no dinox configuration; was it written by dinox train?")
+        what = f"{path}" if path is not None else "this checkpoint"
+        raise UserError(f"{what} carries no dinox configuration; was it written by dinox train?")
     return RunConfig.from_flat(saved)
 
 
-def check_checkpoint_format(state: dict) -> None:
-    """UserError for a checkpoint of another program or of a newer dinox."""
+def check_checkpoint_format(state: dict, path=None) -> None:
+    """UserError for a checkpoint of another program or of a newer dinox; `path` names the
+    file in the message."""
     fmt, version = state.get("format"), state.get("format_version")
+    what = f"{path} is " if path is not None else ""
     if fmt != CHECKPOINT_FORMAT:
-        raise UserError(f"not a dinox checkpoint (format {fmt!r}); pass a checkpoint_*.pth written by dinox train")
+        raise UserError(f"{what}not a dinox checkpoint (format {fmt!r}); pass a checkpoint_*.pth written by "
+                        f"dinox train")
     if not isinstance(version, int) or version > CHECKPOINT_FORMAT_VERSION:
-        raise UserError(f"checkpoint format version {version!r} is newer than this dinox reads "
+        raise UserError(f"{path or 'the checkpoint'}: format version {version!r} is newer than this dinox reads "
                         f"({CHECKPOINT_FORMAT_VERSION}); upgrade dinox to load it")
 
 

@@ -28,7 +28,7 @@ def load_for_inference(path: str | Path, device: torch.device, which: str = "tea
     if problem:
         raise UserError(f"checkpoint {path} {problem}")
     state = store.load_checkpoint(path, map_location="cpu")
-    cfg = config_from_checkpoint(state)
+    cfg = config_from_checkpoint(state, path)
     with torch.device("cpu"):
         model = build_dino_model(cfg.model, img_size=cfg.views.img_size, drop_path=0.0)
     model.load_state_dict(state[which])

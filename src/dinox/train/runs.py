@@ -103,7 +103,7 @@ def open_resume(resume: str, out_root: Path, *, planning: bool) -> ResumeSource 
     else:
         state = load_checkpoint(path, map_location="cpu", verify=not verified, required=RESUME_KEYS,
                                 tensors=False)
-    check_checkpoint_format(state)
+    check_checkpoint_format(state, path)
     if not isinstance(state.get("config"), dict):
         raise UserError(f"{path} carries no dinox configuration; resume from a checkpoint of dinox train")
     in_place = resume == "auto" or continues_in_place(path, out_root)
