@@ -184,3 +184,29 @@ def test_result_name_rule():
     custom = result_name("probe_step5", split="val", seed=0, defaults=PROBE_DEFAULTS, manifest="/a/p/_splits/v25.json",
                          root="/a/p")
     assert custom == "probe_step5_val-v25_seed0.json"
+
+
+def test_a_split_changed_since_training_is_warned_of(checkpoint, processed_root, tmp_path, capsys):  # noqa: F811
+    """A later prep may rewrite the run's split file over new series; the evaluation says so."""
+    from dinox.eval.load import changed_split_warning
+    from dinox.run.checkpoint import load_checkpoint
+
+    provenance = load_checkpoint(checkpoint)["provenance"]
+    own = Path(provenance["data_files"][1])
+    assert len(provenance["data_file_hashes"]) == 2
+    assert changed_split_warning(provenance, processed_root, own) is None
+    assert changed_split_warning(provenance, processed_root, tmp_path / "other.json") is None
+    assert changed_split_warning({"data_files": provenance["data_files"]}, processed_root, own) is None  # older
+    original = own.read_bytes()
+    split = json.loads(original)
+    split["train"], split["val"] = split["train"][1:], split["val"] + split["train"][:1]
+    try:
+        own.write_text(json.dumps(split))
+        warning = changed_split_warning(provenance, processed_root, own)
+        assert warning and "\n" not in warning and "--split-manifest" in warning
+        args = ["eval", "retrieval", "--checkpoint", str(checkpoint), "--device", "cpu", "--n", "16",
+                "--min-ratio", "0", "--out", str(tmp_path)]
+        assert main(args) == 0
+        assert f"warning: the split manifest {own} has changed" in capsys.readouterr().out
+    finally:
+        own.write_bytes(original)

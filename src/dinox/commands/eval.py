@@ -117,6 +117,14 @@ def output_dir(out, checkpoint) -> Path:
     return folder
 
 
+def _warn_changed_split(provenance, root, manifest) -> None:
+    from dinox.eval.load import changed_split_warning
+
+    warning = changed_split_warning(provenance, root, manifest)
+    if warning:
+        print(f"warning: {warning}", flush=True)
+
+
 def result_name(stem: str, *, split: str, seed: int, defaults: dict, network: str = "teacher",
                 manifest=None, root=None, trained_root=None, trained_manifest=None, size: int | None = None,
                 trained_size: int | None = None, views: str = "train", draws: int = 1) -> str:
@@ -187,6 +195,7 @@ def run_retrieval(args) -> int:
     provenance = meta.raw.get("provenance")
     root, index_csv, manifest = run_data_paths(cfg, args.data_root, args.index_csv, args.split_manifest, provenance)
     trained_root, _, trained_manifest = own_data_paths(cfg, provenance)
+    _warn_changed_split(provenance, root, manifest)
     dataset = CTSliceDataset(root, args.split, manifest, index_csv)
     available = len(dataset)
     n = min(args.n, available)
@@ -271,6 +280,7 @@ def run_probe(args) -> int:
     if manifest is not None and not manifest.is_file():
         what = "a folder; give a split JSON file" if manifest.is_dir() else "not found; give an existing --split-manifest"
         raise UserError(f"split manifest {manifest} is {what}")
+    _warn_changed_split(provenance, root, manifest)
     result = probe.probe_backbone(
         backbone, cfg, root, split_manifest=manifest, split=args.split, seed=args.seed, device=device,
         batch_size=args.batch_size, max_slices=args.max_slices, n_boot=args.bootstrap, min_readers=args.min_readers,

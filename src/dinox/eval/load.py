@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import torch
 
 from dinox.config import config_from_checkpoint
-from dinox.data.layout import INDEX_FILE, root_of_index, same_path
+from dinox.data.layout import INDEX_FILE, default_manifest, root_of_index, same_path
 from dinox.errors import UserError
 from dinox.model.dino_model import build_dino_model
 from dinox.run import checkpoint as store
@@ -91,3 +91,23 @@ def run_data_paths(cfg, data_root=None, index_csv=None, split_manifest=None,
                             f"`dinox prep` wrote)")
         raise UserError(f"processed root {root} not found; give --data-root (the folder `dinox prep` wrote)")
     return root, index, manifest
+
+
+def changed_split_warning(provenance: dict | None, root, manifest) -> str | None:
+    """A one-line warning where an evaluation reads the split manifest its run trained with
+    and that file has changed since (a later `dinox prep` rewrites its split files over the
+    series it adds, and a patient at the boundary may change sides): the val side may then
+    hold patients the run trained on. None where it is unchanged, another file, or the
+    checkpoint predates per-file hashes."""
+    from dinox.run.provenance import data_manifest_hash
+
+    if not isinstance(provenance, dict):
+        return None
+    files, hashes = provenance.get("data_files"), provenance.get("data_file_hashes")
+    if not (isinstance(files, list) and isinstance(hashes, list) and len(files) == len(hashes) == 2):
+        return None
+    read = Path(manifest) if manifest is not None else default_manifest(root)
+    if not read.is_file() or not same_path(read, files[1]) or data_manifest_hash([read]) == hashes[1]:
+        return None
+    return (f"the split manifest {read} has changed since this run trained with it (a later `dinox prep`?): its "
+            f"val side may now hold patients the run trained on; give --split-manifest a copy of the run's split")

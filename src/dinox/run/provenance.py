@@ -128,6 +128,8 @@ def collect_provenance(data_files: Iterable[str | os.PathLike], seed: int | None
         "git_dirty": dirty,
         "data_manifest_hash": data_manifest_hash(files),
         "data_files": [str(p.resolve()) for p in files],
+        # one hash per file: an evaluation can tell that the split it reads changed since
+        "data_file_hashes": [data_manifest_hash([p]) for p in files],
         "python": platform.python_version(),
         "torch": str(torch.__version__),
         "numpy": numpy.__version__,
