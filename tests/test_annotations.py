@@ -347,6 +347,7 @@ def test_rows_of_series_from_earlier_runs_are_kept(synth_prep, tmp_path):
 @pytest.mark.parametrize("damage, said", [
     (lambda text: text[:text.rindex(",Nodule")], "line 3 has fewer fields"),      # cut short mid-row
     (lambda text: text.replace(",7,1.5,", ",x,1.5,", 1), "line 2: slice_index 'x' is not a number"),
+    (lambda text: text.replace(",5", ",nan", 1), "line 2: texture 'nan' is not a number"),   # prep writes "" for none
 ])
 def test_a_damaged_label_table_is_refused_naming_the_line(tmp_path, damage, said):
     from dinox.data.annotations import write_table

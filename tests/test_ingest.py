@@ -17,7 +17,7 @@ from pydicom.uid import (CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittl
 from dinox.cli import main
 from dinox.data import ingest
 from dinox.data.layout import INDEX_COLUMNS, split_name
-from dinox.data.splits import patient_split
+from dinox.data.splits import extend_split, patient_split
 
 
 def write_slice(path: Path, stored: np.ndarray, *, series_uid: str, patient_id: str = "P1",
@@ -327,23 +327,50 @@ def test_index_and_split_cover_series_from_earlier_runs(tmp_path):
     assert sorted(split["train"] + split["val"]) == ["1.8.1", "1.8.2"]
 
 
-
-def test_a_rerun_with_another_split_rewrites_the_earlier_splits_over_the_new_series(tmp_path):
+def test_a_rerun_with_another_split_extends_the_earlier_splits_over_the_new_series(tmp_path):
     """The default val10_seed0.json of a first prep, left as it was by a second prep with
-    --val-fraction 0.3 that added a patient, would train on part of the data without a word."""
+    --val-fraction 0.3 that added a patient, would train on part of the data without a word;
+    extended, it keeps every earlier patient on its side."""
     rng = np.random.default_rng(8)
     for p in "ABC":
         write_series(tmp_path / p, random_hu(rng, (3, 8, 8)), f"1.8.{ord(p)}", patient_id=p)
     out = tmp_path / "out"
     prep([tmp_path / "A", tmp_path / "B"], out)
     (out / "_splits" / "mine.json").write_text('{"train": ["1.8.65"], "val": []}')   # a user's own: kept
+    first = json.loads((out / "_splits" / "val10_seed0.json").read_text())
     report = prep([tmp_path / "A", tmp_path / "B", tmp_path / "C"], out, val_fraction=0.3)
     assert report["split"]["refreshed"] == ["val10_seed0.json"]
     patients = {sid: r["patient_id"] for sid, r in index_rows(out).items()}
-    for fraction in (0.1, 0.3):
-        assert json.loads((out / "_splits" / split_name(fraction, 0)).read_text()) == patient_split(
-            patients, fraction, 0)
+    assert json.loads((out / "_splits" / "val30_seed0.json").read_text()) == patient_split(patients, 0.3, 0)
+    extended = json.loads((out / "_splits" / "val10_seed0.json").read_text())
+    assert sorted(extended["train"] + extended["val"]) == sorted(patients)
+    for side in ("train", "val"):
+        assert set(first[side]) <= set(extended[side])
     assert json.loads((out / "_splits" / "mine.json").read_text()) == {"train": ["1.8.65"], "val": []}
+
+
+def test_extending_a_split_moves_no_earlier_patient():
+    """Where a fresh patient_split of a grown index moves an earlier training patient to
+    the val side (it does for some sizes), extend_split keeps it, and still fills the val
+    side from the new patients up to the fraction."""
+    moved_fresh = 0
+    for n in range(2, 40):
+        for added in (1, 3, 9):
+            for fraction in (0.1, 0.25, 0.3):
+                old = {f"s{i}": f"p{i}" for i in range(n)}
+                grown = {**old, **{f"s{i}": f"p{i}" for i in range(n, n + added)}}
+                before = patient_split(old, fraction, 0)
+                fresh = patient_split(grown, fraction, 0)
+                moved_fresh += bool(set(before["train"]) & set(fresh["val"]))
+                after = extend_split(before, grown, fraction, 0)
+                assert set(before["train"]) <= set(after["train"]) and set(before["val"]) <= set(after["val"])
+                assert sorted(after["train"] + after["val"]) == sorted(grown)
+                want = min(max(round(fraction * (n + added)), 1), n + added - 1)
+                assert len(after["val"]) == max(want, len(before["val"])), (n, added, fraction)
+                assert after["train"]
+    assert moved_fresh > 0                       # the case the extension exists for
+    assert extend_split(None, {"a": "p", "b": "q"}, 0.5, 0) == patient_split({"a": "p", "b": "q"}, 0.5, 0)
+    assert extend_split({"train": [], "val": ["a"]}, {"a": "p", "b": "q"}, 0.5, 0) == {"train": ["b"], "val": ["a"]}
 
 def test_index_columns_and_split_file(tmp_path):
     rng = np.random.default_rng(9)

@@ -563,7 +563,7 @@ def read_table(path) -> list[dict[str, str]]:
                                  f"than its header (a truncated or damaged table)")
             for column in BOX_COLUMNS + RATING_COLUMNS:
                 value = row[column].strip()
-                if column in RATING_COLUMNS and value in ("", "nan"):
+                if column in RATING_COLUMNS and value == "":
                     continue
                 try:
                     ok = math.isfinite(float(value))

@@ -30,7 +30,7 @@ from dinox.data import annotations, dicom_io, nifti_io
 from dinox.data.layout import (INDEX_FILE, REPORT_FILE, SPLITS_DIR, VOLUMES_DIR, atomic_write, atomic_write_text,
                                confined_path, read_index, split_name, write_index)
 from dinox.data.parallel import process_map
-from dinox.data.splits import patient_split
+from dinox.data.splits import extend_split
 from dinox.errors import UserError
 
 INDEX_FLUSH_S = 30.0
@@ -334,8 +334,9 @@ def prepare(inputs, output="data/processed", workers: int = 1, force: bool = Fal
                         f"again (details in {root / REPORT_FILE})")
 
     write_index(index_path, list(rows.values()))
-    split = patient_split({sid: r["patient_id"] for sid, r in rows.items()}, val_fraction, split_seed)
     split_file = Path(SPLITS_DIR) / split_name(val_fraction, split_seed)
+    split = extend_split(_previous_split(root / split_file), {sid: r["patient_id"] for sid, r in rows.items()},
+                         val_fraction, split_seed)
     atomic_write_text(root / split_file, json.dumps(split, indent=1) + "\n")
     refreshed = _refresh_other_splits(root, rows, split_file)
     patients = {sid: r["patient_id"] for sid, r in rows.items()}
@@ -386,12 +387,22 @@ def _finish_report(root: Path, report: dict, start: float) -> None:
 _SPLIT_NAME = re.compile(r"val(\d+(?:\.\d+)?)_seed(\d+)\.json")
 
 
+def _previous_split(path: Path) -> dict | None:
+    """The split an earlier prep wrote at `path`, or None (none, or not readable as one)."""
+    try:
+        previous = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return previous if isinstance(previous, dict) else None
+
+
 def _refresh_other_splits(root: Path, rows: dict, written: Path) -> list[str]:
-    """Rewrite the other split manifests an earlier prep wrote on this root (other
+    """Extend the other split manifests an earlier prep wrote on this root (other
     --val-fraction or --split-seed) over the series now indexed: left as they were, they
     would leave out the series this prep added, and a run given one of them (the default
     val10_seed0.json, say) would train and validate on part of the data without a word.
-    Returns the names of those that changed."""
+    Every patient they held keeps its side (`extend_split`). Returns the names of those
+    that changed."""
     changed = []
     patient_of = {sid: r["patient_id"] for sid, r in rows.items()}
     for path in sorted((root / SPLITS_DIR).glob("val*_seed*.json")):
@@ -401,7 +412,7 @@ def _refresh_other_splits(root: Path, rows: dict, written: Path) -> list[str]:
         fraction, seed = float(found.group(1)) / 100, int(found.group(2))
         if not 0 <= fraction < 1 or split_name(fraction, seed) != path.name:
             continue   # not a name prep writes: a user's own manifest, left alone
-        text = json.dumps(patient_split(patient_of, fraction, seed), indent=1) + "\n"
+        text = json.dumps(extend_split(_previous_split(path), patient_of, fraction, seed), indent=1) + "\n"
         try:
             if path.read_text(encoding="utf-8") == text:
                 continue

@@ -33,6 +33,39 @@ def patient_split(series_patient: dict[str, str], val_fraction: float, seed: int
     return split
 
 
+def extend_split(previous: dict | None, series_patient: dict[str, str], val_fraction: float,
+                 seed: int) -> dict[str, list[str]]:
+    """The split of `series_patient` that keeps every patient of `previous` (the split an
+    earlier prep wrote under the same name) on its side, so that a run trained on it never
+    finds its training patients on the val side of a later evaluation. Patients new to the
+    index fill the val side up to `val_fraction` of all patients, in `patient_split`'s hash
+    order (at least one patient on each side where there are two or more); series no longer
+    indexed leave. Without a usable `previous` it is `patient_split`."""
+    side_of: dict[str, str] = {}
+    if isinstance(previous, dict):
+        for side in ("train", "val"):
+            listed = previous.get(side)
+            for sid in listed if isinstance(listed, list) else []:
+                patient = series_patient.get(str(sid))
+                if patient is not None:
+                    side_of.setdefault(patient, side)  # a patient listed on both sides trains
+    if not side_of:
+        return patient_split(series_patient, val_fraction, seed)
+    patients = set(series_patient.values())
+    new = sorted(patients - side_of.keys(), key=lambda p: (_rank(seed, p), p))
+    target = round(val_fraction * len(patients))
+    if val_fraction > 0 and len(patients) >= 2:
+        target = min(max(target, 1), len(patients) - 1)
+    take = max(0, target - sum(side == "val" for side in side_of.values()))
+    if "train" not in side_of.values():
+        take = min(take, len(new) - 1)
+    side_of.update({p: "val" if k < take else "train" for k, p in enumerate(new)})
+    split = {"train": [], "val": []}
+    for sid in sorted(series_patient):
+        split[side_of[series_patient[sid]]].append(sid)
+    return split
+
+
 def split_overlap(split: dict) -> list[str]:
     """Series ids listed in both "train" and "val" of a split manifest, sorted (validation
     on them would score what the model trained on)."""

@@ -893,8 +893,7 @@ def apply_weights(src: Imported, backbone: VisionTransformer) -> ImportReport:
     """Load ``src`` into ``backbone`` after checking shapes; nothing is loaded on an error."""
     target = backbone.arch
     check_arch(src, target)
-    if src.in_chans != backbone.in_chans:
-        raise UserError(f"{src.path} embeds {src.in_chans}-channel images, the backbone takes {backbone.in_chans}")
+    check_channels(src, backbone.in_chans)
     state = dict(src.state)
     has_ls = any(k.endswith(".ls1.gamma") for k in state)
     if has_ls and target.layerscale_init is None:
@@ -937,12 +936,19 @@ def load_pretrained(path: str | os.PathLike, backbone: VisionTransformer) -> Imp
     return apply_weights(src, backbone)
 
 
-def check_init_source(path: str | os.PathLike, arch: ViTArch) -> Imported:
-    """What ``--init-from`` would load, read and checked against ``arch`` without building a
-    backbone (a dry run plans for a machine that may not hold one): UserError for a file
-    that is missing, of an unknown kind, or of another shape."""
+def check_channels(src: Imported, in_chans: int) -> None:
+    if src.in_chans != in_chans:
+        raise UserError(f"{src.path} embeds {src.in_chans}-channel images, the backbone takes {in_chans}")
+
+
+def check_init_source(path: str | os.PathLike, arch: ViTArch, in_chans: int = 3) -> Imported:
+    """What ``--init-from`` would load, read and checked against ``arch`` and the input's
+    channels (the trainer's 2.5D stacks: 3) without building a backbone (a dry run plans for
+    a machine that may not hold one): UserError for a file that is missing, of an unknown
+    kind, or of another shape."""
     src = read_weights(path, heads=arch.num_heads, prefer_mlp=arch.mlp_dim)
     check_arch(src, arch)
+    check_channels(src, in_chans)
     return src
 
 
