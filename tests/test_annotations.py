@@ -344,6 +344,22 @@ def test_rows_of_series_from_earlier_runs_are_kept(synth_prep, tmp_path):
     assert [r for r in rows if r["patient_id"] != "SYNTH3-0000"] == before
 
 
+def test_a_damaged_row_of_an_earlier_table_is_left_out_the_rest_kept(synth_prep, tmp_path):
+    base, _, _ = synth_prep
+    root = tmp_path / "processed"
+    shutil.copytree(base / "processed", root)
+    before = read_table(root / NODULES_TABLE)
+    lines = (root / NODULES_TABLE).read_text().splitlines(keepends=True)
+    lines[1] = lines[1][:lines[1].index(",")] + ",cut short\n"            # the first row, damaged
+    (root / NODULES_TABLE).write_text("".join(lines))
+    generate_dataset(tmp_path / "more", patients=1, slices=8, size=64, seed=3)
+    report = ingest.prepare([tmp_path / "more"], root, workers=1, progress=False)
+    problems = [p for p in report["annotations"]["problems"] if "earlier table: line 2" in str(p)]
+    assert len(problems) == 1
+    kept = [r for r in read_table(root / NODULES_TABLE) if r["patient_id"] != "SYNTH3-0000"]
+    assert kept == before[1:]
+
+
 @pytest.mark.parametrize("damage, said", [
     (lambda text: text[:text.rindex(",Nodule")], "line 3 has fewer fields"),      # cut short mid-row
     (lambda text: text.replace(",7,1.5,", ",x,1.5,", 1), "line 2: slice_index 'x' is not a number"),

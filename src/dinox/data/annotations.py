@@ -547,10 +547,11 @@ BOX_COLUMNS = ("slice_index", "row0", "col0", "row1", "col1")   # whole numbers 
 RATING_COLUMNS = tuple(CHARACTERISTICS.values())                 # numbers where given
 
 
-def read_table(path) -> list[dict[str, str]]:
+def read_table(path, damaged: list[str] | None = None) -> list[dict[str, str]]:
     """The rows of a nodule table, checked: every row has the header's fields and numbers
-    where the readers of the table compute with them. Raises ValueError naming the line of a
-    truncated or damaged row."""
+    where the readers of the table compute with them. A truncated or damaged row raises
+    ValueError naming its line, or, where a `damaged` list is given, is left out and
+    described there (prep keeps the good rows of an earlier table)."""
     with open(path, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
         missing = [c for c in NODULE_COLUMNS if c not in (reader.fieldnames or [])]
@@ -558,22 +559,31 @@ def read_table(path) -> list[dict[str, str]]:
             raise ValueError(f"{path} lacks columns {', '.join(missing)}")
         rows = []
         for row in reader:
-            if None in row or None in row.values():
-                raise ValueError(f"line {reader.line_num} has {'more' if None in row else 'fewer'} fields "
-                                 f"than its header (a truncated or damaged table)")
-            for column in BOX_COLUMNS + RATING_COLUMNS:
-                value = row[column].strip()
-                if column in RATING_COLUMNS and value == "":
-                    continue
-                try:
-                    ok = math.isfinite(float(value))
-                except ValueError:
-                    ok = False
-                if not ok:
-                    raise ValueError(f"line {reader.line_num}: {column} {row[column]!r} is not a number "
-                                     f"(a damaged table)")
-            rows.append(row)
+            problem = _row_problem(row)
+            if problem is None:
+                rows.append(row)
+            elif damaged is None:
+                raise ValueError(f"line {reader.line_num}{problem}")
+            else:
+                damaged.append(f"line {reader.line_num}{problem}")
         return rows
+
+
+def _row_problem(row: dict) -> str | None:
+    """Why a row of a nodule table cannot be used (phrased to follow "line N"), or None."""
+    if None in row or None in row.values():
+        return f" has {'more' if None in row else 'fewer'} fields than its header (a truncated or damaged table)"
+    for column in BOX_COLUMNS + RATING_COLUMNS:
+        value = row[column].strip()
+        if column in RATING_COLUMNS and value == "":
+            continue
+        try:
+            ok = math.isfinite(float(value))
+        except ValueError:
+            ok = False
+        if not ok:
+            return f": {column} {row[column]!r} is not a number (a damaged table)"
+    return None
 
 
 # --- prep: find, parse and tie annotation files to prepared series -------------------------------
@@ -763,10 +773,14 @@ def _write(root: Path, out: _Collector, seen: set[str], index_rows: dict, files_
     path = root / NODULES_TABLE
     rows = out.rows
     if path.is_file():
+        damaged: list[str] = []
         try:
-            rows = rows + [r for r in read_table(path) if r["series_id"] in index_rows and r["series_id"] not in seen]
+            rows = rows + [r for r in read_table(path, damaged)
+                           if r["series_id"] in index_rows and r["series_id"] not in seen]
         except (OSError, ValueError) as exc:
             out.problem(str(path), f"earlier table unreadable, rewritten ({exc})")
+        for what in damaged:
+            out.problem(str(path), f"earlier table: {what}; the row was left out")
     if rows or candidates or path.is_file():
         write_table(path, rows)
     used = {os.path.realpath(p) for p in out.used}
