@@ -451,3 +451,17 @@ def test_hand_features_against_a_hand_computed_cell():
     assert f[0, 2, 4] == 0.0 and f[0, 2, 0] == 0.0      # an empty cell
     kernel = probe._blob_kernel(probe.BLOB_SIGMA)
     assert kernel.sum().item() == pytest.approx(0.0, abs=1e-5) and kernel[0, 0, 3, 3] > 0   # zero-sum, positive centre
+
+
+def test_a_table_without_rows_says_so(tmp_path):
+    """A header-only label table (prep found annotation files but no nodule marks in them)."""
+    from dinox.data.annotations import NODULES_TABLE, write_table
+    from dinox.errors import UserError
+    from dinox.eval import probe
+
+    path = tmp_path / NODULES_TABLE
+    path.parent.mkdir(parents=True)
+    write_table(path, [])
+    labels = probe.load_labels(tmp_path)
+    with pytest.raises(UserError, match="holds no annotated series"):
+        probe.choose_split(labels, {"1.2.3": "P1"})

@@ -291,6 +291,10 @@ def choose_split(labels: ProbeLabels, index_patient: dict[str, str], *, mode: st
     if not 0.0 < test_fraction < 1.0:
         raise UserError(f"--test-fraction {test_fraction}: give a fraction between 0 and 1")
     patient_of = {s: index_patient[s] for s in labels.series if s in index_patient}
+    if not labels.series:
+        raise UserError("the label table holds no annotated series (no reader marked a nodule); the probe needs "
+                        "CT series with LIDC XML annotations beside them (or `dinox synth` output) run through "
+                        "`dinox prep`")
     if not patient_of:
         raise UserError("no annotated series of the label table is in the index; re-run `dinox prep`")
     notes = []
