@@ -117,14 +117,6 @@ def output_dir(out, checkpoint) -> Path:
     return folder
 
 
-def _warn_changed_split(provenance, root, manifest) -> None:
-    from dinox.eval.load import changed_split_warning
-
-    warning = changed_split_warning(provenance, root, manifest)
-    if warning:
-        print(f"warning: {warning}", flush=True)
-
-
 def result_name(stem: str, *, split: str, seed: int, defaults: dict, network: str = "teacher",
                 manifest=None, root=None, trained_root=None, trained_manifest=None, size: int | None = None,
                 trained_size: int | None = None, views: str = "train", draws: int = 1) -> str:
@@ -180,7 +172,7 @@ def run_retrieval(args) -> int:
     import torch
 
     from dinox.data.dataset import CTSliceDataset
-    from dinox.eval.load import load_for_inference, own_data_paths, run_data_paths
+    from dinox.eval.load import load_for_inference, own_data_paths, run_data_paths, warn_if_split_changed
     from dinox.eval.runner import evaluate_draws
     from dinox.run.device import detect_device
 
@@ -195,7 +187,7 @@ def run_retrieval(args) -> int:
     provenance = meta.raw.get("provenance")
     root, index_csv, manifest = run_data_paths(cfg, args.data_root, args.index_csv, args.split_manifest, provenance)
     trained_root, _, trained_manifest = own_data_paths(cfg, provenance)
-    _warn_changed_split(provenance, root, manifest)
+    warn_if_split_changed(provenance, root, manifest)
     dataset = CTSliceDataset(root, args.split, manifest, index_csv)
     available = len(dataset)
     n = min(args.n, available)
@@ -257,7 +249,7 @@ def run_probe(args) -> int:
     import torch
 
     from dinox.eval import probe
-    from dinox.eval.load import load_for_inference, own_data_paths, run_data_paths
+    from dinox.eval.load import load_for_inference, own_data_paths, run_data_paths, warn_if_split_changed
     from dinox.run.device import detect_device
 
     for flag, value, low in (("--batch-size", args.batch_size, 1), ("--max-slices", args.max_slices, 2),
@@ -280,7 +272,7 @@ def run_probe(args) -> int:
     if manifest is not None and not manifest.is_file():
         what = "a folder; give a split JSON file" if manifest.is_dir() else "not found; give an existing --split-manifest"
         raise UserError(f"split manifest {manifest} is {what}")
-    _warn_changed_split(provenance, root, manifest)
+    warn_if_split_changed(provenance, root, manifest)
     result = probe.probe_backbone(
         backbone, cfg, root, split_manifest=manifest, split=args.split, seed=args.seed, device=device,
         batch_size=args.batch_size, max_slices=args.max_slices, n_boot=args.bootstrap, min_readers=args.min_readers,

@@ -27,7 +27,7 @@ def run(args) -> int:
     from dinox.data.dataset import CTSliceDataset
     from dinox.run.device import detect_device
     from dinox.observe.monitor_hook import run_monitor
-    from dinox.eval.load import changed_split_warning, load_for_inference, run_data_paths
+    from dinox.eval.load import load_for_inference, run_data_paths, warn_if_split_changed
 
     info, notes = detect_device(args.device)
     for note in notes:
@@ -36,9 +36,7 @@ def run(args) -> int:
     backbone, cfg, meta = load_for_inference(args.checkpoint, device, which=args.network)
     provenance = meta.raw.get("provenance")
     root, index_csv, manifest = run_data_paths(cfg, args.data_root, args.index_csv, args.split_manifest, provenance)
-    warning = changed_split_warning(provenance, root, manifest)
-    if warning:
-        print(f"warning: {warning}", flush=True)
+    warn_if_split_changed(provenance, root, manifest)
     dataset = CTSliceDataset(root, args.split, manifest, index_csv)
     run_dir = Path(args.out) if args.out else Path(args.checkpoint).parent
     out_dir = run_monitor(backbone, dataset, run_dir, meta.step, device, augment_cfg=cfg.views.to_augment(),

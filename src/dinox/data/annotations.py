@@ -489,6 +489,9 @@ def _agreed_box(group: list[dict], min_readers: int) -> tuple[int, int, int, int
     return r0 + int(rows.min()), c0 + int(cols.min()), r0 + int(rows.max()), c0 + int(cols.max())
 
 
+BOX_COLUMNS = ("slice_index", "row0", "col0", "row1", "col1")   # whole numbers in every row
+
+
 def consensus(rows, min_readers: int = 2, kinds=("nodule",), sources=("lidc-xml",)) -> list[dict]:
     """Per-slice nodule regions that at least `min_readers` different readers marked.
 
@@ -509,7 +512,7 @@ def consensus(rows, min_readers: int = 2, kinds=("nodule",), sources=("lidc-xml"
     by_slice: dict[tuple[str, int], list[dict]] = defaultdict(list)
     for r in rows:
         if r["kind"] in kinds and r["source"] in sources:
-            m = {k: _as_int(r[k]) for k in ("slice_index", "row0", "col0", "row1", "col1")}
+            m = {k: _as_int(r[k]) for k in BOX_COLUMNS}
             m.update(reader=str(r["reader"]), nodule_id=str(r["nodule_id"]))
             by_slice[(str(r["series_id"]), m["slice_index"])].append(m)
     out = []
@@ -543,7 +546,6 @@ def write_table(path: Path, rows: list[dict]) -> None:
     atomic_write_text(path, buf.getvalue())
 
 
-BOX_COLUMNS = ("slice_index", "row0", "col0", "row1", "col1")   # whole numbers in every row
 RATING_COLUMNS = tuple(CHARACTERISTICS.values())                 # numbers where given
 
 

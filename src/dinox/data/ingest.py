@@ -334,12 +334,11 @@ def prepare(inputs, output="data/processed", workers: int = 1, force: bool = Fal
                         f"again (details in {root / REPORT_FILE})")
 
     write_index(index_path, list(rows.values()))
-    split_file = Path(SPLITS_DIR) / split_name(val_fraction, split_seed)
-    split = extend_split(_previous_split(root / split_file), {sid: r["patient_id"] for sid, r in rows.items()},
-                         val_fraction, split_seed)
-    atomic_write_text(root / split_file, json.dumps(split, indent=1) + "\n")
-    refreshed = _refresh_other_splits(root, rows, split_file)
     patients = {sid: r["patient_id"] for sid, r in rows.items()}
+    split_file = Path(SPLITS_DIR) / split_name(val_fraction, split_seed)
+    split = extend_split(_previous_split(root / split_file), patients, val_fraction, split_seed)
+    atomic_write_text(root / split_file, json.dumps(split, indent=1) + "\n")
+    refreshed = _refresh_other_splits(root, patients, split_file)
     report["index"] = {"file": INDEX_FILE, "series": len(rows), "patients": len(set(patients.values()))}
     report["split"] = {"file": split_file.as_posix(), "val_fraction": val_fraction, "seed": split_seed,
                        "train_series": len(split["train"]), "val_series": len(split["val"]),
@@ -396,7 +395,7 @@ def _previous_split(path: Path) -> dict | None:
     return previous if isinstance(previous, dict) else None
 
 
-def _refresh_other_splits(root: Path, rows: dict, written: Path) -> list[str]:
+def _refresh_other_splits(root: Path, patient_of: dict[str, str], written: Path) -> list[str]:
     """Extend the other split manifests an earlier prep wrote on this root (other
     --val-fraction or --split-seed) over the series now indexed: left as they were, they
     would leave out the series this prep added, and a run given one of them (the default
@@ -404,7 +403,6 @@ def _refresh_other_splits(root: Path, rows: dict, written: Path) -> list[str]:
     Every patient they held keeps its side (`extend_split`). Returns the names of those
     that changed."""
     changed = []
-    patient_of = {sid: r["patient_id"] for sid, r in rows.items()}
     for path in sorted((root / SPLITS_DIR).glob("val*_seed*.json")):
         found = _SPLIT_NAME.fullmatch(path.name)
         if path.name == written.name or not found:
@@ -412,13 +410,11 @@ def _refresh_other_splits(root: Path, rows: dict, written: Path) -> list[str]:
         fraction, seed = float(found.group(1)) / 100, int(found.group(2))
         if not 0 <= fraction < 1 or split_name(fraction, seed) != path.name:
             continue   # not a name prep writes: a user's own manifest, left alone
-        text = json.dumps(extend_split(_previous_split(path), patient_of, fraction, seed), indent=1) + "\n"
-        try:
-            if path.read_text(encoding="utf-8") == text:
-                continue
-        except (OSError, UnicodeDecodeError):
-            pass
-        atomic_write_text(path, text)
+        previous = _previous_split(path)
+        split = extend_split(previous, patient_of, fraction, seed)
+        if split == previous:
+            continue
+        atomic_write_text(path, json.dumps(split, indent=1) + "\n")
         changed.append(path.name)
     return changed
 
@@ -438,8 +434,8 @@ def format_summary(report: dict) -> str:
                      f"split {s['file']}: {s['train_series']} train / {s['val_series']} val series "
                      f"({s['train_patients']} / {s['val_patients']} patients)")
         if s.get("refreshed"):
-            lines.append(f"  also rewritten over the same series: {', '.join(s['refreshed'])} "
-                         f"(split manifests of earlier preps)")
+            lines.append(f"  also extended to the new series: {', '.join(s['refreshed'])} "
+                         f"(split manifests of earlier preps; their patients keep their sides)")
         if s["val_series"] == 0 and s["val_fraction"] > 0:
             lines.append("  note: the validation split is empty (one patient only); add patients "
                          "before running the label-free evaluation")

@@ -15,6 +15,15 @@ def _rank(seed: int, patient_id: str) -> str:
     return hashlib.sha256(f"{seed}:{patient_id}".encode()).hexdigest()
 
 
+def _val_count(n_patients: int, val_fraction: float) -> int:
+    """round(f * n) patients for validation; at least one, and at least one left for
+    training, when f > 0 and there are two or more patients."""
+    n_val = round(val_fraction * n_patients)
+    if val_fraction > 0 and n_patients >= 2:
+        n_val = min(max(n_val, 1), n_patients - 1)
+    return n_val
+
+
 def patient_split(series_patient: dict[str, str], val_fraction: float, seed: int) -> dict[str, list[str]]:
     """{"train": [...], "val": [...]} series ids; all series of a patient land on one side.
 
@@ -23,10 +32,7 @@ def patient_split(series_patient: dict[str, str], val_fraction: float, seed: int
     two or more patients). The assignment of a patient does not depend on the order of the
     input, and adding patients moves few others."""
     patients = sorted(set(series_patient.values()), key=lambda p: (_rank(seed, p), p))
-    n_val = round(val_fraction * len(patients))
-    if val_fraction > 0 and len(patients) >= 2:
-        n_val = min(max(n_val, 1), len(patients) - 1)
-    val_patients = set(patients[:n_val])
+    val_patients = set(patients[:_val_count(len(patients), val_fraction)])
     split = {"train": [], "val": []}
     for sid in sorted(series_patient):
         split["val" if series_patient[sid] in val_patients else "train"].append(sid)
@@ -53,10 +59,7 @@ def extend_split(previous: dict | None, series_patient: dict[str, str], val_frac
         return patient_split(series_patient, val_fraction, seed)
     patients = set(series_patient.values())
     new = sorted(patients - side_of.keys(), key=lambda p: (_rank(seed, p), p))
-    target = round(val_fraction * len(patients))
-    if val_fraction > 0 and len(patients) >= 2:
-        target = min(max(target, 1), len(patients) - 1)
-    take = max(0, target - sum(side == "val" for side in side_of.values()))
+    take = max(0, _val_count(len(patients), val_fraction) - sum(side == "val" for side in side_of.values()))
     if "train" not in side_of.values():
         take = min(take, len(new) - 1)
     side_of.update({p: "val" if k < take else "train" for k, p in enumerate(new)})

@@ -95,9 +95,9 @@ def run_data_paths(cfg, data_root=None, index_csv=None, split_manifest=None,
 
 def changed_split_warning(provenance: dict | None, root, manifest) -> str | None:
     """A one-line warning where an evaluation reads the split manifest its run trained with
-    and that file has changed since (a later `dinox prep` rewrites its split files over the
-    series it adds, and a patient at the boundary may change sides): the val side may then
-    hold patients the run trained on. None where it is unchanged, another file, or the
+    and that file has changed since (edited by hand, or redrawn by a prep older than
+    `extend_split`, which could move a patient at the boundary): the val side may then hold
+    patients the run trained on. None where it is unchanged, another file, or the
     checkpoint predates per-file hashes."""
     from dinox.run.provenance import data_manifest_hash
 
@@ -111,3 +111,10 @@ def changed_split_warning(provenance: dict | None, root, manifest) -> str | None
         return None
     return (f"the split manifest {read} has changed since this run trained with it (a later `dinox prep`?): its "
             f"val side may now hold patients the run trained on; give --split-manifest a copy of the run's split")
+
+
+def warn_if_split_changed(provenance: dict | None, root, manifest) -> None:
+    """Print `changed_split_warning`'s warning, if any (eval retrieval, eval probe, monitor)."""
+    warning = changed_split_warning(provenance, root, manifest)
+    if warning:
+        print(f"warning: {warning}", flush=True)
