@@ -109,7 +109,7 @@ def changed_split_warning(provenance: dict | None, root, manifest) -> str | None
     read = Path(manifest) if manifest is not None else default_manifest(root)
     if not read.is_file() or not same_path(read, files[1]) or data_manifest_hash([read]) == hashes[1]:
         return None
-    return (f"the split manifest {read} has changed since this run trained with it (a later `dinox prep`?): its "
+    return (f"the split manifest {read} has changed since this run trained with it (edited, or redrawn by an older prep?): its "
             f"val side may now hold patients the run trained on; give --split-manifest a copy of the run's split")
 
 
