@@ -109,8 +109,9 @@ def changed_split_warning(provenance: dict | None, root, manifest) -> str | None
     read = Path(manifest) if manifest is not None else default_manifest(root)
     if not read.is_file() or not same_path(read, files[1]) or data_manifest_hash([read]) == hashes[1]:
         return None
-    return (f"the split manifest {read} has changed since this run trained with it (edited, or redrawn by an older prep?): its "
-            f"val side may now hold patients the run trained on; give --split-manifest a copy of the run's split")
+    return (f"the split manifest {read} has changed since this run trained with it (edited, or redrawn by an "
+            f"older prep?): its val side may now hold patients the run trained on; give --split-manifest a copy "
+            f"of the run's split")
 
 
 def warn_if_split_changed(provenance: dict | None, root, manifest) -> None:
