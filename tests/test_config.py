@@ -238,3 +238,13 @@ def test_warmups_follow_the_official_linspace():
     assert warmup_cosine(20, 1e-3, 1e-6, 20, 100) == 1e-3  # the cosine starts at the peak
     temps = [linear_warmup(t, 0.04, 0.07, 30) for t in range(30)]
     assert np.allclose(temps, np.linspace(0.04, 0.07, 30)) and linear_warmup(30, 0.04, 0.07, 30) == 0.07
+
+
+def test_flags_made_inert_by_the_run_are_named():
+    """A local-crop or iBOT-mask flag given while that part is off changes nothing; the run
+    says so instead of looking tuned. With the part on, no notice."""
+    off = tiny(local_crops=0, dino_local_weight=0.5, local_size=16, ibot_weight=0.0, ibot_mask_probability=1.0)
+    assert "--dino-local-weight, --local-size have no effect: --local-crops is 0" in off.notices
+    assert "--ibot-mask-probability has no effect: --ibot-weight is 0" in off.notices
+    on = tiny(dino_local_weight=0.5, ibot_mask_probability=1.0)
+    assert not any("no effect" in n for n in on.notices)

@@ -498,8 +498,27 @@ def resolve(
                 f"from the checkpoint's {saved.get('max_steps')}: the learning-rate, weight-decay and momentum "
                 "schedules are recomputed for the new length from the resumed step on")
     notices += _teacher_fit_notice(cfg)
+    notices += _inert_flags(cfg, given)
     validate(cfg)
     return Resolved(cfg, notices, changes, preset_lines)
+
+
+# Flags that act only through a part of the objective or of the views: given while that
+# part is off, they change nothing, and the run should say so rather than look tuned.
+_NEEDS_LOCAL_CROPS = ("dino_local_weight", "local_size", "local_scale_min", "local_scale_max")
+_NEEDS_IBOT = ("ibot_mask_ratio_min", "ibot_mask_ratio_max", "ibot_mask_probability")
+
+
+def _inert_flags(cfg: RunConfig, given: dict) -> list[str]:
+    """A notice for each flag given that this run's settings make ineffective."""
+    notices = []
+    for names, off, why in ((_NEEDS_LOCAL_CROPS, cfg.views.local_crops == 0, "--local-crops is 0"),
+                            (_NEEDS_IBOT, cfg.ssl.ibot_weight == 0, "--ibot-weight is 0")):
+        inert = [n for n in names if n in given] if off else []
+        if inert:
+            flags = ", ".join("--" + n.replace("_", "-") for n in inert)
+            notices.append(f"{flags} {'has' if len(inert) == 1 else 'have'} no effect: {why}")
+    return notices
 
 
 def _check_shape(saved: dict, requested: dict) -> None:
