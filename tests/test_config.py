@@ -248,3 +248,18 @@ def test_flags_made_inert_by_the_run_are_named():
     assert "--ibot-mask-probability has no effect: --ibot-weight is 0" in off.notices
     on = tiny(dino_local_weight=0.5, ibot_mask_probability=1.0)
     assert not any("no effect" in n for n in on.notices)
+
+
+def test_resume_on_the_same_hardware_keeps_the_runs_own_batch():
+    """A batch size the run chose by flag survives a resume on the same hardware preset that
+    does not repeat the flag; on other hardware the new preset applies; a flag given wins."""
+    saved = tiny(batch_size=4, num_workers=1).cfg.to_flat()
+    same = resolve({}, hardware_preset="cpu", device_kind="cpu", saved=saved)
+    assert (same.cfg.optim.batch_size, same.cfg.runtime.num_workers) == (4, 1)
+    assert same.cfg.runtime.custom_values == ["batch_size", "num_workers"]
+    assert not any("batch_size" in c for c in same.changes)
+    assert any("the run's own batch_size=4, num_workers=1 kept" in n for n in same.notices)
+    given = resolve({"batch_size": 8}, hardware_preset="cpu", device_kind="cpu", saved=saved).cfg
+    assert (given.optim.batch_size, given.runtime.num_workers) == (8, 1)
+    moved = resolve({}, hardware_preset="h100", device_kind="cuda", saved=saved).cfg
+    assert moved.optim.batch_size == 128 and moved.runtime.custom_values == []

@@ -454,11 +454,16 @@ def resolve(
         values.update({k: v for k, v in given.items() if k in SHAPE_FIELDS})
     else:
         values.update(_arch_values(preset, given))
-    hardware, preset_lines = apply_hardware_preset({k: given.get(k) for k in PRESET_KEYS}, hardware_preset)
+    kept = _kept_custom_values(saved, hardware_preset, given)
+    hardware, preset_lines = apply_hardware_preset({k: given.get(k, kept.get(k)) for k in PRESET_KEYS},
+                                                   hardware_preset)
     values.update(hardware)
     values.update(config=preset, hardware_preset=hardware_preset,
-                  custom_values=sorted(k for k in given if k in PRESET_KEYS))
+                  custom_values=sorted(k for k in {**kept, **given} if k in PRESET_KEYS))
     notices: list[str] = []
+    if kept:
+        notices.append("resumed on the same hardware preset: the run's own " + ", ".join(
+            f"{k}={v}" for k, v in kept.items()) + " kept (give the flag to change it)")
     changes: list[str] = []
     if saved is not None:
         # The recipe's part of the model's shape is the checkpoint's on resume: the prototypes
@@ -519,6 +524,16 @@ def _inert_flags(cfg: RunConfig, given: dict) -> list[str]:
             flags = ", ".join("--" + n.replace("_", "-") for n in inert)
             notices.append(f"{flags} {'has' if len(inert) == 1 else 'have'} no effect: {why}")
     return notices
+
+
+def _kept_custom_values(saved: dict | None, hardware_preset: str, given: dict) -> dict:
+    """The hardware-preset values a resumed run had chosen by flag (a custom batch size, say),
+    kept when it resumes on the same preset without repeating the flag. On other hardware the
+    new preset applies (the seeds' cross-hardware resume), and a flag given always wins."""
+    if saved is None or saved.get("hardware_preset") != hardware_preset:
+        return {}
+    return {k: saved[k] for k in saved.get("custom_values") or () if k in PRESET_KEYS and k in saved
+            and k not in given}
 
 
 def _check_shape(saved: dict, requested: dict) -> None:
