@@ -226,12 +226,6 @@ def run(args: argparse.Namespace) -> int:
     if source is not None and cfg.optim.max_steps is not None and source.step > cfg.optim.max_steps:
         raise UserError(f"{source.path} is at step {source.step}, past --max-steps {cfg.optim.max_steps}: nothing "
                         f"to train; give a --max-steps above {source.step} to train on")
-    if source is not None and source.step == cfg.optim.max_steps and not args.dry_run:
-        # A finished run relaunched as it was (a requeued job with --resume auto): rewriting
-        # its checkpoints would change files whose hashes others may have recorded.
-        print(f"{source.path} is at step {source.step} = --max-steps: the run is finished, nothing to train "
-              f"(give a --max-steps above {source.step} to train on)", flush=True)
-        return 0
     if args.resume == "auto" and source is None and not args.dry_run:
         resolved.notices.append(f"--resume auto: no checkpoint under {out_root}; starting a new run")
 
