@@ -519,10 +519,9 @@ def _inert_flags(cfg: RunConfig, given: dict) -> list[str]:
     notices = []
     for names, off, why in ((_NEEDS_LOCAL_CROPS, cfg.views.local_crops == 0, "--local-crops is 0"),
                             (_NEEDS_IBOT, cfg.ssl.ibot_weight == 0, "--ibot-weight is 0")):
-        inert = [n for n in names if n in given] if off else []
-        if inert:
-            flags = ", ".join("--" + n.replace("_", "-") for n in inert)
-            notices.append(f"{flags} {'has' if len(inert) == 1 else 'have'} no effect: {why}")
+        inert = [n for n in names if n in given]
+        if off and inert:
+            notices.append(f"{', '.join(map(_flag, inert))} {'has' if len(inert) == 1 else 'have'} no effect: {why}")
     return notices
 
 
