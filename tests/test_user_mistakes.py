@@ -157,6 +157,19 @@ def test_a_folder_or_an_export_given_as_checkpoint_says_what_it_is(one_step_chec
     assert "NOT A CHECKPOINT (is a weights file" in out and "MISSING (no such file)" in out and "DAMAGED" not in out
 
 
+def test_relaunching_a_finished_run_leaves_it_untouched(one_step_checkpoint, processed_root, capsys):  # noqa: F811
+    """A requeued job (`--resume auto` with the run's own --max-steps) finds its run finished:
+    exit 0, nothing rewritten (others may have recorded the checkpoints' hashes)."""
+    run = one_step_checkpoint.parent
+    before = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in run.iterdir() if p.is_file()}
+    capsys.readouterr()
+    assert main(train_args(processed_root, run.parent, "--batch-size", "4", "--num-workers", "0",
+                           "--max-steps", "2", "--resume", "auto")) == 0
+    assert "the run is finished, nothing to train or rewrite" in capsys.readouterr().out
+    assert {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in run.iterdir() if p.is_file()} == before
+    assert [p.name for p in run.parent.iterdir()] == [run.name]
+
+
 def test_resume_past_max_steps_or_with_another_init_is_refused(one_step_checkpoint, processed_root, tmp_path,
                                                                 capsys):  # noqa: F811
     base = train_args(processed_root, tmp_path / "runs", "--batch-size", "4", "--num-workers", "0",

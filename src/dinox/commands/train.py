@@ -251,6 +251,17 @@ def run(args: argparse.Namespace) -> int:
     dist.init(torch.device(info.torch_device).type)
     try:
         run_dir, lock, created = prepare_run_dir(dist, out_root, source)
+        if _is_finished(source, cfg):
+            # A finished run relaunched as it was (a requeued job with --resume auto): saving
+            # its checkpoints again would give files whose hashes others may have recorded
+            # other bytes. Checked under the run's lock, so a run still writing is not "finished".
+            if lock is not None:
+                lock.release()
+            if dist.is_main:
+                print(f"{source.path} is the final checkpoint of step {source.step} = --max-steps: the run is "
+                      f"finished, nothing to train or rewrite (give a --max-steps above {source.step} to train "
+                      f"on; `dinox eval` scores it)", flush=True)
+            return 0
         try:
             return _train(cfg, info, preset_name, resolved, plan, dist, run_dir, source, device_notes,
                           space_warning)
@@ -265,6 +276,17 @@ def run(args: argparse.Namespace) -> int:
     finally:
         dist.shutdown()
         close_file_logging()
+
+
+def _is_finished(source: ResumeSource | None, cfg: RunConfig) -> bool:
+    """Whether the launch continues its own run's final single-file checkpoint at its
+    --max-steps. A sharded final checkpoint is not: a single-process launch converts it to
+    one file."""
+    from dinox.run.checkpoint import parse_checkpoint_name
+
+    return (source is not None and source.in_place and source.path.is_file()
+            and cfg.optim.max_steps is not None
+            and parse_checkpoint_name(source.path) == (cfg.optim.max_steps, "final"))
 
 
 def _train(cfg, info, preset_name, resolved, plan, dist, run_dir: Path, source: ResumeSource | None,
