@@ -117,6 +117,16 @@ def test_resume_keeps_the_checkpoints_shape():
         resolve({"config": "vit-tiny"}, hardware_preset="cpu", saved=saved)
 
 
+def test_prototype_norm_is_part_of_the_shape_and_older_checkpoints_are_fixed():
+    free = tiny(prototype_norm="free").cfg
+    assert free.model.prototype_norm == "free"
+    assert resolve({}, hardware_preset="cpu", saved=free.to_flat()).cfg.model.prototype_norm == "free"
+    with pytest.raises(UserError, match="prototype_norm: checkpoint 'free', requested 'learned'"):
+        resolve({"prototype_norm": "learned"}, hardware_preset="cpu", saved=free.to_flat())
+    older = {k: v for k, v in tiny().cfg.to_flat().items() if k != "prototype_norm"}  # before the flag existed
+    assert resolve({}, hardware_preset="cpu", saved=older).cfg.model.prototype_norm == "fixed"
+
+
 def test_resume_announces_a_new_run_length():
     saved = tiny(max_steps=100).cfg.to_flat()
     resumed = resolve({"max_steps": 200}, hardware_preset="cpu", saved=saved)

@@ -321,6 +321,54 @@ def test_head_weight_norm_magnitude_fixed():
     assert all(p.grad is not None for p in head.mlp.parameters())
 
 
+def test_head_prototype_norms_learned_and_free():
+    """learned (DINOv2): weight norm with g trained from 1, so the prototype norms move;
+    free (DINOv3): a plain Linear initialised like the MLP. Both logits equal h @ W.T."""
+    torch.manual_seed(0)
+    x = torch.randn(6, 8, dtype=torch.float64)
+    for mode in ("learned", "free"):
+        head = DINOHead(8, 20, hidden_dim=16, bottleneck_dim=4, prototype_norm=mode).double()
+        if mode == "learned":
+            g = head.last_layer.parametrizations.weight.original0
+            assert g.requires_grad and torch.all(g == 1)
+        else:
+            assert list(dict(head.last_layer.named_parameters())) == ["weight"]
+            assert 0.005 < head.last_layer.weight.std().item() < 0.03  # trunc_normal(0.02)
+        h = torch.nn.functional.normalize(head.mlp(x), dim=-1)
+        torch.testing.assert_close(head(x), h @ head.last_layer.weight.T)
+        before = head.last_layer.weight.norm(dim=1).detach().clone()
+        opt = torch.optim.SGD([p for p in head.parameters() if p.requires_grad], lr=0.5)
+        for _ in range(3):
+            opt.zero_grad()
+            (-head(x).max(dim=1).values.sum()).backward()  # wants longer prototypes
+            opt.step()
+        assert torch.all(head.last_layer.weight.norm(dim=1) >= before - 1e-12)
+        assert (head.last_layer.weight.norm(dim=1) - before).max() > 1e-3
+        head(x).sum().backward()
+        head.cancel_last_layer_grads()
+        assert all(p.grad is None for p in head.last_layer.parameters())
+    with pytest.raises(ValueError, match="prototype_norm"):
+        DINOHead(8, 20, prototype_norm="cosine")
+
+
+def test_exported_head_metadata_rebuilds_each_prototype_layout():
+    from dinox.commands.export import head_metadata
+
+    for mode in ("fixed", "learned", "free"):
+        head = DINOHead(8, 20, hidden_dim=16, bottleneck_dim=4, nlayers=3, use_bn=True, prototype_norm=mode)
+        if mode == "learned":
+            with torch.no_grad():
+                head.last_layer.parametrizations.weight.original0.mul_(1.5)
+        meta = head_metadata({k: v.detach() for k, v in head.state_dict().items()})
+        assert meta["prototype_norm"] == mode and meta["out_dim"] == "20" and meta["use_bn"] == "True"
+        rebuilt = DINOHead(int(meta["in_dim"]), int(meta["out_dim"]), hidden_dim=int(meta["hidden_dim"]),
+                           bottleneck_dim=int(meta["bottleneck_dim"]), nlayers=int(meta["nlayers"]),
+                           use_bn=meta["use_bn"] == "True", prototype_norm=meta["prototype_norm"])
+        rebuilt.load_state_dict(head.state_dict())
+        x = torch.randn(4, 8)
+        torch.testing.assert_close(rebuilt(x), head(x))
+
+
 def test_head_batchnorm_and_single_layer():
     head = DINOHead(8, 10, hidden_dim=16, bottleneck_dim=4, nlayers=3, use_bn=True)
     assert sum(isinstance(m, nn.BatchNorm1d) for m in head.mlp) == 2

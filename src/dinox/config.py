@@ -58,6 +58,7 @@ class ModelConfig:
     head_bottleneck: int = 256
     head_layers: int = 3
     head_bn: bool = False
+    prototype_norm: str = "fixed"  # the head's last layer (dinox.model.head): fixed / learned / free
     ibot_head: bool = False  # set by resolve() from ssl.ibot_weight > 0
 
     def arch(self) -> ViTArch:
@@ -216,8 +217,8 @@ FLAT_FIELDS: dict[str, tuple[str, str]] = {
 # Fields that define the learned model: a checkpoint only resumes with the same values.
 SHAPE_FIELDS = (
     "vit_patch", "vit_dim", "vit_depth", "vit_heads", "vit_mlp", "swiglu", "registers", "layerscale", "head_bn",
-    "out_dim", "head_hidden", "head_bottleneck", "head_layers", "img_size", "ibot_head", "rope", "rope_base",
-    "mask_k_bias", "ln_eps",
+    "prototype_norm", "out_dim", "head_hidden", "head_bottleneck", "head_layers", "img_size", "ibot_head", "rope",
+    "rope_base", "mask_k_bias", "ln_eps",
 )
 # What belongs to this launch rather than to the run: never taken from a checkpoint.
 LAUNCH_KEYS = (*PRESET_KEYS, "device", "parallel", "hardware_preset", "custom_values", "max_steps", "out", "resume")
@@ -538,8 +539,8 @@ def _kept_custom_values(saved: dict | None, hardware_preset: str, given: dict) -
 def _check_shape(saved: dict, requested: dict) -> None:
     defaults = RunConfig().to_flat()
     mismatch = [
-        f"{name}: checkpoint {saved.get(name, defaults[name])!r}, requested {requested[name]!r}"
-        for name in SHAPE_FIELDS if saved.get(name, defaults[name]) != requested[name]
+        f"{name}: checkpoint {saved.get(name, defaults[name])!r}, requested {requested.get(name, defaults[name])!r}"
+        for name in SHAPE_FIELDS if saved.get(name, defaults[name]) != requested.get(name, defaults[name])
     ]
     if mismatch:
         raise UserError("the checkpoint's model differs from the one requested (" + "; ".join(mismatch)
@@ -547,14 +548,19 @@ def _check_shape(saved: dict, requested: dict) -> None:
 
 
 def matching_flags(saved: dict) -> str:
-    """The flags that rebuild a checkpoint's model shape."""
-    flags = (
-        f"--config {saved.get('config', 'custom')} --vit-patch {saved['vit_patch']} --vit-dim {saved['vit_dim']} "
-        f"--vit-depth {saved['vit_depth']} --vit-heads {saved['vit_heads']} --vit-mlp {saved['vit_mlp']} "
-        f"--out-dim {saved['out_dim']} --img-size {saved['img_size']} --layerscale {saved.get('layerscale', 1e-5)}"
-    )
-    flags += " --swiglu" if saved.get("swiglu") else ""
-    return flags + ("" if saved.get("ibot_head") else " --ibot-weight 0")
+    """The flags that rebuild a checkpoint's model shape (the preset's own rope and LayerNorm
+    settings come with its --config)."""
+    defaults = RunConfig().to_flat()
+    value = {name: saved.get(name, defaults[name]) for name in SHAPE_FIELDS}
+    flags = [f"--config {saved.get('config', 'custom')}"]
+    flags += [f"{_flag(name)} {value[name]}" for name in ("vit_patch", "vit_dim", "vit_depth", "vit_heads", "vit_mlp",
+                                                           "registers", "out_dim", "head_hidden", "head_bottleneck",
+                                                           "head_layers", "img_size")]
+    flags += [f"--layerscale {saved.get('layerscale', 1e-5)}", f"--head-bn {str(bool(value['head_bn'])).lower()}",
+              f"--prototype-norm {value['prototype_norm']}"]
+    flags += ["--swiglu"] if value["swiglu"] else []
+    flags += [] if value["ibot_head"] else ["--ibot-weight 0"]
+    return " ".join(flags)
 
 
 def _changes(saved: dict, cfg: RunConfig) -> list[str]:

@@ -138,11 +138,17 @@ def head_metadata(head: dict[str, torch.Tensor]) -> dict[str, str]:
                      if k.startswith("mlp.") and k.endswith(".weight") and v.ndim == 2)
     use_bn = any(k.startswith("mlp.") and k.endswith(".weight") and v.ndim == 1 for k, v in head.items())
     first, last = linears[0][1], linears[-1][1]
-    out_dim = head["last_layer.parametrizations.weight.original1"].shape[0]
+    if "last_layer.weight" in head:  # a plain Linear (--prototype-norm free)
+        out_dim, norm = head["last_layer.weight"].shape[0], "free"
+        layout = "none: last_layer.weight holds the prototypes"
+    else:
+        out_dim = head["last_layer.parametrizations.weight.original1"].shape[0]
+        norm = "fixed" if bool(torch.all(head["last_layer.parametrizations.weight.original0"] == 1)) else "learned"
+        layout = "last_layer weight = original0 * original1 / ||original1|| per row (original0: each prototype's norm)"
     return {"format": "pt", "class": "dinox.model.head.DINOHead", "in_dim": str(first.shape[1]),
             "out_dim": str(out_dim), "hidden_dim": str(first.shape[0] if len(linears) > 1 else 2048),
             "bottleneck_dim": str(last.shape[0]), "nlayers": str(len(linears)), "use_bn": str(use_bn),
-            "weight_norm": "last_layer weight = original0 * original1 / ||original1|| per row (original0 fixed to 1)"}
+            "prototype_norm": norm, "weight_norm": layout}
 
 
 def _retrieval_figures(checkpoint: Path) -> list[dict]:

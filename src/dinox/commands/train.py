@@ -25,6 +25,7 @@ from dinox.config import (
 from dinox.commands.argtypes import boolean, float_at_least, nonneg_int, positive_int
 from dinox.data.layout import atomic_write_text
 from dinox.errors import UserError
+from dinox.model.head import PROTOTYPE_NORMS
 from dinox.run.signals import EXIT_WONT_FIT
 from dinox.train.runs import (
     ResumeSource,
@@ -75,6 +76,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--head-layers", type=positive_int)
     g.add_argument("--head-bn", type=boolean, metavar="true|false",
                    help="BatchNorm (batch statistics) in the head MLP (DINO's use_bn; default on, DINOv2: off)")
+    g.add_argument("--prototype-norm", choices=PROTOTYPE_NORMS,
+                   help="the heads' prototype norms: fixed at 1 (DINO's norm_last_layer), learned (DINOv2), "
+                        "free (a plain Linear, DINOv3); docs/recipes.md")
 
     g = p.add_argument_group("views")
     g.add_argument("--img-size", type=positive_int, help="global crop size in px (224; 64 for vit-tiny)")

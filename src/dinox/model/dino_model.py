@@ -76,7 +76,8 @@ def build_dino_model(model, *, img_size: int, grad_checkpoint: bool = False,
     )
     def head() -> DINOHead:
         return DINOHead(model.vit_dim, model.out_dim, hidden_dim=model.head_hidden,
-                        bottleneck_dim=model.head_bottleneck, nlayers=model.head_layers, use_bn=model.head_bn)
+                        bottleneck_dim=model.head_bottleneck, nlayers=model.head_layers, use_bn=model.head_bn,
+                        prototype_norm=model.prototype_norm)
 
     # A separate iBOT head, as in DINOv3 (DINOv2 can share the DINO head).
     return DINOModel(backbone, head(), head() if model.ibot_head else None)

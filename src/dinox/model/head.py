@@ -2,10 +2,17 @@
 Transformers", section 3.1 and appendix).
 
 ``x -> MLP (Linear-GELU x (nlayers-1), Linear to bottleneck) -> L2-normalise ->
-weight-normalised Linear(bottleneck, out_dim, bias=False)``. The weight-norm magnitude g
-is fixed to 1 and not trained ("norm_last_layer"), so each output logit is the cosine
-between the bottleneck feature and one of ``out_dim`` prototype directions: logits lie in
-[-1, 1] and the temperatures alone set the sharpness, which DINO found stabilises training.
+Linear(bottleneck, out_dim, bias=False)`` onto ``out_dim`` prototypes. The prototypes'
+norms (``prototype_norm``) are where the official heads differ:
+
+- ``fixed``: weight-normalised with the magnitude g fixed to 1 (DINO's
+  ``norm_last_layer=True``): each logit is the cosine between the bottleneck feature and a
+  prototype direction, in [-1, 1], and the temperatures alone set the sharpness;
+- ``learned``: weight-normalised with g trained from 1 (DINOv2's head; DINO's
+  ``norm_last_layer=False``): each prototype learns its own scale, so the head can sharpen
+  the targets where it separates the images;
+- ``free``: a plain Linear, trunc_normal(0.02) like the MLP (DINOv3's head): the same
+  function class as ``learned``, with norms that start small (~0.02 sqrt(bottleneck)).
 
 Output dimension (number of prototypes): DINO and DINOv2 use 65536 for ViT-S and larger at
 batches of 1024+ (more prototypes keep helping up to this size at ImageNet scale). The
@@ -24,6 +31,7 @@ from torch.nn.utils.parametrizations import weight_norm
 from torch.utils.checkpoint import checkpoint
 
 INIT_STD = 0.02
+PROTOTYPE_NORMS = ("fixed", "learned", "free")
 
 
 class DINOHead(nn.Module):
@@ -31,8 +39,12 @@ class DINOHead(nn.Module):
     while it is frozen during the first iterations (``cancel_last_layer_grads``)."""
 
     def __init__(self, in_dim: int, out_dim: int, hidden_dim: int = 2048,
-                 bottleneck_dim: int = 256, nlayers: int = 3, use_bn: bool = False):
+                 bottleneck_dim: int = 256, nlayers: int = 3, use_bn: bool = False,
+                 prototype_norm: str = "fixed"):
         super().__init__()
+        if prototype_norm not in PROTOTYPE_NORMS:
+            raise ValueError(f"prototype_norm {prototype_norm!r}: one of {PROTOTYPE_NORMS}")
+        self.prototype_norm = prototype_norm
         nlayers = max(nlayers, 1)
         layers: list[nn.Module] = []
         dims = [in_dim] + [hidden_dim] * (nlayers - 1)
@@ -45,19 +57,25 @@ class DINOHead(nn.Module):
             layers.append(nn.GELU())
         layers.append(nn.Linear(dims[-1], bottleneck_dim))
         self.mlp = nn.Sequential(*layers)
-        self.last_layer = weight_norm(nn.Linear(bottleneck_dim, out_dim, bias=False))
-        self.last_layer.parametrizations.weight.original0.requires_grad_(False)
+        self.last_layer = nn.Linear(bottleneck_dim, out_dim, bias=False)
+        if prototype_norm != "free":
+            self.last_layer = weight_norm(self.last_layer)
+            self.last_layer.parametrizations.weight.original0.requires_grad_(prototype_norm == "learned")
         self.init_weights()
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        """trunc_normal(0.02) Linear weights, zero biases, prototype norms g = 1."""
+        """trunc_normal(0.02) Linear weights, zero biases; weight-normalised prototypes start
+        at norm g = 1."""
         for m in self.mlp.modules():
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=INIT_STD)
                 nn.init.zeros_(m.bias)
             elif isinstance(m, nn.BatchNorm1d):
                 m.reset_parameters()
+        if self.prototype_norm == "free":
+            nn.init.trunc_normal_(self.last_layer.weight, std=INIT_STD)
+            return
         weight = self.last_layer.parametrizations.weight
         nn.init.trunc_normal_(weight.original1, std=INIT_STD)
         weight.original0.fill_(1.0)
