@@ -113,3 +113,20 @@ def test_format_progress():
     assert format_progress(7, {"loss": float("nan")}) == "step=     7 loss=nan"
     extra = format_progress(5, {"loss": 1.0, "mem_peak_gb": 9.8765}, extra=["mem_peak_gb", "absent"])
     assert extra == "step=     5 loss=1.0000 mem_peak_gb=9.877"
+
+
+def test_run_header_names_the_objective():
+    from dinox.config import resolve
+    from dinox.observe.metrics import run_header
+
+    def objective(flags):
+        cfg = resolve(flags, hardware_preset="cpu", device_kind="cpu").cfg
+        lines = run_header(cfg, world_size=1, samples=10, params=(1, 1), autocast_dtype=None)
+        return next(line for line in lines if line.startswith("objective:"))
+
+    assert objective({"config": "vit-tiny"}) == (
+        "objective: DINO over 1024 prototypes (fixed norms), Sinkhorn-Knopp targets, teacher temperature 0.02 flat, "
+        "student 0.1 | iBOT 1 | KoLeo 0.003")
+    warmed = objective({"config": "vit-tiny", "centering": "centering", "teacher_temp_start": 0.04,
+                        "teacher_temp": 0.07, "teacher_temp_warmup_steps": 30})
+    assert "EMA-centred targets (centre momentum 0.9), teacher temperature 0.04 -> 0.07 over 30 steps" in warmed

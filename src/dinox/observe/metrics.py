@@ -233,10 +233,23 @@ def _gram_line(cfg, img_size: int) -> str:
     return f"Gram anchoring: weight {s.gram_weight:.3g}, {teacher} (always on)"
 
 
+def _objective_line(cfg) -> str:
+    """The run's self-distillation targets and loss weights in one line."""
+    m, s = cfg.model, cfg.ssl
+    targets = ("Sinkhorn-Knopp targets" if s.centering == "sinkhorn"
+               else f"EMA-centred targets (centre momentum {s.center_momentum:g})")
+    if s.teacher_temp_warmup_steps > 0 and s.teacher_temp_start != s.teacher_temp:
+        temp = f"{s.teacher_temp_start:g} -> {s.teacher_temp:g} over {s.teacher_temp_warmup_steps} steps"
+    else:
+        temp = f"{s.teacher_temp:g} flat"
+    return (f"objective: DINO over {m.out_dim} prototypes ({m.prototype_norm} norms), {targets}, teacher "
+            f"temperature {temp}, student {s.student_temp:g} | iBOT {s.ibot_weight:g} | KoLeo {s.koleo_weight:g}")
+
+
 def run_header(cfg, *, world_size: int, samples: int, params: tuple[int, int], autocast_dtype,
                sharding: list[str] | None = None) -> list[str]:
     """The lines that open a run's log: model, batch, schedule and views, how the processes
-    share the model, Gram anchoring."""
+    share the model, the objective, Gram anchoring."""
     m, v, o = cfg.model, cfg.views, cfg.optim
     steps = o.max_steps if o.max_steps is not None else "until stopped"
     if sharding:
@@ -255,5 +268,6 @@ def run_header(cfg, *, world_size: int, samples: int, params: tuple[int, int], a
         f"global + {v.local_crops} x {v.local_size}px local | amp {autocast_dtype or 'off (fp32)'} | "
         f"grad checkpoint {cfg.runtime.grad_checkpoint}",
         *parallel,
+        _objective_line(cfg),
         _gram_line(cfg, v.img_size),
     ]
