@@ -543,12 +543,17 @@ def _kept_custom_values(saved: dict | None, hardware_preset: str, given: dict) -
             and k not in given}
 
 
-def _check_shape(saved: dict, requested: dict) -> None:
+def _shape_of(flat: dict) -> dict:
+    """The model-shape fields of a flat config; a field it lacks (a checkpoint written before
+    the field existed) has the default it was built with."""
     defaults = RunConfig().to_flat()
-    mismatch = [
-        f"{name}: checkpoint {saved.get(name, defaults[name])!r}, requested {requested.get(name, defaults[name])!r}"
-        for name in SHAPE_FIELDS if saved.get(name, defaults[name]) != requested.get(name, defaults[name])
-    ]
+    return {name: flat.get(name, defaults[name]) for name in SHAPE_FIELDS}
+
+
+def _check_shape(saved: dict, requested: dict) -> None:
+    have, want = _shape_of(saved), _shape_of(requested)
+    mismatch = [f"{name}: checkpoint {have[name]!r}, requested {want[name]!r}"
+                for name in SHAPE_FIELDS if have[name] != want[name]]
     if mismatch:
         raise UserError("the checkpoint's model differs from the one requested (" + "; ".join(mismatch)
                         + f"). Resume with the checkpoint's shape: {matching_flags(saved)}")
@@ -557,13 +562,12 @@ def _check_shape(saved: dict, requested: dict) -> None:
 def matching_flags(saved: dict) -> str:
     """The flags that rebuild a checkpoint's model shape (the preset's own rope and LayerNorm
     settings come with its --config)."""
-    defaults = RunConfig().to_flat()
-    value = {name: saved.get(name, defaults[name]) for name in SHAPE_FIELDS}
+    value = _shape_of(saved)
     flags = [f"--config {saved.get('config', 'custom')}"]
     flags += [f"{_flag(name)} {value[name]}" for name in ("vit_patch", "vit_dim", "vit_depth", "vit_heads", "vit_mlp",
                                                            "registers", "out_dim", "head_hidden", "head_bottleneck",
                                                            "head_layers", "img_size")]
-    flags += [f"--layerscale {saved.get('layerscale', 1e-5)}", f"--head-bn {str(bool(value['head_bn'])).lower()}",
+    flags += [f"--layerscale {value['layerscale']}", f"--head-bn {str(bool(value['head_bn'])).lower()}",
               f"--prototype-norm {value['prototype_norm']}"]
     flags += ["--swiglu"] if value["swiglu"] else []
     flags += [] if value["ibot_head"] else ["--ibot-weight 0"]

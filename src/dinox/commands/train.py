@@ -255,18 +255,16 @@ def run(args: argparse.Namespace) -> int:
     dist.init(torch.device(info.torch_device).type)
     try:
         run_dir, lock, created = prepare_run_dir(dist, out_root, source)
-        if _is_finished(source, cfg):
-            # A finished run relaunched as it was (a requeued job with --resume auto): saving
-            # its checkpoints again would give files whose hashes others may have recorded
-            # other bytes. Checked under the run's lock, so a run still writing is not "finished".
-            if lock is not None:
-                lock.release()
-            if dist.is_main:
-                print(f"{source.path} is the final checkpoint of step {source.step} = --max-steps: the run is "
-                      f"finished, nothing to train or rewrite (give a --max-steps above {source.step} to train "
-                      f"on; `dinox eval` scores it)", flush=True)
-            return 0
         try:
+            if _is_finished(source, cfg):
+                # A finished run relaunched as it was (a requeued job with --resume auto): saving
+                # its checkpoints again would give files whose hashes others may have recorded
+                # other bytes. Checked under the run's lock, so a run still writing is not "finished".
+                if dist.is_main:
+                    print(f"{source.path} is the final checkpoint of step {source.step} = --max-steps: the run "
+                          f"is finished, nothing to train or rewrite (give a --max-steps above {source.step} to "
+                          f"train on; `dinox eval` scores it)", flush=True)
+                return 0
             return _train(cfg, info, preset_name, resolved, plan, dist, run_dir, source, device_notes,
                           space_warning)
         except BaseException:
