@@ -4,6 +4,7 @@
 
     python benchmarks/recipe_check.py --family chest --seeds 0 1 2 --tag default
     python benchmarks/recipe_check.py --family head --seeds 0 --tag no-ibot -- --ibot-weight 0
+    python benchmarks/recipe_check.py --family head --seeds 2 --tag no-ibot --rescore --no-probe
 
 Everything after `--` is passed to `dinox train` (it overrides the recipe). The data and
 budget default to the demo's (160 patients x 12 slices x 96 px, its steps (DEMO_STEPS), batch 32,
@@ -13,8 +14,8 @@ A single retrieval draw is noisy: at ~3 % top-1 of 480, two draws of views of th
 checkpoint differ by up to 12 hits (the 4096-prototype run scored 20, 8, 10 and 13 on four
 draws). So besides the training-time eval (`ratio0`, `ratio`), the final and the untrained
 network are scored on `--draws` view draws (seeds 1234, 1235, ...), and `hits_mean`,
-`hits0_mean`, `x_untrained_mean` and the mean rank of the right key are recorded: compare
-recipes on those.
+`hits0_mean`, `x_untrained_mean` (with `x_untrained_ci95`, a bootstrap over the paired draws)
+and the mean rank of the right key are recorded: compare recipes on those.
 
 Where the family has nodule labels (chest), the final teacher is also probed for nodules
 (`dinox eval probe` on every slice, `probe_slice_nodule` / `probe_patch_nodule` with the
@@ -84,7 +85,7 @@ def draws(checkpoint: Path, final, cfg, device, n: int, count: int) -> dict:
     from dinox.data.layout import INDEX_FILE
     from dinox.eval.load import load_for_inference
     from dinox.eval.probe import untrained_backbone
-    from dinox.eval.runner import evaluate_draws
+    from dinox.eval.runner import evaluate_draws, paired_draw_ratio
 
     student, _, _ = load_for_inference(checkpoint, device, which="student")
     root = Path(cfg.io.data_root)
@@ -97,6 +98,8 @@ def draws(checkpoint: Path, final, cfg, device, n: int, count: int) -> dict:
         out[f"hits{suffix}_mean"] = scored["ratio"]
         out[f"mean_rank{suffix}"] = scored["mean_rank"]
     out["x_untrained_mean"] = out["hits_mean"] / out["hits0_mean"] if out["hits0_mean"] else None
+    if out["hits0_mean"] and count > 1:   # paired over the draws: both networks saw the same views
+        out["x_untrained_ci95"] = paired_draw_ratio(out["hits_draws"], out["hits0_draws"])[1]
     return out
 
 
@@ -166,6 +169,25 @@ def check(args, seed: int, train_flags: list[str]) -> dict:
     }
 
 
+def rescore(args, seed: int) -> dict:
+    """Score the final checkpoint of an earlier check of `--tag` again (`--draws`, the probes
+    unless `--no-probe`), without training: to re-read old runs on more view draws."""
+    root = Path(args.work) / f"{args.family}_s{seed}_{args.patients}x{args.slices}x{args.size}"
+    runs = root / "runs" / args.tag
+    done = sorted(p for p in runs.glob("*") if p.is_dir() and any(p.glob("checkpoint_final_*.pth")))
+    if not done:
+        raise SystemExit(f"recipe_check: no finished run of tag {args.tag!r} under {runs}: "
+                         "run the check first (without --rescore)")
+    checkpoint, teacher, cfg, device = final_teacher(done[-1], args.device)
+    out = {"tag": args.tag, "rescored": True, "family": args.family, "seed": seed, "config": args.config,
+           "draws": args.draws, "run": str(done[-1])}
+    if args.draws:
+        out.update(draws(checkpoint, teacher, cfg, device, args.eval_n, args.draws))
+    if args.probe:
+        out.update(probes(teacher, cfg, device))
+    return out
+
+
 def main() -> int:
     argv = sys.argv[1:]
     train_flags = argv[argv.index("--") + 1:] if "--" in argv else []
@@ -185,21 +207,25 @@ def main() -> int:
     p.add_argument("--device", default="cpu", help="where to train and score (cpu, cuda)")
     p.add_argument("--num-workers", type=int, default=1)
     p.add_argument("--results", type=Path, default=RESULTS, help="the JSON-lines file results are appended to")
-    p.add_argument("--draws", type=int, default=4, help="view draws to score the final and untrained network on "
-                   "(0: only the training-time eval)")
+    p.add_argument("--draws", type=int, default=16, help="view draws to score the final and untrained network on "
+                   "(0: only the training-time eval); 16 because the untrained network's ~4-12 hits of 480 make "
+                   "x_untrained noisy on fewer (docs/recipes.md, \"How many view draws\")")
     p.add_argument("--probe", action=argparse.BooleanOptionalAction, default=True,
                    help="the labelled nodule probes of the final teacher on every slice (~40 s; families "
                         "without nodule labels record why they were skipped)")
+    p.add_argument("--rescore", action="store_true",
+                   help="do not train: score the last finished run of --tag again (on --draws, and the probes "
+                        "unless --no-probe) and append that as a row marked rescored")
     args = p.parse_args(argv)
     args.results.parent.mkdir(parents=True, exist_ok=True)
     for seed in args.seeds:
-        result = check(args, seed, train_flags)
+        result = rescore(args, seed) if args.rescore else check(args, seed, train_flags)
         with args.results.open("a") as f:
             f.write(json.dumps(result) + "\n")
-        print("RESULT " + json.dumps({k: result[k] for k in ("tag", "family", "seed", "ratio0", "ratio",
+        print("RESULT " + json.dumps({k: result[k] for k in ("tag", "family", "seed", "rescored", "ratio0", "ratio",
                                                               "x_untrained", "hits_mean", "hits_student_mean",
                                                               "hits0_mean",
-                                                              "x_untrained_mean", "below_wall", "seconds",
+                                                              "x_untrained_mean", "x_untrained_ci95", "below_wall", "seconds",
                                                               "probe_slice_nodule", "probe_patch_nodule")
                                            if k in result}),
               flush=True)

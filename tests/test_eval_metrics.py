@@ -203,3 +203,25 @@ def test_spread_sample_min_gap():
     for r in ranges.values():
         mine = sorted(i for i in picks if i in r)
         assert all(b - a >= 3 for a, b in zip(mine, mine[1:]))
+
+
+def test_paired_draw_ratio_is_the_ratio_of_sums_with_an_interval_that_keeps_the_pairs():
+    from dinox.eval.runner import paired_draw_ratio
+
+    ratio, ci = paired_draw_ratio([30.0, 40.0], [10.0, 10.0])
+    assert ratio == 3.5
+    # two draws: a resample holds draw 1 twice (3.0), draw 2 twice (4.0) or both (3.5)
+    assert 3.0 <= ci[0] <= 3.5 <= ci[1] <= 4.0
+    # pairing: where the trained hits move with the untrained ones the ratio is constant,
+    # so every resample reads it exactly (unpaired resampling would not)
+    ratio, ci = paired_draw_ratio([12.0, 30.0, 21.0, 9.0], [4.0, 10.0, 7.0, 3.0])
+    assert ratio == pytest.approx(3.0) and ci == pytest.approx([3.0, 3.0])
+    assert paired_draw_ratio([5.0], [2.0]) == (2.5, None)
+
+
+@pytest.mark.parametrize("num, den", [([1.0, 2.0], [1.0]), ([], []), ([1.0, 2.0], [0.0, 0.0])])
+def test_paired_draw_ratio_refuses_what_it_cannot_pair(num, den):
+    from dinox.eval.runner import paired_draw_ratio
+
+    with pytest.raises(ValueError):
+        paired_draw_ratio(num, den)
