@@ -5,7 +5,7 @@ that a busy or throttling machine slows both alike.
     .venv/bin/python benchmarks/bench_step.py                                   # the Gram policies
     .venv/bin/python benchmarks/bench_step.py --a gram_refresh_every=1 --b gram_refresh_every=100
 
-Defaults: the vit-tiny recipe as the demo runs it (64 px, 4 local crops, batch 32, fp32,
+Defaults: the vit-tiny recipe as the demo runs it (64 px, no local crops, batch 32, fp32,
 1024 prototypes), steps timed after the Gram warm-up, A = the Gram teacher copied from the
 EMA teacher every step (the tiny recipe), B = a frozen Gram snapshot (its own forward).
 """

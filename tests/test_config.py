@@ -176,6 +176,8 @@ def test_short_runs_hold_the_teacher_momentum_flat_but_never_given_values():
 
     demo = tiny(max_steps=220)
     assert set(momenta(demo, 220)) == {RECIPES["vit-tiny"]["momentum"]}
+    from dinox.commands.demo import DEMO_STEPS
+    assert set(momenta(tiny(max_steps=DEMO_STEPS), DEMO_STEPS)) == {RECIPES["vit-tiny"]["momentum"]}
     assert any("11% untrained and 62% of the run behind" in n for n in demo.notices)
     # the recipe's values stay the run's settings, so a longer resume can refit them
     assert (demo.cfg.ssl.momentum, demo.cfg.ssl.momentum_end) == (0.98, 1.0) and demo.cfg.ssl.fit_momentum
@@ -256,7 +258,7 @@ def test_flags_made_inert_by_the_run_are_named():
     off = tiny(local_crops=0, dino_local_weight=0.5, local_size=16, ibot_weight=0.0, ibot_mask_probability=1.0)
     assert "--dino-local-weight, --local-size have no effect: --local-crops is 0" in off.notices
     assert "--ibot-mask-probability has no effect: --ibot-weight is 0" in off.notices
-    on = tiny(dino_local_weight=0.5, ibot_mask_probability=1.0)
+    on = tiny(local_crops=4, dino_local_weight=0.5, ibot_mask_probability=1.0)
     assert not any("no effect" in n for n in on.notices)
 
 

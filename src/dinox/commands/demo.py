@@ -22,7 +22,10 @@ from dinox.errors import UserError
 DEMO_PATIENTS = 160
 DEMO_SLICES = 12
 DEMO_SIZE = 96
-DEMO_STEPS = 220  # 300 steps took 8 min 44 s with everything; the ratio moves little after 150
+# The tiny recipe without local crops steps ~1.46x faster than with 4 (fp32): 320 steps take
+# the time 220 did, which kept a fresh clone's demo inside 8 minutes on a 2-core CPU without
+# native bf16 (docs/recipes.md, "Local crops in a short run").
+DEMO_STEPS = 320
 DEMO_BATCH = 32
 DEMO_EVAL_N = 512
 DEMO_VAL_FRACTION = 0.25
@@ -161,7 +164,7 @@ def _probe(dinox_main, final: Path, processed: Path, manifest: Path) -> None:
 
 def demo_amp(requested: bool | None) -> bool:
     """The demo's bf16 autocast: as asked, else on exactly where the CPU has native bf16
-    kernels. There it trains the same 220 steps in ~25 % less time and learns as much (nine
+    kernels. There it trains the same steps in ~25 % less time and learns as much (nine
     family-seed checks in docs/recipes.md); where bf16 is emulated it would be slower."""
     if requested is not None:
         return requested
