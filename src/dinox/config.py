@@ -352,9 +352,8 @@ RECIPES: dict[str, dict[str, object]] = {
     "vit-tiny": {
         "img_size": 64,
         # No local crops: with Sinkhorn-Knopp's sharp targets, the pairs of the two global
-        # views alone learn more per second of a short run than multi-crop does (42.4
-        # against 25.9 hits of 480 on chest seed 0, 45.0 against 35.4 on head seed 2, at
-        # the same wall time: 320 steps without locals, 220 with 4; docs/recipes.md, "Local
+        # views alone learn more per second of a short run than multi-crop does (the demo's
+        # 290 steps without locals take the time of 220 with 4; docs/recipes.md, "Local
         # crops in a short run"). `--local-crops 4` gives the multi-crop below.
         "local_crops": 0,
         "local_size": 32,

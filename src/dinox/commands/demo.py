@@ -22,10 +22,11 @@ from dinox.errors import UserError
 DEMO_PATIENTS = 160
 DEMO_SLICES = 12
 DEMO_SIZE = 96
-# The tiny recipe without local crops steps ~1.46x faster than with 4 (fp32): 320 steps take
-# the time 220 did, which kept a fresh clone's demo inside 8 minutes on a 2-core CPU without
-# native bf16 (docs/recipes.md, "Local crops in a short run").
-DEMO_STEPS = 320
+# The tiny recipe without local crops trains ~1.32x the steps per second it did with 4 (fp32,
+# 1.85 against 1.4 on 2 cores of a Xeon): 290 steps take the time 220 did, the most that kept
+# a fresh clone's demo inside 8 minutes on a 2-core CPU without native bf16 (docs/recipes.md,
+# "Local crops in a short run").
+DEMO_STEPS = 290
 DEMO_BATCH = 32
 DEMO_EVAL_N = 512
 DEMO_VAL_FRACTION = 0.25
