@@ -39,9 +39,14 @@ PROBE_SLICES = 4096      # every slice of the default 160 x 12 data
 PROBE_BOOTSTRAP = 200
 
 
+def family_root(base: Path, family: str, seed: int, patients: int, slices: int, size: int) -> Path:
+    """Where one family-seed's data and runs live."""
+    return base / f"{family}_s{seed}_{patients}x{slices}x{size}"
+
+
 def data_root(base: Path, family: str, seed: int, patients: int, slices: int, size: int) -> Path:
     """Synthesise and prepare once per (family, seed, size); reused by later checks."""
-    root = base / f"{family}_s{seed}_{patients}x{slices}x{size}"
+    root = family_root(base, family, seed, patients, slices, size)
     if not (root / "processed" / "_index" / "index.csv").exists():
         family_flag = [] if family == "chest" else ["--family", family]
         assert dinox(["synth", "--out", str(root / "dicom"), "--patients", str(patients), "--slices", str(slices),
@@ -98,7 +103,7 @@ def draws(checkpoint: Path, final, cfg, device, n: int, count: int) -> dict:
         out[f"hits{suffix}_mean"] = scored["ratio"]
         out[f"mean_rank{suffix}"] = scored["mean_rank"]
     out["x_untrained_mean"] = out["hits_mean"] / out["hits0_mean"] if out["hits0_mean"] else None
-    if out["hits0_mean"] and count > 1:   # paired over the draws: both networks saw the same views
+    if out["hits0_mean"]:   # paired over the draws: both networks saw the same views
         out["x_untrained_ci95"] = paired_draw_ratio(out["hits_draws"], out["hits0_draws"])[1]
     return out
 
@@ -172,8 +177,7 @@ def check(args, seed: int, train_flags: list[str]) -> dict:
 def rescore(args, seed: int) -> dict:
     """Score the final checkpoint of an earlier check of `--tag` again (`--draws`, the probes
     unless `--no-probe`), without training: to re-read old runs on more view draws."""
-    root = Path(args.work) / f"{args.family}_s{seed}_{args.patients}x{args.slices}x{args.size}"
-    runs = root / "runs" / args.tag
+    runs = family_root(Path(args.work), args.family, seed, args.patients, args.slices, args.size) / "runs" / args.tag
     done = sorted(p for p in runs.glob("*") if p.is_dir() and any(p.glob("checkpoint_final_*.pth")))
     if not done:
         raise SystemExit(f"recipe_check: no finished run of tag {args.tag!r} under {runs}: "

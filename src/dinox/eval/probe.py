@@ -657,7 +657,8 @@ def bootstrap_weights(groups: np.ndarray, n_boot: int, seed: int) -> tuple[np.nd
     return rng.multinomial(n, np.full(n, 1.0 / n), size=n_boot).astype(np.float64), "test samples"
 
 
-def _interval(values: np.ndarray) -> list[float] | None:
+def percentile_interval(values: np.ndarray) -> list[float] | None:
+    """The 95 % percentile interval of bootstrap values, the non-finite ones left out."""
     values = values[np.isfinite(values)]
     if values.size == 0:
         return None
@@ -669,7 +670,7 @@ def score_with_ci(score_fn, weights: np.ndarray) -> tuple[float, list[float] | N
     """(point AUROC, 95 % percentile interval, the resamples' AUROCs) of score_fn(weights)."""
     point = float(score_fn(None))
     boots = np.asarray(score_fn(weights), np.float64)
-    return point, _interval(boots), boots
+    return point, percentile_interval(boots), boots
 
 
 # --------------------------------------------------------------------------- probes
@@ -844,7 +845,7 @@ def run_task(data: ProbeData, task: Task, sources: list[str], *, n_boot: int, se
     def against(source: str) -> dict:
         base = dict(results[source])
         base["delta"] = round(entry["auroc"] - base["auroc"], 4)
-        base["delta_ci95"] = _interval(boots[main] - boots[source])
+        base["delta_ci95"] = percentile_interval(boots[main] - boots[source])
         return base
 
     entry["baselines"] = {source: against(source) for source in others}
