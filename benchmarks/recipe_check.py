@@ -90,21 +90,21 @@ def draws(checkpoint: Path, final, cfg, device, n: int, count: int) -> dict:
     from dinox.data.layout import INDEX_FILE
     from dinox.eval.load import load_for_inference
     from dinox.eval.probe import untrained_backbone
-    from dinox.eval.runner import evaluate_draws, paired_draw_ratio
+    from dinox.eval.runner import against_untrained, draw_ratios, evaluate_draws
 
     student, _, _ = load_for_inference(checkpoint, device, which="student")
     root = Path(cfg.io.data_root)
     dataset = CTSliceDataset(root, "val", cfg.io.split_manifest, root / INDEX_FILE)
-    out = {}
+    out, scored = {}, {}
     for suffix, net in (("", final), ("_student", student),
                         ("0", untrained_backbone(cfg, device))):   # "0": the step-0 network
-        scored = evaluate_draws(net, dataset, cfg.views.to_augment(), draws=count, seed=1234, n=n, device=device)
-        out[f"hits{suffix}_draws"] = [d["ratio"] for d in scored.get("draws", [scored])]
-        out[f"hits{suffix}_mean"] = scored["ratio"]
-        out[f"mean_rank{suffix}"] = scored["mean_rank"]
-    out["x_untrained_mean"] = out["hits_mean"] / out["hits0_mean"] if out["hits0_mean"] else None
-    if out["hits0_mean"]:   # paired over the draws: both networks saw the same views
-        out["x_untrained_ci95"] = paired_draw_ratio(out["hits_draws"], out["hits0_draws"])[1]
+        scored[suffix] = evaluate_draws(net, dataset, cfg.views.to_augment(), draws=count, seed=1234, n=n,
+                                        device=device)
+        out[f"hits{suffix}_draws"] = draw_ratios(scored[suffix])
+        out[f"hits{suffix}_mean"] = scored[suffix]["ratio"]
+        out[f"mean_rank{suffix}"] = scored[suffix]["mean_rank"]
+    versus = against_untrained(scored[""], scored["0"])   # paired: both networks saw the same views
+    out["x_untrained_mean"], out["x_untrained_ci95"] = versus["x_untrained"], versus["x_untrained_ci95"]
     return out
 
 

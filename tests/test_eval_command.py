@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from _train_support import only_run, processed_root, train_args  # noqa: F401
 from dinox.cli import main
@@ -210,3 +211,32 @@ def test_a_split_changed_since_training_is_warned_of(checkpoint, processed_root,
         assert f"warning: the split manifest {own} has changed" in capsys.readouterr().out
     finally:
         own.write_bytes(original)
+
+
+def test_untrained_network_is_scored_on_the_same_draws_and_gates_the_verdict(checkpoint, processed_root,  # noqa: F811
+                                                                             tmp_path, capsys):
+    from dinox.eval.load import load_for_inference
+    from dinox.eval.probe import untrained_backbone
+
+    assert main(_args(checkpoint, processed_root, tmp_path, "--draws", "2", "--untrained")) == 0
+    out = capsys.readouterr().out
+    assert "untrained network: ratio" in out and "its hits" in out
+    (path,) = tmp_path.glob("view_retrieval_*_draws2.json")
+    result = json.loads(path.read_text())
+    hits, hits0 = [d["ratio"] for d in result["draws"]], result["untrained"]["draws"]
+    assert len(hits0) == 2 and result["min_x_untrained"] is None
+    if sum(hits0):
+        assert result["x_untrained"] == pytest.approx(sum(hits) / sum(hits0))
+    # the untrained network is the run's step-0 weights: a 2-step run has moved them
+    trained, cfg, _ = load_for_inference(checkpoint, torch.device("cpu"))
+    step0 = untrained_backbone(cfg, torch.device("cpu"))
+    assert any(not (a == b).all() for a, b in zip(trained.state_dict().values(), step0.state_dict().values()))
+    # a factor no network reaches fails the run with exit 2 and says why (where the untrained
+    # network finds nothing, any hit of the checkpoint beats it)
+    code = main(_args(checkpoint, processed_root, tmp_path, "--draws", "2", "--min-x-untrained", "1000"))
+    out = capsys.readouterr().out
+    if sum(hits0):
+        assert code == 2 and "FAIL:" in out and "x the untrained network < 1000x" in out
+        assert json.loads(path.read_text())["passed"] is False
+    else:
+        assert code == (0 if sum(hits) else 2) and "the untrained network finds none" in out

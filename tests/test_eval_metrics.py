@@ -225,3 +225,21 @@ def test_paired_draw_ratio_refuses_what_it_cannot_pair(num, den):
 
     with pytest.raises(ValueError):
         paired_draw_ratio(num, den)
+
+
+def test_against_untrained_pairs_the_draws_and_reports_the_untrained_figures():
+    from dinox.eval.runner import against_untrained
+
+    trained = {"ratio": 35.0, "top1": 35 / 480, "mean_rank": 40.0,
+               "draws": [{"ratio": 30.0}, {"ratio": 40.0}]}
+    untrained = {"ratio": 10.0, "top1": 10 / 480, "mean_rank": 150.0,
+                 "draws": [{"ratio": 10.0}, {"ratio": 10.0}]}
+    out = against_untrained(trained, untrained)
+    assert out["x_untrained"] == 3.5 and 3.0 <= out["x_untrained_ci95"][0] <= 3.5 <= out["x_untrained_ci95"][1]
+    assert out["untrained"] == {"ratio": 10.0, "top1": 10 / 480, "mean_rank": 150.0, "draws": [10.0, 10.0]}
+    # one draw (no "draws" list): the point figure, no interval
+    one = against_untrained({"ratio": 12.0, "top1": 0.1, "mean_rank": 1.0}, {"ratio": 4.0, "top1": 0.0, "mean_rank": 9.0})
+    assert one["x_untrained"] == 3.0 and one["x_untrained_ci95"] is None
+    # an untrained network that finds nothing leaves the multiple undefined, not infinite
+    none = against_untrained(trained, {**untrained, "ratio": 0.0, "draws": [{"ratio": 0.0}, {"ratio": 0.0}]})
+    assert none["x_untrained"] is None and none["x_untrained_ci95"] is None

@@ -46,6 +46,8 @@ def test_a_file_system_failure_is_one_line_naming_the_path(tmp_path, capsys):
     (["eval", "retrieval", "--checkpoint", "c", "--min-ratio", "nan"], "--min-ratio"),
     (["eval", "retrieval", "--checkpoint", "c", "--min-ratio", "-1"], "--min-ratio"),
     (["demo", "--patients", "1"], "--patients"),
+    (["demo", "--draws", "0"], "--draws"),
+    (["eval", "retrieval", "--checkpoint", "c", "--min-x-untrained", "-2"], "--min-x-untrained"),
 ])
 def test_a_bad_flag_value_is_refused_in_one_line_before_any_work(argv, flag, capsys):
     assert main(argv) == 1

@@ -31,6 +31,11 @@ DEMO_BATCH = 32
 DEMO_EVAL_N = 512
 DEMO_VAL_FRACTION = 0.25
 LEARNING_FACTOR = 3.0  # issue 5: the trained checkpoint must beat the untrained model 3x
+# The verdict's view draws, the trained and the untrained network scored on the same ones:
+# the untrained network finds ~4-14 of 480 on one draw, so a single draw's multiple can miss
+# 3x on a run that clears it on 16 (head seed 0: 2.5x on the training-time draw, 3.6x on 16;
+# docs/recipes.md, "How many view draws").
+DEMO_DRAWS = 8
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -47,6 +52,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=positive_int, default=None,
                    help=f"default {DEMO_BATCH}, or the number of training slices where the data has fewer")
     p.add_argument("--eval-n", type=positive_int, default=DEMO_EVAL_N)
+    p.add_argument("--draws", type=positive_int, default=DEMO_DRAWS,
+                   help=f"view draws the final verdict averages, for the checkpoint and its untrained network "
+                        f"alike (default {DEMO_DRAWS})")
     p.add_argument("--seed", type=nonneg_int, default=0)
     p.add_argument("--num-workers", type=nonneg_int, default=1)
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
@@ -105,21 +113,20 @@ def run(args) -> int:
     run_dir = sorted(p for p in runs.iterdir() if p.is_dir())[-1]
     final = sorted(run_dir.glob("checkpoint_final_*.pth"))[-1]
 
-    print(f"[demo] 4/4 label-free view retrieval of {final.name}", flush=True)
+    draws = getattr(args, "draws", DEMO_DRAWS)
+    print(f"[demo] 4/4 label-free view retrieval of {final.name} and of its untrained network, "
+          f"{draws} view draw{'s' if draws > 1 else ''}", flush=True)
     code = dinox_main([
         "eval", "retrieval", "--checkpoint", str(final), "--split-manifest", str(manifest),
         "--index-csv", str(processed / INDEX_FILE), "--n", str(args.eval_n), "--device", "cpu",
+        "--draws", str(draws), "--min-x-untrained", str(LEARNING_FACTOR),
     ])
     if args.probe:
         _probe(dinox_main, final, processed, manifest)
-    untrained = _eval_at_step0(run_dir / "metrics.jsonl")
     print(f"[demo] finished in {time.perf_counter() - started:.0f}s; run: {run_dir}")
-    if untrained is not None:
-        final_ratio = _final_ratio(final)
-        print(f"[demo] untrained (step 0) retrieval ratio {untrained:.2f} at the same n and seed")
-        if code == 0 and final_ratio is not None and final_ratio < LEARNING_FACTOR * untrained:
-            print(f"[demo] FAIL: ratio {final_ratio:.2f} is below {LEARNING_FACTOR:g} x the untrained model's")
-            code = 2
+    verdict = _retrieval_verdict(final, draws)
+    if verdict:
+        print(f"[demo] {verdict}")
     print(f"[demo] heatmaps: {run_dir / 'monitor'}; loss curve: {run_dir / 'loss_curve.png'}")
     print(f"[demo] TensorBoard: tensorboard --logdir {runs}")
     return code
@@ -192,21 +199,18 @@ def _existing_synth(labels_file: Path) -> dict:
         return {"family": "unknown"}
 
 
-def _final_ratio(checkpoint: Path) -> float | None:
-    """The ratio in the JSON that `dinox eval retrieval` wrote beside the checkpoint."""
+def _retrieval_verdict(checkpoint: Path, draws: int) -> str | None:
+    """The final retrieval's verdict line, read from the JSON `dinox eval retrieval` wrote
+    beside the checkpoint, so that it closes the demo's output after the probes."""
+    from dinox.commands.eval import verdict_text
+
     step = int(checkpoint.stem.rsplit("_", 1)[-1])
-    found = sorted(checkpoint.parent.glob(f"view_retrieval_step{step}_N*.json"))
-    return float(json.loads(found[-1].read_text())["ratio"]) if found else None
-
-
-def _eval_at_step0(metrics_file: Path) -> float | None:
-    if not metrics_file.exists():
+    pattern = f"view_retrieval_step{step}_N*" + (f"_draws{draws}" if draws > 1 else "") + ".json"
+    found = sorted(checkpoint.parent.glob(pattern))
+    if not found:
         return None
-    for line in metrics_file.read_text().splitlines():
-        row = json.loads(line)
-        if row.get("step") == 0 and row.get("Eval/Retrieval_Ratio") is not None:
-            return float(row["Eval/Retrieval_Ratio"])
-    return None
+    result = json.loads(found[-1].read_text())
+    return f"{'PASS' if result['passed'] else 'FAIL'}: {verdict_text(result)}"
 
 
 def _check(code: int) -> None:

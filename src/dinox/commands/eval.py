@@ -50,6 +50,12 @@ def add_retrieval_arguments(p: argparse.ArgumentParser) -> None:
                    help="what the two views differ by: the run's augmentation (train, the measure), its windows "
                         "and flips on the whole slice (uncropped), or the lung window on the whole slice "
                         "(uncropped-lung); a diagnosis of which invariance is missing")
+    p.add_argument("--untrained", action="store_true",
+                   help="also score the run's untrained network (its step-0 weights, rebuilt from the run's seed) "
+                        "on the same view draws, and report the checkpoint's hits as a multiple of its hits "
+                        "(x_untrained, with a paired 95 %% interval over the draws)")
+    p.add_argument("--min-x-untrained", type=float_at_least(0), default=None,
+                   help="also require x_untrained >= this to pass (implies --untrained; the demo asks 3)")
     p.add_argument("--network", choices=["teacher", "student"], default="teacher")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "rocm", "mps", "cpu"])
     p.add_argument("--batch-size", type=positive_int, default=128)
@@ -200,11 +206,22 @@ def run_retrieval(args) -> int:
     if dropped:
         # top-k with k >= n is 1 by definition: reporting it would only look like a result
         print(f"note: --topk {' '.join(map(str, dropped))} exceeds the {n} samples evaluated; left out")
-    result = evaluate_draws(
-        backbone, dataset, cfg.views.to_augment(), draws=args.draws, n=n, seed=args.seed, device=device,
-        ks=tuple(ks or [1]), batch_size=args.batch_size, progress=True, views=args.views,
-    )
+    scoring = dict(draws=args.draws, n=n, seed=args.seed, device=device, ks=tuple(ks or [1]),
+                   batch_size=args.batch_size, progress=True, views=args.views)
+    result = evaluate_draws(backbone, dataset, cfg.views.to_augment(), **scoring)
     passed = result["ratio"] >= args.min_ratio
+    min_x = args.min_x_untrained
+    if args.untrained or min_x is not None:
+        from dinox.eval.probe import untrained_backbone
+        from dinox.eval.runner import against_untrained
+
+        print("scoring the untrained network on the same view draws")
+        untrained = evaluate_draws(untrained_backbone(cfg, device), dataset, cfg.views.to_augment(), **scoring)
+        result.update(against_untrained(result, untrained))
+        if min_x is not None:
+            x = result["x_untrained"]
+            # an untrained network that finds nothing is beaten by any hit
+            passed = passed and (x >= min_x if x is not None else result["ratio"] > 0)
     result.update(
         step=meta.step,
         checkpoint=str(args.checkpoint),
@@ -214,6 +231,7 @@ def run_retrieval(args) -> int:
         seed=args.seed,
         draw_count=args.draws,
         min_ratio=args.min_ratio,
+        min_x_untrained=min_x,
         passed=passed,
         network=args.network,
     )
@@ -230,8 +248,33 @@ def run_retrieval(args) -> int:
         + (f"; mean of {args.draws} draws, ratios " + " ".join(f"{d['ratio']:g}" for d in result["draws"])
            if args.draws > 1 else "")
     )
-    print(f"{'PASS' if passed else 'FAIL'}: ratio {result['ratio']:.2f} {'>=' if passed else '<'} {args.min_ratio} -> {out_path}")
+    if "untrained" in result:
+        print(untrained_line(result))
+    print(f"{'PASS' if passed else 'FAIL'}: {verdict_text(result)} -> {out_path}")
     return EXIT_PASS if passed else EXIT_FAIL
+
+
+def untrained_line(result: dict) -> str:
+    """The untrained network's figures beside the checkpoint's, on the same draws."""
+    x, ci = result["x_untrained"], result["x_untrained_ci95"]
+    draws = result["untrained"]["draws"]
+    times = (f"{x:.2f}x" if x is not None else "untrained finds none") + (
+        f" [95 % {ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
+    return (f"untrained network: ratio {result['untrained']['ratio']:.2f}"
+            + (f" (draws {' '.join(f'{d:g}' for d in draws)})" if len(draws) > 1 else "")
+            + f"; the checkpoint finds {times} its hits")
+
+
+def verdict_text(result: dict) -> str:
+    """Why a retrieval result passed or failed: each bar with its figure."""
+    parts = [f"ratio {result['ratio']:.2f} {'>=' if result['ratio'] >= result['min_ratio'] else '<'} "
+             f"{result['min_ratio']:g}"]
+    min_x = result.get("min_x_untrained")
+    if min_x is not None:
+        x = result.get("x_untrained")
+        parts.append("the untrained network finds none" if x is None else
+                     f"{x:.2f}x the untrained network {'>=' if x >= min_x else '<'} {min_x:g}x")
+    return "; ".join(parts)
 
 
 def _print_table(result: dict) -> None:
