@@ -48,7 +48,7 @@ def test_preset_sizes():
     assert 1e6 < counts["vit-tiny"] < 5e6
     assert counts["vit-small"] < counts["vit-base"] < counts["vit-large"]
     tiny = PRESETS["vit-tiny"]
-    assert (tiny.patch_size, tiny.embed_dim, tiny.depth, tiny.num_heads) == (8, 192, 6, 3)
+    assert (tiny.patch_size, tiny.embed_dim, tiny.depth, tiny.num_heads) == (8, 192, 2, 3)
     large = PRESETS["vit-large"]
     assert (large.patch_size, large.embed_dim, large.depth, large.num_heads) == (14, 1024, 24, 16)
     giant = PRESETS["vit-giant"]

@@ -42,7 +42,7 @@ class ModelConfig:
     preset: str = "vit-tiny"
     vit_patch: int = 8
     vit_dim: int = 192
-    vit_depth: int = 6
+    vit_depth: int = 2
     vit_heads: int = 3
     vit_mlp: int = 768
     swiglu: bool = False
@@ -352,9 +352,10 @@ RECIPES: dict[str, dict[str, object]] = {
     "vit-tiny": {
         "img_size": 64,
         # No local crops: with Sinkhorn-Knopp's sharp targets, the pairs of the two global
-        # views alone learn more per second of a short run than multi-crop does (the demo's
-        # 290 steps without locals take the time of 220 with 4; docs/recipes.md, "Local
-        # crops in a short run"). `--local-crops 4` gives the multi-crop below.
+        # views alone learn more per second of a short run than multi-crop does (measured on
+        # the six-block network: 290 steps without locals in the time of 220 with 4;
+        # docs/recipes.md, "Local crops in a short run"). `--local-crops 4` gives the
+        # multi-crop below.
         "local_crops": 0,
         "local_size": 32,
         "local_scale_min": 0.1,

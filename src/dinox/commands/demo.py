@@ -22,11 +22,12 @@ from dinox.errors import UserError
 DEMO_PATIENTS = 160
 DEMO_SLICES = 12
 DEMO_SIZE = 96
-# The tiny recipe without local crops trains ~1.32x the steps per second it did with 4 (fp32,
-# 1.85 against 1.4 on 2 cores of a Xeon): 290 steps take the time 220 did, the most that kept
-# a fresh clone's demo inside 8 minutes on a 2-core CPU without native bf16 (docs/recipes.md,
-# "Local crops in a short run").
-DEMO_STEPS = 290
+# The demo's budget is its time: ~3 min of training on 2 cores, the most that kept a fresh
+# clone's demo inside 8 minutes on a CPU without native bf16. vit-tiny's two blocks train
+# 670 steps in the time the six-block network of earlier recipes trained 290 (fp32 step time
+# 0.42x, benchmarks/bench_step.py), and learn more in them (docs/recipes.md, "The tiny
+# network's depth").
+DEMO_STEPS = 670
 DEMO_BATCH = 32
 DEMO_EVAL_N = 512
 DEMO_VAL_FRACTION = 0.25

@@ -7,7 +7,7 @@ embeddings grow with the grid; the RoPE presets have none), from
 ================= ===== ===== ===== ===== ====== ====== ==== =========
 name              patch dim   depth heads mlp    ffn    pos  params
 ================= ===== ===== ===== ===== ====== ====== ==== =========
-vit-tiny          8     192   6     3     768    GELU   abs  2.9 M
+vit-tiny          8     192   2     3     768    GELU   abs  1.1 M
 vit-small         14    384   12    6     1536   GELU   abs  21.6 M
 vit-base          14    768   12    12    3072   GELU   abs  85.7 M
 vit-large         14    1024  24    16    4096   GELU   abs  303.2 M
@@ -20,7 +20,10 @@ dinov3-vitl16     16    1024  24    16    4096   GELU   RoPE 303.2 M
 dinov3-vith16plus 16    1280  32    20    7680   SwiGLU RoPE 840.6 M
 ================= ===== ===== ===== ===== ====== ====== ==== =========
 
-``vit-tiny`` is for CPU smoke runs on 32-96 px crops (patch 8 gives a 4x4 to 12x12 grid).
+``vit-tiny`` is for CPU smoke runs and the demo on 32-96 px crops (patch 8 gives a 4x4 to 12x12
+grid). It has two blocks: at the demo's fixed compute a shallower network trains more steps,
+and on the phantoms two blocks for 670 steps learnt more than six for 290, three for 520 or
+four for 420 in the same time (docs/recipes.md, "The tiny network's depth").
 ``vit-giant`` is ViT-g/14 of Zhai et al. 2022 ("Scaling Vision Transformers"): width 1408
 with MLP 6144; with the usual MLP ratio 4 (5632) it would have only ~0.95 B parameters.
 ``vit-giant2`` is DINOv2's ViT-g/14 (``vit_giant2`` in dinov2/models/vision_transformer.py:
@@ -48,7 +51,7 @@ def _dinov3(dim: int, depth: int, heads: int, ffn_ratio: int, swiglu: bool = Fal
 
 
 PRESETS: dict[str, ViTArch] = {
-    "vit-tiny": ViTArch(patch_size=8, embed_dim=192, depth=6, num_heads=3),
+    "vit-tiny": ViTArch(patch_size=8, embed_dim=192, depth=2, num_heads=3),
     "vit-small": ViTArch(patch_size=14, embed_dim=384, depth=12, num_heads=6),
     "vit-base": ViTArch(patch_size=14, embed_dim=768, depth=12, num_heads=12),
     "vit-large": ViTArch(patch_size=14, embed_dim=1024, depth=24, num_heads=16,
