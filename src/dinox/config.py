@@ -380,6 +380,12 @@ RECIPES: dict[str, dict[str, object]] = {
         # 100 steps do on average, and it scored the same on nine family-seeds at 19 % less
         # time per step (docs/recipes.md, "The Gram teacher of a short run").
         "gram_refresh_every": 1,
+        # A little more KoLeo than BASE's 0.003: the two-block network's class tokens start
+        # closer together (embedding std 0.004-0.006 against 0.007-0.010 for six blocks) and
+        # at 0.003 dipped once under the collapse line (0.0098-0.0099 at steps 107-109) on 2
+        # of 9 family-seeds, raising the guard's alarm; 0.005 keeps them above it
+        # (docs/recipes.md, "The tiny network's depth").
+        "koleo_weight": 0.005,
         "gram_start_step": 20,
         # DINOv3's Sinkhorn-Knopp centring with a sharper teacher than BASE's 0.04: its
         # equipartition over the batch keeps sharp targets from settling on a few prototypes,
