@@ -240,3 +240,16 @@ def test_untrained_network_is_scored_on_the_same_draws_and_gates_the_verdict(che
         assert json.loads(path.read_text())["passed"] is False
     else:
         assert code == (0 if sum(hits) else 2) and "the untrained network finds none" in out
+
+
+def test_retrieval_verdict_names_each_bar_and_decides_the_untrained_edge_cases():
+    from dinox.commands.eval import retrieval_verdict
+
+    base = {"ratio": 40.0, "min_ratio": 3.0}
+    assert retrieval_verdict(base) == (True, "PASS: ratio 40.00 >= 3")
+    assert retrieval_verdict({**base, "min_x_untrained": 3.0, "x_untrained": 2.5}) == (
+        False, "FAIL: ratio 40.00 >= 3; 2.50x the untrained network < 3x")
+    # the untrained network found nothing: any hit passes the multiple, none does not
+    assert retrieval_verdict({**base, "min_x_untrained": 3.0, "x_untrained": None})[0] is True
+    assert retrieval_verdict({"ratio": 0.0, "min_ratio": 0.0, "min_x_untrained": 3.0, "x_untrained": None}) == (
+        False, "FAIL: ratio 0.00 >= 0; the untrained network finds none")

@@ -203,15 +203,14 @@ def _existing_synth(labels_file: Path) -> dict:
 def _retrieval_verdict(checkpoint: Path, draws: int) -> str | None:
     """The final retrieval's verdict line, read from the JSON `dinox eval retrieval` wrote
     beside the checkpoint, so that it closes the demo's output after the probes."""
-    from dinox.commands.eval import verdict_text
+    from dinox.commands.eval import retrieval_verdict
 
     step = int(checkpoint.stem.rsplit("_", 1)[-1])
     pattern = f"view_retrieval_step{step}_N*" + (f"_draws{draws}" if draws > 1 else "") + ".json"
     found = sorted(checkpoint.parent.glob(pattern))
     if not found:
         return None
-    result = json.loads(found[-1].read_text())
-    return f"{'PASS' if result['passed'] else 'FAIL'}: {verdict_text(result)}"
+    return retrieval_verdict(json.loads(found[-1].read_text()))[1]
 
 
 def _check(code: int) -> None:

@@ -209,19 +209,13 @@ def run_retrieval(args) -> int:
     scoring = dict(draws=args.draws, n=n, seed=args.seed, device=device, ks=tuple(ks or [1]),
                    batch_size=args.batch_size, progress=True, views=args.views)
     result = evaluate_draws(backbone, dataset, cfg.views.to_augment(), **scoring)
-    passed = result["ratio"] >= args.min_ratio
-    min_x = args.min_x_untrained
-    if args.untrained or min_x is not None:
+    if args.untrained or args.min_x_untrained is not None:
         from dinox.eval.probe import untrained_backbone
         from dinox.eval.runner import against_untrained
 
         print("scoring the untrained network on the same view draws")
         untrained = evaluate_draws(untrained_backbone(cfg, device), dataset, cfg.views.to_augment(), **scoring)
         result.update(against_untrained(result, untrained))
-        if min_x is not None:
-            x = result["x_untrained"]
-            # an untrained network that finds nothing is beaten by any hit
-            passed = passed and (x >= min_x if x is not None else result["ratio"] > 0)
     result.update(
         step=meta.step,
         checkpoint=str(args.checkpoint),
@@ -231,10 +225,11 @@ def run_retrieval(args) -> int:
         seed=args.seed,
         draw_count=args.draws,
         min_ratio=args.min_ratio,
-        min_x_untrained=min_x,
-        passed=passed,
+        min_x_untrained=args.min_x_untrained,
         network=args.network,
     )
+    passed, verdict = retrieval_verdict(result)
+    result["passed"] = passed
     name = result_name(f"view_retrieval_step{meta.step}_N{result['n']}", split=args.split, seed=args.seed,
                        defaults=RETRIEVAL_DEFAULTS, network=args.network, manifest=manifest, root=root,
                        trained_root=trained_root, trained_manifest=trained_manifest, views=args.views,
@@ -250,7 +245,7 @@ def run_retrieval(args) -> int:
     )
     if "untrained" in result:
         print(untrained_line(result))
-    print(f"{'PASS' if passed else 'FAIL'}: {verdict_text(result)} -> {out_path}")
+    print(f"{verdict} -> {out_path}")
     return EXIT_PASS if passed else EXIT_FAIL
 
 
@@ -258,23 +253,27 @@ def untrained_line(result: dict) -> str:
     """The untrained network's figures beside the checkpoint's, on the same draws."""
     x, ci = result["x_untrained"], result["x_untrained_ci95"]
     draws = result["untrained"]["draws"]
-    times = (f"{x:.2f}x" if x is not None else "untrained finds none") + (
-        f" [95 % {ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
-    return (f"untrained network: ratio {result['untrained']['ratio']:.2f}"
-            + (f" (draws {' '.join(f'{d:g}' for d in draws)})" if len(draws) > 1 else "")
-            + f"; the checkpoint finds {times} its hits")
+    line = f"untrained network: ratio {result['untrained']['ratio']:.2f}" + (
+        f" (draws {' '.join(f'{d:g}' for d in draws)})" if len(draws) > 1 else "")
+    if x is None:
+        return line + "; it finds none, so the checkpoint has no multiple of its hits"
+    return line + f"; the checkpoint finds {x:.2f}x" + (f" [95 % {ci[0]:.2f}, {ci[1]:.2f}]" if ci else "") + " its hits"
 
 
-def verdict_text(result: dict) -> str:
-    """Why a retrieval result passed or failed: each bar with its figure."""
-    parts = [f"ratio {result['ratio']:.2f} {'>=' if result['ratio'] >= result['min_ratio'] else '<'} "
-             f"{result['min_ratio']:g}"]
+def retrieval_verdict(result: dict) -> tuple[bool, str]:
+    """Whether a retrieval result passes, and the line that says so with each bar and its
+    figure: ratio >= min_ratio, and x_untrained >= min_x_untrained where one is asked (an
+    untrained network that finds nothing is beaten by any hit)."""
+    passed = result["ratio"] >= result["min_ratio"]
+    parts = [f"ratio {result['ratio']:.2f} {'>=' if passed else '<'} {result['min_ratio']:g}"]
     min_x = result.get("min_x_untrained")
     if min_x is not None:
         x = result.get("x_untrained")
+        beaten = result["ratio"] > 0 if x is None else x >= min_x
+        passed = passed and beaten
         parts.append("the untrained network finds none" if x is None else
-                     f"{x:.2f}x the untrained network {'>=' if x >= min_x else '<'} {min_x:g}x")
-    return "; ".join(parts)
+                     f"{x:.2f}x the untrained network {'>=' if beaten else '<'} {min_x:g}x")
+    return passed, f"{'PASS' if passed else 'FAIL'}: " + "; ".join(parts)
 
 
 def _print_table(result: dict) -> None:
