@@ -68,7 +68,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--swiglu", action=argparse.BooleanOptionalAction, default=None, help="SwiGLU MLP instead of GELU")
     g.add_argument("--registers", type=nonneg_int, help="register tokens (default 4)")
     g.add_argument("--drop-path", type=float, help="stochastic depth rate")
-    g.add_argument("--layerscale", type=float, help="LayerScale init (default 0.1; vit-tiny 1.0; DINOv2: 1e-5; 0 disables)")
+    g.add_argument("--layerscale", type=float, help="LayerScale init (default 0.1; vit-tiny 0.3; DINOv2: 1e-5; 0 disables)")
     g.add_argument("--out-dim", type=positive_int,
                    help="DINO head prototypes (default: 32 per image of the global batch, 1024 to 65536)")
     g.add_argument("--head-hidden", type=positive_int)
