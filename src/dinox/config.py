@@ -40,11 +40,11 @@ class ModelConfig:
     """The networks: ViT backbone and DINO head (everything but the input size)."""
 
     preset: str = "vit-tiny"
-    vit_patch: int = 8
-    vit_dim: int = 192
-    vit_depth: int = 2
-    vit_heads: int = 3
-    vit_mlp: int = 768
+    vit_patch: int = PRESETS["vit-tiny"].patch_size
+    vit_dim: int = PRESETS["vit-tiny"].embed_dim
+    vit_depth: int = PRESETS["vit-tiny"].depth
+    vit_heads: int = PRESETS["vit-tiny"].num_heads
+    vit_mlp: int = PRESETS["vit-tiny"].mlp_dim
     swiglu: bool = False
     registers: int = 4
     layerscale: float = 1e-5
@@ -391,8 +391,8 @@ RECIPES: dict[str, dict[str, object]] = {
         # A little more KoLeo than BASE's 0.003: the two-block network's class tokens start
         # closer together (embedding std 0.004-0.006 against 0.007-0.010 for six blocks) and
         # at 0.003 dipped once under the collapse line (0.0098-0.0099 at steps 107-109) on 2
-        # of 9 family-seeds, raising the guard's alarm; 0.005 keeps them above it
-        # (docs/recipes.md, "The tiny network's depth").
+        # of 9 family-seeds, raising the guard's alarm; 0.005 kept them above it in bf16, and
+        # with LayerScale 0.3 (above) in fp32 too (docs/recipes.md, "The tiny network's depth").
         "koleo_weight": 0.005,
         "gram_start_step": 20,
         # DINOv3's Sinkhorn-Knopp centring with a sharper teacher than BASE's 0.04: its

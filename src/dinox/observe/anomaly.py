@@ -23,9 +23,9 @@ been healthy is not reported; once healthy, a fall is reported at any step.
 "Healthy" has a margin (`HEALTHY_MARGIN`): a reading ends the grace, or an episode, only
 at twice the collapse line or more. A tiny ViT starts near the line (embedding std
 0.004-0.011 at step 1 for LayerScale 0.1-0.3, two to six blocks), and one reading of
-0.0101 at step 1 must not make the next of 0.0099 a "collapse after health" (it did, on every demo-sized
-run, with an emergency checkpoint at step 3-8); in the same way a collapsed run hovering
-at the line is one episode, not one report per crossing.
+0.0101 at step 1 must not make the next of 0.0099 a "collapse after health" (it did, on
+every demo-sized run, with an emergency checkpoint at step 3-8); in the same way a
+collapsed run hovering at the line is one episode, not one report per crossing.
 """
 from __future__ import annotations
 
