@@ -22,6 +22,13 @@ with the math path forced against 0.57 s with PyTorch's choice (21 % less), and 
 backward. dinox leaves the choice to PyTorch: the crossover is a property of this CPU and
 this torch build, measured on one machine, and the gain is confined to short-sequence bf16
 runs on the CPU (not the GPU runs the big presets are for).
+
+The two-block demo step (no locals, batch 32, bf16 autocast; 2026-12-05, the same host,
+interleaved rounds): 0.207 s with PyTorch's choice, 0.195 s with the math path forced, and
+0.181 s with the attention alone computed in fp32 (q, k, v upcast, autocast off around the
+call: 13 % less). Not adopted either: the demo's retrieval at 1.5x its steps rose by ~3 hits
+of 480 (docs/recipes.md, "What the demo's budget costs"), so 13 % more steps would not move
+a bar, and the gain rests on this build's bf16 kernel.
 """
 from __future__ import annotations
 
