@@ -14,10 +14,12 @@ from pathlib import Path
 import torch
 
 from dinox.config import (
+    BASE_RECIPE,
     DEVICE_CHOICES,
     FLAT_FIELDS,
     MODEL_CHOICES,
     PARALLEL_CHOICES,
+    RECIPES,
     SHAPE_FIELDS,
     RunConfig,
     resolve,
@@ -54,6 +56,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return parser
 
 
+def recipe_defaults(key: str) -> str:
+    """A recipe setting's default for --help: BASE_RECIPE's, then each preset's own value."""
+    own = [f"{preset} {recipe[key]}" for preset, recipe in RECIPES.items() if key in recipe]
+    return "; ".join([str(BASE_RECIPE[key])] + own)
+
+
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
     """All flags of `dinox train` / scripts/phase5_big_run.py (defaults None: see module doc)."""
     g = p.add_argument_group("model")
@@ -68,7 +76,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--swiglu", action=argparse.BooleanOptionalAction, default=None, help="SwiGLU MLP instead of GELU")
     g.add_argument("--registers", type=nonneg_int, help="register tokens (default 4)")
     g.add_argument("--drop-path", type=float, help="stochastic depth rate")
-    g.add_argument("--layerscale", type=float, help="LayerScale init (default 0.1; vit-tiny 0.3; DINOv2: 1e-5; 0 disables)")
+    g.add_argument("--layerscale", type=float,
+                   help=f"LayerScale init (default {recipe_defaults('layerscale')}; DINOv2: 1e-5; 0 disables)")
     g.add_argument("--out-dim", type=positive_int,
                    help="DINO head prototypes (default: 32 per image of the global batch, 1024 to 65536)")
     g.add_argument("--head-hidden", type=positive_int)
@@ -115,7 +124,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--centering", choices=["centering", "sinkhorn"])
     g.add_argument("--center-momentum", type=float)
     g.add_argument("--koleo-weight", type=float,
-                   help="KoLeo weight on the sum over the global views (default 0.003; DINOv2: 0.1)")
+                   help=f"KoLeo weight on the sum over the global views (default {recipe_defaults('koleo_weight')}; "
+                        "DINOv2: 0.1)")
     g.add_argument("--dino-local-weight", type=float,
                    help="weight of the local crops' DINO pairs against the global pairs' 1 (DINOv3's "
                         "reweight_dino_local_loss; default 1)")
