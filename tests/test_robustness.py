@@ -215,12 +215,22 @@ def test_checkpoint_without_record_is_still_checked_for_damage(tmp_path, capsys)
     sidecar_path(path).unlink()  # copied with `cp checkpoint_*.pth`
     assert verify_checkpoint(path)[0]
     _flip_exponent_bit(path, 0.3141)
-    ok, reason = verify_checkpoint(path)
-    assert not ok and "implausible value 1.07e+38 in" in reason and "['backbone.w']" in reason
+    ok, reason = verify_checkpoint(path)   # the zip's own CRC-32 finds the changed bit
+    assert not ok and "fails the zip's CRC-32 check" in reason
     assert main(["inspect", str(path)]) == 1
     assert "DAMAGED" in capsys.readouterr().out
-    with pytest.raises(ck.CheckpointError, match="implausible value"):
+    with pytest.raises(ck.CheckpointError, match="CRC-32"):
         load_checkpoint(path)
+
+    # what the CRC cannot see: a value damaged before the save (its CRC is then right)
+    weight[17] = 1.07e38
+    wild = checkpoint_path(tmp_path, 5)
+    save_checkpoint(wild, inspect_state(5, weight))
+    sidecar_path(wild).unlink()
+    ok, reason = verify_checkpoint(wild)
+    assert not ok and "implausible value 1.07e+38 in" in reason and "['backbone.w']" in reason
+    with pytest.raises(ck.CheckpointError, match="implausible value"):
+        load_checkpoint(wild)
 
     incomplete = checkpoint_path(tmp_path, 4)
     state = inspect_state(4)

@@ -199,6 +199,102 @@ def test_view_settings_that_cannot_work_are_refused(processed_root, tmp_path, ca
     assert "larger than the global views" in one_line_error(capsys)
     assert main([*argv, "--local-size", "16", "--local-scale", "0.4", "0.1"]) == 1
     assert "0 < min <= max <= 1" in one_line_error(capsys)
+    no_locals = train_args(processed_root, tmp_path / "runs", "--dry-run")
+    assert main([*no_locals, "--local-scale", "0.4", "0.1"]) == 1   # named by its flag without local crops too
+    assert "--local-scale 0.4 0.1 must be" in one_line_error(capsys)
+    assert main([*no_locals, "--layerscale", "-1"]) == 1
+    assert "--layerscale -1.0 must be >= 0" in one_line_error(capsys)
+
+
+def test_resume_auto_over_only_damaged_checkpoints_refuses_to_start_over(one_step_checkpoint, processed_root,
+                                                                         tmp_path, capsys):  # noqa: F811
+    import shutil
+
+    out = tmp_path / "runs"
+    run = out / one_step_checkpoint.parent.name
+    shutil.copytree(one_step_checkpoint.parent, run)
+    for path in run.glob("checkpoint_*.pth"):
+        path.write_bytes(path.read_bytes()[:1000])
+    capsys.readouterr()
+    code = main(train_args(processed_root, out, "--batch-size", "4", "--num-workers", "0", "--max-steps", "3",
+                           "--resume", "auto"))
+    assert code == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: --resume auto: all 2 checkpoint(s) under") and "are damaged" in err
+    assert [p.name for p in out.iterdir()] == [run.name]         # no new run started from step 0
+
+
+def test_a_changed_byte_in_a_checkpoint_without_a_record_is_found(one_step_checkpoint, tmp_path, capsys):
+    import zipfile
+
+    intact = tmp_path / "copy.pth"                             # copied without its .sha256 record
+    intact.write_bytes(one_step_checkpoint.read_bytes())
+    with zipfile.ZipFile(intact) as archive:
+        member = max(archive.infolist(), key=lambda i: i.file_size)
+    data = bytearray(intact.read_bytes())
+    # the member's data follow its 30-byte local header, its name and its extra field
+    start = member.header_offset + 30 + int.from_bytes(data[member.header_offset + 26:member.header_offset + 28],
+                                                       "little") + int.from_bytes(
+        data[member.header_offset + 28:member.header_offset + 30], "little")
+    data[start + member.file_size // 2] ^= 0x10
+    changed = tmp_path / "changed.pth"
+    changed.write_bytes(bytes(data))
+    capsys.readouterr()
+    assert main(["inspect", str(intact)]) == 0
+    assert main(["inspect", str(changed)]) == 1
+    assert "fails the zip's CRC-32 check" in capsys.readouterr().out
+    assert main(["eval", "retrieval", "--checkpoint", str(changed)]) == 1
+    err = one_line_error(capsys)
+    assert "is damaged" in err and "CRC-32" in err
+
+
+def test_a_resume_from_another_folder_finds_a_relative_data_root(processed_root, tmp_path, monkeypatch,
+                                                                 capsys):  # noqa: F811
+    monkeypatch.chdir(processed_root.parent)
+    argv = train_args(processed_root, tmp_path / "runs", "--batch-size", "4", "--num-workers", "0")
+    argv[argv.index("--data-root") + 1] = processed_root.name      # relative to the folder the run starts in
+    assert main([*argv, "--max-steps", "1"]) == 0
+    first = next((tmp_path / "runs").glob("*/checkpoint_final_*.pth"))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    capsys.readouterr()
+    assert main(["train", "--resume", str(first), "--max-steps", "2", "--out", str(tmp_path / "runs2"),
+                 "--num-workers", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "is not found from this folder; reading it where the run recorded it" in out
+    assert next((tmp_path / "runs2").glob("*/checkpoint_final_00000002.pth"))
+
+
+def test_a_manifest_without_a_val_list_is_warned_about(processed_root, tmp_path, caplog):  # noqa: F811
+    import logging
+
+    argv = train_args(processed_root, tmp_path / "runs", "--dry-run")
+    i = argv.index("--split-manifest") + 1
+    sides = json.loads(Path(argv[i]).read_text())
+    train_only = tmp_path / "train_only.json"
+    train_only.write_text(json.dumps({"train": sides["train"]}))
+    argv[i] = str(train_only)
+    with caplog.at_level(logging.WARNING, logger="dinox.train"):
+        assert main(argv) == 0
+    assert 'has no "val" list' in caplog.text
+
+
+def test_an_output_folder_that_cannot_be_written_is_told_from_a_full_disk(tmp_path):
+    from dinox.train.runs import _unwritable
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    assert "is a file, not a folder" in _unwritable(blocker / "runs")
+    assert _unwritable(tmp_path / "new" / "runs") is None
+
+
+def test_a_probe_that_cannot_run_says_what_to_change():
+    from dinox.eval import probe
+
+    passed, line = probe.verdict({"tasks": {}, "skipped": {"slice_nodule": "one class only on the training side"},
+                                  "split": {"train_patients": 1, "test_patients": 1}}, 0.6)
+    assert not passed and "1 training and 1 test patients" in line and "--split patients" in line
 
 
 def test_a_missing_default_split_names_the_manifests_the_root_has(processed_root, tmp_path, capsys):  # noqa: F811

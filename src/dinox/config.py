@@ -710,7 +710,10 @@ def validate(cfg: RunConfig) -> None:
                         "(1: the student's resolution; DINOv3's high-resolution Gram teacher uses 2)")
     if not 0.0 < v.global_scale_min <= 1.0:
         raise UserError("the global crop scale minimum must lie in (0, 1]")
-    if v.local_crops and not 0.0 < v.local_scale_min <= v.local_scale_max <= 1.0:
+    if not m.layerscale >= 0:  # NaN too
+        raise UserError(f"--layerscale {m.layerscale} must be >= 0 (an initial gain of the residual branches; "
+                        f"0 turns LayerScale off, DINOv2: 1e-5)")
+    if not 0.0 < v.local_scale_min <= v.local_scale_max <= 1.0:
         raise UserError(f"--local-scale {v.local_scale_min:g} {v.local_scale_max:g} must be two area fractions "
                         f"0 < min <= max <= 1 (DINOv2: 0.05 0.32)")
     if v.local_crops and v.local_size > v.img_size:

@@ -231,6 +231,15 @@ def run(args: argparse.Namespace) -> int:
     resolved = resolve(given, hardware_preset=preset_name, device_kind=info.kind,
                        saved=source.state["config"] if source is not None else None, world_size=world_size)
     cfg = resolved.cfg
+    moved_root = _resumed_data_root(cfg, source, given)
+    if moved_root is not None:
+        given.update(moved_root)
+        resolved = resolve(given, hardware_preset=preset_name, device_kind=info.kind,
+                           saved=source.state["config"], world_size=world_size)
+        cfg = resolved.cfg
+        resolved.notices.append(f"--resume: the run's data root, {source.state['config'].get('data_root')!r} "
+                                f"in its config, is not found from this folder; reading it where the run "
+                                f"recorded it, {moved_root['data_root']}")
     saved_init = source.state["config"].get("init_from") if source is not None else None
     if source is not None and given.get("init_from") and str(given["init_from"]) != str(saved_init):
         # the same --init-from as the run began with is fine (a requeue repeats its command line)
@@ -240,6 +249,10 @@ def run(args: argparse.Namespace) -> int:
     if source is not None and cfg.optim.max_steps is not None and source.step > cfg.optim.max_steps:
         raise UserError(f"{source.path} is at step {source.step}, past --max-steps {cfg.optim.max_steps}: nothing "
                         f"to train; give a --max-steps above {source.step} to train on")
+    if cfg.io.split_manifest and _manifest_lacks_val(Path(cfg.io.split_manifest)):
+        log.warning("split manifest %s has no \"val\" list: in-training evaluation and monitoring will score "
+                    "training patients, and `dinox eval` of this run will ask for a manifest with one; add the "
+                    "validation series, or use the manifest `dinox prep` wrote", cfg.io.split_manifest)
     if args.resume == "auto" and source is None and not args.dry_run:
         resolved.notices.append(f"--resume auto: no checkpoint under {out_root}; starting a new run")
 
@@ -356,6 +369,37 @@ def _train(cfg, info, preset_name, resolved, plan, dist, run_dir: Path, source: 
     code = trainer.run()
     trainer.release()
     return code
+
+
+def _manifest_lacks_val(path: Path) -> bool:
+    """A readable JSON object without a "val" list (what the training side needs is
+    checked, with its messages, when the dataset opens)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and "train" in data and not data.get("val")
+
+
+def _resumed_data_root(cfg: RunConfig, source, given: dict) -> dict | None:
+    """For a resume launched from another folder than the run was: the absolute data paths
+    the run recorded at its start (its config keeps them as typed, perhaps relative), where
+    the config's root is not found from here and the user gave no data flags; else None."""
+    from dinox.eval.load import own_data_paths
+
+    if source is None or any(given.get(k) for k in ("data_root", "index_csv", "split_manifest")):
+        return None
+    if Path(cfg.io.data_root).is_dir():
+        return None
+    root, index, manifest = own_data_paths(cfg, source.state.get("provenance"))
+    if not root.is_dir():
+        return None
+    moved = {"data_root": str(root)}
+    if index is not None:
+        moved["index_csv"] = str(index)
+    if manifest is not None:
+        moved["split_manifest"] = str(manifest)
+    return moved
 
 
 def _data_files(cfg: RunConfig) -> list[Path]:

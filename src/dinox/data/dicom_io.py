@@ -134,7 +134,7 @@ def read_headers(path: str) -> list[SliceHeader] | str:
             if "SOPClassUID" not in ds and "SeriesInstanceUID" not in ds:
                 return "not a DICOM file"
         if not _text(ds, "SeriesInstanceUID"):
-            return "no SeriesInstanceUID"
+            return "no SeriesInstanceUID in its header (a truncated file, or not part of an image series)"
         if "Rows" not in ds or "Columns" not in ds:
             return "not an image (no Rows/Columns)"
         return _slice_headers(path, ds)

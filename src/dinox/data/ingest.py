@@ -428,6 +428,11 @@ def format_summary(report: dict) -> str:
         if report[key]:
             parts = ", ".join(f"{n} {reason}" for reason, n in sorted(report[key].items(), key=lambda kv: -kv[1]))
             lines.append(f"  {title}: {parts}")
+    noted = report.get("series_notes") or {}
+    if noted:
+        first_id, first = next(iter(noted.items()))
+        first = first if isinstance(first, str) else "; ".join(first)
+        lines.append(f"  notes on {len(noted)} series (all in the report), e.g. {first_id}: {first}")
     if "index" in report:
         s = report["split"]
         lines.append(f"  index: {report['index']['series']} series, {report['index']['patients']} patient(s); "

@@ -966,7 +966,12 @@ def verdict(result: dict, min_auroc: float) -> tuple[bool, str]:
     for name in GATE_TASKS:
         t = result["tasks"].get(name)
         if t is None:
-            return False, f"{name} could not be probed ({result['skipped'].get(name, 'no samples')})"
+            split = result.get("split", {})
+            return False, (f"{name} could not be probed ({result['skipped'].get(name, 'no samples')}; "
+                           f"{split.get('train_patients', '?')} training and {split.get('test_patients', '?')} "
+                           f"test patients): each side of the patient split needs slices with and without a "
+                           f"nodule; label more patients (dinox synth --patients, or more LIDC series), try "
+                           f"--split patients with another --seed or --test-fraction, or lower --min-readers")
         passed &= t["auroc"] >= min_auroc
         ci = t["ci95"] or [math.nan, math.nan]
         base = " ".join(f"{k} {v['auroc']:.3f}" for k, v in t["baselines"].items())

@@ -53,7 +53,7 @@ from dinox.run import sharded as sharded_store
 from dinox.run.distributed import local
 from dinox.run.rng import capture_rng_state, restore_rng_state
 from dinox.run.torch_file import (NotATorchFile, first_line, is_weights_only_refusal, load_weights_only,
-                                  refusal_detail)
+                                  refusal_detail, zip_crc_problem)
 
 __all__ = [
     "KINDS",
@@ -611,8 +611,11 @@ def verify_checkpoint(path, required: tuple[str, ...] | list[str] = ()) -> tuple
         note, how = "", "sha256 and size match the record written at save time"
     else:
         note = f"{record}; " if isinstance(record, str) else ""
-        how = ("loads with weights_only=True (no checksum record; tensors checked for non-finite "
-               "and implausible values only)")
+        problem = zip_crc_problem(path)
+        if problem:
+            return False, f"{note}{problem}"
+        how = ("the zip's CRC-32 of every member matches and it loads with weights_only=True (no "
+               "checksum record; tensors checked for non-finite and implausible values)")
     try:
         state = load_weights_only(path, "cpu", mmap=True)
     except (MemoryError, KeyboardInterrupt):
@@ -777,7 +780,11 @@ def load_checkpoint(path, map_location="cpu", *, verify: bool = True, mmap: bool
                 raise CheckpointError(f"checkpoint {path} is damaged: {problem}{_earlier_hint(path)}")
             checksum_ok = True
         elif isinstance(record, str):
-            log.warning("%s; verifying %s by loading it", record, path)
+            log.warning("%s; verifying %s by its zip CRCs and by loading it", record, path)
+        if not checksum_ok:
+            problem = zip_crc_problem(path)
+            if problem:
+                raise CheckpointError(f"checkpoint {path} is damaged: {problem}{_earlier_hint(path)}")
     try:
         state = load_weights_only(path, map_location, mmap)
     except (MemoryError, KeyboardInterrupt):

@@ -71,6 +71,24 @@ def first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {first}".rstrip(": ")
 
 
+def zip_crc_problem(path) -> str | None:
+    """Why the zip members of a ``torch.save`` file fail their CRC-32 (bytes changed after
+    the save: a bad disk, a broken copy), phrased to follow the path, or None when every
+    member matches or the file is not a zip. Reads the whole file: the check for files
+    that have no sha256 record, on which torch.load itself loads changed tensor bytes
+    without a word. Phrased to follow "is damaged: "."""
+    try:
+        if not zipfile.is_zipfile(path):
+            return None
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (OSError, zipfile.BadZipFile, EOFError, ValueError) as exc:
+        return f"it cannot be read as a zip archive ({exc})"
+    if bad is not None:
+        return f"its member {bad} fails the zip's CRC-32 check (bytes changed after the save)"
+    return None
+
+
 def header_problem(path) -> str | None:
     """Why `path` cannot be a ``torch.save`` file, judged from its bytes (phrased to follow
     the path in a message), or None when it looks like one (then the reason it failed to

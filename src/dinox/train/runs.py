@@ -43,7 +43,18 @@ def find_checkpoint(resume: str, out_root: Path) -> tuple[Path | None, bool]:
     from dinox.run.checkpoint import find_resume_checkpoint
 
     if resume == "auto":
-        return find_resume_checkpoint(out_root, RESUME_KEYS), True
+        found = find_resume_checkpoint(out_root, RESUME_KEYS)
+        if found is None:
+            from dinox.run.checkpoint import list_checkpoints, list_run_dirs
+
+            damaged = [p for run in list_run_dirs(out_root) for p in list_checkpoints(run)]
+            if damaged:
+                # a new run here would start over from step 0 beside the work these hold
+                raise UserError(
+                    f"--resume auto: all {len(damaged)} checkpoint(s) under {out_root} are damaged (the warnings above "
+                    f"say why; e.g. {damaged[-1]}); restore one from a copy, resume from one you trust with "
+                    f"--resume PATH, or start a new run with another --out (or without --resume)")
+        return found, True
     from dinox.run.checkpoint import not_a_checkpoint
 
     path = Path(resume)
@@ -120,6 +131,25 @@ def checkpoint_tensor_bytes(plan: dict) -> int:
     return 4 * (student + student + backbone + 2 * student)
 
 
+def _unwritable(target: Path) -> str | None:
+    """Why nothing can be written where `target` (or its nearest existing parent) is, or
+    None: told apart from a full disk by writing a temporary file there (a pseudo
+    filesystem such as /proc reports 0 bytes free and refuses every write)."""
+    import tempfile
+
+    where = Path(target).absolute()
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    if not where.is_dir():
+        return f"{where} is a file, not a folder"
+    try:
+        with tempfile.TemporaryFile(dir=where):
+            pass
+    except OSError as exc:
+        return f"cannot write in {where} ({exc.strerror or exc})"
+    return None
+
+
 def check_disk_space(plan: dict, target: Path, keep_last: int, existing: int = 0) -> str | None:
     """Refuse a run whose first checkpoint cannot fit (found out at start-up, not hours in);
     a warning (returned) when the rotation's checkpoints will not all fit. `existing`:
@@ -130,6 +160,9 @@ def check_disk_space(plan: dict, target: Path, keep_last: int, existing: int = 0
     size = checkpoint_tensor_bytes(plan)
     need, free = space_needed(size), free_space(target)
     if free < need:
+        unwritable = _unwritable(target)
+        if unwritable:
+            raise UserError(f"--out {target}: {unwritable}; give --out a folder you can write to")
         raise UserError(
             f"not enough disk space for one checkpoint: this model's checkpoint takes about {_size(size)} "
             f"(student, EMA teacher, Gram teacher and AdamW moments in fp32) and {_size(free)} are free at "
