@@ -378,3 +378,17 @@ def test_an_index_csv_without_data_root_gives_its_own_root_or_asks_for_one(proce
     from dinox.data.layout import root_of_index
 
     assert root_of_index(processed_root / "_index" / "index.csv") == processed_root
+
+
+def test_retrieval_on_a_handful_of_queries_warns_that_the_figure_is_noise(one_step_checkpoint, processed_root,
+                                                                         tmp_path, capsys):  # noqa: F811
+    main(["eval", "retrieval", "--checkpoint", str(one_step_checkpoint), "--data-root", str(processed_root),
+          "--n", "6", "--draws", "1", "--out", str(tmp_path)])
+    assert "warning: only" in capsys.readouterr().out
+
+
+def test_a_demo_batch_larger_than_its_data_names_the_demo_flags(tmp_path, capsys):
+    assert main(["demo", "--root", str(tmp_path / "demo"), "--patients", "2", "--slices", "4", "--size", "32",
+                 "--steps", "1", "--batch-size", "500"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "--batch-size 500 is more than the demo data's" in err and "--patients or --slices" in err

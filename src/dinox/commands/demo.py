@@ -98,6 +98,14 @@ def run(args) -> int:
     manifest = processed / "_splits" / f"val{round(100 * DEMO_VAL_FRACTION)}_seed0.json"
 
     batch_size = args.batch_size if args.batch_size is not None else _demo_batch(processed, manifest)
+    if args.batch_size is not None:
+        from dinox.data.dataset import CTSliceDataset
+
+        slices = len(CTSliceDataset(processed, "train", manifest))
+        if args.batch_size > slices:
+            raise UserError(f"--batch-size {args.batch_size} is more than the demo data's {slices} training slices "
+                            f"(every batch would repeat slices); give --batch-size {slices} or less, or more "
+                            f"--patients or --slices")
     amp = demo_amp(getattr(args, "amp", None))
     print(f"[demo] 3/4 training vit-tiny for {args.steps} steps on the CPU"
           f"{' with bf16 autocast' if amp else ''} -> {runs}/", flush=True)

@@ -201,6 +201,11 @@ def run_retrieval(args) -> int:
         print(f"note: the {args.split} split holds {available} samples, fewer than --n {args.n}; using all of them")
     if n < 2:
         raise UserError(f"the {args.split} split holds {available} sample(s); retrieval needs at least 2")
+    if n < FEW_QUERIES:
+        # a few lucky hits among a handful of keys pass the ratio bar without features that learned
+        print(f"warning: only {n} queries: the ratio counts hits, so on so few one hit more or less moves it "
+              f"by 1 and a network with barely any features can pass; judge a run on --n 480 or more samples, "
+              f"and add --untrained to see what an untrained network scores on the same views")
     ks = sorted({k for k in args.topk if k <= n})
     dropped = sorted({k for k in args.topk if k > n})
     if dropped:
@@ -258,6 +263,9 @@ def untrained_line(result: dict) -> str:
     if x is None:
         return line + "; it finds none, so the checkpoint has no multiple of its hits"
     return line + f"; the checkpoint finds {x:.2f}x" + (f" [95 % {ci[0]:.2f}, {ci[1]:.2f}]" if ci else "") + " its hits"
+
+
+FEW_QUERIES = 100
 
 
 def retrieval_verdict(result: dict) -> tuple[bool, str]:
