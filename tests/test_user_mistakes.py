@@ -220,7 +220,7 @@ def test_resume_auto_over_only_damaged_checkpoints_refuses_to_start_over(one_ste
                            "--resume", "auto"))
     assert code == 1
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err.startswith("error: --resume auto: all 2 checkpoint(s) under") and "are damaged" in err
+    assert err.startswith("error: --resume auto: all 2 checkpoint(s) under") and "are damaged or unusable" in err
     assert [p.name for p in out.iterdir()] == [run.name]         # no new run started from step 0
 
 

@@ -378,7 +378,7 @@ def _manifest_lacks_val(path: Path) -> bool:
         data = json.loads(path.read_text(encoding="utf-8-sig"))
     except (OSError, ValueError):
         return False
-    return isinstance(data, dict) and "train" in data and not data.get("val")
+    return isinstance(data, dict) and "train" in data and "val" not in data
 
 
 def _resumed_data_root(cfg: RunConfig, source, given: dict) -> dict | None:

@@ -51,9 +51,9 @@ def find_checkpoint(resume: str, out_root: Path) -> tuple[Path | None, bool]:
             if damaged:
                 # a new run here would start over from step 0 beside the work these hold
                 raise UserError(
-                    f"--resume auto: all {len(damaged)} checkpoint(s) under {out_root} are damaged (the warnings above "
-                    f"say why; e.g. {damaged[-1]}); restore one from a copy, resume from one you trust with "
-                    f"--resume PATH, or start a new run with another --out (or without --resume)")
+                    f"--resume auto: all {len(damaged)} checkpoint(s) under {out_root} are damaged or unusable "
+                    f"(the warnings above say why; e.g. {damaged[-1]}); restore one from a copy, resume from one "
+                    f"you trust with --resume PATH, or start a new run with another --out (or without --resume)")
         return found, True
     from dinox.run.checkpoint import not_a_checkpoint
 
