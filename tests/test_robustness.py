@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -332,8 +333,24 @@ def _set_slices(value: str):
     return edit
 
 
+def _rewrite_volume(change):
+    def edit(root: Path, sid: str) -> None:
+        volume = root / "volumes" / f"{sid}.npy"
+        np.save(volume, change(np.load(volume)))
+    return edit
+
+
+def _with_nan(vol):
+    out = vol.astype(np.float32)
+    out[0, 0, 0] = np.nan
+    return out
+
+
 @pytest.mark.parametrize("damage,expected", [
     (_truncate, "truncated"),
+    (_rewrite_volume(_with_nan), "holds NaN or infinite values"),             # would train as 0 HU (water)
+    (_rewrite_volume(lambda v: v.astype(np.float32) * 100), "outside the int16 HU range"),   # would wrap
+    (_rewrite_volume(lambda v: v[:, ::2, ::2]), "but /"),                      # rows/cols against the index
     (_set_slices("eight"), "is not a whole number"),
     (_set_slices("5"), "holds 8 slices but"),    # fewer than the volume: data would be dropped
     (_set_slices("11"), "holds 8 slices but"),   # more: an index error hours into the run
@@ -475,3 +492,29 @@ def test_damaged_checkpoints_skipped_by_resume_are_set_aside(processed_root, tmp
     captured = capsys.readouterr()
     assert "set aside damaged checkpoint checkpoint_final_00000004.pth" in captured.out + captured.err
     assert all(verify_checkpoint(p)[0] for p in ck.list_checkpoints(run))
+
+
+def test_a_second_stop_signal_waits_for_the_checkpoint_being_written():
+    """A second Ctrl+C (or a scheduler's TERM after its USR1) during a save must not cut
+    the file short: it stops the run right after the save; elsewhere it stops at once."""
+    import signal
+
+    from dinox.run.signals import STOP_SIGNALS, StopRequest
+
+    assert {signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP} <= set(STOP_SIGNALS)
+    stop = StopRequest()
+    stop.install()
+    try:
+        stop._handle(signal.SIGUSR1, None)
+        assert stop.signum == signal.SIGUSR1 and stop.exit_code == 0
+        written = []
+        with pytest.raises(KeyboardInterrupt):
+            with stop.writing():
+                stop._handle(signal.SIGTERM, None)      # held: the save goes on
+                written.append("checkpoint")
+        assert written == ["checkpoint"]
+        stop.install()
+        with pytest.raises(KeyboardInterrupt):
+            stop._handle(signal.SIGTERM, None)          # outside a save: at once
+    finally:
+        stop.uninstall()

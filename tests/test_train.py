@@ -145,7 +145,8 @@ def test_sigkill_after_checkpoint_then_resume_auto_is_exact(processed_root, tmp_
     assert losses(only_run(straight)) == losses(run)
 
 
-@pytest.mark.parametrize("sig,code,workers", [(signal.SIGTERM, 0, 0), (signal.SIGINT, 130, 0), (signal.SIGTERM, 0, 1)])
+@pytest.mark.parametrize("sig,code,workers", [(signal.SIGTERM, 0, 0), (signal.SIGINT, 130, 0), (signal.SIGTERM, 0, 1),
+                                              (signal.SIGUSR1, 0, 0), (signal.SIGHUP, 0, 0)])
 def test_signal_saves_and_resume_auto_continues(processed_root, tmp_path, sig, code, workers):
     """With a DataLoader worker the signal goes to the whole process group, as `timeout`,
     `kill -- -PGID` and schedulers send it: the worker must not die before the save."""

@@ -101,7 +101,10 @@ def run(args) -> int:
     if args.batch_size is not None:
         from dinox.data.dataset import CTSliceDataset
 
-        slices = len(CTSliceDataset(processed, "train", manifest))
+        try:
+            slices = len(CTSliceDataset(processed, "train", manifest))
+        except UserError:   # a root that cannot be read: training says why
+            slices = args.batch_size
         if args.batch_size > slices:
             raise UserError(f"--batch-size {args.batch_size} is more than the demo data's {slices} training slices "
                             f"(every batch would repeat slices); give --batch-size {slices} or less, or more "

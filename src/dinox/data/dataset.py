@@ -126,12 +126,23 @@ class CTSliceDataset(Dataset):
                 detail = "no .npy header"
             raise UserError(f"volume {path} is damaged or not a .npy array ({detail}); {fix}") from None
         shape = tuple(getattr(vol, "shape", ()))
-        del vol
         if len(shape) != 3:
             raise UserError(f"volume {path} has shape {shape}, not (slices, rows, cols); {fix}")
         if shape[0] != self.num_slices[k]:
             raise UserError(f"volume {path} holds {shape[0]} slices but {self._row_name(row)} says "
                             f"num_slices {self.num_slices[k]}; {fix}")
+        for axis, name in ((1, "rows"), (2, "cols")):
+            try:
+                listed = int(float(row.get(name) or ""))
+            except ValueError:
+                continue                           # an index without the column: nothing to compare
+            if shape[axis] != listed:
+                raise UserError(f"volume {path} is {shape[1]}x{shape[2]} but {self._row_name(row)} says "
+                                f"{name} {listed}; {fix}")
+        problem = _hu_problem(vol)
+        del vol
+        if problem:
+            raise UserError(f"volume {path} {problem}; {fix}")
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
@@ -184,6 +195,21 @@ class CTSliceDataset(Dataset):
     def series_ranges(self) -> dict[str, range]:
         """Sample indices belonging to each series."""
         return {sid: range(self._starts[k], self._starts[k + 1]) for k, sid in enumerate(self.series_ids)}
+
+
+def _hu_problem(vol: np.ndarray) -> str | None:
+    """Why a volume's values cannot be read as int16 HU (what `dinox prep` writes), or None.
+    Only a volume of another dtype is read whole: casting would turn NaN into 0 HU (water)
+    and wrap values beyond int16 without a word."""
+    if vol.dtype == np.int16:
+        return None
+    if vol.dtype.kind not in "iuf":
+        return f"holds {vol.dtype} values, not HU numbers"
+    if vol.dtype.kind == "f" and not np.isfinite(vol).all():
+        return f"holds NaN or infinite values ({vol.dtype}; dinox prep writes int16 HU)"
+    if vol.size and (vol.min() < np.iinfo(np.int16).min or vol.max() > np.iinfo(np.int16).max):
+        return f"holds values outside the int16 HU range ({vol.dtype}; dinox prep writes int16 HU)"
+    return None
 
 
 def pad_collate(batch: list[torch.Tensor]) -> torch.Tensor:

@@ -1,6 +1,7 @@
-"""Process exit codes and the SIGINT/SIGTERM handling of a run."""
+"""Process exit codes and the stop signals of a run."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 
@@ -13,19 +14,30 @@ EXIT_ANOMALY = 5
 EXIT_SIGINT = 130
 
 
+# Ctrl+C; a scheduler's stop (SLURM, Kubernetes); a closed terminal or ssh session; the
+# pre-emption warnings schedulers send ahead of the stop (SLURM's --signal=USR1@T): each asks
+# the run to finish its step and save. Those a platform lacks (Windows) are left out.
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP", "SIGUSR1", "SIGUSR2")
+                     if hasattr(signal, name))
+
+
 class StopRequest:
-    """Turns SIGINT/SIGTERM into a flag the loop checks after each step; a second signal
-    gets the default behaviour (immediate stop)."""
+    """Turns the STOP_SIGNALS into a flag the loop checks after each step; a second signal
+    stops at once (KeyboardInterrupt), except while a checkpoint is being written
+    (`writing`), which it lets finish first: a save cut short leaves a half-written file
+    and the steps since the last one lost."""
 
     def __init__(self):
         self.signum: int | None = None
         self._previous: dict[int, object] = {}
+        self._writing = False
+        self._forced = False
 
     def install(self) -> None:
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in STOP_SIGNALS:
             try:
                 self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread
+            except (ValueError, OSError):  # not the main thread
                 pass
 
     def uninstall(self) -> None:
@@ -33,12 +45,28 @@ class StopRequest:
             signal.signal(sig, handler)
         self._previous.clear()
 
+    @contextlib.contextmanager
+    def writing(self):
+        """Hold a second signal until the checkpoint written inside has been saved."""
+        self._writing = True
+        try:
+            yield
+        finally:
+            self._writing = False
+        if self._forced:
+            self.uninstall()
+            raise KeyboardInterrupt
+
     def _handle(self, signum, frame) -> None:
+        name = signal.Signals(signum).name
         if self.signum is not None:
+            if self._writing:
+                self._forced = True
+                log.warning("%s received again: stopping as soon as the checkpoint being written is saved", name)
+                return
             self.uninstall()
             raise KeyboardInterrupt
         self.signum = signum
-        name = signal.Signals(signum).name
         log.warning("%s received: finishing the current step, then saving a checkpoint", name)
 
     @property

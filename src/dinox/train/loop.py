@@ -102,7 +102,8 @@ class Trainer:
         return autocast(self.device, self.autocast_dtype)
 
     def save(self, kind: str = "periodic") -> Path | None:
-        return self.checkpointer.save(self.parts, kind)
+        with self.stop.writing():
+            return self.checkpointer.save(self.parts, kind)
 
     # ---------------------------------------------------------------- one step
     def train_step(self, micro_batches, sched: dict[str, float]) -> StepResult:
@@ -238,7 +239,8 @@ class Trainer:
                 log.info("stopped at step %d; continue with --resume auto", step)
                 return self.stop.exit_code
 
-        final = self.checkpointer.save_final(self.parts)
+        with self.stop.writing():
+            final = self.checkpointer.save_final(self.parts)
         if dist.is_main:
             print(f"training finished at step {self.progress.step}; final checkpoint: {final}", flush=True)
         return EXIT_OK

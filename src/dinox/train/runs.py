@@ -165,8 +165,9 @@ def check_disk_space(plan: dict, target: Path, keep_last: int, existing: int = 0
             raise UserError(f"--out {target}: {unwritable}; give --out a folder you can write to")
         raise UserError(
             f"not enough disk space for one checkpoint: this model's checkpoint takes about {_size(size)} "
-            f"(student, EMA teacher, Gram teacher and AdamW moments in fp32) and {_size(free)} are free at "
-            f"{target}; free space there or give --out a folder on a disk with room")
+            f"(student, EMA teacher, Gram teacher and AdamW moments in fp32), a save asks for {_size(need)} with its "
+            f"margin, and {_size(free)} are free at {target}; free space there or give --out a folder on a disk "
+            f"with room")
     room = free // need
     # Rotation writes the new checkpoint before it deletes the oldest: keep_last + 1 at a time.
     if room < max(0, keep_last - existing) + 1:
