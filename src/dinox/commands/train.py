@@ -133,7 +133,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ibot-mask-ratio", type=float, nargs=2, metavar=("MIN", "MAX"),
                    help="range of the fraction of patches masked per masked image (DINOv2: 0.1 0.5)")
     g.add_argument("--ibot-mask-probability", type=float,
-                   help="fraction of the global-view images that are masked (DINOv2: 0.5)")
+                   help=f"fraction of the global-view images that are masked (default "
+                        f"{recipe_defaults('ibot_mask_probability')}; DINOv2: 0.5)")
     g.add_argument("--gram-weight", type=float, help="Gram anchoring weight (> 0; it cannot be disabled)")
     g.add_argument("--gram-refresh-every", type=positive_int, help="steps between Gram-teacher snapshots")
     g.add_argument("--gram-start-step", type=nonneg_int,
