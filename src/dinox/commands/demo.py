@@ -97,18 +97,7 @@ def run(args) -> int:
                        "--val-fraction", str(DEMO_VAL_FRACTION)]))
     manifest = processed / "_splits" / f"val{round(100 * DEMO_VAL_FRACTION)}_seed0.json"
 
-    batch_size = args.batch_size if args.batch_size is not None else _demo_batch(processed, manifest)
-    if args.batch_size is not None:
-        from dinox.data.dataset import CTSliceDataset
-
-        try:
-            slices = len(CTSliceDataset(processed, "train", manifest))
-        except UserError:   # a root that cannot be read: training says why
-            slices = args.batch_size
-        if args.batch_size > slices:
-            raise UserError(f"--batch-size {args.batch_size} is more than the demo data's {slices} training slices "
-                            f"(every batch would repeat slices); give --batch-size {slices} or less, or more "
-                            f"--patients or --slices")
+    batch_size = _demo_batch(processed, manifest, args.batch_size)
     amp = demo_amp(getattr(args, "amp", None))
     print(f"[demo] 3/4 training vit-tiny for {args.steps} steps on the CPU"
           f"{' with bf16 autocast' if amp else ''} -> {runs}/", flush=True)
@@ -144,12 +133,24 @@ def run(args) -> int:
     return code
 
 
-def _demo_batch(processed: Path, manifest: Path) -> int:
-    """DEMO_BATCH, or all training slices where a small demo (--patients, --slices) has fewer:
-    training refuses a batch larger than its data (every batch would repeat slices)."""
+def _demo_batch(processed: Path, manifest: Path, given: int | None = None) -> int:
+    """The --batch-size `given`, else DEMO_BATCH, or all training slices where a small demo
+    (--patients, --slices) has fewer: training refuses a batch larger than its data (every
+    batch would repeat slices), and a given one is refused here with the demo's own flags."""
     from dinox.data.dataset import CTSliceDataset
 
-    slices = len(CTSliceDataset(processed, "train", manifest))
+    try:
+        slices = len(CTSliceDataset(processed, "train", manifest))
+    except UserError:
+        if given is None:
+            raise
+        return given    # a root that cannot be read: training says why
+    if given is not None:
+        if given > slices:
+            raise UserError(f"--batch-size {given} is more than the demo data's {slices} training slices "
+                            f"(every batch would repeat slices); give --batch-size {slices} or less, or more "
+                            f"--patients or --slices")
+        return given
     if slices < DEMO_BATCH:
         print(f"[demo] note: {slices} training slices, fewer than the batch of {DEMO_BATCH}; training with a "
               f"batch of {slices}", flush=True)

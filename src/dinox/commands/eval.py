@@ -24,6 +24,7 @@ EXIT_PASS = 0
 EXIT_FAIL = 2
 DEFAULT_MIN_RATIO = 3.0  # the seed guide's first proof of semantic learning (run nano_aug_test)
 RETRIEVAL_DEFAULTS = {"split": "val", "seed": 1234}
+FEW_QUERIES = 100  # below this many queries a retrieval figure is mostly the luck of a few hits
 PROBE_DEFAULTS = {"split": "auto", "seed": 0}
 
 
@@ -263,9 +264,6 @@ def untrained_line(result: dict) -> str:
     if x is None:
         return line + "; it finds none, so the checkpoint has no multiple of its hits"
     return line + f"; the checkpoint finds {x:.2f}x" + (f" [95 % {ci[0]:.2f}, {ci[1]:.2f}]" if ci else "") + " its hits"
-
-
-FEW_QUERIES = 100
 
 
 def retrieval_verdict(result: dict) -> tuple[bool, str]:

@@ -68,6 +68,7 @@ __all__ = [
     "file_sha256",
     "find_resume_checkpoint",
     "free_space",
+    "nearest_existing",
     "is_checkpoint_path",
     "not_a_checkpoint",
     "is_run_dir_name",
@@ -347,13 +348,18 @@ def space_needed(tensor_bytes: int) -> int:
     return int(tensor_bytes * (1 + _SPACE_MARGIN_FRACTION)) + _SPACE_MARGIN_BYTES
 
 
-def free_space(path) -> int:
-    """Free bytes on the filesystem that holds `path` (or its nearest existing parent, for a
-    folder not created yet)."""
+def nearest_existing(path) -> Path:
+    """`path` made absolute, or its nearest existing parent (a folder not created yet)."""
     path = Path(path).absolute()
     while not path.exists() and path != path.parent:
         path = path.parent
-    return shutil.disk_usage(path).free
+    return path
+
+
+def free_space(path) -> int:
+    """Free bytes on the filesystem that holds `path` (or its nearest existing parent, for a
+    folder not created yet)."""
+    return shutil.disk_usage(nearest_existing(path)).free
 
 
 def _gb(n: float) -> str:

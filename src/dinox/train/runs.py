@@ -137,9 +137,9 @@ def _unwritable(target: Path) -> str | None:
     filesystem such as /proc reports 0 bytes free and refuses every write)."""
     import tempfile
 
-    where = Path(target).absolute()
-    while not where.exists() and where != where.parent:
-        where = where.parent
+    from dinox.run.checkpoint import nearest_existing
+
+    where = nearest_existing(target)
     if not where.is_dir():
         return f"{where} is a file, not a folder"
     try:
