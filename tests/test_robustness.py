@@ -170,6 +170,26 @@ def test_second_process_on_a_run_folder_is_refused_naming_the_holder(processed_r
     assert not (run / ck.LOCK_NAME).exists()
 
 
+def test_resume_auto_does_not_start_beside_a_live_run_without_checkpoints(processed_root, tmp_path, capsys):
+    """A job launched twice (or a requeue racing its predecessor) before the first checkpoint:
+    the second `--resume auto` finds nothing to resume, and must not start a parallel run."""
+    out = tmp_path / "runs"
+    first = ck.new_run_dir(out)
+    holder = _hold_lock(first)
+    try:
+        capsys.readouterr()
+        assert main(train_args(processed_root, out, "--max-steps", "2", *FAST, "--resume", "auto")) == 1
+        err = one_line_error(capsys)
+        assert f"pid {holder.pid}" in err and str(first) in err and "parallel run" in err
+        assert run_dirs(out) == [first]
+        # Without --resume auto a new run is what was asked for: it starts beside the live one.
+        assert main(train_args(processed_root, out, "--max-steps", "2", *FAST)) == 0
+        assert len(run_dirs(out)) == 2
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 def test_a_training_process_holds_its_folder(processed_root, tmp_path, capsys):
     out = tmp_path / "runs"
     proc = _spawn(train_args(processed_root, out, "--batch-size", "4", "--num-workers", "0", "--ckpt-every", "1",
@@ -518,3 +538,64 @@ def test_a_second_stop_signal_waits_for_the_checkpoint_being_written():
             stop._handle(signal.SIGTERM, None)          # outside a save: at once
     finally:
         stop.uninstall()
+
+
+# ----------------------------------------------------------------------------- data changed during a run
+
+def test_a_volume_cut_or_removed_under_a_mapped_dataset_is_named_not_a_bus_error(processed_root, tmp_path):
+    """Reading a mapped page that a truncation removed kills the process with SIGBUS; the
+    dataset checks the file before each read instead."""
+    from dinox.data.dataset import DataChanged
+
+    root = copy_root(processed_root, tmp_path)
+    data = CTSliceDataset(root, "train", manifest_of(root))
+    sid, _ = data.locate(0)
+    volume = root / "volumes" / f"{sid}.npy"
+    first = data[0].clone()
+    with open(volume, "r+b") as f:                       # cut in place: the mapping sees it
+        f.truncate(volume.stat().st_size - 200)
+    with pytest.raises(DataChanged, match="truncated") as info:
+        data[0]
+    assert sid in str(info.value) and "\n" not in str(info.value)
+    volume.unlink()
+    with pytest.raises(DataChanged, match="became unreadable"):
+        data[1]
+    rewritten = np.load(processed_root / "volumes" / f"{sid}.npy") + 1   # a rewrite of the same shape is read anew
+    np.save(volume, rewritten)
+    assert torch.equal(data[0], first + 1)
+
+
+def test_a_volume_cut_during_training_stops_with_an_exact_emergency_checkpoint(processed_root, tmp_path, capsys,
+                                                                            monkeypatch):
+    """The run stops with one line naming the file, keeps the steps done in an emergency
+    checkpoint, and, once the file is back, resumes to the same weights as a run never cut."""
+    root = copy_root(processed_root, tmp_path)
+    steps = ("--max-steps", "6", "--batch-size", "4", "--num-workers", "0", "--ckpt-every", "100")
+    assert main(train_args(root, tmp_path / "whole", *steps)) == 0
+    reference = final_weights(only_run(tmp_path / "whole"))
+
+    plain, reads, cut = CTSliceDataset.__getitem__, [0], {}
+
+    def cut_before_the_fourth_step(self, i):
+        reads[0] += self.split == "train"
+        if reads[0] == 13 and self.split == "train" and not cut:    # the fourth step's first sample: cut its volume
+            sid, _ = self.locate(i)
+            volume = root / "volumes" / f"{sid}.npy"
+            cut.update(sid=sid, volume=volume, original=volume.read_bytes())
+            with open(volume, "r+b") as f:
+                f.truncate(len(cut["original"]) - 200)
+        return plain(self, i)
+
+    monkeypatch.setattr(CTSliceDataset, "__getitem__", cut_before_the_fourth_step)
+    capsys.readouterr()
+    out = tmp_path / "cut"
+    code = main(train_args(root, out, *steps))
+    monkeypatch.setattr(CTSliceDataset, "__getitem__", plain)
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    run = only_run(out)
+    assert code == 1, err
+    assert err.startswith("error: at step 3: volume") and cut["sid"] in err and "--resume auto" in err, err
+    assert [p.name for p in run.glob("checkpoint_*.pth")] == [checkpoint_path(run, 3, "emergency").name]
+    cut["volume"].write_bytes(cut["original"])
+    assert main(train_args(root, out, *steps, "--resume", "auto")) == 0
+    assert_same_state(final_weights(run), reference)

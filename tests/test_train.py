@@ -210,6 +210,28 @@ def test_resume_logs_changed_free_settings(processed_root, tmp_path, capsys):
     assert "changed on resume: max_steps: 1 -> 2" in printed
 
 
+@pytest.mark.parametrize("damage", ["delete", "cut"])
+def test_resume_says_when_metrics_rows_are_missing(processed_root, tmp_path, capsys, damage):
+    out = tmp_path / "runs"
+    assert main(train_args(processed_root, out, "--max-steps", "4", "--batch-size", "4", "--ckpt-every", "4")) == 0
+    run = only_run(out)
+    metrics = run / "metrics.jsonl"
+    if damage == "delete":
+        metrics.unlink()
+    else:
+        kept = metrics.read_text().splitlines(keepends=True)[:2]
+        metrics.write_text("".join(kept))
+    capsys.readouterr()
+    assert main(train_args(processed_root, out, "--max-steps", "6", "--batch-size", "4", "--resume", "auto")) == 0
+    printed = "".join(capsys.readouterr())
+    held = "no rows" if damage == "delete" else f"rows only up to step {json.loads(kept[-1])['step']}"
+    assert f"metrics.jsonl holds {held} but the checkpoint is at step 4" in printed
+    assert [row["step"] for row in read_metrics(run)][-2:] == [5, 6]
+    capsys.readouterr()
+    assert main(train_args(processed_root, out, "--max-steps", "7", "--batch-size", "4", "--resume", "auto")) == 0
+    assert "rows between are missing" not in "".join(capsys.readouterr())   # an intact file: no warning
+
+
 def test_nonfinite_loss_halts_with_emergency_checkpoint(processed_root, tmp_path, monkeypatch, capsys):
     from dinox.train import loop
 

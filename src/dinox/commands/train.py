@@ -278,7 +278,7 @@ def run(args: argparse.Namespace) -> int:
 
     dist.init(torch.device(info.torch_device).type)
     try:
-        run_dir, lock, created = prepare_run_dir(dist, out_root, source)
+        run_dir, lock, created = prepare_run_dir(dist, out_root, source, resume_auto=args.resume == "auto")
         try:
             if _is_finished(source, cfg):
                 # A finished run relaunched as it was (a requeued job with --resume auto): saving

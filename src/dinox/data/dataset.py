@@ -27,6 +27,10 @@ AIR_HU = -1024
 MAX_OPEN_VOLUMES = 256   # memory maps kept open per process (each holds a file descriptor)
 
 
+class DataChanged(UserError):
+    """A volume that was checked at the start became unreadable or different during the run."""
+
+
 class CTSliceDataset(Dataset):
     """Every slice of every series in a split, as a (3, H, W) int16 tensor of raw HU.
 
@@ -69,7 +73,7 @@ class CTSliceDataset(Dataset):
         for k in range(len(self.paths)):
             self._check_volume(k)
         self._starts = np.concatenate([[0], np.cumsum(self.num_slices)]).tolist()
-        self._maps: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._maps: OrderedDict[int, tuple[np.ndarray, tuple]] = OrderedDict()
         self._pid = os.getpid()
 
     @staticmethod
@@ -109,40 +113,50 @@ class CTSliceDataset(Dataset):
                             f"{self.root}: re-run `dinox prep` to rewrite the index") from None
 
     def _check_volume(self, k: int) -> None:
-        """The volume's .npy header against its index row, before any training: a damaged
-        file found mid-run would stop the run at the same sample on every resume.
+        """The volume's .npy header and values against its index row, before any training: a
+        damaged file found mid-run would stop the run at the same sample on every resume."""
+        vol = self._open_volume(k)
+        problem = _hu_problem(vol)
+        del vol
+        if problem:
+            raise UserError(f"volume {self.paths[k]} {problem}; {self._prep_fix(k)}")
 
-        Memory-mapping reads only the header, and fails when the file is shorter than the
-        header says (truncated)."""
-        path, row = self.paths[k], self.records[k]
-        fix = f"re-run `dinox prep --force` to rewrite it (or drop series {row['series_id']} from the index)"
+    def _prep_fix(self, k: int) -> str:
+        return (f"re-run `dinox prep --force` to rewrite it (or drop series {self.records[k]['series_id']} "
+                f"from the index)")
+
+    def _open_volume(self, k: int, error: type[UserError] = UserError) -> np.ndarray:
+        """Memory-map volume k, checking its header against the index row.
+
+        Mapping reads only the header, and fails when the file is shorter than the header
+        says (truncated)."""
+        path, row, fix = self.paths[k], self.records[k], self._prep_fix(k)
         try:
             vol = np.load(path, mmap_mode="r")
         except (OSError, ValueError, EOFError) as exc:
             detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            if "greater than file size" in detail or isinstance(exc, EOFError):
+            if isinstance(exc, FileNotFoundError):
+                detail = "the file is gone"
+            elif "greater than file size" in detail or isinstance(exc, EOFError):
                 detail = "truncated: the file is shorter than its header says"
             elif "pickled" in detail:
                 detail = "no .npy header"
-            raise UserError(f"volume {path} is damaged or not a .npy array ({detail}); {fix}") from None
+            raise error(f"volume {path} is damaged or not a .npy array ({detail}); {fix}") from None
         shape = tuple(getattr(vol, "shape", ()))
         if len(shape) != 3:
-            raise UserError(f"volume {path} has shape {shape}, not (slices, rows, cols); {fix}")
+            raise error(f"volume {path} has shape {shape}, not (slices, rows, cols); {fix}")
         if shape[0] != self.num_slices[k]:
-            raise UserError(f"volume {path} holds {shape[0]} slices but {self._row_name(row)} says "
-                            f"num_slices {self.num_slices[k]}; {fix}")
+            raise error(f"volume {path} holds {shape[0]} slices but {self._row_name(row)} says "
+                        f"num_slices {self.num_slices[k]}; {fix}")
         for axis, name in ((1, "rows"), (2, "cols")):
             try:
                 listed = int(float(row.get(name) or ""))
             except ValueError:
                 continue                           # an index without the column: nothing to compare
             if shape[axis] != listed:
-                raise UserError(f"volume {path} is {shape[1]}x{shape[2]} but {self._row_name(row)} says "
-                                f"{name} {listed}; {fix}")
-        problem = _hu_problem(vol)
-        del vol
-        if problem:
-            raise UserError(f"volume {path} {problem}; {fix}")
+                raise error(f"volume {path} is {shape[1]}x{shape[2]} but {self._row_name(row)} says "
+                            f"{name} {listed}; {fix}")
+        return vol
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
@@ -150,19 +164,31 @@ class CTSliceDataset(Dataset):
         return state
 
     def _volume(self, k: int) -> np.ndarray:
+        """Volume k's memory map, re-checked against the file on every read: reading a
+        mapped page that a truncation removed kills the process with SIGBUS (no message,
+        no emergency checkpoint), so a file that changed under the run is found first."""
         if self._pid != os.getpid():     # forked into a DataLoader worker: own maps
             self._maps = OrderedDict()
             self._pid = os.getpid()
-        vol = self._maps.get(k)
-        if vol is None:
-            vol = np.load(self.paths[k], mmap_mode="r")
-            if vol.ndim != 3:
-                raise ValueError(f"{self.paths[k]}: expected a (Z, H, W) volume, got shape {vol.shape}")
-            self._maps[k] = vol
-            if len(self._maps) > MAX_OPEN_VOLUMES:
-                self._maps.popitem(last=False)
-        else:
+        path = self.paths[k]
+        try:
+            st = os.stat(path)
+        except OSError as exc:
+            raise DataChanged(f"volume {path} became unreadable during the run "
+                              f"({exc.strerror or type(exc).__name__}); restore it, or {self._prep_fix(k)}") from None
+        key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        cached = self._maps.get(k)
+        if cached is not None and cached[1] == key:
             self._maps.move_to_end(k)
+            return cached[0]
+        if cached is not None:           # replaced, rewritten or cut since it was mapped
+            self._maps.pop(k)
+        vol = self._open_volume(k, DataChanged)
+        if isinstance(vol, np.memmap) and st.st_size < vol.offset + vol.nbytes:
+            raise DataChanged(f"volume {path} is damaged (truncated during the run); {self._prep_fix(k)}")
+        self._maps[k] = (vol, key)
+        if len(self._maps) > MAX_OPEN_VOLUMES:
+            self._maps.popitem(last=False)
         return vol
 
     def __len__(self) -> int:

@@ -89,6 +89,7 @@ class MetricsLogger:
         self._start = time.monotonic() - float(elapsed_offset)
         self._file = None
         self._writer = None
+        self.last_kept_step: int | None = None   # after truncate_after: the last row a resume kept
         if not is_main:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -133,6 +134,7 @@ class MetricsLogger:
             return 0
         self._file.close()
         kept, dropped = lines_until(self.path, step)
+        self.last_kept_step = max((int(json.loads(line)["step"]) for line in kept), default=None)
         tmp = self.path.with_suffix(".jsonl.tmp")
         with open(tmp, "w", encoding="utf-8") as f:
             f.writelines(kept)

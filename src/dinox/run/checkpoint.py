@@ -1139,6 +1139,22 @@ def _probe_lock(path: Path) -> tuple[str, dict]:
     return "gone", holder
 
 
+def run_dir_holder(run_dir) -> dict | None:
+    """The live process holding `run_dir` (its pid, host and start), or None; a stale lock
+    is cleared on the way, as `lock_run_dir` would."""
+    path = Path(run_dir) / LOCK_NAME
+    mine = _HELD.get(_lock_key(path))
+    if mine is not None and mine.held:        # never open a lock file this process holds
+        return mine.holder
+    if not path.exists():
+        return None
+    try:
+        status, holder = _probe_lock(path)
+    except OSError:
+        return None
+    return holder if status == "held" else None
+
+
 def lock_run_dir(run_dir) -> RunLock:
     """Hold `run_dir` for this process, or raise RunLockedError naming the live holder.
 

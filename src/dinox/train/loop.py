@@ -19,7 +19,8 @@ import torch
 
 from dinox.config import RunConfig
 from dinox.data.augment import CTAugment
-from dinox.data.dataset import CTSliceDataset, pad_collate
+from dinox.data.dataset import CTSliceDataset, DataChanged, pad_collate
+from dinox.errors import UserError
 from dinox.observe.anomaly import AnomalyGuard, EntropyWall, entropy_wall_advice, nonfinite_diagnostics, respond
 from dinox.observe.health import MemoryWatch, device_memory_metrics
 from dinox.observe.metrics import MetricsLogger, Throughput, format_progress, run_header
@@ -95,6 +96,18 @@ class Trainer:
         self.metrics = MetricsLogger(run_dir, tensorboard=True, is_main=dist.is_main)
         if resume_state is not None and dist.is_main:
             self.metrics.truncate_after(self.progress.step)
+            self._warn_on_missing_metrics(resume_state.get("config", {}).get("log_every", 1))
+
+    def _warn_on_missing_metrics(self, logged_every: int) -> None:
+        """A resumed run whose metrics.jsonl stops short of its checkpoint lost rows (deleted
+        or cut outside dinox): say so, since `dinox monitor` and plots would show a quiet gap."""
+        last, step = self.metrics.last_kept_step, self.progress.step
+        every = max(int(logged_every or 1), self.cfg.watch.log_every)
+        if step > 0 and (last is None or step - last >= every):
+            held = "no rows" if last is None else f"rows only up to step {last}"
+            log.warning("%s holds %s but the checkpoint is at step %d: the rows between are missing (the file was "
+                        "deleted or cut); training goes on and appends from step %d, the TensorBoard events keep "
+                        "what they hold", self.metrics.path, held, step, step + 1)
 
     progress = property(lambda self: self.parts.progress, doc="Steps done and samples consumed.")
 
@@ -119,7 +132,13 @@ class Trainer:
             self.scaler.scale(loss / accumulation).backward()
 
         for i in range(accumulation):
-            stacks = next(micro_batches).to(self.device, non_blocking=True)
+            try:
+                stacks = next(micro_batches).to(self.device, non_blocking=True)
+            except DataChanged:
+                self.optimizer.zero_grad(set_to_none=True)
+                ssl.abandon_step()
+                restore_step(self.parts, before, self.device)
+                raise
             views = self.augment(stacks, self.parts.aug_generator)
             masks = ssl.draw_masks(2 * stacks.shape[0], self.parts.aug_generator, self.device)
             sync = self.dist.no_sync(self.model) if i < accumulation - 1 else contextlib.nullcontext()
@@ -202,7 +221,10 @@ class Trainer:
             self.ssl.maybe_refresh_gram_teacher(self.progress.step)
             if self.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(self.device)
-            result = self.train_step(micro_batches, sched)
+            try:
+                result = self.train_step(micro_batches, sched)
+            except DataChanged as exc:
+                return self._halt_data_changed(exc)
             if not result.finite:
                 return self._halt_nonfinite(result)
             self.progress.step += 1
@@ -227,7 +249,10 @@ class Trainer:
             if halt:
                 log.error("halting on anomaly (--halt-on-anomaly); resume with --resume auto")
                 return EXIT_ANOMALY
-            self.checks.run(step, throughput)
+            try:
+                self.checks.run(step, throughput)
+            except DataChanged as exc:
+                return self._halt_data_changed(exc)
             if o.max_steps is not None and step >= o.max_steps:
                 break
             periodic = step % cfg.io.ckpt_every == 0
@@ -244,6 +269,20 @@ class Trainer:
         if dist.is_main:
             print(f"training finished at step {self.progress.step}; final checkpoint: {final}", flush=True)
         return EXIT_OK
+
+    def _halt_data_changed(self, exc: DataChanged) -> int:
+        """A volume changed under the run: keep the work done so far, then stop with the
+        dataset's one-line reason. Under torchrun the failing rank alone cannot save (the
+        save gathers every rank), so it stops at once and the last periodic checkpoint holds."""
+        # A DataLoader worker re-raises with its traceback in the message; the reason is the last line.
+        reason = str(exc).strip().splitlines()[-1].removeprefix(f"{DataChanged.__module__}.{DataChanged.__name__}: ")
+        step = self.progress.step
+        if self.dist.enabled:
+            raise UserError(f"at step {step}: {reason}; then resume with --resume auto (from the last periodic "
+                            f"checkpoint)") from None
+        path = self.save("emergency")
+        raise UserError(f"at step {step}: {reason}; the run's work up to step {step} is in {path}: then resume "
+                        f"with --resume auto") from None
 
     def _halt_nonfinite(self, result: StepResult) -> int:
         """NaN/Inf loss: the bad update was never applied; save that state and stop."""

@@ -189,15 +189,19 @@ def resumed_from(source: ResumeSource) -> dict:
     return {"run": str(path.parent), "checkpoint": str(path), "step": source.step, "sha256": file_sha256(path)}
 
 
-def prepare_run_dir(dist, out_root: Path, source: ResumeSource | None):
+def prepare_run_dir(dist, out_root: Path, source: ResumeSource | None, resume_auto: bool = False):
     """(run folder, lock, created by this launch). Rank 0 decides and locks; every rank gets
-    the folder, or the same one-line error."""
+    the folder, or the same one-line error. `resume_auto`: the launch asked to continue the
+    run under out_root and found no checkpoint; it still must not start beside a live run
+    that has none yet (a job launched twice, a requeue racing its predecessor)."""
     from dinox.run.distributed import broadcast_object
 
     run_dir = lock = error = None
     created = False
     if dist.is_main:
         try:
+            if source is None and resume_auto:
+                _refuse_beside_live_run(out_root)
             run_dir, lock, created = _claim_run_dir(out_root, source)
         except UserError as exc:
             error = exc
@@ -207,6 +211,20 @@ def prepare_run_dir(dist, out_root: Path, source: ResumeSource | None):
     if outcome[1] is not None:
         raise UserError(outcome[1])
     return Path(outcome[0]), lock, created
+
+
+def _refuse_beside_live_run(out_root: Path) -> None:
+    from dinox.run.checkpoint import is_run_dir_name, run_dir_holder
+
+    if not out_root.is_dir():
+        return
+    for run_dir in sorted(out_root.iterdir()):
+        holder = run_dir_holder(run_dir) if run_dir.is_dir() and is_run_dir_name(run_dir.name) else None
+        if holder is not None:
+            raise UserError(f"--resume auto: {run_dir} is being trained by pid {holder.get('pid', '?')} on host "
+                            f"{holder.get('host', '?')} (since {holder.get('since', '?')}) and has no checkpoint "
+                            f"yet; a second launch would start a parallel run: wait for that one, stop it, or "
+                            f"train into another --out")
 
 
 def _claim_run_dir(out_root: Path, source: ResumeSource | None):
