@@ -183,9 +183,7 @@ class CTSliceDataset(Dataset):
             return cached[0]
         if cached is not None:           # replaced, rewritten or cut since it was mapped
             self._maps.pop(k)
-        vol = self._open_volume(k, DataChanged)
-        if isinstance(vol, np.memmap) and st.st_size < vol.offset + vol.nbytes:
-            raise DataChanged(f"volume {path} is damaged (truncated during the run); {self._prep_fix(k)}")
+        vol = self._open_volume(k, DataChanged)   # refuses a file shorter than its header says
         self._maps[k] = (vol, key)
         if len(self._maps) > MAX_OPEN_VOLUMES:
             self._maps.popitem(last=False)

@@ -12,12 +12,15 @@ JSON keys are the metric names as given (snake_case by convention: `loss`, `loss
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger("dinox.metrics")
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -89,7 +92,6 @@ class MetricsLogger:
         self._start = time.monotonic() - float(elapsed_offset)
         self._file = None
         self._writer = None
-        self.last_kept_step: int | None = None   # after truncate_after: the last row a resume kept
         if not is_main:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -124,17 +126,24 @@ class MetricsLogger:
             self._writer.flush()
         return record
 
-    def truncate_after(self, step: int) -> int:
+    def truncate_after(self, step: int, logged_every: int = 1) -> int:
         """Drop JSONL records with step > `step` (and unreadable lines); returns lines dropped.
 
         TensorBoard events past `step` are hidden by reopening the writer with
-        `purge_step=step + 1`, TensorBoard's own mechanism for resumed runs.
+        `purge_step=step + 1`, TensorBoard's own mechanism for resumed runs. Rows missing
+        before `step` (the file deleted or cut outside dinox; a row was due every
+        `logged_every` steps) are named in a warning: plots would show a quiet gap.
         """
         if not self.is_main:
             return 0
         self._file.close()
         kept, dropped = lines_until(self.path, step)
-        self.last_kept_step = max((int(json.loads(line)["step"]) for line in kept), default=None)
+        last = max((int(json.loads(line)["step"]) for line in kept), default=None)
+        if step > 0 and (last is None or step - last >= logged_every):
+            held = "no rows" if last is None else f"rows only up to step {last}"
+            log.warning("%s holds %s but the checkpoint is at step %d: the rows between are missing (the file was "
+                        "deleted or cut); training goes on and appends from step %d, the TensorBoard events keep "
+                        "what they hold", self.path, held, step, step + 1)
         tmp = self.path.with_suffix(".jsonl.tmp")
         with open(tmp, "w", encoding="utf-8") as f:
             f.writelines(kept)

@@ -14,6 +14,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 
@@ -95,19 +96,8 @@ class Trainer:
         self.checks = InTrainingChecks(self)
         self.metrics = MetricsLogger(run_dir, tensorboard=True, is_main=dist.is_main)
         if resume_state is not None and dist.is_main:
-            self.metrics.truncate_after(self.progress.step)
-            self._warn_on_missing_metrics(resume_state.get("config", {}).get("log_every", 1))
-
-    def _warn_on_missing_metrics(self, logged_every: int) -> None:
-        """A resumed run whose metrics.jsonl stops short of its checkpoint lost rows (deleted
-        or cut outside dinox): say so, since `dinox monitor` and plots would show a quiet gap."""
-        last, step = self.metrics.last_kept_step, self.progress.step
-        every = max(int(logged_every or 1), self.cfg.watch.log_every)
-        if step > 0 and (last is None or step - last >= every):
-            held = "no rows" if last is None else f"rows only up to step {last}"
-            log.warning("%s holds %s but the checkpoint is at step %d: the rows between are missing (the file was "
-                        "deleted or cut); training goes on and appends from step %d, the TensorBoard events keep "
-                        "what they hold", self.metrics.path, held, step, step + 1)
+            logged_every = max(int(resume_state.get("config", {}).get("log_every") or 1), cfg.watch.log_every)
+            self.metrics.truncate_after(self.progress.step, logged_every)
 
     progress = property(lambda self: self.parts.progress, doc="Steps done and samples consumed.")
 
@@ -135,9 +125,7 @@ class Trainer:
             try:
                 stacks = next(micro_batches).to(self.device, non_blocking=True)
             except DataChanged:
-                self.optimizer.zero_grad(set_to_none=True)
-                ssl.abandon_step()
-                restore_step(self.parts, before, self.device)
+                self._undo_step(before)
                 raise
             views = self.augment(stacks, self.parts.aug_generator)
             masks = ssl.draw_masks(2 * stacks.shape[0], self.parts.aug_generator, self.device)
@@ -166,9 +154,7 @@ class Trainer:
         metrics = dict(zip((*METRIC_NAMES, "grad_norm"), host))
         finite, stop_requested = host[-2] == 0.0, host[-1] > 0.0
         if not finite:
-            self.optimizer.zero_grad(set_to_none=True)
-            ssl.abandon_step()
-            restore_step(self.parts, before, self.device)
+            self._undo_step(before)
             return StepResult({**metrics, "lr": sched["lr"]}, False, stop_requested, torch.cat(inputs))
         if self.progress.step < optim.freeze_last_layer_steps:
             ssl.cancel_last_layer_grads()
@@ -177,6 +163,13 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         ssl.finish_step(sched["teacher_momentum"])
         return StepResult({**metrics, **sched}, True, stop_requested)
+
+    def _undo_step(self, before: tuple) -> None:
+        """Leave no trace of a step that is not applied: gradients, centre updates, data
+        position and augmentation RNG as they were before it."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.ssl.abandon_step()
+        restore_step(self.parts, before, self.device)
 
     # ---------------------------------------------------------------- the loop
     def log_header(self) -> None:
@@ -224,7 +217,7 @@ class Trainer:
             try:
                 result = self.train_step(micro_batches, sched)
             except DataChanged as exc:
-                return self._halt_data_changed(exc)
+                self._halt_data_changed(exc)
             if not result.finite:
                 return self._halt_nonfinite(result)
             self.progress.step += 1
@@ -252,7 +245,7 @@ class Trainer:
             try:
                 self.checks.run(step, throughput)
             except DataChanged as exc:
-                return self._halt_data_changed(exc)
+                self._halt_data_changed(exc)
             if o.max_steps is not None and step >= o.max_steps:
                 break
             periodic = step % cfg.io.ckpt_every == 0
@@ -270,7 +263,7 @@ class Trainer:
             print(f"training finished at step {self.progress.step}; final checkpoint: {final}", flush=True)
         return EXIT_OK
 
-    def _halt_data_changed(self, exc: DataChanged) -> int:
+    def _halt_data_changed(self, exc: DataChanged) -> NoReturn:
         """A volume changed under the run: keep the work done so far, then stop with the
         dataset's one-line reason. Under torchrun the failing rank alone cannot save (the
         save gathers every rank), so it stops at once and the last periodic checkpoint holds."""
