@@ -64,7 +64,8 @@ def diversity(checkpoint: Path, slices: int, which: str) -> dict:
     model.load_state_dict(state[which])
     model.eval()
     root = Path(cfg.io.data_root)
-    dataset = CTSliceDataset(root, "val", cfg.io.split_manifest, root / INDEX_FILE)
+    dataset = CTSliceDataset(root, "val", cfg.io.split_manifest, root / INDEX_FILE,
+                             context_mm=cfg.views.context_mm)
     picks = torch.linspace(0, len(dataset) - 1, min(slices, len(dataset))).long().tolist()
     x = torch.cat([model_input(dataset[i][None], cfg, cfg.views.img_size) for i in picks])
     out, block_share = _forward_with_block_share(model.backbone, x)

@@ -39,16 +39,19 @@ PROBE_SLICES = 4096      # every slice of the default 160 x 12 data
 PROBE_BOOTSTRAP = 200
 
 
-def family_root(base: Path, family: str, seed: int, patients: int, slices: int, size: int) -> Path:
+def family_root(base: Path, family: str, seed: int, patients: int, slices: int, size: int,
+                thickness: float | None = None) -> Path:
     """Where one family-seed's data and runs live."""
-    return base / f"{family}_s{seed}_{patients}x{slices}x{size}"
+    return base / (f"{family}_s{seed}_{patients}x{slices}x{size}" + (f"_{thickness:g}mm" if thickness else ""))
 
 
-def data_root(base: Path, family: str, seed: int, patients: int, slices: int, size: int) -> Path:
-    """Synthesise and prepare once per (family, seed, size); reused by later checks."""
-    root = family_root(base, family, seed, patients, slices, size)
+def data_root(base: Path, family: str, seed: int, patients: int, slices: int, size: int,
+              thickness: float | None = None) -> Path:
+    """Synthesise and prepare once per (family, seed, size, slice thickness); reused by later checks."""
+    root = family_root(base, family, seed, patients, slices, size, thickness)
     if not (root / "processed" / "_index" / "index.csv").exists():
-        family_flag = [] if family == "chest" else ["--family", family]
+        family_flag = ([] if family == "chest" else ["--family", family]) + (
+            ["--slice-thickness", str(thickness)] if thickness else [])
         assert dinox(["synth", "--out", str(root / "dicom"), "--patients", str(patients), "--slices", str(slices),
                       "--size", str(size), "--seed", str(seed), *family_flag]) == 0
         assert dinox(["prep", "--input", str(root / "dicom"), "--output", str(root / "processed"),
@@ -94,7 +97,8 @@ def draws(checkpoint: Path, final, cfg, device, n: int, count: int) -> dict:
 
     student, _, _ = load_for_inference(checkpoint, device, which="student")
     root = Path(cfg.io.data_root)
-    dataset = CTSliceDataset(root, "val", cfg.io.split_manifest, root / INDEX_FILE)
+    dataset = CTSliceDataset(root, "val", cfg.io.split_manifest, root / INDEX_FILE,
+                             context_mm=cfg.views.context_mm)
     out, scored = {}, {}
     for suffix, net in (("", final), ("_student", student),
                         ("0", untrained_backbone(cfg, device))):   # "0": the step-0 network
@@ -136,7 +140,7 @@ def probes(final, cfg, device) -> dict:
 
 
 def check(args, seed: int, train_flags: list[str]) -> dict:
-    root = data_root(Path(args.work), args.family, seed, args.patients, args.slices, args.size)
+    root = data_root(Path(args.work), args.family, seed, args.patients, args.slices, args.size, args.slice_thickness)
     processed = root / "processed"
     runs = root / "runs" / args.tag
     start = time.perf_counter()
@@ -163,6 +167,8 @@ def check(args, seed: int, train_flags: list[str]) -> dict:
     return {
         "tag": args.tag, "family": args.family, "seed": seed, "config": args.config, "steps": args.steps,
         "device": args.device, "flags": train_flags, "exit": code, "seconds": seconds,
+        "data": {"patients": args.patients, "slices": args.slices, "size": args.size,
+                 "slice_thickness": args.slice_thickness},
         "n": final.get("Eval/N"), "ratio0": ratio0, "ratio": ratio,
         "x_untrained": (ratio / ratio0) if ratio0 and ratio is not None else None,
         "top1": final.get("Eval/Retrieval_Top1"), "top5": final.get("Eval/Retrieval_Top5"),
@@ -177,7 +183,8 @@ def check(args, seed: int, train_flags: list[str]) -> dict:
 def rescore(args, seed: int) -> dict:
     """Score the final checkpoint of an earlier check of `--tag` again (`--draws`, the probes
     unless `--no-probe`), without training: to re-read old runs on more view draws."""
-    runs = family_root(Path(args.work), args.family, seed, args.patients, args.slices, args.size) / "runs" / args.tag
+    runs = family_root(Path(args.work), args.family, seed, args.patients, args.slices, args.size,
+                       args.slice_thickness) / "runs" / args.tag
     done = sorted(p for p in runs.glob("*") if p.is_dir() and any(p.glob("checkpoint_final_*.pth")))
     if not done:
         raise SystemExit(f"recipe_check: no finished run of tag {args.tag!r} under {runs}: "
@@ -207,6 +214,8 @@ def main() -> int:
     p.add_argument("--patients", type=int, default=DEMO_PATIENTS)
     p.add_argument("--slices", type=int, default=DEMO_SLICES)
     p.add_argument("--size", type=int, default=DEMO_SIZE)
+    p.add_argument("--slice-thickness", type=float, default=None,
+                   help="the phantoms' slice spacing in mm (`dinox synth --slice-thickness`; default: theirs)")
     p.add_argument("--work", default="data/recipe_check")
     p.add_argument("--device", default="cpu", help="where to train and score (cpu, cuda)")
     p.add_argument("--num-workers", type=int, default=1)

@@ -110,7 +110,8 @@ def main() -> int:
     model.load_state_dict(meta.raw[args.network])
     model.eval()
     root = Path(cfg.io.data_root)
-    dataset = CTSliceDataset(root, "val", cfg.io.split_manifest, root / INDEX_FILE)
+    dataset = CTSliceDataset(root, "val", cfg.io.split_manifest, root / INDEX_FILE,
+                             context_mm=cfg.views.context_mm)
     for d in range(args.draws):
         print(json.dumps({"seed": args.seed + d, **draw(model, dataset, cfg, args.n, args.seed + d)}, indent=1))
     return 0

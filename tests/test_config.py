@@ -93,6 +93,20 @@ def test_checkpoint_overrides_recipe_and_flags_override_checkpoint():
     assert "lr: 0.002 -> 0.003" in flagged.changes
 
 
+def test_the_2_5d_context_is_5_mm_and_a_checkpoint_without_it_keeps_the_adjacent_slices():
+    assert tiny().cfg.views.context_mm == 5.0
+    assert resolve({"config": "vit-large"}, hardware_preset="rtx4090").cfg.views.context_mm == 5.0
+    assert tiny(context_mm=0.0).cfg.views.context_mm == 0.0
+    saved = tiny(max_steps=100).cfg.to_flat()
+    assert resolve({}, hardware_preset="cpu", saved=saved).cfg.views.context_mm == 5.0
+    del saved["context_mm"]                   # written before the setting existed: trained on z-1, z, z+1
+    assert resolve({}, hardware_preset="cpu", saved=saved).cfg.views.context_mm == 0.0
+    assert resolve({"context_mm": 3.0}, hardware_preset="cpu", saved=saved).cfg.views.context_mm == 3.0
+    for bad in (-1.0, float("nan"), 500.0):
+        with pytest.raises(UserError, match="--context-mm"):
+            tiny(context_mm=bad)
+
+
 def test_resume_takes_this_machines_hardware_values():
     saved = resolve({"config": "vit-large"}, hardware_preset="rtx4090").cfg.to_flat()
     assert (saved["batch_size"], saved["accumulation_steps"], saved["num_workers"]) == (64, 4, 8)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from dinox.data.dataset import CTSliceDataset, pad_collate
+from dinox.data.dataset import CTSliceDataset, pad_collate, slice_gap
 from dinox.data.ingest import prepare
 from dinox.data.synth import generate_dataset
 from dinox.errors import UserError
@@ -211,3 +211,28 @@ def test_end_to_end_synth_prep_dataset(tmp_path):
         np.testing.assert_array_equal(ds[start + z].numpy(), expected_stack(hu, z))
     assert ds.records[k]["num_slices"] == "8"
     assert float(ds.records[k]["spacing_z"]) == pytest.approx(series["spacing_zyx_mm"][0])
+
+
+def test_slice_gap_is_the_whole_number_of_slices_nearest_the_context():
+    assert [slice_gap(5.0, s) for s in (5.0, 7.5, 3.0, 2.5, 2.0, 1.25, 0.625)] == [1, 1, 2, 2, 3, 4, 8]
+    assert slice_gap(5.0, 10.0 / 3.0) == 2          # 1.5 rounds up
+    assert slice_gap(0.0, 1.25) == 1                # 0: the adjacent slices
+    assert slice_gap(5.0, None) == 1 and slice_gap(5.0, float("nan")) == 1 and slice_gap(5.0, 0.0) == 1
+
+
+def test_a_context_in_mm_stacks_the_slices_that_far_from_z(tmp_path, caplog):
+    vols = make_root(tmp_path, {"a": (12, 6, 5), "b": (5, 6, 5)}, val=["b"])   # spacing_z 2.5 mm
+    ds = CTSliceDataset(tmp_path, split="train", context_mm=5.0)
+    assert ds.gaps == [2]
+    assert ds.stack_summary() == "2.5D stacks (the slices nearest 5 mm from z): z-2, z, z+2 in 1 series, 2.5 mm slices"
+    for z in range(12):
+        zs = [max(z - 2, 0), z, min(z + 2, 11)]
+        assert torch.equal(ds[z], torch.from_numpy(vols["a"][zs]))
+    adjacent = CTSliceDataset(tmp_path, split="train")                    # the default: z-1, z, z+1
+    assert adjacent.gaps == [1] and torch.equal(adjacent[5], torch.from_numpy(expected_stack(vols["a"], 5)))
+    # an index without the slice spacing: adjacent slices, and a warning that says so
+    index = tmp_path / "_index" / "index.csv"
+    index.write_text(index.read_text().replace(",2.5,", ",,"))
+    with caplog.at_level("WARNING"):
+        blind = CTSliceDataset(tmp_path, split="train", context_mm=5.0)
+    assert blind.gaps == [1] and "no slice spacing" in caplog.text

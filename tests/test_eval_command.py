@@ -253,3 +253,27 @@ def test_retrieval_verdict_names_each_bar_and_decides_the_untrained_edge_cases()
     assert retrieval_verdict({**base, "min_x_untrained": 3.0, "x_untrained": None})[0] is True
     assert retrieval_verdict({"ratio": 0.0, "min_ratio": 0.0, "min_x_untrained": 3.0, "x_untrained": None}) == (
         False, "FAIL: ratio 0.00 >= 0; the untrained network finds none")
+
+
+def test_eval_reads_the_stacks_the_run_trained_on(checkpoint, processed_root, tmp_path, monkeypatch):  # noqa: F811
+    """The 2.5D context is the checkpoint's (a run at --context-mm 0 is scored on adjacent slices)."""
+    import dinox.data.dataset as dataset_module
+
+    seen = []
+
+    class Recording(dataset_module.CTSliceDataset):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            seen.append(self.context_mm)
+
+    monkeypatch.setattr(dataset_module, "CTSliceDataset", Recording)
+    state = torch.load(checkpoint, weights_only=False)
+    assert state["config"]["context_mm"] == 5.0
+    state["config"]["context_mm"] = 0.0
+    adjacent = tmp_path / "adjacent.pth"
+    torch.save(state, adjacent)
+    for ckpt in (checkpoint, adjacent):
+        assert main(_args(ckpt, processed_root, tmp_path / ckpt.stem)) == 0
+        assert main(["monitor", "--checkpoint", str(ckpt), "--data-root", str(processed_root), "--device", "cpu",
+                     "--out", str(tmp_path / f"m_{ckpt.stem}")]) == 0
+    assert seen == [5.0, 5.0, 0.0, 0.0]

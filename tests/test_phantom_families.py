@@ -298,3 +298,32 @@ def test_demo_does_not_reuse_data_made_with_other_settings(tmp_path, capsys):
     assert "--patients 2 (asked 3)" in err and "--size 32 (asked 48)" in err and "--slices" not in err
     assert main(["demo", "--patients", "1", "--root", str(tmp_path / "one")]) != 0
     assert ">= 2" in capsys.readouterr().err and not (tmp_path / "one").exists()
+
+
+@pytest.mark.parametrize("family", ["chest", "head", "limb"])
+def test_a_slice_thickness_sets_the_spacing(tmp_path, family):
+    labels = generate_dataset(tmp_path / "thin", patients=2, slices=10, size=32, seed=4, family=family,
+                              slice_thickness=1.25)
+    assert labels["slice_thickness"] == 1.25
+    assert all(s["spacing_zyx_mm"][0] == 1.25 and s["num_slices"] == 10 for s in labels["series"])
+    files = sorted((tmp_path / "thin").glob("*/*/slice_*.dcm"))[:10]
+    z = [float(pydicom.dcmread(f).ImagePositionPatient[2]) for f in files]
+    assert np.allclose(np.abs(np.diff(sorted(z))), 1.25)
+    assert float(pydicom.dcmread(files[0]).SliceThickness) == 1.25
+    # the same folder again with another thickness would mix two datasets
+    with pytest.raises(UserError, match="already holds"):
+        generate_dataset(tmp_path / "thin", patients=2, slices=10, size=32, seed=4, family=family,
+                         slice_thickness=2.5)
+    with pytest.raises(UserError, match="--slice-thickness"):
+        generate_dataset(tmp_path / "x", patients=1, slices=4, size=32, family=family, slice_thickness=0.0)
+
+
+def test_a_thin_limb_is_a_window_of_a_limb_of_its_own_length():
+    """With a slice thickness the limb keeps its site's length: 48 slices of 1 mm show a
+    48 mm window of it, so neighbouring slices differ as little as in real thin-slice CT."""
+    def mean_step(ph):
+        return float(np.abs(np.diff(ph.hu, axis=0)).mean())
+    spread = make_limb_phantom(np.random.default_rng(3), 12, 48, noise=False)           # 12 slices over the limb
+    thin = make_limb_phantom(np.random.default_rng(3), 12, 48, noise=False, slice_thickness=1.0)
+    assert spread.spacing_zyx_mm[0] > 1.0 and thin.spacing_zyx_mm[0] == 1.0
+    assert mean_step(thin) < mean_step(spread)

@@ -132,6 +132,9 @@ def test_a_nodule_counts_where_two_of_four_readers_marked_it(tmp_path):
     assert "2 readers" in labels.rule
     assert [probe.slice_label(labels, SERIES, z, 12) for z in range(12)] == \
         [0, 0, None, 1, None, 0, None, None, None, 0, 0, 0]
+    # a stack two slices apart spans z-2 .. z+2: a mark anywhere in that span is not a negative
+    assert [probe.slice_label(labels, SERIES, z, 12, gap=2) for z in range(12)] == \
+        [0, None, None, 1, None, None, None, None, None, None, 0, 0]
     (region,) = labels.regions[(SERIES, 3)]
     assert (region["row0"], region["col0"], region["row1"], region["col1"]) == (11, 11, 14, 14)
     assert region["texture"] == 5 and region["malignancy"] == 4   # the readers' median, rounded half up

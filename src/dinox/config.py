@@ -80,8 +80,13 @@ class ModelConfig:
 
 @dataclass
 class ViewsConfig:
-    """The two global views (and local crops) cut from each 2.5D stack."""
+    """The 2.5D stack each sample is read as, and the two global views (and local crops)
+    cut from it."""
 
+    # The stack's neighbours are the slices nearest `context_mm` above and below slice z
+    # (dinox.data.dataset.slice_gap); 0 stacks the adjacent slices z-1, z, z+1, which is
+    # also what a checkpoint written without this setting trained on.
+    context_mm: float = 0.0
     img_size: int = 64
     local_crops: int = 0
     local_size: int = 32
@@ -272,6 +277,11 @@ BASE_RECIPE: dict[str, object] = {
     # a run of hundreds of steps at a batch of tens to hundreds needs to leave the entropy
     # wall (docs/recipes.md, "The big presets' recipe"): the seeds' ViT-Large validation run is
     # 384 steps at an effective batch of 256, where DINOv2's 100k+ steps at 1024+ are not.
+    # The 2.5D stack's neighbours about 5 mm from slice z, whatever the slice spacing: on
+    # thin-slice CT (LIDC-IDRI is mostly 1-2.5 mm) adjacent slices are nearly one image, and
+    # the tiny recipe on chest phantoms at 1.25-1.62 mm found a quarter of the retrieval it
+    # finds at 5 mm; at 5 mm and thicker this is z-1, z, z+1 (docs/recipes.md, "Thin slices").
+    "context_mm": 5.0,
     "img_size": 224,
     # DINOv2: 8 local crops of 96 px (98 for patch 14) at scale (0.05, 0.32), globals at (0.32, 1).
     # 2 here: with iBOT, the seed's ViT-Large validation run (batch 64 x 4, --grad-checkpoint
@@ -461,6 +471,11 @@ def _arch_values(preset: str, given: dict) -> dict[str, object]:
     return values
 
 
+# Settings a checkpoint of an earlier dinox does not record, with the value that run trained
+# with: a resumed run keeps it rather than taking today's recipe (a flag still overrides).
+RECORDED_SINCE = {"context_mm": 0.0}
+
+
 def resolve(
     given: dict[str, object],
     *,
@@ -508,6 +523,7 @@ def resolve(
         requested["ibot_head"] = float(given.get("ibot_weight", saved.get("ibot_weight", 0.0))) > 0
         _check_shape(saved, requested)
         values.update({k: v for k, v in saved.items() if k in FLAT_FIELDS and k not in LAUNCH_KEYS})
+        values.update({k: v for k, v in RECORDED_SINCE.items() if k not in saved})
     values.update(given)
     if given.get("index_csv") and not given.get("data_root"):
         values["data_root"] = str(root_of_index(given["index_csv"]))
@@ -714,6 +730,9 @@ def validate(cfg: RunConfig) -> None:
     if s.gram_teacher_scale < 1:
         raise UserError(f"--gram-teacher-scale {s.gram_teacher_scale} must be an integer >= 1 "
                         "(1: the student's resolution; DINOv3's high-resolution Gram teacher uses 2)")
+    if not 0.0 <= v.context_mm <= 100.0:  # NaN too
+        raise UserError(f"--context-mm {v.context_mm:g} must lie in [0, 100] mm (the distance of the 2.5D stack's "
+                        f"neighbour slices from slice z; 0: the adjacent slices)")
     if not 0.0 < v.global_scale_min <= 1.0:
         raise UserError("the global crop scale minimum must lie in (0, 1]")
     if not m.layerscale >= 0:  # NaN too

@@ -195,7 +195,7 @@ def run_retrieval(args) -> int:
     root, index_csv, manifest = run_data_paths(cfg, args.data_root, args.index_csv, args.split_manifest, provenance)
     trained_root, _, trained_manifest = own_data_paths(cfg, provenance)
     warn_if_split_changed(provenance, root, manifest)
-    dataset = CTSliceDataset(root, args.split, manifest, index_csv)
+    dataset = CTSliceDataset(root, args.split, manifest, index_csv, context_mm=cfg.views.context_mm)
     available = len(dataset)
     n = min(args.n, available)
     if available < args.n:

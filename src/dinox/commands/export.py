@@ -98,7 +98,8 @@ def export_checkpoint(checkpoint: str | Path, fmt: str, out: str | Path, *, netw
         "provenance": meta.raw.get("provenance") or {},
         "retrieval": _retrieval_figures(checkpoint),
     }
-    preprocessing = ct_preprocessing(cfg.views.to_augment(), cfg.views.img_size, backbone.patch_size)
+    preprocessing = ct_preprocessing(cfg.views.to_augment(), cfg.views.img_size, backbone.patch_size,
+                                     cfg.views.context_mm)
     net = meta.raw[network]
     # an iBOT run trains the mask token: the official and transformers layouts keep it in
     # the backbone (embeddings.mask_token), so it goes there instead of the initial zeros
@@ -165,8 +166,9 @@ def _retrieval_figures(checkpoint: Path) -> list[dict]:
     return rows
 
 
-def ct_preprocessing(aug: AugmentConfig, img_size: int, patch_size: int) -> dict:
-    """The input the model was trained on (dinox.data.augment), as a JSON-able description."""
+def ct_preprocessing(aug: AugmentConfig, img_size: int, patch_size: int, context_mm: float = 0.0) -> dict:
+    """The input the model was trained on (dinox.data.dataset, dinox.data.augment), as a
+    JSON-able description."""
     default = AugmentConfig().window_families
     named = aug.window_families == default
     families = [{"name": WINDOW_FAMILY_NAMES[i] if named else f"window_{i}", "level_hu": c, "width_hu": w}
@@ -175,9 +177,13 @@ def ct_preprocessing(aug: AugmentConfig, img_size: int, patch_size: int) -> dict
         "description": "CT preprocessing of the dinox run that trained this backbone (dinox.data.augment)",
         "input": {
             "layout": "(B, 3, H, W) float32",
-            "channels": ["slice z-1", "slice z", "slice z+1"],
+            "channels": ["slice z-g", "slice z", "slice z+g"],
+            "slice_gap": (f"g = max(1, round({context_mm:g} mm / slice spacing)): the slices nearest {context_mm:g} mm "
+                          f"from slice z (1 at {context_mm:g} mm slices and thicker)") if context_mm
+            else "g = 1: the adjacent slices",
+            "context_mm": context_mm,
             "source": "int16 Hounsfield units clipped to [-1024, 3071], slices ascending along the normal",
-            "edges": "the first and last slice repeat the border slice",
+            "edges": "a neighbour beyond the first or last slice is that border slice",
         },
         "image_size": img_size,
         "patch_size": patch_size,
@@ -237,7 +243,8 @@ def model_card(fmt: str, backbone, preprocessing: dict, info: dict) -> str:
         "",
         "## Input",
         "",
-        f"Three adjacent slices (z-1, z, z+1) in Hounsfield units as the 3 channels, windowed "
+        f"Three slices (z-g, z, z+g; {preprocessing['input']['slice_gap']}) in Hounsfield units as the 3 "
+        f"channels, windowed "
         f"`{preprocessing['window']}`, then `{norm['formula']}` with mean {norm['mean']:g}, std "
         f"{norm['std']:g}" + (", then standardised per image" if preprocessing["standardize_per_image"] else "")
         + f". Training drew the window from: {windows} (jittered). For inference use one fixed window, "

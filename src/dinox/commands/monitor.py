@@ -37,7 +37,7 @@ def run(args) -> int:
     provenance = meta.raw.get("provenance")
     root, index_csv, manifest = run_data_paths(cfg, args.data_root, args.index_csv, args.split_manifest, provenance)
     warn_if_split_changed(provenance, root, manifest)
-    dataset = CTSliceDataset(root, args.split, manifest, index_csv)
+    dataset = CTSliceDataset(root, args.split, manifest, index_csv, context_mm=cfg.views.context_mm)
     run_dir = Path(args.out) if args.out else Path(args.checkpoint).parent
     out_dir = run_monitor(backbone, dataset, run_dir, meta.step, device, augment_cfg=cfg.views.to_augment(),
                           out_dim=cfg.model.out_dim, tags=_tags(args, cfg, provenance, root, manifest))

@@ -24,6 +24,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--patients", type=positive_int, default=4, help="number of patients (one series each)")
     p.add_argument("--slices", type=int_at_least(3), default=64, help="slices per series")
     p.add_argument("--size", type=positive_int, default=256, help="rows and columns per slice")
+    p.add_argument("--slice-thickness", type=float, metavar="MM", default=None,
+                   help="slice spacing in mm, e.g. 1.25 for thin-slice chest CT like LIDC-IDRI's (default: the "
+                        "slices spread over the anatomy, 0.625-5 mm)")
     p.add_argument("--seed", type=nonneg_int, default=0, help="random seed; same seed, same files")
     p.add_argument("--workers", type=positive_int, default=DEFAULT_WORKERS,
                    help="parallel processes (the files do not depend on it)")
@@ -34,7 +37,8 @@ def run(args) -> int:
     family = getattr(args, "family", "chest")
     start = time.perf_counter()
     labels = generate_dataset(args.out, args.patients, args.slices, args.size, args.seed, progress=True,
-                              family=family, workers=getattr(args, "workers", 1))
+                              family=family, workers=getattr(args, "workers", 1),
+                              slice_thickness=getattr(args, "slice_thickness", None))
     elapsed = time.perf_counter() - start
     kinds = {k: 0 for k in FAMILIES[family].finding_types}
     for s in labels["series"]:
@@ -43,5 +47,8 @@ def run(args) -> int:
     counts = ", ".join(f"{v} {k.replace('_', '-')}" for k, v in kinds.items())
     print(f"synth: {args.patients} series of {args.slices} x {args.size} x {args.size} ({family}) written to "
           f"{args.out} in {elapsed:.1f} s")
+    spacings = sorted({s["spacing_zyx_mm"][0] for s in labels["series"]})
+    print(f"  slice spacing: {spacings[0]:g} mm" if len(spacings) == 1 else
+          f"  slice spacing: {spacings[0]:g}-{spacings[-1]:g} mm")
     print(f"  {FINDINGS_NAME[family]}: {sum(kinds.values())} ({counts}); labels: {Path(args.out) / 'labels.json'}")
     return 0

@@ -1,4 +1,6 @@
-"""2.5D samples from the processed root: (3, H, W) int16 stacks of slices z-1, z, z+1.
+"""2.5D samples from the processed root: (3, H, W) int16 stacks of slices z-g, z, z+g,
+where the gap g is 1 (the adjacent slices) or the whole number of slices nearest a distance
+in millimetres (`slice_gap`).
 
 Volumes are memory-mapped lazily, per process: a DataLoader worker (forked or spawned)
 opens its own maps on first use and never inherits or pickles another process's. Only
@@ -10,6 +12,8 @@ truncated, as many slices as the index says) and a split without train/val overl
 """
 from __future__ import annotations
 
+import logging
+import math
 import os
 from bisect import bisect_right
 from collections import OrderedDict
@@ -23,8 +27,19 @@ from dinox.data.layout import INDEX_FILE, confined_path, default_manifest, read_
 from dinox.data.splits import read_split_manifest
 from dinox.errors import UserError
 
+log = logging.getLogger(__name__)
+
 AIR_HU = -1024
 MAX_OPEN_VOLUMES = 256   # memory maps kept open per process (each holds a file descriptor)
+
+
+def slice_gap(context_mm: float, spacing_z: float | None) -> int:
+    """How many slices apart the stack's neighbours are: the whole number of slices nearest
+    `context_mm` (halves round up), at least 1; 1 when `context_mm` is 0 or the spacing is
+    unknown. At 5 mm: 1 for 5 mm slices (z-1, z, z+1), 2 for 2.5 mm, 4 for 1.25 mm."""
+    if not context_mm or not spacing_z or not math.isfinite(spacing_z) or spacing_z <= 0:
+        return 1
+    return max(1, math.floor(context_mm / spacing_z + 0.5))
 
 
 class DataChanged(UserError):
@@ -32,13 +47,15 @@ class DataChanged(UserError):
 
 
 class CTSliceDataset(Dataset):
-    """Every slice of every series in a split, as a (3, H, W) int16 tensor of raw HU.
+    """Every slice of every series in a split, as a (3, H, W) int16 tensor of raw HU: the
+    slices z-g, z, z+g of its series (clamped at the ends), g = slice_gap(context_mm, the
+    series' spacing_z in the index).
 
     `root` may be None when `index_csv` is given: the root is then the folder above
     index_csv's folder (root/_index/index.csv)."""
 
     def __init__(self, root, split: str = "train", split_manifest=None, index_csv=None,
-                 min_slices: int = 1):
+                 min_slices: int = 1, context_mm: float = 0.0):
         if root is None and index_csv is None:
             raise UserError("give the processed root or --index-csv")
         self.root = Path(root) if root is not None else Path(index_csv).resolve().parent.parent
@@ -72,6 +89,13 @@ class CTSliceDataset(Dataset):
         self.num_slices = [counts[s] for s in self.series_ids]
         for k in range(len(self.paths)):
             self._check_volume(k)
+        self.context_mm = float(context_mm)
+        self.gaps = [slice_gap(self.context_mm, _spacing(r)) for r in self.records]
+        unknown = [r["series_id"] for r in self.records if _spacing(r) is None]
+        if self.context_mm and unknown:
+            log.warning("%d series have no slice spacing in %s (e.g. %s): their 2.5D stacks use the adjacent "
+                        "slices, not ~%g mm; re-run `dinox prep` to record it", len(unknown), index_csv, unknown[0],
+                        self.context_mm)
         self._starts = np.concatenate([[0], np.cumsum(self.num_slices)]).tolist()
         self._maps: OrderedDict[int, tuple[np.ndarray, tuple]] = OrderedDict()
         self._pid = os.getpid()
@@ -205,11 +229,26 @@ class CTSliceDataset(Dataset):
         k, z = self._resolve(int(i))
         vol = self._volume(k)
         last = vol.shape[0] - 1
-        zs = (max(z - 1, 0), z, min(z + 1, last))
+        g = self.gaps[k]
+        zs = (max(z - g, 0), z, min(z + g, last))
         stack = np.stack([vol[j] for j in zs])
         if stack.dtype != np.int16:
             stack = stack.astype(np.int16)
         return torch.from_numpy(stack)
+
+    def stack_summary(self) -> str:
+        """One line: which slices the 2.5D stacks hold, by how many series."""
+        spacing = {}
+        for g, row in zip(self.gaps, self.records):
+            spacing.setdefault(g, []).append(_spacing(row))
+        parts = []
+        for g in sorted(spacing):
+            known = [s for s in spacing[g] if s is not None]
+            mm = (f", {min(known):g}-{max(known):g} mm slices" if len(set(known)) > 1 else
+                  f", {known[0]:g} mm slices") if known else ""
+            parts.append(f"z-{g}, z, z+{g} in {len(spacing[g])} series{mm}")
+        rule = f"the slices nearest {self.context_mm:g} mm from z" if self.context_mm else "adjacent slices"
+        return f"2.5D stacks ({rule}): " + "; ".join(parts)
 
     def locate(self, i) -> tuple[str, int]:
         """(series_id, z) of sample i."""
@@ -219,6 +258,15 @@ class CTSliceDataset(Dataset):
     def series_ranges(self) -> dict[str, range]:
         """Sample indices belonging to each series."""
         return {sid: range(self._starts[k], self._starts[k + 1]) for k, sid in enumerate(self.series_ids)}
+
+
+def _spacing(row: dict) -> float | None:
+    """The slice spacing an index row records (mm), or None when absent or not a positive number."""
+    try:
+        value = float(row.get("spacing_z") or "nan")
+    except ValueError:
+        return None
+    return value if math.isfinite(value) and value > 0 else None
 
 
 def _hu_problem(vol: np.ndarray) -> str | None:

@@ -335,8 +335,18 @@ def _place_nodules(rng, lung_vis: np.ndarray, grid: _Grid, dz: float) -> list[tu
     return placed
 
 
-def make_phantom(rng: np.random.Generator, slices: int, size: int, noise: bool = True) -> Phantom:
-    """One patient's chest CT volume (float32 HU) with its nodules."""
+def slice_spacing(coverage: float, slices: int, slice_thickness: float | None) -> float:
+    """The slice spacing in mm: `slice_thickness` when given, else the slices spread over the
+    anatomy's `coverage`, rounded to 0.125 mm and kept within the 0.625-5 mm of clinical CT."""
+    if slice_thickness is not None:
+        return float(slice_thickness)
+    return float(np.clip(round(coverage / slices / 0.125) * 0.125, 0.625, 5.0))
+
+
+def make_phantom(rng: np.random.Generator, slices: int, size: int, noise: bool = True,
+                 slice_thickness: float | None = None) -> Phantom:
+    """One patient's chest CT volume (float32 HU) with its nodules; `slice_thickness` (mm)
+    fixes the slice spacing, else the slices spread over the chest (0.625-5 mm)."""
     # --- patient-level anatomy -------------------------------------------------------
     bx = rng.uniform(138.0, 182.0)
     by = bx * rng.uniform(0.62, 0.78)
@@ -348,7 +358,7 @@ def make_phantom(rng: np.random.Generator, slices: int, size: int, noise: bool =
     dx = fov / size
 
     coverage = height + rng.uniform(30.0, 50.0)
-    dz = float(np.clip(round(coverage / slices / 0.125) * 0.125, 0.625, 5.0))
+    dz = slice_spacing(coverage, slices, slice_thickness)
     span = slices * dz
     if span >= coverage:
         z0 = -25.0 - (span - coverage) / 2.0

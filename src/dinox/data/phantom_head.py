@@ -48,7 +48,7 @@ from itertools import pairwise
 
 import numpy as np
 
-from dinox.data.phantom import (AIR_HU, Nodule, Phantom, _blur_inplane, _capsule, _ellipsoid, _Grid, _index_range,
+from dinox.data.phantom import (AIR_HU, slice_spacing, Nodule, Phantom, _blur_inplane, _capsule, _ellipsoid, _Grid, _index_range,
                                 _smooth_field, _soft, _unit_rows)
 
 HAEMORRHAGE_TYPES = ("intraparenchymal", "subdural")
@@ -315,7 +315,8 @@ def _zero_set_distance(f: np.ndarray, dx: float, dz: float, wavelength: float) -
     return np.abs(f) / np.maximum(np.sqrt(g2), 2.0 * np.pi / wavelength / 3.0)
 
 
-def make_head_phantom(rng: np.random.Generator, slices: int, size: int, noise: bool = True) -> FamilyPhantom:
+def make_head_phantom(rng: np.random.Generator, slices: int, size: int, noise: bool = True,
+                      slice_thickness: float | None = None) -> FamilyPhantom:
     """One patient's axial head CT (float32 HU) with its haemorrhages as Findings."""
     # --- patient-level anatomy (head frame, mm) ------------------------------------------------
     scale = rng.uniform(0.86, 1.08)                      # small to large adult heads
@@ -346,7 +347,7 @@ def make_head_phantom(rng: np.random.Generator, slices: int, size: int, noise: b
     dx = fov / size
     w_lo, w_top = shape.f_post - 8.0, wc + shape.c_up + T0 + scalp + 3.0
     coverage = w_top - w_lo
-    dz = float(np.clip(round(coverage / slices / 0.125) * 0.125, 0.625, 5.0))
+    dz = slice_spacing(coverage, slices, slice_thickness)
     span = slices * dz
     z0 = w_lo - (span - coverage) / 2.0 if span >= coverage else rng.uniform(w_lo, w_top - span)
     zs = (z0 + dz * np.arange(slices)).astype(np.float64)

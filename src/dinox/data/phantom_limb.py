@@ -45,7 +45,7 @@ from itertools import pairwise
 
 import numpy as np
 
-from dinox.data.phantom import AIR_HU, Vessel, _blur_inplane, _capsule, _Grid, _index_range, _paint_table, _soft
+from dinox.data.phantom import AIR_HU, Vessel, slice_spacing, _blur_inplane, _capsule, _Grid, _index_range, _paint_table, _soft
 from dinox.data.phantom_head import FamilyPhantom, Finding, WaveField, _draw_blob, _ramp, add_noise, \
     projection_artefacts
 
@@ -199,17 +199,25 @@ def _site_limbs(rng, site: str, bilateral: bool, side: float, length: float, zm:
     return limbs, r0
 
 
-def make_limb_phantom(rng: np.random.Generator, slices: int, size: int, noise: bool = True) -> FamilyPhantom:
-    """One patient's extremity CT (float32 HU) with its findings."""
+def make_limb_phantom(rng: np.random.Generator, slices: int, size: int, noise: bool = True,
+                      slice_thickness: float | None = None) -> FamilyPhantom:
+    """One patient's extremity CT (float32 HU) with its findings. Without `slice_thickness`
+    the limb segment is drawn to the length the slices cover; with it, at its own length
+    (the site's), and the slices cover a window of it (or all of it and beyond)."""
     site = LIMB_SITES[int(rng.choice(3, p=[0.45, 0.35, 0.2]))]
     spec = _SITES[site]
     bilateral = site != "forearm" and rng.random() < 0.35
     side = 1.0 if rng.random() < 0.5 else -1.0
     length = rng.uniform(*spec["length"])
-    dz = float(np.clip(round(length / slices / 0.125) * 0.125, 0.625, 5.0))
-    zs = (dz * np.arange(slices)).astype(np.float64)
-    zm = float(zs.mean())
-    limbs, r0 = _site_limbs(rng, site, bilateral, side, slices * dz, zm)
+    dz = slice_spacing(length, slices, slice_thickness)
+    if slice_thickness is None:
+        extent, z0 = slices * dz, 0.0
+    else:
+        extent = max(length, slices * dz)
+        z0 = rng.uniform(0.0, extent - slices * dz)
+    zs = (z0 + dz * np.arange(slices)).astype(np.float64)
+    zm = float(zs.mean()) if slice_thickness is None else (extent - dz) / 2.0
+    limbs, r0 = _site_limbs(rng, site, bilateral, side, extent, zm)
     half_x = max(abs(lb.cx) + lb.ax * 1.15 for lb in limbs)
     half_y = max(abs(lb.cy) + lb.ay * 1.15 for lb in limbs)
     fov = float(np.clip(2.0 * max(half_x, half_y) * rng.uniform(1.1, 1.35), 90.0, 480.0))
@@ -270,7 +278,7 @@ def make_limb_phantom(rng: np.random.Generator, slices: int, size: int, noise: b
                                phase=(rng.uniform(0, 2 * np.pi), rng.uniform(0, 2 * np.pi)),
                                flare=rng.uniform(0.3, 0.8) if rng.random() < 0.5 else 0.0,
                                flare_end=float(flare_end), flare_len=rng.uniform(40.0, 70.0),
-                               marrow=(rng.uniform(-50.0, 60.0), rng.uniform(-50.0, 60.0)), zm=zm, length=slices * dz))
+                               marrow=(rng.uniform(-50.0, 60.0), rng.uniform(-50.0, 60.0)), zm=zm, length=extent))
         if site == "forearm":       # pronation turns the radius about the ulna
             turn = np.deg2rad(rng.uniform(-25.0, 25.0))
             rad, uln = bones

@@ -84,7 +84,7 @@ _FINDING_CONVENTIONS = {
 class Family:
     """How one phantom family is made and described in the DICOM headers and labels."""
 
-    make: Callable[[np.random.Generator, int, int], Phantom]
+    make: Callable[..., Phantom]   # (rng, slices, size, slice_thickness=None)
     finding_types: tuple[str, ...]
     study: str                      # StudyDescription
     window: tuple[str, str]         # WindowCenter, WindowWidth for a first display
@@ -397,16 +397,18 @@ class _SeriesWriter:
     family: str
     slices: int
     size: int
+    slice_thickness: float | None = None
 
     def __call__(self, i: int) -> dict:
         spec = FAMILIES[self.family]
         rng = np.random.default_rng(np.random.SeedSequence([self.seed, i, *spec.stream]))
         signed = bool(rng.random() < 0.5)
-        ph = spec.make(rng, self.slices, self.size)
+        ph = spec.make(rng, self.slices, self.size, slice_thickness=self.slice_thickness)
         return write_series(Path(self.out), self.seed, i, ph, signed)
 
 
-def _refuse_other_dataset(out: Path, patients: int, slices: int, size: int, seed: int, family: str) -> None:
+def _refuse_other_dataset(out: Path, patients: int, slices: int, size: int, seed: int, family: str,
+                          slice_thickness: float | None = None) -> None:
     """Writing into a folder that holds another dataset would mix two datasets under one
     labels.json that lists only the second: refuse anything but an empty folder or the same
     dataset again (same seed, family, patients and shape: the same files), finished or
@@ -421,6 +423,7 @@ def _refuse_other_dataset(out: Path, patients: int, slices: int, size: int, seed
         old = json.loads((out / "labels.json").read_text())
         series = old["series"]
         same = (old.get("seed") == seed and old.get("family", "chest") == family and len(series) == patients
+                and old.get("slice_thickness") == slice_thickness
                 and all((e["num_slices"], e["rows"]) == (slices, size) for e in series))
         if same:
             return
@@ -432,10 +435,16 @@ def _refuse_other_dataset(out: Path, patients: int, slices: int, size: int, seed
                     "would mix two datasets)")
 
 
+MIN_SLICE_THICKNESS, MAX_SLICE_THICKNESS = 0.25, 20.0
+
+
 def generate_dataset(out, patients: int, slices: int, size: int, seed: int = 0,
-                     progress: bool = False, family: str = "chest", workers: int = 1) -> dict:
+                     progress: bool = False, family: str = "chest", workers: int = 1,
+                     slice_thickness: float | None = None) -> dict:
     """Write `patients` synthetic CT series of one phantom family under `out` with
-    `workers` processes and return the labels (also written to <out>/labels.json)."""
+    `workers` processes and return the labels (also written to <out>/labels.json).
+    `slice_thickness` (mm) fixes the slice spacing (thin-slice CT such as LIDC-IDRI's
+    1-2.5 mm); without it each phantom spreads its slices over its anatomy (0.625-5 mm)."""
     out = Path(out)
     if family not in FAMILIES:
         raise UserError(f"--family must be one of {', '.join(FAMILIES)}, not {family!r}")
@@ -447,14 +456,19 @@ def generate_dataset(out, patients: int, slices: int, size: int, seed: int = 0,
         raise UserError("--size must be between 32 and 2048 pixels")
     if workers < 1:
         raise UserError(f"--workers {workers}: give at least 1")
+    if slice_thickness is not None and not MIN_SLICE_THICKNESS <= slice_thickness <= MAX_SLICE_THICKNESS:
+        raise UserError(f"--slice-thickness {slice_thickness:g} mm is outside {MIN_SLICE_THICKNESS:g}-"
+                        f"{MAX_SLICE_THICKNESS:g} mm; clinical CT slices are 0.5-5 mm (LIDC-IDRI: mostly 1-2.5)")
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is an existing file; give a folder")
-    _refuse_other_dataset(out, patients, slices, size, seed, family)
+    _refuse_other_dataset(out, patients, slices, size, seed, family, slice_thickness)
     out.mkdir(parents=True, exist_ok=True)
-    writer = _SeriesWriter(str(out), seed, family, slices, size)
+    writer = _SeriesWriter(str(out), seed, family, slices, size, slice_thickness)
     series = list(process_map(writer, range(patients), workers, "synth", progress, unit="patient"))
     labels = {"generator": "dinox synth", "seed": seed, "family": family,
               "conventions": family_conventions(family), "series": series}
+    if slice_thickness is not None:
+        labels["slice_thickness"] = slice_thickness
     tmp = out / ".labels.json.tmp"
     tmp.write_text(_json(labels) + "\n")
     tmp.replace(out / "labels.json")

@@ -238,12 +238,12 @@ def load_labels(root: Path, min_readers: int = MIN_READERS, labels_json=None) ->
                        rule=rule, notes=notes)
 
 
-def slice_label(labels: ProbeLabels, series_id: str, z: int, num_slices: int) -> int | None:
-    """1: slice z holds a consensus nodule; 0: no nodule mark on the stack's three slices;
-    None: ambiguous (a mark without consensus, or a nodule on a neighbour only)."""
+def slice_label(labels: ProbeLabels, series_id: str, z: int, num_slices: int, gap: int = 1) -> int | None:
+    """1: slice z holds a consensus nodule; 0: no nodule mark on the slices the stack spans
+    (z-gap .. z+gap); None: ambiguous (a mark without consensus, or a nodule off slice z)."""
     if labels.regions.get((series_id, z)):
         return 1
-    for k in (max(z - 1, 0), z, min(z + 1, num_slices - 1)):
+    for k in range(max(z - gap, 0), min(z + gap, num_slices - 1) + 1):
         if labels.marks.get((series_id, k)):
             return None
     return 0
@@ -439,13 +439,14 @@ def select_slices(dataset: CTSliceDataset, labels: ProbeLabels, split: ProbeSpli
     side = {s: "train" for s in split.train} | {s: "test" for s in split.test}
     records = []
     ranges = dataset.series_ranges()
+    gaps = dict(zip(dataset.series_ids, dataset.gaps))
     for sid in sorted(side):
         rng_ = ranges.get(sid)
         if rng_ is None:
             continue
         for z, i in enumerate(rng_):
             records.append(SliceRecord(i, sid, split.patient_of[sid], z, side[sid],
-                                       slice_label(labels, sid, z, len(rng_))))
+                                       slice_label(labels, sid, z, len(rng_), gaps[sid])))
     if len(records) <= max_slices:
         return records
     rnd = random.Random(seed)
@@ -909,7 +910,7 @@ def probe_backbone(backbone, cfg, root, *, split_manifest=None, split: str = "au
     device = device or next(backbone.parameters()).device
     root = Path(root)
     labels = load_labels(root, min_readers, labels_json)
-    dataset = CTSliceDataset(root, "all", None, root / INDEX_FILE)
+    dataset = CTSliceDataset(root, "all", None, root / INDEX_FILE, context_mm=cfg.views.context_mm)
     index_patient = {r["series_id"]: r["patient_id"] for r in dataset.records}
     probe_split = choose_split(labels, index_patient, mode=split, manifest=split_manifest, root=root, seed=seed,
                                test_fraction=test_fraction)

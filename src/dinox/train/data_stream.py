@@ -112,7 +112,7 @@ def validation_dataset(cfg, train_dataset):
     if not (watch.eval_every or watch.monitor_every):
         return None
     try:
-        return CTSliceDataset(io.data_root, "val", io.split_manifest, io.index_csv)
+        return CTSliceDataset(io.data_root, "val", io.split_manifest, io.index_csv, context_mm=cfg.views.context_mm)
     except Exception as exc:  # noqa: BLE001
         log.warning("no validation data for monitoring/eval (%s); using the training split", exc)
         return train_dataset

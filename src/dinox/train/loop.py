@@ -55,7 +55,8 @@ class Trainer:
         seed, io = cfg.runtime.seed, cfg.io
 
         seed_all(seed)  # the same initial weights on every rank
-        self.dataset = CTSliceDataset(io.data_root, "train", io.split_manifest, io.index_csv)
+        self.dataset = CTSliceDataset(io.data_root, "train", io.split_manifest, io.index_csv,
+                                      context_mm=cfg.views.context_mm)
         check_batch_fits(len(self.dataset), cfg.optim.batch_size, dist.world_size, io.data_root)
         self.val_dataset = validation_dataset(cfg, self.dataset)
         self.ssl = DINOSSL(cfg, self.device, initialise=resume_state is None)
@@ -177,6 +178,7 @@ class Trainer:
                                params=self.ssl.parameter_counts(), autocast_dtype=self.autocast_dtype,
                                sharding=self.sharding):
             log.info(line)
+        log.info(self.dataset.stack_summary())
         log.info("run directory: %s", self.run_dir)
 
     def release(self) -> None:
