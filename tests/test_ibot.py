@@ -226,3 +226,38 @@ def test_chunked_teacher_targets_and_centre_equal_the_whole_computation(monkeypa
     torch.testing.assert_close(got, expected)
     chunked.apply_center_update()
     torch.testing.assert_close(chunked.center, whole.center)
+
+
+def test_retrieval_progress_warns_once_when_the_mean_rank_stays_near_the_untrained_network_s():
+    from dinox.observe.anomaly import RetrievalProgress
+
+    guard = AnomalyGuard(retrieval=RetrievalProgress(start_step=100, advice="--context-mm 5"))
+    n = 479                                     # chance mean rank (n + 1) / 2 = 240
+    assert guard.check_retrieval(0, 180.0, n) is None          # the untrained network: 0.75 of chance
+    assert guard.check_retrieval(50, 170.0, n) is None         # before start_step: not judged
+    assert guard.check_retrieval(100, 100.0, n) is None        # 56 % of the untrained rank: under 60 %, learning
+    # a run that learned, read with another n: the share of chance is compared, not the rank
+    assert guard.check_retrieval(120, 50.0, 239) is None
+    hit = guard.check_retrieval(150, 130.0, n)                 # 72 % of the untrained network's rank
+    assert hit is not None and hit.kind == "not_learning" and hit.severity == "warning"
+    assert not hit.wants_checkpoint and "130 of 479" in hit.message and "--context-mm 5" in hit.message
+    assert guard.check_retrieval(200, 140.0, n) is None        # once
+    resumed = AnomalyGuard(retrieval=RetrievalProgress(start_step=100))
+    resumed.load_state_dict(guard.state_dict())
+    assert resumed.retrieval.untrained == guard.retrieval.untrained and resumed.retrieval.reported
+    # a few queries are too noisy to judge, and without a step-0 reading there is nothing to compare
+    fresh = AnomalyGuard(retrieval=RetrievalProgress(start_step=10))
+    assert fresh.check_retrieval(0, 8.0, 16) is None and fresh.check_retrieval(20, 8.0, 16) is None
+    assert fresh.check_retrieval(20, 230.0, n) is None
+
+
+def test_not_learning_advice_names_the_context_for_thin_slices():
+    from dinox.config import resolve, with_values
+    from dinox.observe.anomaly import build_guard, not_learning_advice
+
+    cfg = resolve({"max_steps": 670}, hardware_preset="cpu").cfg
+    assert "--context-mm" not in not_learning_advice(cfg, 1.25)          # already ~5 mm
+    assert "--context-mm 5" in not_learning_advice(with_values(cfg, context_mm=0.0), 1.25)
+    assert "--context-mm" not in not_learning_advice(with_values(cfg, context_mm=0.0), 5.0)
+    guard = build_guard(cfg)
+    assert guard.retrieval.start_step == 335 and guard.entropy_wall.start_step == 20

@@ -236,6 +236,11 @@ class CTSliceDataset(Dataset):
             stack = stack.astype(np.int16)
         return torch.from_numpy(stack)
 
+    def thinnest_slices_mm(self) -> float | None:
+        """The smallest slice spacing of the split's series (None when the index has none)."""
+        known = [v for v in map(_spacing, self.records) if v is not None]
+        return min(known) if known else None
+
     def stack_summary(self) -> str:
         """One line: which slices the 2.5D stacks hold, by how many series."""
         spacing = {}

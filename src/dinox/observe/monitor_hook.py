@@ -71,8 +71,8 @@ def run_retrieval(backbone, dataset, augment_cfg, *, n: int, step: int, device, 
     result = evaluate_backbone(backbone, dataset, augment_cfg, n=n, seed=1234, device=device,
                                autocast_dtype=autocast_dtype)
     logged = {"Eval/Retrieval_Top1": result["top1"], "Eval/Retrieval_Top5": result.get("top5"),
-              "Eval/Retrieval_Ratio": result["ratio"], "Eval/Effective_Rank": result["effective_rank"],
-              "Eval/N": result["n"]}
+              "Eval/Retrieval_Ratio": result["ratio"], "Eval/Mean_Rank": result["mean_rank"],
+              "Eval/Effective_Rank": result["effective_rank"], "Eval/N": result["n"]}
     if on_training_split:
         logged["Eval/On_Training_Split"] = 1.0
     metrics.log(step, logged)

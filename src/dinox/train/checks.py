@@ -54,13 +54,17 @@ class InTrainingChecks:
     def _evaluate(self, backbone, step: int) -> None:
         t = self.t
         result = guarded(self._retrieval, step, backbone, step) if t.dist.is_main and t.val_dataset is not None else None
-        erank = broadcast_object(result["effective_rank"] if result else None)
+        erank, mean_rank, n = broadcast_object((result["effective_rank"], result.get("mean_rank"), result["n"])
+                                               if result else (None, None, None))
         if erank is None:
             return
         for anomaly in t.parts.guard.check(step, None, erank=erank):
             if anomaly.kind == "collapse":
                 log.critical(anomaly.message)
                 t.save("emergency")
+        stalled = t.parts.guard.check_retrieval(step, mean_rank, n)
+        if stalled is not None:
+            log.warning(stalled.message)
 
     def _retrieval(self, backbone, step: int) -> dict:
         from dinox.observe.monitor_hook import run_retrieval

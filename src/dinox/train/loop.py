@@ -22,7 +22,7 @@ from dinox.config import RunConfig
 from dinox.data.augment import CTAugment
 from dinox.data.dataset import CTSliceDataset, DataChanged, pad_collate
 from dinox.errors import UserError
-from dinox.observe.anomaly import AnomalyGuard, EntropyWall, entropy_wall_advice, nonfinite_diagnostics, respond
+from dinox.observe.anomaly import build_guard, nonfinite_diagnostics, respond
 from dinox.observe.health import MemoryWatch, device_memory_metrics
 from dinox.observe.metrics import MetricsLogger, Throughput, format_progress, run_header
 from dinox.run.device import DeviceInfo
@@ -78,13 +78,7 @@ class Trainer:
         self.ssl.student_call = self.model
         self.optimizer = build_optimizer(self.ssl.student, fused=device_info.fused_adamw)
         self.scaler = build_scaler(self.device, self.autocast_dtype)
-        watch = cfg.watch
-        warmed_up = max(cfg.optim.warmup_steps, cfg.ssl.teacher_temp_warmup_steps)
-        wall = EntropyWall(cfg.model.out_dim, start_step=warmed_up, advice=entropy_wall_advice(cfg, dist.world_size),
-                           window=min(100, max(20, (cfg.optim.max_steps or 1000) // 10)))
-        guard = AnomalyGuard(spike_factor=watch.spike_factor, std_threshold=watch.collapse_std,
-                             halt_on_anomaly=watch.halt_on_anomaly,
-                             collapse_grace_steps=max(cfg.optim.warmup_steps, 100), entropy_wall=wall)
+        guard = build_guard(cfg, dist.world_size, self.dataset.thinnest_slices_mm())
         self.memory_watch = MemoryWatch(device_info, grad_checkpoint=cfg.runtime.grad_checkpoint, amp=cfg.runtime.amp)
         self.parts = Components(Progress(), self.ssl, self.optimizer, self.scaler,
                                 torch.Generator().manual_seed(seed * 7919 + dist.rank), guard)
