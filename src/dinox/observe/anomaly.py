@@ -310,8 +310,8 @@ class RetrievalProgress:
             "not_learning", "warning", step,
             f"view retrieval at step {step}: the right view's mean rank is {mean_rank:.0f} of {n} "
             f"({level / self.untrained:.0%} of the untrained network's {untrained_rank:.0f} at step 0; runs that "
-            f"learned reach 50 % or less): the features barely tell these slices apart better than untrained ones, "
-            f"although the losses look healthy. Try: {self.advice or 'see docs/recipes.md'}",
+            f"learned reach 50 % or less): the features barely tell these slices apart better than untrained ones "
+            f"(a failure the losses need not show). Try: {self.advice or 'see docs/recipes.md'}",
             {"mean_rank": mean_rank, "n": n, "level": level, "untrained": self.untrained})
 
     def state_dict(self) -> dict:
