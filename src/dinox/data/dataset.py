@@ -90,8 +90,9 @@ class CTSliceDataset(Dataset):
         for k in range(len(self.paths)):
             self._check_volume(k)
         self.context_mm = float(context_mm)
-        self.gaps = [slice_gap(self.context_mm, _spacing(r)) for r in self.records]
-        unknown = [r["series_id"] for r in self.records if _spacing(r) is None]
+        self.spacings = [_spacing(r) for r in self.records]   # mm, None where the index has none
+        self.gaps = [slice_gap(self.context_mm, mm) for mm in self.spacings]
+        unknown = [sid for sid, mm in zip(self.series_ids, self.spacings) if mm is None]
         if self.context_mm and unknown:
             log.warning("%d series have no slice spacing in %s (e.g. %s): their 2.5D stacks use the adjacent "
                         "slices, not ~%g mm; re-run `dinox prep` to record it", len(unknown), index_csv, unknown[0],
@@ -238,14 +239,14 @@ class CTSliceDataset(Dataset):
 
     def thinnest_slices_mm(self) -> float | None:
         """The smallest slice spacing of the split's series (None when the index has none)."""
-        known = [v for v in map(_spacing, self.records) if v is not None]
+        known = [mm for mm in self.spacings if mm is not None]
         return min(known) if known else None
 
     def stack_summary(self) -> str:
         """One line: which slices the 2.5D stacks hold, by how many series."""
         spacing = {}
-        for g, row in zip(self.gaps, self.records):
-            spacing.setdefault(g, []).append(_spacing(row))
+        for g, mm in zip(self.gaps, self.spacings):
+            spacing.setdefault(g, []).append(mm)
         parts = []
         for g in sorted(spacing):
             known = [s for s in spacing[g] if s is not None]

@@ -48,8 +48,8 @@ from itertools import pairwise
 
 import numpy as np
 
-from dinox.data.phantom import (AIR_HU, slice_spacing, Nodule, Phantom, _blur_inplane, _capsule, _ellipsoid, _Grid, _index_range,
-                                _smooth_field, _soft, _unit_rows)
+from dinox.data.phantom import (AIR_HU, Nodule, Phantom, _blur_inplane, _capsule, _ellipsoid, _Grid, _index_range,
+                                _smooth_field, _soft, _unit_rows, slice_spacing)
 
 HAEMORRHAGE_TYPES = ("intraparenchymal", "subdural")
 SATURATION_MM = 60.0       # water-equivalent path beyond which beam hardening grows linearly

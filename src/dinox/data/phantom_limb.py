@@ -45,7 +45,8 @@ from itertools import pairwise
 
 import numpy as np
 
-from dinox.data.phantom import AIR_HU, Vessel, slice_spacing, _blur_inplane, _capsule, _Grid, _index_range, _paint_table, _soft
+from dinox.data.phantom import AIR_HU, Vessel, _blur_inplane, _capsule, _Grid, _index_range, _paint_table, _soft, \
+    slice_spacing
 from dinox.data.phantom_head import FamilyPhantom, Finding, WaveField, _draw_blob, _ramp, add_noise, \
     projection_artefacts
 
@@ -216,7 +217,7 @@ def make_limb_phantom(rng: np.random.Generator, slices: int, size: int, noise: b
         extent = max(length, slices * dz)
         z0 = rng.uniform(0.0, extent - slices * dz)
     zs = (z0 + dz * np.arange(slices)).astype(np.float64)
-    zm = float(zs.mean()) if slice_thickness is None else (extent - dz) / 2.0
+    zm = (extent - dz) / 2.0   # the middle of a slice grid over the whole extent
     limbs, r0 = _site_limbs(rng, site, bilateral, side, extent, zm)
     half_x = max(abs(lb.cx) + lb.ax * 1.15 for lb in limbs)
     half_y = max(abs(lb.cy) + lb.ay * 1.15 for lb in limbs)
