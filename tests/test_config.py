@@ -93,12 +93,12 @@ def test_checkpoint_overrides_recipe_and_flags_override_checkpoint():
     assert "lr: 0.002 -> 0.003" in flagged.changes
 
 
-def test_the_2_5d_context_is_5_mm_and_a_checkpoint_without_it_keeps_the_adjacent_slices():
-    assert tiny().cfg.views.context_mm == 5.0
-    assert resolve({"config": "vit-large"}, hardware_preset="rtx4090").cfg.views.context_mm == 5.0
+def test_the_2_5d_context_is_10_mm_and_a_checkpoint_without_it_keeps_the_adjacent_slices():
+    assert tiny().cfg.views.context_mm == 10.0
+    assert resolve({"config": "vit-large"}, hardware_preset="rtx4090").cfg.views.context_mm == 10.0
     assert tiny(context_mm=0.0).cfg.views.context_mm == 0.0
     saved = tiny(max_steps=100).cfg.to_flat()
-    assert resolve({}, hardware_preset="cpu", saved=saved).cfg.views.context_mm == 5.0
+    assert resolve({}, hardware_preset="cpu", saved=saved).cfg.views.context_mm == 10.0
     del saved["context_mm"]                   # written before the setting existed: trained on z-1, z, z+1
     assert resolve({}, hardware_preset="cpu", saved=saved).cfg.views.context_mm == 0.0
     assert resolve({"context_mm": 3.0}, hardware_preset="cpu", saved=saved).cfg.views.context_mm == 3.0

@@ -268,7 +268,7 @@ def test_eval_reads_the_stacks_the_run_trained_on(checkpoint, processed_root, tm
 
     monkeypatch.setattr(dataset_module, "CTSliceDataset", Recording)
     state = torch.load(checkpoint, weights_only=False)
-    assert state["config"]["context_mm"] == 5.0
+    assert state["config"]["context_mm"] == 10.0
     state["config"]["context_mm"] = 0.0
     adjacent = tmp_path / "adjacent.pth"
     torch.save(state, adjacent)
@@ -276,4 +276,4 @@ def test_eval_reads_the_stacks_the_run_trained_on(checkpoint, processed_root, tm
         assert main(_args(ckpt, processed_root, tmp_path / ckpt.stem)) == 0
         assert main(["monitor", "--checkpoint", str(ckpt), "--data-root", str(processed_root), "--device", "cpu",
                      "--out", str(tmp_path / f"m_{ckpt.stem}")]) == 0
-    assert seen == [5.0, 5.0, 0.0, 0.0]
+    assert seen == [10.0, 10.0, 0.0, 0.0]

@@ -256,8 +256,16 @@ def test_not_learning_advice_names_the_context_for_thin_slices():
     from dinox.observe.anomaly import build_guard, not_learning_advice
 
     cfg = resolve({"max_steps": 670}, hardware_preset="cpu").cfg
-    assert "--context-mm" not in not_learning_advice(cfg, 1.25)          # already ~5 mm
-    assert "--context-mm 5" in not_learning_advice(with_values(cfg, context_mm=0.0), 1.25)
-    assert "--context-mm" not in not_learning_advice(with_values(cfg, context_mm=0.0), 5.0)
+    assert cfg.views.context_mm == 10.0
+    # the recipe's 10 mm already: a wider one, twice the neighbours' distance
+    assert "wider 2.5D context (--context-mm 20, now 10)" in not_learning_advice(cfg, 1.25)
+    thin = not_learning_advice(with_values(cfg, context_mm=0.0), 1.25)
+    assert "--context-mm 10, now 0" in thin and "1.25 mm apart" in thin
+    # adjacent 5 mm slices are 5 mm apart: the recipe's 10 mm first
+    assert "--context-mm 10, now 0): the stacks' neighbours are about 5 mm" in not_learning_advice(
+        with_values(cfg, context_mm=0.0), 5.0)
+    assert "--context-mm 10, now 0): the stacks hold the adjacent slices" in not_learning_advice(
+        with_values(cfg, context_mm=0.0), None)
+    assert "--context-mm 24, now 0" in not_learning_advice(with_values(cfg, context_mm=0.0), 12.0)
     guard = build_guard(cfg)
     assert guard.retrieval.start_step == 335 and guard.entropy_wall.start_step == 20

@@ -317,8 +317,8 @@ def test_checkpoint_exports_to_transformers_strictly(tiny_checkpoint, tmp_path):
     assert pre["image_size"] == 32 and pre["normalisation"]["mean"] == 0.5
     assert [f["name"] for f in pre["training_windows"]["families"]] == ["lung", "mediastinal", "bone", "broad"]
     assert pre["standardize_per_image"] is bool(state["config"]["standardize_views"])
-    assert pre["input"]["context_mm"] == state["config"]["context_mm"] == 5.0
-    assert "5 mm" in pre["input"]["slice_gap"] and "z+g" in card and "5 mm" in card
+    assert pre["input"]["context_mm"] == state["config"]["context_mm"] == 10.0
+    assert "10 mm" in pre["input"]["slice_gap"] and "z+g" in card and "10 mm" in card
 
     head_state, meta = weights.read_safetensors(out / "dino_head.safetensors")
     head = DINOHead(int(meta["in_dim"]), int(meta["out_dim"]), hidden_dim=int(meta["hidden_dim"]),

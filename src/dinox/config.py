@@ -277,11 +277,13 @@ BASE_RECIPE: dict[str, object] = {
     # a run of hundreds of steps at a batch of tens to hundreds needs to leave the entropy
     # wall (docs/recipes.md, "The big presets' recipe"): the seeds' ViT-Large validation run is
     # 384 steps at an effective batch of 256, where DINOv2's 100k+ steps at 1024+ are not.
-    # The 2.5D stack's neighbours about 5 mm from slice z, whatever the slice spacing: on
-    # thin-slice CT (LIDC-IDRI is mostly 1-2.5 mm) adjacent slices are nearly one image, and
-    # the tiny recipe on chest phantoms at 1.25-1.62 mm found a quarter of the retrieval it
-    # finds at 5 mm; at 5 mm and thicker this is z-1, z, z+1 (docs/recipes.md, "Thin slices").
-    "context_mm": 5.0,
+    # The 2.5D stack's neighbours about 10 mm from slice z, whatever the slice spacing
+    # (z-2, z, z+2 at 5 mm, z-8, z, z+8 at 1.25 mm): most of what a short run learns is how
+    # slice z differs from its neighbours, so they must differ. Adjacent thin slices are nearly
+    # one image (chest at 1.25-1.62 mm: a quarter of its 5 mm retrieval), and a slowly changing
+    # anatomy needs more than 5 mm (limb at 1.75-5 mm: 1.4x its untrained network at 5 mm,
+    # 6.6x at 10 mm); docs/recipes.md, "Thin slices" and "A 10 mm context".
+    "context_mm": 10.0,
     "img_size": 224,
     # DINOv2: 8 local crops of 96 px (98 for patch 14) at scale (0.05, 0.32), globals at (0.32, 1).
     # 2 here: with iBOT, the seed's ViT-Large validation run (batch 64 x 4, --grad-checkpoint

@@ -24,9 +24,9 @@ DEMO_SLICES = 12
 DEMO_SIZE = 96
 # The demo's budget is its time: a fresh clone's `make demo` inside 8 minutes on 2 cores.
 # 1000 steps of vit-tiny's two blocks take ~4 min of training there with native bf16 (~5 in
-# fp32 on the same AMD EPYC), and are what the recipe needs to find 10 % of the slices on
-# each of chest seeds 0-2 (10.8-11.4 %; at 670 steps 8.1-11.3 %: docs/recipes.md, "What the
-# demo's budget costs").
+# fp32 on the same AMD EPYC); with the 10 mm 2.5D context they find 13.3-20.1 % of the slices
+# on chest seeds 0-2, where the bar is 10 % (docs/recipes.md, "A 10 mm context"; with the
+# 5 mm context 1000 steps were what met it, 10.8-11.4 %).
 DEMO_STEPS = 1000
 DEMO_BATCH = 32
 DEMO_EVAL_N = 512

@@ -92,7 +92,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("views")
     g.add_argument("--context-mm", type=float, metavar="MM",
                    help="the 2.5D stack's neighbours: the slices nearest MM above and below slice z, at least "
-                        "one slice away (default 5: z-1, z, z+1 at 5 mm slices, z-4, z, z+4 at 1.25 mm); "
+                        "one slice away (default 10: z-2, z, z+2 at 5 mm slices, z-8, z, z+8 at 1.25 mm); "
                         "0: the adjacent slices whatever the spacing")
     g.add_argument("--img-size", type=positive_int, help="global crop size in px (224; 64 for vit-tiny)")
     g.add_argument("--local-crops", type=nonneg_int, help="local crops per sample")

@@ -36,7 +36,8 @@ MAX_OPEN_VOLUMES = 256   # memory maps kept open per process (each holds a file 
 def slice_gap(context_mm: float, spacing_z: float | None) -> int:
     """How many slices apart the stack's neighbours are: the whole number of slices nearest
     `context_mm` (halves round up), at least 1; 1 when `context_mm` is 0 or the spacing is
-    unknown. At 5 mm: 1 for 5 mm slices (z-1, z, z+1), 2 for 2.5 mm, 4 for 1.25 mm."""
+    unknown. At 10 mm (the recipe's): 2 for 5 mm slices (z-2, z, z+2), 4 for 2.5 mm, 8 for
+    1.25 mm; at 5 mm: 1, 2 and 4."""
     if not context_mm or not spacing_z or not math.isfinite(spacing_z) or spacing_z <= 0:
         return 1
     return max(1, math.floor(context_mm / spacing_z + 0.5))
