@@ -54,7 +54,7 @@ class InTrainingChecks:
     def _evaluate(self, backbone, step: int) -> None:
         t = self.t
         result = guarded(self._retrieval, step, backbone, step) if t.dist.is_main and t.val_dataset is not None else None
-        erank, mean_rank, n = broadcast_object((result["effective_rank"], result.get("mean_rank"), result["n"])
+        erank, mean_rank, n = broadcast_object((result["effective_rank"], result["mean_rank"], result["n"])
                                                if result else (None, None, None))
         if erank is None:
             return
