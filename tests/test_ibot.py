@@ -267,5 +267,9 @@ def test_not_learning_advice_names_the_context_for_thin_slices():
     assert "--context-mm 10, now 0): the stacks hold the adjacent slices" in not_learning_advice(
         with_values(cfg, context_mm=0.0), None)
     assert "--context-mm 24, now 0" in not_learning_advice(with_values(cfg, context_mm=0.0), 12.0)
+    # the stack's own rounding: 12 mm on 5 mm slices takes z-2, z+2 (10 mm), 3 mm on 1.25 mm z-2, z+2
+    assert "--context-mm 20, now 12" in not_learning_advice(with_values(cfg, context_mm=12.0), 5.0)
+    assert "neighbours are about 2.5 mm" in not_learning_advice(with_values(cfg, context_mm=3.0), 1.25)
+    assert "about 5 mm" in not_learning_advice(with_values(cfg, context_mm=6.0), 5.0)
     guard = build_guard(cfg)
     assert guard.retrieval.start_step == 335 and guard.entropy_wall.start_step == 20

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from dinox.config import BASE_RECIPE, prototypes_for_batch
+from dinox.data.dataset import slice_gap
 
 AnomalyKind = Literal["loss_spike", "collapse", "nonfinite", "entropy_wall", "not_learning"]
 Severity = Literal["warning", "critical", "fatal"]
@@ -332,10 +333,11 @@ def not_learning_advice(cfg, thinnest_slices_mm: float | None = None) -> str:
     network at 5 mm, 6.6x at 10 mm; "A 10 mm context")."""
     tips = []
     ctx, recipe = cfg.views.context_mm, float(BASE_RECIPE["context_mm"])
-    near = max(ctx, thinnest_slices_mm or 0.0)        # about how far the stack's neighbours are
+    # how far the thinnest series' neighbours are from slice z (the stack's own rule)
+    near = (slice_gap(ctx, thinnest_slices_mm) * thinnest_slices_mm if thinnest_slices_mm else ctx)
     if near < recipe:
         why = (f"the stacks hold slices {thinnest_slices_mm:g} mm apart, nearly one image three times"
-               if thinnest_slices_mm is not None and thinnest_slices_mm < 3.0 and ctx < 3.0
+               if thinnest_slices_mm is not None and thinnest_slices_mm < 3.0 and near == thinnest_slices_mm
                else f"the stacks' neighbours are about {near:g} mm from slice z" if near
                else "the stacks hold the adjacent slices")
         tips.append(f"a 2.5D context of {recipe:g} mm (--context-mm {recipe:g}, now {ctx:g}): "
