@@ -27,7 +27,7 @@ from dinox.errors import UserError
 from dinox.model.presets import PRESETS, resolve_arch, validate_arch
 from dinox.model.vit import ViTArch
 from dinox.run.device import PRESET_KEYS, apply_hardware_preset
-from dinox.run.schedules import TeacherFit, fit_teacher_momentum
+from dinox.run.schedules import TeacherFit, fit_teacher_momentum, unlimited_momentum_end
 
 MODEL_CHOICES = [*PRESETS, "custom"]
 DEVICE_CHOICES = ["auto", "cuda", "rocm", "mps", "cpu"]
@@ -226,6 +226,8 @@ SHAPE_FIELDS = (
     "rope_base", "mask_k_bias", "ln_eps",
 )
 # What belongs to this launch rather than to the run: never taken from a checkpoint.
+# `--max-steps unlimited`: train until stopped, also where a resumed checkpoint had a budget.
+UNLIMITED_STEPS = 0
 LAUNCH_KEYS = (*PRESET_KEYS, "device", "parallel", "hardware_preset", "custom_values", "max_steps", "out", "resume")
 PARALLEL_CHOICES = ("ddp", "fsdp")
 
@@ -526,7 +528,12 @@ def resolve(
         _check_shape(saved, requested)
         values.update({k: v for k, v in saved.items() if k in FLAT_FIELDS and k not in LAUNCH_KEYS})
         values.update({k: v for k, v in RECORDED_SINCE.items() if k not in saved})
+        # The step budget is this launch's to change, but a resume that does not name one
+        # keeps the run's: dropping the flag must not turn a finite run into an unlimited one.
+        values["max_steps"] = saved.get("max_steps")
     values.update(given)
+    if values.get("max_steps") == UNLIMITED_STEPS:
+        values["max_steps"] = None
     if given.get("index_csv") and not given.get("data_root"):
         values["data_root"] = str(root_of_index(given["index_csv"]))
     if saved is None and values.get("init_from"):
@@ -675,6 +682,13 @@ def _teacher_fit_notice(cfg: RunConfig) -> list[str]:
     """What the run's length does to the teacher momentum."""
     s = cfg.ssl
     fit = teacher_momentum_fit(cfg)
+    if cfg.optim.max_steps is None:
+        end = unlimited_momentum_end(s.momentum, s.momentum_end)
+        if end == s.momentum_end:
+            return []
+        return [f"an unlimited run: the teacher momentum ramps {s.momentum:g} -> {end:g} over --horizon "
+                f"{cfg.optim.horizon} steps and holds there, not -> {s.momentum_end:g}, which would freeze the "
+                "teacher for the rest of the run (give --max-steps for DINO's cosine to 1.0 at the run's end)"]
     if fit is None:
         return []
     return [f"teacher momentum {s.momentum:g} -> {s.momentum_end:g} over {cfg.optim.max_steps} steps would leave "

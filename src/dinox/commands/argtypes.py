@@ -33,6 +33,13 @@ positive_int = int_at_least(1)
 nonneg_int = int_at_least(0)
 
 
+def step_budget(text: str) -> int:
+    """--max-steps: a number of optimizer steps, or `unlimited` (train until stopped)."""
+    from dinox.config import UNLIMITED_STEPS
+
+    return UNLIMITED_STEPS if text.strip().lower() == "unlimited" else positive_int(text)
+
+
 def float_at_least(minimum: float, *, inclusive: bool = True):
     """A finite number >= `minimum` (> when not `inclusive`); nan and inf are refused."""
     def parse(text: str) -> float:

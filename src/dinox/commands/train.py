@@ -24,7 +24,7 @@ from dinox.config import (
     RunConfig,
     resolve,
 )
-from dinox.commands.argtypes import boolean, float_at_least, nonneg_int, positive_int
+from dinox.commands.argtypes import boolean, float_at_least, nonneg_int, positive_int, step_budget
 from dinox.data.layout import atomic_write_text
 from dinox.errors import UserError
 from dinox.model.head import PROTOTYPE_NORMS
@@ -107,7 +107,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                    help="zero-mean unit-std each view after windowing (default true)")
 
     g = p.add_argument_group("optimisation")
-    g.add_argument("--max-steps", type=positive_int, help="optimizer steps; omit to train until stopped")
+    g.add_argument("--max-steps", type=step_budget,
+                   help="optimizer steps, or `unlimited` (train until stopped; the default of a new run); "
+                        "a resume without it keeps the run's")
     g.add_argument("--batch-size", type=positive_int, help="per-device micro-batch (default: hardware preset)")
     g.add_argument("--accumulation-steps", type=positive_int, help="micro-batches per optimizer step")
     g.add_argument("--lr", type=float, help="peak learning rate (not scaled by batch)")

@@ -58,11 +58,11 @@ def json_safe(obj: Any) -> Any:
     return value if math.isfinite(value) else None
 
 
-def lines_until(path: str | os.PathLike, step: int, errors: str = "strict") -> tuple[list[str], int]:
+def lines_until(path: str | os.PathLike, step: int) -> tuple[list[str], int]:
     """(the JSONL lines of `path` with step <= `step`, each ending in a newline; the number of
-    other lines, unreadable ones included)."""
+    other lines, unreadable ones included: a damaged byte drops its line, not the resume)."""
     kept, dropped = [], 0
-    with open(path, encoding="utf-8", errors=errors) as f:
+    with open(path, encoding="utf-8", errors="replace") as f:
         for line in f:
             try:
                 keep = int(json.loads(line)["step"]) <= step

@@ -892,6 +892,29 @@ def _runs_by_last_save(out_root) -> list[Path]:
     return sorted(runs, key=lambda run: (last[run], order[run]), reverse=True)
 
 
+def latest_run_never_saved(out_root) -> Path | None:
+    """The run folder under `out_root` that was written to last, where it holds no checkpoint
+    while an older run does (else None). `--resume auto` must not continue that older run: it
+    is another experiment's, or this one's earlier life, and the latest launch's flags would be
+    applied to it as changes (or, were it finished at the same --max-steps, nothing would
+    train). The folder's own time counts its files' creation (config.json, a lock, a save)."""
+    runs = list_run_dirs(out_root)
+
+    def last_write(run: Path) -> float:
+        try:
+            folder = run.stat().st_mtime
+        except OSError:
+            folder = float("-inf")
+        return max([folder, *(checkpoint_saved_time(p) for p in list_checkpoints(run))])
+
+    if not runs:
+        return None
+    latest = max(runs, key=last_write)
+    if list_checkpoints(latest) or not any(list_checkpoints(run) for run in runs):
+        return None
+    return latest
+
+
 def find_resume_checkpoint(out_root, required: tuple[str, ...] | list[str] = ()) -> Path | None:
     """The newest intact checkpoint of the run under `out_root` saved into last.
 

@@ -28,6 +28,25 @@ def setup_logging(run_dir: Path | None = None, is_main: bool = True) -> None:
     logger.propagate = False
 
 
+def console(text: str) -> None:
+    """A line of the run's progress on stdout. A terminal or pipe that went away (a closed ssh
+    session gives EIO; Ctrl+C on `dinox train | tee log` ends the reader: EPIPE) must not end
+    the run between its last step and the checkpoint a stop signal promises: from then on the
+    console is left alone and the lines go to train.log only."""
+    logger = logging.getLogger("dinox")
+    if not any(getattr(h, "_dinox_console", False) for h in logger.handlers) and logger.handlers:
+        logger.info(text)
+        return
+    try:
+        print(text, flush=True)
+    except OSError as exc:
+        for h in list(logger.handlers):
+            if getattr(h, "_dinox_console", False):
+                logger.removeHandler(h)
+        logger.warning("the console went away (%s); the run goes on, logging to train.log only", exc.strerror or exc)
+        logger.info(text)
+
+
 def close_file_logging() -> None:
     logger = logging.getLogger("dinox")
     for h in list(logger.handlers):

@@ -87,6 +87,19 @@ def ema_final_weights(momentum_at, steps: int) -> EMAMix:
 MAX_TEACHER_LAG = 0.25
 
 
+# An unlimited run has no end at which DINO's momentum cosine may reach 1.0: held there, the
+# teacher would stop learning for good once the run passes its horizon. It ramps to this
+# instead, a teacher that averages the last ~10k students (DINO's cosine 0.994 -> 1.0 is above
+# it only over the last 8 % of a run) and keeps following the student however long it trains.
+UNLIMITED_MOMENTUM_END = 0.9999
+
+
+def unlimited_momentum_end(start: float, end: float) -> float:
+    """The momentum an unlimited run ramps to over its horizon: `end`, except that 1.0 (a
+    frozen teacher) becomes UNLIMITED_MOMENTUM_END, or `start` where that is already higher."""
+    return end if end < 1.0 else max(start, UNLIMITED_MOMENTUM_END)
+
+
 @dataclass(frozen=True)
 class TeacherFit:
     """A teacher momentum held flat at `momentum` instead of the planned cosine."""

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 from collections.abc import Iterator
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from dinox.errors import UserError
+from dinox.run.signals import STOP_SIGNALS
 
 log = logging.getLogger("dinox.train")
 
@@ -68,8 +70,14 @@ def _worker_leaves_process_group(worker_id: int) -> None:
     also kill the DataLoader workers, and the loader would then fail the main process
     mid-step, before it saves. In a group of its own a worker hears only its parent, which
     finishes the step, saves, and shuts it down (or terminates it at exit); a worker whose
-    parent dies exits by itself (torch's worker watchdog)."""
+    parent dies exits by itself (torch's worker watchdog). A scheduler that signals every
+    process of the job (SLURM's `--signal=USR1@T`) still reaches it, and the trainer's handler,
+    inherited through fork, would end the worker on a second signal: the worker ignores the
+    warning signals, which are its parent's to act on. SIGTERM ends it, as it must: that is
+    how its parent (multiprocessing's `terminate`) stops a worker that does not exit."""
     os.setpgrp()
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_DFL if sig == signal.SIGTERM else signal.SIG_IGN)
 
 
 def make_loader(

@@ -27,6 +27,7 @@ from dinox.observe.health import MemoryWatch, device_memory_metrics
 from dinox.observe.metrics import MetricsLogger, Throughput, format_progress, run_header
 from dinox.run.device import DeviceInfo
 from dinox.run.distributed import DistEnv, all_reduce_
+from dinox.run.logging import console
 from dinox.run.rng import seed_all
 from dinox.run.signals import EXIT_ANOMALY, EXIT_NONFINITE, EXIT_OK, StopRequest
 from dinox.train.checks import InTrainingChecks
@@ -224,7 +225,7 @@ class Trainer:
                 self.metrics.log(step, metrics)
             if dist.is_main and (step - first_step <= 3 or now - last_line >= w.log_interval
                                  or step == o.max_steps or result.stop_requested):
-                print(format_progress(step, metrics, max_steps=o.max_steps), flush=True)
+                console(format_progress(step, metrics, max_steps=o.max_steps))
                 last_line = now
             warning = self.memory_watch.check()
             if warning and dist.is_main:
@@ -238,8 +239,9 @@ class Trainer:
             if halt:
                 log.error("halting on anomaly (--halt-on-anomaly); resume with --resume auto")
                 return EXIT_ANOMALY
-            try:
-                self.checks.run(step, throughput)
+            try:  # a stop saves first: a scheduler's grace period may not cover an eval
+                if not result.stop_requested:
+                    self.checks.run(step, throughput)
             except DataChanged as exc:
                 self._halt_data_changed(exc)
             if o.max_steps is not None and step >= o.max_steps:
@@ -256,7 +258,7 @@ class Trainer:
         with self.stop.writing():
             final = self.checkpointer.save_final(self.parts)
         if dist.is_main:
-            print(f"training finished at step {self.progress.step}; final checkpoint: {final}", flush=True)
+            console(f"training finished at step {self.progress.step}; final checkpoint: {final}")
         return EXIT_OK
 
     def _halt_data_changed(self, exc: DataChanged) -> NoReturn:
@@ -280,8 +282,8 @@ class Trainer:
         for anomaly in guard.check(step, result.metrics.get("loss", float("nan"))):
             log.critical(anomaly.message)
         path = self.save("emergency")
-        print(nonfinite_diagnostics(last_good_loss=guard.last_good_loss, lr=result.metrics.get("lr"),
-                                    grad_norm=result.metrics.get("grad_norm"), batch=result.batch), flush=True)
+        console(nonfinite_diagnostics(last_good_loss=guard.last_good_loss, lr=result.metrics.get("lr"),
+                                      grad_norm=result.metrics.get("grad_norm"), batch=result.batch))
         log.critical("non-finite loss at step %d: training halted; emergency checkpoint (state before the bad "
                      "update): %s", step, path)
         return EXIT_NONFINITE

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from dinox.config import RunConfig, teacher_momentum_fit
-from dinox.run.schedules import cosine, linear_warmup, warmup_cosine
+from dinox.run.schedules import cosine, linear_warmup, unlimited_momentum_end, warmup_cosine
 
 
 @dataclass(frozen=True)
@@ -21,7 +21,8 @@ class Schedules:
 
     Weight decay and teacher momentum follow DINO (Caron et al. 2021): cosine from their
     start to their end value over the run (momentum towards 1.0); for an unlimited run over
-    `horizon` steps, after which they hold. On a short run the momentum is held flat where
+    `horizon` steps, after which they hold, the momentum short of 1.0 so that the teacher keeps
+    learning (`unlimited_momentum_end`). On a short run the momentum is held flat where
     the cosine would leave the final teacher lagging (`teacher_momentum_fit`; recomputed
     from the recipe's values when a resume changes the run's length).
     """
@@ -46,6 +47,8 @@ class Schedules:
         fit = teacher_momentum_fit(cfg)
         if fit is not None:
             momentum = momentum_end = fit.momentum
+        if o.max_steps is None:
+            momentum_end = unlimited_momentum_end(momentum, momentum_end)
         return cls(
             lr=o.lr, min_lr=o.min_lr, warmup_steps=o.warmup_steps, max_steps=o.max_steps,
             weight_decay=o.weight_decay, weight_decay_end=o.weight_decay_end,

@@ -40,9 +40,15 @@ class ResumeSource:
 def find_checkpoint(resume: str, out_root: Path) -> tuple[Path | None, bool]:
     """The checkpoint to resume from, and whether its integrity was already verified
     (`--resume auto` checks every candidate; a given path is checked when loaded)."""
-    from dinox.run.checkpoint import find_resume_checkpoint
+    from dinox.run.checkpoint import find_resume_checkpoint, latest_run_never_saved
 
     if resume == "auto":
+        never_saved = latest_run_never_saved(out_root)
+        if never_saved is not None:
+            log.warning("--resume auto: the latest run under %s, %s, stopped before its first checkpoint; "
+                        "starting a new run rather than continuing an older one (continue one with --resume PATH; "
+                        "give each experiment its own --out)", out_root, never_saved.name)
+            return None, True
         found = find_resume_checkpoint(out_root, RESUME_KEYS)
         if found is None:
             from dinox.run.checkpoint import list_checkpoints, list_run_dirs
@@ -260,7 +266,7 @@ def copy_metrics_until(source_run: Path, run_dir: Path, step: int) -> int:
     src = source_run / METRICS_FILE
     if not src.is_file():
         return 0
-    kept, _ = lines_until(src, step, errors="replace")
+    kept, _ = lines_until(src, step)
     if kept:
         atomic_write_text(run_dir / METRICS_FILE, "".join(kept))
     return len(kept)
