@@ -91,6 +91,9 @@ def process_task(task: Task, root: str) -> dict:
             if vol.shape[0] < 2:
                 return {"status": "skipped", "task": task, "dropped": dropped,
                         "reason": "fewer than 2 slices with readable pixel data"}
+            problem = dicom_io.hu_problem(plan, vol)
+            if problem:
+                return {"status": "skipped", "task": task, "dropped": dropped, "reason": problem}
             notes = plan.notes + dicom_io.spacing_notes(positions)
             spacing = (float(np.median(np.diff(positions))),) + plan.spacing_yx
         else:
@@ -156,6 +159,34 @@ def _check_paths(inputs: list[Path], output: Path) -> None:
         if inp.is_dir() and os.path.realpath(inp) == os.path.realpath(output):
             raise UserError(f"--input {inp} is also the --output folder: the processed root is never read as "
                             f"input; write it elsewhere, e.g. --output {inp.parent / 'processed'}")
+
+
+def _dicom_tasks(by_series: dict[str, list[dicom_io.SliceHeader]],
+                 files_skipped: list[dict]) -> tuple[list[Task], list[dict]]:
+    """A task per DICOM series that can be read, and a skipped entry (with the reason) per
+    series that cannot; the slices a plan drops go to `files_skipped`. An unforeseen error
+    while planning one series skips that series alone: an archive holds thousands, and one
+    odd header must not cost the others."""
+    tasks: list[Task] = []
+    skipped: list[dict] = []
+    for uid in sorted(by_series):
+        headers = by_series[uid]
+        sid = dicom_series_id(uid)
+        try:
+            plan = dicom_io.plan_series(headers)
+        except Exception as exc:
+            paths = sorted({h.path for h in headers})
+            reason = (str(exc) if isinstance(exc, dicom_io.SeriesSkipped)
+                      else f"cannot plan series ({type(exc).__name__}: {str(exc)[:120]})")
+            skipped.append({"series_id": sid, "patient_id": headers[0].patient_id,
+                            "source": dicom_io.common_folder(paths), "n_files": len(paths),
+                            "reason": reason})
+            continue
+        files_skipped.extend({"path": p, "reason": r, "series_id": sid} for p, r in plan.dropped)
+        plan.dropped = []
+        tasks.append(Task(series_id=sid, patient_id=plan.patient_id, source=plan.source,
+                          n_source_files=plan.n_source_files, plan=plan))
+    return tasks, skipped
 
 
 def _nifti_tasks(paths: list[str], taken: set[str], old_rows: dict[str, dict]) -> list[Task]:
@@ -255,23 +286,7 @@ def prepare(inputs, output="data/processed", workers: int = 1, force: bool = Fal
         else:
             by_series[headers[0].series_uid].extend(headers)
 
-    tasks: list[Task] = []
-    series_skipped: list[dict] = []
-    for uid in sorted(by_series):
-        headers = by_series[uid]
-        sid = dicom_series_id(uid)
-        try:
-            plan = dicom_io.plan_series(headers)
-        except dicom_io.SeriesSkipped as exc:
-            paths = sorted({h.path for h in headers})
-            series_skipped.append({"series_id": sid, "patient_id": headers[0].patient_id,
-                                   "source": dicom_io.common_folder(paths),
-                                   "n_files": len(paths), "reason": str(exc)})
-            continue
-        files_skipped.extend({"path": p, "reason": r, "series_id": sid} for p, r in plan.dropped)
-        plan.dropped = []
-        tasks.append(Task(series_id=sid, patient_id=plan.patient_id, source=plan.source,
-                          n_source_files=plan.n_source_files, plan=plan))
+    tasks, series_skipped = _dicom_tasks(by_series, files_skipped)
     index_path = root / INDEX_FILE
     old_rows = _read_old_index(index_path)
     tasks.extend(_nifti_tasks(nifti_paths, {t.series_id.lower() for t in tasks}, old_rows))
