@@ -1,8 +1,8 @@
 """Prep defects: series ids that collide as file names, a run in which every series fails,
 headers that declare more pixels than the file holds or than a CT slice can have, and the
-archive inputs that aborted or silently corrupted a prep (a private transfer syntax, a
-malformed InstanceNumber, one SeriesInstanceUID for two patients, CT without rescale tags,
-sagittal and tilted stacks)."""
+archive inputs that aborted or silently corrupted a prep (a private transfer syntax, a file
+name that is not UTF-8, a NIfTI re-run from another folder, a malformed InstanceNumber, one
+SeriesInstanceUID for two patients, CT without rescale tags, sagittal and tilted stacks)."""
 from __future__ import annotations
 
 import json
@@ -17,7 +17,7 @@ import pytest
 from dinox.data import dicom_io
 from dinox.errors import UserError
 
-from test_ingest import index_rows, prep, random_hu, volume, write_series, write_slice
+from test_ingest import _nifti, index_rows, prep, random_hu, volume, write_series, write_slice
 
 pytestmark = pytest.mark.filterwarnings("ignore:Invalid value for VR UI")
 
@@ -281,6 +281,109 @@ def test_an_unexpected_error_planning_one_series_skips_it_alone(tmp_path, monkey
     (skip,) = report["series_skipped"]
     assert skip["series_id"] == "1.2.81.2" and skip["patient_id"] == "B"
     assert skip["reason"] == "cannot plan series (ZeroDivisionError: float division by zero)"
+
+
+def _folder(parent: Path, name: bytes) -> Path:
+    """A folder named by raw bytes (not UTF-8 where they say so), or a skip where the file
+    system refuses such names."""
+    path = os.path.join(os.fsencode(parent), name)
+    try:
+        os.makedirs(path)
+    except (OSError, UnicodeError):
+        pytest.skip("this file system refuses names that are not UTF-8")
+    return Path(os.fsdecode(path))
+
+
+def test_names_that_are_not_utf8_are_indexed_printably_and_kept_on_rerun(tmp_path):
+    rng = np.random.default_rng(22)
+    hu = random_hu(rng, (3, 4, 4))
+    cafe = _folder(tmp_path / "in", b"caf\xe9")
+    write_series(cafe, hu, "1.2.82.1")
+    (cafe / os.fsdecode(b"lis\xe9z-moi.txt")).write_text("not a scan")
+    bad = _folder(tmp_path / "in", b"s\xe9rie")
+    _nifti(bad / os.fsdecode(b"r\xe9sum\xe9.nii.gz"), random_hu(rng, (4, 5, 3)), np.eye(4))
+    good = tmp_path / "in" / "Müller 日本"
+    good.mkdir()
+    _nifti(good / "ct é.nii.gz", random_hu(rng, (4, 5, 3)), np.eye(4))
+    out = tmp_path / "out"
+    report = prep([tmp_path / "in"], out)
+    assert len(report["series_written"]) == 3 and report["series_skipped"] == []
+    rows = index_rows(out)                     # the index is UTF-8 text
+    np.testing.assert_array_equal(volume(out, "1.2.82.1"), hu)
+    assert rows["1.2.82.1"]["source"] == str(tmp_path / "in" / "caf\ufffd")
+    by_patient = {r["patient_id"]: r for r in rows.values()}
+    assert by_patient["r\ufffdsum\ufffd"]["source"] == str(tmp_path / "in" / "s\ufffdrie" / "r\ufffdsum\ufffd.nii.gz")
+    assert by_patient["ct é"]["source"] == str(good / "ct é.nii.gz")      # valid Unicode unchanged
+    on_disk = json.loads((out / "prep_report.json").read_text(encoding="utf-8"))
+    assert [f["path"] for f in on_disk["files_skipped"]] == [str(tmp_path / "in" / "caf\ufffd" / "lis\ufffdz-moi.txt")]
+    again = prep([tmp_path / "in"], out)
+    assert again["series_written"] == [] and sorted(again["series_kept"]) == sorted(rows)
+    assert index_rows(out) == rows
+
+
+def _nifti_project(tmp_path: Path) -> dict[str, np.ndarray]:
+    """data/nifti/{a,b}.nii.gz and data/{p1,p2}/ct.nii.gz (one name, one size) and an empty
+    sub/ under tmp_path; returns each file's voxels (x, y, z) by its name under data/."""
+    rng = np.random.default_rng(23)
+    scans = {"nifti/a": random_hu(rng, (3, 4, 5)), "nifti/b": random_hu(rng, (4, 4, 5)),
+             "p1/ct": random_hu(rng, (3, 4, 4)), "p2/ct": random_hu(rng, (3, 4, 4))}
+    for name, data in scans.items():
+        (tmp_path / "data" / name).parent.mkdir(parents=True, exist_ok=True)
+        _nifti(tmp_path / "data" / f"{name}.nii.gz", data, np.eye(4))
+    (tmp_path / "sub").mkdir()
+    return scans
+
+
+def test_nifti_rerun_from_another_folder_indexes_no_scan_twice(tmp_path, monkeypatch):
+    _nifti_project(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    first = prep(["data"], "out")
+    rows = index_rows(tmp_path / "out")
+    assert len(rows) == 4 and all(Path(r["source"]).is_absolute() for r in rows.values())
+    monkeypatch.chdir(tmp_path / "sub")
+    again = prep(["../data"], "../out")
+    assert again["series_written"] == [] and sorted(again["series_kept"]) == sorted(first["series_written"])
+    assert index_rows(tmp_path / "out") == rows
+
+
+def test_nifti_rows_with_a_relative_source_are_matched_from_another_folder(tmp_path, monkeypatch):
+    """An older prep recorded the source as walked (relative to its working directory)."""
+    import csv
+
+    scans = _nifti_project(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    prep(["data"], "out")
+    index = tmp_path / "out" / "_index" / "index.csv"
+    rows = list(csv.DictReader(index.open()))
+    for row in rows:
+        row["source"] = os.path.relpath(row["source"], tmp_path)
+    with index.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    ids = {row["source"]: (row["series_id"], row["patient_id"]) for row in rows}
+    monkeypatch.chdir(tmp_path / "sub")
+    again = prep(["../data"], "../out")
+    assert again["series_written"] == [] and len(again["series_kept"]) == 4
+    now = index_rows(tmp_path / "out")
+    assert {os.path.relpath(r["source"], tmp_path): (r["series_id"], r["patient_id"]) for r in now.values()} == ids
+    assert all(Path(r["source"]).is_absolute() for r in now.values())
+    for source, (sid, _) in ids.items():          # each id still holds its own file (an RAS volume, so x y z)
+        xyz = scans[source.removeprefix("data/").removesuffix(".nii.gz")]
+        np.testing.assert_array_equal(volume(tmp_path / "out", sid), xyz.transpose(2, 1, 0)[:, ::-1, ::-1])
+
+
+def test_a_new_nifti_named_like_a_lost_one_but_of_another_size_is_a_new_scan(tmp_path, monkeypatch):
+    rng = np.random.default_rng(24)
+    (tmp_path / "old").mkdir()
+    _nifti(tmp_path / "old" / "a.nii.gz", random_hu(rng, (3, 4, 5)), np.eye(4))
+    prep([tmp_path / "old"], tmp_path / "out")
+    (tmp_path / "old" / "a.nii.gz").unlink()
+    (tmp_path / "new").mkdir()
+    _nifti(tmp_path / "new" / "a.nii.gz", random_hu(rng, (3, 4, 6)), np.eye(4))
+    report = prep([tmp_path / "new"], tmp_path / "out")
+    assert report["series_kept"] == [] and len(report["series_written"]) == 1
+    assert len(index_rows(tmp_path / "out")) == 2
 
 
 @pytest.mark.filterwarnings("ignore:Invalid value for VR IS")

@@ -21,6 +21,16 @@ def nifti_stem(path) -> str:
     return re.sub(r"\.nii(\.gz)?$", "", name, flags=re.IGNORECASE)
 
 
+def volume_dims(path) -> tuple[int, ...] | None:
+    """The sorted sizes of the three spatial axes, from the header alone (None if it cannot
+    be read): in any orientation the same as those of the (Z, H, W) volume prep makes."""
+    try:
+        shape = nib.load(str(path)).shape
+    except Exception:  # any reader failure: the file is then matched by its path only
+        return None
+    return tuple(sorted(int(n) for n in shape[:3]))
+
+
 # Beyond this angle between a volume's axes and the patient axes, prep notes the obliquity.
 OBLIQUE_NOTE_DEGREES = 1.0
 
