@@ -148,6 +148,8 @@ def test_enhanced_ct_equals_its_single_frame_series(tmp_path, sop_class, shared_
     assert [rows["1.2.50.2"][k] for k in keys] == [rows["1.2.50.1"][k] for k in keys]
     assert float(rows["1.2.50.2"]["spacing_z"]) == pytest.approx(1.5)
     assert rows["1.2.50.2"]["n_source_files"] == "1"
+    # the rescale lies in the functional groups, not at the top level: found there, no note
+    assert not any("Rescale" in note for notes in report["series_notes"].values() for note in notes)
 
 
 def test_enhanced_ct_frames_are_checked_like_slices(tmp_path):

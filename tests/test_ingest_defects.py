@@ -1,5 +1,8 @@
 """Prep defects: series ids that collide as file names, a run in which every series fails,
-and headers that declare more pixels than the file holds or than a CT slice can have."""
+headers that declare more pixels than the file holds or than a CT slice can have, and the
+archive inputs that aborted or silently corrupted a prep (a private transfer syntax, a file
+name that is not UTF-8, a NIfTI re-run from another folder, a malformed InstanceNumber, one
+SeriesInstanceUID for two patients, CT without rescale tags, sagittal and tilted stacks)."""
 from __future__ import annotations
 
 import json
@@ -14,7 +17,7 @@ import pytest
 from dinox.data import dicom_io
 from dinox.errors import UserError
 
-from test_ingest import index_rows, prep, random_hu, write_series, write_slice
+from test_ingest import _nifti, index_rows, prep, random_hu, volume, write_series, write_slice
 
 pytestmark = pytest.mark.filterwarnings("ignore:Invalid value for VR UI")
 
@@ -233,3 +236,228 @@ def test_output_equal_to_input_is_refused_before_anything_is_written(tmp_path, c
     assert rc == 1 and len(err.strip().splitlines()) == 1
     assert "is also the --output folder" in err and f"--output {tmp_path / 'processed'}" in err
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+
+def _rewrite(files, **elements) -> None:
+    """Set (or, given None, delete) elements in written files, as another writer would have."""
+    for f in files:
+        ds = pydicom.dcmread(f)
+        for name, value in elements.items():
+            if value is None:
+                delattr(ds, name)
+            else:
+                setattr(ds, name, value)
+        ds.save_as(f, enforce_file_format=True)
+
+
+def test_private_transfer_syntax_skips_that_series_only(tmp_path):
+    hu = random_hu(np.random.default_rng(20), (3, 4, 4))
+    write_series(tmp_path / "in" / "good", hu, "1.2.80.1")
+    for f in write_series(tmp_path / "in" / "ge", hu, "1.2.80.2"):
+        ds = pydicom.dcmread(f)
+        ds.file_meta.TransferSyntaxUID = "1.2.840.113619.5.2"    # GE private implicit VR big endian
+        pydicom.dcmwrite(f, ds, enforce_file_format=True, implicit_vr=False, little_endian=True)
+    report = prep([tmp_path / "in"], tmp_path / "out")
+    assert report["series_written"] == ["1.2.80.1"]
+    (skip,) = report["series_skipped"]
+    assert skip["series_id"] == "1.2.80.2" and skip["n_files"] == 3
+    assert skip["reason"].startswith("unknown or private transfer syntax 1.2.840.113619.5.2: convert")
+
+
+def test_an_unexpected_error_planning_one_series_skips_it_alone(tmp_path, monkeypatch):
+    rng = np.random.default_rng(21)
+    write_series(tmp_path / "in" / "a", random_hu(rng, (3, 4, 4)), "1.2.81.1")
+    write_series(tmp_path / "in" / "b", random_hu(rng, (3, 4, 4)), "1.2.81.2", patient_id="B")
+    real = dicom_io.plan_series
+
+    def plan(headers):
+        if headers[0].series_uid == "1.2.81.2":
+            raise ZeroDivisionError("float division by zero")
+        return real(headers)
+
+    monkeypatch.setattr(dicom_io, "plan_series", plan)
+    report = prep([tmp_path / "in"], tmp_path / "out")
+    assert report["series_written"] == ["1.2.81.1"]
+    (skip,) = report["series_skipped"]
+    assert skip["series_id"] == "1.2.81.2" and skip["patient_id"] == "B"
+    assert skip["reason"] == "cannot plan series (ZeroDivisionError: float division by zero)"
+
+
+def _folder(parent: Path, name: bytes) -> Path:
+    """A folder named by raw bytes (not UTF-8 where they say so), or a skip where the file
+    system refuses such names."""
+    path = os.path.join(os.fsencode(parent), name)
+    try:
+        os.makedirs(path)
+    except (OSError, UnicodeError):
+        pytest.skip("this file system refuses names that are not UTF-8")
+    return Path(os.fsdecode(path))
+
+
+def test_names_that_are_not_utf8_are_indexed_printably_and_kept_on_rerun(tmp_path):
+    rng = np.random.default_rng(22)
+    hu = random_hu(rng, (3, 4, 4))
+    cafe = _folder(tmp_path / "in", b"caf\xe9")
+    write_series(cafe, hu, "1.2.82.1")
+    (cafe / os.fsdecode(b"lis\xe9z-moi.txt")).write_text("not a scan")
+    bad = _folder(tmp_path / "in", b"s\xe9rie")
+    _nifti(bad / os.fsdecode(b"r\xe9sum\xe9.nii.gz"), random_hu(rng, (4, 5, 3)), np.eye(4))
+    good = tmp_path / "in" / "Müller 日本"
+    good.mkdir()
+    _nifti(good / "ct é.nii.gz", random_hu(rng, (4, 5, 3)), np.eye(4))
+    out = tmp_path / "out"
+    report = prep([tmp_path / "in"], out)
+    assert len(report["series_written"]) == 3 and report["series_skipped"] == []
+    rows = index_rows(out)                     # the index is UTF-8 text
+    np.testing.assert_array_equal(volume(out, "1.2.82.1"), hu)
+    assert rows["1.2.82.1"]["source"] == str(tmp_path / "in" / "caf\ufffd")
+    by_patient = {r["patient_id"]: r for r in rows.values()}
+    assert by_patient["r\ufffdsum\ufffd"]["source"] == str(tmp_path / "in" / "s\ufffdrie" / "r\ufffdsum\ufffd.nii.gz")
+    assert by_patient["ct é"]["source"] == str(good / "ct é.nii.gz")      # valid Unicode unchanged
+    on_disk = json.loads((out / "prep_report.json").read_text(encoding="utf-8"))
+    assert [f["path"] for f in on_disk["files_skipped"]] == [str(tmp_path / "in" / "caf\ufffd" / "lis\ufffdz-moi.txt")]
+    again = prep([tmp_path / "in"], out)
+    assert again["series_written"] == [] and sorted(again["series_kept"]) == sorted(rows)
+    assert index_rows(out) == rows
+
+
+def _nifti_project(tmp_path: Path) -> dict[str, np.ndarray]:
+    """data/nifti/{a,b}.nii.gz and data/{p1,p2}/ct.nii.gz (one name, one size) and an empty
+    sub/ under tmp_path; returns each file's voxels (x, y, z) by its name under data/."""
+    rng = np.random.default_rng(23)
+    scans = {"nifti/a": random_hu(rng, (3, 4, 5)), "nifti/b": random_hu(rng, (4, 4, 5)),
+             "p1/ct": random_hu(rng, (3, 4, 4)), "p2/ct": random_hu(rng, (3, 4, 4))}
+    for name, data in scans.items():
+        (tmp_path / "data" / name).parent.mkdir(parents=True, exist_ok=True)
+        _nifti(tmp_path / "data" / f"{name}.nii.gz", data, np.eye(4))
+    (tmp_path / "sub").mkdir()
+    return scans
+
+
+def test_nifti_rerun_from_another_folder_indexes_no_scan_twice(tmp_path, monkeypatch):
+    _nifti_project(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    first = prep(["data"], "out")
+    rows = index_rows(tmp_path / "out")
+    assert len(rows) == 4 and all(Path(r["source"]).is_absolute() for r in rows.values())
+    monkeypatch.chdir(tmp_path / "sub")
+    again = prep(["../data"], "../out")
+    assert again["series_written"] == [] and sorted(again["series_kept"]) == sorted(first["series_written"])
+    assert index_rows(tmp_path / "out") == rows
+
+
+def test_nifti_rows_with_a_relative_source_are_matched_from_another_folder(tmp_path, monkeypatch):
+    """An older prep recorded the source as walked (relative to its working directory)."""
+    import csv
+
+    scans = _nifti_project(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    prep(["data"], "out")
+    index = tmp_path / "out" / "_index" / "index.csv"
+    rows = list(csv.DictReader(index.open()))
+    for row in rows:
+        row["source"] = os.path.relpath(row["source"], tmp_path)
+    with index.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    ids = {row["source"]: (row["series_id"], row["patient_id"]) for row in rows}
+    monkeypatch.chdir(tmp_path / "sub")
+    again = prep(["../data"], "../out")
+    assert again["series_written"] == [] and len(again["series_kept"]) == 4
+    now = index_rows(tmp_path / "out")
+    assert {os.path.relpath(r["source"], tmp_path): (r["series_id"], r["patient_id"]) for r in now.values()} == ids
+    assert all(Path(r["source"]).is_absolute() for r in now.values())
+    for source, (sid, _) in ids.items():          # each id still holds its own file (an RAS volume, so x y z)
+        xyz = scans[source.removeprefix("data/").removesuffix(".nii.gz")]
+        np.testing.assert_array_equal(volume(tmp_path / "out", sid), xyz.transpose(2, 1, 0)[:, ::-1, ::-1])
+
+
+def test_a_new_nifti_named_like_a_lost_one_but_of_another_size_is_a_new_scan(tmp_path, monkeypatch):
+    rng = np.random.default_rng(24)
+    (tmp_path / "old").mkdir()
+    _nifti(tmp_path / "old" / "a.nii.gz", random_hu(rng, (3, 4, 5)), np.eye(4))
+    prep([tmp_path / "old"], tmp_path / "out")
+    (tmp_path / "old" / "a.nii.gz").unlink()
+    (tmp_path / "new").mkdir()
+    _nifti(tmp_path / "new" / "a.nii.gz", random_hu(rng, (3, 4, 6)), np.eye(4))
+    report = prep([tmp_path / "new"], tmp_path / "out")
+    assert report["series_kept"] == [] and len(report["series_written"]) == 1
+    assert len(index_rows(tmp_path / "out")) == 2
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR IS")
+def test_a_malformed_instance_number_keeps_the_slice(tmp_path):
+    hu = random_hu(np.random.default_rng(25), (3, 4, 4))
+    files = write_series(tmp_path / "in", hu, "1.2.85.1")
+    raw = files[1].read_bytes()
+    tag = b"\x20\x00\x13\x00IS\x02\x00"
+    assert raw.count(tag + b"2 ") == 1
+    files[1].write_bytes(raw.replace(tag + b"2 ", tag + b"ab"))
+    report = prep([tmp_path / "in"], tmp_path / "out")
+    assert report["series_written"] == ["1.2.85.1"] and report["files_skipped"] == []
+    np.testing.assert_array_equal(volume(tmp_path / "out", "1.2.85.1"), hu)
+
+
+@pytest.mark.parametrize("what, other", [("patients", dict(PatientID="Q2")),
+                                         ("studies", dict(StudyInstanceUID="1.2.3.5"))])
+def test_one_series_uid_shared_by_two_scans_is_skipped(tmp_path, what, other):
+    rng = np.random.default_rng(26)
+    write_series(tmp_path / "in" / "q1", random_hu(rng, (3, 4, 4)), "1.2.86.1", patient_id="Q1", dz=2.0)
+    q2 = tmp_path / "in" / "q2"
+    q2.mkdir()
+    files = [write_slice(q2 / f"{k}.dcm", (random_hu(rng, (4, 4)) + 1024).astype(np.uint16), series_uid="1.2.86.1",
+                         patient_id="Q1", position=(-50.0, -60.0, 2.0 * k + 1.0), instance=k + 1) for k in range(3)]
+    _rewrite(files, **other)                  # interleaved positions: merged, they look like one volume
+    write_series(tmp_path / "in" / "ok", random_hu(rng, (3, 4, 4)), "1.2.86.2")
+    report = prep([tmp_path / "in"], tmp_path / "out")
+    assert report["series_written"] == ["1.2.86.2"]
+    (skip,) = report["series_skipped"]
+    values = "Q1, Q2" if what == "patients" else "1.2.3.4, 1.2.3.5"
+    assert skip["series_id"] == "1.2.86.1"
+    assert skip["reason"].startswith(f"one SeriesInstanceUID shared by 2 {what}: {values} (")
+
+
+def test_ct_without_rescale_tags_is_noted_and_checked_for_hu(tmp_path):
+    rng = np.random.default_rng(27)
+    hu = random_hu(rng, (3, 4, 4))
+    _rewrite(write_series(tmp_path / "in" / "unsigned", hu, "1.2.87.1"), RescaleSlope=None, RescaleIntercept=None)
+    signed = tmp_path / "in" / "signed"              # stored values that already are HU (air -1000)
+    signed.mkdir()
+    files = [write_slice(signed / f"{k}.dcm", hu[k], series_uid="1.2.87.2", position=(0.0, 0.0, 2.0 * k),
+                         instance=k + 1) for k in range(3)]
+    _rewrite(files, RescaleSlope=None, RescaleIntercept=None)
+    report = prep([tmp_path / "in"], tmp_path / "out")
+    assert report["series_written"] == ["1.2.87.2"]
+    np.testing.assert_array_equal(volume(tmp_path / "out", "1.2.87.2"), hu)
+    assert "3 of 3 slices have no RescaleSlope/RescaleIntercept" in "; ".join(report["series_notes"]["1.2.87.2"])
+    (skip,) = report["series_skipped"]
+    assert skip["series_id"] == "1.2.87.1"
+    assert skip["reason"].startswith("no RescaleSlope/RescaleIntercept and the values do not look like CT in HU")
+    assert "restore the rescale tags" in skip["reason"]
+    assert not (tmp_path / "out" / "volumes" / "1.2.87.1.npy").exists()
+
+
+def test_sagittal_and_tilted_series_are_noted_not_reoriented(tmp_path):
+    rng = np.random.default_rng(28)
+    hu = random_hu(rng, (4, 4, 4))
+    tilt = np.tan(np.radians(20.0))
+    layouts = {"1.2.88.1": ((0, 1, 0, 0, 0, -1), lambda k: (-2.0 * k, 0.0, 0.0)),       # sagittal
+               "1.2.88.2": ((1, 0, 0, 0, 1, 0), lambda k: (0.0, 2.0 * k * tilt, 2.0 * k)),  # 20 degree tilt
+               "1.2.88.3": ((1, 0, 0, 0, 1, 0), lambda k: (0.0, 0.0, 2.0 * k))}       # plain axial
+    for uid, (orientation, position) in layouts.items():
+        (tmp_path / "in" / uid).mkdir(parents=True)
+        for k in range(4):
+            write_slice(tmp_path / "in" / uid / f"{k}.dcm", (hu[k] + 1024).astype(np.uint16), series_uid=uid,
+                        orientation=orientation, position=position(k), instance=k + 1)
+    out = tmp_path / "out"
+    report = prep([tmp_path / "in"], out)
+    assert sorted(report["series_written"]) == sorted(layouts)
+    for uid in layouts:
+        np.testing.assert_array_equal(volume(out, uid), hu)
+    notes = report["series_notes"]
+    assert notes["1.2.88.1"] == ["sagittal slices (normal -1.00, 0.00, 0.00): kept in the acquired plane, "
+                                 "not resliced to axial"]
+    (tilted,) = notes["1.2.88.2"]
+    assert tilted.startswith("slices offset 20.0 degrees from their normal (gantry tilt?)")
+    assert "1.2.88.3" not in notes

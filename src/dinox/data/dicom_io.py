@@ -1,8 +1,10 @@
 """Reading DICOM CT series: header scan, grouping into series, slice ordering, pixel decoding.
 
-Files are grouped by SeriesInstanceUID wherever they lie. Within a series, slices are
-ordered by their position along the slice normal (the cross product of the two
-ImageOrientationPatient direction cosines), never by file name or InstanceNumber.
+Files are grouped by SeriesInstanceUID wherever they lie (one that several patients or
+studies share is no one scan, and is skipped). Within a series, slices are ordered by their
+position along the slice normal (the cross product of the two ImageOrientationPatient
+direction cosines), never by file name or InstanceNumber. Sagittal, coronal and tilted
+stacks keep their acquired layout, with a note.
 
 A slice is one single-frame file or one frame of a multi-frame file (Enhanced CT, Legacy
 Converted Enhanced CT), whose geometry and rescale come from its per-frame functional
@@ -24,6 +26,9 @@ from pydicom.pixels import apply_modality_lut, get_decoder, pixel_array
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 HU_MIN, HU_MAX = -1024, 3071
+# A CT volume in HU holds air (about -1000 HU) around or inside the body; one whose lowest
+# value is above this is not CT in HU (a mask, MR, or stored values without their rescale).
+HU_AIR_MAX = -500
 # Rows or columns above this are taken as a corrupt header: CT slices are 512 or 1024 px a
 # side, and a bogus 65535 x 65535 would have prep allocate 8 GiB per slice.
 MAX_SLICE_SIZE = 4096
@@ -32,6 +37,7 @@ _HEADER_TAGS = [
     "SeriesDescription", "Rows", "Columns", "ImageOrientationPatient", "ImagePositionPatient",
     "PixelSpacing", "SliceThickness", "InstanceNumber", "NumberOfFrames", "BitsAllocated",
     "SamplesPerPixel", "SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence",
+    "RescaleSlope", "RescaleIntercept",
 ]
 _PIP_NAMES = {"gdcm": "python-gdcm"}
 CODECS_HINT = 'pip install "dinox[codecs]"'
@@ -60,6 +66,7 @@ class SliceHeader:
     instance_number: int | None
     transfer_syntax: str
     problem: str | None = None              # why the header alone rules this image out
+    rescaled: bool = True                   # has RescaleSlope and RescaleIntercept (else: stored = HU)
 
     @property
     def ref(self) -> SliceRef:
@@ -84,6 +91,7 @@ class SeriesPlan:
     transfer_syntax: str
     source: str                            # common folder of the files
     n_source_files: int                    # files of this series seen by the scan
+    unrescaled: int = 0                    # slices without RescaleSlope/RescaleIntercept
     notes: list[str] = field(default_factory=list)
     dropped: list[tuple[str, str]] = field(default_factory=list)   # (slice label, reason)
 
@@ -109,6 +117,19 @@ def _floats(ds, name: str, n: int) -> tuple[float, ...] | None:
     except (TypeError, ValueError):
         return None
     return out if len(out) == n else None
+
+
+def _int(value) -> int | None:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _has_rescale(ds) -> bool:
+    """Whether pydicom's modality LUT will rescale this image (it needs both tags); without
+    them the stored values pass through unchanged."""
+    return "RescaleSlope" in ds and "RescaleIntercept" in ds
 
 
 def _looks_like_dicom(path: str) -> bool:
@@ -145,7 +166,6 @@ def read_headers(path: str) -> list[SliceHeader] | str:
 def _slice_headers(path: str, ds) -> list[SliceHeader]:
     meta = getattr(ds, "file_meta", None)
     ts = (_text(meta, "TransferSyntaxUID") if meta is not None else "") or "1.2.840.10008.1.2"
-    instance = ds.get("InstanceNumber")
     image_type = ds.get("ImageType") or ()
     if isinstance(image_type, str):
         image_type = image_type.split("\\")
@@ -159,7 +179,8 @@ def _slice_headers(path: str, ds) -> list[SliceHeader]:
         description=_text(ds, "SeriesDescription"),
         rows=int(ds.Rows),
         cols=int(ds.Columns),
-        instance_number=int(instance) if instance not in (None, "") else None,
+        # only breaks ties in the ordering: a malformed value must not cost a good slice
+        instance_number=_int(ds.get("InstanceNumber")),
         transfer_syntax=ts,
     )
     frames = int(ds.get("NumberOfFrames") or 1)
@@ -168,11 +189,13 @@ def _slice_headers(path: str, ds) -> list[SliceHeader]:
     if problem or not enhanced:
         return [SliceHeader(**common, frame=None, orientation=_floats(ds, "ImageOrientationPatient", 6),
                             position=_floats(ds, "ImagePositionPatient", 3),
-                            pixel_spacing=_floats(ds, "PixelSpacing", 2), problem=problem)]
+                            pixel_spacing=_floats(ds, "PixelSpacing", 2), problem=problem,
+                            rescaled=_has_rescale(ds))]
     return [SliceHeader(**common, frame=i,
                         orientation=_frame_floats(ds, i, "PlaneOrientationSequence", "ImageOrientationPatient", 6),
                         position=_frame_floats(ds, i, "PlanePositionSequence", "ImagePositionPatient", 3),
-                        pixel_spacing=_frame_floats(ds, i, "PixelMeasuresSequence", "PixelSpacing", 2))
+                        pixel_spacing=_frame_floats(ds, i, "PixelMeasuresSequence", "PixelSpacing", 2),
+                        rescaled=_has_rescale(_frame_item_or(ds, i, "PixelValueTransformationSequence")))
             for i in range(frames)]
 
 
@@ -223,15 +246,26 @@ def _functional_item(ds, frame: int, macro: str):
     return None
 
 
-def _frame_floats(ds, frame: int, macro: str, name: str, n: int) -> tuple[float, ...] | None:
+def _frame_item_or(ds, frame: int, macro: str):
+    """The functional group item of one frame, else the dataset itself (whose top-level
+    tags then apply, as in slice_hu)."""
     item = _functional_item(ds, frame, macro)
-    return _floats(item if item is not None else ds, name, n)
+    return item if item is not None else ds
+
+
+def _frame_floats(ds, frame: int, macro: str, name: str, n: int) -> tuple[float, ...] | None:
+    return _floats(_frame_item_or(ds, frame, macro), name, n)
 
 
 def decoder_problem(transfer_syntax: str) -> str | None:
     """Why pixel data in this transfer syntax cannot be decoded here, or None if it can."""
     uid = UID(transfer_syntax)
-    if not uid.is_compressed:
+    try:
+        compressed = uid.is_compressed
+    except ValueError:        # pydicom knows no such transfer syntax (e.g. GE's private 1.2.840.113619.5.2)
+        return (f"unknown or private transfer syntax {transfer_syntax}: convert the series to a standard one "
+                f"(e.g. gdcmconv --raw) and run prep again")
+    if not compressed:
         return None
     try:
         decoder = get_decoder(uid)
@@ -286,6 +320,42 @@ def _unusable(h: SliceHeader) -> str | None:
     return None
 
 
+def _shared_uid_problem(headers: list[SliceHeader]) -> str | None:
+    """Why the files of one SeriesInstanceUID are not one scan: they name several patients
+    or studies (colliding UIDs from an anonymiser or a re-export). Merged, their slices
+    would interleave into one volume under the first patient's id."""
+    for what, values in (("patients", {h.patient_id for h in headers}), ("studies", {h.study_uid for h in headers})):
+        if len(values) > 1:
+            named = sorted(v or "(none)" for v in values)
+            shown = ", ".join(named[:3]) + (", ..." if len(named) > 3 else "")
+            return (f"one SeriesInstanceUID shared by {len(values)} {what}: {shown} (give each scan its own "
+                    f"SeriesInstanceUID to prepare them)")
+    return None
+
+
+# Beyond this angle between the slice normal and the line through the slice positions, the
+# stack is noted as sheared (gantry tilt); DICOM positions carry about 0.01 mm of precision.
+TILT_NOTE_DEGREES = 1.0
+
+
+def _plane_notes(normal: np.ndarray, ends: list) -> list[str]:
+    """Notes on a series that is not a plain axial stack: slices in a sagittal or coronal
+    plane, or a stack sheared by gantry tilt (`ends`: the first and last slice positions).
+    The volume keeps the acquired layout either way; the notes tell the user so."""
+    notes = []
+    if abs(normal[2]) < np.cos(np.radians(45.0)):
+        plane = "sagittal" if abs(normal[0]) >= abs(normal[1]) else "coronal"
+        notes.append(f"{plane} slices (normal {normal[0]:.2f}, {normal[1]:.2f}, {normal[2]:.2f}): kept in the "
+                     f"acquired plane, not resliced to axial")
+    step = np.asarray(ends[1], np.float64) - np.asarray(ends[0], np.float64)
+    along = float(np.dot(step, normal))
+    tilt = float(np.degrees(np.arctan2(np.linalg.norm(step - along * normal), abs(along))))
+    if tilt > TILT_NOTE_DEGREES:
+        notes.append(f"slices offset {tilt:.1f} degrees from their normal (gantry tilt?): the stack is sheared, "
+                     f"not resampled")
+    return notes
+
+
 def plan_series(headers: list[SliceHeader]) -> SeriesPlan:
     """Filter, check and order the slices of one SeriesInstanceUID.
 
@@ -297,6 +367,9 @@ def plan_series(headers: list[SliceHeader]) -> SeriesPlan:
     modality = modalities.most_common(1)[0][0]
     if modality != "CT":
         raise SeriesSkipped(f"modality {modality or 'missing'} (not CT)")
+    shared = _shared_uid_problem(headers)
+    if shared:
+        raise SeriesSkipped(shared)
     dropped: list[tuple[str, str]] = []
     notes: list[str] = []
 
@@ -357,6 +430,11 @@ def plan_series(headers: list[SliceHeader]) -> SeriesPlan:
     if problem:
         raise SeriesSkipped(problem)
 
+    notes.extend(_plane_notes(normal, [images[0].position, images[-1].position]))
+    unrescaled = sum(not h.rescaled for h in images)
+    if unrescaled:
+        notes.append(f"{unrescaled} of {len(images)} slices have no RescaleSlope/RescaleIntercept: their stored "
+                     f"values were taken as HU")
     spacing = images[0].pixel_spacing
     if spacing is None:
         notes.append("no PixelSpacing; assumed 1 mm")
@@ -372,6 +450,7 @@ def plan_series(headers: list[SliceHeader]) -> SeriesPlan:
         transfer_syntax=images[0].transfer_syntax,
         source=common_folder(paths),
         n_source_files=len(paths),
+        unrescaled=unrescaled,
         notes=notes,
         dropped=dropped,
     )
@@ -411,8 +490,8 @@ def slice_hu(ds, frame: int | None, rows: int, cols: int) -> np.ndarray:
     stored = pixel_array(ds, index=frame)
     if stored.shape != (rows, cols):
         raise ValueError(f"pixel array shape {stored.shape} != {(rows, cols)}")
-    item = None if frame is None else _functional_item(ds, frame, "PixelValueTransformationSequence")
-    hu = np.asarray(apply_modality_lut(stored, ds if item is None else item), dtype=np.float64)
+    rescale = ds if frame is None else _frame_item_or(ds, frame, "PixelValueTransformationSequence")
+    hu = np.asarray(apply_modality_lut(stored, rescale), dtype=np.float64)
     padding = ds.get("PixelPaddingValue")
     if padding is not None:
         limit = ds.get("PixelPaddingRangeLimit")
@@ -422,6 +501,17 @@ def slice_hu(ds, frame: int | None, rows: int, cols: int) -> np.ndarray:
             lo, hi = sorted((padding, limit))
             hu[(stored >= lo) & (stored <= hi)] = HU_MIN
     return np.clip(np.rint(hu), HU_MIN, HU_MAX).astype(np.int16)
+
+
+def hu_problem(plan: SeriesPlan, vol: np.ndarray) -> str | None:
+    """Why a series with slices read without rescale is not CT in HU, or None. Stored values
+    are HU only where the writer stored them so (signed, air near -1000); unsigned ones
+    with air at 0, from an anonymiser that stripped the rescale tags, are not."""
+    lowest = int(vol.min()) if vol.size else HU_MIN
+    if not plan.unrescaled or lowest <= HU_AIR_MAX:
+        return None
+    return (f"no RescaleSlope/RescaleIntercept and the values do not look like CT in HU (lowest {lowest}): restore "
+            f"the rescale tags (CT usually has slope 1, intercept -1024) or export the series with them")
 
 
 def _unreadable(exc: Exception) -> str:

@@ -28,7 +28,7 @@ import numpy as np
 
 from dinox.data import annotations, dicom_io, nifti_io
 from dinox.data.layout import (INDEX_FILE, REPORT_FILE, SPLITS_DIR, VOLUMES_DIR, atomic_write, atomic_write_text,
-                               confined_path, read_index, split_name, write_index)
+                               confined_path, printable, read_index, split_name, write_index)
 from dinox.data.parallel import process_map
 from dinox.data.splits import extend_split
 from dinox.errors import UserError
@@ -54,7 +54,8 @@ def safe_id(text: str) -> str:
 
 
 def _short_hash(text: str) -> str:
-    return hashlib.sha1(text.encode()).hexdigest()[:8]
+    # surrogatepass: a path that is not UTF-8 (lone surrogates) hashes too, and distinctly
+    return hashlib.sha1(text.encode("utf-8", "surrogatepass")).hexdigest()[:8]
 
 
 def dicom_series_id(series_uid: str) -> str:
@@ -91,6 +92,9 @@ def process_task(task: Task, root: str) -> dict:
             if vol.shape[0] < 2:
                 return {"status": "skipped", "task": task, "dropped": dropped,
                         "reason": "fewer than 2 slices with readable pixel data"}
+            problem = dicom_io.hu_problem(plan, vol)
+            if problem:
+                return {"status": "skipped", "task": task, "dropped": dropped, "reason": problem}
             notes = plan.notes + dicom_io.spacing_notes(positions)
             spacing = (float(np.median(np.diff(positions))),) + plan.spacing_yx
         else:
@@ -158,35 +162,117 @@ def _check_paths(inputs: list[Path], output: Path) -> None:
                             f"input; write it elsewhere, e.g. --output {inp.parent / 'processed'}")
 
 
+def _dicom_tasks(by_series: dict[str, list[dicom_io.SliceHeader]],
+                 files_skipped: list[dict]) -> tuple[list[Task], list[dict]]:
+    """A task per DICOM series that can be read, and a skipped entry (with the reason) per
+    series that cannot; the slices a plan drops go to `files_skipped`. An unforeseen error
+    while planning one series skips that series alone: an archive holds thousands, and one
+    odd header must not cost the others."""
+    tasks: list[Task] = []
+    skipped: list[dict] = []
+    for uid in sorted(by_series):
+        headers = by_series[uid]
+        sid = dicom_series_id(uid)
+        try:
+            plan = dicom_io.plan_series(headers)
+        except Exception as exc:
+            paths = sorted({h.path for h in headers})
+            reason = (str(exc) if isinstance(exc, dicom_io.SeriesSkipped)
+                      else f"cannot plan series ({type(exc).__name__}: {str(exc)[:120]})")
+            skipped.append({"series_id": sid, "patient_id": printable(headers[0].patient_id),
+                            "source": _source(dicom_io.common_folder(paths)), "n_files": len(paths),
+                            "reason": reason})
+            continue
+        files_skipped.extend({"path": p, "reason": r, "series_id": sid} for p, r in plan.dropped)
+        plan.dropped = []
+        tasks.append(Task(series_id=sid, patient_id=printable(plan.patient_id), source=_source(plan.source),
+                          n_source_files=plan.n_source_files, plan=plan))
+    return tasks, skipped
+
+
+def _nifti_stem(path: str) -> str:
+    return printable(nifti_io.nifti_stem(path))
+
+
+def _source(path: str) -> str:
+    """A series' `source` as recorded: absolute, so that a re-run from another working
+    directory reads it alike, and printable (see layout.printable)."""
+    return printable(os.path.abspath(path))
+
+
 def _nifti_tasks(paths: list[str], taken: set[str], old_rows: dict[str, dict]) -> list[Task]:
     """Series id and patient id from the file name; files that share a name (e.g. every
     patient folder holding ct.nii.gz) are told apart by their parent folder. A file the
-    processed root already holds (`old_rows`, matched by its real path) keeps the ids it was
+    processed root already holds (`old_rows`, see `_earlier_nifti_rows`) keeps the ids it was
     given, whatever else this run reads: a re-run over other inputs neither indexes it twice
     nor leaves it out. The stems of other files already in the root count as shared, and an id
     that is already taken (`taken`: lower-case ids, as a case-insensitive file system sees
     them, DICOM series' included) gets a hash of the file's path appended."""
-    known = {os.path.realpath(row["source"]): row for row in old_rows.values()
-             if nifti_io.is_nifti(row.get("source", ""))}
-    real = [os.path.realpath(p) for p in paths]
-    stems = Counter(nifti_io.nifti_stem(p) for p in paths)
-    stems.update(nifti_io.nifti_stem(source) for source in known.keys() - set(real))
+    earlier = _earlier_nifti_rows(paths, old_rows)
+    matched = {row["series_id"] for row in earlier.values()}
+    stems = Counter(_nifti_stem(p) for p in paths)
+    stems.update(_nifti_stem(row["source"]) for row in old_rows.values()
+                 if nifti_io.is_nifti(row.get("source", "")) and row["series_id"] not in matched)
     used = set(taken) | {sid.lower() for sid in old_rows}
     tasks = []
-    for p, p_real in zip(paths, real):
-        old = known.get(p_real)
+    for p in paths:
+        source = _source(p)
+        old = earlier.get(p)
         if old is not None:
-            tasks.append(Task(series_id=old["series_id"], patient_id=old["patient_id"], source=p,
+            tasks.append(Task(series_id=old["series_id"], patient_id=old["patient_id"], source=source,
                               n_source_files=1, nifti_path=p))
             continue
-        stem = nifti_io.nifti_stem(p)
-        patient = stem if stems[stem] == 1 else f"{Path(p).parent.name}_{stem}"
+        stem = _nifti_stem(p)
+        patient = stem if stems[stem] == 1 else f"{printable(Path(p).parent.name)}_{stem}"
         sid = safe_id(patient)
         if sid.lower() in used:
-            sid = f"{sid}_{_short_hash(p_real)}"
+            sid = f"{sid}_{_short_hash(os.path.realpath(p))}"
         used.add(sid.lower())
-        tasks.append(Task(series_id=sid, patient_id=patient, source=p, n_source_files=1, nifti_path=p))
+        tasks.append(Task(series_id=sid, patient_id=patient, source=source, n_source_files=1, nifti_path=p))
     return tasks
+
+
+def _earlier_nifti_rows(paths: list[str], old_rows: dict[str, dict]) -> dict[str, dict]:
+    """The index row an earlier prep wrote for each of `paths` that it prepared, found by the
+    real path of the row's source. A source that names no file any more (a relative path
+    from an older prep, run from another working directory; a folder moved since; a name
+    that was not UTF-8, recorded with U+FFFD) is found by its file name, its folder's name
+    (where it has one) and the volume's dimensions, when exactly one such row fits:
+    otherwise every re-run would index the scan again under a new id and patient."""
+    rows = [r for r in old_rows.values() if nifti_io.is_nifti(r.get("source", ""))]
+    by_real = {os.path.realpath(r["source"]): r for r in rows if os.path.isfile(r["source"])}
+    lost: dict[str, list[dict]] = defaultdict(list)
+    for r in rows:
+        if not os.path.isfile(r["source"]):
+            lost[printable(Path(r["source"]).name)].append(r)
+    found = {}
+    for p in paths:
+        row = by_real.get(os.path.realpath(p)) or _lost_row(p, lost)
+        if row is not None:
+            found[p] = row
+    return found
+
+
+def _lost_row(path: str, lost: dict[str, list[dict]]) -> dict | None:
+    """The one row of `lost` (rows by file name) that fits the file at `path` by its folder's
+    name, where the row's source has one, and its volume's dimensions; taken off `lost`."""
+    candidates = lost.get(printable(Path(path).name))
+    if not candidates:
+        return None
+    dims, folder = nifti_io.volume_dims(path), printable(Path(path).parent.name)
+    fits = [r for r in candidates
+            if dims is not None and _row_dims(r) == dims and Path(r["source"]).parent.name in ("", folder)]
+    if len(fits) != 1:
+        return None
+    candidates.remove(fits[0])
+    return fits[0]
+
+
+def _row_dims(row: dict) -> tuple[int, ...] | None:
+    try:
+        return tuple(sorted(int(row[k]) for k in ("num_slices", "rows", "cols")))
+    except (KeyError, ValueError):
+        return None
 
 
 def _writable(root: Path) -> None:
@@ -255,23 +341,7 @@ def prepare(inputs, output="data/processed", workers: int = 1, force: bool = Fal
         else:
             by_series[headers[0].series_uid].extend(headers)
 
-    tasks: list[Task] = []
-    series_skipped: list[dict] = []
-    for uid in sorted(by_series):
-        headers = by_series[uid]
-        sid = dicom_series_id(uid)
-        try:
-            plan = dicom_io.plan_series(headers)
-        except dicom_io.SeriesSkipped as exc:
-            paths = sorted({h.path for h in headers})
-            series_skipped.append({"series_id": sid, "patient_id": headers[0].patient_id,
-                                   "source": dicom_io.common_folder(paths),
-                                   "n_files": len(paths), "reason": str(exc)})
-            continue
-        files_skipped.extend({"path": p, "reason": r, "series_id": sid} for p, r in plan.dropped)
-        plan.dropped = []
-        tasks.append(Task(series_id=sid, patient_id=plan.patient_id, source=plan.source,
-                          n_source_files=plan.n_source_files, plan=plan))
+    tasks, series_skipped = _dicom_tasks(by_series, files_skipped)
     index_path = root / INDEX_FILE
     old_rows = _read_old_index(index_path)
     tasks.extend(_nifti_tasks(nifti_paths, {t.series_id.lower() for t in tasks}, old_rows))
@@ -296,6 +366,7 @@ def prepare(inputs, output="data/processed", workers: int = 1, force: bool = Fal
     for task in tasks:
         old = rows.get(task.series_id)
         if not force and old is not None and _volume_matches(root, old, task.n_source_files):
+            old["source"] = task.source   # where it is now (absolute, where an older prep wrote it relative)
             report["series_kept"].append(task.series_id)
         else:
             rows.pop(task.series_id, None)
@@ -380,7 +451,9 @@ def _finish_report(root: Path, report: dict, start: float) -> None:
     report["series_skipped_by_reason"] = dict(Counter(_reason_key(s["reason"]) for s in report["series_skipped"]))
     report["files_skipped_by_reason"] = dict(Counter(_reason_key(f["reason"]) for f in report["files_skipped"]))
     root.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(root / REPORT_FILE, json.dumps(report, indent=1, default=str) + "\n")
+    # ensure_ascii=False: a file name that is not UTF-8 then reaches atomic_write_text as
+    # such and is made printable, instead of becoming an escaped lone surrogate in the JSON
+    atomic_write_text(root / REPORT_FILE, json.dumps(report, indent=1, default=str, ensure_ascii=False) + "\n")
 
 
 _SPLIT_NAME = re.compile(r"val(\d+(?:\.\d+)?)_seed(\d+)\.json")

@@ -74,8 +74,21 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
         raise
 
 
+def printable(text: str) -> str:
+    """`text` as valid Unicode: each byte of a file name that is not UTF-8 (which Python
+    carries as a lone surrogate, e.g. 'caf\\udce9' for a Latin-1 'café') becomes U+FFFD.
+    Valid text is returned unchanged. Such text cannot be written as UTF-8, so one badly
+    encoded folder name in an archive would fail the index write after every volume."""
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    except UnicodeEncodeError:   # a lone surrogate that is no escaped byte
+        return text.encode("utf-8", "replace").decode("utf-8")
+
+
 def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+    """UTF-8 text through an atomic write; file names in it that are not UTF-8 are made
+    `printable` rather than failing the write."""
+    atomic_write(path, lambda f: f.write(printable(text).encode("utf-8")))
 
 
 def confined_path(root, relative: str) -> Path:

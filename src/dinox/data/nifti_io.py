@@ -7,7 +7,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from dinox.data.dicom_io import HU_MAX, HU_MIN
+from dinox.data.dicom_io import HU_AIR_MAX, HU_MAX, HU_MIN
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
@@ -19,6 +19,16 @@ def is_nifti(path) -> bool:
 def nifti_stem(path) -> str:
     name = Path(path).name
     return re.sub(r"\.nii(\.gz)?$", "", name, flags=re.IGNORECASE)
+
+
+def volume_dims(path) -> tuple[int, ...] | None:
+    """The sorted sizes of the three spatial axes, from the header alone (None if it cannot
+    be read): in any orientation the same as those of the (Z, H, W) volume prep makes."""
+    try:
+        shape = nib.load(str(path)).shape
+    except Exception:  # any reader failure: the file is then matched by its path only
+        return None
+    return tuple(sorted(int(n) for n in shape[:3]))
 
 
 # Beyond this angle between a volume's axes and the patient axes, prep notes the obliquity.
@@ -76,7 +86,7 @@ def read_nifti(path) -> tuple[np.ndarray, tuple[float, float, float], list[str]]
     vol, bad, lowest = fill_non_finite(vol)
     notes = [f"{bad} NaN or infinite voxels ({100 * bad / vol.size:.2g} % of the volume) set to {HU_MIN} HU "
              f"(air), as outside the field of view"] if bad else []
-    if lowest > -500:
+    if lowest > HU_AIR_MAX:
         raise ValueError(f"values do not look like CT in HU (minimum {lowest:g}; a mask or MR?)")
     zx, zy, zz = (float(z) for z in canon.header.get_zooms()[:3])
     vol = np.clip(np.rint(vol), HU_MIN, HU_MAX).astype(np.int16)
