@@ -599,3 +599,35 @@ def test_a_volume_cut_during_training_stops_with_an_exact_emergency_checkpoint(p
     cut["volume"].write_bytes(cut["original"])
     assert main(train_args(root, out, *steps, "--resume", "auto")) == 0
     assert_same_state(final_weights(run), reference)
+
+
+def test_a_step_that_fails_keeps_an_exact_emergency_checkpoint(processed_root, tmp_path, capsys, monkeypatch):
+    """Any failure inside a step before its update (a dead loader worker, out of memory): the
+    step is undone, saved as an emergency checkpoint, and the run stops with one line; the
+    resumed run ends with the weights of a run that never failed."""
+    steps = ("--max-steps", "6", "--batch-size", "4", "--num-workers", "0", "--ckpt-every", "100")
+    assert main(train_args(processed_root, tmp_path / "whole", *steps)) == 0
+    reference = final_weights(only_run(tmp_path / "whole"))
+
+    plain, reads = CTSliceDataset.__getitem__, [0]
+
+    def fail_in_the_fourth_step(self, i):
+        reads[0] += self.split == "train"
+        if reads[0] == 14 and self.split == "train":
+            raise RuntimeError("DataLoader worker (pid 4242) is killed by signal: Killed.\n")
+        return plain(self, i)
+
+    monkeypatch.setattr(CTSliceDataset, "__getitem__", fail_in_the_fourth_step)
+    capsys.readouterr()
+    out = tmp_path / "failed"
+    code = main(train_args(processed_root, out, *steps))
+    monkeypatch.setattr(CTSliceDataset, "__getitem__", plain)
+    err = capsys.readouterr().err.strip().splitlines()
+    run = only_run(out)
+    assert code == 1 and len(err) == 1, err
+    assert err[0].startswith("error: at step 3: RuntimeError: DataLoader worker (pid 4242) is killed"), err
+    assert "--resume auto" in err[0]
+    assert [p.name for p in run.glob("checkpoint_*.pth")] == [checkpoint_path(run, 3, "emergency").name]
+    assert "step 4 failed" in (run / "train.log").read_text()
+    assert main(train_args(processed_root, out, *steps, "--resume", "auto")) == 0
+    assert_same_state(final_weights(run), reference)

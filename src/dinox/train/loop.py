@@ -117,23 +117,23 @@ class Trainer:
         def backward(loss: torch.Tensor) -> None:
             self.scaler.scale(loss / accumulation).backward()
 
-        for i in range(accumulation):
-            try:
+        try:  # a failure before the update (a dead loader worker, out of memory) leaves no trace
+            for i in range(accumulation):
                 stacks = next(micro_batches).to(self.device, non_blocking=True)
-            except DataChanged:
-                self._undo_step(before)
-                raise
-            views = self.augment(stacks, self.parts.aug_generator)
-            masks = ssl.draw_masks(2 * stacks.shape[0], self.parts.aug_generator, self.device)
-            sync = self.dist.no_sync(self.model) if i < accumulation - 1 else contextlib.nullcontext()
-            with sync:
-                values = ssl.forward_backward(views, sched, autocast=self._autocast, backward=backward, masks=masks,
-                                              step=self.progress.step)
-            self.progress.consumed += stacks.shape[0]
-            inputs.append(stacks)
-            bad |= ~torch.isfinite(values["loss"])
-            vector = torch.stack([values[name].float() for name in METRIC_NAMES]) / accumulation
-            sums = vector if sums is None else sums + vector
+                views = self.augment(stacks, self.parts.aug_generator)
+                masks = ssl.draw_masks(2 * stacks.shape[0], self.parts.aug_generator, self.device)
+                sync = self.dist.no_sync(self.model) if i < accumulation - 1 else contextlib.nullcontext()
+                with sync:
+                    values = ssl.forward_backward(views, sched, autocast=self._autocast, backward=backward,
+                                                  masks=masks, step=self.progress.step)
+                self.progress.consumed += stacks.shape[0]
+                inputs.append(stacks)
+                bad |= ~torch.isfinite(values["loss"])
+                vector = torch.stack([values[name].float() for name in METRIC_NAMES]) / accumulation
+                sums = vector if sums is None else sums + vector
+        except Exception:
+            self._undo_step(before)
+            raise
 
         if self.progress.step < optim.freeze_backbone_steps:
             ssl.freeze_backbone_grads()
@@ -215,6 +215,11 @@ class Trainer:
                 result = self.train_step(micro_batches, sched)
             except DataChanged as exc:
                 self._halt_data_changed(exc)
+            except UserError:
+                raise
+            except Exception as exc:
+                log.error("step %d failed", self.progress.step + 1, exc_info=True)
+                self._halt(f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}")
             if not result.finite:
                 return self._halt_nonfinite(result)
             self.progress.step += 1
@@ -266,7 +271,11 @@ class Trainer:
         dataset's one-line reason. Under torchrun the failing rank alone cannot save (the
         save gathers every rank), so it stops at once and the last periodic checkpoint holds."""
         # A DataLoader worker re-raises with its traceback in the message; the reason is the last line.
-        reason = str(exc).strip().splitlines()[-1].removeprefix(f"{DataChanged.__module__}.{DataChanged.__name__}: ")
+        self._halt(str(exc).strip().splitlines()[-1].removeprefix(f"{DataChanged.__module__}.{DataChanged.__name__}: "))
+
+    def _halt(self, reason: str) -> NoReturn:
+        """A step that failed before its update: save the work so far (the step undone), stop
+        with `reason` in one line (the traceback, if any, is in the log above)."""
         step = self.progress.step
         if self.dist.enabled:
             raise UserError(f"at step {step}: {reason}; then resume with --resume auto (from the last periodic "
