@@ -461,3 +461,23 @@ def test_sagittal_and_tilted_series_are_noted_not_reoriented(tmp_path):
     (tilted,) = notes["1.2.88.2"]
     assert tilted.startswith("slices offset 20.0 degrees from their normal (gantry tilt?)")
     assert "1.2.88.3" not in notes
+
+
+def test_a_folder_that_cannot_be_listed_is_reported(tmp_path, monkeypatch):
+    """A subfolder without read permission (simulated: the tests may run as root) is named in
+    files_skipped; the readable series are prepared."""
+    hu = random_hu(np.random.default_rng(21), (3, 4, 4))
+    write_series(tmp_path / "in" / "ok", hu, "1.2.81.1")
+    write_series(tmp_path / "in" / "locked", hu, "1.2.81.2")
+    locked, listing = str(tmp_path / "in" / "locked"), os.scandir
+
+    def scandir(path="."):
+        if os.fspath(path) == locked:
+            raise PermissionError(13, "Permission denied", locked)
+        return listing(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    report = prep([tmp_path / "in"], tmp_path / "out")
+    monkeypatch.undo()
+    assert report["series_written"] == ["1.2.81.1"]
+    assert {"path": locked, "reason": "folder not readable (Permission denied)"} in report["files_skipped"]

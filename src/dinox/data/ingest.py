@@ -121,11 +121,17 @@ def process_task(task: Task, root: str) -> dict:
     return {"status": "written", "task": task, "row": row, "notes": notes, "dropped": dropped}
 
 
-def _discover(inputs: list[Path], output: Path) -> tuple[list[str], list[str]]:
-    """(DICOM candidates, NIfTI files) under the inputs, skipping the output root."""
+def _discover(inputs: list[Path], output: Path) -> tuple[list[str], list[str], list[dict]]:
+    """(DICOM candidates, NIfTI files, the folders that could not be listed, as skipped
+    entries) under the inputs, skipping the output root. A folder without read permission
+    must be reported: its series would otherwise be missing from the index unsaid."""
     seen_dirs = {os.path.realpath(output)}
     seen_files: set[str] = set()
-    dicom, nifti = [], []
+    dicom, nifti, unreadable = [], [], []
+
+    def unlisted(exc: OSError) -> None:
+        unreadable.append({"path": printable(str(exc.filename)),
+                           "reason": f"folder not readable ({exc.strerror or type(exc).__name__})"})
 
     def add(path: str) -> None:
         real = os.path.realpath(path)
@@ -137,7 +143,7 @@ def _discover(inputs: list[Path], output: Path) -> tuple[list[str], list[str]]:
         if inp.is_file():
             add(str(inp))
             continue
-        for dirpath, dirnames, filenames in os.walk(inp, followlinks=True):
+        for dirpath, dirnames, filenames in os.walk(inp, onerror=unlisted, followlinks=True):
             real = os.path.realpath(dirpath)
             if real in seen_dirs:           # the output root, a link loop, or a repeated input
                 dirnames[:] = []
@@ -146,7 +152,7 @@ def _discover(inputs: list[Path], output: Path) -> tuple[list[str], list[str]]:
             dirnames.sort()
             for name in sorted(filenames):
                 add(os.path.join(dirpath, name))
-    return dicom, nifti
+    return dicom, nifti, unreadable
 
 
 def _check_paths(inputs: list[Path], output: Path) -> None:
@@ -331,8 +337,7 @@ def prepare(inputs, output="data/processed", workers: int = 1, force: bool = Fal
         raise UserError("--val-fraction must be in [0, 1)")
     _check_paths(inputs, root)
 
-    dicom_paths, nifti_paths = _discover(inputs, root)
-    files_skipped: list[dict] = []
+    dicom_paths, nifti_paths, files_skipped = _discover(inputs, root)
     by_series: dict[str, list[dicom_io.SliceHeader]] = defaultdict(list)
     for path, headers in zip(dicom_paths, process_map(dicom_io.read_headers, dicom_paths, workers,
                                                       "headers", progress, unit="file", chunksize=64)):
