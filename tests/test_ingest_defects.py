@@ -481,3 +481,31 @@ def test_a_folder_that_cannot_be_listed_is_reported(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert report["series_written"] == ["1.2.81.1"]
     assert {"path": locked, "reason": "folder not readable (Permission denied)"} in report["files_skipped"]
+
+
+def test_nifti_patient_from_the_folder_keeps_a_patients_scans_on_one_side(tmp_path):
+    """`<patient>/T0.nii.gz`, `<patient>/T1.nii.gz`: by file name every scan is a patient of
+    its own (the default, for one scan per patient); `--nifti-patient folder` makes the folder
+    the patient, so the split cannot put one patient's two scans on both sides."""
+    from test_ingest import _nifti
+
+    rng = np.random.default_rng(22)
+    for i in range(6):
+        folder = tmp_path / "in" / f"pid{i:03d}"
+        folder.mkdir(parents=True)
+        for visit in ("T0", "T1"):
+            _nifti(folder / f"{visit}.nii.gz", random_hu(rng, (4, 5, 5)).T.astype(np.int16), np.eye(4))
+    prep([tmp_path / "in"], tmp_path / "out_name")
+    by_name = index_rows(tmp_path / "out_name")
+    assert {r["patient_id"] for r in by_name.values()} == {f"pid{i:03d}_{v}" for i in range(6) for v in ("T0", "T1")}
+    report = prep([tmp_path / "in"], tmp_path / "out", nifti_patient="folder", val_fraction=0.5)
+    assert report["nifti_patient"] == "folder"
+    rows = index_rows(tmp_path / "out")
+    assert sorted(rows) == sorted(f"pid{i:03d}_{v}" for i in range(6) for v in ("T0", "T1"))
+    assert {r["series_id"]: r["patient_id"] for r in rows.values()}["pid004_T1"] == "pid004"
+    split = json.loads(next((tmp_path / "out" / "_splits").glob("*.json")).read_text())
+    patient = {sid: row["patient_id"] for sid, row in rows.items()}
+    train, val = {patient[s] for s in split["train"]}, {patient[s] for s in split["val"]}
+    assert val and train and not train & val and train | val == {f"pid{i:03d}" for i in range(6)}
+    with pytest.raises(UserError, match="--nifti-patient"):
+        prep([tmp_path / "in"], tmp_path / "out2", nifti_patient="series")

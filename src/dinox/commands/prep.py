@@ -5,7 +5,7 @@ import argparse
 from pathlib import Path
 
 from dinox.commands.argtypes import nonneg_int, path, positive_int
-from dinox.data.ingest import format_summary, prepare
+from dinox.data.ingest import NIFTI_PATIENT_CHOICES, format_summary, prepare
 from dinox.data.parallel import DEFAULT_WORKERS
 
 
@@ -24,11 +24,15 @@ def add_parser(subparsers) -> None:
     p.add_argument("--force", action="store_true", help="rewrite series that are already done")
     p.add_argument("--val-fraction", type=float, default=0.1, help="fraction of patients for validation")
     p.add_argument("--split-seed", type=nonneg_int, default=0, help="seed of the patient split")
+    p.add_argument("--nifti-patient", choices=NIFTI_PATIENT_CHOICES, default="name",
+                   help="a NIfTI file's patient id: its file name (one scan per patient, e.g. "
+                        "LIDC-IDRI-0001.nii.gz) or its folder (<patient>/<scan>.nii.gz: a patient's "
+                        "scans stay on one side of the split)")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     report = prepare(args.input, args.output, workers=args.workers, force=args.force,
-                     val_fraction=args.val_fraction, split_seed=args.split_seed)
+                     val_fraction=args.val_fraction, split_seed=args.split_seed, nifti_patient=args.nifti_patient)
     print(format_summary(report))
     return 0

@@ -206,9 +206,16 @@ def _source(path: str) -> str:
     return printable(os.path.abspath(path))
 
 
-def _nifti_tasks(paths: list[str], taken: set[str], old_rows: dict[str, dict]) -> list[Task]:
+NIFTI_PATIENT_CHOICES = ("name", "folder")
+
+
+def _nifti_tasks(paths: list[str], taken: set[str], old_rows: dict[str, dict],
+                 patient_from: str = "name") -> list[Task]:
     """Series id and patient id from the file name; files that share a name (e.g. every
-    patient folder holding ct.nii.gz) are told apart by their parent folder. A file the
+    patient folder holding ct.nii.gz) are told apart by their parent folder. `patient_from`
+    "folder": the patient is the parent folder (`<patient>/<scan>.nii.gz`, where one patient's
+    several scans, e.g. T0 and T1, must stay on one side of the split) and the series id is
+    folder_name. A file the
     processed root already holds (`old_rows`, see `_earlier_nifti_rows`) keeps the ids it was
     given, whatever else this run reads: a re-run over other inputs neither indexes it twice
     nor leaves it out. The stems of other files already in the root count as shared, and an id
@@ -228,9 +235,10 @@ def _nifti_tasks(paths: list[str], taken: set[str], old_rows: dict[str, dict]) -
             tasks.append(Task(series_id=old["series_id"], patient_id=old["patient_id"], source=source,
                               n_source_files=1, nifti_path=p))
             continue
-        stem = _nifti_stem(p)
-        patient = stem if stems[stem] == 1 else f"{printable(Path(p).parent.name)}_{stem}"
-        sid = safe_id(patient)
+        stem, folder = _nifti_stem(p), printable(Path(p).parent.name)
+        by_name = stem if stems[stem] == 1 and patient_from == "name" else f"{folder}_{stem}"
+        patient = folder if patient_from == "folder" else by_name
+        sid = safe_id(by_name)
         if sid.lower() in used:
             sid = f"{sid}_{_short_hash(os.path.realpath(p))}"
         used.add(sid.lower())
@@ -326,8 +334,10 @@ def _top_reason(series_skipped: list[dict]) -> str | None:
 
 
 def prepare(inputs, output="data/processed", workers: int = 1, force: bool = False,
-            val_fraction: float = 0.1, split_seed: int = 0, progress: bool = True) -> dict:
-    """Build or update the processed root; returns the report (also written to prep_report.json)."""
+            val_fraction: float = 0.1, split_seed: int = 0, progress: bool = True,
+            nifti_patient: str = "name") -> dict:
+    """Build or update the processed root; returns the report (also written to prep_report.json).
+    `nifti_patient`: where a NIfTI file's patient id comes from (`_nifti_tasks`)."""
     start = time.perf_counter()
     inputs = [Path(p) for p in inputs]
     root = Path(output)
@@ -335,6 +345,8 @@ def prepare(inputs, output="data/processed", workers: int = 1, force: bool = Fal
         raise UserError("--workers must be at least 1")
     if not 0.0 <= val_fraction < 1.0:
         raise UserError("--val-fraction must be in [0, 1)")
+    if nifti_patient not in NIFTI_PATIENT_CHOICES:
+        raise UserError(f"--nifti-patient must be one of {', '.join(NIFTI_PATIENT_CHOICES)}")
     _check_paths(inputs, root)
 
     dicom_paths, nifti_paths, files_skipped = _discover(inputs, root)
@@ -349,10 +361,10 @@ def prepare(inputs, output="data/processed", workers: int = 1, force: bool = Fal
     tasks, series_skipped = _dicom_tasks(by_series, files_skipped)
     index_path = root / INDEX_FILE
     old_rows = _read_old_index(index_path)
-    tasks.extend(_nifti_tasks(nifti_paths, {t.series_id.lower() for t in tasks}, old_rows))
+    tasks.extend(_nifti_tasks(nifti_paths, {t.series_id.lower() for t in tasks}, old_rows, nifti_patient))
 
     _writable(root)
-    report = {"inputs": [str(p) for p in inputs], "output": str(root),
+    report = {"inputs": [str(p) for p in inputs], "output": str(root), "nifti_patient": nifti_patient,
               "series_written": [], "series_kept": [], "series_skipped": series_skipped,
               "files_skipped": files_skipped, "series_notes": {}}
     if not tasks:
