@@ -257,6 +257,16 @@ def test_nonfinite_loss_halts_with_emergency_checkpoint(processed_root, tmp_path
     assert torch.equal(emergency["aug_generator"], periodic["aug_generator"])
     assert all(torch.isfinite(v).all() for v in emergency["student"].values() if v.is_floating_point())
     assert not list(run.glob("checkpoint_final_*"))
+    # A requeue with nothing changed would replay the same NaN: refused, saying what to change.
+    again = train_args(processed_root, out, "--max-steps", "5", "--batch-size", "4", "--accumulation-steps", "2",
+                       "--ckpt-every", "2", "--resume", "auto")
+    capsys.readouterr()
+    assert main(again) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "non-finite step 3" in err and "checkpoint_00000002.pth" in err, err
+    monkeypatch.setattr(loop.Trainer, "train_step", original)
+    assert main([*again, "--lr", "4e-4"]) == 0  # with a change it resumes (and, unpoisoned, finishes)
+    assert (run / "checkpoint_final_00000005.pth").is_file()
 
 
 def test_loss_spike_warns_and_continues(processed_root, tmp_path, monkeypatch, capsys):

@@ -34,6 +34,7 @@ from dinox.train.runs import (
     check_disk_space,
     open_resume,
     prepare_run_dir,
+    refuse_replayed_halt,
     remove_failed_start,
     resumed_from,
 )
@@ -253,6 +254,8 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--init-from {given['init_from']} would be ignored: --resume continues {source.path} with "
                         f"its own weights (begun from {saved_init or 'scratch'}); drop --init-from, or start a new "
                         "run without --resume")
+    if args.resume == "auto":
+        refuse_replayed_halt(source, resolved.changes)
     if source is not None and cfg.optim.max_steps is not None and source.step > cfg.optim.max_steps:
         raise UserError(f"{source.path} is at step {source.step}, past --max-steps {cfg.optim.max_steps}: nothing "
                         f"to train; give a --max-steps above {source.step} to train on")

@@ -34,6 +34,7 @@ from dinox.train.checks import InTrainingChecks
 from dinox.train.data_stream import check_batch_fits, make_loader, validation_dataset
 from dinox.train.optim import (Schedules, apply_schedule, autocast, autocast_dtype, autocast_notice, build_optimizer,
                                build_scaler, clip_gradients)
+from dinox.train.runs import record_nonfinite_halt
 from dinox.train.ssl import METRIC_NAMES, DINOSSL
 from dinox.train.state import Checkpointer, Components, Placement, Progress, capture_step, restore_step, unpack
 
@@ -215,11 +216,11 @@ class Trainer:
                 result = self.train_step(micro_batches, sched)
             except DataChanged as exc:
                 self._halt_data_changed(exc)
-            except UserError:
-                raise
             except Exception as exc:
+                if isinstance(exc, UserError):
+                    raise
                 log.error("step %d failed", self.progress.step + 1, exc_info=True)
-                self._halt(f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}")
+                self._halt(f"{type(exc).__name__}: {(str(exc).strip() or '(no message)').splitlines()[-1]}")
             if not result.finite:
                 return self._halt_nonfinite(result)
             self.progress.step += 1
@@ -251,12 +252,9 @@ class Trainer:
                 self._halt_data_changed(exc)
             if o.max_steps is not None and step >= o.max_steps:
                 break
-            periodic = step % cfg.io.ckpt_every == 0
-            if periodic:
+            if step % cfg.io.ckpt_every == 0 or result.stop_requested:
                 self.save("periodic")
             if result.stop_requested:
-                if not periodic:
-                    self.save("periodic")
                 log.info("stopped at step %d; continue with --resume auto", step)
                 return self.stop.exit_code
 
@@ -267,15 +265,15 @@ class Trainer:
         return EXIT_OK
 
     def _halt_data_changed(self, exc: DataChanged) -> NoReturn:
-        """A volume changed under the run: keep the work done so far, then stop with the
-        dataset's one-line reason. Under torchrun the failing rank alone cannot save (the
-        save gathers every rank), so it stops at once and the last periodic checkpoint holds."""
-        # A DataLoader worker re-raises with its traceback in the message; the reason is the last line.
+        """A volume changed under the run: stop with the dataset's reason, the last line of the
+        message (a DataLoader worker re-raises with its traceback in it)."""
         self._halt(str(exc).strip().splitlines()[-1].removeprefix(f"{DataChanged.__module__}.{DataChanged.__name__}: "))
 
     def _halt(self, reason: str) -> NoReturn:
         """A step that failed before its update: save the work so far (the step undone), stop
-        with `reason` in one line (the traceback, if any, is in the log above)."""
+        with `reason` in one line (the traceback, if any, is in the log above). Under torchrun
+        the failing rank alone cannot save (the save gathers every rank), so it stops at once
+        and the last periodic checkpoint holds."""
         step = self.progress.step
         if self.dist.enabled:
             raise UserError(f"at step {step}: {reason}; then resume with --resume auto (from the last periodic "
@@ -291,6 +289,7 @@ class Trainer:
         for anomaly in guard.check(step, result.metrics.get("loss", float("nan"))):
             log.critical(anomaly.message)
         path = self.save("emergency")
+        record_nonfinite_halt(self.run_dir, path, step)  # path: None off the main rank
         console(nonfinite_diagnostics(last_good_loss=guard.last_good_loss, lr=result.metrics.get("lr"),
                                       grad_norm=result.metrics.get("grad_norm"), batch=result.batch))
         log.critical("non-finite loss at step %d: training halted; emergency checkpoint (state before the bad "

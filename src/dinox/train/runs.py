@@ -272,6 +272,35 @@ def copy_metrics_until(source_run: Path, run_dir: Path, step: int) -> int:
     return len(kept)
 
 
+HALT_RECORD = "halted_nonfinite.json"
+
+
+def record_nonfinite_halt(run_dir: Path, checkpoint: Path | None, step: int) -> None:
+    """Note the step whose loss was non-finite (and the emergency checkpoint it left), for
+    `refuse_replayed_halt`."""
+    if checkpoint is None:
+        return
+    atomic_write_text(Path(run_dir) / HALT_RECORD, json.dumps({"checkpoint": Path(checkpoint).name, "step": step}) + "\n")
+
+
+def refuse_replayed_halt(source: ResumeSource | None, changes: list[str]) -> None:
+    """`--resume auto` from the state before a non-finite halt (its emergency checkpoint, or a
+    periodic one of the same step), with no setting changed, replays the same data and RNG into the same NaN: a job script that requeues on
+    failure would loop until its allocation ends. Refuse, saying what to change; `--resume
+    PATH` retries as is (on a GPU the replay may differ)."""
+    if source is None or changes:
+        return
+    try:
+        record = json.loads((source.path.parent / HALT_RECORD).read_text())
+    except (OSError, ValueError):
+        return
+    if source.step == record.get("step", 0) - 1:  # its emergency checkpoint, or a periodic one of that step
+        raise UserError(f"--resume auto: {source.path} is the state before the non-finite step {record['step']} "
+                        f"that halted this run, and no setting changed, so the same step would fail again; resume "
+                        f"with a change (a lower --lr, --clip-grad, --no-amp, a longer --warmup-steps), or retry "
+                        f"as is with --resume {source.path}")
+
+
 def remove_failed_start(run_dir: Path, source: ResumeSource | None) -> None:
     """Delete a run folder made by this launch when the run never got going: no checkpoint
     and no metrics row of its own (a branch's copied rows do not count). Anything else in
