@@ -179,7 +179,7 @@ def head_metadata(head: dict[str, torch.Tensor]) -> dict[str, str]:
         out_dim = head["last_layer.parametrizations.weight.original1"].shape[0]
         norm = "fixed" if bool(torch.all(head["last_layer.parametrizations.weight.original0"] == 1)) else "learned"
         layout = "last_layer weight = original0 * original1 / ||original1|| per row (original0: each prototype's norm)"
-    return {"format": "pt", "class": "dinox.model.head.DINOHead", "in_dim": str(first.shape[1]),
+    return {"format": "pt", "class": weights.HEAD_CLASS, "in_dim": str(first.shape[1]),
             "out_dim": str(out_dim), "hidden_dim": str(first.shape[0] if len(linears) > 1 else 2048),
             "bottleneck_dim": str(last.shape[0]), "nlayers": str(len(linears)), "use_bn": str(use_bn),
             "prototype_norm": norm, "weight_norm": layout}
