@@ -187,6 +187,24 @@ def test_result_name_rule():
     assert custom == "probe_step5_val-v25_seed0.json"
 
 
+def test_same_named_checkpoints_evaluated_from_their_own_folders_keep_both_results(tmp_path, monkeypatch, capsys):
+    from dinox.commands.eval import _write_result
+
+    out, name, typed = tmp_path / "shared", "view_retrieval_step30_N16.json", "checkpoint_final_00000030.pth"
+    out.mkdir()
+    for run in ("a", "b"):
+        (tmp_path / run).mkdir()
+        monkeypatch.chdir(tmp_path / run)
+        _write_result(out, name, {"checkpoint": typed, "ratio": 1.0})
+    recorded = {json.loads(p.read_text())["checkpoint"]: p.name for p in out.glob("*.json")}
+    mine, theirs = (str((tmp_path / run / typed).resolve()) for run in ("a", "b"))
+    assert set(recorded) == {mine, theirs} and recorded[mine] == name and "_ckpt" in recorded[theirs]
+    assert "holds the result of another checkpoint" in capsys.readouterr().out
+    # a result that recorded the path as typed (older dinox) is still read: here, the same checkpoint
+    (out / name).write_text(json.dumps({"checkpoint": typed}))
+    assert _write_result(out, name, {"checkpoint": typed}) == out / name
+
+
 def test_a_split_changed_since_training_is_warned_of(checkpoint, processed_root, tmp_path, capsys):  # noqa: F811
     """A later prep may rewrite the run's split file over new series; the evaluation says so."""
     from dinox.eval.load import changed_split_warning

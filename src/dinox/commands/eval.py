@@ -156,14 +156,18 @@ def result_name(stem: str, *, split: str, seed: int, defaults: dict, network: st
 def _write_result(out_dir: Path, name: str, result: dict) -> Path:
     """Write `result` as out_dir/name and return the path. A file of that name written for
     another checkpoint (several runs evaluated into one --out at the same step) is kept: the
-    new result gets a short hash of its checkpoint's path in its name instead."""
+    new result gets a short hash of its checkpoint's path in its name instead. The checkpoint
+    is recorded resolved: a path as typed is relative to a working folder that the next
+    evaluation into this --out need not share (an older result's relative path is resolved
+    here, the best reading it allows)."""
     path = out_dir / name
     mine = str(Path(result["checkpoint"]).resolve())
+    result = {**result, "checkpoint": mine}
     try:
         theirs = json.loads(path.read_text()).get("checkpoint") if path.is_file() else None
     except (OSError, ValueError, AttributeError):
         theirs = None
-    if theirs is not None and str(Path(theirs).resolve()) != mine:
+    if isinstance(theirs, str) and str(Path(theirs).resolve()) != mine:
         tag = hashlib.sha256(mine.encode()).hexdigest()[:8]
         path = path.with_name(f"{path.stem}_ckpt{tag}{path.suffix}")
         print(f"note: {out_dir / name} holds the result of another checkpoint ({theirs}); kept, this one "
