@@ -61,6 +61,17 @@ def test_out_below_a_file_is_a_one_line_error(checkpoint, processed_root, tmp_pa
     assert "--out" in _one_line_error(capsys)
 
 
+@pytest.mark.parametrize("command", ["retrieval", "probe"])
+def test_an_out_that_takes_no_files_is_refused_before_any_work(checkpoint, command, monkeypatch, capsys):
+    from dinox.eval import load
+
+    monkeypatch.setattr(load, "load_for_inference", lambda *a, **k: pytest.fail("read the checkpoint first"))
+    # even root may create no file in sysfs
+    assert main(["eval", command, "--checkpoint", str(checkpoint), "--device", "cpu", "--out", "/sys/kernel"]) == 1
+    err = _one_line_error(capsys)
+    assert "/sys/kernel" in err and "give another --out" in err
+
+
 def test_topk_larger_than_n_is_left_out_with_a_note(checkpoint, processed_root, tmp_path, capsys):  # noqa: F811
     assert main(_args(checkpoint, processed_root, tmp_path, "--topk", "1", "5", "100000")) == 0
     out = capsys.readouterr().out

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import tempfile
 from pathlib import Path
 
 from dinox.commands.argtypes import float_at_least, nonneg_int, positive_int
@@ -112,7 +113,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def output_dir(out, checkpoint) -> Path:
-    """The folder for a result file: --out, made if missing, else the checkpoint's folder."""
+    """The folder for a result file: --out, made if missing, else the checkpoint's folder.
+    A file is written and removed there first: a folder that exists but takes no files (a
+    read-only mount, a checkpoint folder of another user) would otherwise fail the write
+    after all the work."""
     folder = Path(out) if out else Path(checkpoint).parent
     if folder.exists() and not folder.is_dir():
         raise UserError(f"--out {folder} is an existing file; give a folder for the result JSON")
@@ -120,6 +124,12 @@ def output_dir(out, checkpoint) -> Path:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UserError(f"cannot create the output folder {folder} ({exc.strerror or exc}); "
+                        f"give another --out") from None
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".dinox_write_test"):
+            pass
+    except OSError as exc:
+        raise UserError(f"cannot write into the output folder {folder} ({exc.strerror or exc}); "
                         f"give another --out") from None
     return folder
 
