@@ -8,7 +8,8 @@ Result files carry what changes the result in their name (issue 16, defect 14), 
 runs on other splits or seeds never overwrite each other: the defaults give the plain
 name (view_retrieval_step{step}_N{n}.json, probe_step{step}.json); otherwise the split
 and seed follow, e.g. probe_step{step}_val_seed1.json, plus the network when it is the
-student and a short hash of the processed root when it is not the one the run trained on.
+student, a short hash of the processed root when it is not the one the run trained on, and
+the probe's own settings where they are not the defaults (probe_tags).
 """
 from __future__ import annotations
 
@@ -136,12 +137,14 @@ def output_dir(out, checkpoint) -> Path:
 
 def result_name(stem: str, *, split: str, seed: int, defaults: dict, network: str = "teacher",
                 manifest=None, root=None, trained_root=None, trained_manifest=None, size: int | None = None,
-                trained_size: int | None = None, views: str = "train", draws: int = 1) -> str:
+                trained_size: int | None = None, views: str = "train", draws: int = 1,
+                extra: tuple[str, ...] | list[str] = ()) -> str:
     """`stem`.json for the default split and seed, else `stem`_{split}_seed{seed}.json; a
     manifest other than the root's default and the run's own joins the split as
     split-{manifest stem}, the student adds _student, a root other than the run's own adds
     _root{hash8}, an input size other than the training size _size{size}, diagnostic views
-    _{views}, a mean over several view draws _draws{draws}."""
+    _{views}, a mean over several view draws _draws{draws}; `extra` (a command's own
+    settings, e.g. probe_tags) last."""
     from dinox.data.layout import default_manifest, root_tag, same_path
 
     tags = []
@@ -160,7 +163,28 @@ def result_name(stem: str, *, split: str, seed: int, defaults: dict, network: st
         tags.append(views)
     if draws != 1:
         tags.append(f"draws{draws}")
-    return "_".join([stem, *tags]) + ".json"
+    return "_".join([stem, *tags, *extra]) + ".json"
+
+
+def probe_tags(args, split_mode: str) -> list[str]:
+    """The probe's settings that change its result, where they are not the defaults:
+    readers{n}, maxslices{n}, testfraction{f} (only a patient split uses it), labels{hash8}
+    of --labels-json, nobaselines (the result lacks the baselines)."""
+    from dinox.data.layout import path_tag
+    from dinox.eval import probe
+
+    tags = []
+    if args.min_readers != probe.MIN_READERS:
+        tags.append(f"readers{args.min_readers}")
+    if args.max_slices != probe.DEFAULT_MAX_SLICES:
+        tags.append(f"maxslices{args.max_slices}")
+    if split_mode == "patients" and args.test_fraction != probe.DEFAULT_TEST_FRACTION:
+        tags.append(f"testfraction{args.test_fraction:g}")
+    if args.labels_json:
+        tags.append(path_tag("labels", args.labels_json))
+    if args.no_baselines:
+        tags.append("nobaselines")
+    return tags
 
 
 def _write_result(out_dir: Path, name: str, result: dict) -> Path:
@@ -348,7 +372,8 @@ def run_probe(args) -> int:
                   gate_tasks=list(probe.GATE_TASKS), passed=passed, verdict=line)
     name = result_name(f"probe_step{meta.step}", split=args.split, seed=args.seed, defaults=PROBE_DEFAULTS,
                        network=args.network, manifest=manifest, root=root, trained_root=trained_root,
-                       trained_manifest=trained_manifest, size=args.size, trained_size=cfg.views.img_size)
+                       trained_manifest=trained_manifest, size=args.size, trained_size=cfg.views.img_size,
+                       extra=probe_tags(args, result["split"]["mode"]))
     out_path = _write_result(out_dir, name, result)
     print(f"probe step={meta.step} ({args.network}) split={result['split']['mode']}: "
           f"{result['split']['train_patients']} train / {result['split']['test_patients']} test patients; "
