@@ -271,6 +271,19 @@ def test_untrained_network_is_scored_on_the_same_draws_and_gates_the_verdict(che
         assert code == (0 if sum(hits) else 2) and "the untrained network finds none" in out
 
 
+def test_a_warm_started_run_s_untrained_baseline_says_it_is_random_init(checkpoint, processed_root, tmp_path,  # noqa: F811
+                                                                         capsys):
+    state = torch.load(checkpoint, weights_only=False)
+    state["config"]["init_from"] = "/weights/dinov2_vits14.pth"
+    warm = tmp_path / "warm.pth"
+    torch.save(state, warm)
+    assert main(_args(warm, processed_root, tmp_path, "--untrained")) == 0
+    line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("untrained network"))
+    assert "warm-started from /weights/dinov2_vits14.pth" in line and "random network" in line
+    (path,) = tmp_path.glob("view_retrieval_*.json")
+    assert "not that starting point" in json.loads(path.read_text())["untrained_note"]
+
+
 def test_retrieval_verdict_names_each_bar_and_decides_the_untrained_edge_cases():
     from dinox.commands.eval import retrieval_verdict
 

@@ -391,6 +391,17 @@ def test_probe_tags_name_only_settings_that_are_not_the_defaults(tmp_path):
     assert probe_tags(other, "manifest-val") == [labels]   # the manifest's split uses no test fraction
 
 
+def test_a_warm_started_run_s_untrained_baseline_is_noted_as_random_init(labelled, tmp_path):
+    root, ckpt = labelled
+    state = torch.load(ckpt, weights_only=False)
+    state["config"]["init_from"] = "/weights/dinov2_vits14.pth"
+    warm = tmp_path / "warm.pth"
+    torch.save(state, warm)
+    main(_probe_args(root, warm, tmp_path, "--min-auroc", "0", "--max-slices", "64"))
+    (path,) = tmp_path.glob("probe_step*.json")
+    assert any("warm-started from /weights/dinov2_vits14.pth" in n for n in json.loads(path.read_text())["notes"])
+
+
 def test_a_gate_task_the_labels_cannot_probe_is_bad_input(labelled, tmp_path, capsys):
     """On a 4x4 grid of these 64 px slices no cell is 80 % lung: no patch_nodule samples."""
     root, ckpt = labelled

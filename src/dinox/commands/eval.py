@@ -54,7 +54,8 @@ def add_retrieval_arguments(p: argparse.ArgumentParser) -> None:
                         "and flips on the whole slice (uncropped), or the lung window on the whole slice "
                         "(uncropped-lung); a diagnosis of which invariance is missing")
     p.add_argument("--untrained", action="store_true",
-                   help="also score the run's untrained network (its step-0 weights, rebuilt from the run's seed) "
+                   help="also score the run's untrained network (its step-0 weights, rebuilt from the run's seed; "
+                        "random init also for a run started with --init-from, as the result notes) "
                         "on the same view draws, and report the checkpoint's hits as a multiple of its hits "
                         "(x_untrained, with a paired 95 %% interval over the draws)")
     p.add_argument("--min-x-untrained", type=float_at_least(0), default=None,
@@ -254,12 +255,12 @@ def run_retrieval(args) -> int:
                    batch_size=args.batch_size, progress=True, views=args.views)
     result = evaluate_draws(backbone, dataset, cfg.views.to_augment(), **scoring)
     if args.untrained or args.min_x_untrained is not None:
-        from dinox.eval.probe import untrained_backbone
+        from dinox.eval.probe import untrained_backbone, untrained_note
         from dinox.eval.runner import against_untrained
 
         print("scoring the untrained network on the same view draws")
         untrained = evaluate_draws(untrained_backbone(cfg, device), dataset, cfg.views.to_augment(), **scoring)
-        result.update(against_untrained(result, untrained))
+        result.update(against_untrained(result, untrained), untrained_note=untrained_note(cfg))
     result.update(
         step=meta.step,
         checkpoint=str(args.checkpoint),
@@ -294,14 +295,17 @@ def run_retrieval(args) -> int:
 
 
 def untrained_line(result: dict) -> str:
-    """The untrained network's figures beside the checkpoint's, on the same draws."""
+    """The untrained network's figures beside the checkpoint's, on the same draws, and what
+    that network is not (untrained_note) where the run started from other weights."""
     x, ci = result["x_untrained"], result["x_untrained_ci95"]
     draws = result["untrained"]["draws"]
     line = f"untrained network: ratio {result['untrained']['ratio']:.2f}" + (
         f" (draws {' '.join(f'{d:g}' for d in draws)})" if len(draws) > 1 else "")
+    note = f"; note: {result['untrained_note']}" if result.get("untrained_note") else ""
     if x is None:
-        return line + "; it finds none, so the checkpoint has no multiple of its hits"
-    return line + f"; the checkpoint finds {x:.2f}x" + (f" [95 % {ci[0]:.2f}, {ci[1]:.2f}]" if ci else "") + " its hits"
+        return line + "; it finds none, so the checkpoint has no multiple of its hits" + note
+    return (line + f"; the checkpoint finds {x:.2f}x" + (f" [95 % {ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
+            + " its hits" + note)
 
 
 def retrieval_verdict(result: dict) -> tuple[bool, str]:
