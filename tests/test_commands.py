@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -160,12 +161,18 @@ def test_eval_script_exit_code_from_a_shell(trained_run, processed_root, tmp_pat
     assert "FAIL" in proc.stdout
 
 
-def test_monitor_command_writes_heatmaps(trained_run, processed_root, tmp_path):
+def test_monitor_command_writes_heatmaps(trained_run, processed_root, tmp_path, capsys):
     final = trained_run / "checkpoint_final_00000004.pth"
+    # training's own outputs of that step (its throughput in health.json) are never touched
+    training = tmp_path / "monitor" / "step_00000004"
+    shutil.copytree(trained_run / "monitor" / "step_00000004", training)
+    kept = {p.name: p.read_bytes() for p in training.iterdir()}
     assert main(["monitor", "--checkpoint", str(final), "--data-root", str(processed_root),
                  "--split-manifest", str(next((processed_root / "_splits").glob("*.json"))),
                  "--out", str(tmp_path), "--device", "cpu"]) == 0
-    step_dir = tmp_path / "monitor" / "step_00000004"
+    assert {p.name: p.read_bytes() for p in training.iterdir()} == kept
+    step_dir = tmp_path / "monitor" / "step_00000004_cli"
+    assert str(step_dir / "heatmap.png") in capsys.readouterr().out
     stats = json.loads((step_dir / "stats.json").read_text())
     assert "std" in stats
     assert (step_dir / "heatmap.png").stat().st_size > 1000
@@ -175,8 +182,15 @@ def test_monitor_command_writes_heatmaps(trained_run, processed_root, tmp_path):
     assert main(["monitor", "--checkpoint", str(final), "--split", "train", "--network", "student",
                  "--out", str(tmp_path), "--device", "cpu"]) == 0
     assert (step_dir / "stats.json").read_bytes() == before
-    other = tmp_path / "monitor" / "step_00000004_train_student"
+    other = tmp_path / "monitor" / "step_00000004_cli_train_student"
     assert json.loads((other / "inputs.json").read_text())["split"] == "train"
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "phase5_monitor.py"), "--checkpoint", str(final),
+                           "--out", str(tmp_path / "script"), "--device", "cpu"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    printed = proc.stdout.split()
+    for name in ("heatmap.png", "input.png", "stats.json"):
+        assert str(tmp_path / "script" / "monitor" / "step_00000004_cli" / name) in printed
 
 
 def test_inspect_reports_intact_and_damaged(trained_run, tmp_path, capsys):

@@ -61,6 +61,17 @@ def test_out_below_a_file_is_a_one_line_error(checkpoint, processed_root, tmp_pa
     assert "--out" in _one_line_error(capsys)
 
 
+@pytest.mark.parametrize("command", ["retrieval", "probe"])
+def test_an_out_that_takes_no_files_is_refused_before_any_work(checkpoint, command, monkeypatch, capsys):
+    from dinox.eval import load
+
+    monkeypatch.setattr(load, "load_for_inference", lambda *a, **k: pytest.fail("read the checkpoint first"))
+    # even root may create no file in sysfs
+    assert main(["eval", command, "--checkpoint", str(checkpoint), "--device", "cpu", "--out", "/sys/kernel"]) == 1
+    err = _one_line_error(capsys)
+    assert "/sys/kernel" in err and "give another --out" in err
+
+
 def test_topk_larger_than_n_is_left_out_with_a_note(checkpoint, processed_root, tmp_path, capsys):  # noqa: F811
     assert main(_args(checkpoint, processed_root, tmp_path, "--topk", "1", "5", "100000")) == 0
     out = capsys.readouterr().out
@@ -187,6 +198,24 @@ def test_result_name_rule():
     assert custom == "probe_step5_val-v25_seed0.json"
 
 
+def test_same_named_checkpoints_evaluated_from_their_own_folders_keep_both_results(tmp_path, monkeypatch, capsys):
+    from dinox.commands.eval import _write_result
+
+    out, name, typed = tmp_path / "shared", "view_retrieval_step30_N16.json", "checkpoint_final_00000030.pth"
+    out.mkdir()
+    for run in ("a", "b"):
+        (tmp_path / run).mkdir()
+        monkeypatch.chdir(tmp_path / run)
+        _write_result(out, name, {"checkpoint": typed, "ratio": 1.0})
+    recorded = {json.loads(p.read_text())["checkpoint"]: p.name for p in out.glob("*.json")}
+    mine, theirs = (str((tmp_path / run / typed).resolve()) for run in ("a", "b"))
+    assert set(recorded) == {mine, theirs} and recorded[mine] == name and "_ckpt" in recorded[theirs]
+    assert "holds the result of another checkpoint" in capsys.readouterr().out
+    # a result that recorded the path as typed (older dinox) is still read: here, the same checkpoint
+    (out / name).write_text(json.dumps({"checkpoint": typed}))
+    assert _write_result(out, name, {"checkpoint": typed}) == out / name
+
+
 def test_a_split_changed_since_training_is_warned_of(checkpoint, processed_root, tmp_path, capsys):  # noqa: F811
     """A later prep may rewrite the run's split file over new series; the evaluation says so."""
     from dinox.eval.load import changed_split_warning
@@ -240,6 +269,19 @@ def test_untrained_network_is_scored_on_the_same_draws_and_gates_the_verdict(che
         assert json.loads(path.read_text())["passed"] is False
     else:
         assert code == (0 if sum(hits) else 2) and "the untrained network finds none" in out
+
+
+def test_a_warm_started_run_s_untrained_baseline_says_it_is_random_init(checkpoint, processed_root, tmp_path,  # noqa: F811
+                                                                         capsys):
+    state = torch.load(checkpoint, weights_only=False)
+    state["config"]["init_from"] = "/weights/dinov2_vits14.pth"
+    warm = tmp_path / "warm.pth"
+    torch.save(state, warm)
+    assert main(_args(warm, processed_root, tmp_path, "--untrained")) == 0
+    line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("untrained network"))
+    assert "warm-started from /weights/dinov2_vits14.pth" in line and "random network" in line
+    (path,) = tmp_path.glob("view_retrieval_*.json")
+    assert "not that starting point" in json.loads(path.read_text())["untrained_note"]
 
 
 def test_retrieval_verdict_names_each_bar_and_decides_the_untrained_edge_cases():

@@ -356,12 +356,50 @@ def test_probe_split_has_no_patient_on_both_sides(probe_run):
 def test_probe_exit_code_follows_the_pass_line(labelled, tmp_path, capsys):
     root, ckpt = labelled
     code = main(_probe_args(root, ckpt, tmp_path, "--min-auroc", "1.0", "--no-baselines"))
-    result = json.loads((tmp_path / "probe_step2_patients_seed0.json").read_text())
+    result = json.loads((tmp_path / "probe_step2_patients_seed0_nobaselines.json").read_text())
     perfect = all(result["tasks"][t]["auroc"] >= 1.0 for t in probe.GATE_TASKS)
     assert code == (0 if perfect else 2)
     assert result["tasks"]["slice_nodule"]["baselines"] == {}
     line = capsys.readouterr().out.strip().splitlines()[-1]
     assert line.startswith("PASS" if perfect else "FAIL") and "slice_nodule" in line
+
+
+def test_a_rerun_with_other_probe_settings_keeps_the_earlier_result(probe_run, labelled, capsys):
+    code, out = probe_run
+    root, ckpt = labelled
+    main(_probe_args(root, ckpt, out, "--min-auroc", "0", "--no-baselines", "--min-readers", "1",
+                     "--max-slices", "64", "--test-fraction", "0.5"))
+    names = sorted(p.name for p in out.glob("probe_step*.json"))
+    assert names == ["probe_step2_patients_seed0.json",
+                     "probe_step2_patients_seed0_readers1_maxslices64_testfraction0.5_nobaselines.json"]
+    earlier = json.loads((out / names[0]).read_text())
+    assert earlier["labels"]["min_readers"] == 2 and earlier["tasks"]["slice_nodule"]["baselines"]
+
+
+def test_probe_tags_name_only_settings_that_are_not_the_defaults(tmp_path):
+    from argparse import Namespace
+
+    from dinox.commands.eval import probe_tags
+    from dinox.data.layout import path_tag
+
+    defaults = dict(min_readers=probe.MIN_READERS, max_slices=probe.DEFAULT_MAX_SLICES, labels_json=None,
+                    test_fraction=probe.DEFAULT_TEST_FRACTION, no_baselines=False)
+    assert probe_tags(Namespace(**defaults), "patients") == []
+    other = Namespace(**{**defaults, "test_fraction": 0.2, "labels_json": str(tmp_path / "labels.json")})
+    labels = path_tag("labels", tmp_path / "labels.json")
+    assert probe_tags(other, "patients") == ["testfraction0.2", labels]
+    assert probe_tags(other, "manifest-val") == [labels]   # the manifest's split uses no test fraction
+
+
+def test_a_warm_started_run_s_untrained_baseline_is_noted_as_random_init(labelled, tmp_path):
+    root, ckpt = labelled
+    state = torch.load(ckpt, weights_only=False)
+    state["config"]["init_from"] = "/weights/dinov2_vits14.pth"
+    warm = tmp_path / "warm.pth"
+    torch.save(state, warm)
+    main(_probe_args(root, warm, tmp_path, "--min-auroc", "0", "--max-slices", "64"))
+    (path,) = tmp_path.glob("probe_step*.json")
+    assert any("warm-started from /weights/dinov2_vits14.pth" in n for n in json.loads(path.read_text())["notes"])
 
 
 def test_a_gate_task_the_labels_cannot_probe_is_bad_input(labelled, tmp_path, capsys):
@@ -370,7 +408,7 @@ def test_a_gate_task_the_labels_cannot_probe_is_bad_input(labelled, tmp_path, ca
     assert main(_probe_args(root, ckpt, tmp_path, "--size", "32", "--no-baselines")) == 1
     err = capsys.readouterr().err.strip()
     assert "patch_nodule could not be probed" in err and len(err.splitlines()) == 1
-    result = json.loads((tmp_path / "probe_step2_patients_seed0_size32.json").read_text())
+    result = json.loads((tmp_path / "probe_step2_patients_seed0_size32_nobaselines.json").read_text())
     assert "patch_nodule" in result["skipped"] and result["passed"] is False
 
 
@@ -381,7 +419,7 @@ def test_probe_at_another_input_size_has_a_finer_grid_and_its_own_json(labelled,
     patch = int(trained["train"]["vit_patch"])
     assert main(_probe_args(root, ckpt, tmp_path, "--min-auroc", "0", "--no-baselines", "--size", str(size))) == 0
     (path,) = tmp_path.glob("probe_step*.json")
-    assert path.name == f"probe_step2_patients_seed0_size{size}.json"
+    assert path.name == f"probe_step2_patients_seed0_size{size}_nobaselines.json"
     result = json.loads(path.read_text())
     assert result["probe"]["size"] == size and result["probe"]["grid"] == size // patch
     assert result["tasks"]["patch_nodule"]["n_train"] > 0

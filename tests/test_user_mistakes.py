@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import runpy
+import shutil
 import sys
 from pathlib import Path
 
@@ -139,6 +140,25 @@ def test_export_overwrite_replaces_an_earlier_export_and_a_file_is_named_as_such
     capsys.readouterr()
     assert main(["export", str(one_step_checkpoint), "--out", str(out / "mine.txt"), "--overwrite"]) == 1
     assert "is a file; give a folder" in one_line_error(capsys)
+
+
+def test_export_overwrite_refuses_a_run_folder_and_a_folder_no_export_wrote(one_step_checkpoint, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(one_step_checkpoint.parent, run)
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    for folder in (run, notes):
+        (folder / "README.md").write_text("my notes")
+    config = (run / "config.json").read_bytes()
+    capsys.readouterr()
+    assert main(["export", str(one_step_checkpoint), "--out", str(run), "--format", "safetensors", "--overwrite"]) == 1
+    err = one_line_error(capsys)
+    assert "is a training run folder" in err and "config.json, README.md" in err and "give a new folder" in err
+    assert (run / "config.json").read_bytes() == config and (run / "README.md").read_text() == "my notes"
+    assert main(["export", str(one_step_checkpoint), "--out", str(notes), "--overwrite"]) == 1
+    err = one_line_error(capsys)
+    assert "not an earlier dinox export (no ct_preprocessing.json)" in err and "README.md" in err
+    assert sorted(p.name for p in notes.iterdir()) == ["README.md"] and (notes / "README.md").read_text() == "my notes"
 
 
 def test_a_folder_or_an_export_given_as_checkpoint_says_what_it_is(one_step_checkpoint, tmp_path, capsys):

@@ -416,6 +416,44 @@ def test_non_checkpoints_and_folders_without_config(tmp_path):
     one_line_error(lambda: weights.load_pretrained(other, backbone), "model_type 'vit'")
 
 
+def test_a_run_folder_names_its_newest_checkpoint(tiny_checkpoint):
+    run = tiny_checkpoint.parent
+    message = one_line_error(lambda: dinox.load_backbone(run), "is a dinox training run folder")
+    assert f"e.g. {tiny_checkpoint}" in message and "model_type" not in message
+
+
+def test_a_head_file_or_another_file_of_an_export_is_not_read_as_its_backbone(tiny_checkpoint, tmp_path):
+    out = tmp_path / "hf"
+    assert main(["export", str(tiny_checkpoint), "--format", "hf", "--out", str(out)]) == 0
+    backbone = dinox.load_backbone(tiny_checkpoint)
+    target = VisionTransformer(backbone.arch, img_size=32)
+    head = out / "dino_head.safetensors"
+    one_line_error(lambda: dinox.load_backbone(head), "holds a projection head .*not a backbone")
+    one_line_error(lambda: weights.init_backbone_from(head, target), "holds a projection head")
+    (out / "copy.safetensors").write_bytes((out / "model.safetensors").read_bytes())
+    one_line_error(lambda: dinox.load_backbone(out / "copy.safetensors"),
+                   "is not the model weights of .*model.safetensors")
+    x = torch.randn(1, 3, 32, 32)
+    assert torch.equal(dinox_tokens(dinox.load_backbone(out / "model.safetensors"), x), dinox_tokens(backbone, x))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_weights_are_refused_with_the_tensor_named(tiny_checkpoint, tmp_path, bad):
+    backbone = dinox.load_backbone(tiny_checkpoint)
+    with torch.no_grad():
+        backbone.norm.weight[0] = bad
+    file = weights.write_backbone_safetensors(tmp_path / "backbone.safetensors", backbone)
+    hf = tmp_path / "hf"
+    weights.write_hf_folder(hf, backbone)
+    target = VisionTransformer(backbone.arch, img_size=32)
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    for source in (file, hf):
+        one_line_error(lambda: dinox.load_backbone(source), r"non-finite value \(NaN or Inf\) in norm.weight")
+        one_line_error(lambda: weights.init_backbone_from(source, target), "norm.weight")
+        one_line_error(lambda: weights.check_init_source(source, backbone.arch), "norm.weight")
+    assert all(torch.equal(before[k], v) for k, v in target.state_dict().items())
+
+
 def test_mismatched_shapes_name_both_and_load_nothing(hf_folders):
     _, folder = hf_folders["dinov2-registers"]
     wrong = VisionTransformer(ViTArch(patch_size=8, embed_dim=64, depth=2, num_heads=2, num_registers=0),

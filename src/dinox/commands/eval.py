@@ -8,13 +8,15 @@ Result files carry what changes the result in their name (issue 16, defect 14), 
 runs on other splits or seeds never overwrite each other: the defaults give the plain
 name (view_retrieval_step{step}_N{n}.json, probe_step{step}.json); otherwise the split
 and seed follow, e.g. probe_step{step}_val_seed1.json, plus the network when it is the
-student and a short hash of the processed root when it is not the one the run trained on.
+student, a short hash of the processed root when it is not the one the run trained on, and
+the probe's own settings where they are not the defaults (probe_tags).
 """
 from __future__ import annotations
 
 import argparse
 import hashlib
 import json
+import tempfile
 from pathlib import Path
 
 from dinox.commands.argtypes import float_at_least, nonneg_int, positive_int
@@ -52,7 +54,8 @@ def add_retrieval_arguments(p: argparse.ArgumentParser) -> None:
                         "and flips on the whole slice (uncropped), or the lung window on the whole slice "
                         "(uncropped-lung); a diagnosis of which invariance is missing")
     p.add_argument("--untrained", action="store_true",
-                   help="also score the run's untrained network (its step-0 weights, rebuilt from the run's seed) "
+                   help="also score the run's untrained network (its step-0 weights, rebuilt from the run's seed; "
+                        "random init also for a run started with --init-from, as the result notes) "
                         "on the same view draws, and report the checkpoint's hits as a multiple of its hits "
                         "(x_untrained, with a paired 95 %% interval over the draws)")
     p.add_argument("--min-x-untrained", type=float_at_least(0), default=None,
@@ -112,7 +115,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def output_dir(out, checkpoint) -> Path:
-    """The folder for a result file: --out, made if missing, else the checkpoint's folder."""
+    """The folder for a result file: --out, made if missing, else the checkpoint's folder.
+    A file is written and removed there first: a folder that exists but takes no files (a
+    read-only mount, a checkpoint folder of another user) would otherwise fail the write
+    after all the work."""
     folder = Path(out) if out else Path(checkpoint).parent
     if folder.exists() and not folder.is_dir():
         raise UserError(f"--out {folder} is an existing file; give a folder for the result JSON")
@@ -121,17 +127,25 @@ def output_dir(out, checkpoint) -> Path:
     except OSError as exc:
         raise UserError(f"cannot create the output folder {folder} ({exc.strerror or exc}); "
                         f"give another --out") from None
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".dinox_write_test"):
+            pass
+    except OSError as exc:
+        raise UserError(f"cannot write into the output folder {folder} ({exc.strerror or exc}); "
+                        f"give another --out") from None
     return folder
 
 
 def result_name(stem: str, *, split: str, seed: int, defaults: dict, network: str = "teacher",
                 manifest=None, root=None, trained_root=None, trained_manifest=None, size: int | None = None,
-                trained_size: int | None = None, views: str = "train", draws: int = 1) -> str:
+                trained_size: int | None = None, views: str = "train", draws: int = 1,
+                extra: tuple[str, ...] | list[str] = ()) -> str:
     """`stem`.json for the default split and seed, else `stem`_{split}_seed{seed}.json; a
     manifest other than the root's default and the run's own joins the split as
     split-{manifest stem}, the student adds _student, a root other than the run's own adds
     _root{hash8}, an input size other than the training size _size{size}, diagnostic views
-    _{views}, a mean over several view draws _draws{draws}."""
+    _{views}, a mean over several view draws _draws{draws}; `extra` (a command's own
+    settings, e.g. probe_tags) last."""
     from dinox.data.layout import default_manifest, root_tag, same_path
 
     tags = []
@@ -150,20 +164,45 @@ def result_name(stem: str, *, split: str, seed: int, defaults: dict, network: st
         tags.append(views)
     if draws != 1:
         tags.append(f"draws{draws}")
-    return "_".join([stem, *tags]) + ".json"
+    return "_".join([stem, *tags, *extra]) + ".json"
+
+
+def probe_tags(args, split_mode: str) -> list[str]:
+    """The probe's settings that change its result, where they are not the defaults:
+    readers{n}, maxslices{n}, testfraction{f} (only a patient split uses it), labels{hash8}
+    of --labels-json, nobaselines (the result lacks the baselines)."""
+    from dinox.data.layout import path_tag
+    from dinox.eval import probe
+
+    tags = []
+    if args.min_readers != probe.MIN_READERS:
+        tags.append(f"readers{args.min_readers}")
+    if args.max_slices != probe.DEFAULT_MAX_SLICES:
+        tags.append(f"maxslices{args.max_slices}")
+    if split_mode == "patients" and args.test_fraction != probe.DEFAULT_TEST_FRACTION:
+        tags.append(f"testfraction{args.test_fraction:g}")
+    if args.labels_json:
+        tags.append(path_tag("labels", args.labels_json))
+    if args.no_baselines:
+        tags.append("nobaselines")
+    return tags
 
 
 def _write_result(out_dir: Path, name: str, result: dict) -> Path:
     """Write `result` as out_dir/name and return the path. A file of that name written for
     another checkpoint (several runs evaluated into one --out at the same step) is kept: the
-    new result gets a short hash of its checkpoint's path in its name instead."""
+    new result gets a short hash of its checkpoint's path in its name instead. The checkpoint
+    is recorded resolved: a path as typed is relative to a working folder that the next
+    evaluation into this --out need not share (an older result's relative path is resolved
+    here, the best reading it allows)."""
     path = out_dir / name
     mine = str(Path(result["checkpoint"]).resolve())
+    result = {**result, "checkpoint": mine}
     try:
         theirs = json.loads(path.read_text()).get("checkpoint") if path.is_file() else None
     except (OSError, ValueError, AttributeError):
         theirs = None
-    if theirs is not None and str(Path(theirs).resolve()) != mine:
+    if isinstance(theirs, str) and str(Path(theirs).resolve()) != mine:
         tag = hashlib.sha256(mine.encode()).hexdigest()[:8]
         path = path.with_name(f"{path.stem}_ckpt{tag}{path.suffix}")
         print(f"note: {out_dir / name} holds the result of another checkpoint ({theirs}); kept, this one "
@@ -216,12 +255,12 @@ def run_retrieval(args) -> int:
                    batch_size=args.batch_size, progress=True, views=args.views)
     result = evaluate_draws(backbone, dataset, cfg.views.to_augment(), **scoring)
     if args.untrained or args.min_x_untrained is not None:
-        from dinox.eval.probe import untrained_backbone
+        from dinox.eval.probe import untrained_backbone, untrained_note
         from dinox.eval.runner import against_untrained
 
         print("scoring the untrained network on the same view draws")
         untrained = evaluate_draws(untrained_backbone(cfg, device), dataset, cfg.views.to_augment(), **scoring)
-        result.update(against_untrained(result, untrained))
+        result.update(against_untrained(result, untrained), untrained_note=untrained_note(cfg))
     result.update(
         step=meta.step,
         checkpoint=str(args.checkpoint),
@@ -256,14 +295,17 @@ def run_retrieval(args) -> int:
 
 
 def untrained_line(result: dict) -> str:
-    """The untrained network's figures beside the checkpoint's, on the same draws."""
+    """The untrained network's figures beside the checkpoint's, on the same draws, and what
+    that network is not (untrained_note) where the run started from other weights."""
     x, ci = result["x_untrained"], result["x_untrained_ci95"]
     draws = result["untrained"]["draws"]
     line = f"untrained network: ratio {result['untrained']['ratio']:.2f}" + (
         f" (draws {' '.join(f'{d:g}' for d in draws)})" if len(draws) > 1 else "")
+    note = f"; note: {result['untrained_note']}" if result.get("untrained_note") else ""
     if x is None:
-        return line + "; it finds none, so the checkpoint has no multiple of its hits"
-    return line + f"; the checkpoint finds {x:.2f}x" + (f" [95 % {ci[0]:.2f}, {ci[1]:.2f}]" if ci else "") + " its hits"
+        return line + "; it finds none, so the checkpoint has no multiple of its hits" + note
+    return (line + f"; the checkpoint finds {x:.2f}x" + (f" [95 % {ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
+            + " its hits" + note)
 
 
 def retrieval_verdict(result: dict) -> tuple[bool, str]:
@@ -334,7 +376,8 @@ def run_probe(args) -> int:
                   gate_tasks=list(probe.GATE_TASKS), passed=passed, verdict=line)
     name = result_name(f"probe_step{meta.step}", split=args.split, seed=args.seed, defaults=PROBE_DEFAULTS,
                        network=args.network, manifest=manifest, root=root, trained_root=trained_root,
-                       trained_manifest=trained_manifest, size=args.size, trained_size=cfg.views.img_size)
+                       trained_manifest=trained_manifest, size=args.size, trained_size=cfg.views.img_size,
+                       extra=probe_tags(args, result["split"]["mode"]))
     out_path = _write_result(out_dir, name, result)
     print(f"probe step={meta.step} ({args.network}) split={result['split']['mode']}: "
           f"{result['split']['train_patients']} train / {result['split']['test_patients']} test patients; "

@@ -37,10 +37,13 @@ from dinox.run import checkpoint as store
 
 FORMATS = ("hf", "safetensors", "dinov2-hub", "dinov3-hub")
 PREPROCESSING = "ct_preprocessing.json"
+# PREPROCESSING's "description": the mark by which --overwrite knows the folder of an earlier export
+PREPROCESSING_DESCRIPTION = "CT preprocessing of the dinox run that trained this backbone (dinox.data.augment)"
 HEAD_FILE = "dino_head.safetensors"
 IBOT_HEAD_FILE = "ibot_head.safetensors"
-# every file some export format writes: --overwrite removes these (and only these) first, so
-# that a folder never holds one export's weights beside another's README and preprocessing
+# every file some export format writes: --overwrite removes these (and only these) from an
+# earlier export's folder first, so that it never holds one export's weights beside another's
+# README and preprocessing
 EXPORT_FILES = ("config.json", "model.safetensors", HEAD_FILE, IBOT_HEAD_FILE, "backbone.safetensors",
                 "backbone.pth", "backbone.json", PREPROCESSING, "README.md")
 
@@ -55,12 +58,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     parser.add_argument("checkpoint", metavar="CHECKPOINT", help="a dinox checkpoint_*.pth")
     parser.add_argument("--format", choices=FORMATS, default="hf", help="what to write (default hf)")
-    parser.add_argument("--out", required=True, metavar="DIR", help="output folder (created; must be empty)")
+    parser.add_argument("--out", required=True, metavar="DIR",
+                        help="output folder (created; must be empty, or an earlier export with --overwrite)")
     parser.add_argument("--network", choices=NETWORKS, default="teacher",
                         help="which network's backbone (default teacher, the EMA one DINO evaluates)")
     parser.add_argument("--overwrite", action="store_true",
-                        help="write into a non-empty --out folder, replacing the files of an earlier export there "
-                             "(other files are left alone)")
+                        help=f"write into the folder of an earlier export (it holds {PREPROCESSING}), replacing "
+                             f"that export's files (other files are left alone)")
     parser.set_defaults(func=run)
     return parser
 
@@ -79,19 +83,13 @@ def export_checkpoint(checkpoint: str | Path, fmt: str, out: str | Path, *, netw
     if fmt not in FORMATS:
         raise UserError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
     checkpoint, out = Path(checkpoint), Path(out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file; give a folder (new, empty, or an earlier export with --overwrite)")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise UserError(f"--out {out} exists and is not an empty folder; pick a new folder or pass --overwrite")
+    check_out(out, overwrite)
     backbone, cfg, meta = load_for_inference(checkpoint, torch.device("cpu"), which=network)
     # refuse impossible layouts before anything is written
     if fmt == "dinov2-hub" and backbone.arch.rope:
         weights.dinov2_hub_state(backbone)
     if fmt == "dinov3-hub" and not backbone.arch.rope:
         weights.dinov3_hub_state(backbone)
-    out.mkdir(parents=True, exist_ok=True)
-    for name in EXPORT_FILES:
-        (out / name).unlink(missing_ok=True)
     info = {
         "checkpoint": checkpoint.name, "checkpoint_sha256": store.file_sha256(checkpoint),
         "step": meta.step, "network": network, "dinox_version": __version__,
@@ -104,7 +102,14 @@ def export_checkpoint(checkpoint: str | Path, fmt: str, out: str | Path, *, netw
     # an iBOT run trains the mask token: the official and transformers layouts keep it in
     # the backbone (embeddings.mask_token), so it goes there instead of the initial zeros
     extras = {"mask_token": net["mask_token"]} if isinstance(net.get("mask_token"), torch.Tensor) else None
-    written = []
+    out.mkdir(parents=True, exist_ok=True)
+    # first: it marks the folder as an export's, so that an export cut short is redone with --overwrite
+    path = out / PREPROCESSING
+    path.write_text(json.dumps(preprocessing, indent=2) + "\n")
+    written = [path]
+    for name in EXPORT_FILES:
+        if name != PREPROCESSING:
+            (out / name).unlink(missing_ok=True)
     if fmt == "hf":
         written += weights.write_hf_folder(out, backbone, extras)
         for prefix, file in (("head.", HEAD_FILE), ("ibot_head.", IBOT_HEAD_FILE)):
@@ -122,13 +127,41 @@ def export_checkpoint(checkpoint: str | Path, fmt: str, out: str | Path, *, netw
         side = path.with_suffix(".json")
         side.write_text(json.dumps(weights.hub_sidecar(backbone), indent=2) + "\n")
         written += [path, side]
-    path = out / PREPROCESSING
-    path.write_text(json.dumps(preprocessing, indent=2) + "\n")
-    written.append(path)
     path = out / "README.md"
     path.write_text(model_card(fmt, backbone, preprocessing, info))
     written.append(path)
     return written
+
+
+def check_out(out: Path, overwrite: bool) -> None:
+    """Refuse an --out the export would damage. Only an earlier export's folder is written
+    into (with --overwrite): in a run folder or any other folder, config.json and README.md
+    are someone else's work (a run's resolved configuration, a user's notes)."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; give a folder (new, empty, or an earlier export with --overwrite)")
+    if not out.exists() or not any(out.iterdir()):
+        return
+    names = [n for n in EXPORT_FILES if (out / n).exists()]
+    replaced = f"; the export would replace its {', '.join(names)}" if names else ""
+    signs = store.run_folder_signs(out)
+    if signs:
+        raise UserError(f"--out {out} is a training run folder (it holds {', '.join(signs[-3:])}){replaced}; "
+                        f"give a new folder, e.g. {out / 'export'}")
+    if not is_export_folder(out):
+        raise UserError(f"--out {out} is not an empty folder and not an earlier dinox export (no {PREPROCESSING})"
+                        f"{replaced}; give a new or empty folder")
+    if not overwrite:
+        raise UserError(f"--out {out} holds an earlier export; pass --overwrite to replace its files "
+                        f"({', '.join(names)}), or give a new folder")
+
+
+def is_export_folder(folder: Path) -> bool:
+    """Whether `folder` holds the preprocessing file that every dinox export writes."""
+    try:
+        data = json.loads((folder / PREPROCESSING).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and data.get("description") == PREPROCESSING_DESCRIPTION
 
 
 def head_metadata(head: dict[str, torch.Tensor]) -> dict[str, str]:
@@ -146,7 +179,7 @@ def head_metadata(head: dict[str, torch.Tensor]) -> dict[str, str]:
         out_dim = head["last_layer.parametrizations.weight.original1"].shape[0]
         norm = "fixed" if bool(torch.all(head["last_layer.parametrizations.weight.original0"] == 1)) else "learned"
         layout = "last_layer weight = original0 * original1 / ||original1|| per row (original0: each prototype's norm)"
-    return {"format": "pt", "class": "dinox.model.head.DINOHead", "in_dim": str(first.shape[1]),
+    return {"format": "pt", "class": weights.HEAD_CLASS, "in_dim": str(first.shape[1]),
             "out_dim": str(out_dim), "hidden_dim": str(first.shape[0] if len(linears) > 1 else 2048),
             "bottleneck_dim": str(last.shape[0]), "nlayers": str(len(linears)), "use_bn": str(use_bn),
             "prototype_norm": norm, "weight_norm": layout}
@@ -174,7 +207,7 @@ def ct_preprocessing(aug: AugmentConfig, img_size: int, patch_size: int, context
     families = [{"name": WINDOW_FAMILY_NAMES[i] if named else f"window_{i}", "level_hu": c, "width_hu": w}
                 for i, (c, w) in enumerate(aug.window_families)]
     return {
-        "description": "CT preprocessing of the dinox run that trained this backbone (dinox.data.augment)",
+        "description": PREPROCESSING_DESCRIPTION,
         "input": {
             "layout": "(B, 3, H, W) float32",
             "channels": ["slice z-g", "slice z", "slice z+g"],

@@ -16,7 +16,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--split", default="val", choices=["val", "train", "all"])
     p.add_argument("--network", choices=["teacher", "student"], default="teacher")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "rocm", "mps", "cpu"])
-    p.add_argument("--out", help="run folder to write monitor/step_%%08d/ into (default: the checkpoint's)")
+    p.add_argument("--out", help="run folder to write monitor/step_%%08d_cli/ into (default: the checkpoint's)")
     p.set_defaults(func=run)
     return p
 
@@ -51,13 +51,15 @@ def run(args) -> int:
 
 
 def _tags(args, cfg, provenance, root, manifest) -> list[str]:
-    """What differs from the monitor training writes (the run's own root and split, its val
-    side, the teacher), for the output folder's name."""
+    """The output folder's name tags: always cli, since even on training's own root, val
+    side and teacher the outputs differ from the monitor training wrote at that step (its
+    health.json holds the run's throughput, its stats the run's autocast precision); then
+    what else differs."""
     from dinox.data.layout import default_manifest, root_tag, same_path
     from dinox.eval.load import own_data_paths
 
     own_root, _, own_manifest = own_data_paths(cfg, provenance)
-    tags = []
+    tags = ["cli"]
     if args.split != "val":
         tags.append(args.split)
     if args.network != "teacher":

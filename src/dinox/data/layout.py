@@ -55,7 +55,12 @@ def same_path(a, b) -> bool:
 def root_tag(root) -> str:
     """root{hash8}: names a processed root other than a run's own in the name of a result
     or an output folder."""
-    return "root" + hashlib.sha256(str(Path(root).resolve()).encode()).hexdigest()[:8]
+    return path_tag("root", root)
+
+
+def path_tag(prefix: str, path) -> str:
+    """{prefix}{hash8} of `path` resolved: a file or folder an input came from, in a name."""
+    return prefix + hashlib.sha256(str(Path(path).resolve()).encode()).hexdigest()[:8]
 
 
 def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:

@@ -871,6 +871,16 @@ def untrained_backbone(cfg, device: torch.device):
     return backbone
 
 
+def untrained_note(cfg) -> str | None:
+    """What the untrained baseline is not, for a run started with --init-from: its step 0
+    was those weights, but untrained_backbone rebuilds the random network they replaced, so
+    a baseline beaten says the run beats random init, not that it improved on its start."""
+    if not cfg.io.init_from:
+        return None
+    return (f"the run was warm-started from {cfg.io.init_from} (--init-from); the untrained baseline is a "
+            f"random network of its shape, not that starting point")
+
+
 def probe_size(cfg, size: int | None) -> int:
     """The probe's input size: the training size by default. A ViT takes any multiple of its
     patch (the position embeddings are interpolated), and a larger input gives smaller patch
@@ -916,8 +926,11 @@ def probe_backbone(backbone, cfg, root, *, split_manifest=None, split: str = "au
                                test_fraction=test_fraction)
     data = ProbeData(slices=select_slices(dataset, labels, probe_split, max_slices, seed))
     networks = {"checkpoint": backbone}
+    notes = labels.notes + probe_split.notes
     if baselines:
         networks["untrained"] = untrained if untrained is not None else untrained_backbone(cfg, device)
+        if untrained is None and untrained_note(cfg):
+            notes.append(untrained_note(cfg))
     was_training = {name: net.training for name, net in networks.items()}
     try:
         for net in networks.values():
@@ -957,7 +970,7 @@ def probe_backbone(backbone, cfg, root, *, split_manifest=None, split: str = "au
                   "min_lung_fraction": MIN_LUNG_FRACTION,
                   "hand_features": f"per patch cell: {', '.join(HAND_FEATURES)} (blob: negative LoG, sigma "
                                    f"{BLOB_SIGMA:g} px; z_contrast: |centre - mean of the neighbour slices|)"},
-        "notes": labels.notes + probe_split.notes,
+        "notes": notes,
     }
 
 

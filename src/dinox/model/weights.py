@@ -68,6 +68,7 @@ from dinox.model.presets import PRESETS
 from dinox.model.vit import (ViTArch, VisionTransformer, resample_token_grid, rope_periods,
                              swiglu_hidden_dim)
 from dinox.run import sharded as sharded_store
+from dinox.run.checkpoint import content_problem, list_checkpoints, run_folder_signs
 from dinox.run.torch_file import (NotATorchFile, first_line, is_weights_only_refusal, load_weights_only,
                                   refusal_detail)
 
@@ -85,6 +86,8 @@ HF_MODEL_TYPES = {"dinov2": HF_DINOV2, "dinov2_with_registers": HF_DINOV2_REG, "
 HF_CLASSES = {HF_DINOV2: "Dinov2Model", HF_DINOV2_REG: "Dinov2WithRegistersModel", HF_DINOV3: "DINOv3ViTModel"}
 HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 DINOX_BACKBONE_FORMAT = "dinox-backbone"
+# the "class" metadata of the head files dinox export writes beside a backbone
+HEAD_CLASS = "dinox.model.head.DINOHead"
 # DINOv2 and DINOv3 use 64-channel heads in every released model; DINOv2 files do not
 # record the head count, so this fills it in when no target architecture says otherwise.
 DEFAULT_HEAD_DIM = 64
@@ -322,6 +325,7 @@ def detect_source(path: str | os.PathLike) -> str:
     if path.is_dir() and sharded_store.is_sharded(path) and (path / sharded_store.MANIFEST).is_file():
         return DINOX_CHECKPOINT  # a sharded (DCP) dinox checkpoint
     if path.is_dir():
+        _refuse_run_folder(path)
         if (path / "config.json").is_file():
             return _hf_kind(_read_config(path), path)
         if _dinox_safetensors_in(path):
@@ -336,14 +340,34 @@ def detect_source(path: str | os.PathLike) -> str:
         meta = _safetensors_header(path)[1]
         if meta.get("format_dinox") == DINOX_BACKBONE_FORMAT:
             return DINOX_SAFETENSORS
+        if meta.get("class") == HEAD_CLASS:
+            raise UserError(f"{path} holds a projection head ({HEAD_CLASS}), not a backbone; give the export "
+                            f"folder {path.parent} or its backbone weights file")
         if (path.parent / "config.json").is_file():
-            return _hf_kind(_read_config(path.parent), path.parent)
+            kind = _hf_kind(_read_config(path.parent), path.parent)
+            names = _hf_weight_names(path.parent)
+            if path.name not in names:
+                # the folder's weights are read, not this file: loading them would answer another question
+                raise UserError(f"{path} is not the model weights of {path.parent} (those are "
+                                f"{', '.join(names)}); give the folder or its {names[0]}")
+            return kind
         raise UserError(f"{path} records no architecture (no dinox metadata, no config.json beside it); "
                         f"keep it in its folder with config.json and give the folder")
     obj = safe_torch_load(path)
     if _is_dinox_checkpoint(obj):
         return DINOX_CHECKPOINT
     return _hub_kind(_tensor_dict(obj, path))
+
+
+def _refuse_run_folder(folder: Path) -> None:
+    """A run folder's config.json is the run's configuration, not a model's: point at its
+    newest checkpoint instead of reading it as a transformers folder."""
+    if not run_folder_signs(folder):
+        return
+    checkpoints = list_checkpoints(folder)
+    hint = (f"give one of its checkpoints, e.g. {checkpoints[-1]}" if checkpoints
+            else "it holds no checkpoint yet; give a checkpoint_*.pth of a run that saved one")
+    raise UserError(f"{folder} is a dinox training run folder, not model weights; {hint}")
 
 
 def _hub_kind(state: dict) -> str:
@@ -590,23 +614,26 @@ def _official(path: Path, state: dict[str, torch.Tensor], kind: str, heads: int 
                     interp=interp, extras=extras, checked=checked, notes=notes, heads_known=heads_known)
 
 
+def _hf_weight_names(folder: Path) -> list[str]:
+    """The files that hold a transformers folder's model weights (not its heads or others)."""
+    if (folder / "model.safetensors").is_file():
+        return ["model.safetensors"]
+    if (folder / "model.safetensors.index.json").is_file():
+        try:
+            index = json.loads((folder / "model.safetensors.index.json").read_text())
+            return sorted(set(index["weight_map"].values()))
+        except (OSError, ValueError, KeyError, AttributeError) as exc:
+            raise UserError(f"{folder}/model.safetensors.index.json is not a shard index ({first_line(exc)})") from None
+    if (folder / "pytorch_model.bin").is_file():
+        return ["pytorch_model.bin"]
+    raise UserError(f"{folder} has config.json but no weights ({', '.join(HF_WEIGHTS)})")
+
+
 def _hf_tensors(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """All weight tensors of a transformers folder and the sha256 of each file read."""
     files = {"config.json": file_sha256(folder / "config.json")}
-    if (folder / "model.safetensors").is_file():
-        names = ["model.safetensors"]
-    elif (folder / "model.safetensors.index.json").is_file():
-        try:
-            index = json.loads((folder / "model.safetensors.index.json").read_text())
-            names = sorted(set(index["weight_map"].values()))
-        except (OSError, ValueError, KeyError, AttributeError) as exc:
-            raise UserError(f"{folder}/model.safetensors.index.json is not a shard index ({first_line(exc)})") from None
-    elif (folder / "pytorch_model.bin").is_file():
-        names = ["pytorch_model.bin"]
-    else:
-        raise UserError(f"{folder} has config.json but no weights ({', '.join(HF_WEIGHTS)})")
     tensors: dict[str, torch.Tensor] = {}
-    for name in names:
+    for name in _hf_weight_names(folder):
         file = folder / name
         if not file.is_file() or Path(name).name != name:
             raise UserError(f"{folder}: weight file {name!r} is missing")
@@ -800,11 +827,20 @@ def _dinox_safetensors(path: Path) -> Imported:
 
 def read_weights(path: str | os.PathLike, *, heads: int | None = None,
                  prefer_mlp: int | None = None) -> Imported:
-    """Read backbone weights from any supported source (see the module doc).
+    """Read backbone weights from any supported source (see the module doc). A non-finite
+    or implausibly large value is refused with the tensor named, as in a training
+    checkpoint: such weights load without complaint and give NaN features.
 
     ``heads`` fills in the head count where the file does not record it (DINOv2 files);
     ``prefer_mlp`` picks the GELU-equivalent width that names a SwiGLU width (several do)."""
-    path = Path(path)
+    src = _read_source(Path(path), heads, prefer_mlp)
+    problem = content_problem(src.state)
+    if problem:
+        raise UserError(f"{src.path} holds unusable weights: {problem}; use an intact copy of the weights")
+    return src
+
+
+def _read_source(path: Path, heads: int | None, prefer_mlp: int | None) -> Imported:
     kind = detect_source(path)
     if kind == DINOX_CHECKPOINT:
         raise UserError(f"{path} is a dinox training checkpoint: resume it with --resume, read it with "

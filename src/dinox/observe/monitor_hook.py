@@ -27,8 +27,8 @@ def monitor_samples(dataset) -> list[int]:
 
 
 def monitor_folder_name(step: int, tags=()) -> str:
-    """monitor/step_{step:08d}, plus what sets the outputs apart from training's own (another
-    split, network or root), so that they never overwrite those."""
+    """monitor/step_{step:08d}, plus what sets the outputs apart from training's own (`dinox
+    monitor` adds cli, and another split, network or root), so that they never overwrite those."""
     return "_".join([f"step_{step:08d}", *tags])
 
 

@@ -192,6 +192,18 @@ def list_checkpoints(run_dir) -> list[Path]:
     return sorted(found, key=_resume_order)
 
 
+def run_folder_signs(folder) -> list[str]:
+    """The names in `folder` that only a training run writes: its checkpoints (oldest first),
+    its log (dinox.run.logging) and its metrics (dinox.observe.metrics). Empty for any other
+    folder, so that commands handed a run folder where they want weights or an export folder
+    can say so instead of reading the run's config.json as something else."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return [p.name for p in list_checkpoints(folder)] + [n for n in ("train.log", "metrics.jsonl")
+                                                         if (folder / n).is_file()]
+
+
 def sidecar_path(path) -> Path:
     path = Path(path)
     return path.with_name(path.name + SIDECAR_SUFFIX)
