@@ -631,3 +631,30 @@ def test_a_step_that_fails_keeps_an_exact_emergency_checkpoint(processed_root, t
     assert "step 4 failed" in (run / "train.log").read_text()
     assert main(train_args(processed_root, out, *steps, "--resume", "auto")) == 0
     assert_same_state(final_weights(run), reference)
+
+
+def test_a_disk_that_filled_during_the_run_costs_an_old_checkpoint_not_the_run(processed_root, tmp_path,
+                                                                               monkeypatch, capsys):
+    """Another process fills the disk: the periodic save rotates out the oldest kept
+    checkpoint early and saves, rather than stop the run at that step."""
+    real, failed = ck.save_checkpoint, []
+
+    def full_once_at_step_5(path, state):
+        if Path(path).name == "checkpoint_00000005.pth" and not failed:
+            failed.append(path)
+            raise ck.NoSpaceError("not enough disk space to save checkpoint_00000005.pth: need 3 MB, 1 MB free")
+        return real(path, state)
+
+    monkeypatch.setattr(ck, "save_checkpoint", full_once_at_step_5)
+    out = tmp_path / "runs"
+    assert main(train_args(processed_root, out, "--max-steps", "6", "--batch-size", "4", "--num-workers", "0",
+                           "--ckpt-every", "1", "--ckpt-keep-last", "3")) == 0
+    run = only_run(out)
+    assert failed and "rotated out checkpoint_00000002.pth early to make room" in capsys.readouterr().out
+    names = {p.name for p in run.glob("checkpoint_*.pth")}
+    assert {"checkpoint_00000005.pth", "checkpoint_final_00000006.pth"} <= names
+    assert "checkpoint_00000002.pth" not in names
+    # With one checkpoint kept there is nothing to rotate early: the save fails as before.
+    failed.clear()
+    assert main(train_args(processed_root, tmp_path / "one", "--max-steps", "6", "--batch-size", "4",
+                           "--num-workers", "0", "--ckpt-every", "1", "--ckpt-keep-last", "1")) == 1

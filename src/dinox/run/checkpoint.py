@@ -113,6 +113,10 @@ class CheckpointError(UserError):
     """A checkpoint cannot be written, is damaged, or is not safe to load."""
 
 
+class NoSpaceError(CheckpointError):
+    """The disk has no room for the checkpoint; every existing one is untouched."""
+
+
 # ----------------------------------------------------------------------------- names
 
 def new_run_dir(out_root, now: datetime | None = None) -> Path:
@@ -378,12 +382,12 @@ def _gb(n: float) -> str:
     return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e9:.3g} GB"
 
 
-def _no_space_error(path: Path, need: int, free: int) -> CheckpointError:
+def _no_space_error(path: Path, need: int, free: int) -> NoSpaceError:
     # Fewer kept checkpoints only help when older periodic ones take the space.
     rotating = [p for p in list_checkpoints(path.parent) if parse_checkpoint_name(p)[1] == "periodic"]
     advice = ("free space or lower --ckpt-keep-last" if rotating
               else "free space there or give --out a folder on a disk with room")
-    return CheckpointError(
+    return NoSpaceError(
         f"not enough disk space to save {path.name}: need {_gb(need)}, {_gb(free)} free at "
         f"{path.parent}; {advice}")
 

@@ -228,6 +228,22 @@ class Checkpointer:
         self.run_dir, self.cfg, self.where = run_dir, cfg, where
         self.provenance, self.hardware, self.is_main, self.sharded = provenance, hardware, is_main, sharded
 
+    def _save_making_room(self, path: Path, state: dict) -> int:
+        """Save; where the disk has filled since the start (another process), rotate out the
+        oldest kept periodic checkpoint early and try once more, rather than stop the run (an
+        intact newer one is always kept). The run's log says so."""
+        try:
+            return store.save_checkpoint(path, state)
+        except store.NoSpaceError as exc:
+            io = self.cfg.io
+            freed = (store.rotate_checkpoints(self.run_dir, io.ckpt_keep_last - 1, io.ckpt_milestone_every)
+                     if io.ckpt_keep_last >= 2 else [])
+            if not freed:
+                raise
+            log.warning("%s; rotated out %s early to make room (free space, or lower --ckpt-keep-last)", exc,
+                        ", ".join(p.name for p in freed))
+            return store.save_checkpoint(path, state)
+
     def save(self, c: Components, kind: str = "periodic") -> Path | None:
         """Save a checkpoint of kind periodic / emergency; returns its path (None off rank 0).
         Every rank calls it (their RNG states are gathered; sharded, each writes its shards)."""
@@ -246,7 +262,7 @@ class Checkpointer:
             if not self.is_main:
                 return None
         else:
-            size = store.save_checkpoint(path, state)
+            size = self._save_making_room(path, state)
         log.info("saved %s (%.1f MB, %.2fs)", path, size / 1e6, time.perf_counter() - start)
         if kind == "periodic":
             io = self.cfg.io
