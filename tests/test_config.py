@@ -93,6 +93,16 @@ def test_checkpoint_overrides_recipe_and_flags_override_checkpoint():
     assert "lr: 0.002 -> 0.003" in flagged.changes
 
 
+def test_the_dense_term_is_the_tiny_recipes_and_a_checkpoint_without_it_resumes_without_it():
+    assert tiny().cfg.ssl.dense_weight == 1.0 and tiny().cfg.ssl.dense_temp == 0.2
+    assert resolve({"config": "vit-large"}, hardware_preset="rtx4090").cfg.ssl.dense_weight == 0.0
+    saved = tiny(max_steps=100).cfg.to_flat()
+    assert resolve({}, hardware_preset="cpu", saved=saved).cfg.ssl.dense_weight == 1.0
+    del saved["dense_weight"]                 # written before the term existed: trained without it
+    assert resolve({}, hardware_preset="cpu", saved=saved).cfg.ssl.dense_weight == 0.0
+    assert resolve({"dense_weight": 0.5}, hardware_preset="cpu", saved=saved).cfg.ssl.dense_weight == 0.5
+
+
 def test_the_2_5d_context_is_10_mm_and_a_checkpoint_without_it_keeps_the_adjacent_slices():
     assert tiny().cfg.views.context_mm == 10.0
     assert resolve({"config": "vit-large"}, hardware_preset="rtx4090").cfg.views.context_mm == 10.0

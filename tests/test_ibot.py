@@ -102,7 +102,7 @@ def test_koleo_is_summed_over_the_global_views():
     koleo = KoLeoLoss()
     assert float(values["loss_koleo"]) == pytest.approx(float(koleo(cls[0]) + koleo(cls[1])), rel=1e-5)
     expected = (values["loss_dino"] + cfg.ssl.koleo_weight * values["loss_koleo"]
-                + cfg.ssl.gram_weight * values["loss_gram"])
+                + cfg.ssl.dense_weight * values["loss_dense"] + cfg.ssl.gram_weight * values["loss_gram"])
     assert float(seen["loss"].detach()) == pytest.approx(float(expected), rel=1e-6)
 
 

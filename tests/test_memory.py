@@ -220,3 +220,14 @@ def test_high_resolution_gram_teacher_counts_its_enlarged_forward():
     assert hr.teacher_transient == tokens * per_token + 64 * 2 * 3 * 448 ** 2 * 4
     assert hr.teacher_transient > 3.5 * base.teacher_transient
     assert (hr.activations, hr.head_logits, hr.weights) == (base.activations, base.head_logits, base.weights)
+
+
+def test_dense_term_adds_its_batch_wide_score_matrices():
+    """--dense-weight > 0: per direction the (batch x patches)^2 fp32 logits, softmax and its
+    gradient, and the sampled keys; nothing else changes."""
+    base = estimate("vit-large", 64, 224, amp=True, ckpt=True)
+    dense = estimate("vit-large", 64, 224, amp=True, ckpt=True, dense=True)
+    points = 64 * (224 // ARCHS["vit-large"]["patch_size"]) ** 2
+    assert dense.head_logits - base.head_logits == 2 * (3 * points ** 2 * 4 + 2 * points * 1024 * 4)
+    assert (dense.activations, dense.teacher_transient, dense.weights) == (
+        base.activations, base.teacher_transient, base.weights)

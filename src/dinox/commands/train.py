@@ -142,6 +142,11 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ibot-mask-probability", type=float,
                    help=f"fraction of the global-view images that are masked (default "
                         f"{recipe_defaults('ibot_mask_probability')}; DINOv2: 0.5)")
+    g.add_argument("--dense-weight", type=float,
+                   help=f"weight of the dense correspondence term: each patch token of one global view picks out "
+                        f"the teacher's token at the same anatomical point of the other view (InfoNCE over the "
+                        f"batch; 0 leaves it out; default {recipe_defaults('dense_weight')})")
+    g.add_argument("--dense-temp", type=float, help="InfoNCE temperature of the dense term (default 0.2)")
     g.add_argument("--gram-weight", type=float, help="Gram anchoring weight (> 0; it cannot be disabled)")
     g.add_argument("--gram-refresh-every", type=positive_int, help="steps between Gram-teacher snapshots")
     g.add_argument("--gram-start-step", type=nonneg_int,

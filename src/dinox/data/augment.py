@@ -217,6 +217,26 @@ def crop_grid(boxes: torch.Tensor, flip: torch.Tensor, size: int | tuple[int, in
     return torch.stack([gx.unsqueeze(1).expand(b, out_h, out_w), gy.unsqueeze(2).expand(b, out_h, out_w)], -1)
 
 
+def token_correspondence(params: dict[str, torch.Tensor], a: int, b: int,
+                         grid: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where the patch-token centres of view ``a`` lie in view ``b`` of the same images.
+
+    Returns ``(coords, inside)``: coords (B, grid, grid, 2) in view b's ``grid_sample``
+    coordinates (x, y in [-1, 1] across the view, align_corners=False), inside (B, grid *
+    grid) bool, True where the point falls within view b's crop. Inverts ``crop_grid``:
+    a view's normalised output coordinate u maps to the image coordinate
+    X = (x1 - x0) s u + (x0 + x1 - 1), so u = (X - (x0 + x1 - 1)) / ((x1 - x0) s).
+    """
+    boxes, flips = params["crop_box"], params["flip"]
+    points = crop_grid(boxes[a], flips[a], grid)                      # image coordinates
+    x0, y0, x1, y1 = (c[:, None, None] for c in boxes[b].unbind(-1))
+    sign = (1.0 - 2.0 * flips[b].to(boxes))[:, None, None]
+    u = (points[..., 0] - (x0 + x1 - 1)) / ((x1 - x0) * sign)
+    v = (points[..., 1] - (y0 + y1 - 1)) / (y1 - y0)
+    inside = ((u.abs() <= 1) & (v.abs() <= 1)).flatten(1)
+    return torch.stack([u, v], -1), inside
+
+
 def standardize_images(images: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     """Zero mean, unit std per image (over channels and pixels): removes the global
     brightness/contrast a window imposes, keeping the structure it shows."""

@@ -140,7 +140,7 @@ def estimate_training_memory(*, params_backbone: int, params_head: int, embed_di
                              head_bottleneck_dim: int = DINO_HEAD_BOTTLENECK,
                              context_bytes: int = CONTEXT_BYTES, shard_world: int = 1,
                              largest_unit_params: int = 0, ibot_rows: int = 0,
-                             gram_teacher_scale: int = 1) -> MemoryEstimate:
+                             gram_teacher_scale: int = 1, dense: bool = False) -> MemoryEstimate:
     """Peak device memory of one training micro-step of `batch_size` images, in bytes, on one
     rank (`shard_world` > 1: FSDP2 over that many ranks, see the module docstring).
 
@@ -197,6 +197,12 @@ def estimate_training_memory(*, params_backbone: int, params_head: int, embed_di
                + chunk * out_dim * (2 * elem + 5 * FP32))
     patches = (global_size // patch_size) ** 2
     gram = teacher_rows * (2 * patches * embed_dim * FP32 + 3 * patches * patches * FP32)
+    if dense:
+        # the dense term's InfoNCE scores every matched student token of a view against every
+        # sampled teacher token of the batch: per direction (both kept for backward) the fp32
+        # logits, their softmax and its gradient, (batch x patches)^2 each, and the keys
+        points = batch_size * patches
+        gram += n_global * (3 * points * points * FP32 + 2 * points * embed_dim * FP32)
     head_logits = head_acts + last_layer_weight + logits + gram
 
     subtotal = (weights + gradients + optimizer + sharding_transient
@@ -373,7 +379,7 @@ def plan_memory(cfg, device_memory_gb: float | None, device_total_bytes: int | N
         head_hidden_dim=m.head_hidden, head_bottleneck_dim=m.head_bottleneck,
         shard_world=sharded_world, largest_unit_params=largest_unit,
         ibot_rows=_expected_masked_patches(cfg) if model.has_ibot else 0,
-        gram_teacher_scale=cfg.ssl.gram_teacher_scale,
+        gram_teacher_scale=cfg.ssl.gram_teacher_scale, dense=cfg.ssl.dense_weight > 0,
     )
     capacity = int(device_memory_gb * 1024**3) if device_memory_gb else device_total_bytes
     verdict = fits(estimate, capacity) if capacity else True

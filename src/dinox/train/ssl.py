@@ -1,6 +1,6 @@
 """The self-supervised method of one micro-batch: student, EMA teacher, Gram teacher, losses.
 
-    total = L_DINO + w_koleo * L_KoLeo + w_ibot * L_iBOT + w_gram(t) * L_Gram
+    total = L_DINO + w_koleo * L_KoLeo + w_ibot * L_iBOT + w_dense * L_dense + w_gram(t) * L_Gram
 
 - L_DINO (Caron et al. 2021): the student's views (global and local) predict the teacher's
   centred, sharpened distribution of the other global views (`dinox.losses.dino`).
@@ -11,6 +11,10 @@
   global views, the student's iBOT head predicts the teacher's (unmasked) patch
   distribution (`dinox.losses.ibot`, masks from `dinox.data.masking`). The masked student
   views also feed the DINO, KoLeo and Gram terms, as in the official recipe.
+- L_dense (off unless `dense_weight` > 0): every student patch token of one global view
+  picks out the teacher's token at the same anatomical point of the other view among those
+  of the whole batch (InfoNCE over geometric correspondences; `dinox.losses.dense`, the
+  points from `dinox.data.augment.token_correspondence`).
 - L_Gram (DINOv3, Simeoni et al. 2025): keeps the student's patch-similarity (Gram) matrix
   of the global views close to that of the Gram teacher (`dinox.losses.gram`). Always on.
   The Gram teacher follows the EMA teacher step by step until `gram_start_step`, while the
@@ -36,9 +40,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from dinox.config import RunConfig
-from dinox.data.augment import Views
+from dinox.data.augment import Views, token_correspondence
 from dinox.data.masking import batch_masks
 from dinox.eval.rank import normalized_std
+from dinox.losses.dense import dense_correspondence_loss
 from dinox.losses.dino import DINOLoss, entropy
 from dinox.losses.gram import gram_anchoring_loss
 from dinox.losses.ibot import IBOTLoss, chunk_rows
@@ -50,8 +55,8 @@ from dinox.run.distributed import fully_shard_units, local
 log = logging.getLogger("dinox.train")
 
 # The per-micro-batch figures `forward_backward` returns, in this order.
-METRIC_NAMES = ("loss", "loss_dino", "loss_koleo", "loss_ibot", "loss_gram", "gram_weight", "Entropy_Teacher",
-                "Entropy_Student", "embedding_std")
+METRIC_NAMES = ("loss", "loss_dino", "loss_koleo", "loss_ibot", "loss_dense", "loss_gram", "gram_weight",
+                "Entropy_Teacher", "Entropy_Student", "embedding_std")
 
 
 class DINOSSL:
@@ -180,18 +185,41 @@ class DINOSSL:
         if masks is not None:
             loss_ibot = self.ibot_loss.from_rows(student_out["ibot_rows"], masks)
         loss_gram = gram_anchoring_loss(student_out["patches"].float(), gram_patches.float())
+        loss_dense = zero
+        if ssl.dense_weight > 0:
+            loss_dense = self._dense_loss(views, student_out["patches"].float(), teacher_out["patches"].float(), masks)
         gram_weight = self.gram_weight(step)
         loss = (loss_dino + ssl.koleo_weight * loss_koleo + ssl.ibot_weight * loss_ibot
-                + gram_weight * loss_gram)
+                + ssl.dense_weight * loss_dense + gram_weight * loss_gram)
         backward(loss)
         if ssl.centering == "centering":
             self.dino_loss.accumulate_center(teacher_logits)
 
         with torch.no_grad():
-            values = (loss, loss_dino, loss_koleo, loss_ibot, loss_gram, zero + gram_weight, entropy(teacher_probs),
-                      entropy(self.dino_loss.student_probs(student_logits[0])),
+            values = (loss, loss_dino, loss_koleo, loss_ibot, loss_dense, loss_gram, zero + gram_weight,
+                      entropy(teacher_probs), entropy(self.dino_loss.student_probs(student_logits[0])),
                       normalized_std(teacher_out["cls"].float()))
         return {name: v.detach() for name, v in zip(METRIC_NAMES, values)}
+
+    def _dense_loss(self, views: Views, student: torch.Tensor, teacher: torch.Tensor,
+                    masks: torch.Tensor | None) -> torch.Tensor:
+        """L_dense over the two global views, both directions averaged: the student's tokens
+        of one view (iBOT-masked ones left out: they hold the mask token, not the image)
+        against the teacher's map of the other."""
+        grid = self.student.backbone.grid_size
+        batch = student.shape[0] // 2
+        params = {k: views.params[k] for k in ("crop_box", "flip")}
+        params["crop_box"] = params["crop_box"].float()
+        total = student.new_zeros(())
+        for a, b in ((0, 1), (1, 0)):
+            coords, inside = token_correspondence(params, a, b, grid)
+            inside = inside.to(student.device)
+            if masks is not None:
+                inside = inside & ~masks[a * batch:(a + 1) * batch]
+            total = total + dense_correspondence_loss(
+                student[a * batch:(a + 1) * batch], teacher[b * batch:(b + 1) * batch],
+                coords.to(student.device), inside, grid, self.ssl.dense_temp)
+        return total / 2
 
     def _gram_targets(self, global_batch: torch.Tensor, teacher_patches: torch.Tensor) -> torch.Tensor:
         """The Gram teacher's patch features of the global views on the student's grid; at
