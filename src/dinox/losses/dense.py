@@ -34,10 +34,10 @@ def dense_correspondence_loss(student: torch.Tensor, teacher: torch.Tensor, coor
     """InfoNCE of one direction: student (B, N, D) tokens of view a, teacher (B, N, D)
     tokens of view b, coords (B, grid, grid, 2) of view a's token centres in view b,
     valid (B, N) the tokens that take part. Zero (with a gradient path) when none does."""
-    keys = sample_token_map(teacher, grid, coords)
-    q = F.normalize(student[valid], dim=-1)
-    k = F.normalize(keys[valid], dim=-1)
+    with torch.no_grad():
+        k = F.normalize(sample_token_map(teacher, grid, coords)[valid], dim=-1)
+    # 1 / tau folded into the queries: one scaling of (M, D) rather than of the (M, M) logits
+    q = F.normalize(student[valid], dim=-1) / temperature
     if q.shape[0] == 0:
         return student.sum() * 0.0
-    logits = q @ k.T / temperature
-    return F.cross_entropy(logits, torch.arange(q.shape[0], device=q.device))
+    return F.cross_entropy(q @ k.T, torch.arange(q.shape[0], device=q.device))
