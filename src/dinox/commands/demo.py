@@ -23,10 +23,11 @@ DEMO_PATIENTS = 160
 DEMO_SLICES = 12
 DEMO_SIZE = 96
 # The demo's budget is its time: a fresh clone's `make demo` inside 8 minutes on 2 cores.
-# 1000 steps of vit-tiny's two blocks take ~4 min of training there with native bf16 (~5 in
-# fp32 on the same AMD EPYC); with the 10 mm 2.5D context they find 13.3-20.1 % of the slices
-# on chest seeds 0-2, where the bar is 10 % (docs/recipes.md, "A 10 mm context"; with the
-# 5 mm context 1000 steps were what met it, 10.8-11.4 %).
+# 1000 steps of vit-tiny's two blocks take ~5 min of training there with native bf16 (the
+# dense correspondence term costs ~55 ms of a ~300 ms step on this AMD EPYC); with the 10 mm
+# 2.5D context and the dense term they find 26.1-37.5 % of the slices on chest seeds 0-2,
+# where the bar is 10 % (docs/recipes.md, "A dense correspondence term"; without the term
+# 13.3-20.1 %, "A 10 mm context").
 DEMO_STEPS = 1000
 DEMO_BATCH = 32
 DEMO_EVAL_N = 512
