@@ -427,9 +427,9 @@ RECIPES: dict[str, dict[str, object]] = {
         # 34.9 against 30.6 hits on nine family-seeds (docs/recipes.md, "Sinkhorn-Knopp").
         "centering": "sinkhorn",
         # The dense correspondence term (`dinox.losses.dense`): at the demo's 1000 steps it
-        # found 1.9x the default's hits on chest seeds 0 and 2, 1.19x on head seed 0 and 1.08x
-        # on the held-out limb seed 0, at ~40 % more time per step (docs/recipes.md, "A dense
-        # correspondence term").
+        # found 1.70-1.97x the default's hits on chest seeds 0-2 and 1.19-1.53x on head, the
+        # held-out limb level or a little under (0.94-1.08x), at ~40 % more time per step
+        # (docs/recipes.md, "A dense correspondence term").
         "dense_weight": 1.0,
         "teacher_temp": 0.02,
         "teacher_temp_start": 0.02,
