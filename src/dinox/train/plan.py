@@ -197,13 +197,12 @@ def estimate_training_memory(*, params_backbone: int, params_head: int, embed_di
                + chunk * out_dim * (2 * elem + 5 * FP32))
     patches = (global_size // patch_size) ** 2
     gram = teacher_rows * (2 * patches * embed_dim * FP32 + 3 * patches * patches * FP32)
-    if dense:
-        # the dense term's InfoNCE scores every matched student token of a view against every
-        # sampled teacher token of the batch: per direction (both kept for backward) the fp32
-        # logits, their softmax and its gradient, (batch x patches)^2 each, and the keys
-        points = batch_size * patches
-        gram += n_global * (3 * points * points * FP32 + 2 * points * embed_dim * FP32)
-    head_logits = head_acts + last_layer_weight + logits + gram
+    # the dense term's InfoNCE scores every matched student token of a view against every
+    # sampled teacher token of the batch: per direction (both kept for backward) the fp32
+    # logits, their softmax and its gradient, (batch x patches)^2 each, and the keys
+    points = batch_size * patches
+    dense_scores = n_global * (3 * points * points * FP32 + 2 * points * embed_dim * FP32) if dense else 0
+    head_logits = head_acts + last_layer_weight + logits + gram + dense_scores
 
     subtotal = (weights + gradients + optimizer + sharding_transient
                 + max(teacher_transient, activations + head_logits))

@@ -208,11 +208,9 @@ class DINOSSL:
         against the teacher's map of the other."""
         grid = self.student.backbone.grid_size
         batch = student.shape[0] // 2
-        params = {k: views.params[k] for k in ("crop_box", "flip")}
-        params["crop_box"] = params["crop_box"].float()
         total = student.new_zeros(())
         for a, b in ((0, 1), (1, 0)):
-            coords, inside = token_correspondence(params, a, b, grid)
+            coords, inside = token_correspondence(views.params, a, b, grid)
             inside = inside.to(student.device)
             if masks is not None:
                 inside = inside & ~masks[a * batch:(a + 1) * batch]
