@@ -506,3 +506,29 @@ def test_a_table_without_rows_says_so(tmp_path):
     labels = probe.load_labels(tmp_path)
     with pytest.raises(UserError, match="holds no annotated series"):
         probe.choose_split(labels, {"1.2.3": "P1"})
+
+
+def test_the_demo_prints_each_lead_over_a_baseline_with_its_paired_interval(tmp_path, capsys):
+    """The demo's probe lines give the checkpoint's lead over each baseline with the paired
+    interval, and say how wide those intervals are on the demo's test side."""
+    from dinox.commands.demo import _probe
+
+    final = tmp_path / "checkpoint_final_00000010.pth"
+
+    def task(auroc, leads):
+        return {"auroc": auroc, "ci95": [auroc - 0.1, auroc + 0.1], "n_test_patients": 40,
+                "baselines": {name: {"auroc": auroc - d, "delta": d, "delta_ci95": [d - w, d + w]}
+                              for name, (d, w) in leads.items()}}
+
+    tasks = {"slice_nodule": task(0.7, {"untrained": (0.13, 0.13), "pixels": (0.09, 0.1)}),
+             "patch_nodule": task(0.5, {"untrained": (-0.08, 0.12), "pixels": (-0.09, 0.14)})}
+
+    def fake_main(argv):
+        (tmp_path / "probe_step10.json").write_text(json.dumps({"tasks": tasks}))
+        return 0
+
+    _probe(fake_main, final, tmp_path, tmp_path / "m.json")
+    out = capsys.readouterr().out
+    assert "probe slice_nodule: AUROC 0.700 [0.600, 0.800] | untrained 0.570 (lead +0.130 [0.000, 0.260])" in out
+    assert "| pixels 0.590 (lead -0.090 [-0.230, 0.050])" in out
+    assert "with 40 test patients the intervals are +-0.10 to +-0.14 wide" in out

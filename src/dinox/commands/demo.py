@@ -174,14 +174,32 @@ def _probe(dinox_main, final: Path, processed: Path, manifest: Path) -> None:
     tasks = json.loads(found[-1].read_text())["tasks"]
     for name in ("slice_nodule", "patch_nodule", "patch_nodule_vs_vessel"):
         if name in tasks:
-            task, base = tasks[name], tasks[name].get("baselines", {})
+            task = tasks[name]
             hand = task.get("references", {}).get("hand_features")
-            ci = task.get("ci95")
-            interval = f"[{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "(no interval)"
-            print(f"[demo] probe {name}: AUROC {task['auroc']:.3f} {interval} | untrained "
-                  f"{base.get('untrained', {}).get('auroc', float('nan')):.3f} | pixels "
-                  f"{base.get('pixels', {}).get('auroc', float('nan')):.3f}"
+            print(f"[demo] probe {name}: AUROC {task['auroc']:.3f} {_interval(task.get('ci95'))}"
+                  + "".join(f" | {base} {_lead(task['baselines'][base])}" for base in ("untrained", "pixels")
+                            if base in task.get("baselines", {}))
                   + (f" | hand features (what the pixels allow) {hand['auroc']:.3f}" if hand else ""))
+    halves = [(b["delta_ci95"][1] - b["delta_ci95"][0]) / 2 for name in ("slice_nodule", "patch_nodule")
+              if name in tasks for b in tasks[name].get("baselines", {}).values() if b.get("delta_ci95")]
+    if halves:
+        patients = max(tasks[name].get("n_test_patients", 0) for name in ("slice_nodule", "patch_nodule")
+                       if name in tasks)
+        print(f"[demo] a lead counts where its paired 95 % interval lies above 0; with {patients} test patients "
+              f"the intervals are +-{min(halves):.2f} to +-{max(halves):.2f} wide (docs/recipes.md, \"How much a "
+              f"probe on the demo's data can tell\")")
+
+
+def _interval(ci) -> str:
+    return f"[{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "(no interval)"
+
+
+def _lead(base: dict) -> str:
+    """A baseline's AUROC and the checkpoint's paired lead over it, e.g. "0.575 (lead -0.079
+    [-0.182, 0.049])"."""
+    delta = base.get("delta")
+    lead = "" if delta is None else f" (lead {delta:+.3f} {_interval(base.get('delta_ci95'))})"
+    return f"{base['auroc']:.3f}{lead}"
 
 
 def demo_amp(requested: bool | None) -> bool:
