@@ -129,7 +129,37 @@ def test_dense_term_off_contributes_nothing():
 
 @pytest.mark.parametrize("flags, match", [({"dense_weight": -1.0}, "--dense-weight"),
                                           ({"dense_weight": float("nan")}, "--dense-weight"),
-                                          ({"dense_temp": 0.0}, "--dense-temp")])
+                                          ({"dense_temp": 0.0}, "--dense-temp"),
+                                          ({"dense_teacher_scale": 0}, "--dense-teacher-scale"),
+                                          ({"dense_weight": 0.0, "dense_teacher_scale": 2}, "--dense-weight 0")])
 def test_bad_dense_settings_are_refused(flags, match):
     with pytest.raises(UserError, match=match):
         _tiny(**flags)
+
+
+def test_a_finer_teacher_map_is_sampled_at_the_same_points():
+    """On a map of twice the grid, the centre of a coarse token lies on the corner of four
+    fine tokens, so its bilinear key is their mean."""
+    fine = torch.randn(2, 8 * 8, 5, generator=torch.Generator().manual_seed(0))
+    box = torch.tensor([0.1, 0.2, 0.7, 0.9]).expand(2, 2, 4)
+    coords, inside = token_correspondence({"crop_box": box, "flip": torch.zeros(2, 2, dtype=torch.bool)}, 0, 1, 4)
+    keys = sample_token_map(fine, 8, coords)
+    blocks = fine.reshape(2, 4, 2, 4, 2, 5).mean((2, 4)).reshape(2, 16, 5)
+    assert inside.all() and torch.allclose(keys, blocks, atol=1e-6)
+
+
+def test_dense_keys_come_from_the_teacher_on_the_enlarged_views():
+    """--dense-teacher-scale 2: the EMA teacher runs once more on the global views at twice
+    their size, and the term is the InfoNCE against keys sampled from that finer map."""
+    cfg = _tiny(dense_weight=1.0, dense_teacher_scale=2)
+    torch.manual_seed(0)
+    ssl = DINOSSL(cfg, torch.device("cpu"))
+    seen = []
+    ssl.teacher.backbone.register_forward_hook(lambda module, args, out: seen.append(args[0].shape[-1]))
+    stacks = torch.randint(-1000, 1000, (4, 3, 24, 24), generator=torch.Generator().manual_seed(1))
+    views = CTAugment(cfg.views.to_augment())(stacks.to(torch.int16), torch.Generator().manual_seed(2))
+    values = ssl.forward_backward(views, {"teacher_temp": 0.04}, autocast=lambda: autocast(torch.device("cpu"), None),
+                                  backward=lambda loss: loss.backward())
+    size = cfg.views.img_size
+    assert seen == [size, 2 * size]
+    assert torch.isfinite(values["loss_dense"]) and float(values["loss_dense"]) > 0

@@ -231,3 +231,16 @@ def test_dense_term_adds_its_batch_wide_score_matrices():
     assert dense.head_logits - base.head_logits == 2 * (3 * points ** 2 * 4 + 2 * points * 1024 * 4)
     assert (dense.activations, dense.teacher_transient, dense.weights) == (
         base.activations, base.teacher_transient, base.weights)
+
+
+def test_dense_keys_at_a_larger_scale_count_the_teacher_s_enlarged_forward():
+    """--dense-teacher-scale 2 costs what the high-resolution Gram teacher costs (one no-grad
+    forward at 4x the patches, run after the teacher's); both at 2 cost it once."""
+    dense = estimate("vit-large", 64, 224, amp=True, ckpt=True, dense=True)
+    keys2 = estimate("vit-large", 64, 224, amp=True, ckpt=True, dense=True, dense_teacher_scale=2)
+    gram2 = estimate("vit-large", 64, 224, amp=True, ckpt=True, dense=True, gram_teacher_scale=2)
+    both = estimate("vit-large", 64, 224, amp=True, ckpt=True, dense=True, gram_teacher_scale=2,
+                    dense_teacher_scale=2)
+    off = estimate("vit-large", 64, 224, amp=True, ckpt=True, dense_teacher_scale=2)
+    assert keys2.teacher_transient == gram2.teacher_transient == both.teacher_transient > dense.teacher_transient
+    assert off.teacher_transient == estimate("vit-large", 64, 224, amp=True, ckpt=True).teacher_transient

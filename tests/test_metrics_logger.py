@@ -128,6 +128,8 @@ def test_run_header_names_the_objective():
         "objective: DINO over 1024 prototypes (fixed norms), Sinkhorn-Knopp targets, teacher temperature 0.02 flat, "
         "student 0.1 | iBOT 1 | KoLeo 0.005 | dense 1 (temperature 0.2)")
     assert objective({"config": "vit-tiny", "dense_weight": 0.0}).endswith("| KoLeo 0.005 | dense off")
+    assert objective({"config": "vit-tiny", "dense_teacher_scale": 2}).endswith(
+        "| dense 1 (temperature 0.2, teacher keys at 2x)")
     warmed = objective({"config": "vit-tiny", "centering": "centering", "teacher_temp_start": 0.04,
                         "teacher_temp": 0.07, "teacher_temp_warmup_steps": 30})
     assert "EMA-centred targets (centre momentum 0.9), teacher temperature 0.04 -> 0.07 over 30 steps" in warmed

@@ -152,6 +152,9 @@ class SSLConfig:
     # the dense correspondence term (`dinox.losses.dense`); 0 leaves it out
     dense_weight: float = 0.0
     dense_temp: float = 0.2
+    # the dense term's keys come from the EMA teacher on the global views enlarged this many
+    # times (bicubic), its finer token map sampled at the same points (1: the teacher's own map)
+    dense_teacher_scale: int = 1
     gram_weight: float = 1.0
     gram_refresh_every: int = 1000
     gram_start_step: int = 0  # first frozen Gram snapshot; before it the Gram teacher follows the EMA teacher
@@ -750,6 +753,12 @@ def validate(cfg: RunConfig) -> None:
     if not s.dense_temp > 0:
         raise UserError(f"--dense-temp {s.dense_temp} must be > 0 (the InfoNCE temperature; PixPro and DenseCL: "
                         f"0.2-0.3)")
+    if s.dense_teacher_scale < 1:
+        raise UserError(f"--dense-teacher-scale {s.dense_teacher_scale} must be an integer >= 1 (1: the teacher's "
+                        f"keys at the student's resolution)")
+    if s.dense_teacher_scale > 1 and not s.dense_weight > 0:
+        raise UserError(f"--dense-teacher-scale {s.dense_teacher_scale} acts on the dense term, which is off "
+                        f"(--dense-weight 0); give --dense-weight a value > 0 or leave the scale at 1")
     if s.dino_local_weight < 0:
         raise UserError(f"--dino-local-weight {s.dino_local_weight} must be >= 0 (1: every DINO pair alike; "
                         f"DINOv3's last phase: 0.5)")

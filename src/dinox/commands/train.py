@@ -147,6 +147,11 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                         f"the teacher's token at the same anatomical point of the other view (InfoNCE over the "
                         f"batch; 0 leaves it out; default {recipe_defaults('dense_weight')})")
     g.add_argument("--dense-temp", type=float, help="InfoNCE temperature of the dense term (default 0.2)")
+    g.add_argument("--dense-teacher-scale", type=positive_int,
+                   help="the dense term's keys come from the EMA teacher on the global views this many times "
+                        "larger (bicubic), its finer token map sampled at the same points (default 1; 2 costs a "
+                        "teacher forward at 4x the tokens, docs/recipes.md \"How much a probe on the demo's data "
+                        "can tell\")")
     g.add_argument("--gram-weight", type=float, help="Gram anchoring weight (> 0; it cannot be disabled)")
     g.add_argument("--gram-refresh-every", type=positive_int, help="steps between Gram-teacher snapshots")
     g.add_argument("--gram-start-step", type=nonneg_int,

@@ -30,12 +30,15 @@ def sample_token_map(tokens: torch.Tensor, grid: int, coords: torch.Tensor) -> t
 
 
 def dense_correspondence_loss(student: torch.Tensor, teacher: torch.Tensor, coords: torch.Tensor,
-                              valid: torch.Tensor, grid: int, temperature: float) -> torch.Tensor:
-    """InfoNCE of one direction: student (B, N, D) tokens of view a, teacher (B, N, D)
-    tokens of view b, coords (B, grid, grid, 2) of view a's token centres in view b,
-    valid (B, N) the tokens that take part. Zero (with a gradient path) when none does."""
+                              valid: torch.Tensor, grid: int, temperature: float,
+                              teacher_grid: int | None = None) -> torch.Tensor:
+    """InfoNCE of one direction: student (B, N, D) tokens of view a, teacher (B, K, D)
+    tokens of view b on a teacher_grid x teacher_grid map (default `grid`; finer where the
+    teacher saw the view enlarged), coords (B, grid, grid, 2) of view a's token centres in
+    view b (``grid_sample`` units, so they hold on any grid of the same view), valid (B, N)
+    the tokens that take part. Zero (with a gradient path) when none does."""
     with torch.no_grad():
-        k = F.normalize(sample_token_map(teacher, grid, coords)[valid], dim=-1)
+        k = F.normalize(sample_token_map(teacher, teacher_grid or grid, coords)[valid], dim=-1)
     # 1 / tau folded into the queries: one scaling of (M, D) rather than of the (M, M) logits
     q = F.normalize(student[valid], dim=-1) / temperature
     if q.shape[0] == 0:

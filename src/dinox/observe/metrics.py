@@ -255,7 +255,9 @@ def _objective_line(cfg) -> str:
         temp = f"{s.teacher_temp:g} flat"
     return (f"objective: DINO over {m.out_dim} prototypes ({m.prototype_norm} norms), {targets}, teacher "
             f"temperature {temp}, student {s.student_temp:g} | iBOT {s.ibot_weight:g} | KoLeo {s.koleo_weight:g}"
-            + (f" | dense {s.dense_weight:g} (temperature {s.dense_temp:g})" if s.dense_weight > 0 else " | dense off"))
+            + (f" | dense {s.dense_weight:g} (temperature {s.dense_temp:g}"
+               + (f", teacher keys at {s.dense_teacher_scale}x" if s.dense_teacher_scale > 1 else "") + ")"
+               if s.dense_weight > 0 else " | dense off"))
 
 
 def run_header(cfg, *, world_size: int, samples: int, params: tuple[int, int], autocast_dtype,

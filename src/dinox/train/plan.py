@@ -140,7 +140,8 @@ def estimate_training_memory(*, params_backbone: int, params_head: int, embed_di
                              head_bottleneck_dim: int = DINO_HEAD_BOTTLENECK,
                              context_bytes: int = CONTEXT_BYTES, shard_world: int = 1,
                              largest_unit_params: int = 0, ibot_rows: int = 0,
-                             gram_teacher_scale: int = 1, dense: bool = False) -> MemoryEstimate:
+                             gram_teacher_scale: int = 1, dense: bool = False,
+                             dense_teacher_scale: int = 1) -> MemoryEstimate:
     """Peak device memory of one training micro-step of `batch_size` images, in bytes, on one
     rank (`shard_world` > 1: FSDP2 over that many ranks, see the module docstring).
 
@@ -175,13 +176,14 @@ def estimate_training_memory(*, params_backbone: int, params_head: int, embed_di
     mlp_items = 4 if swiglu else 2
     per_token = RESIDUAL_BYTES * embed_dim + elem * (embed_dim + mlp_items * mlp_hidden_dim)
     teacher_transient = teacher_tokens * per_token
-    if gram_teacher_scale > 1:
-        # the high-resolution Gram teacher's no-grad forward runs after the teacher's, on the
-        # enlarged views (scale^2 the patches) and their image
-        big = global_size * gram_teacher_scale
-        gram_tokens = batch_size * n_global * _tokens_per_view(big, patch_size, num_registers)
-        teacher_transient = max(teacher_transient,
-                                gram_tokens * per_token + batch_size * n_global * 3 * big**2 * FP32)
+    # the high-resolution Gram teacher's and the dense keys' no-grad forwards run after the
+    # teacher's, one at a time, on the enlarged views (scale^2 the patches) and their image
+    for scale in (gram_teacher_scale, dense_teacher_scale if dense else 1):
+        if scale > 1:
+            big = global_size * scale
+            big_tokens = batch_size * n_global * _tokens_per_view(big, patch_size, num_registers)
+            teacher_transient = max(teacher_transient,
+                                    big_tokens * per_token + batch_size * n_global * 3 * big**2 * FP32)
 
     student_rows = batch_size * (n_global + n_local)
     teacher_rows = batch_size * n_global
@@ -379,6 +381,7 @@ def plan_memory(cfg, device_memory_gb: float | None, device_total_bytes: int | N
         shard_world=sharded_world, largest_unit_params=largest_unit,
         ibot_rows=_expected_masked_patches(cfg) if model.has_ibot else 0,
         gram_teacher_scale=cfg.ssl.gram_teacher_scale, dense=cfg.ssl.dense_weight > 0,
+        dense_teacher_scale=cfg.ssl.dense_teacher_scale,
     )
     capacity = int(device_memory_gb * 1024**3) if device_memory_gb else device_total_bytes
     verdict = fits(estimate, capacity) if capacity else True

@@ -14,7 +14,8 @@
 - L_dense (off unless `dense_weight` > 0): every student patch token of one global view
   picks out the teacher's token at the same anatomical point of the other view among those
   of the whole batch (InfoNCE over geometric correspondences; `dinox.losses.dense`, the
-  points from `dinox.data.augment.token_correspondence`).
+  points from `dinox.data.augment.token_correspondence`). At `dense_teacher_scale` > 1 the
+  keys are sampled from the teacher's tokens of the views enlarged, a finer map.
 - L_Gram (DINOv3, Simeoni et al. 2025): keeps the student's patch-similarity (Gram) matrix
   of the global views close to that of the Gram teacher (`dinox.losses.gram`). Always on.
   The Gram teacher follows the EMA teacher step by step until `gram_start_step`, while the
@@ -187,7 +188,8 @@ class DINOSSL:
         loss_gram = gram_anchoring_loss(student_out["patches"].float(), gram_patches.float())
         loss_dense = zero
         if ssl.dense_weight > 0:
-            loss_dense = self._dense_loss(views, student_out["patches"].float(), teacher_out["patches"].float(), masks)
+            loss_dense = self._dense_loss(views, student_out["patches"].float(),
+                                          self._dense_keys(global_batch, teacher_out["patches"], autocast), masks)
         gram_weight = self.gram_weight(step)
         loss = (loss_dino + ssl.koleo_weight * loss_koleo + ssl.ibot_weight * loss_ibot
                 + ssl.dense_weight * loss_dense + gram_weight * loss_gram)
@@ -201,12 +203,26 @@ class DINOSSL:
                       normalized_std(teacher_out["cls"].float()))
         return {name: v.detach() for name, v in zip(METRIC_NAMES, values)}
 
+    @torch.no_grad()
+    def _dense_keys(self, global_batch: torch.Tensor, teacher_patches: torch.Tensor, autocast) -> torch.Tensor:
+        """The teacher's patch tokens the dense term samples its keys from: its own at
+        `dense_teacher_scale` 1; else its tokens of the global views enlarged (bicubic), a
+        finer map in which a few-pixel structure fills more of a token."""
+        scale = self.ssl.dense_teacher_scale
+        if scale == 1:
+            return teacher_patches.float()
+        size = global_batch.shape[-1] * scale
+        enlarged = F.interpolate(global_batch, size=(size, size), mode="bicubic", align_corners=False)
+        with autocast():
+            return self.teacher(enlarged)["patches"].float()
+
     def _dense_loss(self, views: Views, student: torch.Tensor, teacher: torch.Tensor,
                     masks: torch.Tensor | None) -> torch.Tensor:
         """L_dense over the two global views, both directions averaged: the student's tokens
         of one view (iBOT-masked ones left out: they hold the mask token, not the image)
         against the teacher's map of the other."""
         grid = self.student.backbone.grid_size
+        teacher_grid = grid * self.ssl.dense_teacher_scale
         batch = student.shape[0] // 2
         total = student.new_zeros(())
         for a, b in ((0, 1), (1, 0)):
@@ -216,7 +232,7 @@ class DINOSSL:
                 inside = inside & ~masks[a * batch:(a + 1) * batch]
             total = total + dense_correspondence_loss(
                 student[a * batch:(a + 1) * batch], teacher[b * batch:(b + 1) * batch],
-                coords.to(student.device), inside, grid, self.ssl.dense_temp)
+                coords.to(student.device), inside, grid, self.ssl.dense_temp, teacher_grid)
         return total / 2
 
     def _gram_targets(self, global_batch: torch.Tensor, teacher_patches: torch.Tensor) -> torch.Tensor:
