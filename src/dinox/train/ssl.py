@@ -167,6 +167,7 @@ class DINOSSL:
         with torch.no_grad(), autocast():
             teacher_out = self.teacher(global_batch)
             gram_patches = self._gram_targets(global_batch, teacher_out["patches"])
+            dense_keys = self._dense_keys(global_batch, teacher_out["patches"]) if ssl.dense_weight > 0 else None
         teacher_logits = teacher_out["logits"].float()
         teacher_probs = self.dino_loss.teacher_probs(teacher_logits, sched["teacher_temp"], method=ssl.centering)
         ibot = {}
@@ -188,8 +189,7 @@ class DINOSSL:
         loss_gram = gram_anchoring_loss(student_out["patches"].float(), gram_patches.float())
         loss_dense = zero
         if ssl.dense_weight > 0:
-            loss_dense = self._dense_loss(views, student_out["patches"].float(),
-                                          self._dense_keys(global_batch, teacher_out["patches"], autocast), masks)
+            loss_dense = self._dense_loss(views, student_out["patches"].float(), dense_keys.float(), masks)
         gram_weight = self.gram_weight(step)
         loss = (loss_dino + ssl.koleo_weight * loss_koleo + ssl.ibot_weight * loss_ibot
                 + ssl.dense_weight * loss_dense + gram_weight * loss_gram)
@@ -203,18 +203,17 @@ class DINOSSL:
                       normalized_std(teacher_out["cls"].float()))
         return {name: v.detach() for name, v in zip(METRIC_NAMES, values)}
 
-    @torch.no_grad()
-    def _dense_keys(self, global_batch: torch.Tensor, teacher_patches: torch.Tensor, autocast) -> torch.Tensor:
-        """The teacher's patch tokens the dense term samples its keys from: its own at
-        `dense_teacher_scale` 1; else its tokens of the global views enlarged (bicubic), a
-        finer map in which a few-pixel structure fills more of a token."""
+    def _dense_keys(self, global_batch: torch.Tensor, teacher_patches: torch.Tensor) -> torch.Tensor:
+        """The teacher's patch tokens the dense term samples its keys from (called without
+        grad, under the teacher's autocast, before the student's forward, as the memory plan
+        counts it): its own at `dense_teacher_scale` 1; else its tokens of the global views
+        enlarged (bicubic), a finer map in which a few-pixel structure fills more of a token."""
         scale = self.ssl.dense_teacher_scale
         if scale == 1:
-            return teacher_patches.float()
+            return teacher_patches
         size = global_batch.shape[-1] * scale
         enlarged = F.interpolate(global_batch, size=(size, size), mode="bicubic", align_corners=False)
-        with autocast():
-            return self.teacher(enlarged)["patches"].float()
+        return self.teacher(enlarged)["patches"]
 
     def _dense_loss(self, views: Views, student: torch.Tensor, teacher: torch.Tensor,
                     masks: torch.Tensor | None) -> torch.Tensor:
