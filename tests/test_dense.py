@@ -163,3 +163,24 @@ def test_dense_keys_come_from_the_teacher_on_the_enlarged_views():
     size = cfg.views.img_size
     assert seen == [size, 2 * size]
     assert torch.isfinite(values["loss_dense"]) and float(values["loss_dense"]) > 0
+
+
+def test_a_gram_teacher_at_the_dense_keys_scale_reuses_their_forward():
+    """With both teachers at 2x and the Gram teacher a copy of the EMA teacher, the Gram
+    targets come from the dense keys' forward (the same computation on the same input): the
+    Gram teacher does not run, and the Gram term is what its own forward gives."""
+    losses = {}
+    for dense_scale in (1, 2):
+        cfg = _tiny(dense_weight=1.0, dense_teacher_scale=dense_scale, gram_teacher_scale=2)
+        torch.manual_seed(0)
+        ssl = DINOSSL(cfg, torch.device("cpu"))
+        gram_calls = []
+        ssl.gram_teacher.register_forward_hook(lambda module, args, out: gram_calls.append(args[0].shape[-1]))
+        stacks = torch.randint(-1000, 1000, (4, 3, 24, 24), generator=torch.Generator().manual_seed(1))
+        views = CTAugment(cfg.views.to_augment())(stacks.to(torch.int16), torch.Generator().manual_seed(2))
+        assert ssl.gram_is_teacher
+        values = ssl.forward_backward(views, {"teacher_temp": 0.04},
+                                      autocast=lambda: autocast(torch.device("cpu"), None), backward=lambda loss: None)
+        assert gram_calls == ([2 * cfg.views.img_size] if dense_scale == 1 else [])
+        losses[dense_scale] = values["loss_gram"]
+    assert torch.allclose(losses[1], losses[2], rtol=1e-5, atol=1e-7)

@@ -180,11 +180,13 @@ def _probe(dinox_main, final: Path, processed: Path, manifest: Path) -> None:
                   + "".join(f" | {base} {_lead(task['baselines'][base])}" for base in ("untrained", "pixels")
                             if base in task.get("baselines", {}))
                   + (f" | hand features (what the pixels allow) {hand['auroc']:.3f}" if hand else ""))
-    halves = [(b["delta_ci95"][1] - b["delta_ci95"][0]) / 2 for name in ("slice_nodule", "patch_nodule")
-              if name in tasks for b in tasks[name].get("baselines", {}).values() if b.get("delta_ci95")]
+    from dinox.eval.probe import GATE_TASKS
+
+    gates = [tasks[name] for name in GATE_TASKS if name in tasks]
+    halves = [(b["delta_ci95"][1] - b["delta_ci95"][0]) / 2 for task in gates
+              for b in task.get("baselines", {}).values() if b.get("delta_ci95")]
     if halves:
-        patients = max(tasks[name].get("n_test_patients", 0) for name in ("slice_nodule", "patch_nodule")
-                       if name in tasks)
+        patients = max(task.get("n_test_patients", 0) for task in gates)
         print(f"[demo] a lead counts where its paired 95 % interval lies above 0; with {patients} test patients "
               f"the intervals are +-{min(halves):.2f} to +-{max(halves):.2f} wide (docs/recipes.md, \"How much a "
               f"probe on the demo's data can tell\")")

@@ -60,6 +60,13 @@ METRIC_NAMES = ("loss", "loss_dino", "loss_koleo", "loss_ibot", "loss_dense", "l
                 "Entropy_Teacher", "Entropy_Student", "embedding_std")
 
 
+def enlarged_views(views: torch.Tensor, scale: int) -> torch.Tensor:
+    """(B, C, S, S) views resized to S * scale bicubically, as the high-resolution teachers
+    (the Gram teacher's, the dense keys') see them."""
+    size = views.shape[-1] * scale
+    return F.interpolate(views, size=(size, size), mode="bicubic", align_corners=False)
+
+
 class DINOSSL:
     """Owns the three networks and the losses of a DINOv3-style run."""
 
@@ -166,8 +173,8 @@ class DINOSSL:
 
         with torch.no_grad(), autocast():
             teacher_out = self.teacher(global_batch)
-            gram_patches = self._gram_targets(global_batch, teacher_out["patches"])
             dense_keys = self._dense_keys(global_batch, teacher_out["patches"]) if ssl.dense_weight > 0 else None
+            gram_patches = self._gram_targets(global_batch, teacher_out["patches"], dense_keys)
         teacher_logits = teacher_out["logits"].float()
         teacher_probs = self.dino_loss.teacher_probs(teacher_logits, sched["teacher_temp"], method=ssl.centering)
         ibot = {}
@@ -211,9 +218,7 @@ class DINOSSL:
         scale = self.ssl.dense_teacher_scale
         if scale == 1:
             return teacher_patches
-        size = global_batch.shape[-1] * scale
-        enlarged = F.interpolate(global_batch, size=(size, size), mode="bicubic", align_corners=False)
-        return self.teacher(enlarged)["patches"]
+        return self.teacher(enlarged_views(global_batch, scale))["patches"]
 
     def _dense_loss(self, views: Views, student: torch.Tensor, teacher: torch.Tensor,
                     masks: torch.Tensor | None) -> torch.Tensor:
@@ -234,23 +239,27 @@ class DINOSSL:
                 coords.to(student.device), inside, grid, self.ssl.dense_temp, teacher_grid)
         return total / 2
 
-    def _gram_targets(self, global_batch: torch.Tensor, teacher_patches: torch.Tensor) -> torch.Tensor:
+    def _gram_targets(self, global_batch: torch.Tensor, teacher_patches: torch.Tensor,
+                      dense_keys: torch.Tensor | None = None) -> torch.Tensor:
         """The Gram teacher's patch features of the global views on the student's grid; at
         `gram_teacher_scale` > 1 it sees the views enlarged (bicubic) and its grid is brought
         back (DINOv3's high-resolution Gram teacher). While the Gram teacher is a copy of
         the EMA teacher's current weights (every step of the warm-up, and each refresh
-        step) its features are `teacher_patches`, the same computation on the same input,
-        so its forward is skipped."""
+        step) its features are the EMA teacher's on the same input, so its forward is
+        skipped: `teacher_patches` at scale 1, and at the dense keys' scale `dense_keys`
+        (the teacher's tokens of the views enlarged as much)."""
         scale = self.ssl.gram_teacher_scale
         if scale == 1:
             if self.gram_is_teacher:
                 return teacher_patches
             return self.gram_teacher(global_batch)["patches"]
-        size = global_batch.shape[-1] * scale
-        enlarged = F.interpolate(global_batch, size=(size, size), mode="bicubic", align_corners=False)
+        if self.gram_is_teacher and dense_keys is not None and self.ssl.dense_teacher_scale == scale:
+            fine = dense_keys
+        else:
+            fine = self.gram_teacher(enlarged_views(global_batch, scale))["patches"]
         grid = self.student.backbone.grid_size
         # DINOv3 (section 4.3) brings the enlarged feature map back bicubically, no antialias
-        return resample_token_grid(self.gram_teacher(enlarged)["patches"], (grid * scale,) * 2, (grid,) * 2)
+        return resample_token_grid(fine, (grid * scale,) * 2, (grid,) * 2)
 
     @torch.no_grad()
     def _ibot_targets(self, tokens: torch.Tensor, sched: dict, autocast) -> torch.Tensor:
