@@ -42,6 +42,8 @@ def summary(task: dict) -> dict:
         lo = (base.get("delta_ci95") or [None])[0]
         out[name] = {"auroc": base["auroc"], "delta": base["delta"], "delta_ci95": base.get("delta_ci95"),
                      "beaten": lo is not None and lo > 0}
+        if "delta_ci95_refit" in base:
+            out[name]["delta_ci95_refit"] = base["delta_ci95_refit"]
     return out
 
 
@@ -49,7 +51,14 @@ def pooled(rows: list[dict]) -> dict:
     """The mean lead of one checkpoint over each baseline across held-out seeds, with a
     normal-approximation 95 % interval: each seed's percentile interval read as +-1.96
     standard errors, the seeds independent (disjoint phantoms), so the mean's standard error
-    is sqrt(sum se_i^2) / k."""
+    is sqrt(sum se_i^2) / k. Where every seed has the refit interval, it is pooled the same
+    way ("delta_ci95_refit")."""
+
+    def mean_interval(leads: list[dict], key: str) -> tuple[float, list[float]]:
+        mean = sum(t["delta"] for t in leads) / len(leads)
+        se = math.sqrt(sum(((t[key][1] - t[key][0]) / (2 * 1.96)) ** 2 for t in leads)) / len(leads)
+        return mean, [round(mean - 1.96 * se, 4), round(mean + 1.96 * se, 4)]
+
     out = {}
     for name in TASKS:
         per = [r[name] for r in rows if name in r]
@@ -60,12 +69,10 @@ def pooled(rows: list[dict]) -> dict:
             leads = [t[base] for t in per if base in t and t[base].get("delta_ci95")]
             if len(leads) != len(per):
                 continue
-            mean = sum(t["delta"] for t in leads) / len(leads)
-            se = math.sqrt(sum(((t["delta_ci95"][1] - t["delta_ci95"][0]) / (2 * 1.96)) ** 2
-                               for t in leads)) / len(leads)
-            out[name][base] = {"delta": round(mean, 4), "delta_ci95": [round(mean - 1.96 * se, 4),
-                                                                        round(mean + 1.96 * se, 4)],
-                               "beaten": mean - 1.96 * se > 0, "seeds": len(leads)}
+            mean, ci = mean_interval(leads, "delta_ci95")
+            out[name][base] = {"delta": round(mean, 4), "delta_ci95": ci, "beaten": ci[0] > 0, "seeds": len(leads)}
+            if all(t.get("delta_ci95_refit") for t in leads):
+                out[name][base]["delta_ci95_refit"] = mean_interval(leads, "delta_ci95_refit")[1]
     return out
 
 
@@ -80,6 +87,9 @@ def main(argv=None) -> int:
     p.add_argument("--tag", default="")
     p.add_argument("--work", default="data/probe_heldout")
     p.add_argument("--bootstrap", type=int, default=1000)
+    p.add_argument("--refit-bootstrap", type=int, default=0,
+                   help="also the refit interval: training and test patients resampled, the probe refitted "
+                        "(dinox eval probe --refit-bootstrap)")
     p.add_argument("--results", default=str(RESULTS))
     args = p.parse_args(argv)
 
@@ -92,7 +102,8 @@ def main(argv=None) -> int:
             out = root / "probes" / f"{Path(ckpt).parent.name}_{Path(ckpt).stem}"
             t0 = time.time()
             code = dinox(["eval", "probe", "--checkpoint", ckpt, "--data-root", str(processed), "--split-manifest",
-                          str(manifest), "--bootstrap", str(args.bootstrap), "--min-auroc", "0", "--out", str(out)])
+                          str(manifest), "--bootstrap", str(args.bootstrap), "--min-auroc", "0", "--out", str(out),
+                          "--refit-bootstrap", str(args.refit_bootstrap)])
             found = sorted(out.glob("probe_step*.json"))
             if code != 0 or not found:
                 print(f"[probe_heldout] {ckpt} on seed {seed}: the probe failed (exit {code})")

@@ -100,6 +100,78 @@ def test_probe_fits_a_separable_problem():
     assert probe.auroc(proba[:, 1], y[40:]) > 0.95
 
 
+def test_a_refit_resample_equals_the_probe_fitted_on_its_copies():
+    """The refit interval's weights: a count k stands for k copies of a sample, in the
+    scaler, the class balance and the fit; checked against refitting on the copies."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((300, 6))
+    y = (x[:, 0] + rng.standard_normal(300) > 1.0).astype(int)
+    groups = np.repeat(np.arange(60), 5)
+    tr, te = groups < 40, groups >= 40
+    train_counts, _ = probe.bootstrap_weights(groups[tr], 3, 1)
+    test_counts, _ = probe.bootstrap_weights(groups[te], 3, 2)
+    refit = probe.refit_scores(x[tr], y[tr], x[te], y[te], 0.1, train_counts, test_counts)
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+    for r in range(3):
+        copies = np.repeat(np.arange(tr.sum()), train_counts[r].astype(int))
+        model = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, class_weight="balanced", max_iter=2000))
+        model.fit(x[tr][copies], y[tr][copies])
+        tests = np.repeat(np.arange(te.sum()), test_counts[r].astype(int))
+        assert refit[r] == pytest.approx(probe.auroc(model.predict_proba(x[te][tests])[:, 1], y[te][tests]),
+                                         abs=1e-6)
+    # every weight 1: the probe as fitted once; a training resample of one class scores NaN
+    ones = probe.refit_scores(x[tr], y[tr], x[te], y[te], 0.1, np.ones((1, tr.sum())), np.ones((1, te.sum())))
+    model = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, class_weight="balanced", max_iter=2000))
+    assert ones[0] == pytest.approx(probe.auroc(model.fit(x[tr], y[tr]).predict_proba(x[te])[:, 1], y[te]))
+    one_class = np.where(y[tr] == 0, 1.0, 0.0)[None]
+    assert np.isnan(probe.refit_scores(x[tr], y[tr], x[te], y[te], 0.1, one_class, np.ones((1, te.sum()))))[0]
+
+
+def test_the_refit_interval_moves_the_training_patients_and_is_paired_over_sources():
+    """run_task with n_refit: each binary task carries the refit interval and a paired
+    refit interval per lead; a source identical to the checkpoint leads by exactly 0."""
+    rng = np.random.default_rng(1)
+    n = 240
+    groups = np.repeat(np.array([f"p{i}" for i in range(48)]), 5)
+    y = (rng.random(n) < 0.4).astype(int)
+    side = np.where(np.arange(n) < 160, "train", "test")
+    feats = {"checkpoint": rng.standard_normal((n, 4)) + 1.5 * y[:, None]}
+    feats["untrained"] = feats["checkpoint"].copy()
+    feats["pixels"] = rng.standard_normal((n, 4))
+    task = probe.Task("slice_nodule", "toy", "cls", "slice", np.arange(n), y, side, groups)
+    orig = probe.task_matrix
+    probe.task_matrix = lambda data, task, source: feats[source]
+    try:
+        entry = probe.run_task(None, task, ["checkpoint", "untrained", "pixels"], n_boot=50, seed=0, n_refit=40)
+        plain = probe.run_task(None, task, ["checkpoint", "untrained", "pixels"], n_boot=50, seed=0)
+    finally:
+        probe.task_matrix = orig
+    assert "refit" not in plain and "delta_ci95_refit" not in plain["baselines"]["pixels"]
+    lo, hi = entry["refit"]["ci95"]
+    assert entry["refit"]["resamples"] == 40 and entry["refit"]["failed"] == 0
+    assert 0.5 < lo <= entry["auroc"] <= hi <= 1.0
+    assert entry["baselines"]["untrained"]["delta_ci95_refit"] == [0.0, 0.0]
+    assert entry["baselines"]["pixels"]["delta_ci95_refit"][0] > 0.2
+    # the plain figures do not change when the refit interval is asked for
+    def without_refit(d):
+        return {k: without_refit(v) if isinstance(v, dict) else v for k, v in d.items() if "refit" not in k}
+    assert without_refit(entry) == plain
+
+
+def test_probe_with_the_refit_interval_prints_and_writes_it(labelled, tmp_path, capsys):
+    root, ckpt = labelled
+    assert main(_probe_args(root, ckpt, tmp_path, "--min-auroc", "0", "--refit-bootstrap", "5")) == 0
+    result = json.loads(next(tmp_path.glob("probe_step*.json")).read_text())
+    out = capsys.readouterr().out
+    assert result["bootstrap"]["refit_resamples"] == 5 and "refit interval" in out
+    for name in probe.GATE_TASKS:
+        task = result["tasks"][name]
+        assert task["refit"]["resamples"] == 5
+        assert all("delta_ci95_refit" in base for base in task["baselines"].values())
+
+
 # ----------------------------------------------------------------------------- labels
 
 SERIES = "1.2.3"
@@ -430,6 +502,7 @@ def test_probe_at_another_input_size_has_a_finer_grid_and_its_own_json(labelled,
     (["--batch-size", "0"], "argument --batch-size: expected a number >= 1, got 0"),
     (["--min-auroc", "1.5"], "between 0 and 1"),
     (["--test-fraction", "1"], "--test-fraction"),
+    (["--refit-bootstrap", "-1"], "argument --refit-bootstrap"),
     (["--split-manifest", "/nonexistent/m.json"], "not found"),
 ])
 def test_probe_bad_input_is_one_line(labelled, tmp_path, capsys, extra, message):

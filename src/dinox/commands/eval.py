@@ -90,6 +90,10 @@ def add_probe_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-slices", type=positive_int, default=probe.DEFAULT_MAX_SLICES,
                    help=f"slices embedded at most (positives first; default {probe.DEFAULT_MAX_SLICES})")
     p.add_argument("--bootstrap", type=positive_int, default=probe.BOOTSTRAP, help=f"resamples (default {probe.BOOTSTRAP})")
+    p.add_argument("--refit-bootstrap", type=nonneg_int, default=probe.REFIT_BOOTSTRAP, metavar="N",
+                   help="also resample the training patients and refit each binary probe N times (e.g. 200; "
+                        "default 0: off): an interval that holds which patients the probe was fitted on, "
+                        "where --bootstrap resamples the test patients only; costs N fits per source")
     p.add_argument("--labels-json", help="dinox synth's labels.json for vessel labels (default: the one the "
                                          "table's synthetic rows came from)")
     p.add_argument("--no-baselines", action="store_true",
@@ -324,6 +328,10 @@ def retrieval_verdict(result: dict) -> tuple[bool, str]:
     return passed, f"{'PASS' if passed else 'FAIL'}: " + "; ".join(parts)
 
 
+def _interval(ci, sign: str = "+") -> str:
+    return "(none)" if not ci else f"[{ci[0]:{sign}.3f}, {ci[1]:{sign}.3f}]"
+
+
 def _print_table(result: dict) -> None:
     for name, t in result["tasks"].items():
         ci = t["ci95"] or [float("nan")] * 2
@@ -331,6 +339,10 @@ def _print_table(result: dict) -> None:
                          for k, v in (*t["baselines"].items(), *t.get("references", {}).items()))
         print(f"  {name:28s} AUROC {t['auroc']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]  n_train={t['n_train']} "
               f"n_test={t['n_test']} ({t['n_test_patients']} patients)  {base}")
+        if "refit" in t:
+            print(f"  {'':28s} refit interval {_interval(t['refit']['ci95'], '')}; leads: " + "  ".join(
+                f"over {k} {_interval(v.get('delta_ci95_refit'))}"
+                for k, v in (*t["baselines"].items(), *t.get("references", {}).items())))
     for name, why in result["skipped"].items():
         print(f"  {name:28s} skipped: {why}")
 
@@ -343,7 +355,8 @@ def run_probe(args) -> int:
     from dinox.run.device import detect_device
 
     for flag, value, low in (("--batch-size", args.batch_size, 1), ("--max-slices", args.max_slices, 2),
-                             ("--bootstrap", args.bootstrap, 1), ("--min-readers", args.min_readers, 1)):
+                             ("--bootstrap", args.bootstrap, 1), ("--min-readers", args.min_readers, 1),
+                             ("--refit-bootstrap", args.refit_bootstrap, 0)):
         if value < low:
             raise UserError(f"{flag} {value}: give at least {low}")
     if not 0.0 < args.test_fraction < 1.0:
@@ -367,7 +380,7 @@ def run_probe(args) -> int:
         backbone, cfg, root, split_manifest=manifest, split=args.split, seed=args.seed, device=device,
         batch_size=args.batch_size, max_slices=args.max_slices, n_boot=args.bootstrap, min_readers=args.min_readers,
         test_fraction=args.test_fraction, labels_json=args.labels_json, baselines=not args.no_baselines,
-        progress=True, size=args.size,
+        progress=True, size=args.size, n_refit=args.refit_bootstrap,
     )
     passed, line = probe.verdict(result, args.min_auroc)
     gate_missing = any(t not in result["tasks"] for t in probe.GATE_TASKS)

@@ -71,6 +71,7 @@ MIN_READERS = 2                    # LIDC's lenient consensus: >= 2 of the 4 rea
 CS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)  # the C sweep (inverse L2 strength, standardised features)
 CV_FOLDS = 3
 BOOTSTRAP = 1000
+REFIT_BOOTSTRAP = 0                # refit resamples (0: off; --refit-bootstrap)
 MIN_BOOTSTRAP_PATIENTS = 5
 DEFAULT_TEST_FRACTION = 0.3
 DEFAULT_MAX_SLICES = 4096
@@ -676,15 +677,21 @@ def score_with_ci(score_fn, weights: np.ndarray) -> tuple[float, list[float] | N
 
 # --------------------------------------------------------------------------- probes
 
+def _probe_pipeline(c: float, seed: int, balanced: bool = True):
+    """Standardise + L2 logistic regression; `balanced` weighs each class to the same total."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    return make_pipeline(StandardScaler(), LogisticRegression(
+        C=c, max_iter=2000, class_weight="balanced" if balanced else None, random_state=seed))
+
 def fit_probe(x_train: np.ndarray, y_train: np.ndarray, groups_train: np.ndarray, x_test: np.ndarray,
               groups_test: np.ndarray | None = None, seed: int = 0) -> tuple[np.ndarray, float, list]:
     """Standardise + L2 logistic regression, C from CS by GroupKFold over training patients.
     Returns ((n_test, K) class probabilities, columns in `classes` order; C; classes).
     Refuses groups on both sides: the patient-level split is checked here too."""
-    from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import GridSearchCV, GroupKFold
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
     from threadpoolctl import threadpool_limits
 
     if groups_test is not None:
@@ -692,8 +699,7 @@ def fit_probe(x_train: np.ndarray, y_train: np.ndarray, groups_train: np.ndarray
     classes = sorted(set(np.asarray(y_train).tolist()))
     if len(classes) < 2:
         raise ValueError("the training side holds one class only")
-    pipe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, class_weight="balanced",
-                                                              random_state=seed))
+    pipe = _probe_pipeline(1.0, seed)
     folds = min(CV_FOLDS, len(set(np.asarray(groups_train).tolist())))
     # one BLAS thread: these fits are small, and threads only contend (3-4x slower measured
     # on a busy 2-core machine); a fold without one of the classes scores NaN, quietly
@@ -709,6 +715,35 @@ def fit_probe(x_train: np.ndarray, y_train: np.ndarray, groups_train: np.ndarray
             model, c = pipe.set_params(logisticregression__C=1.0).fit(x_train, y_train), 1.0
         proba = model.predict_proba(x_test)
     return proba, c, classes
+
+
+def refit_scores(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray, c: float,
+                 train_counts: np.ndarray, test_counts: np.ndarray, seed: int = 0) -> np.ndarray:
+    """AUROC of a binary probe refitted on each resample of its training side and scored on
+    the paired resample of its test side: (R,) for (R, n_train) and (R, n_test) resample
+    counts. A count k weighs a sample as k copies of it (StandardScaler and
+    LogisticRegression both take sample weights; the classes are balanced over the weighted
+    resample, as class_weight "balanced" does over the copies); C stays at the value the
+    cross-validation chose on the whole training side. A resample whose training side holds one class scores
+    NaN. Unlike the test-side bootstrap, this interval also holds the probe's own variance:
+    which patients it was fitted on."""
+    from threadpoolctl import threadpool_limits
+
+    out = np.full(len(train_counts), np.nan)
+    with warnings.catch_warnings(), threadpool_limits(1):
+        warnings.simplefilter("ignore")
+        for r, (w_train, w_test) in enumerate(zip(train_counts, test_counts)):
+            keep = w_train > 0
+            y, w = y_train[keep], w_train[keep]
+            classes = np.unique(y)
+            if len(classes) < 2:
+                continue
+            totals = {k: w[y == k].sum() for k in classes.tolist()}
+            balance = np.array([w.sum() / (len(classes) * totals[k]) for k in y.tolist()])
+            model = _probe_pipeline(c, seed, balanced=False).fit(
+                x_train[keep], y, standardscaler__sample_weight=w, logisticregression__sample_weight=w * balance)
+            out[r] = auroc(model.predict_proba(x_test)[:, 1], y_test, w_test[None])[0]
+    return out
 
 
 @dataclass
@@ -812,10 +847,12 @@ REFERENCE_NAMES = {"hand": "hand_features"}
 
 
 def run_task(data: ProbeData, task: Task, sources: list[str], *, n_boot: int, seed: int,
-             references: tuple[str, ...] = ()) -> dict:
+             references: tuple[str, ...] = (), n_refit: int = REFIT_BOOTSTRAP) -> dict:
     """Fit the probe of one task on every source and score it with a shared bootstrap.
     sources[0] is the checkpoint, the others its baselines; `references` are scored the
-    same way and reported apart (not part of any verdict)."""
+    same way and reported apart (not part of any verdict). With `n_refit` > 0 a binary
+    task also gets the refit interval ("refit"): training and test patients resampled
+    together, the probe refitted each time (`refit_scores`), paired over the sources."""
     tr, te = task.side == "train", task.side == "test"
     y_tr, y_te = task.y[tr], task.y[te]
     for where, y in (("training", y_tr), ("test", y_te)):
@@ -830,10 +867,16 @@ def run_task(data: ProbeData, task: Task, sources: list[str], *, n_boot: int, se
     else:
         entry["classes"] = {name: {"train": int((y_tr == c).sum()), "test": int((y_te == c).sum())}
                             for c, name in task.class_names.items()}
-    results, boots = {}, {}
+    results, boots, refits = {}, {}, {}
+    refit = n_refit > 0 and task.class_names is None
+    if refit:
+        train_counts, _ = bootstrap_weights(task.groups[tr], n_refit, seed + 1)
+        test_counts, _ = bootstrap_weights(task.groups[te], n_refit, seed + 2)
     for source in (*sources, *references):
         x = task_matrix(data, task, source)
         proba, c, classes = fit_probe(x[tr], y_tr, task.groups[tr], x[te], task.groups[te], seed)
+        if refit:
+            refits[source] = refit_scores(x[tr], y_tr, x[te], y_te, c, train_counts, test_counts, seed)
         if task.class_names is None:
             fn = lambda w, s=proba[:, 1]: auroc(s, y_te, w)
         else:
@@ -847,12 +890,17 @@ def run_task(data: ProbeData, task: Task, sources: list[str], *, n_boot: int, se
         base = dict(results[source])
         base["delta"] = round(entry["auroc"] - base["auroc"], 4)
         base["delta_ci95"] = percentile_interval(boots[main] - boots[source])
+        if refit:
+            base["delta_ci95_refit"] = percentile_interval(refits[main] - refits[source])
         return base
 
     entry["baselines"] = {source: against(source) for source in others}
     if references:
         entry["references"] = {REFERENCE_NAMES[source]: against(source) for source in references}
     entry["bootstrap_unit"] = unit
+    if refit:
+        entry["refit"] = {"resamples": n_refit, "ci95": percentile_interval(refits[main]),
+                          "failed": int(np.isnan(refits[main]).sum())}
     return entry
 
 
@@ -899,13 +947,14 @@ def probe_backbone(backbone, cfg, root, *, split_manifest=None, split: str = "au
                    n_boot: int = BOOTSTRAP, min_readers: int = MIN_READERS,
                    test_fraction: float = DEFAULT_TEST_FRACTION,
                    labels_json=None, baselines: bool = True, untrained=None, progress: bool = False,
-                   size: int | None = None) -> dict:
+                   size: int | None = None, n_refit: int = REFIT_BOOTSTRAP) -> dict:
     """Probe a frozen backbone on the labelled processed `root`.
 
     Returns {"tasks": {name: {"auroc", "ci95", "n_train", "n_test", ..., "baselines":
     {"untrained": {...}, "pixels": {...}}, and for the patch tasks "references":
     {"hand_features": {...}}}}, "skipped": {name: why}, "split": {...}, "labels": {...},
-    "bootstrap": {...}, "notes": [...]}. `baselines=False` skips the untrained network,
+    "bootstrap": {...}, "notes": [...]}; with `n_refit` > 0 each binary task also holds the
+    refit interval ("refit", and "delta_ci95_refit" beside each lead). `baselines=False` skips the untrained network,
     the pixels and the references (e.g. a periodic check in training, where they do not
     change); `untrained` may pass a ready step-0 backbone. The backbone's training
     mode is restored afterwards. Raises UserError for labels or splits that cannot be
@@ -916,6 +965,8 @@ def probe_backbone(backbone, cfg, root, *, split_manifest=None, split: str = "au
         raise UserError(f"--max-slices {max_slices}: give at least 2")
     if n_boot < 1:
         raise UserError(f"--bootstrap {n_boot}: give at least 1 resample")
+    if n_refit < 0:
+        raise UserError(f"--refit-bootstrap {n_refit}: give 0 (off) or a number of resamples (e.g. 200)")
     size = probe_size(cfg, size)
     device = device or next(backbone.parameters()).device
     root = Path(root)
@@ -946,7 +997,8 @@ def probe_backbone(backbone, cfg, root, *, split_manifest=None, split: str = "au
     for task in tasks:
         references = ("hand",) if baselines and task.level == "patch" else ()
         try:
-            out_tasks[task.name] = run_task(data, task, sources, n_boot=n_boot, seed=seed, references=references)
+            out_tasks[task.name] = run_task(data, task, sources, n_boot=n_boot, seed=seed, references=references,
+                                            n_refit=n_refit)
         except ValueError as exc:
             skipped[task.name] = str(exc)
     return {
@@ -962,7 +1014,10 @@ def probe_backbone(backbone, cfg, root, *, split_manifest=None, split: str = "au
                    "nodule_regions": len(data.regions), "vessel_series": len(labels.vessels)},
         "bootstrap": {"resamples": n_boot, "interval": "95 % percentile",
                       "unit": "test patients (cluster bootstrap; test samples below "
-                              f"{MIN_BOOTSTRAP_PATIENTS} patients, see each task's bootstrap_unit)"},
+                              f"{MIN_BOOTSTRAP_PATIENTS} patients, see each task's bootstrap_unit)",
+                      "refit_resamples": n_refit,
+                      "refit": "training and test patients resampled together and the probe refitted at its "
+                               "chosen C (the binary tasks' 'refit' and 'delta_ci95_refit')" if n_refit else None},
         "probe": {"model": "StandardScaler + LogisticRegression (L2, class_weight balanced)", "C_grid": list(CS),
                   "cv": f"GroupKFold({CV_FOLDS}) by patient on the training side", "input": "lung window "
                   f"{LUNG_WINDOW}, resized to {size} px", "size": size,
