@@ -16,6 +16,8 @@ patients as the test side, 1000 bootstrap resamples) of every checkpoint on ever
 One JSON line per (checkpoint, seed) is appended to benchmarks/results/probe_heldout.jsonl
 with the gate tasks' AUROC, interval, the baselines and the paired intervals of the
 checkpoint's lead, then one per checkpoint with its mean lead over the seeds (`pooled`).
+`--refit-bootstrap N` adds the refit interval (`dinox eval probe --refit-bootstrap`: the
+training patients resampled too and the probe refitted), per set and pooled.
 Use seeds the training data did not use (recipe_check trains on 0-2).
 """
 from __future__ import annotations
