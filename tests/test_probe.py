@@ -151,6 +151,7 @@ def test_the_refit_interval_moves_the_training_patients_and_is_paired_over_sourc
     assert "refit" not in plain and "delta_ci95_refit" not in plain["baselines"]["pixels"]
     lo, hi = entry["refit"]["ci95"]
     assert entry["refit"]["resamples"] == 40 and entry["refit"]["failed"] == 0
+    assert entry["refit"]["training_unit"] == "training patients"
     assert 0.5 < lo <= entry["auroc"] <= hi <= 1.0
     assert entry["baselines"]["untrained"]["delta_ci95_refit"] == [0.0, 0.0]
     assert entry["baselines"]["pixels"]["delta_ci95_refit"][0] > 0.2

@@ -686,6 +686,7 @@ def _probe_pipeline(c: float, seed: int, balanced: bool = True):
     return make_pipeline(StandardScaler(), LogisticRegression(
         C=c, max_iter=2000, class_weight="balanced" if balanced else None, random_state=seed))
 
+
 def fit_probe(x_train: np.ndarray, y_train: np.ndarray, groups_train: np.ndarray, x_test: np.ndarray,
               groups_test: np.ndarray | None = None, seed: int = 0) -> tuple[np.ndarray, float, list]:
     """Standardise + L2 logistic regression, C from CS by GroupKFold over training patients.
@@ -724,9 +725,9 @@ def refit_scores(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y
     counts. A count k weighs a sample as k copies of it (StandardScaler and
     LogisticRegression both take sample weights; the classes are balanced over the weighted
     resample, as class_weight "balanced" does over the copies); C stays at the value the
-    cross-validation chose on the whole training side. A resample whose training side holds one class scores
-    NaN. Unlike the test-side bootstrap, this interval also holds the probe's own variance:
-    which patients it was fitted on."""
+    cross-validation chose on the whole training side. A resample whose training side holds
+    one class scores NaN. Unlike the test-side bootstrap, this interval also holds the
+    probe's own variance: which patients it was fitted on."""
     from threadpoolctl import threadpool_limits
 
     out = np.full(len(train_counts), np.nan)
@@ -870,7 +871,7 @@ def run_task(data: ProbeData, task: Task, sources: list[str], *, n_boot: int, se
     results, boots, refits = {}, {}, {}
     refit = n_refit > 0 and task.class_names is None
     if refit:
-        train_counts, _ = bootstrap_weights(task.groups[tr], n_refit, seed + 1)
+        train_counts, refit_unit = bootstrap_weights(task.groups[tr], n_refit, seed + 1)
         test_counts, _ = bootstrap_weights(task.groups[te], n_refit, seed + 2)
     for source in (*sources, *references):
         x = task_matrix(data, task, source)
@@ -900,7 +901,8 @@ def run_task(data: ProbeData, task: Task, sources: list[str], *, n_boot: int, se
     entry["bootstrap_unit"] = unit
     if refit:
         entry["refit"] = {"resamples": n_refit, "ci95": percentile_interval(refits[main]),
-                          "failed": int(np.isnan(refits[main]).sum())}
+                          "failed": int(np.isnan(refits[main]).sum()),
+                          "training_unit": refit_unit.replace("test", "training")}
     return entry
 
 
