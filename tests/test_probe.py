@@ -129,7 +129,7 @@ def test_a_refit_resample_equals_the_probe_fitted_on_its_copies():
     assert np.isnan(probe.refit_scores(x[tr], y[tr], x[te], y[te], 0.1, one_class, np.ones((1, te.sum()))))[0]
 
 
-def test_the_refit_interval_moves_the_training_patients_and_is_paired_over_sources():
+def test_the_refit_interval_moves_the_training_patients_and_is_paired_over_sources(monkeypatch):
     """run_task with n_refit: each binary task carries the refit interval and a paired
     refit interval per lead; a source identical to the checkpoint leads by exactly 0."""
     rng = np.random.default_rng(1)
@@ -141,13 +141,9 @@ def test_the_refit_interval_moves_the_training_patients_and_is_paired_over_sourc
     feats["untrained"] = feats["checkpoint"].copy()
     feats["pixels"] = rng.standard_normal((n, 4))
     task = probe.Task("slice_nodule", "toy", "cls", "slice", np.arange(n), y, side, groups)
-    orig = probe.task_matrix
-    probe.task_matrix = lambda data, task, source: feats[source]
-    try:
-        entry = probe.run_task(None, task, ["checkpoint", "untrained", "pixels"], n_boot=50, seed=0, n_refit=40)
-        plain = probe.run_task(None, task, ["checkpoint", "untrained", "pixels"], n_boot=50, seed=0)
-    finally:
-        probe.task_matrix = orig
+    monkeypatch.setattr(probe, "task_matrix", lambda data, task, source: feats[source])
+    entry = probe.run_task(None, task, ["checkpoint", "untrained", "pixels"], n_boot=50, seed=0, n_refit=40)
+    plain = probe.run_task(None, task, ["checkpoint", "untrained", "pixels"], n_boot=50, seed=0)
     assert "refit" not in plain and "delta_ci95_refit" not in plain["baselines"]["pixels"]
     lo, hi = entry["refit"]["ci95"]
     assert entry["refit"]["resamples"] == 40 and entry["refit"]["failed"] == 0

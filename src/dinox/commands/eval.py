@@ -355,8 +355,7 @@ def run_probe(args) -> int:
     from dinox.run.device import detect_device
 
     for flag, value, low in (("--batch-size", args.batch_size, 1), ("--max-slices", args.max_slices, 2),
-                             ("--bootstrap", args.bootstrap, 1), ("--min-readers", args.min_readers, 1),
-                             ("--refit-bootstrap", args.refit_bootstrap, 0)):
+                             ("--bootstrap", args.bootstrap, 1), ("--min-readers", args.min_readers, 1)):
         if value < low:
             raise UserError(f"{flag} {value}: give at least {low}")
     if not 0.0 < args.test_fraction < 1.0:
