@@ -1,0 +1,224 @@
+#!/usr/bin/env python3
+"""How high can any read-out of the probe's input go on the patch task? A supervised ceiling.
+
+    python benchmarks/probe_ceiling.py --checkpoint data/demo/runs/RUN/checkpoint_final_*.pth \
+        --data-root data/demo/processed --split-manifest data/demo/processed/_splits/val25_seed0.json \
+        --extra-roots data/probe_power/chest_s1{0,1,2}_480x12x96/processed --seeds 0 1 2 --tag demo
+
+`dinox eval probe` asks whether frozen features, read by a linear probe fitted on the
+training patients, separate nodule patches from other lung patches. Its acceptance bar
+(issue 13) is a lead over the untrained network and the raw-pixel probe larger than the
+paired 95 % interval over the test patients. This check asks what that bar allows on a
+given test side: it rebuilds the probe's own slices, patch cells, split and bootstrap
+resamples (the same functions and seed, so the figures line up with probe_step*.json), then
+trains a small convolutional network *with the labels* on each patch cell's pixels and a
+margin of context, and scores it on the same test patches with the same resamples.
+
+- `cnn` trains on the probe's training side only (the labels a probe has);
+- `cnn_more_labels` adds every patient of `--extra-roots` (labelled phantoms no test
+  patient is in) to its training side, so that the label count stops being the limit.
+
+A supervised network on the pixels is an upper bound for what a frozen encoder plus a
+linear probe can reach on these patches (up to what more context could add). If even its
+lead over the pixel probe sits inside the interval, no frozen features can meet the bar on
+that test side, and a failure there says nothing about the recipe.
+
+One JSON line per run goes to benchmarks/results/probe_ceiling.jsonl.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from dinox.data.dataset import CTSliceDataset
+from dinox.data.layout import INDEX_FILE, default_manifest
+from dinox.eval.load import load_for_inference
+from dinox.eval.probe import (BOOTSTRAP, DEFAULT_MAX_SLICES, ProbeData, auroc, bootstrap_weights, build_tasks,
+                              choose_split, embed, fit_probe, load_labels, model_input, percentile_interval,
+                              probe_size, select_slices, untrained_backbone)
+
+RESULTS = Path(__file__).resolve().parent / "results" / "probe_ceiling.jsonl"
+TASK = "patch_nodule"
+
+
+def probe_data(root: Path, manifest: Path | None, cfg, networks: dict, size: int, seed: int):
+    """The probe's ProbeData of one processed root (as `probe_backbone` builds it) and its dataset."""
+    labels = load_labels(root)
+    dataset = CTSliceDataset(root, "all", None, root / INDEX_FILE, context_mm=cfg.views.context_mm)
+    index_patient = {r["series_id"]: r["patient_id"] for r in dataset.records}
+    split = choose_split(labels, index_patient, mode="auto", manifest=manifest, root=root, seed=seed)
+    data = ProbeData(slices=select_slices(dataset, labels, split, DEFAULT_MAX_SLICES, seed))
+    embed(networks, dataset, data, labels, cfg, device=torch.device("cpu"), size=size, seed=seed)
+    return data, dataset
+
+
+def windows(data: ProbeData, dataset: CTSliceDataset, rows: np.ndarray, cfg, size: int, margin: int) -> torch.Tensor:
+    """(len(rows), 3, patch + 2 margin, patch + 2 margin): each patch cell's input pixels with
+    `margin` pixels of context on every side (replicate padding at the image border)."""
+    patch = cfg.model.vit_patch
+    grid = size // patch
+    by_slice: dict[int, list[int]] = {}
+    for k, r in enumerate(rows):
+        by_slice.setdefault(data.patches[r].slice_pos, []).append(k)
+    out = torch.zeros(len(rows), 3, patch + 2 * margin, patch + 2 * margin)
+    for pos, ks in by_slice.items():
+        x = model_input(dataset[data.slices[pos].index][None], cfg, size)
+        x = F.pad(x, (margin,) * 4, mode="replicate")[0]
+        for k in ks:
+            cell = data.patches[rows[k]].cell
+            r0, c0 = (cell // grid) * patch, (cell % grid) * patch
+            out[k] = x[:, r0:r0 + patch + 2 * margin, c0:c0 + patch + 2 * margin]
+    return out
+
+
+class CellNet(nn.Module):
+    """A small CNN over one cell and its context: enough to learn a local blob detector."""
+
+    def __init__(self, width: int = 32):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
+            nn.Conv2d(width, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(width, 2 * width, 3, padding=1), nn.BatchNorm2d(2 * width), nn.ReLU())
+        self.head = nn.Linear(4 * width, 1)
+
+    def forward(self, x):
+        f = self.features(x)
+        return self.head(torch.cat([f.amax((2, 3)), f.mean((2, 3))], 1)).squeeze(1)
+
+
+def dihedral(x: torch.Tensor, k: int) -> torch.Tensor:
+    """One of the 8 flips/rotations of a square window (the labels do not depend on them)."""
+    x = torch.rot90(x, k % 4, (2, 3))
+    return x.flip(3) if k >= 4 else x
+
+
+def train_cnn(x: torch.Tensor, y: np.ndarray, seed: int, epochs: int, batch: int = 256) -> CellNet:
+    torch.manual_seed(seed)
+    net = CellNet()
+    opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-3)
+    yt = torch.as_tensor(y, dtype=torch.float32)
+    pos_weight = (1 - yt).sum() / yt.sum().clamp(min=1)
+    steps = epochs * ((len(x) + batch - 1) // batch)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, 2e-3, total_steps=steps)
+    gen = torch.Generator().manual_seed(seed)
+    net.train()
+    for _ in range(epochs):
+        order = torch.randperm(len(x), generator=gen)
+        for start in range(0, len(x), batch):
+            idx = order[start:start + batch]
+            k = int(torch.randint(8, (1,), generator=gen))
+            loss = F.binary_cross_entropy_with_logits(net(dihedral(x[idx], k)), yt[idx], pos_weight=pos_weight)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+    return net.eval()
+
+
+@torch.no_grad()
+def cnn_scores(net: CellNet, x: torch.Tensor) -> np.ndarray:
+    """Logits averaged over the 8 dihedral copies (test-time augmentation)."""
+    return torch.stack([net(dihedral(x, k)) for k in range(8)]).mean(0).numpy()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", required=True, help="the checkpoint whose probe this puts in context")
+    ap.add_argument("--data-root", required=True)
+    ap.add_argument("--split-manifest", default=None)
+    ap.add_argument("--extra-roots", nargs="*", default=[],
+                    help="processed roots whose every patient adds labelled training patches (cnn_more_labels)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds of the CNN")
+    ap.add_argument("--margin", type=int, default=4, help="context pixels around each cell")
+    ap.add_argument("--epochs", type=int, default=30)
+    ap.add_argument("--bootstrap", type=int, default=BOOTSTRAP)
+    ap.add_argument("--tag", required=True)
+    args = ap.parse_args()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    started = time.perf_counter()
+
+    backbone, cfg, meta = load_for_inference(args.checkpoint, torch.device("cpu"))
+    size = probe_size(cfg, None)
+    root = Path(args.data_root)
+    manifest = Path(args.split_manifest) if args.split_manifest else default_manifest(root)
+    networks = {"checkpoint": backbone, "untrained": untrained_backbone(cfg, torch.device("cpu"))}
+    data, dataset = probe_data(root, manifest, cfg, networks, size, seed=0)
+    task = next(t for t in build_tasks(data)[0] if t.name == TASK)
+    tr, te = task.side == "train", task.side == "test"
+    y_tr, y_te = task.y[tr], task.y[te]
+    weights, unit = bootstrap_weights(task.groups[te], args.bootstrap, 0)   # the probe's own resamples
+
+    scores: dict[str, np.ndarray] = {}
+    sources = {"checkpoint": data.features["checkpoint"]["tokens"], "untrained": data.features["untrained"]["tokens"],
+               "pixels": data.pixels["patch"], "hand_features": data.pixels["hand"]}
+    for name, per_cell in sources.items():
+        x = per_cell[task.rows]
+        proba, _, _ = fit_probe(x[tr], y_tr, task.groups[tr], x[te], task.groups[te], 0)
+        scores[name] = proba[:, 1]
+
+    x_all = windows(data, dataset, task.rows, cfg, size, args.margin)
+    x_tr, x_te = x_all[torch.as_tensor(tr)], x_all[torch.as_tensor(te)]
+    extra_x, extra_y = [], []
+    for extra in args.extra_roots:
+        extra_root = Path(extra)
+        edata, eds = probe_data(extra_root, None, cfg, {}, size, seed=0)
+        for rec in edata.slices:
+            rec.side = "train"   # every patient of an extra root trains; none is a test patient here
+        etask = next(t for t in build_tasks(edata)[0] if t.name == TASK)
+        clash = set(etask.groups.tolist()) & set(task.groups[te].tolist())
+        if clash:
+            raise SystemExit(f"{extra_root} shares patients with the test side ({sorted(clash)[:3]}); "
+                             f"give roots of other phantom seeds")
+        extra_x.append(windows(edata, eds, etask.rows, cfg, size, args.margin))
+        extra_y.append(etask.y)
+    for seed in args.seeds:
+        scores[f"cnn/{seed}"] = cnn_scores(train_cnn(x_tr, y_tr, seed, args.epochs), x_te)
+        if extra_x:
+            xm = torch.cat([x_tr, *extra_x])
+            ym = np.concatenate([y_tr, *extra_y])
+            scores[f"cnn_more_labels/{seed}"] = cnn_scores(train_cnn(xm, ym, seed, args.epochs), x_te)
+    for name in ("cnn", "cnn_more_labels"):   # the seeds' mean score: one read-out per kind
+        runs = [s for k, s in scores.items() if k.startswith(name + "/")]
+        if runs:
+            scores[name] = np.mean([(s - s.mean()) / s.std() for s in runs], 0)
+
+    boots = {k: np.asarray(auroc(s, y_te, weights)) for k, s in scores.items()}
+    figures = {}
+    for name, s in scores.items():
+        entry = {"auroc": round(float(auroc(s, y_te)), 4), "ci95": percentile_interval(boots[name])}
+        for base in ("untrained", "pixels", "hand_features"):
+            if base != name:
+                lead = boots[name] - boots[base]
+                entry[f"lead_over_{base}"] = round(entry["auroc"] - float(auroc(scores[base], y_te)), 4)
+                entry[f"lead_over_{base}_ci95"] = percentile_interval(lead)
+        figures[name] = entry
+    row = {"tag": args.tag, "checkpoint": str(args.checkpoint), "data_root": str(root), "task": TASK,
+           "n_train": int(tr.sum()), "n_train_pos": int(y_tr.sum()), "n_test": int(te.sum()),
+           "n_test_pos": int(y_te.sum()), "n_test_patients": len(set(task.groups[te].tolist())),
+           "extra_train": int(sum(len(y) for y in extra_y)), "extra_train_pos": int(sum(y.sum() for y in extra_y)),
+           "extra_roots": args.extra_roots, "bootstrap": args.bootstrap, "bootstrap_unit": unit,
+           "margin": args.margin, "epochs": args.epochs, "seeds": args.seeds, "figures": figures,
+           "seconds": round(time.perf_counter() - started, 1)}
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    with RESULTS.open("a") as fh:
+        fh.write(json.dumps(row) + "\n")
+    print(f"{TASK} on {row['n_test_patients']} test patients ({row['n_test_pos']} positive of {row['n_test']}); "
+          f"training {row['n_train_pos']}/{row['n_train']} + extra {row['extra_train_pos']}/{row['extra_train']}")
+    for name, e in figures.items():
+        leads = "  ".join(f"{b}: {e[f'lead_over_{b}']:+.3f} {e[f'lead_over_{b}_ci95']}"
+                          for b in ("untrained", "pixels", "hand_features") if f"lead_over_{b}" in e)
+        print(f"  {name:22s} {e['auroc']:.3f} {e['ci95']}  {leads}")
+    print(f"({row['seconds']} s) -> {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()
