@@ -6,8 +6,9 @@
 
 The demo's probe tests on its 40 validation patients (about 67 patch positives at 64 px).
 There a blob detector (the probe's hand-feature reference) leads the pixels by +0.11 with a
-paired 95 % interval of [-0.005, 0.27]: a gain of the size a good encoder could show is
-inside the noise (docs/recipes.md, "How much a probe on the demo's data can tell").
+paired 95 % interval of [-0.005, 0.27]. Only a gain larger than a blob detector's shows there
+(a supervised CNN's does, benchmarks/probe_ceiling.py); the leads of the recipes tried so far,
++0.02-0.06 on these sets, do not (docs/recipes.md, "How much a probe on the demo's data can tell").
 This check synthesises chest phantoms the checkpoints never saw (default 480 patients x 12
 slices x 96 px per seed, 120 of them the test side), prepares them once under --work, and
 runs `dinox eval probe` (the defaults: the training size, every slice, the manifest's val
