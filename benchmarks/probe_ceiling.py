@@ -143,10 +143,9 @@ def main() -> None:
     ap.add_argument("--bootstrap", type=int, default=BOOTSTRAP)
     ap.add_argument("--tag", required=True)
     args = ap.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     started = time.perf_counter()
 
-    backbone, cfg, meta = load_for_inference(args.checkpoint, torch.device("cpu"))
+    backbone, cfg, _ = load_for_inference(args.checkpoint, torch.device("cpu"))
     size = probe_size(cfg, None)
     root = Path(args.data_root)
     manifest = Path(args.split_manifest) if args.split_manifest else default_manifest(root)
