@@ -38,23 +38,19 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dinox.data.dataset import CTSliceDataset
-from dinox.data.layout import INDEX_FILE, default_manifest
+from dinox.data.layout import default_manifest
 from dinox.eval.load import load_for_inference
-from dinox.eval.probe import (BOOTSTRAP, DEFAULT_MAX_SLICES, ProbeData, auroc, bootstrap_weights, build_tasks,
-                              choose_split, embed, fit_probe, load_labels, model_input, percentile_interval,
-                              probe_size, select_slices, untrained_backbone)
+from dinox.eval.probe import (BOOTSTRAP, ProbeData, auroc, bootstrap_weights, build_tasks, embed, fit_probe,
+                              model_input, percentile_interval, probe_inputs, probe_size, untrained_backbone)
 
 RESULTS = Path(__file__).resolve().parent / "results" / "probe_ceiling.jsonl"
 TASK = "patch_nodule"
 
 
 def probe_data(root: Path, manifest: Path | None, cfg, networks: dict, size: int, seed: int):
-    """The probe's ProbeData of one processed root (as `probe_backbone` builds it) and its dataset."""
-    labels = load_labels(root)
-    dataset = CTSliceDataset(root, "all", None, root / INDEX_FILE, context_mm=cfg.views.context_mm)
-    index_patient = {r["series_id"]: r["patient_id"] for r in dataset.records}
-    split = choose_split(labels, index_patient, mode="auto", manifest=manifest, root=root, seed=seed)
-    data = ProbeData(slices=select_slices(dataset, labels, split, DEFAULT_MAX_SLICES, seed))
+    """The probe's ProbeData of one processed root (as `probe_backbone` builds it, at its
+    defaults) and its dataset."""
+    labels, dataset, _, data = probe_inputs(cfg, root, split_manifest=manifest, seed=seed)
     embed(networks, dataset, data, labels, cfg, device=torch.device("cpu"), size=size, seed=seed)
     return data, dataset
 
@@ -179,11 +175,11 @@ def main() -> None:
                              f"give roots of other phantom seeds")
         extra_x.append(windows(edata, eds, etask.rows, cfg, size, args.margin))
         extra_y.append(etask.y)
+    if extra_x:
+        xm, ym = torch.cat([x_tr, *extra_x]), np.concatenate([y_tr, *extra_y])
     for seed in args.seeds:
         scores[f"cnn/{seed}"] = cnn_scores(train_cnn(x_tr, y_tr, seed, args.epochs), x_te)
         if extra_x:
-            xm = torch.cat([x_tr, *extra_x])
-            ym = np.concatenate([y_tr, *extra_y])
             scores[f"cnn_more_labels/{seed}"] = cnn_scores(train_cnn(xm, ym, seed, args.epochs), x_te)
     for name in ("cnn", "cnn_more_labels"):   # the seeds' mean score: one read-out per kind
         runs = [s for k, s in scores.items() if k.startswith(name + "/")]

@@ -944,6 +944,19 @@ def probe_size(cfg, size: int | None) -> int:
     return size
 
 
+def probe_inputs(cfg, root: Path, *, split_manifest=None, split: str = "auto", seed: int = 0,
+                 max_slices: int = DEFAULT_MAX_SLICES, min_readers: int = MIN_READERS,
+                 test_fraction: float = DEFAULT_TEST_FRACTION, labels_json=None):
+    """(labels, dataset, split, ProbeData with its slices selected) of a labelled processed
+    root: everything the probe reads before it embeds (`embed` then plans the patches)."""
+    labels = load_labels(root, min_readers, labels_json)
+    dataset = CTSliceDataset(root, "all", None, root / INDEX_FILE, context_mm=cfg.views.context_mm)
+    index_patient = {r["series_id"]: r["patient_id"] for r in dataset.records}
+    probe_split = choose_split(labels, index_patient, mode=split, manifest=split_manifest, root=root, seed=seed,
+                               test_fraction=test_fraction)
+    return labels, dataset, probe_split, ProbeData(slices=select_slices(dataset, labels, probe_split, max_slices, seed))
+
+
 def probe_backbone(backbone, cfg, root, *, split_manifest=None, split: str = "auto", seed: int = 0,
                    device: torch.device | None = None, batch_size: int = 64, max_slices: int = DEFAULT_MAX_SLICES,
                    n_boot: int = BOOTSTRAP, min_readers: int = MIN_READERS,
@@ -972,12 +985,9 @@ def probe_backbone(backbone, cfg, root, *, split_manifest=None, split: str = "au
     size = probe_size(cfg, size)
     device = device or next(backbone.parameters()).device
     root = Path(root)
-    labels = load_labels(root, min_readers, labels_json)
-    dataset = CTSliceDataset(root, "all", None, root / INDEX_FILE, context_mm=cfg.views.context_mm)
-    index_patient = {r["series_id"]: r["patient_id"] for r in dataset.records}
-    probe_split = choose_split(labels, index_patient, mode=split, manifest=split_manifest, root=root, seed=seed,
-                               test_fraction=test_fraction)
-    data = ProbeData(slices=select_slices(dataset, labels, probe_split, max_slices, seed))
+    labels, dataset, probe_split, data = probe_inputs(cfg, root, split_manifest=split_manifest, split=split, seed=seed,
+                                                      max_slices=max_slices, min_readers=min_readers,
+                                                      test_fraction=test_fraction, labels_json=labels_json)
     networks = {"checkpoint": backbone}
     notes = labels.notes + probe_split.notes
     if baselines:
