@@ -260,9 +260,13 @@ def test_demo_family_roots_and_mismatch(tmp_path, capsys):
     assert rc != 0 and err.startswith("error:") and "chest" in err and Path(tmp_path).name in err
 
 
-@pytest.mark.parametrize("native,flag,expected", [(True, None, "--amp"), (False, None, "--no-amp"),
-                                                  (False, True, "--amp"), (True, False, "--no-amp")])
-def test_demo_trains_in_bf16_exactly_where_the_cpu_has_it(tmp_path, monkeypatch, native, flag, expected):
+@pytest.mark.parametrize("native,flag,steps,expected,expected_steps", [
+    (True, None, None, "--amp", 1000), (False, None, None, "--no-amp", 600),
+    (False, True, None, "--amp", 1000), (True, False, None, "--no-amp", 600), (False, None, 3, "--no-amp", 3)])
+def test_demo_trains_in_bf16_exactly_where_the_cpu_has_it(tmp_path, monkeypatch, capsys, native, flag, steps,
+                                                          expected, expected_steps):
+    """bf16 autocast where the CPU has it natively (or as asked), and the steps that fit the
+    demo's 8 minutes in that precision unless --steps is given."""
     import argparse
 
     import dinox.cli
@@ -277,12 +281,16 @@ def test_demo_trains_in_bf16_exactly_where_the_cpu_has_it(tmp_path, monkeypatch,
 
     monkeypatch.setattr(dinox.cli, "main", fake_main)
     monkeypatch.setattr(dinox.run.device, "cpu_native_bf16", lambda: native)
-    args = argparse.Namespace(family="chest", root=str(tmp_path), patients=2, slices=4, size=32, steps=3,
+    args = argparse.Namespace(family="chest", root=str(tmp_path), patients=2, slices=4, size=32, steps=steps,
                               batch_size=2, eval_n=8, seed=0, num_workers=0, probe=False, amp=flag)
     with pytest.raises(SystemExit):
         demo.run(args)
     train = [a for a in calls if a[0] == "train"]
     assert len(train) == 1 and expected in train[0] and ({"--amp", "--no-amp"} - {expected}).isdisjoint(train[0])
+    assert train[0][train[0].index("--max-steps") + 1] == str(expected_steps)
+    announced = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[demo] 3/4")]
+    assert len(announced) == 1 and f"for {expected_steps} steps" in announced[0]
+    assert ("--steps to choose" in announced[0]) == (steps is None and expected == "--no-amp")
 
 
 def test_demo_does_not_reuse_data_made_with_other_settings(tmp_path, capsys):
