@@ -107,10 +107,10 @@ def run(args) -> int:
 
     batch_size = _demo_batch(processed, manifest, args.batch_size)
     amp = demo_amp(getattr(args, "amp", None))
-    steps = demo_steps(getattr(args, "steps", None), amp)
-    budget = "" if getattr(args, "steps", None) is not None else (
-        "" if amp else f" (fp32: {DEMO_STEPS_FP32} steps keep the demo near 8 minutes without native bf16, "
-                       f"{DEMO_STEPS} with it; --steps to choose)")
+    requested_steps = getattr(args, "steps", None)
+    steps = demo_steps(requested_steps, amp)
+    budget = (f" (fp32: {DEMO_STEPS_FP32} steps keep the demo near 8 minutes without native bf16, "
+              f"{DEMO_STEPS} with it; --steps to choose)") if requested_steps is None and not amp else ""
     print(f"[demo] 3/4 training vit-tiny for {steps} steps on the CPU"
           f"{' with bf16 autocast' if amp else ''}{budget} -> {runs}/", flush=True)
     code = dinox_main([
