@@ -286,6 +286,17 @@ def test_flags_made_inert_by_the_run_are_named():
     assert "--ibot-mask-probability has no effect: --ibot-weight is 0" in off.notices
     on = tiny(local_crops=4, dino_local_weight=0.5, ibot_mask_probability=1.0)
     assert not any("no effect" in n for n in on.notices)
+    flat = tiny(teacher_temp_start=0.02)
+    assert ("--teacher-temp-start has no effect: --teacher-temp-warmup-steps is 0 (the teacher temperature is "
+            "flat)") in flat.notices
+    assert not any("no effect" in n for n in tiny(teacher_temp_start=0.02, teacher_temp_warmup_steps=5).notices)
+
+
+def test_a_backbone_frozen_past_the_run_is_named():
+    frozen = tiny(max_steps=3, freeze_backbone_steps=10)
+    assert ("--freeze-backbone-steps 10 >= --max-steps 3: the backbone stays frozen for the whole run (only the "
+            "heads learn)") in frozen.notices
+    assert not any("frozen" in n for n in tiny(max_steps=30, freeze_backbone_steps=10).notices)
 
 
 def test_resume_on_the_same_hardware_keeps_the_runs_own_batch():

@@ -509,3 +509,23 @@ def test_nifti_patient_from_the_folder_keeps_a_patients_scans_on_one_side(tmp_pa
     assert val and train and not train & val and train | val == {f"pid{i:03d}" for i in range(6)}
     with pytest.raises(UserError, match="--nifti-patient"):
         prep([tmp_path / "in"], tmp_path / "out2", nifti_patient="series")
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR DS")   # the NaN is the point
+def test_a_pixel_spacing_or_rescale_that_is_no_number_skips_its_series(tmp_path):
+    """A PixelSpacing of 0 (or below) would put 0 mm diameters in the label table, and a NaN
+    RescaleSlope would cast every voxel to 0 HU: each series is skipped with its reason, the
+    good one is written."""
+    rng = np.random.default_rng(30)
+    hu = random_hu(rng, (3, 4, 4))
+    write_series(tmp_path / "in" / "good", hu, "1.2.82.1")
+    _rewrite(write_series(tmp_path / "in" / "flat", hu, "1.2.82.2", patient_id="B"), PixelSpacing=[0, 0])
+    _rewrite(write_series(tmp_path / "in" / "nan", hu, "1.2.82.3", patient_id="C"), RescaleSlope="nan")
+    report = prep([tmp_path / "in"], tmp_path / "out")
+    assert report["series_written"] == ["1.2.82.1"]
+    reasons = {s["series_id"]: s["reason"] for s in report["series_skipped"]}
+    assert reasons["1.2.82.2"].startswith("PixelSpacing 0/0 is not a positive size in mm")
+    assert "1.2.82.3" in reasons
+    dropped = json.dumps(report)
+    assert "RescaleSlope/RescaleIntercept give values that are not finite numbers" in dropped
+

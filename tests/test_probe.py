@@ -602,3 +602,31 @@ def test_the_demo_prints_each_lead_over_a_baseline_with_its_paired_interval(tmp_
     assert "probe slice_nodule: AUROC 0.700 [0.600, 0.800] | untrained 0.570 (lead +0.130 [0.000, 0.260])" in out
     assert "| pixels 0.590 (lead -0.090 [-0.230, 0.050])" in out
     assert "with 40 test patients the intervals are +-0.10 to +-0.14 wide" in out
+
+
+def test_marks_on_slices_outside_their_volume_are_noted_or_refused(tmp_path):
+    """A table row whose slice lies beyond its prepared volume can never be probed: noted
+    when some are, refused when all are (the table belongs to other volumes)."""
+    rows = [_row("reader1", 3, (10, 10, 14, 14)), _row("reader2", 999, (10, 10, 14, 14))]
+    labels = probe.load_labels(_labelled_root(tmp_path, rows))
+    probe._check_slices_in_volumes(labels, {SERIES: 12, "other": 5}, tmp_path)
+    assert any(n.startswith(f"1 of 2 marked slices lie outside their prepared volumes (e.g. slice 999 of series "
+                            f"{SERIES}, which has 12 slices)") for n in labels.notes)
+    with pytest.raises(UserError, match="every nodule mark .* lies on a slice outside its prepared volume"):
+        probe._check_slices_in_volumes(labels, {SERIES: 3}, tmp_path)
+
+
+def test_a_probe_in_training_without_any_task_warns_instead_of_printing_nothing(monkeypatch, caplog, capsys):
+    from types import SimpleNamespace
+
+    from dinox.observe.monitor_hook import run_probe
+
+    monkeypatch.setattr(probe, "probe_backbone", lambda *a, **k: {
+        "tasks": {}, "skipped": {"slice_nodule": "one class only on the training side"}})
+    logged = []
+    cfg = SimpleNamespace(io=SimpleNamespace(data_root="r", split_manifest=None), runtime=SimpleNamespace(seed=0))
+    metrics = SimpleNamespace(log=lambda step, scores: logged.append(scores))
+    with caplog.at_level("WARNING"):
+        assert run_probe(None, cfg, step=5, device="cpu", metrics=metrics) is None
+    assert "nodule probe at step 5 found no task it could fit (slice_nodule: one class only" in caplog.text
+    assert not logged and "probe step=" not in capsys.readouterr().out

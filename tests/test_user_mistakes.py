@@ -412,3 +412,72 @@ def test_a_demo_batch_larger_than_its_data_names_the_demo_flags(tmp_path, capsys
                  "--steps", "1", "--batch-size", "500"]) == 1
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "--batch-size 500 is more than the demo data's" in err and "--patients or --slices" in err
+
+
+def test_series_too_large_for_the_machine_are_refused_before_any_work(tmp_path, monkeypatch, capsys):
+    """A slice count beyond any CT series, or series whose build would not fit in the free
+    memory, get one line before anything is written (the system would otherwise kill a
+    worker without a word); the demo checks its data before it prints its first step."""
+    from dinox.data import synth
+
+    assert main(["synth", "--out", str(tmp_path / "a"), "--patients", "1", "--slices", "100000", "--size", "64"]) == 1
+    assert "--slices must be between 3" in one_line_error(capsys) and not (tmp_path / "a").exists()
+    monkeypatch.setattr(synth, "available_memory_bytes", lambda: 10 ** 8)   # 100 MB free
+    assert main(["synth", "--out", str(tmp_path / "b"), "--patients", "4", "--slices", "200", "--size", "128",
+                 "--workers", "2"]) == 1
+    err = one_line_error(capsys)
+    assert "needs about 0.5 GB to build 2 series at once, and 0.1 GB is free" in err and "fewer --workers" in err
+    assert main(["demo", "--root", str(tmp_path / "demo"), "--size", "8"]) == 1
+    out, err = capsys.readouterr()
+    assert err.startswith("error: --size must be between 32 and 2048") and "[demo]" not in out
+
+
+def _exit_without_a_word(item):
+    import os
+
+    os._exit(9)   # what a worker killed by the system looks like to the pool
+
+
+def test_a_worker_killed_by_the_system_is_one_line_naming_the_remedy():
+    from dinox.data.parallel import process_map
+    from dinox.errors import UserError
+
+    with pytest.raises(UserError, match="synth: a worker process was killed .*fewer --workers"):
+        list(process_map(_exit_without_a_word, range(2), 2, "synth", False))
+
+
+@pytest.mark.parametrize("argv", [
+    ["export", "c.pth", "--out", ""],
+    ["eval", "retrieval", "--checkpoint", "c.pth", "--out", " "],
+    ["eval", "probe", "--checkpoint", "", "--data-root", "r"],
+    ["monitor", "--checkpoint", "c.pth", "--data-root", ""],
+    ["train", "--data-root", ""],
+])
+def test_an_empty_path_is_refused_rather_than_read_as_the_current_folder(argv, capsys):
+    assert main(argv) == 1
+    assert "expected a path, got an empty string" in one_line_error(capsys)
+
+
+def test_a_global_view_of_one_patch_is_refused_naming_the_smallest_size(processed_root, tmp_path, capsys):  # noqa: F811
+    argv = train_args(processed_root, tmp_path / "runs", "--dry-run")
+    assert main([*argv, "--img-size", "8", "--vit-patch", "8"]) == 1
+    assert "gives a 1x1 patch grid with --vit-patch 8" in one_line_error(capsys)
+    assert main([*argv, "--img-size", "16", "--vit-patch", "8"]) == 0
+    capsys.readouterr()
+
+
+def test_a_checkpoint_missing_its_network_or_with_a_bad_step_is_named_damaged(one_step_checkpoint, tmp_path,
+                                                                               capsys):
+    import torch
+
+    state = torch.load(one_step_checkpoint, weights_only=True)
+    no_teacher = tmp_path / "checkpoint_00000002.pth"
+    torch.save({k: v for k, v in state.items() if k != "teacher"}, no_teacher)
+    bad_step = tmp_path / "checkpoint_00000003.pth"
+    torch.save({**state, "step": "abc"}, bad_step)
+    assert main(["export", str(no_teacher), "--out", str(tmp_path / "e1")]) == 1
+    assert "lacks the entries teacher" in one_line_error(capsys)
+    assert main(["export", str(bad_step), "--out", str(tmp_path / "e2")]) == 1
+    assert "records step 'abc', not a whole number" in one_line_error(capsys)
+    assert main(["inspect", str(bad_step)]) == 1
+    assert "DAMAGED (records step 'abc'" in capsys.readouterr().out

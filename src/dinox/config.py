@@ -591,7 +591,9 @@ def _inert_flags(cfg: RunConfig, given: dict) -> list[str]:
     """A notice for each flag given that this run's settings make ineffective."""
     notices = []
     for names, off, why in ((_NEEDS_LOCAL_CROPS, cfg.views.local_crops == 0, "--local-crops is 0"),
-                            (_NEEDS_IBOT, cfg.ssl.ibot_weight == 0, "--ibot-weight is 0")):
+                            (_NEEDS_IBOT, cfg.ssl.ibot_weight == 0, "--ibot-weight is 0"),
+                            (("teacher_temp_start",), cfg.ssl.teacher_temp_warmup_steps == 0,
+                             "--teacher-temp-warmup-steps is 0 (the teacher temperature is flat)")):
         inert = [n for n in names if n in given]
         if off and inert:
             notices.append(f"{', '.join(map(_flag, inert))} {'has' if len(inert) == 1 else 'have'} no effect: {why}")
@@ -672,6 +674,9 @@ def _fit_to_run_length(cfg: RunConfig, given: dict) -> list[str]:
             notices.append(f"warm-up {optim.warmup_steps} steps is longer than the run ({optim.max_steps}); "
                            f"using 10% of it: {clamped} steps (set --warmup-steps to choose)")
             optim.warmup_steps = clamped
+    if "freeze_backbone_steps" in given and optim.freeze_backbone_steps >= optim.max_steps:
+        notices.append(f"--freeze-backbone-steps {optim.freeze_backbone_steps} >= --max-steps {optim.max_steps}: "
+                       "the backbone stays frozen for the whole run (only the heads learn)")
     for owner, name, limit, why in (
         (optim, "freeze_last_layer_steps", optim.warmup_steps, "the warm-up"),
         (ssl, "teacher_temp_warmup_steps", max(1, optim.max_steps * 3 // 10), "30% of the run"),
@@ -782,6 +787,12 @@ def validate(cfg: RunConfig) -> None:
     if not 0.0 < v.local_scale_min <= v.local_scale_max <= 1.0:
         raise UserError(f"--local-scale {v.local_scale_min:g} {v.local_scale_max:g} must be two area fractions "
                         f"0 < min <= max <= 1 (DINOv2: 0.05 0.32)")
+    if isinstance(v.img_size, int) and isinstance(m.vit_patch, int) and m.vit_patch > 0 \
+            and v.img_size // m.vit_patch < 2:
+        grid = v.img_size // m.vit_patch
+        raise UserError(f"--img-size {v.img_size} gives a {grid}x{grid} patch grid with --vit-patch {m.vit_patch}; "
+                        f"the patch-level losses (iBOT, Gram, dense) need at least 2x2: use --img-size "
+                        f"{2 * m.vit_patch} or more")
     if v.local_crops and v.local_size > v.img_size:
         raise UserError(f"--local-size {v.local_size} is larger than the global views (--img-size {v.img_size}); "
                         f"local crops are the small views (DINOv2: 96 px for 224 px globals)")

@@ -55,6 +55,12 @@ def float_at_least(minimum: float, *, inclusive: bool = True):
     return parse
 
 
+def path_text(text: str) -> str:
+    """A path flag kept as text (it may be recorded in a run's config): refused when empty,
+    where an empty string would silently mean the current folder or the flag's default."""
+    return str(path(text))
+
+
 def path(text: str) -> Path:
     """A path that names something: an empty string would silently mean the current folder."""
     if not text.strip():

@@ -16,7 +16,8 @@ from pathlib import Path
 
 from dinox.commands.argtypes import int_at_least, nonneg_int, positive_int
 from dinox.data.layout import INDEX_FILE
-from dinox.data.synth import FAMILIES
+from dinox.data.parallel import DEFAULT_WORKERS
+from dinox.data.synth import FAMILIES, check_request
 from dinox.errors import UserError
 
 DEMO_PATIENTS = 160
@@ -84,6 +85,7 @@ def run(args) -> int:
     started = time.perf_counter()
 
     if not (dicom / "labels.json").exists():
+        check_request(args.patients, args.slices, args.size, DEFAULT_WORKERS, family)
         print(f"[demo] 1/4 synthesising {args.patients} {family}-CT series -> {dicom}", flush=True)
         _check(dinox_main(["synth", "--out", str(dicom), "--family", family, "--patients", str(args.patients),
                            "--slices", str(args.slices), "--size", str(args.size), "--seed", str(args.seed)]))

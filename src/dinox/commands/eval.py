@@ -19,7 +19,7 @@ import json
 import tempfile
 from pathlib import Path
 
-from dinox.commands.argtypes import float_at_least, nonneg_int, positive_int
+from dinox.commands.argtypes import float_at_least, nonneg_int, path_text, positive_int
 from dinox.errors import UserError
 
 EXIT_PASS = 0
@@ -33,12 +33,14 @@ PROBE_DEFAULTS = {"split": "auto", "seed": 0}
 def add_retrieval_arguments(p: argparse.ArgumentParser) -> None:
     from dinox.eval.runner import VIEWS
 
-    p.add_argument("--checkpoint", required=True, help="a dinox checkpoint (.pth)")
-    p.add_argument("--split-manifest", help="split JSON (default: the run's own on its root, else "
-                                            "<data-root>/_splits/val10_seed0.json)")
-    p.add_argument("--index-csv", help="index CSV (default: the run's own on its root, else <data-root>/_index/index.csv)")
-    p.add_argument("--data-root", help="processed root (default: the folder above --index-csv's _index/ when given, "
-                                       "else the run's data root)")
+    p.add_argument("--checkpoint", type=path_text, required=True, help="a dinox checkpoint (.pth)")
+    p.add_argument("--split-manifest", type=path_text, help="split JSON (default: the run's own on its root, else "
+                                                            "<data-root>/_splits/val10_seed0.json)")
+    p.add_argument("--index-csv", type=path_text,
+                   help="index CSV (default: the run's own on its root, else <data-root>/_index/index.csv)")
+    p.add_argument("--data-root", type=path_text,
+                   help="processed root (default: the folder above --index-csv's _index/ when given, "
+                        "else the run's data root)")
     p.add_argument("--split", default=RETRIEVAL_DEFAULTS["split"], choices=["val", "train", "all"],
                    help="which side of the split (val)")
     p.add_argument("--n", type=positive_int, default=4096, help="validation samples (all of them if the split has fewer)")
@@ -63,16 +65,18 @@ def add_retrieval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--network", choices=["teacher", "student"], default="teacher")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "rocm", "mps", "cpu"])
     p.add_argument("--batch-size", type=positive_int, default=128)
-    p.add_argument("--out", help="folder for the JSON (default: beside the checkpoint)")
+    p.add_argument("--out", type=path_text, help="folder for the JSON (default: beside the checkpoint)")
 
 
 def add_probe_arguments(p: argparse.ArgumentParser) -> None:
     from dinox.eval import probe
 
-    p.add_argument("--checkpoint", required=True, help="a dinox checkpoint (.pth)")
-    p.add_argument("--data-root", help="processed root with _labels/nodules.csv (default: the run's data root)")
-    p.add_argument("--split-manifest", help="split JSON whose val series are the test side (default: the "
-                                            "run's own manifest, else <data-root>/_splits/val10_seed0.json)")
+    p.add_argument("--checkpoint", type=path_text, required=True, help="a dinox checkpoint (.pth)")
+    p.add_argument("--data-root", type=path_text,
+                   help="processed root with _labels/nodules.csv (default: the run's data root)")
+    p.add_argument("--split-manifest", type=path_text,
+                   help="split JSON whose val series are the test side (default: the "
+                        "run's own manifest, else <data-root>/_splits/val10_seed0.json)")
     p.add_argument("--split", default=PROBE_DEFAULTS["split"], choices=["auto", "val", "patients"],
                    help="test side: the manifest's val split (val), a seeded patient split of the labelled "
                         "series (patients), or val when it holds nodules, else patients (auto)")
@@ -94,14 +98,15 @@ def add_probe_arguments(p: argparse.ArgumentParser) -> None:
                    help="also resample the training patients and refit each binary probe N times (e.g. 200; "
                         "default 0: off): an interval that holds which patients the probe was fitted on, "
                         "where --bootstrap resamples the test patients only; costs N fits per source")
-    p.add_argument("--labels-json", help="dinox synth's labels.json for vessel labels (default: the one the "
-                                         "table's synthetic rows came from)")
+    p.add_argument("--labels-json", type=path_text,
+                   help="dinox synth's labels.json for vessel labels (default: the one the "
+                        "table's synthetic rows came from)")
     p.add_argument("--no-baselines", action="store_true",
                    help="skip the untrained-network and pixel baselines (and the patch tasks' hand-feature reference)")
     p.add_argument("--size", type=positive_int, default=None,
                    help="input size in pixels the slices are resized to (a multiple of the patch; default: the "
                         "run's training size). Larger gives smaller patch cells for the patch-level probes")
-    p.add_argument("--out", help="folder for the JSON (default: beside the checkpoint)")
+    p.add_argument("--out", type=path_text, help="folder for the JSON (default: beside the checkpoint)")
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from dinox import __version__
+from dinox.commands.argtypes import path_text
 from dinox.data.augment import LUNG_WINDOW, WINDOW_FAMILY_NAMES, AugmentConfig
 from dinox.errors import UserError
 from dinox.eval.load import NETWORKS, load_for_inference
@@ -56,9 +57,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                     "folder (--format hf), a safetensors state dict, or a .pth in the official "
                     "DINOv2 / DINOv3 key layout; with the CT preprocessing and a model card.",
     )
-    parser.add_argument("checkpoint", metavar="CHECKPOINT", help="a dinox checkpoint_*.pth")
+    parser.add_argument("checkpoint", type=path_text, metavar="CHECKPOINT", help="a dinox checkpoint_*.pth")
     parser.add_argument("--format", choices=FORMATS, default="hf", help="what to write (default hf)")
-    parser.add_argument("--out", required=True, metavar="DIR",
+    parser.add_argument("--out", type=path_text, required=True, metavar="DIR",
                         help="output folder (created; must be empty, or an earlier export with --overwrite)")
     parser.add_argument("--network", choices=NETWORKS, default="teacher",
                         help="which network's backbone (default teacher, the EMA one DINO evaluates)")

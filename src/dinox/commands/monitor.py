@@ -5,18 +5,22 @@ import argparse
 import json
 from pathlib import Path
 
+from dinox.commands.argtypes import path_text
+
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("monitor", help="heatmap.png, input.png, stats.json of a checkpoint")
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--data-root", help="processed root (default: the one the run trained on)")
-    p.add_argument("--index-csv", help="index CSV (default: the run's own on its root, else <data-root>/_index/index.csv)")
-    p.add_argument("--split-manifest", help="split JSON (default: the run's own on its root, else "
-                                            "<data-root>/_splits/val10_seed0.json)")
+    p.add_argument("--checkpoint", type=path_text, required=True)
+    p.add_argument("--data-root", type=path_text, help="processed root (default: the one the run trained on)")
+    p.add_argument("--index-csv", type=path_text,
+                   help="index CSV (default: the run's own on its root, else <data-root>/_index/index.csv)")
+    p.add_argument("--split-manifest", type=path_text, help="split JSON (default: the run's own on its root, else "
+                                                            "<data-root>/_splits/val10_seed0.json)")
     p.add_argument("--split", default="val", choices=["val", "train", "all"])
     p.add_argument("--network", choices=["teacher", "student"], default="teacher")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "rocm", "mps", "cpu"])
-    p.add_argument("--out", help="run folder to write monitor/step_%%08d_cli/ into (default: the checkpoint's)")
+    p.add_argument("--out", type=path_text,
+                   help="run folder to write monitor/step_%%08d_cli/ into (default: the checkpoint's)")
     p.set_defaults(func=run)
     return p
 

@@ -24,7 +24,7 @@ from dinox.config import (
     RunConfig,
     resolve,
 )
-from dinox.commands.argtypes import boolean, float_at_least, nonneg_int, positive_int, step_budget
+from dinox.commands.argtypes import boolean, float_at_least, nonneg_int, path_text, positive_int, step_budget
 from dinox.data.layout import atomic_write_text
 from dinox.errors import UserError
 from dinox.model.head import PROTOTYPE_NORMS
@@ -177,15 +177,15 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device-memory", type=float_at_least(0, inclusive=False), metavar="GB", help="plan for a device with this much memory")
 
     g = p.add_argument_group("data and output")
-    g.add_argument("--data-root", help="processed root (default data/processed)")
-    g.add_argument("--init-from", metavar="PATH",
+    g.add_argument("--data-root", type=path_text, help="processed root (default data/processed)")
+    g.add_argument("--init-from", type=path_text, metavar="PATH",
                    help="start the backbone from pretrained weights: a DINOv2/DINOv3 .pth, a transformers folder, "
                         "a dinox export (`dinox export`; a training checkpoint is continued with --resume); "
                         "selects the warm-start recipe (docs/recipes.md)")
-    g.add_argument("--index-csv", help="default <data-root>/_index/index.csv")
-    g.add_argument("--split-manifest", help="default <data-root>/_splits/val10_seed0.json")
-    g.add_argument("--out", help="runs root (default data/runs); each run gets YYYYMMDD_HHMMSS/")
-    g.add_argument("--resume", help="'auto' (newest good checkpoint under --out) or a checkpoint path")
+    g.add_argument("--index-csv", type=path_text, help="default <data-root>/_index/index.csv")
+    g.add_argument("--split-manifest", type=path_text, help="default <data-root>/_splits/val10_seed0.json")
+    g.add_argument("--out", type=path_text, help="runs root (default data/runs); each run gets YYYYMMDD_HHMMSS/")
+    g.add_argument("--resume", type=path_text, help="'auto' (newest good checkpoint under --out) or a checkpoint path")
 
     g = p.add_argument_group("checkpoints, monitoring, validation")
     g.add_argument("--ckpt-every", type=positive_int, help="steps between checkpoints (100)")

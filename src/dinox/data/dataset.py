@@ -75,7 +75,9 @@ class CTSliceDataset(Dataset):
             wanted = sides[split]
         if not wanted:
             raise UserError(f"{manifest} lists no {split} series; re-run `dinox prep` with a --val-fraction that "
-                            f"leaves at least one patient on each side")
+                            f"leaves at least one patient on each side"
+                            + (" (an evaluation can also read another side: --split train or all)"
+                               if split == "val" else ""))
         counts = {s: self._whole_number(rows[s], "num_slices") for s in wanted}
         self.series_ids: list[str] = [s for s in wanted if counts[s] >= min_slices]
         if not self.series_ids:

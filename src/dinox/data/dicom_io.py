@@ -13,6 +13,7 @@ ordering and checks, so a series may mix them.
 """
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections import Counter, defaultdict
@@ -317,6 +318,9 @@ def _unusable(h: SliceHeader) -> str | None:
         return f"modality {h.modality or 'missing'} (not CT)"
     if h.orientation is None or h.position is None:
         return "no ImagePositionPatient/ImageOrientationPatient"
+    if h.pixel_spacing is not None and not all(math.isfinite(v) and v > 0 for v in h.pixel_spacing):
+        return (f"PixelSpacing {'/'.join(f'{v:g}' for v in h.pixel_spacing)} is not a positive size in mm: "
+                f"restore it from the scanner's export")
     return None
 
 
@@ -492,6 +496,8 @@ def slice_hu(ds, frame: int | None, rows: int, cols: int) -> np.ndarray:
         raise ValueError(f"pixel array shape {stored.shape} != {(rows, cols)}")
     rescale = ds if frame is None else _frame_item_or(ds, frame, "PixelValueTransformationSequence")
     hu = np.asarray(apply_modality_lut(stored, rescale), dtype=np.float64)
+    if not np.isfinite(hu).all():   # a NaN or infinite RescaleSlope/RescaleIntercept would cast to 0 HU
+        raise ValueError("RescaleSlope/RescaleIntercept give values that are not finite numbers")
     padding = ds.get("PixelPaddingValue")
     if padding is not None:
         limit = ds.get("PixelPaddingRangeLimit")

@@ -8,8 +8,11 @@ from __future__ import annotations
 import os
 import sys
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 
 from tqdm import tqdm
+
+from dinox.errors import UserError
 
 # the default of `--workers` (synth, prep): the cores, at most 4 (both are also disk-bound)
 DEFAULT_WORKERS = min(4, os.cpu_count() or 1)
@@ -28,9 +31,14 @@ def process_map(fn, items, workers: int, desc: str, progress: bool, *, unit: str
                 yield fn(item)
                 bar.update()
         else:
-            with ProcessPoolExecutor(max_workers=min(workers, len(items))) as pool:
-                for result in pool.map(fn, items, chunksize=chunksize):
-                    yield result
-                    bar.update()
+            try:
+                with ProcessPoolExecutor(max_workers=min(workers, len(items))) as pool:
+                    for result in pool.map(fn, items, chunksize=chunksize):
+                        yield result
+                        bar.update()
+            except BrokenProcessPool:
+                # the system kills a worker without a Python error, most often for lack of memory
+                raise UserError(f"{desc}: a worker process was killed (most often for lack of memory); run again "
+                                f"with fewer --workers (the work done so far is kept)") from None
     finally:
         bar.close()

@@ -27,7 +27,7 @@ def load_for_inference(path: str | Path, device: torch.device, which: str = "tea
     problem = store.not_a_checkpoint(path)
     if problem:
         raise UserError(f"checkpoint {path} {problem}")
-    state = store.load_checkpoint(path, map_location="cpu")
+    state = store.load_checkpoint(path, map_location="cpu", required=("config", which))
     cfg = config_from_checkpoint(state, path)
     with torch.device("cpu"):
         model = build_dino_model(cfg.model, img_size=cfg.views.img_size, drop_path=0.0)

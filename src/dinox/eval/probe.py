@@ -944,6 +944,23 @@ def probe_size(cfg, size: int | None) -> int:
     return size
 
 
+def _check_slices_in_volumes(labels: ProbeLabels, depth: dict[str, int], root: Path) -> None:
+    """Notes the nodule marks whose slice lies outside its prepared volume (they can never be
+    probed), and refuses a table in which every mark of an indexed series does: its labels
+    belong to other volumes than the root holds."""
+    keys = [key for key in labels.marks if key[0] in depth]
+    outside = [(sid, z) for sid, z in keys if not 0 <= z < depth[sid]]
+    if not outside:
+        return
+    sid, z = outside[0]
+    example = f"e.g. slice {z} of series {sid}, which has {depth[sid]} slices"
+    if len(outside) == len(keys):
+        raise UserError(f"every nodule mark in {root / NODULES_TABLE} lies on a slice outside its prepared volume "
+                        f"({example}); the table does not match this root's volumes: re-run `dinox prep`")
+    labels.notes.append(f"{len(outside)} of {len(keys)} marked slices lie outside their prepared volumes "
+                        f"({example}); left out")
+
+
 def probe_inputs(cfg, root: Path, *, split_manifest=None, split: str = "auto", seed: int = 0,
                  max_slices: int = DEFAULT_MAX_SLICES, min_readers: int = MIN_READERS,
                  test_fraction: float = DEFAULT_TEST_FRACTION, labels_json=None):
@@ -951,6 +968,7 @@ def probe_inputs(cfg, root: Path, *, split_manifest=None, split: str = "auto", s
     root: everything the probe reads before it embeds (`embed` then plans the patches)."""
     labels = load_labels(root, min_readers, labels_json)
     dataset = CTSliceDataset(root, "all", None, root / INDEX_FILE, context_mm=cfg.views.context_mm)
+    _check_slices_in_volumes(labels, dict(zip(dataset.series_ids, dataset.num_slices)), root)
     index_patient = {r["series_id"]: r["patient_id"] for r in dataset.records}
     probe_split = choose_split(labels, index_patient, mode=split, manifest=split_manifest, root=root, seed=seed,
                                test_fraction=test_fraction)

@@ -141,8 +141,9 @@ class MetricsLogger:
         last = max((int(json.loads(line)["step"]) for line in kept), default=None)
         if step > 0 and (last is None or step - last >= logged_every):
             held = "no rows" if last is None else f"rows only up to step {last}"
-            log.warning("%s holds %s but the checkpoint is at step %d: the rows between are missing (the file was "
-                        "deleted or cut); training goes on and appends from step %d, the TensorBoard events keep "
+            log.warning("%s holds %s but the checkpoint is at step %d: the rows between are missing (the run's "
+                        "metrics.jsonl was deleted or cut, or the checkpoint no longer sits in the run folder that "
+                        "logged them); training goes on and appends from step %d, the TensorBoard events keep "
                         "what they hold", self.path, held, step, step + 1)
         tmp = self.path.with_suffix(".jsonl.tmp")
         with open(tmp, "w", encoding="utf-8") as f:

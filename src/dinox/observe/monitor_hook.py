@@ -95,6 +95,10 @@ def run_probe(backbone, cfg, *, step: int, device, metrics) -> dict | None:
         log.warning("nodule probe skipped at step %d: %s", step, exc)
         return None
     scores = {f"Eval/Probe_{name}": task["auroc"] for name, task in result["tasks"].items()}
+    if not scores:
+        why = "; ".join(f"{name}: {reason}" for name, reason in result.get("skipped", {}).items())
+        log.warning("nodule probe at step %d found no task it could fit (%s)", step, why or "no samples")
+        return None
     metrics.log(step, scores)
     print(f"probe step={step} " + " ".join(f"{k.split('/', 1)[1]}={v:.3f}" for k, v in scores.items()), flush=True)
     return result

@@ -598,6 +598,9 @@ def content_problem(state: Any, required: tuple[str, ...] | list[str] = ()) -> s
     missing = [key for key in required if key not in state]
     if missing:
         return f"lacks the entries {', '.join(missing)} (incomplete, or not a training checkpoint)"
+    step = state.get("step", 0)
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        return f"records step {step!r}, not a whole number of optimizer steps >= 0"
     stack: list[tuple[Any, str]] = [(state[key], str(key)) for key in reversed(list(state))]
     while stack:
         obj, where = stack.pop()
