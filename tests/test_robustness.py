@@ -633,6 +633,25 @@ def test_a_step_that_fails_keeps_an_exact_emergency_checkpoint(processed_root, t
     assert_same_state(final_weights(run), reference)
 
 
+
+def test_a_first_step_that_fails_saves_nothing_and_does_not_suggest_a_resume(processed_root, tmp_path, capsys,
+                                                                             monkeypatch):
+    """Nothing was trained yet: a checkpoint would hold the initial weights and a resume would
+    meet the same fault, so the one line says to fix it and run again, and no run folder is left."""
+    def fail(self, i):
+        raise ValueError("Expected more than 1 value per channel when training")
+
+    monkeypatch.setattr(CTSliceDataset, "__getitem__", fail)
+    capsys.readouterr()
+    out = tmp_path / "runs"
+    code = main(train_args(processed_root, out, "--max-steps", "3", "--batch-size", "4", "--num-workers", "0",
+                           "--eval-every", "0"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1, err
+    assert err[0].startswith("error: the first step failed: ValueError: Expected more than 1 value"), err
+    assert "fix it and run again" in err[0] and "--resume" not in err[0]
+    assert not list(out.glob("*/checkpoint_*"))
+
 def test_a_disk_that_filled_during_the_run_costs_an_old_checkpoint_not_the_run(processed_root, tmp_path,
                                                                                monkeypatch, capsys):
     """Another process fills the disk: the periodic save rotates out the oldest kept

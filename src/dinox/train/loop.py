@@ -270,11 +270,13 @@ class Trainer:
         self._halt(str(exc).strip().splitlines()[-1].removeprefix(f"{DataChanged.__module__}.{DataChanged.__name__}: "))
 
     def _halt(self, reason: str) -> NoReturn:
-        """A step that failed before its update: save the work so far (the step undone), stop
-        with `reason` in one line (the traceback, if any, is in the log above). Under torchrun
-        the failing rank alone cannot save (the save gathers every rank), so it stops at once
-        and the last periodic checkpoint holds."""
+        """A step that failed before its update: save the work so far (the step undone), stop with
+        `reason` in one line (any traceback is in the log above). Not the first step (a checkpoint
+        would hold the initial weights, a resume meet the same fault), nor under torchrun: the failing
+        rank cannot save alone (the save gathers every rank); the last periodic checkpoint holds."""
         step = self.progress.step
+        if step == 0:
+            raise UserError(f"the first step failed: {reason}; nothing was trained: fix it and run again") from None
         if self.dist.enabled:
             raise UserError(f"at step {step}: {reason}; then resume with --resume auto (from the last periodic "
                             f"checkpoint)") from None
