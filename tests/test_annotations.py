@@ -101,6 +101,50 @@ def test_parse_hand_written_lidc_xml():
     assert len(read.problems) == 1 and "IL057_2" in read.problems[0] and "xCoord" in read.problems[0]
 
 
+
+def _one_nodule(reader: str, points, chars: str = "") -> str:
+    return (f"<readingSession><servicingRadiologistID>{reader}</servicingRadiologistID><unblindedReadNodule>"
+            f"<noduleID>n</noduleID>{chars}{_roi('-12.5', '1.2.3.1', points)}</unblindedReadNodule></readingSession>")
+
+
+def _message(*sessions: str) -> str:
+    return (f'<LidcReadMessage xmlns="{NS}"><ResponseHeader><SeriesInstanceUid>1.2.3</SeriesInstanceUid>'
+            f'</ResponseHeader>{"".join(sessions)}</LidcReadMessage>')
+
+
+def test_an_outline_off_the_image_is_left_out_and_reported():
+    """Points outside the 64x64 image (negative, past the edge, 1e300) would make boxes that
+    no cell of the slice holds: that roi is left out, the problem named; the rest is kept."""
+    read = parse_lidc_xml(_message(_one_nodule("a", _square(10, 10, 14, 14)), _one_nodule("b", _square(-5, 10, 3, 14)),
+                                   _one_nodule("c", _square(60, 10, 64, 14)), _one_nodule("d", [(1e300, 3), (4, 5)])))
+    rows, problems = lidc_rows(read, _slices(), "x.xml")
+    assert [r["reader"] for r in rows] == ["a"]
+    assert [p.split(":")[0] for p in problems] == ["reader b, nodule 'n'", "reader c, nodule 'n'",
+                                                   "reader d, nodule 'n'"]
+    assert "has the point x=-5, y=10 outside the 64x64 image; left out" in problems[0]
+    assert "x=64, y=10 outside" in problems[1]
+
+
+def test_ratings_off_the_lidc_scales_are_left_out_and_reported():
+    chars = ("<characteristics><subtlety></subtlety><sphericity>-3</sphericity><texture>99</texture>"
+             "<malignancy>high</malignancy><margin>3.5</margin><lobulation>2</lobulation></characteristics>")
+    read = parse_lidc_xml(_message(_one_nodule("a", _square(10, 10, 14, 14), chars)))
+    (mark,) = read.sessions[0].marks
+    assert mark.characteristics == {"lobulation": 2}     # the empty subtlety silently, as LIDC has them
+    assert read.problems == [
+        "reading session 1, unblindedreadnodule 'n': sphericity '-3' is not a rating 1-5; left out",
+        "reading session 1, unblindedreadnodule 'n': texture '99' is not a rating 1-5; left out",
+        "reading session 1, unblindedreadnodule 'n': malignancy 'high' is not a rating 1-5; left out",
+        "reading session 1, unblindedreadnodule 'n': margin '3.5' is not a rating 1-5; left out"]
+
+
+def test_a_session_repeated_mark_for_mark_counts_once():
+    """A copied session would count as a second reader towards the consensus."""
+    same = _one_nodule("a", _square(10, 10, 14, 14))
+    read = parse_lidc_xml(_message(same, _one_nodule("b", _square(11, 11, 14, 14)), same.replace(">a<", ">c<")))
+    assert [s.reader for s in read.sessions] == ["a", "b"]
+    assert read.problems == ["reading session 3 repeats session 1 mark for mark; counted once"]
+
 def test_rows_one_per_reader_per_slice_by_sop_then_z():
     rows, problems = lidc_rows(parse_lidc_xml(HAND_XML), _slices(), "hand.xml")
     got = {(r["reader"], r["kind"], r["slice_index"]): r for r in rows}
@@ -310,7 +354,7 @@ def test_bad_annotation_files_are_reported_not_fatal(synth_prep, tmp_path):
     assert any(Path(p["file"]).name == "broken.xml" and p["problem"].startswith("malformed XML") for p in problems)
     assert any(Path(p["file"]).name == "069.xml" and "z=-9999.0" in p["problem"] for p in problems)
     assert len(problems) == 2
-    assert [Path(f["path"]).name for f in report["files_skipped"]] == ["broken.xml"]
+    assert not report["files_skipped"]    # listed once, under the annotations' problems, not also as "not DICOM"
     rows = read_table(tmp_path / "processed" / NODULES_TABLE)
     hit = [r for r in rows if r["reader"] == "x"]
     assert len(hit) == 1 and hit[0]["nodule_id"] == "N1" and hit[0]["slice_index"] == "3"
@@ -319,6 +363,22 @@ def test_bad_annotation_files_are_reported_not_fatal(synth_prep, tmp_path):
     before = read_table(base / "processed" / NODULES_TABLE)
     assert len(rows) == len(before) + 1
 
+
+
+def test_a_copy_of_a_series_annotation_file_is_read_once(synth_prep, tmp_path):
+    """The same XML found twice for one series (copied into another folder) would count each
+    of its readers twice: the copy is left out and named."""
+    base, labels, _ = synth_prep
+    dicom = tmp_path / "dicom"
+    shutil.copytree(base / "dicom", dicom)
+    s0, s1 = labels["series"]
+    (original,) = (dicom / s0["series_dir"]).glob("*.xml")
+    shutil.copy(original, dicom / s1["series_dir"] / "copy.xml")
+    report = ingest.prepare([dicom], tmp_path / "processed", workers=1, progress=False)
+    (problem,) = report["annotations"]["problems"]
+    assert Path(problem["file"]).name == "copy.xml" and problem["problem"].startswith(
+        f"the same content as {original}") and problem["problem"].endswith("read already for this series; left out")
+    assert len(read_table(tmp_path / "processed" / NODULES_TABLE)) == len(read_table(base / "processed" / NODULES_TABLE))
 
 def test_prep_without_annotations_writes_no_table(tmp_path):
     generate_dataset(tmp_path / "dicom", patients=1, slices=4, size=32, seed=1)

@@ -476,7 +476,9 @@ def test_a_gate_task_the_labels_cannot_probe_is_bad_input(labelled, tmp_path, ca
     root, ckpt = labelled
     assert main(_probe_args(root, ckpt, tmp_path, "--size", "32", "--no-baselines")) == 1
     err = capsys.readouterr().err.strip()
-    assert "patch_nodule could not be probed" in err and len(err.splitlines()) == 1
+    assert "patch_nodule could not be probed (no positive patch cell at this input size" in err
+    assert "a larger --size gives smaller cells" in err and "label more patients" not in err
+    assert len(err.splitlines()) == 1
     result = json.loads((tmp_path / "probe_step2_patients_seed0_size32_nobaselines.json").read_text())
     assert "patch_nodule" in result["skipped"] and result["passed"] is False
 

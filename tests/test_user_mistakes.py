@@ -481,3 +481,32 @@ def test_a_checkpoint_missing_its_network_or_with_a_bad_step_is_named_damaged(on
     assert "records step 'abc', not a whole number" in one_line_error(capsys)
     assert main(["inspect", str(bad_step)]) == 1
     assert "DAMAGED (records step 'abc'" in capsys.readouterr().out
+
+
+def test_ctrl_c_while_the_subcommands_are_imported_is_one_word(monkeypatch, capsys):
+    import dinox.cli
+
+    def interrupted(name):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(dinox.cli.importlib, "import_module", interrupted)
+    assert main(["train", "--help"]) == 130
+    assert capsys.readouterr().err == "interrupted\n"
+
+
+def test_a_nifti_without_its_ending_or_with_complex_voxels_says_why(tmp_path, capsys):
+    plain = _ct(tmp_path / "a" / "scan.nii")
+    plain.rename(plain.with_suffix(""))                  # "scan": no .nii ending
+    assert main(["prep", "--input", str(tmp_path / "a"), "--output", str(tmp_path / "pa"), "--workers", "1"]) == 1
+    capsys.readouterr()
+    report = json.loads((tmp_path / "pa" / "prep_report.json").read_text())
+    (skip,) = report["files_skipped"]
+    assert skip["reason"] == ("not a DICOM file: a NIfTI volume named without .nii; rename it to end in .nii to "
+                              "prepare it")
+    (tmp_path / "b").mkdir()
+    data = np.linspace(-1000.0, 1000.0, 16 * 16 * 4).reshape(16, 16, 4).astype(np.complex64)
+    nib.save(nib.Nifti1Image(data, np.diag([0.7, 0.7, 2.5, 1.0])), str(tmp_path / "b" / "k.nii.gz"))
+    assert main(["prep", "--input", str(tmp_path / "b"), "--output", str(tmp_path / "pb"), "--workers", "1"]) == 1
+    capsys.readouterr()
+    report = json.loads((tmp_path / "pb" / "prep_report.json").read_text())
+    assert "complex voxels (complex64): not CT in HU" in json.dumps(report)

@@ -49,6 +49,7 @@ slice spacing.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import math
@@ -78,6 +79,10 @@ CHARACTERISTICS = {
     "lobulation": "lobulation", "spiculation": "spiculation", "texture": "texture",
     "malignancy": "malignancy",
 }
+# the LIDC-IDRI rating scales (Armato et al. 2011, Table 2; McNitt-Gray et al. 2007)
+RATING_RANGES = {"subtlety": (1, 5), "internalStructure": (1, 4), "calcification": (1, 6),
+                 "sphericity": (1, 5), "margin": (1, 5), "lobulation": (1, 5), "spiculation": (1, 5),
+                 "texture": (1, 5), "malignancy": (1, 5)}
 NODULE_COLUMNS = (["series_id", "patient_id", "source", "reader", "kind", "nodule_id", "slice_index",
                    "z_mm", "sop_uid", "center_row", "center_col", "row0", "col0", "row1", "col1",
                    "diameter_mm"] + list(CHARACTERISTICS.values()) + ["file"])
@@ -178,16 +183,22 @@ def _parse_roi(el: ET.Element) -> Roi:
     return Roi(z=z, sop_uid=sop, points=points, inclusion=_text(el, "inclusion").upper() != "FALSE")
 
 
-def _characteristics(el: ET.Element) -> dict[str, int]:
-    """The integer ratings present; empty or non-numeric entries (seen in LIDC) are left out."""
+def _characteristics(el: ET.Element, rejected: list[str] | None = None) -> dict[str, int]:
+    """The ratings present on LIDC's scales (RATING_RANGES); empty entries (seen in LIDC) are
+    left out silently, any other value off its scale is left out and named in `rejected`."""
     names = {k.lower(): k for k in CHARACTERISTICS}
     out = {}
     for group in _kids(el, "characteristics"):
         for c in group:
             name = names.get(_local(c.tag))
             text = (c.text or "").strip()
-            if name and text.lstrip("-").isdigit():
+            if not name or not text:
+                continue
+            lo, hi = RATING_RANGES[name]
+            if text.lstrip("-").isdigit() and lo <= int(text) <= hi:
                 out[name] = int(text)
+            elif rejected is not None:
+                rejected.append(f"{name} {text!r} is not a rating {lo}-{hi}; left out")
     return out
 
 
@@ -215,12 +226,30 @@ def _parse_session(el: ET.Element, number: int, problems: list[str]) -> ReadingS
         parse = {"unblindedreadnodule": _parse_nodule, "nonnodule": _parse_non_nodule}.get(_local(child.tag))
         if parse is None:
             continue
+        where = f"reading session {number}, {_local(child.tag)} " \
+                f"{(_text(child, 'noduleID') or _text(child, 'nonNoduleID') or '?')!r}"
         try:
             session.marks.append(parse(child))
         except AnnotationError as exc:
-            ident = _text(child, "noduleID") or _text(child, "nonNoduleID") or "?"
-            problems.append(f"reading session {number}, {_local(child.tag)} {ident!r}: {exc}")
+            problems.append(f"{where}: {exc}")
+            continue
+        rejected: list[str] = []
+        _characteristics(child, rejected)
+        problems.extend(f"{where}: {text}" for text in rejected)
     return session
+
+
+def _distinct_sessions(sessions: list[ReadingSession], problems: list[str]) -> list[ReadingSession]:
+    """The sessions, less any that repeats an earlier one mark for mark: a copied session would
+    count as another reader towards the consensus."""
+    kept: list[tuple[int, ReadingSession]] = []
+    for number, session in enumerate(sessions, 1):
+        same = next((k for k, other in kept if session.marks and other.marks == session.marks), None)
+        if same is None:
+            kept.append((number, session))
+        else:
+            problems.append(f"reading session {number} repeats session {same} mark for mark; counted once")
+    return [session for _, session in kept]
 
 
 def parse_lidc_xml(data: bytes | str) -> LidcRead:
@@ -249,7 +278,8 @@ def parse_lidc_xml(data: bytes | str) -> LidcRead:
     headers = _kids(root, "ResponseHeader")
     header = headers[0] if headers else ET.Element("ResponseHeader")
     problems: list[str] = []
-    sessions = [_parse_session(s, k + 1, problems) for k, s in enumerate(_kids(root, "readingSession"))]
+    sessions = _distinct_sessions([_parse_session(s, k + 1, problems)
+                                   for k, s in enumerate(_kids(root, "readingSession"))], problems)
     return LidcRead(series_uid=_text(header, "SeriesInstanceUid"), study_uid=_text(header, "StudyInstanceUID"),
                     sessions=sessions, problems=problems)
 
@@ -386,7 +416,13 @@ def mark_rows(mark: Mark, reader: str, s: SeriesSlices, file: str, problems: lis
     """Table rows of one reader's mark, one per slice; rois on no prepared slice go to
     `problems`. Holes (inclusion FALSE) lie inside their outline and do not change its box."""
     by_slice: dict[int, list] = defaultdict(list)
+    rows_, cols_ = s.shape_yx
     for roi in mark.rois:
+        off = next(((x, y) for x, y in roi.points if not (0 <= x < cols_ and 0 <= y < rows_)), None)
+        if off is not None:   # an outline off the image would make a box no cell of the slice holds
+            problems.append(f"reader {reader}, {mark.kind} {mark.mark_id!r}: roi at z={roi.z} has the point "
+                            f"x={off[0]}, y={off[1]} outside the {cols_}x{rows_} image; left out")
+            continue
         k = s.locate(roi.sop_uid, roi.z)
         if k is None:
             problems.append(f"reader {reader}, {mark.kind} {mark.mark_id!r}: roi at z={roi.z} "
@@ -688,6 +724,7 @@ class _Collector:
         self.rows: list[dict] = []
         self.problems: list[dict] = []
         self.used: list[str] = []
+        self.contents: dict[tuple[str, str], str] = {}    # (series, sha256 of an XML) -> the file read
 
     def problem(self, file: str, text: str, series_id: str | None = None) -> None:
         entry = {"file": file, "problem": text}
@@ -722,11 +759,18 @@ def _owner(read: LidcRead, path: str, by_uid: dict[str, _Series], series: list[_
 
 def _use_xml(path: str, out: _Collector, by_uid: dict[str, _Series], series: list[_Series]) -> None:
     with open(path, "rb") as f:
-        read = parse_lidc_xml(f.read(MAX_XML_BYTES + 1))
+        raw = f.read(MAX_XML_BYTES + 1)
+    read = parse_lidc_xml(raw)
     owner, note = _owner(read, path, by_uid, series)
     if note:
         out.problem(path, note, owner.task.series_id if owner else None)
     if owner is not None:
+        key = (owner.task.series_id, hashlib.sha256(raw).hexdigest())
+        if key in out.contents:   # a copy of a file already read would count its readers twice
+            out.problem(path, f"the same content as {out.contents[key]}, read already for this series; left out",
+                        owner.task.series_id)
+            return
+        out.contents[key] = path
         out.add(path, owner, lambda s: lidc_rows(read, s, path))
         out.used.append(path)
 
@@ -744,8 +788,8 @@ def update_table(root, inputs, tasks, index_rows: dict[str, dict], files_skipped
     """Write <root>/_labels/nodules.csv from the annotation files beside the prepared DICOM
     series and return the prep report's "annotations" entry. Never raises for a missing,
     malformed or mismatched annotation file: those are listed under "problems". Rows of
-    series prepared by earlier runs and not seen now are kept. Annotation files used are
-    taken off `files_skipped` (the header scan listed them as not DICOM)."""
+    series prepared by earlier runs and not seen now are kept. Annotation files, read or
+    listed under "problems", are taken off `files_skipped` (the header scan listed them as not DICOM)."""
     inputs = [os.path.abspath(p if os.path.isdir(p) else os.path.dirname(p) or ".") for p in map(str, inputs)]
     dropped = defaultdict(set)
     for f in files_skipped:
@@ -785,7 +829,7 @@ def _write(root: Path, out: _Collector, seen: set[str], index_rows: dict, files_
             out.problem(str(path), f"earlier table: {what}; the row was left out")
     if rows or candidates or path.is_file():
         write_table(path, rows)
-    used = {os.path.realpath(p) for p in out.used}
-    files_skipped[:] = [f for f in files_skipped if os.path.realpath(f["path"]) not in used]
+    annotations = {os.path.realpath(p) for p in candidates}   # read or listed under "problems"
+    files_skipped[:] = [f for f in files_skipped if os.path.realpath(f["path"]) not in annotations]
     return {"table": NODULES_TABLE if path.is_file() else None, "files": out.used, "rows": len(rows),
             "series": len({r["series_id"] for r in rows}), "problems": out.problems}

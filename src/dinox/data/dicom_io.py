@@ -143,12 +143,24 @@ def _looks_like_dicom(path: str) -> bool:
     return len(head) >= 8 and int.from_bytes(head[:2], "little") in (0x0002, 0x0008)
 
 
+def _not_dicom(path: str) -> str:
+    """Why a file is skipped as not DICOM: named more closely where it is a NIfTI volume (or a
+    gzip file) whose name lacks the .nii / .nii.gz ending prep recognises NIfTI by."""
+    with open(path, "rb") as f:
+        head = f.read(348)
+    if head[344:348] in (b"n+1\0", b"ni1\0") or head[4:8] == b"n+2\0":
+        return "not a DICOM file: a NIfTI volume named without .nii; rename it to end in .nii to prepare it"
+    if head[:2] == b"\x1f\x8b":
+        return "not a DICOM file: gzip data; a gzipped NIfTI volume must be named *.nii.gz to be prepared"
+    return "not a DICOM file"
+
+
 def read_headers(path: str) -> list[SliceHeader] | str:
     """The slice headers of one file (one per frame of a multi-frame file), or the reason
     it is not a usable DICOM image."""
     try:
         if not _looks_like_dicom(path):
-            return "not a DICOM file"
+            return _not_dicom(path)
         try:
             ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=_HEADER_TAGS)
         except InvalidDicomError:

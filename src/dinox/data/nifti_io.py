@@ -82,6 +82,8 @@ def read_nifti(path) -> tuple[np.ndarray, tuple[float, float, float], list[str]]
         raise ValueError(f"not a 3D volume (shape {img.shape})")
     canon = nib.as_closest_canonical(img)
     data = np.asarray(canon.dataobj)
+    if np.iscomplexobj(data):
+        raise ValueError(f"complex voxels ({data.dtype}): not CT in HU (a k-space or phase image?)")
     vol = data.transpose(2, 1, 0)[:, ::-1, ::-1]
     vol, bad, lowest = fill_non_finite(vol)
     notes = [f"{bad} NaN or infinite voxels ({100 * bad / vol.size:.2g} % of the volume) set to {HU_MIN} HU "

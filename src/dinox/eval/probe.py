@@ -779,7 +779,9 @@ def build_tasks(data: ProbeData, vessel_labels: bool = False) -> tuple[list[Task
     def patch_task(name, what, pos_of, neg_of):
         rows = np.array([i for i, p in enumerate(pt) if pos_of(p) or neg_of(p)], dtype=int)
         if rows.size == 0 or not any(pos_of(pt[i]) for i in rows) or not any(neg_of(pt[i]) for i in rows):
-            skipped[name] = "no samples of one of the two classes"
+            missing = "positive" if not any(pos_of(pt[i]) for i in rows) else "negative"
+            skipped[name] = (f"no {missing} patch cell at this input size (both classes need cells at least "
+                             f"{MIN_LUNG_FRACTION:.0%} lung; a larger --size gives smaller cells)")
             return
         tasks.append(Task(name, what, "tokens", "patch", rows, np.array([int(pos_of(pt[i])) for i in rows]),
                           np.array([sl[pt[i].slice_pos].side for i in rows]),
@@ -1066,7 +1068,10 @@ def verdict(result: dict, min_auroc: float) -> tuple[bool, str]:
         t = result["tasks"].get(name)
         if t is None:
             split = result.get("split", {})
-            return False, (f"{name} could not be probed ({result['skipped'].get(name, 'no samples')}; "
+            why = result['skipped'].get(name, 'no samples')
+            if "patch cell" in why:
+                return False, f"{name} could not be probed ({why})"
+            return False, (f"{name} could not be probed ({why}; "
                            f"{split.get('train_patients', '?')} training and {split.get('test_patients', '?')} "
                            f"test patients): each side of the patient split needs slices with and without a "
                            f"nodule; label more patients (dinox synth --patients, or more LIDC series), try "
