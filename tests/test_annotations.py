@@ -122,7 +122,7 @@ def test_an_outline_off_the_image_is_left_out_and_reported():
     assert [p.split(":")[0] for p in problems] == ["reader b, nodule 'n'", "reader c, nodule 'n'",
                                                    "reader d, nodule 'n'"]
     assert "has the point x=-5, y=10 outside the 64x64 image; left out" in problems[0]
-    assert "x=64, y=10 outside" in problems[1]
+    assert "x=64, y=10 outside" in problems[1] and "x=1e+300, y=3 outside" in problems[2]
 
 
 def test_ratings_off_the_lidc_scales_are_left_out_and_reported():

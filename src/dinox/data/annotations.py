@@ -421,7 +421,7 @@ def mark_rows(mark: Mark, reader: str, s: SeriesSlices, file: str, problems: lis
         off = next(((x, y) for x, y in roi.points if not (0 <= x < cols_ and 0 <= y < rows_)), None)
         if off is not None:   # an outline off the image would make a box no cell of the slice holds
             problems.append(f"reader {reader}, {mark.kind} {mark.mark_id!r}: roi at z={roi.z} has the point "
-                            f"x={off[0]}, y={off[1]} outside the {cols_}x{rows_} image; left out")
+                            f"x={off[0]:g}, y={off[1]:g} outside the {cols_}x{rows_} image; left out")
             continue
         k = s.locate(roi.sop_uid, roi.z)
         if k is None:
