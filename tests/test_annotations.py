@@ -113,16 +113,19 @@ def _message(*sessions: str) -> str:
 
 
 def test_an_outline_off_the_image_is_left_out_and_reported():
-    """Points outside the 64x64 image (negative, past the edge, 1e300) would make boxes that
-    no cell of the slice holds: that roi is left out, the problem named; the rest is kept."""
+    """Points further than a pixel outside the 64x64 image (negative, past the edge, 1e300)
+    would make boxes that no cell of the slice holds: that roi is left out, the problem named;
+    an outline running one pixel past the border is held to the image."""
     read = parse_lidc_xml(_message(_one_nodule("a", _square(10, 10, 14, 14)), _one_nodule("b", _square(-5, 10, 3, 14)),
-                                   _one_nodule("c", _square(60, 10, 64, 14)), _one_nodule("d", [(1e300, 3), (4, 5)])))
+                                   _one_nodule("c", _square(60, 10, 66, 14)), _one_nodule("d", [(1e300, 3), (4, 5)]),
+                                   _one_nodule("e", _square(60, -1, 64, 4))))
     rows, problems = lidc_rows(read, _slices(), "x.xml")
-    assert [r["reader"] for r in rows] == ["a"]
+    assert [r["reader"] for r in rows] == ["a", "e"]
+    assert (rows[1]["row0"], rows[1]["col0"], rows[1]["row1"], rows[1]["col1"]) == (0, 60, 4, 63)
     assert [p.split(":")[0] for p in problems] == ["reader b, nodule 'n'", "reader c, nodule 'n'",
                                                    "reader d, nodule 'n'"]
     assert "has the point x=-5, y=10 outside the 64x64 image; left out" in problems[0]
-    assert "x=64, y=10 outside" in problems[1] and "x=1e+300, y=3 outside" in problems[2]
+    assert "x=66, y=10 outside" in problems[1] and "x=1e+300, y=3 outside" in problems[2]
 
 
 def test_ratings_off_the_lidc_scales_are_left_out_and_reported():
@@ -139,10 +142,13 @@ def test_ratings_off_the_lidc_scales_are_left_out_and_reported():
 
 
 def test_a_session_repeated_mark_for_mark_counts_once():
-    """A copied session would count as a second reader towards the consensus."""
+    """A copied session would count as a second reader towards the consensus; readers who
+    only clicked the same pixel (a small nodule: no outline, no vote) are not copies."""
     same = _one_nodule("a", _square(10, 10, 14, 14))
-    read = parse_lidc_xml(_message(same, _one_nodule("b", _square(11, 11, 14, 14)), same.replace(">a<", ">c<")))
-    assert [s.reader for s in read.sessions] == ["a", "b"]
+    click = _one_nodule("d", [(30, 30)])
+    read = parse_lidc_xml(_message(same, _one_nodule("b", _square(11, 11, 14, 14)), same.replace(">a<", ">c<"),
+                                   click, click.replace(">d<", ">e<")))
+    assert [s.reader for s in read.sessions] == ["a", "b", "d", "e"]
     assert read.problems == ["reading session 3 repeats session 1 mark for mark; counted once"]
 
 def test_rows_one_per_reader_per_slice_by_sop_then_z():

@@ -106,10 +106,12 @@ def test_validate_messages():
         validate_arch(resolve_arch("custom", patch=8, dim=64, depth=2, heads=-2), 64)
     with pytest.raises(UserError, match=r"^--img-size must be a positive integer"):
         validate_arch(PRESETS["vit-tiny"], 0)
-    with pytest.raises(UserError, match=r"^--img-size 12 is not a multiple of --vit-patch 8; "
-                                        r"use --img-size 8 or 16$"):
-        validate_arch(PRESETS["vit-tiny"], 12)
-    with pytest.raises(UserError, match=r"^--img-size 5 is not a multiple of --vit-patch 8; "
-                                        r"use --img-size 8$"):
-        validate_arch(PRESETS["vit-tiny"], 5)
+    with pytest.raises(UserError, match=r"^--img-size 20 is not a multiple of --vit-patch 8; "
+                                        r"use --vit-patch 5 \(20 = 4 x 5\) or --img-size 16 or 24$"):
+        validate_arch(PRESETS["vit-tiny"], 20)
+    # under two patches a side the message names the smallest size that works, not the nearest multiple
+    for size, grid in ((12, 1), (8, 1), (5, 0)):
+        with pytest.raises(UserError, match=rf"^--img-size {size} gives a {grid}x{grid} patch grid with --vit-patch 8; "
+                                            r".* need at least 2x2: use --img-size 16 or more$"):
+            validate_arch(PRESETS["vit-tiny"], size)
     validate_arch(PRESETS["vit-tiny"], None)

@@ -650,7 +650,7 @@ def test_a_first_step_that_fails_saves_nothing_and_does_not_suggest_a_resume(pro
     assert code == 1 and len(err) == 1, err
     assert err[0].startswith("error: the first step failed: ValueError: Expected more than 1 value"), err
     assert "fix it and run again" in err[0] and "--resume" not in err[0]
-    assert not list(out.glob("*/checkpoint_*"))
+    assert not list(out.glob("*/checkpoint_*")) and not list(out.glob("*/"))   # the empty run folder removed
 
 def test_a_disk_that_filled_during_the_run_costs_an_old_checkpoint_not_the_run(processed_root, tmp_path,
                                                                                monkeypatch, capsys):

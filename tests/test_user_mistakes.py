@@ -422,7 +422,7 @@ def test_series_too_large_for_the_machine_are_refused_before_any_work(tmp_path, 
 
     assert main(["synth", "--out", str(tmp_path / "a"), "--patients", "1", "--slices", "100000", "--size", "64"]) == 1
     assert "--slices must be between 3" in one_line_error(capsys) and not (tmp_path / "a").exists()
-    monkeypatch.setattr(synth, "available_memory_bytes", lambda: 10 ** 8)   # 100 MB free
+    monkeypatch.setattr(synth, "available_memory_bytes", lambda: 10 ** 8)   # 100 MB free (as synth sees it)
     assert main(["synth", "--out", str(tmp_path / "b"), "--patients", "4", "--slices", "200", "--size", "128",
                  "--workers", "2"]) == 1
     err = one_line_error(capsys)
@@ -476,7 +476,7 @@ def test_a_checkpoint_missing_its_network_or_with_a_bad_step_is_named_damaged(on
     bad_step = tmp_path / "checkpoint_00000003.pth"
     torch.save({**state, "step": "abc"}, bad_step)
     assert main(["export", str(no_teacher), "--out", str(tmp_path / "e1")]) == 1
-    assert "lacks the entries teacher" in one_line_error(capsys)
+    assert "is damaged: lacks the teacher network (incomplete)" in one_line_error(capsys)
     assert main(["export", str(bad_step), "--out", str(tmp_path / "e2")]) == 1
     assert "records step 'abc', not a whole number" in one_line_error(capsys)
     assert main(["inspect", str(bad_step)]) == 1

@@ -787,12 +787,6 @@ def validate(cfg: RunConfig) -> None:
     if not 0.0 < v.local_scale_min <= v.local_scale_max <= 1.0:
         raise UserError(f"--local-scale {v.local_scale_min:g} {v.local_scale_max:g} must be two area fractions "
                         f"0 < min <= max <= 1 (DINOv2: 0.05 0.32)")
-    if isinstance(v.img_size, int) and isinstance(m.vit_patch, int) and m.vit_patch > 0 \
-            and v.img_size // m.vit_patch < 2:
-        grid = v.img_size // m.vit_patch
-        raise UserError(f"--img-size {v.img_size} gives a {grid}x{grid} patch grid with --vit-patch {m.vit_patch}; "
-                        f"the patch-level losses (iBOT, Gram, dense) need at least 2x2: use --img-size "
-                        f"{2 * m.vit_patch} or more")
     if v.local_crops and v.local_size > v.img_size:
         raise UserError(f"--local-size {v.local_size} is larger than the global views (--img-size {v.img_size}); "
                         f"local crops are the small views (DINOv2: 96 px for 224 px globals)")

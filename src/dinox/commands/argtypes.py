@@ -56,9 +56,10 @@ def float_at_least(minimum: float, *, inclusive: bool = True):
 
 
 def path_text(text: str) -> str:
-    """A path flag kept as text (it may be recorded in a run's config): refused when empty,
+    """A path flag kept as given (it may be recorded in a run's config): refused when empty,
     where an empty string would silently mean the current folder or the flag's default."""
-    return str(path(text))
+    path(text)
+    return text
 
 
 def path(text: str) -> Path:

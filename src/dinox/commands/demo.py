@@ -85,7 +85,7 @@ def run(args) -> int:
     started = time.perf_counter()
 
     if not (dicom / "labels.json").exists():
-        check_request(args.patients, args.slices, args.size, DEFAULT_WORKERS, family)
+        check_request(args.patients, args.slices, args.size, DEFAULT_WORKERS, family, workers_flag=False)
         print(f"[demo] 1/4 synthesising {args.patients} {family}-CT series -> {dicom}", flush=True)
         _check(dinox_main(["synth", "--out", str(dicom), "--family", family, "--patients", str(args.patients),
                            "--slices", str(args.slices), "--size", str(args.size), "--seed", str(args.seed)]))

@@ -56,7 +56,7 @@ import math
 import os
 import xml.etree.ElementTree as ET
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -80,9 +80,7 @@ CHARACTERISTICS = {
     "malignancy": "malignancy",
 }
 # the LIDC-IDRI rating scales (Armato et al. 2011, Table 2; McNitt-Gray et al. 2007)
-RATING_RANGES = {"subtlety": (1, 5), "internalStructure": (1, 4), "calcification": (1, 6),
-                 "sphericity": (1, 5), "margin": (1, 5), "lobulation": (1, 5), "spiculation": (1, 5),
-                 "texture": (1, 5), "malignancy": (1, 5)}
+RATING_RANGES = {name: (1, {"internalStructure": 4, "calcification": 6}.get(name, 5)) for name in CHARACTERISTICS}
 NODULE_COLUMNS = (["series_id", "patient_id", "source", "reader", "kind", "nodule_id", "slice_index",
                    "z_mm", "sop_uid", "center_row", "center_col", "row0", "col0", "row1", "col1",
                    "diameter_mm"] + list(CHARACTERISTICS.values()) + ["file"])
@@ -202,13 +200,13 @@ def _characteristics(el: ET.Element, rejected: list[str] | None = None) -> dict[
     return out
 
 
-def _parse_nodule(el: ET.Element) -> Mark:
+def _parse_nodule(el: ET.Element, rejected: list[str] | None = None) -> Mark:
     rois = tuple(_parse_roi(r) for r in _kids(el, "roi"))
     if not any(r.inclusion for r in rois):
         raise AnnotationError("nodule without an inclusion roi")
     outlined = any(len(r.points) > 1 for r in rois if r.inclusion)
     return Mark(kind="nodule" if outlined else "small_nodule", mark_id=_text(el, "noduleID"),
-                rois=rois, characteristics=_characteristics(el))
+                rois=rois, characteristics=_characteristics(el, rejected))
 
 
 def _parse_non_nodule(el: ET.Element) -> Mark:
@@ -223,7 +221,9 @@ def _parse_non_nodule(el: ET.Element) -> Mark:
 def _parse_session(el: ET.Element, number: int, problems: list[str]) -> ReadingSession:
     session = ReadingSession(reader=_text(el, "servicingRadiologistID"))
     for child in el:
-        parse = {"unblindedreadnodule": _parse_nodule, "nonnodule": _parse_non_nodule}.get(_local(child.tag))
+        rejected: list[str] = []
+        parse = {"unblindedreadnodule": lambda c: _parse_nodule(c, rejected),
+                 "nonnodule": _parse_non_nodule}.get(_local(child.tag))
         if parse is None:
             continue
         where = f"reading session {number}, {_local(child.tag)} " \
@@ -233,18 +233,19 @@ def _parse_session(el: ET.Element, number: int, problems: list[str]) -> ReadingS
         except AnnotationError as exc:
             problems.append(f"{where}: {exc}")
             continue
-        rejected: list[str] = []
-        _characteristics(child, rejected)
         problems.extend(f"{where}: {text}" for text in rejected)
     return session
 
 
 def _distinct_sessions(sessions: list[ReadingSession], problems: list[str]) -> list[ReadingSession]:
-    """The sessions, less any that repeats an earlier one mark for mark: a copied session would
-    count as another reader towards the consensus."""
+    """The sessions, less any that repeats an earlier one mark for mark, outlines included: a
+    copied session would count as another reader towards the consensus. Sessions without an
+    outline are kept: independent readers do click the same pixel for a small nodule or a
+    non-nodule, and such marks never vote."""
     kept: list[tuple[int, ReadingSession]] = []
     for number, session in enumerate(sessions, 1):
-        same = next((k for k, other in kept if session.marks and other.marks == session.marks), None)
+        outlined = any(m.kind == "nodule" for m in session.marks)
+        same = next((k for k, other in kept if outlined and other.marks == session.marks), None)
         if same is None:
             kept.append((number, session))
         else:
@@ -418,11 +419,15 @@ def mark_rows(mark: Mark, reader: str, s: SeriesSlices, file: str, problems: lis
     by_slice: dict[int, list] = defaultdict(list)
     rows_, cols_ = s.shape_yx
     for roi in mark.rois:
-        off = next(((x, y) for x, y in roi.points if not (0 <= x < cols_ and 0 <= y < rows_)), None)
-        if off is not None:   # an outline off the image would make a box no cell of the slice holds
+        # an outline drawn around a nodule at the border may run one pixel past it (kept, held
+        # to the image); one further off would make a box that no cell of the slice holds
+        off = next(((x, y) for x, y in roi.points if not (-1 <= x <= cols_ and -1 <= y <= rows_)), None)
+        if off is not None:
             problems.append(f"reader {reader}, {mark.kind} {mark.mark_id!r}: roi at z={roi.z} has the point "
                             f"x={off[0]:g}, y={off[1]:g} outside the {cols_}x{rows_} image; left out")
             continue
+        roi = replace(roi, points=tuple((min(max(x, 0), cols_ - 1), min(max(y, 0), rows_ - 1))
+                                        for x, y in roi.points))
         k = s.locate(roi.sop_uid, roi.z)
         if k is None:
             problems.append(f"reader {reader}, {mark.kind} {mark.mark_id!r}: roi at z={roi.z} "

@@ -144,14 +144,16 @@ def _looks_like_dicom(path: str) -> bool:
 
 
 def _not_dicom(path: str) -> str:
-    """Why a file is skipped as not DICOM: named more closely where it is a NIfTI volume (or a
-    gzip file) whose name lacks the .nii / .nii.gz ending prep recognises NIfTI by."""
+    """Why a file is skipped as not DICOM: named more closely where its first bytes are those
+    of a NIfTI file (or of gzip data) whose name lacks the ending prep recognises NIfTI by."""
     with open(path, "rb") as f:
         head = f.read(348)
-    if head[344:348] in (b"n+1\0", b"ni1\0") or head[4:8] == b"n+2\0":
+    if head[344:348] == b"n+1\0" or head[4:8] == b"n+2\0":
         return "not a DICOM file: a NIfTI volume named without .nii; rename it to end in .nii to prepare it"
+    if head[344:348] == b"ni1\0":
+        return "not a DICOM file: the header of a NIfTI .hdr/.img pair, which prep does not read; convert it to .nii"
     if head[:2] == b"\x1f\x8b":
-        return "not a DICOM file: gzip data; a gzipped NIfTI volume must be named *.nii.gz to be prepared"
+        return "not a DICOM file: gzip data (if it is a NIfTI volume, name it *.nii.gz to prepare it)"
     return "not a DICOM file"
 
 

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,13 +42,14 @@ import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, generate_uid
 
-from dinox.data.annotations import (CHARACTERISTICS, SMALL_NODULE_MM, TEXTURE_OF_TYPE, Mark, ReadingSession, Roi,
-                                    synth_nodule_id, to_lidc_xml)
+from dinox.data.annotations import (CHARACTERISTICS, RATING_RANGES, SMALL_NODULE_MM, TEXTURE_OF_TYPE, Mark,
+                                    ReadingSession, Roi, synth_nodule_id, to_lidc_xml)
 from dinox.data.parallel import process_map
 from dinox.data.phantom import NODULE_TYPES, Phantom, make_phantom
 from dinox.data.phantom_head import HAEMORRHAGE_TYPES, make_head_phantom
 from dinox.data.phantom_limb import LIMB_FINDING_TYPES, make_limb_phantom
 from dinox.errors import UserError
+from dinox.run.device import available_memory_bytes
 
 PADDING_HU = -3024
 FAMILY_CONVENTION = "chest | head | limb: the phantom family (dinox synth --family)"
@@ -300,9 +300,8 @@ def _ratings(nodule: dict, noise: np.ndarray) -> dict[str, int]:
             "calcification": 6, "sphericity": 4, "margin": {"solid": 4, "part_solid": 3}.get(kind, 2),
             "lobulation": 2, "spiculation": 1, "texture": TEXTURE_OF_TYPE[kind],
             "malignancy": 1 + int(np.searchsorted([4.0, 8.0, 15.0, 22.0], d))}
-    top = {"internalStructure": 4, "calcification": 6}
     fixed = ("internalStructure", "calcification")
-    return {k: int(np.clip(base[k] + (0 if k in fixed else int(noise[i])), 1, top.get(k, 5)))
+    return {k: int(np.clip(base[k] + (0 if k in fixed else int(noise[i])), *RATING_RANGES[k]))
             for i, k in enumerate(CHARACTERISTICS)}
 
 
@@ -445,25 +444,11 @@ MAX_SLICES = 4096                 # clinical series hold up to ~2000 (thin-slice
 SYNTH_BYTES_PER_VOXEL = 80
 
 
-def available_memory_bytes() -> int | None:
-    """Memory the system can hand out now without swapping (Linux MemAvailable), or None."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
 def check_request(patients: int, slices: int, size: int, workers: int = 1,
-                  family: str = "chest", slice_thickness: float | None = None) -> None:
+                  family: str = "chest", slice_thickness: float | None = None, workers_flag: bool = True) -> None:
     """Refuses, in one line, a dataset that cannot be written: bad shapes, or series too
-    large for this machine's free memory (a worker would otherwise be killed without a word)."""
+    large for this machine's free memory (a worker would otherwise be killed without a word).
+    `workers_flag`: the command has a --workers flag to name as a remedy (the demo has not)."""
     if family not in FAMILIES:
         raise UserError(f"--family must be one of {', '.join(FAMILIES)}, not {family!r}")
     if patients < 1:
@@ -484,7 +469,7 @@ def check_request(patients: int, slices: int, size: int, workers: int = 1,
     if free is not None and need > free:
         raise UserError(f"--slices {slices} x --size {size} needs about {need / 1e9:.1f} GB to build "
                         f"{at_once} series at once, and {free / 1e9:.1f} GB is free; give fewer --slices, a "
-                        f"smaller --size" + (" or fewer --workers" if at_once > 1 else ""))
+                        f"smaller --size" + (" or fewer --workers" if at_once > 1 and workers_flag else ""))
 
 
 def generate_dataset(out, patients: int, slices: int, size: int, seed: int = 0,

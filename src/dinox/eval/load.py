@@ -27,14 +27,17 @@ def load_for_inference(path: str | Path, device: torch.device, which: str = "tea
     problem = store.not_a_checkpoint(path)
     if problem:
         raise UserError(f"checkpoint {path} {problem}")
-    state = store.load_checkpoint(path, map_location="cpu", required=("config", which))
+    state = store.load_checkpoint(path, map_location="cpu")
     cfg = config_from_checkpoint(state, path)
+    problem = (f"lacks the {which} network (incomplete)" if which not in state else None) or store.step_problem(state)
+    if problem:
+        raise UserError(f"checkpoint {path} is damaged: {problem}; use another checkpoint of the run")
     with torch.device("cpu"):
         model = build_dino_model(cfg.model, img_size=cfg.views.img_size, drop_path=0.0)
     model.load_state_dict(state[which])
     backbone = model.backbone.to(device).eval()
     backbone.grad_checkpoint = False
-    return backbone, cfg, SimpleNamespace(step=int(state.get("step", 0)), raw=state)
+    return backbone, cfg, SimpleNamespace(step=state["step"], raw=state)
 
 
 def own_data_paths(cfg, provenance: dict | None = None) -> tuple[Path, Path | None, Path | None]:

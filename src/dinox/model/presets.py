@@ -116,7 +116,7 @@ def _multiples_near(value: int, k: int) -> str:
 def validate_arch(arch: ViTArch, img_size: int | None = None) -> None:
     """UserError (one line, naming the flag and a fix) for an architecture that cannot be
     built: non-positive sizes, dim not divisible by heads, img_size not a multiple of the
-    patch size. ``img_size=None`` skips the image-size check."""
+    patch size or under two patches. ``img_size=None`` skips the image-size check."""
     for field, flag in FLAGS.items():
         value = getattr(arch, field)
         if value is not None and (not isinstance(value, int) or value <= 0):
@@ -136,4 +136,9 @@ def validate_arch(arch: ViTArch, img_size: int | None = None) -> None:
     if img_size is not None:
         if not isinstance(img_size, int) or img_size <= 0:
             raise UserError(f"--img-size must be a positive integer (got {img_size})")
+        grid = img_size // arch.patch_size
+        if grid < 2:   # the patch-level losses compare tokens within a view; the iBOT head's BN needs two
+            raise UserError(f"--img-size {img_size} gives a {grid}x{grid} patch grid with --vit-patch "
+                            f"{arch.patch_size}; the patch-level losses (iBOT, Gram, dense) need at least 2x2: "
+                            f"use --img-size {2 * arch.patch_size} or more")
         check_patch_multiple(img_size, arch.patch_size, "--img-size")

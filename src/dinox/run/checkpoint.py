@@ -87,6 +87,7 @@ __all__ = [
     "load_sharded_into",
     "sidecar_path",
     "space_needed",
+    "step_problem",
     "to_safe",
     "verify_checkpoint",
 ]
@@ -586,6 +587,14 @@ def _tensor_problem(t: torch.Tensor, where: str) -> str | None:
     return None
 
 
+def step_problem(state: dict) -> str | None:
+    """Why a training checkpoint's "step" is not a step count (dinox writes a Python int), or None."""
+    step = state.get("step")
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        return f"records step {step!r}, not a whole number of optimizer steps >= 0"
+    return None
+
+
 def content_problem(state: Any, required: tuple[str, ...] | list[str] = ()) -> str | None:
     """None when `state` holds what a checkpoint may hold, else the first reason it does not:
     a required top-level entry missing, or a floating tensor anywhere that is non-finite or
@@ -598,9 +607,8 @@ def content_problem(state: Any, required: tuple[str, ...] | list[str] = ()) -> s
     missing = [key for key in required if key not in state]
     if missing:
         return f"lacks the entries {', '.join(missing)} (incomplete, or not a training checkpoint)"
-    step = state.get("step", 0)
-    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-        return f"records step {step!r}, not a whole number of optimizer steps >= 0"
+    if "step" in required and step_problem(state):
+        return step_problem(state)
     stack: list[tuple[Any, str]] = [(state[key], str(key)) for key in reversed(list(state))]
     while stack:
         obj, where = stack.pop()
