@@ -39,6 +39,6 @@ def process_map(fn, items, workers: int, desc: str, progress: bool, *, unit: str
             except BrokenProcessPool:
                 # the system kills a worker without a Python error, most often for lack of memory
                 raise UserError(f"{desc}: a worker process was killed (most often for lack of memory); run again "
-                                f"with fewer --workers (the work done so far is kept)") from None
+                                f"with fewer --workers") from None
     finally:
         bar.close()

@@ -778,8 +778,9 @@ def build_tasks(data: ProbeData, vessel_labels: bool = False) -> tuple[list[Task
 
     def patch_task(name, what, pos_of, neg_of):
         rows = np.array([i for i, p in enumerate(pt) if pos_of(p) or neg_of(p)], dtype=int)
-        if rows.size == 0 or not any(pos_of(pt[i]) for i in rows) or not any(neg_of(pt[i]) for i in rows):
-            missing = "positive" if not any(pos_of(pt[i]) for i in rows) else "negative"
+        has_pos, has_neg = any(pos_of(pt[i]) for i in rows), any(neg_of(pt[i]) for i in rows)
+        if not (has_pos and has_neg):
+            missing = "positive" if not has_pos else "negative"
             skipped[name] = (f"no {missing} patch cell at this input size (both classes need cells at least "
                              f"{MIN_LUNG_FRACTION:.0%} lung; a larger --size gives smaller cells)")
             return

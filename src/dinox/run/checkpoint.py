@@ -607,8 +607,9 @@ def content_problem(state: Any, required: tuple[str, ...] | list[str] = ()) -> s
     missing = [key for key in required if key not in state]
     if missing:
         return f"lacks the entries {', '.join(missing)} (incomplete, or not a training checkpoint)"
-    if "step" in required and step_problem(state):
-        return step_problem(state)
+    problem = step_problem(state) if "step" in required else None
+    if problem:
+        return problem
     stack: list[tuple[Any, str]] = [(state[key], str(key)) for key in reversed(list(state))]
     while stack:
         obj, where = stack.pop()
