@@ -12,6 +12,7 @@ from dinox.train.plan import (
     estimate_training_memory,
     fits,
     format_estimate,
+    fsdp_world_that_fits,
     suggestions,
     vit_param_count,
 )
@@ -186,6 +187,35 @@ def test_suggestions_for_vit_giant_on_24gb_say_nothing_fits():
     tips = suggestions(e, RTX4090_BYTES, accumulation_steps=2)
     text = "\n".join(tips)
     assert "--grad-checkpoint" in text and "--accumulation-steps" in text and "--amp" in text
+    assert "no batch size fits" in tips[-1]
+
+
+def test_a_batch_that_fits_no_world_size_gets_a_sharded_batch_that_does():
+    """ViT-Giant at batch 128 on 24 GB: no world size holds batch 128 per rank (activations),
+    so the way out is FSDP2 over the fewest devices at a per-rank batch that fits, with the
+    accumulation that keeps the effective batch; one device alone stays refused."""
+    a = ARCHS["vit-giant"]
+    block = vit_param_count(patch_size=a["patch_size"], embed_dim=a["embed_dim"], depth=1,
+                            mlp_hidden_dim=a["mlp_hidden_dim"], num_registers=4, img_size=224) - vit_param_count(
+        patch_size=a["patch_size"], embed_dim=a["embed_dim"], depth=0, mlp_hidden_dim=a["mlp_hidden_dim"],
+        num_registers=4, img_size=224)
+
+    def giant(batch, world=1):
+        return estimate("vit-giant", batch, 224, amp=True, ckpt=True, shard_world=world, largest_unit_params=block)
+
+    e = giant(128)
+    assert fsdp_world_that_fits(e, RTX4090_BYTES) is None
+    tips = suggestions(e, RTX4090_BYTES, accumulation_steps=1)
+    sharded = tips[0]
+    assert sharded.startswith("shard with FSDP2 over ") and "--parallel fsdp" in sharded
+    world = int(sharded.split("FSDP2 over ")[1].split()[0])
+    small = int(sharded.split("--batch-size ")[1].split()[0])
+    accumulation = int(sharded.split("--accumulation-steps ")[1].split()[0])
+    assert f"effective batch {small * accumulation * world}, was 128" in sharded
+    assert small * accumulation * world >= 128 > small * (accumulation - 1) * world
+    assert fits(giant(small, world), RTX4090_BYTES) and not fits(giant(small * 2, world), RTX4090_BYTES)
+    if world > 2:   # the fewest devices: half of them hold no batch at all
+        assert not fits(giant(1, world // 2), RTX4090_BYTES)
     assert "no batch size fits" in tips[-1]
 
 

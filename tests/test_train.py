@@ -92,13 +92,16 @@ def test_resume_is_bitwise_exact(processed_root, tmp_path, workers, accumulation
     assert losses(only_run(straight)) == losses(run)
 
 
-def test_resume_is_exact_with_drop_path_local_crops_and_accumulation(processed_root, tmp_path):
+@pytest.mark.parametrize("precision", [(), ("--amp",)], ids=["fp32", "amp"])
+def test_resume_is_exact_with_drop_path_local_crops_and_accumulation(processed_root, tmp_path, precision):
     """The big presets' settings: drop path on (it draws from the global torch RNG), local
-    crops, accumulation. The resumed run's final checkpoint equals the uninterrupted one in
-    every tensor, RNG states included, so a further continuation would not diverge either."""
+    crops, accumulation, and bf16 autocast as they train. The resumed run's final checkpoint
+    equals the uninterrupted one in every tensor, RNG states included, so a further
+    continuation would not diverge either."""
     # a frozen Gram snapshot (taken at the warm-up's end, step 2) crosses the resume, as on the big presets
     common = ("--batch-size", "4", "--accumulation-steps", "2", "--drop-path", "0.1", "--local-crops", "2",
-              "--local-size", "16", "--ckpt-every", "3", "--max-steps", "6", "--gram-refresh-every", "100")
+              "--local-size", "16", "--ckpt-every", "3", "--max-steps", "6", "--gram-refresh-every", "100",
+              *precision)
     straight = tmp_path / "straight"
     assert main(train_args(processed_root, straight, *common)) == 0
     split = tmp_path / "split"

@@ -147,7 +147,7 @@ def _fields(d: dict) -> str:
 
 
 def _row(label: str, text: str) -> str:
-    return f"  {label + ':':<14}{text}"
+    return f"  {label + ':':<13} {text}"
 
 
 def format_report(report: dict) -> str:

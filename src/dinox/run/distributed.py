@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -74,6 +75,12 @@ def fully_shard_units(root: nn.Module, units: list[nn.Module], *, param_dtype: t
 
     policy = (MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if param_dtype
               else MixedPrecisionPolicy())
+    # The root's outputs are slices of the backbone's token tensor (class and patch tokens),
+    # which FSDP2 warns about at every forward in case an in-place op on them drops its
+    # pre-backward hook. No loss writes into them in place; tests/test_fsdp.py holds FSDP2's
+    # gradients and updates equal to DDP's, which such a dropped hook would break.
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor",
+                            category=UserWarning)
     for unit in units:
         fully_shard(unit, mp_policy=policy)
     # The root too is resharded after its forward (FSDP2 keeps a root whole by default): a

@@ -283,12 +283,23 @@ def suggestions(estimate: MemoryEstimate, device_memory_bytes: int, *, accumulat
         out.append(f"use fewer local crops (n_local {inputs['n_local']} -> {inputs['n_local'] // 2}): "
                    f"estimated {_gib(candidate.total)}")
 
+    one_device_batch = any("--batch-size" in line for line in out)
     world = fsdp_world_that_fits(estimate, device_memory_bytes, headroom)
     if world is not None and world > inputs["shard_world"]:
         candidate = _reestimate(estimate, shard_world=world)
         out.insert(0, f"shard with FSDP2 over {world} devices: torchrun --nproc-per-node {world} ... --parallel fsdp "
-                      f"(per-rank estimate {_gib(candidate.total)}; several nodes: docs/phase5_big_run.md)")
-    if not any("--batch-size" in line for line in out) and world is None:
+                      f"(per-rank estimate {_gib(candidate.total)}; --batch-size {batch} is per rank, so the "
+                      f"effective batch becomes {effective * world}; several nodes: docs/phase5_big_run.md)")
+    if world is None:
+        sharded = _smallest_sharded_fit(estimate, device_memory_bytes, headroom)
+        if sharded is not None:
+            ranks, small, candidate = sharded
+            accumulation = -(-effective // (small * ranks))
+            out.insert(0, f"shard with FSDP2 over {ranks} devices at --batch-size {small} per rank "
+                          f"--accumulation-steps {accumulation} (effective batch {small * accumulation * ranks}, "
+                          f"was {effective}): torchrun --nproc-per-node {ranks} ... --parallel fsdp (per-rank "
+                          f"estimate {_gib(candidate.total)}; several nodes: docs/phase5_big_run.md)")
+    if not one_device_batch and world is None:
         floor = _reestimate(estimate, batch_size=1, grad_checkpoint=True, amp=True)
         states = estimate.weights + estimate.gradients + estimate.optimizer
         out.append(
@@ -298,6 +309,22 @@ def suggestions(estimate: MemoryEstimate, device_memory_bytes: int, *, accumulat
             f"80 GB GPU) or shard the model over several GPUs with torchrun"
         )
     return out
+
+
+def _smallest_sharded_fit(estimate: MemoryEstimate, device_memory_bytes: int, headroom: float,
+                         largest: int = 1024) -> tuple[int, int, MemoryEstimate] | None:
+    """(world, per-rank batch, estimate): the smallest power-of-two FSDP2 world at which some
+    smaller per-rank batch fits each device (the largest such batch, by halving), for a
+    configuration whose own per-rank batch fits at no world size; None when none does."""
+    if not estimate.inputs.get("largest_unit_params", 0):
+        return None
+    world = 2
+    while world <= largest:
+        found = _largest_fitting_batch(estimate, device_memory_bytes, headroom, shard_world=world)
+        if found:
+            return world, found[0], found[1]
+        world *= 2
+    return None
 
 
 def fsdp_world_that_fits(estimate: MemoryEstimate, device_memory_bytes: int, headroom: float = 0.9,
