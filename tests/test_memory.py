@@ -217,6 +217,9 @@ def test_a_batch_that_fits_no_world_size_gets_a_sharded_batch_that_does():
     if world > 2:   # the fewest devices: half of them hold no batch at all
         assert not fits(giant(1, world // 2), RTX4090_BYTES)
     assert "no batch size fits" in tips[-1]
+    # planned for 2 data-parallel ranks, the proposal keeps the batch over both
+    over_two = suggestions(e, RTX4090_BYTES, accumulation_steps=1, ranks=2)[0]
+    assert f"--accumulation-steps {2 * accumulation} " in over_two and "was 256" in over_two
 
 
 def test_suggestions_mention_local_crops_and_are_empty_when_fitting():

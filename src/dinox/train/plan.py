@@ -244,11 +244,12 @@ def _gib(n: int) -> str:
 
 
 def suggestions(estimate: MemoryEstimate, device_memory_bytes: int, *, accumulation_steps: int = 1,
-                headroom: float = 0.9) -> list[str]:
+                headroom: float = 0.9, ranks: int = 1) -> list[str]:
     """Concrete ways to make a refused configuration fit; empty when it already fits.
 
     Smaller micro-batches are found by halving, with accumulation raised so the effective
-    batch (batch_size x accumulation_steps) stays the same.
+    batch (batch_size x accumulation_steps, per rank) stays the same; a proposal with another
+    number of FSDP2 ranks keeps the effective batch over all `ranks` the run was planned for.
     """
     if fits(estimate, device_memory_bytes, headroom):
         return []
@@ -293,11 +294,12 @@ def suggestions(estimate: MemoryEstimate, device_memory_bytes: int, *, accumulat
     if world is None:
         sharded = _smallest_sharded_fit(estimate, device_memory_bytes, headroom)
         if sharded is not None:
-            ranks, small, candidate = sharded
-            accumulation = -(-effective // (small * ranks))
-            out.insert(0, f"shard with FSDP2 over {ranks} devices at --batch-size {small} per rank "
-                          f"--accumulation-steps {accumulation} (effective batch {small * accumulation * ranks}, "
-                          f"was {effective}): torchrun --nproc-per-node {ranks} ... --parallel fsdp (per-rank "
+            devices, small, candidate = sharded
+            effective_now = effective * ranks
+            accumulation = -(-effective_now // (small * devices))
+            out.insert(0, f"shard with FSDP2 over {devices} devices at --batch-size {small} per rank "
+                          f"--accumulation-steps {accumulation} (effective batch {small * accumulation * devices}, "
+                          f"was {effective_now}): torchrun --nproc-per-node {devices} ... --parallel fsdp (per-rank "
                           f"estimate {_gib(candidate.total)}; several nodes: docs/phase5_big_run.md)")
     if not one_device_batch and world is None:
         floor = _reestimate(estimate, batch_size=1, grad_checkpoint=True, amp=True)
@@ -412,7 +414,8 @@ def plan_memory(cfg, device_memory_gb: float | None, device_total_bytes: int | N
     )
     capacity = int(device_memory_gb * 1024**3) if device_memory_gb else device_total_bytes
     verdict = fits(estimate, capacity) if capacity else True
-    advice = [] if verdict else suggestions(estimate, capacity, accumulation_steps=o.accumulation_steps)
+    advice = [] if verdict else suggestions(estimate, capacity, accumulation_steps=o.accumulation_steps,
+                                                   ranks=world_size)
     return {
         "backbone_params": backbone_params,
         "head_params": head_params,
