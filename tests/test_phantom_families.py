@@ -253,6 +253,9 @@ def test_every_finding_type_occurs():
 def test_demo_family_roots_and_mismatch(tmp_path, capsys):
     assert default_root("chest") == "data/demo"
     assert default_root("head") == "data/demo_head" and default_root("limb") == "data/demo_limb"
+    # each seed its own folder: `dinox demo --seed 1` after `dinox demo` is not refused
+    assert default_root("chest", 1) == "data/demo_seed1" and default_root("head", 2) == "data/demo_head_seed2"
+    assert default_root("chest", 0) == "data/demo"
     (tmp_path / "dicom").mkdir()
     (tmp_path / "dicom" / "labels.json").write_text(json.dumps({"generator": "dinox synth", "series": []}))
     rc = main(["demo", "--family", "head", "--root", str(tmp_path)])   # data of the chest demo

@@ -390,7 +390,7 @@ def test_probe_writes_the_json_and_passes_at_zero(probe_run, capsys):
     code, out = probe_run
     assert code == 0
     (path,) = out.glob("probe_step*.json")
-    assert path.name == "probe_step2_patients_seed0.json"   # --split patients is not the default
+    assert path.name == "probe_step2_patients_seed0_bootstrap100.json"   # --split patients is not the default
     result = json.loads(path.read_text())
     assert {"slice_nodule", "slice_nodule_cls_meanpatch", "patch_nodule"} <= result["tasks"].keys()
     for name, task in result["tasks"].items():
@@ -425,7 +425,7 @@ def test_probe_split_has_no_patient_on_both_sides(probe_run):
 def test_probe_exit_code_follows_the_pass_line(labelled, tmp_path, capsys):
     root, ckpt = labelled
     code = main(_probe_args(root, ckpt, tmp_path, "--min-auroc", "1.0", "--no-baselines"))
-    result = json.loads((tmp_path / "probe_step2_patients_seed0_nobaselines.json").read_text())
+    result = json.loads((tmp_path / "probe_step2_patients_seed0_bootstrap100_nobaselines.json").read_text())
     perfect = all(result["tasks"][t]["auroc"] >= 1.0 for t in probe.GATE_TASKS)
     assert code == (0 if perfect else 2)
     assert result["tasks"]["slice_nodule"]["baselines"] == {}
@@ -439,8 +439,8 @@ def test_a_rerun_with_other_probe_settings_keeps_the_earlier_result(probe_run, l
     main(_probe_args(root, ckpt, out, "--min-auroc", "0", "--no-baselines", "--min-readers", "1",
                      "--max-slices", "64", "--test-fraction", "0.5"))
     names = sorted(p.name for p in out.glob("probe_step*.json"))
-    assert names == ["probe_step2_patients_seed0.json",
-                     "probe_step2_patients_seed0_readers1_maxslices64_testfraction0.5_nobaselines.json"]
+    assert names == ["probe_step2_patients_seed0_bootstrap100.json",
+                     "probe_step2_patients_seed0_readers1_maxslices64_testfraction0.5_bootstrap100_nobaselines.json"]
     earlier = json.loads((out / names[0]).read_text())
     assert earlier["labels"]["min_readers"] == 2 and earlier["tasks"]["slice_nodule"]["baselines"]
 
@@ -452,12 +452,16 @@ def test_probe_tags_name_only_settings_that_are_not_the_defaults(tmp_path):
     from dinox.data.layout import path_tag
 
     defaults = dict(min_readers=probe.MIN_READERS, max_slices=probe.DEFAULT_MAX_SLICES, labels_json=None,
-                    test_fraction=probe.DEFAULT_TEST_FRACTION, no_baselines=False)
+                    test_fraction=probe.DEFAULT_TEST_FRACTION, no_baselines=False, bootstrap=probe.BOOTSTRAP,
+                    refit_bootstrap=probe.REFIT_BOOTSTRAP)
     assert probe_tags(Namespace(**defaults), "patients") == []
     other = Namespace(**{**defaults, "test_fraction": 0.2, "labels_json": str(tmp_path / "labels.json")})
     labels = path_tag("labels", tmp_path / "labels.json")
     assert probe_tags(other, "patients") == ["testfraction0.2", labels]
     assert probe_tags(other, "manifest-val") == [labels]   # the manifest's split uses no test fraction
+    # other resamples give other intervals: a result of its own, not the default's overwritten
+    resampled = Namespace(**{**defaults, "bootstrap": 200, "refit_bootstrap": 50})
+    assert probe_tags(resampled, "manifest-val") == ["bootstrap200", "refit50"]
 
 
 def test_a_warm_started_run_s_untrained_baseline_is_noted_as_random_init(labelled, tmp_path):
@@ -479,7 +483,7 @@ def test_a_gate_task_the_labels_cannot_probe_is_bad_input(labelled, tmp_path, ca
     assert "patch_nodule could not be probed (no positive patch cell at this input size" in err
     assert "a larger --size gives smaller cells" in err and "label more patients" not in err
     assert len(err.splitlines()) == 1
-    result = json.loads((tmp_path / "probe_step2_patients_seed0_size32_nobaselines.json").read_text())
+    result = json.loads((tmp_path / "probe_step2_patients_seed0_size32_bootstrap100_nobaselines.json").read_text())
     assert "patch_nodule" in result["skipped"] and result["passed"] is False
 
 
@@ -490,7 +494,7 @@ def test_probe_at_another_input_size_has_a_finer_grid_and_its_own_json(labelled,
     patch = int(trained["train"]["vit_patch"])
     assert main(_probe_args(root, ckpt, tmp_path, "--min-auroc", "0", "--no-baselines", "--size", str(size))) == 0
     (path,) = tmp_path.glob("probe_step*.json")
-    assert path.name == f"probe_step2_patients_seed0_size{size}_nobaselines.json"
+    assert path.name == f"probe_step2_patients_seed0_size{size}_bootstrap100_nobaselines.json"
     result = json.loads(path.read_text())
     assert result["probe"]["size"] == size and result["probe"]["grid"] == size // patch
     assert result["tasks"]["patch_nodule"]["n_train"] > 0

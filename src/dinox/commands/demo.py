@@ -51,7 +51,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--family", choices=list(FAMILIES), default="chest",
                    help="phantom family to synthesise (chest, head or limb; see dinox synth)")
     p.add_argument("--root", default=None,
-                   help="where the demo writes everything (data/demo; data/demo_<family> for head and limb)")
+                   help="where the demo writes everything (data/demo; data/demo_<family> for head and limb; "
+                        "..._seed<N> for --seed N other than 0)")
     p.add_argument("--patients", type=int_at_least(2), default=DEMO_PATIENTS,
                    help="synthetic patients (at least 2: the validation split needs one of its own)")
     p.add_argument("--slices", type=int_at_least(3), default=DEMO_SLICES)
@@ -80,7 +81,8 @@ def run(args) -> int:
     from dinox.cli import main as dinox_main
 
     family = getattr(args, "family", "chest")
-    root = Path(args.root if args.root is not None else default_root(family))
+    own_root = default_root(family, getattr(args, "seed", 0))
+    root = Path(args.root if args.root is not None else own_root)
     dicom, processed, runs = root / "dicom", root / "processed", root / "runs"
     started = time.perf_counter()
 
@@ -93,7 +95,7 @@ def run(args) -> int:
         found = _existing_synth(dicom / "labels.json")
         if found["family"] != family:
             raise UserError(f"{dicom} holds {found['family']} phantoms, not {family}; give --root another folder "
-                            f"(the default for --family {family} is {default_root(family)})")
+                            f"(the default for --family {family} is {own_root})")
         asked = {"patients": args.patients, "slices": args.slices, "size": args.size, "seed": args.seed}
         differ = [f"--{k} {found[k]} (asked {v})" for k, v in asked.items() if found.get(k) is not None
                   and found[k] != v]
@@ -227,9 +229,12 @@ def demo_amp(requested: bool | None) -> bool:
     return cpu_native_bf16()
 
 
-def default_root(family: str) -> str:
-    """data/demo for chest (as before the families), data/demo_<family> for the others."""
-    return "data/demo" if family == "chest" else f"data/demo_{family}"
+def default_root(family: str, seed: int = 0) -> str:
+    """data/demo for chest (as before the families), data/demo_<family> for the others; a
+    seed other than 0 gets a folder of its own (…_seed<N>), so that `dinox demo --seed 1`
+    after `dinox demo` synthesises its own phantoms instead of refusing the first ones."""
+    base = "data/demo" if family == "chest" else f"data/demo_{family}"
+    return base if seed == 0 else f"{base}_seed{seed}"
 
 
 def _existing_synth(labels_file: Path) -> dict:

@@ -178,8 +178,9 @@ def result_name(stem: str, *, split: str, seed: int, defaults: dict, network: st
 
 def probe_tags(args, split_mode: str) -> list[str]:
     """The probe's settings that change its result, where they are not the defaults:
-    readers{n}, maxslices{n}, testfraction{f} (only a patient split uses it), labels{hash8}
-    of --labels-json, nobaselines (the result lacks the baselines)."""
+    readers{n}, maxslices{n}, testfraction{f} (only a patient split uses it), bootstrap{n}
+    and refit{n} (the intervals' resamples), labels{hash8} of --labels-json, nobaselines (the
+    result lacks the baselines)."""
     from dinox.data.layout import path_tag
     from dinox.eval import probe
 
@@ -190,6 +191,10 @@ def probe_tags(args, split_mode: str) -> list[str]:
         tags.append(f"maxslices{args.max_slices}")
     if split_mode == "patients" and args.test_fraction != probe.DEFAULT_TEST_FRACTION:
         tags.append(f"testfraction{args.test_fraction:g}")
+    if args.bootstrap != probe.BOOTSTRAP:
+        tags.append(f"bootstrap{args.bootstrap}")
+    if args.refit_bootstrap != probe.REFIT_BOOTSTRAP:
+        tags.append(f"refit{args.refit_bootstrap}")
     if args.labels_json:
         tags.append(path_tag("labels", args.labels_json))
     if args.no_baselines:
