@@ -582,8 +582,8 @@ def _tensor_problem(t: torch.Tensor, where: str) -> str | None:
         return f"non-finite value (NaN or Inf) in {where}"
     extreme = hi if hi >= -lo else lo
     if abs(extreme) > IMPLAUSIBLE_MAGNITUDE:
-        return (f"implausible value {extreme:.3g} in {where} (damaged bytes: no trained weight or "
-                f"optimizer moment is that large)")
+        return (f"implausible value {extreme:.3g} in {where} (damaged bytes, or a run that had diverged "
+                f"before it was saved: no weight or optimizer moment of a run that learns is that large)")
     return None
 
 
