@@ -81,7 +81,7 @@ def run(args) -> int:
     from dinox.cli import main as dinox_main
 
     family = getattr(args, "family", "chest")
-    own_root = default_root(family, getattr(args, "seed", 0))
+    own_root = default_root(family, args.seed)
     root = Path(args.root if args.root is not None else own_root)
     dicom, processed, runs = root / "dicom", root / "processed", root / "runs"
     started = time.perf_counter()

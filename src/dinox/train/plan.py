@@ -313,19 +313,26 @@ def suggestions(estimate: MemoryEstimate, device_memory_bytes: int, *, accumulat
     return out
 
 
-def _smallest_sharded_fit(estimate: MemoryEstimate, device_memory_bytes: int, headroom: float,
-                         largest: int = 1024) -> tuple[int, int, MemoryEstimate] | None:
-    """(world, per-rank batch, estimate): the smallest power-of-two FSDP2 world at which some
-    smaller per-rank batch fits each device (the largest such batch, by halving), for a
-    configuration whose own per-rank batch fits at no world size; None when none does."""
+def _fsdp_worlds(estimate: MemoryEstimate, largest: int = 1024):
+    """The FSDP2 world sizes worth planning for, smallest first: 2, 4, ... `largest`; none for
+    an estimate that does not know its largest sharding unit."""
     if not estimate.inputs.get("largest_unit_params", 0):
-        return None
+        return
     world = 2
     while world <= largest:
+        yield world
+        world *= 2
+
+
+def _smallest_sharded_fit(estimate: MemoryEstimate, device_memory_bytes: int,
+                          headroom: float) -> tuple[int, int, MemoryEstimate] | None:
+    """(world, per-rank batch, estimate): the smallest FSDP2 world at which some smaller
+    per-rank batch fits each device (the largest such batch, by halving), for a configuration
+    whose own per-rank batch fits at no world size; None when none does."""
+    for world in _fsdp_worlds(estimate):
         found = _largest_fitting_batch(estimate, device_memory_bytes, headroom, shard_world=world)
         if found:
-            return world, found[0], found[1]
-        world *= 2
+            return world, *found
     return None
 
 
@@ -333,15 +340,8 @@ def fsdp_world_that_fits(estimate: MemoryEstimate, device_memory_bytes: int, hea
                          largest: int = 1024) -> int | None:
     """The smallest power-of-two FSDP2 world size (>= 2) at which the same per-rank batch and
     settings fit each device; None when even `largest` ranks do not (activations per rank)."""
-    unit = estimate.inputs.get("largest_unit_params", 0)
-    if not unit:
-        return None
-    world = 2
-    while world <= largest:
-        if fits(_reestimate(estimate, shard_world=world), device_memory_bytes, headroom):
-            return world
-        world *= 2
-    return None
+    return next((world for world in _fsdp_worlds(estimate, largest)
+                 if fits(_reestimate(estimate, shard_world=world), device_memory_bytes, headroom)), None)
 
 
 def format_estimate(estimate: MemoryEstimate) -> str:
