@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from dinox.commands.argtypes import int_at_least, nonneg_int, positive_int
+from dinox.commands.eval import interval_text
 from dinox.data.layout import INDEX_FILE
 from dinox.data.parallel import DEFAULT_WORKERS
 from dinox.data.synth import FAMILIES, check_request
@@ -191,7 +192,7 @@ def _probe(dinox_main, final: Path, processed: Path, manifest: Path) -> None:
         if name in tasks:
             task = tasks[name]
             hand = task.get("references", {}).get("hand_features")
-            print(f"[demo] probe {name}: AUROC {task['auroc']:.3f} {_interval(task.get('ci95'))}"
+            print(f"[demo] probe {name}: AUROC {task['auroc']:.3f} {interval_text(task.get('ci95'), '')}"
                   + "".join(f" | {base} {_lead(task['baselines'][base])}" for base in ("untrained", "pixels")
                             if base in task.get("baselines", {}))
                   + (f" | hand features (what the pixels allow) {hand['auroc']:.3f}" if hand else ""))
@@ -207,15 +208,11 @@ def _probe(dinox_main, final: Path, processed: Path, manifest: Path) -> None:
               f"probe on the demo's data can tell\")")
 
 
-def _interval(ci) -> str:
-    return f"[{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "(no interval)"
-
-
 def _lead(base: dict) -> str:
     """A baseline's AUROC and the checkpoint's paired lead over it, e.g. "0.575 (lead -0.079
     [-0.182, 0.049])"."""
     delta = base.get("delta")
-    lead = "" if delta is None else f" (lead {delta:+.3f} {_interval(base.get('delta_ci95'))})"
+    lead = "" if delta is None else f" (lead {delta:+.3f} {interval_text(base.get('delta_ci95'), '')})"
     return f"{base['auroc']:.3f}{lead}"
 
 

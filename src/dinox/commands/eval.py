@@ -229,26 +229,17 @@ def _write_result(out_dir: Path, name: str, result: dict) -> Path:
 
 
 def run_retrieval(args) -> int:
-    import torch
-
     from dinox.data.dataset import CTSliceDataset
-    from dinox.eval.load import load_for_inference, own_data_paths, run_data_paths, warn_if_split_changed
+    from dinox.eval.load import open_evaluation
     from dinox.eval.runner import evaluate_draws
-    from dinox.run.device import detect_device
 
     if args.n < 2:
         raise UserError(f"--n {args.n} is too small: retrieval needs at least 2 samples")
     out_dir = output_dir(args.out, args.checkpoint)   # before the work: a bad --out fails fast
-    info, notes = detect_device(args.device)
-    for note in notes:
-        print(f"warning: {note}")
-    device = torch.device(info.torch_device)
-    backbone, cfg, meta = load_for_inference(args.checkpoint, device, which=args.network)
-    provenance = meta.raw.get("provenance")
-    root, index_csv, manifest = run_data_paths(cfg, args.data_root, args.index_csv, args.split_manifest, provenance)
-    trained_root, _, trained_manifest = own_data_paths(cfg, provenance)
-    warn_if_split_changed(provenance, root, manifest)
-    dataset = CTSliceDataset(root, args.split, manifest, index_csv, context_mm=cfg.views.context_mm)
+    ev = open_evaluation(args.checkpoint, device=args.device, network=args.network, data_root=args.data_root,
+                         index_csv=args.index_csv, split_manifest=args.split_manifest)
+    device, backbone, cfg, root, manifest = ev.device, ev.backbone, ev.cfg, ev.root, ev.manifest
+    dataset = CTSliceDataset(root, args.split, manifest, ev.index_csv, context_mm=cfg.views.context_mm)
     available = len(dataset)
     n = min(args.n, available)
     if available < args.n:
@@ -276,7 +267,7 @@ def run_retrieval(args) -> int:
         untrained = evaluate_draws(untrained_backbone(cfg, device), dataset, cfg.views.to_augment(), **scoring)
         result.update(against_untrained(result, untrained), untrained_note=untrained_note(cfg))
     result.update(
-        step=meta.step,
+        step=ev.step,
         checkpoint=str(args.checkpoint),
         split=args.split,
         split_manifest=str(manifest) if manifest else None,
@@ -289,14 +280,14 @@ def run_retrieval(args) -> int:
     )
     passed, verdict = retrieval_verdict(result)
     result["passed"] = passed
-    name = result_name(f"view_retrieval_step{meta.step}_N{result['n']}", split=args.split, seed=args.seed,
+    name = result_name(f"view_retrieval_step{ev.step}_N{result['n']}", split=args.split, seed=args.seed,
                        defaults=RETRIEVAL_DEFAULTS, network=args.network, manifest=manifest, root=root,
-                       trained_root=trained_root, trained_manifest=trained_manifest, views=args.views,
+                       trained_root=ev.trained_root, trained_manifest=ev.trained_manifest, views=args.views,
                        draws=args.draws)
     out_path = _write_result(out_dir, name, result)
     tops = " ".join(f"top{k}={result[f'top{k}']:.4f}" for k in sorted({1, *ks}))
     print(
-        f"view retrieval step={meta.step} n={result['n']} ({result['series']} series) {tops} "
+        f"view retrieval step={ev.step} n={result['n']} ({result['series']} series) {tops} "
         f"baseline={result['baseline']:.6f} ratio={result['ratio']:.2f} effective_rank={result['effective_rank']:.1f} "
         f"same-series top1={result['top1_same_series']:.4f}" + ("" if args.views == "train" else f" (views {args.views})")
         + (f"; mean of {args.draws} draws, ratios " + " ".join(f"{d['ratio']:g}" for d in result["draws"])
@@ -338,7 +329,8 @@ def retrieval_verdict(result: dict) -> tuple[bool, str]:
     return passed, f"{'PASS' if passed else 'FAIL'}: " + "; ".join(parts)
 
 
-def _interval(ci, sign: str = "+") -> str:
+def interval_text(ci, sign: str = "+") -> str:
+    """A 95 % interval as "[lo, hi]" to 3 decimals (signed by default, as a lead's is)."""
     return "(none)" if not ci else f"[{ci[0]:{sign}.3f}, {ci[1]:{sign}.3f}]"
 
 
@@ -350,19 +342,16 @@ def _print_table(result: dict) -> None:
         print(f"  {name:28s} AUROC {t['auroc']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]  n_train={t['n_train']} "
               f"n_test={t['n_test']} ({t['n_test_patients']} patients)  {base}")
         if "refit" in t:
-            print(f"  {'':28s} refit interval {_interval(t['refit']['ci95'], '')}; leads: " + "  ".join(
-                f"over {k} {_interval(v.get('delta_ci95_refit'))}"
+            print(f"  {'':28s} refit interval {interval_text(t['refit']['ci95'], '')}; leads: " + "  ".join(
+                f"over {k} {interval_text(v.get('delta_ci95_refit'))}"
                 for k, v in (*t["baselines"].items(), *t.get("references", {}).items())))
     for name, why in result["skipped"].items():
         print(f"  {name:28s} skipped: {why}")
 
 
 def run_probe(args) -> int:
-    import torch
-
     from dinox.eval import probe
-    from dinox.eval.load import load_for_inference, own_data_paths, run_data_paths, warn_if_split_changed
-    from dinox.run.device import detect_device
+    from dinox.eval.load import open_evaluation
 
     for flag, value, low in (("--batch-size", args.batch_size, 1), ("--max-slices", args.max_slices, 2),
                              ("--bootstrap", args.bootstrap, 1), ("--min-readers", args.min_readers, 1)):
@@ -373,18 +362,12 @@ def run_probe(args) -> int:
     if not 0.0 <= args.min_auroc <= 1.0:
         raise UserError(f"--min-auroc {args.min_auroc}: an AUROC lies between 0 and 1 (e.g. 0.7)")
     out_dir = output_dir(args.out, args.checkpoint)
-    info, notes = detect_device(args.device)
-    for note in notes:
-        print(f"warning: {note}")
-    device = torch.device(info.torch_device)
-    backbone, cfg, meta = load_for_inference(args.checkpoint, device, which=args.network)
-    provenance = meta.raw.get("provenance")
-    root, _, manifest = run_data_paths(cfg, args.data_root, None, args.split_manifest, provenance)
-    trained_root, _, trained_manifest = own_data_paths(cfg, provenance)
+    ev = open_evaluation(args.checkpoint, device=args.device, network=args.network, data_root=args.data_root,
+                         split_manifest=args.split_manifest)
+    device, backbone, cfg, root, manifest = ev.device, ev.backbone, ev.cfg, ev.root, ev.manifest
     if manifest is not None and not manifest.is_file():
         what = "a folder; give a split JSON file" if manifest.is_dir() else "not found; give an existing --split-manifest"
         raise UserError(f"split manifest {manifest} is {what}")
-    warn_if_split_changed(provenance, root, manifest)
     result = probe.probe_backbone(
         backbone, cfg, root, split_manifest=manifest, split=args.split, seed=args.seed, device=device,
         batch_size=args.batch_size, max_slices=args.max_slices, n_boot=args.bootstrap, min_readers=args.min_readers,
@@ -393,15 +376,15 @@ def run_probe(args) -> int:
     )
     passed, line = probe.verdict(result, args.min_auroc)
     gate_missing = any(t not in result["tasks"] for t in probe.GATE_TASKS)
-    result.update(step=meta.step, checkpoint=str(args.checkpoint), network=args.network, data_root=str(root),
+    result.update(step=ev.step, checkpoint=str(args.checkpoint), network=args.network, data_root=str(root),
                   split_manifest=str(manifest) if manifest else None, min_auroc=args.min_auroc,
                   gate_tasks=list(probe.GATE_TASKS), passed=passed, verdict=line)
-    name = result_name(f"probe_step{meta.step}", split=args.split, seed=args.seed, defaults=PROBE_DEFAULTS,
-                       network=args.network, manifest=manifest, root=root, trained_root=trained_root,
-                       trained_manifest=trained_manifest, size=args.size, trained_size=cfg.views.img_size,
+    name = result_name(f"probe_step{ev.step}", split=args.split, seed=args.seed, defaults=PROBE_DEFAULTS,
+                       network=args.network, manifest=manifest, root=root, trained_root=ev.trained_root,
+                       trained_manifest=ev.trained_manifest, size=args.size, trained_size=cfg.views.img_size,
                        extra=probe_tags(args, result["split"]["mode"]))
     out_path = _write_result(out_dir, name, result)
-    print(f"probe step={meta.step} ({args.network}) split={result['split']['mode']}: "
+    print(f"probe step={ev.step} ({args.network}) split={result['split']['mode']}: "
           f"{result['split']['train_patients']} train / {result['split']['test_patients']} test patients; "
           f"{result['labels']['rule']}")
     for note in result["notes"]:

@@ -26,25 +26,17 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args) -> int:
-    import torch
-
     from dinox.data.dataset import CTSliceDataset
-    from dinox.run.device import detect_device
     from dinox.observe.monitor_hook import run_monitor
-    from dinox.eval.load import load_for_inference, run_data_paths, warn_if_split_changed
+    from dinox.eval.load import open_evaluation
 
-    info, notes = detect_device(args.device)
-    for note in notes:
-        print(f"warning: {note}")
-    device = torch.device(info.torch_device)
-    backbone, cfg, meta = load_for_inference(args.checkpoint, device, which=args.network)
-    provenance = meta.raw.get("provenance")
-    root, index_csv, manifest = run_data_paths(cfg, args.data_root, args.index_csv, args.split_manifest, provenance)
-    warn_if_split_changed(provenance, root, manifest)
+    ev = open_evaluation(args.checkpoint, device=args.device, network=args.network, data_root=args.data_root,
+                         index_csv=args.index_csv, split_manifest=args.split_manifest)
+    cfg, root, manifest, index_csv = ev.cfg, ev.root, ev.manifest, ev.index_csv
     dataset = CTSliceDataset(root, args.split, manifest, index_csv, context_mm=cfg.views.context_mm)
     run_dir = Path(args.out) if args.out else Path(args.checkpoint).parent
-    out_dir = run_monitor(backbone, dataset, run_dir, meta.step, device, augment_cfg=cfg.views.to_augment(),
-                          out_dim=cfg.model.out_dim, tags=_tags(args, cfg, provenance, root, manifest))
+    out_dir = run_monitor(ev.backbone, dataset, run_dir, ev.step, ev.device, augment_cfg=cfg.views.to_augment(),
+                          out_dim=cfg.model.out_dim, tags=_tags(args, ev))
     (out_dir / "inputs.json").write_text(json.dumps({
         "checkpoint": str(args.checkpoint), "network": args.network, "split": args.split,
         "data_root": str(root), "split_manifest": str(manifest) if manifest else None,
@@ -54,22 +46,21 @@ def run(args) -> int:
     return 0
 
 
-def _tags(args, cfg, provenance, root, manifest) -> list[str]:
+def _tags(args, ev) -> list[str]:
     """The output folder's name tags: always cli, since even on training's own root, val
     side and teacher the outputs differ from the monitor training wrote at that step (its
     health.json holds the run's throughput, its stats the run's autocast precision); then
     what else differs."""
     from dinox.data.layout import default_manifest, root_tag, same_path
-    from dinox.eval.load import own_data_paths
 
-    own_root, _, own_manifest = own_data_paths(cfg, provenance)
+    root, manifest = ev.root, ev.manifest
     tags = ["cli"]
     if args.split != "val":
         tags.append(args.split)
     if args.network != "teacher":
         tags.append(args.network)
-    if not same_path(root, own_root):
+    if not same_path(root, ev.trained_root):
         tags.append(root_tag(root))
-    elif manifest is not None and not same_path(manifest, own_manifest or default_manifest(root)):
+    elif manifest is not None and not same_path(manifest, ev.trained_manifest or default_manifest(root)):
         tags.append(f"split-{Path(manifest).stem}")
     return tags

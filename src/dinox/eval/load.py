@@ -2,6 +2,7 @@
 and find the processed data its evaluations read."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -122,3 +123,39 @@ def warn_if_split_changed(provenance: dict | None, root, manifest) -> None:
     warning = changed_split_warning(provenance, root, manifest)
     if warning:
         print(f"warning: {warning}", flush=True)
+
+
+@dataclass
+class Evaluation:
+    """What an evaluation of a checkpoint works with: the device, the frozen backbone and
+    its run's config, and the data it reads beside the data the run trained on."""
+    device: torch.device
+    backbone: torch.nn.Module
+    cfg: object
+    step: int
+    provenance: dict | None
+    root: Path
+    index_csv: Path | None
+    manifest: Path | None
+    trained_root: Path
+    trained_manifest: Path | None
+
+
+def open_evaluation(checkpoint, *, device: str = "auto", network: str = "teacher", data_root=None,
+                    index_csv=None, split_manifest=None) -> Evaluation:
+    """Load `network` of `checkpoint` onto the `device` asked for (its notes printed as
+    warnings) and find the data an evaluation reads (`run_data_paths`), warning where the
+    run's split manifest has changed since it trained (eval retrieval, eval probe, monitor)."""
+    from dinox.run.device import detect_device
+
+    info, notes = detect_device(device)
+    for note in notes:
+        print(f"warning: {note}")
+    torch_device = torch.device(info.torch_device)
+    backbone, cfg, meta = load_for_inference(checkpoint, torch_device, which=network)
+    provenance = meta.raw.get("provenance")
+    root, index, manifest = run_data_paths(cfg, data_root, index_csv, split_manifest, provenance)
+    trained_root, _, trained_manifest = own_data_paths(cfg, provenance)
+    warn_if_split_changed(provenance, root, manifest)
+    return Evaluation(torch_device, backbone, cfg, meta.step, provenance, root, index, manifest,
+                      trained_root, trained_manifest)
