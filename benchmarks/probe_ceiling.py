@@ -17,6 +17,12 @@ margin of context, and scores it on the same test patches with the same resample
 - `cnn` trains on the probe's training side only (the labels a probe has);
 - `cnn_more_labels` adds every patient of `--extra-roots` (labelled phantoms no test
   patient is in) to its training side, so that the label count stops being the limit.
+- with `--vit`: `vit_frozen` (and `vit_frozen_more_labels`) trains the checkpoint's own
+  network, from its step-0 weights, *with the labels* (a linear head on each labelled
+  patch token of the whole slice, as the probe feeds it), then freezes it and runs the
+  probe's linear read-out on its patch tokens. It asks whether this network's patch tokens
+  can hold a linearly readable nodule at all, whatever the objective: if they cannot clear
+  the bar even when trained for it, no self-supervised recipe of this network can.
 
 A supervised network on the pixels is an upper bound for what a frozen encoder plus a
 linear probe can reach on these patches (up to what more context could add). If even its
@@ -126,6 +132,108 @@ def cnn_scores(net: CellNet, x: torch.Tensor) -> np.ndarray:
     return torch.stack([net(dihedral(x, k)) for k in range(8)]).mean(0).numpy()
 
 
+def slice_batch(data: ProbeData, dataset: CTSliceDataset, rows: np.ndarray, cfg, size: int):
+    """The probe's input of every slice that holds one of `rows`' patches, (S, 3, size, size),
+    and per row its slice in that tensor and its cell."""
+    positions = sorted({data.patches[r].slice_pos for r in rows})
+    slot = {p: i for i, p in enumerate(positions)}
+    x = torch.cat([model_input(dataset[data.slices[p].index][None], cfg, size) for p in positions])
+    b = torch.tensor([slot[data.patches[r].slice_pos] for r in rows])
+    c = torch.tensor([data.patches[r].cell for r in rows])
+    return x, b, c
+
+
+def train_vit(cfg, x: torch.Tensor, b: torch.Tensor, c: torch.Tensor, y: np.ndarray, seed: int, epochs: int,
+              grid: int, batch: int = 32):
+    """The run's network from its step-0 weights and a linear head on its patch tokens,
+    trained with binary cross-entropy on the labelled cells (flips of the slice, the cells
+    moved with them). Returns the backbone and the head, frozen, in eval mode."""
+    torch.manual_seed(seed)
+    net = untrained_backbone(cfg, torch.device("cpu")).train()
+    head = nn.Linear(cfg.model.vit_dim, 1)
+    params = [*net.parameters(), *head.parameters()]
+    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.05)
+    yt = torch.as_tensor(y, dtype=torch.float32)
+    pos_weight = (1 - yt).sum() / yt.sum().clamp(min=1)
+    rows_of = [torch.nonzero(b == i).flatten() for i in range(len(x))]
+    steps = epochs * ((len(x) + batch - 1) // batch)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, 1e-3, total_steps=steps)
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        order = torch.randperm(len(x), generator=gen)
+        for start in range(0, len(x), batch):
+            slices = order[start:start + batch]
+            rows = torch.cat([rows_of[int(i)] for i in slices])
+            if len(rows) == 0:
+                continue
+            local = torch.empty(len(x), dtype=torch.long)
+            local[slices] = torch.arange(len(slices))
+            xb, cell = x[slices], c[rows]
+            r, col = cell // grid, cell % grid
+            if bool(torch.rand(1, generator=gen) < 0.5):
+                xb, col = xb.flip(-1), grid - 1 - col
+            if bool(torch.rand(1, generator=gen) < 0.5):
+                xb, r = xb.flip(-2), grid - 1 - r
+            tokens = net(xb)["patches"]
+            logits = head(tokens[local[b[rows]], r * grid + col]).squeeze(1)
+            loss = F.binary_cross_entropy_with_logits(logits, yt[rows], pos_weight=pos_weight)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+    return net.eval().requires_grad_(False), head.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def vit_tokens(net, x: torch.Tensor, b: torch.Tensor, c: torch.Tensor, batch: int = 128) -> np.ndarray:
+    tokens = torch.cat([net(x[i:i + batch])["patches"] for i in range(0, len(x), batch)])
+    return tokens[b, c].float().numpy()
+
+
+def vit_readouts(args, cfg, size: int, data: ProbeData, dataset: CTSliceDataset, task, extra_data) -> dict:
+    """Scores on the probe's test patches of the checkpoint's network trained with the labels
+    (`--vit`): the probe's read-out of its frozen tokens (`vit_frozen...`, the seeds' mean
+    and each seed) and its trained head (`..._head/{seed}`)."""
+    tr, te = task.side == "train", task.side == "test"
+    y_tr = task.y[tr]
+    extra_y = [et.y for _, _, et in extra_data]
+    scores: dict[str, np.ndarray] = {}
+    grid = size // cfg.model.vit_patch
+    sx, sb, sc = slice_batch(data, dataset, task.rows, cfg, size)
+    train_sets = [("vit_frozen", [(sx, sb, sc)], [task.y], args.vit_epochs)] if args.vit_labels != "more" else []
+    if extra_data and args.vit_labels != "probe":
+        extra_sets = [slice_batch(ed, eds, et.rows, cfg, size) for ed, eds, et in extra_data]
+        total = len(sx) + sum(len(e[0]) for e in extra_sets)   # slices; epochs scaled to the same steps
+        train_sets.append(("vit_frozen_more_labels", [(sx, sb, sc), *extra_sets], [task.y, *extra_y],
+                           args.vit_more_labels_epochs or max(3, round(args.vit_epochs * len(sx) / total))))
+    for name, parts, ys, epochs in train_sets:
+        side_tr = np.concatenate([tr, *[np.ones(len(y), bool) for y in ys[1:]]])
+        offset, xs, bs, cs = 0, [], [], []
+        for px, pb, pc in parts:
+            xs.append(px)
+            bs.append(pb + offset)
+            cs.append(pc)
+            offset += len(px)
+        x_cat, b_cat, c_cat, y_cat = torch.cat(xs), torch.cat(bs), torch.cat(cs), np.concatenate(ys)
+        keep = torch.as_tensor(side_tr)   # the test side's labels never train the network
+        runs = []
+        for seed in args.vit_seeds:
+            t0 = time.perf_counter()
+            net, head = train_vit(cfg, x_cat, b_cat[keep], c_cat[keep], y_cat[side_tr], seed, epochs, grid)
+            tok = vit_tokens(net, sx, sb, sc)
+            proba, _, _ = fit_probe(tok[tr], y_tr, task.groups[tr], tok[te], task.groups[te], 0)
+            scores[f"{name}/{seed}"] = proba[:, 1]
+            runs.append(proba[:, 1])
+            with torch.no_grad():   # the trained head itself: the network as a detector, not frozen
+                head_logits = head(torch.as_tensor(tok)).squeeze(1).numpy()
+            scores[f"{name}_head/{seed}"] = head_logits[te]
+            print(f"{name} seed {seed}: {epochs} epochs over {len(x_cat)} slices, "
+                  f"{time.perf_counter() - t0:.0f} s; its head's AUROC on the probe's training side "
+                  f"{float(auroc(head_logits[tr], y_tr)):.3f}", flush=True)
+        scores[name] = np.mean([(s - s.mean()) / s.std() for s in runs], 0)
+    return scores
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", required=True, help="the checkpoint whose probe this puts in context")
@@ -136,6 +244,14 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds of the CNN")
     ap.add_argument("--margin", type=int, default=4, help="context pixels around each cell")
     ap.add_argument("--epochs", type=int, default=30)
+    ap.add_argument("--vit", action="store_true",
+                    help="also train the checkpoint's own network with the labels and probe its frozen tokens")
+    ap.add_argument("--vit-epochs", type=int, default=40, help="epochs of the probe's training side (vit)")
+    ap.add_argument("--vit-seeds", type=int, nargs="+", default=[0], help="training seeds of the network (vit)")
+    ap.add_argument("--vit-more-labels-epochs", type=int, default=None,
+                    help="epochs with --extra-roots (default: --vit-epochs scaled to the same number of steps)")
+    ap.add_argument("--vit-labels", choices=["probe", "more", "both"], default="both",
+                    help="which label sets train the network: the probe's, with --extra-roots, or both (vit)")
     ap.add_argument("--bootstrap", type=int, default=BOOTSTRAP)
     ap.add_argument("--tag", required=True)
     args = ap.parse_args()
@@ -162,7 +278,7 @@ def main() -> None:
 
     x_all = windows(data, dataset, task.rows, cfg, size, args.margin)
     x_tr, x_te = x_all[torch.as_tensor(tr)], x_all[torch.as_tensor(te)]
-    extra_x, extra_y = [], []
+    extra_x, extra_y, extra_data = [], [], []
     for extra in args.extra_roots:
         extra_root = Path(extra)
         edata, eds = probe_data(extra_root, None, cfg, {}, size, seed=0)
@@ -175,8 +291,11 @@ def main() -> None:
                              f"give roots of other phantom seeds")
         extra_x.append(windows(edata, eds, etask.rows, cfg, size, args.margin))
         extra_y.append(etask.y)
+        extra_data.append((edata, eds, etask))
     if extra_x:
         xm, ym = torch.cat([x_tr, *extra_x]), np.concatenate([y_tr, *extra_y])
+    if args.vit:
+        scores.update(vit_readouts(args, cfg, size, data, dataset, task, extra_data))
     for seed in args.seeds:
         scores[f"cnn/{seed}"] = cnn_scores(train_cnn(x_tr, y_tr, seed, args.epochs), x_te)
         if extra_x:
@@ -202,6 +321,8 @@ def main() -> None:
            "extra_train": int(sum(len(y) for y in extra_y)), "extra_train_pos": int(sum(y.sum() for y in extra_y)),
            "extra_roots": args.extra_roots, "bootstrap": args.bootstrap, "bootstrap_unit": unit,
            "margin": args.margin, "epochs": args.epochs, "seeds": args.seeds, "figures": figures,
+           "vit": {"epochs": args.vit_epochs, "more_labels_epochs": args.vit_more_labels_epochs,
+                   "labels": args.vit_labels, "seeds": args.vit_seeds} if args.vit else None,
            "seconds": round(time.perf_counter() - started, 1)}
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     with RESULTS.open("a") as fh:
