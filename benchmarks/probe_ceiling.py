@@ -24,6 +24,10 @@ margin of context, and scores it on the same test patches with the same resample
   can hold a linearly readable nodule at all, whatever the objective: if they cannot clear
   the bar even when trained for it, no self-supervised recipe of this network can.
 
+`--task slice_nodule` asks the same of the slice task: the class token read by the probe,
+against the untrained network's and the pixels' (no CNN and no hand features, which read
+patch cells), with `--vit` training the network's class token with the slice labels.
+
 A supervised network on the pixels is an upper bound for what a frozen encoder plus a
 linear probe can reach on these patches (up to what more context could add). If even its
 lead over the pixel probe sits inside the interval, no frozen features can meet the bar on
@@ -47,10 +51,11 @@ from dinox.data.dataset import CTSliceDataset
 from dinox.data.layout import default_manifest
 from dinox.eval.load import load_for_inference
 from dinox.eval.probe import (BOOTSTRAP, ProbeData, auroc, bootstrap_weights, build_tasks, embed, fit_probe,
-                              model_input, percentile_interval, probe_inputs, probe_size, untrained_backbone)
+                              model_input, percentile_interval, probe_inputs, probe_size, task_matrix,
+                              untrained_backbone)
 
 RESULTS = Path(__file__).resolve().parent / "results" / "probe_ceiling.jsonl"
-TASK = "patch_nodule"
+TASKS = ("patch_nodule", "slice_nodule")
 
 
 def probe_data(root: Path, manifest: Path | None, cfg, networks: dict, size: int, seed: int):
@@ -132,22 +137,33 @@ def cnn_scores(net: CellNet, x: torch.Tensor) -> np.ndarray:
     return torch.stack([net(dihedral(x, k)) for k in range(8)]).mean(0).numpy()
 
 
-def slice_batch(data: ProbeData, dataset: CTSliceDataset, rows: np.ndarray, cfg, size: int):
-    """The probe's input of every slice that holds one of `rows`' patches, (S, 3, size, size),
-    and per row its slice in that tensor and its cell."""
-    positions = sorted({data.patches[r].slice_pos for r in rows})
+def slice_batch(data: ProbeData, dataset: CTSliceDataset, task, cfg, size: int):
+    """The probe's input of every slice that holds one of the task's samples, (S, 3, size,
+    size), and per sample its slice in that tensor and its cell (-1 for a slice task: the
+    class token)."""
+    if task.level == "slice":
+        pos_of, cell_of = [int(r) for r in task.rows], [-1] * len(task.rows)
+    else:
+        pos_of = [data.patches[r].slice_pos for r in task.rows]
+        cell_of = [data.patches[r].cell for r in task.rows]
+    positions = sorted(set(pos_of))
     slot = {p: i for i, p in enumerate(positions)}
     x = torch.cat([model_input(dataset[data.slices[p].index][None], cfg, size) for p in positions])
-    b = torch.tensor([slot[data.patches[r].slice_pos] for r in rows])
-    c = torch.tensor([data.patches[r].cell for r in rows])
-    return x, b, c
+    return x, torch.tensor([slot[p] for p in pos_of]), torch.tensor(cell_of)
+
+
+def sample_features(out: dict, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """Each sample's feature from a backbone's output: the class token of slice b where the
+    cell is -1, else patch token c of slice b."""
+    return out["cls"][b] if bool((c < 0).all()) else out["patches"][b, c]
 
 
 def train_vit(cfg, x: torch.Tensor, b: torch.Tensor, c: torch.Tensor, y: np.ndarray, seed: int, epochs: int,
               grid: int, batch: int = 32):
-    """The run's network from its step-0 weights and a linear head on its patch tokens,
-    trained with binary cross-entropy on the labelled cells (flips of the slice, the cells
-    moved with them). Returns the backbone and the head, frozen, in eval mode."""
+    """The run's network from its step-0 weights and a linear head on its patch tokens (or
+    its class token, for a slice task), trained with binary cross-entropy on the labelled
+    samples (flips of the slice, the cells moved with them). Returns the backbone and the
+    head, frozen, in eval mode."""
     torch.manual_seed(seed)
     net = untrained_backbone(cfg, torch.device("cpu")).train()
     head = nn.Linear(cfg.model.vit_dim, 1)
@@ -174,8 +190,8 @@ def train_vit(cfg, x: torch.Tensor, b: torch.Tensor, c: torch.Tensor, y: np.ndar
                 xb, col = xb.flip(-1), grid - 1 - col
             if bool(torch.rand(1, generator=gen) < 0.5):
                 xb, r = xb.flip(-2), grid - 1 - r
-            tokens = net(xb)["patches"]
-            logits = head(tokens[local[b[rows]], r * grid + col]).squeeze(1)
+            moved = torch.where(cell < 0, cell, r * grid + col)
+            logits = head(sample_features(net(xb), local[b[rows]], moved)).squeeze(1)
             loss = F.binary_cross_entropy_with_logits(logits, yt[rows], pos_weight=pos_weight)
             opt.zero_grad()
             loss.backward()
@@ -185,9 +201,10 @@ def train_vit(cfg, x: torch.Tensor, b: torch.Tensor, c: torch.Tensor, y: np.ndar
 
 
 @torch.no_grad()
-def vit_tokens(net, x: torch.Tensor, b: torch.Tensor, c: torch.Tensor, batch: int = 128) -> np.ndarray:
-    tokens = torch.cat([net(x[i:i + batch])["patches"] for i in range(0, len(x), batch)])
-    return tokens[b, c].float().numpy()
+def vit_features(net, x: torch.Tensor, b: torch.Tensor, c: torch.Tensor, batch: int = 128) -> np.ndarray:
+    outs = [net(x[i:i + batch]) for i in range(0, len(x), batch)]
+    out = {k: torch.cat([o[k] for o in outs]) for k in ("cls", "patches")}
+    return sample_features(out, b, c).float().numpy()
 
 
 def vit_readouts(args, cfg, size: int, data: ProbeData, dataset: CTSliceDataset, task, extra_data) -> dict:
@@ -199,10 +216,10 @@ def vit_readouts(args, cfg, size: int, data: ProbeData, dataset: CTSliceDataset,
     extra_y = [et.y for _, _, et in extra_data]
     scores: dict[str, np.ndarray] = {}
     grid = size // cfg.model.vit_patch
-    sx, sb, sc = slice_batch(data, dataset, task.rows, cfg, size)
+    sx, sb, sc = slice_batch(data, dataset, task, cfg, size)
     train_sets = [("vit_frozen", [(sx, sb, sc)], [task.y], args.vit_epochs)] if args.vit_labels != "more" else []
     if extra_data and args.vit_labels != "probe":
-        extra_sets = [slice_batch(ed, eds, et.rows, cfg, size) for ed, eds, et in extra_data]
+        extra_sets = [slice_batch(ed, eds, et, cfg, size) for ed, eds, et in extra_data]
         total = len(sx) + sum(len(e[0]) for e in extra_sets)   # slices; epochs scaled to the same steps
         train_sets.append(("vit_frozen_more_labels", [(sx, sb, sc), *extra_sets], [task.y, *extra_y],
                            args.vit_more_labels_epochs or max(3, round(args.vit_epochs * len(sx) / total))))
@@ -220,7 +237,7 @@ def vit_readouts(args, cfg, size: int, data: ProbeData, dataset: CTSliceDataset,
         for seed in args.vit_seeds:
             t0 = time.perf_counter()
             net, head = train_vit(cfg, x_cat, b_cat[keep], c_cat[keep], y_cat[side_tr], seed, epochs, grid)
-            tok = vit_tokens(net, sx, sb, sc)
+            tok = vit_features(net, sx, sb, sc)
             proba, _, _ = fit_probe(tok[tr], y_tr, task.groups[tr], tok[te], task.groups[te], 0)
             scores[f"{name}/{seed}"] = proba[:, 1]
             runs.append(proba[:, 1])
@@ -237,6 +254,9 @@ def vit_readouts(args, cfg, size: int, data: ProbeData, dataset: CTSliceDataset,
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", required=True, help="the checkpoint whose probe this puts in context")
+    ap.add_argument("--task", choices=TASKS, default=TASKS[0],
+                    help="the probe task; slice_nodule has no CNN and no hand features (they read patch cells), "
+                         "so give it --vit")
     ap.add_argument("--data-root", required=True)
     ap.add_argument("--split-manifest", default=None)
     ap.add_argument("--extra-roots", nargs="*", default=[],
@@ -263,40 +283,44 @@ def main() -> None:
     manifest = Path(args.split_manifest) if args.split_manifest else default_manifest(root)
     networks = {"checkpoint": backbone, "untrained": untrained_backbone(cfg, torch.device("cpu"))}
     data, dataset = probe_data(root, manifest, cfg, networks, size, seed=0)
-    task = next(t for t in build_tasks(data)[0] if t.name == TASK)
+    task = next(t for t in build_tasks(data)[0] if t.name == args.task)
+    patch_level = task.level == "patch"
     tr, te = task.side == "train", task.side == "test"
     y_tr, y_te = task.y[tr], task.y[te]
     weights, unit = bootstrap_weights(task.groups[te], args.bootstrap, 0)   # the probe's own resamples
 
     scores: dict[str, np.ndarray] = {}
-    sources = {"checkpoint": data.features["checkpoint"]["tokens"], "untrained": data.features["untrained"]["tokens"],
-               "pixels": data.pixels["patch"], "hand_features": data.pixels["hand"]}
-    for name, per_cell in sources.items():
-        x = per_cell[task.rows]
+    sources = {"checkpoint": "checkpoint", "untrained": "untrained", "pixels": "pixels"}
+    if patch_level:
+        sources["hand_features"] = "hand"
+    for name, source in sources.items():
+        x = task_matrix(data, task, source)
         proba, _, _ = fit_probe(x[tr], y_tr, task.groups[tr], x[te], task.groups[te], 0)
         scores[name] = proba[:, 1]
 
-    x_all = windows(data, dataset, task.rows, cfg, size, args.margin)
-    x_tr, x_te = x_all[torch.as_tensor(tr)], x_all[torch.as_tensor(te)]
+    if patch_level:
+        x_all = windows(data, dataset, task.rows, cfg, size, args.margin)
+        x_tr, x_te = x_all[torch.as_tensor(tr)], x_all[torch.as_tensor(te)]
     extra_x, extra_y, extra_data = [], [], []
     for extra in args.extra_roots:
         extra_root = Path(extra)
         edata, eds = probe_data(extra_root, None, cfg, {}, size, seed=0)
         for rec in edata.slices:
             rec.side = "train"   # every patient of an extra root trains; none is a test patient here
-        etask = next(t for t in build_tasks(edata)[0] if t.name == TASK)
+        etask = next(t for t in build_tasks(edata)[0] if t.name == args.task)
         clash = set(etask.groups.tolist()) & set(task.groups[te].tolist())
         if clash:
             raise SystemExit(f"{extra_root} shares patients with the test side ({sorted(clash)[:3]}); "
                              f"give roots of other phantom seeds")
-        extra_x.append(windows(edata, eds, etask.rows, cfg, size, args.margin))
+        if patch_level:
+            extra_x.append(windows(edata, eds, etask.rows, cfg, size, args.margin))
         extra_y.append(etask.y)
         extra_data.append((edata, eds, etask))
     if extra_x:
         xm, ym = torch.cat([x_tr, *extra_x]), np.concatenate([y_tr, *extra_y])
     if args.vit:
         scores.update(vit_readouts(args, cfg, size, data, dataset, task, extra_data))
-    for seed in args.seeds:
+    for seed in args.seeds if patch_level else []:
         scores[f"cnn/{seed}"] = cnn_scores(train_cnn(x_tr, y_tr, seed, args.epochs), x_te)
         if extra_x:
             scores[f"cnn_more_labels/{seed}"] = cnn_scores(train_cnn(xm, ym, seed, args.epochs), x_te)
@@ -310,12 +334,12 @@ def main() -> None:
     for name, s in scores.items():
         entry = {"auroc": round(float(auroc(s, y_te)), 4), "ci95": percentile_interval(boots[name])}
         for base in ("untrained", "pixels", "hand_features"):
-            if base != name:
+            if base != name and base in scores:
                 lead = boots[name] - boots[base]
                 entry[f"lead_over_{base}"] = round(entry["auroc"] - float(auroc(scores[base], y_te)), 4)
                 entry[f"lead_over_{base}_ci95"] = percentile_interval(lead)
         figures[name] = entry
-    row = {"tag": args.tag, "checkpoint": str(args.checkpoint), "data_root": str(root), "task": TASK,
+    row = {"tag": args.tag, "checkpoint": str(args.checkpoint), "data_root": str(root), "task": args.task,
            "n_train": int(tr.sum()), "n_train_pos": int(y_tr.sum()), "n_test": int(te.sum()),
            "n_test_pos": int(y_te.sum()), "n_test_patients": len(set(task.groups[te].tolist())),
            "extra_train": int(sum(len(y) for y in extra_y)), "extra_train_pos": int(sum(y.sum() for y in extra_y)),
@@ -327,7 +351,7 @@ def main() -> None:
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     with RESULTS.open("a") as fh:
         fh.write(json.dumps(row) + "\n")
-    print(f"{TASK} on {row['n_test_patients']} test patients ({row['n_test_pos']} positive of {row['n_test']}); "
+    print(f"{args.task} on {row['n_test_patients']} test patients ({row['n_test_pos']} positive of {row['n_test']}); "
           f"training {row['n_train_pos']}/{row['n_train']} + extra {row['extra_train_pos']}/{row['extra_train']}")
     for name, e in figures.items():
         leads = "  ".join(f"{b}: {e[f'lead_over_{b}']:+.3f} {e[f'lead_over_{b}_ci95']}"

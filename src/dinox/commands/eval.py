@@ -236,10 +236,12 @@ def run_retrieval(args) -> int:
     if args.n < 2:
         raise UserError(f"--n {args.n} is too small: retrieval needs at least 2 samples")
     out_dir = output_dir(args.out, args.checkpoint)   # before the work: a bad --out fails fast
-    ev = open_evaluation(args.checkpoint, device=args.device, network=args.network, data_root=args.data_root,
-                         index_csv=args.index_csv, split_manifest=args.split_manifest)
-    device, backbone, cfg, root, manifest = ev.device, ev.backbone, ev.cfg, ev.root, ev.manifest
-    dataset = CTSliceDataset(root, args.split, manifest, ev.index_csv, context_mm=cfg.views.context_mm)
+    evaluation = open_evaluation(args.checkpoint, device=args.device, network=args.network,
+                                 data_root=args.data_root, index_csv=args.index_csv,
+                                 split_manifest=args.split_manifest)
+    device, backbone, cfg = evaluation.device, evaluation.backbone, evaluation.cfg
+    root, manifest = evaluation.root, evaluation.manifest
+    dataset = CTSliceDataset(root, args.split, manifest, evaluation.index_csv, context_mm=cfg.views.context_mm)
     available = len(dataset)
     n = min(args.n, available)
     if available < args.n:
@@ -267,7 +269,7 @@ def run_retrieval(args) -> int:
         untrained = evaluate_draws(untrained_backbone(cfg, device), dataset, cfg.views.to_augment(), **scoring)
         result.update(against_untrained(result, untrained), untrained_note=untrained_note(cfg))
     result.update(
-        step=ev.step,
+        step=evaluation.step,
         checkpoint=str(args.checkpoint),
         split=args.split,
         split_manifest=str(manifest) if manifest else None,
@@ -280,14 +282,14 @@ def run_retrieval(args) -> int:
     )
     passed, verdict = retrieval_verdict(result)
     result["passed"] = passed
-    name = result_name(f"view_retrieval_step{ev.step}_N{result['n']}", split=args.split, seed=args.seed,
+    name = result_name(f"view_retrieval_step{evaluation.step}_N{result['n']}", split=args.split, seed=args.seed,
                        defaults=RETRIEVAL_DEFAULTS, network=args.network, manifest=manifest, root=root,
-                       trained_root=ev.trained_root, trained_manifest=ev.trained_manifest, views=args.views,
-                       draws=args.draws)
+                       trained_root=evaluation.trained_root, trained_manifest=evaluation.trained_manifest,
+                       views=args.views, draws=args.draws)
     out_path = _write_result(out_dir, name, result)
     tops = " ".join(f"top{k}={result[f'top{k}']:.4f}" for k in sorted({1, *ks}))
     print(
-        f"view retrieval step={ev.step} n={result['n']} ({result['series']} series) {tops} "
+        f"view retrieval step={evaluation.step} n={result['n']} ({result['series']} series) {tops} "
         f"baseline={result['baseline']:.6f} ratio={result['ratio']:.2f} effective_rank={result['effective_rank']:.1f} "
         f"same-series top1={result['top1_same_series']:.4f}" + ("" if args.views == "train" else f" (views {args.views})")
         + (f"; mean of {args.draws} draws, ratios " + " ".join(f"{d['ratio']:g}" for d in result["draws"])
@@ -362,9 +364,10 @@ def run_probe(args) -> int:
     if not 0.0 <= args.min_auroc <= 1.0:
         raise UserError(f"--min-auroc {args.min_auroc}: an AUROC lies between 0 and 1 (e.g. 0.7)")
     out_dir = output_dir(args.out, args.checkpoint)
-    ev = open_evaluation(args.checkpoint, device=args.device, network=args.network, data_root=args.data_root,
-                         split_manifest=args.split_manifest)
-    device, backbone, cfg, root, manifest = ev.device, ev.backbone, ev.cfg, ev.root, ev.manifest
+    evaluation = open_evaluation(args.checkpoint, device=args.device, network=args.network,
+                                 data_root=args.data_root, split_manifest=args.split_manifest)
+    device, backbone, cfg = evaluation.device, evaluation.backbone, evaluation.cfg
+    root, manifest = evaluation.root, evaluation.manifest
     if manifest is not None and not manifest.is_file():
         what = "a folder; give a split JSON file" if manifest.is_dir() else "not found; give an existing --split-manifest"
         raise UserError(f"split manifest {manifest} is {what}")
@@ -376,15 +379,15 @@ def run_probe(args) -> int:
     )
     passed, line = probe.verdict(result, args.min_auroc)
     gate_missing = any(t not in result["tasks"] for t in probe.GATE_TASKS)
-    result.update(step=ev.step, checkpoint=str(args.checkpoint), network=args.network, data_root=str(root),
+    result.update(step=evaluation.step, checkpoint=str(args.checkpoint), network=args.network, data_root=str(root),
                   split_manifest=str(manifest) if manifest else None, min_auroc=args.min_auroc,
                   gate_tasks=list(probe.GATE_TASKS), passed=passed, verdict=line)
-    name = result_name(f"probe_step{ev.step}", split=args.split, seed=args.seed, defaults=PROBE_DEFAULTS,
-                       network=args.network, manifest=manifest, root=root, trained_root=ev.trained_root,
-                       trained_manifest=ev.trained_manifest, size=args.size, trained_size=cfg.views.img_size,
+    name = result_name(f"probe_step{evaluation.step}", split=args.split, seed=args.seed, defaults=PROBE_DEFAULTS,
+                       network=args.network, manifest=manifest, root=root, trained_root=evaluation.trained_root,
+                       trained_manifest=evaluation.trained_manifest, size=args.size, trained_size=cfg.views.img_size,
                        extra=probe_tags(args, result["split"]["mode"]))
     out_path = _write_result(out_dir, name, result)
-    print(f"probe step={ev.step} ({args.network}) split={result['split']['mode']}: "
+    print(f"probe step={evaluation.step} ({args.network}) split={result['split']['mode']}: "
           f"{result['split']['train_patients']} train / {result['split']['test_patients']} test patients; "
           f"{result['labels']['rule']}")
     for note in result["notes"]:

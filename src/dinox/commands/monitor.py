@@ -30,13 +30,14 @@ def run(args) -> int:
     from dinox.observe.monitor_hook import run_monitor
     from dinox.eval.load import open_evaluation
 
-    ev = open_evaluation(args.checkpoint, device=args.device, network=args.network, data_root=args.data_root,
-                         index_csv=args.index_csv, split_manifest=args.split_manifest)
-    cfg, root, manifest, index_csv = ev.cfg, ev.root, ev.manifest, ev.index_csv
+    evaluation = open_evaluation(args.checkpoint, device=args.device, network=args.network,
+                                 data_root=args.data_root, index_csv=args.index_csv,
+                                 split_manifest=args.split_manifest)
+    cfg, root, manifest, index_csv = evaluation.cfg, evaluation.root, evaluation.manifest, evaluation.index_csv
     dataset = CTSliceDataset(root, args.split, manifest, index_csv, context_mm=cfg.views.context_mm)
     run_dir = Path(args.out) if args.out else Path(args.checkpoint).parent
-    out_dir = run_monitor(ev.backbone, dataset, run_dir, ev.step, ev.device, augment_cfg=cfg.views.to_augment(),
-                          out_dim=cfg.model.out_dim, tags=_tags(args, ev))
+    out_dir = run_monitor(evaluation.backbone, dataset, run_dir, evaluation.step, evaluation.device,
+                          augment_cfg=cfg.views.to_augment(), out_dim=cfg.model.out_dim, tags=_tags(args, evaluation))
     (out_dir / "inputs.json").write_text(json.dumps({
         "checkpoint": str(args.checkpoint), "network": args.network, "split": args.split,
         "data_root": str(root), "split_manifest": str(manifest) if manifest else None,
@@ -46,21 +47,21 @@ def run(args) -> int:
     return 0
 
 
-def _tags(args, ev) -> list[str]:
+def _tags(args, evaluation) -> list[str]:
     """The output folder's name tags: always cli, since even on training's own root, val
     side and teacher the outputs differ from the monitor training wrote at that step (its
     health.json holds the run's throughput, its stats the run's autocast precision); then
     what else differs."""
     from dinox.data.layout import default_manifest, root_tag, same_path
 
-    root, manifest = ev.root, ev.manifest
+    root, manifest = evaluation.root, evaluation.manifest
     tags = ["cli"]
     if args.split != "val":
         tags.append(args.split)
     if args.network != "teacher":
         tags.append(args.network)
-    if not same_path(root, ev.trained_root):
+    if not same_path(root, evaluation.trained_root):
         tags.append(root_tag(root))
-    elif manifest is not None and not same_path(manifest, ev.trained_manifest or default_manifest(root)):
+    elif manifest is not None and not same_path(manifest, evaluation.trained_manifest or default_manifest(root)):
         tags.append(f"split-{Path(manifest).stem}")
     return tags
