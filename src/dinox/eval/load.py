@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import torch
 
-from dinox.config import config_from_checkpoint
+from dinox.config import RunConfig, config_from_checkpoint
 from dinox.data.layout import INDEX_FILE, default_manifest, root_of_index, same_path
 from dinox.errors import UserError
 from dinox.model.dino_model import build_dino_model
@@ -131,7 +131,7 @@ class Evaluation:
     its run's config, and the data it reads beside the data the run trained on."""
     device: torch.device
     backbone: torch.nn.Module
-    cfg: object
+    cfg: RunConfig
     step: int
     provenance: dict | None
     root: Path
