@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from dinox.commands.argtypes import int_at_least, nonneg_int, positive_int
-from dinox.commands.eval import interval_text
+from dinox.commands.eval import interval_text, retrieval_verdict
 from dinox.data.layout import INDEX_FILE
 from dinox.data.parallel import DEFAULT_WORKERS
 from dinox.data.synth import FAMILIES, check_request
@@ -251,8 +251,6 @@ def _existing_synth(labels_file: Path) -> dict:
 def _retrieval_verdict(checkpoint: Path, draws: int) -> str | None:
     """The final retrieval's verdict line, read from the JSON `dinox eval retrieval` wrote
     beside the checkpoint, so that it closes the demo's output after the probes."""
-    from dinox.commands.eval import retrieval_verdict
-
     step = int(checkpoint.stem.rsplit("_", 1)[-1])
     pattern = f"view_retrieval_step{step}_N*" + (f"_draws{draws}" if draws > 1 else "") + ".json"
     found = sorted(checkpoint.parent.glob(pattern))

@@ -133,7 +133,6 @@ class Evaluation:
     backbone: torch.nn.Module
     cfg: RunConfig
     step: int
-    provenance: dict | None
     root: Path
     index_csv: Path | None
     manifest: Path | None
@@ -157,5 +156,4 @@ def open_evaluation(checkpoint, *, device: str = "auto", network: str = "teacher
     root, index, manifest = run_data_paths(cfg, data_root, index_csv, split_manifest, provenance)
     trained_root, _, trained_manifest = own_data_paths(cfg, provenance)
     warn_if_split_changed(provenance, root, manifest)
-    return Evaluation(torch_device, backbone, cfg, meta.step, provenance, root, index, manifest,
-                      trained_root, trained_manifest)
+    return Evaluation(torch_device, backbone, cfg, meta.step, root, index, manifest, trained_root, trained_manifest)
