@@ -50,9 +50,9 @@ import torch.nn.functional as F
 from dinox.data.dataset import CTSliceDataset
 from dinox.data.layout import default_manifest
 from dinox.eval.load import load_for_inference
-from dinox.eval.probe import (BOOTSTRAP, ProbeData, auroc, bootstrap_weights, build_tasks, embed, fit_probe,
-                              model_input, percentile_interval, probe_inputs, probe_size, task_matrix,
-                              untrained_backbone)
+from dinox.eval.probe import (BOOTSTRAP, ProbeData, build_tasks, embed, fit_probe, model_input, probe_inputs,
+                              probe_size, task_matrix, untrained_backbone)
+from dinox.eval.stats import auroc, bootstrap_weights, percentile_interval
 
 RESULTS = Path(__file__).resolve().parent / "results" / "probe_ceiling.jsonl"
 TASKS = ("patch_nodule", "slice_nodule")

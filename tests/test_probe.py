@@ -15,7 +15,7 @@ from _train_support import TINY_MODEL, only_run
 from dinox.cli import main
 from dinox.data.annotations import NODULES_TABLE, write_table
 from dinox.errors import UserError
-from dinox.eval import probe
+from dinox.eval import probe, stats
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -28,19 +28,19 @@ def test_auroc_matches_scikit_learn_with_ties_and_weights():
     rng = np.random.default_rng(0)
     y = rng.integers(0, 2, 300)
     scores = np.round(rng.standard_normal(300) + y, 1)   # rounding makes ties
-    assert probe.auroc(scores, y) == pytest.approx(roc_auc_score(y, scores))
+    assert stats.auroc(scores, y) == pytest.approx(roc_auc_score(y, scores))
     w = rng.integers(0, 3, (4, 300)).astype(float)
-    for row, got in zip(w, probe.auroc(scores, y, w)):
+    for row, got in zip(w, stats.auroc(scores, y, w)):
         assert got == pytest.approx(roc_auc_score(y, scores, sample_weight=row))
-    assert np.isnan(probe.auroc(scores, np.zeros(300)))
+    assert np.isnan(stats.auroc(scores, np.zeros(300)))
 
 
 def test_bootstrap_interval_of_a_separable_problem_is_one():
     y = np.array([0, 1] * 20)
     groups = np.repeat(np.arange(10), 4)          # 10 test patients
-    weights, unit = probe.bootstrap_weights(groups, 500, seed=0)
+    weights, unit = stats.bootstrap_weights(groups, 500, seed=0)
     assert unit == "test patients"
-    point, ci, _ = probe.score_with_ci(lambda w: probe.auroc(y.astype(float), y, w), weights)
+    point, ci, _ = stats.score_with_ci(lambda w: stats.auroc(y.astype(float), y, w), weights)
     assert point == 1.0 and ci == [1.0, 1.0]
 
 
@@ -54,8 +54,8 @@ def test_bootstrap_interval_of_random_scores_covers_one_half():
     for draw in range(40):
         y = rng.integers(0, 2, 400)
         scores = rng.standard_normal(400)
-        weights, _ = probe.bootstrap_weights(groups, 200, seed=draw)
-        point, ci, _ = probe.score_with_ci(lambda w, s=scores, t=y: probe.auroc(s, t, w), weights)
+        weights, _ = stats.bootstrap_weights(groups, 200, seed=draw)
+        point, ci, _ = stats.score_with_ci(lambda w, s=scores, t=y: stats.auroc(s, t, w), weights)
         points.append(point)
         covered += ci[0] <= 0.5 <= ci[1]
         assert ci[1] - ci[0] < 0.25
@@ -64,14 +64,14 @@ def test_bootstrap_interval_of_random_scores_covers_one_half():
 
 
 def test_bootstrap_resamples_samples_when_patients_are_few():
-    weights, unit = probe.bootstrap_weights(np.array(["a"] * 5 + ["b"] * 5), 50, seed=0)
+    weights, unit = stats.bootstrap_weights(np.array(["a"] * 5 + ["b"] * 5), 50, seed=0)
     assert unit == "test samples" and weights.shape == (50, 10)
     assert (weights.sum(1) == 10).all()
 
 
 def test_patient_bootstrap_moves_a_patients_samples_together():
     groups = np.array(["a", "a", "b", "b", "c", "c", "d", "d", "e", "e"])
-    weights, unit = probe.bootstrap_weights(groups, 100, seed=0)
+    weights, unit = stats.bootstrap_weights(groups, 100, seed=0)
     assert unit == "test patients"
     assert (weights[:, 0::2] == weights[:, 1::2]).all()
 
@@ -79,8 +79,8 @@ def test_patient_bootstrap_moves_a_patients_samples_together():
 def test_macro_auroc_perfect_and_one_vs_rest():
     y = np.array([0, 1, 2] * 5)
     proba = np.eye(3)[y]
-    assert probe.macro_auroc(proba, y, [0, 1, 2]) == 1.0
-    assert probe.macro_auroc(proba[:, ::-1], y, [0, 1, 2]) < 1.0
+    assert stats.macro_auroc(proba, y, [0, 1, 2]) == 1.0
+    assert stats.macro_auroc(proba[:, ::-1], y, [0, 1, 2]) < 1.0
 
 
 def test_probe_refuses_a_patient_on_both_sides():
@@ -97,7 +97,7 @@ def test_probe_fits_a_separable_problem():
     groups = np.repeat(np.arange(6), 10)
     proba, c, classes = probe.fit_probe(x[:40], y[:40], groups[:40], x[40:], groups[40:])
     assert classes == [0, 1] and c in probe.CS
-    assert probe.auroc(proba[:, 1], y[40:]) > 0.95
+    assert stats.auroc(proba[:, 1], y[40:]) > 0.95
 
 
 def test_a_refit_resample_equals_the_probe_fitted_on_its_copies():
@@ -108,8 +108,8 @@ def test_a_refit_resample_equals_the_probe_fitted_on_its_copies():
     y = (x[:, 0] + rng.standard_normal(300) > 1.0).astype(int)
     groups = np.repeat(np.arange(60), 5)
     tr, te = groups < 40, groups >= 40
-    train_counts, _ = probe.bootstrap_weights(groups[tr], 3, 1)
-    test_counts, _ = probe.bootstrap_weights(groups[te], 3, 2)
+    train_counts, _ = stats.bootstrap_weights(groups[tr], 3, 1)
+    test_counts, _ = stats.bootstrap_weights(groups[te], 3, 2)
     refit = probe.refit_scores(x[tr], y[tr], x[te], y[te], 0.1, train_counts, test_counts)
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
@@ -119,12 +119,12 @@ def test_a_refit_resample_equals_the_probe_fitted_on_its_copies():
         model = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, class_weight="balanced", max_iter=2000))
         model.fit(x[tr][copies], y[tr][copies])
         tests = np.repeat(np.arange(te.sum()), test_counts[r].astype(int))
-        assert refit[r] == pytest.approx(probe.auroc(model.predict_proba(x[te][tests])[:, 1], y[te][tests]),
+        assert refit[r] == pytest.approx(stats.auroc(model.predict_proba(x[te][tests])[:, 1], y[te][tests]),
                                          abs=1e-6)
     # every weight 1: the probe as fitted once; a training resample of one class scores NaN
     ones = probe.refit_scores(x[tr], y[tr], x[te], y[te], 0.1, np.ones((1, tr.sum())), np.ones((1, te.sum())))
     model = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, class_weight="balanced", max_iter=2000))
-    assert ones[0] == pytest.approx(probe.auroc(model.fit(x[tr], y[tr]).predict_proba(x[te])[:, 1], y[te]))
+    assert ones[0] == pytest.approx(stats.auroc(model.fit(x[tr], y[tr]).predict_proba(x[te])[:, 1], y[te]))
     one_class = np.where(y[tr] == 0, 1.0, 0.0)[None]
     assert np.isnan(probe.refit_scores(x[tr], y[tr], x[te], y[te], 0.1, one_class, np.ones((1, te.sum()))))[0]
 

@@ -8,8 +8,8 @@ from _train_support import TINY_MODEL, only_run, processed_root, train_args  # n
 from dinox.cli import main
 from dinox.config import resolve
 from dinox.model.dino_model import build_dino_model
-from dinox.model.weights import file_sha256, write_hf_folder
-from dinox.run.checkpoint import load_checkpoint
+from dinox.model.weights import write_hf_folder
+from dinox.run.checkpoint import file_sha256, load_checkpoint
 
 
 def pretrained_folder(tmp_path):

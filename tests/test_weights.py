@@ -19,6 +19,7 @@ from dinox.errors import UserError
 from dinox.model import weights
 from dinox.model.head import DINOHead
 from dinox.model.vit import ViTArch, VisionTransformer
+from dinox.run import checkpoint
 
 transformers = pytest.importorskip("transformers")
 safetensors_torch = pytest.importorskip("safetensors.torch")
@@ -256,7 +257,7 @@ def test_torch_hub_dinov2_file_imports_and_matches(case, hf_folders, tmp_path):
     assert weights.detect_source(path) == weights.DINOV2_HUB
     backbone = VisionTransformer(dinox_arch(case), img_size=IMG)
     report = weights.load_pretrained(path, backbone).as_dict()
-    assert report["sha256"] == weights.file_sha256(path) and report["not_used"] == ["cls_pos_embed", "cls_token", "mask_token"]
+    assert report["sha256"] == checkpoint.file_sha256(path) and report["not_used"] == ["cls_pos_embed", "cls_token", "mask_token"]
     x = torch.randn(2, 3, IMG, IMG)
     assert (dinox_tokens(backbone, x) - hf_tokens(model, x)).abs().max() <= TOL
     # and back to the official layout, bit for bit
@@ -311,7 +312,7 @@ def test_checkpoint_exports_to_transformers_strictly(tiny_checkpoint, tmp_path):
     card = (out / "README.md").read_text()
     prov = state["provenance"]
     for text in (prov["git_commit"], prov["data_manifest_hash"], "step 2", "view_retrieval_step2_N16.json",
-                 "| 4 |", weights.file_sha256(tiny_checkpoint)):
+                 "| 4 |", checkpoint.file_sha256(tiny_checkpoint)):
         assert str(text) in card, text
     pre = json.loads((out / "ct_preprocessing.json").read_text())
     assert pre["image_size"] == 32 and pre["normalisation"]["mean"] == 0.5

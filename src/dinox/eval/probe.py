@@ -34,9 +34,9 @@ Probes: a scikit-learn pipeline of StandardScaler and LogisticRegression (L2, ba
 class weights), C chosen from `CS` by GroupKFold cross-validation over training patients.
 Train and test are disjoint by patient (`check_patient_disjoint`), always.
 
-AUROC with a 95 % percentile interval from a cluster bootstrap: `BOOTSTRAP` resamples of
-the test *patients* with replacement (slices and patches of a patient are correlated, so
-resampling samples would make the interval too narrow); with fewer than
+AUROC with a 95 % percentile interval from a cluster bootstrap (`dinox.eval.stats`):
+`BOOTSTRAP` resamples of the test *patients* with replacement (slices and patches of a
+patient are correlated, so resampling samples would make the interval too narrow); with fewer than
 `MIN_BOOTSTRAP_PATIENTS` test patients the samples are resampled instead (recorded as the
 bootstrap unit). The baselines (the same probe on the untrained network and on the
 normalised input pixels of the same slices or patches) are scored on the same resamples,
@@ -63,6 +63,8 @@ from dinox.data.dataset import CTSliceDataset
 from dinox.data.layout import INDEX_FILE, default_manifest
 from dinox.data.splits import patient_split, read_split_manifest
 from dinox.errors import UserError
+from dinox.eval.stats import (MIN_BOOTSTRAP_PATIENTS, auroc, bootstrap_weights, macro_auroc,
+                               percentile_interval, score_with_ci)
 from dinox.model.dino_model import build_dino_model
 
 DEFAULT_MIN_AUROC = 0.7            # pass line of `dinox eval probe` on the gate tasks
@@ -72,7 +74,6 @@ CS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)  # the C sweep (inverse L2 strength, st
 CV_FOLDS = 3
 BOOTSTRAP = 1000
 REFIT_BOOTSTRAP = 0                # refit resamples (0: off; --refit-bootstrap)
-MIN_BOOTSTRAP_PATIENTS = 5
 DEFAULT_TEST_FRACTION = 0.3
 DEFAULT_MAX_SLICES = 4096
 LUNG_HU = -400.0                   # below: air or lung; above: tissue, bone (the body)
@@ -607,72 +608,6 @@ def embed(networks: dict, dataset: CTSliceDataset, data: ProbeData, labels: Prob
     data.pixels = {"slice": cat(pix_slice, 3 * SLICE_PIXELS ** 2),
                    "patch": cat(pix_patch, 3 * min(patch, PATCH_PIXELS) ** 2),
                    "hand": cat(hand, len(HAND_FEATURES))}
-
-
-# --------------------------------------------------------------------------- AUROC, bootstrap
-
-def auroc(scores: np.ndarray, y: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray | float:
-    """Area under the ROC curve of binary labels y (1 positive) by the Mann-Whitney
-    statistic, ties counted half, with optional non-negative sample weights (B, n): one
-    AUROC per row (a bootstrap resample given as counts). NaN where a row lacks a class."""
-    scores = np.asarray(scores, np.float64)
-    y = np.asarray(y).astype(bool)
-    single = weights is None
-    w = np.ones((1, len(scores))) if single else np.atleast_2d(np.asarray(weights, np.float64))
-    order = np.argsort(scores, kind="mergesort")
-    s, yy, w = scores[order], y[order], w[:, order]
-    if len(s) == 0:
-        return math.nan if single else np.full(w.shape[0], math.nan)
-    starts = np.flatnonzero(np.r_[True, s[1:] != s[:-1]])
-    pos = np.add.reduceat(w * yy, starts, axis=1)
-    neg = np.add.reduceat(w * ~yy, starts, axis=1)
-    below = np.cumsum(neg, axis=1) - neg
-    num = (pos * (below + 0.5 * neg)).sum(1)
-    den = pos.sum(1) * neg.sum(1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        out = np.where(den > 0, num / np.where(den > 0, den, 1.0), np.nan)
-    return float(out[0]) if single else out
-
-
-def macro_auroc(proba: np.ndarray, y: np.ndarray, classes, weights: np.ndarray | None = None):
-    """Mean one-vs-rest AUROC over the classes (columns of proba, in `classes` order);
-    classes without positives or negatives (in a resample) are left out of the mean."""
-    per = np.stack([np.atleast_1d(auroc(proba[:, k], y == c, weights)) for k, c in enumerate(classes)])
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        out = np.nanmean(per, axis=0)
-    return float(out[0]) if weights is None else out
-
-
-def bootstrap_weights(groups: np.ndarray, n_boot: int, seed: int) -> tuple[np.ndarray, str]:
-    """(n_boot, n) resample counts per sample and the unit resampled: test patients (a
-    patient's samples move together) or, with fewer than MIN_BOOTSTRAP_PATIENTS, samples."""
-    rng = np.random.default_rng(seed)
-    groups = np.asarray(groups)
-    if groups.size == 0:
-        raise ValueError("no test samples to resample")
-    names, inverse = np.unique(groups, return_inverse=True)
-    if len(names) >= MIN_BOOTSTRAP_PATIENTS:
-        counts = rng.multinomial(len(names), np.full(len(names), 1.0 / len(names)), size=n_boot)
-        return counts[:, inverse].astype(np.float64), "test patients"
-    n = len(groups)
-    return rng.multinomial(n, np.full(n, 1.0 / n), size=n_boot).astype(np.float64), "test samples"
-
-
-def percentile_interval(values: np.ndarray) -> list[float] | None:
-    """The 95 % percentile interval of bootstrap values, the non-finite ones left out."""
-    values = values[np.isfinite(values)]
-    if values.size == 0:
-        return None
-    lo, hi = np.percentile(values, [2.5, 97.5])
-    return [round(float(lo), 4), round(float(hi), 4)]
-
-
-def score_with_ci(score_fn, weights: np.ndarray) -> tuple[float, list[float] | None, np.ndarray]:
-    """(point AUROC, 95 % percentile interval, the resamples' AUROCs) of score_fn(weights)."""
-    point = float(score_fn(None))
-    boots = np.asarray(score_fn(weights), np.float64)
-    return point, percentile_interval(boots), boots
 
 
 # --------------------------------------------------------------------------- probes

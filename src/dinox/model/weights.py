@@ -68,7 +68,7 @@ from dinox.model.presets import PRESETS
 from dinox.model.vit import (ViTArch, VisionTransformer, resample_token_grid, rope_periods,
                              swiglu_hidden_dim)
 from dinox.run import sharded as sharded_store
-from dinox.run.checkpoint import content_problem, list_checkpoints, run_folder_signs
+from dinox.run.checkpoint import content_problem, file_sha256, list_checkpoints, run_folder_signs
 from dinox.run.torch_file import (NotATorchFile, first_line, is_weights_only_refusal, load_weights_only,
                                   refusal_detail)
 
@@ -201,14 +201,6 @@ def _layerscale_is_identity(src: Imported) -> bool:
 
 
 # ----------------------------------------------------------------------------- safe reading
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
 
 def safe_torch_load(path: Path):
     """``torch.load(weights_only=True)`` (memory-mapped when the format allows), with
