@@ -386,6 +386,53 @@ def test_a_copy_of_a_series_annotation_file_is_read_once(synth_prep, tmp_path):
         f"the same content as {original}") and problem["problem"].endswith("read already for this series; left out")
     assert len(read_table(tmp_path / "processed" / NODULES_TABLE)) == len(read_table(base / "processed" / NODULES_TABLE))
 
+def test_a_copy_saved_again_with_other_line_ends_is_read_once(synth_prep, tmp_path):
+    """A re-downloaded annotation pack beside the first: the same reads in other bytes."""
+    base, labels, _ = synth_prep
+    dicom = tmp_path / "dicom"
+    shutil.copytree(base / "dicom", dicom)
+    (original,) = (dicom / labels["series"][0]["series_dir"]).glob("*.xml")
+    (original.parent / "again.xml").write_bytes(original.read_bytes().replace(b"\n", b"\r\n  "))
+    report = ingest.prepare([dicom], tmp_path / "processed", workers=1, progress=False)
+    (problem,) = report["annotations"]["problems"]
+    assert Path(problem["file"]).name in ("again.xml", original.name)
+    assert problem["problem"].endswith("read already for this series; left out")
+    assert len(read_table(tmp_path / "processed" / NODULES_TABLE)) == len(read_table(base / "processed" / NODULES_TABLE))
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR DS")   # the NaN is the point
+def test_a_rerun_keeps_the_rows_of_a_series_with_an_unreadable_slice(synth_prep, tmp_path, monkeypatch):
+    """The first prep drops a slice whose pixel data it cannot read. A plain re-run must not
+    keep the volume blind to that (its marks would no longer tie to slices) nor lose the
+    series' rows: it reads that series again and writes the same table."""
+    base, labels, _ = synth_prep
+    dicom, root = tmp_path / "dicom", tmp_path / "processed"
+    shutil.copytree(base / "dicom", dicom)
+    s0 = labels["series"][0]
+    bad = sorted((dicom / s0["series_dir"]).glob("slice_*.dcm"))[5]
+    ds = pydicom.dcmread(bad)
+    ds.RescaleSlope = "NaN"
+    ds.save_as(bad)
+    first = ingest.prepare([dicom], root, workers=1, progress=False)
+    table = read_table(root / NODULES_TABLE)
+    sid = next(r["series_id"] for r in table if r["patient_id"] == s0["patient_id"])
+    assert [Path(f["path"]).name for f in first["files_skipped"]] == [bad.name]
+    again = ingest.prepare([dicom], root, workers=1, progress=False)
+    assert again["series_written"] == [sid] and len(again["series_kept"]) == 1
+    assert read_table(root / NODULES_TABLE) == table
+    assert again["annotations"]["problems"] == first["annotations"]["problems"]   # the marks on that slice
+    # and where a volume is kept whose slices cannot be tied, its earlier rows stay
+    monkeypatch.setattr(ingest, "_volume_matches", lambda root, row, task: True)
+    kept = ingest.prepare([dicom], root, workers=1, progress=False)
+    assert kept["series_written"] == [] and read_table(root / NODULES_TABLE) == table
+    untied = [p for p in kept["annotations"]["problems"] if p["problem"].startswith("volume has")]
+    assert untied and {p["series_id"] for p in untied} == {sid}
+    assert all(p["problem"].endswith("(its rows from earlier runs, if any, are kept)") for p in untied)
+    said = ingest.format_summary(kept)
+    assert f"nodule table: {len(table)} rows of 2 series; {len(kept['annotations']['problems'])} problems with " \
+           f"annotation files (listed in the report)" in said
+
+
 def test_prep_without_annotations_writes_no_table(tmp_path):
     generate_dataset(tmp_path / "dicom", patients=1, slices=4, size=32, seed=1)
     for f in tmp_path.glob("dicom/**/*.xml"):

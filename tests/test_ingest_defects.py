@@ -529,3 +529,130 @@ def test_a_pixel_spacing_or_rescale_that_is_no_number_skips_its_series(tmp_path)
     dropped = json.dumps(report)
     assert "RescaleSlope/RescaleIntercept give values that are not finite numbers" in dropped
 
+
+
+def _stack(folder: Path, hu: np.ndarray, uid: str, z, **elements) -> list[Path]:
+    """One slice per z under `uid`, then `elements` written into every file."""
+    folder.mkdir(parents=True, exist_ok=True)
+    files = [write_slice(folder / f"{k:03d}.dcm", (hu[k] + 1024).astype(np.uint16), series_uid=uid,
+                         position=(-50.0, -60.0, float(z[k])), instance=k + 1) for k in range(len(hu))]
+    _rewrite(files, **elements)
+    return files
+
+
+def test_two_acquisitions_under_one_series_uid_are_not_interleaved(tmp_path):
+    """A contrast phase half a slice off the first (AcquisitionNumber 1 and 2), and a thin and
+    a thick reconstruction (ConvolutionKernel, SliceThickness) under one SeriesInstanceUID:
+    ordered by position alone they would interleave into one volume of mixed phases at half
+    the spacing. The larger (or, at equal size, the first) is kept; the other is reported."""
+    rng = np.random.default_rng(31)
+    first, second = random_hu(rng, (6, 4, 4)), random_hu(rng, (6, 4, 4))
+    phases = tmp_path / "in" / "phases"
+    _stack(phases, first, "1.2.89.1", np.arange(6) * 5.0, AcquisitionNumber=1)
+    _stack(phases / "b", second, "1.2.89.1", np.arange(6) * 5.0 + 2.5, AcquisitionNumber=2)
+    thin, thick = random_hu(rng, (12, 4, 4)), random_hu(rng, (3, 4, 4))
+    recon = tmp_path / "in" / "recon"
+    _stack(recon, thin, "1.2.89.2", np.arange(12) * 1.25, ConvolutionKernel="B70f", SliceThickness="1.25")
+    _stack(recon / "thick", thick, "1.2.89.2", np.arange(3) * 5.0 + 2.5, ConvolutionKernel="B30f", SliceThickness="5")
+    out = tmp_path / "out"
+    report = prep([tmp_path / "in"], out)
+    assert sorted(report["series_written"]) == ["1.2.89.1", "1.2.89.2"]
+    np.testing.assert_array_equal(volume(out, "1.2.89.1"), first)
+    np.testing.assert_array_equal(volume(out, "1.2.89.2"), thin)
+    rows = index_rows(out)
+    assert float(rows["1.2.89.1"]["spacing_z"]) == 5.0 and float(rows["1.2.89.2"]["spacing_z"]) == 1.25
+    notes = report["series_notes"]
+    assert notes["1.2.89.1"] == ["6 slices of acquisition 2 dropped: they cover the stretch of acquisition 1 again "
+                                 "(one SeriesInstanceUID for two acquisitions or reconstructions; the larger is kept)"]
+    assert notes["1.2.89.2"][0].startswith("3 slices of kernel B30f, thickness 5 mm dropped: they cover the stretch "
+                                           "of kernel B70f, thickness 1.25 mm again")
+    dropped = [f for f in report["files_skipped"] if f.get("series_id") == "1.2.89.1"]
+    assert len(dropped) == 6 and all(Path(f["path"]).parent.name == "b" for f in dropped)
+
+
+def test_a_sequential_scan_numbering_its_table_positions_is_one_volume(tmp_path):
+    """Step-and-shoot CT numbers each table position as an acquisition; the positions do not
+    overlap, so every slice belongs to the one volume."""
+    hu = random_hu(np.random.default_rng(32), (8, 4, 4))
+    folder = tmp_path / "in" / "axial"
+    for block in range(4):
+        ks = range(2 * block, 2 * block + 2)
+        _stack(folder / str(block), hu[list(ks)], "1.2.89.3", [2.5 * k for k in ks], AcquisitionNumber=block + 1)
+    report = prep([tmp_path / "in"], tmp_path / "out")
+    assert report["series_written"] == ["1.2.89.3"] and not report["files_skipped"]
+    np.testing.assert_array_equal(volume(tmp_path / "out", "1.2.89.3"), hu)
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR DS")   # the NaN is the point
+def test_a_slice_position_that_is_no_number_drops_that_slice_alone(tmp_path):
+    """A NaN in the sort key would scramble the order and drop good slices as duplicates; an
+    infinite one would fail the whole series."""
+    hu = random_hu(np.random.default_rng(33), (6, 4, 4))
+    for uid, bad in (("1.2.90.1", "NaN"), ("1.2.90.2", "inf")):
+        files = write_series(tmp_path / "in" / uid, hu, uid, patient_id=uid)
+        _rewrite(files[3:4], ImagePositionPatient=["-50", "-60", bad])
+    report = prep([tmp_path / "in"], tmp_path / "out")
+    assert sorted(report["series_written"]) == ["1.2.90.1", "1.2.90.2"]
+    for uid in ("1.2.90.1", "1.2.90.2"):
+        np.testing.assert_array_equal(volume(tmp_path / "out", uid), np.delete(hu, 3, axis=0))
+    reasons = {f["reason"] for f in report["files_skipped"]}
+    assert reasons == {"ImagePositionPatient/ImageOrientationPatient holds a value that is not a finite number"}
+
+
+def test_a_slice_without_patient_id_stays_with_its_series(tmp_path):
+    """One file of a scan without PatientID is an incomplete header, not a second patient."""
+    hu = random_hu(np.random.default_rng(34), (4, 4, 4))
+    files = write_series(tmp_path / "in" / "s", hu, "1.2.91.1", patient_id="Q7")
+    _rewrite(files[:1], PatientID=None)
+    report = prep([tmp_path / "in"], tmp_path / "out")
+    assert report["series_written"] == ["1.2.91.1"]
+    assert index_rows(tmp_path / "out")["1.2.91.1"]["patient_id"] == "Q7"
+    assert report["series_notes"]["1.2.91.1"] == ["1 of 4 slices have no PatientID: taken as the series' patient Q7"]
+    np.testing.assert_array_equal(volume(tmp_path / "out", "1.2.91.1"), hu)
+
+
+def test_padding_read_as_bone_is_noted(tmp_path):
+    """-2000 padding written as unsigned 63536 without PixelPaddingValue comes out as 3071 HU
+    around the body: the series is written (it may be metal) with a note saying what to check."""
+    hu = random_hu(np.random.default_rng(35), (3, 6, 6))
+    padded = hu.copy()
+    padded[:, :2, :] = 3071
+    write_series(tmp_path / "in" / "s", padded, "1.2.92.1")
+    write_series(tmp_path / "in" / "ok", hu, "1.2.92.2", patient_id="B")
+    report = prep([tmp_path / "in"], tmp_path / "out")
+    assert sorted(report["series_written"]) == ["1.2.92.1", "1.2.92.2"]
+    (note,) = report["series_notes"]["1.2.92.1"]
+    assert note.startswith("33 % of the voxels are at the top of the HU range (3071 HU): padding")
+    assert "1.2.92.2" not in report["series_notes"]
+
+
+def test_acquisition_fields_some_slices_lack_or_write_otherwise_split_nothing(tmp_path):
+    """An anonymiser that removed AcquisitionNumber from some files, or a writer that gives
+    SliceThickness as 1.250 on some and 1.25 on others, still leaves one acquisition."""
+    hu = random_hu(np.random.default_rng(36), (6, 4, 4))
+    files = _stack(tmp_path / "in" / "s", hu, "1.2.93.1", np.arange(6) * 1.25, AcquisitionNumber=3, SliceThickness="1.25")
+    _rewrite(files[::2], AcquisitionNumber=None, SliceThickness="1.250")
+    report = prep([tmp_path / "in"], tmp_path / "out")
+    assert report["series_written"] == ["1.2.93.1"] and not report["files_skipped"]
+    assert "1.2.93.1" not in report["series_notes"]
+    np.testing.assert_array_equal(volume(tmp_path / "out", "1.2.93.1"), hu)
+
+
+def test_a_dicomdir_is_named_as_such(tmp_path):
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.sequence import Sequence
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    write_series(tmp_path / "in" / "s", random_hu(np.random.default_rng(37), (3, 4, 4)), "1.2.94.1")
+    dd = Dataset()
+    dd.file_meta = FileMetaDataset()
+    dd.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    dd.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.1.3.10"      # Media Storage Directory
+    dd.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    dd.FileSetID = "EXPORT"
+    dd.DirectoryRecordSequence = Sequence([])
+    dd.save_as(tmp_path / "in" / "DICOMDIR", enforce_file_format=True)
+    report = prep([tmp_path / "in"], tmp_path / "out")
+    assert report["series_written"] == ["1.2.94.1"]
+    assert report["files_skipped"] == [{"path": str(tmp_path / "in" / "DICOMDIR"),
+                                        "reason": "a DICOMDIR (the index of a DICOM disc or export), not an image"}]

@@ -729,7 +729,8 @@ class _Collector:
         self.rows: list[dict] = []
         self.problems: list[dict] = []
         self.used: list[str] = []
-        self.contents: dict[tuple[str, str], str] = {}    # (series, sha256 of an XML) -> the file read
+        self.contents: dict[tuple[str, str], str] = {}    # (series, sha256 of an XML's reads) -> the file read
+        self.untied: set[str] = set()    # series whose slices could not be tied to the volume
 
     def problem(self, file: str, text: str, series_id: str | None = None) -> None:
         entry = {"file": file, "problem": text}
@@ -741,7 +742,8 @@ class _Collector:
         try:
             rows, problems = make_rows(series.slices())
         except AnnotationError as exc:
-            self.problem(file, str(exc), series.task.series_id)
+            self.problem(file, f"{exc} (its rows from earlier runs, if any, are kept)", series.task.series_id)
+            self.untied.add(series.task.series_id)
             return
         self.rows.extend(rows)
         for text in problems:
@@ -770,8 +772,10 @@ def _use_xml(path: str, out: _Collector, by_uid: dict[str, _Series], series: lis
     if note:
         out.problem(path, note, owner.task.series_id if owner else None)
     if owner is not None:
-        key = (owner.task.series_id, hashlib.sha256(raw).hexdigest())
-        if key in out.contents:   # a copy of a file already read would count its readers twice
+        # by what it says, not its bytes: a copy saved again (other line ends, indentation,
+        # encoding declaration) would count its readers twice all the same
+        key = (owner.task.series_id, hashlib.sha256(repr(read.sessions).encode()).hexdigest())
+        if key in out.contents:
             out.problem(path, f"the same content as {out.contents[key]}, read already for this series; left out",
                         owner.task.series_id)
             return
@@ -793,7 +797,8 @@ def update_table(root, inputs, tasks, index_rows: dict[str, dict], files_skipped
     """Write <root>/_labels/nodules.csv from the annotation files beside the prepared DICOM
     series and return the prep report's "annotations" entry. Never raises for a missing,
     malformed or mismatched annotation file: those are listed under "problems". Rows of
-    series prepared by earlier runs and not seen now are kept. Annotation files, read or
+    series prepared by earlier runs and not seen now, or whose slices cannot be tied to their
+    volume this run, are kept. Annotation files, read or
     listed under "problems", are taken off `files_skipped` (the header scan listed them as not DICOM)."""
     inputs = [os.path.abspath(p if os.path.isdir(p) else os.path.dirname(p) or ".") for p in map(str, inputs)]
     dropped = defaultdict(set)
@@ -826,8 +831,8 @@ def _write(root: Path, out: _Collector, seen: set[str], index_rows: dict, files_
     if path.is_file():
         damaged: list[str] = []
         try:
-            rows = rows + [r for r in read_table(path, damaged)
-                           if r["series_id"] in index_rows and r["series_id"] not in seen]
+            rows = rows + [r for r in read_table(path, damaged) if r["series_id"] in index_rows
+                           and (r["series_id"] not in seen or r["series_id"] in out.untied)]
         except (OSError, ValueError) as exc:
             out.problem(str(path), f"earlier table unreadable, rewritten ({exc})")
         for what in damaged:

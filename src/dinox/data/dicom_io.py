@@ -38,7 +38,7 @@ _HEADER_TAGS = [
     "SeriesDescription", "Rows", "Columns", "ImageOrientationPatient", "ImagePositionPatient",
     "PixelSpacing", "SliceThickness", "InstanceNumber", "NumberOfFrames", "BitsAllocated",
     "SamplesPerPixel", "SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence",
-    "RescaleSlope", "RescaleIntercept",
+    "RescaleSlope", "RescaleIntercept", "AcquisitionNumber", "ConvolutionKernel",
 ]
 _PIP_NAMES = {"gdcm": "python-gdcm"}
 CODECS_HINT = 'pip install "dinox[codecs]"'
@@ -68,6 +68,9 @@ class SliceHeader:
     transfer_syntax: str
     problem: str | None = None              # why the header alone rules this image out
     rescaled: bool = True                   # has RescaleSlope and RescaleIntercept (else: stored = HU)
+    # (AcquisitionNumber, ConvolutionKernel, SliceThickness) as written: slices that differ
+    # here and cover the same stretch are two acquisitions or reconstructions (_one_acquisition)
+    acquisition: tuple[str, str, str] = ("", "", "")
 
     @property
     def ref(self) -> SliceRef:
@@ -120,6 +123,15 @@ def _floats(ds, name: str, n: int) -> tuple[float, ...] | None:
     return out if len(out) == n else None
 
 
+def _number_text(ds, name: str) -> str:
+    """A numeric element as text that compares by value ("1.250" and "1.25" alike)."""
+    text = _text(ds, name)
+    try:
+        return f"{float(text):g}"
+    except ValueError:
+        return text
+
+
 def _int(value) -> int | None:
     try:
         return int(value)
@@ -170,6 +182,8 @@ def read_headers(path: str) -> list[SliceHeader] | str:
             if "SOPClassUID" not in ds and "SeriesInstanceUID" not in ds:
                 return "not a DICOM file"
         if not _text(ds, "SeriesInstanceUID"):
+            if os.path.basename(path).upper() == "DICOMDIR":
+                return "a DICOMDIR (the index of a DICOM disc or export), not an image"
             return "no SeriesInstanceUID in its header (a truncated file, or not part of an image series)"
         if "Rows" not in ds or "Columns" not in ds:
             return "not an image (no Rows/Columns)"
@@ -197,6 +211,8 @@ def _slice_headers(path: str, ds) -> list[SliceHeader]:
         # only breaks ties in the ordering: a malformed value must not cost a good slice
         instance_number=_int(ds.get("InstanceNumber")),
         transfer_syntax=ts,
+        acquisition=(_number_text(ds, "AcquisitionNumber"), _text(ds, "ConvolutionKernel"),
+                     _number_text(ds, "SliceThickness")),
     )
     frames = int(ds.get("NumberOfFrames") or 1)
     enhanced = "PerFrameFunctionalGroupsSequence" in ds or "SharedFunctionalGroupsSequence" in ds
@@ -332,6 +348,8 @@ def _unusable(h: SliceHeader) -> str | None:
         return f"modality {h.modality or 'missing'} (not CT)"
     if h.orientation is None or h.position is None:
         return "no ImagePositionPatient/ImageOrientationPatient"
+    if not all(math.isfinite(v) for v in h.orientation + h.position):
+        return "ImagePositionPatient/ImageOrientationPatient holds a value that is not a finite number"
     if h.pixel_spacing is not None and not all(math.isfinite(v) and v > 0 for v in h.pixel_spacing):
         return (f"PixelSpacing {'/'.join(f'{v:g}' for v in h.pixel_spacing)} is not a positive size in mm: "
                 f"restore it from the scanner's export")
@@ -341,10 +359,12 @@ def _unusable(h: SliceHeader) -> str | None:
 def _shared_uid_problem(headers: list[SliceHeader]) -> str | None:
     """Why the files of one SeriesInstanceUID are not one scan: they name several patients
     or studies (colliding UIDs from an anonymiser or a re-export). Merged, their slices
-    would interleave into one volume under the first patient's id."""
-    for what, values in (("patients", {h.patient_id for h in headers}), ("studies", {h.study_uid for h in headers})):
+    would interleave into one volume under the first patient's id. A file without the tag
+    names none: it is one scan's file with an incomplete header (`_most_common_id`)."""
+    for what, values in (("patients", {h.patient_id for h in headers} - {""}),
+                         ("studies", {h.study_uid for h in headers} - {""})):
         if len(values) > 1:
-            named = sorted(v or "(none)" for v in values)
+            named = sorted(values)
             shown = ", ".join(named[:3]) + (", ..." if len(named) > 3 else "")
             return (f"one SeriesInstanceUID shared by {len(values)} {what}: {shown} (give each scan its own "
                     f"SeriesInstanceUID to prepare them)")
@@ -374,12 +394,73 @@ def _plane_notes(normal: np.ndarray, ends: list) -> list[str]:
     return notes
 
 
+def _most_common_id(values) -> str:
+    """The id most of a series' files give, files without it left out ("" when none has it)."""
+    named = Counter(v for v in values if v)
+    return named.most_common(1)[0][0] if named else ""
+
+
+# A group of slices lying mostly (this share) inside another group's stretch along the normal
+# acquired that stretch again: a second contrast phase, or a second reconstruction.
+SAME_STRETCH_SHARE = 0.5
+
+
+def _one_acquisition(images: list[SliceHeader], pos: np.ndarray) -> tuple[list[int], list[str], dict[int, str]]:
+    """Keep one acquisition or reconstruction where several share a SeriesInstanceUID.
+
+    Some exports put two contrast phases, or a thin and a thick reconstruction, under one
+    UID; ordered by position alone their slices would interleave into one volume of mixed
+    phases or kernels. Slices are grouped by AcquisitionNumber, ConvolutionKernel and
+    SliceThickness (each where every slice has it); the largest group is kept, and so is
+    every group that covers another stretch (a sequential scan numbers its table positions
+    as acquisitions). A group whose slices lie mostly inside a kept group's stretch is dropped.
+    Returns (the indices kept, notes, {dropped index: reason})."""
+    # a field some slices lack (an anonymiser's gap) tells nothing apart
+    written = [j for j in range(3) if all(h.acquisition[j] for h in images)]
+    groups: dict[tuple, list[int]] = defaultdict(list)
+    for i, h in enumerate(images):
+        groups[tuple(v if j in written else "" for j, v in enumerate(h.acquisition))].append(i)
+    if len(groups) == 1:
+        return list(range(len(images))), [], {}
+
+    def rank(item):
+        key, members = item
+        number = _int(key[0])
+        return (-len(members), number if number is not None else math.inf, key)
+
+    varying = [j for j in range(3) if len({key[j] for key in groups}) > 1]
+    kept: list[tuple[tuple, list[int]]] = []
+    dropped: dict[int, str] = {}
+    notes = []
+    for key, members in sorted(groups.items(), key=rank):
+        inside = next((k for k, m in kept if np.mean((pos[members] >= pos[m].min() - 1e-3)
+                                                      & (pos[members] <= pos[m].max() + 1e-3)) > SAME_STRETCH_SHARE),
+                      None)
+        if inside is None:
+            kept.append((key, members))
+            continue
+        for i in members:
+            dropped[i] = (f"another acquisition or reconstruction ({_describe_acquisition(key, varying)}) of the stretch "
+                          f"that {_describe_acquisition(inside, varying)} covers, under the same SeriesInstanceUID")
+        notes.append(f"{len(members)} slices of {_describe_acquisition(key, varying)} dropped: they cover the stretch "
+                     f"of {_describe_acquisition(inside, varying)} again (one SeriesInstanceUID for two acquisitions or "
+                     f"reconstructions; the larger is kept)")
+    return sorted(i for _, m in kept for i in m), notes, dropped
+
+
+def _describe_acquisition(key: tuple[str, str, str], varying: list[int]) -> str:
+    """The fields of an acquisition key that tell the series' groups apart."""
+    names, units = ("acquisition", "kernel", "thickness"), ("", "", " mm")
+    return ", ".join(f"{names[j]} {key[j] or '(none)'}{units[j]}" for j in varying)
+
+
 def plan_series(headers: list[SliceHeader]) -> SeriesPlan:
     """Filter, check and order the slices of one SeriesInstanceUID.
 
     Raises SeriesSkipped when nothing usable remains."""
     first = headers[0]
-    patient_id = first.patient_id or f"study-{first.study_uid or first.series_uid}"
+    study_uid = _most_common_id(h.study_uid for h in headers)
+    patient_id = _most_common_id(h.patient_id for h in headers) or f"study-{study_uid or first.series_uid}"
     paths = sorted({h.path for h in headers})
     modalities = Counter(h.modality for h in headers)
     modality = modalities.most_common(1)[0][0]
@@ -390,6 +471,9 @@ def plan_series(headers: list[SliceHeader]) -> SeriesPlan:
         raise SeriesSkipped(shared)
     dropped: list[tuple[str, str]] = []
     notes: list[str] = []
+    unnamed = sum(not h.patient_id for h in headers)
+    if unnamed and unnamed < len(headers):
+        notes.append(f"{unnamed} of {len(headers)} slices have no PatientID: taken as the series' patient {patient_id}")
 
     images = []
     for h in headers:
@@ -419,6 +503,11 @@ def plan_series(headers: list[SliceHeader]) -> SeriesPlan:
         raise SeriesSkipped("degenerate ImageOrientationPatient")
     normal /= np.linalg.norm(normal)
     pos = np.array([float(np.dot(h.position, normal)) for h in images])
+    kept, acquisition_notes, other_acquisition = _one_acquisition(images, pos)
+    if other_acquisition:
+        dropped.extend((images[i].label, reason) for i, reason in sorted(other_acquisition.items()))
+        notes.extend(acquisition_notes)
+        images, pos = [images[i] for i in kept], pos[kept]
     order = sorted(range(len(images)), key=lambda i: (pos[i], images[i].instance_number or 0,
                                                       images[i].path, images[i].frame or 0))
     images = [images[i] for i in order]
@@ -532,6 +621,23 @@ def hu_problem(plan: SeriesPlan, vol: np.ndarray) -> str | None:
         return None
     return (f"no RescaleSlope/RescaleIntercept and the values do not look like CT in HU (lowest {lowest}): restore "
             f"the rescale tags (CT usually has slope 1, intercept -1024) or export the series with them")
+
+
+# CT holds little at the top of the HU range (metal, a few voxels); a volume with more than
+# this share there holds padding or wrapped values read as dense bone.
+SATURATED_SHARE = 0.01
+
+
+def saturation_note(vol: np.ndarray) -> str | None:
+    """A note when a volume has a large share of voxels at the top of the HU range: the
+    padding outside a scan's circle stored as a large unsigned value without
+    PixelPaddingValue (-2000 written as 63536), which the rescale turns into bone."""
+    share = float(np.mean(vol >= HU_MAX)) if vol.size else 0.0
+    if share <= SATURATED_SHARE:
+        return None
+    return (f"{100 * share:.0f} % of the voxels are at the top of the HU range ({HU_MAX} HU): padding outside the "
+            f"scan stored without PixelPaddingValue? Check the series in a viewer; where it is padding, set "
+            f"PixelPaddingValue and prepare it again")
 
 
 def _unreadable(exc: Exception) -> str:

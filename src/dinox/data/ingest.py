@@ -109,6 +109,9 @@ def process_task(task: Task, root: str) -> dict:
     except Exception as exc:
         return {"status": "skipped", "task": task, "dropped": dropped,
                 "reason": f"unreadable ({type(exc).__name__}: {str(exc)[:120]})"}
+    saturated = dicom_io.saturation_note(vol)
+    if saturated:
+        notes = notes + [saturated]
     rel = f"{VOLUMES_DIR}/{task.series_id}.npy"
     save_volume(Path(root) / rel, vol)
     row = {
@@ -311,7 +314,12 @@ def _kept_volume(root: Path, row: dict) -> Path | None:
     return path if path.is_file() else None
 
 
-def _volume_matches(root: Path, row: dict, n_source_files: int) -> bool:
+def _volume_matches(root: Path, row: dict, task: Task) -> bool:
+    """Whether an earlier run's volume is this task's, so the series need not be read again.
+
+    A DICOM series must also have as many slices planned as the volume holds: where the
+    earlier run dropped slices whose pixel data it could not read, only reading the series
+    again tells which, and the nodule table needs that to tie marks to slices."""
     path = _kept_volume(root, row)
     if path is None:
         return False
@@ -319,7 +327,8 @@ def _volume_matches(root: Path, row: dict, n_source_files: int) -> bool:
         vol = np.load(path, mmap_mode="r")
         shape = (int(row["num_slices"]), int(row["rows"]), int(row["cols"]))
         return (vol.dtype == np.int16 and vol.shape == shape
-                and str(row.get("n_source_files", "")) == str(n_source_files))
+                and str(row.get("n_source_files", "")) == str(task.n_source_files)
+                and (task.plan is None or len(task.plan.slices) == shape[0]))
     except Exception:
         return False
 
@@ -382,7 +391,7 @@ def prepare(inputs, output="data/processed", workers: int = 1, force: bool = Fal
     todo = []
     for task in tasks:
         old = rows.get(task.series_id)
-        if not force and old is not None and _volume_matches(root, old, task.n_source_files):
+        if not force and old is not None and _volume_matches(root, old, task):
             old["source"] = task.source   # where it is now (absolute, where an older prep wrote it relative)
             report["series_kept"].append(task.series_id)
         else:
@@ -523,6 +532,12 @@ def format_summary(report: dict) -> str:
         first_id, first = next(iter(noted.items()))
         first = first if isinstance(first, str) else "; ".join(first)
         lines.append(f"  notes on {len(noted)} series (all in the report), e.g. {first_id}: {first}")
+    labels = report.get("annotations") or {}
+    if labels.get("table") or labels.get("problems"):
+        problems = len(labels.get("problems") or [])
+        lines.append(f"  nodule table: {labels['rows']} rows of {labels['series']} series"
+                     + (f"; {problems} problem{'s' if problems > 1 else ''} with annotation files "
+                        f"(listed in the report)" if problems else ""))
     if "index" in report:
         s = report["split"]
         lines.append(f"  index: {report['index']['series']} series, {report['index']['patients']} patient(s); "
