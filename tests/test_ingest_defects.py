@@ -630,7 +630,8 @@ def test_acquisition_fields_some_slices_lack_or_write_otherwise_split_nothing(tm
     """An anonymiser that removed AcquisitionNumber from some files, or a writer that gives
     SliceThickness as 1.250 on some and 1.25 on others, still leaves one acquisition."""
     hu = random_hu(np.random.default_rng(36), (6, 4, 4))
-    files = _stack(tmp_path / "in" / "s", hu, "1.2.93.1", np.arange(6) * 1.25, AcquisitionNumber=3, SliceThickness="1.25")
+    files = _stack(tmp_path / "in" / "s", hu, "1.2.93.1", np.arange(6) * 1.25, AcquisitionNumber=3,
+                   SliceThickness="1.25")
     _rewrite(files[::2], AcquisitionNumber=None, SliceThickness="1.250")
     report = prep([tmp_path / "in"], tmp_path / "out")
     assert report["series_written"] == ["1.2.93.1"] and not report["files_skipped"]

@@ -10,6 +10,10 @@ A slice is one single-frame file or one frame of a multi-frame file (Enhanced CT
 Converted Enhanced CT), whose geometry and rescale come from its per-frame functional
 groups, or from the shared ones where a frame has none. Both kinds go through the same
 ordering and checks, so a series may mix them.
+
+Two acquisitions or reconstructions of one stretch under one SeriesInstanceUID (a second
+contrast phase, a thin and a thick kernel) are not interleaved: the larger is kept and the
+other's files are reported (`_one_acquisition`).
 """
 from __future__ import annotations
 
@@ -439,12 +443,12 @@ def _one_acquisition(images: list[SliceHeader], pos: np.ndarray) -> tuple[list[i
         if inside is None:
             kept.append((key, members))
             continue
+        this, other = _describe_acquisition(key, varying), _describe_acquisition(inside, varying)
         for i in members:
-            dropped[i] = (f"another acquisition or reconstruction ({_describe_acquisition(key, varying)}) of the stretch "
-                          f"that {_describe_acquisition(inside, varying)} covers, under the same SeriesInstanceUID")
-        notes.append(f"{len(members)} slices of {_describe_acquisition(key, varying)} dropped: they cover the stretch "
-                     f"of {_describe_acquisition(inside, varying)} again (one SeriesInstanceUID for two acquisitions or "
-                     f"reconstructions; the larger is kept)")
+            dropped[i] = (f"another acquisition or reconstruction ({this}) of the stretch that {other} covers, "
+                          f"under the same SeriesInstanceUID")
+        notes.append(f"{len(members)} slices of {this} dropped: they cover the stretch of {other} again (one "
+                     f"SeriesInstanceUID for two acquisitions or reconstructions; the larger is kept)")
     return sorted(i for _, m in kept for i in m), notes, dropped
 
 
