@@ -312,3 +312,28 @@ def test_resume_on_the_same_hardware_keeps_the_runs_own_batch():
     assert (given.optim.batch_size, given.runtime.num_workers) == (8, 1)
     moved = resolve({}, hardware_preset="h100", device_kind="cuda", saved=saved).cfg
     assert moved.optim.batch_size == 128 and moved.runtime.custom_values == []
+
+
+@pytest.mark.parametrize("saved, wanted, unwanted", [
+    ({"swiglu": False, "ibot_head": True, "ibot_weight": 0.5}, ["--no-swiglu", "--ibot-weight 0.5"], ["--swiglu "]),
+    ({"swiglu": True, "ibot_head": False, "ibot_weight": 0.0}, ["--swiglu", "--ibot-weight 0"], ["--no-swiglu"]),
+    ({"swiglu": False, "ibot_head": True}, ["--ibot-weight 1.0"], []),
+])
+def test_matching_flags_rebuild_the_checkpoints_swiglu_and_ibot_head(saved, wanted, unwanted):
+    """Following the advice must give the checkpoint's shape: a run without SwiGLU resumed
+    with --swiglu needs --no-swiglu, one with an iBOT head resumed with --ibot-weight 0 needs
+    a positive weight."""
+    from dinox.config import matching_flags
+
+    flags = matching_flags({"config": "vit-tiny", **saved}) + " "
+    assert all(w + " " in flags for w in wanted) and not any(u in flags for u in unwanted)
+
+
+@pytest.mark.parametrize("value, said", [("64", "vit_dim is '64', not an integer"), (None, "vit_dim is None"),
+                                         (64.0, "not an integer"), (True, "not an integer")])
+def test_a_shape_value_of_another_type_is_named(value, said):
+    from dinox.config import shape_value_problem
+
+    assert said in shape_value_problem({"vit_dim": value})
+    assert shape_value_problem({"vit_dim": 64, "layerscale": None, "swiglu": False, "ln_eps": 1}) is None
+    assert "swiglu is 0, not true or false" == shape_value_problem({"swiglu": 0})

@@ -636,3 +636,24 @@ def test_a_probe_in_training_without_any_task_warns_instead_of_printing_nothing(
         assert run_probe(None, cfg, step=5, device="cpu", metrics=metrics) is None
     assert "nodule probe at step 5 found no task it could fit (slice_nodule: one class only" in caplog.text
     assert not logged and "probe step=" not in capsys.readouterr().out
+
+
+def test_in_training_checks_leave_every_rng_as_they_found_it(monkeypatch):
+    """What a check draws, and what a library it imports on first use draws (scikit-learn's
+    import draws from Python's `random`), must not move the training's streams: a run
+    resumed after the first probe would otherwise hold other RNG states than a straight one."""
+    from types import SimpleNamespace
+
+    from dinox.train.checks import InTrainingChecks
+
+    def draws(self, backbone, step):
+        random.random(), np.random.rand(), torch.rand(1)
+
+    monkeypatch.setattr(InTrainingChecks, "_probe", draws)
+    trainer = SimpleNamespace(cfg=SimpleNamespace(watch=SimpleNamespace(eval_every=0, probe_every=2, monitor_every=0)),
+                              ssl=SimpleNamespace(inference_backbone=lambda on_this_rank: None),
+                              dist=SimpleNamespace(is_main=True), device=torch.device("cpu"))
+    before = random.getstate(), np.random.get_state()[1].copy(), torch.get_rng_state()
+    InTrainingChecks(trainer).run(2)
+    after = random.getstate(), np.random.get_state()[1], torch.get_rng_state()
+    assert before[0] == after[0] and (before[1] == after[1]).all() and torch.equal(before[2], after[2])

@@ -540,6 +540,25 @@ def test_a_second_stop_signal_waits_for_the_checkpoint_being_written():
         stop.uninstall()
 
 
+def test_a_stop_signal_the_process_was_started_ignoring_stays_ignored():
+    """`nohup` ignores SIGHUP and a shell's background job SIGINT, so that the run outlives
+    its terminal: the run must not turn them back into a stop."""
+    import signal
+
+    from dinox.run.signals import StopRequest
+
+    before = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    stop = StopRequest()
+    try:
+        stop.install()
+        assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+        assert signal.getsignal(signal.SIGTERM) == stop._handle
+    finally:
+        stop.uninstall()
+        signal.signal(signal.SIGHUP, before)
+    assert signal.getsignal(signal.SIGTERM) != stop._handle
+
+
 # ----------------------------------------------------------------------------- data changed during a run
 
 def test_a_volume_cut_or_removed_under_a_mapped_dataset_is_named_not_a_bus_error(processed_root, tmp_path):
@@ -677,3 +696,38 @@ def test_a_disk_that_filled_during_the_run_costs_an_old_checkpoint_not_the_run(p
     failed.clear()
     assert main(train_args(processed_root, tmp_path / "one", "--max-steps", "6", "--batch-size", "4",
                            "--num-workers", "0", "--ckpt-every", "1", "--ckpt-keep-last", "1")) == 1
+
+
+def test_a_full_disk_under_the_metrics_saves_the_work_and_says_where(processed_root, tmp_path, monkeypatch,
+                                                                      capsys):  # noqa: F811
+    """The metrics fail to write (the disk filled between checkpoints): the run saves an
+    emergency checkpoint while there may still be room, and stops in one line naming the run
+    folder; a resume continues from it."""
+    import errno
+
+    from dinox.observe.metrics import MetricsLogger
+
+    class Full:
+        def write(self, _):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        flush = close = lambda self: None
+
+    real_log = MetricsLogger.log
+
+    def log(self, step, metrics, prefix="Train"):
+        if step == 3 and prefix == "Train":
+            self._file = Full()
+        return real_log(self, step, metrics, prefix)
+
+    monkeypatch.setattr(MetricsLogger, "log", log)
+    out = tmp_path / "runs"
+    args = train_args(processed_root, out, "--batch-size", "4", "--max-steps", "5", "--ckpt-every", "100")
+    assert main(args) == 1
+    said = capsys.readouterr().err.strip().splitlines()[-1]
+    run = only_run(out)
+    assert said.startswith(f"error: at step 3: cannot write the run's metrics in {run} (No space left on device)")
+    assert f"the run's work up to step 3 is in {run / 'checkpoint_emergency_00000003.pth'}" in said
+    monkeypatch.undo()
+    assert main(args + ["--resume", "auto"]) == 0
+    assert ck.load_checkpoint(run / "checkpoint_final_00000005.pth")["step"] == 5

@@ -114,10 +114,18 @@ def test_resume_is_exact_with_drop_path_local_crops_and_accumulation(processed_r
     assert losses(only_run(straight)) == losses(run)
 
 
+def _as_from_a_terminal() -> None:
+    """The child's stop signals as a terminal launch leaves them: this suite may itself run
+    as a background job, whose SIGINT (or under nohup, SIGHUP) the run would then ignore."""
+    for sig in (signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_DFL)
+
+
 def _spawn(args: list[str], new_group: bool = False) -> subprocess.Popen:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     return subprocess.Popen([sys.executable, "-m", "dinox.cli", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, env=env, text=True, start_new_session=new_group)
+                            stderr=subprocess.STDOUT, env=env, text=True, start_new_session=new_group,
+                            preexec_fn=_as_from_a_terminal)
 
 
 def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 120.0) -> None:

@@ -510,3 +510,49 @@ def test_a_nifti_without_its_ending_or_with_complex_voxels_says_why(tmp_path, ca
     capsys.readouterr()
     report = json.loads((tmp_path / "pb" / "prep_report.json").read_text())
     assert "complex voxels (complex64): not CT in HU" in json.dumps(report)
+
+
+def test_weights_or_a_configuration_that_do_not_fit_each_other_are_one_line(one_step_checkpoint, processed_root,
+                                                                            tmp_path, capsys):  # noqa: F811
+    """An edited checkpoint (a tensor cut, a shape field of the wrong type) with a valid
+    record loads, then fails to fit its model: every command says so in one line, and
+    inspect no longer calls it intact. A checkpoint of a newer dinox is 'not readable here'."""
+    import torch
+
+    from dinox.run.checkpoint import save_checkpoint
+
+    state = torch.load(one_step_checkpoint, weights_only=True)
+    cut = tmp_path / "cut" / "checkpoint_00000002.pth"
+    cut.parent.mkdir()
+    teacher = dict(state["teacher"])
+    teacher["backbone.pos_embed"] = teacher["backbone.pos_embed"][:, :3]
+    save_checkpoint(cut, {**state, "teacher": teacher})
+    typed = tmp_path / "typed" / "checkpoint_00000002.pth"
+    typed.parent.mkdir()
+    save_checkpoint(typed, {**state, "config": {**state["config"], "vit_dim": "64"}})
+    newer = tmp_path / "newer" / "checkpoint_00000002.pth"
+    newer.parent.mkdir()
+    save_checkpoint(newer, {**state, "format_version": 99})
+
+    assert main(["export", str(cut), "--out", str(tmp_path / "e1")]) == 1
+    said = one_line_error(capsys)
+    assert f"checkpoint {cut}: its teacher network does not fit the model its configuration describes" in said
+    assert "shape of backbone.pos_embed (1, 3, " in said
+    assert main(["eval", "retrieval", "--checkpoint", str(cut), "--data-root", str(processed_root), "--n", "8",
+                 "--device", "cpu", "--out", str(tmp_path / "ev")]) == 1
+    assert "its teacher network does not fit" in one_line_error(capsys)
+    assert main(train_args(processed_root, tmp_path / "runs", "--batch-size", "4", "--max-steps", "3",
+                           "--resume", str(cut))) == 1
+    assert f"checkpoint {cut}: its teacher network does not fit" in one_line_error(capsys)
+    assert main(["export", str(typed), "--out", str(tmp_path / "e2")]) == 1
+    assert "its configuration is damaged (vit_dim is '64', not an integer)" in one_line_error(capsys)
+    assert main(train_args(processed_root, tmp_path / "runs2", "--batch-size", "4", "--max-steps", "3",
+                           "--resume", str(typed))) == 1
+    assert "the checkpoint's configuration is damaged (vit_dim is '64', not an integer)" in one_line_error(capsys)
+
+    assert main(["inspect", str(cut), str(typed), str(newer), str(one_step_checkpoint)]) == 1
+    out = capsys.readouterr().out
+    assert "DAMAGED (its teacher network does not fit the model its configuration describes" in out
+    assert "DAMAGED (" in out.split(str(typed))[1] and "vit_dim is '64'" in out
+    assert "NOT READABLE HERE (" in out and "format version 99 is newer than this dinox reads" in out
+    assert out.split(str(one_step_checkpoint))[1].splitlines()[1].strip().startswith("status:       intact")

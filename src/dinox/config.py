@@ -512,6 +512,10 @@ def resolve(
     unknown = set(given) - set(FLAT_FIELDS)
     if unknown:
         raise ValueError(f"not run settings: {sorted(unknown)}")
+    problem = shape_value_problem(saved) if saved is not None else None
+    if problem:
+        raise UserError(f"the checkpoint's configuration is damaged ({problem}); resume from another checkpoint "
+                        f"of the run")
     resume_shape = saved is not None and "config" not in given
     preset = str(given.get("config") or (saved.get("config") if resume_shape else None) or "vit-tiny")
     recipe = recipe_for(preset)
@@ -636,9 +640,34 @@ def matching_flags(saved: dict) -> str:
                                                            "head_layers", "img_size")]
     flags += [f"--layerscale {value['layerscale']}", f"--head-bn {str(bool(value['head_bn'])).lower()}",
               f"--prototype-norm {value['prototype_norm']}"]
-    flags += ["--swiglu"] if value["swiglu"] else []
-    flags += [] if value["ibot_head"] else ["--ibot-weight 0"]
+    flags += ["--swiglu" if value["swiglu"] else "--no-swiglu"]
+    # a positive weight builds the iBOT head: the checkpoint's own, or DINOv2's 1.0 where it has none
+    flags += [f"--ibot-weight {saved.get('ibot_weight') or 1.0}" if value["ibot_head"] else "--ibot-weight 0"]
     return " ".join(flags)
+
+
+def shape_value_problem(flat: dict) -> str | None:
+    """Why a saved configuration's model-shape values cannot build a model (a value of
+    another type than the field's: "64" for vit_dim), or None. Fields it lacks are not
+    a problem here: they take the default they had when the field was introduced."""
+    defaults = RunConfig().to_flat()
+    for name in SHAPE_FIELDS:
+        if name not in flat or defaults[name] is None:
+            continue
+        value, default = flat[name], defaults[name]
+        if isinstance(default, bool):
+            ok, kind = isinstance(value, bool), "true or false"
+        elif isinstance(default, int):
+            ok, kind = isinstance(value, int) and not isinstance(value, bool), "an integer"
+        elif isinstance(default, float):   # None: off (LayerScale)
+            ok, kind = value is None or isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+        elif isinstance(default, str):
+            ok, kind = isinstance(value, str), "text"
+        else:
+            continue
+        if not ok:
+            return f"{name} is {value!r}, not {kind}"
+    return None
 
 
 def _changes(saved: dict, cfg: RunConfig) -> list[str]:
@@ -806,6 +835,10 @@ def config_from_checkpoint(state: dict, path=None) -> RunConfig:
     if not isinstance(saved, dict):
         what = f"{path}" if path is not None else "this checkpoint"
         raise UserError(f"{what} carries no dinox configuration; was it written by dinox train?")
+    problem = shape_value_problem(saved)
+    if problem:
+        raise UserError(f"{path or 'the checkpoint'}: its configuration is damaged ({problem}); use another "
+                        f"checkpoint of the run")
     return RunConfig.from_flat(saved)
 
 

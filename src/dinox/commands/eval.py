@@ -20,6 +20,7 @@ import tempfile
 from pathlib import Path
 
 from dinox.commands.argtypes import float_at_least, nonneg_int, path_text, positive_int
+from dinox.data.layout import atomic_write_text
 from dinox.errors import UserError
 
 EXIT_PASS = 0
@@ -222,7 +223,7 @@ def _write_result(out_dir: Path, name: str, result: dict) -> Path:
         print(f"note: {out_dir / name} holds the result of another checkpoint ({theirs}); kept, this one "
               f"goes to {path.name}")
     try:
-        path.write_text(json.dumps(result, indent=2) + "\n")
+        atomic_write_text(path, json.dumps(result, indent=2) + "\n")   # a kill leaves the earlier file whole
     except OSError as exc:
         raise UserError(f"cannot write {path} ({exc.strerror or exc}); give another --out") from None
     return path

@@ -16,11 +16,13 @@ from pathlib import Path
 
 import torch
 
-from dinox.config import SHAPE_FIELDS, check_checkpoint_format
+from dinox.config import SHAPE_FIELDS, check_checkpoint_format, config_from_checkpoint
 from dinox.errors import UserError
+from dinox.model.dino_model import build_dino_model
 from dinox.observe.metrics import json_safe
-from dinox.run.checkpoint import (CheckpointError, load_checkpoint, not_a_checkpoint, parse_checkpoint_name,
-                                  verify_checkpoint)
+from dinox.run.checkpoint import (CheckpointError, load_checkpoint, network_mismatch, not_a_checkpoint,
+                                  parse_checkpoint_name, verify_checkpoint)
+from dinox.run.torch_file import first_line
 
 _WEIGHT_SETS = ("student", "teacher", "gram_teacher")
 # Without these a file is no usable dinox checkpoint, not even for evaluation (eval reads
@@ -88,6 +90,29 @@ def model_summary(state: dict) -> dict:
     return json_safe(summary)
 
 
+def networks_problem(state: dict) -> str | None:
+    """Why the weights do not fit the model the checkpoint's configuration describes (an
+    edited file), or None; the model is built on the meta device, so nothing is allocated.
+    Judged only against a configuration that records the whole shape, as `dinox train`
+    writes it: a partial one (a hand-made file) names no model to fit."""
+    if not all(name in state["config"] for name in SHAPE_FIELDS):
+        return None
+    try:
+        cfg = config_from_checkpoint(state)
+        with torch.device("meta"):
+            model = build_dino_model(cfg.model, img_size=cfg.views.img_size, drop_path=0.0)
+    except UserError as exc:
+        return str(exc)
+    except Exception as exc:   # a configuration no model can be built from
+        return f"its configuration builds no model ({first_line(exc)})"
+    for name in _WEIGHT_SETS:   # the Gram teacher is a backbone alone
+        module = model.backbone if name == "gram_teacher" else model
+        problem = network_mismatch(module, state[name]) if name in state else None
+        if problem:
+            return f"its {name} network does not fit the model its configuration describes ({problem})"
+    return None
+
+
 def summarize(path) -> dict:
     """Everything `inspect` reports about one file, as a JSON-ready dict."""
     path = Path(path)
@@ -109,6 +134,15 @@ def summarize(path) -> dict:
         state = load_checkpoint(path, verify=False, mmap=True)
     except CheckpointError as exc:
         report["intact"], report["reason"] = False, str(exc)
+        return report
+    try:
+        check_checkpoint_format(state)
+    except UserError as exc:   # intact, but not for this dinox to read
+        report["intact"], report["reason"], report["unreadable"] = False, str(exc), True
+        return report
+    problem = networks_problem(state)
+    if problem:
+        report["intact"], report["reason"] = False, problem
         return report
     report["format"] = state.get("format")
     report["format_version"] = state.get("format_version")
@@ -152,7 +186,8 @@ def _row(label: str, text: str) -> str:
 
 def format_report(report: dict) -> str:
     status = ("intact" if report["intact"] else "MISSING" if report["reason"] == "no such file"
-              else "NOT A CHECKPOINT" if report.get("not_a_checkpoint") else "DAMAGED")
+              else "NOT A CHECKPOINT" if report.get("not_a_checkpoint")
+              else "NOT READABLE HERE" if report.get("unreadable") else "DAMAGED")
     lines = [report["path"],
              _row("status", f"{status} ({report['reason']})"),
              _row("size", _size_text(report["size_bytes"]))]

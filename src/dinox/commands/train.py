@@ -28,6 +28,7 @@ from dinox.commands.argtypes import boolean, float_at_least, nonneg_int, path_te
 from dinox.data.layout import atomic_write_text
 from dinox.errors import UserError
 from dinox.model.head import PROTOTYPE_NORMS
+from dinox.run.checkpoint import CheckpointError
 from dinox.run.signals import EXIT_WONT_FIT
 from dinox.train.runs import (
     ResumeSource,
@@ -380,7 +381,12 @@ def _train(cfg, info, preset_name, resolved, plan, dist, run_dir: Path, source: 
                 provenance["resumed_from"] = saved["resumed_from"]
         else:
             provenance["resumed_from"] = resumed_from(source)
-    trainer = Trainer(cfg, info, run_dir, provenance, dist, resume_state=state)
+    try:
+        trainer = Trainer(cfg, info, run_dir, provenance, dist, resume_state=state)
+    except CheckpointError as exc:   # what the resumed file holds; the store names no file here
+        if source is None or str(exc).startswith("checkpoint "):
+            raise
+        raise CheckpointError(f"checkpoint {source.path}: {exc}") from None
     state = None
     if source is not None:
         source.state = {}  # the trainer holds the weights now; keep one copy in memory

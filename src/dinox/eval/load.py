@@ -35,7 +35,7 @@ def load_for_inference(path: str | Path, device: torch.device, which: str = "tea
         raise UserError(f"checkpoint {path} is damaged: {problem}; use another checkpoint of the run")
     with torch.device("cpu"):
         model = build_dino_model(cfg.model, img_size=cfg.views.img_size, drop_path=0.0)
-    model.load_state_dict(state[which])
+    store.load_network(model, state[which], path, which)
     backbone = model.backbone.to(device).eval()
     backbone.grad_checkpoint = False
     return backbone, cfg, SimpleNamespace(step=state["step"], raw=state)

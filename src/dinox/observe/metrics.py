@@ -15,10 +15,13 @@ import json
 import logging
 import math
 import os
+import threading
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
+
+from dinox.errors import UserError
 
 log = logging.getLogger("dinox.metrics")
 
@@ -75,6 +78,22 @@ def lines_until(path: str | os.PathLike, step: int) -> tuple[list[str], int]:
     return kept, dropped
 
 
+class MetricsUnwritable(UserError):
+    """The run folder no longer takes the metrics (a full disk, a folder removed)."""
+
+
+_default_excepthook = threading.excepthook
+
+
+def _tensorboard_thread_hook(args) -> None:
+    """TensorBoard's writer thread prints its traceback when a write fails, then hands the
+    same error to the next call in the main thread: that one is answered (in one line), so
+    the thread's own copy is not printed."""
+    if type(args.thread).__name__ == "_AsyncWriterThread" and isinstance(args.exc_value, OSError):
+        return
+    _default_excepthook(args)
+
+
 class MetricsLogger:
     """Append-only JSONL + TensorBoard logger for one run directory.
 
@@ -92,6 +111,7 @@ class MetricsLogger:
         self._start = time.monotonic() - float(elapsed_offset)
         self._file = None
         self._writer = None
+        self._failed: str | None = None
         if not is_main:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -102,6 +122,7 @@ class MetricsLogger:
     def _open_writer(self, purge_step: int | None):
         from torch.utils.tensorboard import SummaryWriter
 
+        threading.excepthook = _tensorboard_thread_hook
         return SummaryWriter(log_dir=str(self.run_dir), purge_step=purge_step)
 
     @property
@@ -116,15 +137,33 @@ class MetricsLogger:
             record[name] = json_safe(value)
         if not self.is_main:
             return record
-        self._file.write(json.dumps(record, allow_nan=False) + "\n")
-        self._file.flush()
-        if self._writer is not None:
-            for name, value in record.items():
-                if name in ("step", "time", "wall") or isinstance(value, (bool, str)) or value is None:
-                    continue
-                self._writer.add_scalar(tensorboard_tag(name, prefix), value, global_step=int(step))
-            self._writer.flush()
+        if self._failed:
+            raise MetricsUnwritable(self._failed)
+        try:
+            self._file.write(json.dumps(record, allow_nan=False) + "\n")
+            self._file.flush()
+            if self._writer is not None:
+                for name, value in record.items():
+                    if name in ("step", "time", "wall") or isinstance(value, (bool, str)) or value is None:
+                        continue
+                    self._writer.add_scalar(tensorboard_tag(name, prefix), value, global_step=int(step))
+                self._writer.flush()
+        except OSError as exc:
+            self._abandon()
+            self._failed = (f"cannot write the run's metrics in {self.run_dir} ({exc.strerror or exc}): free disk "
+                            f"space there, or restore the folder")
+            raise MetricsUnwritable(self._failed) from None
         return record
+
+    def _abandon(self) -> None:
+        """Let go of the files after a failed write, without writing (or failing) again."""
+        for closing in (self._file, self._writer):
+            try:
+                if closing is not None:
+                    closing.close()
+            except Exception:   # noqa: BLE001 - the write error is the one to report
+                pass
+        self._file = self._writer = None
 
     def truncate_after(self, step: int, logged_every: int = 1) -> int:
         """Drop JSONL records with step > `step` (and unreadable lines); returns lines dropped.

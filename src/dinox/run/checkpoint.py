@@ -76,7 +76,9 @@ __all__ = [
     "list_checkpoints",
     "list_run_dirs",
     "load_checkpoint",
+    "load_network",
     "lock_run_dir",
+    "network_mismatch",
     "new_run_dir",
     "parse_checkpoint_name",
     "restore_rng_state",
@@ -717,6 +719,34 @@ def _load_sharded(path: Path, *, verify: bool, tensors: bool, required) -> dict:
 
 
 EXPORT_MARKERS = ("model.safetensors", "backbone.safetensors", "backbone.pth", "ct_preprocessing.json")
+
+
+def network_mismatch(module: torch.nn.Module, state_dict) -> str | None:
+    """How a saved state dict does not fit a module (entries missing, unexpected, or of
+    another shape), or None; compared by name and shape only, so `module` may live on the
+    meta device. The module's own load_state_dict would say it in a multi-line traceback."""
+    if not isinstance(state_dict, dict):
+        return f"a {type(state_dict).__name__} where the weights should be"
+    own = module.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    shapes = [f"{k} {tuple(state_dict[k].shape)} for {tuple(v.shape)}" for k, v in own.items()
+              if isinstance(state_dict.get(k), torch.Tensor) and tuple(state_dict[k].shape) != tuple(v.shape)]
+    parts = [f"{what} {', '.join(names[:3])}{', ...' if len(names) > 3 else ''}"
+             for what, names in (("missing", missing), ("unexpected", unexpected), ("shape of", shapes)) if names]
+    return "; ".join(parts) or None
+
+
+def load_network(module: torch.nn.Module, state_dict, path, name: str) -> None:
+    """`module.load_state_dict(state_dict)` for the network `name` of checkpoint `path` (None:
+    the caller names the file), a mismatch answered in one line (an edited file, or one
+    whose configuration does not describe its weights)."""
+    problem = network_mismatch(module, state_dict)
+    if problem:
+        raise CheckpointError(f"{f'checkpoint {path}: ' if path else ''}its {name} network does not fit the model "
+                              f"its configuration describes ({problem}); it was edited or written by another "
+                              f"program: use another checkpoint of the run")
+    module.load_state_dict(state_dict)
 
 
 def not_a_checkpoint(path) -> str | None:

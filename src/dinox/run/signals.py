@@ -34,8 +34,13 @@ class StopRequest:
         self._forced = False
 
     def install(self) -> None:
+        """Handle the stop signals, except those the process was started ignoring: `nohup`
+        ignores SIGHUP, and a shell ignores SIGINT in its background jobs, so that they
+        outlive the terminal; a run must not stop on them either."""
         for sig in STOP_SIGNALS:
             try:
+                if signal.getsignal(sig) == signal.SIG_IGN:
+                    continue
                 self._previous[sig] = signal.signal(sig, self._handle)
             except (ValueError, OSError):  # not the main thread
                 pass

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 
 from dinox.run.distributed import broadcast_object
+from dinox.run.rng import capture_rng_state, restore_rng_state
 
 log = logging.getLogger("dinox.train")
 
@@ -39,17 +40,24 @@ class InTrainingChecks:
                 "monitor": bool(w.monitor_every) and step % w.monitor_every == 0}
 
     def run(self, step: int, throughput=None, *, start: bool = False) -> None:
+        """The checks due at `step`. Every RNG is put back afterwards: what the checks draw,
+        and what the libraries they import on first use draw (scikit-learn's import draws
+        from Python's `random`), must not depend on where a run was resumed."""
         due = self.due(step, start=start)
         if not any(due.values()):
             return
         t = self.t
-        backbone = t.ssl.inference_backbone(on_this_rank=t.dist.is_main)
-        if due["eval"]:
-            self._evaluate(backbone, step)
-        if due["probe"] and t.dist.is_main:
-            guarded(self._probe, step, backbone, step)
-        if due["monitor"] and t.dist.is_main:
-            guarded(self._monitor, step, backbone, step, throughput.steps_per_s, throughput.samples_per_s)
+        rng = capture_rng_state(t.device)
+        try:
+            backbone = t.ssl.inference_backbone(on_this_rank=t.dist.is_main)
+            if due["eval"]:
+                self._evaluate(backbone, step)
+            if due["probe"] and t.dist.is_main:
+                guarded(self._probe, step, backbone, step)
+            if due["monitor"] and t.dist.is_main:
+                guarded(self._monitor, step, backbone, step, throughput.steps_per_s, throughput.samples_per_s)
+        finally:
+            restore_rng_state(rng, t.device)
 
     def _evaluate(self, backbone, step: int) -> None:
         t = self.t

@@ -24,7 +24,7 @@ from dinox.data.dataset import CTSliceDataset, DataChanged, pad_collate
 from dinox.errors import UserError
 from dinox.observe.anomaly import build_guard, nonfinite_diagnostics, respond
 from dinox.observe.health import MemoryWatch, device_memory_metrics
-from dinox.observe.metrics import MetricsLogger, Throughput, format_progress, run_header
+from dinox.observe.metrics import MetricsLogger, MetricsUnwritable, Throughput, format_progress, run_header
 from dinox.run.device import DeviceInfo
 from dinox.run.distributed import DistEnv, all_reduce_
 from dinox.run.logging import console
@@ -162,8 +162,7 @@ class Trainer:
         return StepResult({**metrics, **sched}, True, stop_requested)
 
     def _undo_step(self, before: tuple) -> None:
-        """Leave no trace of a step that is not applied: gradients, centre updates, data
-        position and augmentation RNG as they were before it."""
+        """Leave no trace of a step not applied: gradients, centres, data position, augmentation RNG."""
         self.optimizer.zero_grad(set_to_none=True)
         self.ssl.abandon_step()
         restore_step(self.parts, before, self.device)
@@ -178,8 +177,7 @@ class Trainer:
         log.info("run directory: %s", self.run_dir)
 
     def release(self) -> None:
-        """Drop the DDP wrapper while the process group lives: its reducer may otherwise destroy
-        the gloo group at garbage collection with the GIL held, and the rank hangs at exit."""
+        """Drop the DDP wrapper while the process group lives (its reducer could hang the exit)."""
         self.dist.barrier()
         self.model = self.ssl.student_call = None
         gc.collect()
@@ -228,7 +226,10 @@ class Trainer:
             metrics = {**result.metrics, **throughput.update(now, first_step_of_run=step - first_step <= 1),
                        "elapsed": now - start, **device_memory_metrics(self.device)}
             if step % w.log_every == 0 or step == o.max_steps:
-                self.metrics.log(step, metrics)
+                try:
+                    self.metrics.log(step, metrics)
+                except MetricsUnwritable as exc:   # a full disk: save the work while there may be room
+                    self._halt(str(exc))
             if dist.is_main and (step - first_step <= 3 or now - last_line >= w.log_interval
                                  or step == o.max_steps or result.stop_requested):
                 console(format_progress(step, metrics, max_steps=o.max_steps))
@@ -265,8 +266,7 @@ class Trainer:
         return EXIT_OK
 
     def _halt_data_changed(self, exc: DataChanged) -> NoReturn:
-        """A volume changed under the run: stop with the dataset's reason, the last line of the
-        message (a DataLoader worker re-raises with its traceback in it)."""
+        """A volume changed under the run: stop with the dataset's reason (its message's last line)."""
         self._halt(str(exc).strip().splitlines()[-1].removeprefix(f"{DataChanged.__module__}.{DataChanged.__name__}: "))
 
     def _halt(self, reason: str) -> NoReturn:

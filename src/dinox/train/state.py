@@ -38,6 +38,7 @@ from dinox.observe.anomaly import AnomalyGuard
 from dinox.run import checkpoint as store
 from dinox.run.distributed import barrier, broadcast_object, gather_object
 from dinox.run.rng import capture_rng_state, restore_rng_state
+from dinox.run.torch_file import first_line
 from dinox.train.optim import Schedules
 from dinox.train.ssl import DINOSSL
 
@@ -148,8 +149,12 @@ def _load_networks(state: dict, c: Components) -> None:
     sharded_source = "student" not in state and state.get("sharded_path")
     if not ssl.sharded and not sharded_source:
         for name in nets:
-            getattr(ssl, name).load_state_dict(state[name])
-        c.optimizer.load_state_dict(state["optimizer"])
+            store.load_network(getattr(ssl, name), state[name], None, name)
+        try:
+            c.optimizer.load_state_dict(state["optimizer"])
+        except (ValueError, KeyError, TypeError) as exc:   # torch says it in a traceback
+            raise store.CheckpointError(f"its optimizer state does not fit its student network ({first_line(exc)}); "
+                                        f"use another checkpoint of the run") from None
         entries = state
     else:
         from torch.distributed.checkpoint.state_dict import (
