@@ -356,3 +356,21 @@ def test_a_batch_larger_than_the_training_data_is_refused_before_any_step(proces
     assert f"--batch-size {slices + 1} is more than the {slices} training slices" in err
     assert f"give --batch-size {slices} or less" in err
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_the_loader_workers_are_stopped_when_the_loop_ends(processed_root, tmp_path, monkeypatch):
+    """Not left to the garbage collector: a frame of the loop can outlive it (through a
+    traceback a plotting library keeps), and the workers then never get the stop message."""
+    from dinox.train.loop import Trainer
+
+    seen = []
+    release = Trainer.release
+
+    def check(self):
+        seen.append([w.is_alive() for w in self.batches._workers])
+        release(self)
+
+    monkeypatch.setattr(Trainer, "release", check)
+    assert main(train_args(processed_root, tmp_path / "runs", "--batch-size", "4", "--num-workers", "1",
+                           "--max-steps", "4", "--monitor-every", "2")) == 0
+    assert seen == [[False]]

@@ -110,6 +110,16 @@ def make_loader(
     )
 
 
+def stop_workers(batches) -> None:
+    """Stop a DataLoader iterator's worker processes now. Left to the garbage collector (a
+    frame of the loop can outlive it through a traceback that a library keeps), the iterator's
+    queues may be finalised before it, so its stop message never reaches the workers and the
+    exit waits out the join timeout, 5 s per worker."""
+    shutdown = getattr(batches, "_shutdown_workers", None)   # a single-process iterator has none
+    if shutdown is not None:
+        shutdown()
+
+
 def validation_dataset(cfg, train_dataset):
     """The validation split for in-training eval and monitoring (None when neither runs);
     the training split when there is none, since an empty validation split must not stop

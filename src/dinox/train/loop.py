@@ -31,7 +31,7 @@ from dinox.run.logging import console
 from dinox.run.rng import seed_all
 from dinox.run.signals import EXIT_ANOMALY, EXIT_NONFINITE, EXIT_OK, StopRequest
 from dinox.train.checks import InTrainingChecks
-from dinox.train.data_stream import check_batch_fits, make_loader, validation_dataset
+from dinox.train.data_stream import check_batch_fits, make_loader, stop_workers, validation_dataset
 from dinox.train.optim import (Schedules, apply_schedule, autocast, autocast_dtype, autocast_notice, build_optimizer,
                                build_scaler, clip_gradients)
 from dinox.train.runs import record_nonfinite_halt
@@ -50,6 +50,7 @@ class StepResult:
 
 
 class Trainer:
+    batches = None   # the DataLoader iterator of the running loop
     def __init__(self, cfg: RunConfig, device_info: DeviceInfo, run_dir: Path, provenance: dict, dist: DistEnv,
                  resume_state: dict | None = None):
         self.cfg, self.device_info, self.run_dir, self.provenance, self.dist = cfg, device_info, run_dir, provenance, dist
@@ -69,6 +70,7 @@ class Trainer:
         self.schedules = Schedules.from_config(cfg)
         self.augment = CTAugment(cfg.views.to_augment())
         self.autocast_dtype = autocast_dtype(cfg.runtime.amp, self.device, device_info.bf16_supported)
+        self._autocast = lambda: autocast(self.device, self.autocast_dtype)
         slow_amp = autocast_notice(cfg.runtime.amp, self.device, device_info.bf16_supported)
         if slow_amp and dist.is_main:
             log.warning(slow_amp)
@@ -97,9 +99,6 @@ class Trainer:
             self.metrics.truncate_after(self.progress.step, logged_every)
 
     progress = property(lambda self: self.parts.progress, doc="Steps done and samples consumed.")
-
-    def _autocast(self):
-        return autocast(self.device, self.autocast_dtype)
 
     def save(self, kind: str = "periodic") -> Path | None:
         with self.stop.writing():
@@ -189,6 +188,7 @@ class Trainer:
             return self._run()
         finally:
             self.stop.uninstall()
+            stop_workers(self.batches)
             self.metrics.close()
 
     def _run(self) -> int:
@@ -197,7 +197,7 @@ class Trainer:
                              consumed=self.progress.consumed, num_workers=cfg.runtime.num_workers,
                              pin_memory=cfg.runtime.pin_memory and self.device.type == "cuda",
                              collate_fn=pad_collate, rank=dist.rank, world_size=dist.world_size)
-        micro_batches = iter(loader)
+        micro_batches = self.batches = iter(loader)
         start = last_line = time.perf_counter()
         last_line -= w.log_interval
         throughput = Throughput(start, cfg.effective_batch * dist.world_size)
