@@ -133,3 +133,26 @@ def test_run_header_names_the_objective():
     warmed = objective({"config": "vit-tiny", "centering": "centering", "teacher_temp_start": 0.04,
                         "teacher_temp": 0.07, "teacher_temp_warmup_steps": 30})
     assert "EMA-centred targets (centre momentum 0.9), teacher temperature 0.04 -> 0.07 over 30 steps" in warmed
+
+
+def test_tensorboard_thread_errors_are_left_to_the_main_threads_one_line(tmp_path, monkeypatch):
+    """TensorBoard's writer thread re-raises a failed write in the main thread, where the run
+    answers it in one line; its own traceback is not printed. Other threads' errors are."""
+    import threading
+    from types import SimpleNamespace
+
+    from dinox.observe import metrics
+
+    passed = []
+    monkeypatch.setattr(metrics, "_other_excepthook", passed.append)
+    MetricsLogger(tmp_path).close()
+    assert threading.excepthook is metrics._tensorboard_thread_hook
+
+    class _AsyncWriterThread(threading.Thread):
+        pass
+
+    full = SimpleNamespace(thread=_AsyncWriterThread(), exc_value=OSError(28, "No space left on device"))
+    other = SimpleNamespace(thread=threading.Thread(), exc_value=OSError(28, "No space left on device"))
+    threading.excepthook(full)
+    threading.excepthook(other)
+    assert passed == [other]

@@ -798,8 +798,8 @@ def update_table(root, inputs, tasks, index_rows: dict[str, dict], files_skipped
     series and return the prep report's "annotations" entry. Never raises for a missing,
     malformed or mismatched annotation file: those are listed under "problems". Rows of
     series prepared by earlier runs and not seen now, or whose slices cannot be tied to their
-    volume this run, are kept. Annotation files, read or
-    listed under "problems", are taken off `files_skipped` (the header scan listed them as not DICOM)."""
+    volume this run, are kept. Annotation files, read or listed under "problems", are taken
+    off `files_skipped` (the header scan listed them as not DICOM)."""
     inputs = [os.path.abspath(p if os.path.isdir(p) else os.path.dirname(p) or ".") for p in map(str, inputs)]
     dropped = defaultdict(set)
     for f in files_skipped:

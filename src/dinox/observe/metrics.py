@@ -82,16 +82,23 @@ class MetricsUnwritable(UserError):
     """The run folder no longer takes the metrics (a full disk, a folder removed)."""
 
 
-_default_excepthook = threading.excepthook
+_other_excepthook = threading.excepthook
 
 
 def _tensorboard_thread_hook(args) -> None:
     """TensorBoard's writer thread prints its traceback when a write fails, then hands the
     same error to the next call in the main thread: that one is answered (in one line), so
-    the thread's own copy is not printed."""
+    the thread's own copy is not printed. Every other thread's error goes to the hook that
+    was in place before."""
     if type(args.thread).__name__ == "_AsyncWriterThread" and isinstance(args.exc_value, OSError):
         return
-    _default_excepthook(args)
+    _other_excepthook(args)
+
+
+def _quiet_tensorboard_thread() -> None:
+    global _other_excepthook
+    if threading.excepthook is not _tensorboard_thread_hook:
+        _other_excepthook, threading.excepthook = threading.excepthook, _tensorboard_thread_hook
 
 
 class MetricsLogger:
@@ -122,7 +129,7 @@ class MetricsLogger:
     def _open_writer(self, purge_step: int | None):
         from torch.utils.tensorboard import SummaryWriter
 
-        threading.excepthook = _tensorboard_thread_hook
+        _quiet_tensorboard_thread()
         return SummaryWriter(log_dir=str(self.run_dir), purge_step=purge_step)
 
     @property
