@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 from pathlib import Path
 
 import nibabel as nib
@@ -657,3 +658,78 @@ def test_a_dicomdir_is_named_as_such(tmp_path):
     assert report["series_written"] == ["1.2.94.1"]
     assert report["files_skipped"] == [{"path": str(tmp_path / "in" / "DICOMDIR"),
                                         "reason": "a DICOMDIR (the index of a DICOM disc or export), not an image"}]
+
+
+def _ras(hu: np.ndarray, spacing=(0.7, 0.7, 5.0)) -> nib.Nifti1Image:
+    """A (Z, H, W) volume as a RAS NIfTI image: i -> left, j -> anterior... as prep reads it back."""
+    data = np.ascontiguousarray(hu[:, ::-1, ::-1].transpose(2, 1, 0))
+    return nib.Nifti1Image(data, np.diag([*spacing, 1.0]))
+
+
+def test_nifti_headers_that_would_give_wrong_numbers_are_caught(tmp_path, monkeypatch):
+    """A changed byte inside a .nii.gz (nibabel reads what the header declares and never
+    reaches the CRC-32), a voxel size of 0 (nibabel takes 1 mm) and more voxels than memory
+    holds are skipped with their reason; a size in meters is converted, not taken as mm; a
+    slice one voxel wide is no CT volume."""
+    from dinox.data import nifti_io
+
+    rng = np.random.default_rng(40)
+    hu = random_hu(rng, (6, 24, 20))
+    src = tmp_path / "in"
+    src.mkdir()
+    nib.save(_ras(hu), str(src / "good.nii.gz"))
+    raw = bytearray((src / "good.nii.gz").read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    (src / "flipped.nii.gz").write_bytes(bytes(raw))
+    nib.save(_ras(hu), str(src / "zero.nii"))
+    with open(src / "zero.nii", "r+b") as f:   # nibabel writes pixdim from the affine: patch the bytes
+        f.seek(80)
+        f.write(struct.pack("<3f", 0.0, 0.0, 0.0))            # pixdim[1:4]
+        f.seek(252)
+        f.write(struct.pack("<2h", 0, 0))                     # qform_code, sform_code
+    meters = _ras(hu, (0.0007, 0.0007, 0.005))
+    meters.header.set_xyzt_units("meter")
+    nib.save(meters, str(src / "meters.nii.gz"))
+    nib.save(_ras(hu[:, :1, :]), str(src / "line.nii.gz"))
+    out = tmp_path / "out"
+    report = prep([src], out)
+    assert sorted(report["series_written"]) == ["good", "meters"]
+    reasons = {s["series_id"]: s["reason"] for s in report["series_skipped"]}
+    assert reasons["flipped"].startswith("damaged gzip (") and reasons["flipped"].endswith(
+        "download or export the file again")
+    assert reasons["zero"] == "voxel size 0/0/0 is not a positive size: restore the header's pixdim from the scan"
+    assert reasons["line"] == "slices of 1x20 voxels: a line, not a CT volume"
+    rows = index_rows(out)
+    assert [float(rows["meters"][k]) for k in ("spacing_z", "spacing_y", "spacing_x")] == pytest.approx([5, 0.7, 0.7])
+    assert report["series_notes"]["meters"] == ["voxel size given in meters: converted to mm"]
+    np.testing.assert_array_equal(volume(out, "meters"), hu)
+    monkeypatch.setattr(nifti_io, "available_memory_bytes", lambda: 1000)
+    with pytest.raises(UserError, match="mostly with 'the header declares 20x24x6 voxels'"):
+        prep([src / "good.nii.gz"], tmp_path / "out2")
+    (skip,) = json.loads((tmp_path / "out2" / "prep_report.json").read_text())["series_skipped"]
+    assert skip["reason"].startswith("the header declares 20x24x6 voxels (0.0 GiB), more than the 0.0 GiB")
+
+
+def test_a_nifti_orientation_in_doubt_is_noted(tmp_path):
+    """No qform or sform (nibabel falls back to Analyze's orientation), or the two disagree
+    (the sform wins): the layout may be flipped, and the report says which was used."""
+    hu = random_hu(np.random.default_rng(41), (4, 10, 12))
+    src = tmp_path / "in"
+    src.mkdir()
+    data = _ras(hu).dataobj
+    header = nib.Nifti1Header()               # an image without an affine keeps the header's forms
+    header.set_data_dtype(np.int16)
+    header.set_data_shape(data.shape)
+    header.set_zooms((0.7, 0.7, 5.0))
+    nib.save(nib.Nifti1Image(data, None, header=header.copy()), str(src / "none.nii.gz"))
+    header.set_sform(np.diag([0.7, 0.7, 5.0, 1.0]), code=1)
+    header.set_qform(np.diag([-0.7, -0.7, 5.0, 1.0]), code=1)
+    nib.save(nib.Nifti1Image(data, None, header=header), str(src / "both.nii.gz"))
+    nib.save(_ras(hu), str(src / "plain.nii.gz"))
+    notes = prep([src], tmp_path / "out")["series_notes"]
+    (fallback,) = notes["none"]
+    assert fallback.startswith("no qform or sform orientation in the header: laid out as the fallback orientation")
+    assert notes["both"] == ["the header's qform (LPS) and sform (RAS) disagree: laid out by the sform, as the "
+                             "NIfTI standard prefers; check it in a viewer"]
+    assert "plain" not in notes
+    np.testing.assert_array_equal(volume(tmp_path / "out", "both"), hu)

@@ -657,3 +657,25 @@ def test_in_training_checks_leave_every_rng_as_they_found_it(monkeypatch):
     InTrainingChecks(trainer).run(2)
     after = random.getstate(), np.random.get_state()[1], torch.get_rng_state()
     assert before[0] == after[0] and (before[1] == after[1]).all() and torch.equal(before[2], after[2])
+
+
+def test_a_patient_split_with_nodules_on_one_side_names_the_flags_that_draw_another():
+    """Enough labelled patients, but this seed's split puts every positive on one side: the
+    message points at --seed and --test-fraction, not only at more data."""
+    series = {f"s{k}": f"p{k}" for k in range(12)}
+    labels = _labels_for(series, ["s0", "s1"])
+    seeds = [seed for seed in range(40) if not _one_sided(labels, series, seed)]
+    one_sided = next(seed for seed in range(40) if _one_sided(labels, series, seed))
+    with pytest.raises(UserError, match=rf"the patient split \(--seed {one_sided}, --test-fraction 0.3\) of 12 "
+                                        r"annotated patients puts consensus nodules on one side only; try another "
+                                        r"--seed or --test-fraction"):
+        probe.choose_split(labels, series, mode="patients", seed=one_sided)
+    assert probe.choose_split(labels, series, mode="patients", seed=seeds[0]).test
+
+
+def _one_sided(labels, series, seed) -> bool:
+    try:
+        probe.choose_split(labels, series, mode="patients", seed=seed)
+    except UserError:
+        return True
+    return False

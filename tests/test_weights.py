@@ -308,6 +308,8 @@ def test_checkpoint_exports_to_transformers_strictly(tiny_checkpoint, tmp_path):
     x = torch.randn(2, 3, 32, 32)
     assert (dinox_tokens(backbone, x) - hf_tokens(model, x)).abs().max() <= TOL
     assert (dinox_tokens(dinox.load_backbone(out), x) - dinox_tokens(backbone, x)).abs().max() <= TOL
+    larger = torch.randn(2, 3, 48, 64)   # positions resampled: dinox's own export as its checkpoint
+    assert (dinox_tokens(dinox.load_backbone(out), larger) - dinox_tokens(backbone, larger)).abs().max() <= TOL
 
     state = torch.load(tiny_checkpoint, weights_only=True)
     card = (out / "README.md").read_text()
@@ -342,8 +344,8 @@ def test_checkpoint_exports_as_state_dicts(fmt, tiny_checkpoint, tmp_path):
     file = out / ("backbone.safetensors" if fmt == "safetensors" else "backbone.pth")
     again = dinox.load_backbone(out if fmt == "safetensors" else file)
     assert not again.training
-    x = torch.randn(2, 3, 32, 32)
-    assert torch.equal(dinox_tokens(again, x), dinox_tokens(student, x))
+    for x in (torch.randn(2, 3, 32, 32), torch.randn(2, 3, 48, 64)):   # the training size, and resampled
+        assert torch.equal(dinox_tokens(again, x), dinox_tokens(student, x))
     if fmt == "safetensors":  # the file is plain safetensors: the reference library reads it
         plain = safetensors_torch.load_file(str(file))
         assert all(torch.equal(plain[k], v) for k, v in student.state_dict().items())

@@ -395,6 +395,6 @@ def run_probe(args) -> int:
         print(f"note: {note}")
     _print_table(result)
     if gate_missing:
-        raise UserError(f"{line}; the labels allow no such probe -> {out_path}")
+        raise UserError(f"{line}; the other tasks' figures -> {out_path}")
     print(f"{line} -> {out_path}")
     return EXIT_PASS if passed else EXIT_FAIL

@@ -37,7 +37,7 @@ from dinox.model import weights
 from dinox.run import checkpoint as store
 
 FORMATS = ("hf", "safetensors", "dinov2-hub", "dinov3-hub")
-PREPROCESSING = "ct_preprocessing.json"
+PREPROCESSING = weights.PREPROCESSING_FILE
 # PREPROCESSING's "description": the mark by which --overwrite knows the folder of an earlier export
 PREPROCESSING_DESCRIPTION = "CT preprocessing of the dinox run that trained this backbone (dinox.data.augment)"
 HEAD_FILE = "dino_head.safetensors"
@@ -310,7 +310,8 @@ def model_card(fmt: str, backbone, preprocessing: dict, info: dict) -> str:
         + ("RoPE adapts to any grid." if arch.rope else
            "the position embeddings are resampled bicubically; transformers' Dinov2WithRegistersModel "
            "antialiases when it does, dinox does not, so away from the training size the two differ "
-           "slightly (at the training size they agree)."),
+           "slightly (at the training size they agree). `dinox.load_backbone` on this export resamples as "
+           "dinox does, so its features equal the checkpoint's at every size."),
         "",
         "## Provenance",
         "",

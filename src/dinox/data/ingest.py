@@ -106,9 +106,15 @@ def process_task(task: Task, root: str) -> dict:
             if vol.shape[0] < 2:
                 return {"status": "skipped", "task": task, "dropped": dropped,
                         "reason": "single slice (not a volume)"}
-    except Exception as exc:
+    except MemoryError:
         return {"status": "skipped", "task": task, "dropped": dropped,
-                "reason": f"unreadable ({type(exc).__name__}: {str(exc)[:120]})"}
+                "reason": "too large for the memory available here (or a damaged header declaring so)"}
+    except Exception as exc:   # the reason on one line: some readers' messages hold line breaks
+        return {"status": "skipped", "task": task, "dropped": dropped,
+                "reason": f"unreadable ({type(exc).__name__}: {' '.join(str(exc).split())[:120]})"}
+    if min(vol.shape[1:]) < 2:
+        return {"status": "skipped", "task": task, "dropped": dropped,
+                "reason": f"slices of {vol.shape[1]}x{vol.shape[2]} voxels: a line, not a CT volume"}
     saturated = dicom_io.saturation_note(vol)
     if saturated:
         notes = notes + [saturated]

@@ -1,13 +1,16 @@
 """Reading NIfTI CT volumes into the (Z, H, W) layout of DICOM axial series."""
 from __future__ import annotations
 
+import gzip
 import re
+import zlib
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 
 from dinox.data.dicom_io import HU_AIR_MAX, HU_MAX, HU_MIN
+from dinox.run.device import available_memory_bytes
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
@@ -44,12 +47,78 @@ def obliquity_degrees(affine: np.ndarray) -> float:
 
 
 def orientation_notes(path) -> list[str]:
-    """Notes for prep_report.json about how the volume at `path` was laid out."""
-    angle = obliquity_degrees(nib.load(str(path)).affine)
-    if angle <= OBLIQUE_NOTE_DEGREES:
-        return []
-    return [f"oblique volume: its axes are up to {angle:.1f} degrees off the patient axes; laid out along the "
-            f"nearest axes without resampling (slices are the acquired planes, not true axial planes)"]
+    """Notes for prep_report.json about how the volume at `path` was laid out: an oblique
+    volume, and which of the header's two orientations was used where that is in doubt."""
+    img = nib.load(str(path))
+    notes = []
+    header = img.header
+    if hasattr(header, "get_qform"):   # NIfTI; an Analyze header has neither
+        qform, q_code = header.get_qform(coded=True)
+        sform, s_code = header.get_sform(coded=True)
+        if not q_code and not s_code:
+            notes.append(f"no qform or sform orientation in the header: laid out as the fallback orientation "
+                         f"{''.join(nib.aff2axcodes(img.affine))} (rows or columns may be flipped); check it in "
+                         f"a viewer")
+        elif q_code and s_code and nib.aff2axcodes(qform) != nib.aff2axcodes(sform):
+            notes.append(f"the header's qform ({''.join(nib.aff2axcodes(qform))}) and sform "
+                         f"({''.join(nib.aff2axcodes(sform))}) disagree: laid out by the sform, as the NIfTI "
+                         f"standard prefers; check it in a viewer")
+    angle = obliquity_degrees(img.affine)
+    if angle > OBLIQUE_NOTE_DEGREES:
+        notes.append(f"oblique volume: its axes are up to {angle:.1f} degrees off the patient axes; laid out along "
+                     f"the nearest axes without resampling (slices are the acquired planes, not true axial planes)")
+    return notes
+
+
+# NIfTI spatial units to mm (code 0, "unknown", is mm by the field's habit)
+_TO_MM = {"meter": 1000.0, "mm": 1.0, "micron": 0.001, "unknown": 1.0}
+
+
+def _gzip_problem(path) -> str | None:
+    """Why a gzip file does not decompress whole (a changed byte fails its CRC-32, a cut one
+    ends early), or None; a file that is no gzip is left to the reader. nibabel reads only
+    the bytes the header declares and never reaches the checksum at the end."""
+    if not _is_gzip(path):
+        return None
+    try:
+        with gzip.open(path, "rb") as f:
+            while f.read(16 << 20):
+                pass
+    except (OSError, EOFError, zlib.error) as exc:
+        return f"damaged gzip ({exc or type(exc).__name__}): download or export the file again"
+    return None
+
+
+def _written_voxel_size(path, img) -> list[float]:
+    """The voxel size as the file holds it: nibabel's loaded header has replaced a size of 0
+    by 1 mm already (with a warning on stderr alone)."""
+    try:
+        with (gzip.open if _is_gzip(path) else open)(path, "rb") as f:
+            raw = type(img.header).from_fileobj(f, check=False)
+        return [float(z) for z in raw["pixdim"][1:4]]
+    except Exception:   # noqa: BLE001 - a header nibabel loaded but this cannot: take nibabel's
+        return [float(z) for z in img.header.get_zooms()[:3]]
+
+
+def _is_gzip(path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(2) == b"\x1f\x8b"
+
+
+def _header_problem(path, img) -> str | None:
+    """Why the header cannot describe a CT volume to read here: a voxel size that is not a
+    positive number (nibabel would take 1 mm), or more voxels than this machine's memory."""
+    zooms = _written_voxel_size(path, img)
+    if not all(np.isfinite(z) and z > 0 for z in zooms):
+        return (f"voxel size {'/'.join(f'{z:g}' for z in zooms)} is not a positive size: restore the header's "
+                f"pixdim from the scan")
+    need = float(np.prod(img.shape, dtype=np.float64)) * np.dtype(img.get_data_dtype()).itemsize
+    free = available_memory_bytes()
+    if free is not None and need > free:
+        return (f"the header declares {'x'.join(map(str, img.shape))} voxels ({need / 2**30:.1f} GiB), more "
+                f"than the {free / 2**30:.1f} GiB of memory available: a damaged header, or prepare it on a "
+                f"machine with more memory")
+    return None
 
 
 def fill_non_finite(vol: np.ndarray) -> tuple[np.ndarray, int, float]:
@@ -75,11 +144,17 @@ def read_nifti(path) -> tuple[np.ndarray, tuple[float, float, float], list[str]]
     DICOM axial series: z ascending (inferior to superior), rows anterior to posterior,
     columns from the patient's right to left. Raises ValueError for data that is not a 3D
     CT volume in HU."""
+    problem = _gzip_problem(path)
+    if problem:
+        raise ValueError(problem)
     img = nib.load(str(path))
     if img.ndim == 4 and img.shape[3] == 1:
         img = nib.funcs.squeeze_image(img)
     if img.ndim != 3:
         raise ValueError(f"not a 3D volume (shape {img.shape})")
+    problem = _header_problem(path, img)
+    if problem:
+        raise ValueError(problem)
     canon = nib.as_closest_canonical(img)
     data = np.asarray(canon.dataobj)
     if np.iscomplexobj(data):
@@ -90,6 +165,10 @@ def read_nifti(path) -> tuple[np.ndarray, tuple[float, float, float], list[str]]
              f"(air), as outside the field of view"] if bad else []
     if lowest > HU_AIR_MAX:
         raise ValueError(f"values do not look like CT in HU (minimum {lowest:g}; a mask or MR?)")
-    zx, zy, zz = (float(z) for z in canon.header.get_zooms()[:3])
+    units = canon.header.get_xyzt_units()[0] if hasattr(canon.header, "get_xyzt_units") else "unknown"
+    to_mm = _TO_MM.get(units, 1.0)
+    if to_mm != 1.0:
+        notes.append(f"voxel size given in {units}s: converted to mm")
+    zx, zy, zz = (float(z) * to_mm for z in canon.header.get_zooms()[:3])
     vol = np.clip(np.rint(vol), HU_MIN, HU_MAX).astype(np.int16)
     return np.ascontiguousarray(vol), (zz, zy, zx), notes

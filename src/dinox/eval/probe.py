@@ -324,9 +324,10 @@ def choose_split(labels: ProbeLabels, index_patient: dict[str, str], *, mode: st
     result = ProbeSplit(sorted(split["train"]), sorted(split["val"]), "patients", patient_of, notes)
     check_patient_disjoint(result.patients("train"), result.patients("test"))
     if not (_has_positive(result.train, labels) and _has_positive(result.test, labels)):
-        raise UserError(f"{len(result.patients('train')) + len(result.patients('test'))} annotated patients "
-                        f"are too few to put consensus nodules on both sides of a patient split; "
-                        f"prepare more labelled series")
+        raise UserError(f"the patient split (--seed {seed}, --test-fraction {test_fraction:g}) of "
+                        f"{len(result.patients('train')) + len(result.patients('test'))} annotated patients puts "
+                        f"consensus nodules on one side only; try another --seed or --test-fraction, or prepare "
+                        f"more labelled series")
     return result
 
 

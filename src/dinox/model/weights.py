@@ -86,6 +86,9 @@ HF_MODEL_TYPES = {"dinov2": HF_DINOV2, "dinov2_with_registers": HF_DINOV2_REG, "
 HF_CLASSES = {HF_DINOV2: "Dinov2Model", HF_DINOV2_REG: "Dinov2WithRegistersModel", HF_DINOV3: "DINOv3ViTModel"}
 HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 DINOX_BACKBONE_FORMAT = "dinox-backbone"
+# Written beside the weights of every dinox export (the HU windows and normalisation the
+# model was trained with); its presence also says the export is dinox's own.
+PREPROCESSING_FILE = "ct_preprocessing.json"
 # the "class" metadata of the head files dinox export writes beside a backbone
 HEAD_CLASS = "dinox.model.head.DINOHead"
 # DINOv2 and DINOv3 use 64-channel heads in every released model; DINOv2 files do not
@@ -997,8 +1000,17 @@ def load_exported(path: str | os.PathLike, device: torch.device | str = "cpu") -
     img = src.img_size or 224
     backbone = VisionTransformer(src.arch, img_size=img, in_chans=src.in_chans)
     apply_weights(src, backbone)
-    backbone.pos_interp_offset, backbone.pos_interp_antialias = src.interp
+    if not _written_by_dinox(Path(path)):   # dinox's own export keeps the checkpoint's resampling
+        backbone.pos_interp_offset, backbone.pos_interp_antialias = src.interp
     return backbone.to(device).eval()
+
+
+def _written_by_dinox(path: Path) -> bool:
+    """An export `dinox export` wrote (its folder holds PREPROCESSING_FILE, or a hub file its
+    sidecar): its features must equal the checkpoint's at every input size, so its positions
+    are resampled as dinox resamples them, not as the layout's home library does."""
+    folder = path if path.is_dir() else path.parent
+    return (folder / PREPROCESSING_FILE).is_file() or (path.is_file() and _hub_sidecar(path) is not None)
 
 
 # ----------------------------------------------------------------------------- export layouts
