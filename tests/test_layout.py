@@ -7,7 +7,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent.parent / "src" / "dinox"
 # Floors, top first; a module may import its own floor and the floors below it.
 # The demo drives the other commands through the CLI entry point, so the two share a floor.
-FLOORS = ["cli|commands", "train", "observe", "eval", "config", "model|data|losses", "run", "errors"]
+FLOORS = ["cli|commands|__main__", "train", "observe", "eval", "config", "model|data|losses", "run", "errors"]
 
 
 def floor_of(module: str) -> int:

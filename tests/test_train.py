@@ -185,8 +185,10 @@ def test_signal_saves_and_resume_auto_continues(processed_root, tmp_path, sig, c
 def test_demo_with_a_loader_worker_exits_when_done(tmp_path):
     """The DataLoader worker leaves the process group (so a group-wide stop signal spares
     it), and a worker still alive at exit must not keep the process waiting: the demo (one
-    training step, its worker never shut down by the loop) ends promptly."""
-    proc = subprocess.Popen([sys.executable, "-m", "dinox.cli", "demo", "--patients", "2", "--slices", "3",
+    training step) ends promptly. Run as `python -m dinox`, with a folder of the user's own
+    beside the run folders (the demo finds its run among run folders only)."""
+    (tmp_path / "demo" / "runs" / "zz_backup").mkdir(parents=True)
+    proc = subprocess.Popen([sys.executable, "-m", "dinox", "demo", "--patients", "2", "--slices", "3",
                              "--size", "32", "--steps", "1", "--eval-n", "4", "--num-workers", "1", "--no-probe",
                              "--root", str(tmp_path / "demo")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))

@@ -76,6 +76,14 @@ def test_synth_refuses_to_mix_two_datasets_but_repeats_the_same_one(tmp_path, ca
     assert len(json.loads((out / "labels.json").read_text())["series"]) == 1
     (out / "labels.json").unlink()                                   # as if interrupted before the labels
     assert main(["synth", "--out", str(out), *SMALL_SYNTH]) == 0
+    assert not (out / ".synth_request.json").exists()                # gone with the labels written
+    # interrupted while asked for another shape: its patient folders are named alike, its slices are not
+    (out / "labels.json").unlink()
+    (out / ".synth_request.json").write_text(json.dumps({"patients": 1, "slices": 32, "size": 256, "seed": 0,
+                                                         "family": "chest", "slice_thickness": None}))
+    assert main(["synth", "--out", str(out), *SMALL_SYNTH]) == 1
+    assert ("holds an interrupted synthesis of another shape (--patients 1, --slices 32, --size 256, --seed 0, "
+            "--family chest)") in one_line_error(capsys)
     other = tmp_path / "other"
     other.mkdir()
     (other / "notes.txt").write_text("mine")
@@ -556,3 +564,13 @@ def test_weights_or_a_configuration_that_do_not_fit_each_other_are_one_line(one_
     assert "DAMAGED (" in out.split(str(typed))[1] and "vit_dim is '64'" in out
     assert "NOT READABLE HERE (" in out and "format version 99 is newer than this dinox reads" in out
     assert out.split(str(one_step_checkpoint))[1].splitlines()[1].strip().startswith("status:       intact")
+
+
+def test_ctrl_c_during_the_demos_probes_stops_the_demo(tmp_path):
+    """The probe subcommand answers Ctrl+C with 130: the demo stops there, rather than report
+    'probes: not available' and go on to a verdict."""
+    from dinox.commands import demo
+
+    with pytest.raises(SystemExit) as stopped:
+        demo._probe(lambda argv: 130, tmp_path / "checkpoint_final_00000001.pth", tmp_path, tmp_path / "m.json")
+    assert stopped.value.code == 130

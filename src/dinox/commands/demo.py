@@ -20,6 +20,8 @@ from dinox.data.layout import INDEX_FILE
 from dinox.data.parallel import DEFAULT_WORKERS
 from dinox.data.synth import FAMILIES, check_request
 from dinox.errors import UserError
+from dinox.run.checkpoint import list_run_dirs
+from dinox.run.signals import EXIT_SIGINT
 
 DEMO_PATIENTS = 160
 DEMO_SLICES = 12
@@ -102,7 +104,7 @@ def run(args) -> int:
                   and found[k] != v]
         if differ:
             raise UserError(f"{dicom} was synthesised with {', '.join(differ)}; give --root another folder, "
-                            f"or delete {root} to synthesise it anew")
+                            f"or delete {dicom} and {processed} to synthesise it anew (its runs can stay)")
         print(f"[demo] 1/4 synthetic {family} DICOM already in {dicom}", flush=True)
 
     print(f"[demo] 2/4 preparing the processed root -> {processed}", flush=True)
@@ -127,8 +129,11 @@ def run(args) -> int:
         "--eval-every", str(steps), "--eval-n", str(args.eval_n),
         "--log-interval", "15", "--seed", str(args.seed), "--amp" if amp else "--no-amp",
     ])
+    if code == EXIT_SIGINT:
+        print(f"[demo] interrupted: run the same command again to start the demo over (the stopped run "
+              f"stays in {runs})", flush=True)
     _check(code)
-    run_dir = sorted(p for p in runs.iterdir() if p.is_dir())[-1]
+    run_dir = list_run_dirs(runs)[-1]   # only run folders: a user's own folder beside them is no run
     final = sorted(run_dir.glob("checkpoint_final_*.pth"))[-1]
 
     draws = getattr(args, "draws", DEMO_DRAWS)
@@ -139,6 +144,8 @@ def run(args) -> int:
         "--index-csv", str(processed / INDEX_FILE), "--n", str(args.eval_n), "--device", "cpu",
         "--draws", str(draws), "--min-x-untrained", str(LEARNING_FACTOR),
     ])
+    if code == EXIT_SIGINT:
+        raise SystemExit(code)
     if args.probe:
         _probe(dinox_main, final, processed, manifest)
     print(f"[demo] finished in {time.perf_counter() - started:.0f}s; run: {run_dir}")
@@ -183,6 +190,8 @@ def _probe(dinox_main, final: Path, processed: Path, manifest: Path) -> None:
     code = dinox_main(["eval", "probe", "--checkpoint", str(final), "--data-root", str(processed),
                        "--split-manifest", str(manifest), "--device", "cpu", "--bootstrap", "200",
                        "--min-auroc", "0"])
+    if code == EXIT_SIGINT:
+        raise SystemExit(code)
     found = sorted(final.parent.glob("probe_step*.json"))
     if code not in (0, 2) or not found:
         print("[demo] probes: not available for this data")

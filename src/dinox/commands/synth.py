@@ -24,7 +24,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--patients", type=positive_int, default=4, help="number of patients (one series each)")
     p.add_argument("--slices", type=int_at_least(3), default=64, help="slices per series")
     p.add_argument("--size", type=positive_int, default=256, help="rows and columns per slice")
-    p.add_argument("--slice-thickness", type=float, metavar="MM", default=None,
+    p.add_argument("--slice-thickness", type=float, metavar="MM", default=argparse.SUPPRESS,
                    help="slice spacing in mm, e.g. 1.25 for thin-slice chest CT like LIDC-IDRI's (default: the "
                         "slices spread over the anatomy, 0.625-5 mm)")
     p.add_argument("--seed", type=nonneg_int, default=0, help="random seed; same seed, same files")

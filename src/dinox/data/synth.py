@@ -407,6 +407,22 @@ class _SeriesWriter:
         return write_series(Path(self.out), self.seed, i, ph, signed)
 
 
+# What a synthesis was asked for, written before its first series and removed with its
+# labels.json written: an interrupted run is continued only with the same request.
+REQUEST_FILE = ".synth_request.json"
+
+
+def _request(patients: int, slices: int, size: int, seed: int, family: str, slice_thickness: float | None) -> dict:
+    return {"patients": patients, "slices": slices, "size": size, "seed": seed, "family": family,
+            "slice_thickness": slice_thickness}
+
+
+def _shape_text(request) -> str:
+    if not isinstance(request, dict):
+        return "unknown"
+    return ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in request.items() if v is not None)
+
+
 def _refuse_other_dataset(out: Path, patients: int, slices: int, size: int, seed: int, family: str,
                           slice_thickness: float | None = None) -> None:
     """Writing into a folder that holds another dataset would mix two datasets under one
@@ -415,9 +431,18 @@ def _refuse_other_dataset(out: Path, patients: int, slices: int, size: int, seed
     interrupted before its labels.json."""
     if not out.is_dir() or not any(out.iterdir()):
         return
-    ours = {patient_id_of(seed, i, family) for i in range(patients)} | {".labels.json.tmp"}
+    ours = {patient_id_of(seed, i, family) for i in range(patients)} | {".labels.json.tmp", REQUEST_FILE}
     if not (out / "labels.json").exists() and all(p.name in ours for p in out.iterdir()):
-        return  # an interrupted run of this very dataset: the same files are written again
+        # interrupted before its labels.json: the same dataset again only where it was asked
+        # with the same shape (its patients' folders are named alike whatever the shape)
+        try:
+            asked = json.loads((out / REQUEST_FILE).read_text())
+        except (OSError, ValueError):
+            asked = None
+        if asked is None or asked == _request(patients, slices, size, seed, family, slice_thickness):
+            return
+        raise UserError(f"--out {out} holds an interrupted synthesis of another shape ({_shape_text(asked)}); "
+                        f"give an empty or new folder, or delete {out} first (writing into it would mix the two)")
     what = "other files"
     try:
         old = json.loads((out / "labels.json").read_text())
@@ -485,6 +510,8 @@ def generate_dataset(out, patients: int, slices: int, size: int, seed: int = 0,
         raise UserError(f"--out {out} is an existing file; give a folder")
     _refuse_other_dataset(out, patients, slices, size, seed, family, slice_thickness)
     out.mkdir(parents=True, exist_ok=True)
+    request = out / REQUEST_FILE
+    request.write_text(_json(_request(patients, slices, size, seed, family, slice_thickness)) + "\n")
     writer = _SeriesWriter(str(out), seed, family, slices, size, slice_thickness)
     series = list(process_map(writer, range(patients), workers, "synth", progress, unit="patient"))
     labels = {"generator": "dinox synth", "seed": seed, "family": family,
@@ -494,4 +521,5 @@ def generate_dataset(out, patients: int, slices: int, size: int, seed: int = 0,
     tmp = out / ".labels.json.tmp"
     tmp.write_text(_json(labels) + "\n")
     tmp.replace(out / "labels.json")
+    request.unlink(missing_ok=True)
     return labels
