@@ -79,11 +79,8 @@ def centre_stats(center: torch.Tensor) -> dict:
 
 def model_summary(state: dict) -> dict:
     """The model preset and the shape fields recorded in the checkpoint's configuration
-    ({} if it has none); fields it does not record are left out, not defaulted."""
-    try:
-        check_checkpoint_format(state)
-    except UserError:
-        return {}
+    ({} if it has none); fields it does not record are left out, not defaulted. The format
+    is checked before (`summarize`)."""
     saved = state.get("config") if isinstance(state.get("config"), dict) else {}
     summary = {"preset": saved["config"]} if isinstance(saved.get("config"), str) else {}
     summary.update({k: saved[k] for k in SHAPE_FIELDS if k in saved})
@@ -95,8 +92,9 @@ def networks_problem(state: dict) -> str | None:
     edited file), or None; the model is built on the meta device, so nothing is allocated.
     Judged only against a configuration that records the whole shape, as `dinox train`
     writes it: a partial one (a hand-made file) names no model to fit."""
-    if not all(name in state["config"] for name in SHAPE_FIELDS):
-        return None
+    saved = state["config"]
+    if isinstance(saved, dict) and not all(name in saved for name in SHAPE_FIELDS):
+        return None   # not a dict: config_from_checkpoint below says so
     try:
         cfg = config_from_checkpoint(state)
         with torch.device("meta"):
