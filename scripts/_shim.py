@@ -1,5 +1,6 @@
-"""Lets the seed scripts run from a checkout whether or not dinox is installed (its
-dependencies must be: `make setup`, then run the scripts with .venv/bin/python)."""
+"""Lets the seed scripts run the dinox of their own checkout, whether or not a dinox is
+installed (its dependencies must be: `make setup`, then run the scripts with
+.venv/bin/python)."""
 from __future__ import annotations
 
 import sys
@@ -8,13 +9,12 @@ from pathlib import Path
 
 def dinox_main(argv: list[str]) -> int:
     try:
-        try:
-            from dinox.cli import main
-        except ModuleNotFoundError as exc:
-            if exc.name != "dinox":
-                raise
-            sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
-            from dinox.cli import main
+        # The checkout's own package first: a script of this checkout running an older
+        # dinox installed elsewhere would accept other flags and write other files.
+        checkout_src = Path(__file__).resolve().parent.parent / "src"
+        if (checkout_src / "dinox").is_dir():
+            sys.path.insert(0, str(checkout_src))
+        from dinox.cli import main
         return main(argv)
     except ModuleNotFoundError as exc:
         if exc.name is None or exc.name.startswith("dinox"):

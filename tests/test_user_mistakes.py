@@ -4,8 +4,10 @@ subcommand with wrong paths, wrong kinds of files, out-of-range numbers and re-r
 from __future__ import annotations
 
 import json
+import os
 import runpy
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -574,3 +576,18 @@ def test_ctrl_c_during_the_demos_probes_stops_the_demo(tmp_path):
     with pytest.raises(SystemExit) as stopped:
         demo._probe(lambda argv: 130, tmp_path / "checkpoint_final_00000001.pth", tmp_path, tmp_path / "m.json")
     assert stopped.value.code == 130
+
+
+def test_the_seed_scripts_run_their_own_checkout_not_an_installed_dinox(tmp_path):
+    """An older dinox installed elsewhere (earlier on sys.path than the checkout) must not
+    answer for the checkout's scripts."""
+    other = tmp_path / "site" / "dinox"
+    other.mkdir(parents=True)
+    (other / "__init__.py").write_text("")
+    (other / "cli.py").write_text("def main(argv):\n    print('the other dinox')\n    return 7\n")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}
+    done = subprocess.run([sys.executable, str(REPO / "scripts" / "check_checkpoint.py"), "--help"],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "the other dinox" not in done.stdout
+    assert "checkpoint" in done.stdout
