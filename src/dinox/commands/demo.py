@@ -57,20 +57,26 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="where the demo writes everything (data/demo; data/demo_<family> for head and limb; "
                         "..._seed<N> for --seed N other than 0)")
     p.add_argument("--patients", type=int_at_least(2), default=DEMO_PATIENTS,
-                   help="synthetic patients (at least 2: the validation split needs one of its own)")
-    p.add_argument("--slices", type=int_at_least(3), default=DEMO_SLICES)
-    p.add_argument("--size", type=positive_int, default=DEMO_SIZE)
+                   help=f"synthetic patients (default {DEMO_PATIENTS}; at least 2: the validation split needs one "
+                        f"of its own)")
+    p.add_argument("--slices", type=int_at_least(3), default=DEMO_SLICES,
+                   help=f"slices per synthetic series (default {DEMO_SLICES}; at least 3 for the 2.5D context)")
+    p.add_argument("--size", type=positive_int, default=DEMO_SIZE,
+                   help=f"side of the synthetic slices in pixels (default {DEMO_SIZE})")
     p.add_argument("--steps", type=positive_int, default=None,
                    help=f"training steps (default {DEMO_STEPS} with bf16 autocast, {DEMO_STEPS_FP32} in fp32: "
                         f"what fits the demo's 8 minutes on 2 cores)")
     p.add_argument("--batch-size", type=positive_int, default=None,
                    help=f"default {DEMO_BATCH}, or the number of training slices where the data has fewer")
-    p.add_argument("--eval-n", type=positive_int, default=DEMO_EVAL_N)
+    p.add_argument("--eval-n", type=positive_int, default=DEMO_EVAL_N,
+                   help=f"validation slices the view retrieval uses (default {DEMO_EVAL_N}; all where there are fewer)")
     p.add_argument("--draws", type=positive_int, default=DEMO_DRAWS,
                    help=f"view draws the final verdict averages, for the checkpoint and its untrained network "
                         f"alike (default {DEMO_DRAWS})")
-    p.add_argument("--seed", type=nonneg_int, default=0)
-    p.add_argument("--num-workers", type=nonneg_int, default=1)
+    p.add_argument("--seed", type=nonneg_int, default=0,
+                   help="seed of the synthetic data and of the training run (default 0)")
+    p.add_argument("--num-workers", type=nonneg_int, default=1,
+                   help="data loader worker processes in training (default 1)")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16 autocast in training (default: on where the CPU computes bf16 natively, "
                         "AVX512-BF16 or AMX, where it trains ~25 %% faster; off elsewhere, where it is emulated)")
