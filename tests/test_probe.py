@@ -603,11 +603,15 @@ def test_the_demo_prints_each_lead_over_a_baseline_with_its_paired_interval(tmp_
         (tmp_path / "probe_step10.json").write_text(json.dumps({"tasks": tasks}))
         return 0
 
-    _probe(fake_main, final, tmp_path, tmp_path / "m.json")
+    _probe(fake_main, final, tmp_path, tmp_path / "m.json", "chest")
     out = capsys.readouterr().out
+    assert "[demo] probes for nodules (frozen features" in out
     assert "probe slice_nodule: AUROC 0.700 [0.600, 0.800] | untrained 0.570 (lead +0.130 [0.000, 0.260])" in out
     assert "| pixels 0.590 (lead -0.090 [-0.230, 0.050])" in out
     assert "with 40 test patients the intervals are +-0.10 to +-0.14 wide" in out
+    _probe(fake_main, final, tmp_path, tmp_path / "m.json", "head")
+    assert "probes for haemorrhages (frozen features, patient-level split) of checkpoint_final_00000010.pth; " \
+           "the tasks named nodule below are its haemorrhages" in capsys.readouterr().out
 
 
 def test_marks_on_slices_outside_their_volume_are_noted_or_refused(tmp_path):

@@ -574,7 +574,8 @@ def test_ctrl_c_during_the_demos_probes_stops_the_demo(tmp_path):
     from dinox.commands import demo
 
     with pytest.raises(SystemExit) as stopped:
-        demo._probe(lambda argv: 130, tmp_path / "checkpoint_final_00000001.pth", tmp_path, tmp_path / "m.json")
+        demo._probe(lambda argv: 130, tmp_path / "checkpoint_final_00000001.pth", tmp_path, tmp_path / "m.json",
+                    "chest")
     assert stopped.value.code == 130
 
 

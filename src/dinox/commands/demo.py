@@ -81,7 +81,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="bf16 autocast in training (default: on where the CPU computes bf16 natively, "
                         "AVX512-BF16 or AMX, where it trains ~25 %% faster; off elsewhere, where it is emulated)")
     p.add_argument("--probe", action=argparse.BooleanOptionalAction, default=True,
-                   help="run the labelled nodule probes on the final checkpoint (under a minute)")
+                   help="run the labelled probes (chest nodules, head haemorrhages, limb lesions) on the final "
+                        "checkpoint (under a minute)")
     p.set_defaults(func=run)
     return p
 
@@ -153,7 +154,7 @@ def run(args) -> int:
     if code == EXIT_SIGINT:
         raise SystemExit(code)
     if args.probe:
-        _probe(dinox_main, final, processed, manifest)
+        _probe(dinox_main, final, processed, manifest, family)
     print(f"[demo] finished in {time.perf_counter() - started:.0f}s; run: {run_dir}")
     verdict = _retrieval_verdict(final, draws)
     if verdict:
@@ -187,12 +188,15 @@ def _demo_batch(processed: Path, manifest: Path, given: int | None = None) -> in
     return min(DEMO_BATCH, slices)
 
 
-def _probe(dinox_main, final: Path, processed: Path, manifest: Path) -> None:
+def _probe(dinox_main, final: Path, processed: Path, manifest: Path, family: str) -> None:
     """The labelled nodule probes of the final checkpoint beside its baselines (reported,
     not yet a pass/fail criterion of the demo), on every slice of the demo's data: a draw of
     384 slices took ~25 s less but moved slice_nodule between 0.35 and 0.71 with the probe's
-    seed, where every slice gives 0.605 for each seed (docs/recipes.md)."""
-    print(f"[demo] nodule probes (frozen features, patient-level split) of {final.name}", flush=True)
+    seed, where every slice gives 0.605 for each seed (docs/recipes.md). The tasks keep the
+    labels table's name, nodule, for every family's findings."""
+    findings = FAMILIES[family].findings
+    print(f"[demo] probes for {findings} (frozen features, patient-level split) of {final.name}"
+          + ("" if family == "chest" else f"; the tasks named nodule below are its {findings}"), flush=True)
     code = dinox_main(["eval", "probe", "--checkpoint", str(final), "--data-root", str(processed),
                        "--split-manifest", str(manifest), "--device", "cpu", "--bootstrap", "200",
                        "--min-auroc", "0"])

@@ -92,14 +92,17 @@ class Family:
     position: str                   # PatientPosition
     stream: tuple[int, ...]         # appended to [seed, index] in the patient's SeedSequence
     reads: bool                     # LIDC-style reader XML beside the series
+    findings: str                   # what its labels.json "nodules" are, in words
 
 
 FAMILIES = {
     # chest keeps its SeedSequence([seed, index]) and headers: its files must not change
-    "chest": Family(make_phantom, NODULE_TYPES, "CHEST (synthetic)", ("-600", "1500"), "FFS", (), True),
-    "head": Family(make_head_phantom, HAEMORRHAGE_TYPES, "HEAD (synthetic)", ("40", "80"), "HFS", (1,), False),
+    "chest": Family(make_phantom, NODULE_TYPES, "CHEST (synthetic)", ("-600", "1500"), "FFS", (), True,
+                    "nodules"),
+    "head": Family(make_head_phantom, HAEMORRHAGE_TYPES, "HEAD (synthetic)", ("40", "80"), "HFS", (1,), False,
+                   "haemorrhages"),
     "limb": Family(make_limb_phantom, LIMB_FINDING_TYPES, "EXTREMITY (synthetic)", ("50", "400"), "FFS", (2,),
-                   False),
+                   False, "lesions (bone, soft-tissue, lipoma)"),
 }
 
 
