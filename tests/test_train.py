@@ -182,6 +182,25 @@ def test_signal_saves_and_resume_auto_continues(processed_root, tmp_path, sig, c
     assert load_checkpoint(run / f"checkpoint_final_{step + 1:08d}.pth")["step"] == step + 1
 
 
+def test_ctrl_c_during_the_last_step_finishes_and_still_exits_130(processed_root, tmp_path, monkeypatch):
+    """The run finishes its last step and writes its final checkpoint, and the exit code
+    still says it was interrupted, so that `dinox train ... && next-command` stops."""
+    from dinox.train.loop import Trainer
+
+    step_once = Trainer.train_step
+
+    def last_step_interrupted(self, *args, **kwargs):
+        result = step_once(self, *args, **kwargs)
+        if self.progress.step == 1:  # inside step 2 of 2
+            signal.raise_signal(signal.SIGINT)
+        return result
+
+    monkeypatch.setattr(Trainer, "train_step", last_step_interrupted)
+    out = tmp_path / "runs"
+    assert main(train_args(processed_root, out, "--batch-size", "4", "--max-steps", "2")) == 130
+    assert load_checkpoint(only_run(out) / "checkpoint_final_00000002.pth")["step"] == 2
+
+
 def test_demo_with_a_loader_worker_exits_when_done(tmp_path):
     """The DataLoader worker leaves the process group (so a group-wide stop signal spares
     it), and a worker still alive at exit must not keep the process waiting: the demo (one

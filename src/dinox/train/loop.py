@@ -29,7 +29,7 @@ from dinox.run.device import DeviceInfo
 from dinox.run.distributed import DistEnv, all_reduce_
 from dinox.run.logging import console
 from dinox.run.rng import seed_all
-from dinox.run.signals import EXIT_ANOMALY, EXIT_NONFINITE, EXIT_OK, StopRequest
+from dinox.run.signals import EXIT_ANOMALY, EXIT_NONFINITE, StopRequest
 from dinox.train.checks import InTrainingChecks
 from dinox.train.data_stream import check_batch_fits, make_loader, stop_workers, validation_dataset
 from dinox.train.optim import (Schedules, apply_schedule, autocast, autocast_dtype, autocast_notice, build_optimizer,
@@ -263,7 +263,7 @@ class Trainer:
             final = self.checkpointer.save_final(self.parts)
         if dist.is_main:
             console(f"training finished at step {self.progress.step}; final checkpoint: {final}")
-        return EXIT_OK
+        return self.stop.exit_code  # 0, or 130 for a Ctrl+C that came during the last step
 
     def _halt_data_changed(self, exc: DataChanged) -> NoReturn:
         """A volume changed under the run: stop with the dataset's reason (its message's last line)."""
