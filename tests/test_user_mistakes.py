@@ -102,11 +102,23 @@ def _ct(path: Path, nan: bool = False, low: float = -1000.0) -> Path:
     return path
 
 
+def test_plus_infinity_is_the_top_of_the_scale_not_air():
+    """+inf is a value past the top (a float conversion saturating behind metal): as air it
+    would put a hole where the densest voxel is."""
+    from dinox.data.nifti_io import fill_non_finite
+
+    vol = np.array([[-500.0, np.inf], [np.nan, -np.inf]], dtype=np.float32)
+    filled, notes, lowest = fill_non_finite(vol)
+    assert filled.tolist() == [[-500.0, 3071.0], [-1024.0, -1024.0]] and lowest == -500.0
+    assert notes == ["2 NaN or -inf voxels (50 % of the volume) set to -1024 HU (air), as outside the field of view",
+                     "1 +inf voxels (25 % of the volume) set to 3071 HU (the top of the scale), as past it"]
+
+
 def test_nan_voxels_are_air_and_reported_and_do_not_defeat_the_hu_check(tmp_path, capsys):
     _ct(tmp_path / "ok" / "scan.nii.gz", nan=True)
     assert main(["prep", "--input", str(tmp_path / "ok"), "--output", str(tmp_path / "p1"), "--workers", "1"]) == 0
     report = json.loads((tmp_path / "p1" / "prep_report.json").read_text())
-    assert any("4 NaN or infinite voxels" in n for n in report["series_notes"]["scan"])
+    assert any("4 NaN or -inf voxels" in n for n in report["series_notes"]["scan"])
     vol = np.load(tmp_path / "p1" / "volumes" / "scan.npy")
     assert vol.min() == -1024 and vol.max() == 1000
     # values 0..1000 are no CT in HU: one NaN must not make the scan pass as one

@@ -121,19 +121,30 @@ def _header_problem(path, img) -> str | None:
     return None
 
 
-def fill_non_finite(vol: np.ndarray) -> tuple[np.ndarray, int, float]:
-    """The volume with NaN or infinite voxels (resampling tools write NaN outside the field of
-    view) set to air, HU_MIN; their count; and the lowest finite value. Left in, a NaN makes
-    every min/max test false (so the HU check would pass anything) and becomes an arbitrary
-    integer in the int16 volume. Raises ValueError when no voxel is finite."""
+def fill_non_finite(vol: np.ndarray) -> tuple[np.ndarray, list[str], float]:
+    """The volume with NaN voxels (resampling tools write NaN outside the field of view) and
+    -inf set to air, HU_MIN, and +inf (a value past the top of the scale, as a float
+    conversion saturates behind metal) set to HU_MAX; notes that count them; and the lowest
+    finite value. Left in, a NaN makes every min/max test false (so the HU check would pass
+    anything) and becomes an arbitrary integer in the int16 volume. Raises ValueError when no
+    voxel is finite."""
     if not np.issubdtype(vol.dtype, np.floating):
-        return vol, 0, float(vol.min())
+        return vol, [], float(vol.min())
     finite = np.isfinite(vol)
-    bad = int(finite.size - np.count_nonzero(finite))
-    if bad == finite.size:
+    if not finite.any():
         raise ValueError("no finite voxel (every value is NaN or infinite)")
     lowest = float(np.min(vol, initial=np.inf, where=finite))
-    return (np.where(finite, vol, HU_MIN) if bad else vol), bad, lowest
+    if finite.all():
+        return vol, [], lowest
+    notes = []
+    for count, what, value in ((np.isnan(vol).sum() + np.isneginf(vol).sum(), "NaN or -inf", HU_MIN),
+                               (np.isposinf(vol).sum(), "+inf", HU_MAX)):
+        if count:
+            notes.append(f"{count} {what} voxels ({100 * count / vol.size:.2g} % of the volume) set to {value} HU"
+                         + (" (air), as outside the field of view" if value == HU_MIN else
+                            " (the top of the scale), as past it"))
+    filled = np.where(np.isposinf(vol), HU_MAX, HU_MIN)
+    return np.where(finite, vol, filled), notes, lowest
 
 
 def read_nifti(path) -> tuple[np.ndarray, tuple[float, float, float], list[str]]:
@@ -160,9 +171,7 @@ def read_nifti(path) -> tuple[np.ndarray, tuple[float, float, float], list[str]]
     if np.iscomplexobj(data):
         raise ValueError(f"complex voxels ({data.dtype}): not CT in HU (a k-space or phase image?)")
     vol = data.transpose(2, 1, 0)[:, ::-1, ::-1]
-    vol, bad, lowest = fill_non_finite(vol)
-    notes = [f"{bad} NaN or infinite voxels ({100 * bad / vol.size:.2g} % of the volume) set to {HU_MIN} HU "
-             f"(air), as outside the field of view"] if bad else []
+    vol, notes, lowest = fill_non_finite(vol)
     if lowest > HU_AIR_MAX:
         raise ValueError(f"values do not look like CT in HU (minimum {lowest:g}; a mask or MR?)")
     units = canon.header.get_xyzt_units()[0] if hasattr(canon.header, "get_xyzt_units") else "unknown"
