@@ -656,20 +656,27 @@ def test_a_step_that_fails_keeps_an_exact_emergency_checkpoint(processed_root, t
 def test_a_first_step_that_fails_saves_nothing_and_does_not_suggest_a_resume(processed_root, tmp_path, capsys,
                                                                              monkeypatch):
     """Nothing was trained yet: a checkpoint would hold the initial weights and a resume would
-    meet the same fault, so the one line says to fix it and run again, and no run folder is left."""
+    meet the same fault, so the one line says to fix it and run again, and no run folder is left,
+    nor the runs folders the launch made (a folder the user made stays)."""
     def fail(self, i):
         raise ValueError("Expected more than 1 value per channel when training")
 
     monkeypatch.setattr(CTSliceDataset, "__getitem__", fail)
     capsys.readouterr()
-    out = tmp_path / "runs"
+    out = tmp_path / "made" / "runs"
     code = main(train_args(processed_root, out, "--max-steps", "3", "--batch-size", "4", "--num-workers", "0",
                            "--eval-every", "0"))
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1 and len(err) == 1, err
     assert err[0].startswith("error: the first step failed: ValueError: Expected more than 1 value"), err
     assert "fix it and run again" in err[0] and "--resume" not in err[0]
-    assert not list(out.glob("*/checkpoint_*")) and not list(out.glob("*/"))   # the empty run folder removed
+    assert not (tmp_path / "made").exists()
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    assert main(train_args(processed_root, mine / "runs", "--max-steps", "3", "--batch-size", "4",
+                           "--num-workers", "0", "--eval-every", "0")) == 1
+    assert list(tmp_path.glob("mine/**")) == [mine]
+
 
 def test_a_disk_that_filled_during_the_run_costs_an_old_checkpoint_not_the_run(processed_root, tmp_path,
                                                                                monkeypatch, capsys):

@@ -122,6 +122,24 @@ class NoSpaceError(CheckpointError):
 
 # ----------------------------------------------------------------------------- names
 
+# The runs folder and its parents that new_run_dir created in this process, so that a run
+# that never started leaves no empty data/runs/ behind (remove_made_folders).
+_folders_made: set[Path] = set()
+
+
+def remove_made_folders(run_dir: Path) -> None:
+    """Remove the folders above a removed run folder that new_run_dir created, deepest
+    first, while they are empty."""
+    for folder in run_dir.parents:
+        if folder not in _folders_made:
+            return
+        try:
+            folder.rmdir()
+        except OSError:  # not empty: another run, or the user's files
+            return
+        _folders_made.discard(folder)
+
+
 def new_run_dir(out_root, now: datetime | None = None) -> Path:
     """Create and return ``<out_root>/YYYYMMDD_HHMMSS`` (local time); a second run started
     within the same second gets ``_1``, ``_2``, ... (mkdir is the lock, so concurrent
@@ -130,11 +148,13 @@ def new_run_dir(out_root, now: datetime | None = None) -> Path:
     if root.exists() and not root.is_dir():
         raise UserError(f"--out {root} is a file, not a folder; give a folder for the runs "
                         f"(it is created when missing)")
+    missing = [folder for folder in (root, *root.parents) if not folder.exists()]
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UserError(f"cannot create the runs folder {root} ({exc.strerror or exc}); "
                         f"give an --out on a writable disk") from None
+    _folders_made.update(missing)
     stamp = (now or datetime.now()).strftime("%Y%m%d_%H%M%S")
     for suffix in itertools.count():
         candidate = root / (stamp if suffix == 0 else f"{stamp}_{suffix}")

@@ -308,7 +308,7 @@ def remove_failed_start(run_dir: Path, source: ResumeSource | None) -> None:
     import shutil
 
     from dinox.observe.metrics import METRICS_FILE
-    from dinox.run.checkpoint import LOCK_NAME, list_checkpoints
+    from dinox.run.checkpoint import LOCK_NAME, list_checkpoints, remove_made_folders
 
     if not run_dir.is_dir() or list_checkpoints(run_dir):
         return
@@ -329,4 +329,5 @@ def remove_failed_start(run_dir: Path, source: ResumeSource | None) -> None:
         if entry.name not in expected and not entry.name.startswith(("events.out.tfevents.", f".{LOCK_NAME}.")):
             return
     shutil.rmtree(run_dir, ignore_errors=True)
+    remove_made_folders(run_dir)
     log.info("removed %s: the run stopped before its first step", run_dir)
