@@ -256,6 +256,14 @@ def test_untrained_network_is_scored_on_the_same_draws_and_gates_the_verdict(che
     assert len(hits0) == 2 and result["min_x_untrained"] is None
     if sum(hits0):
         assert result["x_untrained"] == pytest.approx(sum(hits) / sum(hits0))
+    # a later eval of the same draws without --untrained keeps that comparison in the file...
+    assert main(_args(checkpoint, processed_root, tmp_path, "--draws", "2")) == 0
+    assert "note: kept the untrained network's figures of the same view draws" in capsys.readouterr().out
+    assert json.loads(path.read_text())["untrained"] == result["untrained"]
+    # ...but not one of other figures (as another checkpoint's bytes under the same path would give)
+    path.write_text(json.dumps({**result, "draws": [{**d, "ratio": d["ratio"] + 1} for d in result["draws"]]}))
+    assert main(_args(checkpoint, processed_root, tmp_path, "--draws", "2")) == 0
+    assert "untrained" not in json.loads(path.read_text())
     # the untrained network is the run's step-0 weights: a 2-step run has moved them
     trained, cfg, _ = load_for_inference(checkpoint, torch.device("cpu"))
     step0 = untrained_backbone(cfg, torch.device("cpu"))

@@ -287,6 +287,8 @@ def run_retrieval(args) -> int:
                        defaults=RETRIEVAL_DEFAULTS, network=args.network, manifest=manifest, root=root,
                        trained_root=evaluation.trained_root, trained_manifest=evaluation.trained_manifest,
                        views=args.views, draws=args.draws)
+    if "untrained" not in result:
+        _keep_untrained_comparison(out_dir / name, result)
     out_path = _write_result(out_dir, name, result)
     tops = " ".join(f"top{k}={result[f'top{k}']:.4f}" for k in sorted({1, *ks}))
     print(
@@ -300,6 +302,29 @@ def run_retrieval(args) -> int:
         print(untrained_line(result))
     print(f"{verdict} -> {out_path}")
     return EXIT_PASS if passed else EXIT_FAIL
+
+
+UNTRAINED_KEYS = ("untrained", "x_untrained", "x_untrained_ci95", "untrained_note")
+
+
+def _keep_untrained_comparison(path: Path, result: dict) -> None:
+    """Carry the untrained network's figures over from the earlier result at `path` (the
+    demo's, or an eval with --untrained) when it scored the same checkpoint on the same
+    view draws (each draw's figures equal), so that a later eval without --untrained does
+    not erase that comparison."""
+    def draws_of(r: dict) -> list:
+        return [(d.get("top1"), d.get("ratio"), d.get("mean_rank")) for d in r.get("draws", [r])]
+
+    try:
+        earlier = json.loads(path.read_text()) if path.is_file() else None
+    except (OSError, ValueError):
+        return
+    if (not isinstance(earlier, dict) or "untrained" not in earlier
+            or str(Path(earlier.get("checkpoint", "")).resolve()) != str(Path(result["checkpoint"]).resolve())
+            or draws_of(earlier) != draws_of(result) or earlier.get("n") != result.get("n")):
+        return
+    result.update({key: earlier[key] for key in UNTRAINED_KEYS if key in earlier})
+    print(f"note: kept the untrained network's figures of the same view draws from the earlier {path.name}")
 
 
 def untrained_line(result: dict) -> str:
