@@ -454,19 +454,18 @@ def test_nifti_reoriented_to_zhw(tmp_path, suffix):
     rng = np.random.default_rng(12)
     vol = random_hu(rng, (5, 6, 7))                      # (Z, H, W) as a DICOM axial series
     sz, sy, sx = 2.5, 0.8, 0.7
-    folder = tmp_path / "in"
-    folder.mkdir()
+    for sid in ("case_a", "case_b"):   # one root each: two copies of one scan are indexed once
+        (tmp_path / sid).mkdir()
     # LPS-like storage: i -> patient left, j -> posterior, k -> superior
     lps = np.diag([-sx, -sy, sz, 1.0])
-    _nifti(folder / f"case_a{suffix}", np.ascontiguousarray(vol.transpose(2, 1, 0)), lps)
+    _nifti(tmp_path / "case_a" / f"case_a{suffix}", np.ascontiguousarray(vol.transpose(2, 1, 0)), lps)
     # permuted and flipped storage: i -> posterior rows, j -> slices top-down, k -> patient left
     perm = np.array([[0, 0, -sx, 0], [-sy, 0, 0, 0], [0, -sz, 0, 0], [0, 0, 0, 1.0]])
-    _nifti(folder / f"case_b{suffix}", np.ascontiguousarray(vol[::-1].transpose(1, 0, 2)), perm)
-    out = tmp_path / "out"
-    report = prep([folder], out)
-    assert sorted(report["series_written"]) == ["case_a", "case_b"]
-    rows = index_rows(out)
+    _nifti(tmp_path / "case_b" / f"case_b{suffix}", np.ascontiguousarray(vol[::-1].transpose(1, 0, 2)), perm)
     for sid in ("case_a", "case_b"):
+        out = tmp_path / f"out_{sid}"
+        assert prep([tmp_path / sid], out)["series_written"] == [sid]
+        rows = index_rows(out)
         np.testing.assert_array_equal(volume(out, sid), vol)
         assert rows[sid]["patient_id"] == sid
         assert (float(rows[sid]["spacing_z"]), float(rows[sid]["spacing_y"]),

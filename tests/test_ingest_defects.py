@@ -733,3 +733,32 @@ def test_a_nifti_orientation_in_doubt_is_noted(tmp_path):
                              "NIfTI standard prefers; check it in a viewer"]
     assert "plain" not in notes
     np.testing.assert_array_equal(volume(tmp_path / "out", "both"), hu)
+
+
+def test_a_scan_as_dicom_and_as_its_nifti_conversion_is_indexed_once(tmp_path):
+    """dcm2niix writes its NIfTI into the series' folder: indexed twice, one scan would be
+    trained on twice and, its two copies named for two patients, could sit on both sides of
+    the split. The DICOM copy stays (annotations tie to its slices); a NIfTI of another scan
+    of the same shape and spacing stays too."""
+    from dinox.data.ingest import SAME_VOXELS
+
+    rng = np.random.default_rng(31)
+    scan, other = random_hu(rng, (4, 6, 5)), random_hu(rng, (4, 6, 5))
+    series = tmp_path / "in" / "LIDC-IDRI-0001" / "series"
+    write_series(series, scan, "1.2.3.77", patient_id="LIDC-IDRI-0001", dz=2.5)   # PixelSpacing 0.7 x 0.8
+    _nifti(series / "converted.nii.gz", np.ascontiguousarray(scan.transpose(2, 1, 0)),
+           np.diag([-0.8, -0.7, 2.5, 1.0]))
+    _nifti(tmp_path / "in" / "another.nii.gz", np.ascontiguousarray(other.transpose(2, 1, 0)),
+           np.diag([-0.8, -0.7, 2.5, 1.0]))
+    out = tmp_path / "out"
+    for run in range(2):   # a re-run reaches the same index
+        report = prep([tmp_path / "in"], out)
+        rows = index_rows(out)
+        assert sorted(rows) == ["1.2.3.77", "another"], run
+        np.testing.assert_array_equal(volume(out, "1.2.3.77"), scan)
+        (dropped,) = [s for s in report["series_skipped"] if s["reason"].startswith(SAME_VOXELS)]
+        assert dropped["source"].endswith("converted.nii.gz") and "1.2.3.77" in dropped["reason"]
+        assert dropped["series_id"] not in report["series_written"] + report["series_kept"]
+        assert not (out / "volumes" / f"{dropped['series_id']}.npy").exists()
+        split = json.loads((out / "_splits" / "val10_seed0.json").read_text())
+        assert dropped["series_id"] not in split["train"] + split["val"]

@@ -436,6 +436,7 @@ def prepare(inputs, output="data/processed", workers: int = 1, force: bool = Fal
                         f"'{_top_reason(series_skipped[n_planned_skips:])}'; fix or remove those scans and run prep "
                         f"again (details in {root / REPORT_FILE})")
 
+    _index_each_scan_once(root, rows, report)
     write_index(index_path, list(rows.values()))
     patients = {sid: r["patient_id"] for sid, r in rows.items()}
     split_file = Path(SPLITS_DIR) / split_name(val_fraction, split_seed)
@@ -450,6 +451,62 @@ def prepare(inputs, output="data/processed", workers: int = 1, force: bool = Fal
     report["annotations"] = annotations.update_table(root, inputs, tasks, rows, files_skipped)
     _finish_report(root, report, start)
     return report
+
+
+SAME_VOXELS = "the same voxels as another series"
+
+
+def _voxels_digest(path: Path) -> str | None:
+    """sha1 of a volume's shape and voxels, read slice by slice (a CT volume can be GBs)."""
+    try:
+        vol = np.load(path, mmap_mode="r")
+        digest = hashlib.sha1(f"{vol.dtype}{vol.shape}".encode())
+        for plane in vol:
+            digest.update(np.ascontiguousarray(plane).data)
+        return digest.hexdigest()
+    except Exception:
+        return None
+
+
+def _index_each_scan_once(root: Path, rows: dict[str, dict], report: dict) -> None:
+    """Keep one of the series that hold the same voxels: a NIfTI converted from the DICOM
+    series beside it (dcm2niix writes into the series' folder), or a series copied under new
+    UIDs. Indexed twice, a scan is trained on twice, and each copy takes its patient id from
+    its own source, so the split can put one copy on each side and the validation figures
+    then score training data. The DICOM copy is kept (reader annotations tie to its
+    slices), else the first by series id; the others leave the index and the volumes
+    folder, each named in series_skipped. Only series of one shape and spacing (mm, to 3
+    decimals) are read and compared, so a dataset of distinct scans costs nothing."""
+    def spacing(row: dict) -> tuple:
+        try:
+            return tuple(round(float(row[k]), 3) for k in ("spacing_z", "spacing_y", "spacing_x"))
+        except (KeyError, ValueError):
+            return (row.get("spacing_z"), row.get("spacing_y"), row.get("spacing_x"))
+
+    alike = defaultdict(list)
+    for sid, row in rows.items():
+        alike[(_row_dims(row), spacing(row))].append(sid)
+    for sids in (group for group in alike.values() if len(group) > 1):
+        copies, paths = defaultdict(list), {sid: _kept_volume(root, rows[sid]) for sid in sids}
+        for sid, path in paths.items():
+            digest = _voxels_digest(path) if path is not None else None
+            if digest is not None:
+                copies[digest].append(sid)
+        for same in (group for group in copies.values() if len(group) > 1):
+            keep = min(same, key=lambda sid: (nifti_io.is_nifti(rows[sid].get("source", "")), sid))
+            for sid in sorted(set(same) - {keep}):
+                row = rows.pop(sid)
+                paths[sid].unlink(missing_ok=True)
+                for listed in ("series_written", "series_kept"):
+                    if sid in report[listed]:
+                        report[listed].remove(sid)
+                report["series_notes"].pop(sid, None)
+                report["series_skipped"].append({
+                    "series_id": sid, "patient_id": row.get("patient_id"), "source": row.get("source"),
+                    "n_files": row.get("n_source_files"),
+                    "reason": f"{SAME_VOXELS}: {keep} ({rows[keep].get('source')}), one scan in two copies (a "
+                              f"conversion or a copy); indexed once, so that it is neither trained on twice nor "
+                              f"on both sides of the split"})
 
 
 class _Worker:
