@@ -2,7 +2,9 @@
 
 FSDP must compute what DDP computes; a sharded run killed after a checkpoint resumes
 bitwise on the same number of processes and with the same weights on one process; a
-kill during a sharded save never leaves a directory under a final name.
+kill during a sharded save never leaves a directory under a final name. Also what any
+torchrun launch must do: refuse ranks launched differently, report a non-finite halt
+once, leave a finished run alone and make room on a full disk.
 """
 from __future__ import annotations
 
@@ -275,25 +277,117 @@ def test_world_size_outside_a_dry_run_is_a_one_line_error(processed_root, tmp_pa
     assert "--world-size only plans" in err and "Traceback" not in err
 
 
-def test_two_nodes_by_c10d_rendezvous_without_slurm(processed_root, tmp_path):
+def _two_nodes(args_a: list[str], args_b: list[str]) -> list[subprocess.Popen]:
     """`torchrun --nnodes 2 --rdzv-backend c10d`: two launchers on one machine stand in for
-    two nodes of one process each."""
+    two nodes of one process each, each with its own command line."""
     import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    out = tmp_path / "runs"
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    nodes = [subprocess.Popen(
+    return [subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
          "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "dinox-test",
-         str(REPO / "scripts" / "phase5_big_run.py"), *_args(processed_root, out, "--max-steps", "2",
-                                                              "--parallel", "fsdp")],
+         str(REPO / "scripts" / "phase5_big_run.py"), *args],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True, env=env)
-        for _ in range(2)]
-    logs = [_finish(node) for node in nodes]
+        for args in (args_a, args_b)]
+
+
+def _ended(proc: subprocess.Popen, timeout: float = 240) -> str:
+    """The output of a launch expected to fail (a hang fails the test)."""
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise AssertionError("torchrun did not end in time (a rank hung)")
+    assert proc.returncode != 0, out[-3000:]
+    return out
+
+
+def test_two_nodes_by_c10d_rendezvous_without_slurm(processed_root, tmp_path):
+    out = tmp_path / "runs"
+    args = _args(processed_root, out, "--max-steps", "2", "--parallel", "fsdp")
+    logs = [_finish(node) for node in _two_nodes(args, args)]
     assert any("parallel: FSDP2 over 2 ranks" in log for log in logs)
     run = only_run(out)
     assert [p.name for p in ckpt.list_checkpoints(run)] == ["checkpoint_00000002.dcp", "checkpoint_final_00000002.dcp"]
     assert _final(run)["data"]["world_size"] == 2
+
+
+def test_ranks_launched_with_other_settings_are_refused_on_every_rank(processed_root, tmp_path):
+    """Unchecked, another --batch-size on one node trained silently on the wrong batch, and
+    another --max-steps hung in a collective until gloo's 30 min timeout."""
+    out = tmp_path / "runs"
+    base = _args(processed_root, out, "--max-steps", "2")
+    for log in [_ended(node) for node in _two_nodes([*base, "--batch-size", "4"], [*base, "--batch-size", "2"])]:
+        assert ("error: the ranks of this run were launched differently: batch_size 4 on rank 0, 2 on rank 1"
+                in log), log[-3000:]
+    assert not list(out.glob("*/checkpoint_*")), "nothing may be trained"
+
+
+def test_a_nonfinite_halt_is_reported_once_with_its_checkpoint(processed_root, tmp_path):
+    """Rank 1 holds no checkpoint path and must not report "emergency checkpoint ...: None"."""
+    out = tmp_path / "runs"
+    log = _ended(_torchrun(_args(processed_root, out, "--max-steps", "6", "--lr", "1e30", "--clip-grad", "0")))
+    halted = [line for line in log.splitlines() if "training halted; emergency checkpoint" in line]
+    assert len(halted) == 1, halted
+    emergency = [p.name for p in only_run(out).glob("checkpoint_emergency_*.pth")]
+    assert emergency and halted[0].endswith(emergency[0]), (halted, emergency)
+    assert log.count("non-finite loss: diagnostics") == 1
+
+
+def _files(run: Path) -> dict:
+    return {p.relative_to(run).as_posix(): (p.stat().st_ino, p.stat().st_mtime_ns)
+            for p in run.rglob("*") if p.is_file() and p.suffix != ".lock" and "tfevents" not in p.name}
+
+
+def test_a_finished_sharded_run_relaunched_as_it_was_is_left_alone(processed_root, tmp_path):
+    """A requeued job with --resume auto, as for a finished single-file run: no checkpoint
+    rewritten (others may have recorded its hashes), exit 0."""
+    out = tmp_path / "runs"
+    steps = ("--max-steps", "2", "--parallel", "fsdp", "--resume", "auto")
+    _finish(_torchrun(_args(processed_root, out, *steps)))
+    run = only_run(out)
+    before = _files(run)
+    assert "checkpoint_final_00000002.dcp/manifest.json" in before
+    log = _finish(_torchrun(_args(processed_root, out, *steps)))
+    assert "the run is finished, nothing to train or rewrite" in log, log[-2000:]
+    assert _files(run) == before
+
+
+# Each rank runs this in place of scripts/phase5_big_run.py: the disk reads as full once, when
+# the run folder already holds checkpoint 4 (at the save of step 6).
+_FILLS_ONCE = r"""
+import shutil, sys
+from pathlib import Path
+sys.path.insert(0, sys.argv.pop(1))
+real, fired = shutil.disk_usage, []
+def disk_usage(path):
+    usage = real(path)
+    if not fired and (Path(path) / "checkpoint_00000004.dcp").is_dir():
+        fired.append(path)
+        return usage._replace(free=0)
+    return usage
+shutil.disk_usage = disk_usage
+from _shim import dinox_main
+sys.exit(dinox_main(["train", *sys.argv[1:]]))
+"""
+
+
+def test_a_full_disk_rotates_out_an_old_sharded_checkpoint_early(processed_root, tmp_path):
+    """As for single-file checkpoints (docs/phase5_big_run.md, "Checkpoints"): a disk that
+    fills during the run costs an old checkpoint, not the run."""
+    script = tmp_path / "fills_once.py"
+    script.write_text(_FILLS_ONCE)
+    out = tmp_path / "runs"
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    args = _args(processed_root, out, "--max-steps", "6", "--parallel", "fsdp")  # every 2 steps, 2 kept
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(script), str(REPO / "scripts"), *args], capture_output=True, text=True,
+                          timeout=300, env=env)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    assert "rotated out checkpoint_00000002.dcp early to make room" in proc.stdout, proc.stdout[-3000:]
+    names = sorted(p.name for p in only_run(out).glob("checkpoint_*"))
+    assert names == ["checkpoint_00000004.dcp", "checkpoint_00000006.dcp", "checkpoint_final_00000006.dcp"]

@@ -33,6 +33,7 @@ from dinox.run.signals import EXIT_WONT_FIT
 from dinox.train.runs import (
     ResumeSource,
     check_disk_space,
+    check_ranks_agree,
     open_resume,
     prepare_run_dir,
     refuse_replayed_halt,
@@ -300,7 +301,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         run_dir, lock, created = prepare_run_dir(dist, out_root, source, resume_auto=args.resume == "auto")
         try:
-            if _is_finished(source, cfg):
+            if _is_finished(source, cfg, sharded=cfg.runtime.parallel == "fsdp" and dist.enabled):
                 # A finished run relaunched as it was (a requeued job with --resume auto): saving
                 # its checkpoints again would give files whose hashes others may have recorded
                 # other bytes. Checked under the run's lock, so a run still writing is not "finished".
@@ -324,13 +325,15 @@ def run(args: argparse.Namespace) -> int:
         close_file_logging()
 
 
-def _is_finished(source: ResumeSource | None, cfg: RunConfig) -> bool:
-    """Whether the launch continues its own run's final single-file checkpoint at its
-    --max-steps. A sharded final checkpoint is not: a single-process launch converts it to
-    one file."""
+def _is_finished(source: ResumeSource | None, cfg: RunConfig, *, sharded: bool = False) -> bool:
+    """Whether the launch continues its own run's final checkpoint at its --max-steps: a
+    single file, or a sharded (DCP) one where this launch writes sharded checkpoints too
+    (`sharded`: FSDP under torchrun). A launch that writes single files (one process, DDP)
+    converts a sharded final checkpoint to one file."""
     from dinox.run.checkpoint import parse_checkpoint_name
 
-    return (source is not None and source.in_place and source.path.is_file()
+    kept_as_is = source is not None and (source.path.is_file() or (sharded and source.path.is_dir()))
+    return (source is not None and source.in_place and kept_as_is
             and cfg.optim.max_steps is not None
             and parse_checkpoint_name(source.path) == (cfg.optim.max_steps, "final"))
 
@@ -368,6 +371,7 @@ def _train(cfg, info, preset_name, resolved, plan, dist, run_dir: Path, source: 
     log.info("provenance: git %s, data manifest %s, torch %s, python %s",
              provenance.get("git_commit"), provenance.get("data_manifest_hash"),
              provenance.get("torch"), provenance.get("python"))
+    check_ranks_agree(cfg.to_flat(), provenance.get("data_manifest_hash"), source)
     if source is not None:
         saved = state.get("provenance") if isinstance(state.get("provenance"), dict) else {}
         before, now = saved.get("data_manifest_hash"), provenance.get("data_manifest_hash")

@@ -488,10 +488,12 @@ def save_checkpoint(path, state: dict) -> int:
     return size
 
 
-def save_sharded_checkpoint(path, tensors: dict, meta: dict, *, rank: int, gather, barrier, broadcast) -> int:
+def save_sharded_checkpoint(path, tensors: dict, meta: dict, *, rank: int, gather, barrier, broadcast,
+                            make_room=None) -> int:
     """Collective: write a sharded (DCP) checkpoint directory at `path`, atomically (see
     `dinox.run.sharded`). `tensors` holds this rank's (sharded) state dicts, `meta` the rest
-    (used on rank 0). Returns the bytes written (0 off rank 0)."""
+    (used on rank 0). Where the disk lacks room, rank 0 first calls `make_room(error)`, which
+    returns what it deleted (nothing: the save fails). Returns the bytes written (0 off rank 0)."""
     path = Path(path)
     tmp = None
     shard_bytes = gather(estimate_checkpoint_bytes(tensors))
@@ -500,6 +502,8 @@ def save_sharded_checkpoint(path, tensors: dict, meta: dict, *, rank: int, gathe
         _remove_stale_temps(path.parent)
         need = space_needed(sum(shard_bytes))
         free = shutil.disk_usage(path.parent).free
+        if free < need and make_room is not None and make_room(_no_space_error(path, need, free)):
+            free = shutil.disk_usage(path.parent).free
         tmp = str(_temp_path(path)) if free >= need else None
         if tmp is None:
             broadcast(None)

@@ -46,6 +46,15 @@ def gather_object(obj) -> list:
     return out if out is not None else []
 
 
+def all_gather_object(obj) -> list:
+    """Every rank's `obj` as a list on every rank (`[obj]` in a single process)."""
+    if not initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def barrier() -> None:
     if initialized():
         dist.barrier()

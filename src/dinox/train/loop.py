@@ -286,12 +286,12 @@ class Trainer:
 
     def _halt_nonfinite(self, result: StepResult) -> int:
         """NaN/Inf loss: the bad update was never applied; save that state and stop."""
-        step = self.progress.step + 1
-        guard = self.parts.guard
-        for anomaly in guard.check(step, result.metrics.get("loss", float("nan"))):
+        step, guard = self.progress.step + 1, self.parts.guard
+        for anomaly in guard.check(step, result.metrics.get("loss", float("nan"))) if self.dist.is_main else ():
             log.critical(anomaly.message)
-        path = self.save("emergency")
-        record_nonfinite_halt(self.run_dir, path, step)  # path: None off the main rank
+        if (path := self.save("emergency")) is None:  # off the main rank, which alone reports (with the path)
+            return EXIT_NONFINITE
+        record_nonfinite_halt(self.run_dir, path, step)
         console(nonfinite_diagnostics(last_good_loss=guard.last_good_loss, lr=result.metrics.get("lr"),
                                       grad_norm=result.metrics.get("grad_norm"), batch=result.batch))
         log.critical("non-finite loss at step %d: training halted; emergency checkpoint (state before the bad "

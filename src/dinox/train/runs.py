@@ -272,6 +272,34 @@ def copy_metrics_until(source_run: Path, run_dir: Path, step: int) -> int:
     return len(kept)
 
 
+# What may differ between the ranks of one run: what each node decides for itself (loader
+# workers, pinning, its hardware preset), paths that may name the same files on each node's
+# own mounts (the data are compared by content instead), and the console's cadence.
+PER_NODE_KEYS = ("num_workers", "pin_memory", "hardware_preset", "custom_values", "data_root", "index_csv",
+                 "split_manifest", "init_from", "out", "resume", "log_interval")
+
+
+def check_ranks_agree(flat_config: dict, data_hash: str | None, source: ResumeSource | None) -> None:
+    """Collective: refuse, on every rank, a run whose ranks were launched with different
+    settings, data or checkpoint (a node given another command line, another data copy, or an
+    --out that is not shared). Unnoticed, it trains silently on a wrong batch or hangs in a
+    collective that the other ranks never reach."""
+    from dinox.run.distributed import all_gather_object
+
+    own = {k: v for k, v in flat_config.items() if k not in PER_NODE_KEYS}
+    own["data (index and split files)"] = data_hash
+    own["resumed checkpoint"] = f"{source.path.name} (step {source.step})" if source is not None else None
+    everyone = all_gather_object(own)
+    first = everyone[0]
+    for rank, other in enumerate(everyone[1:], start=1):
+        differ = [k for k in sorted(set(first) | set(other)) if first.get(k) != other.get(k)]
+        if differ:
+            shown = "; ".join(f"{k} {first.get(k)!r} on rank 0, {other.get(k)!r} on rank {rank}" for k in differ[:3])
+            more = f" (and {len(differ) - 3} more)" if len(differ) > 3 else ""
+            raise UserError(f"the ranks of this run were launched differently: {shown}{more}; run the same command "
+                            f"on every node, with the same data at --data-root and an --out that every node sees")
+
+
 HALT_RECORD = "halted_nonfinite.json"
 
 

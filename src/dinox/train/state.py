@@ -240,14 +240,20 @@ class Checkpointer:
         try:
             return store.save_checkpoint(path, state)
         except store.NoSpaceError as exc:
-            io = self.cfg.io
-            freed = (store.rotate_checkpoints(self.run_dir, io.ckpt_keep_last - 1, io.ckpt_milestone_every)
-                     if io.ckpt_keep_last >= 2 else [])
-            if not freed:
+            if not self._rotate_early(exc):
                 raise
+            return store.save_checkpoint(path, state)
+
+    def _rotate_early(self, exc: Exception) -> list[Path]:
+        """Rotate out the oldest kept periodic checkpoint before its time (where two or more
+        are kept); returns what was deleted, said in the run's log."""
+        io = self.cfg.io
+        freed = (store.rotate_checkpoints(self.run_dir, io.ckpt_keep_last - 1, io.ckpt_milestone_every)
+                 if io.ckpt_keep_last >= 2 else [])
+        if freed:
             log.warning("%s; rotated out %s early to make room (free space, or lower --ckpt-keep-last)", exc,
                         ", ".join(p.name for p in freed))
-            return store.save_checkpoint(path, state)
+        return freed
 
     def save(self, c: Components, kind: str = "periodic") -> Path | None:
         """Save a checkpoint of kind periodic / emergency; returns its path (None off rank 0).
@@ -263,7 +269,8 @@ class Checkpointer:
             tensors = {k: state.pop(k) for k in SHARDED_ENTRIES if state.get(k) is not None}
             state.pop("ibot_loss", None)
             size = store.save_sharded_checkpoint(path, tensors, state, rank=self.where.rank, gather=gather_object,
-                                                 barrier=barrier, broadcast=broadcast_object)
+                                                 barrier=barrier, broadcast=broadcast_object,
+                                                 make_room=self._rotate_early)
             if not self.is_main:
                 return None
         else:
