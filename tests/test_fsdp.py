@@ -391,3 +391,22 @@ def test_a_full_disk_rotates_out_an_old_sharded_checkpoint_early(processed_root,
     assert "rotated out checkpoint_00000002.dcp early to make room" in proc.stdout, proc.stdout[-3000:]
     names = sorted(p.name for p in only_run(out).glob("checkpoint_*"))
     assert names == ["checkpoint_00000004.dcp", "checkpoint_00000006.dcp", "checkpoint_final_00000006.dcp"]
+
+
+def test_ranks_started_by_hand_on_a_taken_port_get_one_line(processed_root, tmp_path, monkeypatch, capsys):
+    """Without torchrun (RANK, WORLD_SIZE, MASTER_PORT set by hand), a port another program
+    holds gave a bare DistNetworkError traceback."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        monkeypatch.setenv("RANK", "0")
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+        monkeypatch.setenv("MASTER_PORT", str(taken.getsockname()[1]))
+        assert main(["train", *_args(processed_root, tmp_path / "runs", "--max-steps", "2")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: rank 0 of 2 could not join the process group at 127.0.0.1:"), err
+    assert "address already in use" in err[0] and "torchrun" in err[0]
+    assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").iterdir())

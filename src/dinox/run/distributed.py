@@ -21,6 +21,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from dinox.errors import UserError
+
 
 def initialized() -> bool:
     return dist.is_available() and dist.is_initialized()
@@ -141,12 +143,20 @@ class DistEnv:
         return cls(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
 
     def init(self, device_type: str) -> None:
-        if self.enabled and not dist.is_initialized():
+        if not self.enabled or dist.is_initialized():
+            return
+        try:
             if device_type == "cuda":
                 torch.cuda.set_device(self.local_rank)
                 dist.init_process_group(backend="nccl", device_id=torch.device("cuda", self.local_rank))
             else:
                 dist.init_process_group(backend="gloo")
+        except dist.DistError as exc:   # ranks started by hand (RANK, WORLD_SIZE, MASTER_PORT) on a taken port
+            where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+            reason = " ".join(str(exc).split())[:200]
+            raise UserError(f"rank {self.rank} of {self.world_size} could not join the process group at {where} "
+                            f"({reason}); start the ranks with torchrun, or give every rank the same free "
+                            f"MASTER_ADDR and MASTER_PORT") from None
 
     def wrap(self, model: nn.Module, device: torch.device) -> nn.Module:
         if not self.enabled:
