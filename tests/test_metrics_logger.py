@@ -82,6 +82,8 @@ def test_resume_truncates_and_appends(tmp_path):
     assert recs[-1]["loss"] == 40.0 and recs[-1]["wall"] >= 100.0
     steps = [(e.step, e.value) for e in scalar_tags(tmp_path).Scalars("Train/Loss")]
     assert steps == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0)]
+    # one events file per launch: the resume opened no writer before it knew its purge step
+    assert len(list(tmp_path.glob("events.out.tfevents.*"))) == 2
 
 
 def test_records_survive_a_crash(tmp_path):

@@ -117,14 +117,13 @@ class MetricsLogger:
         self.tensorboard = tensorboard
         self._start = time.monotonic() - float(elapsed_offset)
         self._file = None
-        self._writer = None
+        self._writer = None   # opened with the first row: a resume's purge_step is known by then
+        self._purge_step: int | None = None
         self._failed: str | None = None
         if not is_main:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._file = open(self.path, "a", buffering=1, encoding="utf-8")
-        if tensorboard:
-            self._writer = self._open_writer(purge_step=None)
 
     def _open_writer(self, purge_step: int | None):
         from torch.utils.tensorboard import SummaryWriter
@@ -149,6 +148,8 @@ class MetricsLogger:
         try:
             self._file.write(json.dumps(record, allow_nan=False) + "\n")
             self._file.flush()
+            if self.tensorboard and self._writer is None:
+                self._writer = self._open_writer(self._purge_step)
             if self._writer is not None:
                 for name, value in record.items():
                     if name in ("step", "time", "wall") or isinstance(value, (bool, str)) or value is None:
@@ -200,7 +201,8 @@ class MetricsLogger:
         self._file = open(self.path, "a", buffering=1, encoding="utf-8")
         if self._writer is not None:
             self._writer.close()
-            self._writer = self._open_writer(purge_step=int(step) + 1)
+            self._writer = None
+        self._purge_step = int(step) + 1
         return dropped
 
     def close(self) -> None:
