@@ -175,7 +175,8 @@ def test_oblique_nifti_is_written_with_a_note(tmp_path):
     rotated[:2, :2] = 0.7 * np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
     (tmp_path / "in").mkdir()
     nib.save(nib.Nifti1Image(data, rotated), tmp_path / "in" / "oblique.nii.gz")
-    nib.save(nib.Nifti1Image(data, np.diag([0.7, 0.7, 2.5, 1.0])), tmp_path / "in" / "straight.nii.gz")
+    nib.save(nib.Nifti1Image(data + 1, np.diag([0.7, 0.7, 2.5, 1.0])),   # another scan, not a copy
+             tmp_path / "in" / "straight.nii.gz")
     report = prep([tmp_path / "in"], tmp_path / "out")
     assert sorted(report["series_written"]) == ["oblique", "straight"]
     note = report["series_notes"].get("oblique", "")
@@ -735,30 +736,27 @@ def test_a_nifti_orientation_in_doubt_is_noted(tmp_path):
     np.testing.assert_array_equal(volume(tmp_path / "out", "both"), hu)
 
 
-def test_a_scan_as_dicom_and_as_its_nifti_conversion_is_indexed_once(tmp_path):
-    """dcm2niix writes its NIfTI into the series' folder: indexed twice, one scan would be
-    trained on twice and, its two copies named for two patients, could sit on both sides of
-    the split. The DICOM copy stays (annotations tie to its slices); a NIfTI of another scan
-    of the same shape and spacing stays too."""
-    from dinox.data.ingest import SAME_VOXELS
+def test_a_scan_as_dicom_and_as_its_nifti_conversion_stays_on_one_side_of_the_split(tmp_path):
+    """dcm2niix writes its NIfTI into the series' folder: named for another patient, the copy
+    could sit on the other side of the split from its DICOM series, and validation would
+    score training data. prep names the copies and splits them as one patient's."""
+    from dinox.data.ingest import format_summary
 
     rng = np.random.default_rng(31)
-    scan, other = random_hu(rng, (4, 6, 5)), random_hu(rng, (4, 6, 5))
-    series = tmp_path / "in" / "LIDC-IDRI-0001" / "series"
-    write_series(series, scan, "1.2.3.77", patient_id="LIDC-IDRI-0001", dz=2.5)   # PixelSpacing 0.7 x 0.8
-    _nifti(series / "converted.nii.gz", np.ascontiguousarray(scan.transpose(2, 1, 0)),
-           np.diag([-0.8, -0.7, 2.5, 1.0]))
-    _nifti(tmp_path / "in" / "another.nii.gz", np.ascontiguousarray(other.transpose(2, 1, 0)),
-           np.diag([-0.8, -0.7, 2.5, 1.0]))
+    scans = [random_hu(rng, (4, 6, 5)) for _ in range(8)]
+    for k, scan in enumerate(scans):   # PixelSpacing 0.7 x 0.8 (row, column)
+        write_series(tmp_path / "in" / f"P{k}" / "series", scan, f"1.2.3.{k}", patient_id=f"P{k}", dz=2.5)
+        _nifti(tmp_path / "in" / f"P{k}" / "series" / f"converted{k}.nii.gz",
+               np.ascontiguousarray(scan.transpose(2, 1, 0)), np.diag([-0.8, -0.7, 2.5, 1.0]))
     out = tmp_path / "out"
-    for run in range(2):   # a re-run reaches the same index
-        report = prep([tmp_path / "in"], out)
-        rows = index_rows(out)
-        assert sorted(rows) == ["1.2.3.77", "another"], run
-        np.testing.assert_array_equal(volume(out, "1.2.3.77"), scan)
-        (dropped,) = [s for s in report["series_skipped"] if s["reason"].startswith(SAME_VOXELS)]
-        assert dropped["source"].endswith("converted.nii.gz") and "1.2.3.77" in dropped["reason"]
-        assert dropped["series_id"] not in report["series_written"] + report["series_kept"]
-        assert not (out / "volumes" / f"{dropped['series_id']}.npy").exists()
-        split = json.loads((out / "_splits" / "val10_seed0.json").read_text())
-        assert dropped["series_id"] not in split["train"] + split["val"]
+    for run in range(2):   # a re-run reaches the same split
+        report = prep([tmp_path / "in"], out, val_fraction=0.5)
+        assert report["same_scans"] == [[f"1.2.3.{k}", f"converted{k}"] for k in range(8)], run
+        split = json.loads((out / "_splits" / "val50_seed0.json").read_text())
+        for k in range(8):
+            side = "train" if f"1.2.3.{k}" in split["train"] else "val"
+            assert f"converted{k}" in split[side], (k, split)
+        assert {len(split["train"]), len(split["val"])} == {8}
+        assert "8 series hold the voxels of another (one scan in two copies, e.g. 1.2.3.0 = converted0" in \
+            format_summary(report)
+    assert len(index_rows(out)) == 16   # both copies stay: the user's data

@@ -128,8 +128,8 @@ def test_nan_voxels_are_air_and_reported_and_do_not_defeat_the_hu_check(tmp_path
 
 
 def test_same_named_nifti_files_prepared_in_turn_are_all_indexed_once(tmp_path):
-    for patient in ("pat1", "pat2"):
-        _ct(tmp_path / "in" / patient / "image.nii.gz")
+    for k, patient in enumerate(("pat1", "pat2")):   # two scans: one scan in two copies is indexed once
+        _ct(tmp_path / "in" / patient / "image.nii.gz", low=-1000.0 - k)
     root = tmp_path / "processed"
     prep = ["prep", "--output", str(root), "--workers", "1", "--input"]
     assert main([*prep, str(tmp_path / "in" / "pat1")]) == 0

@@ -436,13 +436,16 @@ def prepare(inputs, output="data/processed", workers: int = 1, force: bool = Fal
                         f"'{_top_reason(series_skipped[n_planned_skips:])}'; fix or remove those scans and run prep "
                         f"again (details in {root / REPORT_FILE})")
 
-    _index_each_scan_once(root, rows, report)
     write_index(index_path, list(rows.values()))
     patients = {sid: r["patient_id"] for sid, r in rows.items()}
+    report["same_scans"] = _same_scans(root, rows)
+    split_as = dict(patients)   # the copies of one scan split as one patient's
+    for first, *copies in report["same_scans"]:
+        split_as.update((sid, patients[first]) for sid in copies)
     split_file = Path(SPLITS_DIR) / split_name(val_fraction, split_seed)
-    split = extend_split(_previous_split(root / split_file), patients, val_fraction, split_seed)
+    split = extend_split(_previous_split(root / split_file), split_as, val_fraction, split_seed)
     atomic_write_text(root / split_file, json.dumps(split, indent=1) + "\n")
-    refreshed = _refresh_other_splits(root, patients, split_file)
+    refreshed = _refresh_other_splits(root, split_as, split_file)
     report["index"] = {"file": INDEX_FILE, "series": len(rows), "patients": len(set(patients.values()))}
     report["split"] = {"file": split_file.as_posix(), "val_fraction": val_fraction, "seed": split_seed,
                        "train_series": len(split["train"]), "val_series": len(split["val"]),
@@ -451,9 +454,6 @@ def prepare(inputs, output="data/processed", workers: int = 1, force: bool = Fal
     report["annotations"] = annotations.update_table(root, inputs, tasks, rows, files_skipped)
     _finish_report(root, report, start)
     return report
-
-
-SAME_VOXELS = "the same voxels as another series"
 
 
 def _voxels_digest(path: Path) -> str | None:
@@ -468,15 +468,14 @@ def _voxels_digest(path: Path) -> str | None:
         return None
 
 
-def _index_each_scan_once(root: Path, rows: dict[str, dict], report: dict) -> None:
-    """Keep one of the series that hold the same voxels: a NIfTI converted from the DICOM
-    series beside it (dcm2niix writes into the series' folder), or a series copied under new
-    UIDs. Indexed twice, a scan is trained on twice, and each copy takes its patient id from
-    its own source, so the split can put one copy on each side and the validation figures
-    then score training data. The DICOM copy is kept (reader annotations tie to its
-    slices), else the first by series id; the others leave the index and the volumes
-    folder, each named in series_skipped. Only series of one shape and spacing (mm, to 3
-    decimals) are read and compared, so a dataset of distinct scans costs nothing."""
+def _same_scans(root: Path, rows: dict[str, dict]) -> list[list[str]]:
+    """Groups of series that hold the same voxels, each group's first copy first: a NIfTI
+    that dcm2niix wrote beside its DICOM series, or a series copied under new UIDs. Each copy
+    takes a patient id from its own source, so a split by patient could put one copy on each
+    side, and validation would then score training data; prep splits each group as one
+    patient's. The first copy is the DICOM one, else the first by series id. Only series of
+    one shape and spacing (mm, to 3 decimals) are read and compared, so a dataset of
+    distinct scans costs nothing."""
     def spacing(row: dict) -> tuple:
         try:
             return tuple(round(float(row[k]), 3) for k in ("spacing_z", "spacing_y", "spacing_x"))
@@ -486,27 +485,18 @@ def _index_each_scan_once(root: Path, rows: dict[str, dict], report: dict) -> No
     alike = defaultdict(list)
     for sid, row in rows.items():
         alike[(_row_dims(row), spacing(row))].append(sid)
+    groups = []
     for sids in (group for group in alike.values() if len(group) > 1):
-        copies, paths = defaultdict(list), {sid: _kept_volume(root, rows[sid]) for sid in sids}
-        for sid, path in paths.items():
+        copies = defaultdict(list)
+        for sid in sids:
+            path = _kept_volume(root, rows[sid])
             digest = _voxels_digest(path) if path is not None else None
             if digest is not None:
                 copies[digest].append(sid)
         for same in (group for group in copies.values() if len(group) > 1):
-            keep = min(same, key=lambda sid: (nifti_io.is_nifti(rows[sid].get("source", "")), sid))
-            for sid in sorted(set(same) - {keep}):
-                row = rows.pop(sid)
-                paths[sid].unlink(missing_ok=True)
-                for listed in ("series_written", "series_kept"):
-                    if sid in report[listed]:
-                        report[listed].remove(sid)
-                report["series_notes"].pop(sid, None)
-                report["series_skipped"].append({
-                    "series_id": sid, "patient_id": row.get("patient_id"), "source": row.get("source"),
-                    "n_files": row.get("n_source_files"),
-                    "reason": f"{SAME_VOXELS}: {keep} ({rows[keep].get('source')}), one scan in two copies (a "
-                              f"conversion or a copy); indexed once, so that it is neither trained on twice nor "
-                              f"on both sides of the split"})
+            first = min(same, key=lambda sid: (nifti_io.is_nifti(rows[sid].get("source", "")), sid))
+            groups.append([first, *sorted(set(same) - {first})])
+    return sorted(groups)
 
 
 class _Worker:
@@ -595,6 +585,11 @@ def format_summary(report: dict) -> str:
         first_id, first = next(iter(noted.items()))
         first = first if isinstance(first, str) else "; ".join(first)
         lines.append(f"  notes on {len(noted)} series (all in the report), e.g. {first_id}: {first}")
+    if report.get("same_scans"):
+        copies = sum(len(group) - 1 for group in report["same_scans"])
+        lines.append(f"  {copies} series hold the voxels of another (one scan in two copies, e.g. "
+                     f"{' = '.join(report['same_scans'][0])}; all in the report's same_scans): the split keeps "
+                     f"the copies on one side; remove them to train on each scan once")
     labels = report.get("annotations") or {}
     if labels.get("table") or labels.get("problems"):
         problems = len(labels.get("problems") or [])
