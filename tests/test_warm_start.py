@@ -87,3 +87,53 @@ def test_dry_run_checks_the_init_from_weights(processed_root, tmp_path, capsys):
         err = capsys.readouterr().err
         assert code == 1 and err.startswith("error: ") and err.count("\n") == 1, err
     assert not out.exists()
+
+
+def test_dry_run_reads_the_shapes_of_the_init_from_weights_not_their_data(processed_root, tmp_path, capsys,
+                                                                          monkeypatch):
+    """A plan for a ViT-g must not read (hash, scan, concatenate) its gigabytes: the dry run
+    checks the architecture from the shapes alone; training still reads and checks the values."""
+    from dinox.model import weights
+
+    folder, _ = pretrained_folder(tmp_path)
+    exported = tmp_path / "hub"
+    exported.mkdir()
+    src = weights.read_weights(folder)
+    backbone = build_dino_model(resolve({"config": "vit-tiny", "vit_depth": 2, "vit_dim": 64, "vit_heads": 2,
+                                         "vit_mlp": 128, "img_size": 32}, hardware_preset="cpu").cfg.model,
+                                img_size=32).backbone
+    weights.apply_weights(src, backbone)
+    torch.save(weights.dinov2_hub_state(backbone), exported / "dinov2.pth")
+
+    def no_data(*args, **kwargs):
+        raise AssertionError("a plan read the weights' data")
+
+    monkeypatch.setattr(weights, "file_sha256", no_data)
+    out = tmp_path / "runs"
+    for source in (folder, exported / "dinov2.pth"):
+        checked = weights.check_init_source(source, backbone.arch)
+        assert checked.state["blocks.0.attn.qkv.weight"].is_meta and checked.state["pos_embed"].is_meta
+        assert main(train_args(processed_root, out, "--dry-run", "--init-from", str(source))) == 0
+        assert f"--init-from {source}:" in capsys.readouterr().out
+
+
+def test_resume_accepts_the_same_init_from_however_spelled(processed_root, tmp_path, capsys):
+    """A requeue that names the starting weights with a trailing slash, a relative or an
+    absolute path continues the run; other weights are still refused."""
+    import os
+
+    folder, _ = pretrained_folder(tmp_path)
+    out = tmp_path / "runs"
+    common = ("--batch-size", "4", "--max-steps", "2", "--ckpt-every", "1")
+    assert main(train_args(processed_root, out, *common, "--init-from", str(folder))) == 0
+    capsys.readouterr()
+    for spelled in (f"{folder}/", os.path.relpath(folder), str(folder)):
+        code = main(train_args(processed_root, out, *common, "--max-steps", "3", "--resume", "auto", "--dry-run",
+                               "--init-from", spelled))
+        assert code == 0, (spelled, capsys.readouterr().err)
+    other = tmp_path / "other"
+    other.mkdir()
+    code = main(train_args(processed_root, out, *common, "--max-steps", "3", "--resume", "auto", "--dry-run",
+                           "--init-from", str(other)))
+    err = capsys.readouterr().err
+    assert code == 1 and "would be ignored" in err and err.count("\n") == 1

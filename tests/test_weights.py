@@ -349,6 +349,31 @@ def test_checkpoint_exports_as_state_dicts(fmt, tiny_checkpoint, tmp_path):
     if fmt == "safetensors":  # the file is plain safetensors: the reference library reads it
         plain = safetensors_torch.load_file(str(file))
         assert all(torch.equal(plain[k], v) for k, v in student.state_dict().items())
+    # the export folder itself reads as the export (what --init-from and load_backbone are given)
+    folder = dinox.load_backbone(out)
+    x = torch.randn(2, 3, 48, 64)
+    assert torch.equal(dinox_tokens(folder, x), dinox_tokens(student, x))
+    target = VisionTransformer(student.arch, img_size=32)
+    assert weights.init_backbone_from(out, target)["kind"] == ("dinox-safetensors" if fmt == "safetensors"
+                                                               else "dinov2-hub")
+    assert all(torch.equal(target.state_dict()[k], v) for k, v in student.state_dict().items())
+
+
+def test_a_transformers_bin_file_reads_as_its_folder(hf_folders, tmp_path):
+    """pytorch_model.bin given as a file is read with its config.json, as model.safetensors is."""
+    model, folder = hf_folders["dinov2-registers"]
+    bin_folder = tmp_path / "bin"
+    bin_folder.mkdir()
+    (bin_folder / "config.json").write_text((folder / "config.json").read_text())
+    torch.save(safetensors_torch.load_file(str(folder / "model.safetensors")), bin_folder / "pytorch_model.bin")
+    backbone = VisionTransformer(dinox_arch("dinov2-registers"), img_size=IMG)
+    report = weights.init_backbone_from(bin_folder / "pytorch_model.bin", backbone)
+    assert report["kind"] == "hf-dinov2-registers"
+    x = torch.randn(2, 3, IMG, IMG)
+    assert torch.allclose(dinox_tokens(backbone, x), hf_tokens(model, x), atol=TOL)
+    (bin_folder / "pytorch_model-old.bin").write_bytes((bin_folder / "pytorch_model.bin").read_bytes())
+    one_line_error(lambda: weights.init_backbone_from(bin_folder / "pytorch_model-old.bin", backbone),
+                   "is not the model weights of .*pytorch_model.bin")
 
 
 def test_export_refuses_a_layout_the_model_cannot_have(tiny_checkpoint, tmp_path, capsys):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -261,7 +262,7 @@ def run(args: argparse.Namespace) -> int:
                                 f"in its config, is not found from this folder; reading it where the run "
                                 f"recorded it, {moved_root['data_root']}")
     saved_init = source.state["config"].get("init_from") if source is not None else None
-    if source is not None and given.get("init_from") and str(given["init_from"]) != str(saved_init):
+    if source is not None and given.get("init_from") and not _same_path(given["init_from"], saved_init):
         # the same --init-from as the run began with is fine (a requeue repeats its command line)
         raise UserError(f"--init-from {given['init_from']} would be ignored: --resume continues {source.path} with "
                         f"its own weights (begun from {saved_init or 'scratch'}); drop --init-from, or start a new "
@@ -323,6 +324,15 @@ def run(args: argparse.Namespace) -> int:
     finally:
         dist.shutdown()
         close_file_logging()
+
+
+def _same_path(given, saved) -> bool:
+    """Whether --init-from names the weights the run began with, however spelled (a trailing
+    slash, ./, an absolute path: a requeue script need not repeat the first command's text)."""
+    if saved is None:
+        return False
+    a, b = Path(str(given)), Path(str(saved))
+    return os.path.normpath(a) == os.path.normpath(b) or a.resolve() == b.resolve()
 
 
 def _is_finished(source: ResumeSource | None, cfg: RunConfig, *, sharded: bool = False) -> bool:

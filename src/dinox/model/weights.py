@@ -325,6 +325,9 @@ def detect_source(path: str | os.PathLike) -> str:
             return _hf_kind(_read_config(path), path)
         if _dinox_safetensors_in(path):
             return DINOX_SAFETENSORS
+        hub_file = _dinox_hub_in(path)
+        if hub_file is not None:  # a `dinox export --format dinov2-hub / dinov3-hub` folder
+            return detect_source(hub_file)
         raise UserError(f"folder {path} has no config.json; point at a folder written by transformers' "
                         f"save_pretrained or by dinox export (config.json + model.safetensors), or at a "
                         f".pth / .safetensors file")
@@ -348,10 +351,32 @@ def detect_source(path: str | os.PathLike) -> str:
             return kind
         raise UserError(f"{path} records no architecture (no dinox metadata, no config.json beside it); "
                         f"keep it in its folder with config.json and give the folder")
+    if _is_hf_bin(path):
+        # pytorch_model.bin of a transformers folder: its names need config.json, as a
+        # model.safetensors beside one does
+        kind = _hf_kind(_read_config(path.parent), path.parent)
+        names = _hf_weight_names(path.parent)
+        if path.name not in names:
+            raise UserError(f"{path} is not the model weights of {path.parent} (those are "
+                            f"{', '.join(names)}); give the folder or its {names[0]}")
+        return kind
     obj = safe_torch_load(path)
     if _is_dinox_checkpoint(obj):
         return DINOX_CHECKPOINT
     return _hub_kind(_tensor_dict(obj, path))
+
+
+def _is_hf_bin(path: Path) -> bool:
+    """A transformers weight file (pytorch_model*.bin) with the folder's config.json beside it."""
+    return path.suffix == ".bin" and path.name.startswith("pytorch_model") \
+        and (path.parent / "config.json").is_file()
+
+
+def _dinox_hub_in(folder: Path) -> Path | None:
+    """The one official-layout .pth in ``folder`` that dinox export wrote (it has a dinox
+    sidecar .json), or None."""
+    found = [f for f in sorted(folder.glob("*.pth")) if _hub_sidecar(f) is not None]
+    return found[0] if len(found) == 1 else None
 
 
 def _refuse_run_folder(folder: Path) -> None:
@@ -624,17 +649,28 @@ def _hf_weight_names(folder: Path) -> list[str]:
     raise UserError(f"{folder} has config.json but no weights ({', '.join(HF_WEIGHTS)})")
 
 
-def _hf_tensors(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """All weight tensors of a transformers folder and the sha256 of each file read."""
-    files = {"config.json": file_sha256(folder / "config.json")}
+def _shapes(tensors: dict[str, torch.Tensor], shapes_only: bool) -> dict[str, torch.Tensor]:
+    """With ``shapes_only`` the matrices become meta tensors (shape and dtype, no data read):
+    what a plan needs to check a file against the requested architecture. Vectors stay (the
+    RoPE periods, the key-bias mask and the LayerScale gammas are checked by value)."""
+    if not shapes_only:
+        return tensors
+    return {k: v.to("meta") if v.ndim >= 2 else v for k, v in tensors.items()}
+
+
+def _hf_tensors(folder: Path, shapes_only: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """All weight tensors of a transformers folder and the sha256 of each file read (none
+    with ``shapes_only``)."""
+    files = {} if shapes_only else {"config.json": file_sha256(folder / "config.json")}
     tensors: dict[str, torch.Tensor] = {}
     for name in _hf_weight_names(folder):
         file = folder / name
         if not file.is_file() or Path(name).name != name:
             raise UserError(f"{folder}: weight file {name!r} is missing")
-        files[name] = file_sha256(file)
+        if not shapes_only:
+            files[name] = file_sha256(file)
         part = read_safetensors(file)[0] if name.endswith(".safetensors") else _tensor_dict(safe_torch_load(file), file)
-        tensors.update(part)
+        tensors.update(_shapes(part, shapes_only))
     return tensors, files
 
 
@@ -670,10 +706,11 @@ def _hf_normalise(tensors: dict[str, torch.Tensor], v3: bool) -> dict[str, torch
     return out
 
 
-def _hf(folder: Path, kind: str, heads_hint: int | None, prefer_mlp: int | None) -> Imported:
+def _hf(folder: Path, kind: str, heads_hint: int | None, prefer_mlp: int | None,
+        shapes_only: bool = False) -> Imported:
     """A transformers Dinov2Model / Dinov2WithRegistersModel / DINOv3ViTModel folder -> dinox."""
     config = _read_config(folder)
-    raw, files = _hf_tensors(folder)
+    raw, files = _hf_tensors(folder, shapes_only)
     v3 = kind == HF_DINOV3
     keys = _Keys(_hf_normalise(raw, v3), folder, HF_CLASSES[kind])
     where = folder / "config.json"
@@ -806,8 +843,9 @@ def _hf(folder: Path, kind: str, heads_hint: int | None, prefer_mlp: int | None)
                     extras=extras, notes=notes, files=files)
 
 
-def _dinox_safetensors(path: Path) -> Imported:
+def _dinox_safetensors(path: Path, shapes_only: bool = False) -> Imported:
     tensors, meta = read_safetensors(path)
+    tensors = _shapes(tensors, shapes_only)
     try:
         arch_dict = json.loads(meta["arch"])
         img_size, in_chans = int(meta["img_size"]), int(meta.get("in_chans", 3))
@@ -821,34 +859,38 @@ def _dinox_safetensors(path: Path) -> Imported:
 
 
 def read_weights(path: str | os.PathLike, *, heads: int | None = None,
-                 prefer_mlp: int | None = None) -> Imported:
+                 prefer_mlp: int | None = None, shapes_only: bool = False) -> Imported:
     """Read backbone weights from any supported source (see the module doc). A non-finite
     or implausibly large value is refused with the tensor named, as in a training
     checkpoint: such weights load without complaint and give NaN features.
 
     ``heads`` fills in the head count where the file does not record it (DINOv2 files);
-    ``prefer_mlp`` picks the GELU-equivalent width that names a SwiGLU width (several do)."""
-    src = _read_source(Path(path), heads, prefer_mlp)
-    problem = content_problem(src.state)
+    ``prefer_mlp`` picks the GELU-equivalent width that names a SwiGLU width (several do).
+    ``shapes_only`` (a plan): the architecture without reading the matrices' data, so no
+    sha256, only the vectors' values checked, and meta tensors in ``state``: it cannot be loaded."""
+    src = _read_source(Path(path), heads, prefer_mlp, shapes_only)
+    problem = content_problem({k: v for k, v in src.state.items() if not v.is_meta})
     if problem:
         raise UserError(f"{src.path} holds unusable weights: {problem}; use an intact copy of the weights")
     return src
 
 
-def _read_source(path: Path, heads: int | None, prefer_mlp: int | None) -> Imported:
+def _read_source(path: Path, heads: int | None, prefer_mlp: int | None, shapes_only: bool = False) -> Imported:
     kind = detect_source(path)
+    if path.is_dir() and kind in (DINOV2_HUB, DINOV3_HUB):
+        path = _dinox_hub_in(path)  # a dinox export folder of an official layout: its .pth
     if kind == DINOX_CHECKPOINT:
         raise UserError(f"{path} is a dinox training checkpoint: resume it with --resume, read it with "
                         f"dinox.load_backbone, or export its backbone with dinox export --format safetensors")
     if kind in HF_CLASSES.keys():
         folder = path if path.is_dir() else path.parent
-        return _hf(folder, kind, heads, prefer_mlp)
+        return _hf(folder, kind, heads, prefer_mlp, shapes_only)
     if kind == DINOX_SAFETENSORS:
         file = path if path.is_file() else _dinox_safetensors_in(path)
-        src = _dinox_safetensors(file)
-        src.files = {file.name: file_sha256(file)}
+        src = _dinox_safetensors(file, shapes_only)
+        src.files = {} if shapes_only else {file.name: file_sha256(file)}
         return src
-    state = _tensor_dict(safe_torch_load(path), path)
+    state = _shapes(_tensor_dict(safe_torch_load(path), path), shapes_only)
     sidecar = _hub_sidecar(path)
     if sidecar is not None:  # written by dinox export: what the key layout cannot say
         heads, prefer_mlp = sidecar.num_heads, sidecar.mlp_dim
@@ -864,7 +906,7 @@ def _read_source(path: Path, heads: int | None, prefer_mlp: int | None) -> Impor
         src.notes = [n for n in src.notes if "not record" not in n]
     elif not src.heads_known and heads is None:
         log.warning("%s: %s", path, src.notes[-1])
-    src.files = {path.name: file_sha256(path)}
+    src.files = {} if shapes_only else {path.name: file_sha256(path)}
     return src
 
 
@@ -976,8 +1018,9 @@ def check_init_source(path: str | os.PathLike, arch: ViTArch, in_chans: int = 3)
     """What ``--init-from`` would load, read and checked against ``arch`` and the input's
     channels (the trainer's 2.5D stacks: 3) without building a backbone (a dry run plans for
     a machine that may not hold one): UserError for a file that is missing, of an unknown
-    kind, or of another shape."""
-    src = read_weights(path, heads=arch.num_heads, prefer_mlp=arch.mlp_dim)
+    kind, or of another shape. Only the shapes are read (a plan must not need the memory or
+    the time that reading a ViT-g's gigabytes takes); training reads and checks the values."""
+    src = read_weights(path, heads=arch.num_heads, prefer_mlp=arch.mlp_dim, shapes_only=True)
     check_arch(src, arch)
     check_channels(src, in_chans)
     return src
