@@ -338,6 +338,10 @@ class VisionTransformer(nn.Module):
                                          stride=arch.patch_size)
             self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
             self.register_tokens = nn.Parameter(torch.zeros(1, arch.num_registers, d))
+            if arch.num_registers == 0:
+                # Nothing to learn, and FSDP2 cannot reduce-scatter an empty gradient. It stays a
+                # parameter (the optimizer state of earlier checkpoints counts it) but takes none.
+                self.register_tokens.requires_grad_(False)
             if arch.rope:
                 # no state: the rotation tables are a function of the grid (rope_tables)
                 self.register_parameter("pos_embed", None)

@@ -76,7 +76,7 @@ def param_groups(model: nn.Module) -> list[dict]:
     """AdamW groups: no weight decay on biases, norms, tokens and position embeddings."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
-        if not p.requires_grad:
+        if not p.requires_grad and p.numel() > 0:   # an empty one stays: the checkpoints' order counts it
             continue
         if p.ndim <= 1 or name.endswith(("cls_token", "pos_embed", "register_tokens")) or "token" in name:
             no_decay.append(p)
