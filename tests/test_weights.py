@@ -528,3 +528,31 @@ def test_safetensors_writer_matches_the_reference_library(tmp_path):
     safetensors_torch.save_file(tensors, str(tmp_path / "ref.safetensors"), metadata={"note": "y"})
     mine, meta = weights.read_safetensors(tmp_path / "ref.safetensors")
     assert meta == {"note": "y"} and all(torch.equal(mine[k], v) for k, v in tensors.items())
+
+
+def test_a_backbone_inside_a_training_checkpoint_reads_as_the_backbone(hf_folders, tmp_path):
+    """DINOv2's teacher_checkpoint.pth ({"teacher": {"backbone.…", "dino_head.…"}}), its run
+    checkpoint ({"model": {"student.backbone.…", "teacher.backbone.…"}, "optimizer": …}) and a
+    DDP model saved as {"state_dict": {"module.…"}} load the backbone a plain hub file gives."""
+    model, folder = hf_folders["dinov2"]
+    hub = hub_dinov2_from_hf(safetensors_torch.load_file(str(folder / "model.safetensors")), DEPTH)
+    plain = tmp_path / "plain.pth"
+    torch.save(hub, plain)
+    head = {"dino_head.mlp.0.weight": torch.ones(4, DIM)}
+    wrapped = {
+        "teacher_checkpoint.pth": {"teacher": {**{f"backbone.{k}": v for k, v in hub.items()}, **head}},
+        "model_final.pth": {"model": {**{f"teacher.backbone.{k}": v for k, v in hub.items()},
+                                      **{f"student.backbone.{k}": v * 0 for k, v in hub.items()}},
+                            "optimizer": {"state": {}}, "iteration": 12},
+        "ddp.pth": {"state_dict": {f"module.{k}": v for k, v in hub.items()}},
+    }
+    reference = VisionTransformer(dinox_arch("dinov2"), img_size=IMG)
+    weights.load_pretrained(plain, reference)
+    for name, obj in wrapped.items():
+        torch.save(obj, tmp_path / name)
+        assert weights.detect_source(tmp_path / name) == weights.DINOV2_HUB
+        backbone = VisionTransformer(dinox_arch("dinov2"), img_size=IMG)
+        weights.load_pretrained(tmp_path / name, backbone)
+        assert all(torch.equal(backbone.state_dict()[k], v) for k, v in reference.state_dict().items()), name
+    torch.save({"optimizer": {"state": {}}, "iteration": 12}, tmp_path / "no_model.pth")
+    one_line_error(lambda: weights.detect_source(tmp_path / "no_model.pth"), "'teacher', 'model', 'state_dict'")

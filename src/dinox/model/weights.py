@@ -221,11 +221,46 @@ def safe_torch_load(path: Path):
         raise UserError(f"{path} {what}") from None
 
 
+# Where training code keeps a backbone's state dict, tried in this order: DINOv2 saves its
+# EMA teacher as {"teacher": {"backbone.…", "dino_head.…"}} (teacher_checkpoint.pth) and its
+# whole run as {"model": {"student.backbone.…", "teacher.backbone.…"}, "optimizer": …}; others
+# save {"state_dict": …}, and DDP prefixes every name with "module.".
+_WRAPPERS = ("teacher", "model", "state_dict", "module")
+_BACKBONE_PREFIXES = ("teacher.backbone.", "backbone.")
+
+
+def _is_tensor_dict(obj) -> bool:
+    return isinstance(obj, dict) and bool(obj) and all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
+
+
+def _unwrapped(obj, path: Path):
+    """The backbone's tensors inside a training checkpoint's wrapper (_WRAPPERS), without
+    DDP's "module." prefix, and of a model with heads the backbone's alone (the EMA teacher's
+    where the file holds both networks, as DINOv2 evaluates); anything else as it is."""
+    if isinstance(obj, dict) and not _is_tensor_dict(obj):
+        found = next((key for key in _WRAPPERS if _is_tensor_dict(obj.get(key))), None)
+        if found is None:
+            return obj
+        obj = obj[found]
+        log.info("%s: reading the tensors under its %r entry", path, found)
+    if not _is_tensor_dict(obj):
+        return obj
+    if all(k.startswith("module.") for k in obj):
+        obj = {k[len("module."):]: v for k, v in obj.items()}
+    for prefix in _BACKBONE_PREFIXES:
+        if any(k.startswith(prefix) for k in obj):
+            log.info("%s: reading its %s* tensors (the heads beside them are left out)", path, prefix)
+            return {k[len(prefix):]: v for k, v in obj.items() if k.startswith(prefix)}
+    return obj
+
+
 def _tensor_dict(obj, path: Path) -> dict[str, torch.Tensor]:
-    if not isinstance(obj, dict) or not obj or not all(
-            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
+    obj = _unwrapped(obj, path)
+    if not _is_tensor_dict(obj):
         raise UserError(f"{path} is not a backbone state dict (expected a dict of tensors, as the "
-                        f"torch-hub DINOv2/DINOv3 files are)")
+                        f"torch-hub DINOv2/DINOv3 files are, or one under a training checkpoint's "
+                        f"{', '.join(repr(k) for k in _WRAPPERS)} entry)")
     return obj
 
 
@@ -385,7 +420,8 @@ def _refuse_run_folder(folder: Path) -> None:
     if not run_folder_signs(folder):
         return
     checkpoints = list_checkpoints(folder)
-    hint = (f"give one of its checkpoints, e.g. {checkpoints[-1]}" if checkpoints
+    hint = (f"give one of its checkpoints, e.g. {checkpoints[-1]} (for --init-from, what `dinox export "
+            f"{checkpoints[-1]} --format safetensors` writes)" if checkpoints
             else "it holds no checkpoint yet; give a checkpoint_*.pth of a run that saved one")
     raise UserError(f"{folder} is a dinox training run folder, not model weights; {hint}")
 
