@@ -556,3 +556,12 @@ def test_a_backbone_inside_a_training_checkpoint_reads_as_the_backbone(hf_folder
         assert all(torch.equal(backbone.state_dict()[k], v) for k, v in reference.state_dict().items()), name
     torch.save({"optimizer": {"state": {}}, "iteration": 12}, tmp_path / "no_model.pth")
     one_line_error(lambda: weights.detect_source(tmp_path / "no_model.pth"), "'teacher', 'model', 'state_dict'")
+
+
+def test_weights_of_another_kind_of_network_are_named_as_such(tmp_path):
+    """A ResNet's (or any non-ViT) state dict is not "an incomplete DINOv2 backbone"."""
+    resnet = {"conv1.weight": torch.zeros(8, 3, 7, 7), "bn1.weight": torch.ones(8), "fc.weight": torch.zeros(2, 8)}
+    torch.save(resnet, tmp_path / "resnet50.pth")
+    backbone = VisionTransformer(dinox_arch("dinov2"), img_size=IMG)
+    one_line_error(lambda: weights.load_pretrained(tmp_path / "resnet50.pth", backbone),
+                   r"is no ViT: none of its 3 tensors is a patch embedding or a transformer block \(e.g. bn1.weight")

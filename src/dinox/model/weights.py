@@ -485,6 +485,10 @@ def _hf_kind(config: dict, folder: Path) -> str:
 
 # ----------------------------------------------------------------------------- reading sources
 
+# Name parts of a ViT's patch embedding and blocks in the layouts read here.
+_VIT_PARTS = ("patch_embed", "blocks.", "patch_embeddings", "encoder.layer", "layer.")
+
+
 class _Keys:
     """The source's tensors, each handed out once: whatever is left was not understood."""
 
@@ -493,6 +497,11 @@ class _Keys:
 
     def take(self, key: str) -> torch.Tensor:
         if key not in self.t:
+            if not any(part in k for k in self.t for part in _VIT_PARTS):
+                names = sorted(self.t)
+                raise UserError(f"{self.path} is no ViT: none of its {len(names)} tensors is a patch embedding or "
+                                f"a transformer block (e.g. {', '.join(names[:3])}); give a DINOv2 or DINOv3 "
+                                f"backbone (a torch-hub .pth, a transformers folder) or a dinox export")
             raise UserError(f"{self.path} has no tensor {key!r}: not a complete {self.what} backbone; "
                             f"nothing was loaded")
         return self.t.pop(key)
@@ -514,9 +523,11 @@ class _Keys:
         if self.t:
             names = sorted(self.t)
             more = f" and {len(names) - 6} more" if len(names) > 6 else ""
+            head = (" (a classification head: save the backbone alone, e.g. the model's .dinov2 with "
+                    "save_pretrained, and give that)" if all(n.startswith("classifier.") for n in names) else "")
             raise UserError(f"{self.path} has {len(names)} tensor(s) that a dinox backbone has no place "
                             f"for: {', '.join(names[:6])}{more}; nothing was loaded (a partial load "
-                            f"would go unnoticed)")
+                            f"would go unnoticed){head}")
 
 
 def _grid_of(n: int, path: Path) -> tuple[int, int]:
