@@ -83,9 +83,8 @@ class DINOSSL:
 
             self.init_report = init_backbone_from(cfg.io.init_from, self.student.backbone)
             r = self.init_report
-            log.info("backbone initialised from %s (%s, %s; %d tensors; position embedding %s%s)", r["path"],
-                     r["kind"], r["arch"], r["tensors"], r["position_embedding"],
-                     f"; not used: {', '.join(r['not_used'])}" if r["not_used"] else "")
+            log.info("backbone initialised from %s (%s, %s; %d tensors; position embedding %s)", r["path"],
+                     r["kind"], r["arch"], r["tensors"], r["position_embedding"])
         self.teacher: DINOModel = build_dino_model(model, img_size=views.img_size, grad_checkpoint=grad_ckpt,
                                                    drop_path=0.0)
         self.student.to(device)
