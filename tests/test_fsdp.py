@@ -412,3 +412,20 @@ def test_ranks_started_by_hand_on_a_taken_port_get_one_line(processed_root, tmp_
     assert len(err) == 1 and err[0].startswith("error: rank 0 of 2 could not join the process group at 127.0.0.1:"), err
     assert "address already in use" in err[0] and "torchrun" in err[0]
     assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").iterdir())
+
+
+def test_lines_off_rank_0_name_their_rank(monkeypatch, capsys):
+    """Every rank prints its warnings and errors: one that a single rank meets says which
+    (here a rank started by hand without MASTER_ADDR, which gave a ValueError traceback)."""
+    from dinox.run.logging import rank_prefix
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    assert rank_prefix() == "[rank 1] "
+    assert main(["train", "--config", "vit-tiny", "--data-root", "/no/such/root"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("[rank 1] error: rank 1 of 2 could not join the process group at ?:"), err
+    assert "MASTER_ADDR expected" in err[0]
+    monkeypatch.setenv("RANK", "0")
+    assert rank_prefix() == ""

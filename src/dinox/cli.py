@@ -8,6 +8,7 @@ import sys
 
 from dinox import __version__
 from dinox.errors import UserError
+from dinox.run.logging import rank_prefix
 
 COMMANDS = [
     "dinox.commands.synth",
@@ -97,10 +98,10 @@ def _run(argv: list[str] | None) -> int:
     try:
         return int(args.func(args) or 0)
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"{rank_prefix()}error: {exc}", file=sys.stderr)
         return exc.exit_code
     except OSError as exc:
-        print(f"error: {_os_error_line(exc)}", file=sys.stderr)
+        print(f"{rank_prefix()}error: {_os_error_line(exc)}", file=sys.stderr)
         return 1
 
 

@@ -151,7 +151,7 @@ class DistEnv:
                 dist.init_process_group(backend="nccl", device_id=torch.device("cuda", self.local_rank))
             else:
                 dist.init_process_group(backend="gloo")
-        except dist.DistError as exc:   # ranks started by hand (RANK, WORLD_SIZE, MASTER_PORT) on a taken port
+        except (dist.DistError, ValueError) as exc:   # ranks started by hand: a taken port, MASTER_ADDR unset
             where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
             reason = " ".join(str(exc).split())[:200]
             raise UserError(f"rank {self.rank} of {self.world_size} could not join the process group at {where} "

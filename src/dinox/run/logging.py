@@ -1,12 +1,24 @@
-"""Log set-up of a run: the console on every rank (warnings only off rank 0), train.log in
-the run folder on rank 0."""
+"""Log set-up of a run: the console on every rank (warnings only off rank 0, each line
+naming its rank), train.log in the run folder on rank 0."""
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 
 _FORMAT = "%(asctime)s %(levelname)s %(message)s"
+
+
+def rank_prefix() -> str:
+    """The console prefix "[rank N] " off rank 0 of a torchrun launch (RANK, WORLD_SIZE), else
+    "": every rank prints its warnings and errors, and a line that one rank alone meets must
+    say which."""
+    try:
+        rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        return ""
+    return f"[rank {rank}] " if world > 1 and rank > 0 else ""
 
 
 def setup_logging(run_dir: Path | None = None, is_main: bool = True) -> None:
@@ -17,7 +29,7 @@ def setup_logging(run_dir: Path | None = None, is_main: bool = True) -> None:
             logger.removeHandler(h)
             h.close()
     handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(logging.Formatter(_FORMAT, "%H:%M:%S"))
+    handler.setFormatter(logging.Formatter(rank_prefix() + _FORMAT, "%H:%M:%S"))
     handler._dinox_console = True
     logger.addHandler(handler)
     if run_dir is not None and is_main:
