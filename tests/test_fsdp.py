@@ -47,14 +47,15 @@ def _torchrun(args: list[str]) -> subprocess.Popen:
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True, env=env)
 
 
-def _finish(proc: subprocess.Popen, timeout: float = 240) -> str:
+def _finish(proc: subprocess.Popen, timeout: float = 240, succeeds: bool = True) -> str:
+    """The output of a launch that succeeds (or, `succeeds=False`, fails); a hang fails the test."""
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.communicate()
-        raise AssertionError("torchrun did not finish in time (a rank hung)")
-    assert proc.returncode == 0, out[-3000:]
+        raise AssertionError("torchrun did not end in time (a rank hung)")
+    assert (proc.returncode == 0) == succeeds, out[-3000:]
     return out
 
 
@@ -294,18 +295,6 @@ def _two_nodes(args_a: list[str], args_b: list[str]) -> list[subprocess.Popen]:
         for args in (args_a, args_b)]
 
 
-def _ended(proc: subprocess.Popen, timeout: float = 240) -> str:
-    """The output of a launch expected to fail (a hang fails the test)."""
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        raise AssertionError("torchrun did not end in time (a rank hung)")
-    assert proc.returncode != 0, out[-3000:]
-    return out
-
-
 def test_two_nodes_by_c10d_rendezvous_without_slurm(processed_root, tmp_path):
     """Without registers (a warm start from DINOv2 without them): FSDP2 could not
     reduce-scatter the empty register tokens' gradient."""
@@ -323,7 +312,8 @@ def test_ranks_launched_with_other_settings_are_refused_on_every_rank(processed_
     another --max-steps hung in a collective until gloo's 30 min timeout."""
     out = tmp_path / "runs"
     base = _args(processed_root, out, "--max-steps", "2")
-    for log in [_ended(node) for node in _two_nodes([*base, "--batch-size", "4"], [*base, "--batch-size", "2"])]:
+    nodes = _two_nodes([*base, "--batch-size", "4"], [*base, "--batch-size", "2"])
+    for log in [_finish(node, succeeds=False) for node in nodes]:
         assert ("error: the ranks of this run were launched differently: batch_size 4 on rank 0, 2 on rank 1"
                 in log), log[-3000:]
     assert not list(out.glob("*/checkpoint_*")), "nothing may be trained"
@@ -332,7 +322,8 @@ def test_ranks_launched_with_other_settings_are_refused_on_every_rank(processed_
 def test_a_nonfinite_halt_is_reported_once_with_its_checkpoint(processed_root, tmp_path):
     """Rank 1 holds no checkpoint path and must not report "emergency checkpoint ...: None"."""
     out = tmp_path / "runs"
-    log = _ended(_torchrun(_args(processed_root, out, "--max-steps", "6", "--lr", "1e30", "--clip-grad", "0")))
+    run = _torchrun(_args(processed_root, out, "--max-steps", "6", "--lr", "1e30", "--clip-grad", "0"))
+    log = _finish(run, succeeds=False)
     halted = [line for line in log.splitlines() if "training halted; emergency checkpoint" in line]
     assert len(halted) == 1, halted
     emergency = [p.name for p in only_run(out).glob("checkpoint_emergency_*.pth")]

@@ -377,28 +377,27 @@ def detect_source(path: str | os.PathLike) -> str:
             raise UserError(f"{path} holds a projection head ({HEAD_CLASS}), not a backbone; give the export "
                             f"folder {path.parent} or its backbone weights file")
         if (path.parent / "config.json").is_file():
-            kind = _hf_kind(_read_config(path.parent), path.parent)
-            names = _hf_weight_names(path.parent)
-            if path.name not in names:
-                # the folder's weights are read, not this file: loading them would answer another question
-                raise UserError(f"{path} is not the model weights of {path.parent} (those are "
-                                f"{', '.join(names)}); give the folder or its {names[0]}")
-            return kind
+            return _hf_file_kind(path)
         raise UserError(f"{path} records no architecture (no dinox metadata, no config.json beside it); "
                         f"keep it in its folder with config.json and give the folder")
-    if _is_hf_bin(path):
-        # pytorch_model.bin of a transformers folder: its names need config.json, as a
-        # model.safetensors beside one does
-        kind = _hf_kind(_read_config(path.parent), path.parent)
-        names = _hf_weight_names(path.parent)
-        if path.name not in names:
-            raise UserError(f"{path} is not the model weights of {path.parent} (those are "
-                            f"{', '.join(names)}); give the folder or its {names[0]}")
-        return kind
+    if _is_hf_bin(path):   # pytorch_model.bin: its names need config.json, as model.safetensors' do
+        return _hf_file_kind(path)
     obj = safe_torch_load(path)
     if _is_dinox_checkpoint(obj):
         return DINOX_CHECKPOINT
     return _hub_kind(_tensor_dict(obj, path))
+
+
+def _hf_file_kind(path: Path) -> str:
+    """The kind of a weight file of a transformers folder, which is read as its folder (with
+    config.json). Another file there is refused: the folder's weights would be read, not it,
+    and loading them would answer another question."""
+    kind = _hf_kind(_read_config(path.parent), path.parent)
+    names = _hf_weight_names(path.parent)
+    if path.name not in names:
+        raise UserError(f"{path} is not the model weights of {path.parent} (those are "
+                        f"{', '.join(names)}); give the folder or its {names[0]}")
+    return kind
 
 
 def _is_hf_bin(path: Path) -> bool:
