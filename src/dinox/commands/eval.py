@@ -203,6 +203,15 @@ def probe_tags(args, split_mode: str) -> list[str]:
     return tags
 
 
+def _earlier_result(path: Path) -> dict | None:
+    """The result an earlier evaluation wrote at `path`, or None (no file, or not a result)."""
+    try:
+        earlier = json.loads(path.read_text()) if path.is_file() else None
+    except (OSError, ValueError):
+        return None
+    return earlier if isinstance(earlier, dict) else None
+
+
 def _write_result(out_dir: Path, name: str, result: dict) -> Path:
     """Write `result` as out_dir/name and return the path. A file of that name written for
     another checkpoint (several runs evaluated into one --out at the same step) is kept: the
@@ -213,10 +222,7 @@ def _write_result(out_dir: Path, name: str, result: dict) -> Path:
     path = out_dir / name
     mine = str(Path(result["checkpoint"]).resolve())
     result = {**result, "checkpoint": mine}
-    try:
-        theirs = json.loads(path.read_text()).get("checkpoint") if path.is_file() else None
-    except (OSError, ValueError, AttributeError):
-        theirs = None
+    theirs = (_earlier_result(path) or {}).get("checkpoint")
     if isinstance(theirs, str) and str(Path(theirs).resolve()) != mine:
         tag = hashlib.sha256(mine.encode()).hexdigest()[:8]
         path = path.with_name(f"{path.stem}_ckpt{tag}{path.suffix}")
@@ -315,11 +321,8 @@ def _keep_untrained_comparison(path: Path, result: dict) -> None:
     def draws_of(r: dict) -> list:
         return [(d.get("top1"), d.get("ratio"), d.get("mean_rank")) for d in r.get("draws", [r])]
 
-    try:
-        earlier = json.loads(path.read_text()) if path.is_file() else None
-    except (OSError, ValueError):
-        return
-    if (not isinstance(earlier, dict) or "untrained" not in earlier
+    earlier = _earlier_result(path)
+    if (earlier is None or "untrained" not in earlier
             or str(Path(earlier.get("checkpoint", "")).resolve()) != str(Path(result["checkpoint"]).resolve())
             or draws_of(earlier) != draws_of(result) or earlier.get("n") != result.get("n")):
         return

@@ -136,15 +136,14 @@ def fill_non_finite(vol: np.ndarray) -> tuple[np.ndarray, list[str], float]:
     lowest = float(np.min(vol, initial=np.inf, where=finite))
     if finite.all():
         return vol, [], lowest
-    notes = []
-    for count, what, value in ((np.isnan(vol).sum() + np.isneginf(vol).sum(), "NaN or -inf", HU_MIN),
-                               (np.isposinf(vol).sum(), "+inf", HU_MAX)):
-        if count:
-            notes.append(f"{count} {what} voxels ({100 * count / vol.size:.2g} % of the volume) set to {value} HU"
-                         + (" (air), as outside the field of view" if value == HU_MIN else
-                            " (the top of the scale), as past it"))
-    filled = np.where(np.isposinf(vol), HU_MAX, HU_MIN)
-    return np.where(finite, vol, filled), notes, lowest
+    high = np.isposinf(vol)
+    n_high = int(np.count_nonzero(high))
+    n_low = vol.size - int(np.count_nonzero(finite)) - n_high
+    notes = [f"{n} {what} voxels ({100 * n / vol.size:.2g} % of the volume) set to {value} HU {why}"
+             for n, what, value, why in ((n_low, "NaN or -inf", HU_MIN, "(air), as outside the field of view"),
+                                         (n_high, "+inf", HU_MAX, "(the top of the scale), as past it"))
+             if n]
+    return np.where(finite, vol, np.where(high, HU_MAX, HU_MIN)), notes, lowest
 
 
 def read_nifti(path) -> tuple[np.ndarray, tuple[float, float, float], list[str]]:

@@ -234,29 +234,35 @@ def _is_tensor_dict(obj) -> bool:
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
 
 
-def _unwrapped(obj, path: Path):
+def _unwrapped(obj) -> tuple[object, list[str]]:
     """The backbone's tensors inside a training checkpoint's wrapper (_WRAPPERS), without
     DDP's "module." prefix, and of a model with heads the backbone's alone (the EMA teacher's
-    where the file holds both networks, as DINOv2 evaluates); anything else as it is."""
+    where the file holds both networks, as DINOv2 evaluates), with what was read in words;
+    anything else as it is."""
+    read: list[str] = []
     if isinstance(obj, dict) and not _is_tensor_dict(obj):
         found = next((key for key in _WRAPPERS if _is_tensor_dict(obj.get(key))), None)
         if found is None:
-            return obj
+            return obj, read
         obj = obj[found]
-        log.info("%s: reading the tensors under its %r entry", path, found)
+        read.append(f"the tensors under its {found!r} entry")
     if not _is_tensor_dict(obj):
-        return obj
+        return obj, read
     if all(k.startswith("module.") for k in obj):
         obj = {k[len("module."):]: v for k, v in obj.items()}
     for prefix in _BACKBONE_PREFIXES:
         if any(k.startswith(prefix) for k in obj):
-            log.info("%s: reading its %s* tensors (the heads beside them are left out)", path, prefix)
-            return {k[len(prefix):]: v for k, v in obj.items() if k.startswith(prefix)}
-    return obj
+            read.append(f"its {prefix}* tensors (the heads beside them are left out)")
+            return {k[len(prefix):]: v for k, v in obj.items() if k.startswith(prefix)}, read
+    return obj, read
 
 
-def _tensor_dict(obj, path: Path) -> dict[str, torch.Tensor]:
-    obj = _unwrapped(obj, path)
+def _tensor_dict(obj, path: Path, announce: bool = False) -> dict[str, torch.Tensor]:
+    """The backbone state dict in `obj` (see _unwrapped); with `announce` (where the weights
+    are read, not merely recognised) the log says what of a wrapped file was read."""
+    obj, read = _unwrapped(obj)
+    if read and announce:
+        log.info("%s: reading %s", path, "; ".join(read))
     if not _is_tensor_dict(obj):
         raise UserError(f"{path} is not a backbone state dict (expected a dict of tensors, as the "
                         f"torch-hub DINOv2/DINOv3 files are, or one under a training checkpoint's "
@@ -936,7 +942,7 @@ def _read_source(path: Path, heads: int | None, prefer_mlp: int | None, shapes_o
         src = _dinox_safetensors(file, shapes_only)
         src.files = {} if shapes_only else {file.name: file_sha256(file)}
         return src
-    state = _shapes(_tensor_dict(safe_torch_load(path), path), shapes_only)
+    state = _shapes(_tensor_dict(safe_torch_load(path), path, announce=True), shapes_only)
     sidecar = _hub_sidecar(path)
     if sidecar is not None:  # written by dinox export: what the key layout cannot say
         heads, prefer_mlp = sidecar.num_heads, sidecar.mlp_dim
