@@ -197,7 +197,13 @@ def test_ctrl_c_during_the_last_step_finishes_and_still_exits_130(processed_root
 
     monkeypatch.setattr(Trainer, "train_step", last_step_interrupted)
     out = tmp_path / "runs"
-    assert main(train_args(processed_root, out, "--batch-size", "4", "--max-steps", "2")) == 130
+    # Python's own Ctrl+C handler, as a terminal launch has it: run as a background job, this
+    # suite starts with SIGINT ignored, and the run keeps an ignored signal ignored
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        assert main(train_args(processed_root, out, "--batch-size", "4", "--max-steps", "2")) == 130
+    finally:
+        signal.signal(signal.SIGINT, before)
     assert load_checkpoint(only_run(out) / "checkpoint_final_00000002.pth")["step"] == 2
 
 
