@@ -760,3 +760,11 @@ def test_a_scan_as_dicom_and_as_its_nifti_conversion_stays_on_one_side_of_the_sp
         assert "8 series hold the voxels of another (one scan in two copies, e.g. 1.2.3.0 = converted0" in \
             format_summary(report)
     assert len(index_rows(out)) == 16   # both copies stay: the user's data
+    from dinox.data.dataset import CTSliceDataset
+    from dinox.errors import UserError
+
+    own = tmp_path / "own_split.json"   # a split of the user's own that parts one scan's copies
+    own.write_text(json.dumps({"train": ["1.2.3.0", *(f"converted{k}" for k in range(1, 8))],
+                               "val": ["converted0", *(f"1.2.3.{k}" for k in range(1, 8))]}))
+    with pytest.raises(UserError, match=r"puts 8 patient\(s\) on both train and val .*copies of one scan"):
+        CTSliceDataset(out, "train", own)

@@ -373,6 +373,39 @@ def labelled(tmp_path_factory):
     return root, ckpt
 
 
+def test_the_probe_keeps_the_copies_of_one_scan_on_one_side(labelled, tmp_path):
+    """Copies of one scan (prep's same_scans: a NIfTI beside its DICOM series) took patient
+    ids from their own sources; a probe splitting by those ids could test on one copy of a
+    scan it was fitted on."""
+    import shutil
+
+    from dinox.config import RunConfig
+    from dinox.data.layout import REPORT_FILE
+
+    root = tmp_path / "processed"
+    shutil.copytree(labelled[0], root)
+    series = sorted(probe.load_labels(root, probe.MIN_READERS).series)
+    groups = [series[k:k + 2] for k in range(0, len(series) - 1, 2)]   # pairs of two patients' series
+    report = json.loads((root / REPORT_FILE).read_text())
+    report["same_scans"] = groups
+    (root / REPORT_FILE).write_text(json.dumps(report))
+    apart = 0
+    for seed in range(6):
+        try:
+            _, _, split, _ = probe.probe_inputs(RunConfig(), root, split="patients", seed=seed)
+        except UserError:   # nodules on one side only for this seed
+            continue
+        for group in groups:
+            assert len({"train" if s in split.train else "test" for s in group}) == 1, (seed, group)
+        labels = probe.load_labels(root, probe.MIN_READERS)
+        try:   # the split by the index's own patient ids
+            plain = probe.choose_split(labels, labels.patient_of, mode="patients", seed=seed)
+        except UserError:
+            continue
+        apart += any(len({s in plain.train for s in group}) == 2 for group in groups)
+    assert apart, "the pairs would never have been split apart: the test shows nothing"
+
+
 def _probe_args(root, ckpt, out, *extra):
     return ["eval", "probe", "--checkpoint", str(ckpt), "--data-root", str(root), "--device", "cpu",
             "--out", str(out), "--bootstrap", "100", "--split", "patients", *extra]

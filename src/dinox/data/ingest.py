@@ -30,7 +30,7 @@ from dinox.data import annotations, dicom_io, nifti_io
 from dinox.data.layout import (INDEX_FILE, REPORT_FILE, SPLITS_DIR, VOLUMES_DIR, atomic_write, atomic_write_text,
                                confined_path, printable, read_index, split_name, write_index)
 from dinox.data.parallel import process_map
-from dinox.data.splits import extend_split
+from dinox.data.splits import extend_split, same_scan_patients
 from dinox.errors import UserError
 
 INDEX_FLUSH_S = 30.0
@@ -439,9 +439,7 @@ def prepare(inputs, output="data/processed", workers: int = 1, force: bool = Fal
     write_index(index_path, list(rows.values()))
     patients = {sid: r["patient_id"] for sid, r in rows.items()}
     report["same_scans"] = _same_scans(root, rows)
-    split_as = dict(patients)   # the copies of one scan split as one patient's
-    for first, *copies in report["same_scans"]:
-        split_as.update((sid, patients[first]) for sid in copies)
+    split_as = same_scan_patients(patients, report["same_scans"])
     split_file = Path(SPLITS_DIR) / split_name(val_fraction, split_seed)
     split = extend_split(_previous_split(root / split_file), split_as, val_fraction, split_seed)
     atomic_write_text(root / split_file, json.dumps(split, indent=1) + "\n")

@@ -24,6 +24,30 @@ def _val_count(n_patients: int, val_fraction: float) -> int:
     return n_val
 
 
+def same_scan_patients(series_patient: dict[str, str], same_scans) -> dict[str, str]:
+    """`series_patient` with every copy of one scan (a group of prep's `same_scans`, its
+    first copy first) taking its first copy's patient id, so that a split by patient keeps
+    the copies on one side: each copy took a patient id from its own source (a NIfTI that
+    dcm2niix wrote beside its DICOM series, a series copied under new UIDs), and validation
+    on one copy would score the other's training."""
+    merged = dict(series_patient)
+    for group in same_scans or ():
+        if not isinstance(group, list) or not group or group[0] not in merged:
+            continue
+        merged.update((str(sid), merged[group[0]]) for sid in group[1:] if str(sid) in merged)
+    return merged
+
+
+def read_same_scans(root) -> list[list[str]]:
+    """The `same_scans` groups of the prep report under `root` (empty where there is no
+    readable report: a root prepared by hand, or by a dinox before the check)."""
+    try:
+        groups = json.loads((Path(root) / REPORT_FILE).read_text(encoding="utf-8")).get("same_scans")
+    except (OSError, ValueError, AttributeError):
+        return []
+    return [[str(s) for s in g] for g in groups if isinstance(g, list)] if isinstance(groups, list) else []
+
+
 def patient_split(series_patient: dict[str, str], val_fraction: float, seed: int) -> dict[str, list[str]]:
     """{"train": [...], "val": [...]} series ids; all series of a patient land on one side.
 
@@ -163,6 +187,7 @@ def read_split_manifest(manifest, patient_of: dict[str, str], index_csv=None,
     shared = patient_overlap(sides, patient_of)
     if shared:
         raise UserError(f"{manifest} puts {len(shared)} patient(s) on both train and val (e.g. patient "
-                        f"{shared[0]}, by the index's patient_id): validation would score a patient the "
-                        f"model trained on; re-run `dinox prep` to split by patient")
+                        f"{shared[0]}, by the index's patient_id, copies of one scan counting as one "
+                        f"patient): validation would score a patient the model trained on; re-run "
+                        f"`dinox prep` to split by patient")
     return sides
