@@ -4,6 +4,7 @@ transformers models with random weights, official-layout files written here, and
 No download: every source model is built in the test from a small config and saved."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -494,6 +495,29 @@ def test_mismatched_shapes_name_both_and_load_nothing(hf_folders):
     _, folder3 = hf_folders["dinov3"]
     msg = one_line_error(lambda: weights.load_pretrained(folder3, wrong), "requested architecture")
     assert "positions RoPE base 100 vs learned" in msg
+
+
+@pytest.mark.parametrize("case", ["dinov3", "dinov3-swiglu"])
+def test_a_layout_no_flag_sets_is_answered_with_the_preset_that_has_it(hf_folders, case):
+    """RoPE, the masked key bias and DINOv3's LayerNorm eps come only with a dinov3-*
+    preset: the hint names one, with the flags that then give the source's shape, and
+    following it fits the weights."""
+    import re
+
+    from dinox.model.presets import resolve_arch
+
+    _, folder = hf_folders[case]
+    tiny = VisionTransformer(ViTArch(patch_size=8, embed_dim=64, depth=2, num_heads=2, num_registers=0),
+                             img_size=IMG)
+    msg = one_line_error(lambda: weights.load_pretrained(folder, tiny), "requested architecture")
+    preset = re.search(r"train with --config (dinov3-[\w]+) --registers 4 and --vit-depth, --vit-dim, "
+                       r"--vit-heads, --vit-mlp / --swiglu, --vit-patch set to its shape$", msg)
+    assert preset, msg
+    source = dinox_arch(case)
+    followed = resolve_arch(preset.group(1), patch=source.patch_size, dim=source.embed_dim, depth=source.depth,
+                            heads=source.num_heads, mlp_hidden_dim=source.mlp_hidden_dim or 4 * source.embed_dim)
+    followed = dataclasses.replace(followed, num_registers=4, swiglu=source.swiglu)
+    weights.check_init_source(folder, followed)   # fits: no error
 
 
 def test_every_tensor_must_be_consumed(hf_folders, tmp_path):

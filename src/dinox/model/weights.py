@@ -175,6 +175,16 @@ def matching_preset(arch: ViTArch) -> str | None:
     return None
 
 
+def _preset_of_layout(arch: ViTArch) -> str | None:
+    """The preset nearest ``arch`` among those of its layout (what no --vit-* flag sets:
+    positions, key and qkv bias, LayerNorm eps): of its width if one is, else of its MLP."""
+    layout = {k: v for k, v in _signature(arch).items() if k not in _FIXES}
+    same = [name for name, preset in PRESETS.items()
+            if {k: v for k, v in _signature(preset).items() if k not in _FIXES} == layout]
+    return min(same, key=lambda name: (PRESETS[name].embed_dim != arch.embed_dim,
+                                       PRESETS[name].swiglu != arch.swiglu), default=None)
+
+
 def check_arch(src: Imported, target: ViTArch) -> None:
     """UserError naming both shapes unless ``src`` fits a backbone of ``target``'s shape."""
     have = _signature(src.arch)
@@ -188,11 +198,16 @@ def check_arch(src: Imported, target: ViTArch) -> None:
         return
     fixes = sorted({_FIXES[k] for k in diff if k in _FIXES})
     preset = matching_preset(src.arch)
-    hint = f"--config {preset}" if preset else "the matching --vit-* flags"
-    if "registers" in diff:
-        hint += f" --registers {src.arch.num_registers}"
-    if fixes:
-        hint += f" (flags: {', '.join(fixes)})"
+    base = None if preset else _preset_of_layout(src.arch) if set(diff) - _FIXES.keys() else None
+    registers = f" --registers {src.arch.num_registers}" if "registers" in diff else ""
+    if base is not None:   # the layout (RoPE, LayerNorm eps...) comes with a preset only
+        base_sig = _signature(dataclasses.replace(PRESETS[base], num_registers=src.arch.num_registers))
+        fixes = sorted({_FIXES[k] for k, v in _signature(src.arch).items() if k in _FIXES and base_sig[k] != v})
+        hint = f"--config {base}{registers}" + (f" and {', '.join(fixes)} set to its shape" if fixes else "")
+    else:
+        hint = (f"--config {preset}" if preset else "the matching --vit-* flags") + registers
+        if fixes:
+            hint += f" (flags: {', '.join(fixes)})"
     parts = "; ".join(f"{k} {have.get(k, '-')} vs {want.get(k, '-')}" for k in diff)
     raise UserError(f"{src.path} holds a {src.kind} backbone of shape [{describe(src.arch)}] but the "
                     f"requested architecture is [{describe(target)}] ({parts}); train with {hint}")
