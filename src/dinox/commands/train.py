@@ -397,8 +397,8 @@ def _train(cfg, info, preset_name, resolved, plan, dist, run_dir: Path, source: 
             provenance["resumed_from"] = resumed_from(source)
     try:
         trainer = Trainer(cfg, info, run_dir, provenance, dist, resume_state=state)
-    except CheckpointError as exc:   # what the resumed file holds; the store names no file here
-        if source is None or str(exc).startswith("checkpoint "):
+    except CheckpointError as exc:   # what the resumed file holds: named where the message does not
+        if source is None or str(source.path) in str(exc):
             raise
         raise CheckpointError(f"checkpoint {source.path}: {exc}") from None
     state = None
