@@ -146,3 +146,25 @@ def test_a_start_hovering_at_the_collapse_line_is_not_a_fall_after_health():
     assert guard.check(52, 9.0, emb_std=0.012) == []           # back over the line, not past the margin
     assert guard.check(53, 9.0, emb_std=0.004) == []           # so still the same episode
     assert guard.check(54, 9.0, emb_std=0.05) == [] and not guard.collapse_active
+
+
+# The trainer's per-step embedding std of the tiny recipe at batch 8 (chest seed 1, steps 70-95 of a
+# healthy run whose retrieval rose from 6x to 18x chance): single readings dip under the 0.01 line.
+HEALTHY_BATCH8_STDS = [0.0205, 0.0155, 0.0152, 0.0164, 0.0112, 0.0145, 0.0125, 0.0144, 0.0149, 0.0117, 0.0152,
+                       0.0233, 0.0138, 0.0095, 0.0168, 0.0111, 0.0192, 0.0075, 0.0185, 0.0107, 0.0153, 0.0206]
+
+
+def test_the_trainers_guard_judges_the_step_std_over_a_window_not_one_noisy_reading():
+    from dinox.config import resolve
+    from dinox.observe.anomaly import build_guard
+
+    guard = build_guard(resolve({"config": "vit-tiny", "max_steps": 200}, hardware_preset="cpu").cfg)
+    for step, std in enumerate(HEALTHY_BATCH8_STDS, start=70):
+        assert guard.check(step, 12.0, emb_std=std) == [], (step, std)
+    assert not guard.collapse_active
+    found = [a for step in range(100, 112) for a in guard.check(step, 12.0, emb_std=0.004)]
+    assert [a.kind for a in found] == ["collapse"]          # a sustained fall: reported, once
+    assert "mean of the last 10 steps" in found[0].message
+    resumed = build_guard(resolve({"config": "vit-tiny", "max_steps": 200}, hardware_preset="cpu").cfg)
+    resumed.load_state_dict(guard.state_dict())
+    assert list(resumed.std_readings) == list(guard.std_readings) and resumed.collapse_active
