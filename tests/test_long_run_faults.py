@@ -136,3 +136,23 @@ def test_resume_auto_starts_anew_when_the_latest_run_never_saved(tmp_path, caplo
     # Once the older run is written to again (a resume of it, a save), it is the latest.
     os.utime(never_saved, (now - 9000, now - 9000))
     assert ck.latest_run_never_saved(tmp_path) is None
+
+
+def test_train_log_holds_the_console_lines_once_and_the_console_has_no_timestamps(tmp_path, capsys):
+    setup_logging(tmp_path)
+    try:
+        console("step=    10 loss=1.0000 lr=1.0e-03")
+        console("eval step=10 retrieval top1=0.1000 ratio=2.00 (n=64) effective_rank=3.0")
+        console("training finished at step 10; final checkpoint: x.pth")
+        for h in logging.getLogger("dinox").handlers:
+            h.flush()
+    finally:
+        setup_logging(None)
+    out = capsys.readouterr().out.splitlines()
+    assert out == ["step=    10 loss=1.0000 lr=1.0e-03",
+                   "eval step=10 retrieval top1=0.1000 ratio=2.00 (n=64) effective_rank=3.0",
+                   "training finished at step 10; final checkpoint: x.pth"]
+    log = (tmp_path / "train.log").read_text()
+    for line in out:
+        assert log.count(line) == 1, line
+    assert " INFO step=    10 loss=1.0000" in log

@@ -11,6 +11,7 @@ from dinox.data.dataset import pad_collate
 from dinox.eval.retrieval import spread_sample
 from dinox.observe.health import health_report
 from dinox.observe.heatmaps import plot_loss_curve, write_monitor_outputs
+from dinox.run.logging import console
 
 log = logging.getLogger("dinox.monitor")
 
@@ -76,9 +77,9 @@ def run_retrieval(backbone, dataset, augment_cfg, *, n: int, step: int, device, 
     if on_training_split:
         logged["Eval/On_Training_Split"] = 1.0
     metrics.log(step, logged)
-    print(f"eval step={step} retrieval top1={result['top1']:.4f} ratio={result['ratio']:.2f} "
-          f"(n={result['n']}) effective_rank={result['effective_rank']:.1f}"
-          + (" (on the training split: the run has no validation split)" if on_training_split else ""), flush=True)
+    console(f"eval step={step} retrieval top1={result['top1']:.4f} ratio={result['ratio']:.2f} "
+            f"(n={result['n']}) effective_rank={result['effective_rank']:.1f}"
+            + (" (on the training split: the run has no validation split)" if on_training_split else ""))
     return result
 
 
@@ -100,5 +101,5 @@ def run_probe(backbone, cfg, *, step: int, device, metrics) -> dict | None:
         log.warning("nodule probe at step %d found no task it could fit (%s)", step, why or "no samples")
         return None
     metrics.log(step, scores)
-    print(f"probe step={step} " + " ".join(f"{k.split('/', 1)[1]}={v:.3f}" for k, v in scores.items()), flush=True)
+    console(f"probe step={step} " + " ".join(f"{k.split('/', 1)[1]}={v:.3f}" for k, v in scores.items()))
     return result

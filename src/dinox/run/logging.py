@@ -41,14 +41,22 @@ def setup_logging(run_dir: Path | None = None, is_main: bool = True) -> None:
 
 
 def console(text: str) -> None:
-    """A line of the run's progress on stdout. A terminal or pipe that went away (a closed ssh
-    session gives EIO; Ctrl+C on `dinox train | tee log` ends the reader: EPIPE) must not end
-    the run between its last step and the checkpoint a stop signal promises: from then on the
-    console is left alone and the lines go to train.log only."""
+    """A line of the run's progress on stdout, as printed (no time stamp), and in train.log
+    (as a log line), which keeps the run's whole record: progress, evaluations, the end. A
+    terminal or pipe that went away (a closed ssh session gives EIO; Ctrl+C on `dinox train |
+    tee log` ends the reader: EPIPE) must not end the run between its last step and the
+    checkpoint a stop signal promises: from then on the console is left alone and the lines
+    go to train.log only."""
     logger = logging.getLogger("dinox")
     if not any(getattr(h, "_dinox_console", False) for h in logger.handlers) and logger.handlers:
         logger.info(text)
         return
+    files = [h for h in logger.handlers if getattr(h, "_dinox_file", False)]
+    filed = bool(files) and logger.isEnabledFor(logging.INFO)
+    if filed:
+        record = logger.makeRecord(logger.name, logging.INFO, __file__, 0, text, None, None)
+        for handler in files:
+            handler.handle(record)
     try:
         print(text, flush=True)
     except OSError as exc:
@@ -56,7 +64,8 @@ def console(text: str) -> None:
             if getattr(h, "_dinox_console", False):
                 logger.removeHandler(h)
         logger.warning("the console went away (%s); the run goes on, logging to train.log only", exc.strerror or exc)
-        logger.info(text)
+        if not filed:
+            logger.info(text)
 
 
 def close_file_logging() -> None:
