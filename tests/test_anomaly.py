@@ -168,3 +168,18 @@ def test_the_trainers_guard_judges_the_step_std_over_a_window_not_one_noisy_read
     resumed = build_guard(resolve({"config": "vit-tiny", "max_steps": 200}, hardware_preset="cpu").cfg)
     resumed.load_state_dict(guard.state_dict())
     assert list(resumed.std_readings) == list(guard.std_readings) and resumed.collapse_active
+
+
+def test_spike_and_collapse_messages_say_what_to_try_for_the_runs_settings():
+    from dinox.config import resolve
+    from dinox.observe.anomaly import build_guard
+
+    cfg = resolve({"config": "vit-tiny", "max_steps": 200, "clip_grad": 0.0, "centering": "centering",
+                   "center_momentum": 0.9999, "koleo_weight": 0.0}, hardware_preset="cpu").cfg
+    guard = build_guard(cfg)
+    (spike,) = feed(guard, [1.0] * 10 + [5.0])
+    assert "training goes on" in spike.message and "--clip-grad 3, now off" in spike.message
+    assert f"--lr (now {cfg.optim.lr:g})" in spike.message and "\n" not in spike.message
+    (collapse,) = [a for step in range(100, 111) for a in guard.check(step, 1.0, emb_std=0.001)]
+    assert "--centering sinkhorn" in collapse.message and "--center-momentum 0.9" in collapse.message
+    assert "--koleo-weight" in collapse.message and "dinox monitor" in collapse.message

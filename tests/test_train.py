@@ -286,6 +286,7 @@ def test_nonfinite_loss_halts_with_emergency_checkpoint(processed_root, tmp_path
                            "--ckpt-every", "2")) == loop.EXIT_NONFINITE
     printed = capsys.readouterr().out
     assert "last valid loss" in printed and "grad norm" in printed and "batch non-finite values" in printed
+    assert "training halted" in printed and "resume with a change (a lower --lr" in printed  # what to do
     run = only_run(out)
     emergency = load_checkpoint(run / "checkpoint_emergency_00000002.pth")
     assert emergency["step"] == 2  # the state before the bad update (step 3)

@@ -98,7 +98,7 @@ class AnomalyGuard:
                  rank_collapse_fraction: float = 0.1, rank_floor: float = 1.5,
                  halt_on_anomaly: bool = False, collapse_grace_steps: int = 0,
                  entropy_wall: "EntropyWall | None" = None, retrieval: "RetrievalProgress | None" = None,
-                 std_window: int = 1):
+                 std_window: int = 1, spike_advice: str = "", collapse_advice: str = ""):
         if window < 1 or std_window < 1 or spike_factor <= 1.0:
             raise ValueError("AnomalyGuard needs window >= 1, std_window >= 1 and spike_factor > 1")
         self.spike_factor = float(spike_factor)
@@ -117,6 +117,7 @@ class AnomalyGuard:
         self.last_good_step: int | None = None
         self.entropy_wall = entropy_wall
         self.retrieval = retrieval
+        self.spike_advice, self.collapse_advice = spike_advice, collapse_advice  # what to try, for the run
 
     @property
     def collapse_active(self) -> bool:
@@ -159,7 +160,8 @@ class AnomalyGuard:
             "loss_spike", "warning", step,
             f"loss spike at step {step}: loss={loss:.4f} is {loss / mean:.2f}x the mean "
             f"{mean:.4f} of the previous {len(history)} steps (threshold {self.spike_factor}x); "
-            f"history={_fmt_history(history)}",
+            f"history={_fmt_history(history)}; training goes on (--halt-on-anomaly stops on a spike)"
+            + (f"; if spikes recur, try {self.spike_advice}" if self.spike_advice else ""),
             {"loss": loss, "mean": mean, "ratio": loss / mean, "history": history})
 
     def _std_judged(self, emb_std: float | None) -> float | None:
@@ -217,7 +219,8 @@ class AnomalyGuard:
         return Anomaly(
             "collapse", "critical", step,
             f"feature collapse at step {step}: " + "; ".join(reasons)
-            + " (reported once until the features recover)",
+            + " (reported once until the features recover)"
+            + (f". Try: {self.collapse_advice}" if self.collapse_advice else ""),
             {"emb_std": emb_std, "erank": erank, "best_erank": best_before, "reasons": reasons})
 
     def check_entropy(self, step: int, teacher_entropy: float | None) -> Anomaly | None:
@@ -387,7 +390,40 @@ def build_guard(cfg, world_size: int = 1, thinnest_slices_mm: float | None = Non
                                  advice=not_learning_advice(cfg, thinnest_slices_mm))
     return AnomalyGuard(spike_factor=watch.spike_factor, std_threshold=watch.collapse_std,
                         halt_on_anomaly=watch.halt_on_anomaly, collapse_grace_steps=max(cfg.optim.warmup_steps, 100),
-                        entropy_wall=wall, retrieval=progress, std_window=10)
+                        entropy_wall=wall, retrieval=progress, std_window=10, spike_advice=spike_advice(cfg),
+                        collapse_advice=collapse_advice(cfg))
+
+
+# What a resume after a non-finite loss should change (the halt's last line, and the refusal of a
+# resume that changes nothing).
+NONFINITE_CHANGES = "a lower --lr, --clip-grad, --no-amp, a longer --warmup-steps"
+
+
+def spike_advice(cfg) -> str:
+    """What to try where loss spikes recur, for the run's settings."""
+    o = cfg.optim
+    tips = [f"a lower --lr (now {o.lr:g})"]
+    if not o.clip_grad:
+        tips.append("gradient clipping (--clip-grad 3, now off)")
+    elif o.clip_grad > 3.0:
+        tips.append(f"tighter gradient clipping (--clip-grad 3, now {o.clip_grad:g})")
+    return " or ".join(tips) + " (a resume takes them: --resume auto)"
+
+
+def collapse_advice(cfg) -> str:
+    """What to try against collapsed features, for the run's settings (the emergency
+    checkpoint is the state to look at: `dinox monitor`, `dinox eval retrieval`)."""
+    s, o = cfg.ssl, cfg.optim
+    tips = []
+    if s.centering == "centering":
+        tips.append("--centering sinkhorn (targets that cannot all fall on one prototype)")
+        if s.center_momentum > 0.99:
+            tips.append(f"a centre that follows the batch (--center-momentum 0.9, now {s.center_momentum:g})")
+    if s.koleo_weight <= 0:
+        tips.append("KoLeo, which spreads the class tokens (--koleo-weight 0.005, now 0)")
+    tips.append(f"a lower --lr (now {o.lr:g})")
+    return ("; ".join(tips) + " (a resume from the emergency checkpoint takes them: --resume PATH); "
+            "`dinox monitor --checkpoint` on that checkpoint shows its features")
 
 
 def entropy_wall_advice(cfg, world_size: int = 1) -> str:

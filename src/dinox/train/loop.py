@@ -22,7 +22,7 @@ from dinox.config import RunConfig
 from dinox.data.augment import CTAugment
 from dinox.data.dataset import CTSliceDataset, DataChanged, pad_collate
 from dinox.errors import UserError
-from dinox.observe.anomaly import build_guard, nonfinite_diagnostics, respond
+from dinox.observe.anomaly import NONFINITE_CHANGES, build_guard, nonfinite_diagnostics, respond
 from dinox.observe.health import MemoryWatch, device_memory_metrics
 from dinox.observe.metrics import MetricsLogger, MetricsUnwritable, Throughput, format_progress, run_header
 from dinox.run.device import DeviceInfo
@@ -295,5 +295,5 @@ class Trainer:
         console(nonfinite_diagnostics(last_good_loss=guard.last_good_loss, lr=result.metrics.get("lr"),
                                       grad_norm=result.metrics.get("grad_norm"), batch=result.batch))
         log.critical("non-finite loss at step %d: training halted; emergency checkpoint (state before the bad "
-                     "update): %s", step, path)
+                     "update): %s; resume with a change (%s): --resume auto", step, path, NONFINITE_CHANGES)
         return EXIT_NONFINITE

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from dinox.data.layout import atomic_write_text
 from dinox.errors import UserError
+from dinox.observe.anomaly import NONFINITE_CHANGES
 
 log = logging.getLogger("dinox.train")
 
@@ -325,7 +326,7 @@ def refuse_replayed_halt(source: ResumeSource | None, changes: list[str]) -> Non
     if source.step == record.get("step", 0) - 1:  # its emergency checkpoint, or a periodic one of that step
         raise UserError(f"--resume auto: {source.path} is the state before the non-finite step {record['step']} "
                         f"that halted this run, and no setting changed, so the same step would fail again; resume "
-                        f"with a change (a lower --lr, --clip-grad, --no-amp, a longer --warmup-steps), or retry "
+                        f"with a change ({NONFINITE_CHANGES}), or retry "
                         f"as is with --resume {source.path}")
 
 
