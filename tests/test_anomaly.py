@@ -183,3 +183,24 @@ def test_spike_and_collapse_messages_say_what_to_try_for_the_runs_settings():
     (collapse,) = [a for step in range(100, 111) for a in guard.check(step, 1.0, emb_std=0.001)]
     assert "--centering sinkhorn" in collapse.message and "--center-momentum 0.9" in collapse.message
     assert "--koleo-weight" in collapse.message and "dinox monitor" in collapse.message
+
+
+def test_alarms_are_marked_in_the_metrics_and_named_in_the_runs_last_line(tmp_path):
+    import json
+    import logging
+
+    from dinox.observe.anomaly import respond
+    from dinox.observe.metrics import MetricsLogger
+
+    guard = AnomalyGuard(std_threshold=0.01, window=3)
+    assert guard.summary() == ""
+    with MetricsLogger(tmp_path, tensorboard=False) as metrics:
+        respond(guard, feed(guard, [1.0, 1.0, 1.0, 5.0]), logging.getLogger("test"), metrics)
+        checkpoint, halt = respond(guard, guard.check(9, 1.0, emb_std=0.001), logging.getLogger("test"), metrics)
+    assert checkpoint and not halt
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert rows == [{**rows[0], "step": 4, "Anomaly/Loss_Spike": 1.0}, {**rows[1], "step": 9, "Anomaly/Collapse": 1.0}]
+    resumed = AnomalyGuard(window=3)
+    resumed.load_state_dict(guard.state_dict())
+    assert resumed.summary() == guard.summary() == ("; alarms during the run: loss_spike at step 4, collapse at step 9 "
+                                                    "(train.log has what each said)")

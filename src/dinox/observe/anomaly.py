@@ -118,6 +118,7 @@ class AnomalyGuard:
         self.entropy_wall = entropy_wall
         self.retrieval = retrieval
         self.spike_advice, self.collapse_advice = spike_advice, collapse_advice  # what to try, for the run
+        self.raised: list[tuple[str, int]] = []   # (kind, step) of every alarm reported (`respond`), for `summary`
 
     @property
     def collapse_active(self) -> bool:
@@ -235,6 +236,19 @@ class AnomalyGuard:
             return None
         return self.retrieval.check(step, mean_rank, n)
 
+    def summary(self) -> str:
+        """The run's alarms for its last line ("" when none): a run that ends with exit 0 may
+        have had one thousands of lines earlier."""
+        if not self.raised:
+            return ""
+        kinds: dict[str, list[int]] = {}
+        for kind, step in self.raised:
+            kinds.setdefault(kind, []).append(step)
+        return ("; alarms during the run: " + ", ".join(
+            f"{kind} at step{'s' if len(steps) > 1 else ''} {', '.join(map(str, steps[:5]))}"
+            + (f" (+{len(steps) - 5} more)" if len(steps) > 5 else "") for kind, steps in kinds.items())
+            + " (train.log has what each said)")
+
     def should_halt(self, anomaly: Anomaly) -> bool:
         """Fatal anomalies always halt; spikes and collapse only with `halt_on_anomaly`."""
         if anomaly.severity == "fatal":
@@ -246,7 +260,7 @@ class AnomalyGuard:
         return {"history": list(self.history), "std_readings": list(self.std_readings), "best_erank": self.best_erank,
                 "collapsed": dict(self._collapsed), "ever_healthy": dict(self._ever_healthy),
                 "last_good_loss": self.last_good_loss,
-                "last_good_step": self.last_good_step,
+                "last_good_step": self.last_good_step, "raised": [list(r) for r in self.raised],
                 "entropy_wall": self.entropy_wall.state_dict() if self.entropy_wall is not None else None,
                 "retrieval": self.retrieval.state_dict() if self.retrieval is not None else None}
 
@@ -260,6 +274,7 @@ class AnomalyGuard:
         self._ever_healthy = {k: bool(healthy.get(k, False)) for k in ("std", "rank")}
         self.last_good_loss = state.get("last_good_loss")
         self.last_good_step = state.get("last_good_step")
+        self.raised = [(str(kind), int(step)) for kind, step in state.get("raised", [])]
         if self.entropy_wall is not None and state.get("entropy_wall"):
             self.entropy_wall.load_state_dict(state["entropy_wall"])
         if self.retrieval is not None and state.get("retrieval"):
@@ -469,14 +484,24 @@ def entropy_wall_advice(cfg, world_size: int = 1) -> str:
     return "; ".join(tips)  # empty: EntropyWall points to the user guide instead
 
 
-def respond(guard: AnomalyGuard, anomalies: list[Anomaly], logger) -> tuple[bool, bool]:
-    """The policy of what anomalies trigger: log each at its level; returns
-    (save an emergency checkpoint, halt). A collapse always gets a checkpoint for the
-    post-mortem (so does the entropy wall: every critical anomaly); halting follows `guard.should_halt` (fatal always, others with
-    --halt-on-anomaly), and a halt saves a checkpoint too."""
+def anomaly_tag(kind: str) -> str:
+    """The metrics name of an alarm: `Anomaly/Loss_Spike`, `Anomaly/Collapse`, ..."""
+    return "Anomaly/" + "_".join(w.capitalize() for w in kind.split("_"))
+
+
+def respond(guard: AnomalyGuard, anomalies: list[Anomaly], logger, metrics=None) -> tuple[bool, bool]:
+    """The policy of what anomalies trigger: log each at its level, mark it in the metrics
+    (`anomaly_tag` = 1 at its step: a point on TensorBoard's plots and a metrics.jsonl row)
+    and keep it for the run's last line (`guard.summary`); returns (save an emergency
+    checkpoint, halt). A collapse always gets a checkpoint for the post-mortem (so does the
+    entropy wall: every critical anomaly); halting follows `guard.should_halt` (fatal always,
+    others with --halt-on-anomaly), and a halt saves a checkpoint too."""
     checkpoint = halt = False
     for anomaly in anomalies:
         logger.log(anomaly.level, anomaly.message)
+        guard.raised.append((anomaly.kind, int(anomaly.step)))
+        if metrics is not None:
+            metrics.log(anomaly.step, {anomaly_tag(anomaly.kind): 1.0})
         checkpoint = checkpoint or anomaly.wants_checkpoint
         halt = halt or guard.should_halt(anomaly)
     return checkpoint, halt

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 
+from dinox.observe.anomaly import respond
 from dinox.run.distributed import broadcast_object
 from dinox.run.rng import capture_rng_state, restore_rng_state
 
@@ -66,13 +67,11 @@ class InTrainingChecks:
                                                if result else (None, None, None))
         if erank is None:
             return
-        for anomaly in t.parts.guard.check(step, None, erank=erank):
-            if anomaly.kind == "collapse":
-                log.critical(anomaly.message)
-                t.save("emergency")
-        stalled = t.parts.guard.check_retrieval(step, mean_rank, n)
-        if stalled is not None:
-            log.warning(stalled.message)
+        guard = t.parts.guard
+        collapsed = [a for a in guard.check(step, None, erank=erank) if a.kind == "collapse"]
+        if respond(guard, collapsed, log, t.metrics)[0]:
+            t.save("emergency")
+        respond(guard, [a for a in [guard.check_retrieval(step, mean_rank, n)] if a is not None], log, t.metrics)
 
     def _retrieval(self, backbone, step: int) -> dict:
         from dinox.observe.monitor_hook import run_retrieval

@@ -240,7 +240,7 @@ class Trainer:
             guard = self.parts.guard
             anomalies = guard.check(step, metrics["loss"], emb_std=metrics["embedding_std"])
             anomalies += [a for a in [guard.check_entropy(step, metrics["Entropy_Teacher"])] if a is not None]
-            wants_checkpoint, halt = respond(guard, anomalies, log)
+            wants_checkpoint, halt = respond(guard, anomalies, log, self.metrics)
             if wants_checkpoint or halt:
                 self.save("emergency")
             if halt:
@@ -262,7 +262,7 @@ class Trainer:
         with self.stop.writing():
             final = self.checkpointer.save_final(self.parts)
         if dist.is_main:
-            console(f"training finished at step {self.progress.step}; final checkpoint: {final}")
+            console(f"training finished at step {self.progress.step}; final checkpoint: {final}{self.parts.guard.summary()}")
         return self.stop.exit_code  # 0, or 130 for a Ctrl+C that came during the last step
 
     def _halt_data_changed(self, exc: DataChanged) -> NoReturn:
