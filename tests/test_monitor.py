@@ -229,3 +229,12 @@ def test_health_report_never_raises(monkeypatch):
     monkeypatch.setattr(monitor, "device_memory_metrics", boom)
     r = health_report("cuda:0")
     assert r["source"] == "unavailable" and r["mem_allocated_gb"] is None
+
+
+def test_the_monitor_log_line_gives_health_figures_not_the_clock():
+    from dinox.observe.health import health_report
+    from dinox.observe.monitor_hook import health_text
+
+    text = health_text(health_report("cpu", steps_per_s=2.5, samples_per_s=20.0))
+    assert "steps_per_s=2.5" in text and "samples_per_s=20" in text
+    assert "time=" not in text and "e+09" not in text

@@ -53,9 +53,15 @@ def run_monitor(backbone, dataset, run_dir: Path, step: int, device, *, augment_
         "monitor step %d: %s | cls std %s, effective rank %s | health %s",
         step, out_dir,
         _fmt(cls_stats.get("std")), _fmt(cls_stats.get("effective_rank")),
-        ", ".join(f"{k}={_fmt(v)}" for k, v in health.items() if isinstance(v, (int, float)) and v is not None),
+        health_text(health),
     )
     return out_dir
+
+
+def health_text(health: dict) -> str:
+    """The health report's figures for the monitor's log line (not its clock reading)."""
+    return ", ".join(f"{k}={_fmt(v)}" for k, v in health.items()
+                     if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "time")
 
 
 def _fmt(value) -> str:
