@@ -572,3 +572,14 @@ def test_link_or_copy_gives_a_verified_second_name(tmp_path):
     src.unlink()
     rotate_checkpoints(tmp_path, keep_last=1)
     assert verify_checkpoint(dst)[0]
+
+
+def test_inspect_says_a_sinkhorn_runs_centre_is_unused_not_zero(tmp_path, capsys):
+    state = make_state(3)
+    state["config"] = {"config": "vit-tiny", "centering": "sinkhorn"}
+    state["dino_loss"] = {"center": torch.zeros(1, 8)}
+    path = checkpoint_path(tmp_path, 3)
+    save_checkpoint(path, state)
+    assert cli_main(["inspect", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "DINO centre:  not used: the run has Sinkhorn-Knopp targets" in out and "mean=0 std=0" not in out

@@ -157,6 +157,9 @@ def summarize(path) -> dict:
     center = state.get("dino_loss", {}).get("center") if isinstance(state.get("dino_loss"), dict) else None
     if isinstance(center, torch.Tensor) and center.numel():
         report["dino_center"] = centre_stats(center)
+        config = state.get("config") if isinstance(state.get("config"), dict) else {}
+        if config.get("centering") == "sinkhorn":   # the centre stays at its zeros: not a fault
+            report["dino_center"]["unused"] = "Sinkhorn-Knopp targets"
     for name in _WEIGHT_SETS:
         if isinstance(state.get(name), dict):
             report[f"{name}_norms"] = weight_norms(state[name])
@@ -199,7 +202,8 @@ def format_report(report: dict) -> str:
             lines.append(_row(label, _fields(report[key])))
     if "dino_center" in report:
         c = report["dino_center"]
-        lines.append(_row("DINO centre", f"out_dim={c['out_dim']} mean={c['mean']:.4g} "
+        lines.append(_row("DINO centre", f"not used: the run has {c['unused']} (--centering sinkhorn)" if c.get("unused")
+                          else f"out_dim={c['out_dim']} mean={c['mean']:.4g} "
                           f"std={c['std']:.4g} min={c['min']:.4g} max={c['max']:.4g} l2={c['l2']:.4g}"))
     for name in _WEIGHT_SETS:
         norms = report.get(f"{name}_norms")
