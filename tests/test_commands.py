@@ -114,9 +114,11 @@ def test_run_directory_holds_every_artifact(trained_run):
     rows = [json.loads(line) for line in (trained_run / "metrics.jsonl").read_text().splitlines()]
     train_row = next(r for r in rows if r.get("step") == 1 and "loss" in r)
     for key in ("loss", "loss_dino", "loss_koleo", "loss_gram", "lr", "weight_decay", "teacher_momentum",
-                "teacher_temp", "Entropy_Teacher", "Entropy_Student", "embedding_std", "grad_norm",
-                "steps_per_s", "samples_per_s"):
+                "teacher_temp", "Entropy_Teacher", "Entropy_Student", "Prototypes_Used", "embedding_std",
+                "grad_norm", "steps_per_s", "samples_per_s"):
         assert key in train_row, key
+    out_dim = json.loads((trained_run / "config.json").read_text())["train"]["out_dim"]
+    assert 1.0 <= train_row["Prototypes_Used"] <= out_dim * (1 + 1e-5)
     assert any("Eval/Retrieval_Ratio" in r for r in rows if r["step"] == 0)
     assert any("Eval/Effective_Rank" in r for r in rows if r["step"] == 4)
 
@@ -127,7 +129,8 @@ def test_tensorboard_has_the_train_scalars(trained_run):
     events = EventAccumulator(str(trained_run))
     events.Reload()
     tags = set(events.Tags()["scalars"])
-    assert {"Train/Loss", "Train/Entropy_Teacher", "Train/Entropy_Student", "Eval/Retrieval_Ratio"} <= tags
+    assert {"Train/Loss", "Train/Entropy_Teacher", "Train/Entropy_Student", "Train/Prototypes_Used",
+            "Eval/Retrieval_Ratio"} <= tags
 
 
 def test_eval_retrieval_command_writes_json_and_exit_code(trained_run, processed_root, tmp_path, capsys):

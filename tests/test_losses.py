@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from dinox.errors import UserError
-from dinox.losses.dino import DINOLoss, entropy, sinkhorn_knopp
+from dinox.losses.dino import DINOLoss, entropy, prototypes_in_use, sinkhorn_knopp
 from dinox.losses.gram import gram_anchoring_loss, validate_gram_weight
 from dinox.losses.koleo import KoLeoLoss
 from dinox.model.head import DINOHead
@@ -187,6 +187,20 @@ def test_entropy():
     s = torch.randn(4, k)
     torch.testing.assert_close(DINOLoss(k, student_temp=0.2).student_probs(s),
                                torch.softmax(s / 0.2, -1))
+
+
+def test_prototypes_in_use_counts_what_the_batch_targets_spread_over():
+    k = 16
+    every_sample_on_one = torch.zeros(2, 5, k)
+    every_sample_on_one[..., 3] = 1.0
+    assert prototypes_in_use(every_sample_on_one).item() == pytest.approx(1.0)
+    assert prototypes_in_use(torch.eye(k)).item() == pytest.approx(k)        # one each, all used
+    assert prototypes_in_use(torch.full((3, k), 1 / k)).item() == pytest.approx(k)   # soft, balanced
+    # 3 samples on prototype 0, 1 on prototype 1: mean (3/4, 1/4), exp(H) by hand
+    skewed = torch.zeros(4, k)
+    skewed[:3, 0] = 1.0
+    skewed[3, 1] = 1.0
+    assert prototypes_in_use(skewed).item() == pytest.approx(math.exp(-(0.75 * math.log(0.75) + 0.25 * math.log(0.25))))
 
 
 # ---------------------------------------------------------------- KoLeo

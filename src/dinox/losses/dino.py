@@ -45,6 +45,16 @@ def entropy(probs: torch.Tensor) -> torch.Tensor:
     return -torch.special.xlogy(p, p).sum(dim=-1).mean()
 
 
+def prototypes_in_use(probs: torch.Tensor) -> torch.Tensor:
+    """exp of the entropy of the mean of the distributions along the last dim: how many
+    prototypes the batch's targets spread over, out_dim where they use every one evenly,
+    1 where every sample falls on the same prototype. That is the collapse DINO's centring
+    (or Sinkhorn-Knopp) exists to prevent, one output dimension dominating (Caron et al.
+    2021, §5.3); the per-sample entropy cannot see it (near 0 for sharp healthy targets too)."""
+    p = probs.detach().float().reshape(-1, probs.shape[-1]).mean(dim=0)
+    return torch.exp(-torch.special.xlogy(p, p).sum())
+
+
 @torch.no_grad()
 def sinkhorn_knopp(teacher_logits: torch.Tensor, teacher_temp: float,
                    n_iterations: int = 3) -> torch.Tensor:

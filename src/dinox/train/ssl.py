@@ -45,7 +45,7 @@ from dinox.data.augment import Views, token_correspondence
 from dinox.data.masking import batch_masks
 from dinox.eval.rank import normalized_std
 from dinox.losses.dense import dense_correspondence_loss
-from dinox.losses.dino import DINOLoss, entropy
+from dinox.losses.dino import DINOLoss, entropy, prototypes_in_use
 from dinox.losses.gram import gram_anchoring_loss
 from dinox.losses.ibot import IBOTLoss, chunk_rows
 from dinox.losses.koleo import KoLeoLoss
@@ -57,7 +57,7 @@ log = logging.getLogger("dinox.train")
 
 # The per-micro-batch figures `forward_backward` returns, in this order.
 METRIC_NAMES = ("loss", "loss_dino", "loss_koleo", "loss_ibot", "loss_dense", "loss_gram", "gram_weight",
-                "Entropy_Teacher", "Entropy_Student", "embedding_std")
+                "Entropy_Teacher", "Entropy_Student", "Prototypes_Used", "embedding_std")
 
 
 def enlarged_views(views: torch.Tensor, scale: int) -> torch.Tensor:
@@ -209,7 +209,7 @@ class DINOSSL:
         with torch.no_grad():
             values = (loss, loss_dino, loss_koleo, loss_ibot, loss_dense, loss_gram, zero + gram_weight,
                       entropy(teacher_probs), entropy(self.dino_loss.student_probs(student_logits[0])),
-                      normalized_std(teacher_out["cls"].float()))
+                      prototypes_in_use(teacher_probs), normalized_std(teacher_out["cls"].float()))
         return {name: v.detach() for name, v in zip(METRIC_NAMES, values)}
 
     def _dense_keys(self, global_batch: torch.Tensor, teacher_patches: torch.Tensor) -> torch.Tensor:
