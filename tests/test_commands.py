@@ -121,6 +121,9 @@ def test_run_directory_holds_every_artifact(trained_run):
     assert 1.0 <= train_row["Prototypes_Used"] <= out_dim * (1 + 1e-5)
     assert any("Eval/Retrieval_Ratio" in r for r in rows if r["step"] == 0)
     assert any("Eval/Effective_Rank" in r for r in rows if r["step"] == 4)
+    # --eval-n 16: the not-learning check cannot judge so few slices, and the log says it is off
+    assert (trained_run / "train.log").read_text().count("the not-learning check is off for this run: the "
+                                                        "in-training retrieval compares 16 slices") == 1
 
 
 def test_tensorboard_has_the_train_scalars(trained_run):

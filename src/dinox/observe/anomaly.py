@@ -357,6 +357,15 @@ class RetrievalProgress:
             f"(a failure the losses need not show). Try: {self.advice or 'see docs/recipes.md'}",
             {"mean_rank": mean_rank, "n": n, "level": level, "untrained": self.untrained})
 
+    def off_note(self, n: int | None) -> str | None:
+        """Why this check cannot run on retrievals of `n` slices (None where it can), for the
+        log at the untrained measurement: a check that is silently off reads as a pass."""
+        if n is None or n >= self.min_n:
+            return None
+        return (f"the not-learning check is off for this run: the in-training retrieval compares {n} slices "
+                f"and one of fewer than {self.min_n} says too little (give a larger --eval-n, or more "
+                f"validation series)")
+
     def state_dict(self) -> dict:
         return {"untrained": self.untrained, "reported": self.reported}
 

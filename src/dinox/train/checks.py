@@ -72,6 +72,9 @@ class InTrainingChecks:
         if respond(guard, collapsed, log, t.metrics)[0]:
             t.save("emergency")
         respond(guard, [a for a in [guard.check_retrieval(step, mean_rank, n)] if a is not None], log, t.metrics)
+        note = guard.retrieval.off_note(n) if step == 0 and guard.retrieval is not None else None
+        if note:
+            log.info(note)
 
     def _retrieval(self, backbone, step: int) -> dict:
         from dinox.observe.monitor_hook import run_retrieval
