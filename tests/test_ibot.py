@@ -164,6 +164,29 @@ def test_injected_uniform_teacher_raises_the_entropy_wall(processed_root, tmp_pa
     assert list(only_run(out).glob("checkpoint_emergency_*.pth"))
 
 
+@pytest.mark.parametrize("halt", [False, True])
+def test_an_alarm_of_the_in_training_eval_halts_with_halt_on_anomaly(processed_root, tmp_path, monkeypatch, halt):
+    """The eval's alarms (collapse by effective rank, not learning) follow --halt-on-anomaly
+    as the step's alarms do: they used to be logged and the run went on regardless."""
+    from dinox.observe.anomaly import Anomaly, RetrievalProgress
+    from dinox.run.signals import EXIT_ANOMALY
+
+    def stalls_at_step_2(self, step, mean_rank, n):
+        return Anomaly("not_learning", "warning", step, "not learning (injected)") if step == 2 else None
+
+    monkeypatch.setattr(RetrievalProgress, "check", stalls_at_step_2)
+    out = tmp_path / "runs"
+    code = main(train_args(processed_root, out, "--max-steps", "4", "--batch-size", "4", "--eval-every", "2",
+                           "--eval-n", "16", "--ckpt-every", "100", *(["--halt-on-anomaly"] if halt else [])))
+    run = only_run(out)
+    assert code == (EXIT_ANOMALY if halt else 0)
+    assert [p.name for p in run.glob("checkpoint_emergency_*.pth")] == (["checkpoint_emergency_00000002.pth"]
+                                                                       if halt else [])
+    assert bool(list(run.glob("checkpoint_final_*.pth"))) is not halt
+    log = (run / "train.log").read_text()
+    assert "not learning (injected)" in log and ("halting on anomaly" in log) is halt
+
+
 def test_resume_is_exact_with_ibot(processed_root, tmp_path):
     from test_train import assert_same_state, final_weights
 

@@ -40,41 +40,50 @@ class InTrainingChecks:
                 "probe": bool(w.probe_every) and step % w.probe_every == 0,
                 "monitor": bool(w.monitor_every) and step % w.monitor_every == 0}
 
-    def run(self, step: int, throughput=None, *, start: bool = False) -> None:
-        """The checks due at `step`. Every RNG is put back afterwards: what the checks draw,
-        and what the libraries they import on first use draw (scikit-learn's import draws
-        from Python's `random`), must not depend on where a run was resumed."""
+    def run(self, step: int, throughput=None, *, start: bool = False) -> bool:
+        """The checks due at `step`; True where an alarm of theirs asks the run to halt
+        (`--halt-on-anomaly`; its emergency checkpoint is saved). Every RNG is put back
+        afterwards: what the checks draw, and what the libraries they import on first use
+        draw (scikit-learn's import draws from Python's `random`), must not depend on where
+        a run was resumed."""
         due = self.due(step, start=start)
         if not any(due.values()):
-            return
+            return False
         t = self.t
         rng = capture_rng_state(t.device)
+        halt = False
         try:
             backbone = t.ssl.inference_backbone(on_this_rank=t.dist.is_main)
             if due["eval"]:
-                self._evaluate(backbone, step)
+                halt = self._evaluate(backbone, step)
             if due["probe"] and t.dist.is_main:
                 guarded(self._probe, step, backbone, step)
             if due["monitor"] and t.dist.is_main:
                 guarded(self._monitor, step, backbone, step, throughput.steps_per_s, throughput.samples_per_s)
         finally:
             restore_rng_state(rng, t.device)
+        return halt
 
-    def _evaluate(self, backbone, step: int) -> None:
+    def _evaluate(self, backbone, step: int) -> bool:
+        """The in-training retrieval and the alarms it feeds (collapse by effective rank, not
+        learning); True where one asks the run to halt. The figures reach every rank, so every
+        rank decides alike and takes part in the emergency save."""
         t = self.t
         result = guarded(self._retrieval, step, backbone, step) if t.dist.is_main and t.val_dataset is not None else None
         erank, mean_rank, n = broadcast_object((result["effective_rank"], result["mean_rank"], result["n"])
                                                if result else (None, None, None))
         if erank is None:
-            return
+            return False
         guard = t.parts.guard
-        collapsed = [a for a in guard.check(step, None, erank=erank) if a.kind == "collapse"]
-        if respond(guard, collapsed, log, t.metrics)[0]:
+        found = [a for a in guard.check(step, None, erank=erank) if a.kind == "collapse"]
+        found += [a for a in [guard.check_retrieval(step, mean_rank, n)] if a is not None]
+        wants_checkpoint, halt = respond(guard, found, log, t.metrics)
+        if wants_checkpoint or halt:
             t.save("emergency")
-        respond(guard, [a for a in [guard.check_retrieval(step, mean_rank, n)] if a is not None], log, t.metrics)
         note = guard.retrieval.off_note(n) if step == 0 and guard.retrieval is not None else None
         if note:
             log.info(note)
+        return halt
 
     def _retrieval(self, backbone, step: int) -> dict:
         from dinox.observe.monitor_hook import run_retrieval

@@ -243,14 +243,13 @@ class Trainer:
             wants_checkpoint, halt = respond(guard, anomalies, log, self.metrics)
             if wants_checkpoint or halt:
                 self.save("emergency")
+            try:  # a stop saves first: a scheduler's grace period may not cover an eval
+                halt = halt or (not result.stop_requested and self.checks.run(step, throughput))
+            except DataChanged as exc:
+                self._halt_data_changed(exc)
             if halt:
                 log.error("halting on anomaly (--halt-on-anomaly); resume with --resume auto")
                 return EXIT_ANOMALY
-            try:  # a stop saves first: a scheduler's grace period may not cover an eval
-                if not result.stop_requested:
-                    self.checks.run(step, throughput)
-            except DataChanged as exc:
-                self._halt_data_changed(exc)
             if o.max_steps is not None and step >= o.max_steps:
                 break
             if step % cfg.io.ckpt_every == 0 or result.stop_requested:
