@@ -16,9 +16,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="index CSV (default: the run's own on its root, else <data-root>/_index/index.csv)")
     p.add_argument("--split-manifest", type=path_text, help="split JSON (default: the run's own on its root, else "
                                                             "<data-root>/_splits/val10_seed0.json)")
-    p.add_argument("--split", default="val", choices=["val", "train", "all"])
-    p.add_argument("--network", choices=["teacher", "student"], default="teacher")
-    p.add_argument("--device", default="auto", choices=["auto", "cuda", "rocm", "mps", "cpu"])
+    p.add_argument("--split", default="val", choices=["val", "train", "all"],
+                   help="the split side the fixed slices are drawn from (default val)")
+    p.add_argument("--network", choices=["teacher", "student"], default="teacher",
+                   help="the backbone read: the EMA teacher (what DINO evaluates; default) or the student")
+    p.add_argument("--device", default="auto", choices=["auto", "cuda", "rocm", "mps", "cpu"],
+                   help="auto: a GPU (CUDA, ROCm) or Apple MPS where present, else the CPU")
     p.add_argument("--out", type=path_text,
                    help="run folder to write monitor/step_%%08d_cli/ into (default: the checkpoint's)")
     p.set_defaults(func=run)
