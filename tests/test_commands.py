@@ -167,6 +167,25 @@ def test_eval_script_exit_code_from_a_shell(trained_run, processed_root, tmp_pat
     assert "FAIL" in proc.stdout
 
 
+def test_heatmaps_say_which_checkpoint_step_and_slices_they_show(trained_run, tmp_path, monkeypatch):
+    """heatmap.png files of many steps and runs get compared side by side: each names its
+    checkpoint (or run), step and the series and slice of every row."""
+    import matplotlib.axes
+    import matplotlib.figure
+
+    said = []
+    for cls, name in ((matplotlib.figure.Figure, "suptitle"), (matplotlib.axes.Axes, "set_title")):
+        real = getattr(cls, name)
+        monkeypatch.setattr(cls, name, lambda obj, text, *a, _real=real, **kw:
+                            said.append(text) or _real(obj, text, *a, **kw))
+    final = trained_run / "checkpoint_final_00000004.pth"
+    assert main(["monitor", "--checkpoint", str(final), "--out", str(tmp_path), "--device", "cpu",
+                 "--split", "train"]) == 0
+    assert f"{trained_run.name}/{final.name}, step 4 (cli, train)" in said
+    rows = [t for t in said if t.startswith("input: series ")]
+    assert rows and all(", slice " in t and len(t) < 60 for t in rows), rows
+
+
 def test_monitor_command_writes_heatmaps(trained_run, processed_root, tmp_path, capsys):
     final = trained_run / "checkpoint_final_00000004.pth"
     # training's own outputs of that step (its throughput in health.json) are never touched

@@ -40,7 +40,8 @@ def run(args) -> int:
     dataset = CTSliceDataset(root, args.split, manifest, index_csv, context_mm=cfg.views.context_mm)
     run_dir = Path(args.out) if args.out else Path(args.checkpoint).parent
     out_dir = run_monitor(evaluation.backbone, dataset, run_dir, evaluation.step, evaluation.device,
-                          augment_cfg=cfg.views.to_augment(), out_dim=cfg.model.out_dim, tags=_tags(args, evaluation))
+                          augment_cfg=cfg.views.to_augment(), out_dim=cfg.model.out_dim, tags=_tags(args, evaluation),
+                          source=f"{Path(args.checkpoint).parent.name}/{Path(args.checkpoint).name}")
     (out_dir / "inputs.json").write_text(json.dumps({
         "checkpoint": str(args.checkpoint), "network": args.network, "split": args.split,
         "data_root": str(root), "split_manifest": str(manifest) if manifest else None,

@@ -70,7 +70,8 @@ def _save_png(fig, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _plot_heatmaps(slices, norm_maps, attn_maps, out: Path) -> None:
+def _plot_heatmaps(slices, norm_maps, attn_maps, out: Path, heading: str | None = None,
+                   row_names: list[str] | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -82,7 +83,7 @@ def _plot_heatmaps(slices, norm_maps, attn_maps, out: Path) -> None:
         img = slices[r]
         ax = axes[r]
         ax[0].imshow(img, cmap="gray", vmin=0, vmax=1)
-        ax[0].set_title("input (centre slice)")
+        ax[0].set_title(f"input: {row_names[r]}" if row_names else "input (centre slice)")
         for a, hmap, title in ((ax[1], norm_maps[r], "patch-token L2 norm"),
                                (ax[2], attn_maps[r] if attn_maps is not None else None,
                                 "last-layer CLS attention (mean over heads)")):
@@ -96,6 +97,8 @@ def _plot_heatmaps(slices, norm_maps, attn_maps, out: Path) -> None:
             a.set_title(title)
         for a in ax:
             a.axis("off")
+    if heading:
+        fig.suptitle(heading, fontsize=13)
     fig.tight_layout()
     _save_png(fig, out / "heatmap.png")
     plt.close(fig)
@@ -142,7 +145,8 @@ def write_monitor_outputs(backbone: torch.nn.Module, stack_hu: torch.Tensor, out
                           augment_cfg: AugmentConfig | None = None,
                           embeddings_batch: torch.Tensor | None = None,
                           preprocess: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                          max_rows: int = 4, autocast_dtype: torch.dtype | None = None) -> dict:
+                          max_rows: int = 4, autocast_dtype: torch.dtype | None = None,
+                          heading: str | None = None, row_names: list[str] | None = None) -> dict:
     """Write input.png, heatmap.png and stats.json for one stack (or a few) into `out_dir`.
 
     stack_hu: (3, H, W) or (B, 3, H, W) raw HU (any dtype). It is resized to a multiple of
@@ -154,6 +158,8 @@ def write_monitor_outputs(backbone: torch.nn.Module, stack_hu: torch.Tensor, out
     collapse statistic) to stats.json.
     autocast_dtype: run the forward passes under torch.autocast with this dtype (the
     training precision; saves memory for large models); statistics are computed in float32.
+    heading: heatmap.png's title (which run and step: PNGs of many steps get compared side
+    by side); row_names: each stack's name (its series and slice).
     Returns the stats dict written to stats.json.
     """
     out = Path(out_dir)
@@ -195,7 +201,7 @@ def write_monitor_outputs(backbone: torch.nn.Module, stack_hu: torch.Tensor, out
     slices = window_unit(hu[:rows, 1], *window).cpu().numpy()
     norm_maps = _to_grid(norms[:rows], gh, gw, (h, w)).cpu().numpy()
     attn_maps = _to_grid(attn[:rows], gh, gw, (h, w)).cpu().numpy() if attn is not None else None
-    _plot_heatmaps(slices, norm_maps, attn_maps, out)
+    _plot_heatmaps(slices, norm_maps, attn_maps, out, heading, row_names[:rows] if row_names else None)
 
     patch_stats = embedding_stats(patches)
     stats = {

@@ -27,6 +27,11 @@ def monitor_samples(dataset) -> list[int]:
     return picks
 
 
+def _short(series_id: str, keep: int = 16) -> str:
+    """A series id short enough for a plot title: a DICOM UID's distinctive tail."""
+    return series_id if len(series_id) <= keep + 1 else "…" + series_id[-keep:]
+
+
 def monitor_folder_name(step: int, tags=()) -> str:
     """monitor/step_{step:08d}, plus what sets the outputs apart from training's own (`dinox
     monitor` adds cli, and another split, network or root), so that they never overwrite those."""
@@ -34,14 +39,18 @@ def monitor_folder_name(step: int, tags=()) -> str:
 
 
 def run_monitor(backbone, dataset, run_dir: Path, step: int, device, *, augment_cfg, out_dim=None,
-                steps_per_s=None, samples_per_s=None, autocast_dtype=None, tags=()) -> Path:
-    """Monitor outputs with the run's own preprocessing (`augment_cfg`, an AugmentConfig)."""
+                steps_per_s=None, samples_per_s=None, autocast_dtype=None, tags=(), source: str | None = None) -> Path:
+    """Monitor outputs with the run's own preprocessing (`augment_cfg`, an AugmentConfig);
+    `source` names what heatmap.png shows (default: the run folder's name)."""
     out_dir = Path(run_dir) / "monitor" / monitor_folder_name(step, tags)
-    stacks = pad_collate([dataset[i] for i in monitor_samples(dataset)])
+    picks = monitor_samples(dataset)
+    stacks = pad_collate([dataset[i] for i in picks])
     stats_batch = pad_collate([dataset[i] for i in spread_sample(dataset.series_ranges(), STATS_SAMPLES, seed=0)])
+    names = [f"series {_short(series)}, slice {z}" for series, z in (dataset.locate(i) for i in picks)]
+    heading = f"{source or 'run ' + Path(run_dir).name}, step {step}" + (f" ({', '.join(tags)})" if tags else "")
     stats = write_monitor_outputs(
         backbone, stacks, out_dir, img_size=augment_cfg.global_size, augment_cfg=augment_cfg,
-        embeddings_batch=stats_batch, autocast_dtype=autocast_dtype,
+        embeddings_batch=stats_batch, autocast_dtype=autocast_dtype, heading=heading, row_names=names,
     )
     metrics_file = Path(run_dir) / "metrics.jsonl"
     if metrics_file.exists():
