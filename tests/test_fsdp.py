@@ -327,7 +327,7 @@ def test_a_nonfinite_halt_is_reported_once_with_its_checkpoint(processed_root, t
     halted = [line for line in log.splitlines() if "training halted; emergency checkpoint" in line]
     assert len(halted) == 1, halted
     emergency = [p.name for p in only_run(out).glob("checkpoint_emergency_*.pth")]
-    assert emergency and halted[0].endswith(emergency[0]), (halted, emergency)
+    assert emergency and f"/{emergency[0]};" in halted[0], (halted, emergency)
     assert log.count("non-finite loss: diagnostics") == 1
 
 

@@ -339,10 +339,12 @@ def test_collapse_saves_emergency_checkpoint(processed_root, tmp_path, monkeypat
 
     monkeypatch.setattr(loop.Trainer, "train_step", collapsing)
     out = tmp_path / "runs"
-    assert main(train_args(processed_root, out, "--max-steps", "5", "--batch-size", "4")) == 0
+    assert main(train_args(processed_root, out, "--max-steps", "14", "--batch-size", "4")) == 0
     printed = capsys.readouterr().out
-    assert "collapse" in printed.lower()
-    assert (only_run(out) / "checkpoint_emergency_00000004.pth").exists()
+    assert printed.lower().count("feature collapse") == 1
+    # the guard judges the mean of the last 10 readings: steps 1-3 read 0.5, so the first
+    # window of collapsed readings only (steps 4-13) ends at step 13
+    assert [p.name for p in only_run(out).glob("checkpoint_emergency_*.pth")] == ["checkpoint_emergency_00000013.pth"]
 
 
 def test_missing_data_is_a_one_line_error(tmp_path, capsys):
