@@ -158,14 +158,17 @@ def test_the_trainers_guard_judges_the_step_std_over_a_window_not_one_noisy_read
     from dinox.config import resolve
     from dinox.observe.anomaly import build_guard
 
-    guard = build_guard(resolve({"config": "vit-tiny", "max_steps": 200}, hardware_preset="cpu").cfg)
-    for step, std in enumerate(HEALTHY_BATCH8_STDS, start=70):
+    guard = build_guard(resolve({"config": "vit-tiny", "max_steps": 300}, hardware_preset="cpu").cfg)
+    assert guard.collapse_grace_steps <= 110
+    for step in range(100, 110):   # healthy once (a window mean at twice the line), past the grace
+        assert guard.check(step, 12.0, emb_std=0.03) == []
+    for step, std in enumerate(HEALTHY_BATCH8_STDS, start=110):   # single readings below the line
         assert guard.check(step, 12.0, emb_std=std) == [], (step, std)
     assert not guard.collapse_active
-    found = [a for step in range(100, 112) for a in guard.check(step, 12.0, emb_std=0.004)]
+    found = [a for step in range(140, 152) for a in guard.check(step, 12.0, emb_std=0.004)]
     assert [a.kind for a in found] == ["collapse"]          # a sustained fall: reported, once
     assert "mean of the last 10 steps" in found[0].message
-    resumed = build_guard(resolve({"config": "vit-tiny", "max_steps": 200}, hardware_preset="cpu").cfg)
+    resumed = build_guard(resolve({"config": "vit-tiny", "max_steps": 300}, hardware_preset="cpu").cfg)
     resumed.load_state_dict(guard.state_dict())
     assert list(resumed.std_readings) == list(guard.std_readings) and resumed.collapse_active
 

@@ -167,6 +167,15 @@ def test_eval_script_exit_code_from_a_shell(trained_run, processed_root, tmp_pat
     assert "FAIL" in proc.stdout
 
 
+def test_the_light_commands_offer_the_networks_and_devices_the_loaders_take():
+    """eval and monitor build their parsers without torch, from argtypes' own lists."""
+    from dinox.commands.argtypes import DEVICE_CHOICES, NETWORK_CHOICES
+    from dinox.config import DEVICE_CHOICES as config_devices
+    from dinox.eval.load import NETWORKS
+
+    assert tuple(NETWORK_CHOICES) == tuple(NETWORKS) and tuple(DEVICE_CHOICES) == tuple(config_devices)
+
+
 def test_heatmaps_say_which_checkpoint_step_and_slices_they_show(trained_run, tmp_path, monkeypatch):
     """heatmap.png files of many steps and runs get compared side by side: each names its
     checkpoint (or run), step and the series and slice of every row."""

@@ -119,7 +119,8 @@ def test_a_patient_on_both_sides_of_the_manifest_is_refused(root):
     index = path / "_index" / "index.csv"
     index.write_text(index.read_text().replace("pat-c", "pat-a"))
     for side in ("train", "val"):
-        with pytest.raises(UserError, match=r"puts 1 patient\(s\) on both train and val \(e\.g\. patient pat-a"):
+        with pytest.raises(UserError, match=r"puts 1 patient\(s\) on both train and val \(e\.g\. series a in train and c in val are "
+                                                 r"patient pat-a by the index's patient_id"):
             CTSliceDataset(path, split=side)
     index.write_text(index.read_text().replace(",pat-a,volumes/c", ",,volumes/c"))   # unknown patient
     assert CTSliceDataset(path, split="val").series_ids == ["c"]

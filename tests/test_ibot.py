@@ -167,7 +167,7 @@ def test_injected_uniform_teacher_raises_the_entropy_wall(processed_root, tmp_pa
 @pytest.mark.parametrize("halt", [False, True])
 def test_an_alarm_of_the_in_training_eval_halts_with_halt_on_anomaly(processed_root, tmp_path, monkeypatch, halt):
     """The eval's alarms (collapse by effective rank, not learning) follow --halt-on-anomaly
-    as the step's alarms do: they used to be logged and the run went on regardless."""
+    as the step's alarms do, and the run's last line names them either way."""
     from dinox.observe.anomaly import Anomaly, RetrievalProgress
     from dinox.run.signals import EXIT_ANOMALY
 
@@ -185,6 +185,9 @@ def test_an_alarm_of_the_in_training_eval_halts_with_halt_on_anomaly(processed_r
     assert bool(list(run.glob("checkpoint_final_*.pth"))) is not halt
     log = (run / "train.log").read_text()
     assert "not learning (injected)" in log and ("halting on anomaly" in log) is halt
+    last = [line for line in log.splitlines() if "halting on anomaly" in line or "training finished" in line]
+    assert len(last) == 1 and last[0].endswith("alarms during the run: not_learning at step 2 (train.log has what "
+                                               "each said)"), last
 
 
 def test_resume_is_exact_with_ibot(processed_root, tmp_path):

@@ -736,6 +736,17 @@ def test_a_nifti_orientation_in_doubt_is_noted(tmp_path):
     np.testing.assert_array_equal(volume(tmp_path / "out", "both"), hu)
 
 
+def test_copies_of_one_scan_split_as_one_patient_even_without_the_first_copy():
+    """An index of the user's own may lack the group's first copy: the others still merge."""
+    from dinox.data.splits import same_scan_patients
+
+    patients = {"a": "P1", "b": "P2", "c": "P3", "d": "P4"}
+    assert same_scan_patients(patients, [["a", "b", "c"]]) == {"a": "P1", "b": "P1", "c": "P1", "d": "P4"}
+    assert same_scan_patients({k: v for k, v in patients.items() if k != "a"}, [["a", "b", "c"]]) == \
+        {"b": "P2", "c": "P2", "d": "P4"}
+    assert same_scan_patients(patients, [["x", "y"], "not a group"]) == patients
+
+
 def test_a_scan_as_dicom_and_as_its_nifti_conversion_stays_on_one_side_of_the_split(tmp_path):
     """dcm2niix writes its NIfTI into the series' folder: named for another patient, the copy
     could sit on the other side of the split from its DICOM series, and validation would
@@ -766,5 +777,6 @@ def test_a_scan_as_dicom_and_as_its_nifti_conversion_stays_on_one_side_of_the_sp
     own = tmp_path / "own_split.json"   # a split of the user's own that parts one scan's copies
     own.write_text(json.dumps({"train": ["1.2.3.0", *(f"converted{k}" for k in range(1, 8))],
                                "val": ["converted0", *(f"1.2.3.{k}" for k in range(1, 8))]}))
-    with pytest.raises(UserError, match=r"puts 8 patient\(s\) on both train and val .*copies of one scan"):
+    with pytest.raises(UserError, match=r"puts 8 patient\(s\) on both train and val \(e\.g\. series "
+                                           r"1\.2\.3\.0 in train and converted0 in val .*copies of one scan"):
         CTSliceDataset(out, "train", own)

@@ -17,7 +17,7 @@ from dinox.commands.argtypes import step_budget
 from dinox.config import UNLIMITED_STEPS, resolve
 from dinox.observe.metrics import lines_until
 from dinox.run import checkpoint as ck
-from dinox.run.logging import console, setup_logging
+from dinox.run.logging import close_file_logging, console, setup_logging
 from dinox.run.schedules import UNLIMITED_MOMENTUM_END
 from dinox.train.optim import Schedules
 from dinox.train.runs import find_checkpoint
@@ -88,6 +88,7 @@ def test_a_console_that_went_away_does_not_stop_the_run(tmp_path, monkeypatch):
         assert "step=  10 loss=1.0" in log and "step=  11 loss=0.9" in log
     finally:
         monkeypatch.undo()
+        close_file_logging()
         setup_logging(None)
 
 
@@ -147,6 +148,7 @@ def test_train_log_holds_the_console_lines_once_and_the_console_has_no_timestamp
         for h in logging.getLogger("dinox").handlers:
             h.flush()
     finally:
+        close_file_logging()
         setup_logging(None)
     out = capsys.readouterr().out.splitlines()
     assert out == ["step=    10 loss=1.0000 lr=1.0e-03",

@@ -297,7 +297,8 @@ def test_a_manifest_with_a_patient_on_both_sides_is_refused(tmp_path):
     series = {"s0": "p0", "s1": "p0", "s2": "p1", "s3": "p2"}
     manifest = tmp_path / "m.json"
     manifest.write_text(json.dumps({"train": ["s0", "s2"], "val": ["s1", "s3"]}))
-    with pytest.raises(UserError, match=r"puts 1 patient\(s\) on both train and val \(e\.g\. patient p0"):
+    with pytest.raises(UserError, match=r"puts 1 patient\(s\) on both train and val \(e\.g\. series s0 in "
+                                           r"train and s1 in val are patient p0 "):
         probe.choose_split(_labels_for(series, list(series)), series, mode="auto", manifest=manifest)
 
 

@@ -511,7 +511,7 @@ def test_a_layout_no_flag_sets_is_answered_with_the_preset_that_has_it(hf_folder
                              img_size=IMG)
     msg = one_line_error(lambda: weights.load_pretrained(folder, tiny), "requested architecture")
     preset = re.search(r"train with --config (dinov3-[\w]+) --registers 4 and --vit-depth, --vit-dim, "
-                       r"--vit-heads, --vit-mlp / --swiglu, --vit-patch set to its shape$", msg)
+                       r"--vit-heads, --vit-mlp / --swiglu, --vit-patch set to the weights' shape$", msg)
     assert preset, msg
     source = dinox_arch(case)
     followed = resolve_arch(preset.group(1), patch=source.patch_size, dim=source.embed_dim, depth=source.depth,

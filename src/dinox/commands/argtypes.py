@@ -67,3 +67,18 @@ def path(text: str) -> Path:
     if not text.strip():
         raise argparse.ArgumentTypeError("expected a path, got an empty string")
     return Path(text)
+
+
+# The networks a checkpoint holds and the devices a command runs on, for the light commands'
+# parsers (eval, monitor), which must not import torch to build them; the same lists as
+# dinox.eval.load.NETWORKS and dinox.config.DEVICE_CHOICES (tests/test_commands.py checks).
+NETWORK_CHOICES = ("teacher", "student")
+DEVICE_CHOICES = ("auto", "cuda", "rocm", "mps", "cpu")
+
+
+def add_network_and_device(p: argparse.ArgumentParser) -> None:
+    """--network (the backbone read) and --device, as every evaluating command takes them."""
+    p.add_argument("--network", choices=NETWORK_CHOICES, default="teacher",
+                   help="the backbone read: the EMA teacher (what DINO evaluates; default) or the student")
+    p.add_argument("--device", default="auto", choices=DEVICE_CHOICES,
+                   help="auto: a GPU (CUDA, ROCm) or Apple MPS where present, else the CPU")

@@ -19,7 +19,7 @@ import json
 import tempfile
 from pathlib import Path
 
-from dinox.commands.argtypes import float_at_least, nonneg_int, path_text, positive_int
+from dinox.commands.argtypes import add_network_and_device, float_at_least, nonneg_int, path_text, positive_int
 from dinox.data.layout import atomic_write_text
 from dinox.errors import UserError
 
@@ -63,10 +63,7 @@ def add_retrieval_arguments(p: argparse.ArgumentParser) -> None:
                         "(x_untrained, with a paired 95 %% interval over the draws)")
     p.add_argument("--min-x-untrained", type=float_at_least(0), default=None,
                    help="also require x_untrained >= this to pass (implies --untrained; the demo asks 3)")
-    p.add_argument("--network", choices=["teacher", "student"], default="teacher",
-                   help="the backbone read: the EMA teacher (what DINO evaluates; default) or the student")
-    p.add_argument("--device", default="auto", choices=["auto", "cuda", "rocm", "mps", "cpu"],
-                   help="auto: a GPU (CUDA, ROCm) or Apple MPS where present, else the CPU")
+    add_network_and_device(p)
     p.add_argument("--batch-size", type=positive_int, default=128)
     p.add_argument("--out", type=path_text, help="folder for the JSON (default: beside the checkpoint)")
 
@@ -89,12 +86,9 @@ def add_probe_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"pass line on slice_nodule and patch_nodule (default {probe.DEFAULT_MIN_AUROC})")
     p.add_argument("--min-readers", type=positive_int, default=probe.MIN_READERS,
                    help=f"readers who must mark a nodule for it to count (default {probe.MIN_READERS} of LIDC's 4)")
-    p.add_argument("--network", choices=["teacher", "student"], default="teacher",
-                   help="the backbone read: the EMA teacher (what DINO evaluates; default) or the student")
     p.add_argument("--seed", type=nonneg_int, default=PROBE_DEFAULTS["seed"],
                    help="seed of the patient split, the patch draw and the bootstrap")
-    p.add_argument("--device", default="auto", choices=["auto", "cuda", "rocm", "mps", "cpu"],
-                   help="auto: a GPU (CUDA, ROCm) or Apple MPS where present, else the CPU")
+    add_network_and_device(p)
     p.add_argument("--batch-size", type=positive_int, default=64)
     p.add_argument("--max-slices", type=positive_int, default=probe.DEFAULT_MAX_SLICES,
                    help=f"slices embedded at most (positives first; default {probe.DEFAULT_MAX_SLICES})")

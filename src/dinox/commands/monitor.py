@@ -5,7 +5,7 @@ import argparse
 import json
 from pathlib import Path
 
-from dinox.commands.argtypes import path_text
+from dinox.commands.argtypes import add_network_and_device, path_text
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -18,10 +18,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                                                             "<data-root>/_splits/val10_seed0.json)")
     p.add_argument("--split", default="val", choices=["val", "train", "all"],
                    help="the split side the fixed slices are drawn from (default val)")
-    p.add_argument("--network", choices=["teacher", "student"], default="teacher",
-                   help="the backbone read: the EMA teacher (what DINO evaluates; default) or the student")
-    p.add_argument("--device", default="auto", choices=["auto", "cuda", "rocm", "mps", "cpu"],
-                   help="auto: a GPU (CUDA, ROCm) or Apple MPS where present, else the CPU")
+    add_network_and_device(p)
     p.add_argument("--out", type=path_text,
                    help="run folder to write monitor/step_%%08d_cli/ into (default: the checkpoint's)")
     p.set_defaults(func=run)
@@ -41,7 +38,7 @@ def run(args) -> int:
     run_dir = Path(args.out) if args.out else Path(args.checkpoint).parent
     out_dir = run_monitor(evaluation.backbone, dataset, run_dir, evaluation.step, evaluation.device,
                           augment_cfg=cfg.views.to_augment(), out_dim=cfg.model.out_dim, tags=_tags(args, evaluation),
-                          source=f"{Path(args.checkpoint).parent.name}/{Path(args.checkpoint).name}")
+                          source="/".join(Path(args.checkpoint).resolve().parts[-2:]))
     (out_dir / "inputs.json").write_text(json.dumps({
         "checkpoint": str(args.checkpoint), "network": args.network, "split": args.split,
         "data_root": str(root), "split_manifest": str(manifest) if manifest else None,

@@ -201,7 +201,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                    help="steps between frozen-feature nodule probes (Eval/Probe_*; needs labels; 0 off)")
     g.add_argument("--log-interval", type=float, help="seconds between progress lines (10)")
     g.add_argument("--log-every", type=positive_int, help="steps between metrics.jsonl/TensorBoard rows (1)")
-    g.add_argument("--halt-on-anomaly", action=argparse.BooleanOptionalAction, default=None, help="stop on a loss spike too")
+    g.add_argument("--halt-on-anomaly", action=argparse.BooleanOptionalAction, default=None,
+                   help="stop (emergency checkpoint, exit 5) on any alarm: loss spike, collapse, entropy wall, "
+                        "not learning (a non-finite loss always stops)")
     g.add_argument("--collapse-std", type=float_at_least(0, inclusive=False), help="embedding std (mean of the last 10 steps) below which collapse is flagged (0.01)")
     g.add_argument("--spike-factor", type=float, help="loss above this x its 10-step mean is a spike (2.0)")
 

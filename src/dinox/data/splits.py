@@ -32,9 +32,8 @@ def same_scan_patients(series_patient: dict[str, str], same_scans) -> dict[str, 
     on one copy would score the other's training."""
     merged = dict(series_patient)
     for group in same_scans or ():
-        if not isinstance(group, list) or not group or group[0] not in merged:
-            continue
-        merged.update((str(sid), merged[group[0]]) for sid in group[1:] if str(sid) in merged)
+        present = [str(sid) for sid in group if str(sid) in merged] if isinstance(group, list) else []
+        merged.update((sid, merged[present[0]]) for sid in present[1:])   # an index may lack the first copy
     return merged
 
 
@@ -186,8 +185,10 @@ def read_split_manifest(manifest, patient_of: dict[str, str], index_csv=None,
                         f"or remove them from one side")
     shared = patient_overlap(sides, patient_of)
     if shared:
-        raise UserError(f"{manifest} puts {len(shared)} patient(s) on both train and val (e.g. patient "
-                        f"{shared[0]}, by the index's patient_id, copies of one scan counting as one "
-                        f"patient): validation would score a patient the model trained on; re-run "
-                        f"`dinox prep` to split by patient")
+        train_sid, val_sid = (next(s for s in sides[side] if patient_of.get(s) == shared[0]) for side in ("train", "val"))
+        raise UserError(f"{manifest} puts {len(shared)} patient(s) on both train and val (e.g. series {train_sid} "
+                        f"in train and {val_sid} in val are patient {shared[0]} by the index's patient_id, or "
+                        f"copies of one scan by prep_report.json's same_scans): validation would score a "
+                        f"patient the model trained on; list each patient's series on one side, or use the "
+                        f"split `dinox prep` writes")
     return sides

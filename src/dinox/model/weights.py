@@ -203,7 +203,7 @@ def check_arch(src: Imported, target: ViTArch) -> None:
     if base is not None:   # the layout (RoPE, LayerNorm eps...) comes with a preset only
         base_sig = _signature(dataclasses.replace(PRESETS[base], num_registers=src.arch.num_registers))
         fixes = sorted({_FIXES[k] for k, v in _signature(src.arch).items() if k in _FIXES and base_sig[k] != v})
-        hint = f"--config {base}{registers}" + (f" and {', '.join(fixes)} set to its shape" if fixes else "")
+        hint = f"--config {base}{registers}" + (f" and {', '.join(fixes)} set to the weights' shape" if fixes else "")
     else:
         hint = (f"--config {preset}" if preset else "the matching --vit-* flags") + registers
         if fixes:

@@ -44,6 +44,7 @@ from typing import Any, Literal
 
 from dinox.config import BASE_RECIPE, prototypes_for_batch
 from dinox.data.dataset import slice_gap
+from dinox.observe.metrics import MetricsUnwritable, tensorboard_tag
 
 AnomalyKind = Literal["loss_spike", "collapse", "nonfinite", "entropy_wall", "not_learning"]
 Severity = Literal["warning", "critical", "fatal"]
@@ -183,7 +184,8 @@ class AnomalyGuard:
         healthy: dict[str, bool] = {}
         emb_std = self._std_judged(emb_std)
         if emb_std is not None:
-            over = f" (mean of the last {len(self.std_readings)} steps)" if len(self.std_readings) > 1 else ""
+            over = (f" (mean of the last {len(self.std_readings)} steps)"
+                    if len(self.std_readings) > 1 and math.isfinite(emb_std) else "")
             if not math.isfinite(emb_std) or emb_std < self.std_threshold:
                 reasons["std"] = f"embedding std {emb_std:.3g}{over} < {self.std_threshold:g}"
             healthy["std"] = math.isfinite(emb_std) and emb_std >= HEALTHY_MARGIN * self.std_threshold
@@ -493,14 +495,9 @@ def entropy_wall_advice(cfg, world_size: int = 1) -> str:
     return "; ".join(tips)  # empty: EntropyWall points to the user guide instead
 
 
-def anomaly_tag(kind: str) -> str:
-    """The metrics name of an alarm: `Anomaly/Loss_Spike`, `Anomaly/Collapse`, ..."""
-    return "Anomaly/" + "_".join(w.capitalize() for w in kind.split("_"))
-
-
 def respond(guard: AnomalyGuard, anomalies: list[Anomaly], logger, metrics=None) -> tuple[bool, bool]:
     """The policy of what anomalies trigger: log each at its level, mark it in the metrics
-    (`anomaly_tag` = 1 at its step: a point on TensorBoard's plots and a metrics.jsonl row)
+    (`Anomaly/<Kind>` = 1 at its step: a point on TensorBoard's plots and a metrics.jsonl row)
     and keep it for the run's last line (`guard.summary`); returns (save an emergency
     checkpoint, halt). A collapse always gets a checkpoint for the post-mortem (so does the
     entropy wall: every critical anomaly); halting follows `guard.should_halt` (fatal always,
@@ -510,7 +507,13 @@ def respond(guard: AnomalyGuard, anomalies: list[Anomaly], logger, metrics=None)
         logger.log(anomaly.level, anomaly.message)
         guard.raised.append((anomaly.kind, int(anomaly.step)))
         if metrics is not None:
-            metrics.log(anomaly.step, {anomaly_tag(anomaly.kind): 1.0})
+            # A full disk here must not skip the emergency save below (nor, under torchrun, take
+            # rank 0 alone out of that collective save): the run's own metrics rows meet it too,
+            # and halt the run with a save.
+            try:
+                metrics.log(anomaly.step, {tensorboard_tag(anomaly.kind, prefix="Anomaly"): 1.0})
+            except MetricsUnwritable:
+                pass
         checkpoint = checkpoint or anomaly.wants_checkpoint
         halt = halt or guard.should_halt(anomaly)
     return checkpoint, halt

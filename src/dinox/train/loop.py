@@ -248,14 +248,14 @@ class Trainer:
             except DataChanged as exc:
                 self._halt_data_changed(exc)
             if halt:
-                log.error("halting on anomaly (--halt-on-anomaly); resume with --resume auto")
+                log.error("halting on anomaly (--halt-on-anomaly); resume with --resume auto%s", guard.summary())
                 return EXIT_ANOMALY
             if o.max_steps is not None and step >= o.max_steps:
                 break
             if step % cfg.io.ckpt_every == 0 or result.stop_requested:
                 self.save("periodic")
             if result.stop_requested:
-                log.info("stopped at step %d; continue with --resume auto", step)
+                log.info("stopped at step %d; continue with --resume auto%s", step, guard.summary())
                 return self.stop.exit_code
 
         with self.stop.writing():
