@@ -207,3 +207,20 @@ def test_alarms_are_marked_in_the_metrics_and_named_in_the_runs_last_line(tmp_pa
     resumed.load_state_dict(guard.state_dict())
     assert resumed.summary() == guard.summary() == ("; alarms during the run: loss_spike at step 4, collapse at step 9 "
                                                     "(train.log has what each said)")
+
+
+def test_an_alarm_on_a_full_disk_still_asks_for_its_emergency_checkpoint():
+    """The alarm's metrics mark meets the full disk first: raising there skipped the save
+    (and, under torchrun, left rank 0 alone outside the collective save)."""
+    import logging
+
+    from dinox.observe.anomaly import respond
+    from dinox.observe.metrics import MetricsUnwritable
+
+    class FullDisk:
+        def log(self, step, values):
+            raise MetricsUnwritable("no space left on the device")
+
+    guard = AnomalyGuard(std_threshold=0.01, window=3)
+    assert respond(guard, guard.check(9, 1.0, emb_std=0.001), logging.getLogger("test"), FullDisk()) == (True, False)
+    assert guard.raised == [("collapse", 9)]
