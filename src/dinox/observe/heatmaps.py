@@ -99,7 +99,7 @@ def _plot_heatmaps(slices, norm_maps, attn_maps, out: Path, heading: str | None 
             a.axis("off")
     if heading:
         fig.suptitle(heading, fontsize=13)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.3 / (4.2 * rows)) if heading else None)   # 0.3 in for the title
     _save_png(fig, out / "heatmap.png")
     plt.close(fig)
 
