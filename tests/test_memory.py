@@ -277,3 +277,21 @@ def test_dense_keys_at_a_larger_scale_count_the_teacher_s_enlarged_forward():
     off = estimate("vit-large", 64, 224, amp=True, ckpt=True, dense_teacher_scale=2)
     assert keys2.teacher_transient == gram2.teacher_transient == both.teacher_transient > dense.teacher_transient
     assert off.teacher_transient == estimate("vit-large", 64, 224, amp=True, ckpt=True).teacher_transient
+
+
+def test_a_batch_one_device_holds_is_not_answered_with_more_devices():
+    """The seed guide's `--config vit-large --batch-size 128 --grad-checkpoint` on a 4090: a
+    smaller batch with more accumulation fits the one card, so the ways out stay on it; FSDP2
+    at a smaller per-rank batch (a second GPU for the same batch) was listed first."""
+    block = (vit_param_count(patch_size=14, embed_dim=1024, depth=1, mlp_hidden_dim=4096, num_registers=4,
+                             img_size=224)
+             - vit_param_count(patch_size=14, embed_dim=1024, depth=0, mlp_hidden_dim=4096, num_registers=4,
+                               img_size=224))
+    e = estimate("vit-large", 128, 224, amp=False, ckpt=True, largest_unit_params=block, n_local=2, local_size=98)
+    assert not fits(e, RTX4090_BYTES)
+    tips = suggestions(e, RTX4090_BYTES, accumulation_steps=1)
+    assert not any("FSDP2" in t for t in tips), tips
+    batch_tip = next(t for t in tips if t.startswith("--batch-size"))
+    small = int(batch_tip.split("--batch-size ")[1].split()[0])
+    assert fits(estimate("vit-large", small, 224, amp=False, ckpt=True, largest_unit_params=block, n_local=2,
+                         local_size=98), RTX4090_BYTES)

@@ -291,7 +291,7 @@ def suggestions(estimate: MemoryEstimate, device_memory_bytes: int, *, accumulat
         out.insert(0, f"shard with FSDP2 over {world} devices: torchrun --nproc-per-node {world} ... --parallel fsdp "
                       f"(per-rank estimate {_gib(candidate.total)}; --batch-size {batch} is per rank, so the "
                       f"effective batch becomes {effective * world}; several nodes: docs/phase5_big_run.md)")
-    if world is None:
+    if world is None and not one_device_batch:   # a model too big for one device at any batch
         sharded = _smallest_sharded_fit(estimate, device_memory_bytes, headroom)
         if sharded is not None:
             devices, small, candidate = sharded
