@@ -303,3 +303,27 @@ def test_torchrun_two_processes_on_cpu(processed_root, tmp_path):
     assert "x 2 device(s) = effective 16" in stdout
     run = only_run(out)
     assert ckpt.load_checkpoint(run / "checkpoint_final_00000002.pth")["data"]["world_size"] == 2
+
+
+def test_dry_run_plans_data_parallel_ranks_and_prints_once_under_torchrun(capsys, monkeypatch):
+    """`--dry-run --world-size 4` under DDP: the plan says 4 ranks and the global batch its
+    prototypes were fitted to (the JSON said world_size 1). Under torchrun (WORLD_SIZE set)
+    rank 0 alone prints it, so `--json` stays one JSON object; every rank exits alike."""
+    flags = ["train", "--config", "vit-large", "--batch-size", "64", "--accumulation-steps", "4", "--grad-checkpoint",
+             "--amp", "--max-steps", "384", "--dry-run", "--device-memory", "24"]
+    assert main([*flags, "--world-size", "4", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["world_size"] == 4 and summary["global_batch"] == 1024 and summary["arch"]["out_dim"] == 32768
+    assert main([*flags, "--world-size", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "DDP over 4 ranks" in out and "global batch: 256 x 4 ranks = 1024" in out
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("RANK", "1")
+    assert main([*flags, "--json"]) == 0
+    assert capsys.readouterr().out == ""
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("RANK", "0")
+    assert main([*flags, "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["world_size"] == 2 and summary["global_batch"] == 512

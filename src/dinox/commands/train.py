@@ -290,9 +290,9 @@ def run(args: argparse.Namespace) -> int:
 
         src = check_init_source(cfg.io.init_from, cfg.model.arch())
         resolved.notices.append(f"--init-from {cfg.io.init_from}: {src.kind} weights of the requested shape")
-    if args.dry_run:
+    if args.dry_run:   # under torchrun every rank plans alike; rank 0 alone prints the plan
         return report_dry_run(cfg, info, preset_name, resolved.preset_lines, plan, args.json, device_notes,
-                              resolved.notices)
+                              resolved.notices, ranks=world_size, show=dist.is_main)
     if not plan["fits"]:
         raise WontFit(wont_fit_message(plan))
     in_place = source is not None and source.in_place
@@ -463,11 +463,17 @@ def wont_fit_message(plan: dict) -> str:
 
 
 def report_dry_run(cfg: RunConfig, info, preset_name, preset_lines, plan, as_json: bool,
-                   device_notes: list[str] = (), notices: list[str] = ()) -> int:
-    """Print the plan. `device_notes` (a requested --device that is missing, and what is
-    planned for instead) go to stderr as warnings, and into the JSON as "device_notices";
+                   device_notes: list[str] = (), notices: list[str] = (), *, ranks: int = 1,
+                   show: bool = True) -> int:
+    """Print the plan (`show`: False on the ranks other than 0 of a torchrun launch, which
+    return the same exit code silently). `ranks`: the processes that share each optimizer step
+    (DDP or FSDP2; the global batch). `device_notes` (a requested --device that is missing, and
+    what is planned for instead) go to stderr as warnings, and into the JSON as "device_notices";
     `notices` (what resolve() fitted to the run: prototypes, warm-ups, teacher momentum) are
     printed as notes, and into the JSON as "notices"."""
+    code = 0 if plan["fits"] else EXIT_WONT_FIT
+    if not show:
+        return code
     est, o = plan["estimate"], cfg.optim
     for line in device_notes:
         print(f"warning: {line} (plan for a card that is not here with --device-memory)", file=sys.stderr)
@@ -482,8 +488,9 @@ def report_dry_run(cfg: RunConfig, info, preset_name, preset_lines, plan, as_jso
         "effective_batch": cfg.effective_batch,
         "amp": cfg.runtime.amp,
         "grad_checkpoint": cfg.runtime.grad_checkpoint,
+        "global_batch": cfg.effective_batch * ranks,
         "parallel": cfg.runtime.parallel,
-        "world_size": plan["world_size"],
+        "world_size": ranks,
         "device": info.to_dict(),
         "hardware_preset": preset_name,
         "memory_estimate_bytes": est.as_dict(),
@@ -509,6 +516,11 @@ def report_dry_run(cfg: RunConfig, info, preset_name, preset_lines, plan, as_jso
               f"rank; {cfg.views.img_size}px; amp {cfg.runtime.amp}; grad checkpoint {cfg.runtime.grad_checkpoint}")
         if plan["world_size"] > 1:
             print(f"parallel: FSDP2 over {plan['world_size']} ranks (memory below is per rank)")
+        elif ranks > 1:
+            print(f"parallel: DDP over {ranks} ranks (whole copies on every rank; memory below is per rank)")
+        if ranks > 1:
+            print(f"global batch: {cfg.effective_batch} x {ranks} ranks = {cfg.effective_batch * ranks} per "
+                  f"optimizer step")
         print(f"memory estimate: {plan['estimate_text']}")
         print(f"device memory: {_gb(plan['device_memory_bytes'])}")
         if plan["fits"]:
@@ -517,7 +529,7 @@ def report_dry_run(cfg: RunConfig, info, preset_name, preset_lines, plan, as_jso
             print("verdict: does NOT fit; ways out:")
             for s in plan["suggestions"]:
                 print(f"  - {s}")
-    return 0 if plan["fits"] else EXIT_WONT_FIT
+    return code
 
 
 def write_config_json(run_dir: Path, cfg: RunConfig, info, preset_name, plan, provenance) -> None:
