@@ -404,3 +404,22 @@ def test_the_loader_workers_are_stopped_when_the_loop_ends(processed_root, tmp_p
     assert main(train_args(processed_root, tmp_path / "runs", "--batch-size", "4", "--num-workers", "1",
                            "--max-steps", "4", "--monitor-every", "2")) == 0
     assert seen == [[False]]
+
+
+def test_the_monitor_runs_at_the_last_step_of_a_run_shorter_than_its_cadence():
+    """The seeds' 384-step validation run at the default --monitor-every 1000 left no heatmaps,
+    health report or loss curve (the guide's "monitoring outputs SHALL be saved for Phase 6a").
+    The last step of a finite run is monitored; an unlimited run and --monitor-every 0 are not."""
+    from types import SimpleNamespace
+
+    from dinox.train.checks import InTrainingChecks
+
+    def due(step, max_steps, every=1000):
+        cfg = SimpleNamespace(watch=SimpleNamespace(eval_every=0, probe_every=0, monitor_every=every),
+                              optim=SimpleNamespace(max_steps=max_steps))
+        return InTrainingChecks(SimpleNamespace(cfg=cfg)).due(step)["monitor"]
+
+    assert due(384, 384) and not due(383, 384) and not due(100, 384)
+    assert due(1000, 5000) and due(5000, 5000) and due(1500, 1500) and not due(1400, 1500)
+    assert not due(384, None) and due(1000, None)
+    assert not due(384, 384, every=0)

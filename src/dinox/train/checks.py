@@ -33,12 +33,16 @@ class InTrainingChecks:
         self.t = trainer
 
     def due(self, step: int, *, start: bool = False) -> dict[str, bool]:
+        """The checks due at `step`. The monitor also runs at a finite run's last step, so that
+        a run shorter than --monitor-every (the 384-step validation run at the default 1000)
+        still leaves its heatmaps, health report and loss curve."""
         w = self.t.cfg.watch
         if start:
             return {"eval": bool(w.eval_every), "probe": False, "monitor": False}
         return {"eval": bool(w.eval_every) and step % w.eval_every == 0,
                 "probe": bool(w.probe_every) and step % w.probe_every == 0,
-                "monitor": bool(w.monitor_every) and step % w.monitor_every == 0}
+                "monitor": bool(w.monitor_every) and (step % w.monitor_every == 0
+                                                      or step == self.t.cfg.optim.max_steps)}
 
     def run(self, step: int, throughput=None, *, start: bool = False) -> bool:
         """The checks due at `step`; True where an alarm of theirs asks the run to halt
