@@ -327,3 +327,24 @@ def test_dry_run_plans_data_parallel_ranks_and_prints_once_under_torchrun(capsys
     assert main([*flags, "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["world_size"] == 2 and summary["global_batch"] == 512
+
+
+def test_dry_run_plans_with_the_target_s_hardware_preset(capsys):
+    """The guide's APU command (`--config vit-giant --grad-checkpoint --amp --resume auto`)
+    takes its batch from the amd395 preset (128 x 2); planned from another machine it got
+    this machine's (CPU: 32 x 1, 1024 prototypes). --hardware-preset plans with the target's."""
+    code = main(["train", "--config", "vit-giant", "--grad-checkpoint", "--amp", "--dry-run", "--json",
+                 "--hardware-preset", "amd395", "--device-memory", "128"])
+    summary = json.loads(capsys.readouterr().out)
+    assert code == 0 and summary["hardware_preset"] == "amd395"
+    assert (summary["batch_size"], summary["accumulation_steps"], summary["arch"]["out_dim"]) == (128, 2, 8192)
+    assert summary["backbone_params"] > 1e9 and summary["memory_estimate_gb"] < 0.9 * 128
+    # the seeds' cross-hardware `--config vit-large --max-steps 384` on a 4090: 64 x 4 without checkpointing
+    assert main(["train", "--config", "vit-large", "--max-steps", "384", "--dry-run", "--json",
+                 "--hardware-preset", "rtx4090", "--device-memory", "24"]) == 3
+    refused = json.loads(capsys.readouterr().out)
+    assert refused["effective_batch"] == 256 and refused["suggestions"][0].startswith("enable --grad-checkpoint")
+    for flags in (["--dry-run"], []):   # it plans only, for a card whose memory it is told
+        assert main(["train", "--config", "vit-large", "--hardware-preset", "rtx4090", *flags]) == 1
+        err = capsys.readouterr().err
+        assert "--hardware-preset rtx4090 only plans" in err and "Traceback" not in err

@@ -30,6 +30,7 @@ from dinox.data.layout import atomic_write_text
 from dinox.errors import UserError
 from dinox.model.head import PROTOTYPE_NORMS
 from dinox.run.checkpoint import CheckpointError
+from dinox.run.device import HARDWARE_PRESETS
 from dinox.run.signals import EXIT_WONT_FIT
 from dinox.train.runs import (
     ResumeSource,
@@ -210,6 +211,10 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("planning")
     g.add_argument("--dry-run", action="store_true", help="resolve, estimate memory on the meta device, exit (0 fits, 3 not)")
     g.add_argument("--json", action="store_true", help="with --dry-run: print the summary as one JSON object")
+    g.add_argument("--hardware-preset", dest="plan_preset", choices=list(HARDWARE_PRESETS), default=None,
+                   help="with --dry-run and --device-memory: plan with this hardware preset's workers, pinning "
+                        "and batch x accumulation (rtx4090 64 x 4, amd395 128 x 2, ...) instead of this "
+                        "machine's, for a card that is not here")
     g.add_argument("--world-size", "--nproc", dest="world_size", type=positive_int, default=None,
                    help="with --dry-run: plan for this many ranks (per-rank memory with --parallel fsdp); "
                         "default: this launch's (WORLD_SIZE under torchrun, else 1)")
@@ -235,6 +240,9 @@ def run(args: argparse.Namespace) -> int:
 
     if args.json and not args.dry_run:
         raise UserError("--json only changes what --dry-run prints; add --dry-run, or drop --json to train")
+    if args.plan_preset is not None and not (args.dry_run and args.device_memory):
+        raise UserError(f"--hardware-preset {args.plan_preset} only plans for a card that is not here: add --dry-run "
+                        f"and that card's --device-memory GB (a run takes the preset of the device it finds)")
     if args.world_size is not None and not args.dry_run:
         raise UserError("--world-size only plans (with --dry-run); a run's world size is the number of processes "
                         "torchrun starts (--nnodes x --nproc-per-node)")
@@ -245,7 +253,7 @@ def run(args: argparse.Namespace) -> int:
     dist = DistEnv.from_environment()
     setup_logging(is_main=dist.is_main)
     info, device_notes = detect_device(args.device or "auto", local_rank=dist.local_rank)
-    preset_name = match_preset(info)
+    preset_name = args.plan_preset or match_preset(info)
     given = explicit_values(args)
     source = open_resume(args.resume, out_root, planning=args.dry_run) if args.resume else None
     if source is not None:
