@@ -77,6 +77,23 @@ def test_dry_run_large_with_checkpointing_and_amp_fits_24gb(capsys):
     assert json.loads(capsys.readouterr().out)["arch"]["out_dim"] == 65536
 
 
+def test_dry_run_says_what_the_checkpoints_take_on_disk(capsys):
+    """A weeks-long ViT-Giant run keeps --ckpt-keep-last checkpoints of ~16 GB: the plan says
+    how much disk that is before the run is launched on a machine that may lack it."""
+    args = ["train", "--config", "vit-giant", "--batch-size", "16", "--grad-checkpoint", "--amp", "--dry-run",
+            "--device-memory", "128", "--ckpt-keep-last", "3"]
+    main([*args, "--json"])
+    summary = json.loads(capsys.readouterr().out)
+    backbone, head = summary["backbone_params"], summary["head_params"]
+    # fp32: student and EMA teacher (backbone + head), the Gram teacher's backbone, two AdamW moments
+    one = 4 * (5 * (backbone + head) - head)
+    assert summary["checkpoint_bytes"] == one and summary["checkpoints_disk_bytes"] == 4 * one
+    main(args)
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("checkpoints:"))
+    assert f"about {one / 1e9:.2f} GB each" in line and f"about {4 * one / 1e9:.2f} GB of disk" in line, line
+    assert "--ckpt-keep-last 3 keeps 3" in line
+
+
 def test_invalid_shapes_are_rejected_with_the_fix(capsys):
     assert main(["train", "--config", "vit-large", "--img-size", "512", "--dry-run"]) == 1
     assert "--vit-patch 16" in capsys.readouterr().err

@@ -36,6 +36,8 @@ from dinox.train.runs import (
     ResumeSource,
     check_disk_space,
     check_ranks_agree,
+    checkpoint_tensor_bytes,
+    disk_size_text,
     open_resume,
     prepare_run_dir,
     refuse_replayed_halt,
@@ -506,6 +508,8 @@ def report_dry_run(cfg: RunConfig, info, preset_name, preset_lines, plan, as_jso
         "device_memory_gb": round(plan["device_memory_bytes"] / 1024**3, 2) if plan["device_memory_bytes"] else None,
         "fits": plan["fits"],
         "suggestions": plan["suggestions"],
+        "checkpoint_bytes": checkpoint_tensor_bytes(plan),
+        "checkpoints_disk_bytes": (cfg.io.ckpt_keep_last + 1) * checkpoint_tensor_bytes(plan),
         "device_notices": list(device_notes),
         "notices": list(notices),
     }
@@ -531,6 +535,10 @@ def report_dry_run(cfg: RunConfig, info, preset_name, preset_lines, plan, as_jso
                   f"optimizer step")
         print(f"memory estimate: {plan['estimate_text']}")
         print(f"device memory: {_gb(plan['device_memory_bytes'])}")
+        size, keep = checkpoint_tensor_bytes(plan), cfg.io.ckpt_keep_last
+        print(f"checkpoints: about {disk_size_text(size)} each (student, EMA teacher, Gram teacher and AdamW "
+              f"moments in fp32); --ckpt-keep-last {keep} keeps {keep} and a save writes one more before it "
+              f"removes the oldest: about {disk_size_text((keep + 1) * size)} of disk under --out")
         if plan["fits"]:
             print("verdict: fits")
         else:

@@ -171,20 +171,21 @@ def check_disk_space(plan: dict, target: Path, keep_last: int, existing: int = 0
         if unwritable:
             raise UserError(f"--out {target}: {unwritable}; give --out a folder you can write to")
         raise UserError(
-            f"not enough disk space for one checkpoint: this model's checkpoint takes about {_size(size)} "
-            f"(student, EMA teacher, Gram teacher and AdamW moments in fp32), a save asks for {_size(need)} with its "
-            f"margin, and {_size(free)} are free at {target}; free space there or give --out a folder on a disk "
+            f"not enough disk space for one checkpoint: this model's checkpoint takes about {disk_size_text(size)} "
+            f"(student, EMA teacher, Gram teacher and AdamW moments in fp32), a save asks for {disk_size_text(need)} with its "
+            f"margin, and {disk_size_text(free)} are free at {target}; free space there or give --out a folder on a disk "
             f"with room")
     room = free // need
     # Rotation writes the new checkpoint before it deletes the oldest: keep_last + 1 at a time.
     if room < max(0, keep_last - existing) + 1:
-        return (f"the disk at {target} has room for about {room} more checkpoints of {_size(size)}, but "
+        return (f"the disk at {target} has room for about {room} more checkpoints of {disk_size_text(size)}, but "
                 f"--ckpt-keep-last {keep_last} keeps {keep_last} and a save needs one more: the run will stop "
                 f"with a full disk; lower --ckpt-keep-last to {max(1, existing + room - 1)} or free space")
     return None
 
 
-def _size(n: int) -> str:
+def disk_size_text(n: int) -> str:
+    """Bytes as a disk figure (decimal GB or MB, as disks are sold and `df -H` prints them)."""
     return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
 
 
