@@ -180,7 +180,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                         "and Gram teacher sharded over the ranks, sharded DCP checkpoints)")
     g.add_argument("--num-workers", type=nonneg_int)
     g.add_argument("--pin-memory", type=boolean, metavar="true|false")
-    g.add_argument("--device-memory", type=float_at_least(0, inclusive=False), metavar="GB", help="plan for a device with this much memory")
+    g.add_argument("--device-memory", type=float_at_least(0, inclusive=False), metavar="GB", help="plan for a device with this much memory (GiB: a card sold as 24 GB holds 24 GiB)")
 
     g = p.add_argument_group("data and output")
     g.add_argument("--data-root", type=path_text, help="processed root (default data/processed)")
@@ -463,7 +463,8 @@ def _data_files(cfg: RunConfig) -> list[Path]:
 
 
 def _gb(n: int | None) -> str:
-    return f"{n / 1024**3:.1f} GB" if n else "unknown"
+    """Device memory in GiB, the unit the estimate is in (a "24 GB" card holds 24 GiB)."""
+    return f"{n / 1024**3:.1f} GiB" if n else "unknown"
 
 
 def wont_fit_message(plan: dict) -> str:
