@@ -224,3 +224,15 @@ def test_an_alarm_on_a_full_disk_still_asks_for_its_emergency_checkpoint():
     guard = AnomalyGuard(std_threshold=0.01, window=3)
     assert respond(guard, guard.check(9, 1.0, emb_std=0.001), logging.getLogger("test"), FullDisk()) == (True, False)
     assert guard.raised == [("collapse", 9)]
+
+
+def test_a_jump_to_a_new_loss_level_is_one_spike_not_one_per_step():
+    guard = AnomalyGuard(spike_factor=2.0, window=10)
+    found = feed(guard, [1.0] * 10 + [5.0] * 6)
+    assert [a.step for a in found] == [11]      # the window takes the new level in: one event
+    assert "reported once until the loss is back under the line" in found[0].message
+    resumed = AnomalyGuard(spike_factor=2.0, window=10)
+    resumed.load_state_dict(guard.state_dict())
+    assert feed(resumed, [5.0] * 3, start=17) == []
+    # back under the line, then a new spike: a new episode
+    assert [a.step for a in feed(resumed, [5.0] * 10 + [20.0], start=20)] == [30]

@@ -111,6 +111,7 @@ class AnomalyGuard:
         self.collapse_grace_steps = int(collapse_grace_steps)
         self._ever_healthy = {"std": False, "rank": False}
         self.history: deque[float] = deque(maxlen=self.window)
+        self._spiking = False   # inside a reported spike episode
         self.std_readings: deque[float] = deque(maxlen=int(std_window))
         self.best_erank: float | None = None
         self._collapsed = {"std": False, "rank": False}
@@ -152,17 +153,24 @@ class AnomalyGuard:
         return [spike] if spike is not None else []
 
     def _check_spike(self, step: int, loss: float) -> Anomaly | None:
+        """One report per episode: a jump to a new loss level stays above the line for several
+        steps while the window takes it in, and that is one event, not one per step."""
         if len(self.history) < self.window:
             return None
         mean = sum(self.history) / len(self.history)
         if mean <= 0 or loss <= self.spike_factor * mean:
+            self._spiking = False
             return None
+        if self._spiking:
+            return None
+        self._spiking = True
         history = list(self.history)
         return Anomaly(
             "loss_spike", "warning", step,
             f"loss spike at step {step}: loss={loss:.4f} is {loss / mean:.2f}x the mean "
             f"{mean:.4f} of the previous {len(history)} steps (threshold {self.spike_factor}x); "
-            f"history={_fmt_history(history)}; training goes on (--halt-on-anomaly stops on a spike)"
+            f"history={_fmt_history(history)}; training goes on (--halt-on-anomaly stops on a spike; reported "
+            f"once until the loss is back under the line)"
             + (f"; if spikes recur, try {self.spike_advice}" if self.spike_advice else ""),
             {"loss": loss, "mean": mean, "ratio": loss / mean, "history": history})
 
@@ -259,7 +267,8 @@ class AnomalyGuard:
 
     def state_dict(self) -> dict:
         """Plain Python values only (safe for `torch.load(weights_only=True)`)."""
-        return {"history": list(self.history), "std_readings": list(self.std_readings), "best_erank": self.best_erank,
+        return {"history": list(self.history), "spiking": self._spiking, "std_readings": list(self.std_readings),
+                "best_erank": self.best_erank,
                 "collapsed": dict(self._collapsed), "ever_healthy": dict(self._ever_healthy),
                 "last_good_loss": self.last_good_loss,
                 "last_good_step": self.last_good_step, "raised": [list(r) for r in self.raised],
@@ -268,6 +277,7 @@ class AnomalyGuard:
 
     def load_state_dict(self, state: dict) -> None:
         self.history = deque((float(x) for x in state.get("history", [])), maxlen=self.window)
+        self._spiking = bool(state.get("spiking", False))
         self.std_readings = deque((float(x) for x in state.get("std_readings", [])), maxlen=self.std_readings.maxlen)
         self.best_erank = state.get("best_erank")
         collapsed = state.get("collapsed", {})
