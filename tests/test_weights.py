@@ -389,6 +389,36 @@ def test_export_refuses_a_layout_the_model_cannot_have(tiny_checkpoint, tmp_path
     assert "not an empty folder" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("registers,swiglu", [(0, False), (4, False), (4, True)])
+def test_model_card_says_how_each_loader_resamples_positions(registers, swiglu):
+    """A dinov2-hub card gives the official constructor that resamples as dinox does (DINOv2's
+    default interpolate_offset=0.1 shifts the features away from the training size); an hf card
+    of a register-free backbone (Dinov2Model, no antialiasing) does not claim a difference."""
+    import ast
+
+    from dinox.commands import export
+    from dinox.data.augment import AugmentConfig
+    arch = ViTArch(patch_size=PATCH, embed_dim=DIM, depth=DEPTH, num_heads=HEADS, num_registers=registers,
+                   swiglu=swiglu, mlp_hidden_dim=3 * DIM if swiglu else None, qkv_bias=not swiglu)
+    backbone = VisionTransformer(arch, img_size=IMG)
+    info = {"provenance": {}, "network": "teacher", "step": 1, "checkpoint": "c.pth", "checkpoint_sha256": "0",
+            "dinox_version": "0", "retrieval": []}
+    card = lambda fmt: export.model_card(fmt, backbone, export.ct_preprocessing(AugmentConfig(), IMG, PATCH), info)
+    hub = card("dinov2-hub")
+    call = hub.split("model = ", 1)[1].split(".eval()")[0]
+    kwargs = {k.arg: ast.literal_eval(k.value) for k in ast.parse(call).body[0].value.keywords}
+    assert kwargs == {"img_size": IMG, "patch_size": PATCH, "embed_dim": DIM, "depth": DEPTH, "num_heads": HEADS,
+                      "ffn_layer": "swiglufused" if swiglu else "mlp", "mlp_ratio": 3 if swiglu else 4,
+                      "qkv_bias": not swiglu, "init_values": arch.layerscale_init, "num_register_tokens": registers,
+                      "block_chunks": 0, "interpolate_offset": 0.0, "interpolate_antialias": False}
+    assert "transformers" not in hub.split("Inputs of another size", 1)[1].split("## Provenance")[0]
+    resize = card("hf").split("Inputs of another size", 1)[1].split("## Provenance")[0]
+    if registers:
+        assert "Dinov2WithRegistersModel antialiases" in resize
+    else:
+        assert "Dinov2Model resamples the same way" in resize and "differ" not in resize
+
+
 # ----------------------------------------------------------------------------- bad inputs
 
 def one_line_error(fn, match: str) -> str:

@@ -247,6 +247,43 @@ def _fmt(value) -> str:
     return "-" if value is None else str(value)
 
 
+def _official_constructor(backbone) -> list[str]:
+    """The official DINOv2 constructor call whose model the dinov2-hub state dict fills strictly
+    and which resamples position embeddings as dinox does (DINOv2's defaults, offset 0.1,
+    shift them: features away from the training size differ by ~1e-2)."""
+    arch = backbone.arch
+    ratio = arch.mlp_dim / arch.embed_dim   # both size their MLP (and SwiGLU's 2/3 of it) alike
+    ffn = f"ffn_layer='{'swiglufused' if arch.swiglu else 'mlp'}', " \
+          f"mlp_ratio={int(ratio) if ratio == int(ratio) else repr(ratio)}"
+    return [
+        "from dinov2.models.vision_transformer import DinoVisionTransformer  # facebookresearch/dinov2",
+        f"model = DinoVisionTransformer(img_size={backbone.img_size}, patch_size={arch.patch_size}, "
+        f"embed_dim={arch.embed_dim}, depth={arch.depth}, num_heads={arch.num_heads}, {ffn}, "
+        f"qkv_bias={arch.qkv_bias}, init_values={arch.layerscale_init}, "
+        f"num_register_tokens={arch.num_registers}, block_chunks=0,",
+        "                             interpolate_offset=0.0, interpolate_antialias=False).eval()",
+    ]
+
+
+def _resampling_note(fmt: str, hf_class: str) -> str:
+    """How the learned position embeddings are resampled at another input size, and which
+    loader of this export reproduces the checkpoint's features there."""
+    own = ("`dinox.load_backbone` on this export resamples as dinox does, so its features equal the "
+           "checkpoint's at every size.")
+    head = "the position embeddings are resampled bicubically (no antialiasing, no offset). "
+    if fmt == "hf" and hf_class == "Dinov2WithRegistersModel":
+        return (head + "transformers' Dinov2WithRegistersModel antialiases when it does, dinox does not, so "
+                "away from the training size the two differ slightly (at the training size they agree). " + own)
+    if fmt == "hf":
+        return head + f"transformers' {hf_class} resamples the same way, so its features equal the checkpoint's " \
+                      "at every size; so do `dinox.load_backbone`'s."
+    if fmt == "dinov2-hub":
+        return (head + "The constructor above (interpolate_offset=0.0, interpolate_antialias=False) does the "
+                "same; DINOv2's defaults (offset 0.1, or antialiasing in its register models) differ slightly "
+                "away from the training size. " + own)
+    return head + own
+
+
 def model_card(fmt: str, backbone, preprocessing: dict, info: dict) -> str:
     """README.md: what the model is, what it eats, how to load it, where it came from."""
     arch = backbone.arch
@@ -300,18 +337,15 @@ def model_card(fmt: str, backbone, preprocessing: dict, info: dict) -> str:
                   "out = backbone(x)   # {'cls', 'registers', 'patches'}"]
     else:
         repo = "dinov2" if fmt == "dinov2-hub" else "dinov3"
-        lines += [f"# the official {repo} DinoVisionTransformer of this shape, then:",
-                  "model.load_state_dict(torch.load(FOLDER + '/backbone.pth', weights_only=True))",
+        lines += _official_constructor(backbone) if fmt == "dinov2-hub" else [
+            f"# the official {repo} DinoVisionTransformer of this shape, then:"]
+        lines += ["model.load_state_dict(torch.load(FOLDER + '/backbone.pth', weights_only=True))",
                   "# or: dinox.load_backbone(FOLDER + '/backbone.pth')"]
     lines += [
         "```",
         "",
         "Inputs of another size work (multiples of the patch size): "
-        + ("RoPE adapts to any grid." if arch.rope else
-           "the position embeddings are resampled bicubically; transformers' Dinov2WithRegistersModel "
-           "antialiases when it does, dinox does not, so away from the training size the two differ "
-           "slightly (at the training size they agree). `dinox.load_backbone` on this export resamples as "
-           "dinox does, so its features equal the checkpoint's at every size."),
+        + ("RoPE adapts to any grid." if arch.rope else _resampling_note(fmt, hf_class)),
         "",
         "## Provenance",
         "",
