@@ -185,7 +185,8 @@ def read_split_manifest(manifest, patient_of: dict[str, str], index_csv=None,
                         f"or remove them from one side")
     shared = patient_overlap(sides, patient_of)
     if shared:
-        train_sid, val_sid = (next(s for s in sides[side] if patient_of.get(s) == shared[0]) for side in ("train", "val"))
+        train_sid, val_sid = (next(s for s in sides[side] if patient_of.get(s) == shared[0])
+                              for side in ("train", "val"))
         raise UserError(f"{manifest} puts {len(shared)} patient(s) on both train and val (e.g. series {train_sid} "
                         f"in train and {val_sid} in val are patient {shared[0]} by the index's patient_id, or "
                         f"copies of one scan by prep_report.json's same_scans): validation would score a "

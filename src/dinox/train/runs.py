@@ -171,15 +171,15 @@ def check_disk_space(plan: dict, target: Path, keep_last: int, existing: int = 0
         if unwritable:
             raise UserError(f"--out {target}: {unwritable}; give --out a folder you can write to")
         raise UserError(
-            f"not enough disk space for one checkpoint: this model's checkpoint takes about {disk_size_text(size)} "
-            f"(student, EMA teacher, Gram teacher and AdamW moments in fp32), a save asks for {disk_size_text(need)} with its "
-            f"margin, and {disk_size_text(free)} are free at {target}; free space there or give --out a folder on a disk "
-            f"with room")
+            f"not enough disk space for one checkpoint: this model's checkpoint takes about "
+            f"{disk_size_text(size)} (student, EMA teacher, Gram teacher and AdamW moments in fp32), a save asks "
+            f"for {disk_size_text(need)} with its margin, and {disk_size_text(free)} are free at {target}; free "
+            f"space there or give --out a folder on a disk with room")
     room = free // need
     # Rotation writes the new checkpoint before it deletes the oldest: keep_last + 1 at a time.
     if room < max(0, keep_last - existing) + 1:
-        return (f"the disk at {target} has room for about {room} more checkpoints of {disk_size_text(size)}, but "
-                f"--ckpt-keep-last {keep_last} keeps {keep_last} and a save needs one more: the run will stop "
+        return (f"the disk at {target} has room for about {room} more checkpoints of {disk_size_text(size)}, "
+                f"but --ckpt-keep-last {keep_last} keeps {keep_last} and a save needs one more: the run will stop "
                 f"with a full disk; lower --ckpt-keep-last to {max(1, existing + room - 1)} or free space")
     return None
 
