@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from dinox.config import (
     resolve,
 )
 from dinox.commands.argtypes import boolean, float_at_least, nonneg_int, path_text, positive_int, step_budget
-from dinox.data.layout import atomic_write_text
+from dinox.data.layout import atomic_write_text, same_path
 from dinox.errors import UserError
 from dinox.model.head import PROTOTYPE_NORMS
 from dinox.run.checkpoint import CheckpointError
@@ -274,8 +273,9 @@ def run(args: argparse.Namespace) -> int:
                                 f"in its config, is not found from this folder; reading it where the run "
                                 f"recorded it, {moved_root['data_root']}")
     saved_init = source.state["config"].get("init_from") if source is not None else None
-    if source is not None and given.get("init_from") and not _same_path(given["init_from"], saved_init):
-        # the same --init-from as the run began with is fine (a requeue repeats its command line)
+    if source is not None and given.get("init_from") and not same_path(given["init_from"], saved_init):
+        # the same --init-from as the run began with, however spelled, is fine (a requeue repeats
+        # its command line, or writes the path another way)
         raise UserError(f"--init-from {given['init_from']} would be ignored: --resume continues {source.path} with "
                         f"its own weights (begun from {saved_init or 'scratch'}); drop --init-from, or start a new "
                         "run without --resume")
@@ -336,15 +336,6 @@ def run(args: argparse.Namespace) -> int:
     finally:
         dist.shutdown()
         close_file_logging()
-
-
-def _same_path(given, saved) -> bool:
-    """Whether --init-from names the weights the run began with, however spelled (a trailing
-    slash, ./, an absolute path: a requeue script need not repeat the first command's text)."""
-    if saved is None:
-        return False
-    a, b = Path(str(given)), Path(str(saved))
-    return os.path.normpath(a) == os.path.normpath(b) or a.resolve() == b.resolve()
 
 
 def _is_finished(source: ResumeSource | None, cfg: RunConfig, *, sharded: bool = False) -> bool:
@@ -486,6 +477,7 @@ def report_dry_run(cfg: RunConfig, info, preset_name, preset_lines, plan, as_jso
     if not show:
         return code
     est, o = plan["estimate"], cfg.optim
+    ckpt_bytes, keep = checkpoint_tensor_bytes(plan), cfg.io.ckpt_keep_last
     for line in device_notes:
         print(f"warning: {line} (plan for a card that is not here with --device-memory)", file=sys.stderr)
     summary = {
@@ -509,8 +501,8 @@ def report_dry_run(cfg: RunConfig, info, preset_name, preset_lines, plan, as_jso
         "device_memory_gb": round(plan["device_memory_bytes"] / 1024**3, 2) if plan["device_memory_bytes"] else None,
         "fits": plan["fits"],
         "suggestions": plan["suggestions"],
-        "checkpoint_bytes": checkpoint_tensor_bytes(plan),
-        "checkpoints_disk_bytes": (cfg.io.ckpt_keep_last + 1) * checkpoint_tensor_bytes(plan),
+        "checkpoint_bytes": ckpt_bytes,
+        "checkpoints_disk_bytes": (keep + 1) * ckpt_bytes,
         "device_notices": list(device_notes),
         "notices": list(notices),
     }
@@ -536,10 +528,9 @@ def report_dry_run(cfg: RunConfig, info, preset_name, preset_lines, plan, as_jso
                   f"optimizer step")
         print(f"memory estimate: {plan['estimate_text']}")
         print(f"device memory: {_gb(plan['device_memory_bytes'])}")
-        size, keep = checkpoint_tensor_bytes(plan), cfg.io.ckpt_keep_last
-        print(f"checkpoints: about {disk_size_text(size)} each (student, EMA teacher, Gram teacher and AdamW "
+        print(f"checkpoints: about {disk_size_text(ckpt_bytes)} each (student, EMA teacher, Gram teacher and AdamW "
               f"moments in fp32); --ckpt-keep-last {keep} keeps {keep} and a save writes one more before it "
-              f"removes the oldest: about {disk_size_text((keep + 1) * size)} of disk under --out")
+              f"removes the oldest: about {disk_size_text((keep + 1) * ckpt_bytes)} of disk under --out")
         if plan["fits"]:
             print("verdict: fits")
         else:

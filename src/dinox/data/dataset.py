@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import Dataset
 
 from dinox.data.layout import INDEX_FILE, confined_path, default_manifest, read_index
-from dinox.data.splits import read_same_scans, read_split_manifest, same_scan_patients
+from dinox.data.splits import read_split_manifest, split_patients
 from dinox.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -70,9 +70,7 @@ class CTSliceDataset(Dataset):
             wanted = sorted(rows)
         else:
             manifest = Path(split_manifest) if split_manifest is not None else default_manifest(self.root)
-            patients = same_scan_patients({sid: row.get("patient_id", "") for sid, row in rows.items()},
-                                          read_same_scans(self.root))
-            sides = read_split_manifest(manifest, patients, index_csv, need=split)
+            sides = read_split_manifest(manifest, split_patients(self.root, rows.values()), index_csv, need=split)
             wanted = sides[split]
         if not wanted:
             raise UserError(f"{manifest} lists no {split} series; re-run `dinox prep` with a --val-fraction that "

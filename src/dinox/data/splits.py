@@ -37,6 +37,12 @@ def same_scan_patients(series_patient: dict[str, str], same_scans) -> dict[str, 
     return merged
 
 
+def split_patients(root, rows) -> dict[str, str]:
+    """series id -> the patient an indexed series splits as (index rows of `root`): its
+    patient_id, the copies of one scan (the prep report's same_scans) as one patient."""
+    return same_scan_patients({r["series_id"]: r.get("patient_id", "") for r in rows}, read_same_scans(root))
+
+
 def read_same_scans(root) -> list[list[str]]:
     """The `same_scans` groups of the prep report under `root` (empty where there is no
     readable report: a root prepared by hand, or by a dinox before the check)."""

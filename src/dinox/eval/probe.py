@@ -61,7 +61,7 @@ from dinox.data.annotations import NODULES_TABLE, consensus, read_table
 from dinox.data.augment import LUNG_WINDOW, fixed_window_input
 from dinox.data.dataset import CTSliceDataset
 from dinox.data.layout import INDEX_FILE, default_manifest
-from dinox.data.splits import patient_split, read_same_scans, read_split_manifest, same_scan_patients
+from dinox.data.splits import patient_split, read_split_manifest, split_patients
 from dinox.errors import UserError
 from dinox.eval.stats import (MIN_BOOTSTRAP_PATIENTS, auroc, bootstrap_weights, macro_auroc,
                                percentile_interval, score_with_ci)
@@ -908,8 +908,7 @@ def probe_inputs(cfg, root: Path, *, split_manifest=None, split: str = "auto", s
     labels = load_labels(root, min_readers, labels_json)
     dataset = CTSliceDataset(root, "all", None, root / INDEX_FILE, context_mm=cfg.views.context_mm)
     _check_slices_in_volumes(labels, dict(zip(dataset.series_ids, dataset.num_slices)), root)
-    index_patient = same_scan_patients({r["series_id"]: r["patient_id"] for r in dataset.records},
-                                       read_same_scans(root))
+    index_patient = split_patients(root, dataset.records)
     probe_split = choose_split(labels, index_patient, mode=split, manifest=split_manifest, root=root, seed=seed,
                                test_fraction=test_fraction)
     return labels, dataset, probe_split, ProbeData(slices=select_slices(dataset, labels, probe_split, max_slices, seed))

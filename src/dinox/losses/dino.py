@@ -51,8 +51,7 @@ def prototypes_in_use(probs: torch.Tensor) -> torch.Tensor:
     1 where every sample falls on the same prototype. That is the collapse DINO's centring
     (or Sinkhorn-Knopp) exists to prevent, one output dimension dominating (Caron et al.
     2021, §5.3); the per-sample entropy cannot see it (near 0 for sharp healthy targets too)."""
-    p = probs.detach().float().reshape(-1, probs.shape[-1]).mean(dim=0)
-    return torch.exp(-torch.special.xlogy(p, p).sum())
+    return torch.exp(entropy(probs.detach().float().reshape(-1, probs.shape[-1]).mean(dim=0)))
 
 
 @torch.no_grad()
