@@ -209,6 +209,25 @@ def test_alarms_are_marked_in_the_metrics_and_named_in_the_runs_last_line(tmp_pa
                                                     "(train.log has what each said)")
 
 
+def test_the_record_of_alarms_stays_bounded_over_a_long_run_and_reads_old_checkpoints():
+    """Every alarm rides in each checkpoint's guard state: a weeks-long run's thousands of spikes
+    must not grow it; the last line still counts them all and names the last."""
+    guard = AnomalyGuard()
+    for step in range(10, 100_010, 10):
+        guard.record("loss_spike", step)
+    guard.record("collapse", 7)
+    assert len(str(guard.state_dict()["raised"])) < 300
+    assert guard.summary() == ("; alarms during the run: loss_spike at steps 10, 20, 30, 40, 50 (+9995 more, the last "
+                               "at step 100000), collapse at step 7 (train.log has what each said)")
+    resumed = AnomalyGuard()
+    resumed.load_state_dict(guard.state_dict())
+    assert resumed.summary() == guard.summary()
+    old = AnomalyGuard()   # a checkpoint written before the bounded record: every (kind, step)
+    old.load_state_dict({"raised": [["loss_spike", 4], ["collapse", 9], ["loss_spike", 12]]})
+    assert old.summary() == ("; alarms during the run: loss_spike at steps 4, 12, collapse at step 9 "
+                             "(train.log has what each said)")
+
+
 def test_an_alarm_on_a_full_disk_still_asks_for_its_emergency_checkpoint():
     """The alarm's metrics mark meets the full disk first: raising there skipped the save
     (and, under torchrun, left rank 0 alone outside the collective save)."""
@@ -223,7 +242,7 @@ def test_an_alarm_on_a_full_disk_still_asks_for_its_emergency_checkpoint():
 
     guard = AnomalyGuard(std_threshold=0.01, window=3)
     assert respond(guard, guard.check(9, 1.0, emb_std=0.001), logging.getLogger("test"), FullDisk()) == (True, False)
-    assert guard.raised == [("collapse", 9)]
+    assert guard.raised == {"collapse": {"count": 1, "steps": [9], "last": 9}}
 
 
 def test_a_jump_to_a_new_loss_level_is_one_spike_not_one_per_step():

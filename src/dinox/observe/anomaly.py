@@ -49,6 +49,7 @@ from dinox.observe.metrics import MetricsUnwritable, tensorboard_tag
 AnomalyKind = Literal["loss_spike", "collapse", "nonfinite", "entropy_wall", "not_learning"]
 Severity = Literal["warning", "critical", "fatal"]
 
+SUMMARY_STEPS = 5      # steps of each alarm kind the run's last line names
 HEALTHY_MARGIN = 2.0   # a healthy reading is at >= this multiple of the collapse line
 
 _LEVELS = {"warning": logging.WARNING, "critical": logging.CRITICAL, "fatal": logging.CRITICAL}
@@ -120,7 +121,17 @@ class AnomalyGuard:
         self.entropy_wall = entropy_wall
         self.retrieval = retrieval
         self.spike_advice, self.collapse_advice = spike_advice, collapse_advice  # what to try, for the run
-        self.raised: list[tuple[str, int]] = []   # (kind, step) of every alarm reported (`respond`), for `summary`
+        # Per kind: how many alarms `respond` reported, the first steps and the last, for `summary`.
+        # Bounded, as it rides in every checkpoint: a weeks-long run may raise thousands.
+        self.raised: dict[str, dict] = {}
+
+    def record(self, kind: str, step: int) -> None:
+        """Keep an alarm for the run's last line (`summary`)."""
+        entry = self.raised.setdefault(kind, {"count": 0, "steps": [], "last": int(step)})
+        entry["count"] += 1
+        entry["last"] = int(step)
+        if len(entry["steps"]) < SUMMARY_STEPS:
+            entry["steps"].append(int(step))
 
     @property
     def collapse_active(self) -> bool:
@@ -251,12 +262,10 @@ class AnomalyGuard:
         have had one thousands of lines earlier."""
         if not self.raised:
             return ""
-        kinds: dict[str, list[int]] = {}
-        for kind, step in self.raised:
-            kinds.setdefault(kind, []).append(step)
         return ("; alarms during the run: " + ", ".join(
-            f"{kind} at step{'s' if len(steps) > 1 else ''} {', '.join(map(str, steps[:5]))}"
-            + (f" (+{len(steps) - 5} more)" if len(steps) > 5 else "") for kind, steps in kinds.items())
+            f"{kind} at step{'s' if e['count'] > 1 else ''} {', '.join(map(str, e['steps']))}"
+            + (f" (+{e['count'] - len(e['steps'])} more, the last at step {e['last']})"
+               if e["count"] > len(e["steps"]) else "") for kind, e in self.raised.items())
             + " (train.log has what each said)")
 
     def should_halt(self, anomaly: Anomaly) -> bool:
@@ -271,7 +280,7 @@ class AnomalyGuard:
                 "best_erank": self.best_erank,
                 "collapsed": dict(self._collapsed), "ever_healthy": dict(self._ever_healthy),
                 "last_good_loss": self.last_good_loss,
-                "last_good_step": self.last_good_step, "raised": [list(r) for r in self.raised],
+                "last_good_step": self.last_good_step, "raised": {k: {**e, "steps": list(e["steps"])} for k, e in self.raised.items()},
                 "entropy_wall": self.entropy_wall.state_dict() if self.entropy_wall is not None else None,
                 "retrieval": self.retrieval.state_dict() if self.retrieval is not None else None}
 
@@ -286,7 +295,14 @@ class AnomalyGuard:
         self._ever_healthy = {k: bool(healthy.get(k, False)) for k in ("std", "rank")}
         self.last_good_loss = state.get("last_good_loss")
         self.last_good_step = state.get("last_good_step")
-        self.raised = [(str(kind), int(step)) for kind, step in state.get("raised", [])]
+        self.raised = {}
+        raised = state.get("raised", {})
+        if isinstance(raised, list):   # checkpoints before the bounded record: every (kind, step)
+            for kind, step in raised:
+                self.record(str(kind), int(step))
+        else:
+            self.raised = {str(k): {"count": int(e["count"]), "steps": [int(x) for x in e["steps"]],
+                                    "last": int(e["last"])} for k, e in raised.items()}
         if self.entropy_wall is not None and state.get("entropy_wall"):
             self.entropy_wall.load_state_dict(state["entropy_wall"])
         if self.retrieval is not None and state.get("retrieval"):
@@ -515,7 +531,7 @@ def respond(guard: AnomalyGuard, anomalies: list[Anomaly], logger, metrics=None)
     checkpoint = halt = False
     for anomaly in anomalies:
         logger.log(anomaly.level, anomaly.message)
-        guard.raised.append((anomaly.kind, int(anomaly.step)))
+        guard.record(anomaly.kind, int(anomaly.step))
         if metrics is not None:
             # A full disk here must not skip the emergency save below (nor, under torchrun, take
             # rank 0 alone out of that collective save): the run's own metrics rows meet it too,
