@@ -94,6 +94,29 @@ def test_dry_run_says_what_the_checkpoints_take_on_disk(capsys):
     assert "--ckpt-keep-last 3 keeps 3" in line
 
 
+def test_dry_run_judges_the_checkpoints_against_the_free_disk_and_only_warns(capsys, tmp_path, monkeypatch):
+    """The real run refuses a disk without room for one checkpoint and warns when the rotation
+    will not fit; the plan says the same beforehand, without refusing (it may be for another
+    machine)."""
+    import dinox.commands.train as train_command
+    import dinox.run.checkpoint as checkpoint
+
+    args = ["train", "--config", "vit-giant", "--batch-size", "16", "--grad-checkpoint", "--amp", "--dry-run",
+            "--device-memory", "128", "--ckpt-keep-last", "3", "--out", str(tmp_path / "runs")]
+    for free, expected in ((10**15, None), (50e9, "has room for about 2 more checkpoints"),
+                           (5e9, "not enough disk space for one checkpoint")):
+        for module in (train_command, checkpoint):
+            monkeypatch.setattr(module, "free_space", lambda path, free=free: int(free))
+        assert main([*args, "--json"]) == 0
+        summary = json.loads(capsys.readouterr().out)
+        assert summary["disk_free_bytes"] == int(free)
+        assert (summary["disk_warning"] is None) if expected is None else (expected in summary["disk_warning"])
+        assert main(args) == 0
+        line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("disk here:"))
+        assert line.startswith(f"disk here: {free / 1e9:.2f} GB free at {tmp_path}"), line
+        assert ("warning" not in line) if expected is None else (expected in line), line
+
+
 def test_invalid_shapes_are_rejected_with_the_fix(capsys):
     assert main(["train", "--config", "vit-large", "--img-size", "512", "--dry-run"]) == 1
     assert "--vit-patch 16" in capsys.readouterr().err

@@ -28,7 +28,7 @@ from dinox.commands.argtypes import boolean, float_at_least, nonneg_int, path_te
 from dinox.data.layout import atomic_write_text, same_path
 from dinox.errors import UserError
 from dinox.model.head import PROTOTYPE_NORMS
-from dinox.run.checkpoint import CheckpointError
+from dinox.run.checkpoint import CheckpointError, free_space, nearest_existing
 from dinox.run.device import HARDWARE_PRESETS
 from dinox.run.signals import EXIT_WONT_FIT
 from dinox.train.runs import (
@@ -300,14 +300,14 @@ def run(args: argparse.Namespace) -> int:
 
         src = check_init_source(cfg.io.init_from, cfg.model.arch())
         resolved.notices.append(f"--init-from {cfg.io.init_from}: {src.kind} weights of the requested shape")
-    if args.dry_run:   # under torchrun every rank plans alike; rank 0 alone prints the plan
-        return report_dry_run(cfg, info, preset_name, resolved.preset_lines, plan, args.json, device_notes,
-                              resolved.notices, ranks=world_size, show=dist.is_main)
-    if not plan["fits"]:
-        raise WontFit(wont_fit_message(plan))
     in_place = source is not None and source.in_place
     target = source.path.parent if in_place else out_root
     existing = sum(parse_checkpoint_name(name)[1] == "periodic" for name, *_ in source.snapshot) if in_place else 0
+    if args.dry_run:   # under torchrun every rank plans alike; rank 0 alone prints the plan
+        return report_dry_run(cfg, info, preset_name, resolved.preset_lines, plan, args.json, device_notes,
+                              resolved.notices, ranks=world_size, show=dist.is_main, disk=(target, existing))
+    if not plan["fits"]:
+        raise WontFit(wont_fit_message(plan))
     space_warning = check_disk_space(plan, target, cfg.io.ckpt_keep_last, existing) if dist.is_main else None
 
     dist.init(torch.device(info.torch_device).type)
@@ -466,18 +466,27 @@ def wont_fit_message(plan: dict) -> str:
 
 def report_dry_run(cfg: RunConfig, info, preset_name, preset_lines, plan, as_json: bool,
                    device_notes: list[str] = (), notices: list[str] = (), *, ranks: int = 1,
-                   show: bool = True) -> int:
+                   show: bool = True, disk: tuple[Path, int] | None = None) -> int:
     """Print the plan (`show`: False on the ranks other than 0 of a torchrun launch, which
     return the same exit code silently). `ranks`: the processes that share each optimizer step
     (DDP or FSDP2; the global batch). `device_notes` (a requested --device that is missing, and
     what is planned for instead) go to stderr as warnings, and into the JSON as "device_notices";
     `notices` (what resolve() fitted to the run: prototypes, warm-ups, teacher momentum) are
-    printed as notes, and into the JSON as "notices"."""
+    printed as notes, and into the JSON as "notices". `disk`: where the checkpoints would go
+    and how many periodic ones are there already; the real run's disk check is judged there
+    (on this machine) and reported, never refused: a plan may be for another machine."""
     code = 0 if plan["fits"] else EXIT_WONT_FIT
     if not show:
         return code
     est, o = plan["estimate"], cfg.optim
     ckpt_bytes, keep = checkpoint_tensor_bytes(plan), cfg.io.ckpt_keep_last
+    disk_free = disk_warning = None
+    if disk is not None:
+        disk_free = free_space(disk[0])
+        try:
+            disk_warning = check_disk_space(plan, disk[0], keep, disk[1])
+        except UserError as exc:
+            disk_warning = str(exc)
     for line in device_notes:
         print(f"warning: {line} (plan for a card that is not here with --device-memory)", file=sys.stderr)
     summary = {
@@ -503,6 +512,8 @@ def report_dry_run(cfg: RunConfig, info, preset_name, preset_lines, plan, as_jso
         "suggestions": plan["suggestions"],
         "checkpoint_bytes": ckpt_bytes,
         "checkpoints_disk_bytes": (keep + 1) * ckpt_bytes,
+        "disk_free_bytes": disk_free,
+        "disk_warning": disk_warning,
         "device_notices": list(device_notes),
         "notices": list(notices),
     }
@@ -531,6 +542,9 @@ def report_dry_run(cfg: RunConfig, info, preset_name, preset_lines, plan, as_jso
         print(f"checkpoints: about {disk_size_text(ckpt_bytes)} each (student, EMA teacher, Gram teacher and AdamW "
               f"moments in fp32); --ckpt-keep-last {keep} keeps {keep} and a save writes one more before it "
               f"removes the oldest: about {disk_size_text((keep + 1) * ckpt_bytes)} of disk under --out")
+        if disk is not None:
+            print(f"disk here: {disk_size_text(disk_free)} free at {nearest_existing(disk[0])}"
+                  + (f"; warning: {disk_warning}" if disk_warning else ""))
         if plan["fits"]:
             print("verdict: fits")
         else:
