@@ -389,27 +389,42 @@ def test_export_refuses_a_layout_the_model_cannot_have(tiny_checkpoint, tmp_path
     assert "not an empty folder" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("registers,swiglu", [(0, False), (4, False), (4, True)])
-def test_model_card_says_how_each_loader_resamples_positions(registers, swiglu):
-    """A dinov2-hub card gives the official constructor that resamples as dinox does (DINOv2's
-    default interpolate_offset=0.1 shifts the features away from the training size); an hf card
-    of a register-free backbone (Dinov2Model, no antialiasing) does not claim a difference."""
-    import ast
-
+def _card(fmt: str, backbone: VisionTransformer) -> str:
     from dinox.commands import export
     from dinox.data.augment import AugmentConfig
-    arch = ViTArch(patch_size=PATCH, embed_dim=DIM, depth=DEPTH, num_heads=HEADS, num_registers=registers,
-                   swiglu=swiglu, mlp_hidden_dim=3 * DIM if swiglu else None, qkv_bias=not swiglu)
-    backbone = VisionTransformer(arch, img_size=IMG)
     info = {"provenance": {}, "network": "teacher", "step": 1, "checkpoint": "c.pth", "checkpoint_sha256": "0",
             "dinox_version": "0", "retrieval": []}
-    card = lambda fmt: export.model_card(fmt, backbone, export.ct_preprocessing(AugmentConfig(), IMG, PATCH), info)
+    return export.model_card(fmt, backbone, export.ct_preprocessing(AugmentConfig(), backbone.img_size,
+                                                                    backbone.patch_size), info)
+
+
+def _card_call(card: str) -> dict:
+    """The keyword arguments of the card's ``model = DinoVisionTransformer(...).eval()`` (the
+    card's code parses as Python)."""
+    import ast
+    code = ast.parse(card.split("```python\n", 1)[1].split("```", 1)[0])
+    [call] = [node.value.func.value for node in code.body if isinstance(node, ast.Assign)
+              and getattr(node.targets[0], "id", None) == "model"]
+    assert call.func.id == "DinoVisionTransformer" and not call.args
+    return {k.arg: ast.literal_eval(k.value) for k in call.keywords}
+
+
+@pytest.mark.parametrize("registers,swiglu,layerscale", [(0, False, 1e-5), (4, False, None), (4, True, 1e-5)])
+def test_model_card_says_how_each_loader_resamples_positions(registers, swiglu, layerscale):
+    """A dinov2-hub card gives the official constructor that resamples as dinox does (DINOv2's
+    default interpolate_offset=0.1 shifts the features away from the training size); an hf card
+    of a register-free backbone (Dinov2Model, no antialiasing) does not claim a difference.
+    A backbone without LayerScale still gets init_values: its state holds gammas of ones."""
+    arch = ViTArch(patch_size=PATCH, embed_dim=DIM, depth=DEPTH, num_heads=HEADS, num_registers=registers,
+                   swiglu=swiglu, mlp_hidden_dim=3 * DIM if swiglu else None, qkv_bias=not swiglu,
+                   layerscale_init=layerscale)
+    backbone = VisionTransformer(arch, img_size=IMG)
+    card = lambda fmt: _card(fmt, backbone)
     hub = card("dinov2-hub")
-    call = hub.split("model = ", 1)[1].split(".eval()")[0]
-    kwargs = {k.arg: ast.literal_eval(k.value) for k in ast.parse(call).body[0].value.keywords}
+    kwargs = _card_call(hub)
     assert kwargs == {"img_size": IMG, "patch_size": PATCH, "embed_dim": DIM, "depth": DEPTH, "num_heads": HEADS,
                       "ffn_layer": "swiglufused" if swiglu else "mlp", "mlp_ratio": 3 if swiglu else 4,
-                      "qkv_bias": not swiglu, "init_values": arch.layerscale_init, "num_register_tokens": registers,
+                      "qkv_bias": not swiglu, "init_values": layerscale or 1.0, "num_register_tokens": registers,
                       "block_chunks": 0, "interpolate_offset": 0.0, "interpolate_antialias": False}
     assert "transformers" not in hub.split("Inputs of another size", 1)[1].split("## Provenance")[0]
     resize = card("hf").split("Inputs of another size", 1)[1].split("## Provenance")[0]
@@ -417,6 +432,49 @@ def test_model_card_says_how_each_loader_resamples_positions(registers, swiglu):
         assert "Dinov2WithRegistersModel antialiases" in resize
     else:
         assert "Dinov2Model resamples the same way" in resize and "differ" not in resize
+
+
+@pytest.mark.parametrize("change", [
+    dict(),                                                                       # the dinov3-* presets' layout
+    dict(num_registers=0, layerscale_init=None, ln_eps=1e-6, qkv_bias=False),
+    dict(embed_dim=72, num_heads=2, mlp_hidden_dim=272, swiglu=True, mask_k_bias=False, rope_base=1000.0),
+    dict(ln_eps=1e-7),                                                            # no DINOv3 norm_layer name
+], ids=["preset-layout", "no-registers-layerscale-qkv-bias", "swiglu-ratio-3.78", "other-eps"])
+def test_dinov3_hub_card_gives_the_official_constructor(change):
+    """The dinov3-hub card's DinoVisionTransformer(...) call (facebookresearch/dinov3) is the model
+    that backbone.pth fills strictly with dinox's features: every setting of the arch record
+    and of the state dict is an argument (shapes, MLP width, storage tokens, key-bias mask,
+    LayerScale, LayerNorm eps), RoPE as dinox computes it (float32, no coordinate augmentation),
+    one norm for all tokens. Checked against the official code by hand: max |diff| 0 to 1e-6."""
+    arch = ViTArch(**{"patch_size": PATCH, "embed_dim": DIM, "depth": DEPTH, "num_heads": HEADS, "num_registers": 4,
+                      "rope": True, "mask_k_bias": True, "ln_eps": 1e-5, **change})
+    backbone = VisionTransformer(arch, img_size=IMG)
+    card = _card("dinov3-hub", backbone)
+    kwargs = _card_call(card)
+    assert "from dinov3.models.vision_transformer import DinoVisionTransformer" in card
+    state = weights.dinov3_hub_state(backbone)
+    ratio = kwargs.pop("ffn_ratio")
+    hidden = int(arch.embed_dim * ratio)   # how the official Block sizes its MLP
+    assert hidden == arch.mlp_dim
+    first = state["blocks.0.mlp.w1.weight" if arch.swiglu else "blocks.0.mlp.fc1.weight"].shape[0]
+    assert first == ((int(hidden * 2 / 3) + 7) // 8 * 8 if arch.swiglu else hidden)   # SwiGLUFFN, align_to 8
+    norm = kwargs.pop("norm_layer")
+    assert norm == {1e-6: "layernorm", 1e-5: "layernormbf16"}.get(arch.ln_eps, "layernorm_eps1e-07")
+    if arch.ln_eps == 1e-7:   # registered on the card with the eps itself
+        assert f"norm_layer_dict['{norm}'] = functools.partial(torch.nn.LayerNorm, eps=1e-07)" in card
+    assert kwargs.pop("layerscale_init") == (arch.layerscale_init or 1.0) and "blocks.0.ls1.gamma" in state
+    assert kwargs.pop("mask_k_bias") is ("blocks.0.attn.qkv.bias_mask" in state)
+    assert kwargs.pop("n_storage_tokens") == (state["storage_tokens"].shape[1] if "storage_tokens" in state else 0)
+    assert kwargs.pop("qkv_bias") is ("blocks.0.attn.qkv.bias" in state)
+    assert kwargs == {"img_size": IMG, "patch_size": PATCH, "embed_dim": arch.embed_dim, "depth": DEPTH,
+                      "num_heads": arch.num_heads, "pos_embed_rope_base": arch.rope_base,
+                      "pos_embed_rope_min_period": None, "pos_embed_rope_max_period": None,
+                      "pos_embed_rope_normalize_coords": "separate", "pos_embed_rope_shift_coords": None,
+                      "pos_embed_rope_jitter_coords": None, "pos_embed_rope_rescale_coords": None,
+                      "pos_embed_rope_dtype": "fp32", "ffn_layer": "swiglu" if arch.swiglu else "mlp",
+                      "proj_bias": True, "ffn_bias": True, "untie_cls_and_patch_norms": False,
+                      "untie_global_and_local_cls_norm": False}
+    assert "model.forward_features(x)" in card and "x_storage_tokens" in card
 
 
 # ----------------------------------------------------------------------------- bad inputs

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from dataclasses import asdict
 from pathlib import Path
 
@@ -247,22 +248,97 @@ def _fmt(value) -> str:
     return "-" if value is None else str(value)
 
 
-def _official_constructor(backbone) -> list[str]:
-    """The official DINOv2 constructor call whose model the dinov2-hub state dict fills strictly
-    and which resamples position embeddings as dinox does (DINOv2's defaults, offset 0.1,
-    shift them: features away from the training size differ by ~1e-2)."""
+# The official constructors (facebookresearch/dinov2 and /dinov3 models/vision_transformer.py)
+# whose models the dinov2-hub / dinov3-hub state dicts fill strictly with dinox's features.
+OFFICIAL_IMPORT = "from {repo}.models.vision_transformer import DinoVisionTransformer  # facebookresearch/{repo}"
+# DINOv3's norm_layer names (norm_layer_dict) by LayerNorm eps; DINOv2 fixes 1e-6
+DINOV3_NORMS = {1e-6: "layernorm", 1e-5: "layernormbf16"}
+DINOV2_EPS = 1e-6
+FEATURES = {"dinov2-hub": "x_norm_clstoken, x_norm_regtokens, x_norm_patchtokens",
+            "dinov3-hub": "x_norm_clstoken, x_storage_tokens, x_norm_patchtokens"}
+
+
+def _ffn_ratio(arch) -> int | float:
+    """The MLP ratio of the official codes, which size the MLP (and SwiGLU's 2/3 of it, rounded
+    up to a multiple of 8 as dinox does) as ``int(embed_dim * ratio)``: the ratio whose product
+    is dinox's GELU-equivalent width (a float quotient can fall one short of it)."""
+    ratio = arch.mlp_dim / arch.embed_dim
+    if ratio == int(ratio):
+        return int(ratio)
+    while int(arch.embed_dim * ratio) < arch.mlp_dim:
+        ratio = math.nextafter(ratio, math.inf)
+    return ratio
+
+
+def _official_kwargs(fmt: str, backbone) -> dict:
+    """The official DinoVisionTransformer's keyword arguments for the hub layout ``fmt``."""
     arch = backbone.arch
-    ratio = arch.mlp_dim / arch.embed_dim   # both size their MLP (and SwiGLU's 2/3 of it) alike
-    ffn = f"ffn_layer='{'swiglufused' if arch.swiglu else 'mlp'}', " \
-          f"mlp_ratio={int(ratio) if ratio == int(ratio) else repr(ratio)}"
-    return [
-        "from dinov2.models.vision_transformer import DinoVisionTransformer  # facebookresearch/dinov2",
-        f"model = DinoVisionTransformer(img_size={backbone.img_size}, patch_size={arch.patch_size}, "
-        f"embed_dim={arch.embed_dim}, depth={arch.depth}, num_heads={arch.num_heads}, {ffn}, "
-        f"qkv_bias={arch.qkv_bias}, init_values={arch.layerscale_init}, "
-        f"num_register_tokens={arch.num_registers}, block_chunks=0,",
-        "                             interpolate_offset=0.0, interpolate_antialias=False).eval()",
-    ]
+    shape = {"img_size": backbone.img_size, "patch_size": arch.patch_size,
+             **({"in_chans": backbone.in_chans} if backbone.in_chans != 3 else {}),
+             "embed_dim": arch.embed_dim, "depth": arch.depth, "num_heads": arch.num_heads}
+    # both build LayerScale only for a truthy init value, and both hub states hold its gammas
+    # (ones for a backbone without LayerScale: x * 1 is x); the value is overwritten on loading
+    layerscale = arch.layerscale_init or 1.0
+    if fmt == "dinov2-hub":
+        # DINOv2's defaults (interpolate_offset 0.1, or antialiasing in its register models)
+        # resample the position embeddings otherwise than dinox: ~1e-2 off the training size
+        return {**shape, "ffn_layer": "swiglufused" if arch.swiglu else "mlp", "mlp_ratio": _ffn_ratio(arch),
+                "qkv_bias": arch.qkv_bias, "init_values": layerscale, "num_register_tokens": arch.num_registers,
+                "block_chunks": 0, "interpolate_offset": 0.0, "interpolate_antialias": False}
+    return {
+        **shape,
+        # dinox's RoPE: periods base ** (4k / head_dim), patch centres in [-1, 1] per axis
+        # ("separate"), float32 tables (DINOv3's default is bf16), and no coordinate shift, jitter or
+        # rescaling (training augmentations of DINOv3 that dinox does not have)
+        "pos_embed_rope_base": arch.rope_base, "pos_embed_rope_min_period": None,
+        "pos_embed_rope_max_period": None, "pos_embed_rope_normalize_coords": "separate",
+        "pos_embed_rope_shift_coords": None, "pos_embed_rope_jitter_coords": None,
+        "pos_embed_rope_rescale_coords": None, "pos_embed_rope_dtype": "fp32",
+        "ffn_layer": "swiglu" if arch.swiglu else "mlp", "ffn_ratio": _ffn_ratio(arch),
+        "qkv_bias": arch.qkv_bias, "proj_bias": True, "ffn_bias": True,
+        "mask_k_bias": arch.mask_k_bias and arch.qkv_bias, "layerscale_init": layerscale,
+        "norm_layer": DINOV3_NORMS.get(arch.ln_eps, f"layernorm_eps{arch.ln_eps:g}"),
+        "n_storage_tokens": arch.num_registers,
+        # one final norm for every token, as dinox has
+        "untie_cls_and_patch_norms": False, "untie_global_and_local_cls_norm": False,
+    }
+
+
+def _call_lines(head: str, kwargs: dict, tail: str, width: int = 100) -> list[str]:
+    """``head(key=value, ...)tail`` as Python lines of at most ~``width`` characters."""
+    lines, line = [], head + "("
+    indent = " " * len(line)
+    parts = [f"{key}={value!r}" for key, value in kwargs.items()]
+    for i, part in enumerate(parts):
+        part += ")" + tail if i == len(parts) - 1 else ","
+        if line.endswith("("):
+            line += part
+        elif len(line) + 1 + len(part) > width:
+            lines.append(line)
+            line = indent + part
+        else:
+            line += " " + part
+    return lines + [line]
+
+
+def _official_constructor(fmt: str, backbone) -> list[str]:
+    """The card's lines that build the official model which ``fmt``'s backbone.pth loads into
+    strictly and which computes dinox's features (as far as the official code can; a comment
+    says where it cannot)."""
+    kwargs = _official_kwargs(fmt, backbone)
+    repo = fmt.split("-")[0]
+    eps = backbone.arch.ln_eps
+    lines = [OFFICIAL_IMPORT.format(repo=repo)]
+    if fmt == "dinov3-hub" and eps not in DINOV3_NORMS:
+        lines += [f"# dinox's LayerNorm eps {eps:g} is neither of DINOv3's norm_layer choices "
+                  f"({', '.join(f'{n!r} {e:g}' for e, n in DINOV3_NORMS.items())}): add it",
+                  "import functools, torch, dinov3.models.vision_transformer as dv3",
+                  f"dv3.norm_layer_dict[{kwargs['norm_layer']!r}] = functools.partial(torch.nn.LayerNorm, eps={eps!r})"]
+    lines += _call_lines("model = DinoVisionTransformer", kwargs, ".eval()")
+    if fmt == "dinov2-hub" and eps != DINOV2_EPS:
+        lines.append(f"# dinox's LayerNorm eps is {eps:g}; DINOv2's DinoVisionTransformer fixes {DINOV2_EPS:g} "
+                     "(no argument sets it), so its features differ slightly from dinox's")
+    return lines
 
 
 def _resampling_note(fmt: str, hf_class: str) -> str:
@@ -336,10 +412,9 @@ def model_card(fmt: str, backbone, preprocessing: dict, info: dict) -> str:
         lines += ["import dinox", "backbone = dinox.load_backbone(FOLDER)   # or FOLDER/backbone.safetensors",
                   "out = backbone(x)   # {'cls', 'registers', 'patches'}"]
     else:
-        repo = "dinov2" if fmt == "dinov2-hub" else "dinov3"
-        lines += _official_constructor(backbone) if fmt == "dinov2-hub" else [
-            f"# the official {repo} DinoVisionTransformer of this shape, then:"]
+        lines += _official_constructor(fmt, backbone)
         lines += ["model.load_state_dict(torch.load(FOLDER + '/backbone.pth', weights_only=True))",
+                  f"out = model.forward_features(x)   # {FEATURES[fmt]}",
                   "# or: dinox.load_backbone(FOLDER + '/backbone.pth')"]
     lines += [
         "```",
