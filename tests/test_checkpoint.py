@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import zipfile
 from collections import OrderedDict, namedtuple
 from datetime import datetime
 from pathlib import Path
@@ -257,6 +258,35 @@ def test_sigkill_during_saves_never_leaves_a_damaged_final_name(tmp_path, pause_
 
 # ----------------------------------------------------------------------------- damage
 
+def test_an_edited_record_or_a_checkpoint_copied_over_another_is_told_from_damage(tmp_path):
+    """The sha256 record and the file disagree, but the file is a whole zip (every CRC-32
+    matches): refused all the same, with why and how to use it anyway."""
+    import json
+
+    edited, other, replaced = (save(tmp_path, s, n=20_000) for s in (1, 2, 3))
+    record = json.loads(sidecar_path(edited).read_text())
+    sidecar_path(edited).write_text(json.dumps({**record, "sha256": "0" * 64}))
+    replaced.write_bytes(save(tmp_path / "elsewhere", 9, n=30_000).read_bytes())
+    padding = save(tmp_path, 4, n=20_000)   # a byte of a zip header's padding: no tensor changed
+    data = bytearray(padding.read_bytes())
+    with zipfile.ZipFile(padding) as archive:   # torch pads a local header's extra field to align the data
+        padded = [(m.header_offset + 30 + len(m.filename), int.from_bytes(data[m.header_offset + 28:][:2], "little"))
+                  for m in archive.infolist()]
+    start, extra = next((start, extra) for start, extra in padded if extra > 4)
+    data[start + 4] ^= 0xFF   # the first byte of padding after the extra field's 4-byte header
+    padding.write_bytes(bytes(data))
+    for path, what in ((edited, "sha256 differs"), (replaced, "size is"), (padding, "sha256 differs")):
+        ok, reason = verify_checkpoint(path)
+        assert not ok and reason.startswith(what), reason
+        assert "every member of the file passes the zip's CRC-32" in reason
+        assert f"delete {sidecar_path(path).name}" in reason and "damaged" not in reason
+    sidecar_path(edited).unlink()   # as the message says
+    assert verify_checkpoint(edited)[0]
+    assert verify_checkpoint(other)[0]
+    sidecar_path(padding).unlink()
+    assert verify_checkpoint(padding)[0]
+
+
 def test_truncated_and_flipped_files_are_detected(tmp_path):
     good = save(tmp_path, 1, n=20_000)
     truncated = save(tmp_path, 2, n=20_000)
@@ -264,7 +294,7 @@ def test_truncated_and_flipped_files_are_detected(tmp_path):
     data = truncated.read_bytes()
     truncated.write_bytes(data[: len(data) // 2])
     data = bytearray(flipped.read_bytes())
-    data[len(data) // 2] ^= 0xFF
+    data[data.index(make_state(3, 20_000)["student"]["backbone.blocks.0.attn.qkv.weight"][:8].numpy().tobytes()) + 4] ^= 0xFF   # inside a tensor
     flipped.write_bytes(bytes(data))
 
     assert verify_checkpoint(good)[0]

@@ -40,6 +40,7 @@ import re
 import shutil
 import socket
 import time
+import zipfile
 from collections import OrderedDict
 from datetime import datetime
 from pathlib import Path
@@ -585,15 +586,28 @@ def _read_sidecar(path: Path) -> dict | str | None:
     return record
 
 
+WHOLE_FILE = "every member of the file passes the zip's CRC-32"   # a record mismatch that is no damage
+
+
 def _check_record(path: Path, record: dict) -> str | None:
-    """None when `path` matches its record, else the reason it does not."""
+    """None when `path` matches its record, else the reason it does not. A file that differs
+    from its record yet is a whole zip whose every member passes its CRC-32 was not damaged on
+    disk in its data: the record was edited, another checkpoint was copied over this one, or a
+    byte of the zip's headers or padding changed; the reason says so, and how to use the file anyway (it stays refused: which one is right is the
+    user's call)."""
     size = path.stat().st_size
     if size != record["size"]:
-        return (f"size is {size} bytes but {record['size']} were written at save time "
-                f"(truncated or overwritten)")
-    if _sha256_file(path) != record["sha256"]:
-        return "sha256 differs from the one recorded at save time (bytes damaged)"
-    return None
+        problem = f"size is {size} bytes but {record['size']} were written at save time"
+    elif _sha256_file(path) != record["sha256"]:
+        problem = "sha256 differs from the one recorded at save time"
+    else:
+        return None
+    if zipfile.is_zipfile(path) and zip_crc_problem(path) is None:
+        record_name = sidecar_path(path).name
+        return (f"{problem}, yet {WHOLE_FILE} (its tensors are as some save wrote them): its record {record_name} "
+                f"was edited, another checkpoint was copied over this one, or bytes outside the data changed; if this "
+                f"file is the one you want, delete {record_name} (the file is then checked by its CRCs and contents)")
+    return f"{problem} ({'truncated or overwritten' if size != record['size'] else 'bytes damaged'})"
 
 
 def _tensor_problem(t: torch.Tensor, where: str) -> str | None:
@@ -865,7 +879,8 @@ def load_checkpoint(path, map_location="cpu", *, verify: bool = True, mmap: bool
         if isinstance(record, dict):
             problem = _check_record(path, record)
             if problem:
-                raise CheckpointError(f"checkpoint {path} is damaged: {problem}{_earlier_hint(path)}")
+                verdict = "does not match its integrity record" if WHOLE_FILE in problem else "is damaged"
+                raise CheckpointError(f"checkpoint {path} {verdict}: {problem}{_earlier_hint(path)}")
             checksum_ok = True
         elif isinstance(record, str):
             log.warning("%s; verifying %s by its zip CRCs and by loading it", record, path)
