@@ -1321,8 +1321,10 @@ def dinov2_hub_state(backbone: VisionTransformer, extras: dict | None = None) ->
 
 
 def dinov3_hub_state(backbone: VisionTransformer, extras: dict | None = None) -> dict[str, torch.Tensor]:
-    """The backbone in the DINOv3 key layout (dinov3/models/vision_transformer.py with
-    ``n_storage_tokens=R, mask_k_bias=True, layerscale_init=1e-5``)."""
+    """The backbone in the DINOv3 key layout (dinov3/models/vision_transformer.py), every
+    block with its LayerScale gammas (ones where the network has none) and a key-bias mask
+    where it has one; the constructor call that loads it strictly is on the export's card
+    (`dinox.commands.export`)."""
     arch, sd = backbone.arch, _backbone_state(backbone)
     if not arch.rope:
         raise UserError("this backbone learns absolute position embeddings (DINOv2 layout), which "
