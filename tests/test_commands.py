@@ -14,6 +14,7 @@ import torch
 from _train_support import losses, only_run, processed_root, train_args  # noqa: F401
 from dinox.cli import build_parser, main
 from dinox.run import checkpoint as ckpt
+from dinox.run.signals import EXIT_WONT_FIT
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -115,6 +116,21 @@ def test_dry_run_judges_the_checkpoints_against_the_free_disk_and_only_warns(cap
         line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("disk here:"))
         assert line.startswith(f"disk here: {free / 1e9:.2f} GB free at {tmp_path}"), line
         assert ("warning" not in line) if expected is None else (expected in line), line
+
+
+def test_a_smaller_batch_proposal_estimates_what_its_own_plan_does(capsys):
+    """The proposal re-estimates at the smaller batch: iBOT's masked rows shrink with it (they
+    were kept at the refused batch's count, ~0.2 GiB too high here)."""
+    import re
+
+    args = ["train", "--config", "vit-large", "--amp", "--grad-checkpoint", "--dry-run", "--device-memory", "24",
+            "--json"]
+    assert main([*args, "--batch-size", "128"]) == EXIT_WONT_FIT
+    proposal = next(s for s in json.loads(capsys.readouterr().out)["suggestions"] if s.startswith("--batch-size"))
+    batch, accumulation, gib = re.match(r"--batch-size (\d+) --accumulation-steps (\d+) .*estimated ([\d.]+) GiB",
+                                        proposal).groups()
+    assert main([*args, "--batch-size", batch, "--accumulation-steps", accumulation]) == 0
+    assert json.loads(capsys.readouterr().out)["memory_estimate_gb"] == pytest.approx(float(gib), abs=0.051)
 
 
 def test_invalid_shapes_are_rejected_with_the_fix(capsys):

@@ -139,7 +139,7 @@ def estimate_training_memory(*, params_backbone: int, params_head: int, embed_di
                              swiglu: bool = False, head_hidden_dim: int = DINO_HEAD_HIDDEN,
                              head_bottleneck_dim: int = DINO_HEAD_BOTTLENECK,
                              context_bytes: int = CONTEXT_BYTES, shard_world: int = 1,
-                             largest_unit_params: int = 0, ibot_rows: int = 0,
+                             largest_unit_params: int = 0, ibot_rows_per_image: float = 0.0,
                              gram_teacher_scale: int = 1, dense: bool = False,
                              dense_teacher_scale: int = 1) -> MemoryEstimate:
     """Peak device memory of one training micro-step of `batch_size` images, in bytes, on one
@@ -147,6 +147,8 @@ def estimate_training_memory(*, params_backbone: int, params_head: int, embed_di
 
     `mlp_hidden_dim` is the width actually built: for SwiGLU the reduced width
     (`dinox.model.vit.swiglu_hidden_dim`), not the nominal 4 x embed_dim.
+    `ibot_rows_per_image`: the masked patches iBOT scores per image, on average (so that an
+    estimate at another batch size, as a proposal makes, scales them with the batch).
     """
     inputs = dict(locals())
     elem = 2 if amp else FP32
@@ -191,9 +193,10 @@ def estimate_training_memory(*, params_backbone: int, params_head: int, embed_di
                                 + FP32 * head_bottleneck_dim)
     last_layer_weight = out_dim * head_bottleneck_dim * (2 * FP32 + (2 if amp else 0))
     logits = student_rows * out_dim * (elem + 3 * FP32) + teacher_rows * out_dim * (elem + 2 * FP32)
-    # iBOT at the `ibot_rows` masked patches: the teacher's fp32 targets for all of them, the
+    # iBOT at the batch's masked patches: the teacher's fp32 targets for all of them, the
     # head MLP activations, and one chunk's logits with their softmax work (the heads run
     # `dinox.losses.ibot.chunk_rows` rows at a time, the student's recomputed in backward).
+    ibot_rows = round(batch_size * ibot_rows_per_image)
     chunk = min(ibot_rows, chunk_rows(out_dim))
     logits += (ibot_rows * (out_dim * FP32 + 2 * (4 * head_hidden_dim + head_bottleneck_dim) * elem)
                + chunk * out_dim * (2 * elem + 5 * FP32))
@@ -373,12 +376,13 @@ def format_estimate(estimate: MemoryEstimate) -> str:
     return "\n".join(lines)
 
 
-def _expected_masked_patches(cfg) -> int:
-    """Masked patch tokens per micro-batch: images x masked fraction of images x mean ratio."""
+def _masked_patches_per_image(cfg) -> float:
+    """Masked patch tokens per image on average: its 2 global views x the share of views
+    masked x the mean mask ratio x patches per view."""
     s = cfg.ssl
     patches = (cfg.views.img_size // cfg.model.vit_patch) ** 2
     mean_ratio = (s.ibot_mask_ratio_min + s.ibot_mask_ratio_max) / 2
-    return int(round(cfg.optim.batch_size * 2 * s.ibot_mask_probability * mean_ratio * patches))
+    return 2 * s.ibot_mask_probability * mean_ratio * patches
 
 
 def plan_memory(cfg, device_memory_gb: float | None, device_total_bytes: int | None, *,
@@ -408,7 +412,7 @@ def plan_memory(cfg, device_memory_gb: float | None, device_total_bytes: int | N
         grad_checkpoint=cfg.runtime.grad_checkpoint, out_dim=m.out_dim, swiglu=m.swiglu,
         head_hidden_dim=m.head_hidden, head_bottleneck_dim=m.head_bottleneck,
         shard_world=sharded_world, largest_unit_params=largest_unit,
-        ibot_rows=_expected_masked_patches(cfg) if model.has_ibot else 0,
+        ibot_rows_per_image=_masked_patches_per_image(cfg) if model.has_ibot else 0.0,
         gram_teacher_scale=cfg.ssl.gram_teacher_scale, dense=cfg.ssl.dense_weight > 0,
         dense_teacher_scale=cfg.ssl.dense_teacher_scale,
     )
