@@ -2,6 +2,11 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import nibabel as nib
@@ -430,6 +435,68 @@ def test_interrupted_write_leaves_no_partial_volume(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         ingest.save_volume(target, np.zeros((2, 2, 2), np.int16))
     assert list(tmp_path.iterdir()) == []
+
+
+# A driver of `dinox prep` whose workers write the first series and then hang on the others,
+# so that a stop signal lands mid-run at a known point (workers are forked: the patch holds).
+_STALLED_PREP = """
+import sys, time
+from dinox.data import ingest
+real = ingest.process_task
+def stalled(task, root):
+    if task.series_id != "1.21.0":
+        time.sleep(120)
+    return real(task, root)
+ingest.process_task = stalled
+from dinox.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_stopped_prep_indexes_what_it_wrote_stops_its_workers_and_a_rerun_goes_on(tmp_path, sig, code):
+    """Ctrl-C (SIGINT to the process group) or SIGTERM (`kill`, a scheduler, `timeout`, which
+    signals both the process and its group) mid-run: exit 130 or 143 with one line saying
+    what is done and what to do, the volumes written indexed, no worker left behind, no
+    temporary file; the same command again reads only the series that were not written.
+    SIGTERM used to end prep at once, unindexed and silent, its workers left waiting on their
+    queue for ever; Ctrl-C printed a traceback per worker and could hang."""
+    rng = np.random.default_rng(21)
+    for k in range(4):
+        write_series(tmp_path / "in" / f"s{k}", random_hu(rng, (3, 4, 4)), f"1.21.{k}", patient_id=f"P{k}")
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-c", _STALLED_PREP, "prep", "--input", str(tmp_path / "in"),
+                             "--output", str(out), "--workers", "2"], stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not (out / "volumes" / "1.21.0.npy").is_file():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+            time.sleep(0.05)
+        time.sleep(0.3)          # the first result reaches the parent
+        os.kill(proc.pid, sig)
+        os.killpg(proc.pid, sig)
+        err = proc.communicate(timeout=15)[1]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == code
+    name = signal.Signals(sig).name
+    assert err == (f"prep stopped by {name} after 1 of the 4 series to prepare: the volumes written are in "
+                   f"{out / '_index' / 'index.csv'} and are not read again; run the same command again to prepare "
+                   f"the other 3 and write the split, the nodule table and the report\n")
+    deadline = time.monotonic() + 10
+    while True:                 # the workers were stopped with their parent
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            break
+        assert time.monotonic() < deadline, "worker processes left running"
+        time.sleep(0.05)
+    assert list(index_rows(out)) == ["1.21.0"]
+    assert sorted(p.name for p in (out / "volumes").iterdir()) == ["1.21.0.npy"]
+    again = prep([tmp_path / "in"], out)
+    assert again["series_kept"] == ["1.21.0"] and sorted(again["series_written"]) == ["1.21.1", "1.21.2", "1.21.3"]
 
 
 def test_stale_temp_files_are_removed(tmp_path):

@@ -243,3 +243,28 @@ def test_cli_synth_bad_workers(tmp_path, capsys):
                "--workers", "0"])
     err = capsys.readouterr().err
     assert rc != 0 and "--workers" in err and "Traceback" not in err
+
+
+def test_cli_synth_stopped_by_sigterm_is_one_line_and_143(tmp_path, capsys, monkeypatch):
+    """SIGTERM (a scheduler's stop, `kill`) ended synth at once, without a word; now it
+    unwinds like Ctrl-C (its workers stopped), says what to do and exits 143. A second
+    signal while it unwinds is ignored; the handlers are put back afterwards."""
+    import os
+    import signal
+    import time
+
+    import dinox.commands.synth as synth_command
+
+    def stopped(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)
+        raise AssertionError("SIGTERM did not stop synth")
+
+    monkeypatch.setattr(synth_command, "generate_dataset", stopped)
+    before = signal.getsignal(signal.SIGTERM)
+    rc = main(["synth", "--out", str(tmp_path / "s"), "--patients", "1", "--slices", "4", "--size", "32"])
+    assert rc == 143
+    assert capsys.readouterr().err == (f"synth stopped by SIGTERM before it finished writing {tmp_path / 's'}; "
+                                       f"run the same command again to complete it\n")
+    assert signal.getsignal(signal.SIGTERM) == before

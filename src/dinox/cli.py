@@ -8,6 +8,7 @@ import sys
 
 from dinox import __version__
 from dinox.errors import UserError
+from dinox.run.signals import EXIT_SIGINT
 from dinox.run.logging import rank_prefix
 
 COMMANDS = [
@@ -77,9 +78,11 @@ def _os_error_line(exc: OSError) -> str:
 def main(argv: list[str] | None = None) -> int:
     try:   # Ctrl-C while the subcommands (and torch) are still being imported, too
         return _run(argv)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        # a command that knows what the interruption left (prep) says so in the exception;
+        # SIGTERM, where a command turns it into an exception (signals.Terminated), exits 143
+        print(str(exc) or "interrupted", file=sys.stderr)
+        return getattr(exc, "exit_code", EXIT_SIGINT)
 
 
 def _run(argv: list[str] | None) -> int:

@@ -7,6 +7,7 @@ from pathlib import Path
 from dinox.commands.argtypes import nonneg_int, path, positive_int
 from dinox.data.ingest import NIFTI_PATIENT_CHOICES, format_summary, prepare
 from dinox.data.parallel import DEFAULT_WORKERS
+from dinox.run.signals import interrupt_name, interrupts_raise
 
 
 def add_parser(subparsers) -> None:
@@ -32,7 +33,15 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> int:
-    report = prepare(args.input, args.output, workers=args.workers, force=args.force,
-                     val_fraction=args.val_fraction, split_seed=args.split_seed, nifti_patient=args.nifti_patient)
+    with interrupts_raise():   # SIGTERM too unwinds, so the volumes written are indexed
+        try:
+            report = prepare(args.input, args.output, workers=args.workers, force=args.force,
+                             val_fraction=args.val_fraction, split_seed=args.split_seed,
+                             nifti_patient=args.nifti_patient)
+        except KeyboardInterrupt as exc:
+            if str(exc):   # prepare said what it left
+                raise
+            raise type(exc)(f"prep stopped by {interrupt_name(exc)} before it finished; run the same command "
+                            f"again (series already in the index are not read again)") from None
     print(format_summary(report))
     return 0

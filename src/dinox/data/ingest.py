@@ -32,6 +32,7 @@ from dinox.data.layout import (INDEX_FILE, REPORT_FILE, SPLITS_DIR, VOLUMES_DIR,
 from dinox.data.parallel import process_map
 from dinox.data.splits import extend_split, same_scan_patients
 from dinox.errors import UserError
+from dinox.run.signals import interrupt_name
 
 INDEX_FLUSH_S = 30.0
 
@@ -406,9 +407,9 @@ def prepare(inputs, output="data/processed", workers: int = 1, force: bool = Fal
 
     last_flush = time.monotonic()
     n_planned_skips = len(series_skipped)
-    completed = False
+    results = process_map(_Worker(str(root)), todo, workers, "prep", progress)
     try:
-        for result in process_map(_Worker(str(root)), todo, workers, "prep", progress):
+        for result in results:
             task = result["task"]
             files_skipped.extend({"path": p, "reason": r, "series_id": task.series_id}
                                  for p, r in result["dropped"])
@@ -424,10 +425,19 @@ def prepare(inputs, output="data/processed", workers: int = 1, force: bool = Fal
             if time.monotonic() - last_flush > INDEX_FLUSH_S:
                 write_index(index_path, list(rows.values()))
                 last_flush = time.monotonic()
-        completed = True
-    finally:
-        if not completed:  # interrupted: keep what is done so a re-run can skip it
-            write_index(index_path, list(rows.values()))
+    except BaseException as exc:
+        # interrupted (or failed): keep what is done so that a re-run need not read it again
+        results.close()     # the workers stopped first: none writes after the index
+        write_index(index_path, list(rows.values()))
+        for stale in (root / VOLUMES_DIR).glob(".*.tmp*"):   # a worker stopped mid-write
+            stale.unlink(missing_ok=True)
+        if isinstance(exc, KeyboardInterrupt):
+            done = len(report["series_written"]) + len(series_skipped) - n_planned_skips
+            raise type(exc)(f"prep stopped by {interrupt_name(exc)} after {len(report['series_written'])} of the "
+                            f"{len(todo)} series to prepare: the volumes written are in {index_path} and are not "
+                            f"read again; run the same command again to prepare the other {len(todo) - done} and "
+                            f"write the split, the nodule table and the report") from None
+        raise
     if not report["series_written"] and not report["series_kept"]:
         # every series failed while being read: an index and split of nothing (or of
         # earlier runs only) would let the user go on to train on nothing

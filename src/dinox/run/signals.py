@@ -12,6 +12,7 @@ EXIT_WONT_FIT = 3
 EXIT_NONFINITE = 4
 EXIT_ANOMALY = 5
 EXIT_SIGINT = 130
+EXIT_SIGTERM = 143
 
 
 # Ctrl+C; a scheduler's stop (SLURM, Kubernetes); a closed terminal or ssh session; the
@@ -77,3 +78,47 @@ class StopRequest:
     @property
     def exit_code(self) -> int:
         return EXIT_SIGINT if self.signum == signal.SIGINT else EXIT_OK
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`kill`, a scheduler's stop, `timeout`) as an exception, raised where
+    `interrupts_raise` is in force: like Ctrl-C's KeyboardInterrupt it unwinds through every
+    `finally`, so work that is done gets recorded, and `dinox` exits 143."""
+
+    signame = "SIGTERM"
+    exit_code = EXIT_SIGTERM
+
+
+def interrupt_name(exc: BaseException) -> str:
+    """The signal behind an interruption: SIGTERM for Terminated, else SIGINT (Ctrl-C)."""
+    return getattr(exc, "signame", "SIGINT")
+
+
+@contextlib.contextmanager
+def interrupts_raise():
+    """Within: the first SIGINT raises KeyboardInterrupt and the first SIGTERM Terminated in
+    the main thread; later ones are ignored, so that the cleanup the first one starts (a
+    volume index written, worker processes stopped) is not cut short: `timeout` sends its
+    signal twice (to the process and to its group), an impatient user presses Ctrl-C twice.
+    Without it SIGTERM ends the process at once, without a word and with no `finally` run.
+    Signals the process was started ignoring stay ignored (see StopRequest.install)."""
+    fired = []
+
+    def handle(signum, frame):
+        if fired:
+            return
+        fired.append(signum)
+        raise Terminated("terminated (SIGTERM)") if signum == signal.SIGTERM else KeyboardInterrupt
+
+    previous = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            if signal.getsignal(sig) != signal.SIG_IGN:
+                previous[sig] = signal.signal(sig, handle)
+        except (ValueError, OSError):   # not the main thread
+            pass
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
