@@ -434,6 +434,27 @@ def test_a_rerun_keeps_the_rows_of_a_series_with_an_unreadable_slice(synth_prep,
            f"annotation files (listed in the report)" in said
 
 
+def test_a_rerun_reads_each_dicom_file_once_and_writes_the_same_table(synth_prep, tmp_path, monkeypatch):
+    """The nodule table ties marks to slices by SOP UID and z, which the header scan reads.
+    It used to read every slice's header a second time, in one process, on every run: on
+    LIDC-IDRI's 244k files a pass over the archive as long as the scan itself."""
+    import pydicom
+    base, _, _ = synth_prep
+    root = tmp_path / "processed"
+    shutil.copytree(base / "processed", root)
+    real, reads = pydicom.dcmread, Counter()
+
+    def counting(fp, *args, **kwargs):
+        reads[str(fp)] += 1
+        return real(fp, *args, **kwargs)
+
+    monkeypatch.setattr(pydicom, "dcmread", counting)
+    again = ingest.prepare([base / "dicom"], root, workers=1, progress=False)
+    assert again["series_written"] == [] and len(again["series_kept"]) == 2
+    assert len(reads) == len(list((base / "dicom").glob("*/*/slice_*.dcm"))) and set(reads.values()) == {1}
+    assert read_table(root / NODULES_TABLE) == read_table(base / "processed" / NODULES_TABLE)
+
+
 def test_prep_without_annotations_writes_no_table(tmp_path):
     generate_dataset(tmp_path / "dicom", patients=1, slices=4, size=32, seed=1)
     for f in tmp_path.glob("dicom/**/*.xml"):

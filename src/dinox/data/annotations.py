@@ -60,8 +60,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
-import pydicom
-from pydicom.errors import InvalidDicomError
 
 from dinox.data import dicom_io
 from dinox.data.layout import atomic_write_text
@@ -631,40 +629,24 @@ def _row_problem(row: dict) -> str | None:
 
 # --- prep: find, parse and tie annotation files to prepared series -------------------------------
 
-def _slice_headers(path: str) -> tuple[str, float | None]:
-    try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPInstanceUID", "ImagePositionPatient"])
-    except InvalidDicomError:   # bare datasets without preamble, as the header scan accepts
-        ds = pydicom.dcmread(path, stop_before_pixels=True, force=True,
-                             specific_tags=["SOPInstanceUID", "ImagePositionPatient"])
-    position = ds.get("ImagePositionPatient")
-    z = float(position[2]) if position is not None and len(position) == 3 else None
-    return str(ds.get("SOPInstanceUID", "") or ""), z
-
-
 def series_slices(series_id: str, patient_id: str, plan, num_slices: int, dropped: set[str]) -> SeriesSlices:
-    """SOP UIDs and z of the slices of a prepared volume, read from the plan's files
-    (dicom_io keeps neither). Slices whose pixel data could not be read were left out of
-    the volume (`dropped`: their report labels), so they are left out here too. A frame of
-    a multi-frame file has no SOP UID of its own and is found by z only, which for it is
-    the position along the slice normal. Raises AnnotationError when the slices left do
-    not add up to the volume (e.g. a volume kept from an earlier run that dropped others)."""
-    kept = [(path, frame, pos) for (path, frame), pos in zip(plan.slices, plan.positions)
+    """SOP UIDs and z of the slices of a prepared volume, from the plan (the header scan read
+    them; reading every file again here cost a second pass over the archive on every run).
+    Slices whose pixel data could not be read were left out of the volume (`dropped`: their
+    report labels), so they are left out here too. A frame of a multi-frame file has no SOP
+    UID of its own and is found by z only, which for it is the position along the slice
+    normal. Raises AnnotationError when the slices left do not add up to the volume (e.g. a
+    volume kept from an earlier run that dropped others)."""
+    kept = [(sop, pos if z is None else z, pos)
+            for (path, frame), pos, sop, z in zip(plan.slices, plan.positions, plan.sop_uids, plan.image_z)
             if dicom_io.slice_label(path, frame) not in dropped]
     if len(kept) != num_slices:
         raise AnnotationError(f"volume has {num_slices} slices but {len(kept)} planned slices remain; "
                               f"rerun prep with --force to tie annotations to slices")
-    sops, zs = [], []
-    for path, frame, pos in kept:
-        try:
-            sop, z = _slice_headers(path) if frame is None else ("", None)
-        except Exception:   # the volume was read from this file; only its UID is lost
-            sop, z = "", None
-        sops.append(sop)
-        zs.append(pos if z is None else z)
     steps = np.diff(np.asarray([pos for _, _, pos in kept], np.float64))
     return SeriesSlices(series_id=series_id, patient_id=patient_id, series_uid=plan.series_uid,
-                        sop_uids=sops, z=zs, spacing_z=float(np.median(steps)) if steps.size else 1.0,
+                        sop_uids=[sop for sop, _, _ in kept], z=[z for _, z, _ in kept],
+                        spacing_z=float(np.median(steps)) if steps.size else 1.0,
                         spacing_yx=tuple(plan.spacing_yx), shape_yx=(plan.rows, plan.cols))
 
 

@@ -42,7 +42,7 @@ _HEADER_TAGS = [
     "SeriesDescription", "Rows", "Columns", "ImageOrientationPatient", "ImagePositionPatient",
     "PixelSpacing", "SliceThickness", "InstanceNumber", "NumberOfFrames", "BitsAllocated",
     "SamplesPerPixel", "SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence",
-    "RescaleSlope", "RescaleIntercept", "AcquisitionNumber", "ConvolutionKernel",
+    "RescaleSlope", "RescaleIntercept", "AcquisitionNumber", "ConvolutionKernel", "SOPInstanceUID",
 ]
 _PIP_NAMES = {"gdcm": "python-gdcm"}
 CODECS_HINT = 'pip install "dinox[codecs]"'
@@ -75,6 +75,7 @@ class SliceHeader:
     # (AcquisitionNumber, ConvolutionKernel, SliceThickness) as written: slices that differ
     # here and cover the same stretch are two acquisitions or reconstructions (_one_acquisition)
     acquisition: tuple[str, str, str] = ("", "", "")
+    sop_uid: str = ""                       # SOPInstanceUID, as LIDC's XML names an image ("" for a frame)
 
     @property
     def ref(self) -> SliceRef:
@@ -93,6 +94,8 @@ class SeriesPlan:
     patient_id: str
     slices: list[SliceRef]                 # ascending along the slice normal
     positions: list[float]                 # along the normal, mm
+    sop_uids: list[str]                    # per slice: its SOPInstanceUID ("" for a frame)
+    image_z: list[float | None]            # per slice: ImagePositionPatient z (None for a frame)
     rows: int
     cols: int
     spacing_yx: tuple[float, float]
@@ -215,6 +218,7 @@ def _slice_headers(path: str, ds) -> list[SliceHeader]:
         # only breaks ties in the ordering: a malformed value must not cost a good slice
         instance_number=_int(ds.get("InstanceNumber")),
         transfer_syntax=ts,
+        sop_uid=_text(ds, "SOPInstanceUID"),
         acquisition=(_number_text(ds, "AcquisitionNumber"), _text(ds, "ConvolutionKernel"),
                      _number_text(ds, "SliceThickness")),
     )
@@ -555,6 +559,8 @@ def plan_series(headers: list[SliceHeader]) -> SeriesPlan:
         patient_id=patient_id,
         slices=[h.ref for h in images],
         positions=[float(p) for p in pos],
+        sop_uids=[h.sop_uid if h.frame is None else "" for h in images],
+        image_z=[float(h.position[2]) if h.frame is None else None for h in images],
         rows=images[0].rows,
         cols=images[0].cols,
         spacing_yx=(float(spacing[0]), float(spacing[1])),
