@@ -747,6 +747,32 @@ def test_copies_of_one_scan_split_as_one_patient_even_without_the_first_copy():
     assert same_scan_patients(patients, [["x", "y"], "not a group"]) == patients
 
 
+def test_a_rerun_reads_no_volume_again_to_find_copies_of_a_scan(tmp_path, monkeypatch):
+    """Copies of a scan are found by a digest of the voxels of each volume that shares its
+    shape and spacing with another. Every re-run read all of those again, in full (on LIDC-IDRI
+    GBs from disk); the digests are now kept in the root by path, size and time, and only a
+    volume written anew is read again."""
+    from dinox.data import ingest
+
+    rng = np.random.default_rng(32)
+    scans = [random_hu(rng, (4, 6, 5)) for _ in range(3)]
+    for k, scan in enumerate(scans):
+        write_series(tmp_path / "in" / f"P{k}", scan, f"1.2.3.{k}", patient_id=f"P{k}")
+    write_series(tmp_path / "in" / "P9", scans[0], "1.2.3.9", patient_id="P9")   # a copy under new UIDs
+    out = tmp_path / "out"
+    assert prep([tmp_path / "in"], out)["same_scans"] == [["1.2.3.0", "1.2.3.9"]]
+    real, read = ingest._voxels_digest, []
+    monkeypatch.setattr(ingest, "_voxels_digest", lambda path: read.append(path.name) or real(path))
+    assert prep([tmp_path / "in"], out)["same_scans"] == [["1.2.3.0", "1.2.3.9"]]
+    assert read == []
+    np.save(out / "volumes" / "1.2.3.9.npy", scans[1])   # rewritten since (same shape): read again, alone
+    assert prep([tmp_path / "in"], out)["same_scans"] == [["1.2.3.1", "1.2.3.9"]]
+    assert read == ["1.2.3.9.npy"]
+    (out / "_index" / "voxel_digests.json").write_text("{damaged")   # only a cache: read all again
+    assert prep([tmp_path / "in"], out)["same_scans"] == [["1.2.3.1", "1.2.3.9"]]
+    assert sorted(read[1:]) == [f"1.2.3.{k}.npy" for k in (0, 1, 2, 9)]
+
+
 def test_a_scan_as_dicom_and_as_its_nifti_conversion_stays_on_one_side_of_the_split(tmp_path):
     """dcm2niix writes its NIfTI into the series' folder: named for another patient, the copy
     could sit on the other side of the split from its DICOM series, and validation would

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from dinox.data import annotations, dicom_io, nifti_io
-from dinox.data.layout import (INDEX_FILE, REPORT_FILE, SPLITS_DIR, VOLUMES_DIR, atomic_write, atomic_write_text,
+from dinox.data.layout import (DIGESTS_FILE, INDEX_FILE, REPORT_FILE, SPLITS_DIR, VOLUMES_DIR, atomic_write, atomic_write_text,
                                confined_path, printable, read_index, split_name, write_index)
 from dinox.data.parallel import process_map
 from dinox.data.splits import extend_split, same_scan_patients
@@ -494,17 +494,61 @@ def _same_scans(root: Path, rows: dict[str, dict]) -> list[list[str]]:
     for sid, row in rows.items():
         alike[(_row_dims(row), spacing(row))].append(sid)
     groups = []
+    digests = _Digests(root)
     for sids in (group for group in alike.values() if len(group) > 1):
         copies = defaultdict(list)
         for sid in sids:
             path = _kept_volume(root, rows[sid])
-            digest = _voxels_digest(path) if path is not None else None
+            digest = digests.of(path) if path is not None else None
             if digest is not None:
                 copies[digest].append(sid)
         for same in (group for group in copies.values() if len(group) > 1):
             first = min(same, key=lambda sid: (nifti_io.is_nifti(rows[sid].get("source", "")), sid))
             groups.append([first, *sorted(set(same) - {first})])
+    digests.save()
     return sorted(groups)
+
+
+class _Digests:
+    """`_voxels_digest` of the root's volumes, kept in DIGESTS_FILE by the volume's path,
+    size and modification time: without it every re-run read again, in full, each volume
+    that shares its shape and spacing with another (on LIDC-IDRI, GBs from disk per run).
+    A volume written anew (another size or time) is read again; the file is only a cache, so
+    one that is missing, damaged or cannot be written costs a re-read, never a result."""
+
+    def __init__(self, root: Path) -> None:
+        self.root, self.file = root, root / DIGESTS_FILE
+        try:
+            known = json.loads(self.file.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            known = {}
+        self.known = known if isinstance(known, dict) else {}
+        self.used: dict[str, dict] = {}
+
+    def of(self, path: Path) -> str | None:
+        key = path.relative_to(self.root).as_posix()
+        try:
+            st = path.stat()
+        except OSError:
+            return None
+        stamp = [st.st_size, st.st_mtime_ns]
+        entry = self.known.get(key)
+        if isinstance(entry, dict) and entry.get("stamp") == stamp and isinstance(entry.get("sha1"), str):
+            digest = entry["sha1"]
+        else:
+            digest = _voxels_digest(path)
+        if digest is not None:
+            self.used[key] = {"stamp": stamp, "sha1": digest}
+        return digest
+
+    def save(self) -> None:
+        """Keep the volumes compared this run (the others were not read: nothing to keep)."""
+        if self.used == self.known or not (self.used or self.file.exists()):
+            return
+        try:
+            atomic_write_text(self.file, json.dumps(self.used, indent=0, sort_keys=True) + "\n")
+        except OSError:
+            pass
 
 
 class _Worker:

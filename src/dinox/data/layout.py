@@ -16,6 +16,7 @@ VOLUMES_DIR = "volumes"
 INDEX_FILE = "_index/index.csv"
 SPLITS_DIR = "_splits"
 REPORT_FILE = "prep_report.json"
+DIGESTS_FILE = "_index/voxel_digests.json"   # prep's cache of volume digests (ingest._Digests)
 INDEX_COLUMNS = ["series_id", "patient_id", "path", "num_slices", "rows", "cols",
                  "spacing_z", "spacing_y", "spacing_x"]
 EXTRA_COLUMNS = ["source", "modality", "n_source_files", "notes"]
