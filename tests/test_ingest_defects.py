@@ -667,6 +667,37 @@ def _ras(hu: np.ndarray, spacing=(0.7, 0.7, 5.0)) -> nib.Nifti1Image:
     return nib.Nifti1Image(data, np.diag([*spacing, 1.0]))
 
 
+def test_a_nifti_gz_is_decompressed_once(tmp_path, monkeypatch):
+    """The CRC-32 check of a .nii.gz decompressed the whole file, then nibabel decompressed
+    it again to read the voxels: on CT that compresses 1.5:1, half of prep's time on the
+    file (2.98 s against 1.45 s for 288 x 512 x 512). The volume is read from the bytes the
+    check decompressed, and is the same."""
+    import zlib
+
+    from dinox.data import nifti_io
+
+    hu = random_hu(np.random.default_rng(41), (40, 64, 64))    # random: no shorter gzipped
+    nib.save(_ras(hu), str(tmp_path / "scan.nii.gz"))
+    real, out_bytes = zlib.decompressobj, []
+
+    class Counting:
+        def __init__(self, *args, **kwargs):
+            self._d = real(*args, **kwargs)
+
+        def decompress(self, data, *args):
+            out = self._d.decompress(data, *args)
+            out_bytes.append(len(out))
+            return out
+
+        def __getattr__(self, name):
+            return getattr(self._d, name)
+
+    monkeypatch.setattr(zlib, "decompressobj", Counting)
+    vol, spacing, _ = nifti_io.read_nifti(tmp_path / "scan.nii.gz")
+    np.testing.assert_array_equal(vol, hu)
+    assert sum(out_bytes) < 1.5 * hu.nbytes
+
+
 def test_nifti_headers_that_would_give_wrong_numbers_are_caught(tmp_path, monkeypatch):
     """A changed byte inside a .nii.gz (nibabel reads what the header declares and never
     reaches the CRC-32), a voxel size of 0 (nibabel takes 1 mm) and more voxels than memory

@@ -74,19 +74,19 @@ def orientation_notes(path) -> list[str]:
 _TO_MM = {"meter": 1000.0, "mm": 1.0, "micron": 0.001, "unknown": 1.0}
 
 
-def _gzip_problem(path) -> str | None:
-    """Why a gzip file does not decompress whole (a changed byte fails its CRC-32, a cut one
-    ends early), or None; a file that is no gzip is left to the reader. nibabel reads only
-    the bytes the header declares and never reaches the checksum at the end."""
+def _gunzip(path) -> bytes | None:
+    """The whole decompressed content of a gzip file, or None for a file that is no gzip.
+    Raises ValueError where it does not decompress whole (a changed byte fails its CRC-32, a
+    cut one ends early): nibabel reads only the bytes the header declares and never reaches
+    the checksum at the end. The volume is then read from these bytes: checking the file
+    and reading it apart decompressed it twice."""
     if not _is_gzip(path):
         return None
     try:
         with gzip.open(path, "rb") as f:
-            while f.read(16 << 20):
-                pass
+            return f.read()
     except (OSError, EOFError, zlib.error) as exc:
-        return f"damaged gzip ({exc or type(exc).__name__}): download or export the file again"
-    return None
+        raise ValueError(f"damaged gzip ({exc or type(exc).__name__}): download or export the file again") from None
 
 
 def _written_voxel_size(path, img) -> list[float]:
@@ -154,10 +154,11 @@ def read_nifti(path) -> tuple[np.ndarray, tuple[float, float, float], list[str]]
     DICOM axial series: z ascending (inferior to superior), rows anterior to posterior,
     columns from the patient's right to left. Raises ValueError for data that is not a 3D
     CT volume in HU."""
-    problem = _gzip_problem(path)
-    if problem:
-        raise ValueError(problem)
-    img = nib.load(str(path))
+    try:
+        img = nib.load(str(path))    # the header: checked before the voxels are read
+    except Exception:
+        _gunzip(path)                # a damaged gzip says so, rather than as the reader's error
+        raise
     if img.ndim == 4 and img.shape[3] == 1:
         img = nib.funcs.squeeze_image(img)
     if img.ndim != 3:
@@ -165,6 +166,11 @@ def read_nifti(path) -> tuple[np.ndarray, tuple[float, float, float], list[str]]
     problem = _header_problem(path, img)
     if problem:
         raise ValueError(problem)
+    raw = _gunzip(path)
+    if raw is not None:              # read once, from the bytes checked whole
+        img = type(img).from_bytes(raw)
+        if img.ndim == 4:
+            img = nib.funcs.squeeze_image(img)
     canon = nib.as_closest_canonical(img)
     data = np.asarray(canon.dataobj)
     if np.iscomplexobj(data):
