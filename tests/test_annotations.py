@@ -371,6 +371,29 @@ def test_bad_annotation_files_are_reported_not_fatal(synth_prep, tmp_path):
 
 
 
+def test_the_xml_of_another_series_beside_a_series_is_not_tied_to_it(synth_prep, tmp_path):
+    """One folder that held two series' files and XML (a flattened download, a merged
+    export), where one series is gone or skipped: its XML, beside the other series alone,
+    was matched to it by folder and its marks tied by z to that scan, another patient's
+    nodules in the table. An XML whose marks name none of the series' images is left out."""
+    base, labels, _ = synth_prep
+    dicom = tmp_path / "dicom"
+    shutil.copytree(base / "dicom", dicom)
+    s0, s1 = labels["series"]
+    (theirs,) = (dicom / s1["series_dir"]).glob("*.xml")
+    theirs.rename(dicom / s0["series_dir"] / "other.xml")
+    shutil.rmtree(dicom / s1["series_dir"])
+    report = ingest.prepare([dicom], tmp_path / "processed", workers=1, progress=False)
+    (problem,) = report["annotations"]["problems"]
+    assert Path(problem["file"]).name == "other.xml" and "series_id" not in problem
+    assert problem["problem"].startswith(f"belongs to no prepared series (SeriesInstanceUid {s1['series_uid']}, and "
+                                         f"none of the ") and "is a slice of the series beside it" in problem["problem"]
+    rows = read_table(tmp_path / "processed" / NODULES_TABLE)
+    assert {r["file"] for r in rows if r["source"] == "lidc-xml"} == {str(next((dicom / s0["series_dir"]).glob(
+        "annotations.xml")))}
+    assert {r["patient_id"] for r in rows} == {s0["patient_id"]}
+
+
 def test_a_copy_of_a_series_annotation_file_is_read_once(synth_prep, tmp_path):
     """The same XML found twice for one series (copied into another folder) would count each
     of its readers twice: the copy is left out and named."""

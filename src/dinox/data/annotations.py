@@ -734,16 +734,26 @@ class _Collector:
 
 def _owner(read: LidcRead, path: str, by_uid: dict[str, _Series], series: list[_Series]) -> tuple[_Series | None, str]:
     """The prepared series an XML describes: by its SeriesInstanceUid, else the one series
-    whose files share the XML's folder (a note says so)."""
+    whose files share the XML's folder (a note says so), unless the XML's marks name images
+    (SOP UIDs) and none of them is that series': then it is the XML of another series (one
+    that was skipped, or whose files were moved), whose marks, tied by z alone, would label
+    this scan with another patient's nodules."""
     if read.series_uid in by_uid:
         return by_uid[read.series_uid], ""
     folder = os.path.dirname(path)
     beside = [s for s in series if folder in s.folders]
+    uid = read.series_uid or "missing"
     if len(beside) == 1:
+        named = {roi.sop_uid for session in read.sessions for mark in session.marks for roi in mark.rois
+                 if roi.sop_uid}
+        if named and named.isdisjoint(beside[0].task.plan.sop_uids):
+            return None, (f"belongs to no prepared series (SeriesInstanceUid {uid}, and none of the {len(named)} "
+                          f"images its marks name is a slice of the series beside it): the XML of another series, "
+                          f"skipped or moved away from it")
         note = (f"SeriesInstanceUid {read.series_uid!r} is not that of the series beside it; "
                 f"matched by folder") if read.series_uid else "no SeriesInstanceUid; matched by folder"
         return beside[0], note
-    return None, f"belongs to no prepared series (SeriesInstanceUid {read.series_uid or 'missing'})"
+    return None, f"belongs to no prepared series (SeriesInstanceUid {uid})"
 
 
 def _use_xml(path: str, out: _Collector, by_uid: dict[str, _Series], series: list[_Series]) -> None:
