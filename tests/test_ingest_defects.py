@@ -485,6 +485,32 @@ def test_a_folder_that_cannot_be_listed_is_reported(tmp_path, monkeypatch):
     assert {"path": locked, "reason": "folder not readable (Permission denied)"} in report["files_skipped"]
 
 
+def test_an_empty_or_unreadable_file_says_so(tmp_path, monkeypatch):
+    """A file of 0 bytes (a copy cut short) was 'not a DICOM file' and one without read
+    permission had an 'unreadable header (PermissionError)': each now names what to fix, and
+    the summary counts them under that name."""
+    from dinox.data.ingest import format_summary
+
+    hu = random_hu(np.random.default_rng(23), (3, 4, 4))
+    files = write_series(tmp_path / "in", hu, "1.2.82.1")
+    (tmp_path / "in" / "empty.dcm").write_bytes(b"")
+    locked, real_open = str(files[1]), open
+
+    def no_permission(file, *args, **kwargs):   # as for a file of mode 000 (root reads those)
+        if os.fspath(file) == locked:
+            raise PermissionError(13, "Permission denied", locked)
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(dicom_io, "open", no_permission, raising=False)
+    report = prep([tmp_path / "in"], tmp_path / "out")
+    reasons = {Path(f["path"]).name: f["reason"] for f in report["files_skipped"]}
+    assert reasons == {"empty.dcm": "empty file (0 bytes): a copy or download cut short? copy it again",
+                       files[1].name: "not readable (Permission denied): give the user running prep read access"}
+    assert report["series_written"] == ["1.2.82.1"]
+    (line,) = [line for line in format_summary(report).splitlines() if "skipped files:" in line]
+    assert sorted(line.split(": ", 1)[1].split(", ")) == ["1 empty file", "1 not readable"]
+
+
 def test_nifti_patient_from_the_folder_keeps_a_patients_scans_on_one_side(tmp_path):
     """`<patient>/T0.nii.gz`, `<patient>/T1.nii.gz`: by file name every scan is a patient of
     its own (the default, for one scan per patient); `--nifti-patient folder` makes the folder

@@ -180,7 +180,14 @@ def read_headers(path: str) -> list[SliceHeader] | str:
     """The slice headers of one file (one per frame of a multi-frame file), or the reason
     it is not a usable DICOM image."""
     try:
-        if not _looks_like_dicom(path):
+        try:
+            if os.path.getsize(path) == 0:
+                return "empty file (0 bytes): a copy or download cut short? copy it again"
+            looks = _looks_like_dicom(path)
+        except OSError as exc:   # no permission, a disk error: the file, not its header, is at fault
+            return (f"not readable ({exc.strerror or type(exc).__name__})"
+                    + (": give the user running prep read access" if isinstance(exc, PermissionError) else ""))
+        if not looks:
             return _not_dicom(path)
         try:
             ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=_HEADER_TAGS)
