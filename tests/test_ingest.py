@@ -499,6 +499,21 @@ def test_a_stopped_prep_indexes_what_it_wrote_stops_its_workers_and_a_rerun_goes
     assert again["series_kept"] == ["1.21.0"] and sorted(again["series_written"]) == ["1.21.1", "1.21.2", "1.21.3"]
 
 
+def test_progress_in_a_log_file_is_a_plain_line_now_and_then(monkeypatch, capsys):
+    """Where stderr is no terminal (nohup, a scheduler's log) tqdm writes nothing: a prep of
+    a whole archive showed no sign of life until its summary. There it is a plain line at
+    most every PLAIN_PROGRESS_S, with the time left; the last item needs none."""
+    from dinox.data import parallel
+
+    monkeypatch.setattr(parallel, "PLAIN_PROGRESS_S", 0.0)
+    assert list(parallel.process_map(abs, [-1, -2, -3], 1, "prep", True)) == [1, 2, 3]
+    lines = capsys.readouterr().err.splitlines()
+    assert [line.split(", ")[0] for line in lines] == ["prep: 1 of 3 series (33 %)", "prep: 2 of 3 series (66 %)"]
+    assert all(line.endswith(" s left") and " so far, about " in line for line in lines)
+    assert list(parallel.process_map(abs, [-1, -2], 1, "headers", False, unit="file")) == [1, 2]
+    assert capsys.readouterr().err == ""
+
+
 def test_stale_temp_files_are_removed(tmp_path):
     rng = np.random.default_rng(11)
     write_series(tmp_path / "in", random_hu(rng, (3, 4, 4)), "1.11")
@@ -601,3 +616,25 @@ def test_cli_prints_summary(tmp_path, capsys):
     out = capsys.readouterr().out
     assert rc == 0
     assert "1 series written" in out and "1 not a DICOM file" in out and "val10_seed0.json" in out
+
+
+def test_the_summary_ends_with_the_train_command_for_the_root_and_its_split(tmp_path, capsys):
+    """The summary said what was written, not what to run with it: its last line is the
+    `dinox train` dry run of the root, naming the split where it is not train's default."""
+    import shlex
+
+    from dinox.cli import build_parser
+
+    rng = np.random.default_rng(1)
+    for k in range(4):
+        write_series(tmp_path / "in" / f"p{k}", random_hu(rng, (3, 4, 4)), f"1.15.{k}", patient_id=f"P{k}")
+    out = tmp_path / "my root"
+    for extra, manifest in (([], ""), (["--val-fraction", "0.5", "--split-seed", "1"],
+                                       f" --split-manifest '{out / '_splits' / 'val50_seed1.json'}'")):
+        assert main(["prep", "--input", str(tmp_path / "in"), "--output", str(out), "--workers", "1", *extra]) == 0
+        last = capsys.readouterr().out.splitlines()[-1]
+        command = f"dinox train --data-root '{out}'{manifest} --config vit-large --dry-run"
+        assert last == f"  next: {command}  (plans the run on this machine's memory; the same without --dry-run " \
+                       f"trains; docs/phase5_big_run.md)"
+        args, unknown = build_parser().parse_known_args(shlex.split(command)[1:])
+        assert not unknown and args.dry_run and Path(args.data_root) == out

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
@@ -22,10 +23,9 @@ DEFAULT_WORKERS = min(4, os.cpu_count() or 1)
 def process_map(fn, items, workers: int, desc: str, progress: bool, *, unit: str = "series", chunksize: int = 1):
     """Yield fn(item) for each item, in order: inline for one worker (or one item), else over
     a pool of `workers` processes (fn must be picklable: a module-level function or an
-    instance of a module-level class). A tqdm bar on stderr when `progress`."""
+    instance of a module-level class). Progress on stderr when `progress` (`_Progress`)."""
     items = list(items)
-    bar = tqdm(total=len(items), desc=desc, unit=unit, file=sys.stderr, disable=None if progress else True,
-               leave=False)
+    bar = _Progress(len(items), desc, unit, progress)
     try:
         if workers <= 1 or len(items) <= 1:
             for item in items:
@@ -51,6 +51,51 @@ def process_map(fn, items, workers: int, desc: str, progress: bool, *, unit: str
                 pool.shutdown(wait=True, cancel_futures=True)
     finally:
         bar.close()
+
+
+# Where stderr is no terminal, a progress line at most this often (seconds)
+PLAIN_PROGRESS_S = 60.0
+
+
+class _Progress:
+    """A tqdm bar on a terminal. Elsewhere (a log file under nohup or a scheduler) tqdm
+    writes nothing, and a prep of LIDC-IDRI's 244k files showed no sign of life for its
+    whole run: there, a plain line at most every PLAIN_PROGRESS_S, with the time left."""
+
+    def __init__(self, total: int, desc: str, unit: str, show: bool) -> None:
+        tty = show and _isatty(sys.stderr)
+        self.bar = tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, disable=not tty, leave=False)
+        self.plain = show and not tty
+        self.total, self.desc, self.done = total, desc, 0
+        self.units = unit if unit.endswith("s") else unit + "s"
+        self.start = self.last = time.monotonic()
+
+    def update(self) -> None:
+        self.done += 1
+        self.bar.update()
+        now = time.monotonic()
+        if self.plain and self.done < self.total and now - self.last >= PLAIN_PROGRESS_S:
+            self.last = now
+            left = (now - self.start) / self.done * (self.total - self.done)
+            print(f"{self.desc}: {self.done} of {self.total} {self.units} ({100 * self.done // self.total} %), "
+                  f"{_duration(now - self.start)} so far, about {_duration(left)} left", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _isatty(stream) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):   # replaced or closed
+        return False
+
+
+def _duration(seconds: float) -> str:
+    minutes = round(seconds) // 60
+    if minutes >= 60:
+        return f"{minutes // 60} h {minutes % 60:02d} min"
+    return f"{minutes} min {round(seconds) % 60:02d} s" if minutes else f"{round(seconds)} s"
 
 
 def _leave_ctrl_c_to_parent() -> None:
