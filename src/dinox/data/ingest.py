@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import re
+import shlex
 import sys
 import time
 from collections import Counter, defaultdict
@@ -660,4 +661,17 @@ def format_summary(report: dict) -> str:
             lines.append("  note: the validation split is empty (one patient only); add patients "
                          "before running the label-free evaluation")
     lines.append(f"  report: {Path(report['output']) / REPORT_FILE}")
+    if "index" in report:
+        lines.append(f"  next: {train_command(report)}  (plans the run on this machine's memory; the same without "
+                     f"--dry-run trains; docs/phase5_big_run.md)")
     return "\n".join(lines)
+
+
+def train_command(report: dict) -> str:
+    """The `dinox train` dry run of the root a prep wrote, with the split it wrote where
+    that is not the one train reads by default."""
+    root = report["output"]
+    split = report["split"]["file"]
+    manifest = "" if split == f"{SPLITS_DIR}/{split_name(0.1, 0)}" else \
+        f" --split-manifest {shlex.quote(str(Path(root) / split))}"
+    return f"dinox train --data-root {shlex.quote(str(root))}{manifest} --config vit-large --dry-run"
