@@ -394,6 +394,23 @@ def test_the_xml_of_another_series_beside_a_series_is_not_tied_to_it(synth_prep,
     assert {r["patient_id"] for r in rows} == {s0["patient_id"]}
 
 
+def test_an_xml_beside_no_prepared_series_is_named_as_such(synth_prep, tmp_path):
+    """LIDC-IDRI holds reads of radiographs (CR/DX series, skipped as not CT) beside them:
+    their XML was counted among the files 'not a DICOM file', as if something were wrong
+    with the archive's images."""
+    base, labels, _ = synth_prep
+    dicom = tmp_path / "dicom"
+    shutil.copytree(base / "dicom", dicom)
+    (original,) = (dicom / labels["series"][0]["series_dir"]).glob("*.xml")
+    (dicom / "radiograph").mkdir()
+    shutil.copy(original, dicom / "radiograph" / "069.xml")
+    report = ingest.prepare([dicom], tmp_path / "processed", workers=1, progress=False)
+    assert report["files_skipped"] == [{"path": str(dicom / "radiograph" / "069.xml"), "reason": (
+        "XML beside no prepared CT series (LIDC reads are taken from the folder of the series they annotate, or "
+        "a folder above it)")}]
+    assert "skipped files: 1 XML beside no prepared CT series" in ingest.format_summary(report)
+
+
 def test_a_copy_of_a_series_annotation_file_is_read_once(synth_prep, tmp_path):
     """The same XML found twice for one series (copied into another folder) would count each
     of its readers twice: the copy is left out and named."""

@@ -173,6 +173,11 @@ def _not_dicom(path: str) -> str:
         return "not a DICOM file: the header of a NIfTI .hdr/.img pair, which prep does not read; convert it to .nii"
     if head[:2] == b"\x1f\x8b":
         return "not a DICOM file: gzip data (if it is a NIfTI volume, name it *.nii.gz to prepare it)"
+    if path.lower().endswith(".xml"):
+        # prep reads the XML beside each prepared series as its annotations and takes those off
+        # the skipped files: one left here lies beside none (LIDC-IDRI's radiograph reads, say)
+        return ("XML beside no prepared CT series (LIDC reads are taken from the folder of the series they "
+                "annotate, or a folder above it)")
     return "not a DICOM file"
 
 
