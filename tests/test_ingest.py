@@ -320,6 +320,28 @@ def test_rerun_keeps_done_series_unless_forced(tmp_path):
     assert set(index_rows(out)) == {"1.7.1", "1.7.2"}
 
 
+def test_a_rerun_keeps_the_notes_of_the_series_it_keeps(tmp_path):
+    """prep_report.json lists the notes of each series (gaps, spacing, orientation); a re-run,
+    or the run that finishes an interrupted one, listed only those of the series it read
+    itself, and the summary lost its 'notes on N series' line. The kept series' notes come
+    from the index, as their run wrote them."""
+    rng = np.random.default_rng(9)
+    folder = tmp_path / "in"
+    write_series(folder, random_hu(rng, (4, 6, 6)), "1.9.1", patient_id="A")
+    hu = random_hu(rng, (4, 6, 6))
+    for k, z in enumerate([0.0, 1.0, 3.0, 4.0]):   # one slice missing
+        write_slice(folder / f"gap{k}.dcm", (hu[k] + 1024).astype(np.uint16), series_uid="1.9.2",
+                    position=(0, 0, z), instance=k + 1, patient_id="B")
+    out = tmp_path / "out"
+    first = prep([folder], out)
+    again = prep([folder], out)
+    assert again["series_kept"] == ["1.9.1", "1.9.2"] and again["series_written"] == []
+    assert again["series_notes"] == {"1.9.2": ["; ".join(first["series_notes"]["1.9.2"])]}
+    assert "gap in slice positions" in again["series_notes"]["1.9.2"][0]
+    assert "notes on 1 series (all in the report), e.g. 1.9.2: 1 gap in slice positions" in \
+        ingest.format_summary(again)
+
+
 def test_index_and_split_cover_series_from_earlier_runs(tmp_path):
     rng = np.random.default_rng(8)
     write_series(tmp_path / "a", random_hu(rng, (3, 8, 8)), "1.8.1", patient_id="A")

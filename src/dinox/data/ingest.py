@@ -402,6 +402,8 @@ def prepare(inputs, output="data/processed", workers: int = 1, force: bool = Fal
         if not force and old is not None and _volume_matches(root, old, task):
             old["source"] = task.source   # where it is now (absolute, where an older prep wrote it relative)
             report["series_kept"].append(task.series_id)
+            if old.get("notes"):   # as the run that read it wrote them (joined: a note may hold "; ")
+                report["series_notes"][task.series_id] = [old["notes"]]
         else:
             rows.pop(task.series_id, None)
             todo.append(task)
