@@ -521,6 +521,24 @@ def test_a_stopped_prep_indexes_what_it_wrote_stops_its_workers_and_a_rerun_goes
     assert again["series_kept"] == ["1.21.0"] and sorted(again["series_written"]) == ["1.21.1", "1.21.2", "1.21.3"]
 
 
+def test_a_prep_stopped_before_its_volumes_says_to_run_it_again(tmp_path, monkeypatch, capsys):
+    """SIGTERM while the headers are read (nothing written yet) ended prep without a word;
+    now it is one line, exit 143, and the handlers are put back."""
+    write_series(tmp_path / "in", random_hu(np.random.default_rng(22), (3, 4, 4)), "1.22")
+
+    def terminated(*args):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)
+        raise AssertionError("SIGTERM did not stop prep")
+
+    monkeypatch.setattr(ingest, "_dicom_tasks", terminated)
+    before = signal.getsignal(signal.SIGTERM)
+    assert main(["prep", "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--workers", "1"]) == 143
+    assert capsys.readouterr().err == ("prep stopped by SIGTERM before it finished; run the same command again "
+                                       "(series already in the index are not read again)\n")
+    assert signal.getsignal(signal.SIGTERM) == before
+
+
 def test_progress_in_a_log_file_is_a_plain_line_now_and_then(monkeypatch, capsys):
     """Where stderr is no terminal (nohup, a scheduler's log) tqdm writes nothing: a prep of
     a whole archive showed no sign of life until its summary. There it is a plain line at

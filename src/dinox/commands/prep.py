@@ -39,7 +39,7 @@ def run(args) -> int:
                              val_fraction=args.val_fraction, split_seed=args.split_seed,
                              nifti_patient=args.nifti_patient)
         except KeyboardInterrupt as exc:
-            if str(exc):   # prepare said what it left
+            if exc.args:   # prepare said what it left
                 raise
             raise type(exc)(f"prep stopped by {interrupt_name(exc)} before it finished; run the same command "
                             f"again (series already in the index are not read again)") from None

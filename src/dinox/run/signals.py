@@ -88,6 +88,9 @@ class Terminated(KeyboardInterrupt):
     signame = "SIGTERM"
     exit_code = EXIT_SIGTERM
 
+    def __str__(self) -> str:   # what `dinox` prints where no command said more
+        return super().__str__() or "terminated (SIGTERM)"
+
 
 def interrupt_name(exc: BaseException) -> str:
     """The signal behind an interruption: SIGTERM for Terminated, else SIGINT (Ctrl-C)."""
@@ -108,7 +111,7 @@ def interrupts_raise():
         if fired:
             return
         fired.append(signum)
-        raise Terminated("terminated (SIGTERM)") if signum == signal.SIGTERM else KeyboardInterrupt
+        raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
 
     previous = {}
     for sig in (signal.SIGINT, signal.SIGTERM):
