@@ -8,8 +8,8 @@ import sys
 
 from dinox import __version__
 from dinox.errors import UserError
-from dinox.run.signals import EXIT_SIGINT
 from dinox.run.logging import rank_prefix
+from dinox.run.signals import EXIT_SIGINT
 
 COMMANDS = [
     "dinox.commands.synth",
