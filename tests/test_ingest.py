@@ -460,22 +460,27 @@ def test_interrupted_write_leaves_no_partial_volume(tmp_path, monkeypatch):
 
 
 # A driver of `dinox prep` whose workers write the first series and then hang on the others,
-# so that a stop signal lands mid-run at a known point (workers are forked: the patch holds).
+# so that a stop signal lands mid-run at a known point (workers are forked: the patch holds);
+# the parent touches the file MARK once it has recorded the first series.
 _STALLED_PREP = """
-import sys, time
-from dinox.data import ingest
-real = ingest.process_task
+import os, sys, time
+from dinox.data import ingest, parallel
+real, update = ingest.process_task, parallel._Progress.update
 def stalled(task, root):
     if task.series_id != "1.21.0":
         time.sleep(120)
     return real(task, root)
-ingest.process_task = stalled
+def recorded(self):
+    update(self)
+    if self.desc == "prep":
+        open(os.environ["MARK"], "w").close()
+ingest.process_task, parallel._Progress.update = stalled, recorded
 from dinox.cli import main
 sys.exit(main(sys.argv[1:]))
 """
 
 
-@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"])
 def test_a_stopped_prep_indexes_what_it_wrote_stops_its_workers_and_a_rerun_goes_on(tmp_path, sig, code):
     """Ctrl-C (SIGINT to the process group) or SIGTERM (`kill`, a scheduler, `timeout`, which
     signals both the process and its group) mid-run: exit 130 or 143 with one line saying
@@ -489,13 +494,12 @@ def test_a_stopped_prep_indexes_what_it_wrote_stops_its_workers_and_a_rerun_goes
     out = tmp_path / "out"
     proc = subprocess.Popen([sys.executable, "-c", _STALLED_PREP, "prep", "--input", str(tmp_path / "in"),
                              "--output", str(out), "--workers", "2"], stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+                            start_new_session=True, env={**os.environ, "MARK": str(tmp_path / "recorded")})
     try:
         deadline = time.monotonic() + 60
-        while not (out / "volumes" / "1.21.0.npy").is_file():
+        while not (tmp_path / "recorded").is_file():
             assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
             time.sleep(0.05)
-        time.sleep(0.3)          # the first result reaches the parent
         os.kill(proc.pid, sig)
         os.killpg(proc.pid, sig)
         err = proc.communicate(timeout=15)[1]
