@@ -511,6 +511,30 @@ def test_an_empty_or_unreadable_file_says_so(tmp_path, monkeypatch):
     assert sorted(line.split(": ", 1)[1].split(", ")) == ["1 empty file", "1 not readable"]
 
 
+def test_values_off_the_standard_read_without_a_warning_per_file(tmp_path):
+    """pydicom warns about each value off the standard it reads (a UID with a letter, a
+    decimal string over 16 characters): a line or two per file, tens of thousands on an
+    archive from one non-conformant scanner, burying prep's own lines. prep reads such
+    files as before, quietly; what it cannot use goes to prep_report.json."""
+    import warnings
+
+    hu = random_hu(np.random.default_rng(24), (3, 4, 4))
+    files = write_series(tmp_path / "in", hu, "1.2.83.1")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for f in files:
+            ds = pydicom.dcmread(f)
+            ds.StudyInstanceUID = "1.2.3.x"                 # a letter in a UID
+            ds.RescaleIntercept = "-1024.0000000000000"       # 19 characters for a DS of 16 at most
+            ds.save_as(f)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        report = prep([tmp_path / "in"], tmp_path / "out")
+    assert report["series_written"] == ["1.2.83.1"]
+    np.testing.assert_array_equal(volume(tmp_path / "out", "1.2.83.1"), hu)
+    assert [str(w.message) for w in caught if "pydicom" in w.filename] == []
+
+
 def test_nifti_patient_from_the_folder_keeps_a_patients_scans_on_one_side(tmp_path):
     """`<patient>/T0.nii.gz`, `<patient>/T1.nii.gz`: by file name every scan is a patient of
     its own (the default, for one scan per patient); `--nifti-patient folder` makes the folder

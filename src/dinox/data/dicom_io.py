@@ -17,9 +17,11 @@ other's files are reported (`_one_acquisition`).
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 import re
+import warnings
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -181,6 +183,21 @@ def _not_dicom(path: str) -> str:
     return "not a DICOM file"
 
 
+def _quiet(read):
+    """`read` with pydicom's warnings silenced. pydicom warns about each value it finds off
+    the standard (a UID with a letter, a decimal string too long, an unknown character set),
+    one or two lines per file: on an archive exported by one non-conformant scanner that is
+    tens of thousands of lines burying prep's own output. prep checks every value it uses
+    itself and reports what it cannot use in prep_report.json."""
+    @functools.wraps(read)
+    def quiet(*args, **kwargs):
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", module=r"pydicom(\.|$)")
+            return read(*args, **kwargs)
+    return quiet
+
+
+@_quiet
 def read_headers(path: str) -> list[SliceHeader] | str:
     """The slice headers of one file (one per frame of a multi-frame file), or the reason
     it is not a usable DICOM image."""
@@ -666,6 +683,7 @@ def _unreadable(exc: Exception) -> str:
     return f"unreadable pixel data ({type(exc).__name__}: {str(exc)[:80]})"
 
 
+@_quiet
 def read_volume(plan: SeriesPlan) -> tuple[np.ndarray, list[float]]:
     """(Z, H, W) int16 HU volume of a planned series and the positions of its slices.
 
