@@ -28,8 +28,8 @@ from pathlib import Path
 import numpy as np
 
 from dinox.data import annotations, dicom_io, nifti_io
-from dinox.data.layout import (DIGESTS_FILE, INDEX_FILE, REPORT_FILE, SPLITS_DIR, VOLUMES_DIR, atomic_write, atomic_write_text,
-                               confined_path, printable, read_index, split_name, write_index)
+from dinox.data.layout import (DIGESTS_FILE, INDEX_FILE, REPORT_FILE, SPLITS_DIR, VOLUMES_DIR, atomic_write,
+                               atomic_write_text, confined_path, printable, read_index, split_name, write_index)
 from dinox.data.parallel import process_map
 from dinox.data.splits import extend_split, same_scan_patients
 from dinox.errors import UserError
