@@ -6,11 +6,13 @@
     <output>/prep_report.json           everything skipped, with reasons
     <output>/_labels/nodules.csv        nodule marks from LIDC XML and synth labels.json
                                         (see dinox.data.annotations)
+    <output>/_index/voxel_digests.json  a cache of the digests that find copies of one scan
 
 Each volume is written to a temporary file in the same folder, fsynced and renamed, so an
-interrupted prep never leaves a half-written volume. A re-run keeps the series whose volume
-exists and matches the index (unless --force) and rewrites the index and split over all
-series present.
+interrupted prep never leaves a half-written volume; an interrupted one (Ctrl-C, or SIGTERM
+under `dinox prep`) stops its workers and indexes the volumes written before it re-raises.
+A re-run keeps the series whose volume exists and matches the index (unless --force) and
+rewrites the index and split over all series present.
 """
 from __future__ import annotations
 
