@@ -682,3 +682,8 @@ def test_the_summary_ends_with_the_train_command_for_the_root_and_its_split(tmp_
                        f"trains; docs/phase5_big_run.md)"
         args, unknown = build_parser().parse_known_args(shlex.split(command)[1:])
         assert not unknown and args.dry_run and Path(args.data_root) == out
+    # the demo's prep: its own next step follows, not this advice
+    assert main(["prep", "--input", str(tmp_path / "in"), "--output", str(out), "--workers", "1",
+                 "--no-next-step"]) == 0
+    assert "next:" not in capsys.readouterr().out
+    assert main(["prep", "--help"]) == 0 and "next-step" not in capsys.readouterr().out   # plumbing, not a user's flag

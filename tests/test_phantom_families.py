@@ -288,6 +288,7 @@ def test_demo_trains_in_bf16_exactly_where_the_cpu_has_it(tmp_path, monkeypatch,
                               batch_size=2, eval_n=8, seed=0, num_workers=0, probe=False, amp=flag)
     with pytest.raises(SystemExit):
         demo.run(args)
+    assert "--no-next-step" in next(a for a in calls if a[0] == "prep")   # the demo's next step is its own
     train = [a for a in calls if a[0] == "train"]
     assert len(train) == 1 and expected in train[0] and ({"--amp", "--no-amp"} - {expected}).isdisjoint(train[0])
     assert train[0][train[0].index("--max-steps") + 1] == str(expected_steps)

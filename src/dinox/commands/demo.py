@@ -116,7 +116,7 @@ def run(args) -> int:
 
     print(f"[demo] 2/4 preparing the processed root -> {processed}", flush=True)
     _check(dinox_main(["prep", "--input", str(dicom), "--output", str(processed),
-                       "--val-fraction", str(DEMO_VAL_FRACTION)]))
+                       "--val-fraction", str(DEMO_VAL_FRACTION), "--no-next-step"]))
     manifest = processed / "_splits" / f"val{round(100 * DEMO_VAL_FRACTION)}_seed0.json"
 
     batch_size = _demo_batch(processed, manifest, args.batch_size)

@@ -29,6 +29,8 @@ def add_parser(subparsers) -> None:
                    help="a NIfTI file's patient id: its file name (one scan per patient, e.g. "
                         "LIDC-IDRI-0001.nii.gz) or its folder (<patient>/<scan>.nii.gz: a patient's "
                         "scans stay on one side of the split)")
+    # the demo's own next step follows its prep, not the summary's advice to plan a run
+    p.add_argument("--no-next-step", action="store_false", dest="next_step", help=argparse.SUPPRESS)
     p.set_defaults(func=run)
 
 
@@ -43,5 +45,5 @@ def run(args) -> int:
                 raise
             raise type(exc)(f"prep stopped by {interrupt_name(exc)} before it finished; run the same command "
                             f"again (series already in the index are not read again)") from None
-    print(format_summary(report))
+    print(format_summary(report, next_step=args.next_step))
     return 0

@@ -628,7 +628,8 @@ def _refresh_other_splits(root: Path, patient_of: dict[str, str], written: Path)
     return changed
 
 
-def format_summary(report: dict) -> str:
+def format_summary(report: dict, next_step: bool = True) -> str:
+    """The console summary of a prep; `next_step`: end with the `dinox train` command to run next."""
     c = report["counts"]
     lines = [f"prep: {c['series_written']} series written, {c['series_kept']} already done, "
              f"{c['series_skipped']} skipped; {c['files_skipped']} files skipped "
@@ -665,7 +666,7 @@ def format_summary(report: dict) -> str:
             lines.append("  note: the validation split is empty (one patient only); add patients "
                          "before running the label-free evaluation")
     lines.append(f"  report: {Path(report['output']) / REPORT_FILE}")
-    if "index" in report:
+    if next_step and "index" in report:
         lines.append(f"  next: {train_command(report)}  (plans the run on this machine's memory; the same without "
                      f"--dry-run trains; docs/phase5_big_run.md)")
     return "\n".join(lines)
