@@ -480,14 +480,16 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143), (signal.SIGHUP, 129)],
+                         ids=["SIGINT", "SIGTERM", "SIGHUP"])
 def test_a_stopped_prep_indexes_what_it_wrote_stops_its_workers_and_a_rerun_goes_on(tmp_path, sig, code):
     """Ctrl-C (SIGINT to the process group) or SIGTERM (`kill`, a scheduler, `timeout`, which
     signals both the process and its group) mid-run: exit 130 or 143 with one line saying
     what is done and what to do, the volumes written indexed, no worker left behind, no
     temporary file; the same command again reads only the series that were not written.
     SIGTERM used to end prep at once, unindexed and silent, its workers left waiting on their
-    queue for ever; Ctrl-C printed a traceback per worker and could hang."""
+    queue for ever; Ctrl-C printed a traceback per worker and could hang. A closed terminal's
+    SIGHUP (no nohup, no tmux) did the same as SIGTERM: it now stops as they do, exit 129."""
     rng = np.random.default_rng(21)
     for k in range(4):
         write_series(tmp_path / "in" / f"s{k}", random_hu(rng, (3, 4, 4)), f"1.21.{k}", patient_id=f"P{k}")

@@ -99,12 +99,16 @@ def _duration(seconds: float) -> str:
 
 
 def _leave_ctrl_c_to_parent() -> None:
-    """In each worker: ignore SIGINT, and let SIGTERM end it. Ctrl-C reaches the whole
-    process group; a worker that raised KeyboardInterrupt would print its own traceback, and
-    one caught holding the task queue's lock could leave its parent waiting on it forever.
+    """In each worker: ignore SIGINT and SIGHUP, and let SIGTERM end it. Ctrl-C (and a closed
+    terminal's hangup) reaches the whole process group; a worker that raised KeyboardInterrupt
+    would print its own traceback, and one caught holding the task queue's lock could leave
+    its parent waiting on it forever (a worker the hangup ended would read as one killed for
+    lack of memory).
     The parent stops the workers (`_stop_workers`, with SIGTERM); the handler a forked worker
     inherits from its parent (`signals.interrupts_raise`) would instead raise in it too."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if hasattr(signal, "SIGHUP"):
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 

@@ -13,6 +13,7 @@ EXIT_NONFINITE = 4
 EXIT_ANOMALY = 5
 EXIT_SIGINT = 130
 EXIT_SIGTERM = 143
+EXIT_SIGHUP = 129
 
 
 # Ctrl+C; a scheduler's stop (SLURM, Kubernetes); a closed terminal or ssh session; the
@@ -89,18 +90,30 @@ class Terminated(KeyboardInterrupt):
     exit_code = EXIT_SIGTERM
 
     def __str__(self) -> str:   # what `dinox` prints where no command said more
-        return super().__str__() or "terminated (SIGTERM)"
+        return super().__str__() or f"stopped by {self.signame}"
+
+
+class HungUp(Terminated):
+    """SIGHUP (the terminal or ssh session closed, without nohup or tmux) as Terminated;
+    `dinox` exits 129 (128 + the signal), as the shell reports a process the hangup ended."""
+
+    signame = "SIGHUP"
+    exit_code = EXIT_SIGHUP
+
+
+_RAISED = {signal.SIGINT: KeyboardInterrupt, signal.SIGTERM: Terminated,
+           **({signal.SIGHUP: HungUp} if hasattr(signal, "SIGHUP") else {})}
 
 
 def interrupt_name(exc: BaseException) -> str:
-    """The signal behind an interruption: SIGTERM for Terminated, else SIGINT (Ctrl-C)."""
+    """The signal behind an interruption: SIGTERM or SIGHUP for Terminated, else SIGINT (Ctrl-C)."""
     return getattr(exc, "signame", "SIGINT")
 
 
 @contextlib.contextmanager
 def interrupts_raise():
-    """Within: the first SIGINT raises KeyboardInterrupt and the first SIGTERM Terminated in
-    the main thread; later ones are ignored, so that the cleanup the first one starts (a
+    """Within: the first SIGINT raises KeyboardInterrupt, the first SIGTERM Terminated and
+    the first SIGHUP HungUp in the main thread; later ones are ignored, so that the cleanup the first one starts (a
     volume index written, worker processes stopped) is not cut short: `timeout` sends its
     signal twice (to the process and to its group), an impatient user presses Ctrl-C twice.
     Without it SIGTERM ends the process at once, without a word and with no `finally` run.
@@ -111,10 +124,10 @@ def interrupts_raise():
         if fired:
             return
         fired.append(signum)
-        raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
+        raise _RAISED[signum]
 
     previous = {}
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in _RAISED:
         try:
             if signal.getsignal(sig) != signal.SIG_IGN:
                 previous[sig] = signal.signal(sig, handle)
