@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 
+import math
+
 import pytest
 import torch
 
@@ -255,3 +257,25 @@ def test_a_jump_to_a_new_loss_level_is_one_spike_not_one_per_step():
     assert feed(resumed, [5.0] * 3, start=17) == []
     # back under the line, then a new spike: a new episode
     assert [a.step for a in feed(resumed, [5.0] * 10 + [20.0], start=20)] == [30]
+
+
+def test_a_run_parked_at_the_entropy_wall_is_one_episode_however_often_it_dips():
+    """Each entropy-wall report writes an emergency checkpoint that is never rotated (20.5 GB
+    for a ViT-Giant): a run left at the wall, dipping under the line for single steps (as a
+    tiny CPU run at 0.99 of the wall did every 10-30 steps), must write one, not one per dip."""
+    from dinox.observe.anomaly import EntropyWall
+
+    wall, window = math.log(64), 20
+    guard = AnomalyGuard(entropy_wall=EntropyWall(64, start_step=0, window=window))
+    entropy = [0.97 * wall if step % 25 == 0 else 0.99 * wall for step in range(1, 2001)]
+    hits = [a for step, h in enumerate(entropy, 1) if (a := guard.check_entropy(step, h)) is not None]
+    assert [a.step for a in hits] == [window] and hits[0].wants_checkpoint
+    state = guard.state_dict()   # the episode survives a resume
+    resumed = AnomalyGuard(entropy_wall=EntropyWall(64, start_step=0, window=window))
+    resumed.load_state_dict(state)
+    assert resumed.check_entropy(2001, 0.99 * wall) is None
+    # off the wall for a whole window: a later return to it is a new episode, reported again
+    for step in range(2002, 2002 + window):
+        assert resumed.check_entropy(step, 0.5 * wall) is None
+    again = [resumed.check_entropy(step, 0.99 * wall) for step in range(2002 + window, 2002 + 2 * window)]
+    assert [a.step for a in again if a is not None] == [2001 + 2 * window]

@@ -315,7 +315,12 @@ class EntropyWall:
 
     Critical when the teacher entropy stays within `margin` (fraction) of ln(out_dim) for
     `window` consecutive steps at or after `start_step` (the end of the warm-ups); reported
-    once per episode, with `advice` (what to try, for the run's own settings)."""
+    once per episode, with `advice` (what to try, for the run's own settings). The episode
+    ends only once the entropy has stayed off the wall for `window` consecutive steps too: a
+    run parked at the wall dips under the line for single steps (a tiny CPU run at 0.99 of
+    it, every 10-30 steps), and each report writes an emergency checkpoint (20.5 GB for a
+    ViT-Giant) that is never rotated, so one report per dip would fill the disk of a run
+    left at the wall for days."""
 
     def __init__(self, out_dim: int, start_step: int, window: int = 50, margin: float = 0.02,
                  advice: str = ""):
@@ -323,13 +328,19 @@ class EntropyWall:
         self.start_step, self.window, self.margin, self.advice = int(start_step), int(window), float(margin), advice
         self.run = 0
         self.reported = False
+        self.away = 0   # consecutive steps off the wall since the report
 
     def check(self, step: int, teacher_entropy: float) -> Anomaly | None:
         if step < self.start_step:
             return None
         if not (math.isfinite(teacher_entropy) and teacher_entropy >= (1.0 - self.margin) * self.wall):
-            self.run, self.reported = 0, False
+            self.run = 0
+            if self.reported:
+                self.away += 1
+                if self.away >= self.window:   # clearly left the wall: a return is a new episode
+                    self.reported, self.away = False, 0
             return None
+        self.away = 0
         self.run += 1
         if self.run < self.window or self.reported:
             return None
@@ -342,10 +353,11 @@ class EntropyWall:
             {"teacher_entropy": teacher_entropy, "wall": self.wall, "steps": self.run})
 
     def state_dict(self) -> dict:
-        return {"run": self.run, "reported": self.reported}
+        return {"run": self.run, "reported": self.reported, "away": self.away}
 
     def load_state_dict(self, state: dict) -> None:
         self.run, self.reported = int(state.get("run", 0)), bool(state.get("reported", False))
+        self.away = int(state.get("away", 0))
 
 
 class RetrievalProgress:
