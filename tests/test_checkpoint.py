@@ -472,6 +472,27 @@ def test_stale_temporaries_of_dead_processes_are_removed(tmp_path):
     assert not stale.exists() and foreign.exists() and alive.exists()
 
 
+def test_the_lock_holder_removes_what_an_interrupted_save_left_on_another_node(tmp_path):
+    """A save killed on one node (SIGKILL at the end of a scheduler's grace period) leaves its
+    temporary under that node's name, a ViT-Giant's 20 GB; the job requeued onto another node
+    holds the run folder's lock, so no other process saves there: that debris goes, at the
+    lock and at every save. Another launch's lock temporary stays (it may be trying the lock)."""
+    host = ck._host_tag()
+    other_node = tmp_path / ".checkpoint_00000300.pth.node-a.4242.tmp"
+    other_sidecar = tmp_path / ".checkpoint_00000300.pth.sha256.node-a.4242.tmp"
+    live_pid = tmp_path / f".checkpoint_00000300.pth.{host}.{os.getppid()}.tmp"   # a pid reused since
+    prober = tmp_path / ".train.lock.node-b.77.tmp"
+    for p in (other_node, other_sidecar, live_pid, prober):
+        p.write_bytes(b"x" * 100)
+    with ck.lock_run_dir(tmp_path):
+        assert not other_node.exists() and not other_sidecar.exists() and not live_pid.exists()
+        assert prober.exists()
+        later = tmp_path / ".checkpoint_00000305.pth.node-a.4243.tmp"
+        later.write_bytes(b"x" * 100)
+        save(tmp_path, 310, n=10)
+        assert not later.exists() and verify_checkpoint(checkpoint_path(tmp_path, 310))[0]
+
+
 # ----------------------------------------------------------------------------- pickled code
 
 class _Payload:

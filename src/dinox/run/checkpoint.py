@@ -29,6 +29,7 @@ before anything in it runs.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import itertools
@@ -352,14 +353,25 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _remove_stale_temps(directory: Path) -> None:
-    """Delete temporary files left by killed saves of this host (their process is gone)."""
-    host = _host_tag()
+    """Delete temporary files left by killed saves: those of this host whose process is gone,
+    and, where this process holds the folder's run lock, every other process's checkpoint
+    temporaries, of any host: only the holder saves there, so they are debris of a save
+    that a kill interrupted (SIGKILL at the end of a scheduler's grace period, a job then
+    requeued onto another node, which would otherwise keep a ViT-Giant's 20 GB for good).
+    Another process's lock temporaries stay: a launch on another node may be trying the lock."""
+    host, held = _host_tag(), _holds_lock(directory)
     for entry in directory.iterdir():
         match = _TEMP_RE.match(entry.name)
-        if not match or match.group("host") != host:
+        if not match:
             continue
-        pid = int(match.group("pid"))
-        if pid != os.getpid() and not _pid_alive(pid):
+        pid, own_host = int(match.group("pid")), match.group("host") == host
+        if own_host and pid == os.getpid():
+            continue
+        if held and not entry.name.startswith(f".{LOCK_NAME}."):
+            stale = True
+        else:
+            stale = own_host and not _pid_alive(pid)
+        if stale:
             log.info("removing %s left by an interrupted save", entry)
             if entry.is_dir():
                 shutil.rmtree(entry, ignore_errors=True)
@@ -1143,6 +1155,12 @@ def _lock_key(path: Path) -> str:
     return os.path.abspath(path)
 
 
+def _holds_lock(run_dir: Path) -> bool:
+    """Whether this process holds `run_dir`'s run lock."""
+    lock = _HELD.get(_lock_key(Path(run_dir) / LOCK_NAME))
+    return lock is not None and lock.held
+
+
 def _locked_message(run_dir: Path, path: Path, holder: dict) -> str:
     return (f"run folder {run_dir} is in use by pid {holder.get('pid', '?')} on host "
             f"{holder.get('host', '?')} (since {holder.get('since', '?')}); wait for that run to end or stop "
@@ -1296,6 +1314,8 @@ def lock_run_dir(run_dir) -> RunLock:
         for _ in range(20):
             lock = _create_lock(path, holder)
             if lock is not None:
+                with contextlib.suppress(OSError):
+                    _remove_stale_temps(run_dir)   # held now: other hosts' debris too, before the first save
                 return lock
             status, other = _probe_lock(path)
             if status == "held":
