@@ -169,6 +169,36 @@ def test_read_metrics_and_plot_loss_curve(tmp_path):
         plot_loss_curve(tmp_path / "missing.jsonl", tmp_path / "x.png")
 
 
+def test_the_loss_curve_of_a_run_of_weeks_reads_and_draws_a_bounded_number_of_points(tmp_path, monkeypatch):
+    """The monitor redraws the loss curve from the whole metrics.jsonl at every monitor step: a
+    15-day run at 5 s a step logs 260k rows, which read whole took 1.1 GB and 14 s each time
+    (and drew 260k points per line into a 10-inch figure). Only the plotted series are kept,
+    as the means of consecutive steps past LOSS_CURVE_POINTS."""
+    import matplotlib.axes
+
+    from dinox.observe.heatmaps import LOSS_CURVE_POINTS
+
+    path = tmp_path / "metrics.jsonl"
+    rows = 6 * LOSS_CURVE_POINTS
+    with open(path, "w") as f:
+        for s in range(1, rows + 1):
+            f.write(json.dumps({"step": s, "loss": 5.0 + (s % 2), "loss_koleo": -0.01, "lr": 1e-4,
+                                "grad_norm": 1.0, "embedding_std": 0.1}) + "\n")
+    series = read_metrics(path, keep=lambda k: k.startswith("loss"), max_points=100)
+    assert sorted(series) == ["loss", "loss_koleo"]
+    points = series["loss"]
+    assert 50 <= len(points) <= 100 and points[0][0] < rows / 50 and points[-1][0] > rows * 0.98
+    assert all(v == pytest.approx(5.5, abs=0.01) for _, v in points[:-1])   # means of pairs of 5 and 6
+    assert [s for s, _ in points] == sorted(s for s, _ in points)
+    assert len(read_metrics(path)["loss"]) == rows   # unbounded where asked: every step
+    drawn = []
+    real_plot = matplotlib.axes.Axes.plot
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot",
+                        lambda self, x, *a, **k: drawn.append(len(x)) or real_plot(self, x, *a, **k))
+    plot_loss_curve(path, tmp_path / "loss.png", out_dim=8192)
+    assert len(drawn) == 3 and max(drawn) <= LOSS_CURVE_POINTS   # loss, loss_koleo, lr
+
+
 def test_health_report_on_cpu():
     r = health_report("cpu", steps_per_s=1.5, samples_per_s=96.0)
     assert r["steps_per_s"] == 1.5 and r["samples_per_s"] == 96.0 and r["device"] == "cpu"
