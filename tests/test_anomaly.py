@@ -279,3 +279,20 @@ def test_a_run_parked_at_the_entropy_wall_is_one_episode_however_often_it_dips()
         assert resumed.check_entropy(step, 0.5 * wall) is None
     again = [resumed.check_entropy(step, 0.99 * wall) for step in range(2002 + window, 2002 + 2 * window)]
     assert [a.step for a in again if a is not None] == [2001 + 2 * window]
+
+
+def test_a_run_at_the_entropy_wall_that_dips_more_often_than_the_window_is_still_reported():
+    """A count of consecutive steps at the wall, reset by any dip, never reached a window of 50
+    on a run that dips under the line every 10 steps: the mean over the window is judged."""
+    from dinox.observe.anomaly import EntropyWall
+
+    wall = math.log(64)
+    guard = AnomalyGuard(entropy_wall=EntropyWall(64, start_step=0, window=50))
+    entropy = [0.97 * wall if step % 10 == 0 else 0.99 * wall for step in range(1, 1001)]
+    hits = [a for step, h in enumerate(entropy, 1) if (a := guard.check_entropy(step, h)) is not None]
+    assert [a.step for a in hits] == [50] and "averaged 4.1" in hits[0].message
+    # a run that learns dips under the line and stays there: never reported
+    learning = AnomalyGuard(entropy_wall=EntropyWall(64, start_step=0, window=50))
+    falling = [wall * max(0.5, 1.0 - step / 400) for step in range(1, 1001)]
+    assert all(learning.check_entropy(step, h) is None for step, h in enumerate(falling, 1))
+

@@ -313,50 +313,54 @@ class EntropyWall:
     """The DINO failure where nothing is learned: the teacher's targets stay near uniform,
     entropy ln(out_dim) (the "entropy wall"), so the student is asked to predict nothing.
 
-    Critical when the teacher entropy stays within `margin` (fraction) of ln(out_dim) for
-    `window` consecutive steps at or after `start_step` (the end of the warm-ups); reported
-    once per episode, with `advice` (what to try, for the run's own settings). The episode
-    ends only once the entropy has stayed off the wall for `window` consecutive steps too: a
-    run parked at the wall dips under the line for single steps (a tiny CPU run at 0.99 of
-    it, every 10-30 steps), and each report writes an emergency checkpoint (20.5 GB for a
-    ViT-Giant) that is never rotated, so one report per dip would fill the disk of a run
-    left at the wall for days."""
+    Critical when the teacher entropy, averaged over the last `window` steps at or after
+    `start_step` (the end of the warm-ups), lies within `margin` (fraction) of ln(out_dim);
+    reported once per episode, with `advice` (what to try, for the run's own settings). The
+    mean, not every step: a run parked at the wall dips under the line for single steps (a
+    tiny CPU run at 0.99 of it, every 10-30 steps), and a count of consecutive steps at the
+    wall that a dip resets would never report one that dips more often than `window`. The
+    episode ends only once that mean has stayed off the wall for `window` steps too: each
+    report writes an emergency checkpoint (20.5 GB for a ViT-Giant) that is never rotated,
+    so one report per dip would fill the disk of a run left at the wall for days."""
 
     def __init__(self, out_dim: int, start_step: int, window: int = 50, margin: float = 0.02,
                  advice: str = ""):
         self.wall = math.log(out_dim)
         self.start_step, self.window, self.margin, self.advice = int(start_step), int(window), float(margin), advice
-        self.run = 0
+        self.recent: deque[float] = deque(maxlen=self.window)   # the last window's entropies
         self.reported = False
-        self.away = 0   # consecutive steps off the wall since the report
+        self.away = 0   # steps off the wall (by the mean) since the report
 
     def check(self, step: int, teacher_entropy: float) -> Anomaly | None:
         if step < self.start_step:
             return None
-        if not (math.isfinite(teacher_entropy) and teacher_entropy >= (1.0 - self.margin) * self.wall):
-            self.run = 0
+        # a non-finite reading counts as off the wall (the non-finite guard reports it)
+        self.recent.append(float(teacher_entropy) if math.isfinite(teacher_entropy) else 0.0)
+        mean = sum(self.recent) / len(self.recent)
+        if len(self.recent) < self.window or mean < (1.0 - self.margin) * self.wall:
             if self.reported:
                 self.away += 1
                 if self.away >= self.window:   # clearly left the wall: a return is a new episode
                     self.reported, self.away = False, 0
             return None
         self.away = 0
-        self.run += 1
-        if self.run < self.window or self.reported:
+        if self.reported:
             return None
         self.reported = True
         return Anomaly(
             "entropy_wall", "critical", step,
-            f"the teacher's entropy has stayed at {teacher_entropy:.3f}, within {self.margin:.0%} of the wall "
-            f"ln(out_dim) = {self.wall:.3f}, for {self.run} steps after the warm-up: the targets are near uniform "
-            f"and nothing is being learned. Try: {self.advice or 'see the user guide, Troubleshooting'}",
-            {"teacher_entropy": teacher_entropy, "wall": self.wall, "steps": self.run})
+            f"the teacher's entropy has averaged {mean:.3f}, within {self.margin:.0%} of the wall "
+            f"ln(out_dim) = {self.wall:.3f}, over the last {self.window} steps after the warm-up: the targets are "
+            f"near uniform and nothing is being learned. Try: {self.advice or 'see the user guide, Troubleshooting'}",
+            {"teacher_entropy": mean, "wall": self.wall, "steps": self.window})
 
     def state_dict(self) -> dict:
-        return {"run": self.run, "reported": self.reported, "away": self.away}
+        return {"recent": list(self.recent), "reported": self.reported, "away": self.away}
 
     def load_state_dict(self, state: dict) -> None:
-        self.run, self.reported = int(state.get("run", 0)), bool(state.get("reported", False))
+        # a checkpoint of the consecutive-step count ("run") starts a new window
+        self.recent = deque((float(x) for x in state.get("recent", [])), maxlen=self.window)
+        self.reported = bool(state.get("reported", False))
         self.away = int(state.get("away", 0))
 
 
