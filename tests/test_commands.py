@@ -114,7 +114,7 @@ def test_dry_run_judges_the_checkpoints_against_the_free_disk_and_only_warns(cap
         assert (summary["disk_warning"] is None) if expected is None else (expected in summary["disk_warning"])
         assert main(args) == 0
         line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("disk here:"))
-        assert line.startswith(f"disk here: {free / 1e9:.2f} GB free at {tmp_path}"), line
+        assert line.startswith(f"disk here: {free / 1e9:.2f} GB free for {tmp_path / 'runs'}"), line
         assert ("warning" not in line) if expected is None else (expected in line), line
 
 

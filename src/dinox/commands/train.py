@@ -28,7 +28,7 @@ from dinox.commands.argtypes import boolean, float_at_least, nonneg_int, path_te
 from dinox.data.layout import atomic_write_text, same_path
 from dinox.errors import UserError
 from dinox.model.head import PROTOTYPE_NORMS
-from dinox.run.checkpoint import CheckpointError, free_space, nearest_existing
+from dinox.run.checkpoint import CheckpointError, free_space
 from dinox.run.device import HARDWARE_PRESETS
 from dinox.run.signals import EXIT_WONT_FIT
 from dinox.train.runs import (
@@ -543,7 +543,7 @@ def report_dry_run(cfg: RunConfig, info, preset_name, preset_lines, plan, as_jso
               f"moments in fp32); --ckpt-keep-last {keep} keeps {keep} and a save writes one more before it "
               f"removes the oldest: about {disk_size_text((keep + 1) * ckpt_bytes)} of disk under --out")
         if disk is not None:
-            print(f"disk here: {disk_size_text(disk_free)} free at {nearest_existing(disk[0])}"
+            print(f"disk here: {disk_size_text(disk_free)} free for {disk[0]}"
                   + (f"; warning: {disk_warning}" if disk_warning else ""))
         if plan["fits"]:
             print("verdict: fits")
