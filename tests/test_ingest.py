@@ -463,7 +463,11 @@ def test_interrupted_write_leaves_no_partial_volume(tmp_path, monkeypatch):
 # so that a stop signal lands mid-run at a known point (workers are forked: the patch holds);
 # the parent touches the file MARK once it has recorded the first series.
 _STALLED_PREP = """
-import os, sys, time
+import os, signal, sys, time
+# as launched from a terminal: the suite may run under nohup (SIGHUP ignored) or as a shell's
+# background job (SIGINT ignored), and prep keeps an ignored signal ignored
+signal.signal(signal.SIGINT, signal.default_int_handler)
+signal.signal(signal.SIGHUP, signal.SIG_DFL)
 from dinox.data import ingest, parallel
 real, update = ingest.process_task, parallel._Progress.update
 def stalled(task, root):
