@@ -287,6 +287,23 @@ def test_an_edited_record_or_a_checkpoint_copied_over_another_is_told_from_damag
     assert verify_checkpoint(padding)[0]
 
 
+def test_a_checkpoint_set_aside_for_its_edited_record_is_named_as_it_now_is(tmp_path, caplog):
+    """`--resume auto` sets aside the checkpoints after the one it takes that fail their check;
+    for a record mismatch of a whole file the advice names the renamed files, not the old ones."""
+    import json
+
+    first, second = save(tmp_path, 1), save(tmp_path, 2)
+    record = json.loads(sidecar_path(second).read_text())
+    sidecar_path(second).write_text(json.dumps({**record, "sha256": "0" * 64}))
+    with caplog.at_level(logging.WARNING, logger="dinox"):
+        moved = ck.set_aside_damaged_after(first)
+    assert [p.name for p in moved] == ["checkpoint_00000002.pth.damaged"]
+    message = " ".join(r.getMessage() for r in caplog.records)
+    assert ("rename it back to checkpoint_00000002.pth, delete checkpoint_00000002.pth.damaged.sha256 and resume "
+            "from it") in message and "set aside damaged" not in message
+    assert (tmp_path / "checkpoint_00000002.pth.damaged.sha256").exists()
+
+
 def test_truncated_and_flipped_files_are_detected(tmp_path):
     good = save(tmp_path, 1, n=20_000)
     truncated = save(tmp_path, 2, n=20_000)
@@ -294,7 +311,8 @@ def test_truncated_and_flipped_files_are_detected(tmp_path):
     data = truncated.read_bytes()
     truncated.write_bytes(data[: len(data) // 2])
     data = bytearray(flipped.read_bytes())
-    data[data.index(make_state(3, 20_000)["student"]["backbone.blocks.0.attn.qkv.weight"][:8].numpy().tobytes()) + 4] ^= 0xFF   # inside a tensor
+    weights = make_state(3, 20_000)["student"]["backbone.blocks.0.attn.qkv.weight"]
+    data[data.index(weights[:8].numpy().tobytes()) + 4] ^= 0xFF   # a byte inside a tensor
     flipped.write_bytes(bytes(data))
 
     assert verify_checkpoint(good)[0]

@@ -531,6 +531,21 @@ def test_a_stopped_prep_indexes_what_it_wrote_stops_its_workers_and_a_rerun_goes
     assert again["series_kept"] == ["1.21.0"] and sorted(again["series_written"]) == ["1.21.1", "1.21.2", "1.21.3"]
 
 
+def test_a_prep_that_is_not_stopped_never_stops_its_workers(tmp_path, monkeypatch):
+    """The header scan's pool was left to a garbage-collection finalizer (its map not run to
+    its end): every prep with workers terminated them there, and a Ctrl-C landing then was
+    swallowed ("Exception ignored in ...") while every later signal was ignored."""
+    from dinox.data import parallel
+
+    stopped = []
+    monkeypatch.setattr(parallel, "_stop_workers", lambda pool: stopped.append(pool))
+    rng = np.random.default_rng(23)
+    for k in range(3):
+        write_series(tmp_path / "in" / f"p{k}", random_hu(rng, (3, 4, 4)), f"1.23.{k}", patient_id=f"P{k}")
+    report = ingest.prepare([tmp_path / "in"], tmp_path / "out", workers=2)
+    assert len(report["series_written"]) == 3 and stopped == []
+
+
 def test_a_prep_stopped_before_its_volumes_says_to_run_it_again(tmp_path, monkeypatch, capsys):
     """SIGTERM while the headers are read (nothing written yet) ended prep without a word;
     now it is one line, exit 143, and the handlers are put back."""

@@ -514,6 +514,50 @@ def test_damaged_checkpoints_skipped_by_resume_are_set_aside(processed_root, tmp
     assert all(verify_checkpoint(p)[0] for p in ck.list_checkpoints(run))
 
 
+_STUCK_CLEANUP = """
+import signal, sys, time
+# as a terminal gives it (the suite may run as a background job, SIGINT ignored)
+signal.signal(signal.SIGINT, signal.default_int_handler)
+from dinox.run.signals import interrupts_raise
+with interrupts_raise():
+    try:
+        print("ready", flush=True)
+        time.sleep(60)
+    except KeyboardInterrupt:
+        print("cleaning up", flush=True)
+        time.sleep(float(sys.argv[1]))
+        print("cleaned up", flush=True)
+"""
+
+
+@pytest.mark.parametrize("second_after,cleanup_s,code,last", [(0.3, 2.0, 0, "cleaned up"), (2.6, 60.0, 130, None)],
+                         ids=["within-the-grace", "later"])
+def test_a_repeated_stop_signal_is_the_same_request_at_first_and_stops_at_once_later(second_after, cleanup_s, code,
+                                                                                  last):
+    """`timeout` signals twice at once: the cleanup the first signal started (prep's index)
+    goes on. A user who presses Ctrl-C again later, the cleanup stuck (a dead mount), gets the
+    process ended with one line; it used to ignore every repeat, leaving only kill -9."""
+    import signal
+
+    proc = subprocess.Popen([sys.executable, "-c", _STUCK_CLEANUP, str(cleanup_s)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline() == "ready\n"
+        proc.send_signal(signal.SIGINT)
+        assert proc.stdout.readline() == "cleaning up\n"
+        time.sleep(second_after)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=15)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    if last:
+        assert proc.returncode == code and out == f"{last}\n" and err == ""
+    else:
+        assert proc.returncode == code and out == ""
+        assert err == "SIGINT received again: stopping at once, without finishing the cleanup\n"
+
+
 def test_a_second_stop_signal_waits_for_the_checkpoint_being_written():
     """A second Ctrl+C (or a scheduler's TERM after its USR1) during a save must not cut
     the file short: it stops the run right after the save; elsewhere it stops at once."""

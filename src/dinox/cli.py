@@ -81,7 +81,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as exc:
         # a command that knows what the interruption left (prep) says so in the exception;
         # SIGTERM, where a command turns it into an exception (signals.Terminated), exits 143
-        print(str(exc) or "interrupted", file=sys.stderr)
+        try:
+            print(str(exc) or "interrupted", file=sys.stderr)
+        except OSError:   # the terminal is gone (SIGHUP): the exit code still tells
+            pass
         return getattr(exc, "exit_code", EXIT_SIGINT)
 
 

@@ -749,7 +749,8 @@ def _owner(read: LidcRead, path: str, by_uid: dict[str, _Series], series: list[_
         if named and named.isdisjoint(beside[0].task.plan.sop_uids):
             return None, (f"belongs to no prepared series (SeriesInstanceUid {uid}, and none of the {len(named)} "
                           f"images its marks name is a slice of the series beside it): the XML of another series, "
-                          f"skipped or moved away from it")
+                          f"skipped or moved away from it, or of DICOM files whose UIDs were since rewritten (an "
+                          f"anonymiser: annotate the rewritten files, or keep their original UIDs)")
         note = (f"SeriesInstanceUid {read.series_uid!r} is not that of the series beside it; "
                 f"matched by folder") if read.series_uid else "no SeriesInstanceUid; matched by folder"
         return beside[0], note

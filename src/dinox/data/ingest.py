@@ -31,7 +31,8 @@ import numpy as np
 
 from dinox.data import annotations, dicom_io, nifti_io
 from dinox.data.layout import (DIGESTS_FILE, INDEX_FILE, REPORT_FILE, SPLITS_DIR, VOLUMES_DIR, atomic_write,
-                               atomic_write_text, confined_path, printable, read_index, split_name, write_index)
+                               atomic_write_text, confined_path, default_manifest, printable, read_index, split_name,
+                               write_index)
 from dinox.data.parallel import process_map
 from dinox.data.splits import extend_split, same_scan_patients
 from dinox.errors import UserError
@@ -371,7 +372,8 @@ def prepare(inputs, output="data/processed", workers: int = 1, force: bool = Fal
     dicom_paths, nifti_paths, files_skipped = _discover(inputs, root)
     by_series: dict[str, list[dicom_io.SliceHeader]] = defaultdict(list)
     for path, headers in zip(dicom_paths, process_map(dicom_io.read_headers, dicom_paths, workers,
-                                                      "headers", progress, unit="file", chunksize=64)):
+                                                      "headers", progress, unit="file", chunksize=64),
+                             strict=True):   # strict: runs the map to its end, so its pool shuts down here
         if isinstance(headers, str):
             files_skipped.append({"path": path, "reason": headers})
         else:
@@ -437,11 +439,12 @@ def prepare(inputs, output="data/processed", workers: int = 1, force: bool = Fal
         for stale in (root / VOLUMES_DIR).glob(".*.tmp*"):   # a worker stopped mid-write
             stale.unlink(missing_ok=True)
         if isinstance(exc, KeyboardInterrupt):
-            done = len(report["series_written"]) + len(series_skipped) - n_planned_skips
-            raise type(exc)(f"prep stopped by {interrupt_name(exc)} after {len(report['series_written'])} of the "
-                            f"{len(todo)} series to prepare: the volumes written are in {index_path} and are not "
-                            f"read again; run the same command again to prepare the other {len(todo) - done} and "
-                            f"write the split, the nodule table and the report") from None
+            # the series that failed in this run are not indexed: a re-run reads them again too
+            written = len(report["series_written"])
+            raise type(exc)(f"prep stopped by {interrupt_name(exc)} after {written} of the {len(todo)} series to "
+                            f"prepare: the volumes written are in {index_path} and are not read again; run the "
+                            f"same command again to prepare the other {len(todo) - written} and write the split, "
+                            f"the nodule table and the report") from None
         raise
     if not report["series_written"] and not report["series_kept"]:
         # every series failed while being read: an index and split of nothing (or of
@@ -676,7 +679,6 @@ def train_command(report: dict) -> str:
     """The `dinox train` dry run of the root a prep wrote, with the split it wrote where
     that is not the one train reads by default."""
     root = report["output"]
-    split = report["split"]["file"]
-    manifest = "" if split == f"{SPLITS_DIR}/{split_name(0.1, 0)}" else \
-        f" --split-manifest {shlex.quote(str(Path(root) / split))}"
+    split = Path(root) / report["split"]["file"]
+    manifest = "" if split == default_manifest(root) else f" --split-manifest {shlex.quote(str(split))}"
     return f"dinox train --data-root {shlex.quote(str(root))}{manifest} --config vit-large --dry-run"

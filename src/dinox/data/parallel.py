@@ -6,7 +6,6 @@ file I/O, so processes (not threads) are what use more than one core.
 from __future__ import annotations
 
 import os
-import signal
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -15,6 +14,7 @@ from concurrent.futures.process import BrokenProcessPool
 from tqdm import tqdm
 
 from dinox.errors import UserError
+from dinox.run.signals import leave_stop_signals_to_parent
 
 # the default of `--workers` (synth, prep): the cores, at most 4 (both are also disk-bound)
 DEFAULT_WORKERS = min(4, os.cpu_count() or 1)
@@ -99,17 +99,13 @@ def _duration(seconds: float) -> str:
 
 
 def _leave_ctrl_c_to_parent() -> None:
-    """In each worker: ignore SIGINT and SIGHUP, and let SIGTERM end it. Ctrl-C (and a closed
-    terminal's hangup) reaches the whole process group; a worker that raised KeyboardInterrupt
-    would print its own traceback, and one caught holding the task queue's lock could leave
-    its parent waiting on it forever (a worker the hangup ended would read as one killed for
-    lack of memory).
-    The parent stops the workers (`_stop_workers`, with SIGTERM); the handler a forked worker
-    inherits from its parent (`signals.interrupts_raise`) would instead raise in it too."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if hasattr(signal, "SIGHUP"):
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    """In each worker: Ctrl-C (and a closed terminal's hangup) reaches the whole process group;
+    a worker that raised KeyboardInterrupt would print its own traceback, and one caught
+    holding the task queue's lock could leave its parent waiting on it forever (one the hangup
+    ended would read as killed for lack of memory). The parent stops the workers
+    (`_stop_workers`, with SIGTERM); the handler a forked worker inherits from its parent
+    (`signals.interrupts_raise`) would instead raise in it too."""
+    leave_stop_signals_to_parent()
 
 
 def _stop_workers(pool: ProcessPoolExecutor) -> None:
@@ -123,4 +119,13 @@ def _stop_workers(pool: ProcessPoolExecutor) -> None:
         try:
             proc.terminate()
         except (OSError, ValueError):   # already gone, or closed
+            pass
+    # Before Python 3.11.5 (gh-94777) the shutdown that follows waits for ever on the task
+    # queue's feeder thread, blocked writing to a full pipe that no worker reads any more
+    # (prep's tasks are tens of KB each): closing the parent's read end lets that write fail.
+    reader = getattr(getattr(pool, "_call_queue", None), "_reader", None)
+    if reader is not None:
+        try:
+            reader.close()
+        except OSError:
             pass

@@ -280,7 +280,8 @@ class AnomalyGuard:
                 "best_erank": self.best_erank,
                 "collapsed": dict(self._collapsed), "ever_healthy": dict(self._ever_healthy),
                 "last_good_loss": self.last_good_loss,
-                "last_good_step": self.last_good_step, "raised": {k: {**e, "steps": list(e["steps"])} for k, e in self.raised.items()},
+                "last_good_step": self.last_good_step,
+                "raised": {k: {**e, "steps": list(e["steps"])} for k, e in self.raised.items()},
                 "entropy_wall": self.entropy_wall.state_dict() if self.entropy_wall is not None else None,
                 "retrieval": self.retrieval.state_dict() if self.retrieval is not None else None}
 

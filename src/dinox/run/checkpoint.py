@@ -605,8 +605,8 @@ def _check_record(path: Path, record: dict) -> str | None:
     """None when `path` matches its record, else the reason it does not. A file that differs
     from its record yet is a whole zip whose every member passes its CRC-32 was not damaged on
     disk in its data: the record was edited, another checkpoint was copied over this one, or a
-    byte of the zip's headers or padding changed; the reason says so, and how to use the file anyway (it stays refused: which one is right is the
-    user's call)."""
+    byte of the zip's headers or padding changed; the reason says so, and how to use the file
+    anyway (it stays refused: which one is right is the user's call)."""
     size = path.stat().st_size
     if size != record["size"]:
         problem = f"size is {size} bytes but {record['size']} were written at save time"
@@ -1072,8 +1072,14 @@ def set_aside_damaged_after(chosen) -> list[Path]:
         except OSError as exc:
             log.warning("could not set aside damaged checkpoint %s: %s", path, exc)
             continue
-        log.warning("set aside damaged checkpoint %s as %s (%s); delete it once inspected", path.name,
-                    target.name, reason)
+        if WHOLE_FILE in reason:   # not damage: the advice must name the files as they are now
+            log.warning("set aside checkpoint %s as %s: it does not match its integrity record, yet %s (an "
+                        "edited record, or another checkpoint copied over it); if it is the one you want, rename "
+                        "it back to %s, delete %s and resume from it", path.name, target.name, WHOLE_FILE,
+                        path.name, target.name + SIDECAR_SUFFIX)
+        else:
+            log.warning("set aside damaged checkpoint %s as %s (%s); delete it once inspected", path.name,
+                        target.name, reason)
         moved.append(target)
     if moved:
         _fsync_dir(chosen.parent)

@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import signal
+import sys
+import time
 
 log = logging.getLogger("dinox.train")
 
@@ -14,6 +17,7 @@ EXIT_ANOMALY = 5
 EXIT_SIGINT = 130
 EXIT_SIGTERM = 143
 EXIT_SIGHUP = 129
+REPEAT_GRACE_S = 2.0   # a repeated stop signal within this is the same request (interrupts_raise)
 
 
 # Ctrl+C; a scheduler's stop (SLURM, Kubernetes); a closed terminal or ssh session; the
@@ -21,6 +25,14 @@ EXIT_SIGHUP = 129
 # the run to finish its step and save. Those a platform lacks (Windows) are left out.
 STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP", "SIGUSR1", "SIGUSR2")
                      if hasattr(signal, name))
+
+
+def leave_stop_signals_to_parent() -> None:
+    """In a worker process: ignore the stop signals, which its parent acts on (Ctrl-C and a
+    hangup reach the whole process group, a scheduler may signal every process of the job),
+    except SIGTERM, which ends it: that is how a parent stops a worker that does not exit."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_DFL if sig == signal.SIGTERM else signal.SIG_IGN)
 
 
 class StopRequest:
@@ -113,17 +125,24 @@ def interrupt_name(exc: BaseException) -> str:
 @contextlib.contextmanager
 def interrupts_raise():
     """Within: the first SIGINT raises KeyboardInterrupt, the first SIGTERM Terminated and
-    the first SIGHUP HungUp in the main thread; later ones are ignored, so that the cleanup the first one starts (a
-    volume index written, worker processes stopped) is not cut short: `timeout` sends its
-    signal twice (to the process and to its group), an impatient user presses Ctrl-C twice.
-    Without it SIGTERM ends the process at once, without a word and with no `finally` run.
-    Signals the process was started ignoring stay ignored (see StopRequest.install)."""
-    fired = []
+    the first SIGHUP HungUp in the main thread. Repeats within REPEAT_GRACE_S are ignored, so
+    that the cleanup the first one starts (a volume index written, worker processes stopped)
+    is not cut short: `timeout` sends its signal twice (to the process and to its group). One
+    later than that (a user whose cleanup seems stuck presses Ctrl-C again) ends the process
+    at once, with one line, as `StopRequest` does a run's. Without this, SIGTERM ends the
+    process at once, without a word and with no `finally` run. Signals the process was
+    started ignoring stay ignored (see StopRequest.install)."""
+    fired: list[float] = []
 
     def handle(signum, frame):
         if fired:
-            return
-        fired.append(signum)
+            if time.monotonic() - fired[0] < REPEAT_GRACE_S:
+                return
+            name = signal.Signals(signum).name
+            print(f"{name} received again: stopping at once, without finishing the cleanup", file=sys.stderr,
+                  flush=True)
+            os._exit(128 + signum)
+        fired.append(time.monotonic())
         raise _RAISED[signum]
 
     previous = {}

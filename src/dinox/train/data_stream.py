@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 from collections.abc import Iterator
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from dinox.errors import UserError
-from dinox.run.signals import STOP_SIGNALS
+from dinox.run.signals import leave_stop_signals_to_parent
 
 log = logging.getLogger("dinox.train")
 
@@ -76,8 +75,7 @@ def _worker_leaves_process_group(worker_id: int) -> None:
     warning signals, which are its parent's to act on. SIGTERM ends it, as it must: that is
     how its parent (multiprocessing's `terminate`) stops a worker that does not exit."""
     os.setpgrp()
-    for sig in STOP_SIGNALS:
-        signal.signal(sig, signal.SIG_DFL if sig == signal.SIGTERM else signal.SIG_IGN)
+    leave_stop_signals_to_parent()
 
 
 def make_loader(
