@@ -31,8 +31,8 @@ import numpy as np
 
 from dinox.data import annotations, dicom_io, nifti_io
 from dinox.data.layout import (DIGESTS_FILE, INDEX_FILE, REPORT_FILE, SPLITS_DIR, VOLUMES_DIR, atomic_write,
-                               atomic_write_text, confined_path, default_manifest, printable, read_index, split_name,
-                               write_index)
+                               atomic_write_text, confined_path, default_manifest, printable, read_index,
+                               remove_write_temps, split_name, write_index)
 from dinox.data.parallel import process_map
 from dinox.data.splits import extend_split, same_scan_patients
 from dinox.errors import UserError
@@ -396,8 +396,7 @@ def prepare(inputs, output="data/processed", workers: int = 1, force: bool = Fal
                         f"(details in {root / REPORT_FILE})")
 
     (root / VOLUMES_DIR).mkdir(parents=True, exist_ok=True)
-    for stale in (root / VOLUMES_DIR).glob(".*.tmp*"):
-        stale.unlink(missing_ok=True)
+    remove_write_temps(root / VOLUMES_DIR)
     rows = {sid: row for sid, row in old_rows.items() if _kept_volume(root, row) is not None}
 
     todo = []
@@ -436,8 +435,7 @@ def prepare(inputs, output="data/processed", workers: int = 1, force: bool = Fal
         # interrupted (or failed): keep what is done so that a re-run need not read it again
         results.close()     # the workers stopped first: none writes after the index
         write_index(index_path, list(rows.values()))
-        for stale in (root / VOLUMES_DIR).glob(".*.tmp*"):   # a worker stopped mid-write
-            stale.unlink(missing_ok=True)
+        remove_write_temps(root / VOLUMES_DIR)   # a worker stopped mid-write
         if isinstance(exc, KeyboardInterrupt):
             # the series that failed in this run are not indexed: a re-run reads them again too
             written = len(report["series_written"])

@@ -64,11 +64,22 @@ def path_tag(prefix: str, path) -> str:
     return prefix + hashlib.sha256(str(Path(path).resolve()).encode()).hexdigest()[:8]
 
 
+def _write_temp(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp{os.getpid()}")
+
+
+def remove_write_temps(folder: Path) -> None:
+    """Delete the temporary files (`_write_temp`'s names) of `atomic_write`s in `folder`
+    that a killed or stopped process left; call it where no other process writes there."""
+    for stale in Path(folder).glob(".*.tmp*"):
+        stale.unlink(missing_ok=True)
+
+
 def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
     """Call `write` on a temporary file in the same folder, fsync, then rename over `path`,
     so a killed process never leaves a half-written file under the final name."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = _write_temp(path)
     try:
         with open(tmp, "wb") as f:
             write(f)

@@ -89,6 +89,11 @@ def _gunzip(path) -> bytes | None:
         raise ValueError(f"damaged gzip ({exc or type(exc).__name__}): download or export the file again") from None
 
 
+def _single_volume(img):
+    """A 4D image that holds one volume (x, y, z, 1) as the 3D image it is."""
+    return nib.funcs.squeeze_image(img) if img.ndim == 4 and img.shape[3] == 1 else img
+
+
 def _written_voxel_size(path, img) -> list[float]:
     """The voxel size as the file holds it: nibabel's loaded header has replaced a size of 0
     by 1 mm already (with a warning on stderr alone)."""
@@ -159,8 +164,7 @@ def read_nifti(path) -> tuple[np.ndarray, tuple[float, float, float], list[str]]
     except Exception:
         _gunzip(path)                # a damaged gzip says so, rather than as the reader's error
         raise
-    if img.ndim == 4 and img.shape[3] == 1:
-        img = nib.funcs.squeeze_image(img)
+    img = _single_volume(img)
     if img.ndim != 3:
         raise ValueError(f"not a 3D volume (shape {img.shape})")
     problem = _header_problem(path, img)
@@ -168,9 +172,7 @@ def read_nifti(path) -> tuple[np.ndarray, tuple[float, float, float], list[str]]
         raise ValueError(problem)
     raw = _gunzip(path)
     if raw is not None:              # read once, from the bytes checked whole
-        img = type(img).from_bytes(raw)
-        if img.ndim == 4:
-            img = nib.funcs.squeeze_image(img)
+        img = _single_volume(type(img).from_bytes(raw))
     canon = nib.as_closest_canonical(img)
     data = np.asarray(canon.dataobj)
     if np.iscomplexobj(data):

@@ -32,7 +32,13 @@ def process_map(fn, items, workers: int, desc: str, progress: bool, *, unit: str
                 yield fn(item)
                 bar.update()
         else:
-            pool = ProcessPoolExecutor(max_workers=min(workers, len(items)), initializer=_leave_ctrl_c_to_parent)
+            # Ctrl-C (and a closed terminal's hangup) reaches the whole process group: a worker that
+            # raised KeyboardInterrupt would print its own traceback, one caught holding the task
+            # queue's lock could leave its parent waiting for ever, and one the hangup ended would
+            # read as killed for lack of memory. The parent stops them instead (`_stop_workers`);
+            # the handler a forked worker inherits (`signals.interrupts_raise`) would raise in it.
+            pool = ProcessPoolExecutor(max_workers=min(workers, len(items)),
+                                       initializer=leave_stop_signals_to_parent)
             try:
                 for result in pool.map(fn, items, chunksize=chunksize):
                     yield result
@@ -96,16 +102,6 @@ def _duration(seconds: float) -> str:
     if minutes >= 60:
         return f"{minutes // 60} h {minutes % 60:02d} min"
     return f"{minutes} min {round(seconds) % 60:02d} s" if minutes else f"{round(seconds)} s"
-
-
-def _leave_ctrl_c_to_parent() -> None:
-    """In each worker: Ctrl-C (and a closed terminal's hangup) reaches the whole process group;
-    a worker that raised KeyboardInterrupt would print its own traceback, and one caught
-    holding the task queue's lock could leave its parent waiting on it forever (one the hangup
-    ended would read as killed for lack of memory). The parent stops the workers
-    (`_stop_workers`, with SIGTERM); the handler a forked worker inherits from its parent
-    (`signals.interrupts_raise`) would instead raise in it too."""
-    leave_stop_signals_to_parent()
 
 
 def _stop_workers(pool: ProcessPoolExecutor) -> None:
