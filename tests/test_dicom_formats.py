@@ -290,3 +290,24 @@ def test_uncompressed_and_rle_need_no_extra():
     assert dicom_io.decoder_problem(ExplicitVRLittleEndian) is None
     assert dicom_io.decoder_problem(RLELossless) is None        # pydicom decodes RLE itself
     assert dicom_io.decoder_problem("1.2.840.10008.1.2.4.100").startswith("unsupported transfer syntax")
+
+
+def test_the_header_cache_gives_back_each_header_exactly(tmp_path):
+    """prep keeps the header scan's answers in a JSON cache (`_index/dicom_headers.json`), with
+    what a series' slices share stored once; read back, every SliceHeader (frames, tuples,
+    missing values) and every reason must be what the scan read."""
+    import json
+    _, files = single_frame_series(tmp_path / "single", 4, (6, 7), "1.2.53.1", seed=4)
+    enhanced = to_enhanced(files, tmp_path / "mf.dcm", "1.2.53.2", order=[2, 0, 3, 1],
+                           frame_orientation={1: (1.0, 0.0, 0.0, 0.0, 0.0, -1.0)})
+    (tmp_path / "notes.txt").write_text("no image")
+    paths = [*map(str, files), str(enhanced), str(tmp_path / "notes.txt")]
+    answers = [dicom_io.read_headers(p) for p in paths]
+    assert sum(len(a) for a in answers[:-1]) == 8 and isinstance(answers[-1], str)
+    packed = dicom_io.pack_header_records([dicom_io.header_record(a) for a in answers])
+    assert len(packed["shared"]) == 3   # the single-frame series, and the enhanced file's two orientations
+    records = dicom_io.unpack_header_records(json.loads(json.dumps(packed)))
+    assert [dicom_io.headers_of_record(p, r) for p, r in zip(paths, records)] == answers
+    packed["fields"][1] = packed["fields"][1][:-1]   # a cache written by another SliceHeader
+    with pytest.raises(ValueError):
+        dicom_io.unpack_header_records(packed)

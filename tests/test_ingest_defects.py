@@ -854,6 +854,53 @@ def test_a_rerun_reads_no_volume_again_to_find_copies_of_a_scan(tmp_path, monkey
     assert sorted(read[1:]) == [f"1.2.3.{k}.npy" for k in (0, 1, 2, 9)]
 
 
+def test_a_stamped_cache_serves_a_file_only_as_it_was_and_only_to_the_same_code(tmp_path):
+    """prep's caches (headers, LIDC reads, digests) answer for a file only while its size and
+    modification time, and the code that computed the answer, are as they were; a damaged or
+    foreign cache file costs a recomputation; saving keeps what this run looked up."""
+    from dinox.data.layout import StampedCache, code_version
+
+    a, b, store = tmp_path / "a.txt", tmp_path / "b.txt", tmp_path / "_index" / "cache.json"
+    a.write_text("one")
+    b.write_text("two")
+    computed = []
+
+    def value(path):
+        computed.append(path.name)
+        return path.read_text().upper()
+
+    def run(version="v1", **kw):
+        computed.clear()
+        cache = StampedCache(store, version, **kw)
+        got = [cache.get(p.name, p, lambda p=p: value(p)) for p in (a, b) if p.exists()]
+        cache.save()
+        return got
+
+    assert run() == ["ONE", "TWO"] and computed == ["a.txt", "b.txt"]
+    assert run() == ["ONE", "TWO"] and computed == []
+    b.write_text("TWO!")                                   # another size
+    assert run() == ["ONE", "TWO!"] and computed == ["b.txt"]
+    stat = a.stat()
+    a.write_text("uno")                                    # the same size, written later
+    os.utime(a, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))
+    assert run() == ["UNO", "TWO!"] and computed == ["a.txt"]
+    assert run(version="v2") == ["UNO", "TWO!"] and computed == ["a.txt", "b.txt"]   # other code
+    assert run(version="v2", fresh=True) == ["UNO", "TWO!"] and computed == ["a.txt", "b.txt"]
+    b.unlink()
+    run(version="v2")
+    assert json.loads(store.read_text())["keys"] == ["a.txt"]   # the file gone drops out
+    for damaged in ("{cut", '{"version": "v2", "keys": ["a.txt"], "stamps": [], "values": []}', "[]"):
+        store.write_text(damaged)
+        assert run(version="v2") == ["UNO"] and computed == ["a.txt"]
+    assert run(version="") == ["UNO"] and computed == ["a.txt"]   # no version: no cache
+    assert code_version(a) != code_version(a, extra="lib 2") and code_version(tmp_path / "gone") == ""
+    packed = StampedCache(store, "v3", pack=lambda values: {"many": values}, unpack=lambda data: data["many"])
+    packed.get("a.txt", a, lambda: "x")
+    packed.save()
+    assert json.loads(store.read_text())["values"] == {"many": ["x"]}
+    assert StampedCache(store, "v3", unpack=lambda data: data["many"]).lookup("a.txt", a) == (True, "x")
+
+
 def test_a_scan_as_dicom_and_as_its_nifti_conversion_stays_on_one_side_of_the_split(tmp_path):
     """dcm2niix writes its NIfTI into the series' folder: named for another patient, the copy
     could sit on the other side of the split from its DICOM series, and validation would

@@ -22,7 +22,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--output", type=path, default=Path("data/processed"), help="processed data root")
     p.add_argument("--workers", type=positive_int, default=DEFAULT_WORKERS,
                    help="parallel processes")
-    p.add_argument("--force", action="store_true", help="rewrite series that are already done")
+    p.add_argument("--force", action="store_true",
+                   help="rewrite series that are already done, reading every file again (no cached header)")
     p.add_argument("--val-fraction", type=float, default=0.1, help="fraction of patients for validation")
     p.add_argument("--split-seed", type=nonneg_int, default=0, help="seed of the patient split")
     p.add_argument("--nifti-patient", choices=NIFTI_PATIENT_CHOICES, default="name",

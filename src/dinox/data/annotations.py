@@ -62,7 +62,7 @@ from pathlib import Path
 import numpy as np
 
 from dinox.data import dicom_io
-from dinox.data.layout import atomic_write_text
+from dinox.data.layout import LIDC_READS_FILE, StampedCache, atomic_write_text, code_version
 
 LIDC_NS = "http://www.nih.gov"
 NODULES_TABLE = "_labels/nodules.csv"
@@ -281,6 +281,39 @@ def parse_lidc_xml(data: bytes | str) -> LidcRead:
                                    for k, s in enumerate(_kids(root, "readingSession"))], problems)
     return LidcRead(series_uid=_text(header, "SeriesInstanceUid"), study_uid=_text(header, "StudyInstanceUID"),
                     sessions=sessions, problems=problems)
+
+
+def read_record(read: LidcRead) -> dict:
+    """A parsed read as JSON for prep's cache of LIDC reads (`read_of_record` undoes it):
+    re-parsing LIDC-IDRI's ~1,000 XML files costs about a minute of one core per prep run."""
+    return {"series_uid": read.series_uid, "study_uid": read.study_uid, "problems": read.problems,
+            "sessions": [{"reader": session.reader,
+                          "marks": [{"kind": mark.kind, "mark_id": mark.mark_id,
+                                     "characteristics": mark.characteristics,
+                                     "rois": [[roi.z, roi.sop_uid, roi.inclusion, roi.points] for roi in mark.rois]}
+                                    for mark in session.marks]}
+                         for session in read.sessions]}
+
+
+def read_of_record(record: dict) -> LidcRead:
+    return LidcRead(series_uid=record["series_uid"], study_uid=record["study_uid"], problems=list(record["problems"]),
+                    sessions=[ReadingSession(reader=session["reader"], marks=[
+                        Mark(kind=mark["kind"], mark_id=mark["mark_id"], characteristics=dict(mark["characteristics"]),
+                             rois=tuple(Roi(z=z, sop_uid=sop, inclusion=inclusion,
+                                            points=tuple((int(x), int(y)) for x, y in points))
+                                        for z, sop, inclusion, points in mark["rois"]))
+                        for mark in session["marks"]])
+                              for session in record["sessions"]])
+
+
+def _parsed(path: str) -> dict:
+    """The cache record of one XML file: its read, or why it is no LIDC read."""
+    with open(path, "rb") as f:
+        raw = f.read(MAX_XML_BYTES + 1)
+    try:
+        return {"read": read_record(parse_lidc_xml(raw))}
+    except AnnotationError as exc:
+        return {"error": str(exc)}
 
 
 def reader_names(read: LidcRead) -> list[str]:
@@ -757,10 +790,12 @@ def _owner(read: LidcRead, path: str, by_uid: dict[str, _Series], series: list[_
     return None, f"belongs to no prepared series (SeriesInstanceUid {uid})"
 
 
-def _use_xml(path: str, out: _Collector, by_uid: dict[str, _Series], series: list[_Series]) -> None:
-    with open(path, "rb") as f:
-        raw = f.read(MAX_XML_BYTES + 1)
-    read = parse_lidc_xml(raw)
+def _use_xml(path: str, out: _Collector, by_uid: dict[str, _Series], series: list[_Series],
+             reads: StampedCache) -> None:
+    record = reads.get(os.path.abspath(path), path, lambda: _parsed(path))
+    if "error" in record:
+        raise AnnotationError(record["error"])
+    read = read_of_record(record["read"])
     owner, note = _owner(read, path, by_uid, series)
     if note:
         out.problem(path, note, owner.task.series_id if owner else None)
@@ -786,13 +821,15 @@ def _use_labels(path: str, out: _Collector, by_uid: dict[str, _Series]) -> None:
     out.used.append(path)
 
 
-def update_table(root, inputs, tasks, index_rows: dict[str, dict], files_skipped: list[dict]) -> dict:
+def update_table(root, inputs, tasks, index_rows: dict[str, dict], files_skipped: list[dict],
+                 fresh: bool = False) -> dict:
     """Write <root>/_labels/nodules.csv from the annotation files beside the prepared DICOM
     series and return the prep report's "annotations" entry. Never raises for a missing,
     malformed or mismatched annotation file: those are listed under "problems". Rows of
     series prepared by earlier runs and not seen now, or whose slices cannot be tied to their
     volume this run, are kept. Annotation files, read or listed under "problems", are taken
-    off `files_skipped` (the header scan listed them as not DICOM)."""
+    off `files_skipped` (the header scan listed them as not DICOM). XML files unchanged since
+    the last run are not parsed again (LIDC_READS_FILE) unless `fresh`."""
     inputs = [os.path.abspath(p if os.path.isdir(p) else os.path.dirname(p) or ".") for p in map(str, inputs)]
     dropped = defaultdict(set)
     for f in files_skipped:
@@ -805,15 +842,17 @@ def update_table(root, inputs, tasks, index_rows: dict[str, dict], files_skipped
     listing: dict[str, list[str]] = {}
     candidates = sorted({p for s in series for p in _nearby_files(s.folders, inputs, listing)})
     out = _Collector()
+    reads = StampedCache(Path(root) / LIDC_READS_FILE, code_version(__file__), fresh=fresh)
     for path in candidates:
         try:
             if os.path.basename(path) == LABELS_FILE:
                 _use_labels(path, out, by_uid)
             else:
-                _use_xml(path, out, by_uid, series)
+                _use_xml(path, out, by_uid, series, reads)
         except Exception as exc:   # one bad file must not stop the prep (issue 13)
             out.problem(path, str(exc) if isinstance(exc, AnnotationError)
                         else f"unreadable ({type(exc).__name__}: {str(exc)[:120]})")
+    reads.save()
     return _write(Path(root), out, {s.task.series_id for s in series}, index_rows, files_skipped, candidates)
 
 

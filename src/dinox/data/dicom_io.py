@@ -23,7 +23,7 @@ import os
 import re
 import warnings
 from collections import Counter, defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +31,8 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_modality_lut, get_decoder, pixel_array
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+from dinox.data.layout import code_version
 
 HU_MIN, HU_MAX = -1024, 3071
 # A CT volume in HU holds air (about -1000 HU) around or inside the body; one whose lowest
@@ -86,6 +88,78 @@ class SliceHeader:
     @property
     def label(self) -> str:
         return slice_label(self.path, self.frame)
+
+
+class Unreadable(str):
+    """`read_headers`' reason for a file it could not read now (no permission, a disk
+    error, no memory): unlike the file's content, that may pass, so it is not cached."""
+
+
+# The header cache (`layout.StampedCache`, prep's HEADERS_FILE): per file, the reason it is
+# unusable, or its SliceHeaders without their path, each as (what the slices of a series
+# share, stored once per cache; the slice's own fields). On LIDC-IDRI that is ~250 k files.
+_SHARED_FIELDS = ("series_uid", "patient_id", "study_uid", "modality", "image_type", "description", "rows",
+                  "cols", "orientation", "pixel_spacing", "transfer_syntax", "acquisition")
+_OWN_FIELDS = tuple(f.name for f in fields(SliceHeader) if f.name not in (*_SHARED_FIELDS, "path"))
+_TUPLE_FIELDS = frozenset({"image_type", "orientation", "position", "pixel_spacing", "acquisition"})
+
+
+def _tuples(names, values: list) -> list:
+    """`values` (of the fields `names`) with JSON's lists back as tuples, in place."""
+    for i, name in enumerate(names):
+        if name in _TUPLE_FIELDS and values[i] is not None:
+            values[i] = tuple(values[i])
+    return values
+
+
+def header_cache_version() -> str:
+    """The header cache's `version`: this reader's code and pydicom's."""
+    return code_version(__file__, extra=f"pydicom {pydicom.__version__}")
+
+
+def header_record(headers: list[SliceHeader] | str) -> list | str:
+    """What the header cache keeps of `read_headers`' answer for one file (see `headers_of_record`)."""
+    if isinstance(headers, str):
+        return str(headers)
+    return [(tuple(getattr(h, f) for f in _SHARED_FIELDS), [getattr(h, f) for f in _OWN_FIELDS]) for h in headers]
+
+
+def headers_of_record(path: str, record: list | str) -> list[SliceHeader] | str:
+    """`read_headers(path)` again from its `header_record`."""
+    if isinstance(record, str):
+        return record
+    return [SliceHeader(path=path, **dict(zip(_SHARED_FIELDS, shared)), **dict(zip(_OWN_FIELDS, own)))
+            for shared, own in record]
+
+
+def pack_header_records(records: list) -> dict:
+    """JSON for the header cache: each distinct shared part once, slices by its number."""
+    shared: list[tuple] = []
+    number: dict[tuple, int] = {}
+    files = []
+    for record in records:
+        if isinstance(record, str):
+            files.append(record)
+            continue
+        rows = []
+        for common, own in record:
+            if common not in number:
+                number[common] = len(shared)
+                shared.append(common)
+            rows.append([number[common], *own])
+        files.append(rows)
+    return {"fields": [list(_SHARED_FIELDS), list(_OWN_FIELDS)], "shared": shared, "files": files}
+
+
+def unpack_header_records(data: dict) -> list:
+    """`pack_header_records` undone (refused, so the cache is read anew, if its fields are not
+    this SliceHeader's)."""
+    if data["fields"] != [list(_SHARED_FIELDS), list(_OWN_FIELDS)]:
+        raise ValueError("the header cache holds other fields")
+    shared = [tuple(_tuples(_SHARED_FIELDS, common)) for common in data["shared"]]
+    return [record if isinstance(record, str)
+            else [(shared[row[0]], _tuples(_OWN_FIELDS, row[1:])) for row in record]   # row[1:]: a copy
+            for record in data["files"]]
 
 
 @dataclass
@@ -207,8 +281,9 @@ def read_headers(path: str) -> list[SliceHeader] | str:
                 return "empty file (0 bytes): a copy or download cut short? copy it again"
             looks = _looks_like_dicom(path)
         except OSError as exc:   # no permission, a disk error: the file, not its header, is at fault
-            return (f"not readable ({exc.strerror or type(exc).__name__})"
-                    + (": give the user running prep read access" if isinstance(exc, PermissionError) else ""))
+            return Unreadable(f"not readable ({exc.strerror or type(exc).__name__})"
+                              + (": give the user running prep read access" if isinstance(exc, PermissionError)
+                                 else ""))
         if not looks:
             return _not_dicom(path)
         try:
@@ -225,7 +300,8 @@ def read_headers(path: str) -> list[SliceHeader] | str:
             return "not an image (no Rows/Columns)"
         return _slice_headers(path, ds)
     except Exception as exc:  # any parser failure means the file cannot be used
-        return f"unreadable header ({type(exc).__name__})"
+        reason = f"unreadable header ({type(exc).__name__})"
+        return Unreadable(reason) if isinstance(exc, (OSError, MemoryError)) else reason
 
 
 def _slice_headers(path: str, ds) -> list[SliceHeader]:

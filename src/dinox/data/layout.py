@@ -6,9 +6,10 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import json
 import os
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import Any, BinaryIO, Callable
 
 from dinox.errors import UserError
 
@@ -16,7 +17,10 @@ VOLUMES_DIR = "volumes"
 INDEX_FILE = "_index/index.csv"
 SPLITS_DIR = "_splits"
 REPORT_FILE = "prep_report.json"
-DIGESTS_FILE = "_index/voxel_digests.json"   # prep's cache of volume digests (ingest._Digests)
+# prep's caches (StampedCache): volume digests, DICOM headers, parsed LIDC XML reads
+DIGESTS_FILE = "_index/voxel_digests.json"
+HEADERS_FILE = "_index/dicom_headers.json"
+LIDC_READS_FILE = "_index/lidc_reads.json"
 INDEX_COLUMNS = ["series_id", "patient_id", "path", "num_slices", "rows", "cols",
                  "spacing_z", "spacing_y", "spacing_x"]
 EXTRA_COLUMNS = ["source", "modality", "n_source_files", "notes"]
@@ -144,3 +148,93 @@ def write_index(path: Path, rows: list[dict]) -> None:
     for row in sorted(rows, key=lambda r: r["series_id"]):
         writer.writerow(row)
     atomic_write_text(path, buf.getvalue())
+
+
+def code_version(*sources, extra: str = "") -> str:
+    """sha1 of the source files that compute a cached result, and of `extra` (a library's
+    version): a cache stamped with it is never served by code that would compute otherwise.
+    '' where a source cannot be read, which turns the cache off."""
+    digest = hashlib.sha1(extra.encode())
+    try:
+        for source in sources:
+            digest.update(Path(source).read_bytes())
+    except OSError:
+        return ""
+    return digest.hexdigest()
+
+
+class StampedCache:
+    """Results computed from files, kept between runs in one JSON file by each file's key,
+    size and modification time (nanoseconds), and by `version`, the code that computed them
+    (`code_version`): a file written anew, or changed code, is computed again.
+
+    Only a cache: a missing, damaged or unwritable file, or one of another version, costs a
+    recomputation, never a result. `save` keeps the entries looked up this run, so files
+    gone or no longer read drop out and the file stays the size of one run's work.
+    `pack(values) -> JSON` and `unpack(JSON) -> values` convert all values at once (so that
+    a packing can store what many values share once); values must compare equal across a
+    round trip. `fresh`: read nothing from the file (prep --force)."""
+
+    def __init__(self, file, version: str, pack: Callable[[list], Any] | None = None,
+                 unpack: Callable[[Any], list] | None = None, fresh: bool = False) -> None:
+        self.file, self.version = Path(file), version
+        self._pack = pack or list
+        self._unpack = unpack or list
+        self.known: dict[str, tuple[tuple[int, int], Any]] = {} if fresh or not version else self._load()
+        self.used: dict[str, tuple[tuple[int, int], Any]] = {}
+        self._stamps: dict[str, tuple[int, int]] = {}
+
+    def _load(self) -> dict:
+        try:
+            data = json.loads(self.file.read_text(encoding="utf-8"))
+            if not isinstance(data, dict) or data.get("version") != self.version:
+                return {}
+            keys, stamps, values = data["keys"], data["stamps"], self._unpack(data["values"])
+            if not len(keys) == len(stamps) == len(values):
+                return {}
+            return {key: ((int(stamp[0]), int(stamp[1])), value)
+                    for key, stamp, value in zip(keys, stamps, values)}
+        except Exception:   # missing, cut short, edited, of an older layout: compute again
+            return {}
+
+    def lookup(self, key: str, path) -> tuple[bool, Any]:
+        """(True, value) where `path` is as it was when its value was stored, else (False, None)
+        (then `store` the value computed). The file is stat'ed before it is read, so a file
+        changed while being read is computed again next time."""
+        try:
+            st = os.stat(path)
+        except OSError:
+            return False, None
+        stamp = (st.st_size, st.st_mtime_ns)
+        self._stamps[key] = stamp
+        entry = self.known.get(key)
+        if entry is not None and entry[0] == stamp:
+            self.used[key] = entry
+            return True, entry[1]
+        return False, None
+
+    def get(self, key: str, path, compute: Callable[[], Any]) -> Any:
+        """The stored value of `path`, else `compute()`, stored unless it is None (a failure
+        that may pass, computed again next time)."""
+        found, value = self.lookup(key, path)
+        if not found:
+            value = compute()
+            if value is not None:
+                self.store(key, value)
+        return value
+
+    def store(self, key: str, value: Any) -> None:
+        """Keep `value` for the file `lookup` stat'ed under `key`."""
+        if key in self._stamps:
+            self.used[key] = (self._stamps[key], value)
+
+    def save(self) -> None:
+        if not self.version or self.used == self.known or not (self.used or self.file.exists()):
+            return
+        keys = sorted(self.used)
+        data = {"version": self.version, "keys": keys, "stamps": [self.used[k][0] for k in keys],
+                "values": self._pack([self.used[k][1] for k in keys])}
+        try:
+            atomic_write_text(self.file, json.dumps(data, separators=(",", ":")) + "\n")
+        except (OSError, ValueError):
+            pass
