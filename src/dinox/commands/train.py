@@ -28,7 +28,7 @@ from dinox.commands.argtypes import boolean, float_at_least, nonneg_int, path_te
 from dinox.data.layout import atomic_write_text, same_path
 from dinox.errors import UserError
 from dinox.model.head import PROTOTYPE_NORMS
-from dinox.run.checkpoint import CheckpointError, free_space
+from dinox.run.checkpoint import CheckpointError, disk_size_text, free_space
 from dinox.run.device import HARDWARE_PRESETS
 from dinox.run.signals import EXIT_WONT_FIT
 from dinox.train.runs import (
@@ -36,7 +36,6 @@ from dinox.train.runs import (
     check_disk_space,
     check_ranks_agree,
     checkpoint_tensor_bytes,
-    disk_size_text,
     open_resume,
     prepare_run_dir,
     refuse_replayed_halt,

@@ -414,8 +414,9 @@ def free_space(path) -> int:
     return shutil.disk_usage(nearest_existing(path)).free
 
 
-def _gb(n: float) -> str:
-    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e9:.3g} GB"
+def disk_size_text(n: float) -> str:
+    """Bytes as a disk figure (decimal GB or MB, as disks are sold and `df -H` prints them)."""
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
 
 
 def _no_space_error(path: Path, need: int, free: int) -> NoSpaceError:
@@ -424,7 +425,7 @@ def _no_space_error(path: Path, need: int, free: int) -> NoSpaceError:
     advice = ("free space or lower --ckpt-keep-last" if rotating
               else "free space there or give --out a folder on a disk with room")
     return NoSpaceError(
-        f"not enough disk space to save {path.name}: need {_gb(need)}, {_gb(free)} free at "
+        f"not enough disk space to save {path.name}: need {disk_size_text(need)}, {disk_size_text(free)} free at "
         f"{path.parent}; {advice}")
 
 

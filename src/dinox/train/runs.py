@@ -162,7 +162,7 @@ def check_disk_space(plan: dict, target: Path, keep_last: int, existing: int = 0
     a warning (returned) when the rotation's checkpoints will not all fit. `existing`:
     periodic checkpoints already in the folder (a run continued in place), whose space is
     taken already."""
-    from dinox.run.checkpoint import free_space, space_needed
+    from dinox.run.checkpoint import disk_size_text, free_space, space_needed
 
     size = checkpoint_tensor_bytes(plan)
     need, free = space_needed(size), free_space(target)
@@ -182,11 +182,6 @@ def check_disk_space(plan: dict, target: Path, keep_last: int, existing: int = 0
                 f"but --ckpt-keep-last {keep_last} keeps {keep_last} and a save needs one more: the run will stop "
                 f"with a full disk; lower --ckpt-keep-last to {max(1, existing + room - 1)} or free space")
     return None
-
-
-def disk_size_text(n: int) -> str:
-    """Bytes as a disk figure (decimal GB or MB, as disks are sold and `df -H` prints them)."""
-    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
 
 
 def resumed_from(source: ResumeSource) -> dict:
