@@ -460,10 +460,12 @@ def test_interrupted_write_leaves_no_partial_volume(tmp_path, monkeypatch):
 
 
 # A driver of `dinox prep` whose workers write the first series and then hang on the others,
-# so that a stop signal lands mid-run at a known point (workers are forked: the patch holds);
-# the parent touches the file MARK once it has recorded the first series.
+# so that a stop signal lands mid-run at a known point; the parent touches the file MARK once
+# it has recorded the first series. The patch reaches the workers only if they are forked,
+# which is not the default from Python 3.14 on (forkserver): fork is asked for.
 _STALLED_PREP = """
-import os, signal, sys, time
+import multiprocessing, os, signal, sys, time
+multiprocessing.set_start_method("fork")
 # as launched from a terminal: the suite may run under nohup (SIGHUP ignored) or as a shell's
 # background job (SIGINT ignored), and prep keeps an ignored signal ignored
 signal.signal(signal.SIGINT, signal.default_int_handler)
