@@ -280,6 +280,8 @@ def test_an_edited_record_or_a_checkpoint_copied_over_another_is_told_from_damag
         assert not ok and reason.startswith(what), reason
         assert "every member of the file passes the zip's CRC-32" in reason
         assert f"delete {sidecar_path(path).name}" in reason and "damaged" not in reason
+        with pytest.raises(CheckpointError, match=r" does not match its integrity record: "):
+            ck.load_checkpoint(path)
     sidecar_path(edited).unlink()   # as the message says
     assert verify_checkpoint(edited)[0]
     assert verify_checkpoint(other)[0]
@@ -320,6 +322,8 @@ def test_truncated_and_flipped_files_are_detected(tmp_path):
     assert not ok and "size" in reason
     ok, reason = verify_checkpoint(flipped)
     assert not ok and "sha256" in reason
+    with pytest.raises(CheckpointError, match=r" is damaged: sha256 differs .*\(bytes damaged\)"):
+        ck.load_checkpoint(flipped)
     with pytest.raises(CheckpointError, match=r"checkpoint_00000003\.pth is damaged.*earlier checkpoint.*checkpoint_00000002"):
         load_checkpoint(flipped)
     # without the sidecar a truncated file still fails, through the full load

@@ -599,7 +599,12 @@ def _read_sidecar(path: Path) -> dict | str | None:
     return record
 
 
-WHOLE_FILE = "every member of the file passes the zip's CRC-32"   # a record mismatch that is no damage
+WHOLE_FILE = "every member of the file passes the zip's CRC-32"
+
+
+class RecordMismatch(str):
+    """`_check_record`'s reason for a file that differs from its record yet is no damage
+    (WHOLE_FILE): told apart by its type, so callers word their verdict and advice."""
 
 
 def _check_record(path: Path, record: dict) -> str | None:
@@ -617,9 +622,10 @@ def _check_record(path: Path, record: dict) -> str | None:
         return None
     if zipfile.is_zipfile(path) and zip_crc_problem(path) is None:
         record_name = sidecar_path(path).name
-        return (f"{problem}, yet {WHOLE_FILE} (its tensors are as some save wrote them): its record {record_name} "
-                f"was edited, another checkpoint was copied over this one, or bytes outside the data changed; if this "
-                f"file is the one you want, delete {record_name} (the file is then checked by its CRCs and contents)")
+        return RecordMismatch(
+            f"{problem}, yet {WHOLE_FILE} (its tensors are as some save wrote them): its record {record_name} was "
+            f"edited, another checkpoint was copied over this one, or bytes outside the data changed; if this file "
+            f"is the one you want, delete {record_name} (the file is then checked by its CRCs and contents)")
     return f"{problem} ({'truncated or overwritten' if size != record['size'] else 'bytes damaged'})"
 
 
@@ -892,7 +898,7 @@ def load_checkpoint(path, map_location="cpu", *, verify: bool = True, mmap: bool
         if isinstance(record, dict):
             problem = _check_record(path, record)
             if problem:
-                verdict = "does not match its integrity record" if WHOLE_FILE in problem else "is damaged"
+                verdict = "does not match its integrity record" if isinstance(problem, RecordMismatch) else "is damaged"
                 raise CheckpointError(f"checkpoint {path} {verdict}: {problem}{_earlier_hint(path)}")
             checksum_ok = True
         elif isinstance(record, str):
@@ -1073,7 +1079,7 @@ def set_aside_damaged_after(chosen) -> list[Path]:
         except OSError as exc:
             log.warning("could not set aside damaged checkpoint %s: %s", path, exc)
             continue
-        if WHOLE_FILE in reason:   # not damage: the advice must name the files as they are now
+        if isinstance(reason, RecordMismatch):   # not damage: the advice must name the files as they are now
             log.warning("set aside checkpoint %s as %s: it does not match its integrity record, yet %s (an "
                         "edited record, or another checkpoint copied over it); if it is the one you want, rename "
                         "it back to %s, delete %s and resume from it", path.name, target.name, WHOLE_FILE,
