@@ -260,8 +260,8 @@ def test_a_jump_to_a_new_loss_level_is_one_spike_not_one_per_step():
 
 
 def test_a_run_parked_at_the_entropy_wall_is_one_episode_however_often_it_dips():
-    """Each entropy-wall report writes an emergency checkpoint that is never rotated (20.5 GB
-    for a ViT-Giant): a run left at the wall, dipping under the line for single steps (as a
+    """Each entropy-wall report writes an emergency checkpoint (20.5 GB for a ViT-Giant; the
+    newest 3 are kept): a run left at the wall, dipping under the line for single steps (as a
     tiny CPU run at 0.99 of the wall did every 10-30 steps), must write one, not one per dip."""
     from dinox.observe.anomaly import EntropyWall
 

@@ -430,6 +430,13 @@ def test_rotation_keeps_newest_milestones_final_and_emergency(tmp_path):
     assert [p.name for p in rotate_checkpoints(tmp_path, keep_last=0)] == [
         f"checkpoint_{s:08d}.pth" for s in (500, 700, 800, 900)]  # keep_last<1 -> 1, no milestones now
     assert checkpoint_path(tmp_path, 1000).exists()
+    for step in (450, 650, 1000):
+        save(tmp_path, step, "emergency", n=10)
+    assert rotate_checkpoints(tmp_path, keep_last=2, kind="emergency") == [
+        checkpoint_path(tmp_path, s, "emergency") for s in (250, 450)]   # the newest 2 emergency ones kept
+    assert sorted(p.name for p in tmp_path.glob("checkpoint_*.pth")) == [
+        "checkpoint_00001000.pth", "checkpoint_emergency_00000650.pth", "checkpoint_emergency_00001000.pth",
+        "checkpoint_final_00001000.pth"]
 
 
 def test_rotation_spares_an_intact_checkpoint_when_newer_ones_lack_records(tmp_path, caplog):

@@ -164,6 +164,23 @@ def test_injected_uniform_teacher_raises_the_entropy_wall(processed_root, tmp_pa
     assert list(only_run(out).glob("checkpoint_emergency_*.pth"))
 
 
+def test_emergency_checkpoints_are_rotated_to_the_newest_few(processed_root, tmp_path, monkeypatch):
+    """One emergency checkpoint per anomaly episode or halt, each a whole checkpoint (20.5 GB
+    for a ViT-Giant): a run requeued for weeks kept every one until the disk was full.
+    --ckpt-keep-emergency N keeps the newest N (default 3; 0 keeps all)."""
+    from dinox.train import loop
+
+    monkeypatch.setattr(loop, "respond", lambda guard, anomalies, log, metrics: (True, False))   # an alarm a step
+    out = tmp_path / "runs"
+    assert main(train_args(processed_root, out, "--max-steps", "4", "--batch-size", "4", "--ckpt-every", "100",
+                           "--ckpt-keep-emergency", "2", "--monitor-every", "0")) == 0
+    run = only_run(out)
+    assert sorted(p.name for p in run.glob("checkpoint_emergency_*")) == [
+        f"checkpoint_emergency_{s:08d}.pth{end}" for s in (3, 4) for end in ("", ".sha256")]
+    log = (run / "train.log").read_text()
+    assert "rotated out checkpoint_emergency_00000002.pth (--ckpt-keep-emergency 2 keeps the newest)" in log
+
+
 @pytest.mark.parametrize("halt", [False, True])
 def test_an_alarm_of_the_in_training_eval_halts_with_halt_on_anomaly(processed_root, tmp_path, monkeypatch, halt):
     """The eval's alarms (collapse by effective rank, not learning) follow --halt-on-anomaly

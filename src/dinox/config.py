@@ -199,6 +199,7 @@ class IOConfig:
     ckpt_every: int = 100
     ckpt_keep_last: int = 5
     ckpt_milestone_every: int = 0
+    ckpt_keep_emergency: int = 3   # the newest emergency checkpoints kept; 0 keeps every one
 
 
 @dataclass

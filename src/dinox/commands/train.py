@@ -195,6 +195,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ckpt-every", type=positive_int, help="steps between checkpoints (100)")
     g.add_argument("--ckpt-keep-last", type=positive_int, help="periodic checkpoints kept (5)")
     g.add_argument("--ckpt-milestone-every", type=nonneg_int, help="keep every M-th step out of rotation")
+    g.add_argument("--ckpt-keep-emergency", type=nonneg_int,
+                   help="emergency checkpoints (anomalies, failed steps, halts) kept, the newest (3; 0 keeps all)")
     g.add_argument("--monitor-every", type=nonneg_int, help="steps between heatmaps/stats (1000; 0 off)")
     g.add_argument("--eval-every", type=nonneg_int, help="steps between retrieval + rank checks (0 off)")
     g.add_argument("--eval-n", type=positive_int, help="validation samples per in-training check (512)")
@@ -511,6 +513,7 @@ def report_dry_run(cfg: RunConfig, info, preset_name, preset_lines, plan, as_jso
         "suggestions": plan["suggestions"],
         "checkpoint_bytes": ckpt_bytes,
         "checkpoints_disk_bytes": (keep + 1) * ckpt_bytes,
+        "emergency_checkpoints_kept": cfg.io.ckpt_keep_emergency or None,   # None: every one kept
         "disk_free_bytes": disk_free,
         "disk_warning": disk_warning,
         "device_notices": list(device_notes),
@@ -541,6 +544,10 @@ def report_dry_run(cfg: RunConfig, info, preset_name, preset_lines, plan, as_jso
         print(f"checkpoints: about {disk_size_text(ckpt_bytes)} each (student, EMA teacher, Gram teacher and AdamW "
               f"moments in fp32); --ckpt-keep-last {keep} keeps {keep} and a save writes one more before it "
               f"removes the oldest: about {disk_size_text((keep + 1) * ckpt_bytes)} of disk under --out")
+        kept = cfg.io.ckpt_keep_emergency
+        print(f"  and where anomalies or failed steps are met, emergency checkpoints of the same size: "
+              + (f"--ckpt-keep-emergency {kept} keeps the newest {kept} (up to {disk_size_text(kept * ckpt_bytes)} more)"
+                 if kept else "--ckpt-keep-emergency 0 keeps every one"))
         if disk is not None:
             print(f"disk here: {disk_size_text(disk_free)} free for {disk[0]}"
                   + (f"; warning: {disk_warning}" if disk_warning else ""))

@@ -321,8 +321,8 @@ class EntropyWall:
     tiny CPU run at 0.99 of it, every 10-30 steps), and a count of consecutive steps at the
     wall that a dip resets would never report one that dips more often than `window`. The
     episode ends only once that mean has stayed off the wall for `window` steps too: each
-    report writes an emergency checkpoint (20.5 GB for a ViT-Giant) that is never rotated,
-    so one report per dip would fill the disk of a run left at the wall for days."""
+    report writes an emergency checkpoint (20.5 GB for a ViT-Giant), and one report per dip
+    would rotate out the emergency checkpoints of earlier, real episodes within hours."""
 
     def __init__(self, out_dim: int, start_step: int, window: int = 50, margin: float = 0.02,
                  advice: str = ""):

@@ -5,7 +5,7 @@ Layout of a run directory::
     <out_root>/YYYYMMDD_HHMMSS[_N]/
         checkpoint_%08d.pth                  periodic (rotated)
         checkpoint_final_%08d.pth            end of training (never rotated)
-        checkpoint_emergency_%08d.pth        anomaly / interruption (never rotated)
+        checkpoint_emergency_%08d.pth        anomaly / failed step / halt (the newest 3 kept)
         <checkpoint name>.sha256             integrity record, JSON {"sha256", "size"}
         checkpoint_[final_|emergency_]%08d.dcp/   the same, sharded (FSDP runs; dinox.run.sharded)
         train.lock                           while a process trains there: its pid, host, start
@@ -945,17 +945,17 @@ def _looks_intact(path: Path) -> bool:
         return False
 
 
-def rotate_checkpoints(run_dir, keep_last: int, milestone_every: int = 0) -> list[Path]:
-    """Delete the oldest periodic checkpoints (and their sidecars) beyond the newest
-    `keep_last` (at least 1). Milestones (step % milestone_every == 0) and final/emergency
-    checkpoints are never deleted. If none of the kept ones looks intact, the newest older
-    one that does is spared too. Returns the deleted checkpoint paths."""
+def rotate_checkpoints(run_dir, keep_last: int, milestone_every: int = 0, kind: str = "periodic") -> list[Path]:
+    """Delete the oldest checkpoints of `kind` (periodic or emergency; and their sidecars)
+    beyond the newest `keep_last` (at least 1). Milestones (step % milestone_every == 0) and
+    final checkpoints are never deleted. If none of the kept ones looks intact, the newest
+    older one that does is spared too. Returns the deleted checkpoint paths."""
     run_dir = Path(run_dir)
     keep_last = max(1, int(keep_last))
     rotating = []
     for path in list_checkpoints(run_dir):
-        step, kind = parse_checkpoint_name(path)
-        if kind != "periodic" or (milestone_every > 0 and step % milestone_every == 0):
+        step, its_kind = parse_checkpoint_name(path)
+        if its_kind != kind or (milestone_every > 0 and step % milestone_every == 0):
             continue
         rotating.append(path)
     doomed, kept = rotating[:-keep_last], rotating[-keep_last:]

@@ -225,8 +225,8 @@ def restore_step(c: Components, snapshot: tuple, device: torch.device) -> None:
 
 
 class Checkpointer:
-    """Writes the run's checkpoints into its folder (rank 0 only): periodic ones rotated,
-    emergency and final ones kept."""
+    """Writes the run's checkpoints into its folder (rank 0 only): periodic and emergency ones
+    rotated (each kind its newest kept), final ones kept."""
 
     def __init__(self, run_dir: Path, cfg: RunConfig, where: Placement, *, provenance: dict, hardware: dict,
                  is_main: bool, sharded: bool = False):
@@ -276,10 +276,16 @@ class Checkpointer:
         else:
             size = self._save_making_room(path, state)
         log.info("saved %s (%.1f MB, %.2fs)", path, size / 1e6, time.perf_counter() - start)
+        io = self.cfg.io
         if kind == "periodic":
-            io = self.cfg.io
             for old in store.rotate_checkpoints(self.run_dir, io.ckpt_keep_last, io.ckpt_milestone_every):
                 log.info("rotated out %s", old.name)
+        elif kind == "emergency" and io.ckpt_keep_emergency > 0:
+            # each is a whole checkpoint (20.5 GB for a ViT-Giant), one per anomaly episode or halt:
+            # over weeks of requeued launches, kept all, they would fill the disk
+            for old in store.rotate_checkpoints(self.run_dir, io.ckpt_keep_emergency, kind="emergency"):
+                log.info("rotated out %s (--ckpt-keep-emergency %d keeps the newest)", old.name,
+                         io.ckpt_keep_emergency)
         return path
 
     def save_final(self, c: Components) -> Path | None:
