@@ -545,7 +545,7 @@ def report_dry_run(cfg: RunConfig, info, preset_name, preset_lines, plan, as_jso
               f"moments in fp32); --ckpt-keep-last {keep} keeps {keep} and a save writes one more before it "
               f"removes the oldest: about {disk_size_text((keep + 1) * ckpt_bytes)} of disk under --out")
         kept = cfg.io.ckpt_keep_emergency
-        print(f"  and where anomalies or failed steps are met, emergency checkpoints of the same size: "
+        print("  and where anomalies or failed steps are met, emergency checkpoints of the same size: "
               + (f"--ckpt-keep-emergency {kept} keeps the newest {kept} (up to {disk_size_text(kept * ckpt_bytes)} more)"
                  if kept else "--ckpt-keep-emergency 0 keeps every one"))
         if disk is not None:
