@@ -533,6 +533,38 @@ def test_a_stopped_prep_indexes_what_it_wrote_stops_its_workers_and_a_rerun_goes
     assert again["series_kept"] == ["1.21.0"] and sorted(again["series_written"]) == ["1.21.1", "1.21.2", "1.21.3"]
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl(PR_SET_PDEATHSIG) is Linux's")
+def test_a_prep_killed_outright_leaves_no_worker_behind(tmp_path):
+    """SIGKILL (kill -9, the system out of memory) gives prep no chance to stop its pool's
+    workers: they waited on their task queue for ever. The kernel now ends them with it."""
+    rng = np.random.default_rng(22)
+    for k in range(3):
+        write_series(tmp_path / "in" / f"s{k}", random_hu(rng, (3, 4, 4)), f"1.21.{k}", patient_id=f"P{k}")
+    proc = subprocess.Popen([sys.executable, "-c", _STALLED_PREP, "prep", "--input", str(tmp_path / "in"),
+                             "--output", str(tmp_path / "out"), "--workers", "2"], stderr=subprocess.DEVNULL,
+                            start_new_session=True, env={**os.environ, "MARK": str(tmp_path / "recorded")})
+    try:
+        deadline = time.monotonic() + 60
+        while not (tmp_path / "recorded").is_file():   # the workers hold the other series now
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        proc.kill()
+        proc.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                os.killpg(proc.pid, 0)
+            except ProcessLookupError:
+                break
+            assert time.monotonic() < deadline, "worker processes left running"
+            time.sleep(0.05)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def test_a_prep_that_is_not_stopped_never_stops_its_workers(tmp_path, monkeypatch):
     """The header scan's pool was left to a garbage-collection finalizer (its map not run to
     its end): every prep with workers terminated them there, and a Ctrl-C landing then was

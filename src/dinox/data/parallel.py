@@ -14,10 +14,15 @@ from concurrent.futures.process import BrokenProcessPool
 from tqdm import tqdm
 
 from dinox.errors import UserError
-from dinox.run.signals import leave_stop_signals_to_parent
+from dinox.run.signals import end_with_parent, leave_stop_signals_to_parent
 
 # the default of `--workers` (synth, prep): the cores, at most 4 (both are also disk-bound)
 DEFAULT_WORKERS = min(4, os.cpu_count() or 1)
+
+
+def _start_worker() -> None:
+    leave_stop_signals_to_parent()
+    end_with_parent()   # a parent killed outright leaves no worker behind
 
 
 def process_map(fn, items, workers: int, desc: str, progress: bool, *, unit: str = "series", chunksize: int = 1):
@@ -37,8 +42,7 @@ def process_map(fn, items, workers: int, desc: str, progress: bool, *, unit: str
             # queue's lock could leave its parent waiting for ever, and one the hangup ended would
             # read as killed for lack of memory. The parent stops them instead (`_stop_workers`);
             # the handler a forked worker inherits (`signals.interrupts_raise`) would raise in it.
-            pool = ProcessPoolExecutor(max_workers=min(workers, len(items)),
-                                       initializer=leave_stop_signals_to_parent)
+            pool = ProcessPoolExecutor(max_workers=min(workers, len(items)), initializer=_start_worker)
             try:
                 for result in pool.map(fn, items, chunksize=chunksize):
                     yield result

@@ -35,6 +35,22 @@ def leave_stop_signals_to_parent() -> None:
         signal.signal(sig, signal.SIG_DFL if sig == signal.SIGTERM else signal.SIG_IGN)
 
 
+def end_with_parent() -> None:
+    """In a worker process (Linux): have the kernel send it SIGTERM when the process that
+    forked it dies (prctl PR_SET_PDEATHSIG). A parent killed outright (SIGKILL, the system out
+    of memory) cannot stop its workers, and a process pool's workers would wait on their task
+    queue for ever. Under the forkserver start method the forker is the server, which exits
+    with the main process, so the workers still follow. Elsewhere (no prctl) nothing changes."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))   # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 class StopRequest:
     """Turns the STOP_SIGNALS into a flag the loop checks after each step; a second signal
     stops at once (KeyboardInterrupt), except while a checkpoint is being written
