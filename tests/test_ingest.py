@@ -486,6 +486,25 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
+def _wait_for_first_series(proc: subprocess.Popen, mark: Path) -> None:
+    deadline = time.monotonic() + 60
+    while not mark.is_file():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr and proc.stderr.read()
+        time.sleep(0.05)
+
+
+def _assert_group_ends(pgid: int) -> None:
+    """The process group of a stopped prep (its workers) is gone within 10 s."""
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return
+        assert time.monotonic() < deadline, "worker processes left running"
+        time.sleep(0.05)
+
+
 @pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143), (signal.SIGHUP, 129)],
                          ids=["SIGINT", "SIGTERM", "SIGHUP"])
 def test_a_stopped_prep_indexes_what_it_wrote_stops_its_workers_and_a_rerun_goes_on(tmp_path, sig, code):
@@ -504,10 +523,7 @@ def test_a_stopped_prep_indexes_what_it_wrote_stops_its_workers_and_a_rerun_goes
                              "--output", str(out), "--workers", "2"], stderr=subprocess.PIPE, text=True,
                             start_new_session=True, env={**os.environ, "MARK": str(tmp_path / "recorded")})
     try:
-        deadline = time.monotonic() + 60
-        while not (tmp_path / "recorded").is_file():
-            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
-            time.sleep(0.05)
+        _wait_for_first_series(proc, tmp_path / "recorded")
         os.kill(proc.pid, sig)
         os.killpg(proc.pid, sig)
         err = proc.communicate(timeout=15)[1]
@@ -519,14 +535,7 @@ def test_a_stopped_prep_indexes_what_it_wrote_stops_its_workers_and_a_rerun_goes
     assert err == (f"prep stopped by {name} after 1 of the 4 series to prepare: the volumes written are in "
                    f"{out / '_index' / 'index.csv'} and are not read again; run the same command again to prepare "
                    f"the other 3 and write the split, the nodule table and the report\n")
-    deadline = time.monotonic() + 10
-    while True:                 # the workers were stopped with their parent
-        try:
-            os.killpg(proc.pid, 0)
-        except ProcessLookupError:
-            break
-        assert time.monotonic() < deadline, "worker processes left running"
-        time.sleep(0.05)
+    _assert_group_ends(proc.pid)   # the workers were stopped with their parent
     assert list(index_rows(out)) == ["1.21.0"]
     assert sorted(p.name for p in (out / "volumes").iterdir()) == ["1.21.0.npy"]
     again = prep([tmp_path / "in"], out)
@@ -544,20 +553,10 @@ def test_a_prep_killed_outright_leaves_no_worker_behind(tmp_path):
                              "--output", str(tmp_path / "out"), "--workers", "2"], stderr=subprocess.DEVNULL,
                             start_new_session=True, env={**os.environ, "MARK": str(tmp_path / "recorded")})
     try:
-        deadline = time.monotonic() + 60
-        while not (tmp_path / "recorded").is_file():   # the workers hold the other series now
-            assert proc.poll() is None and time.monotonic() < deadline
-            time.sleep(0.05)
+        _wait_for_first_series(proc, tmp_path / "recorded")   # the workers hold the other series now
         proc.kill()
         proc.wait(timeout=10)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                os.killpg(proc.pid, 0)
-            except ProcessLookupError:
-                break
-            assert time.monotonic() < deadline, "worker processes left running"
-            time.sleep(0.05)
+        _assert_group_ends(proc.pid)
     finally:
         try:
             os.killpg(proc.pid, signal.SIGKILL)
