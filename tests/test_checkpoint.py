@@ -491,7 +491,7 @@ def test_enospc_during_write_cleans_up_and_keeps_previous(tmp_path, monkeypatch,
 def test_stale_temporaries_of_dead_processes_are_removed(tmp_path):
     dead = subprocess.Popen(["true"])
     dead.wait()
-    host = ck._host_tag()
+    host = ck.host_tag()
     stale = tmp_path / f".checkpoint_00000005.pth.{host}.{dead.pid}.tmp"
     foreign = tmp_path / f".checkpoint_00000005.pth.otherhost.{dead.pid}.tmp"
     alive = tmp_path / f".checkpoint_00000005.pth.{host}.{os.getppid()}.tmp"
@@ -506,7 +506,7 @@ def test_the_lock_holder_removes_what_an_interrupted_save_left_on_another_node(t
     temporary under that node's name, a ViT-Giant's 20 GB; the job requeued onto another node
     holds the run folder's lock, so no other process saves there: that debris goes, at the
     lock and at every save. Another launch's lock temporary stays (it may be trying the lock)."""
-    host = ck._host_tag()
+    host = ck.host_tag()
     other_node = tmp_path / ".checkpoint_00000300.pth.node-a.4242.tmp"
     other_sidecar = tmp_path / ".checkpoint_00000300.pth.sha256.node-a.4242.tmp"
     live_pid = tmp_path / f".checkpoint_00000300.pth.{host}.{os.getppid()}.tmp"   # a pid reused since

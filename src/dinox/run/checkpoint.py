@@ -39,8 +39,6 @@ import math
 import os
 import re
 import shutil
-import socket
-import time
 import zipfile
 from collections import OrderedDict
 from datetime import datetime
@@ -53,6 +51,8 @@ import torch
 from dinox.errors import UserError
 from dinox.run import sharded as sharded_store
 from dinox.run.distributed import local
+from dinox.run.folder_lock import (FolderLock, FolderLockedError, holder_text, holds_lock, host_tag, lock_holder,
+                                    pid_alive, take_lock, temp_path, unlink_quietly)
 from dinox.run.rng import capture_rng_state, restore_rng_state
 from dinox.run.torch_file import (NotATorchFile, first_line, is_weights_only_refusal, load_weights_only,
                                   refusal_detail, zip_crc_problem)
@@ -60,7 +60,6 @@ from dinox.run.torch_file import (NotATorchFile, first_line, is_weights_only_ref
 __all__ = [
     "KINDS",
     "CheckpointError",
-    "RunLock",
     "RunLockedError",
     "capture_rng_state",
     "checkpoint_path",
@@ -334,24 +333,6 @@ class _HashingWriter:
         return self._hash.hexdigest()
 
 
-def _host_tag() -> str:
-    return re.sub(r"[^A-Za-z0-9_-]", "-", socket.gethostname()) or "host"
-
-
-def _temp_path(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{_host_tag()}.{os.getpid()}.tmp")
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True
-    return True
-
-
 def _remove_stale_temps(directory: Path) -> None:
     """Delete temporary files left by killed saves: those of this host whose process is gone,
     and, where this process holds the folder's run lock, every other process's checkpoint
@@ -359,7 +340,7 @@ def _remove_stale_temps(directory: Path) -> None:
     that a kill interrupted (SIGKILL at the end of a scheduler's grace period, a job then
     requeued onto another node, which would otherwise keep a ViT-Giant's 20 GB for good).
     Another process's lock temporaries stay: a launch on another node may be trying the lock."""
-    host, held = _host_tag(), _holds_lock(directory)
+    host, held = host_tag(), holds_lock(directory / LOCK_NAME)
     for entry in directory.iterdir():
         match = _TEMP_RE.match(entry.name)
         if not match:
@@ -370,25 +351,13 @@ def _remove_stale_temps(directory: Path) -> None:
         if held and not entry.name.startswith(f".{LOCK_NAME}."):
             stale = True
         else:
-            stale = own_host and not _pid_alive(pid)
+            stale = own_host and not pid_alive(pid)
         if stale:
             log.info("removing %s left by an interrupted save", entry)
             if entry.is_dir():
                 shutil.rmtree(entry, ignore_errors=True)
             else:
-                _unlink_quietly(entry)
-
-
-def _unlink_quietly(path: Path) -> bool:
-    """Delete ``path``; a missing file counts as deleted. False (with a warning) on other errors."""
-    try:
-        path.unlink()
-    except FileNotFoundError:
-        pass
-    except OSError as exc:
-        log.warning("could not delete %s: %s", path, exc)
-        return False
-    return True
+                unlink_quietly(entry)
 
 
 _fsync_dir = sharded_store.fsync_path  # renames and unlinks in a directory made durable
@@ -441,7 +410,7 @@ def _is_no_space(exc: BaseException | None) -> bool:
 
 def _write_sidecar(path: Path, digest: str, size: int) -> None:
     target = sidecar_path(path)
-    tmp = _temp_path(target)
+    tmp = temp_path(target)
     try:
         with open(tmp, "w", encoding="utf-8") as f:
             json.dump({"sha256": digest, "size": size}, f)
@@ -449,7 +418,7 @@ def _write_sidecar(path: Path, digest: str, size: int) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, target)
     except OSError as exc:
-        _unlink_quietly(tmp)
+        unlink_quietly(tmp)
         log.warning("could not write integrity record %s (%s); %s will be verified by a full load",
                     target, exc, path.name)
         return
@@ -473,7 +442,7 @@ def save_checkpoint(path, state: dict) -> int:
     if free < need:
         raise _no_space_error(path, need, free)
 
-    tmp = _temp_path(path)
+    tmp = temp_path(path)
     writer = None
     try:
         with open(tmp, "wb") as f:
@@ -491,7 +460,7 @@ def save_checkpoint(path, state: dict) -> int:
             _fsync_dir(directory)
         os.replace(tmp, path)
     except BaseException as exc:
-        _unlink_quietly(tmp)
+        unlink_quietly(tmp)
         if _is_no_space(exc) or (writer is not None and writer.error is not None
                                  and _is_no_space(writer.error)):
             raise _no_space_error(path, need, shutil.disk_usage(directory).free) from exc
@@ -518,7 +487,7 @@ def save_sharded_checkpoint(path, tensors: dict, meta: dict, *, rank: int, gathe
         free = shutil.disk_usage(path.parent).free
         if free < need and make_room is not None and make_room(_no_space_error(path, need, free)):
             free = shutil.disk_usage(path.parent).free
-        tmp = str(_temp_path(path)) if free >= need else None
+        tmp = str(temp_path(path)) if free >= need else None
         if tmp is None:
             broadcast(None)
             raise _no_space_error(path, need, free)
@@ -550,11 +519,11 @@ def link_or_copy(src, dst) -> Path:
     """Give checkpoint `src` a second name `dst` (e.g. the final copy of the last periodic
     checkpoint): a hard link when the filesystem allows, else a copy; atomic either way."""
     src, dst = Path(src), Path(dst)
-    tmp = _temp_path(dst)
+    tmp = temp_path(dst)
     if src.is_dir():
         sharded_store.link_dir(src, dst, tmp)
         return dst
-    _unlink_quietly(tmp)
+    unlink_quietly(tmp)
     try:
         os.link(src, tmp)
     except OSError:
@@ -969,16 +938,16 @@ def rotate_checkpoints(run_dir, keep_last: int, milestone_every: int = 0, kind: 
     deleted = []
     for path in doomed:
         if path.is_dir():
-            if not sharded_store.remove_dir(path, _temp_path(path)):
+            if not sharded_store.remove_dir(path, temp_path(path)):
                 continue
-        elif not _unlink_quietly(path):
+        elif not unlink_quietly(path):
             continue
-        _unlink_quietly(sidecar_path(path))
+        unlink_quietly(sidecar_path(path))
         deleted.append(path)
         log.debug("rotated out %s", path.name)
     for orphan in run_dir.glob(f"checkpoint_*.pth{SIDECAR_SUFFIX}"):
         if not orphan.with_name(orphan.name[: -len(SIDECAR_SUFFIX)]).exists():
-            _unlink_quietly(orphan)
+            unlink_quietly(orphan)
     _remove_stale_temps(run_dir)
     if deleted:
         _fsync_dir(run_dir)
@@ -1095,247 +1064,32 @@ def set_aside_damaged_after(chosen) -> list[Path]:
 
 # ----------------------------------------------------------------------------- run folder lock
 
-try:
-    import fcntl
-except ImportError:  # not POSIX: the lock file alone, judged by its process id
-    fcntl = None
-
-
-class RunLockedError(UserError):
-    """Another live process holds the run folder."""
-
-
-# The run folders this process holds. A POSIX record lock is dropped as soon as its process
-# closes ANY descriptor of the file, so this process must never open a lock file it holds:
-# asking for one of these again is answered from here.
-_HELD: dict[str, RunLock] = {}
-
-
-def _lockf(fd: int) -> bool:
-    """Take an exclusive POSIX record lock without waiting: True when taken, False when
-    this filesystem has none; BlockingIOError when another process holds it.
-
-    Record locks (not flock) because they are not inherited by fork: DataLoader workers
-    outlive a SIGKILLed trainer by seconds and must not keep its folder locked."""
-    if fcntl is None:
-        return False
-    try:
-        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as exc:
-        if exc.errno in (errno.EAGAIN, errno.EACCES):
-            raise BlockingIOError(exc.errno, exc.strerror) from None
-        return False  # ENOLCK, EOPNOTSUPP, EINVAL, EBADF: some network filesystems
-    return True
-
-
-class RunLock:
-    """This process's hold on a run folder: a lock file naming the holder (pid, host, start),
-    locked for the process's lifetime so that a killed holder frees it by itself.
-    `release()` deletes it; also a context manager."""
-
-    def __init__(self, path: Path, fd: int, holder: dict):
-        self.path, self.holder = path, holder
-        self._fd: int | None = fd
-        self._inode = os.fstat(fd).st_ino
-        self._pid = os.getpid()
-        _HELD[_lock_key(path)] = self
-
-    @property
-    def held(self) -> bool:
-        return self._fd is not None and os.getpid() == self._pid
-
-    def release(self) -> None:
-        if not self.held:  # released already, or a forked child's copy
-            return
-        if _HELD.get(_lock_key(self.path)) is self:
-            del _HELD[_lock_key(self.path)]
-        try:
-            if os.stat(self.path).st_ino == self._inode:  # only our own file, never a successor's
-                os.unlink(self.path)
-        except OSError:
-            pass
-        os.close(self._fd)
-        self._fd = None
-
-    def __enter__(self) -> RunLock:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.release()
-
-
-def _lock_key(path: Path) -> str:
-    return os.path.abspath(path)
-
-
-def _holds_lock(run_dir: Path) -> bool:
-    """Whether this process holds `run_dir`'s run lock."""
-    lock = _HELD.get(_lock_key(Path(run_dir) / LOCK_NAME))
-    return lock is not None and lock.held
+RunLockedError = FolderLockedError
 
 
 def _locked_message(run_dir: Path, path: Path, holder: dict) -> str:
-    return (f"run folder {run_dir} is in use by pid {holder.get('pid', '?')} on host "
-            f"{holder.get('host', '?')} (since {holder.get('since', '?')}); wait for that run to end or stop "
-            f"it, or train into another --out; if that process no longer exists, delete {path}")
-
-
-def _read_holder(fd: int) -> dict:
-    try:
-        os.lseek(fd, 0, os.SEEK_SET)
-        data = json.loads(os.read(fd, 4096).decode("utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
-def _create_lock(path: Path, holder: dict) -> RunLock | None:
-    """Create the lock file with its content in one step (a hard link to a finished, already
-    locked temporary file, so the name never shows an empty or unlocked file); None when it
-    exists already."""
-    content = (json.dumps(holder) + "\n").encode("utf-8")
-    tmp = _temp_path(path)
-    fd: int | None = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        os.write(fd, content)
-        _lockf(fd)  # a fresh inode: nobody else can hold it
-        try:
-            os.link(tmp, path)
-        except FileExistsError:
-            return None
-        except OSError:  # no hard links on this filesystem: create exclusively, then write
-            os.close(fd)
-            fd = None
-            return _create_lock_exclusive(path, content, holder)
-        lock, fd = RunLock(path, fd, holder), None
-        return lock
-    finally:
-        if fd is not None:
-            os.close(fd)
-        _unlink_quietly(tmp)
-
-
-def _create_lock_exclusive(path: Path, content: bytes, holder: dict) -> RunLock | None:
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
-    except FileExistsError:
-        return None
-    try:
-        _lockf(fd)
-        os.write(fd, content)
-        return RunLock(path, fd, holder)
-    except BaseException:
-        os.close(fd)
-        _unlink_quietly(path)
-        raise
-
-
-def _remove_stale_lock(path: Path, inode: int) -> None:
-    """Delete the lock file `path` if it is still the one (inode) judged stale: moved aside
-    first, so that a fresh lock created meanwhile by another process is put back, not lost."""
-    aside = path.with_name(f".{path.name}.{_host_tag()}.{os.getpid()}.stale")
-    try:
-        os.replace(path, aside)
-    except FileNotFoundError:
-        return
-    try:
-        if os.stat(aside).st_ino != inode:
-            try:
-                os.link(aside, path)
-            except OSError:
-                pass
-    finally:
-        _unlink_quietly(aside)
-
-
-def _probe_lock(path: Path) -> tuple[str, dict]:
-    """("held", holder) when a live process holds the existing lock file `path`; ("gone",
-    holder) when it is absent, was replaced meanwhile, or was stale and has been removed.
-
-    Stale: nobody holds its record lock (its process died: the kernel dropped the lock),
-    or, on a filesystem without record locks, its process id is dead on this host."""
-    try:
-        fd = os.open(path, os.O_RDWR)
-    except FileNotFoundError:
-        return "gone", {}
-    except PermissionError:
-        fd = os.open(path, os.O_RDONLY)  # cannot be locked: judged by its process id
-    try:
-        holder = _read_holder(fd)
-        try:
-            lock = "free" if _lockf(fd) else "unsupported"
-        except BlockingIOError:
-            lock = "held"
-        inode = os.fstat(fd).st_ino
-        try:
-            if os.stat(path).st_ino != inode:
-                return "gone", holder
-        except FileNotFoundError:
-            return "gone", holder
-        if lock == "held":
-            return "held", holder
-        if lock == "unsupported":
-            pid = holder.get("pid")
-            dead = (holder.get("host") == socket.gethostname() and isinstance(pid, int)
-                    and pid != os.getpid() and not _pid_alive(pid))
-            if not dead:
-                return "held", holder
-        elif not holder and time.time() - os.fstat(fd).st_mtime < 5:
-            return "held", holder  # created without hard links, content not written yet
-        log.info("removing stale lock %s of pid %s on %s (that process is gone)",
-                 path, holder.get("pid", "?"), holder.get("host", "?"))
-    finally:
-        os.close(fd)
-    _remove_stale_lock(path, inode)
-    return "gone", holder
+    return (f"run folder {run_dir} is in use by {holder_text(holder)}; wait for that run to end or stop it, or "
+            f"train into another --out; if that process no longer exists, delete {path}")
 
 
 def run_dir_holder(run_dir) -> dict | None:
     """The live process holding `run_dir` (its pid, host and start), or None; a stale lock
     is cleared on the way, as `lock_run_dir` would."""
-    path = Path(run_dir) / LOCK_NAME
-    mine = _HELD.get(_lock_key(path))
-    if mine is not None and mine.held:        # never open a lock file this process holds
-        return mine.holder
-    if not path.exists():
-        return None
-    try:
-        status, holder = _probe_lock(path)
-    except OSError:
-        return None
-    return holder if status == "held" else None
+    return lock_holder(Path(run_dir) / LOCK_NAME)
 
 
-def lock_run_dir(run_dir) -> RunLock:
-    """Hold `run_dir` for this process, or raise RunLockedError naming the live holder.
-
-    Two processes continuing one folder would overwrite each other's checkpoints, metrics
-    and config.json. The lock is a file `train.lock` in the folder, record-locked while held
-    (the kernel frees the lock when the holder dies, even by SIGKILL) and deleted on release;
-    where a filesystem has no record locks, a lock file whose process id is dead on this host
-    counts as stale. A lock taken on another host is only ever released by its holder (or
-    by hand)."""
+def lock_run_dir(run_dir) -> FolderLock:
+    """Hold `run_dir` for this process (`folder_lock.take_lock` on its `train.lock`), or raise
+    RunLockedError naming the live holder: two processes continuing one folder would
+    overwrite each other's checkpoints, metrics and config.json."""
     run_dir = Path(run_dir)
     path = run_dir / LOCK_NAME
-    mine = _HELD.get(_lock_key(path))
-    if mine is not None and mine.held:
-        raise RunLockedError(_locked_message(run_dir, path, mine.holder))
-    holder = {"pid": os.getpid(), "host": socket.gethostname(),
-              "since": datetime.now().astimezone().isoformat(timespec="seconds")}
     try:
         _remove_stale_temps(run_dir)
-        for _ in range(20):
-            lock = _create_lock(path, holder)
-            if lock is not None:
-                with contextlib.suppress(OSError):
-                    _remove_stale_temps(run_dir)   # held now: other hosts' debris too, before the first save
-                return lock
-            status, other = _probe_lock(path)
-            if status == "held":
-                raise RunLockedError(_locked_message(run_dir, path, other))
-            time.sleep(0.05)
+        lock = take_lock(path, lambda holder: _locked_message(run_dir, path, holder))
+        with contextlib.suppress(OSError):
+            _remove_stale_temps(run_dir)   # held now: other hosts' debris too, before the first save
+        return lock
     except OSError as exc:
         raise CheckpointError(f"cannot lock the run folder {run_dir} ({exc.strerror or exc}); "
                               f"check that it is writable") from None
-    raise RunLockedError(f"could not lock the run folder {run_dir}: its lock file {path} keeps changing; "
-                         f"check for other processes training there")
