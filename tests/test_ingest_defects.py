@@ -854,6 +854,26 @@ def test_a_rerun_reads_no_volume_again_to_find_copies_of_a_scan(tmp_path, monkey
     assert sorted(read[1:]) == [f"1.2.3.{k}.npy" for k in (0, 1, 2, 9)]
 
 
+def test_a_second_prep_into_a_root_in_use_is_refused_in_one_line(tmp_path, capsys):
+    """Two preps in one root (a job launched twice, or two halves of an archive at once): the
+    second deleted the first's unfinished volume files as stale, and the index, split and
+    nodule table written last lacked the other's series. It is now refused, naming the other."""
+    from dinox.cli import main
+    from dinox.run.folder_lock import take_lock
+
+    write_series(tmp_path / "in", random_hu(np.random.default_rng(33), (3, 4, 4)), "1.2.33.1")
+    out = tmp_path / "out"
+    out.mkdir()
+    with take_lock(out / "prep.lock", lambda holder: "held"):
+        assert main(["prep", "--input", str(tmp_path / "in"), "--output", str(out)]) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"the processed root {out} is in use by pid {os.getpid()} on host " in err
+        assert "another dinox prep writes there" in err and f"delete {out / 'prep.lock'}" in err
+        assert sorted(p.name for p in out.iterdir()) == ["prep.lock"]   # nothing written
+    assert prep([tmp_path / "in"], out)["series_written"] == ["1.2.33.1"]
+    assert not (out / "prep.lock").exists()   # released at the end
+
+
 def test_a_stamped_cache_serves_a_file_only_as_it_was_and_only_to_the_same_code(tmp_path):
     """prep's caches (headers, LIDC reads, digests) answer for a file only while its size and
     modification time, and the code that computed the answer, are as they were; a damaged or

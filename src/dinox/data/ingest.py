@@ -32,13 +32,14 @@ from pathlib import Path
 import numpy as np
 
 from dinox.data import annotations, dicom_io, nifti_io
-from dinox.data.layout import (DIGESTS_FILE, HEADERS_FILE, INDEX_FILE, REPORT_FILE, SPLITS_DIR, VOLUMES_DIR,
-                               StampedCache, atomic_write, atomic_write_text, code_version, confined_path,
-                               default_manifest, printable, read_index, remove_write_temps, split_name,
-                               write_index)
+from dinox.data.layout import (DIGESTS_FILE, HEADERS_FILE, INDEX_FILE, PREP_LOCK_FILE, REPORT_FILE, SPLITS_DIR,
+                               VOLUMES_DIR, StampedCache, atomic_write, atomic_write_text, code_version,
+                               confined_path, default_manifest, printable, read_index, remove_write_temps,
+                               split_name, write_index)
 from dinox.data.parallel import process_map
 from dinox.data.splits import extend_split, same_scan_patients
 from dinox.errors import UserError
+from dinox.run.folder_lock import FolderLock, holder_text, take_lock
 from dinox.run.signals import interrupt_name
 
 INDEX_FLUSH_S = 30.0
@@ -371,7 +372,28 @@ def prepare(inputs, output="data/processed", workers: int = 1, force: bool = Fal
     if nifti_patient not in NIFTI_PATIENT_CHOICES:
         raise UserError(f"--nifti-patient must be one of {', '.join(NIFTI_PATIENT_CHOICES)}")
     _check_paths(inputs, root)
+    _writable(root)
+    with _lock_root(root):
+        return _prepare(inputs, root, workers, force, val_fraction, split_seed, progress, nifti_patient, start)
 
+
+def _lock_root(root: Path) -> FolderLock:
+    """One prep at a time in a processed root: a second one (a job launched twice, or two
+    halves of an archive at once) would delete the first's unfinished volume files as stale,
+    and the index, split and nodule table each wrote last would lack the other's series."""
+    path = root / PREP_LOCK_FILE
+    try:
+        return take_lock(path, lambda holder: (
+            f"the processed root {root} is in use by {holder_text(holder)}: another dinox prep writes there; wait "
+            f"for it to end (one prep with more --workers reads faster), or give --output another folder; if that "
+            f"process no longer exists, delete {path}"))
+    except OSError as exc:
+        raise UserError(f"cannot lock the processed root {root} ({exc.strerror or exc}); give --output a folder on "
+                        f"a writable disk") from None
+
+
+def _prepare(inputs: list[Path], root: Path, workers: int, force: bool, val_fraction: float, split_seed: int,
+             progress: bool, nifti_patient: str, start: float) -> dict:
     dicom_paths, nifti_paths, files_skipped = _discover(inputs, root)
     by_series: dict[str, list[dicom_io.SliceHeader]] = defaultdict(list)
     scanned, header_cache = _scan_headers(dicom_paths, root, workers, progress, force)
@@ -386,7 +408,6 @@ def prepare(inputs, output="data/processed", workers: int = 1, force: bool = Fal
     old_rows = _read_old_index(index_path)
     tasks.extend(_nifti_tasks(nifti_paths, {t.series_id.lower() for t in tasks}, old_rows, nifti_patient))
 
-    _writable(root)
     report = {"inputs": [str(p) for p in inputs], "output": str(root), "nifti_patient": nifti_patient,
               "series_written": [], "series_kept": [], "series_skipped": series_skipped,
               "files_skipped": files_skipped, "series_notes": {}}

@@ -17,6 +17,7 @@ VOLUMES_DIR = "volumes"
 INDEX_FILE = "_index/index.csv"
 SPLITS_DIR = "_splits"
 REPORT_FILE = "prep_report.json"
+PREP_LOCK_FILE = "prep.lock"   # while a prep writes the root (run.folder_lock)
 # prep's caches (StampedCache): volume digests, DICOM headers, parsed LIDC XML reads
 DIGESTS_FILE = "_index/voxel_digests.json"
 HEADERS_FILE = "_index/dicom_headers.json"
