@@ -479,7 +479,7 @@ def test_a_rerun_reads_no_unchanged_header_or_xml_and_writes_the_same_table(synt
     """The nodule table ties marks to slices by SOP UID and z, which the header scan reads, once
     per file (it used to read each header a second time). A re-run read every header and parsed
     every XML file again: on LIDC-IDRI ~250 k headers (~6 min of one core) and ~1,000 XML
-    files (about a minute). Both are now cached in the root by path, size and modification
+    files (tens of seconds). Both are now cached in the root by path, size and modification
     time: a re-run reads only the files changed since, --force reads all, and every run writes
     the same table and report."""
     import pydicom

@@ -285,7 +285,7 @@ def parse_lidc_xml(data: bytes | str) -> LidcRead:
 
 def read_record(read: LidcRead) -> dict:
     """A parsed read as JSON for prep's cache of LIDC reads (`read_of_record` undoes it):
-    re-parsing LIDC-IDRI's ~1,000 XML files costs about a minute of one core per prep run."""
+    re-parsing LIDC-IDRI's ~1,000 XML files costs tens of seconds of one core per prep run."""
     return {"series_uid": read.series_uid, "study_uid": read.study_uid, "problems": read.problems,
             "sessions": [{"reader": session.reader,
                           "marks": [{"kind": mark.kind, "mark_id": mark.mark_id,
