@@ -3,6 +3,7 @@ what to do (or, where the input is usable, a correct result): found by trying ev
 subcommand with wrong paths, wrong kinds of files, out-of-range numbers and re-runs."""
 from __future__ import annotations
 
+import errno
 import json
 import os
 import runpy
@@ -181,6 +182,127 @@ def test_export_overwrite_refuses_a_run_folder_and_a_folder_no_export_wrote(one_
     err = one_line_error(capsys)
     assert "not an earlier dinox export (no ct_preprocessing.json)" in err and "README.md" in err
     assert sorted(p.name for p in notes.iterdir()) == ["README.md"] and (notes / "README.md").read_text() == "my notes"
+
+
+def _enospc_at(name: str):
+    """An os.replace that fails as a full disk does for a temporary file of `name` (the
+    others go through): the write of that file ran out of room."""
+    real = os.replace
+
+    def replace(src, dst, *args, **kwargs):
+        if f".{name}." in Path(src).name:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(src, dst, *args, **kwargs)
+    return replace
+
+
+def _torch_save_out_of_room(obj, f):
+    """torch.save on a full disk: part of the zip written, then a RuntimeError whose context
+    is the writer's OSError."""
+    if isinstance(f, (str, os.PathLike)):
+        with open(f, "wb") as file:
+            return _torch_save_out_of_room(obj, file)
+    f.write(b"PK\x03\x04" + bytes(4096))
+    try:
+        raise OSError(errno.ENOSPC, "No space left on device")
+    except OSError:
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598") from None
+
+
+@pytest.mark.parametrize("fmt", ["hf", "dinov2-hub"])
+def test_an_export_that_runs_out_of_disk_leaves_no_partial_file_and_says_where(fmt, one_step_checkpoint, tmp_path,
+                                                                               capsys, monkeypatch):
+    """A full disk (measured on a 3 MB tmpfs): the hf export left its hidden temporary
+    .model.safetensors.<pid>.tmp (the size of the model, keeping the disk full) and said
+    "cannot read or write: No space left on device" without the folder; the hub export left
+    a half-written backbone.pth under its final name and ended in a traceback (torch.save's
+    RuntimeError). Now every file is written whole or not at all, the export's files go, the
+    one line names the folder, and the same command with --overwrite completes it."""
+    import torch
+
+    from dinox.model import weights
+
+    out = tmp_path / "export"
+    if fmt == "hf":
+        monkeypatch.setattr(weights.os, "replace", _enospc_at("model.safetensors"))
+    else:
+        monkeypatch.setattr(torch, "save", _torch_save_out_of_room)
+    capsys.readouterr()
+    assert main(["export", str(one_step_checkpoint), "--out", str(out), "--format", fmt]) == 1
+    err = one_line_error(capsys)
+    assert f"cannot write the export into {out} (No space left on device)" in err and "--overwrite" in err
+    assert sorted(p.name for p in out.iterdir()) == ["ct_preprocessing.json"]   # no temporary, no partial file
+    monkeypatch.undo()
+    assert main(["export", str(one_step_checkpoint), "--out", str(out), "--format", fmt, "--overwrite"]) == 0
+    assert "README.md" in {p.name for p in out.iterdir()}
+
+
+class _ReachedDefault(Exception):
+    """The signal reached the handler the process had before the command: without the
+    command's own, SIGTERM ends dinox at once, without a word and without cleaning up."""
+
+
+@pytest.fixture
+def sigterm_marker():
+    import signal
+
+    def reached(signum, frame):
+        raise _ReachedDefault(signal.Signals(signum).name)
+
+    before = signal.signal(signal.SIGTERM, reached)
+    try:
+        yield reached
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
+def _kill_self(*args, **kwargs):
+    import signal
+    import time
+
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(5)
+    raise AssertionError("SIGTERM did not stop the command")
+
+
+@pytest.mark.parametrize("command", ["retrieval", "probe", "monitor", "inspect", "export"])
+def test_after_training_commands_stopped_by_sigterm_say_so_in_one_line_and_exit_143(
+        command, one_step_checkpoint, processed_root, tmp_path, capsys, monkeypatch, sigterm_marker):  # noqa: F811
+    """SIGTERM (`kill`, `timeout`, a scheduler's stop) and a closed terminal's SIGHUP ended
+    `dinox eval`, `monitor`, `inspect` and `export` at once: no word, no cleanup (a hidden
+    temporary of the model's size in an export folder), the exit status only the signal's.
+    Measured on 100 series: `eval retrieval --n 4096` killed at 12 s printed nothing. Now they
+    unwind as Ctrl-C does and say what is left, exit 143 (129 for SIGHUP, the same path)."""
+    import signal
+
+    import dinox.commands.inspect as inspect_command
+    from dinox.eval import probe, runner
+    from dinox.model import weights
+    from dinox.observe import monitor_hook
+
+    ckpt, out = str(one_step_checkpoint), tmp_path / "out"
+    target, argv = {
+        "retrieval": ((runner, "evaluate_draws"), ["eval", "retrieval", "--checkpoint", ckpt, "--n", "8"]),
+        "probe": ((probe, "probe_backbone"), ["eval", "probe", "--checkpoint", ckpt]),
+        "monitor": ((monitor_hook, "run_monitor"), ["monitor", "--checkpoint", ckpt]),
+        "inspect": ((inspect_command, "summarize"), ["inspect", ckpt, ckpt]),
+        "export": ((weights, "write_hf_folder"), ["export", ckpt]),
+    }[command]
+    monkeypatch.setattr(*target, _kill_self)
+    if command != "inspect":
+        argv += ["--out", str(out)] + (["--device", "cpu", "--data-root", str(processed_root)]
+                                       if command != "export" else [])
+    capsys.readouterr()
+    assert main(argv) == 143
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "stopped by SIGTERM" in err and "Traceback" not in err, err
+    assert signal.getsignal(signal.SIGTERM) is sigterm_marker
+    if command == "export":
+        assert "--overwrite" in err and sorted(p.name for p in out.iterdir()) == ["ct_preprocessing.json"]
+    elif command == "inspect":
+        assert "after 0 of 2 checkpoint(s)" in err
+    else:
+        assert "run the same command again" in err and not any(out.rglob("*.json"))
 
 
 def test_a_folder_or_an_export_given_as_checkpoint_says_what_it_is(one_step_checkpoint, tmp_path, capsys):

@@ -22,6 +22,7 @@ from pathlib import Path
 from dinox.commands.argtypes import add_network_and_device, float_at_least, nonneg_int, path_text, positive_int
 from dinox.data.layout import atomic_write_text
 from dinox.errors import UserError
+from dinox.run.signals import interrupts_raise
 
 EXIT_PASS = 0
 EXIT_FAIL = 2
@@ -233,7 +234,18 @@ def _write_result(out_dir: Path, name: str, result: dict) -> Path:
     return path
 
 
+def _stopped(command: str):
+    """What `dinox eval COMMAND` says when a signal stops it (`signals.interrupts_raise`)."""
+    return lambda sig: (f"eval {command} stopped by {sig} before it finished; its result is written only at the "
+                        f"end, so run the same command again")
+
+
 def run_retrieval(args) -> int:
+    with interrupts_raise(_stopped("retrieval")):   # SIGTERM and SIGHUP too: one line, exit 143 / 129
+        return _retrieval(args)
+
+
+def _retrieval(args) -> int:
     from dinox.data.dataset import CTSliceDataset
     from dinox.eval.load import open_evaluation
     from dinox.eval.runner import evaluate_draws
@@ -379,6 +391,11 @@ def _print_table(result: dict) -> None:
 
 
 def run_probe(args) -> int:
+    with interrupts_raise(_stopped("probe")):
+        return _probe(args)
+
+
+def _probe(args) -> int:
     from dinox.eval import probe
     from dinox.eval.load import open_evaluation
 

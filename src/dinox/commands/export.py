@@ -32,10 +32,12 @@ import torch
 from dinox import __version__
 from dinox.commands.argtypes import path_text
 from dinox.data.augment import LUNG_WINDOW, WINDOW_FAMILY_NAMES, AugmentConfig
+from dinox.data.layout import atomic_write, atomic_write_text
 from dinox.errors import UserError
 from dinox.eval.load import NETWORKS, load_for_inference
 from dinox.model import weights
 from dinox.run import checkpoint as store
+from dinox.run.signals import interrupts_raise
 
 FORMATS = ("hf", "safetensors", "dinov2-hub", "dinov3-hub")
 PREPROCESSING = weights.PREPROCESSING_FILE
@@ -72,8 +74,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    written = export_checkpoint(args.checkpoint, args.format, args.out, network=args.network,
-                                overwrite=args.overwrite)
+    # SIGTERM and SIGHUP too unwind, so that no temporary file is left and no part of an export
+    with interrupts_raise(lambda sig: f"export stopped by {sig} before it finished; {args.out} keeps none of its "
+                                      f"files but {PREPROCESSING}: run the same command again with --overwrite"):
+        written = export_checkpoint(args.checkpoint, args.format, args.out, network=args.network,
+                                    overwrite=args.overwrite)
     for path in written:
         print(path)
     return 0
@@ -105,9 +110,28 @@ def export_checkpoint(checkpoint: str | Path, fmt: str, out: str | Path, *, netw
     # the backbone (embeddings.mask_token), so it goes there instead of the initial zeros
     extras = {"mask_token": net["mask_token"]} if isinstance(net.get("mask_token"), torch.Tensor) else None
     out.mkdir(parents=True, exist_ok=True)
+    try:
+        return _write_export(out, fmt, backbone, net, extras, preprocessing, info, network)
+    except BaseException as exc:
+        # each file is written whole or not at all (atomic_write); the ones this export had
+        # written go too, so that a folder holding part of an export never looks like all
+        # of one. Its PREPROCESSING stays: it marks the folder as an export's for --overwrite
+        for name in EXPORT_FILES:
+            if name != PREPROCESSING:
+                (out / name).unlink(missing_ok=True)
+        error = _os_error(exc)
+        if error is None:
+            raise
+        raise UserError(f"cannot write the export into {out} ({error.strerror or error}); free space there or give "
+                        f"another --out, then run the same command again (with --overwrite for {out})") from None
+
+
+def _write_export(out: Path, fmt: str, backbone, net: dict, extras: dict | None, preprocessing: dict, info: dict,
+                  network: str) -> list[Path]:
+    """The files of the export, each through an atomic write."""
     # first: it marks the folder as an export's, so that an export cut short is redone with --overwrite
     path = out / PREPROCESSING
-    path.write_text(json.dumps(preprocessing, indent=2) + "\n")
+    atomic_write_text(path, json.dumps(preprocessing, indent=2) + "\n")
     written = [path]
     for name in EXPORT_FILES:
         if name != PREPROCESSING:
@@ -120,19 +144,29 @@ def export_checkpoint(checkpoint: str | Path, fmt: str, out: str | Path, *, netw
                 written.append(weights.write_safetensors(out / file, head, head_metadata(head)))
     elif fmt == "safetensors":
         written.append(weights.write_backbone_safetensors(
-            out / "backbone.safetensors", backbone, extras, metadata={"step": str(meta.step), "network": network}))
+            out / "backbone.safetensors", backbone, extras, metadata={"step": str(info["step"]), "network": network}))
     else:
         state = (weights.dinov2_hub_state if fmt == "dinov2-hub" else weights.dinov3_hub_state)(backbone, extras)
         path = out / "backbone.pth"
-        torch.save(state, path)
+        atomic_write(path, lambda f: torch.save(state, f))
         # heads and LayerNorm eps are not in the official key layouts: dinox reads them here
         side = path.with_suffix(".json")
-        side.write_text(json.dumps(weights.hub_sidecar(backbone), indent=2) + "\n")
+        atomic_write_text(side, json.dumps(weights.hub_sidecar(backbone), indent=2) + "\n")
         written += [path, side]
     path = out / "README.md"
-    path.write_text(model_card(fmt, backbone, preprocessing, info))
+    atomic_write_text(path, model_card(fmt, backbone, preprocessing, info))
     written.append(path)
     return written
+
+
+def _os_error(exc: BaseException) -> OSError | None:
+    """The file-system failure behind `exc` (a full disk, a folder gone read-only), or None;
+    torch.save reports its writer's OSError as a RuntimeError whose context it is."""
+    while exc is not None:
+        if isinstance(exc, OSError):
+            return exc
+        exc = exc.__context__ if isinstance(exc, RuntimeError) else None
+    return None
 
 
 def check_out(out: Path, overwrite: bool) -> None:

@@ -22,6 +22,7 @@ from dinox.model.dino_model import build_dino_model
 from dinox.observe.metrics import json_safe
 from dinox.run.checkpoint import (CheckpointError, load_checkpoint, network_mismatch, not_a_checkpoint,
                                   parse_checkpoint_name, verify_checkpoint)
+from dinox.run.signals import interrupts_raise
 from dinox.run.torch_file import first_line
 
 _WEIGHT_SETS = ("student", "teacher", "gram_teacher")
@@ -217,8 +218,13 @@ def format_report(report: dict) -> str:
 
 def run(args) -> int:
     all_intact = True
-    for path in args.checkpoints:
-        report = summarize(path)
-        all_intact &= bool(report["intact"])
-        print(json.dumps(report) if args.json else format_report(report), flush=True)
+    done = 0
+    # SIGTERM and SIGHUP too: one line and exit 143 / 129, not a silent end
+    with interrupts_raise(lambda sig: f"inspect stopped by {sig} after {done} of {len(args.checkpoints)} "
+                                      f"checkpoint(s)"):
+        for path in args.checkpoints:
+            report = summarize(path)
+            all_intact &= bool(report["intact"])
+            print(json.dumps(report) if args.json else format_report(report), flush=True)
+            done += 1
     return 0 if all_intact else 1

@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 
 from dinox.commands.argtypes import add_network_and_device, path_text
+from dinox.data.layout import atomic_write_text
+from dinox.run.signals import interrupts_raise
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -26,6 +28,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args) -> int:
+    # SIGTERM and SIGHUP too: one line, exit 143 / 129, no temporary file left
+    with interrupts_raise(lambda sig: f"monitor stopped by {sig} before it finished; run the same command again "
+                                      f"(it rewrites the files it had written)"):
+        return _monitor(args)
+
+
+def _monitor(args) -> int:
     from dinox.data.dataset import CTSliceDataset
     from dinox.observe.monitor_hook import run_monitor
     from dinox.eval.load import open_evaluation
@@ -39,7 +48,7 @@ def run(args) -> int:
     out_dir = run_monitor(evaluation.backbone, dataset, run_dir, evaluation.step, evaluation.device,
                           augment_cfg=cfg.views.to_augment(), out_dim=cfg.model.out_dim, tags=_tags(args, evaluation),
                           source="/".join(Path(args.checkpoint).resolve().parts[-2:]))
-    (out_dir / "inputs.json").write_text(json.dumps({
+    atomic_write_text(out_dir / "inputs.json", json.dumps({
         "checkpoint": str(args.checkpoint), "network": args.network, "split": args.split,
         "data_root": str(root), "split_manifest": str(manifest) if manifest else None,
         "index_csv": str(index_csv) if index_csv else None}, indent=2) + "\n")

@@ -7,7 +7,7 @@ from pathlib import Path
 from dinox.commands.argtypes import nonneg_int, path, positive_int
 from dinox.data.ingest import NIFTI_PATIENT_CHOICES, format_summary, prepare
 from dinox.data.parallel import DEFAULT_WORKERS
-from dinox.run.signals import interrupt_name, interrupts_raise
+from dinox.run.signals import interrupts_raise
 
 
 def add_parser(subparsers) -> None:
@@ -36,15 +36,11 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> int:
-    with interrupts_raise():   # SIGTERM too unwinds, so the volumes written are indexed
-        try:
-            report = prepare(args.input, args.output, workers=args.workers, force=args.force,
-                             val_fraction=args.val_fraction, split_seed=args.split_seed,
-                             nifti_patient=args.nifti_patient)
-        except KeyboardInterrupt as exc:
-            if exc.args:   # prepare said what it left
-                raise
-            raise type(exc)(f"prep stopped by {interrupt_name(exc)} before it finished; run the same command "
-                            f"again (series already in the index are not read again)") from None
+    # SIGTERM too unwinds, so the volumes written are indexed; prepare says what it left where it can
+    with interrupts_raise(lambda sig: f"prep stopped by {sig} before it finished; run the same command again "
+                                      f"(series already in the index are not read again)"):
+        report = prepare(args.input, args.output, workers=args.workers, force=args.force,
+                         val_fraction=args.val_fraction, split_seed=args.split_seed,
+                         nifti_patient=args.nifti_patient)
     print(format_summary(report, next_step=args.next_step))
     return 0

@@ -8,7 +8,7 @@ from pathlib import Path
 from dinox.commands.argtypes import int_at_least, nonneg_int, path, positive_int
 from dinox.data.parallel import DEFAULT_WORKERS
 from dinox.data.synth import FAMILIES, generate_dataset
-from dinox.run.signals import interrupt_name, interrupts_raise
+from dinox.run.signals import interrupts_raise
 
 FINDINGS_NAME = {"chest": "nodules", "head": "haemorrhages", "limb": "findings"}
 
@@ -37,14 +37,12 @@ def add_parser(subparsers) -> None:
 def run(args) -> int:
     family = getattr(args, "family", "chest")
     start = time.perf_counter()
-    with interrupts_raise():   # SIGTERM too stops the worker processes and says so
-        try:
-            labels = generate_dataset(args.out, args.patients, args.slices, args.size, args.seed, progress=True,
-                                      family=family, workers=getattr(args, "workers", 1),
-                                      slice_thickness=getattr(args, "slice_thickness", None))
-        except KeyboardInterrupt as exc:
-            raise type(exc)(f"synth stopped by {interrupt_name(exc)} before it finished writing {args.out}; run the "
-                            f"same command again to complete it") from None
+    # SIGTERM too stops the worker processes and says so
+    with interrupts_raise(lambda sig: f"synth stopped by {sig} before it finished writing {args.out}; run the "
+                                      f"same command again to complete it"):
+        labels = generate_dataset(args.out, args.patients, args.slices, args.size, args.seed, progress=True,
+                                  family=family, workers=getattr(args, "workers", 1),
+                                  slice_thickness=getattr(args, "slice_thickness", None))
     elapsed = time.perf_counter() - start
     kinds = {k: 0 for k in FAMILIES[family].finding_types}
     for s in labels["series"]:

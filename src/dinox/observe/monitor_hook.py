@@ -8,6 +8,7 @@ import logging
 from pathlib import Path
 
 from dinox.data.dataset import pad_collate
+from dinox.data.layout import atomic_write_text
 from dinox.eval.retrieval import spread_sample
 from dinox.observe.health import health_report
 from dinox.observe.heatmaps import plot_loss_curve, write_monitor_outputs
@@ -56,7 +57,7 @@ def run_monitor(backbone, dataset, run_dir: Path, step: int, device, *, augment_
     if metrics_file.exists():
         plot_loss_curve(metrics_file, Path(run_dir) / "loss_curve.png", out_dim=out_dim)
     health = health_report(device, steps_per_s=steps_per_s, samples_per_s=samples_per_s)
-    (out_dir / "health.json").write_text(json.dumps(health, indent=2, default=str) + "\n")
+    atomic_write_text(out_dir / "health.json", json.dumps(health, indent=2, default=str) + "\n")
     cls_stats = stats.get("cls_tokens", {})
     log.info(
         "monitor step %d: %s | cls std %s, effective rank %s | health %s",

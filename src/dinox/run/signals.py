@@ -7,6 +7,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 
 log = logging.getLogger("dinox.train")
 
@@ -139,7 +140,7 @@ def interrupt_name(exc: BaseException) -> str:
 
 
 @contextlib.contextmanager
-def interrupts_raise():
+def interrupts_raise(explain: Callable[[str], str] | None = None):
     """Within: the first SIGINT raises KeyboardInterrupt, the first SIGTERM Terminated and
     the first SIGHUP HungUp in the main thread. Repeats within REPEAT_GRACE_S are ignored, so
     that the cleanup the first one starts (a volume index written, worker processes stopped)
@@ -147,7 +148,9 @@ def interrupts_raise():
     later than that (a user whose cleanup seems stuck presses Ctrl-C again) ends the process
     at once, with one line, as `StopRequest` does a run's. Without this, SIGTERM ends the
     process at once, without a word and with no `finally` run. Signals the process was
-    started ignoring stay ignored (see StopRequest.install)."""
+    started ignoring stay ignored (see StopRequest.install). `explain(signal name)`, where
+    given, is the one line `dinox` prints for an interruption that says nothing itself: what
+    the command leaves and what to do, e.g. "eval probe stopped by SIGTERM; ..."."""
     fired: list[float] = []
 
     def handle(signum, frame):
@@ -170,6 +173,10 @@ def interrupts_raise():
             pass
     try:
         yield
+    except KeyboardInterrupt as exc:
+        if explain is None or exc.args:   # the code inside said what it left
+            raise
+        raise type(exc)(explain(interrupt_name(exc))) from None
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
