@@ -169,6 +169,22 @@ def test_read_metrics_and_plot_loss_curve(tmp_path):
         plot_loss_curve(tmp_path / "missing.jsonl", tmp_path / "x.png")
 
 
+def test_a_loss_curve_written_beside_another_process_s_leaves_its_file_alone(tmp_path):
+    """Training's monitor step and a `dinox monitor` of the same run both write the run's
+    loss_curve.png, and both wrote it through one temporary name, loss_curve.tmp.png: the
+    second truncated the first's file mid-write and renamed it away, so one of them
+    failed on a missing file or a half-drawn figure went in place. The temporary is now
+    this process's own (layout.atomic_write)."""
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"step": s, "loss": 9.0 - s / 10}) + "\n" for s in range(1, 10)))
+    other = tmp_path / "loss_curve.tmp.png"   # the other writer's file, mid-write
+    other.write_bytes(b"another process's half-written figure")
+    plot_loss_curve(path, tmp_path / "loss_curve.png")
+    assert other.read_bytes() == b"another process's half-written figure"
+    assert mpimg.imread(tmp_path / "loss_curve.png").shape[0] > 100
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["loss_curve.png", "loss_curve.tmp.png", "metrics.jsonl"]
+
+
 def test_the_loss_curve_of_a_run_of_weeks_reads_and_draws_a_bounded_number_of_points(tmp_path, monkeypatch):
     """The monitor redraws the loss curve from the whole metrics.jsonl at every monitor step: a
     15-day run at 5 s a step logs 260k rows, which read whole took 1.1 GB and 14 s each time

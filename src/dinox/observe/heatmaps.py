@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from dinox.data.augment import LUNG_WINDOW, AugmentConfig, fixed_window_input, window_unit
+from dinox.data.layout import atomic_write, atomic_write_text
 from dinox.errors import UserError
 from dinox.eval.rank import embedding_stats
 from dinox.observe.metrics import json_safe
@@ -65,9 +66,9 @@ def _cls_attention(backbone, x: torch.Tensor, n_patches: int) -> torch.Tensor | 
 
 
 def _save_png(fig, path: Path) -> None:
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    os.replace(tmp, path)
+    # a temporary name of this process's own: training's monitor step and a `dinox monitor`
+    # of the same run write its loss_curve.png, and a shared one let them cut each other's file
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110, bbox_inches="tight"))
 
 
 def _plot_heatmaps(slices, norm_maps, attn_maps, out: Path, heading: str | None = None,
@@ -220,9 +221,7 @@ def write_monitor_outputs(backbone: torch.nn.Module, stack_hu: torch.Tensor, out
         stats["cls_attention"] = {"entropy": float(entropy), "uniform_entropy": math.log(n),
                                   "max": float(attn.max())}
     stats = json_safe(stats)
-    tmp = out / "stats.json.tmp"
-    tmp.write_text(json.dumps(stats, indent=2, allow_nan=False) + "\n")
-    os.replace(tmp, out / "stats.json")
+    atomic_write_text(out / "stats.json", json.dumps(stats, indent=2, allow_nan=False) + "\n")
     return stats
 
 
