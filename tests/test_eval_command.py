@@ -72,6 +72,21 @@ def test_an_out_that_takes_no_files_is_refused_before_any_work(checkpoint, comma
     assert "/sys/kernel" in err and "give another --out" in err
 
 
+def test_embedding_progress_shows_under_nohup_with_the_time_left(checkpoint, processed_root, tmp_path, capsys,  # noqa: F811
+                                                                  monkeypatch):
+    """Where stderr is no terminal (nohup, a scheduler's log) the embedding's tqdm bar wrote
+    nothing, so `eval retrieval --n 4096` on 100 series sat silent for its ~30-60 s (minutes
+    on LIDC-sized data and a large model, hours on a CPU), and `eval probe` alike. It now
+    writes prep's plain progress line (data.parallel.Progress) at most once a minute, with
+    the time left."""
+    from dinox.data import parallel
+
+    monkeypatch.setattr(parallel, "PLAIN_PROGRESS_S", 0.0)
+    assert main(_args(checkpoint, processed_root, tmp_path, "--batch-size", "4")) == 0
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("retrieval: embedding:")]
+    assert lines and all("slices" in line and "left" in line for line in lines), lines
+
+
 def test_topk_larger_than_n_is_left_out_with_a_note(checkpoint, processed_root, tmp_path, capsys):  # noqa: F811
     assert main(_args(checkpoint, processed_root, tmp_path, "--topk", "1", "5", "100000")) == 0
     out = capsys.readouterr().out

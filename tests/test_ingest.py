@@ -471,7 +471,7 @@ multiprocessing.set_start_method("fork")
 signal.signal(signal.SIGINT, signal.default_int_handler)
 signal.signal(signal.SIGHUP, signal.SIG_DFL)
 from dinox.data import ingest, parallel
-real, update = ingest.process_task, parallel._Progress.update
+real, update = ingest.process_task, parallel.Progress.update
 def stalled(task, root):
     if task.series_id != "1.21.0":
         time.sleep(120)
@@ -480,7 +480,7 @@ def recorded(self):
     update(self)
     if self.desc == "prep":
         open(os.environ["MARK"], "w").close()
-ingest.process_task, parallel._Progress.update = stalled, recorded
+ingest.process_task, parallel.Progress.update = stalled, recorded
 from dinox.cli import main
 sys.exit(main(sys.argv[1:]))
 """

@@ -28,9 +28,9 @@ def _start_worker() -> None:
 def process_map(fn, items, workers: int, desc: str, progress: bool, *, unit: str = "series", chunksize: int = 1):
     """Yield fn(item) for each item, in order: inline for one worker (or one item), else over
     a pool of `workers` processes (fn must be picklable: a module-level function or an
-    instance of a module-level class). Progress on stderr when `progress` (`_Progress`)."""
+    instance of a module-level class). Progress on stderr when `progress` (`Progress`)."""
     items = list(items)
-    bar = _Progress(len(items), desc, unit, progress)
+    bar = Progress(len(items), desc, unit, progress)
     try:
         if workers <= 1 or len(items) <= 1:
             for item in items:
@@ -67,10 +67,11 @@ def process_map(fn, items, workers: int, desc: str, progress: bool, *, unit: str
 PLAIN_PROGRESS_S = 60.0
 
 
-class _Progress:
+class Progress:
     """A tqdm bar on a terminal. Elsewhere (a log file under nohup or a scheduler) tqdm
     writes nothing, and a prep of LIDC-IDRI's 244k files showed no sign of life for its
-    whole run: there, a plain line at most every PLAIN_PROGRESS_S, with the time left."""
+    whole run: there, a plain line at most every PLAIN_PROGRESS_S, with the time left. Also
+    the progress of `dinox eval`'s embedding passes."""
 
     def __init__(self, total: int, desc: str, unit: str, show: bool) -> None:
         tty = show and _isatty(sys.stderr)
@@ -80,9 +81,9 @@ class _Progress:
         self.units = unit if unit.endswith("s") else unit + "s"
         self.start = self.last = time.monotonic()
 
-    def update(self) -> None:
-        self.done += 1
-        self.bar.update()
+    def update(self, n: int = 1) -> None:
+        self.done += n
+        self.bar.update(n)
         now = time.monotonic()
         if self.plain and self.done < self.total and now - self.last >= PLAIN_PROGRESS_S:
             self.last = now

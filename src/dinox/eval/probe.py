@@ -47,7 +47,6 @@ from __future__ import annotations
 import json
 import math
 import random
-import sys
 import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -61,6 +60,7 @@ from dinox.data.annotations import NODULES_TABLE, consensus, read_table
 from dinox.data.augment import LUNG_WINDOW, fixed_window_input
 from dinox.data.dataset import CTSliceDataset
 from dinox.data.layout import INDEX_FILE, default_manifest
+from dinox.data.parallel import Progress
 from dinox.data.splits import patient_split, read_split_manifest, split_patients
 from dinox.errors import UserError
 from dinox.eval.stats import (MIN_BOOTSTRAP_PATIENTS, auroc, bootstrap_weights, macro_auroc,
@@ -562,17 +562,14 @@ def embed(networks: dict, dataset: CTSliceDataset, data: ProbeData, labels: Prob
     """One pass over the selected slices at input `size` (see `probe_size`): plans the
     patches of each slice and fills data.features[name] (cls, mean patch token, tokens of
     the planned patches, float32) for every network, and data.pixels (the normalised input
-    of the same slices/patches)."""
-    from tqdm import tqdm
-
+    of the same slices/patches). `progress`: a bar, or timed lines, as in `runner.embed_views`."""
     patch = cfg.model.vit_patch
     grid = size // patch
     rnd = random.Random(seed)
     vessel_pts = {sid: vessel_points(segs) for sid, segs in labels.vessels.items()}
     feats = {name: {"cls": [], "mean": [], "tokens": []} for name in networks}
     pix_slice, pix_patch, hand = [], [], []
-    bar = tqdm(total=len(data.slices), desc="probe: embedding", unit="slice", file=sys.stderr,
-               disable=None if progress else True, leave=False)
+    bar = Progress(len(data.slices), "probe: embedding", "slice", progress)
     try:
         for start in range(0, len(data.slices), batch_size):
             chunk = range(start, min(start + batch_size, len(data.slices)))

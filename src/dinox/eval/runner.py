@@ -15,7 +15,6 @@ network, which already scores well uncropped (its two views are nearly the same 
 """
 from __future__ import annotations
 
-import sys
 from dataclasses import replace
 
 import numpy as np
@@ -24,6 +23,7 @@ import torch.nn.functional as F
 
 from dinox.data.augment import LUNG_WINDOW, AugmentConfig, CTAugment
 from dinox.data.dataset import CTSliceDataset, pad_collate
+from dinox.data.parallel import Progress
 from dinox.eval.rank import effective_rank, embedding_std
 from dinox.eval.retrieval import nearest_keys, spread_sample, view_retrieval
 
@@ -32,22 +32,23 @@ from dinox.eval.retrieval import nearest_keys, spread_sample, view_retrieval
 def embed_views(backbone, dataset, indices, augment, generator, device, autocast_dtype=None, batch_size=128,
                 progress=False):
     """Class-token embeddings (float32, L2-normalised) of the two global views of each index.
-    `progress` shows a bar on stderr (a terminal only; off inside training)."""
-    from tqdm import tqdm
-
+    `progress` shows a bar on stderr, or a line with the time left every minute where stderr
+    is no terminal (nohup, a scheduler's log; `Progress`); off inside training."""
     first, second = [], []
-    bar = tqdm(total=len(indices), desc="retrieval: embedding", unit="slice", file=sys.stderr,
-               disable=None if progress else True, leave=False)
-    for start in range(0, len(indices), batch_size):
-        chunk = indices[start : start + batch_size]
-        stacks = pad_collate([dataset[i] for i in chunk]).to(device)
-        views = augment(stacks, generator)
-        for out, view in zip((first, second), views.global_views):
-            with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-                cls = backbone(view)["cls"]
-            out.append(F.normalize(cls.float(), dim=-1).cpu())
-        bar.update(len(chunk))
-    bar.close()
+    bar = Progress(len(indices), "retrieval: embedding", "slice", progress)
+    try:
+        for start in range(0, len(indices), batch_size):
+            chunk = indices[start : start + batch_size]
+            stacks = pad_collate([dataset[i] for i in chunk]).to(device)
+            views = augment(stacks, generator)
+            for out, view in zip((first, second), views.global_views):
+                with torch.autocast(device.type, dtype=autocast_dtype or torch.float32,
+                                    enabled=autocast_dtype is not None):
+                    cls = backbone(view)["cls"]
+                out.append(F.normalize(cls.float(), dim=-1).cpu())
+            bar.update(len(chunk))
+    finally:
+        bar.close()
     return torch.cat(first), torch.cat(second)
 
 
