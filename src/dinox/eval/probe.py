@@ -960,13 +960,18 @@ def probe_backbone(backbone, cfg, root, *, split_manifest=None, split: str = "au
     tasks, skipped = build_tasks(data, vessel_labels=bool(labels.vessels))
     sources = ["checkpoint", "untrained", "pixels"] if baselines else ["checkpoint"]
     out_tasks = {}
-    for task in tasks:
-        references = ("hand",) if baselines and task.level == "patch" else ()
-        try:
-            out_tasks[task.name] = run_task(data, task, sources, n_boot=n_boot, seed=seed, references=references,
-                                            n_refit=n_refit)
-        except ValueError as exc:
-            skipped[task.name] = str(exc)
+    bar = Progress(len(tasks), "probe: fitting", "task", progress)   # C sweeps and bootstraps: minutes at ViT-L width
+    try:
+        for task in tasks:
+            references = ("hand",) if baselines and task.level == "patch" else ()
+            try:
+                out_tasks[task.name] = run_task(data, task, sources, n_boot=n_boot, seed=seed, references=references,
+                                                n_refit=n_refit)
+            except ValueError as exc:
+                skipped[task.name] = str(exc)
+            bar.update()
+    finally:
+        bar.close()
     return {
         "tasks": out_tasks,
         "skipped": skipped,
