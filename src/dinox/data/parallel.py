@@ -124,8 +124,11 @@ def _stop_workers(pool: ProcessPoolExecutor) -> None:
     # Before Python 3.11.5 (gh-94777) the shutdown that follows waits for ever on the task
     # queue's feeder thread, blocked writing to a full pipe that no worker reads any more
     # (prep's tasks are tens of KB each): closing the parent's read end lets that write fail.
+    # From 3.11.5 on the pool's own thread closes it once it sees the workers gone; closed
+    # here as well, the two closes raced (EBADF in that thread, or a descriptor number
+    # reused meanwhile closed under another file).
     reader = getattr(getattr(pool, "_call_queue", None), "_reader", None)
-    if reader is not None:
+    if reader is not None and sys.version_info < (3, 11, 5):
         try:
             reader.close()
         except OSError:
