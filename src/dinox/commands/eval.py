@@ -20,8 +20,8 @@ import tempfile
 from pathlib import Path
 
 from dinox.commands.argtypes import add_network_and_device, float_at_least, nonneg_int, path_text, positive_int
-from dinox.data.layout import atomic_write_text
 from dinox.errors import UserError
+from dinox.run.files import atomic_write_text
 from dinox.run.signals import interrupts_raise
 
 EXIT_PASS = 0

@@ -32,11 +32,11 @@ import torch
 from dinox import __version__
 from dinox.commands.argtypes import path_text
 from dinox.data.augment import LUNG_WINDOW, WINDOW_FAMILY_NAMES, AugmentConfig
-from dinox.data.layout import atomic_write, atomic_write_text
 from dinox.errors import UserError
 from dinox.eval.load import NETWORKS, load_for_inference
 from dinox.model import weights
 from dinox.run import checkpoint as store
+from dinox.run.files import atomic_write, atomic_write_text
 from dinox.run.signals import interrupts_raise
 
 FORMATS = ("hf", "safetensors", "dinov2-hub", "dinov3-hub")

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from dinox.commands.argtypes import add_network_and_device, path_text
-from dinox.data.layout import atomic_write_text
+from dinox.run.files import atomic_write_text
 from dinox.run.signals import interrupts_raise
 
 

@@ -25,11 +25,12 @@ from dinox.config import (
     resolve,
 )
 from dinox.commands.argtypes import boolean, float_at_least, nonneg_int, path_text, positive_int, step_budget
-from dinox.data.layout import atomic_write_text, same_path
+from dinox.data.layout import same_path
 from dinox.errors import UserError
 from dinox.model.head import PROTOTYPE_NORMS
 from dinox.run.checkpoint import CheckpointError, disk_size_text, free_space
 from dinox.run.device import HARDWARE_PRESETS
+from dinox.run.files import atomic_write_text
 from dinox.run.signals import EXIT_WONT_FIT
 from dinox.train.runs import (
     ResumeSource,

@@ -62,7 +62,8 @@ from pathlib import Path
 import numpy as np
 
 from dinox.data import dicom_io
-from dinox.data.layout import LIDC_READS_FILE, StampedCache, atomic_write_text, code_version
+from dinox.data.layout import LIDC_READS_FILE, StampedCache, code_version
+from dinox.run.files import atomic_write_text
 
 LIDC_NS = "http://www.nih.gov"
 NODULES_TABLE = "_labels/nodules.csv"

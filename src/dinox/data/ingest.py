@@ -33,12 +33,12 @@ import numpy as np
 
 from dinox.data import annotations, dicom_io, nifti_io
 from dinox.data.layout import (DIGESTS_FILE, HEADERS_FILE, INDEX_FILE, PREP_LOCK_FILE, REPORT_FILE, SPLITS_DIR,
-                               VOLUMES_DIR, StampedCache, atomic_write, atomic_write_text, code_version,
-                               confined_path, default_manifest, printable, read_index, remove_write_temps,
+                               VOLUMES_DIR, StampedCache, code_version, confined_path, default_manifest, read_index,
                                split_name, write_index)
 from dinox.data.parallel import process_map
 from dinox.data.splits import extend_split, same_scan_patients
 from dinox.errors import UserError
+from dinox.run.files import atomic_write, atomic_write_text, printable, remove_write_temps
 from dinox.run.folder_lock import FolderLock, holder_text, take_lock
 from dinox.run.signals import interrupt_name
 

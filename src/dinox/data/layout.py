@@ -9,9 +9,10 @@ import io
 import json
 import os
 from pathlib import Path
-from typing import Any, BinaryIO, Callable
+from typing import Any, Callable
 
 from dinox.errors import UserError
+from dinox.run.files import atomic_write_text
 
 VOLUMES_DIR = "volumes"
 INDEX_FILE = "_index/index.csv"
@@ -67,50 +68,6 @@ def root_tag(root) -> str:
 def path_tag(prefix: str, path) -> str:
     """{prefix}{hash8} of `path` resolved: a file or folder an input came from, in a name."""
     return prefix + hashlib.sha256(str(Path(path).resolve()).encode()).hexdigest()[:8]
-
-
-def _write_temp(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp{os.getpid()}")
-
-
-def remove_write_temps(folder: Path) -> None:
-    """Delete the temporary files (`_write_temp`'s names) of `atomic_write`s in `folder`
-    that a killed or stopped process left; call it where no other process writes there."""
-    for stale in Path(folder).glob(".*.tmp*"):
-        stale.unlink(missing_ok=True)
-
-
-def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
-    """Call `write` on a temporary file in the same folder, fsync, then rename over `path`,
-    so a killed process never leaves a half-written file under the final name."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _write_temp(path)
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def printable(text: str) -> str:
-    """`text` as valid Unicode: each byte of a file name that is not UTF-8 (which Python
-    carries as a lone surrogate, e.g. 'caf\\udce9' for a Latin-1 'café') becomes U+FFFD.
-    Valid text is returned unchanged. Such text cannot be written as UTF-8, so one badly
-    encoded folder name in an archive would fail the index write after every volume."""
-    try:
-        return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-    except UnicodeEncodeError:   # a lone surrogate that is no escaped byte
-        return text.encode("utf-8", "replace").decode("utf-8")
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """UTF-8 text through an atomic write; file names in it that are not UTF-8 are made
-    `printable` rather than failing the write."""
-    atomic_write(path, lambda f: f.write(printable(text).encode("utf-8")))
 
 
 def confined_path(root, relative: str) -> Path:

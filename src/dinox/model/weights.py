@@ -69,6 +69,7 @@ from dinox.model.vit import (ViTArch, VisionTransformer, resample_token_grid, ro
                              swiglu_hidden_dim)
 from dinox.run import sharded as sharded_store
 from dinox.run.checkpoint import content_problem, file_sha256, list_checkpoints, run_folder_signs
+from dinox.run.files import atomic_write
 from dinox.run.torch_file import (NotATorchFile, first_line, is_weights_only_refusal, load_weights_only,
                                   refusal_detail)
 
@@ -317,19 +318,14 @@ def write_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
         offset += raw.numel()
     head = json.dumps(header, separators=(",", ":")).encode()
     head += b" " * (-len(head) % 8)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(struct.pack("<Q", len(head)))
-            f.write(head)
-            for raw in blobs:
-                f.write(raw.numpy().data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:   # a full disk, Ctrl-C: no temporary file the size of the model left behind
-        tmp.unlink(missing_ok=True)
-        raise
+
+    def write(f) -> None:
+        f.write(struct.pack("<Q", len(head)))
+        f.write(head)
+        for raw in blobs:
+            f.write(raw.numpy().data)
+
+    atomic_write(path, write)   # a full disk or Ctrl-C leaves no temporary file the size of the model
     return path
 
 

@@ -19,10 +19,10 @@ import torch
 import torch.nn.functional as F
 
 from dinox.data.augment import LUNG_WINDOW, AugmentConfig, fixed_window_input, window_unit
-from dinox.data.layout import atomic_write, atomic_write_text
 from dinox.errors import UserError
 from dinox.eval.rank import embedding_stats
 from dinox.observe.metrics import json_safe
+from dinox.run.files import atomic_write, atomic_write_text
 
 log = logging.getLogger("dinox.monitor")
 

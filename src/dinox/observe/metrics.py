@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from dinox.errors import UserError
+from dinox.run.files import atomic_write
 
 log = logging.getLogger("dinox.metrics")
 
@@ -61,6 +62,10 @@ def json_safe(obj: Any) -> Any:
     return value if math.isfinite(value) else None
 
 
+def _step_of(line: str) -> int:
+    return int(json.loads(line)["step"])
+
+
 def lines_until(path: str | os.PathLike, step: int) -> tuple[list[str], int]:
     """(the JSONL lines of `path` with step <= `step`, each ending in a newline; the number of
     other lines, unreadable ones included: a damaged byte drops its line, not the resume)."""
@@ -68,7 +73,7 @@ def lines_until(path: str | os.PathLike, step: int) -> tuple[list[str], int]:
     with open(path, encoding="utf-8", errors="replace") as f:
         for line in f:
             try:
-                keep = int(json.loads(line)["step"]) <= step
+                keep = _step_of(line) <= step
             except (ValueError, KeyError, TypeError):
                 keep = False
             if keep:
@@ -185,19 +190,14 @@ class MetricsLogger:
             return 0
         self._file.close()
         kept, dropped = lines_until(self.path, step)
-        last = max((int(json.loads(line)["step"]) for line in kept), default=None)
+        last = _step_of(kept[-1]) if kept else None   # rows are appended in step order
         if step > 0 and (last is None or step - last >= logged_every):
             held = "no rows" if last is None else f"rows only up to step {last}"
             log.warning("%s holds %s but the checkpoint is at step %d: the rows between are missing (the run's "
                         "metrics.jsonl was deleted or cut, or the checkpoint no longer sits in the run folder that "
                         "logged them); training goes on and appends from step %d, the TensorBoard events keep "
                         "what they hold", self.path, held, step, step + 1)
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.writelines(kept)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        atomic_write(self.path, lambda f: f.writelines(line.encode("utf-8") for line in kept))
         self._file = open(self.path, "a", buffering=1, encoding="utf-8")
         if self._writer is not None:
             self._writer.close()

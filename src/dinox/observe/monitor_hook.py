@@ -8,10 +8,10 @@ import logging
 from pathlib import Path
 
 from dinox.data.dataset import pad_collate
-from dinox.data.layout import atomic_write_text
 from dinox.eval.retrieval import spread_sample
 from dinox.observe.health import health_report
 from dinox.observe.heatmaps import plot_loss_curve, write_monitor_outputs
+from dinox.run.files import atomic_write_text
 from dinox.run.logging import console
 
 log = logging.getLogger("dinox.monitor")

@@ -51,8 +51,8 @@ import torch
 from dinox.errors import UserError
 from dinox.run import sharded as sharded_store
 from dinox.run.distributed import local
-from dinox.run.folder_lock import (FolderLock, FolderLockedError, holder_text, holds_lock, host_tag, lock_holder,
-                                    pid_alive, take_lock, temp_path, unlink_quietly)
+from dinox.run.files import host_tag, pid_alive, temp_path, unlink_quietly
+from dinox.run.folder_lock import FolderLock, FolderLockedError, holder_text, holds_lock, lock_holder, take_lock
 from dinox.run.rng import capture_rng_state, restore_rng_state
 from dinox.run.torch_file import (NotATorchFile, first_line, is_weights_only_refusal, load_weights_only,
                                   refusal_detail, zip_crc_problem)

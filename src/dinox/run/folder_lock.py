@@ -5,8 +5,7 @@ The lock is a file naming its holder (pid, host, start), created whole in one st
 POSIX record-locked for the holder's lifetime, so that the kernel frees it when the holder
 dies, even by SIGKILL; `release()` deletes it. Where a filesystem has no record locks, a
 lock file whose process id is dead on this host counts as stale. A lock taken on another
-host is only ever released by its holder (or by hand). Also the temporary-file naming
-(`temp_path`: host and pid in the name) that tells whose an interrupted write was.
+host is only ever released by its holder (or by hand).
 """
 from __future__ import annotations
 
@@ -14,7 +13,6 @@ import errno
 import json
 import logging
 import os
-import re
 import socket
 import time
 from collections.abc import Callable
@@ -22,6 +20,7 @@ from datetime import datetime
 from pathlib import Path
 
 from dinox.errors import UserError
+from dinox.run.files import host_tag, pid_alive, temp_path, unlink_quietly
 
 try:
     import fcntl
@@ -33,37 +32,6 @@ log = logging.getLogger("dinox.checkpoint")
 
 class FolderLockedError(UserError):
     """Another live process holds the folder."""
-
-
-def host_tag() -> str:
-    return re.sub(r"[^A-Za-z0-9_-]", "-", socket.gethostname()) or "host"
-
-
-def temp_path(path: Path) -> Path:
-    """Where this process writes `path` before renaming it: `.<name>.<host>.<pid>.tmp`."""
-    return path.with_name(f".{path.name}.{host_tag()}.{os.getpid()}.tmp")
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True
-    return True
-
-
-def unlink_quietly(path: Path) -> bool:
-    """Delete ``path``; a missing file counts as deleted. False (with a warning) on other errors."""
-    try:
-        path.unlink()
-    except FileNotFoundError:
-        pass
-    except OSError as exc:
-        log.warning("could not delete %s: %s", path, exc)
-        return False
-    return True
 
 
 # The lock files this process holds. A POSIX record lock is dropped as soon as its process

@@ -15,9 +15,9 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from dinox.data.layout import atomic_write_text
 from dinox.errors import UserError
 from dinox.observe.anomaly import NONFINITE_CHANGES
+from dinox.run.files import atomic_write_text
 
 log = logging.getLogger("dinox.train")
 
