@@ -174,7 +174,7 @@ def test_a_loss_curve_written_beside_another_process_s_leaves_its_file_alone(tmp
     loss_curve.png, and both wrote it through one temporary name, loss_curve.tmp.png: the
     second truncated the first's file mid-write and renamed it away, so one of them
     failed on a missing file or a half-drawn figure went in place. The temporary is now
-    this process's own (layout.atomic_write)."""
+    this process's own (run.files.atomic_write)."""
     path = tmp_path / "metrics.jsonl"
     path.write_text("".join(json.dumps({"step": s, "loss": 9.0 - s / 10}) + "\n" for s in range(1, 10)))
     other = tmp_path / "loss_curve.tmp.png"   # the other writer's file, mid-write

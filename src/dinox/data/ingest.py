@@ -220,7 +220,7 @@ def _nifti_stem(path: str) -> str:
 
 def _source(path: str) -> str:
     """A series' `source` as recorded: absolute, so that a re-run from another working
-    directory reads it alike, and printable (see layout.printable)."""
+    directory reads it alike, and printable (see run.files.printable)."""
     return printable(os.path.abspath(path))
 
 
