@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from dinox.errors import UserError
-from dinox.run.files import atomic_write_text
+from dinox.run.files import atomic_write, atomic_write_text
 
 VOLUMES_DIR = "volumes"
 INDEX_FILE = "_index/index.csv"
@@ -126,8 +126,8 @@ class StampedCache:
     size and modification time (nanoseconds), and by `version`, the code that computed them
     (`code_version`): a file written anew, or changed code, is computed again.
 
-    Only a cache: a missing, damaged or unwritable file, or one of another version, costs a
-    recomputation, never a result. `save` keeps the entries looked up this run, so files
+    Only a cache: a missing, damaged (its sha256 is kept with it) or unwritable file, or one
+    of another version, costs a recomputation, never a result. `save` keeps the entries looked up this run, so files
     gone or no longer read drop out and the file stays the size of one run's work.
     `pack(values) -> JSON` and `unpack(JSON) -> values` convert all values at once (so that
     a packing can store what many values share once); values must compare equal across a
@@ -144,9 +144,11 @@ class StampedCache:
 
     def _load(self) -> dict:
         try:
-            data = json.loads(self.file.read_text(encoding="utf-8"))
-            if not isinstance(data, dict) or data.get("version") != self.version:
-                return {}
+            head, body = self.file.read_bytes().split(b"\n", 1)
+            stamp = json.loads(head)
+            if stamp != {"version": self.version, "sha256": hashlib.sha256(body).hexdigest()}:
+                return {}   # other code's, or damaged (a flipped byte can leave valid JSON)
+            data = json.loads(body)
             keys, stamps, values = data["keys"], data["stamps"], self._unpack(data["values"])
             if not len(keys) == len(stamps) == len(values):
                 return {}
@@ -190,9 +192,11 @@ class StampedCache:
         if not self.version or self.used == self.known or not (self.used or self.file.exists()):
             return
         keys = sorted(self.used)
-        data = {"version": self.version, "keys": keys, "stamps": [self.used[k][0] for k in keys],
+        data = {"keys": keys, "stamps": [self.used[k][0] for k in keys],
                 "values": self._pack([self.used[k][1] for k in keys])}
         try:
-            atomic_write_text(self.file, json.dumps(data, separators=(",", ":")) + "\n")
+            body = json.dumps(data, separators=(",", ":")).encode("utf-8")
+            head = json.dumps({"version": self.version, "sha256": hashlib.sha256(body).hexdigest()})
+            atomic_write(self.file, lambda f: f.write(head.encode("utf-8") + b"\n" + body))
         except (OSError, ValueError):
             pass
