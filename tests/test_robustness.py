@@ -584,6 +584,34 @@ def test_a_second_stop_signal_waits_for_the_checkpoint_being_written():
         stop.uninstall()
 
 
+def test_a_second_stop_signal_says_what_it_left_and_exits_as_for_its_signal():
+    """A run stopped at once by a second signal said only 'interrupted' and exited 130 for
+    any signal, a second SIGTERM too: now one line says whether the checkpoint being written
+    was kept and to resume, and the exit code is that of the second signal."""
+    import signal
+
+    from dinox.run.signals import EXIT_SIGHUP, EXIT_SIGTERM, HungUp, StopRequest, Terminated
+
+    stop = StopRequest()
+    stop.install()
+    try:
+        stop._handle(signal.SIGTERM, None)
+        with pytest.raises(KeyboardInterrupt, match=r"second stop signal \(SIGTERM\), without saving.*--resume auto") as info:
+            stop._handle(signal.SIGTERM, None)
+        assert isinstance(info.value, Terminated) and info.value.exit_code == EXIT_SIGTERM
+        stop.install()
+        with pytest.raises(KeyboardInterrupt, match="SIGHUP") as info:
+            stop._handle(signal.SIGHUP, None)
+        assert isinstance(info.value, HungUp) and info.value.exit_code == EXIT_SIGHUP
+        stop.install()
+        with pytest.raises(KeyboardInterrupt, match="SIGINT.*right after the checkpoint being written was saved") as info:
+            with stop.writing():
+                stop._handle(signal.SIGINT, None)
+        assert type(info.value) is KeyboardInterrupt   # dinox exits 130
+    finally:
+        stop.uninstall()
+
+
 def test_a_stop_signal_the_process_was_started_ignoring_stays_ignored():
     """`nohup` ignores SIGHUP and a shell's background job SIGINT, so that the run outlives
     its terminal: the run must not turn them back into a stop."""

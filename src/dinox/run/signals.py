@@ -54,15 +54,16 @@ def end_with_parent() -> None:
 
 class StopRequest:
     """Turns the STOP_SIGNALS into a flag the loop checks after each step; a second signal
-    stops at once (KeyboardInterrupt), except while a checkpoint is being written
-    (`writing`), which it lets finish first: a save cut short leaves a half-written file
-    and the steps since the last one lost."""
+    stops at once, except while a checkpoint is being written (`writing`), which it lets
+    finish first: a save cut short leaves a half-written file and the steps since the last
+    one lost. It raises the exception of that signal (`stopped_at_once`), whose one line says
+    what was kept, and `dinox` exits as for it: 130 Ctrl+C, 129 SIGHUP, 143 the others."""
 
     def __init__(self):
         self.signum: int | None = None
         self._previous: dict[int, object] = {}
         self._writing = False
-        self._forced = False
+        self._forced: int | None = None   # the second signal, held until the save ends
 
     def install(self) -> None:
         """Handle the stop signals, except those the process was started ignoring: `nohup`
@@ -89,19 +90,19 @@ class StopRequest:
             yield
         finally:
             self._writing = False
-        if self._forced:
+        if self._forced is not None:
             self.uninstall()
-            raise KeyboardInterrupt
+            raise stopped_at_once(self._forced, saved=True)
 
     def _handle(self, signum, frame) -> None:
         name = signal.Signals(signum).name
         if self.signum is not None:
             if self._writing:
-                self._forced = True
+                self._forced = signum
                 log.warning("%s received again: stopping as soon as the checkpoint being written is saved", name)
                 return
             self.uninstall()
-            raise KeyboardInterrupt
+            raise stopped_at_once(signum, saved=False)
         self.signum = signum
         log.warning("%s received: finishing the current step, then saving a checkpoint", name)
 
@@ -132,6 +133,16 @@ class HungUp(Terminated):
 
 _RAISED = {signal.SIGINT: KeyboardInterrupt, signal.SIGTERM: Terminated,
            **({signal.SIGHUP: HungUp} if hasattr(signal, "SIGHUP") else {})}
+
+
+def stopped_at_once(signum: int, *, saved: bool) -> KeyboardInterrupt:
+    """A training run's second stop signal as the exception of that signal, with the one line
+    `dinox` prints: whether the checkpoint being written was kept, and how to go on."""
+    name = signal.Signals(signum).name
+    kept = ("right after the checkpoint being written was saved" if saved
+            else "without saving: the steps since the last checkpoint are lost")
+    return _RAISED.get(signum, Terminated)(f"stopped at once by a second stop signal ({name}), {kept}; "
+                                           "continue with --resume auto")
 
 
 def interrupt_name(exc: BaseException) -> str:
