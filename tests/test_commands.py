@@ -404,3 +404,15 @@ def test_dry_run_plans_with_the_target_s_hardware_preset(capsys):
         assert main(["train", "--config", "vit-large", "--hardware-preset", "rtx4090", *flags]) == 1
         err = capsys.readouterr().err
         assert "--hardware-preset rtx4090 only plans" in err and "Traceback" not in err
+
+
+def test_a_refused_run_names_its_estimate_in_the_estimates_unit():
+    """The refusal said 'needs about 0.9 GB but the device has 0.5 GiB': the estimate is in
+    GiB, as the dry run prints it."""
+    from types import SimpleNamespace
+
+    from dinox.commands.train import wont_fit_message
+
+    plan = {"estimate": SimpleNamespace(total=int(0.9 * 1024**3)), "device_memory_bytes": 1024**3 // 2,
+            "suggestions": ["enable --amp"]}
+    assert wont_fit_message(plan).startswith("this run needs about 0.9 GiB but the device has 0.5 GiB; ways out")

@@ -462,7 +462,7 @@ def _gb(n: int | None) -> str:
 
 def wont_fit_message(plan: dict) -> str:
     ways = "; ".join(plan["suggestions"]) or "use a smaller model"
-    return (f"this run needs about {plan['estimate'].total / 1024**3:.1f} GB but the device has "
+    return (f"this run needs about {_gb(plan['estimate'].total)} but the device has "
             f"{_gb(plan['device_memory_bytes'])}; ways out: {ways}")
 
 
