@@ -420,6 +420,25 @@ def test_one_series_uid_shared_by_two_scans_is_skipped(tmp_path, what, other):
     assert skip["reason"].startswith(f"one SeriesInstanceUID shared by 2 {what}: {values} (")
 
 
+@pytest.mark.parametrize("tag, value", [("StudyInstanceUID", "1.2.3.4.9"), ("PatientID", "Q9")])
+def test_one_slice_naming_another_study_or_patient_is_left_out_not_the_series(tmp_path, tag, value):
+    """One flipped byte in one file's StudyInstanceUID (or PatientID) made its whole series
+    "shared by 2 studies" and skipped it. A value that at most 2 slices give, against 20 times
+    as many, is that slice's damaged or stray header: the slice is left out and named."""
+    rng = np.random.default_rng(28)
+    hu = random_hu(rng, (41, 4, 4))
+    files = write_series(tmp_path / "in", hu, "1.2.88.1", patient_id="Q1", dz=2.0)
+    _rewrite([files[7]], **{tag: value})
+    report = prep([tmp_path / "in"], tmp_path / "out")
+    assert report["series_written"] == ["1.2.88.1"]
+    np.testing.assert_array_equal(volume(tmp_path / "out", "1.2.88.1"), np.delete(hu, 7, axis=0))
+    (skipped,) = report["files_skipped"]
+    assert skipped["path"] == str(files[7]) and skipped["reason"].startswith(f"{tag} {value!r} differs from the 40 "
+                                                                           f"other slices'")
+    assert any("1 slice naming another patient or study left out" in n for n in report["series_notes"]["1.2.88.1"])
+    assert index_rows(tmp_path / "out")["1.2.88.1"]["patient_id"] == "Q1"
+
+
 def test_ct_without_rescale_tags_is_noted_and_checked_for_hu(tmp_path):
     rng = np.random.default_rng(27)
     hu = random_hu(rng, (3, 4, 4))

@@ -469,6 +469,34 @@ def _unusable(h: SliceHeader) -> str | None:
     return None
 
 
+# A PatientID or StudyInstanceUID that at most this many slices give, against one value that
+# at least STRAY_RATIO times as many give, is a damaged or stray header, not a second scan.
+STRAY_MAX = 2
+STRAY_RATIO = 20
+
+
+def _stray_headers(headers: list[SliceHeader]) -> dict[int, str]:
+    """{index into headers: why the slice is left out} for the slices that name another
+    patient or study than all but a few of their series: one flipped byte in a file's
+    StudyInstanceUID made the whole series "shared by 2 studies" and skipped it. Two real
+    scans under one SeriesInstanceUID (an anonymiser's collision) each hold many slices, and
+    stay a `_shared_uid_problem`."""
+    stray: dict[int, str] = {}
+    for attr, tag in (("patient_id", "PatientID"), ("study_uid", "StudyInstanceUID")):
+        counts = Counter(getattr(h, attr) for h in headers if getattr(h, attr))
+        if len(counts) < 2:
+            continue
+        (usual, n), *others = counts.most_common()
+        if any(c > STRAY_MAX for _, c in others) or n < STRAY_RATIO * sum(c for _, c in others):
+            continue
+        for i, h in enumerate(headers):
+            value = getattr(h, attr)
+            if value and value != usual:
+                stray.setdefault(i, f"{tag} {value!r} differs from the {n} other slices' {usual!r} (a damaged or "
+                                    f"stray header): left out")
+    return stray
+
+
 def _shared_uid_problem(headers: list[SliceHeader]) -> str | None:
     """Why the files of one SeriesInstanceUID are not one scan: they name several patients
     or studies (colliding UIDs from an anonymiser or a re-export). Merged, their slices
@@ -571,10 +599,13 @@ def plan_series(headers: list[SliceHeader]) -> SeriesPlan:
     """Filter, check and order the slices of one SeriesInstanceUID.
 
     Raises SeriesSkipped when nothing usable remains."""
+    paths = sorted({h.path for h in headers})
+    stray = _stray_headers(headers)
+    dropped: list[tuple[str, str]] = [(headers[i].label, why) for i, why in sorted(stray.items())]
+    headers = [h for i, h in enumerate(headers) if i not in stray]
     first = headers[0]
     study_uid = _most_common_id(h.study_uid for h in headers)
     patient_id = _most_common_id(h.patient_id for h in headers) or f"study-{study_uid or first.series_uid}"
-    paths = sorted({h.path for h in headers})
     modalities = Counter(h.modality for h in headers)
     modality = modalities.most_common(1)[0][0]
     if modality != "CT":
@@ -582,8 +613,10 @@ def plan_series(headers: list[SliceHeader]) -> SeriesPlan:
     shared = _shared_uid_problem(headers)
     if shared:
         raise SeriesSkipped(shared)
-    dropped: list[tuple[str, str]] = []
     notes: list[str] = []
+    if stray:
+        notes.append(f"{len(stray)} slice{'s' if len(stray) > 1 else ''} naming another patient or study left out "
+                     f"(damaged or stray headers)")
     unnamed = sum(not h.patient_id for h in headers)
     if unnamed and unnamed < len(headers):
         notes.append(f"{unnamed} of {len(headers)} slices have no PatientID: taken as the series' patient {patient_id}")
