@@ -908,10 +908,10 @@ def test_a_stamped_cache_serves_a_file_only_as_it_was_and_only_to_the_same_code(
         computed.append(path.name)
         return path.read_text().upper()
 
-    def run(version="v1", **kw):
+    def run(version="v1", files=(a, b), **kw):
         computed.clear()
-        cache = StampedCache(store, version, **kw)
-        got = [cache.get(p.name, p, lambda p=p: value(p)) for p in (a, b) if p.exists()]
+        cache = StampedCache(store, version, path_of=lambda key: tmp_path / key, **kw)
+        got = [cache.get(p.name, lambda p=p: value(p)) for p in files if p.exists()]
         cache.save()
         return got
 
@@ -924,6 +924,8 @@ def test_a_stamped_cache_serves_a_file_only_as_it_was_and_only_to_the_same_code(
     os.utime(a, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))
     assert run() == ["UNO", "TWO!"] and computed == ["a.txt"]
     assert run(version="v2") == ["UNO", "TWO!"] and computed == ["a.txt", "b.txt"]   # other code
+    assert run(version="v2", files=(a,)) == ["UNO"] and computed == []   # b not asked for this time: kept
+    assert run(version="v2") == ["UNO", "TWO!"] and computed == []
     assert run(version="v2", fresh=True) == ["UNO", "TWO!"] and computed == ["a.txt", "b.txt"]
     b.unlink()
     run(version="v2")
@@ -935,11 +937,13 @@ def test_a_stamped_cache_serves_a_file_only_as_it_was_and_only_to_the_same_code(
         assert run(version="v2") == ["UNO"] and computed == ["a.txt"], damaged
     assert run(version="") == ["UNO"] and computed == ["a.txt"]   # no version: no cache
     assert code_version(a) != code_version(a, extra="lib 2") and code_version(tmp_path / "gone") == ""
-    packed = StampedCache(store, "v3", pack=lambda values: {"many": values}, unpack=lambda data: data["many"])
-    packed.get("a.txt", a, lambda: "x")
+    packed = StampedCache(store, "v3", path_of=lambda key: tmp_path / key, pack=lambda values: {"many": values},
+                          unpack=lambda data: data["many"])
+    packed.get("a.txt", lambda: "x")
     packed.save()
     assert json.loads(store.read_bytes().split(b"\n", 1)[1])["values"] == {"many": ["x"]}
-    assert StampedCache(store, "v3", unpack=lambda data: data["many"]).lookup("a.txt", a) == (True, "x")
+    assert StampedCache(store, "v3", path_of=lambda key: tmp_path / key,
+                        unpack=lambda data: data["many"]).lookup("a.txt") == (True, "x")
 
 
 def test_a_scan_as_dicom_and_as_its_nifti_conversion_stays_on_one_side_of_the_split(tmp_path):

@@ -793,7 +793,7 @@ def _owner(read: LidcRead, path: str, by_uid: dict[str, _Series], series: list[_
 
 def _use_xml(path: str, out: _Collector, by_uid: dict[str, _Series], series: list[_Series],
              reads: StampedCache) -> None:
-    record = reads.get(os.path.abspath(path), path, lambda: _parsed(path))
+    record = reads.get(os.path.abspath(path), lambda: _parsed(path))
     if "error" in record:
         raise AnnotationError(record["error"])
     read = read_of_record(record["read"])

@@ -506,7 +506,7 @@ def _scan_headers(paths: list[str], root: Path, workers: int, progress: bool,
                          pack=dicom_io.pack_header_records, unpack=dicom_io.unpack_header_records, fresh=fresh)
     known, unread = {}, []
     for path in paths:
-        found, record = cache.lookup(os.path.abspath(path), path)
+        found, record = cache.lookup(os.path.abspath(path))
         if found:
             known[path] = dicom_io.headers_of_record(path, record)
         else:
@@ -553,12 +553,12 @@ def _same_scans(root: Path, rows: dict[str, dict]) -> list[list[str]]:
     groups = []
     # without the cache every re-run read again, in full, each volume that shares its shape and
     # spacing with another (on LIDC-IDRI, GBs from disk per run)
-    digests = StampedCache(root / DIGESTS_FILE, code_version(__file__))
+    digests = StampedCache(root / DIGESTS_FILE, code_version(__file__), path_of=lambda key: root / key)
     for sids in (group for group in alike.values() if len(group) > 1):
         copies = defaultdict(list)
         for sid in sids:
             path = _kept_volume(root, rows[sid])
-            digest = (digests.get(path.relative_to(root).as_posix(), path, lambda p=path: _voxels_digest(p))
+            digest = (digests.get(path.relative_to(root).as_posix(), lambda p=path: _voxels_digest(p))
                       if path is not None else None)
             if digest is not None:
                 copies[digest].append(sid)

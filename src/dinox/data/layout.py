@@ -122,25 +122,28 @@ def code_version(*sources, extra: str = "") -> str:
 
 
 class StampedCache:
-    """Results computed from files, kept between runs in one JSON file by each file's key,
-    size and modification time (nanoseconds), and by `version`, the code that computed them
-    (`code_version`): a file written anew, or changed code, is computed again.
+    """Results computed from files, kept between runs in one JSON file by each file's key
+    (`path_of(key)` is the file), size and modification time (nanoseconds), and by `version`,
+    the code that computed them (`code_version`): a file written anew, or changed code, is
+    computed again.
 
     Only a cache: a missing, damaged (its sha256 is kept with it) or unwritable file, or one
-    of another version, costs a recomputation, never a result. `save` keeps the entries looked up this run, so files
-    gone or no longer read drop out and the file stays the size of one run's work.
+    of another version, costs a recomputation, never a result. `save` keeps what was looked
+    up this run and the other entries whose files are still as they were (a prep of another
+    part of an archive keeps the first part's), so files gone or changed drop out.
     `pack(values) -> JSON` and `unpack(JSON) -> values` convert all values at once (so that
     a packing can store what many values share once); values must compare equal across a
     round trip. `fresh`: read nothing from the file (prep --force)."""
 
-    def __init__(self, file, version: str, pack: Callable[[list], Any] | None = None,
-                 unpack: Callable[[Any], list] | None = None, fresh: bool = False) -> None:
-        self.file, self.version = Path(file), version
+    def __init__(self, file, version: str, path_of: Callable[[str], Path] = Path,
+                 pack: Callable[[list], Any] | None = None, unpack: Callable[[Any], list] | None = None,
+                 fresh: bool = False) -> None:
+        self.file, self.version, self.path_of = Path(file), version, path_of
         self._pack = pack or list
         self._unpack = unpack or list
         self.known: dict[str, tuple[tuple[int, int], Any]] = {} if fresh or not version else self._load()
         self.used: dict[str, tuple[tuple[int, int], Any]] = {}
-        self._stamps: dict[str, tuple[int, int]] = {}
+        self._stamps: dict[str, tuple[int, int] | None] = {}
 
     def _load(self) -> dict:
         try:
@@ -157,26 +160,28 @@ class StampedCache:
         except Exception:   # missing, cut short, edited, of an older layout: compute again
             return {}
 
-    def lookup(self, key: str, path) -> tuple[bool, Any]:
-        """(True, value) where `path` is as it was when its value was stored, else (False, None)
-        (then `store` the value computed). The file is stat'ed before it is read, so a file
-        changed while being read is computed again next time."""
+    def _stamp(self, key: str) -> tuple[int, int] | None:
         try:
-            st = os.stat(path)
+            st = os.stat(self.path_of(key))
         except OSError:
-            return False, None
-        stamp = (st.st_size, st.st_mtime_ns)
-        self._stamps[key] = stamp
+            return None
+        return (st.st_size, st.st_mtime_ns)
+
+    def lookup(self, key: str) -> tuple[bool, Any]:
+        """(True, value) where the file is as it was when its value was stored, else (False,
+        None) (then `store` the value computed). The file is stat'ed before it is read, so a
+        file changed while being read is computed again next time."""
+        stamp = self._stamps[key] = self._stamp(key)
         entry = self.known.get(key)
-        if entry is not None and entry[0] == stamp:
+        if stamp is not None and entry is not None and entry[0] == stamp:
             self.used[key] = entry
             return True, entry[1]
         return False, None
 
-    def get(self, key: str, path, compute: Callable[[], Any]) -> Any:
-        """The stored value of `path`, else `compute()`, stored unless it is None (a failure
+    def get(self, key: str, compute: Callable[[], Any]) -> Any:
+        """The stored value of the file, else `compute()`, stored unless it is None (a failure
         that may pass, computed again next time)."""
-        found, value = self.lookup(key, path)
+        found, value = self.lookup(key)
         if not found:
             value = compute()
             if value is not None:
@@ -185,15 +190,20 @@ class StampedCache:
 
     def store(self, key: str, value: Any) -> None:
         """Keep `value` for the file `lookup` stat'ed under `key`."""
-        if key in self._stamps:
+        if self._stamps.get(key) is not None:
             self.used[key] = (self._stamps[key], value)
 
     def save(self) -> None:
-        if not self.version or self.used == self.known or not (self.used or self.file.exists()):
+        if not self.version:
             return
-        keys = sorted(self.used)
-        data = {"keys": keys, "stamps": [self.used[k][0] for k in keys],
-                "values": self._pack([self.used[k][1] for k in keys])}
+        kept = dict(self.used)
+        for key, entry in self.known.items():   # not looked up this run: kept while their files are unchanged
+            if key not in self._stamps and self._stamp(key) == entry[0]:
+                kept[key] = entry
+        if kept == self.known or not (kept or self.file.exists()):
+            return
+        keys = sorted(kept)
+        data = {"keys": keys, "stamps": [kept[k][0] for k in keys], "values": self._pack([kept[k][1] for k in keys])}
         try:
             body = json.dumps(data, separators=(",", ":")).encode("utf-8")
             head = json.dumps({"version": self.version, "sha256": hashlib.sha256(body).hexdigest()})
