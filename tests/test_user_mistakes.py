@@ -78,7 +78,9 @@ def test_synth_refuses_to_mix_two_datasets_but_repeats_the_same_one(tmp_path, ca
     assert "already holds another synthetic dataset (1 chest series, seed 0)" in one_line_error(capsys)
     assert len(json.loads((out / "labels.json").read_text())["series"]) == 1
     (out / "labels.json").unlink()                                   # as if interrupted before the labels
+    (out / ".labels.json.otherhost.4242.tmp").write_text("{cut")     # killed while writing them
     assert main(["synth", "--out", str(out), *SMALL_SYNTH]) == 0
+    assert not (out / ".labels.json.otherhost.4242.tmp").exists()
     assert not (out / ".synth_request.json").exists()                # gone with the labels written
     # interrupted while asked for another shape: its patient folders are named alike, its slices are not
     (out / "labels.json").unlink()

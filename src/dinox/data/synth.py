@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +51,7 @@ from dinox.data.phantom_head import HAEMORRHAGE_TYPES, make_head_phantom
 from dinox.data.phantom_limb import LIMB_FINDING_TYPES, make_limb_phantom
 from dinox.errors import UserError
 from dinox.run.device import available_memory_bytes
+from dinox.run.files import atomic_write_text, remove_write_temps
 
 PADDING_HU = -3024
 FAMILY_CONVENTION = "chest | head | limb: the phantom family (dinox synth --family)"
@@ -434,8 +436,10 @@ def _refuse_other_dataset(out: Path, patients: int, slices: int, size: int, seed
     interrupted before its labels.json."""
     if not out.is_dir() or not any(out.iterdir()):
         return
-    ours = {patient_id_of(seed, i, family) for i in range(patients)} | {".labels.json.tmp", REQUEST_FILE}
-    if not (out / "labels.json").exists() and all(p.name in ours for p in out.iterdir()):
+    ours = {patient_id_of(seed, i, family) for i in range(patients)} | {REQUEST_FILE}
+    labels_temp = re.compile(r"\.labels\.json\..*\.tmp")   # run.files.temp_path's, of a write cut short
+    if not (out / "labels.json").exists() and all(p.name in ours or labels_temp.fullmatch(p.name)
+                                                  for p in out.iterdir()):
         # interrupted before its labels.json: the same dataset again only where it was asked
         # with the same shape (its patients' folders are named alike whatever the shape)
         try:
@@ -513,6 +517,7 @@ def generate_dataset(out, patients: int, slices: int, size: int, seed: int = 0,
         raise UserError(f"--out {out} is an existing file; give a folder")
     _refuse_other_dataset(out, patients, slices, size, seed, family, slice_thickness)
     out.mkdir(parents=True, exist_ok=True)
+    remove_write_temps(out)   # a labels.json cut short (prep would list it as a file that is no DICOM)
     request = out / REQUEST_FILE
     request.write_text(_json(_request(patients, slices, size, seed, family, slice_thickness)) + "\n")
     writer = _SeriesWriter(str(out), seed, family, slices, size, slice_thickness)
@@ -521,8 +526,6 @@ def generate_dataset(out, patients: int, slices: int, size: int, seed: int = 0,
               "conventions": family_conventions(family), "series": series}
     if slice_thickness is not None:
         labels["slice_thickness"] = slice_thickness
-    tmp = out / ".labels.json.tmp"
-    tmp.write_text(_json(labels) + "\n")
-    tmp.replace(out / "labels.json")
+    atomic_write_text(out / "labels.json", _json(labels) + "\n")
     request.unlink(missing_ok=True)
     return labels
