@@ -416,3 +416,12 @@ def test_a_refused_run_names_its_estimate_in_the_estimates_unit():
     plan = {"estimate": SimpleNamespace(total=int(0.9 * 1024**3)), "device_memory_bytes": 1024**3 // 2,
             "suggestions": ["enable --amp"]}
     assert wont_fit_message(plan).startswith("this run needs about 0.9 GiB but the device has 0.5 GiB; ways out")
+
+
+def test_a_negative_log_interval_is_refused_by_its_type(capsys):
+    """`--log-interval -1` was taken (as 0: a line every step) where every other flag out of
+    range is refused in one line naming it."""
+    assert main(["train", "--log-interval", "-1", "--dry-run"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "argument --log-interval: expected a finite number >= 0, got -1" in err
+    assert err.count("\n") == 1

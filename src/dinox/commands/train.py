@@ -203,7 +203,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--eval-n", type=positive_int, help="validation samples per in-training check (512)")
     g.add_argument("--probe-every", type=nonneg_int,
                    help="steps between frozen-feature nodule probes (Eval/Probe_*; needs labels; 0 off)")
-    g.add_argument("--log-interval", type=float, help="seconds between progress lines (10)")
+    g.add_argument("--log-interval", type=float_at_least(0), help="seconds between progress lines (10)")
     g.add_argument("--log-every", type=positive_int, help="steps between metrics.jsonl/TensorBoard rows (1)")
     g.add_argument("--halt-on-anomaly", action=argparse.BooleanOptionalAction, default=None,
                    help="stop (emergency checkpoint, exit 5) on any alarm: loss spike, collapse, entropy wall, "
