@@ -716,7 +716,8 @@ def test_a_step_that_fails_keeps_an_exact_emergency_checkpoint(processed_root, t
     err = capsys.readouterr().err.strip().splitlines()
     run = only_run(out)
     assert code == 1 and len(err) == 1, err
-    assert err[0].startswith("error: at step 3: RuntimeError: DataLoader worker (pid 4242) is killed"), err
+    assert err[0].startswith("error: at step 3: RuntimeError: DataLoader worker (pid 4242) is killed by signal: "
+                             "Killed; the run's work"), err
     assert "--resume auto" in err[0]
     assert [p.name for p in run.glob("checkpoint_*.pth")] == [checkpoint_path(run, 3, "emergency").name]
     assert "step 4 failed" in (run / "train.log").read_text()

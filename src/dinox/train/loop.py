@@ -273,7 +273,7 @@ class Trainer:
         `reason` in one line (any traceback is in the log above). Not the first step (a checkpoint
         would hold the initial weights, a resume meet the same fault), nor under torchrun: the failing
         rank cannot save alone (the save gathers every rank); the last periodic checkpoint holds."""
-        step = self.progress.step
+        step, reason = self.progress.step, reason.rstrip(". ")   # "...: Killed." is followed by more
         if step == 0:
             raise UserError(f"the first step failed: {reason}; nothing was trained: fix it and run again") from None
         if self.dist.enabled:
