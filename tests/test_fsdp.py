@@ -8,6 +8,7 @@ once, leave a finished run alone and make room on a full disk.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -420,3 +421,78 @@ def test_lines_off_rank_0_name_their_rank(monkeypatch, capsys):
     assert "MASTER_ADDR expected" in err[0]
     monkeypatch.setenv("RANK", "0")
     assert rank_prefix() == ""
+
+
+def test_a_second_stop_signals_line_off_rank_0_names_its_rank(monkeypatch, capsys):
+    """Every rank prints it (each its own second signal): rank 1's line lacked "[rank 1] "."""
+    import dinox.cli
+    from dinox.run.signals import stopped_at_once
+
+    def interrupted(argv):
+        raise stopped_at_once(signal.SIGTERM, saved=True)
+
+    monkeypatch.setattr(dinox.cli, "_run", interrupted)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert main(["train"]) == 143
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("[rank 1] stopped at once by a second stop signal (SIGTERM)"), err
+
+
+_ORPHANED = r"""
+import os, signal, subprocess, sys, time
+if sys.argv[1] == "parent":   # starts the rank and ends, as a torchrun killed outright
+    rank = subprocess.Popen([sys.executable, "-c", sys.argv[2], "rank", sys.argv[2], sys.argv[3]],
+                            stdout=subprocess.PIPE)
+    rank.stdout.readline()   # watching
+    sys.exit(0)
+from dinox.run.signals import stop_when_orphaned
+got = []
+signal.signal(signal.SIGTERM, lambda *a: got.append(1))
+stop_when_orphaned(poll_s=0.02)
+print("watching", flush=True)
+deadline = time.monotonic() + 1
+while time.monotonic() < deadline:
+    time.sleep(0.05)
+open(sys.argv[3], "w").write(str(len(got)))
+"""
+
+
+def test_a_rank_whose_launcher_is_gone_is_asked_to_stop_once(tmp_path):
+    """A torchrun killed outright (or by SIGUSR1, which it does not forward by default) left its
+    ranks training on as orphans. One SIGTERM: a second would stop at once, without saving."""
+    result = tmp_path / "signals"
+    subprocess.run([sys.executable, "-c", _ORPHANED, "parent", _ORPHANED, str(result)], check=True, timeout=30)
+    deadline = time.monotonic() + 20
+    while not result.exists() or not result.read_text():
+        assert time.monotonic() < deadline, "the orphaned rank did not finish"
+        time.sleep(0.05)
+    assert result.read_text() == "1"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGUSR1])
+def test_ranks_of_a_launcher_killed_outright_save_and_stop(processed_root, tmp_path, how):
+    out = tmp_path / "runs"
+    proc = _torchrun(_args(processed_root, out, "--max-steps", "400"))
+    deadline = time.monotonic() + 180
+    while not list(out.glob("*/checkpoint_00000004.pth")):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()[-3000:]
+        time.sleep(0.005)
+    ranks = _descendants(proc.pid)
+    os.kill(proc.pid, how)
+    proc.communicate()
+    deadline = time.monotonic() + 60
+    while any(Path(f"/proc/{pid}").exists() for pid in ranks):
+        if time.monotonic() > deadline:
+            _kill_tree(proc)
+            for pid in ranks:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            raise AssertionError("the ranks trained on without their launcher")
+        time.sleep(0.05)
+    run = only_run(out)
+    log = (run / "train.log").read_text()
+    assert "SIGTERM received: finishing the current step" in log and "stopped at step" in log, log[-2000:]
+    step = int(log.rsplit("stopped at step ", 1)[1].split(";")[0])
+    assert ckpt.parse_checkpoint_name(ckpt.list_checkpoints(run)[-1])[0] == step < 400

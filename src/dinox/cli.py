@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         # a command that knows what the interruption left (prep) says so in the exception;
         # SIGTERM, where a command turns it into an exception (signals.Terminated), exits 143
         try:
-            print(str(exc) or "interrupted", file=sys.stderr)
+            print(rank_prefix() + (str(exc) or "interrupted"), file=sys.stderr)
         except OSError:   # the terminal is gone (SIGHUP): the exit code still tells
             pass
         return getattr(exc, "exit_code", EXIT_SIGINT)

@@ -22,6 +22,7 @@ import torch.distributed as dist
 from torch import nn
 
 from dinox.errors import UserError
+from dinox.run.signals import stop_when_orphaned
 
 
 def initialized() -> bool:
@@ -157,6 +158,8 @@ class DistEnv:
             raise UserError(f"rank {self.rank} of {self.world_size} could not join the process group at {where} "
                             f"({reason}); start the ranks with torchrun, or give every rank the same free "
                             f"MASTER_ADDR and MASTER_PORT") from None
+        if "TORCHELASTIC_RUN_ID" in os.environ:   # started by torchrun: stop when it is gone
+            stop_when_orphaned()
 
     def wrap(self, model: nn.Module, device: torch.device) -> nn.Module:
         if not self.enabled:

@@ -52,6 +52,25 @@ def end_with_parent() -> None:
         pass
 
 
+def stop_when_orphaned(poll_s: float = 1.0) -> None:
+    """In a rank torchrun started: ask this process to stop (one SIGTERM: finish the step,
+    save, exit) once its launcher is gone. A torchrun killed outright, or by a signal it does
+    not forward (SIGUSR1 and SIGUSR2 unless named in its --signals-to-handle: SLURM's
+    pre-emption warning), left its ranks training on as orphans. Not PR_SET_PDEATHSIG: the
+    kernel sends that again as each of the launcher's threads exits, and a second SIGTERM
+    stops at once, without the checkpoint."""
+    import threading
+
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="dinox-follow-launcher", daemon=True).start()
+
+
 class StopRequest:
     """Turns the STOP_SIGNALS into a flag the loop checks after each step; a second signal
     stops at once, except while a checkpoint is being written (`writing`), which it lets
