@@ -51,7 +51,7 @@ import torch
 from dinox.errors import UserError
 from dinox.run import sharded as sharded_store
 from dinox.run.distributed import local
-from dinox.run.files import host_tag, pid_alive, temp_path, unlink_quietly
+from dinox.run.files import atomic_write_text, host_tag, pid_alive, temp_path, unlink_quietly
 from dinox.run.folder_lock import FolderLock, FolderLockedError, holder_text, holds_lock, lock_holder, take_lock
 from dinox.run.rng import capture_rng_state, restore_rng_state
 from dinox.run.torch_file import (NotATorchFile, first_line, is_weights_only_refusal, load_weights_only,
@@ -410,15 +410,9 @@ def _is_no_space(exc: BaseException | None) -> bool:
 
 def _write_sidecar(path: Path, digest: str, size: int) -> None:
     target = sidecar_path(path)
-    tmp = temp_path(target)
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump({"sha256": digest, "size": size}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
+        atomic_write_text(target, json.dumps({"sha256": digest, "size": size}))
     except OSError as exc:
-        unlink_quietly(tmp)
         log.warning("could not write integrity record %s (%s); %s will be verified by a full load",
                     target, exc, path.name)
         return
