@@ -173,6 +173,10 @@ def test_run_directory_holds_every_artifact(trained_run):
                 "teacher_temp", "Entropy_Teacher", "Entropy_Student", "Prototypes_Used", "embedding_std",
                 "grad_norm", "steps_per_s", "samples_per_s"):
         assert key in train_row, key
+    if Path("/proc/meminfo").exists():   # this process's and the host's memory, on every device
+        assert train_row["rss_gb"] > 0.05 and 0.0 < train_row["host_mem_fraction"] < 1.0
+        health = json.loads((step_dir / "health.json").read_text())
+        assert health["host_mem_bound"] in ("machine", "cgroup") and health["host_mem_limit_gb"] > 0
     out_dim = json.loads((trained_run / "config.json").read_text())["train"]["out_dim"]
     assert 1.0 <= train_row["Prototypes_Used"] <= out_dim * (1 + 1e-5)
     assert any("Eval/Retrieval_Ratio" in r for r in rows if r["step"] == 0)

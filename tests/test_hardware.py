@@ -256,7 +256,7 @@ def test_memory_watch_suggests_only_what_is_off(monkeypatch):
 def test_memory_watch_is_silent_on_cpu():
     info = DeviceInfo(kind="cpu", torch_device="cpu", name="cpu", total_memory_bytes=8 * GIB,
                       unified_memory=False, bf16_supported=True, fused_adamw=False, count=1)
-    watch = MemoryWatch(info)
+    watch = MemoryWatch(info, read_host=dict)
     assert watch.check() is None and watch.snapshot() is None
 
 
@@ -276,3 +276,105 @@ def test_cpu_bf16_follows_the_kernels_and_emulated_amp_is_flagged(monkeypatch):
     assert autocast_notice(False, cpu, False) is None and autocast_notice(True, cpu, True) is None
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
     assert detect_device("cpu")[0].bf16_supported
+
+
+def fake_host(tmp_path, *, cgroup_lines, files, total_kb=16 * 1024 * 1024, available_kb=12 * 1024 * 1024):
+    """A /proc and a /sys/fs/cgroup tree holding what `host_memory` reads."""
+    proc, root = tmp_path / "proc", tmp_path / "cgroup"
+    (proc / "self").mkdir(parents=True)
+    (proc / "self" / "status").write_text("Name:\tpython\nVmRSS:\t 2097152 kB\n")
+    (proc / "meminfo").write_text(f"MemTotal:       {total_kb} kB\nMemFree:  1 kB\nMemAvailable:   {available_kb} kB\n")
+    (proc / "self" / "cgroup").write_text("".join(line + "\n" for line in cgroup_lines))
+    for rel, text in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text)
+    root.mkdir(exist_ok=True)
+    return proc, root
+
+
+def test_host_memory_reads_the_machine_and_the_fullest_cgroup(tmp_path):
+    from dinox.observe.health import host_memory
+
+    # cgroup v2, a SLURM-like job: 8 GiB limit, 7 GiB used of which 1 GiB inactive page cache
+    proc, root = fake_host(tmp_path / "v2", cgroup_lines=["0::/slurm/job_7/step_0"], files={
+        "slurm/job_7/memory.max": "max\n",
+        "slurm/job_7/step_0/memory.max": "max\n",
+        "slurm/memory.max": f"{8 * GIB}\n", "slurm/memory.current": f"{7 * GIB}\n",
+        "slurm/memory.stat": f"anon 1\ninactive_file {GIB}\nactive_file 5\n",
+    })
+    mem = host_memory(proc, root)
+    assert mem["rss_gb"] == pytest.approx(2.0)
+    assert mem["host_mem_bound"] == "cgroup"
+    assert mem["host_mem_fraction"] == pytest.approx(6 / 8)          # 6 GiB working set of 8
+    assert mem["host_mem_used_gb"] == pytest.approx(6.0) and mem["host_mem_limit_gb"] == pytest.approx(8.0)
+
+    # no limit anywhere (cgroup v1 writes it as ~2**63): the machine's 4 of 16 GiB in use
+    proc, root = fake_host(tmp_path / "v1", cgroup_lines=["4:memory:/docker/abc", "1:cpu:/"], files={
+        "memory/docker/abc/memory.limit_in_bytes": "9223372036854771712\n",
+        "memory/docker/abc/memory.usage_in_bytes": f"{GIB}\n",
+    })
+    mem = host_memory(proc, root)
+    assert mem["host_mem_bound"] == "machine" and mem["host_mem_fraction"] == pytest.approx(0.25)
+
+    # a container sees its own cgroup as the mount's root: the path it is told is not there
+    proc, root = fake_host(tmp_path / "ns", cgroup_lines=["0::/kubepods/pod1/c1"], files={
+        "memory.max": f"{4 * GIB}\n", "memory.current": f"{3 * GIB}\n", "memory.stat": "inactive_file 0\n",
+    })
+    mem = host_memory(proc, root)
+    assert mem["host_mem_bound"] == "cgroup" and mem["host_mem_fraction"] == pytest.approx(0.75)
+
+    # nothing readable (not Linux): no figures, no error
+    # nothing readable (not Linux): the peak RSS from getrusage only, no error
+    assert set(host_memory(tmp_path / "none", tmp_path / "none")) == {"rss_gb"}
+
+
+def test_host_memory_here_is_a_fraction_of_what_this_machine_has():
+    from dinox.observe.health import host_memory, host_memory_metrics
+
+    mem = host_memory()
+    if "host_mem_fraction" not in mem:
+        pytest.skip("no /proc/meminfo here")
+    assert 0.0 < mem["host_mem_fraction"] < 1.0 and mem["rss_gb"] > 0.01
+    assert set(host_memory_metrics()) == {"rss_gb", "host_mem_fraction"}
+
+
+def test_memory_watch_warns_once_per_crossing_of_host_memory():
+    reading = {"rss_gb": 3.0, "host_mem_used_gb": 10.0, "host_mem_limit_gb": 16.0,
+               "host_mem_fraction": 0.62, "host_mem_bound": "machine"}
+    cpu = DeviceInfo(kind="cpu", torch_device="cpu", name="cpu", total_memory_bytes=16 * GIB,
+                     unified_memory=False, bf16_supported=True, fused_adamw=False, count=1)
+    watch = MemoryWatch(cpu, read_host=lambda: dict(reading))
+    assert watch.check() is None
+    reading.update(host_mem_fraction=0.93, host_mem_bound="cgroup")
+    message = watch.check()
+    assert message is not None and "\n" not in message
+    assert "host memory at 93% of this job's memory limit (cgroup), 16.0 GiB" in message
+    assert "this process holds 3.0 GiB" in message and "--num-workers" in message
+    assert "--batch-size" in message        # on a CPU the model is in host memory
+    assert watch.check() is None            # once per crossing
+    reading["host_mem_fraction"] = 0.5
+    assert watch.check() is None
+    reading["host_mem_fraction"] = 0.91
+    assert watch.check() is not None        # re-armed
+
+
+def test_memory_watch_on_a_discrete_gpu_names_host_remedies_only(monkeypatch):
+    fake_memory(monkeypatch, reserved=GIB, peak=GIB)
+    reading = {"rss_gb": 30.0, "host_mem_limit_gb": 32.0, "host_mem_fraction": 0.97, "host_mem_bound": "machine"}
+    watch = MemoryWatch(gpu_info("cuda", RTX4090[0], RTX4090[1]), read_host=lambda: reading)
+    message = watch.check()
+    assert message.startswith("host memory at 97% of the machine's memory, 32.0 GiB")
+    assert "--num-workers" in message and "--grad-checkpoint" not in message
+    fake_memory(monkeypatch, reserved=90 * GIB, peak=GIB)
+    watch = MemoryWatch(gpu_info("rocm", *STRIX_HALO[:2], unified=True), read_host=lambda: reading)
+    both = watch.check().splitlines()
+    assert both[0].startswith("device memory at") and both[1].startswith("host memory at")
+    assert "--grad-checkpoint" in both[1]   # unified memory: the model is in host memory too
+
+
+def test_memory_watch_survives_a_failing_host_reading():
+    def boom():
+        raise OSError("gone")
+    cpu = DeviceInfo(kind="cpu", torch_device="cpu", name="cpu", total_memory_bytes=8 * GIB,
+                     unified_memory=False, bf16_supported=True, fused_adamw=False, count=1)
+    assert MemoryWatch(cpu, read_host=boom).check() is None

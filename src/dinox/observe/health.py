@@ -1,5 +1,5 @@
-"""Health of the machine a run is on: device memory, GPU telemetry, a health report, and
-the memory watch that warns before the device runs out.
+"""Health of the machine a run is on: device memory, host memory, GPU telemetry, a health
+report, and the memory watch that warns before the device or the host runs out.
 
 Nothing here raises into the training loop: a monitoring hiccup must not kill a long run.
 """
@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -57,10 +58,10 @@ def _allocator_memory(device: torch.device) -> dict:
             "mem_peak_gb": torch.cuda.max_memory_allocated(device) / GIB}
 
 
-def _rss_gb() -> float | None:
+def _rss_gb(proc: Path = Path("/proc")) -> float | None:
     """Current resident set size; falls back to the peak RSS where /proc is absent."""
     try:
-        with open("/proc/self/status") as f:
+        with open(proc / "self" / "status") as f:
             for line in f:
                 if line.startswith("VmRSS:"):
                     return int(line.split()[1]) * 1024 / GIB
@@ -71,6 +72,110 @@ def _rss_gb() -> float | None:
         return peak / GIB if sys.platform == "darwin" else peak * 1024 / GIB
     except Exception:
         return None
+
+
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+_NO_LIMIT = 1 << 60   # cgroup v1 writes "no limit" as a number near 2**63
+
+# (limit, usage, the memory.stat key of inactive file pages) per cgroup version
+_CGROUP_FILES = {2: ("memory.max", "memory.current", "inactive_file"),
+                 1: ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")}
+
+
+def _cgroup_levels(proc: Path, cgroup_root: Path) -> list[tuple[int, Path]]:
+    """(version, folder) of each memory cgroup above this process, leaf first. A folder that
+    is not there (a container sees its own cgroup as the mount's root) is skipped."""
+    try:
+        lines = (proc / "self" / "cgroup").read_text().splitlines()
+    except OSError:
+        return []
+    levels: list[tuple[int, Path]] = []
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        _, controllers, rel = parts
+        if controllers == "":
+            version, base = 2, cgroup_root
+        elif "memory" in controllers.split(","):
+            version, base = 1, cgroup_root / "memory"
+        else:
+            continue
+        rel_path = Path(rel.lstrip("/"))
+        for folder in [base / rel_path, *[base / up for up in rel_path.parents]]:
+            if folder.is_dir() and (version, folder) not in levels:
+                levels.append((version, folder))
+    return levels
+
+
+def _cgroup_use(version: int, folder: Path) -> tuple[int, int] | None:
+    """(working set, limit) in bytes of one cgroup level, None where it has no limit. The
+    working set is the usage less the inactive file pages, which the kernel reclaims before it
+    kills (what `docker stats` and the kubelet count)."""
+    limit_name, usage_name, inactive_key = _CGROUP_FILES[version]
+    try:
+        raw = (folder / limit_name).read_text().strip()
+        if raw == "max" or int(raw) >= _NO_LIMIT:
+            return None
+        limit, usage = int(raw), int((folder / usage_name).read_text().strip())
+    except (OSError, ValueError):
+        return None
+    inactive = 0
+    try:
+        for line in (folder / "memory.stat").read_text().splitlines():
+            key, _, value = line.partition(" ")
+            if key == inactive_key:
+                inactive = int(value)
+                break
+    except (OSError, ValueError):
+        pass
+    return max(usage - inactive, 0), limit
+
+
+def host_memory(proc: Path = Path("/proc"), cgroup_root: Path = CGROUP_ROOT) -> dict[str, Any]:
+    """How full the memory this process may use is, in GiB: {rss_gb (this process),
+    host_mem_used_gb, host_mem_limit_gb, host_mem_fraction, host_mem_bound}.
+
+    Two limits can end a run with the kernel's SIGKILL: the machine's memory (used = MemTotal
+    less MemAvailable, the kernel's estimate of what it can give without swapping) and a cgroup
+    limit (a SLURM job's --mem, a container's), read as its working set against its limit at
+    every level above the process. The fullest one is reported; `host_mem_bound` names it
+    ("machine" or "cgroup"). On a unified-memory APU the GPU's allocations are in these figures
+    too. {} where nothing can be read (not Linux).
+    """
+    out: dict[str, Any] = {}
+    rss = _rss_gb(proc)
+    if rss is not None:
+        out["rss_gb"] = rss
+    candidates: list[tuple[float, int, int, str]] = []
+    try:
+        info = {}
+        for line in (proc / "meminfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            info[key] = int(value.split()[0]) * 1024
+        total, available = info["MemTotal"], info["MemAvailable"]
+        if total > 0:
+            candidates.append(((total - available) / total, total - available, total, "machine"))
+    except (OSError, KeyError, ValueError, IndexError):
+        pass
+    for version, folder in _cgroup_levels(proc, cgroup_root):
+        use = _cgroup_use(version, folder)
+        if use is not None and use[1] > 0:
+            candidates.append((use[0] / use[1], use[0], use[1], "cgroup"))
+    if candidates:
+        fraction, used, limit, bound = max(candidates, key=lambda c: c[0])
+        out.update(host_mem_used_gb=used / GIB, host_mem_limit_gb=limit / GIB,
+                   host_mem_fraction=fraction, host_mem_bound=bound)
+    return out
+
+
+def host_memory_metrics() -> dict[str, float]:
+    """The figures of `host_memory` a metrics row keeps: rss_gb and host_mem_fraction."""
+    try:
+        mem = host_memory()
+    except Exception:
+        return {}
+    return {k: mem[k] for k in ("rss_gb", "host_mem_fraction") if k in mem}
 
 
 def _physical_gpu(index: int, env_vars=("CUDA_VISIBLE_DEVICES",)) -> str:
@@ -192,17 +297,20 @@ def gpu_telemetry(index: int = 0) -> dict:
 
 
 def health_report(device, steps_per_s: float | None = None, samples_per_s: float | None = None) -> dict:
-    """Throughput, process memory, device memory and GPU telemetry. Never raises.
+    """Throughput, process and host memory (`host_memory`), device memory and GPU telemetry.
+    Never raises.
 
     Device memory fields (GIB) and GPU telemetry are None unless `device` is a CUDA/ROCm
     device; `mem_fraction` (reserved / total) is what an OOM watch should look at.
     """
     report: dict[str, Any] = {"time": time.time(), "device": str(device),
                               "steps_per_s": steps_per_s, "samples_per_s": samples_per_s}
+    report.update({"rss_gb": None, "host_mem_used_gb": None, "host_mem_limit_gb": None,
+                   "host_mem_fraction": None, "host_mem_bound": None})
     try:
-        report["rss_gb"] = _rss_gb()
-    except Exception:
-        report["rss_gb"] = None
+        report.update(host_memory())
+    except Exception as e:
+        log.debug("host memory query failed: %s", e)
     mem = {"mem_allocated_gb": None, "mem_reserved_gb": None, "mem_peak_gb": None,
            "mem_total_gb": None, "mem_fraction": None}
     telemetry = {"gpu_temperature_c": None, "gpu_utilization_pct": None, "gpu_power_w": None,
@@ -224,23 +332,29 @@ def health_report(device, steps_per_s: float | None = None, samples_per_s: float
 
 
 class MemoryWatch:
-    """Warns once each time device memory use crosses `warn_fraction` of the total.
+    """Warns once each time device memory, or host memory, crosses `warn_fraction` of its total.
 
-    Use is the larger of the caching allocator's reserved bytes and the peak allocated
+    Device use is the larger of the caching allocator's reserved bytes and the peak allocated
     bytes (torch.cuda.memory_reserved / max_memory_allocated). Only CUDA and ROCm keep
-    these statistics; on other devices `check()` returns None. The warning re-arms once
-    use drops below the fraction again (e.g. after torch.cuda.reset_peak_memory_stats).
+    these statistics; on other devices `snapshot()` returns None. Host use is `host_memory`'s
+    fraction (the machine's or the cgroup's, whichever is fuller), on every device: the kernel
+    ends a process that runs the host out with SIGKILL, which no checkpoint precedes. Each
+    warning re-arms once its use drops below the fraction again (e.g. after
+    torch.cuda.reset_peak_memory_stats).
     """
 
     def __init__(self, device_info: DeviceInfo, warn_fraction: float = 0.9, *,
-                 grad_checkpoint: bool | None = None, amp: bool | None = None):
+                 grad_checkpoint: bool | None = None, amp: bool | None = None,
+                 read_host=host_memory):
         if not 0.0 < warn_fraction <= 1.0:
             raise ValueError(f"warn_fraction must be in (0, 1], got {warn_fraction}")
         self.device_info = device_info
         self.warn_fraction = warn_fraction
         self.grad_checkpoint = grad_checkpoint
         self.amp = amp
+        self.read_host = read_host
         self._above = False
+        self._host_above = False
 
     @property
     def active(self) -> bool:
@@ -260,6 +374,11 @@ class MemoryWatch:
         return {**stats, "mem_fraction": max(stats["mem_reserved_gb"], stats["mem_peak_gb"]) / total}
 
     def check(self) -> str | None:
+        """The warnings of this step (device, then host; one line each), or None."""
+        warnings = [w for w in (self._check_device(), self._check_host()) if w]
+        return "\n".join(warnings) or None
+
+    def _check_device(self) -> str | None:
         stats = self.snapshot()
         if stats is None:
             return None
@@ -275,6 +394,30 @@ class MemoryWatch:
             f"device memory at {fraction:.0%} of {total_gib:.1f} GiB on {self.device_info.name} "
             f"(reserved {stats['mem_reserved_gb']:.1f} GiB, peak allocated {stats['mem_peak_gb']:.1f} GiB); "
             f"to avoid running out of memory: {'; '.join(self._mitigations())}"
+        )
+
+    def _check_host(self) -> str | None:
+        try:
+            mem = self.read_host()
+        except Exception:
+            return None
+        fraction = mem.get("host_mem_fraction")
+        if fraction is None or fraction < self.warn_fraction:
+            self._host_above = False
+            return None
+        if self._host_above:
+            return None
+        self._host_above = True
+        where = "the machine's memory" if mem["host_mem_bound"] == "machine" else "this job's memory limit (cgroup)"
+        rss = f"; this process holds {mem['rss_gb']:.1f} GiB" if mem.get("rss_gb") is not None else ""
+        steps = ["lower --num-workers (each loader worker is a process with its own memory)"]
+        if self.device_info.unified_memory or not self.active:   # the model lives in host memory
+            steps += self._mitigations()
+        else:
+            steps.append("stop other programs on this machine")
+        return (
+            f"host memory at {fraction:.0%} of {where}, {mem['host_mem_limit_gb']:.1f} GiB{rss}; "
+            f"the kernel kills a process that runs it out, without a checkpoint: {'; '.join(steps)}"
         )
 
     def _mitigations(self) -> list[str]:

@@ -23,7 +23,7 @@ from dinox.data.augment import CTAugment
 from dinox.data.dataset import CTSliceDataset, DataChanged, pad_collate
 from dinox.errors import UserError
 from dinox.observe.anomaly import NONFINITE_CHANGES, build_guard, nonfinite_diagnostics, respond
-from dinox.observe.health import MemoryWatch, device_memory_metrics
+from dinox.observe.health import MemoryWatch, device_memory_metrics, host_memory_metrics
 from dinox.observe.metrics import MetricsLogger, MetricsUnwritable, Throughput, format_progress, run_header
 from dinox.run.device import DeviceInfo
 from dinox.run.distributed import DistEnv, all_reduce_
@@ -224,7 +224,7 @@ class Trainer:
             self.progress.step += 1
             step, now = self.progress.step, time.perf_counter()
             metrics = {**result.metrics, **throughput.update(now, first_step_of_run=step - first_step <= 1),
-                       "elapsed": now - start, **device_memory_metrics(self.device)}
+                       "elapsed": now - start, **device_memory_metrics(self.device), **host_memory_metrics()}
             if step % w.log_every == 0 or step == o.max_steps:
                 try:
                     self.metrics.log(step, metrics)
