@@ -78,7 +78,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--vit-dim", type=positive_int)
     g.add_argument("--vit-depth", type=positive_int)
     g.add_argument("--vit-heads", type=positive_int)
-    g.add_argument("--vit-mlp", type=positive_int, help="MLP hidden width (default 4 x dim; 6144 for vit-giant)")
+    g.add_argument("--vit-mlp", type=positive_int,
+                   help="MLP hidden width (default 4 x dim; 6144 for vit-giant and vit-giant2, 6 x dim for dinov3-*plus)")
     g.add_argument("--swiglu", action=argparse.BooleanOptionalAction, default=None, help="SwiGLU MLP instead of GELU")
     g.add_argument("--registers", type=nonneg_int, help="register tokens (default 4)")
     g.add_argument("--drop-path", type=float, help="stochastic depth rate")
