@@ -147,6 +147,12 @@ def test_entropy_wall_advice_leads_with_the_measured_levers_and_says_what_a_resu
         assert "start a new run" not in advice and "--layerscale" not in advice and "--distinct-windows" not in advice
         # Sinkhorn-Knopp is named where the run does not use it already (the tiny recipe does)
         assert ("--centering sinkhorn" in advice) == (cfg.ssl.centering == "centering")
+        # local crops only where the recipe has them and the run turned them off: the tiny
+        # recipe has none on purpose (they cost a short run its retrieval)
+        assert "--local-crops" not in advice
+    no_locals = resolve({"config": "vit-large", "batch_size": 32, "local_crops": 0},
+                        hardware_preset="cpu", device_kind="cpu").cfg
+    assert "local crops (--local-crops 8)" in entropy_wall_advice(no_locals)
 
 
 def test_injected_uniform_teacher_raises_the_entropy_wall(processed_root, tmp_path, monkeypatch, capsys):

@@ -42,7 +42,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from dinox.config import BASE_RECIPE, prototypes_for_batch
+from dinox.config import BASE_RECIPE, prototypes_for_batch, recipe_for
 from dinox.data.dataset import slice_gap
 from dinox.observe.metrics import MetricsUnwritable, tensorboard_tag
 
@@ -528,7 +528,9 @@ def entropy_wall_advice(cfg, world_size: int = 1) -> str:
         resumable.append("--centering sinkhorn (DINOv3's choice; it cannot settle on uniform targets)")
     if o.lr > 5e-4:
         resumable.append(f"a lower --lr (now {o.lr:g})")
-    if v.local_crops == 0:
+    # Not where the preset's recipe has none: the tiny recipe drops them because they cost a
+    # short run its retrieval (docs/recipes.md, "Local crops in a short run").
+    if v.local_crops == 0 and recipe_for(m.preset)["local_crops"]:
         resumable.append("local crops (--local-crops 8)")
     tips = []
     if new_model:
