@@ -52,6 +52,14 @@ def test_a_file_system_failure_is_one_line_naming_the_path(tmp_path, capsys):
     (["demo", "--patients", "1"], "--patients"),
     (["demo", "--draws", "0"], "--draws"),
     (["eval", "retrieval", "--checkpoint", "c", "--min-x-untrained", "-2"], "--min-x-untrained"),
+    # seeds past 2**32 - 1 were taken, then ended training (torch's int64 generator seed) and
+    # the eval commands (scikit-learn's random_state) in a traceback
+    (["train", "--seed", "99999999999999999999"], "--seed"),
+    (["eval", "retrieval", "--checkpoint", "c", "--seed", "99999999999999999999"], "--seed"),
+    (["eval", "probe", "--checkpoint", "c", "--seed", "4294967296"], "--seed"),
+    (["demo", "--seed", "4294967296"], "--seed"),
+    (["synth", "--out", "x", "--seed", "4294967296"], "--seed"),
+    (["prep", "--input", "x", "--split-seed", "4294967296"], "--split-seed"),
 ])
 def test_a_bad_flag_value_is_refused_in_one_line_before_any_work(argv, flag, capsys):
     assert main(argv) == 1
@@ -598,6 +606,8 @@ def test_a_worker_killed_by_the_system_is_one_line_naming_the_remedy():
     ["eval", "probe", "--checkpoint", "", "--data-root", "r"],
     ["monitor", "--checkpoint", "c.pth", "--data-root", ""],
     ["train", "--data-root", ""],
+    ["inspect", ""],                   # was read as ".": "NOT A CHECKPOINT (is a folder ...)"
+    ["demo", "--root", ""],            # was read as ".": the demo's folders in the current one
 ])
 def test_an_empty_path_is_refused_rather_than_read_as_the_current_folder(argv, capsys):
     assert main(argv) == 1

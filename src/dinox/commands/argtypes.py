@@ -32,6 +32,18 @@ def int_at_least(minimum: int):
 positive_int = int_at_least(1)
 nonneg_int = int_at_least(0)
 
+SEED_MAX = 2 ** 32 - 1   # what numpy's RandomState and scikit-learn's random_state take
+
+
+def seed_int(text: str) -> int:
+    """A --seed: a whole number 0 to 2**32 - 1. A larger one was taken and then ended a run
+    or an evaluation in a traceback (torch's int64 generator seed overflowed, scikit-learn
+    refused it as random_state)."""
+    value = nonneg_int(text)
+    if value > SEED_MAX:
+        raise argparse.ArgumentTypeError(f"expected a seed between 0 and {SEED_MAX}, got {value}")
+    return value
+
 
 def step_budget(text: str) -> int:
     """--max-steps: a number of optimizer steps, or `unlimited` (train until stopped)."""

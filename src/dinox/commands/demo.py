@@ -14,7 +14,7 @@ import json
 import time
 from pathlib import Path
 
-from dinox.commands.argtypes import int_at_least, nonneg_int, positive_int
+from dinox.commands.argtypes import int_at_least, nonneg_int, path_text, positive_int, seed_int
 from dinox.commands.eval import interval_text, retrieval_verdict
 from dinox.data.layout import INDEX_FILE
 from dinox.data.parallel import DEFAULT_WORKERS
@@ -53,7 +53,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("demo", help="synthetic CT -> prep -> train vit-tiny -> validate (CPU, minutes)")
     p.add_argument("--family", choices=list(FAMILIES), default="chest",
                    help="phantom family to synthesise (chest, head or limb; see dinox synth)")
-    p.add_argument("--root", default=None,
+    p.add_argument("--root", type=path_text, default=None,
                    help="where the demo writes everything (data/demo; data/demo_<family> for head and limb; "
                         "..._seed<N> for --seed N other than 0)")
     p.add_argument("--patients", type=int_at_least(2), default=DEMO_PATIENTS,
@@ -73,7 +73,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--draws", type=positive_int, default=DEMO_DRAWS,
                    help=f"view draws the final verdict averages, for the checkpoint and its untrained network "
                         f"alike (default {DEMO_DRAWS})")
-    p.add_argument("--seed", type=nonneg_int, default=0,
+    p.add_argument("--seed", type=seed_int, default=0,
                    help="seed of the synthetic data and of the training run (default 0)")
     p.add_argument("--num-workers", type=nonneg_int, default=1,
                    help="data loader worker processes in training (default 1)")

@@ -19,7 +19,14 @@ import json
 import tempfile
 from pathlib import Path
 
-from dinox.commands.argtypes import add_network_and_device, float_at_least, nonneg_int, path_text, positive_int
+from dinox.commands.argtypes import (
+    add_network_and_device,
+    float_at_least,
+    nonneg_int,
+    path_text,
+    positive_int,
+    seed_int,
+)
 from dinox.errors import UserError
 from dinox.run.files import atomic_write_text
 from dinox.run.signals import interrupts_raise
@@ -49,7 +56,7 @@ def add_retrieval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--topk", type=positive_int, nargs="+", default=[1, 5], help="k values to report (default 1 5)")
     p.add_argument("--min-ratio", type=float_at_least(0), default=DEFAULT_MIN_RATIO,
                    help=f"pass threshold on top1 / (1/n) (default {DEFAULT_MIN_RATIO})")
-    p.add_argument("--seed", type=nonneg_int, default=RETRIEVAL_DEFAULTS["seed"], help="seed of the sample draw and the views")
+    p.add_argument("--seed", type=seed_int, default=RETRIEVAL_DEFAULTS["seed"], help="seed of the sample draw and the views")
     p.add_argument("--draws", type=positive_int, default=1,
                    help="independent draws of the views (seeds --seed, --seed + 1, ...), the figures averaged: one "
                         "draw at a few per cent top-1 is noisy, so compare checkpoints on 4 or more (default 1)")
@@ -87,7 +94,7 @@ def add_probe_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"pass line on slice_nodule and patch_nodule (default {probe.DEFAULT_MIN_AUROC})")
     p.add_argument("--min-readers", type=positive_int, default=probe.MIN_READERS,
                    help=f"readers who must mark a nodule for it to count (default {probe.MIN_READERS} of LIDC's 4)")
-    p.add_argument("--seed", type=nonneg_int, default=PROBE_DEFAULTS["seed"],
+    p.add_argument("--seed", type=seed_int, default=PROBE_DEFAULTS["seed"],
                    help="seed of the patient split, the patch draw and the bootstrap")
     add_network_and_device(p)
     p.add_argument("--batch-size", type=positive_int, default=64)

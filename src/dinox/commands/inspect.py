@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from dinox.commands.argtypes import path_text
 from dinox.config import SHAPE_FIELDS, check_checkpoint_format, config_from_checkpoint
 from dinox.errors import UserError
 from dinox.model.dino_model import build_dino_model
@@ -40,7 +41,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                     "model config, provenance, DINO centre statistics and weight norms. "
                     "Exits 1 if any file is damaged.",
     )
-    parser.add_argument("checkpoints", nargs="+", metavar="CKPT", help="checkpoint .pth files")
+    parser.add_argument("checkpoints", nargs="+", type=path_text, metavar="CKPT", help="checkpoint .pth files")
     parser.add_argument("--json", action="store_true", help="print one JSON object per file")
     parser.set_defaults(func=run)
     return parser

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from dinox.commands.argtypes import nonneg_int, path, positive_int
+from dinox.commands.argtypes import path, positive_int, seed_int
 from dinox.data.ingest import NIFTI_PATIENT_CHOICES, format_summary, prepare
 from dinox.data.parallel import DEFAULT_WORKERS
 from dinox.run.signals import interrupts_raise
@@ -25,7 +25,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--force", action="store_true",
                    help="rewrite series that are already done, reading every file again (no cached header)")
     p.add_argument("--val-fraction", type=float, default=0.1, help="fraction of patients for validation")
-    p.add_argument("--split-seed", type=nonneg_int, default=0, help="seed of the patient split")
+    p.add_argument("--split-seed", type=seed_int, default=0, help="seed of the patient split")
     p.add_argument("--nifti-patient", choices=NIFTI_PATIENT_CHOICES, default="name",
                    help="a NIfTI file's patient id: its file name (one scan per patient, e.g. "
                         "LIDC-IDRI-0001.nii.gz) or its folder (<patient>/<scan>.nii.gz: a patient's "

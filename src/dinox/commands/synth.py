@@ -5,7 +5,7 @@ import argparse
 import time
 from pathlib import Path
 
-from dinox.commands.argtypes import int_at_least, nonneg_int, path, positive_int
+from dinox.commands.argtypes import int_at_least, path, positive_int, seed_int
 from dinox.data.parallel import DEFAULT_WORKERS
 from dinox.data.synth import FAMILIES, generate_dataset
 from dinox.run.signals import interrupts_raise
@@ -28,7 +28,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--slice-thickness", type=float, metavar="MM", default=argparse.SUPPRESS,
                    help="slice spacing in mm, e.g. 1.25 for thin-slice chest CT like LIDC-IDRI's (default: the "
                         "slices spread over the anatomy, 0.625-5 mm)")
-    p.add_argument("--seed", type=nonneg_int, default=0, help="random seed; same seed, same files")
+    p.add_argument("--seed", type=seed_int, default=0, help="random seed; same seed, same files")
     p.add_argument("--workers", type=positive_int, default=DEFAULT_WORKERS,
                    help="parallel processes (the files do not depend on it)")
     p.set_defaults(func=run)

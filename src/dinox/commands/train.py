@@ -24,7 +24,15 @@ from dinox.config import (
     RunConfig,
     resolve,
 )
-from dinox.commands.argtypes import boolean, float_at_least, nonneg_int, path_text, positive_int, step_budget
+from dinox.commands.argtypes import (
+    boolean,
+    float_at_least,
+    nonneg_int,
+    path_text,
+    positive_int,
+    seed_int,
+    step_budget,
+)
 from dinox.data.layout import same_path
 from dinox.errors import UserError
 from dinox.model.head import PROTOTYPE_NORMS
@@ -168,7 +176,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                         "are resized back to the student's grid (DINOv3's high-resolution Gram teacher: 2; "
                         "costs a teacher forward at scale^2 the tokens)")
     g.add_argument("--horizon", type=positive_int, help="schedule span of an unlimited run")
-    g.add_argument("--seed", type=nonneg_int)
+    g.add_argument("--seed", type=seed_int)
 
     g = p.add_argument_group("hardware")
     g.add_argument("--device", choices=DEVICE_CHOICES, default=None, help="override detection (default auto)")
