@@ -801,6 +801,10 @@ def validate(cfg: RunConfig) -> None:
         raise UserError("--ibot-mask-ratio must be two numbers 0 <= min <= max < 1 (DINOv2: 0.1 0.5)")
     if not 0.0 <= s.ibot_mask_probability <= 1.0:
         raise UserError("--ibot-mask-probability must lie in [0, 1] (DINOv2: 0.5)")
+    if s.ibot_mask_probability == 0 and s.ibot_weight > 0:
+        raise UserError(f"--ibot-mask-probability 0 masks no image, so the iBOT term (--ibot-weight "
+                        f"{s.ibot_weight:g}) has no patch to predict; give a probability > 0 (DINOv2: 0.5), or "
+                        f"--ibot-weight 0 to turn iBOT off")
     if s.gram_start_step < 0:
         raise UserError("--gram-start-step must be >= 0")
     if s.gram_teacher_scale < 1:
