@@ -622,6 +622,16 @@ def test_a_global_view_of_one_patch_is_refused_naming_the_smallest_size(processe
     capsys.readouterr()
 
 
+@pytest.mark.parametrize("flag", ["--vit-dim", "--head-hidden"])
+def test_a_model_too_wide_for_torch_to_size_is_a_wont_fit_line(flag, processed_root, tmp_path, capsys):  # noqa: F811
+    """--vit-dim 1000000000 (a 3e9 x 1e9 qkv weight) ended the dry run, and a training launch,
+    in a traceback: 'RuntimeError: Storage size calculation overflowed' from the meta build."""
+    argv = train_args(processed_root, tmp_path / "runs", "--dry-run")
+    assert main([*argv, flag, "100000000000"]) == 3
+    err = one_line_error(capsys)
+    assert "the model fits no device" in err and f"{flag} 100000000000" in err
+
+
 def test_a_checkpoint_missing_its_network_or_with_a_bad_step_is_named_damaged(one_step_checkpoint, tmp_path,
                                                                                capsys):
     import torch

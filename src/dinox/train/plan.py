@@ -61,7 +61,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 
+from dinox.errors import UserError
 from dinox.losses.ibot import chunk_rows
+from dinox.run.signals import EXIT_WONT_FIT
 
 GIB = 1024**3
 
@@ -385,6 +387,12 @@ def _masked_patches_per_image(cfg) -> float:
     return 2 * s.ibot_mask_probability * mean_ratio * patches
 
 
+class TooLargeToDescribe(UserError):
+    """A model whose weights torch cannot even size: it fits no device (the dry run's exit 3)."""
+
+    exit_code = EXIT_WONT_FIT
+
+
 def plan_memory(cfg, device_memory_gb: float | None, device_total_bytes: int | None, *,
                 world_size: int = 1) -> dict:
     """Build the run's networks on the meta device, count parameters and estimate the
@@ -396,8 +404,16 @@ def plan_memory(cfg, device_memory_gb: float | None, device_total_bytes: int | N
     from dinox.model.vit import swiglu_hidden_dim
 
     m, v, o = cfg.model, cfg.views, cfg.optim
-    with torch.device("meta"):
-        model = build_dino_model(m, img_size=v.img_size)
+    try:
+        with torch.device("meta"):
+            model = build_dino_model(m, img_size=v.img_size)
+    except RuntimeError as exc:   # "Storage size calculation overflowed": a weight of over 2**63 bytes
+        if "overflow" not in str(exc):
+            raise
+        raise TooLargeToDescribe(
+            f"the model fits no device: one of its weights would hold more than 2**63 bytes (--vit-dim {m.vit_dim}, "
+            f"--vit-mlp {m.vit_mlp}, --out-dim {m.out_dim}, --head-hidden {m.head_hidden}, --head-bottleneck "
+            f"{m.head_bottleneck}); give widths of a real ViT (vit-giant: --vit-dim 1536)") from None
     backbone_params = sum(p.numel() for p in model.backbone.parameters())
     heads = [model.head] + ([model.ibot_head] if model.has_ibot else [])
     head_params = sum(p.numel() for head in heads for p in head.parameters())
