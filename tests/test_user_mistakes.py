@@ -60,6 +60,9 @@ def test_a_file_system_failure_is_one_line_naming_the_path(tmp_path, capsys):
     (["demo", "--seed", "4294967296"], "--seed"),
     (["synth", "--out", "x", "--seed", "4294967296"], "--seed"),
     (["prep", "--input", "x", "--split-seed", "4294967296"], "--split-seed"),
+    # a step budget past 10M sat silent in resolve() (the teacher-momentum fit walks every step)
+    (["train", "--max-steps", "99999999999999999999999"], "--max-steps"),
+    (["demo", "--steps", "10000001"], "--steps"),
 ])
 def test_a_bad_flag_value_is_refused_in_one_line_before_any_work(argv, flag, capsys):
     assert main(argv) == 1

@@ -45,11 +45,31 @@ def seed_int(text: str) -> int:
     return value
 
 
+# 10x the longest published DINO run (DINOv3's 7B: 1M iterations). Beyond it a number is a
+# stand-in for "forever", and resolve() fits the teacher momentum by walking every step once:
+# --max-steps 99999999999999999999999 sat silent in that walk, never reaching a first line.
+MAX_STEP_BUDGET = 10_000_000
+
+
+def _steps(text: str, beyond: str) -> int:
+    value = positive_int(text)
+    if value > MAX_STEP_BUDGET:
+        raise argparse.ArgumentTypeError(f"expected at most {MAX_STEP_BUDGET} steps, got {value}{beyond}")
+    return value
+
+
+def step_count(text: str) -> int:
+    """A number of optimizer steps, 1 to MAX_STEP_BUDGET (the demo's --steps)."""
+    return _steps(text, "")
+
+
 def step_budget(text: str) -> int:
     """--max-steps: a number of optimizer steps, or `unlimited` (train until stopped)."""
     from dinox.config import UNLIMITED_STEPS
 
-    return UNLIMITED_STEPS if text.strip().lower() == "unlimited" else positive_int(text)
+    if text.strip().lower() == "unlimited":
+        return UNLIMITED_STEPS
+    return _steps(text, "; for a run that trains until stopped give `unlimited`")
 
 
 def float_at_least(minimum: float, *, inclusive: bool = True):

@@ -14,7 +14,7 @@ import json
 import time
 from pathlib import Path
 
-from dinox.commands.argtypes import int_at_least, nonneg_int, path_text, positive_int, seed_int
+from dinox.commands.argtypes import int_at_least, nonneg_int, path_text, positive_int, seed_int, step_count
 from dinox.commands.eval import interval_text, retrieval_verdict
 from dinox.data.layout import INDEX_FILE
 from dinox.data.parallel import DEFAULT_WORKERS
@@ -63,7 +63,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help=f"slices per synthetic series (default {DEMO_SLICES}; at least 3 for the 2.5D context)")
     p.add_argument("--size", type=positive_int, default=DEMO_SIZE,
                    help=f"side of the synthetic slices in pixels (default {DEMO_SIZE})")
-    p.add_argument("--steps", type=positive_int, default=None,
+    p.add_argument("--steps", type=step_count, default=None,
                    help=f"training steps (default {DEMO_STEPS} with bf16 autocast, {DEMO_STEPS_FP32} in fp32: "
                         f"what fits the demo's 8 minutes on 2 cores)")
     p.add_argument("--batch-size", type=positive_int, default=None,
