@@ -557,6 +557,7 @@ def test_probe_at_another_input_size_has_a_finer_grid_and_its_own_json(labelled,
 
 @pytest.mark.parametrize("extra, message", [
     (["--size", "60"], "multiple of the model's patch size"),
+    (["--size", "100000"], "give at most 4096 px"),   # was taken, then sat resizing slices to 100000 px
     (["--batch-size", "0"], "argument --batch-size: expected a number >= 1, got 0"),
     (["--min-auroc", "1.5"], "between 0 and 1"),
     (["--test-fraction", "1"], "--test-fraction"),
