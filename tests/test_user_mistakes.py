@@ -752,3 +752,22 @@ def test_the_seed_scripts_run_their_own_checkout_not_an_installed_dinox(tmp_path
     assert done.returncode == 0, done.stderr
     assert "the other dinox" not in done.stdout
     assert "checkpoint" in done.stdout
+
+
+def test_a_collapse_line_no_run_can_clear_is_refused_before_any_work(capsys):
+    """The collapse statistic is at most sqrt(n / (n - 1) / D) for n class tokens of width D,
+    and a healthy reading is twice the line: vit-tiny (D 192) at its batch of 8 can clear 0.03
+    but not 0.04, which used to report every run as collapsed after its grace (with an
+    emergency checkpoint)."""
+    from dinox.errors import UserError
+    from dinox.observe.anomaly import check_collapse_line
+
+    assert main(["train", "--config", "vit-tiny", "--batch-size", "8", "--collapse-std", "0.04", "--dry-run"]) == 1
+    err = one_line_error(capsys)
+    assert "--collapse-std 0.04 cannot be cleared: for 16 class tokens of width 192" in err
+    assert "below 0.0373" in err     # sqrt(16 / 15 / 192) / 2
+    assert main(["train", "--config", "vit-tiny", "--batch-size", "8", "--collapse-std", "0.03", "--dry-run"]) == 0
+    check_collapse_line(0.01, 1536, rows=2)       # the default holds for ViT-Giant's width, even at batch 1
+    check_collapse_line(0.0125, 1536, rows=256)
+    with pytest.raises(UserError, match="below 0.0128"):
+        check_collapse_line(0.013, 1536, rows=256)

@@ -36,6 +36,7 @@ from dinox.commands.argtypes import (
 from dinox.data.layout import same_path
 from dinox.errors import UserError
 from dinox.model.head import PROTOTYPE_NORMS
+from dinox.observe.anomaly import check_collapse_line
 from dinox.run.checkpoint import CheckpointError, disk_size_text, free_space
 from dinox.run.device import HARDWARE_PRESETS
 from dinox.run.files import atomic_write_text
@@ -302,6 +303,7 @@ def run(args: argparse.Namespace) -> int:
     if args.resume == "auto" and source is None and not args.dry_run:
         resolved.notices.append(f"--resume auto: no checkpoint under {out_root}; starting a new run")
 
+    check_collapse_line(cfg.watch.collapse_std, cfg.model.vit_dim, rows=2 * cfg.optim.batch_size)  # 2 global views
     plan = plan_memory(cfg, args.device_memory, info.total_memory_bytes, world_size=world_size)
     if cfg.runtime.parallel == "fsdp" and not args.dry_run and not dist.enabled:
         resolved.notices.append("--parallel fsdp in a single process: nothing to shard over, training unsharded "

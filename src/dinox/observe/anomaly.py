@@ -42,8 +42,9 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from dinox.config import BASE_RECIPE, prototypes_for_batch, recipe_for
+from dinox.config import BASE_RECIPE, WatchConfig, prototypes_for_batch, recipe_for
 from dinox.data.dataset import slice_gap
+from dinox.errors import UserError
 from dinox.observe.metrics import MetricsUnwritable, tensorboard_tag
 
 AnomalyKind = Literal["loss_spike", "collapse", "nonfinite", "entropy_wall", "not_learning"]
@@ -461,6 +462,24 @@ def build_guard(cfg, world_size: int = 1, thinnest_slices_mm: float | None = Non
                         halt_on_anomaly=watch.halt_on_anomaly, collapse_grace_steps=max(cfg.optim.warmup_steps, 100),
                         entropy_wall=wall, retrieval=progress, std_window=10, spike_advice=spike_advice(cfg),
                         collapse_advice=collapse_advice(cfg))
+
+
+def check_collapse_line(collapse_std: float, embed_dim: int, rows: int) -> None:
+    """Refuse a collapse line that no run can stay clear of.
+
+    The statistic (`dinox.eval.rank.normalized_std`: the mean per-dimension std of the
+    L2-normalised class tokens of a micro-batch's `rows` global views) is at most
+    sqrt(rows / (rows - 1)) / sqrt(D): the per-dimension variances of unit vectors sum to at
+    most 1, and the unbiased std adds the factor. A reading counts as healthy only at
+    `HEALTHY_MARGIN` times the line, so a line above that bound over the margin would report
+    every run as collapsed once its grace ends (with an emergency checkpoint).
+    """
+    ceiling = math.sqrt(rows / max(rows - 1, 1) / embed_dim)
+    if collapse_std * HEALTHY_MARGIN > ceiling:
+        raise UserError(
+            f"--collapse-std {collapse_std:g} cannot be cleared: for {rows} class tokens of width {embed_dim} a "
+            f"step's statistic is at most {ceiling:.3g}, and a reading is healthy only at {HEALTHY_MARGIN:g}x the "
+            f"line; give a value below {ceiling / HEALTHY_MARGIN:.3g} (default {WatchConfig.collapse_std:g})")
 
 
 # What a resume after a non-finite loss should change (the halt's last line, and the refusal of a
