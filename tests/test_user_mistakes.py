@@ -771,3 +771,10 @@ def test_a_collapse_line_no_run_can_clear_is_refused_before_any_work(capsys):
     check_collapse_line(0.0125, 1536, rows=256)
     with pytest.raises(UserError, match="below 0.0128"):
         check_collapse_line(0.013, 1536, rows=256)
+
+
+def test_a_non_positive_temperature_is_named_with_the_recipes_values(capsys):
+    assert main(["train", "--config", "vit-tiny", "--teacher-temp", "0", "--dry-run"]) == 1
+    err = one_line_error(capsys)
+    assert "temperatures must be positive: --teacher-temp 0," in err
+    assert "(the recipes: teacher 0.04, vit-tiny 0.02; student 0.1)" in err

@@ -776,7 +776,10 @@ def validate(cfg: RunConfig) -> None:
     if not 0.0 <= s.momentum <= 1.0 or not 0.0 <= s.momentum_end <= 1.0:
         raise UserError("--momentum and --momentum-end must lie in [0, 1] (typical 0.994 -> 1.0)")
     if s.teacher_temp <= 0 or s.student_temp <= 0 or s.teacher_temp_start <= 0:
-        raise UserError("temperatures must be positive (typical: --teacher-temp 0.07 --student-temp 0.1)")
+        raise UserError(f"temperatures must be positive: --teacher-temp {s.teacher_temp:g}, --teacher-temp-start "
+                        f"{s.teacher_temp_start:g}, --student-temp {s.student_temp:g} (the recipes: teacher "
+                        f"{BASE_RECIPE['teacher_temp']:g}, vit-tiny {RECIPES['vit-tiny']['teacher_temp']:g}; student "
+                        f"{BASE_RECIPE['student_temp']:g})")
     if not 0.0 <= s.center_momentum < 1.0:
         raise UserError(f"--center-momentum {s.center_momentum} must lie in [0, 1) (typical 0.9)")
     if w.spike_factor <= 1.0:
