@@ -303,8 +303,9 @@ def run(args: argparse.Namespace) -> int:
     if args.resume == "auto" and source is None and not args.dry_run:
         resolved.notices.append(f"--resume auto: no checkpoint under {out_root}; starting a new run")
 
-    check_collapse_line(cfg.watch.collapse_std, cfg.model.vit_dim, rows=2 * cfg.optim.batch_size)  # 2 global views
     plan = plan_memory(cfg, args.device_memory, info.total_memory_bytes, world_size=world_size)
+    if plan["fits"]:   # a model that fits no device is answered first, with its ways out
+        check_collapse_line(cfg.watch.collapse_std, cfg.model.vit_dim, rows=2 * cfg.optim.batch_size)  # 2 globals
     if cfg.runtime.parallel == "fsdp" and not args.dry_run and not dist.enabled:
         resolved.notices.append("--parallel fsdp in a single process: nothing to shard over, training unsharded "
                                 "(launch with torchrun --nproc-per-node N to shard)")
