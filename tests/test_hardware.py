@@ -282,8 +282,11 @@ def fake_host(tmp_path, *, cgroup_lines, files, total_kb=16 * 1024 * 1024, avail
     """A /proc and a /sys/fs/cgroup tree holding what `host_memory` reads."""
     proc, root = tmp_path / "proc", tmp_path / "cgroup"
     (proc / "self").mkdir(parents=True)
-    (proc / "self" / "status").write_text("Name:\tpython\nVmRSS:\t 2097152 kB\n")
-    (proc / "meminfo").write_text(f"MemTotal:       {total_kb} kB\nMemFree:  1 kB\nMemAvailable:   {available_kb} kB\n")
+    # 3 GiB resident, of which 1 GiB mapped data files: 2 GiB anonymous + shared
+    (proc / "self" / "status").write_text("Name:\tpython\nVmRSS:\t 3145728 kB\nRssAnon:\t 1572864 kB\n"
+                                           "RssFile:\t 1048576 kB\nRssShmem:\t 524288 kB\n")
+    (proc / "meminfo").write_text(f"MemTotal:       {total_kb} kB\nMemFree:  1 kB\nMemAvailable:   {available_kb} kB\n"
+                                  "HugePages_Total:       0\n")
     (proc / "self" / "cgroup").write_text("".join(line + "\n" for line in cgroup_lines))
     for rel, text in files.items():
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -295,67 +298,101 @@ def fake_host(tmp_path, *, cgroup_lines, files, total_kb=16 * 1024 * 1024, avail
 def test_host_memory_reads_the_machine_and_the_fullest_cgroup(tmp_path):
     from dinox.observe.health import host_memory
 
-    # cgroup v2, a SLURM-like job: 8 GiB limit, 7 GiB used of which 1 GiB inactive page cache
+    # cgroup v2, a SLURM-like job: an 8 GiB limit two levels up, 7 GiB used of which 2 GiB file
+    # pages the kernel can drop (the mapped volumes) and 1 GiB shared memory it cannot; the step
+    # below it has a 16 GiB limit of its own, less full, which must not win
     proc, root = fake_host(tmp_path / "v2", cgroup_lines=["0::/slurm/job_7/step_0"], files={
+        "slurm/job_7/step_0/memory.max": f"{16 * GIB}\n", "slurm/job_7/step_0/memory.current": f"{GIB}\n",
         "slurm/job_7/memory.max": "max\n",
-        "slurm/job_7/step_0/memory.max": "max\n",
         "slurm/memory.max": f"{8 * GIB}\n", "slurm/memory.current": f"{7 * GIB}\n",
-        "slurm/memory.stat": f"anon 1\ninactive_file {GIB}\nactive_file 5\n",
+        "slurm/memory.stat": f"anon 1\nfile {3 * GIB}\nshmem {GIB}\nactive_file 5\n",
     })
     mem = host_memory(proc, root)
-    assert mem["rss_gb"] == pytest.approx(2.0)
+    assert mem["rss_gb"] == pytest.approx(2.0)                        # RssAnon + RssShmem, not VmRSS
     assert mem["host_mem_bound"] == "cgroup"
-    assert mem["host_mem_fraction"] == pytest.approx(6 / 8)          # 6 GiB working set of 8
-    assert mem["host_mem_used_gb"] == pytest.approx(6.0) and mem["host_mem_limit_gb"] == pytest.approx(8.0)
+    assert mem["host_mem_fraction"] == pytest.approx(5 / 8)           # 7 - (3 - 1) GiB of 8
+    assert mem["host_mem_used_gb"] == pytest.approx(5.0) and mem["host_mem_limit_gb"] == pytest.approx(8.0)
 
-    # no limit anywhere (cgroup v1 writes it as ~2**63): the machine's 4 of 16 GiB in use
-    proc, root = fake_host(tmp_path / "v1", cgroup_lines=["4:memory:/docker/abc", "1:cpu:/"], files={
+    # cgroup v1 with a limit (a hybrid host: the v2 line has no memory controller)
+    proc, root = fake_host(tmp_path / "v1", cgroup_lines=["4:memory:/docker/abc", "1:cpu:/", "0::/docker/abc"], files={
+        "memory/docker/abc/memory.limit_in_bytes": f"{4 * GIB}\n",
+        "memory/docker/abc/memory.usage_in_bytes": f"{3 * GIB}\n",
+        "memory/docker/abc/memory.stat": f"cache {GIB}\ntotal_cache {GIB}\ntotal_shmem 0\n",
+        "memory/memory.limit_in_bytes": "9223372036854771712\n",   # no limit, as v1 writes it
+        "memory/memory.usage_in_bytes": f"{GIB}\n",
+    })
+    mem = host_memory(proc, root)
+    assert mem["host_mem_bound"] == "cgroup" and mem["host_mem_fraction"] == pytest.approx(0.5)
+
+    # no limit anywhere: the machine's 4 of 16 GiB in use
+    proc, root = fake_host(tmp_path / "nolimit", cgroup_lines=["4:memory:/docker/abc"], files={
         "memory/docker/abc/memory.limit_in_bytes": "9223372036854771712\n",
         "memory/docker/abc/memory.usage_in_bytes": f"{GIB}\n",
     })
     mem = host_memory(proc, root)
     assert mem["host_mem_bound"] == "machine" and mem["host_mem_fraction"] == pytest.approx(0.25)
 
-    # a container sees its own cgroup as the mount's root: the path it is told is not there
-    proc, root = fake_host(tmp_path / "ns", cgroup_lines=["0::/kubepods/pod1/c1"], files={
-        "memory.max": f"{4 * GIB}\n", "memory.current": f"{3 * GIB}\n", "memory.stat": "inactive_file 0\n",
-    })
-    mem = host_memory(proc, root)
-    assert mem["host_mem_bound"] == "cgroup" and mem["host_mem_fraction"] == pytest.approx(0.75)
+    # a container sees its own cgroup as the mount's root: the path it is told is not there,
+    # or climbs out of the mount
+    for n, told in enumerate(("0::/kubepods/pod1/c1", "0::/../../x")):
+        proc, root = fake_host(tmp_path / f"ns{n}", cgroup_lines=[told], files={
+            "memory.max": f"{4 * GIB}\n", "memory.current": f"{3 * GIB}\n", "memory.stat": "file 0\n",
+        })
+        mem = host_memory(proc, root)
+        assert mem["host_mem_bound"] == "cgroup" and mem["host_mem_fraction"] == pytest.approx(0.75)
 
-    # nothing readable (not Linux): no figures, no error
     # nothing readable (not Linux): the peak RSS from getrusage only, no error
     assert set(host_memory(tmp_path / "none", tmp_path / "none")) == {"rss_gb"}
 
 
 def test_host_memory_here_is_a_fraction_of_what_this_machine_has():
-    from dinox.observe.health import host_memory, host_memory_metrics
+    from dinox.observe.health import host_memory
 
     mem = host_memory()
     if "host_mem_fraction" not in mem:
         pytest.skip("no /proc/meminfo here")
     assert 0.0 < mem["host_mem_fraction"] < 1.0 and mem["rss_gb"] > 0.01
-    assert set(host_memory_metrics()) == {"rss_gb", "host_mem_fraction"}
+
+
+CPU = DeviceInfo(kind="cpu", torch_device="cpu", name="cpu", total_memory_bytes=16 * GIB,
+                 unified_memory=False, bf16_supported=True, fused_adamw=False, count=1)
 
 
 def test_memory_watch_warns_once_per_crossing_of_host_memory():
     reading = {"rss_gb": 3.0, "host_mem_used_gb": 10.0, "host_mem_limit_gb": 16.0,
                "host_mem_fraction": 0.62, "host_mem_bound": "machine"}
-    cpu = DeviceInfo(kind="cpu", torch_device="cpu", name="cpu", total_memory_bytes=16 * GIB,
-                     unified_memory=False, bf16_supported=True, fused_adamw=False, count=1)
-    watch = MemoryWatch(cpu, read_host=lambda: dict(reading))
+    watch = MemoryWatch(CPU, num_workers=4, read_host=lambda: dict(reading), host_interval_s=0)
     assert watch.check() is None
+    assert watch.host_metrics() == {"rss_gb": 3.0, "host_mem_fraction": 0.62}
     reading.update(host_mem_fraction=0.93, host_mem_bound="cgroup")
     message = watch.check()
     assert message is not None and "\n" not in message
     assert "host memory at 93% of this job's memory limit (cgroup), 16.0 GiB" in message
-    assert "this process holds 3.0 GiB" in message and "--num-workers" in message
+    assert "this process holds 3.0 GiB" in message and "lower --num-workers (now 4;" in message
     assert "--batch-size" in message        # on a CPU the model is in host memory
     assert watch.check() is None            # once per crossing
+    reading["host_mem_fraction"] = 0.88     # a dip just under the line does not re-arm it
+    assert watch.check() is None
+    reading["host_mem_fraction"] = 0.91
+    assert watch.check() is None
     reading["host_mem_fraction"] = 0.5
     assert watch.check() is None
     reading["host_mem_fraction"] = 0.91
     assert watch.check() is not None        # re-armed
+
+
+def test_memory_watch_reads_the_host_at_most_once_an_interval():
+    calls, now = [], [0.0]
+    watch = MemoryWatch(CPU, read_host=lambda: calls.append(1) or {"rss_gb": 1.0, "host_mem_fraction": 0.1,
+                                                                      "host_mem_limit_gb": 16.0,
+                                                                      "host_mem_bound": "machine"},
+                        host_interval_s=1.0, clock=lambda: now[0])
+    for _ in range(5):
+        watch.host_metrics(), watch.check()
+    assert len(calls) == 1
+    now[0] = 1.5
+    watch.check()
+    assert len(calls) == 2
 
 
 def test_memory_watch_on_a_discrete_gpu_names_host_remedies_only(monkeypatch):
@@ -364,7 +401,8 @@ def test_memory_watch_on_a_discrete_gpu_names_host_remedies_only(monkeypatch):
     watch = MemoryWatch(gpu_info("cuda", RTX4090[0], RTX4090[1]), read_host=lambda: reading)
     message = watch.check()
     assert message.startswith("host memory at 97% of the machine's memory, 32.0 GiB")
-    assert "--num-workers" in message and "--grad-checkpoint" not in message
+    assert "--num-workers" not in message   # no loader workers to lower
+    assert "stop other programs" in message and "--grad-checkpoint" not in message
     fake_memory(monkeypatch, reserved=90 * GIB, peak=GIB)
     watch = MemoryWatch(gpu_info("rocm", *STRIX_HALO[:2], unified=True), read_host=lambda: reading)
     both = watch.check().splitlines()
@@ -375,6 +413,5 @@ def test_memory_watch_on_a_discrete_gpu_names_host_remedies_only(monkeypatch):
 def test_memory_watch_survives_a_failing_host_reading():
     def boom():
         raise OSError("gone")
-    cpu = DeviceInfo(kind="cpu", torch_device="cpu", name="cpu", total_memory_bytes=8 * GIB,
-                     unified_memory=False, bf16_supported=True, fused_adamw=False, count=1)
-    assert MemoryWatch(cpu, read_host=boom).check() is None
+    watch = MemoryWatch(CPU, read_host=boom)
+    assert watch.check() is None and watch.host_metrics() == {}

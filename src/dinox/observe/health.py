@@ -59,13 +59,22 @@ def _allocator_memory(device: torch.device) -> dict:
 
 
 def _rss_gb(proc: Path = Path("/proc")) -> float | None:
-    """Current resident set size; falls back to the peak RSS where /proc is absent."""
+    """This process's resident memory that the kernel cannot drop: anonymous and shared
+    pages (RssAnon + RssShmem; VmRSS where the kernel is older than 4.5). Memory-mapped
+    volumes are file pages the kernel reclaims first, so they are left out: a loader that
+    maps the data does not look like a leak. Falls back to the peak RSS where /proc is absent."""
     try:
+        fields = {}
         with open(proc / "self" / "status") as f:
             for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024 / GIB
-    except OSError:
+                key, _, value = line.partition(":")
+                if key in ("VmRSS", "RssAnon", "RssShmem"):
+                    fields[key] = int(value.split()[0]) * 1024
+        if "RssAnon" in fields:
+            return (fields["RssAnon"] + fields.get("RssShmem", 0)) / GIB
+        if "VmRSS" in fields:
+            return fields["VmRSS"] / GIB
+    except (OSError, ValueError, IndexError):
         pass
     try:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -77,14 +86,17 @@ def _rss_gb(proc: Path = Path("/proc")) -> float | None:
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 _NO_LIMIT = 1 << 60   # cgroup v1 writes "no limit" as a number near 2**63
 
-# (limit, usage, the memory.stat key of inactive file pages) per cgroup version
-_CGROUP_FILES = {2: ("memory.max", "memory.current", "inactive_file"),
-                 1: ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")}
+# Per cgroup version: (limit, usage, the memory.stat keys of file pages and of the shared
+# memory counted among them). File pages the kernel can write back or drop are not what an
+# out-of-memory kill is about; shared memory (tmpfs, /dev/shm) among them cannot be dropped.
+_CGROUP_FILES = {2: ("memory.max", "memory.current", "file", "shmem"),
+                 1: ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_cache", "total_shmem")}
 
 
 def _cgroup_levels(proc: Path, cgroup_root: Path) -> list[tuple[int, Path]]:
     """(version, folder) of each memory cgroup above this process, leaf first. A folder that
-    is not there (a container sees its own cgroup as the mount's root) is skipped."""
+    is not there (a container sees its own cgroup as the mount's root) is skipped, and so is
+    a path that climbs out of the mount (`..`, seen under cgroup namespaces)."""
     try:
         lines = (proc / "self" / "cgroup").read_text().splitlines()
     except OSError:
@@ -102,6 +114,8 @@ def _cgroup_levels(proc: Path, cgroup_root: Path) -> list[tuple[int, Path]]:
         else:
             continue
         rel_path = Path(rel.lstrip("/"))
+        if ".." in rel_path.parts:
+            rel_path = Path()
         for folder in [base / rel_path, *[base / up for up in rel_path.parents]]:
             if folder.is_dir() and (version, folder) not in levels:
                 levels.append((version, folder))
@@ -109,10 +123,10 @@ def _cgroup_levels(proc: Path, cgroup_root: Path) -> list[tuple[int, Path]]:
 
 
 def _cgroup_use(version: int, folder: Path) -> tuple[int, int] | None:
-    """(working set, limit) in bytes of one cgroup level, None where it has no limit. The
-    working set is the usage less the inactive file pages, which the kernel reclaims before it
-    kills (what `docker stats` and the kubelet count)."""
-    limit_name, usage_name, inactive_key = _CGROUP_FILES[version]
+    """(memory in use that the kernel cannot reclaim, limit) in bytes of one cgroup level,
+    None where it has no limit: the usage less its file pages, plus the shared memory among
+    them (the usage less what the kernel drops or writes back before it kills)."""
+    limit_name, usage_name, file_key, shmem_key = _CGROUP_FILES[version]
     try:
         raw = (folder / limit_name).read_text().strip()
         if raw == "max" or int(raw) >= _NO_LIMIT:
@@ -120,28 +134,28 @@ def _cgroup_use(version: int, folder: Path) -> tuple[int, int] | None:
         limit, usage = int(raw), int((folder / usage_name).read_text().strip())
     except (OSError, ValueError):
         return None
-    inactive = 0
+    stat = {}
     try:
         for line in (folder / "memory.stat").read_text().splitlines():
             key, _, value = line.partition(" ")
-            if key == inactive_key:
-                inactive = int(value)
-                break
+            if key in (file_key, shmem_key):
+                stat[key] = int(value)
     except (OSError, ValueError):
         pass
-    return max(usage - inactive, 0), limit
+    reclaimable = max(stat.get(file_key, 0) - stat.get(shmem_key, 0), 0)
+    return max(usage - reclaimable, 0), limit
 
 
 def host_memory(proc: Path = Path("/proc"), cgroup_root: Path = CGROUP_ROOT) -> dict[str, Any]:
-    """How full the memory this process may use is, in GiB: {rss_gb (this process),
-    host_mem_used_gb, host_mem_limit_gb, host_mem_fraction, host_mem_bound}.
+    """How full the memory this process may use is, in GiB: {rss_gb (this process, see
+    `_rss_gb`), host_mem_used_gb, host_mem_limit_gb, host_mem_fraction, host_mem_bound}.
 
     Two limits can end a run with the kernel's SIGKILL: the machine's memory (used = MemTotal
     less MemAvailable, the kernel's estimate of what it can give without swapping) and a cgroup
-    limit (a SLURM job's --mem, a container's), read as its working set against its limit at
-    every level above the process. The fullest one is reported; `host_mem_bound` names it
-    ("machine" or "cgroup"). On a unified-memory APU the GPU's allocations are in these figures
-    too. {} where nothing can be read (not Linux).
+    limit (a SLURM job's --mem, a container's), read at every level above the process as what
+    it cannot reclaim (`_cgroup_use`) against its limit. The fullest is reported;
+    `host_mem_bound` names it ("machine" or "cgroup"). On a unified-memory APU the GPU's
+    allocations are in these figures too. Only rss_gb where nothing else can be read (not Linux).
     """
     out: dict[str, Any] = {}
     rss = _rss_gb(proc)
@@ -152,11 +166,12 @@ def host_memory(proc: Path = Path("/proc"), cgroup_root: Path = CGROUP_ROOT) -> 
         info = {}
         for line in (proc / "meminfo").read_text().splitlines():
             key, _, value = line.partition(":")
-            info[key] = int(value.split()[0]) * 1024
+            if value.split():
+                info[key] = int(value.split()[0]) * 1024
         total, available = info["MemTotal"], info["MemAvailable"]
         if total > 0:
             candidates.append(((total - available) / total, total - available, total, "machine"))
-    except (OSError, KeyError, ValueError, IndexError):
+    except (OSError, KeyError, ValueError):
         pass
     for version, folder in _cgroup_levels(proc, cgroup_root):
         use = _cgroup_use(version, folder)
@@ -167,15 +182,6 @@ def host_memory(proc: Path = Path("/proc"), cgroup_root: Path = CGROUP_ROOT) -> 
         out.update(host_mem_used_gb=used / GIB, host_mem_limit_gb=limit / GIB,
                    host_mem_fraction=fraction, host_mem_bound=bound)
     return out
-
-
-def host_memory_metrics() -> dict[str, float]:
-    """The figures of `host_memory` a metrics row keeps: rss_gb and host_mem_fraction."""
-    try:
-        mem = host_memory()
-    except Exception:
-        return {}
-    return {k: mem[k] for k in ("rss_gb", "host_mem_fraction") if k in mem}
 
 
 def _physical_gpu(index: int, env_vars=("CUDA_VISIBLE_DEVICES",)) -> str:
@@ -331,6 +337,10 @@ def health_report(device, steps_per_s: float | None = None, samples_per_s: float
     return json_safe(report)
 
 
+HOST_READ_INTERVAL_S = 1.0   # the memory watch reads host memory at most this often
+HOST_REARM_MARGIN = 0.05     # the host warning re-arms only this far under its fraction
+
+
 class MemoryWatch:
     """Warns once each time device memory, or host memory, crosses `warn_fraction` of its total.
 
@@ -338,21 +348,27 @@ class MemoryWatch:
     bytes (torch.cuda.memory_reserved / max_memory_allocated). Only CUDA and ROCm keep
     these statistics; on other devices `snapshot()` returns None. Host use is `host_memory`'s
     fraction (the machine's or the cgroup's, whichever is fuller), on every device: the kernel
-    ends a process that runs the host out with SIGKILL, which no checkpoint precedes. Each
-    warning re-arms once its use drops below the fraction again (e.g. after
-    torch.cuda.reset_peak_memory_stats).
+    ends a process that runs the host out with SIGKILL, which no checkpoint precedes. It is
+    read at most every `host_interval_s` (it reads /proc and every cgroup level), and the same
+    reading serves the metrics row (`host_metrics`). The device warning re-arms once use drops
+    below the fraction again (e.g. after torch.cuda.reset_peak_memory_stats); the host
+    warning only `HOST_REARM_MARGIN` below it, since the machine's figure moves with every
+    other program and a run near the line would otherwise warn every few steps.
     """
 
     def __init__(self, device_info: DeviceInfo, warn_fraction: float = 0.9, *,
-                 grad_checkpoint: bool | None = None, amp: bool | None = None,
-                 read_host=host_memory):
+                 grad_checkpoint: bool | None = None, amp: bool | None = None, num_workers: int = 0,
+                 read_host=host_memory, host_interval_s: float = HOST_READ_INTERVAL_S, clock=time.monotonic):
         if not 0.0 < warn_fraction <= 1.0:
             raise ValueError(f"warn_fraction must be in (0, 1], got {warn_fraction}")
         self.device_info = device_info
         self.warn_fraction = warn_fraction
         self.grad_checkpoint = grad_checkpoint
         self.amp = amp
-        self.read_host = read_host
+        self.num_workers = num_workers
+        self.read_host, self.host_interval_s, self.clock = read_host, host_interval_s, clock
+        self._host_reading: dict[str, Any] = {}
+        self._host_read_at: float | None = None
         self._above = False
         self._host_above = False
 
@@ -372,6 +388,21 @@ class MemoryWatch:
             return None
         total = self.device_info.total_memory_bytes / GIB
         return {**stats, "mem_fraction": max(stats["mem_reserved_gb"], stats["mem_peak_gb"]) / total}
+
+    def host_metrics(self) -> dict[str, float]:
+        """rss_gb and host_mem_fraction for a metrics row (the watch's latest host reading)."""
+        mem = self._host()
+        return {k: mem[k] for k in ("rss_gb", "host_mem_fraction") if k in mem}
+
+    def _host(self) -> dict[str, Any]:
+        now = self.clock()
+        if self._host_read_at is None or now - self._host_read_at >= self.host_interval_s:
+            try:
+                self._host_reading = self.read_host()
+            except Exception:
+                self._host_reading = {}
+            self._host_read_at = now
+        return self._host_reading
 
     def check(self) -> str | None:
         """The warnings of this step (device, then host; one line each), or None."""
@@ -397,20 +428,21 @@ class MemoryWatch:
         )
 
     def _check_host(self) -> str | None:
-        try:
-            mem = self.read_host()
-        except Exception:
-            return None
+        mem = self._host()
         fraction = mem.get("host_mem_fraction")
-        if fraction is None or fraction < self.warn_fraction:
-            self._host_above = False
+        if fraction is None:
+            return None
+        if fraction < self.warn_fraction:
+            if fraction < self.warn_fraction - HOST_REARM_MARGIN:
+                self._host_above = False
             return None
         if self._host_above:
             return None
         self._host_above = True
         where = "the machine's memory" if mem["host_mem_bound"] == "machine" else "this job's memory limit (cgroup)"
         rss = f"; this process holds {mem['rss_gb']:.1f} GiB" if mem.get("rss_gb") is not None else ""
-        steps = ["lower --num-workers (each loader worker is a process with its own memory)"]
+        steps = [f"lower --num-workers (now {self.num_workers}; each loader worker is a process with its own "
+                 "memory)"] if self.num_workers > 0 else []
         if self.device_info.unified_memory or not self.active:   # the model lives in host memory
             steps += self._mitigations()
         else:

@@ -23,7 +23,7 @@ from dinox.data.augment import CTAugment
 from dinox.data.dataset import CTSliceDataset, DataChanged, pad_collate
 from dinox.errors import UserError
 from dinox.observe.anomaly import NONFINITE_CHANGES, build_guard, nonfinite_diagnostics, respond
-from dinox.observe.health import MemoryWatch, device_memory_metrics, host_memory_metrics
+from dinox.observe.health import MemoryWatch, device_memory_metrics
 from dinox.observe.metrics import MetricsLogger, MetricsUnwritable, Throughput, format_progress, run_header
 from dinox.run.device import DeviceInfo
 from dinox.run.distributed import DistEnv, all_reduce_
@@ -83,7 +83,8 @@ class Trainer:
         self.optimizer = build_optimizer(self.ssl.student, fused=device_info.fused_adamw)
         self.scaler = build_scaler(self.device, self.autocast_dtype)
         guard = build_guard(cfg, dist.world_size, self.dataset.thinnest_slices_mm())
-        self.memory_watch = MemoryWatch(device_info, grad_checkpoint=cfg.runtime.grad_checkpoint, amp=cfg.runtime.amp)
+        self.memory_watch = MemoryWatch(device_info, grad_checkpoint=cfg.runtime.grad_checkpoint, amp=cfg.runtime.amp,
+                                        num_workers=cfg.runtime.num_workers)
         self.parts = Components(Progress(), self.ssl, self.optimizer, self.scaler,
                                 torch.Generator().manual_seed(seed * 7919 + dist.rank), guard)
         self.where = Placement(dist.rank, dist.world_size, self.device, len(self.dataset))
@@ -224,7 +225,7 @@ class Trainer:
             self.progress.step += 1
             step, now = self.progress.step, time.perf_counter()
             metrics = {**result.metrics, **throughput.update(now, first_step_of_run=step - first_step <= 1),
-                       "elapsed": now - start, **device_memory_metrics(self.device), **host_memory_metrics()}
+                       "elapsed": now - start, **device_memory_metrics(self.device), **self.memory_watch.host_metrics()}
             if step % w.log_every == 0 or step == o.max_steps:
                 try:
                     self.metrics.log(step, metrics)
