@@ -56,10 +56,6 @@ from dinox.train.runs import (
 log = logging.getLogger("dinox.train")
 
 
-class WontFit(UserError):
-    exit_code = EXIT_WONT_FIT
-
-
 def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "train",
@@ -250,7 +246,7 @@ def run(args: argparse.Namespace) -> int:
     from dinox.run.device import detect_device, match_preset
     from dinox.run.distributed import DistEnv
     from dinox.run.logging import close_file_logging, setup_logging
-    from dinox.train.plan import plan_memory
+    from dinox.train.plan import WontFit, plan_memory
 
     if args.json and not args.dry_run:
         raise UserError("--json only changes what --dry-run prints; add --dry-run, or drop --json to train")

@@ -387,8 +387,8 @@ def _masked_patches_per_image(cfg) -> float:
     return 2 * s.ibot_mask_probability * mean_ratio * patches
 
 
-class TooLargeToDescribe(UserError):
-    """A model whose weights torch cannot even size: it fits no device (the dry run's exit 3)."""
+class WontFit(UserError):
+    """A run that fits no memory it was planned for (the dry run's and a launch's exit 3)."""
 
     exit_code = EXIT_WONT_FIT
 
@@ -407,13 +407,15 @@ def plan_memory(cfg, device_memory_gb: float | None, device_total_bytes: int | N
     try:
         with torch.device("meta"):
             model = build_dino_model(m, img_size=v.img_size)
-    except RuntimeError as exc:   # "Storage size calculation overflowed": a weight of over 2**63 bytes
-        if "overflow" not in str(exc):
+    except (RuntimeError, TypeError, OverflowError) as exc:
+        # a weight of over 2**63 bytes ("Storage size calculation overflowed"), or a width past
+        # int64 itself ("Overflow when unpacking long long")
+        if "overflow" not in str(exc).lower():
             raise
-        raise TooLargeToDescribe(
+        raise WontFit(
             f"the model fits no device: one of its weights would hold more than 2**63 bytes (--vit-dim {m.vit_dim}, "
             f"--vit-mlp {m.vit_mlp}, --out-dim {m.out_dim}, --head-hidden {m.head_hidden}, --head-bottleneck "
-            f"{m.head_bottleneck}); give widths of a real ViT (vit-giant: --vit-dim 1536)") from None
+            f"{m.head_bottleneck}); give widths of a real ViT (vit-giant: --vit-dim 1408)") from None
     backbone_params = sum(p.numel() for p in model.backbone.parameters())
     heads = [model.head] + ([model.ibot_head] if model.has_ibot else [])
     head_params = sum(p.numel() for head in heads for p in head.parameters())
