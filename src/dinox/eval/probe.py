@@ -59,6 +59,7 @@ import torch.nn.functional as F
 from dinox.data.annotations import NODULES_TABLE, consensus, read_table
 from dinox.data.augment import LUNG_WINDOW, fixed_window_input
 from dinox.data.dataset import CTSliceDataset
+from dinox.data.dicom_io import MAX_SLICE_SIZE
 from dinox.data.layout import INDEX_FILE, default_manifest
 from dinox.data.parallel import Progress
 from dinox.data.splits import patient_split, read_split_manifest, split_patients
@@ -867,9 +868,6 @@ def untrained_note(cfg) -> str | None:
             f"random network of its shape, not that starting point")
 
 
-PROBE_MAX_SIZE = 4096
-
-
 def probe_size(cfg, size: int | None) -> int:
     """The probe's input size: the training size by default. A ViT takes any multiple of its
     patch (the position embeddings are interpolated), and a larger input gives smaller patch
@@ -880,9 +878,10 @@ def probe_size(cfg, size: int | None) -> int:
     if size < patch or size % patch:
         raise UserError(f"--size {size}: give a multiple of the model's patch size {patch} (e.g. "
                         f"{max(patch, round(size / patch) * patch)}; the run trained at {cfg.views.img_size})")
-    if size > max(PROBE_MAX_SIZE, cfg.views.img_size):   # 100000 was taken: 1.6e8 tokens per image
-        raise UserError(f"--size {size}: give at most {PROBE_MAX_SIZE} px (8x the 512 px a CT slice is stored at: "
-                        f"a larger input adds no detail; the run trained at {cfg.views.img_size})")
+    largest = max(MAX_SLICE_SIZE, cfg.views.img_size)   # 100000 was taken: 1.6e8 tokens per image
+    if size > largest:
+        raise UserError(f"--size {size}: give at most {largest} px (CT slices are stored at 512 or 1024 px, and a "
+                        f"larger input adds no detail; the run trained at {cfg.views.img_size})")
     return size
 
 
