@@ -152,7 +152,7 @@ def test_entropy_wall_advice_leads_with_the_measured_levers_and_says_what_a_resu
         assert "--local-crops" not in advice
     no_locals = resolve({"config": "vit-large", "batch_size": 32, "local_crops": 0},
                         hardware_preset="cpu", device_kind="cpu").cfg
-    assert "local crops (--local-crops 8)" in entropy_wall_advice(no_locals)
+    assert "local crops (--local-crops 2, the recipe's)" in entropy_wall_advice(no_locals)
 
 
 def test_injected_uniform_teacher_raises_the_entropy_wall(processed_root, tmp_path, monkeypatch, capsys):

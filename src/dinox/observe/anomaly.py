@@ -549,8 +549,9 @@ def entropy_wall_advice(cfg, world_size: int = 1) -> str:
         resumable.append(f"a lower --lr (now {o.lr:g})")
     # Not where the preset's recipe has none: the tiny recipe drops them because they cost a
     # short run its retrieval (docs/recipes.md, "Local crops in a short run").
-    if v.local_crops == 0 and recipe_for(m.preset)["local_crops"]:
-        resumable.append("local crops (--local-crops 8)")
+    recipe_locals = int(recipe_for(m.preset)["local_crops"])
+    if v.local_crops == 0 and recipe_locals:
+        resumable.append(f"local crops (--local-crops {recipe_locals}, the recipe's)")
     tips = []
     if new_model:
         tips.append("; ".join(new_model) + " (these change the model: start a new run with them)")
