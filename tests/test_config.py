@@ -158,21 +158,6 @@ def test_resume_announces_a_new_run_length():
     assert any("--max-steps 200 differs" in n for n in resumed.notices)
 
 
-def test_the_collapse_line_asks_for_the_same_spread_at_every_width():
-    """The statistic is about sqrt(V / D): 0.01 at width 192 (where it was measured) is the
-    spread V = 0.0192, and a wider new run takes the line of that spread; never a value given,
-    and a resume keeps the run's own."""
-    assert tiny().cfg.watch.collapse_std == 0.01
-    assert tiny(vit_dim=64, vit_heads=2).cfg.watch.collapse_std == 0.01   # narrower: not raised
-    for preset, dim in (("vit-large", 1024), ("vit-giant", 1408)):
-        line = resolve({"config": preset}, hardware_preset="cpu").cfg.watch.collapse_std
-        assert line == pytest.approx(0.01 * math.sqrt(192 / dim))
-        assert line ** 2 * dim == pytest.approx(0.01 ** 2 * 192)
-    assert resolve({"config": "vit-giant", "collapse_std": 0.01}, hardware_preset="cpu").cfg.watch.collapse_std == 0.01
-    saved = resolve({"config": "vit-large", "collapse_std": 0.02}, hardware_preset="cpu").cfg.to_flat()
-    assert resolve({}, hardware_preset="cpu", saved=saved).cfg.watch.collapse_std == 0.02
-
-
 def test_short_runs_shorten_recipe_warmups_but_never_given_values():
     resolved = tiny(max_steps=10)
     assert resolved.cfg.optim.warmup_steps == 1  # 20 > 10 steps: 10% of the run

@@ -213,22 +213,8 @@ class WatchConfig:
     log_interval: float = 10.0
     log_every: int = 1
     halt_on_anomaly: bool = False
-    collapse_std: float = 0.01  # at width COLLAPSE_LINE_WIDTH; a new run scales it (collapse_line_for_width)
+    collapse_std: float = 0.01
     spike_factor: float = 2.0
-
-
-# The collapse line (the seeds' embedding std 0.01) was measured at width 192: vit-tiny and
-# the big recipe's CPU proxy, where it tells a centred run (10-step means 0.016 and up)
-# from one without centring (0.008). The statistic, the mean per-dimension std of normalised
-# class tokens, is about sqrt(V / D) for tokens of total variance V, so at a fixed spread it
-# falls with the width: a new run wider than 192 takes the line that asks for the same spread.
-COLLAPSE_LINE_WIDTH = 192
-
-
-def collapse_line_for_width(dim: int) -> float:
-    """The default collapse line for class tokens of width `dim`: 0.01 up to width 192,
-    0.01 * sqrt(192 / dim) above (ViT-Large 0.0043, ViT-Giant 0.0037)."""
-    return WatchConfig.collapse_std * math.sqrt(COLLAPSE_LINE_WIDTH / max(dim, COLLAPSE_LINE_WIDTH))
 
 
 SECTIONS = {
@@ -587,8 +573,6 @@ def resolve(
     if saved is None:
         notices += _fit_prototypes_to_batch(cfg, given, world_size)
         notices += _fit_to_run_length(cfg, given)
-        if "collapse_std" not in given:
-            cfg.watch.collapse_std = collapse_line_for_width(cfg.model.vit_dim)
     else:
         changes = _changes(saved, cfg)
         if saved.get("max_steps") != cfg.optim.max_steps:
@@ -888,7 +872,6 @@ __all__ = [
     "BASE_RECIPE", "CHECKPOINT_FORMAT", "CHECKPOINT_FORMAT_VERSION", "DEVICE_CHOICES", "FLAT_FIELDS",
     "IOConfig", "LAUNCH_KEYS", "MODEL_CHOICES", "ModelConfig", "OptimConfig", "PARALLEL_CHOICES",
     "PROTOTYPES_PER_IMAGE", "RECIPES", "RunConfig", "Resolved", "RuntimeConfig", "SECTIONS", "SHAPE_FIELDS",
-    "SSLConfig", "ViewsConfig", "WatchConfig", "check_checkpoint_format", "collapse_line_for_width",
-    "config_from_checkpoint",
+    "SSLConfig", "ViewsConfig", "WatchConfig", "check_checkpoint_format", "config_from_checkpoint",
     "prototypes_for_batch", "recipe_for", "resolve", "validate", "with_values",
 ]

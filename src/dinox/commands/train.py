@@ -214,8 +214,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--halt-on-anomaly", action=argparse.BooleanOptionalAction, default=None,
                    help="stop (emergency checkpoint, exit 5) on any alarm: loss spike, collapse, entropy wall, "
                         "not learning (a non-finite loss always stops)")
-    g.add_argument("--collapse-std", type=float_at_least(0, inclusive=False), help="embedding std (mean of the last 10 steps) below which collapse is flagged (0.01 up to "
-                   "width 192, 0.01 x sqrt(192 / width) above: the same spread at every width)")
+    g.add_argument("--collapse-std", type=float_at_least(0, inclusive=False), help="embedding std (mean of the last 10 steps) below which collapse is flagged (0.01)")
     g.add_argument("--spike-factor", type=float, help="loss above this x its 10-step mean is a spike (2.0)")
 
     g = p.add_argument_group("planning")

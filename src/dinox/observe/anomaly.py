@@ -42,7 +42,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from dinox.config import BASE_RECIPE, collapse_line_for_width, prototypes_for_batch, recipe_for
+from dinox.config import BASE_RECIPE, WatchConfig, prototypes_for_batch, recipe_for
 from dinox.data.dataset import slice_gap
 from dinox.errors import UserError
 from dinox.observe.metrics import MetricsUnwritable, tensorboard_tag
@@ -479,7 +479,7 @@ def check_collapse_line(collapse_std: float, embed_dim: int, rows: int) -> None:
         raise UserError(
             f"--collapse-std {collapse_std:g} cannot be reached: for {rows} class tokens of width {embed_dim} a "
             f"step's embedding std is at most {ceiling:.3g}, so every run would be reported as collapsed; give a "
-            f"value below it (the default for this width: {collapse_line_for_width(embed_dim):.2g})")
+            f"value below it (default {WatchConfig.collapse_std:g})")
 
 
 # What a resume after a non-finite loss should change (the halt's last line, and the refusal of a
