@@ -878,7 +878,7 @@ def probe_size(cfg, size: int | None) -> int:
     if size < patch or size % patch:
         raise UserError(f"--size {size}: give a multiple of the model's patch size {patch} (e.g. "
                         f"{max(patch, round(size / patch) * patch)}; the run trained at {cfg.views.img_size})")
-    largest = max(MAX_SLICE_SIZE, cfg.views.img_size)   # 100000 was taken: 1.6e8 tokens per image
+    largest = max(MAX_SLICE_SIZE, cfg.views.img_size)   # 100000 px at patch 8: 1.6e8 tokens an image
     if size > largest:
         raise UserError(f"--size {size}: give at most {largest} px (CT slices are stored at 512 or 1024 px, and a "
                         f"larger input adds no detail; the run trained at {cfg.views.img_size})")

@@ -166,8 +166,9 @@ def host_memory(proc: Path = Path("/proc"), cgroup_root: Path = CGROUP_ROOT) -> 
         info = {}
         for line in (proc / "meminfo").read_text().splitlines():
             key, _, value = line.partition(":")
-            if value.split():
-                info[key] = int(value.split()[0]) * 1024
+            words = value.split()
+            if words:
+                info[key] = int(words[0]) * 1024
         total, available = info["MemTotal"], info["MemAvailable"]
         if total > 0:
             candidates.append(((total - available) / total, total - available, total, "machine"))
