@@ -415,3 +415,21 @@ def test_memory_watch_survives_a_failing_host_reading():
         raise OSError("gone")
     watch = MemoryWatch(CPU, read_host=boom)
     assert watch.check() is None and watch.host_metrics() == {}
+
+
+def test_one_rank_per_machine_watches_its_host_and_names_the_machine():
+    reading = {"rss_gb": 3.0, "host_mem_limit_gb": 16.0, "host_mem_fraction": 0.95, "host_mem_bound": "machine"}
+    calls = []
+    beside = MemoryWatch(CPU, read_host=lambda: calls.append(1) or reading, watch_host=False, node="gpu-017")
+    assert beside.check() is None and beside.host_metrics() == {} and not calls   # local rank > 0: not read
+    first = MemoryWatch(CPU, read_host=lambda: reading, node="gpu-017")
+    assert first.check().startswith("host memory at 95% of the machine's memory on gpu-017, 16.0 GiB")
+    alone = MemoryWatch(CPU, read_host=lambda: reading)
+    assert alone.check().startswith("host memory at 95% of the machine's memory, 16.0 GiB")
+
+
+def test_only_a_run_of_several_ranks_names_its_machine(monkeypatch):
+    from dinox.run.distributed import DistEnv
+    monkeypatch.setattr("socket.gethostname", lambda: "gpu-017")
+    assert DistEnv().node_name is None
+    assert DistEnv(rank=9, world_size=16, local_rank=1).node_name == "gpu-017"

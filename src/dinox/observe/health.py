@@ -355,11 +355,17 @@ class MemoryWatch:
     below the fraction again (e.g. after torch.cuda.reset_peak_memory_stats); the host
     warning only `HOST_REARM_MARGIN` below it, since the machine's figure moves with every
     other program and a run near the line would otherwise warn every few steps.
+
+    Under torchrun every rank watches its own device, and one rank per machine (`watch_host`,
+    local rank 0) its machine's memory: a node other than rank 0's can run out alone, and the
+    ranks beside it would repeat its line. `node` names the machine in the host line where a
+    run spans several.
     """
 
     def __init__(self, device_info: DeviceInfo, warn_fraction: float = 0.9, *,
                  grad_checkpoint: bool | None = None, amp: bool | None = None, num_workers: int = 0,
-                 read_host=host_memory, host_interval_s: float = HOST_READ_INTERVAL_S, clock=time.monotonic):
+                 read_host=host_memory, host_interval_s: float = HOST_READ_INTERVAL_S, clock=time.monotonic,
+                 watch_host: bool = True, node: str | None = None):
         if not 0.0 < warn_fraction <= 1.0:
             raise ValueError(f"warn_fraction must be in (0, 1], got {warn_fraction}")
         self.device_info = device_info
@@ -368,6 +374,7 @@ class MemoryWatch:
         self.amp = amp
         self.num_workers = num_workers
         self.read_host, self.host_interval_s, self.clock = read_host, host_interval_s, clock
+        self.watch_host, self.node = watch_host, node
         self._host_reading: dict[str, Any] = {}
         self._host_read_at: float | None = None
         self._above = False
@@ -391,11 +398,14 @@ class MemoryWatch:
         return {**stats, "mem_fraction": max(stats["mem_reserved_gb"], stats["mem_peak_gb"]) / total}
 
     def host_metrics(self) -> dict[str, float]:
-        """rss_gb and host_mem_fraction for a metrics row (the watch's latest host reading)."""
+        """rss_gb and host_mem_fraction for a metrics row (the watch's latest host reading;
+        empty where this rank does not watch the host)."""
         mem = self._host()
         return {k: mem[k] for k in ("rss_gb", "host_mem_fraction") if k in mem}
 
     def _host(self) -> dict[str, Any]:
+        if not self.watch_host:
+            return {}
         now = self.clock()
         if self._host_read_at is None or now - self._host_read_at >= self.host_interval_s:
             try:
@@ -441,6 +451,7 @@ class MemoryWatch:
             return None
         self._host_above = True
         where = "the machine's memory" if mem["host_mem_bound"] == "machine" else "this job's memory limit (cgroup)"
+        where += f" on {self.node}" if self.node else ""
         rss = f"; this process holds {mem['rss_gb']:.1f} GiB" if mem.get("rss_gb") is not None else ""
         steps = [f"lower --num-workers (now {self.num_workers}; each loader worker is a process with its own "
                  "memory)"] if self.num_workers > 0 else []

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import warnings
 from dataclasses import dataclass
 
@@ -135,6 +136,12 @@ class DistEnv:
     @property
     def enabled(self) -> bool:
         return self.world_size > 1
+
+    @property
+    def node_name(self) -> str | None:
+        """This machine's host name where the run has several ranks (a line one node alone
+        meets must say which), else None."""
+        return socket.gethostname() if self.enabled else None
 
     @classmethod
     def from_environment(cls) -> "DistEnv":

@@ -84,7 +84,8 @@ class Trainer:
         self.scaler = build_scaler(self.device, self.autocast_dtype)
         guard = build_guard(cfg, dist.world_size, self.dataset.thinnest_slices_mm())
         self.memory_watch = MemoryWatch(device_info, grad_checkpoint=cfg.runtime.grad_checkpoint, amp=cfg.runtime.amp,
-                                        num_workers=cfg.runtime.num_workers)
+                                        num_workers=cfg.runtime.num_workers, watch_host=dist.local_rank == 0,
+                                        node=dist.node_name)
         self.parts = Components(Progress(), self.ssl, self.optimizer, self.scaler,
                                 torch.Generator().manual_seed(seed * 7919 + dist.rank), guard)
         self.where = Placement(dist.rank, dist.world_size, self.device, len(self.dataset))
@@ -235,8 +236,7 @@ class Trainer:
                                  or step == o.max_steps or result.stop_requested):
                 console(format_progress(step, metrics, max_steps=o.max_steps))
                 last_line = now
-            warning = self.memory_watch.check()
-            if warning and dist.is_main:
+            if warning := self.memory_watch.check():   # any rank: each watches its own device
                 log.warning(warning)
             guard = self.parts.guard
             anomalies = guard.check(step, metrics["loss"], emb_std=metrics["embedding_std"])
