@@ -433,3 +433,33 @@ def test_only_a_run_of_several_ranks_names_its_machine(monkeypatch):
     monkeypatch.setattr("socket.gethostname", lambda: "gpu-017")
     assert DistEnv().node_name is None
     assert DistEnv(rank=9, world_size=16, local_rank=1).node_name == "gpu-017"
+
+
+def test_a_presets_workers_are_cut_to_the_cpus_each_rank_has():
+    values, lines = apply_hardware_preset(dict.fromkeys(PRESET_KEYS), "amd395", cpus=4)
+    assert values["num_workers"] == 3 and values["batch_size"] == 128
+    assert "num_workers=3 (preset 16, cut to the 4 CPUs for each training process on this machine)" in lines[1]
+    values, _ = apply_hardware_preset(dict.fromkeys(PRESET_KEYS), "rtx4090", cpus=1)
+    assert values["num_workers"] == 1                        # one worker still overlaps loading with the step
+    values, lines = apply_hardware_preset(dict.fromkeys(PRESET_KEYS), "rtx4090", cpus=32)
+    assert values["num_workers"] == 8 and not any("cut to" in line for line in lines)
+    values, lines = apply_hardware_preset({"num_workers": 12}, "rtx4090", cpus=4)
+    assert values["num_workers"] == 12                       # the user's count is kept, and noted
+    assert lines[-1].startswith("--num-workers 12 is more than the 4 CPUs for each training process")
+    _, lines = apply_hardware_preset({"num_workers": 4}, "rtx4090", cpus=4)
+    assert not any("more than" in line for line in lines)
+
+
+def test_cpus_per_rank_shares_the_affinity_among_the_ranks_of_the_machine(monkeypatch):
+    monkeypatch.setattr(hardware.os, "sched_getaffinity", lambda pid: set(range(32)), raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert hardware.cpus_per_rank() == 32
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert hardware.cpus_per_rank() == 4
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "64")
+    assert hardware.cpus_per_rank() == 1
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "x")
+    assert hardware.cpus_per_rank() == 32
+    monkeypatch.delattr(hardware.os, "sched_getaffinity", raising=False)   # macOS has none
+    monkeypatch.setattr(hardware.os, "cpu_count", lambda: None)
+    assert hardware.cpus_per_rank() is None

@@ -502,6 +502,7 @@ def resolve(
     device_kind: str | None = None,
     saved: dict | None = None,
     world_size: int = 1,
+    cpus: int | None = None,
 ) -> Resolved:
     """The ONE place where a run's settings are decided.
 
@@ -509,6 +510,8 @@ def resolve(
     model preset). `hardware_preset`: the preset matched to this machine. `device_kind`:
     what "auto" became. `saved`: the flat config of the checkpoint being resumed.
     `world_size`: the processes that share each optimizer step (the global batch).
+    `cpus`: the CPUs each process of this machine has (`run.device.cpus_per_rank`), which
+    bound the preset's loader workers; None plans for another machine, uncut.
     """
     unknown = set(given) - set(FLAT_FIELDS)
     if unknown:
@@ -528,7 +531,7 @@ def resolve(
         values.update(_arch_values(preset, given))
     kept = _kept_custom_values(saved, hardware_preset, given)
     hardware, preset_lines = apply_hardware_preset({k: given.get(k, kept.get(k)) for k in PRESET_KEYS},
-                                                   hardware_preset)
+                                                   hardware_preset, cpus=cpus)
     values.update(hardware)
     values.update(config=preset, hardware_preset=hardware_preset,
                   custom_values=sorted(k for k in {**kept, **given} if k in PRESET_KEYS))

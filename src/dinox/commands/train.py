@@ -242,7 +242,7 @@ def explicit_values(args: argparse.Namespace) -> dict[str, object]:
 
 def run(args: argparse.Namespace) -> int:
     from dinox.run.checkpoint import parse_checkpoint_name
-    from dinox.run.device import detect_device, match_preset
+    from dinox.run.device import cpus_per_rank, detect_device, match_preset
     from dinox.run.distributed import DistEnv
     from dinox.run.logging import close_file_logging, setup_logging
     from dinox.train.plan import WontFit, plan_memory
@@ -268,14 +268,15 @@ def run(args: argparse.Namespace) -> int:
     if source is not None:
         given["resume"] = str(source.path)
     world_size = args.world_size or dist.world_size
+    cpus = None if args.plan_preset else cpus_per_rank()   # a plan for another machine keeps its preset's workers
     resolved = resolve(given, hardware_preset=preset_name, device_kind=info.kind,
-                       saved=source.state["config"] if source is not None else None, world_size=world_size)
+                       saved=source.state["config"] if source is not None else None, world_size=world_size, cpus=cpus)
     cfg = resolved.cfg
     moved_root = _resumed_data_root(cfg, source, given)
     if moved_root is not None:
         given.update(moved_root)
         resolved = resolve(given, hardware_preset=preset_name, device_kind=info.kind,
-                           saved=source.state["config"], world_size=world_size)
+                           saved=source.state["config"], world_size=world_size, cpus=cpus)
         cfg = resolved.cfg
         resolved.notices.append(f"--resume: the run's data root, {source.state['config'].get('data_root')!r} "
                                 f"in its config, is not found from this folder; reading it where the run "

@@ -230,6 +230,21 @@ def _cpu_workers() -> int:
     return max(0, min(4, cpus - 1)) if cpus else 2
 
 
+def cpus_per_rank() -> int | None:
+    """The CPUs each training process on this machine may use: this process's CPU affinity
+    (taskset, a cpuset, SLURM's --cpus-per-task; os.cpu_count() where there is none) shared
+    by the ranks torchrun starts on the machine (LOCAL_WORLD_SIZE). None if unknown."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count()
+    try:
+        ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        ranks = 1
+    return max(1, cpus // ranks) if cpus else None
+
+
 PRESET_KEYS = ("num_workers", "pin_memory", "batch_size", "accumulation_steps")
 
 # Every accelerator preset keeps an effective batch (batch_size x accumulation_steps) of
@@ -283,11 +298,18 @@ def match_preset(info: DeviceInfo) -> str:
     return "cuda-generic"
 
 
-def apply_hardware_preset(user_values: dict[str, object | None], preset_name: str) -> tuple[dict, list[str]]:
+def apply_hardware_preset(user_values: dict[str, object | None], preset_name: str,
+                          cpus: int | None = None) -> tuple[dict, list[str]]:
     """Resolve num_workers, pin_memory, batch_size and accumulation_steps.
 
     A value the user gave (not None) wins over the preset and is reported as custom
     (requirement "Custom optimization override"); the rest come from the preset.
+    `cpus` (`cpus_per_rank()`) bounds the preset's loader workers: a preset names the
+    workers its machine can feed (16 on a 32-thread APU), and on a smaller share of CPUs
+    (a SLURM task, a container, eight ranks on one node) that many processes would only
+    compete with the training process for cores. The preset's count is cut to cpus - 1
+    (at least 1), leaving a core to the rank itself; a count the user gave is kept and
+    only noted when it is larger than `cpus`.
     Returns the four resolved values and the lines to log.
     """
     if preset_name not in HARDWARE_PRESETS:
@@ -299,11 +321,16 @@ def apply_hardware_preset(user_values: dict[str, object | None], preset_name: st
     resolved: dict[str, object] = {}
     from_preset: list[str] = []
     custom: list[str] = []
+    share = f"{cpus} CPU{'s' if cpus != 1 else ''} for each training process on this machine"
     for key in PRESET_KEYS:
         value = user_values.get(key)
         if value is None:
             resolved[key] = preset[key]
-            from_preset.append(f"{key}={preset[key]}")
+            if key == "num_workers" and cpus is not None and preset[key] > max(1, cpus - 1):
+                resolved[key] = max(1, cpus - 1)
+                from_preset.append(f"{key}={resolved[key]} (preset {preset[key]}, cut to the {share})")
+            else:
+                from_preset.append(f"{key}={preset[key]}")
         else:
             resolved[key] = value
             custom.append(f"{key}={value} (preset {preset[key]})")
@@ -312,6 +339,10 @@ def apply_hardware_preset(user_values: dict[str, object | None], preset_name: st
         lines.append("from preset: " + ", ".join(from_preset))
     if custom:
         lines.append("custom optimizations active: " + ", ".join(custom))
+    given_workers = user_values.get("num_workers")
+    if isinstance(given_workers, int) and cpus is not None and given_workers > cpus:
+        lines.append(f"--num-workers {given_workers} is more than the {share}: the loader workers will "
+                     f"share cores with training (at most {max(1, cpus - 1)} leaves the process a core)")
     return resolved, lines
 
 
