@@ -429,3 +429,11 @@ def test_a_negative_log_interval_is_refused_by_its_type(capsys):
     err = capsys.readouterr().err
     assert err.startswith("error:") and "argument --log-interval: expected a finite number >= 0, got -1" in err
     assert err.count("\n") == 1
+
+
+def test_a_likely_mistake_is_warned_on_stderr_and_in_the_plan(capsys):
+    code = main(["train", "--lr", "0.5", "--dry-run", "--json", "--device-memory", "8"])
+    captured = capsys.readouterr()
+    summary = json.loads(captured.out)
+    assert code == 0 and summary["warnings"][0].startswith("--lr 0.5 is 500x")
+    assert "warning: --lr 0.5 is 500x" in captured.err

@@ -339,3 +339,34 @@ def test_a_shape_value_of_another_type_is_named(value, said):
     assert said in shape_value_problem({"vit_dim": value})
     assert shape_value_problem({"vit_dim": 64, "layerscale": None, "swiglu": False, "ln_eps": 1}) is None
     assert "swiglu is 0, not true or false" == shape_value_problem({"swiglu": 0})
+
+
+@pytest.mark.parametrize("preset", ["vit-tiny", "vit-small", "vit-base", "vit-large", "vit-giant"])
+def test_no_recipe_warns_of_itself(preset):
+    for hardware in ("cpu", "rtx4090", "amd395"):
+        assert resolve({"config": preset}, hardware_preset=hardware).warnings == []
+
+
+def test_a_learning_rate_an_order_above_the_recipes_is_warned_not_refused():
+    warned = tiny(lr=0.5)
+    assert warned.cfg.optim.lr == 0.5
+    assert warned.warnings == ["--lr 0.5 is 500x the vit-tiny recipe's 0.001 for a global batch of 32: AdamW on a "
+                               "ViT usually diverges there (the anomaly guard stops a run whose loss does); DINO "
+                               "scales it as base x batch / 256"]
+    assert tiny(lr=0.009).warnings == []                     # under 10x the recipe's
+    # the bound follows DINO's linear scaling with the global batch: 0.02 at 256 x 4 ranks (5e-4 x 4 x 10)
+    large = {"config": "vit-large", "lr": 0.015}
+    assert resolve(large, hardware_preset="rtx4090", world_size=4).warnings == []
+    assert resolve(large, hardware_preset="rtx4090", world_size=1).warnings[0].startswith("--lr 0.015 is 30x")
+
+
+@pytest.mark.parametrize("given", [{"teacher_temp": 0.1}, {"student_temp": 0.02},
+                                   {"teacher_temp_start": 0.2, "teacher_temp_warmup_steps": 10}])
+def test_a_teacher_no_sharper_than_its_student_is_warned(given):
+    warnings = tiny(**given).warnings
+    assert len(warnings) == 1 and warnings[0].startswith("the teacher is no sharper than the student")
+    assert "student 0.1" in warnings[0] and "vit-tiny 0.02" in warnings[0]
+
+
+def test_a_flat_teacher_temperature_ignores_its_unused_start():
+    assert tiny(teacher_temp_start=0.5, teacher_temp_warmup_steps=0).warnings == []

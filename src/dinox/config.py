@@ -475,6 +475,7 @@ class Resolved:
     notices: list[str] = field(default_factory=list)
     changes: list[str] = field(default_factory=list)  # on resume: "name: saved -> now"
     preset_lines: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # settings that run but are likely mistakes
 
 
 def _arch_values(preset: str, given: dict) -> dict[str, object]:
@@ -586,7 +587,34 @@ def resolve(
     notices += _teacher_fit_notice(cfg)
     notices += _inert_flags(cfg, given)
     validate(cfg)
-    return Resolved(cfg, notices, changes, preset_lines)
+    return Resolved(cfg, notices, changes, preset_lines, _likely_mistakes(cfg, recipe, world_size))
+
+
+# How far above the recipe's learning rate (scaled linearly to the global batch, as DINO
+# scales it, lr = base x batch / 256) a run is warned: AdamW on a ViT diverges within a few
+# multiples of it, and an order of magnitude is a slip of the exponent more often than a choice.
+LR_WARN_FACTOR = 10.0
+
+
+def _likely_mistakes(cfg: RunConfig, recipe: dict, world_size: int) -> list[str]:
+    """Settings that run but that a DINO recipe almost never wants: warned, never refused
+    (an ablation may want them)."""
+    o, s, warnings = cfg.optim, cfg.ssl, []
+    global_batch = cfg.effective_batch * max(1, world_size)
+    ceiling = LR_WARN_FACTOR * float(recipe["lr"]) * max(1.0, global_batch / 256)
+    if o.lr > ceiling:
+        warnings.append(f"--lr {o.lr:g} is {o.lr / float(recipe['lr']):.0f}x the {cfg.model.preset} recipe's "
+                        f"{float(recipe['lr']):g} for a global batch of {global_batch}: AdamW on a ViT usually "
+                        f"diverges there (the anomaly guard stops a run whose loss does); DINO scales it as "
+                        f"base x batch / 256")
+    hottest = max(s.teacher_temp, s.teacher_temp_start if s.teacher_temp_warmup_steps else 0.0)
+    if hottest >= s.student_temp:
+        warnings.append(f"the teacher is no sharper than the student (teacher temperature {hottest:g} >= "
+                        f"--student-temp {s.student_temp:g}): DINO's targets then hold no more than the "
+                        f"student's own outputs and drift to uniform (Caron et al. 2021, sec. 5.3: sharpening "
+                        f"against collapse); the recipes: teacher {BASE_RECIPE['teacher_temp']:g} (vit-tiny "
+                        f"{RECIPES['vit-tiny']['teacher_temp']:g}), student {BASE_RECIPE['student_temp']:g}")
+    return warnings
 
 
 # Flags that act only through a part of the objective or of the views: given while that

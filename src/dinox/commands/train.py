@@ -316,7 +316,8 @@ def run(args: argparse.Namespace) -> int:
     existing = sum(parse_checkpoint_name(name)[1] == "periodic" for name, *_ in source.snapshot) if in_place else 0
     if args.dry_run:   # under torchrun every rank plans alike; rank 0 alone prints the plan
         return report_dry_run(cfg, info, preset_name, resolved.preset_lines, plan, args.json, device_notes,
-                              resolved.notices, ranks=world_size, show=dist.is_main, disk=(target, existing))
+                              resolved.notices, ranks=world_size, show=dist.is_main, disk=(target, existing),
+                              warnings=resolved.warnings)
     if not plan["fits"]:
         raise WontFit(wont_fit_message(plan))
     space_warning = check_disk_space(plan, target, cfg.io.ckpt_keep_last, existing) if dist.is_main else None
@@ -370,7 +371,7 @@ def _train(cfg, info, preset_name, resolved, plan, dist, run_dir: Path, source: 
     from dinox.train.loop import Trainer
 
     setup_logging(run_dir if dist.is_main else None, is_main=dist.is_main)
-    for line in device_notes:
+    for line in [*device_notes, *(resolved.warnings if dist.is_main else ())]:
         log.warning(line)
     log.info("device: %s '%s' (%s memory%s)", info.kind, info.name, _gb(info.total_memory_bytes),
              ", unified" if info.unified_memory else "")
@@ -477,13 +478,14 @@ def wont_fit_message(plan: dict) -> str:
 
 def report_dry_run(cfg: RunConfig, info, preset_name, preset_lines, plan, as_json: bool,
                    device_notes: list[str] = (), notices: list[str] = (), *, ranks: int = 1,
-                   show: bool = True, disk: tuple[Path, int] | None = None) -> int:
+                   show: bool = True, disk: tuple[Path, int] | None = None, warnings: list[str] = ()) -> int:
     """Print the plan (`show`: False on the ranks other than 0 of a torchrun launch, which
     return the same exit code silently). `ranks`: the processes that share each optimizer step
     (DDP or FSDP2; the global batch). `device_notes` (a requested --device that is missing, and
     what is planned for instead) go to stderr as warnings, and into the JSON as "device_notices";
     `notices` (what resolve() fitted to the run: prototypes, warm-ups, teacher momentum) are
-    printed as notes, and into the JSON as "notices". `disk`: where the checkpoints would go
+    printed as notes, and into the JSON as "notices"; `warnings` (settings that run but are
+    likely mistakes) go to stderr and into the JSON as "warnings". `disk`: where the checkpoints would go
     and how many periodic ones are there already; the real run's disk check is judged there
     (on this machine) and reported, never refused: a plan may be for another machine."""
     code = 0 if plan["fits"] else EXIT_WONT_FIT
@@ -500,6 +502,8 @@ def report_dry_run(cfg: RunConfig, info, preset_name, preset_lines, plan, as_jso
             disk_warning = str(exc)
     for line in device_notes:
         print(f"warning: {line} (plan for a card that is not here with --device-memory)", file=sys.stderr)
+    for line in warnings:
+        print(f"warning: {line}", file=sys.stderr)
     summary = {
         "config": cfg.model.preset,
         "arch": {k: cfg.get(k) for k in SHAPE_FIELDS},
@@ -528,6 +532,7 @@ def report_dry_run(cfg: RunConfig, info, preset_name, preset_lines, plan, as_jso
         "disk_warning": disk_warning,
         "device_notices": list(device_notes),
         "notices": list(notices),
+        "warnings": list(warnings),
     }
     if as_json:
         print(json.dumps(summary, default=str))
