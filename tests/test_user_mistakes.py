@@ -63,6 +63,8 @@ def test_a_file_system_failure_is_one_line_naming_the_path(tmp_path, capsys):
     # a step budget past 10M sat silent in resolve() (the teacher-momentum fit walks every step)
     (["train", "--max-steps", "99999999999999999999999"], "--max-steps"),
     (["demo", "--steps", "10000001"], "--steps"),
+    # the memory plan built 100,000 blocks on the meta device for 2.5 minutes before its verdict
+    (["train", "--vit-depth", "1001"], "--vit-depth"),
 ])
 def test_a_bad_flag_value_is_refused_in_one_line_before_any_work(argv, flag, capsys):
     assert main(argv) == 1

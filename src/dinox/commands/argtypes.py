@@ -71,6 +71,19 @@ def step_budget(text: str) -> int:
     return _steps(text, "; for a run that trains until stopped give `unlimited`")
 
 
+# 20x the deepest ViT trained (ViT-22B: 48 blocks). The memory plan builds the model on the
+# meta device, block by block (about 1.5 ms each), before it can say that a model fits no device.
+MAX_VIT_DEPTH = 1000
+
+
+def vit_depth(text: str) -> int:
+    """--vit-depth: 1 to MAX_VIT_DEPTH transformer blocks."""
+    value = positive_int(text)
+    if value > MAX_VIT_DEPTH:
+        raise argparse.ArgumentTypeError(f"expected at most {MAX_VIT_DEPTH} blocks, got {value} (ViT-giant has 40)")
+    return value
+
+
 def float_at_least(minimum: float, *, inclusive: bool = True):
     """A finite number >= `minimum` (> when not `inclusive`); nan and inf are refused."""
     def parse(text: str) -> float:

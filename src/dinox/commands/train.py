@@ -32,6 +32,7 @@ from dinox.commands.argtypes import (
     positive_int,
     seed_int,
     step_budget,
+    vit_depth,
 )
 from dinox.data.layout import same_path
 from dinox.errors import UserError
@@ -81,7 +82,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                         "override it; 'custom' needs all four")
     g.add_argument("--vit-patch", type=positive_int)
     g.add_argument("--vit-dim", type=positive_int)
-    g.add_argument("--vit-depth", type=positive_int)
+    g.add_argument("--vit-depth", type=vit_depth)
     g.add_argument("--vit-heads", type=positive_int)
     g.add_argument("--vit-mlp", type=positive_int,
                    help="MLP hidden width (default 4 x dim; 6144 for vit-giant and vit-giant2, 6 x dim for dinov3-*plus)")
