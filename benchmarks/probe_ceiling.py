@@ -238,7 +238,7 @@ def vit_readouts(args, cfg, size: int, data: ProbeData, dataset: CTSliceDataset,
             t0 = time.perf_counter()
             net, head = train_vit(cfg, x_cat, b_cat[keep], c_cat[keep], y_cat[side_tr], seed, epochs, grid)
             tok = vit_features(net, sx, sb, sc)
-            proba, _, _ = fit_probe(tok[tr], y_tr, task.groups[tr], tok[te], task.groups[te], 0)
+            proba, *_ = fit_probe(tok[tr], y_tr, task.groups[tr], tok[te], task.groups[te], 0)
             scores[f"{name}/{seed}"] = proba[:, 1]
             runs.append(proba[:, 1])
             with torch.no_grad():   # the trained head itself: the network as a detector, not frozen
@@ -295,7 +295,7 @@ def main() -> None:
         sources["hand_features"] = "hand"
     for name, source in sources.items():
         x = task_matrix(data, task, source)
-        proba, _, _ = fit_probe(x[tr], y_tr, task.groups[tr], x[te], task.groups[te], 0)
+        proba, *_ = fit_probe(x[tr], y_tr, task.groups[tr], x[te], task.groups[te], 0)
         scores[name] = proba[:, 1]
 
     if patch_level:

@@ -95,9 +95,41 @@ def test_probe_fits_a_separable_problem():
     y = np.array([0, 1] * 30)
     x = rng.standard_normal((60, 4)) + 3.0 * y[:, None]
     groups = np.repeat(np.arange(6), 10)
-    proba, c, classes = probe.fit_probe(x[:40], y[:40], groups[:40], x[40:], groups[40:])
-    assert classes == [0, 1] and c in probe.CS
+    proba, c, classes, chosen = probe.fit_probe(x[:40], y[:40], groups[:40], x[40:], groups[40:])
+    assert classes == [0, 1] and c in probe.CS and chosen
     assert stats.auroc(proba[:, 1], y[40:]) > 0.95
+
+
+def test_a_fold_without_a_class_does_not_decide_the_sweep():
+    """GridSearchCV's mean over folds is NaN for every C once one fold is; it then took the
+    grid's first C (1e-4) as if chosen. The other folds decide now, and with no fold
+    scored, C is 1 and said to be unchosen."""
+    rng = np.random.default_rng(0)
+    y = np.tile([0, 1], 30)
+    x = rng.standard_normal((60, 4)) + 3.0 * y[:, None]
+    groups = np.repeat(np.arange(6), 10)
+    y_one = y.copy()
+    y_one[groups == 5] = 0                           # patient 5 without positives
+    results = {"split0_test_score": np.array([np.nan] * 6), "split1_test_score": np.array([0.5, 0.9, 0.9, 0.7, 0.6, 0.6]),
+               "split2_test_score": np.array([0.5, 0.8, 0.95, 0.7, 0.6, 0.6])}
+    assert probe.CS[probe._best_c(results)] == 1e-2   # the NaN fold left out, the tie to the lower C
+    assert probe.CS[probe._best_c({"split0_test_score": np.full(6, np.nan)})] == 1.0
+    _, c, _, chosen = probe.fit_probe(x, y_one, groups, x[:5], np.full(5, 99))
+    assert chosen and c != 1e-4                      # separable data: not the strongest regularisation
+    _, c, _, chosen = probe.fit_probe(x[:20], np.r_[np.zeros(10), np.ones(10)], groups[:20], x[:5], np.full(5, 99))
+    assert (c, chosen) == (1.0, False)               # each patient one class: no fold holds both
+
+
+def test_a_macro_resample_without_a_class_is_not_a_mean_over_fewer():
+    y = np.array([0, 1, 2, 0, 1, 2])
+    proba = np.eye(3)[y] * 0.8 + 0.1
+    classes = [0, 1, 2]
+    full, without_2 = np.ones(6), np.array([1.0, 1, 0, 1, 1, 0])
+    boots = stats.macro_auroc(proba, y, classes, np.stack([full, without_2]))
+    assert boots[0] == 1.0 and np.isnan(boots[1])
+    # a class the whole test side lacks stays out of the point figure and of every resample
+    y2 = np.array([0, 1, 0, 1, 0, 1])
+    assert stats.macro_auroc(proba, y2, classes) == stats.macro_auroc(proba, y2, classes, full[None])[0]
 
 
 def test_a_refit_resample_equals_the_probe_fitted_on_its_copies():
@@ -263,6 +295,28 @@ def test_patch_classes_need_the_same_share_of_lung():
     assert by_cell[10].nodule and by_cell[10].in_lung            # pure lung around its nodule
     negatives = {p.cell for p in data.patches if p.lung}
     assert negatives and 5 not in negatives and negatives <= {6, 9}   # the clean pure-lung cells
+
+
+def test_no_negative_lies_under_a_nodule_of_a_slice_the_stack_spans():
+    """The network sees z-gap .. z+gap: a cell over a nodule on a neighbour slice is not
+    "other lung" on slice z, though slice z itself holds no mark there."""
+    hu = np.full((32, 32), 40.0)                     # body around a lung: cells 5, 6, 9, 10 pure lung
+    hu[2:30, 2:30] = -850.0
+    labels = probe.ProbeLabels(regions={("s", 6): [{"row0": 9, "col0": 9, "row1": 12, "col1": 12}]},
+                               marks={("s", 6): [(9, 9, 12, 12)]}, series={"s"},
+                               patient_of={"s": "p"}, vessels={}, rule="test")
+    for seed in range(20):                           # LUNG_PATCHES_PER_SLICE of them, drawn at random
+        for gap, excluded in ((1, set()), (2, {5})):
+            data = probe.ProbeData(slices=[probe.SliceRecord(0, "s", "p", 4, "train", 0)])
+            probe.plan_patches(data, 0, hu, labels, 4, None, random.Random(seed), gap=gap)
+            negatives = {p.cell for p in data.patches if p.lung}
+            assert negatives and not negatives & excluded and not any(p.nodule for p in data.patches)
+    taken = set()
+    for seed in range(40):                           # at gap 1, slice 6 lies outside: cell 5 may be drawn
+        data = probe.ProbeData(slices=[probe.SliceRecord(0, "s", "p", 4, "train", 0)])
+        probe.plan_patches(data, 0, hu, labels, 4, None, random.Random(seed), gap=1)
+        taken |= {p.cell for p in data.patches if p.lung}
+    assert 5 in taken
 
 
 def test_vessel_cells_follow_the_segment_through_the_slice():

@@ -464,8 +464,11 @@ def select_slices(dataset: CTSliceDataset, labels: ProbeLabels, split: ProbeSpli
 
 
 def plan_patches(data: ProbeData, pos: int, hu_center: np.ndarray, labels: ProbeLabels, grid: int,
-                 vessel_pts: np.ndarray | None, rnd: random.Random) -> None:
-    """Patch records of one slice: its nodule cells, a few other-lung and vessel cells."""
+                 vessel_pts: np.ndarray | None, rnd: random.Random, gap: int = 1) -> None:
+    """Patch records of one slice: its nodule cells, a few other-lung and vessel cells.
+    No cell under a mark on any slice the stack spans (z-gap .. z+gap, as `slice_label`)
+    is a negative: the network sees the neighbour slices too, so a nodule there is in its
+    input."""
     rec = data.slices[pos]
     shape = hu_center.shape
     key = (rec.series_id, rec.z)
@@ -479,7 +482,8 @@ def plan_patches(data: ProbeData, pos: int, hu_center: np.ndarray, labels: Probe
 
     lung, lung_or_nodule = pooled(mask), pooled(with_nodules)
     touched = np.zeros((grid, grid), bool)
-    for box in labels.marks.get(key, []):   # a pixel of margin: outlines are drawn outside
+    near = [box for k in range(rec.z - gap, rec.z + gap + 1) for box in labels.marks.get((rec.series_id, k), [])]
+    for box in near:   # a pixel of margin: outlines are drawn outside
         grown = (box[0] - 1, box[1] - 1, box[2] + 1, box[3] + 1)
         touched |= cell_overlap(grown, shape, grid) > 0
     chosen: dict[int, PatchRecord] = {}
@@ -568,6 +572,7 @@ def embed(networks: dict, dataset: CTSliceDataset, data: ProbeData, labels: Prob
     grid = size // patch
     rnd = random.Random(seed)
     vessel_pts = {sid: vessel_points(segs) for sid, segs in labels.vessels.items()}
+    gaps = dict(zip(dataset.series_ids, dataset.gaps))
     feats = {name: {"cls": [], "mean": [], "tokens": []} for name in networks}
     pix_slice, pix_patch, hand = [], [], []
     bar = Progress(len(data.slices), "probe: embedding", "slice", progress)
@@ -577,8 +582,9 @@ def embed(networks: dict, dataset: CTSliceDataset, data: ProbeData, labels: Prob
             first_patch = len(data.patches)
             raw = [dataset[data.slices[p].index] for p in chunk]
             for p, stack in zip(chunk, raw):
-                plan_patches(data, p, stack[1].numpy().astype(np.float32), labels, grid,
-                             vessel_pts.get(data.slices[p].series_id), rnd)
+                sid = data.slices[p].series_id
+                plan_patches(data, p, stack[1].numpy().astype(np.float32), labels, grid, vessel_pts.get(sid), rnd,
+                             gaps[sid])
             planned = data.patches[first_patch:]
             b_of = torch.tensor([q.slice_pos - start for q in planned], dtype=torch.long, device=device)
             c_of = torch.tensor([q.cell for q in planned], dtype=torch.long, device=device)
@@ -621,12 +627,30 @@ def _probe_pipeline(c: float, seed: int, balanced: bool = True):
         C=c, max_iter=2000, class_weight="balanced" if balanced else None, random_state=seed))
 
 
+def _best_c(cv_results: dict) -> int:
+    """The index of the C whose folds score best on average, folds that could not be scored
+    (NaN: a fold without one of the classes) left out; C = 1 where no fold could be.
+    GridSearchCV's own mean is NaN for every C as soon as one fold is, and it then takes
+    the first C of the grid, the strongest regularisation, as if the sweep had chosen it."""
+    folds = sorted(k for k in cv_results if k.startswith("split") and k.endswith("_test_score"))
+    scores = np.array([cv_results[k] for k in folds], np.float64)          # (folds, len(CS))
+    finite = np.isfinite(scores)
+    if not finite.any():
+        return CS.index(1.0)
+    counts = finite.sum(axis=0)
+    mean = np.where(counts > 0, np.where(finite, scores, 0.0).sum(axis=0) / np.maximum(counts, 1), -np.inf)
+    return int(np.argmax(mean))
+
+
 def fit_probe(x_train: np.ndarray, y_train: np.ndarray, groups_train: np.ndarray, x_test: np.ndarray,
-              groups_test: np.ndarray | None = None, seed: int = 0) -> tuple[np.ndarray, float, list]:
-    """Standardise + L2 logistic regression, C from CS by GroupKFold over training patients.
-    Returns ((n_test, K) class probabilities, columns in `classes` order; C; classes).
-    Refuses groups on both sides: the patient-level split is checked here too."""
-    from sklearn.model_selection import GridSearchCV, GroupKFold
+              groups_test: np.ndarray | None = None, seed: int = 0) -> tuple[np.ndarray, float, list, bool]:
+    """Standardise + L2 logistic regression, C from CS by cross-validation over training
+    patients (StratifiedGroupKFold: each fold keeps whole patients and, as far as they
+    allow, both classes). Returns ((n_test, K) class probabilities, columns in `classes`
+    order; C; classes; whether the sweep chose C: False where no fold could be scored, and
+    C is then 1). Refuses groups on both sides: the patient-level split is checked here too."""
+    from sklearn.metrics import log_loss, make_scorer
+    from sklearn.model_selection import GridSearchCV, StratifiedGroupKFold
     from threadpoolctl import threadpool_limits
 
     if groups_test is not None:
@@ -636,20 +660,30 @@ def fit_probe(x_train: np.ndarray, y_train: np.ndarray, groups_train: np.ndarray
         raise ValueError("the training side holds one class only")
     pipe = _probe_pipeline(1.0, seed)
     folds = min(CV_FOLDS, len(set(np.asarray(groups_train).tolist())))
+    chosen = False
     # one BLAS thread: these fits are small, and threads only contend (3-4x slower measured
-    # on a busy 2-core machine); a fold without one of the classes scores NaN, quietly
+    # on a busy 2-core machine); a fold without one of the classes scores NaN, quietly, and
+    # `_best_c` leaves it out
     with warnings.catch_warnings(), threadpool_limits(1):
         warnings.simplefilter("ignore")
         if folds >= 2:
-            search = GridSearchCV(pipe, {"logisticregression__C": list(CS)}, cv=GroupKFold(n_splits=folds),
-                                  scoring="roc_auc" if len(classes) == 2 else "neg_log_loss",
-                                  error_score=np.nan, refit=True)
-            search.fit(x_train, y_train, groups=groups_train)
+            # the log loss over every class of the task: a fold whose training part lacks one
+            # cannot be scored (NaN), rather than scored on fewer columns
+            scoring = "roc_auc" if len(classes) == 2 else make_scorer(
+                log_loss, greater_is_better=False, response_method="predict_proba", labels=classes)
+            search = GridSearchCV(pipe, {"logisticregression__C": list(CS)}, cv=StratifiedGroupKFold(n_splits=folds),
+                                  scoring=scoring, error_score=np.nan, refit=_best_c)
+            try:
+                search.fit(x_train, y_train, groups=groups_train)
+                chosen = bool(np.isfinite([search.cv_results_[f"split{k}_test_score"] for k in range(folds)]).any())
+            except ValueError:   # every fold's training part held one class: no fit at all
+                search = None
+        if chosen:
             model, c = search.best_estimator_, float(search.best_params_["logisticregression__C"])
         else:
             model, c = pipe.set_params(logisticregression__C=1.0).fit(x_train, y_train), 1.0
         proba = model.predict_proba(x_test)
-    return proba, c, classes
+    return proba, c, classes, chosen
 
 
 def refit_scores(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray, c: float,
@@ -812,7 +846,7 @@ def run_task(data: ProbeData, task: Task, sources: list[str], *, n_boot: int, se
         test_counts, _ = bootstrap_weights(task.groups[te], n_refit, seed + 2)
     for source in (*sources, *references):
         x = task_matrix(data, task, source)
-        proba, c, classes = fit_probe(x[tr], y_tr, task.groups[tr], x[te], task.groups[te], seed)
+        proba, c, classes, chosen = fit_probe(x[tr], y_tr, task.groups[tr], x[te], task.groups[te], seed)
         if refit:
             refits[source] = refit_scores(x[tr], y_tr, x[te], y_te, c, train_counts, test_counts, seed)
         if task.class_names is None:
@@ -820,7 +854,11 @@ def run_task(data: ProbeData, task: Task, sources: list[str], *, n_boot: int, se
         else:
             fn = lambda w, s=proba, cl=classes: macro_auroc(s, y_te, cl, w)
         point, ci, boot = score_with_ci(fn, weights)
-        results[source] = {"auroc": round(point, 4), "ci95": ci, "C": c, "dim": int(x.shape[1])}
+        # bootstrap_failed: resamples without one of the classes, left out of the interval
+        results[source] = {"auroc": round(point, 4), "ci95": ci, "C": c, "dim": int(x.shape[1]),
+                           "bootstrap_failed": int(np.isnan(boot).sum())}
+        if not chosen:
+            results[source]["C_note"] = "no cross-validation fold held both classes: C = 1, not chosen"
         boots[source] = boot
     main, *others = sources
     entry.update(results[main])

@@ -8,7 +8,6 @@ uses the same resampling for the ratio of two hit counts over view draws.
 from __future__ import annotations
 
 import math
-import warnings
 
 import numpy as np
 
@@ -39,12 +38,16 @@ def auroc(scores: np.ndarray, y: np.ndarray, weights: np.ndarray | None = None) 
 
 
 def macro_auroc(proba: np.ndarray, y: np.ndarray, classes, weights: np.ndarray | None = None):
-    """Mean one-vs-rest AUROC over the classes (columns of proba, in `classes` order);
-    classes without positives or negatives (in a resample) are left out of the mean."""
-    per = np.stack([np.atleast_1d(auroc(proba[:, k], y == c, weights)) for k, c in enumerate(classes)])
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        out = np.nanmean(per, axis=0)
+    """Mean one-vs-rest AUROC over the classes (columns of proba, in `classes` order) that
+    the test side holds with both positives and negatives. A resample (a row of `weights`)
+    that lacks one of those classes scores NaN, as a binary resample with one class does:
+    a mean over fewer classes is another quantity, and mixing it into the interval would
+    blur the interval of this one."""
+    present = [k for k, c in enumerate(classes) if math.isfinite(auroc(proba[:, k], y == c))]
+    if not present:
+        return math.nan if weights is None else np.full(np.atleast_2d(weights).shape[0], math.nan)
+    per = np.stack([np.atleast_1d(auroc(proba[:, k], y == classes[k], weights)) for k in present])
+    out = per.mean(axis=0)
     return float(out[0]) if weights is None else out
 
 
