@@ -100,10 +100,11 @@ def test_deterministic_per_seed():
     assert not torch.equal(a.global_views[0], c.global_views[0])
 
 
-def test_global_views_independent_of_local_count():
+@pytest.mark.parametrize("noise_std", [0.0, 0.1])
+def test_global_views_independent_of_local_count(noise_std):
     x = hu_batch(3)
-    a = run(AugmentConfig(global_size=16, n_local=0), x, 3)
-    b = run(AugmentConfig(global_size=16, n_local=4, local_size=8), x, 3)
+    a = run(AugmentConfig(global_size=16, n_local=0, noise_std=noise_std), x, 3)
+    b = run(AugmentConfig(global_size=16, n_local=4, local_size=8, noise_std=noise_std), x, 3)
     for va, vb in zip(a.global_views, b.global_views):
         assert torch.equal(va, vb)
 

@@ -1,6 +1,7 @@
 """Batched multi-view CT augmentation on the training device.
 
-Each sample, a (3, H, W) stack of raw Hounsfield units (slices z-1, z, z+1), becomes two
+Each sample, a (3, H, W) stack of raw Hounsfield units (slices z-g, z, z+g, the neighbours
+``--context-mm`` away: ``dinox.data.dataset``), becomes two
 global views and ``n_local`` local views (DINO multi-crop, Caron et al. 2021; DINOv2,
 Oquab et al. 2023). Per view and sample:
 
@@ -39,9 +40,9 @@ is skipped when the sampler would shrink by at most 2.5x anyway (e.g. 512 px -> 
 global views), where the extra pass costs more than the little aliasing it removes.
 
 Determinism: every random parameter is drawn on the CPU from the given generator in a
-fixed order (global windows, then per global view crop/flip/blur, then the same for local
-views), then moved to the input's device, so a seed gives the same parameters on every
-device. The global views do not depend on ``n_local``. The one exception is the per-pixel
+fixed order (global windows, then per global view crop/flip/blur, the noise seed, then the
+same for local views), then moved to the input's device, so a seed gives the same parameters
+on every device. The global views do not depend on ``n_local``. The one exception is the per-pixel
 noise field (``noise_std > 0``): it is drawn on the device from a generator seeded from the
 CPU generator, so it is deterministic per device but not bitwise equal across devices.
 """
@@ -399,10 +400,12 @@ class CTAugment:
 
     def draw_params(
         self, g: torch.Generator, batch: int, height: int, width: int
-    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """All random parameters for the global and local view groups, on the CPU."""
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], int | None]:
+        """All random parameters for the global and local view groups, on the CPU, and the
+        noise fields' seed (None without noise), drawn between the two groups so that the
+        global views, noise included, do not depend on the number of local views."""
         cfg = self.cfg
-        groups = []
+        groups, noise_seed = [], None
         for n_views, scale, distinct in (
             (2, cfg.global_scale, cfg.distinct_global_windows),
             (cfg.n_local, cfg.local_scale, False),
@@ -419,7 +422,9 @@ class CTAugment:
             for key, val in _empty_view_params(batch).items():
                 params[key] = torch.stack(per_view[key]) if n_views else val
             groups.append(params)
-        return groups[0], groups[1]
+            if len(groups) == 1 and cfg.noise_std > 0:
+                noise_seed = int(torch.randint(2**62, (1,), generator=g))
+        return groups[0], groups[1], noise_seed
 
     def __call__(self, stacks: torch.Tensor, generator: torch.Generator | None = None) -> Views:
         if stacks.dim() != 4:
@@ -429,8 +434,7 @@ class CTAugment:
             raise ValueError("CTAugment draws its parameters from a CPU torch.Generator")
         cfg = self.cfg
         b, _, h, w = stacks.shape
-        global_p, local_p = self.draw_params(g, b, h, w)
-        noise_seed = int(torch.randint(2**62, (1,), generator=g)) if cfg.noise_std > 0 else None
+        global_p, local_p, noise_seed = self.draw_params(g, b, h, w)
 
         hu = stacks if stacks.dtype == torch.float32 else stacks.to(torch.float32)
         buffers = [hu]
