@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from dinox.data.dataset import CTSliceDataset, pad_collate, slice_gap
+from dinox.data.dataset import CTSliceDataset, pad_collate, slice_gap, stack_neighbours
 from dinox.data.ingest import prepare
 from dinox.data.synth import generate_dataset
 from dinox.errors import UserError
@@ -219,6 +219,62 @@ def test_slice_gap_is_the_whole_number_of_slices_nearest_the_context():
     assert slice_gap(5.0, 10.0 / 3.0) == 2          # 1.5 rounds up
     assert slice_gap(0.0, 1.25) == 1                # 0: the adjacent slices
     assert slice_gap(5.0, None) == 1 and slice_gap(5.0, float("nan")) == 1 and slice_gap(5.0, 0.0) == 1
+
+
+def test_neighbours_by_position_agree_with_the_gap_on_even_spacing():
+    rng = np.random.default_rng(0)
+    for _ in range(500):
+        spacing = float(rng.choice([0.625, 1.0, 1.25, 2.5, 3.0, 4.0, 5.0, 7.5, 20.0, 30.0]))
+        context, n = float(rng.choice([2.5, 5.0, 10.0])), int(rng.integers(1, 30))
+        positions = float(rng.uniform(-300, 300)) + spacing * np.arange(n)
+        by_gap, by_position = stack_neighbours(context, spacing, n), stack_neighbours(context, spacing, n, positions)
+        assert np.array_equal(by_gap[0], by_position[0]) and np.array_equal(by_gap[1], by_position[1])
+
+
+def test_neighbours_across_a_gap_stay_near_the_context():
+    """5 mm slices with 5 missing between 20 and 50 mm: the median step (5 mm) gives g = 2,
+    which from slice 3 (15 mm) reaches 50 mm; by position its upper neighbour is the slice
+    nearest 25 mm, 20 mm (the last before the gap; 50 mm is 25 mm away)."""
+    positions = np.array([0, 5, 10, 15, 20, 50, 55, 60, 65, 70], np.float64)
+    lower, upper = stack_neighbours(10.0, 5.0, len(positions), positions)
+    assert upper.tolist() == [2, 3, 4, 4, 5, 7, 8, 9, 9, 9]
+    assert lower.tolist() == [0, 0, 0, 1, 2, 4, 5, 5, 6, 7]
+    assert stack_neighbours(10.0, 5.0, 10)[1][3] == 5          # the whole-step rule: 35 mm away
+    # a 1.25 mm part followed by a 5 mm part: 8 median steps would be 40 mm in the 5 mm part
+    mixed = np.r_[np.arange(0, 20, 1.25), 20 + 5 * np.arange(6)]
+    lower, upper = stack_neighbours(10.0, 1.25, len(mixed), mixed)
+    assert all(abs(abs(mixed[j] - mixed[z]) - 10) <= 2.5 for z in range(8, 14) for j in (lower[z], upper[z]))
+    # thicker than the context: still one slice away, as the gap rule's g >= 1
+    assert stack_neighbours(10.0, 30.0, 3, np.array([0.0, 30.0, 60.0]))[1].tolist() == [1, 2, 2]
+
+
+def test_the_dataset_stacks_by_position_where_the_index_records_positions(tmp_path, caplog):
+    vols = make_root(tmp_path, {"a": (10, 6, 5), "b": (5, 6, 5)}, val=["b"])
+    index = tmp_path / "_index" / "index.csv"
+    rows = list(csv.DictReader(index.open()))
+    rows[0].update(spacing_z="5", notes="1 gap in slice positions (about 5 missing slices)",
+                   z_positions="0 5 10 15 20 50 55 60 65 70")
+    with index.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=[*COLUMNS, "notes", "z_positions"])
+        w.writeheader()
+        w.writerows(rows)
+    ds = CTSliceDataset(tmp_path, split="train", context_mm=10.0)
+    assert torch.equal(ds[3], torch.from_numpy(vols["a"][[1, 3, 4]]))
+    assert ds.stack_span(3) == (1, 4)
+    assert "nearest by slice position in 1 series with gaps or uneven steps" in ds.stack_summary()
+    assert torch.equal(CTSliceDataset(tmp_path, split="train")[3], torch.from_numpy(vols["a"][[2, 3, 4]]))
+    # positions that cannot be used, or a gap noted by a prep that recorded none: warned, whole steps
+    for cell, said in (("0 5 10", "cannot be used"), ("", "no recorded slice positions")):
+        rows[0]["z_positions"] = cell
+        with index.open("w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=[*COLUMNS, "notes", "z_positions"])
+            w.writeheader()
+            w.writerows(rows)
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            old = CTSliceDataset(tmp_path, split="train", context_mm=10.0)
+        assert said in caplog.text and "dinox prep --force" in caplog.text
+        assert torch.equal(old[3], torch.from_numpy(vols["a"][[1, 3, 5]]))
 
 
 def test_a_context_in_mm_stacks_the_slices_that_far_from_z(tmp_path, caplog):

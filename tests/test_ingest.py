@@ -275,6 +275,21 @@ def test_duplicates_dropped_gaps_and_irregular_spacing_reported(tmp_path):
     assert "gap" in rows["1.4.1"]["notes"]
     assert float(rows["1.4.2"]["spacing_z"]) == pytest.approx(1.0)
     assert "irregular" in " ".join(report["series_notes"]["1.4.2"])
+    # their slice positions are recorded, so that the 2.5D stacks can pick neighbours by position
+    assert rows["1.4.1"]["z_positions"] == "0 1 2 4 5 6"
+    assert rows["1.4.2"]["z_positions"] == "0 1 2.4 3.4 4.4"
+
+
+def test_evenly_spaced_series_record_no_positions(tmp_path):
+    rng = np.random.default_rng(5)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    hu = random_hu(rng, (4, 6, 6))
+    for k in range(4):
+        write_slice(folder / f"{k}.dcm", (hu[k] + 1024).astype(np.uint16), series_uid="1.4.3",
+                    position=(0, 0, -100.0 + 2.5 * k), instance=k + 1)
+    prep([folder], tmp_path / "out")
+    assert index_rows(tmp_path / "out")["1.4.3"]["z_positions"] == ""
 
 
 def test_compressed_without_decoder_is_skipped_with_install_hint(tmp_path):

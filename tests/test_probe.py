@@ -231,16 +231,20 @@ def test_a_nodule_counts_where_two_of_four_readers_marked_it(tmp_path):
     ]
     labels = probe.load_labels(_labelled_root(tmp_path, rows))
     assert "2 readers" in labels.rule
-    assert [probe.slice_label(labels, SERIES, z, 12) for z in range(12)] == \
+    def span(z, g):
+        return max(z - g, 0), min(z + g, 11)
+    assert [probe.slice_label(labels, SERIES, z, span(z, 1)) for z in range(12)] == \
         [0, 0, None, 1, None, 0, None, None, None, 0, 0, 0]
     # a stack two slices apart spans z-2 .. z+2: a mark anywhere in that span is not a negative
-    assert [probe.slice_label(labels, SERIES, z, 12, gap=2) for z in range(12)] == \
+    assert [probe.slice_label(labels, SERIES, z, span(z, 2)) for z in range(12)] == \
         [0, None, None, 1, None, None, None, None, None, None, 0, 0]
+    # across a gap the stack's span is what the positions chose: 0 .. 1 holds no mark
+    assert probe.slice_label(labels, SERIES, 0, (0, 2)) == 0 and probe.slice_label(labels, SERIES, 0, (0, 3)) is None
     (region,) = labels.regions[(SERIES, 3)]
     assert (region["row0"], region["col0"], region["row1"], region["col1"]) == (11, 11, 14, 14)
     assert region["texture"] == 5 and region["malignancy"] == 4   # the readers' median, rounded half up
     strict = probe.load_labels(tmp_path, min_readers=3)
-    assert probe.slice_label(strict, SERIES, 3, 12) is None
+    assert probe.slice_label(strict, SERIES, 3, (2, 4)) is None
 
 
 def test_synthetic_truth_is_used_only_without_reader_rows(tmp_path):
@@ -306,15 +310,15 @@ def test_no_negative_lies_under_a_nodule_of_a_slice_the_stack_spans():
                                marks={("s", 6): [(9, 9, 12, 12)]}, series={"s"},
                                patient_of={"s": "p"}, vessels={}, rule="test")
     for seed in range(20):                           # LUNG_PATCHES_PER_SLICE of them, drawn at random
-        for gap, excluded in ((1, set()), (2, {5})):
+        for span, excluded in (((3, 5), set()), ((2, 6), {5})):
             data = probe.ProbeData(slices=[probe.SliceRecord(0, "s", "p", 4, "train", 0)])
-            probe.plan_patches(data, 0, hu, labels, 4, None, random.Random(seed), gap=gap)
+            probe.plan_patches(data, 0, hu, labels, 4, None, random.Random(seed), span=span)
             negatives = {p.cell for p in data.patches if p.lung}
             assert negatives and not negatives & excluded and not any(p.nodule for p in data.patches)
     taken = set()
-    for seed in range(40):                           # at gap 1, slice 6 lies outside: cell 5 may be drawn
+    for seed in range(40):                           # a stack of 3..5 leaves slice 6 out: cell 5 may be drawn
         data = probe.ProbeData(slices=[probe.SliceRecord(0, "s", "p", 4, "train", 0)])
-        probe.plan_patches(data, 0, hu, labels, 4, None, random.Random(seed), gap=1)
+        probe.plan_patches(data, 0, hu, labels, 4, None, random.Random(seed), span=(3, 5))
         taken |= {p.cell for p in data.patches if p.lung}
     assert 5 in taken
 

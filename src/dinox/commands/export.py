@@ -247,8 +247,10 @@ def ct_preprocessing(aug: AugmentConfig, img_size: int, patch_size: int, context
         "input": {
             "layout": "(B, 3, H, W) float32",
             "channels": ["slice z-g", "slice z", "slice z+g"],
-            "slice_gap": (f"g = max(1, round({context_mm:g} mm / slice spacing)): the slices nearest {context_mm:g} mm "
-                          f"from slice z (1 at {context_mm:g} mm slices and thicker)") if context_mm
+            "slice_gap": (f"g = max(1, floor({context_mm:g} mm / slice spacing + 0.5)): the slices nearest "
+                          f"{context_mm:g} mm from slice z (1 at {context_mm:g} mm slices and thicker); in a series "
+                          f"with gaps or uneven steps, the slice whose position lies nearest {context_mm:g} mm above "
+                          f"and below z, at least one slice away") if context_mm
             else "g = 1: the adjacent slices",
             "context_mm": context_mm,
             "source": "int16 Hounsfield units clipped to [-1024, 3071], slices ascending along the normal",

@@ -1,6 +1,7 @@
 """2.5D samples from the processed root: (3, H, W) int16 stacks of slices z-g, z, z+g,
 where the gap g is 1 (the adjacent slices) or the whole number of slices nearest a distance
-in millimetres (`slice_gap`).
+in millimetres (`slice_gap`); in a series with gaps or uneven steps, whose slice positions
+`dinox prep` records, the slices whose positions lie nearest that distance (`stack_neighbours`).
 
 Volumes are memory-mapped lazily, per process: a DataLoader worker (forked or spawned)
 opens its own maps on first use and never inherits or pickles another process's. Only
@@ -43,6 +44,56 @@ def slice_gap(context_mm: float, spacing_z: float | None) -> int:
     return max(1, math.floor(context_mm / spacing_z + 0.5))
 
 
+# Positions this close (mm) count as equally near, and the farther slice wins, as halves
+# round up in slice_gap: the rounding of the positions in DICOM headers must not break ties.
+POSITION_TIE_MM = 1e-3
+
+
+def stack_neighbours(context_mm: float, spacing_z: float | None, num_slices: int,
+                     positions: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The lower and upper neighbour of every slice z of a series: (Z,) int arrays.
+
+    Without positions (evenly spaced slices): z -/+ slice_gap, clamped at the ends. With
+    them (mm along the normal, ascending): below z, the slice whose position is nearest
+    positions[z] - context_mm, and above z likewise, at least one slice away where there is
+    one, and the border slice where there is none (as the clamp). On even spacing the two
+    rules agree; across a gap the positions keep the neighbours `context_mm` away where a
+    whole number of median steps would reach far past the gap."""
+    z = np.arange(num_slices)
+    if positions is None or not context_mm:
+        g = slice_gap(context_mm, spacing_z)
+        return np.maximum(z - g, 0), np.minimum(z + g, num_slices - 1)
+    p = np.asarray(positions, np.float64)
+
+    def nearest(target: np.ndarray, first: np.ndarray, last: np.ndarray, farther_is_lower: bool) -> np.ndarray:
+        right = np.clip(np.searchsorted(p, target), first, last)
+        left = np.clip(right - 1, first, last)
+        d_left, d_right = np.abs(p[left] - target), np.abs(p[right] - target)
+        tie = np.abs(d_left - d_right) <= POSITION_TIE_MM
+        return np.where(tie, left if farther_is_lower else right, np.where(d_left < d_right, left, right))
+
+    lower = nearest(p - context_mm, np.zeros_like(z), np.maximum(z - 1, 0), True)
+    upper = nearest(p + context_mm, np.minimum(z + 1, num_slices - 1), np.full_like(z, num_slices - 1), False)
+    return lower, upper
+
+
+def _positions(row: dict, num_slices: int) -> np.ndarray | str | None:
+    """The slice positions an index row records (None: evenly spaced, or none recorded), or
+    why they cannot be used."""
+    text = (row.get("z_positions") or "").strip()
+    if not text:
+        return None
+    try:
+        p = np.array([float(v) for v in text.split()], np.float64)
+    except ValueError:
+        return "its z_positions are not numbers"
+    if len(p) != num_slices:
+        return f"its z_positions list {len(p)} slices, not its {num_slices}"
+    if not np.isfinite(p).all() or (np.diff(p) <= 0).any():
+        return "its z_positions do not ascend"
+    return p
+
+
 class DataChanged(UserError):
     """A volume that was checked at the start became unreadable or different during the run."""
 
@@ -50,7 +101,8 @@ class DataChanged(UserError):
 class CTSliceDataset(Dataset):
     """Every slice of every series in a split, as a (3, H, W) int16 tensor of raw HU: the
     slices z-g, z, z+g of its series (clamped at the ends), g = slice_gap(context_mm, the
-    series' spacing_z in the index).
+    series' spacing_z in the index), or where the index records the series' slice positions
+    (gaps, uneven steps) the slices nearest context_mm by position (`stack_neighbours`).
 
     `root` may be None when `index_csv` is given: the root is then the folder above
     index_csv's folder (root/_index/index.csv)."""
@@ -99,9 +151,33 @@ class CTSliceDataset(Dataset):
             log.warning("%d series have no slice spacing in %s (e.g. %s): their 2.5D stacks use the adjacent "
                         "slices, not ~%g mm; re-run `dinox prep` to record it", len(unknown), index_csv, unknown[0],
                         self.context_mm)
+        positions = [_positions(r, n) for r, n in zip(self.records, self.num_slices)]
+        self._check_positions(positions, index_csv)
+        self.by_position = [isinstance(p, np.ndarray) for p in positions]
+        self.neighbours = [stack_neighbours(self.context_mm, mm, n, p if isinstance(p, np.ndarray) else None)
+                           for mm, n, p in zip(self.spacings, self.num_slices, positions)]
         self._starts = np.concatenate([[0], np.cumsum(self.num_slices)]).tolist()
         self._maps: OrderedDict[int, tuple[np.ndarray, tuple]] = OrderedDict()
         self._pid = os.getpid()
+
+    def _check_positions(self, positions: list, index_csv: Path) -> None:
+        """Warn where a series' stacks fall back to whole steps of its median spacing though
+        its slices are not evenly spaced: positions damaged, or never recorded (a root
+        prepared before dinox recorded them; prep's notes name its gaps)."""
+        if not self.context_mm:
+            return
+        bad = [(sid, p) for sid, p in zip(self.series_ids, positions) if isinstance(p, str)]
+        if bad:
+            log.warning("%d series of %s have slice positions that cannot be used (e.g. %s: %s): their 2.5D stacks "
+                        "use whole steps of the median spacing; re-run `dinox prep --force` to rewrite them",
+                        len(bad), index_csv, *bad[0])
+        uneven = [sid for sid, r, p in zip(self.series_ids, self.records, positions) if p is None
+                  and any(k in (r.get("notes") or "") for k in ("in slice positions", "irregular slice spacing"))]
+        if uneven:
+            log.warning("%d series of %s have gaps or uneven slice steps but no recorded slice positions (e.g. %s; "
+                        "prepared by an older dinox): their 2.5D stacks take whole steps of the median spacing, "
+                        "which across a gap reach further than %g mm; re-run `dinox prep --force` to record them",
+                        len(uneven), index_csv, uneven[0], self.context_mm)
 
     @staticmethod
     def _load_index(index_csv: Path) -> tuple[dict[str, dict], dict[str, int]]:
@@ -231,10 +307,8 @@ class CTSliceDataset(Dataset):
     def __getitem__(self, i) -> torch.Tensor:
         k, z = self._resolve(int(i))
         vol = self._volume(k)
-        last = vol.shape[0] - 1
-        g = self.gaps[k]
-        zs = (max(z - g, 0), z, min(z + g, last))
-        stack = np.stack([vol[j] for j in zs])
+        lower, upper = self.neighbours[k]
+        stack = np.stack([vol[j] for j in (int(lower[z]), z, int(upper[z]))])
         if stack.dtype != np.int16:
             stack = stack.astype(np.int16)
         return torch.from_numpy(stack)
@@ -244,17 +318,25 @@ class CTSliceDataset(Dataset):
         known = [mm for mm in self.spacings if mm is not None]
         return min(known) if known else None
 
+    def stack_span(self, i) -> tuple[int, int]:
+        """The first and last slice index of sample i's stack (its lower and upper neighbour)."""
+        k, z = self._resolve(int(i))
+        return int(self.neighbours[k][0][z]), int(self.neighbours[k][1][z])
+
     def stack_summary(self) -> str:
         """One line: which slices the 2.5D stacks hold, by how many series."""
         spacing = {}
-        for g, mm in zip(self.gaps, self.spacings):
-            spacing.setdefault(g, []).append(mm)
+        for g, mm, by_position in zip(self.gaps, self.spacings, self.by_position):
+            if not by_position:
+                spacing.setdefault(g, []).append(mm)
         parts = []
         for g in sorted(spacing):
             known = [s for s in spacing[g] if s is not None]
             mm = (f", {min(known):g}-{max(known):g} mm slices" if len(set(known)) > 1 else
                   f", {known[0]:g} mm slices") if known else ""
             parts.append(f"z-{g}, z, z+{g} in {len(spacing[g])} series{mm}")
+        if any(self.by_position):
+            parts.append(f"nearest by slice position in {sum(self.by_position)} series with gaps or uneven steps")
         rule = f"the slices nearest {self.context_mm:g} mm from z" if self.context_mm else "adjacent slices"
         return f"2.5D stacks ({rule}): " + "; ".join(parts)
 

@@ -1,7 +1,8 @@
 """`dinox prep`: DICOM series and NIfTI volumes -> the processed data root.
 
     <output>/volumes/<series_id>.npy    int16 HU (Z, H, W), ascending along the slice normal
-    <output>/_index/index.csv           one row per series (see dinox.data.layout)
+    <output>/_index/index.csv           one row per series (see dinox.data.layout; the slice
+                                        positions of a series with gaps or uneven steps)
     <output>/_splits/val10_seed0.json   patient-level train/val split
     <output>/prep_report.json           everything skipped, with reasons
     <output>/_labels/nodules.csv        nodule marks from LIDC XML and synth labels.json
@@ -93,6 +94,7 @@ def _fmt(x: float) -> str:
 def process_task(task: Task, root: str) -> dict:
     """Read, convert and write one series. Runs in a worker process; returns a plain dict."""
     dropped: list[tuple[str, str]] = []
+    z_positions = ""
     try:
         if task.plan is not None:
             plan = task.plan
@@ -104,8 +106,11 @@ def process_task(task: Task, root: str) -> dict:
             problem = dicom_io.hu_problem(plan, vol)
             if problem:
                 return {"status": "skipped", "task": task, "dropped": dropped, "reason": problem}
-            notes = plan.notes + dicom_io.spacing_notes(positions)
+            uneven = dicom_io.spacing_notes(positions)
+            notes = plan.notes + uneven
             spacing = (float(np.median(np.diff(positions))),) + plan.spacing_yx
+            if uneven:   # the 2.5D stacks then pick their neighbours by position (data.dataset)
+                z_positions = " ".join(_fmt(p - positions[0]) for p in positions)
         else:
             try:
                 vol, spacing, notes = nifti_io.read_nifti(task.nifti_path)
@@ -134,7 +139,7 @@ def process_task(task: Task, root: str) -> dict:
         "num_slices": vol.shape[0], "rows": vol.shape[1], "cols": vol.shape[2],
         "spacing_z": _fmt(spacing[0]), "spacing_y": _fmt(spacing[1]), "spacing_x": _fmt(spacing[2]),
         "source": task.source, "modality": "CT", "n_source_files": task.n_source_files,
-        "notes": "; ".join(notes),
+        "notes": "; ".join(notes), "z_positions": z_positions,
     }
     return {"status": "written", "task": task, "row": row, "notes": notes, "dropped": dropped}
 

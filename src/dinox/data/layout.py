@@ -25,7 +25,9 @@ HEADERS_FILE = "_index/dicom_headers.json"
 LIDC_READS_FILE = "_index/lidc_reads.json"
 INDEX_COLUMNS = ["series_id", "patient_id", "path", "num_slices", "rows", "cols",
                  "spacing_z", "spacing_y", "spacing_x"]
-EXTRA_COLUMNS = ["source", "modality", "n_source_files", "notes"]
+# z_positions: each slice's position along the normal, in mm from the first, where the steps
+# between slices are not all spacing_z (gaps, irregular steps); empty where they are.
+EXTRA_COLUMNS = ["source", "modality", "n_source_files", "notes", "z_positions"]
 
 
 def split_name(val_fraction: float, seed: int) -> str:

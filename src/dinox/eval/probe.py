@@ -241,12 +241,13 @@ def load_labels(root: Path, min_readers: int = MIN_READERS, labels_json=None) ->
                        rule=rule, notes=notes)
 
 
-def slice_label(labels: ProbeLabels, series_id: str, z: int, num_slices: int, gap: int = 1) -> int | None:
+def slice_label(labels: ProbeLabels, series_id: str, z: int, span: tuple[int, int]) -> int | None:
     """1: slice z holds a consensus nodule; 0: no nodule mark on the slices the stack spans
-    (z-gap .. z+gap); None: ambiguous (a mark without consensus, or a nodule off slice z)."""
+    (`span`: its lower and upper neighbour, `CTSliceDataset.stack_span`, and every slice
+    between); None: ambiguous (a mark without consensus, or a nodule off slice z)."""
     if labels.regions.get((series_id, z)):
         return 1
-    for k in range(max(z - gap, 0), min(z + gap, num_slices - 1) + 1):
+    for k in range(span[0], span[1] + 1):
         if labels.marks.get((series_id, k)):
             return None
     return 0
@@ -443,14 +444,13 @@ def select_slices(dataset: CTSliceDataset, labels: ProbeLabels, split: ProbeSpli
     side = {s: "train" for s in split.train} | {s: "test" for s in split.test}
     records = []
     ranges = dataset.series_ranges()
-    gaps = dict(zip(dataset.series_ids, dataset.gaps))
     for sid in sorted(side):
         rng_ = ranges.get(sid)
         if rng_ is None:
             continue
         for z, i in enumerate(rng_):
             records.append(SliceRecord(i, sid, split.patient_of[sid], z, side[sid],
-                                       slice_label(labels, sid, z, len(rng_), gaps[sid])))
+                                       slice_label(labels, sid, z, dataset.stack_span(i))))
     if len(records) <= max_slices:
         return records
     rnd = random.Random(seed)
@@ -464,11 +464,11 @@ def select_slices(dataset: CTSliceDataset, labels: ProbeLabels, split: ProbeSpli
 
 
 def plan_patches(data: ProbeData, pos: int, hu_center: np.ndarray, labels: ProbeLabels, grid: int,
-                 vessel_pts: np.ndarray | None, rnd: random.Random, gap: int = 1) -> None:
+                 vessel_pts: np.ndarray | None, rnd: random.Random, span: tuple[int, int] | None = None) -> None:
     """Patch records of one slice: its nodule cells, a few other-lung and vessel cells.
-    No cell under a mark on any slice the stack spans (z-gap .. z+gap, as `slice_label`)
-    is a negative: the network sees the neighbour slices too, so a nodule there is in its
-    input."""
+    No cell under a mark on any slice the stack spans (`span`, as `slice_label`; slice z
+    alone where None) is a negative: the network sees the neighbour slices too, so a nodule
+    there is in its input."""
     rec = data.slices[pos]
     shape = hu_center.shape
     key = (rec.series_id, rec.z)
@@ -482,7 +482,8 @@ def plan_patches(data: ProbeData, pos: int, hu_center: np.ndarray, labels: Probe
 
     lung, lung_or_nodule = pooled(mask), pooled(with_nodules)
     touched = np.zeros((grid, grid), bool)
-    near = [box for k in range(rec.z - gap, rec.z + gap + 1) for box in labels.marks.get((rec.series_id, k), [])]
+    first, last = span if span is not None else (rec.z, rec.z)
+    near = [box for k in range(first, last + 1) for box in labels.marks.get((rec.series_id, k), [])]
     for box in near:   # a pixel of margin: outlines are drawn outside
         grown = (box[0] - 1, box[1] - 1, box[2] + 1, box[3] + 1)
         touched |= cell_overlap(grown, shape, grid) > 0
@@ -572,7 +573,6 @@ def embed(networks: dict, dataset: CTSliceDataset, data: ProbeData, labels: Prob
     grid = size // patch
     rnd = random.Random(seed)
     vessel_pts = {sid: vessel_points(segs) for sid, segs in labels.vessels.items()}
-    gaps = dict(zip(dataset.series_ids, dataset.gaps))
     feats = {name: {"cls": [], "mean": [], "tokens": []} for name in networks}
     pix_slice, pix_patch, hand = [], [], []
     bar = Progress(len(data.slices), "probe: embedding", "slice", progress)
@@ -582,9 +582,9 @@ def embed(networks: dict, dataset: CTSliceDataset, data: ProbeData, labels: Prob
             first_patch = len(data.patches)
             raw = [dataset[data.slices[p].index] for p in chunk]
             for p, stack in zip(chunk, raw):
-                sid = data.slices[p].series_id
-                plan_patches(data, p, stack[1].numpy().astype(np.float32), labels, grid, vessel_pts.get(sid), rnd,
-                             gaps[sid])
+                rec = data.slices[p]
+                plan_patches(data, p, stack[1].numpy().astype(np.float32), labels, grid, vessel_pts.get(rec.series_id),
+                             rnd, dataset.stack_span(rec.index))
             planned = data.patches[first_patch:]
             b_of = torch.tensor([q.slice_pos - start for q in planned], dtype=torch.long, device=device)
             c_of = torch.tensor([q.cell for q in planned], dtype=torch.long, device=device)
