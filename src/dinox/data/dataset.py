@@ -153,9 +153,10 @@ class CTSliceDataset(Dataset):
                         self.context_mm)
         positions = [_positions(r, n) for r, n in zip(self.records, self.num_slices)]
         self._check_positions(positions, index_csv)
-        self.by_position = [isinstance(p, np.ndarray) for p in positions]
-        self.neighbours = [stack_neighbours(self.context_mm, mm, n, p if isinstance(p, np.ndarray) else None)
-                           for mm, n, p in zip(self.spacings, self.num_slices, positions)]
+        self.by_position = [isinstance(p, np.ndarray) and bool(self.context_mm) for p in positions]
+        self.neighbours = [tuple(a.astype(np.int32) for a in stack_neighbours(  # (lower, upper) per series
+            self.context_mm, mm, n, p if isinstance(p, np.ndarray) else None))
+            for mm, n, p in zip(self.spacings, self.num_slices, positions)]
         self._starts = np.concatenate([[0], np.cumsum(self.num_slices)]).tolist()
         self._maps: OrderedDict[int, tuple[np.ndarray, tuple]] = OrderedDict()
         self._pid = os.getpid()
