@@ -118,6 +118,12 @@ def test_a_fold_without_a_class_does_not_decide_the_sweep():
     assert chosen and c != 1e-4                      # separable data: not the strongest regularisation
     _, c, _, chosen = probe.fit_probe(x[:20], np.r_[np.zeros(10), np.ones(10)], groups[:20], x[:5], np.full(5, 99))
     assert (c, chosen) == (1.0, False)               # each patient one class: no fold holds both
+    # several classes, the rarest in one patient: the folds without it in training are left out
+    y3 = np.tile([0, 1, 2], 20)
+    x3 = rng.standard_normal((60, 4)) + 3.0 * np.eye(4)[y3]
+    y3[(groups != 0) & (y3 == 2)] = 0
+    _, c, classes, chosen = probe.fit_probe(x3, y3, groups, x3[:5], np.full(5, 99))
+    assert classes == [0, 1, 2] and chosen and c != 1e-4
 
 
 def test_a_macro_resample_without_a_class_is_not_a_mean_over_fewer():

@@ -649,7 +649,7 @@ def fit_probe(x_train: np.ndarray, y_train: np.ndarray, groups_train: np.ndarray
     allow, both classes). Returns ((n_test, K) class probabilities, columns in `classes`
     order; C; classes; whether the sweep chose C: False where no fold could be scored, and
     C is then 1). Refuses groups on both sides: the patient-level split is checked here too."""
-    from sklearn.metrics import log_loss, make_scorer
+    from sklearn.metrics import log_loss
     from sklearn.model_selection import GridSearchCV, StratifiedGroupKFold
     from threadpoolctl import threadpool_limits
 
@@ -669,8 +669,8 @@ def fit_probe(x_train: np.ndarray, y_train: np.ndarray, groups_train: np.ndarray
         if folds >= 2:
             # the log loss over every class of the task: a fold whose training part lacks one
             # cannot be scored (NaN), rather than scored on fewer columns
-            scoring = "roc_auc" if len(classes) == 2 else make_scorer(
-                log_loss, greater_is_better=False, response_method="predict_proba", labels=classes)
+            scoring = "roc_auc" if len(classes) == 2 else (
+                lambda est, x, y: -log_loss(y, est.predict_proba(x), labels=classes))
             search = GridSearchCV(pipe, {"logisticregression__C": list(CS)}, cv=StratifiedGroupKFold(n_splits=folds),
                                   scoring=scoring, error_score=np.nan, refit=_best_c)
             try:
