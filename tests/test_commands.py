@@ -437,3 +437,18 @@ def test_a_likely_mistake_is_warned_on_stderr_and_in_the_plan(capsys):
     summary = json.loads(captured.out)
     assert code == 0 and summary["warnings"][0].startswith("--lr 0.5 is 500x")
     assert "warning: --lr 0.5 is 500x" in captured.err
+
+
+def test_the_plan_cuts_a_presets_workers_to_the_cpus_each_rank_will_have(monkeypatch, capsys):
+    """The run wires this machine's CPUs into the preset: 8 CPUs shared by the ranks a plan
+    puts here (all of them on a CPU), one left to each process."""
+    import dinox.run.device as device
+    monkeypatch.setattr(device.os, "cpu_count", lambda: 8)
+    monkeypatch.setattr(device.os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.setitem(device.HARDWARE_PRESETS["cpu"], "num_workers", 16)
+    for extra, workers in (([], 7), (["--world-size", "2"], 3)):
+        main(["train", "--dry-run", "--json", "--device-memory", "8", *extra])
+        summary = json.loads(capsys.readouterr().out)
+        assert summary["num_workers"] == workers
+        assert any(f"num_workers={workers} (preset 16, cut to fit" in line for line in summary["preset_lines"])

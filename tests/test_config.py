@@ -350,14 +350,16 @@ def test_no_recipe_warns_of_itself(preset):
 def test_a_learning_rate_an_order_above_the_recipes_is_warned_not_refused():
     warned = tiny(lr=0.5)
     assert warned.cfg.optim.lr == 0.5
-    assert warned.warnings == ["--lr 0.5 is 500x the vit-tiny recipe's 0.001 for a global batch of 32: AdamW on a "
-                               "ViT usually diverges there (the anomaly guard stops a run whose loss does); DINO "
-                               "scales it as base x batch / 256"]
+    assert warned.warnings == ["--lr 0.5 is 500x the vit-tiny recipe's 0.001 for a global batch of 32 (DINO scales "
+                               "it as base x batch / 256): AdamW on a ViT usually diverges there (the anomaly guard "
+                               "stops a run whose loss does)"]
     assert tiny(lr=0.009).warnings == []                     # under 10x the recipe's
     # the bound follows DINO's linear scaling with the global batch: 0.02 at 256 x 4 ranks (5e-4 x 4 x 10)
     large = {"config": "vit-large", "lr": 0.015}
     assert resolve(large, hardware_preset="rtx4090", world_size=4).warnings == []
     assert resolve(large, hardware_preset="rtx4090", world_size=1).warnings[0].startswith("--lr 0.015 is 30x")
+    assert resolve({**large, "lr": 0.025}, hardware_preset="rtx4090", world_size=4).warnings[0].startswith(
+        "--lr 0.025 is 12x the vit-large recipe's 0.002 for a global batch of 1024")   # against the scaled rate
 
 
 @pytest.mark.parametrize("given", [{"teacher_temp": 0.1}, {"student_temp": 0.02},

@@ -428,6 +428,19 @@ def test_one_rank_per_machine_watches_its_host_and_names_the_machine():
     assert alone.check().startswith("host memory at 95% of the machine's memory, 16.0 GiB")
 
 
+def test_each_rank_watches_its_device_and_local_rank_0_its_machine(monkeypatch):
+    from dinox.config import RuntimeConfig
+    from dinox.run.distributed import DistEnv
+    monkeypatch.setattr("socket.gethostname", lambda: "gpu-017")
+    runtime = RuntimeConfig(num_workers=3, amp=True)
+    beside = MemoryWatch.for_rank(CPU, DistEnv(rank=9, world_size=16, local_rank=1), runtime)
+    first = MemoryWatch.for_rank(CPU, DistEnv(rank=8, world_size=16, local_rank=0), runtime)
+    alone = MemoryWatch.for_rank(CPU, DistEnv(), runtime)
+    assert (beside.watch_host, first.watch_host, alone.watch_host) == (False, True, True)
+    assert (beside.node, first.node, alone.node) == ("gpu-017", "gpu-017", None)
+    assert first.num_workers == 3 and first.amp is True
+
+
 def test_only_a_run_of_several_ranks_names_its_machine(monkeypatch):
     from dinox.run.distributed import DistEnv
     monkeypatch.setattr("socket.gethostname", lambda: "gpu-017")
@@ -438,28 +451,38 @@ def test_only_a_run_of_several_ranks_names_its_machine(monkeypatch):
 def test_a_presets_workers_are_cut_to_the_cpus_each_rank_has():
     values, lines = apply_hardware_preset(dict.fromkeys(PRESET_KEYS), "amd395", cpus=4)
     assert values["num_workers"] == 3 and values["batch_size"] == 128
-    assert "num_workers=3 (preset 16, cut to the 4 CPUs for each training process on this machine)" in lines[1]
+    assert ("num_workers=3 (preset 16, cut to fit the 4 CPUs each training process has on this machine, one left "
+            "to the process)") in lines[1]
     values, _ = apply_hardware_preset(dict.fromkeys(PRESET_KEYS), "rtx4090", cpus=1)
     assert values["num_workers"] == 1                        # one worker still overlaps loading with the step
     values, lines = apply_hardware_preset(dict.fromkeys(PRESET_KEYS), "rtx4090", cpus=32)
     assert values["num_workers"] == 8 and not any("cut to" in line for line in lines)
     values, lines = apply_hardware_preset({"num_workers": 12}, "rtx4090", cpus=4)
     assert values["num_workers"] == 12                       # the user's count is kept, and noted
-    assert lines[-1].startswith("--num-workers 12 is more than the 4 CPUs for each training process")
+    assert lines[-1].startswith("--num-workers 12 is more than the 4 CPUs each training process has")
     _, lines = apply_hardware_preset({"num_workers": 4}, "rtx4090", cpus=4)
     assert not any("more than" in line for line in lines)
 
 
 def test_cpus_per_rank_shares_the_affinity_among_the_ranks_of_the_machine(monkeypatch):
+    monkeypatch.setattr(hardware.os, "cpu_count", lambda: 32)
     monkeypatch.setattr(hardware.os, "sched_getaffinity", lambda pid: set(range(32)), raising=False)
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     assert hardware.cpus_per_rank() == 32
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
     assert hardware.cpus_per_rank() == 4
+    assert hardware.cpus_per_rank(local_ranks=2) == 16      # a plan names its own count
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "64")
     assert hardware.cpus_per_rank() == 1
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "x")
     assert hardware.cpus_per_rank() == 32
+    # a job's cpuset of 16 of the 32 shared by 8 ranks: 2 each
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    monkeypatch.setattr(hardware.os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    assert hardware.cpus_per_rank() == 2
+    # each of 8 ranks pinned to 4 CPUs of its own (srun --cpu-bind): the 4 are this rank's
+    monkeypatch.setattr(hardware.os, "sched_getaffinity", lambda pid: set(range(4)), raising=False)
+    assert hardware.cpus_per_rank() == 4
     monkeypatch.delattr(hardware.os, "sched_getaffinity", raising=False)   # macOS has none
     monkeypatch.setattr(hardware.os, "cpu_count", lambda: None)
     assert hardware.cpus_per_rank() is None

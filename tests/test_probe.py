@@ -95,8 +95,8 @@ def test_probe_fits_a_separable_problem():
     y = np.array([0, 1] * 30)
     x = rng.standard_normal((60, 4)) + 3.0 * y[:, None]
     groups = np.repeat(np.arange(6), 10)
-    proba, c, classes, chosen = probe.fit_probe(x[:40], y[:40], groups[:40], x[40:], groups[40:])
-    assert classes == [0, 1] and c in probe.CS and chosen
+    proba, c, classes, note = probe.fit_probe(x[:40], y[:40], groups[:40], x[40:], groups[40:])
+    assert classes == [0, 1] and c in probe.CS and note is None
     assert stats.auroc(proba[:, 1], y[40:]) > 0.95
 
 
@@ -114,16 +114,18 @@ def test_a_fold_without_a_class_does_not_decide_the_sweep():
                "split2_test_score": np.array([0.5, 0.8, 0.95, 0.7, 0.6, 0.6])}
     assert probe.CS[probe._best_c(results)] == 1e-2   # the NaN fold left out, the tie to the lower C
     assert probe.CS[probe._best_c({"split0_test_score": np.full(6, np.nan)})] == 1.0
-    _, c, _, chosen = probe.fit_probe(x, y_one, groups, x[:5], np.full(5, 99))
-    assert chosen and c != 1e-4                      # separable data: not the strongest regularisation
-    _, c, _, chosen = probe.fit_probe(x[:20], np.r_[np.zeros(10), np.ones(10)], groups[:20], x[:5], np.full(5, 99))
-    assert (c, chosen) == (1.0, False)               # each patient one class: no fold holds both
+    _, c, _, note = probe.fit_probe(x, y_one, groups, x[:5], np.full(5, 99))
+    assert note is None and c != 1e-4                # separable data: not the strongest regularisation
+    _, c, _, note = probe.fit_probe(x[:20], np.r_[np.zeros(10), np.ones(10)], groups[:20], x[:5], np.full(5, 99))
+    assert c == 1.0 and note.startswith("no cross-validation fold could be scored")   # each patient one class
+    _, c, _, note = probe.fit_probe(x[:10], y[:10], groups[:10], x[:5], np.full(5, 99))
+    assert c == 1.0 and note.startswith("one training patient, no cross-validation")
     # several classes, the rarest in one patient: the folds without it in training are left out
     y3 = np.tile([0, 1, 2], 20)
     x3 = rng.standard_normal((60, 4)) + 3.0 * np.eye(4)[y3]
     y3[(groups != 0) & (y3 == 2)] = 0
-    _, c, classes, chosen = probe.fit_probe(x3, y3, groups, x3[:5], np.full(5, 99))
-    assert classes == [0, 1, 2] and chosen and c != 1e-4
+    _, c, classes, note = probe.fit_probe(x3, y3, groups, x3[:5], np.full(5, 99))
+    assert classes == [0, 1, 2] and note is None and c != 1e-4
 
 
 def test_a_macro_resample_without_a_class_is_not_a_mean_over_fewer():

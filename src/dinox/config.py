@@ -601,12 +601,11 @@ def _likely_mistakes(cfg: RunConfig, recipe: dict, world_size: int) -> list[str]
     (an ablation may want them)."""
     o, s, warnings = cfg.optim, cfg.ssl, []
     global_batch = cfg.effective_batch * max(1, world_size)
-    ceiling = LR_WARN_FACTOR * float(recipe["lr"]) * max(1.0, global_batch / 256)
-    if o.lr > ceiling:
-        warnings.append(f"--lr {o.lr:g} is {o.lr / float(recipe['lr']):.0f}x the {cfg.model.preset} recipe's "
-                        f"{float(recipe['lr']):g} for a global batch of {global_batch}: AdamW on a ViT usually "
-                        f"diverges there (the anomaly guard stops a run whose loss does); DINO scales it as "
-                        f"base x batch / 256")
+    scaled = float(recipe["lr"]) * max(1.0, global_batch / 256)
+    if o.lr > LR_WARN_FACTOR * scaled:
+        warnings.append(f"--lr {o.lr:g} is {o.lr / scaled:.0f}x the {cfg.model.preset} recipe's {scaled:g} for a "
+                        f"global batch of {global_batch} (DINO scales it as base x batch / 256): AdamW on a ViT "
+                        f"usually diverges there (the anomaly guard stops a run whose loss does)")
     hottest = max(s.teacher_temp, s.teacher_temp_start if s.teacher_temp_warmup_steps else 0.0)
     if hottest >= s.student_temp:
         warnings.append(f"the teacher is no sharper than the student (teacher temperature {hottest:g} >= "

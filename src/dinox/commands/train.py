@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -269,7 +270,7 @@ def run(args: argparse.Namespace) -> int:
     if source is not None:
         given["resume"] = str(source.path)
     world_size = args.world_size or dist.world_size
-    cpus = None if args.plan_preset else cpus_per_rank()   # a plan for another machine keeps its preset's workers
+    cpus = None if args.plan_preset else cpus_per_rank(_planned_local_ranks(args.world_size, info))
     resolved = resolve(given, hardware_preset=preset_name, device_kind=info.kind,
                        saved=source.state["config"] if source is not None else None, world_size=world_size, cpus=cpus)
     cfg = resolved.cfg
@@ -477,6 +478,15 @@ def wont_fit_message(plan: dict) -> str:
             f"{_gb(plan['device_memory_bytes'])}; ways out: {ways}")
 
 
+def _planned_local_ranks(planned_world: int | None, info) -> int | None:
+    """The ranks a `--dry-run --world-size N` plan puts on this machine (one per GPU here, or
+    all N on a CPU), where torchrun has not said (LOCAL_WORLD_SIZE); None: let it say. A plan
+    for another machine (--hardware-preset) cuts nothing at all."""
+    if planned_world is None or "LOCAL_WORLD_SIZE" in os.environ:
+        return None
+    return planned_world if info.kind == "cpu" else min(planned_world, max(1, info.count))
+
+
 def report_dry_run(cfg: RunConfig, info, preset_name, preset_lines, plan, as_json: bool,
                    device_notes: list[str] = (), notices: list[str] = (), *, ranks: int = 1,
                    show: bool = True, disk: tuple[Path, int] | None = None, warnings: list[str] = ()) -> int:
@@ -513,6 +523,8 @@ def report_dry_run(cfg: RunConfig, info, preset_name, preset_lines, plan, as_jso
         "head_params": plan["head_params"],
         "batch_size": o.batch_size,
         "accumulation_steps": o.accumulation_steps,
+        "num_workers": cfg.runtime.num_workers,
+        "preset_lines": list(preset_lines),
         "effective_batch": cfg.effective_batch,
         "amp": cfg.runtime.amp,
         "grad_checkpoint": cfg.runtime.grad_checkpoint,

@@ -89,7 +89,9 @@ def _positions(row: dict, num_slices: int) -> np.ndarray | str | None:
         return "its z_positions are not numbers"
     if len(p) != num_slices:
         return f"its z_positions list {len(p)} slices, not its {num_slices}"
-    if not np.isfinite(p).all() or (np.diff(p) <= 0).any():
+    if not np.isfinite(p).all():
+        return "its z_positions hold a value that is not a finite number"
+    if (np.diff(p) <= 0).any():
         return "its z_positions do not ascend"
     return p
 

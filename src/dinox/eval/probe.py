@@ -31,7 +31,7 @@ Labels (all documented in docs/phase5_big_run.md, "Labelled validation (probes)"
   multi-class on the mean nodule-patch token of each consensus region.
 
 Probes: a scikit-learn pipeline of StandardScaler and LogisticRegression (L2, balanced
-class weights), C chosen from `CS` by GroupKFold cross-validation over training patients.
+class weights), C chosen from `CS` by StratifiedGroupKFold cross-validation over training patients.
 Train and test are disjoint by patient (`check_patient_disjoint`), always.
 
 AUROC with a 95 % percentile interval from a cluster bootstrap (`dinox.eval.stats`):
@@ -643,12 +643,12 @@ def _best_c(cv_results: dict) -> int:
 
 
 def fit_probe(x_train: np.ndarray, y_train: np.ndarray, groups_train: np.ndarray, x_test: np.ndarray,
-              groups_test: np.ndarray | None = None, seed: int = 0) -> tuple[np.ndarray, float, list, bool]:
+              groups_test: np.ndarray | None = None, seed: int = 0) -> tuple[np.ndarray, float, list, str | None]:
     """Standardise + L2 logistic regression, C from CS by cross-validation over training
     patients (StratifiedGroupKFold: each fold keeps whole patients and, as far as they
-    allow, both classes). Returns ((n_test, K) class probabilities, columns in `classes`
-    order; C; classes; whether the sweep chose C: False where no fold could be scored, and
-    C is then 1). Refuses groups on both sides: the patient-level split is checked here too."""
+    allow, every class). Returns ((n_test, K) class probabilities, columns in `classes`
+    order; C; classes; None where the sweep chose C, else why C is 1). Refuses groups on
+    both sides: the patient-level split is checked here too."""
     from sklearn.metrics import log_loss
     from sklearn.model_selection import GridSearchCV, StratifiedGroupKFold
     from threadpoolctl import threadpool_limits
@@ -660,7 +660,8 @@ def fit_probe(x_train: np.ndarray, y_train: np.ndarray, groups_train: np.ndarray
         raise ValueError("the training side holds one class only")
     pipe = _probe_pipeline(1.0, seed)
     folds = min(CV_FOLDS, len(set(np.asarray(groups_train).tolist())))
-    chosen = False
+    note = ("no cross-validation fold could be scored (each lacked one of the classes on one side): C = 1, "
+            "not chosen" if folds >= 2 else "one training patient, no cross-validation: C = 1, not chosen")
     # one BLAS thread: these fits are small, and threads only contend (3-4x slower measured
     # on a busy 2-core machine); a fold without one of the classes scores NaN, quietly, and
     # `_best_c` leaves it out
@@ -675,15 +676,16 @@ def fit_probe(x_train: np.ndarray, y_train: np.ndarray, groups_train: np.ndarray
                                   scoring=scoring, error_score=np.nan, refit=_best_c)
             try:
                 search.fit(x_train, y_train, groups=groups_train)
-                chosen = bool(np.isfinite([search.cv_results_[f"split{k}_test_score"] for k in range(folds)]).any())
+                if np.isfinite([search.cv_results_[f"split{k}_test_score"] for k in range(folds)]).any():
+                    note = None
             except ValueError:   # every fold's training part held one class: no fit at all
-                search = None
-        if chosen:
+                pass
+        if note is None:
             model, c = search.best_estimator_, float(search.best_params_["logisticregression__C"])
         else:
             model, c = pipe.set_params(logisticregression__C=1.0).fit(x_train, y_train), 1.0
         proba = model.predict_proba(x_test)
-    return proba, c, classes, chosen
+    return proba, c, classes, note
 
 
 def refit_scores(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray, c: float,
@@ -846,7 +848,7 @@ def run_task(data: ProbeData, task: Task, sources: list[str], *, n_boot: int, se
         test_counts, _ = bootstrap_weights(task.groups[te], n_refit, seed + 2)
     for source in (*sources, *references):
         x = task_matrix(data, task, source)
-        proba, c, classes, chosen = fit_probe(x[tr], y_tr, task.groups[tr], x[te], task.groups[te], seed)
+        proba, c, classes, c_note = fit_probe(x[tr], y_tr, task.groups[tr], x[te], task.groups[te], seed)
         if refit:
             refits[source] = refit_scores(x[tr], y_tr, x[te], y_te, c, train_counts, test_counts, seed)
         if task.class_names is None:
@@ -857,8 +859,8 @@ def run_task(data: ProbeData, task: Task, sources: list[str], *, n_boot: int, se
         # bootstrap_failed: resamples without one of the classes, left out of the interval
         results[source] = {"auroc": round(point, 4), "ci95": ci, "C": c, "dim": int(x.shape[1]),
                            "bootstrap_failed": int(np.isnan(boot).sum())}
-        if not chosen:
-            results[source]["C_note"] = "no cross-validation fold held both classes: C = 1, not chosen"
+        if c_note:
+            results[source]["C_note"] = c_note
         boots[source] = boot
     main, *others = sources
     entry.update(results[main])

@@ -380,6 +380,13 @@ class MemoryWatch:
         self._above = False
         self._host_above = False
 
+    @classmethod
+    def for_rank(cls, device_info: DeviceInfo, dist, runtime) -> "MemoryWatch":
+        """The watch of one rank of a run (`dist`: its DistEnv; `runtime`: the run's
+        RuntimeConfig): its own device, and its machine's memory on local rank 0 alone."""
+        return cls(device_info, grad_checkpoint=runtime.grad_checkpoint, amp=runtime.amp,
+                   num_workers=runtime.num_workers, watch_host=dist.local_rank == 0, node=dist.node_name)
+
     @property
     def active(self) -> bool:
         return self.device_info.kind in ("cuda", "rocm") and bool(self.device_info.total_memory_bytes)

@@ -230,19 +230,31 @@ def _cpu_workers() -> int:
     return max(0, min(4, cpus - 1)) if cpus else 2
 
 
-def cpus_per_rank() -> int | None:
-    """The CPUs each training process on this machine may use: this process's CPU affinity
-    (taskset, a cpuset, SLURM's --cpus-per-task; os.cpu_count() where there is none) shared
-    by the ranks torchrun starts on the machine (LOCAL_WORLD_SIZE). None if unknown."""
+def cpus_per_rank(local_ranks: int | None = None) -> int | None:
+    """The CPUs each training process on this machine may use, None if unknown.
+
+    This process's CPU affinity (taskset, a cpuset, SLURM's --cpus-per-task; os.cpu_count()
+    where there is none) is shared by the ranks torchrun starts on the machine
+    (LOCAL_WORLD_SIZE, or `local_ranks` for a plan), unless the affinity is small enough to
+    be this rank's own: a launcher that pins each rank to its CPUs (srun --cpu-bind, a
+    binding script) leaves affinity x ranks within the machine's CPUs. A NUMA-node binding
+    shared by several ranks reads as shared, and is cut more than it needs (fewer workers,
+    never more processes than cores)."""
     try:
         cpus = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         cpus = os.cpu_count()
-    try:
-        ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    except ValueError:
-        ranks = 1
-    return max(1, cpus // ranks) if cpus else None
+    if local_ranks is None:
+        try:
+            local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        except ValueError:
+            local_ranks = 1
+    ranks = max(1, local_ranks)
+    if not cpus:
+        return None
+    machine = os.cpu_count() or cpus
+    pinned = cpus < machine and cpus * ranks <= machine
+    return cpus if pinned else max(1, cpus // ranks)
 
 
 PRESET_KEYS = ("num_workers", "pin_memory", "batch_size", "accumulation_steps")
@@ -321,14 +333,15 @@ def apply_hardware_preset(user_values: dict[str, object | None], preset_name: st
     resolved: dict[str, object] = {}
     from_preset: list[str] = []
     custom: list[str] = []
-    share = f"{cpus} CPU{'s' if cpus != 1 else ''} for each training process on this machine"
+    share = f"the {cpus} CPU{'s' if cpus != 1 else ''} each training process has on this machine"
     for key in PRESET_KEYS:
         value = user_values.get(key)
         if value is None:
             resolved[key] = preset[key]
             if key == "num_workers" and cpus is not None and preset[key] > max(1, cpus - 1):
                 resolved[key] = max(1, cpus - 1)
-                from_preset.append(f"{key}={resolved[key]} (preset {preset[key]}, cut to the {share})")
+                from_preset.append(f"{key}={resolved[key]} (preset {preset[key]}, cut to fit {share}, "
+                                   f"one left to the process)")
             else:
                 from_preset.append(f"{key}={preset[key]}")
         else:
@@ -341,7 +354,7 @@ def apply_hardware_preset(user_values: dict[str, object | None], preset_name: st
         lines.append("custom optimizations active: " + ", ".join(custom))
     given_workers = user_values.get("num_workers")
     if isinstance(given_workers, int) and cpus is not None and given_workers > cpus:
-        lines.append(f"--num-workers {given_workers} is more than the {share}: the loader workers will "
+        lines.append(f"--num-workers {given_workers} is more than {share}: the loader workers will "
                      f"share cores with training (at most {max(1, cpus - 1)} leaves the process a core)")
     return resolved, lines
 

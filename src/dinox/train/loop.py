@@ -83,9 +83,7 @@ class Trainer:
         self.optimizer = build_optimizer(self.ssl.student, fused=device_info.fused_adamw)
         self.scaler = build_scaler(self.device, self.autocast_dtype)
         guard = build_guard(cfg, dist.world_size, self.dataset.thinnest_slices_mm())
-        self.memory_watch = MemoryWatch(device_info, grad_checkpoint=cfg.runtime.grad_checkpoint, amp=cfg.runtime.amp,
-                                        num_workers=cfg.runtime.num_workers, watch_host=dist.local_rank == 0,
-                                        node=dist.node_name)
+        self.memory_watch = MemoryWatch.for_rank(device_info, dist, cfg.runtime)
         self.parts = Components(Progress(), self.ssl, self.optimizer, self.scaler,
                                 torch.Generator().manual_seed(seed * 7919 + dist.rank), guard)
         self.where = Placement(dist.rank, dist.world_size, self.device, len(self.dataset))
