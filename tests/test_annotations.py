@@ -103,6 +103,22 @@ def test_parse_hand_written_lidc_xml():
 
 
 
+def test_an_unreadable_roi_leaves_out_that_slice_not_the_nodule():
+    """Dropping the whole nodule for one bad roi left its other slices unmarked, and a slice
+    without a mark is a negative to the probe."""
+    rois = (_roi("-12.5", "1.2.3.1", _square(10, 20, 14, 25)) + "<roi><imageZposition>-15.0</imageZposition>"
+            "<imageSOP_UID>1.2.3.2</imageSOP_UID><inclusion>TRUE</inclusion></roi>"
+            + _roi("-17.5", "1.2.3.3", _square(10, 20, 13, 24)))
+    read = parse_lidc_xml(f'<LidcReadMessage xmlns="{NS}"><ResponseHeader><SeriesInstanceUid>1.2.3'
+                          f'</SeriesInstanceUid></ResponseHeader><readingSession><servicingRadiologistID>7'
+                          f'</servicingRadiologistID><unblindedReadNodule><noduleID>n</noduleID>{rois}'
+                          f'</unblindedReadNodule></readingSession></LidcReadMessage>')
+    (mark,) = read.sessions[0].marks
+    assert [r.z for r in mark.rois] == [-12.5, -17.5]
+    assert read.problems == ["reading session 1, unblindedreadnodule 'n': roi 2: roi without edgeMap points; "
+                             "that slice's outline left out"]
+
+
 def _one_nodule(reader: str, points, chars: str = "") -> str:
     return (f"<readingSession><servicingRadiologistID>{reader}</servicingRadiologistID><unblindedReadNodule>"
             f"<noduleID>n</noduleID>{chars}{_roi('-12.5', '1.2.3.1', points)}</unblindedReadNodule></readingSession>")
@@ -231,19 +247,29 @@ def test_consensus_needs_min_readers_on_the_same_slice():
         _row("a", 6, (10, 10, 20, 20)),                                  # one reader only
         _row("truth", 6, (10, 10, 20, 20), source="synth"),              # the ground truth never votes
         _row("b", 6, (11, 11, 19, 19), kind="small_nodule"),             # left out by default
-        _row("a", 7, (0, 0, 3, 3)), _row("b", 7, (3, 3, 6, 6)), _row("c", 7, (6, 6, 9, 9)),   # a chain
+        # three readers, three lesions whose boxes touch at a corner pixel only: no two agree
+        _row("a", 7, (0, 0, 3, 3)), _row("b", 7, (3, 3, 6, 6)), _row("c", 7, (6, 6, 9, 9)),
     ]
     two = consensus(rows)
-    assert [(c["slice_index"], c["readers"]) for c in two] == [(5, ["a", "b", "c"]), (7, ["a", "b", "c"])]
+    assert [(c["slice_index"], c["readers"]) for c in two] == [(5, ["a", "b", "c"])]
     # pixels inside at least two readers' boxes on slice 5: a & b, a & c
     assert (two[0]["row0"], two[0]["col0"], two[0]["row1"], two[0]["col1"]) == (12, 10, 20, 20)
     assert two[0]["center_row"] == 16.0 and two[0]["marks"] == ["a:n", "b:n", "c:n"]
-    assert (two[1]["row0"], two[1]["col0"], two[1]["row1"], two[1]["col1"]) == (3, 3, 6, 6)
     three = consensus(rows, min_readers=3)
     assert [(c["slice_index"], c["row0"], c["col0"], c["row1"], c["col1"]) for c in three] == [(5, 15, 14, 18, 16)]
     with_small = consensus(rows, kinds=("nodule", "small_nodule"))
-    assert [c["slice_index"] for c in with_small] == [5, 6, 7]
-    assert [c["slice_index"] for c in consensus(rows, min_readers=1)] == [5, 5, 6, 7]
+    assert [c["slice_index"] for c in with_small] == [5, 6]
+    assert [c["slice_index"] for c in consensus(rows, min_readers=1)] == [5, 5, 6, 7, 7, 7]
+    # one reader's outline round two nodules that another outlined apart: two regions, none
+    # over the lung between them
+    pair = [_row("a", 2, (10, 10, 20, 50)), _row("b", 2, (12, 12, 18, 18)), _row("b", 2, (12, 42, 18, 48), nodule="m")]
+    assert [(c["col0"], c["col1"], c["readers"]) for c in consensus(pair)] == [(12, 18, ["a", "b"]),
+                                                                                (42, 48, ["a", "b"])]
+    # two nodules, each outlined by both readers, boxes touching at a corner: two regions
+    corner = [_row(r, 3, box, nodule=n) for r in ("a", "b") for n, box in (("n", (15, 15, 24, 24)),
+                                                                            ("m", (24, 24, 34, 34)))]
+    assert [(c["row0"], c["row1"], c["marks"]) for c in consensus(corner)] == [(15, 24, ["a:n", "b:n"]),
+                                                                                (24, 34, ["a:m", "b:m"])]
     # the same reader twice is one vote; table rows come as strings
     same = [_row("a", 1, (0, 0, 4, 4)), _row("a", 1, (2, 2, 5, 5), nodule="m")]
     assert consensus([{k: str(v) for k, v in r.items()} for r in same]) == []

@@ -200,9 +200,20 @@ def _characteristics(el: ET.Element, rejected: list[str] | None = None) -> dict[
 
 
 def _parse_nodule(el: ET.Element, rejected: list[str] | None = None) -> Mark:
-    rois = tuple(_parse_roi(r) for r in _kids(el, "roi"))
+    """A reader's nodule. A roi that cannot be read is left out and named in `rejected`, the
+    nodule's other slices kept: dropping the whole nodule would leave its slices unmarked,
+    and a slice without a mark is a negative to the probe."""
+    rois, bad = [], []
+    for k, el_roi in enumerate(_kids(el, "roi"), 1):
+        try:
+            rois.append(_parse_roi(el_roi))
+        except AnnotationError as exc:
+            bad.append(f"roi {k}: {exc}")
+    rois = tuple(rois)
     if not any(r.inclusion for r in rois):
-        raise AnnotationError("nodule without an inclusion roi")
+        raise AnnotationError("nodule without a readable inclusion roi" + (f" ({'; '.join(bad)})" if bad else ""))
+    if rejected is not None:
+        rejected.extend(f"{text}; that slice's outline left out" for text in bad)
     outlined = any(len(r.points) > 1 for r in rois if r.inclusion)
     return Mark(kind="nodule" if outlined else "small_nodule", mark_id=_text(el, "noduleID"),
                 rois=rois, characteristics=_characteristics(el, rejected))
@@ -525,8 +536,16 @@ def _as_int(v) -> int:
     return int(float(v))
 
 
+def _holds_centre(outer: dict, inner: dict) -> bool:
+    """Whether `outer`'s box holds the centre of `inner`'s."""
+    row, col = (inner["row0"] + inner["row1"]) / 2.0, (inner["col0"] + inner["col1"]) / 2.0
+    return outer["row0"] <= row <= outer["row1"] and outer["col0"] <= col <= outer["col1"]
+
+
 def _clusters(marks: list[dict]) -> list[list[dict]]:
-    """Single-linkage groups of boxes that overlap (share a pixel), transitively."""
+    """Single-linkage groups of marks where one box holds the other's centre, transitively.
+    Boxes that merely touch are not linked: the boxes of round outlines of two nodules side by
+    side share corners where their masks share nothing."""
     parent = list(range(len(marks)))
 
     def find(i: int) -> int:
@@ -537,8 +556,7 @@ def _clusters(marks: list[dict]) -> list[list[dict]]:
 
     for i, a in enumerate(marks):
         for j in range(i):
-            b = marks[j]
-            if a["row0"] <= b["row1"] and b["row0"] <= a["row1"] and a["col0"] <= b["col1"] and b["col0"] <= a["col1"]:
+            if _holds_centre(a, marks[j]) or _holds_centre(marks[j], a):
                 parent[find(i)] = find(j)
     groups: dict[int, list[dict]] = defaultdict(list)
     for i, m in enumerate(marks):
@@ -546,8 +564,13 @@ def _clusters(marks: list[dict]) -> list[list[dict]]:
     return list(groups.values())
 
 
-def _agreed_box(group: list[dict], min_readers: int) -> tuple[int, int, int, int] | None:
-    """Box of the pixels inside the boxes of at least min_readers different readers."""
+def _agreed_regions(group: list[dict], min_readers: int) -> list[tuple[tuple[int, int, int, int], list[dict]]]:
+    """The boxes of the connected areas whose pixels lie inside the boxes of at least
+    min_readers different readers, each with the marks that cover it. One reader's outline
+    round two nodules that the others outlined apart gives two areas, not one box over the
+    lung between them."""
+    from scipy import ndimage  # a dependency of scikit-learn
+
     r0, c0 = min(m["row0"] for m in group), min(m["col0"] for m in group)
     r1, c1 = max(m["row1"] for m in group), max(m["col1"] for m in group)
     count = np.zeros((r1 - r0 + 1, c1 - c0 + 1), np.int32)
@@ -556,10 +579,15 @@ def _agreed_box(group: list[dict], min_readers: int) -> tuple[int, int, int, int
         for m in (m for m in group if m["reader"] == reader):
             mine[m["row0"] - r0:m["row1"] - r0 + 1, m["col0"] - c0:m["col1"] - c0 + 1] = True
         count += mine
-    rows, cols = np.nonzero(count >= min_readers)
-    if rows.size == 0:
-        return None
-    return r0 + int(rows.min()), c0 + int(cols.min()), r0 + int(rows.max()), c0 + int(cols.max())
+    areas, n = ndimage.label(count >= min_readers)
+    out = []
+    for i in range(1, n + 1):
+        rows, cols = np.nonzero(areas == i)
+        box = (r0 + int(rows.min()), c0 + int(cols.min()), r0 + int(rows.max()), c0 + int(cols.max()))
+        inside = areas == i
+        members = [m for m in group if inside[m["row0"] - r0:m["row1"] - r0 + 1, m["col0"] - c0:m["col1"] - c0 + 1].any()]
+        out.append((box, members))
+    return out
 
 
 BOX_COLUMNS = ("slice_index", "row0", "col0", "row1", "col1")   # whole numbers in every row
@@ -571,10 +599,11 @@ def consensus(rows, min_readers: int = 2, kinds=("nodule",), sources=("lidc-xml"
     LIDC practice: each lesion is judged by how many of the four readers marked it, e.g.
     >= 3 of 4 for the LUNA16 reference, >= 2 of 4 (the default here) for a lenient one; small
     nodules (< 3 mm) and non-nodules are usually left out (`kinds`). Readers' nodule IDs are
-    their own, so the same lesion is found by overlap: on one slice, marks whose boxes overlap,
-    transitively, are one lesion. Its region is the box of the pixels inside the boxes of at
-    least `min_readers` readers (pylidc's consensus does the same on masks at 50 % agreement);
-    where no pixel has that support there is no region. Only rows of `sources` count, so the
+    their own, so the same lesion is found by place: on one slice, marks where one box holds
+    the other's centre, transitively, are one lesion. Its regions are the boxes of the
+    connected areas of pixels inside the boxes of at least `min_readers` readers (pylidc's
+    consensus does the like on masks at 50 % agreement); where no pixel has that support there
+    is no region. Only rows of `sources` count, so the
     synthetic ground truth (source synth) never votes.
 
     rows: dicts with the table's columns (as read_table returns them, or ints). Returns
@@ -591,14 +620,13 @@ def consensus(rows, min_readers: int = 2, kinds=("nodule",), sources=("lidc-xml"
     out = []
     for (series_id, k), marks in sorted(by_slice.items()):
         for group in _clusters(marks):
-            readers = sorted({m["reader"] for m in group})
-            box = _agreed_box(group, min_readers) if len(readers) >= min_readers else None
-            if box is None:
+            if len({m["reader"] for m in group}) < min_readers:
                 continue
-            out.append({"series_id": series_id, "slice_index": k, "row0": box[0], "col0": box[1],
-                        "row1": box[2], "col1": box[3], "center_row": (box[0] + box[2]) / 2.0,
-                        "center_col": (box[1] + box[3]) / 2.0, "readers": readers,
-                        "marks": sorted(f"{m['reader']}:{m['nodule_id']}" for m in group)})
+            for box, members in _agreed_regions(group, min_readers):
+                out.append({"series_id": series_id, "slice_index": k, "row0": box[0], "col0": box[1],
+                            "row1": box[2], "col1": box[3], "center_row": (box[0] + box[2]) / 2.0,
+                            "center_col": (box[1] + box[3]) / 2.0, "readers": sorted({m["reader"] for m in members}),
+                            "marks": sorted(f"{m['reader']}:{m['nodule_id']}" for m in members)})
     out.sort(key=lambda c: (c["series_id"], c["slice_index"], c["row0"], c["col0"]))
     return out
 
