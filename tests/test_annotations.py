@@ -377,7 +377,9 @@ def test_bad_annotation_files_are_reported_not_fatal(synth_prep, tmp_path):
                f"<nonNodule><nonNoduleID>N2</nonNoduleID><imageZposition>-9999</imageZposition>"
                f"<imageSOP_UID/><locus><xCoord>5</xCoord><yCoord>6</yCoord></locus></nonNodule>"
                f"</readingSession>")
-    extra = to_lidc_xml([], s0["series_uid"]).replace("</LidcReadMessage>", session + "</LidcReadMessage>")
+    (own,) = (dicom / s0["series_dir"]).glob("*.xml")
+    extra = own.read_text().replace("</LidcReadMessage>", session + "</LidcReadMessage>")
+    own.unlink()
     # in the patient folder, above the series folder: found by the walk up to the input root
     (dicom / s0["patient_id"] / "069.xml").write_text(extra)
     (dicom / s1["series_dir"] / "broken.xml").write_text(HAND_XML[:300])
@@ -464,6 +466,30 @@ def test_a_copy_saved_again_with_other_line_ends_is_read_once(synth_prep, tmp_pa
     (problem,) = report["annotations"]["problems"]
     assert Path(problem["file"]).name in ("again.xml", original.name)
     assert problem["problem"].endswith("read already for this series; left out")
+    before = read_table(base / "processed" / NODULES_TABLE)
+    assert len(read_table(tmp_path / "processed" / NODULES_TABLE)) == len(before)
+
+
+def test_a_second_xml_file_for_a_series_is_left_out_not_pooled(synth_prep, tmp_path):
+    """LIDC-IDRI has a resubmitted read beside its first (pylidc: 161.xml). Reader names are a
+    file's own, so pooling both counted one reader's nodule as a 2-reader consensus."""
+    base, labels, _ = synth_prep
+    dicom = tmp_path / "dicom"
+    shutil.copytree(base / "dicom", dicom)
+    (original,) = (dicom / labels["series"][0]["series_dir"]).glob("*.xml")
+    text = original.read_text()
+    first = text.index("<readingSession")   # the resubmission: the sessions in another order
+    second = text.index("<readingSession", first + 1)
+    resubmitted = text[:first] + text[second:text.rindex("</readingSession>") + len("</readingSession>")] \
+        + text[first:second] + text[text.rindex("</readingSession>") + len("</readingSession>"):]
+    assert resubmitted != text and len(resubmitted) == len(text)
+    (original.parent / "zz-resubmitted.xml").write_text(resubmitted)
+    (dicom / labels["series"][0]["patient_id"] / "0.xml").write_text(resubmitted)   # above: found, not preferred
+    report = ingest.prepare([dicom], tmp_path / "processed", workers=1, progress=False)
+    problems = report["annotations"]["problems"]
+    assert sorted(Path(p["file"]).name for p in problems) == ["0.xml", "zz-resubmitted.xml"]
+    assert all(p["problem"].startswith(f"a second LIDC XML file for this series ({original} read already)")
+               for p in problems)
     before = read_table(base / "processed" / NODULES_TABLE)
     assert len(read_table(tmp_path / "processed" / NODULES_TABLE)) == len(before)
 

@@ -774,6 +774,7 @@ class _Collector:
         self.problems: list[dict] = []
         self.used: list[str] = []
         self.contents: dict[tuple[str, str], str] = {}    # (series, sha256 of an XML's reads) -> the file read
+        self.series_xml: dict[str, str] = {}    # series -> the one LIDC XML file read for it
         self.untied: set[str] = set()    # series whose slices could not be tied to the volume
 
     def problem(self, file: str, text: str, series_id: str | None = None) -> None:
@@ -836,7 +837,13 @@ def _use_xml(path: str, out: _Collector, by_uid: dict[str, _Series], series: lis
             out.problem(path, f"the same content as {out.contents[key]}, read already for this series; left out",
                         owner.task.series_id)
             return
-        out.contents[key] = path
+        sid = owner.task.series_id
+        if sid in out.series_xml:   # reader names are a file's own: two files cannot share readers
+            out.problem(path, f"a second LIDC XML file for this series ({out.series_xml[sid]} read already); left "
+                              f"out, so that no reader is counted twice: keep one file per series beside it (where "
+                              f"a file was resubmitted, the newer one)", sid)
+            return
+        out.contents[key] = out.series_xml[sid] = path
         out.add(path, owner, lambda s: lidc_rows(read, s, path))
         out.used.append(path)
 
@@ -869,7 +876,10 @@ def update_table(root, inputs, tasks, index_rows: dict[str, dict], files_skipped
               for t in tasks if getattr(t, "plan", None) is not None and t.series_id in index_rows]
     by_uid = {s.task.plan.series_uid: s for s in series}
     listing: dict[str, list[str]] = {}
-    candidates = sorted({p for s in series for p in _nearby_files(s.folders, inputs, listing)})
+    # deepest first: where two XML files name one series, the one in its own folder is read
+    # (one in a folder above it, or a second beside it, is left out and named)
+    candidates = sorted({p for s in series for p in _nearby_files(s.folders, inputs, listing)},
+                        key=lambda p: (-p.count(os.sep), p))
     out = _Collector()
     reads = StampedCache(Path(root) / LIDC_READS_FILE, code_version(__file__), fresh=fresh)
     for path in candidates:
