@@ -200,6 +200,24 @@ def test_z_fallback_stops_at_half_the_spacing():
     assert s.locate("unknown", -12.5 - 1.3) == 2
     assert s.locate("", -10.0 + 1.3) is None
     assert s.locate("1.2.3.3", 1000.0) == 3          # the SOP UID wins over z
+    # an uneven step: half the median spacing (2.5) would reach from 5.0 to the slice at 6.25
+    uneven = SeriesSlices(series_id="S", patient_id="P", series_uid="1.2.3", sop_uids=["a", "b", "c", "d"],
+                          z=[0.0, 2.5, 6.25, 7.5], spacing_z=2.5, spacing_yx=(0.7, 0.7), shape_yx=(64, 64))
+    assert uneven.locate("", 5.0) is None and uneven.locate("", 6.0) == 2 and uneven.locate("", 3.0) == 1
+
+
+def test_a_mark_on_a_slice_prep_left_out_stays_off_its_neighbours():
+    """The slice at -15 could not be read: a mark naming it (by SOP UID, or by a z nearer it
+    than any slice kept) is left out and named, not moved to the slice beside it."""
+    s = SeriesSlices(series_id="S", patient_id="P", series_uid="1.2.3", sop_uids=["1.2.3.0", "1.2.3.1", "1.2.3.3"],
+                     z=[-10.0, -12.5, -17.5], spacing_z=2.5, spacing_yx=(0.7, 0.7), shape_yx=(64, 64),
+                     dropped_sops=frozenset({"1.2.3.2"}), dropped_z=(-15.0,))
+    assert s.names_dropped("1.2.3.2", -15.0) and s.names_dropped("", -14.2)
+    assert not s.names_dropped("", -13.5) and not s.names_dropped("1.2.3.1", -15.0)
+    xml = _message(_one_nodule("a", _square(10, 20, 14, 25)).replace("1.2.3.1", "1.2.3.2").replace("-12.5", "-15.0"))
+    rows, problems = lidc_rows(parse_lidc_xml(xml), s, "x.xml")
+    assert rows == [] and problems == ["reader a, nodule 'n': roi at z=-15.0 (SOP 1.2.3.2) is on a slice prep left "
+                                       "out (its pixel data could not be read); left out"]
 
 
 @pytest.mark.parametrize("text, why", [

@@ -150,6 +150,10 @@ def test_enhanced_ct_equals_its_single_frame_series(tmp_path, sop_class, shared_
     assert rows["1.2.50.2"]["n_source_files"] == "1"
     # the rescale lies in the functional groups, not at the top level: found there, no note
     assert not any("Rescale" in note for notes in report["series_notes"].values() for note in notes)
+    # each frame's z is its own ImagePositionPatient z, as a slice's: LIDC's imageZposition finds both alike
+    single = dicom_io.plan_series([h for f in files for h in dicom_io.read_headers(str(f))])
+    multi = dicom_io.plan_series(dicom_io.read_headers(str(tmp_path / "in" / "multi" / "enhanced.dcm")))
+    assert multi.image_z == pytest.approx(single.image_z) and None not in multi.image_z
 
 
 def test_enhanced_ct_frames_are_checked_like_slices(tmp_path):

@@ -407,20 +407,37 @@ class SeriesSlices:
     spacing_z: float                       # along the slice normal, mm
     spacing_yx: tuple[float, float]
     shape_yx: tuple[int, int]
+    # the slices prep left out of the volume (pixel data it could not read): SOP UIDs and z
+    dropped_sops: frozenset = frozenset()
+    dropped_z: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         self._by_sop = {u: k for k, u in enumerate(self.sop_uids) if u}
 
     def locate(self, sop_uid: str, z: float | None) -> int | None:
         """Volume index of the image a mark refers to: by SOP UID, else the nearest slice
-        within half the slice spacing, else None."""
+        within half the spacing around it (the smaller of its two steps: across a gap or an
+        uneven step the median would reach the next slice), else None."""
         if sop_uid in self._by_sop:
             return self._by_sop[sop_uid]
         if z is None or not self.z:
             return None
-        dist = np.abs(np.asarray(self.z) - z)
+        zs = np.asarray(self.z, np.float64)
+        dist = np.abs(zs - z)
         k = int(np.argmin(dist))
-        return k if dist[k] <= 0.5 * self.spacing_z + 1e-3 else None
+        steps = np.abs(np.diff(zs))
+        local = min([steps[j] for j in (k - 1, k) if 0 <= j < len(steps)], default=self.spacing_z)
+        return k if dist[k] <= 0.5 * local + 1e-3 else None
+
+    def names_dropped(self, sop_uid: str, z: float | None) -> bool:
+        """Whether a mark refers to a slice prep left out: by its SOP UID, or by a z nearer a
+        left-out slice than any slice of the volume. Its outline must not move to a neighbour."""
+        if sop_uid and sop_uid in self.dropped_sops:
+            return True
+        if sop_uid in self._by_sop or z is None or not self.dropped_z:
+            return False
+        nearest_kept = min((abs(v - z) for v in self.z), default=math.inf)
+        return min(abs(v - z) for v in self.dropped_z) < nearest_kept
 
 
 def _fmt(x: float) -> str:
@@ -471,6 +488,11 @@ def mark_rows(mark: Mark, reader: str, s: SeriesSlices, file: str, problems: lis
             continue
         roi = replace(roi, points=tuple((min(max(x, 0), cols_ - 1), min(max(y, 0), rows_ - 1))
                                         for x, y in roi.points))
+        if s.names_dropped(roi.sop_uid, roi.z):
+            problems.append(f"reader {reader}, {mark.kind} {mark.mark_id!r}: roi at z={roi.z} "
+                            f"(SOP {roi.sop_uid or '-'}) is on a slice prep left out (its pixel data could not be "
+                            f"read); left out")
+            continue
         k = s.locate(roi.sop_uid, roi.z)
         if k is None:
             problems.append(f"reader {reader}, {mark.kind} {mark.mark_id!r}: roi at z={roi.z} "
@@ -696,12 +718,13 @@ def series_slices(series_id: str, patient_id: str, plan, num_slices: int, droppe
     them; reading every file again here cost a second pass over the archive on every run).
     Slices whose pixel data could not be read were left out of the volume (`dropped`: their
     report labels), so they are left out here too. A frame of a multi-frame file has no SOP
-    UID of its own and is found by z only, which for it is the position along the slice
-    normal. Raises AnnotationError when the slices left do not add up to the volume (e.g. a
+    UID of its own and is found by its own ImagePositionPatient z, as LIDC's imageZposition
+    gives it (not the position along the slice normal, which runs the other way where the
+    normal points to -z). Raises AnnotationError when the slices left do not add up to the volume (e.g. a
     volume kept from an earlier run that dropped others)."""
-    kept = [(sop, pos if z is None else z, pos)
-            for (path, frame), pos, sop, z in zip(plan.slices, plan.positions, plan.sop_uids, plan.image_z)
-            if dicom_io.slice_label(path, frame) not in dropped]
+    planned = [(sop, pos if z is None else z, pos, dicom_io.slice_label(path, frame) in dropped)
+               for (path, frame), pos, sop, z in zip(plan.slices, plan.positions, plan.sop_uids, plan.image_z)]
+    kept = [(sop, z, pos) for sop, z, pos, lost in planned if not lost]
     if len(kept) != num_slices:
         raise AnnotationError(f"volume has {num_slices} slices but {len(kept)} planned slices remain; "
                               f"rerun prep with --force to tie annotations to slices")
@@ -709,7 +732,9 @@ def series_slices(series_id: str, patient_id: str, plan, num_slices: int, droppe
     return SeriesSlices(series_id=series_id, patient_id=patient_id, series_uid=plan.series_uid,
                         sop_uids=[sop for sop, _, _ in kept], z=[z for _, z, _ in kept],
                         spacing_z=float(np.median(steps)) if steps.size else 1.0,
-                        spacing_yx=tuple(plan.spacing_yx), shape_yx=(plan.rows, plan.cols))
+                        spacing_yx=tuple(plan.spacing_yx), shape_yx=(plan.rows, plan.cols),
+                        dropped_sops=frozenset(sop for sop, _, _, lost in planned if lost and sop),
+                        dropped_z=tuple(z for _, z, _, lost in planned if lost))
 
 
 @dataclass

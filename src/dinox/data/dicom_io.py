@@ -171,7 +171,7 @@ class SeriesPlan:
     slices: list[SliceRef]                 # ascending along the slice normal
     positions: list[float]                 # along the normal, mm
     sop_uids: list[str]                    # per slice: its SOPInstanceUID ("" for a frame)
-    image_z: list[float | None]            # per slice: ImagePositionPatient z (None for a frame)
+    image_z: list[float | None]            # per slice or frame: ImagePositionPatient z
     rows: int
     cols: int
     spacing_yx: tuple[float, float]
@@ -698,7 +698,7 @@ def plan_series(headers: list[SliceHeader]) -> SeriesPlan:
         slices=[h.ref for h in images],
         positions=[float(p) for p in pos],
         sop_uids=[h.sop_uid if h.frame is None else "" for h in images],
-        image_z=[float(h.position[2]) if h.frame is None else None for h in images],
+        image_z=[float(h.position[2]) for h in images],   # a frame's own (PlanePositionSequence)
         rows=images[0].rows,
         cols=images[0].cols,
         spacing_yx=(float(spacing[0]), float(spacing[1])),
