@@ -617,9 +617,48 @@ def test_every_tensor_must_be_consumed(hf_folders, tmp_path):
     torch.save({**hub, "head.weight": torch.zeros(3, 3)}, extra)
     one_line_error(lambda: weights.load_pretrained(extra, backbone), "head.weight.*nothing was loaded")
     missing = tmp_path / "missing.pth"
-    torch.save({k: v for k, v in hub.items() if k != "blocks.1.norm2.bias"}, missing)
-    one_line_error(lambda: weights.load_pretrained(missing, backbone), "blocks.1.norm2.bias")
+    # the last block's last tensor too: the tensors left by then no longer look like a ViT
+    for key in ("blocks.1.norm2.bias", f"blocks.{DEPTH - 1}.mlp.fc2.bias"):
+        torch.save({k: v for k, v in hub.items() if k != key}, missing)
+        assert "is no ViT" not in one_line_error(lambda: weights.load_pretrained(missing, backbone), key)
     assert all(torch.equal(before[k], v) for k, v in backbone.state_dict().items())
+
+
+def test_an_mlp_width_transformers_cannot_describe_is_refused_for_hf_only(tmp_path):
+    """transformers 5 takes Dinov2's mlp_ratio as a whole number: vit-giant's 6144 at 1408
+    wrote 4.36, and the folder did not load."""
+    arch = ViTArch(patch_size=8, embed_dim=64, depth=1, num_heads=4, mlp_hidden_dim=96)
+    backbone = VisionTransformer(arch, img_size=32)
+    one_line_error(lambda: weights.hf_config(arch, 32), "mlp_ratio takes whole numbers only.*--format safetensors")
+    assert "1.5x" in one_line_error(lambda: weights.write_hf_folder(tmp_path / "hf", backbone), "dinov2-hub")
+    assert "dinox.load_backbone" in _card("safetensors", backbone)   # the card of another format is written
+    weights.write_backbone_safetensors(tmp_path / "b.safetensors", backbone)
+
+
+@pytest.mark.parametrize("fmt", ["hf", "dinov2-hub", "safetensors"])
+def test_dinox_exports_read_back_at_another_size_resample_as_the_checkpoint(fmt, tmp_path):
+    """An import (--init-from) of dinox's own export at another input size took the layout's
+    home convention (transformers' antialiasing, DINOv2's offset 0.1), not the checkpoint's."""
+    torch.manual_seed(0)
+    arch = ViTArch(patch_size=14, embed_dim=64, depth=2, num_heads=4, num_registers=2)
+    source = VisionTransformer(arch, img_size=56).eval()
+    with torch.no_grad():
+        source.pos_embed.copy_(torch.randn_like(source.pos_embed))
+    (tmp_path / weights.PREPROCESSING_FILE).write_text("{}")   # what marks a dinox export
+    if fmt == "hf":
+        weights.write_hf_folder(tmp_path, source)
+        path = tmp_path
+    elif fmt == "safetensors":
+        path = weights.write_backbone_safetensors(tmp_path / "backbone.safetensors", source)
+    else:
+        path = tmp_path / "backbone.pth"
+        torch.save(weights.dinov2_hub_state(source), path)
+        (tmp_path / "backbone.json").write_text(json.dumps(weights.hub_sidecar(source)))
+    larger = VisionTransformer(arch, img_size=84).eval()
+    weights.load_pretrained(path, larger)
+    x = torch.randn(1, 3, 84, 84)
+    with torch.no_grad():
+        assert torch.equal(larger(x)["patches"], source(x)["patches"])
 
 
 def test_init_backbone_from_reports_for_provenance(hf_folders):
@@ -677,3 +716,12 @@ def test_weights_of_another_kind_of_network_are_named_as_such(tmp_path):
     backbone = VisionTransformer(dinox_arch("dinov2"), img_size=IMG)
     one_line_error(lambda: weights.load_pretrained(tmp_path / "resnet50.pth", backbone),
                    r"is no ViT: none of its 3 tensors is a patch embedding or a transformer block \(e.g. bn1.weight")
+
+
+def test_the_card_says_to_resize_before_windowing_and_its_code_imports_what_it_uses():
+    backbone = VisionTransformer(ViTArch(patch_size=8, embed_dim=64, depth=1, num_heads=4), img_size=32)
+    for fmt in ("hf", "dinov2-hub"):
+        card = _card(fmt, backbone)
+        assert "resized to the input size first (the HU stack first, bilinear" in card
+        code = card.split("```python\n", 1)[1].split("```", 1)[0]
+        assert "torch." not in code or code.index("import torch") < code.index("torch.")

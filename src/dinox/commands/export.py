@@ -97,6 +97,8 @@ def export_checkpoint(checkpoint: str | Path, fmt: str, out: str | Path, *, netw
         weights.dinov2_hub_state(backbone)
     if fmt == "dinov3-hub" and not backbone.arch.rope:
         weights.dinov3_hub_state(backbone)
+    if fmt == "hf":
+        weights.hf_config(backbone.arch, backbone.img_size, backbone.in_chans)
     info = {
         "checkpoint": checkpoint.name, "checkpoint_sha256": store.file_sha256(checkpoint),
         "step": meta.step, "network": network, "dinox_version": __version__,
@@ -258,6 +260,8 @@ def ct_preprocessing(aug: AugmentConfig, img_size: int, patch_size: int, context
         },
         "image_size": img_size,
         "patch_size": patch_size,
+        # the order matters at edges of the window: training resamples HU, then windows
+        "resize": "the HU stack first, bilinear (antialiased where it shrinks), then the window",
         "window": "y = clamp((hu - (level - width / 2)) / width, 0, 1)",
         "normalisation": {"formula": "x = (y - mean) / std", "mean": aug.norm_mean, "std": aug.norm_std},
         "standardize_per_image": aug.standardize,
@@ -400,7 +404,7 @@ def model_card(fmt: str, backbone, preprocessing: dict, info: dict) -> str:
     """README.md: what the model is, what it eats, how to load it, where it came from."""
     arch = backbone.arch
     prov = info["provenance"]
-    hf_class = weights.hf_config(arch, backbone.img_size, backbone.in_chans)["architectures"][0]
+    hf_class = weights.hf_class(arch)
     windows = ", ".join(f"{f['name']} L{f['level_hu']:g}/W{f['width_hu']:g}"
                         for f in preprocessing["training_windows"]["families"])
     norm = preprocessing["normalisation"]
@@ -427,7 +431,7 @@ def model_card(fmt: str, backbone, preprocessing: dict, info: dict) -> str:
         "## Input",
         "",
         f"Three slices (z-g, z, z+g; {preprocessing['input']['slice_gap']}) in Hounsfield units as the 3 "
-        f"channels, windowed "
+        f"channels, resized to the input size first ({preprocessing['resize']}), then windowed "
         f"`{preprocessing['window']}`, then `{norm['formula']}` with mean {norm['mean']:g}, std "
         f"{norm['std']:g}" + (", then standardised per image" if preprocessing["standardize_per_image"] else "")
         + f". Training drew the window from: {windows} (jittered). For inference use one fixed window, "
@@ -448,7 +452,7 @@ def model_card(fmt: str, backbone, preprocessing: dict, info: dict) -> str:
         lines += ["import dinox", "backbone = dinox.load_backbone(FOLDER)   # or FOLDER/backbone.safetensors",
                   "out = backbone(x)   # {'cls', 'registers', 'patches'}"]
     else:
-        lines += _official_constructor(fmt, backbone)
+        lines += ["import torch", *_official_constructor(fmt, backbone)]
         lines += ["model.load_state_dict(torch.load(FOLDER + '/backbone.pth', weights_only=True))",
                   f"out = model.forward_features(x)   # {FEATURES[fmt]}",
                   "# or: dinox.load_backbone(FOLDER + '/backbone.pth')"]

@@ -514,10 +514,13 @@ class _Keys:
 
     def __init__(self, tensors: dict[str, torch.Tensor], path: Path, what: str):
         self.t, self.path, self.what = dict(tensors), path, what
+        # judged on every tensor, before any is taken: by its last block, the ones left of a
+        # complete ViT but one are no longer recognisable as one
+        self.is_vit = any(part in k for k in self.t for part in _VIT_PARTS)
 
     def take(self, key: str) -> torch.Tensor:
         if key not in self.t:
-            if not any(part in k for k in self.t for part in _VIT_PARTS):
+            if not self.is_vit:
                 names = sorted(self.t)
                 raise UserError(f"{self.path} is no ViT: none of its {len(names)} tensors is a patch embedding or "
                                 f"a transformer block (e.g. {', '.join(names[:3])}); give a DINOv2 or DINOv3 "
@@ -936,6 +939,8 @@ def read_weights(path: str | os.PathLike, *, heads: int | None = None,
     ``shapes_only`` (a plan): the architecture without reading the matrices' data, so no
     sha256, only the vectors' values checked, and meta tensors in ``state``: it cannot be loaded."""
     src = _read_source(Path(path), heads, prefer_mlp, shapes_only)
+    if _written_by_dinox(Path(path)):   # its positions resample as the checkpoint's, at any grid
+        src = dataclasses.replace(src, interp=(0.0, False))
     problem = content_problem({k: v for k, v in src.state.items() if not v.is_meta})
     if problem:
         raise UserError(f"{src.path} holds unusable weights: {problem}; use an intact copy of the weights")
@@ -1110,8 +1115,7 @@ def load_exported(path: str | os.PathLike, device: torch.device | str = "cpu") -
     img = src.img_size or 224
     backbone = VisionTransformer(src.arch, img_size=img, in_chans=src.in_chans)
     apply_weights(src, backbone)
-    if not _written_by_dinox(Path(path)):   # dinox's own export keeps the checkpoint's resampling
-        backbone.pos_interp_offset, backbone.pos_interp_antialias = src.interp
+    backbone.pos_interp_offset, backbone.pos_interp_antialias = src.interp   # dinox's own: (0, False)
     return backbone.to(device).eval()
 
 
@@ -1165,16 +1169,22 @@ def _qkv_parts(sd: dict, arch: ViTArch, i: int):
     return ws, bs
 
 
-def _mlp_ratio(dim: int, width: int) -> float | int:
-    """A ratio r with int(dim * r) == width (transformers' Dinov2 derives the width so)."""
+def _mlp_ratio(dim: int, width: int) -> int:
+    """transformers' Dinov2 mlp_ratio for an MLP `width` at `dim` (it derives the width as
+    int(dim * mlp_ratio)). transformers 5 takes only a whole number (its config refuses 4.36),
+    so a width that is no whole multiple of dim, e.g. vit-giant's 6144 at 1408 (ViT-g/14 of
+    DINOv2's paper), has no Dinov2 config: refused, with the formats that hold it."""
     if width % dim == 0:
         return width // dim
-    r = width / dim
-    for _ in range(8):
-        if int(dim * r) == width:
-            return r
-        r = math.nextafter(r, math.inf)
-    raise UserError(f"an MLP width of {width} at dim {dim} cannot be written as transformers' mlp_ratio")
+    raise UserError(f"an MLP width of {width} at width {dim} ({width / dim:.3g}x) has no transformers Dinov2 "
+                    f"config: its mlp_ratio takes whole numbers only (transformers 5 refuses {width / dim:.3g}); "
+                    f"export --format safetensors (dinox's own, dinox.model.weights.load_exported) or "
+                    f"--format dinov2-hub (the official torch-hub layout) instead")
+
+
+def hf_class(arch: ViTArch) -> str:
+    """The transformers model class with the same function as a dinox backbone."""
+    return "DINOv3ViTModel" if arch.rope else ("Dinov2WithRegistersModel" if arch.num_registers else "Dinov2Model")
 
 
 def hf_config(arch: ViTArch, img_size: int, in_chans: int = 3) -> dict:
@@ -1189,7 +1199,7 @@ def hf_config(arch: ViTArch, img_size: int, in_chans: int = 3) -> dict:
     }
     if arch.rope:
         return {
-            "architectures": ["DINOv3ViTModel"], "model_type": "dinov3_vit", **common,
+            "architectures": [hf_class(arch)], "model_type": "dinov3_vit", **common,
             "intermediate_size": _ffn_hidden(arch), "use_gated_mlp": arch.swiglu,
             "hidden_act": "silu" if arch.swiglu else "gelu", "rope_theta": arch.rope_base,
             "query_bias": arch.qkv_bias, "key_bias": arch.qkv_bias and not arch.mask_k_bias,
@@ -1200,7 +1210,7 @@ def hf_config(arch: ViTArch, img_size: int, in_chans: int = 3) -> dict:
         }
     registers = arch.num_registers > 0
     config = {
-        "architectures": ["Dinov2WithRegistersModel" if registers else "Dinov2Model"],
+        "architectures": [hf_class(arch)],
         "model_type": "dinov2_with_registers" if registers else "dinov2", **common,
         "mlp_ratio": _mlp_ratio(arch.embed_dim, arch.mlp_dim), "hidden_act": "gelu",
         "use_swiglu_ffn": arch.swiglu, "qkv_bias": arch.qkv_bias,
