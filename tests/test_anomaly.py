@@ -296,3 +296,37 @@ def test_a_run_at_the_entropy_wall_that_dips_more_often_than_the_window_is_still
     falling = [wall * max(0.5, 1.0 - step / 400) for step in range(1, 1001)]
     assert all(learning.check_entropy(step, h) is None for step, h in enumerate(falling, 1))
 
+
+
+def test_a_spike_does_not_lift_the_line_that_finds_the_next():
+    """With the mean, one spike of 100 among losses of 10 put the line at 38 for ten steps,
+    and a loss of 25 (2.5x the level) passed unreported."""
+    guard = AnomalyGuard(spike_factor=2.0, window=10)
+    for step in range(1, 11):
+        assert guard.check(step, 10.0) == []
+    (first,) = guard.check(11, 100.0)
+    assert first.kind == "loss_spike" and "the median 10.0000" in first.message
+    assert guard.check(12, 10.0) == []
+    assert [a.kind for a in guard.check(15, 25.0)] == ["loss_spike"]
+
+
+def test_a_step_undone_for_its_gradient_leaves_the_loss_history_alone():
+    guard = AnomalyGuard(spike_factor=2.0, window=10)
+    for step in range(1, 11):
+        guard.check(step, 5.0)
+    history = list(guard.history)
+    anomaly = guard.nonfinite(11, 14.0, grad_norm=float("inf"))
+    assert anomaly.kind == "nonfinite" and anomaly.severity == "fatal"
+    assert anomaly.message.startswith("gradient norm is inf (loss 14.0000) at step 11; last valid loss 5.0 at step 10")
+    assert list(guard.history) == history and (guard.last_good_loss, guard.last_good_step) == (5.0, 10)
+    assert guard.nonfinite(11, float("nan")).message.startswith("loss is nan at step 11")
+
+
+def test_not_learning_compares_with_chance_where_identical_untrained_tokens_read_worse():
+    """Ties count against the query: untrained tokens that are all alike read ~2x chance, and a
+    run that ranks no better than chance was under 0.6 x that line."""
+    from dinox.observe.anomaly import RetrievalProgress
+    progress = RetrievalProgress(10)
+    assert progress.check(0, 480.0, 480) is None      # every rank n: 2x chance
+    alarm = progress.check(20, 239.4, 480)           # chance itself
+    assert alarm is not None and alarm.kind == "not_learning"

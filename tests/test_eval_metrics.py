@@ -243,3 +243,14 @@ def test_against_untrained_pairs_the_draws_and_reports_the_untrained_figures():
     # an untrained network that finds nothing leaves the multiple undefined, not infinite
     none = against_untrained(trained, {**untrained, "ratio": 0.0, "draws": [{"ratio": 0.0}, {"ratio": 0.0}]})
     assert none["x_untrained"] is None and none["x_untrained_ci95"] is None
+
+
+def test_the_multiple_of_the_untrained_network_keeps_its_unbounded_resamples():
+    """A resample of draws where the untrained network found nothing is an unbounded ratio:
+    left out, it cut the interval's top (10.5x read [3.58, 11.25] with a third of the
+    resamples unbounded)."""
+    from dinox.eval.runner import paired_draw_ratio
+    ratio, ci = paired_draw_ratio([10.0, 12.0, 9.0, 11.0], [0.0, 0.0, 0.0, 4.0])
+    assert ratio == 10.5 and ci[0] < 10.5 and ci[1] is None
+    ratio, ci = paired_draw_ratio([30.0] * 4, [6.0] * 4)
+    assert ci == [5.0, 5.0]

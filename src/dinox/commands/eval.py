@@ -357,7 +357,8 @@ def untrained_line(result: dict) -> str:
     note = f"; note: {result['untrained_note']}" if result.get("untrained_note") else ""
     if x is None:
         return line + "; it finds none, so the checkpoint has no multiple of its hits" + note
-    return (line + f"; the checkpoint finds {x:.2f}x" + (f" [95 % {ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
+    upper = "unbounded" if ci and ci[1] is None else f"{ci[1]:.2f}" if ci else ""
+    return (line + f"; the checkpoint finds {x:.2f}x" + (f" [95 % {ci[0]:.2f}, {upper}]" if ci else "")
             + " its hits" + note)
 
 

@@ -159,7 +159,8 @@ def paired_draw_ratio(numerator: list[float], denominator: list[float], *, n_boo
     """sum(numerator) / sum(denominator) of two networks scored on the same view draws (for
     example the trained and the untrained network's hits), with a 95 % percentile-bootstrap
     interval that resamples whole draws, so each resample keeps the pairing of the two
-    networks on one draw. The interval is None with fewer than 2 draws. A ratio of the mean
+    networks on one draw. The interval is None with fewer than 2 draws; its upper end is None
+    (unbounded) where more than 2.5 % of the resamples hold only draws whose denominator is 0. A ratio of the mean
     hits over a handful of draws is noisy where the denominator is a small count (an
     untrained network at ~10 of 480): on head seed 2 four draws read 2.96x and sixteen
     3.57x [3.14, 4.11] (docs/recipes.md, "How many view draws")."""
@@ -174,6 +175,13 @@ def paired_draw_ratio(numerator: list[float], denominator: list[float], *, n_boo
     if a.size < 2:
         return ratio, None
     counts, _ = bootstrap_weights(np.arange(a.size), n_boot, seed)   # each draw its own unit
-    with np.errstate(divide="ignore", invalid="ignore"):   # a resample of 0-hit draws: left out
+    with np.errstate(divide="ignore", invalid="ignore"):
         ratios = (counts @ a) / (counts @ b)
-    return ratio, percentile_interval(ratios)
+    # a resample of draws where the denominator found nothing is an unbounded ratio, the top
+    # of the distribution, not a resample to leave out (that would cut the interval's top);
+    # only 0 / 0 carries no information
+    ratios = ratios[~np.isnan(ratios)]
+    if ratios.size == 0:
+        return ratio, None
+    lo, hi = np.percentile(np.where(np.isinf(ratios), np.finfo(np.float64).max, ratios), [2.5, 97.5])
+    return ratio, [round(float(lo), 4), None if np.mean(np.isinf(ratios)) > 0.025 else round(float(hi), 4)]

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import logging
 import math
+import statistics
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -89,8 +90,8 @@ def _fmt_history(values) -> str:
 class AnomalyGuard:
     """Checks each step's loss (and, when measured, embedding std / effective rank).
 
-    - loss spike: loss > `spike_factor` x mean of the previous `window` finite losses; needs
-      a full window, and is skipped while that mean is <= 0 (a ratio test is meaningless there).
+    - loss spike: loss > `spike_factor` x median of the previous `window` finite losses; needs
+      a full window, and is skipped while that median is <= 0 (a ratio test is meaningless there).
     - collapse: the mean of the last `std_window` embedding stds < `std_threshold` (judged
       once that many are in), or `erank < rank_floor`, or `erank < rank_collapse_fraction` x
       the best erank seen so far; non-finite measurements also count as collapse, at once.
@@ -151,14 +152,19 @@ class AnomalyGuard:
             found.append(collapse)
         return found
 
+    def nonfinite(self, step: int, loss: float, grad_norm: float | None = None) -> Anomaly:
+        """The fatal anomaly of a step whose loss, or gradient norm, is not finite. The loss
+        history is left as it was: the step was undone, and its loss (finite where only the
+        gradient was not) is neither the last valid one nor part of the spike window."""
+        what = f"loss is {loss}" if not math.isfinite(loss) else f"gradient norm is {grad_norm} (loss {loss:.4f})"
+        return Anomaly("nonfinite", "fatal", step,
+                       f"{what} at step {step}; last valid loss {self.last_good_loss} at step {self.last_good_step}",
+                       {"loss": str(loss), "grad_norm": str(grad_norm), "last_good_loss": self.last_good_loss,
+                        "last_good_step": self.last_good_step, "history": list(self.history)})
+
     def _check_loss(self, step: int, loss: float) -> list[Anomaly]:
         if not math.isfinite(loss):
-            return [Anomaly(
-                "nonfinite", "fatal", step,
-                f"loss is {loss} at step {step}; last valid loss "
-                f"{self.last_good_loss} at step {self.last_good_step}",
-                {"loss": str(loss), "last_good_loss": self.last_good_loss,
-                 "last_good_step": self.last_good_step, "history": list(self.history)})]
+            return [self.nonfinite(step, loss)]
         spike = self._check_spike(step, loss)
         self.history.append(loss)
         self.last_good_loss, self.last_good_step = loss, int(step)
@@ -169,7 +175,10 @@ class AnomalyGuard:
         steps while the window takes it in, and that is one event, not one per step."""
         if len(self.history) < self.window:
             return None
-        mean = sum(self.history) / len(self.history)
+        # the median, not the mean: a spike in the window would lift a mean and hide the next
+        # one (10 x 10 then 100 put the line at 38 for ten steps); a lasting new level still
+        # becomes the baseline once it fills half the window
+        mean = statistics.median(self.history)
         if mean <= 0 or loss <= self.spike_factor * mean:
             self._spiking = False
             return None
@@ -179,7 +188,7 @@ class AnomalyGuard:
         history = list(self.history)
         return Anomaly(
             "loss_spike", "warning", step,
-            f"loss spike at step {step}: loss={loss:.4f} is {loss / mean:.2f}x the mean "
+            f"loss spike at step {step}: loss={loss:.4f} is {loss / mean:.2f}x the median "
             f"{mean:.4f} of the previous {len(history)} steps (threshold {self.spike_factor}x); "
             f"history={_fmt_history(history)}; training goes on (--halt-on-anomaly stops on a spike; reported "
             f"once until the loss is back under the line)"
@@ -388,8 +397,8 @@ class RetrievalProgress:
         if mean_rank is None or not n or n < self.min_n or not math.isfinite(mean_rank):
             return None
         level = mean_rank / ((n + 1) / 2.0)
-        if step == 0:
-            self.untrained = level
+        if step == 0:   # ties count against the query: identical untrained tokens read ~2x chance
+            self.untrained = min(level, 1.0)
             return None
         if self.untrained is None or step < self.start_step or self.reported or level <= self.fraction * self.untrained:
             return None

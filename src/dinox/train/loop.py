@@ -285,13 +285,13 @@ class Trainer:
     def _halt_nonfinite(self, result: StepResult) -> int:
         """NaN/Inf loss: the bad update was never applied; save that state and stop."""
         step, guard = self.progress.step + 1, self.parts.guard
-        for anomaly in guard.check(step, result.metrics.get("loss", float("nan"))) if self.dist.is_main else ():
-            log.critical(anomaly.message)
+        if self.dist.is_main:
+            log.critical(guard.nonfinite(step, result.metrics.get("loss", float("nan")), result.metrics.get("grad_norm")).message)
         if (path := self.save("emergency")) is None:  # off the main rank, which alone reports (with the path)
             return EXIT_NONFINITE
         record_nonfinite_halt(self.run_dir, path, step)
         console(nonfinite_diagnostics(last_good_loss=guard.last_good_loss, lr=result.metrics.get("lr"),
                                       grad_norm=result.metrics.get("grad_norm"), batch=result.batch))
-        log.critical("non-finite loss at step %d: training halted; emergency checkpoint (state before the bad "
+        log.critical("non-finite loss or gradient at step %d: training halted; emergency checkpoint (state before the bad "
                      "update): %s; resume with a change (%s): --resume auto", step, path, NONFINITE_CHANGES)
         return EXIT_NONFINITE
