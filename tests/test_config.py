@@ -372,3 +372,22 @@ def test_a_teacher_no_sharper_than_its_student_is_warned(given):
 
 def test_a_flat_teacher_temperature_ignores_its_unused_start():
     assert tiny(teacher_temp_start=0.5, teacher_temp_warmup_steps=0).warnings == []
+
+
+def test_a_resume_warns_of_what_it_keeps_past_a_new_length_and_of_a_changed_batch():
+    saved = resolve({"config": "vit-large"}, hardware_preset="rtx4090").cfg.to_flat()   # unlimited
+    shorter = resolve({"max_steps": 1000}, hardware_preset="rtx4090", saved=saved)
+    assert shorter.cfg.optim.warmup_steps == 2500                 # the run's own, kept
+    text = " | ".join(shorter.warnings)
+    assert "--warmup-steps 2500 (the run's) is at or past --max-steps 1000" in text
+    assert "--freeze-last-layer-steps 1250" in text and "--gram-start-step 2500" in text
+    assert resolve({}, hardware_preset="rtx4090", saved=saved).warnings == []
+    # another preset's batch: 64 x 4 -> the CPU preset's 32 x 1
+    moved = resolve({}, hardware_preset="cpu", saved=saved)
+    assert any(w.startswith("the effective batch per rank changes on resume: 256 -> 32") and
+               "--batch-size 64 --accumulation-steps 4" in w for w in moved.warnings)
+    # a checkpoint older than the run-length momentum fit keeps DINO's cosine, and says no change
+    old = dict(saved)
+    del old["fit_momentum"]
+    again = resolve({}, hardware_preset="rtx4090", saved=old)
+    assert again.cfg.ssl.fit_momentum is False and not any("fit_momentum" in c for c in again.changes)

@@ -349,6 +349,12 @@ def test_relaunching_a_finished_run_leaves_it_untouched(one_step_checkpoint, pro
     assert "the run is finished, nothing to train or rewrite" in capsys.readouterr().out
     assert {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in run.iterdir() if p.is_file()} == before
     assert [p.name for p in run.parent.iterdir()] == [run.name]
+    # the periodic checkpoint of the last step, named by path: finished too (it rewrote both files)
+    (periodic,) = run.glob("checkpoint_00000002.pth")
+    assert main(train_args(processed_root, run.parent, "--batch-size", "4", "--num-workers", "0",
+                           "--max-steps", "2", "--resume", str(periodic))) == 0
+    assert "the run is finished, nothing to train or rewrite" in capsys.readouterr().out
+    assert {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in run.iterdir() if p.is_file()} == before
 
 
 def test_resume_past_max_steps_or_with_another_init_is_refused(one_step_checkpoint, processed_root, tmp_path,

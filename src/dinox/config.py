@@ -493,7 +493,9 @@ def _arch_values(preset: str, given: dict) -> dict[str, object]:
 
 # Settings a checkpoint of an earlier dinox does not record, with the value that run trained
 # with: a resumed run keeps it rather than taking today's recipe (a flag still overrides).
-RECORDED_SINCE = {"context_mm": 0.0, "dense_weight": 0.0}
+RECORDED_SINCE = {"context_mm": 0.0, "dense_weight": 0.0,
+                  # before the run-length fit, the momentum followed its cosine as given
+                  "fit_momentum": False}
 
 
 def resolve(
@@ -587,7 +589,36 @@ def resolve(
     notices += _teacher_fit_notice(cfg)
     notices += _inert_flags(cfg, given)
     validate(cfg)
-    return Resolved(cfg, notices, changes, preset_lines, _likely_mistakes(cfg, recipe, world_size))
+    warnings = _likely_mistakes(cfg, recipe, world_size) + (_resume_warnings(cfg, saved) if saved is not None else [])
+    return Resolved(cfg, notices, changes, preset_lines, warnings)
+
+
+def _resume_warnings(cfg: RunConfig, saved: dict) -> list[str]:
+    """What a resume keeps that its launch may not expect: phases the run's own settings place
+    past a new --max-steps (a new run would have fitted them to its length, a resume keeps the
+    run's), and an effective batch that another preset or flag changed (the learning rate is
+    not rescaled, the prototypes stay fitted to the run's batch)."""
+    o, ssl, out = cfg.optim, cfg.ssl, []
+    if o.max_steps is not None:
+        for owner, name, what in ((o, "warmup_steps", "the learning rate never leaves its warm-up"),
+                                  (o, "freeze_last_layer_steps", "the head's last layer stays frozen"),
+                                  (o, "freeze_backbone_steps", "the backbone stays frozen"),
+                                  (ssl, "gram_start_step", "no Gram snapshot is taken"),
+                                  (ssl, "teacher_temp_warmup_steps", "the teacher temperature never ends its warm-up")):
+            value = getattr(owner, name)
+            if value and value >= o.max_steps:
+                out.append(f"{_flag(name)} {value} (the run's) is at or past --max-steps {o.max_steps}: {what}; give "
+                           f"{_flag(name)} to fit it to the new length")
+    try:
+        before = int(saved["batch_size"]) * int(saved["accumulation_steps"])
+    except (KeyError, TypeError, ValueError):
+        before = None
+    if before is not None and before != cfg.effective_batch:
+        out.append(f"the effective batch per rank changes on resume: {before} -> {cfg.effective_batch} (--batch-size "
+                   f"{o.batch_size} x --accumulation-steps {o.accumulation_steps}); --lr is not rescaled and the "
+                   f"prototypes stay fitted to the run's batch: give --batch-size {saved['batch_size']} "
+                   f"--accumulation-steps {saved['accumulation_steps']} (or a split of the same product) to keep it")
+    return out
 
 
 # How far above the recipe's learning rate (scaled linearly to the global batch, as DINO
@@ -702,9 +733,11 @@ def shape_value_problem(flat: dict) -> str | None:
 
 
 def _changes(saved: dict, cfg: RunConfig) -> list[str]:
-    flat = cfg.to_flat()
-    return [f"{name}: {saved.get(name)!r} -> {flat[name]!r}" for name in sorted(flat)
-            if name not in ("resume", "custom_values") and saved.get(name) != flat[name]]
+    """What differs from the checkpoint's settings; a setting it predates counts as the value
+    the run trained with (RECORDED_SINCE), not as a change from None."""
+    flat, before = cfg.to_flat(), {**RECORDED_SINCE, **saved}
+    return [f"{name}: {before.get(name)!r} -> {flat[name]!r}" for name in sorted(flat)
+            if name not in ("resume", "custom_values") and name in before and before[name] != flat[name]]
 
 
 def _fit_prototypes_to_batch(cfg: RunConfig, given: dict, world_size: int) -> list[str]:

@@ -333,7 +333,7 @@ def run(args: argparse.Namespace) -> int:
                 # its checkpoints again would give files whose hashes others may have recorded
                 # other bytes. Checked under the run's lock, so a run still writing is not "finished".
                 if dist.is_main:
-                    print(f"{source.path} is the final checkpoint of step {source.step} = --max-steps: the run "
+                    print(f"{source.path} is a checkpoint of step {source.step} = --max-steps: the run "
                           f"is finished, nothing to train or rewrite (give a --max-steps above {source.step} to "
                           f"train on; `dinox eval` scores it)", flush=True)
                 return 0
@@ -353,16 +353,17 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _is_finished(source: ResumeSource | None, cfg: RunConfig, *, sharded: bool = False) -> bool:
-    """Whether the launch continues its own run's final checkpoint at its --max-steps: a
-    single file, or a sharded (DCP) one where this launch writes sharded checkpoints too
-    (`sharded`: FSDP under torchrun). A launch that writes single files (one process, DDP)
-    converts a sharded final checkpoint to one file."""
+    """Whether the launch continues its own run from a checkpoint at its --max-steps (the
+    final one, or a periodic one saved at the last step: either way nothing is left to
+    train, and saving again would rewrite a finished run's files): a single file, or a
+    sharded (DCP) one where this launch writes sharded checkpoints too (`sharded`: FSDP under
+    torchrun). A launch that writes single files (one process, DDP) converts a sharded one."""
     from dinox.run.checkpoint import parse_checkpoint_name
 
     kept_as_is = source is not None and (source.path.is_file() or (sharded and source.path.is_dir()))
     return (source is not None and source.in_place and kept_as_is
             and cfg.optim.max_steps is not None
-            and parse_checkpoint_name(source.path) == (cfg.optim.max_steps, "final"))
+            and (parse_checkpoint_name(source.path) or (None,))[0] == cfg.optim.max_steps)
 
 
 def _train(cfg, info, preset_name, resolved, plan, dist, run_dir: Path, source: ResumeSource | None,
