@@ -260,8 +260,9 @@ def cpus_per_rank(local_ranks: int | None = None) -> int | None:
 PRESET_KEYS = ("num_workers", "pin_memory", "batch_size", "accumulation_steps")
 
 # Every accelerator preset keeps an effective batch (batch_size x accumulation_steps) of
-# 256, the seed guide's 64 x 4 and 128 x 2, so a run resumed on another platform keeps
-# the same optimisation; only the split between micro-batch and accumulation changes.
+# 256, the seed guide's 64 x 4 and 128 x 2, so a run resumed on another accelerator keeps
+# the same optimisation; only the split between micro-batch and accumulation changes. The
+# CPU preset's 32 (smoke runs) and a batch set by flag do change it: a resume warns then.
 HARDWARE_PRESETS: dict[str, dict] = {
     "rtx4090": {
         "num_workers": 8, "pin_memory": True, "batch_size": 64, "accumulation_steps": 4,
