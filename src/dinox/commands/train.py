@@ -353,9 +353,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _is_finished(source: ResumeSource | None, cfg: RunConfig, *, sharded: bool = False) -> bool:
-    """Whether the launch continues its own run from a checkpoint at its --max-steps (the
-    final one, or a periodic one saved at the last step: either way nothing is left to
-    train, and saving again would rewrite a finished run's files): a single file, or a
+    """Whether the launch continues its own finished run from a checkpoint at its --max-steps
+    (the final one, or the periodic one saved beside it at the last step: either way nothing
+    is left to train, and saving again would rewrite the run's files; a periodic checkpoint of
+    a run that has no final one is finished by the launch, which writes it): a single file, or a
     sharded (DCP) one where this launch writes sharded checkpoints too (`sharded`: FSDP under
     torchrun). A launch that writes single files (one process, DDP) converts a sharded one."""
     from dinox.run.checkpoint import parse_checkpoint_name
@@ -363,7 +364,8 @@ def _is_finished(source: ResumeSource | None, cfg: RunConfig, *, sharded: bool =
     kept_as_is = source is not None and (source.path.is_file() or (sharded and source.path.is_dir()))
     return (source is not None and source.in_place and kept_as_is
             and cfg.optim.max_steps is not None
-            and (parse_checkpoint_name(source.path) or (None,))[0] == cfg.optim.max_steps)
+            and (parse_checkpoint_name(source.path) or (None,))[0] == cfg.optim.max_steps
+            and any(parse_checkpoint_name(p) == (cfg.optim.max_steps, "final") for p in source.path.parent.iterdir()))
 
 
 def _train(cfg, info, preset_name, resolved, plan, dist, run_dir: Path, source: ResumeSource | None,
