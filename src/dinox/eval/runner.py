@@ -164,7 +164,7 @@ def paired_draw_ratio(numerator: list[float], denominator: list[float], *, n_boo
     hits over a handful of draws is noisy where the denominator is a small count (an
     untrained network at ~10 of 480): on head seed 2 four draws read 2.96x and sixteen
     3.57x [3.14, 4.11] (docs/recipes.md, "How many view draws")."""
-    from dinox.eval.stats import bootstrap_weights, percentile_interval
+    from dinox.eval.stats import bootstrap_weights
 
     a, b = np.asarray(numerator, dtype=np.float64), np.asarray(denominator, dtype=np.float64)
     if a.shape != b.shape or a.ndim != 1 or a.size == 0:
